@@ -1,0 +1,98 @@
+/** The MetadataCache on keyv: in-memory (default) or Redis through @keyv/redis. */
+import KeyvRedis from '@keyv/redis';
+import { Keyv } from 'keyv';
+import type { Logger } from '../log/logger.js';
+import type { Digest } from '../oci/digest.js';
+import type { Descriptor } from '../oci/descriptor.js';
+import type { Tag } from '../oci/reference.js';
+import type { ManifestLink, RepositoryKey, TagLink } from '../storage/types.js';
+import { keys, NAMESPACE } from './keys.js';
+import type { MetadataCache } from './types.js';
+
+export interface KeyvCacheOptions {
+  store: 'memory' | 'redis';
+  redisUrl?: string;
+  log: Logger;
+}
+
+export class KeyvMetadataCache implements MetadataCache {
+  private readonly keyv: Keyv;
+  private readonly log: Logger;
+  private lastErrorLog = 0;
+
+  constructor(options: KeyvCacheOptions) {
+    this.log = options.log.child({ module: 'metadata', store: options.store });
+    if (options.store === 'redis') {
+      const redis = new KeyvRedis(options.redisUrl ?? 'redis://127.0.0.1:6379', {
+        // A cache must not hold a request hostage to a dead Redis: fail fast and fall back to storage.
+        throwOnConnectError: false,
+        throwOnErrors: false,
+        connectionTimeout: 2000,
+      });
+      this.keyv = new Keyv({ store: redis, namespace: NAMESPACE, useKeyPrefix: false });
+    } else {
+      this.keyv = new Keyv({ namespace: NAMESPACE });
+    }
+    this.keyv.on('error', (err: unknown) => this.warn(err));
+  }
+
+  getDescriptor(digest: Digest) {
+    return this.get<Descriptor>(keys.blob(digest));
+  }
+  setDescriptor(descriptor: Descriptor) {
+    return this.set(keys.blob(descriptor.digest), descriptor);
+  }
+  getRepositoryDescriptor(repo: RepositoryKey, digest: Digest) {
+    return this.get<Descriptor>(keys.repositoryBlob(repo, digest));
+  }
+  setRepositoryDescriptor(repo: RepositoryKey, descriptor: Descriptor) {
+    return this.set(keys.repositoryBlob(repo, descriptor.digest), descriptor);
+  }
+  getManifest(repo: RepositoryKey, digest: Digest) {
+    return this.get<ManifestLink>(keys.manifest(repo, digest));
+  }
+  setManifest(repo: RepositoryKey, link: ManifestLink) {
+    return this.set(keys.manifest(repo, link.digest), link);
+  }
+  getTag(repo: RepositoryKey, tag: Tag) {
+    return this.get<TagLink>(keys.tag(repo, tag));
+  }
+  setTag(repo: RepositoryKey, tag: Tag, link: TagLink) {
+    return this.set(keys.tag(repo, tag), link);
+  }
+  async deleteTag(repo: RepositoryKey, tag: Tag) {
+    await this.guard(() => this.keyv.delete(keys.tag(repo, tag)));
+  }
+  async deleteDescriptor(digest: Digest) {
+    await this.guard(() => this.keyv.delete(keys.blob(digest)));
+  }
+
+  async close(): Promise<void> {
+    await this.guard(() => this.keyv.disconnect());
+  }
+
+  private async get<T>(key: string): Promise<T | undefined> {
+    return (await this.guard(() => this.keyv.get<T>(key))) ?? undefined;
+  }
+
+  private async set(key: string, value: unknown): Promise<void> {
+    await this.guard(() => this.keyv.set(key, value));
+  }
+
+  private async guard<T>(op: () => Promise<T>): Promise<T | undefined> {
+    try {
+      return await op();
+    } catch (err) {
+      this.warn(err);
+      return undefined;
+    }
+  }
+
+  private warn(err: unknown): void {
+    // One line a few seconds is enough to tell an operator Redis is gone.
+    const now = Date.now();
+    if (now - this.lastErrorLog < 5000) return;
+    this.lastErrorLog = now;
+    this.log.warn({ err }, 'metadata cache unavailable, serving from storage');
+  }
+}

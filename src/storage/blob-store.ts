@@ -1,0 +1,212 @@
+/**
+ * The content-addressed blob store, with upload sessions in the semantics of distribution's
+ * blob store: a blob becomes visible only by an atomic move after its digest is verified.
+ */
+import { createHash, randomUUID, type Hash } from 'node:crypto';
+import type { Readable } from 'node:stream';
+import { parseDigest, type Digest } from '../oci/digest.js';
+import type { Descriptor } from '../oci/descriptor.js';
+import {
+  BlobUnknownError,
+  BlobUploadUnknownError,
+  DigestMismatchError,
+  RangeInvalidError,
+  SizeInvalidError,
+  UnsupportedError,
+} from '../oci/errors.js';
+import { isUploadId, paths } from './paths.js';
+import {
+  PathNotFoundError,
+  type BlobStore,
+  type BlobWriter,
+  type ByteRange,
+  type FileWriter,
+  type OpenResult,
+  type StatResult,
+  type StorageDriver,
+} from './types.js';
+
+export interface BlobStoreOptions {
+  deleteEnabled?: boolean;
+}
+
+export class DriverBlobStore implements BlobStore {
+  constructor(
+    readonly driver: StorageDriver,
+    private readonly options: BlobStoreOptions = {},
+  ) {}
+
+  async stat(digest: Digest): Promise<StatResult> {
+    const info = await this.driver.stat(paths.blobData(digest));
+    if (!info || info.isDirectory) return { found: false };
+    return { found: true, descriptor: { digest, size: info.size } };
+  }
+
+  async open(digest: Digest, range?: ByteRange): Promise<OpenResult> {
+    const stat = await this.stat(digest);
+    if (!stat.found) return { found: false };
+    const { size } = stat.descriptor;
+    let start = 0;
+    let end = size - 1;
+    if (range) {
+      start = range.start;
+      end = Math.min(range.end ?? size - 1, size - 1);
+      if (start >= size || start > end) throw new RangeInvalidError(size);
+    }
+    try {
+      const stream = await this.driver.reader(paths.blobData(digest), start, end - start + 1);
+      return range
+        ? { found: true, descriptor: stat.descriptor, stream, range: { start, end } }
+        : { found: true, descriptor: stat.descriptor, stream };
+    } catch (err) {
+      // Deleted between stat and open.
+      if (err instanceof PathNotFoundError) return { found: false };
+      throw err;
+    }
+  }
+
+  async create(): Promise<BlobWriter> {
+    const id = randomUUID();
+    const startedAt = new Date();
+    await this.driver.putContent(paths.uploadStartedAt(id), startedAt.toISOString());
+    const file = await this.driver.writer(paths.uploadData(id), false);
+    return new DriverBlobWriter(this.driver, id, startedAt, file, createHash('sha256'));
+  }
+
+  async resume(id: string): Promise<BlobWriter> {
+    if (!isUploadId(id)) throw new BlobUploadUnknownError(id);
+    let startedAt: Date;
+    try {
+      startedAt = new Date((await this.driver.getContent(paths.uploadStartedAt(id))).toString('utf8'));
+    } catch (err) {
+      if (err instanceof PathNotFoundError) throw new BlobUploadUnknownError(id);
+      throw err;
+    }
+    if (!(await this.driver.stat(paths.uploadData(id)))) throw new BlobUploadUnknownError(id);
+    const file = await this.driver.writer(paths.uploadData(id), true);
+    // The running hash cannot be persisted; commit re-reads what an earlier process wrote.
+    return new DriverBlobWriter(this.driver, id, startedAt, file, undefined);
+  }
+
+  async delete(digest: Digest): Promise<void> {
+    if (!this.options.deleteEnabled) throw new UnsupportedError('deletes are disabled');
+    const stat = await this.stat(digest);
+    if (!stat.found) throw new BlobUnknownError(digest);
+    const data = paths.blobData(digest);
+    await this.driver.delete(data.slice(0, data.lastIndexOf('/')));
+  }
+
+  async put(content: Uint8Array, digest: Digest, mediaType?: string): Promise<Descriptor> {
+    const existing = await this.stat(digest);
+    if (existing.found) {
+      return mediaType ? { ...existing.descriptor, mediaType } : existing.descriptor;
+    }
+    const writer = await this.create();
+    try {
+      await writer.write(content);
+    } catch (err) {
+      await writer.cancel().catch(() => {});
+      throw err;
+    }
+    return writer.commit({ digest, size: content.length, ...(mediaType ? { mediaType } : {}) });
+  }
+
+  async purgeUploads(olderThan: Date): Promise<number> {
+    let purged = 0;
+    for (const id of await this.driver.list(paths.uploadsRoot())) {
+      if (!isUploadId(id)) continue;
+      let started: number;
+      try {
+        started = Date.parse((await this.driver.getContent(paths.uploadStartedAt(id))).toString('utf8'));
+      } catch {
+        // A session without its start time is a crash's leftover: judge it by its data file.
+        started = (await this.driver.stat(paths.uploadDir(id)))?.modTime.getTime() ?? 0;
+      }
+      if (!(started >= olderThan.getTime())) {
+        await this.driver.delete(paths.uploadDir(id));
+        purged++;
+      }
+    }
+    return purged;
+  }
+}
+
+class DriverBlobWriter implements BlobWriter {
+  private done = false;
+  private file: FileWriter | undefined;
+
+  constructor(
+    private readonly driver: StorageDriver,
+    readonly id: string,
+    readonly startedAt: Date,
+    file: FileWriter,
+    /** Hash of every byte from 0 when this process saw them all; else undefined. */
+    private hash: Hash | undefined,
+  ) {
+    this.file = file;
+  }
+
+  get size(): number {
+    return this.file?.size ?? 0;
+  }
+
+  async write(chunk: Uint8Array): Promise<void> {
+    const file = this.openFile();
+    this.hash?.update(chunk);
+    await file.write(chunk);
+  }
+
+  async close(): Promise<void> {
+    await this.file?.close();
+    this.file = undefined;
+    this.done = true;
+  }
+
+  async commit(expected: { digest: Digest; size?: number; mediaType?: string }): Promise<Descriptor> {
+    const file = this.openFile();
+    const parsed = parseDigest(expected.digest);
+    const size = file.size;
+    this.done = true;
+    try {
+      await file.close();
+      this.file = undefined;
+      if (expected.size !== undefined && expected.size !== size) throw new SizeInvalidError(expected.size, size);
+      const actual =
+        this.hash && parsed.algorithm === 'sha256'
+          ? `sha256:${this.hash.digest('hex')}`
+          : await this.rehash(parsed.algorithm);
+      if (actual !== expected.digest) throw new DigestMismatchError(expected.digest, actual);
+      const target = paths.blobData(expected.digest);
+      const existing = await this.driver.stat(target);
+      if (!existing) await this.driver.move(paths.uploadData(this.id), target);
+    } finally {
+      await this.driver.delete(paths.uploadDir(this.id));
+    }
+    const descriptor: Descriptor = { digest: expected.digest, size };
+    if (expected.mediaType) descriptor.mediaType = expected.mediaType;
+    return descriptor;
+  }
+
+  async cancel(): Promise<void> {
+    this.done = true;
+    await this.file?.close().catch(() => {});
+    this.file = undefined;
+    await this.driver.delete(paths.uploadDir(this.id));
+  }
+
+  async readWritten(offset: number, length: number): Promise<Readable> {
+    return this.driver.reader(paths.uploadData(this.id), offset, length);
+  }
+
+  private openFile(): FileWriter {
+    if (this.done || !this.file) throw new BlobUploadUnknownError(this.id);
+    return this.file;
+  }
+
+  private async rehash(algorithm: string): Promise<string> {
+    const hash = createHash(algorithm);
+    const stream = await this.driver.reader(paths.uploadData(this.id));
+    for await (const chunk of stream) hash.update(chunk as Buffer);
+    return `${algorithm}:${hash.digest('hex')}`;
+  }
+}

@@ -1,0 +1,69 @@
+/**
+ * Every storage path, built in this one module and only from validated names and digests, so
+ * no path can leave the storage root. The layout, relative to the driver's root:
+ *
+ * ```
+ * <root>/
+ * ├── blobs/                                  content, shared by every upstream and repository
+ * │   └── <algorithm>/<hex[0:2]>/<hex>/data
+ * ├── uploads/                                upload sessions; never visible as blobs
+ * │   └── <uuid>/
+ * │       ├── data
+ * │       └── startedat                       ISO time the session was created
+ * └── repositories/
+ *     └── <upstream>/<repository...>/         e.g. docker.io/library/alpine
+ *         ├── _layers/<algorithm>/<hex>/link  the repository holds this blob
+ *         └── _manifests/
+ *             ├── revisions/<algorithm>/<hex>/link   JSON {digest, mediaType, size}
+ *             └── tags/<tag>/current/link            JSON {digest, confirmedAt}
+ * ```
+ * Repository components cannot start with `_` (name grammar), so `_layers` and `_manifests`
+ * never collide with a nested repository.
+ */
+import { UPSTREAM_NAME } from '../config/schema.js';
+import { parseDigest, type Digest } from '../oci/digest.js';
+import { parseRepository, parseTag, type Tag } from '../oci/reference.js';
+import type { RepositoryKey } from './types.js';
+
+const UPLOAD_ID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/;
+
+export function isUploadId(id: string): boolean {
+  return UPLOAD_ID.test(id);
+}
+
+export const paths = {
+  blobsRoot: () => 'blobs',
+  blobData(digest: Digest): string {
+    const { algorithm, hex } = parseDigest(digest);
+    return `blobs/${algorithm}/${hex.slice(0, 2)}/${hex}/data`;
+  },
+  uploadsRoot: () => 'uploads',
+  uploadDir(id: string): string {
+    if (!isUploadId(id)) throw new Error(`invalid upload id ${JSON.stringify(id)}`);
+    return `uploads/${id}`;
+  },
+  uploadData: (id: string) => `${paths.uploadDir(id)}/data`,
+  uploadStartedAt: (id: string) => `${paths.uploadDir(id)}/startedat`,
+  upstreamRoot(upstream: string): string {
+    if (!UPSTREAM_NAME.test(upstream)) throw new Error(`invalid upstream name ${JSON.stringify(upstream)}`);
+    return `repositories/${upstream}`;
+  },
+  repositoryRoot(repo: RepositoryKey): string {
+    return `${paths.upstreamRoot(repo.upstream)}/${parseRepository(repo.repository)}`;
+  },
+  layerLink(repo: RepositoryKey, digest: Digest): string {
+    const { algorithm, hex } = parseDigest(digest);
+    return `${paths.repositoryRoot(repo)}/_layers/${algorithm}/${hex}/link`;
+  },
+  manifestRevisionLink(repo: RepositoryKey, digest: Digest): string {
+    const { algorithm, hex } = parseDigest(digest);
+    return `${paths.repositoryRoot(repo)}/_manifests/revisions/${algorithm}/${hex}/link`;
+  },
+  tagsRoot: (repo: RepositoryKey) => `${paths.repositoryRoot(repo)}/_manifests/tags`,
+  tagLink(repo: RepositoryKey, tag: Tag): string {
+    return `${paths.tagsRoot(repo)}/${parseTag(tag)}/current/link`;
+  },
+};
+
+/** Directory names that mark a repository's own data, not a nested repository. */
+export const REPOSITORY_DATA_DIRS = ['_layers', '_manifests', '_uploads'];

@@ -1,0 +1,78 @@
+/** The per-repository view over the blob store: links, manifests and tags, on a StorageDriver. */
+import { parseDigest, type Digest } from '../oci/digest.js';
+import type { Descriptor } from '../oci/descriptor.js';
+import { parseRepository, type Tag } from '../oci/reference.js';
+import { isTag } from '../oci/reference.js';
+import { paths, REPOSITORY_DATA_DIRS } from './paths.js';
+import { PathNotFoundError, type ManifestLink, type RepositoryKey, type RepositoryStore, type StorageDriver, type TagLink } from './types.js';
+
+export class DriverRepositoryStore implements RepositoryStore {
+  constructor(private readonly driver: StorageDriver) {}
+
+  async linkBlob(repo: RepositoryKey, descriptor: Descriptor): Promise<void> {
+    await this.driver.putContent(paths.layerLink(repo, descriptor.digest), descriptor.digest);
+  }
+
+  async hasBlob(repo: RepositoryKey, digest: Digest): Promise<boolean> {
+    return (await this.driver.stat(paths.layerLink(repo, digest))) !== undefined;
+  }
+
+  async linkManifest(repo: RepositoryKey, link: ManifestLink): Promise<void> {
+    await this.driver.putContent(paths.manifestRevisionLink(repo, link.digest), JSON.stringify(link));
+  }
+
+  async getManifest(repo: RepositoryKey, digest: Digest): Promise<ManifestLink | undefined> {
+    const json = await this.readJson(paths.manifestRevisionLink(repo, digest));
+    if (!json || typeof json.mediaType !== 'string' || typeof json.size !== 'number') return undefined;
+    return { digest, mediaType: json.mediaType, size: json.size };
+  }
+
+  async setTag(repo: RepositoryKey, tag: Tag, link: TagLink): Promise<void> {
+    await this.driver.putContent(paths.tagLink(repo, tag), JSON.stringify(link));
+  }
+
+  async getTag(repo: RepositoryKey, tag: Tag): Promise<TagLink | undefined> {
+    const json = await this.readJson(paths.tagLink(repo, tag));
+    if (!json || typeof json.digest !== 'string' || typeof json.confirmedAt !== 'number') return undefined;
+    return { digest: parseDigest(json.digest).digest, confirmedAt: json.confirmedAt };
+  }
+
+  async deleteTag(repo: RepositoryKey, tag: Tag): Promise<void> {
+    const link = paths.tagLink(repo, tag);
+    await this.driver.delete(link.slice(0, link.lastIndexOf('/current/')));
+  }
+
+  async listTags(repo: RepositoryKey): Promise<string[]> {
+    return (await this.driver.list(paths.tagsRoot(repo))).filter(isTag).sort();
+  }
+
+  async listRepositories(upstream: string): Promise<string[]> {
+    const found: string[] = [];
+    const walk = async (prefix: string, dir: string): Promise<void> => {
+      const children = await this.driver.list(dir);
+      if (children.includes('_manifests') || children.includes('_layers')) found.push(prefix);
+      for (const child of children) {
+        if (REPOSITORY_DATA_DIRS.includes(child)) continue;
+        const name = prefix ? `${prefix}/${child}` : child;
+        try {
+          parseRepository(name);
+        } catch {
+          continue;
+        }
+        await walk(name, `${dir}/${child}`);
+      }
+    };
+    await walk('', paths.upstreamRoot(upstream));
+    return found.sort();
+  }
+
+  private async readJson(p: string): Promise<Record<string, unknown> | undefined> {
+    try {
+      const value: unknown = JSON.parse((await this.driver.getContent(p)).toString('utf8'));
+      return typeof value === 'object' && value !== null ? (value as Record<string, unknown>) : undefined;
+    } catch (err) {
+      if (err instanceof PathNotFoundError || err instanceof SyntaxError) return undefined;
+      throw err;
+    }
+  }
+}

@@ -1,0 +1,147 @@
+/**
+ * Contracts of the storage layer. Paths given to a StorageDriver are driver-relative, '/'-separated
+ * and built only by `paths.ts`; nothing above the driver may assume a POSIX file system.
+ */
+import type { Readable } from 'node:stream';
+import type { Digest } from '../oci/digest.js';
+import type { Descriptor } from '../oci/descriptor.js';
+import type { Repository, Tag } from '../oci/reference.js';
+
+export interface FileInfo {
+  path: string;
+  size: number;
+  modTime: Date;
+  isDirectory: boolean;
+}
+
+/** A file being written by `StorageDriver.writer`. */
+export interface FileWriter {
+  /** Bytes in the file so far (the existing ones too, when appending). */
+  readonly size: number;
+  /** Appends; resolves once the bytes are handed to the driver (backpressure). */
+  write(chunk: Uint8Array): Promise<void>;
+  /** Flushes and closes; the file keeps what was written. */
+  close(): Promise<void>;
+  /** Closes and removes the file. */
+  cancel(): Promise<void>;
+}
+
+export interface StorageDriver {
+  readonly name: string;
+  /** Whole small file; throws PathNotFoundError. */
+  getContent(path: string): Promise<Buffer>;
+  /** Replaces a small file atomically (readers see the old or the new content, never a mix). */
+  putContent(path: string, content: Uint8Array | string): Promise<void>;
+  /** Streams `length` bytes (or to the end) from `offset`; throws PathNotFoundError. */
+  reader(path: string, offset?: number, length?: number): Promise<Readable>;
+  /** Opens a file for writing, appending to what is there when `append`. */
+  writer(path: string, append: boolean): Promise<FileWriter>;
+  /** Resolves to undefined when nothing is at the path. */
+  stat(path: string): Promise<FileInfo | undefined>;
+  /** Names of the direct children of a directory; [] when it does not exist. */
+  list(path: string): Promise<string[]>;
+  /** Moves a file atomically, replacing the destination. Throws PathNotFoundError. */
+  move(from: string, to: string): Promise<void>;
+  /** Removes a file or a directory tree; no error when nothing is there. */
+  delete(path: string): Promise<void>;
+}
+
+export class PathNotFoundError extends Error {
+  constructor(readonly path: string) {
+    super(`path not found: ${path}`);
+    this.name = 'PathNotFoundError';
+  }
+}
+
+export type StatResult = { found: false } | { found: true; descriptor: Descriptor };
+
+export interface ByteRange {
+  /** First byte, inclusive. */
+  start: number;
+  /** Last byte, inclusive; to the end when undefined. */
+  end?: number;
+}
+
+export type OpenResult =
+  | { found: false }
+  | { found: true; descriptor: Descriptor; stream: Readable; range?: { start: number; end: number } };
+
+/** An upload session: create -> write... -> (close, resume) -> commit or cancel. */
+export interface BlobWriter {
+  readonly id: string;
+  readonly startedAt: Date;
+  /** Bytes written so far. */
+  readonly size: number;
+  write(chunk: Uint8Array): Promise<void>;
+  /** Keeps the session for a later `resume(id)`. */
+  close(): Promise<void>;
+  /**
+   * Verifies the size (when given) and the digest, then makes the blob visible atomically and
+   * ends the session. Throws SizeInvalidError or DigestMismatchError and then removes the
+   * session: a blob is never visible before it is verified.
+   */
+  commit(expected: { digest: Digest; size?: number; mediaType?: string }): Promise<Descriptor>;
+  /** Removes the session; afterwards `resume(id)` reports an unknown upload. */
+  cancel(): Promise<void>;
+  /** Reads what is written so far, from `offset`, `length` bytes; for followers of a fetch. */
+  readWritten(offset: number, length: number): Promise<Readable>;
+}
+
+export interface BlobStore {
+  /** Resolves to `{found:false}` when the blob is not stored; never throws for a missing blob. */
+  stat(digest: Digest): Promise<StatResult>;
+  /**
+   * A stream of the blob, or of a byte range of it. `{found:false}` when not stored; throws
+   * RangeInvalidError for a range outside the blob.
+   */
+  open(digest: Digest, range?: ByteRange): Promise<OpenResult>;
+  /** Opens a new upload session. */
+  create(): Promise<BlobWriter>;
+  /** Continues a closed session at its stored size; throws BlobUploadUnknownError. */
+  resume(id: string): Promise<BlobWriter>;
+  /** Throws UnsupportedError when deletes are disabled, BlobUnknownError when not stored. */
+  delete(digest: Digest): Promise<void>;
+  /** Stores bytes already in memory (manifests); resolves to the verified descriptor. */
+  put(content: Uint8Array, digest: Digest, mediaType?: string): Promise<Descriptor>;
+  /** Removes upload sessions started before `olderThan`; resolves to how many. */
+  purgeUploads(olderThan: Date): Promise<number>;
+}
+
+/** Where a repository lives: repositories are kept per upstream, so names never collide. */
+export interface RepositoryKey {
+  upstream: string;
+  repository: Repository;
+}
+
+export interface ManifestLink {
+  digest: Digest;
+  mediaType: string;
+  size: number;
+}
+
+export interface TagLink {
+  digest: Digest;
+  /** When the upstream last confirmed the tag points at this digest (ms since epoch). */
+  confirmedAt: number;
+}
+
+/**
+ * Per repository: links to the blobs and manifests it holds, and its tags. The bytes live in
+ * the BlobStore, shared by digest.
+ */
+export interface RepositoryStore {
+  linkBlob(repo: RepositoryKey, descriptor: Descriptor): Promise<void>;
+  /** True when the repository links the blob. */
+  hasBlob(repo: RepositoryKey, digest: Digest): Promise<boolean>;
+  linkManifest(repo: RepositoryKey, link: ManifestLink): Promise<void>;
+  /** Resolves to undefined when the repository holds no such manifest. */
+  getManifest(repo: RepositoryKey, digest: Digest): Promise<ManifestLink | undefined>;
+  setTag(repo: RepositoryKey, tag: Tag, link: TagLink): Promise<void>;
+  /** Resolves to undefined when the tag is not known. */
+  getTag(repo: RepositoryKey, tag: Tag): Promise<TagLink | undefined>;
+  deleteTag(repo: RepositoryKey, tag: Tag): Promise<void>;
+  /** Tags of a repository, sorted; [] when none. */
+  listTags(repo: RepositoryKey): Promise<string[]>;
+  /** Every repository of an upstream that holds anything, sorted. */
+  listRepositories(upstream: string): Promise<string[]>;
+}
