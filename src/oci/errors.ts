@@ -25,6 +25,7 @@ export const ERROR_CODES = {
   RANGE_INVALID: { status: 416, message: 'requested range not satisfiable' },
   PAGINATION_NUMBER_INVALID: { status: 400, message: 'invalid number of results requested' },
   UPSTREAM_UNKNOWN: { status: 400, message: 'no such upstream is configured' },
+  UPSTREAM_INVALID: { status: 502, message: 'the upstream registry sent an invalid response' },
   INTERNAL: { status: 500, message: 'internal error' },
 } as const satisfies Record<string, { status: number; message: string }>;
 

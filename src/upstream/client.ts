@@ -1,0 +1,507 @@
+/**
+ * The registry client of one upstream, on undici with a keep-alive pool. Auth challenges and
+ * tokens, redirects (credentials dropped across origins), resumable blob streams, typed
+ * failures and a circuit breaker. It only ever dials the configured URL, the token realm the
+ * upstream names, and the redirect targets the upstream sends.
+ */
+import { Readable } from 'node:stream';
+import { Agent, errors as undiciErrors, request, type Dispatcher } from 'undici';
+import type { UpstreamConfig } from '../config/schema.js';
+import type { Logger } from '../log/logger.js';
+import { DigestVerifier, digestOf, parseDigest, type Digest } from '../oci/digest.js';
+import { MANIFEST_ACCEPT, baseMediaType } from '../oci/media-types.js';
+import type { Repository } from '../oci/reference.js';
+import { parseChallenge, realmMayReceiveCredentials, refreshTime, TokenCache, type Challenge, type Token } from './auth.js';
+import {
+  UpstreamDeniedError,
+  UpstreamInvalidError,
+  UpstreamNotFoundError,
+  UpstreamRateLimitedError,
+  UpstreamUnavailableError,
+  type RateLimitInfo,
+} from './errors.js';
+import { UpstreamHealth, type HealthOptions } from './health.js';
+import type { BlobHead, BlobStream, FetchedManifest, ManifestHead, RequestOptions, UpstreamClient } from './types.js';
+
+const MAX_REDIRECTS = 5;
+const REDIRECT_STATUSES = new Set([301, 302, 303, 307, 308]);
+
+export interface ClientOptions {
+  name: string;
+  config: UpstreamConfig;
+  log: Logger;
+  /** Resolved password (from `password` or the env var `passwordEnv` names). */
+  password?: string | undefined;
+  health?: HealthOptions;
+  /** Base delay of Range-resume retries, ms. */
+  retryDelay?: number;
+}
+
+interface Response {
+  status: number;
+  headers: Record<string, string | string[] | undefined>;
+  body: Dispatcher.ResponseData['body'];
+  url: URL;
+}
+
+export class RegistryClient implements UpstreamClient {
+  readonly name: string;
+  private readonly base: URL;
+  private readonly config: UpstreamConfig;
+  private readonly agent: Agent;
+  private readonly log: Logger;
+  private readonly health: UpstreamHealth;
+  private readonly tokens = new TokenCache();
+  private readonly password: string | undefined;
+  private readonly retryDelay: number;
+  /** Learned from the first 401, so later scopes fetch their token without a round trip. */
+  private challenge: Challenge | undefined;
+  private lastRateLimit: RateLimitInfo | undefined;
+
+  constructor(options: ClientOptions) {
+    this.name = options.name;
+    this.config = options.config;
+    this.base = new URL(options.config.url);
+    this.log = options.log.child({ module: 'upstream', upstream: options.name });
+    this.health = new UpstreamHealth(options.health);
+    this.password = options.password;
+    this.retryDelay = options.retryDelay ?? 250;
+    const { timeouts } = options.config;
+    this.agent = new Agent({
+      connect: { timeout: timeouts.connect },
+      headersTimeout: timeouts.headers,
+      bodyTimeout: timeouts.bodyIdle,
+      keepAliveTimeout: 30_000,
+      connections: 64,
+    });
+  }
+
+  get healthState() {
+    return this.health.state;
+  }
+
+  get isDown(): boolean {
+    return this.config.offline || this.health.down;
+  }
+
+  get rateLimit() {
+    return this.lastRateLimit;
+  }
+
+  async close(): Promise<void> {
+    await this.agent.close();
+  }
+
+  // ---- manifests ------------------------------------------------------------------------
+
+  async getManifest(repository: Repository, reference: string, options: RequestOptions = {}): Promise<FetchedManifest> {
+    const what = `manifest ${repository}:${reference}`;
+    const res = await this.send('GET', repository, `manifests/${reference}`, what, { accept: MANIFEST_ACCEPT }, options);
+    const limit = this.config.maxManifestSize;
+    const declared = Number(header(res.headers, 'content-length'));
+    if (declared > limit) {
+      res.body.destroy();
+      throw new UpstreamInvalidError(this.name, `${what} is ${declared} bytes, more than the ${limit} allowed`);
+    }
+    const chunks: Buffer[] = [];
+    let size = 0;
+    try {
+      for await (const chunk of res.body) {
+        size += (chunk as Buffer).length;
+        if (size > limit) {
+          res.body.destroy();
+          throw new UpstreamInvalidError(this.name, `${what} is more than the ${limit} bytes allowed`);
+        }
+        chunks.push(chunk as Buffer);
+      }
+    } catch (err) {
+      throw this.bodyError(err, what);
+    }
+    const bytes = Buffer.concat(chunks, size);
+    const digest = this.verifyManifestDigest(bytes, reference, header(res.headers, 'docker-content-digest'), what);
+    const mediaType = baseMediaType(header(res.headers, 'content-type')) || 'application/octet-stream';
+    return { digest, mediaType, size, bytes };
+  }
+
+  async headManifest(repository: Repository, reference: string, options: RequestOptions = {}): Promise<ManifestHead> {
+    const what = `manifest ${repository}:${reference}`;
+    const res = await this.send('HEAD', repository, `manifests/${reference}`, what, { accept: MANIFEST_ACCEPT }, options);
+    res.body.resume();
+    const headerDigest = header(res.headers, 'docker-content-digest');
+    let digest: Digest | undefined;
+    if (reference.includes(':')) digest = parseDigest(reference).digest;
+    else if (headerDigest) {
+      try {
+        digest = parseDigest(headerDigest).digest;
+      } catch {
+        throw new UpstreamInvalidError(this.name, `${what}: invalid Docker-Content-Digest`);
+      }
+    }
+    if (!digest) throw new UpstreamInvalidError(this.name, `${what}: HEAD answered without Docker-Content-Digest`);
+    return {
+      digest,
+      mediaType: baseMediaType(header(res.headers, 'content-type')),
+      size: Number(header(res.headers, 'content-length') ?? 0),
+    };
+  }
+
+  private verifyManifestDigest(bytes: Buffer, reference: string, headerDigest: string | undefined, what: string): Digest {
+    let expected: Digest | undefined;
+    if (reference.includes(':')) expected = parseDigest(reference).digest;
+    else if (headerDigest) {
+      try {
+        expected = parseDigest(headerDigest).digest;
+      } catch {
+        throw new UpstreamInvalidError(this.name, `${what}: invalid Docker-Content-Digest`);
+      }
+    }
+    if (!expected) return digestOf(bytes);
+    const actual = digestOf(bytes, parseDigest(expected).algorithm);
+    if (actual !== expected) throw new UpstreamInvalidError(this.name, `${what}: content is ${actual}, expected ${expected}`);
+    return expected;
+  }
+
+  // ---- blobs ----------------------------------------------------------------------------
+
+  async headBlob(repository: Repository, digest: Digest, options: RequestOptions = {}): Promise<BlobHead> {
+    const res = await this.send('HEAD', repository, `blobs/${digest}`, `blob ${digest}`, {}, options);
+    res.body.resume();
+    return { size: Number(header(res.headers, 'content-length') ?? 0) };
+  }
+
+  async getBlob(repository: Repository, digest: Digest, options: RequestOptions = {}): Promise<BlobStream> {
+    const what = `blob ${digest}`;
+    const first = await this.send('GET', repository, `blobs/${digest}`, what, {}, options);
+    const length = header(first.headers, 'content-length');
+    const size = length !== undefined ? Number(length) : undefined;
+    const verifier = new DigestVerifier(parseDigest(digest));
+    return { size, stream: Readable.from(this.blobChunks(repository, digest, first, size, verifier, options), { objectMode: false }) };
+  }
+
+  /** Yields the blob's bytes; on a break, asks again from where it broke, then checks the digest. */
+  private async *blobChunks(
+    repository: Repository,
+    digest: Digest,
+    first: Response,
+    size: number | undefined,
+    verifier: DigestVerifier,
+    options: RequestOptions,
+  ): AsyncGenerator<Buffer> {
+    const what = `blob ${digest}`;
+    let res: Response | undefined = first;
+    let skip = 0;
+    let attempt = 0;
+    for (;;) {
+      try {
+        for await (const raw of res!.body) {
+          let chunk = raw as Buffer;
+          if (skip > 0) {
+            // The upstream ignored Range: drop what we already passed on.
+            if (chunk.length <= skip) {
+              skip -= chunk.length;
+              continue;
+            }
+            chunk = chunk.subarray(skip);
+            skip = 0;
+          }
+          verifier.update(chunk);
+          yield chunk;
+        }
+        if (size !== undefined && verifier.bytes !== size) {
+          throw Object.assign(new Error(`body ended at ${verifier.bytes} of ${size} bytes`), { code: 'UND_ERR_SOCKET' });
+        }
+        break;
+      } catch (err) {
+        if (options.signal?.aborted || !isConnectionError(err) || attempt >= this.config.retries) {
+          res?.body.destroy();
+          throw this.bodyError(err, what);
+        }
+        attempt++;
+        const offset = verifier.bytes;
+        this.log.warn({ repository, digest, offset, attempt, err: errMessage(err) }, 'blob body broke off, resuming');
+        await sleep(this.retryDelay * 2 ** (attempt - 1), options.signal);
+        res = await this.send('GET', repository, `blobs/${digest}`, what, { range: `bytes=${offset}-` }, options);
+        if (res.status === 206) {
+          const start = /^bytes (\d+)-/.exec(header(res.headers, 'content-range') ?? '')?.[1];
+          if (Number(start) !== offset) {
+            res.body.destroy();
+            throw new UpstreamInvalidError(this.name, `${what}: resumed at ${String(start)}, asked for ${offset}`);
+          }
+        } else {
+          skip = offset;
+        }
+      }
+    }
+    if (!verifier.matches()) {
+      throw new UpstreamInvalidError(this.name, `${what}: content is ${verifier.actual()}`);
+    }
+  }
+
+  // ---- tags -----------------------------------------------------------------------------
+
+  async listTags(repository: Repository, options: RequestOptions = {}): Promise<string[]> {
+    const tags: string[] = [];
+    let next: string | undefined = 'tags/list?n=1000';
+    for (let page = 0; next && page < 10_000; page++) {
+      const res = await this.send('GET', repository, next, `tags of ${repository}`, { accept: 'application/json' }, options);
+      let body: { tags?: unknown };
+      try {
+        body = (await res.body.json()) as { tags?: unknown };
+      } catch (err) {
+        throw this.bodyError(err, `tags of ${repository}`);
+      }
+      if (Array.isArray(body.tags)) tags.push(...body.tags.filter((t): t is string => typeof t === 'string'));
+      next = nextPage(header(res.headers, 'link'), repository);
+    }
+    return tags;
+  }
+
+  // ---- transport ------------------------------------------------------------------------
+
+  /**
+   * One request to `/v2/<repository>/<suffix>` with auth, redirects and error mapping. Resolves
+   * only to a 2xx response (206 included); everything else is thrown as a typed error.
+   */
+  private async send(
+    method: 'GET' | 'HEAD',
+    repository: Repository,
+    suffix: string,
+    what: string,
+    headers: Record<string, string>,
+    options: RequestOptions,
+  ): Promise<Response> {
+    if (this.config.offline) throw new UpstreamUnavailableError(this.name, 'configured offline');
+    if (!this.health.admit()) throw new UpstreamUnavailableError(this.name, 'not reachable (failing fast)');
+    const url = new URL(`${this.base.pathname.replace(/\/$/, '')}/v2/${repository}/${suffix}`, this.base);
+    const scope = `repository:${repository}:pull`;
+    const started = Date.now();
+    let res: Response;
+    try {
+      let token = await this.authorization(scope, options);
+      res = await this.dispatch(method, url, { ...headers, ...(token ? { authorization: token.header } : {}) }, options);
+      if (res.status === 401) {
+        const challenge = parseChallenge(res.headers['www-authenticate']);
+        res.body.resume();
+        if (challenge) {
+          this.challenge = challenge;
+          // A 401 on a cached token: one retry with a fresh one. Without a token: the first one.
+          if (token?.cached) this.tokens.invalidate(scope, token.token);
+          token = await this.authorization(scope, options);
+          if (token) res = await this.dispatch(method, url, { ...headers, authorization: token.header }, options);
+        }
+      }
+      this.health.success();
+    } catch (err) {
+      if (isConnectionError(err)) {
+        this.health.failure();
+        this.log.warn({ method, path: url.pathname, err: errMessage(err), durationMs: Date.now() - started }, 'upstream unreachable');
+        throw new UpstreamUnavailableError(this.name, errMessage(err));
+      }
+      this.health.release();
+      throw err;
+    }
+    this.recordRateLimit(res.headers);
+    this.log.debug({ method, path: url.pathname, status: res.status, durationMs: Date.now() - started }, 'upstream request');
+    if (res.status >= 200 && res.status < 300) return res;
+    res.body.resume();
+    switch (res.status) {
+      case 401:
+      case 403:
+        throw new UpstreamDeniedError(this.name, what);
+      case 404:
+        throw new UpstreamNotFoundError(this.name, what);
+      case 416:
+        throw new UpstreamInvalidError(this.name, `${what}: range not satisfiable`);
+      case 429:
+        throw new UpstreamRateLimitedError(this.name, this.lastRateLimit ?? { at: Date.now() });
+      default:
+        if (res.status >= 500) throw new UpstreamUnavailableError(this.name, `HTTP ${res.status}`);
+        throw new UpstreamInvalidError(this.name, `${what}: unexpected HTTP ${res.status}`);
+    }
+  }
+
+  /** Follows redirects itself so that credentials never reach another origin. */
+  private async dispatch(method: string, url: URL, headers: Record<string, string>, options: RequestOptions): Promise<Response> {
+    let current = url;
+    let sendHeaders = headers;
+    for (let hop = 0; ; hop++) {
+      const res = await request(current, {
+        method: method as Dispatcher.HttpMethod,
+        headers: sendHeaders,
+        dispatcher: this.agent,
+        signal: options.signal ?? null,
+      });
+      const location = header(res.headers, 'location');
+      if (!REDIRECT_STATUSES.has(res.statusCode) || !location) {
+        return { status: res.statusCode, headers: res.headers, body: res.body, url: current };
+      }
+      res.body.resume();
+      if (hop >= MAX_REDIRECTS) throw new UpstreamInvalidError(this.name, `more than ${MAX_REDIRECTS} redirects`);
+      const next = new URL(location, current);
+      if (next.protocol !== 'http:' && next.protocol !== 'https:') {
+        throw new UpstreamInvalidError(this.name, `redirect to a ${next.protocol} URL`);
+      }
+      if (next.origin !== current.origin && sendHeaders.authorization) {
+        // Object stores reject (and must never see) the registry's credentials.
+        const { authorization: _dropped, ...rest } = sendHeaders;
+        sendHeaders = rest;
+      }
+      current = next;
+    }
+  }
+
+  /** The Authorization header for a scope, from the token cache or a new token; none when anonymous access is all we know. */
+  private async authorization(scope: string, options: RequestOptions): Promise<{ header: string; token: string; cached: boolean } | undefined> {
+    const challenge = this.challenge;
+    if (!challenge) return undefined;
+    if (challenge.scheme === 'basic') {
+      if (this.config.username === undefined) return undefined;
+      const value = Buffer.from(`${this.config.username}:${this.password ?? ''}`).toString('base64');
+      return { header: `Basic ${value}`, token: value, cached: false };
+    }
+    const cached = this.tokens.get(scope);
+    if (cached) return { header: `Bearer ${cached.value}`, token: cached.value, cached: true };
+    const token = await this.tokens.obtain(scope, () => this.fetchToken(challenge, scope, options));
+    return { header: `Bearer ${token.value}`, token: token.value, cached: false };
+  }
+
+  private async fetchToken(challenge: Extract<Challenge, { scheme: 'bearer' }>, scope: string, options: RequestOptions): Promise<Token> {
+    let realm: URL;
+    try {
+      realm = new URL(challenge.realm);
+    } catch {
+      throw new UpstreamInvalidError(this.name, 'token realm is not a URL');
+    }
+    if (realm.protocol !== 'http:' && realm.protocol !== 'https:') throw new UpstreamInvalidError(this.name, 'token realm is not http(s)');
+    if (challenge.service !== undefined) realm.searchParams.set('service', challenge.service);
+    realm.searchParams.set('scope', scope);
+    const headers: Record<string, string> = { accept: 'application/json' };
+    if (this.config.username !== undefined) {
+      if (realmMayReceiveCredentials(this.base, realm, this.config.authRealms)) {
+        headers.authorization = `Basic ${Buffer.from(`${this.config.username}:${this.password ?? ''}`).toString('base64')}`;
+      } else {
+        this.log.warn({ realm: realm.origin }, 'token realm is outside the upstream domain; asking anonymously');
+      }
+    }
+    const issued = Date.now();
+    const res = await request(realm, { method: 'GET', headers, dispatcher: this.agent, signal: options.signal ?? null });
+    if (res.statusCode === 401 || res.statusCode === 403) {
+      res.body.resume();
+      throw new UpstreamDeniedError(this.name, `a token for ${scope}`);
+    }
+    if (res.statusCode === 429) {
+      res.body.resume();
+      this.recordRateLimit(res.headers);
+      throw new UpstreamRateLimitedError(this.name, this.lastRateLimit ?? { at: Date.now() });
+    }
+    if (res.statusCode !== 200) {
+      res.body.resume();
+      if (res.statusCode >= 500) throw new UpstreamUnavailableError(this.name, `token service answered HTTP ${res.statusCode}`);
+      throw new UpstreamInvalidError(this.name, `token service answered HTTP ${res.statusCode}`);
+    }
+    let body: { token?: unknown; access_token?: unknown; expires_in?: unknown };
+    try {
+      body = (await res.body.json()) as typeof body;
+    } catch {
+      throw new UpstreamInvalidError(this.name, 'token response is not JSON');
+    }
+    const value = typeof body.token === 'string' ? body.token : typeof body.access_token === 'string' ? body.access_token : undefined;
+    if (!value) throw new UpstreamInvalidError(this.name, 'token response has no token');
+    // The spec's default lifetime when expires_in is absent is 60 seconds.
+    const expiresIn = typeof body.expires_in === 'number' && body.expires_in > 0 ? body.expires_in : 60;
+    this.log.debug({ scope, expiresIn }, 'token obtained');
+    return { value, refreshAt: refreshTime(issued, expiresIn) };
+  }
+
+  private recordRateLimit(headers: Response['headers']): void {
+    const limit = header(headers, 'ratelimit-limit');
+    const remaining = header(headers, 'ratelimit-remaining');
+    const retryAfter = header(headers, 'retry-after');
+    if (limit === undefined && remaining === undefined && retryAfter === undefined) return;
+    const info: RateLimitInfo = { at: Date.now() };
+    const [l, w] = parseRateLimit(limit);
+    const [r] = parseRateLimit(remaining);
+    if (l !== undefined) info.limit = l;
+    if (w !== undefined) info.window = w;
+    if (r !== undefined) info.remaining = r;
+    if (retryAfter !== undefined) {
+      const seconds = /^\d+$/.test(retryAfter) ? Number(retryAfter) : Math.max(0, Math.ceil((Date.parse(retryAfter) - Date.now()) / 1000));
+      if (Number.isFinite(seconds)) info.retryAfterSeconds = seconds;
+    }
+    const source = header(headers, 'docker-ratelimit-source');
+    if (source) info.source = source;
+    this.lastRateLimit = info;
+  }
+
+  private bodyError(err: unknown, what: string): unknown {
+    if (err instanceof UpstreamInvalidError || err instanceof UpstreamUnavailableError) return err;
+    if (isConnectionError(err)) return new UpstreamUnavailableError(this.name, `${what}: ${errMessage(err)}`);
+    return err;
+  }
+}
+
+function header(headers: Response['headers'], name: string): string | undefined {
+  const v = headers[name];
+  return Array.isArray(v) ? v[0] : v;
+}
+
+/** `100;w=21600` -> [100, 21600] */
+function parseRateLimit(value: string | undefined): [number | undefined, number | undefined] {
+  if (value === undefined) return [undefined, undefined];
+  const m = /^\s*(\d+)(?:\s*;\s*w=(\d+))?/.exec(value);
+  return m ? [Number(m[1]), m[2] !== undefined ? Number(m[2]) : undefined] : [undefined, undefined];
+}
+
+/** The next page of a tag list from a `Link: <...>; rel="next"` header, as a path under the repository. */
+function nextPage(link: string | undefined, repository: string): string | undefined {
+  if (!link) return undefined;
+  const m = /<([^>]+)>\s*;\s*rel="?next"?/.exec(link);
+  if (!m) return undefined;
+  // Only the path and query are used: a Link never makes us dial another host.
+  const target = new URL(m[1]!, 'http://upstream.invalid');
+  const prefix = `/v2/${repository}/`;
+  const at = target.pathname.indexOf(prefix);
+  if (at < 0) return undefined;
+  return `${target.pathname.slice(at + prefix.length)}${target.search}`;
+}
+
+const CONNECTION_CODES = new Set([
+  'ECONNREFUSED',
+  'ECONNRESET',
+  'EPIPE',
+  'ETIMEDOUT',
+  'EHOSTUNREACH',
+  'ENETUNREACH',
+  'ENOTFOUND',
+  'EAI_AGAIN',
+  'UND_ERR_CONNECT_TIMEOUT',
+  'UND_ERR_HEADERS_TIMEOUT',
+  'UND_ERR_BODY_TIMEOUT',
+  'UND_ERR_SOCKET',
+  'UND_ERR_CLOSED',
+]);
+
+export function isConnectionError(err: unknown): boolean {
+  if (err instanceof UpstreamUnavailableError) return true;
+  for (let e: unknown = err, depth = 0; e && depth < 4; e = (e as { cause?: unknown }).cause, depth++) {
+    const code = (e as { code?: string }).code;
+    if (code && CONNECTION_CODES.has(code)) return true;
+    if (e instanceof undiciErrors.SocketError || e instanceof undiciErrors.ConnectTimeoutError) return true;
+  }
+  return false;
+}
+
+function errMessage(err: unknown): string {
+  const e = err as { code?: string; message?: string };
+  return e?.code ? `${e.code}${e.message ? `: ${e.message}` : ''}` : String(e?.message ?? err);
+}
+
+function sleep(ms: number, signal?: AbortSignal): Promise<void> {
+  return new Promise((resolve, reject) => {
+    const timer = setTimeout(resolve, ms);
+    signal?.addEventListener('abort', () => {
+      clearTimeout(timer);
+      reject(signal.reason);
+    }, { once: true });
+  });
+}

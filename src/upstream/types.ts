@@ -1,0 +1,57 @@
+import type { Readable } from 'node:stream';
+import type { Digest } from '../oci/digest.js';
+import type { Repository } from '../oci/reference.js';
+import type { RateLimitInfo } from './errors.js';
+import type { HealthState } from './health.js';
+
+export interface ManifestHead {
+  digest: Digest;
+  mediaType: string;
+  size: number;
+}
+
+export interface FetchedManifest extends ManifestHead {
+  /** The bytes exactly as the upstream sent them, verified against `digest`. */
+  bytes: Buffer;
+}
+
+export interface BlobHead {
+  size: number;
+}
+
+export interface BlobStream {
+  /** From Content-Length; undefined when the upstream did not say. */
+  size: number | undefined;
+  /**
+   * One continuous stream of the whole blob: breaks are resumed with Range requests, and the
+   * digest is checked at the end (the stream errors with UpstreamInvalidError on a mismatch).
+   */
+  stream: Readable;
+}
+
+export interface RequestOptions {
+  signal?: AbortSignal;
+}
+
+/**
+ * The client of one upstream registry. Every method throws the typed errors of `errors.ts`:
+ * UpstreamNotFoundError, UpstreamDeniedError, UpstreamRateLimitedError,
+ * UpstreamUnavailableError, UpstreamInvalidError.
+ */
+export interface UpstreamClient {
+  readonly name: string;
+  /** GET by tag or digest; the body is capped and verified. */
+  getManifest(repository: Repository, reference: string, options?: RequestOptions): Promise<FetchedManifest>;
+  /** HEAD by tag or digest: digest, media type and size, no body. */
+  headManifest(repository: Repository, reference: string, options?: RequestOptions): Promise<ManifestHead>;
+  headBlob(repository: Repository, digest: Digest, options?: RequestOptions): Promise<BlobHead>;
+  getBlob(repository: Repository, digest: Digest, options?: RequestOptions): Promise<BlobStream>;
+  /** Every tag, following `Link` pagination. */
+  listTags(repository: Repository, options?: RequestOptions): Promise<string[]>;
+  readonly healthState: HealthState;
+  /** True while the client fails fast (circuit open) or is configured offline. */
+  readonly isDown: boolean;
+  /** The last rate-limit figures the upstream sent. */
+  readonly rateLimit: RateLimitInfo | undefined;
+  close(): Promise<void>;
+}
