@@ -239,9 +239,9 @@ export class RegistryClient implements UpstreamClient {
 
   // ---- tags -----------------------------------------------------------------------------
 
-  async listTags(repository: Repository, options: RequestOptions = {}): Promise<string[]> {
+  async listTags(repository: Repository, options: RequestOptions & { pageSize?: number } = {}): Promise<string[]> {
     const tags: string[] = [];
-    let next: string | undefined = 'tags/list?n=1000';
+    let next: string | undefined = `tags/list?n=${options.pageSize ?? 1000}`;
     for (let page = 0; next && page < 10_000; page++) {
       const res = await this.send('GET', repository, next, `tags of ${repository}`, { accept: 'application/json' }, options);
       let body: { tags?: unknown };

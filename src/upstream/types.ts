@@ -47,7 +47,7 @@ export interface UpstreamClient {
   headBlob(repository: Repository, digest: Digest, options?: RequestOptions): Promise<BlobHead>;
   getBlob(repository: Repository, digest: Digest, options?: RequestOptions): Promise<BlobStream>;
   /** Every tag, following `Link` pagination. */
-  listTags(repository: Repository, options?: RequestOptions): Promise<string[]>;
+  listTags(repository: Repository, options?: RequestOptions & { pageSize?: number }): Promise<string[]>;
   readonly healthState: HealthState;
   /** True while the client fails fast (circuit open) or is configured offline. */
   readonly isDown: boolean;

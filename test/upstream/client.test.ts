@@ -1,0 +1,316 @@
+import { randomBytes } from 'node:crypto';
+import { afterAll, beforeAll, describe, expect, test } from 'vitest';
+import { upstreamSchema } from '../../src/config/schema.js';
+import { silentLogger } from '../../src/log/logger.js';
+import { parseDigest, type Digest } from '../../src/oci/digest.js';
+import { parseRepository } from '../../src/oci/reference.js';
+import { RegistryClient } from '../../src/upstream/client.js';
+import {
+  UpstreamDeniedError,
+  UpstreamInvalidError,
+  UpstreamNotFoundError,
+  UpstreamRateLimitedError,
+  UpstreamUnavailableError,
+} from '../../src/upstream/errors.js';
+import { fakeServer } from '../helpers/fake-server.js';
+import { makeImage, makeIndex, pushImage, pushManifest, sha256, type Image } from '../helpers/images.js';
+import { freePort } from '../helpers/net.js';
+import { TestRegistry } from '../helpers/registry.js';
+
+const repo = parseRepository;
+const digest = (d: string) => parseDigest(d).digest;
+
+function client(url: string, extra: Record<string, unknown> = {}, name = 'test') {
+  return new RegistryClient({
+    name,
+    config: upstreamSchema.parse({ url, ...extra }),
+    log: silentLogger(),
+    password: typeof extra.password === 'string' ? extra.password : undefined,
+    retryDelay: 10,
+  });
+}
+
+async function drain(stream: NodeJS.ReadableStream): Promise<Buffer> {
+  const chunks: Buffer[] = [];
+  for await (const chunk of stream) chunks.push(chunk as Buffer);
+  return Buffer.concat(chunks);
+}
+
+describe('against a real registry with token auth', () => {
+  let registry: TestRegistry;
+  let docker: Image;
+  let oci: Image;
+  let list: Image;
+  let secret: Image;
+
+  beforeAll(async () => {
+    registry = await TestRegistry.start();
+    docker = makeImage('library/alpine', '3.20', 'docker', [30_000]);
+    oci = makeImage('org/oci-app', 'v1', 'oci', [10_000, 20_000, 5_000]);
+    list = makeIndex('org/multi', 'latest', 'docker', ['amd64', 'arm64']);
+    secret = makeImage('private/app', 'v1', 'docker', [8_000]);
+    for (const image of [docker, oci, list, secret]) await pushImage(registry, image);
+    for (let i = 0; i < 25; i++) await pushManifest(registry, 'org/oci-app', `t${String(i).padStart(2, '0')}`, oci.manifest, oci.mediaType);
+  });
+  afterAll(async () => registry.close());
+
+  test('anonymous pull of a manifest by tag gives the bytes as pushed, with digest and media type', async () => {
+    const c = client(registry.url);
+    const m = await c.getManifest(repo('library/alpine'), '3.20');
+    expect(m.bytes.equals(docker.manifest)).toBe(true);
+    expect(m.digest).toBe(docker.digest);
+    expect(m.mediaType).toBe(docker.mediaType);
+    await c.close();
+  });
+
+  test('manifests of each media type, by tag and by digest', async () => {
+    const c = client(registry.url);
+    for (const image of [docker, oci, list, list.children![0]!]) {
+      const byDigest = await c.getManifest(repo(image.repository), image.digest);
+      expect(byDigest.mediaType).toBe(image.mediaType);
+      expect(byDigest.bytes.equals(image.manifest)).toBe(true);
+    }
+    const head = await c.headManifest(repo('org/multi'), 'latest');
+    expect(head).toEqual({ digest: list.digest, mediaType: list.mediaType, size: list.manifest.length });
+    await c.close();
+  });
+
+  test('blobs: HEAD gives the size, GET streams the exact bytes', async () => {
+    const c = client(registry.url);
+    for (const blob of oci.blobs) {
+      expect(await c.headBlob(repo('org/oci-app'), digest(blob.digest))).toEqual({ size: blob.bytes.length });
+      const { size, stream } = await c.getBlob(repo('org/oci-app'), digest(blob.digest));
+      expect(size).toBe(blob.bytes.length);
+      expect((await drain(stream)).equals(blob.bytes)).toBe(true);
+    }
+    await c.close();
+  });
+
+  test('unknown manifests and blobs are UpstreamNotFoundError', async () => {
+    const c = client(registry.url);
+    await expect(c.getManifest(repo('library/alpine'), 'nope')).rejects.toBeInstanceOf(UpstreamNotFoundError);
+    await expect(c.headBlob(repo('library/alpine'), digest(sha256('missing')))).rejects.toBeInstanceOf(UpstreamNotFoundError);
+    await c.close();
+  });
+
+  test('a private repository is denied without credentials and served with them', async () => {
+    const anonymous = client(registry.url);
+    await expect(anonymous.getManifest(repo('private/app'), 'v1')).rejects.toBeInstanceOf(UpstreamDeniedError);
+    await anonymous.close();
+    const wrong = client(registry.url, { username: 'reader', password: 'wrong' });
+    await expect(wrong.getManifest(repo('private/app'), 'v1')).rejects.toBeInstanceOf(UpstreamDeniedError);
+    await wrong.close();
+    const reader = client(registry.url, { username: 'reader', password: 'read-secret' });
+    const m = await reader.getManifest(repo('private/app'), 'v1');
+    expect(m.digest).toBe(secret.digest);
+    const { stream } = await reader.getBlob(repo('private/app'), digest(secret.blobs[1]!.digest));
+    expect((await drain(stream)).equals(secret.blobs[1]!.bytes)).toBe(true);
+    await reader.close();
+  });
+
+  test('one token per scope is fetched and reused, also by concurrent requests', async () => {
+    const c = client(registry.url);
+    const scope = 'repository:org/oci-app:pull';
+    const before = registry.tokens.count(scope);
+    await Promise.all(Array.from({ length: 8 }, () => c.headManifest(repo('org/oci-app'), 'v1')));
+    for (const blob of oci.blobs) await c.headBlob(repo('org/oci-app'), digest(blob.digest));
+    expect(registry.tokens.count(scope) - before).toBe(1);
+    await c.close();
+  });
+
+  test('an expired token is renewed with exactly one retry', async () => {
+    const c = client(registry.url);
+    const scope = 'repository:library/alpine:pull';
+    // distribution allows 60 s of leeway on exp: this token is accepted for about 2 s more, while
+    // expires_in still says 300, so the client keeps it and meets the registry's refusal.
+    registry.tokens.actualLifetime = -58;
+    try {
+      await c.headManifest(repo('library/alpine'), '3.20');
+      const after = registry.tokens.count(scope);
+      await new Promise((r) => setTimeout(r, 3000));
+      registry.tokens.actualLifetime = undefined;
+      await c.headManifest(repo('library/alpine'), '3.20');
+      expect(registry.tokens.count(scope) - after).toBe(1);
+    } finally {
+      registry.tokens.actualLifetime = undefined;
+    }
+    await c.close();
+  });
+
+  test('a token is not used past its expiry', async () => {
+    const c = client(registry.url);
+    const scope = 'repository:org/multi:pull';
+    registry.tokens.expiresIn = 2;
+    try {
+      const before = registry.tokens.count(scope);
+      await c.headManifest(repo('org/multi'), 'latest');
+      await c.headManifest(repo('org/multi'), 'latest');
+      expect(registry.tokens.count(scope) - before).toBe(1);
+      await new Promise((r) => setTimeout(r, 1600));
+      await c.headManifest(repo('org/multi'), 'latest');
+      expect(registry.tokens.count(scope) - before).toBe(2);
+    } finally {
+      registry.tokens.expiresIn = 300;
+    }
+    await c.close();
+  });
+
+  test('tag lists follow Link pagination', async () => {
+    const c = client(registry.url);
+    const tags = await c.listTags(repo('org/oci-app'), { pageSize: 7 });
+    expect(tags).toHaveLength(26);
+    expect(new Set(tags).size).toBe(26);
+    expect(tags).toContain('v1');
+    expect(tags).toContain('t24');
+    await c.close();
+  });
+});
+
+describe('faults a real registry cannot produce', () => {
+  const blob = randomBytes(300_000);
+  const blobDigest = digest(sha256(blob));
+
+  test('a body cut off mid-blob is resumed with Range and the bytes are identical', async () => {
+    let gets = 0;
+    const server = await fakeServer((req, res) => {
+      gets++;
+      const range = /^bytes=(\d+)-$/.exec(req.headers.range ?? '');
+      if (range) {
+        const start = Number(range[1]);
+        res.writeHead(206, { 'content-length': blob.length - start, 'content-range': `bytes ${start}-${blob.length - 1}/${blob.length}` });
+        res.end(blob.subarray(start));
+        return;
+      }
+      res.writeHead(200, { 'content-length': blob.length });
+      res.write(blob.subarray(0, 100_000), () => setTimeout(() => res.destroy(), 20));
+    });
+    const c = client(server.url);
+    const { stream } = await c.getBlob(repo('a/b'), blobDigest);
+    expect((await drain(stream)).equals(blob)).toBe(true);
+    expect(gets).toBe(2);
+    expect(server.requests[1]!.headers.range).toMatch(/^bytes=\d+-$/);
+    await c.close();
+    await server.close();
+  });
+
+  test('an upstream that ignores Range is re-read and the first bytes skipped', async () => {
+    let gets = 0;
+    const server = await fakeServer((_req, res) => {
+      gets++;
+      res.writeHead(200, { 'content-length': blob.length });
+      if (gets === 1) res.write(blob.subarray(0, 150_000), () => setTimeout(() => res.destroy(), 20));
+      else res.end(blob);
+    });
+    const c = client(server.url);
+    const { stream } = await c.getBlob(repo('a/b'), blobDigest);
+    expect((await drain(stream)).equals(blob)).toBe(true);
+    expect(gets).toBe(2);
+    await c.close();
+    await server.close();
+  });
+
+  test('a redirect to another origin drops the Authorization header', async () => {
+    const storage = await fakeServer((req, res) => {
+      if (req.headers.authorization) res.writeHead(400).end('authorization not allowed');
+      else res.writeHead(200, { 'content-length': blob.length }).end(blob);
+    });
+    const registry = await fakeServer((req, res) => {
+      if (req.headers.authorization !== `Basic ${Buffer.from('u:p').toString('base64')}`) {
+        res.writeHead(401, { 'www-authenticate': 'Basic realm="test"' }).end();
+        return;
+      }
+      res.writeHead(307, { location: `${storage.url}/object?sig=1` }).end();
+    });
+    const c = client(registry.url, { username: 'u', password: 'p' });
+    const { stream } = await c.getBlob(repo('a/b'), blobDigest);
+    expect((await drain(stream)).equals(blob)).toBe(true);
+    expect(storage.requests.every((r) => r.headers.authorization === undefined)).toBe(true);
+    await c.close();
+    await Promise.all([storage.close(), registry.close()]);
+  });
+
+  test('a corrupted byte is an error, not data', async () => {
+    const bad = Buffer.from(blob);
+    bad[12345] = bad[12345]! ^ 0xff;
+    const server = await fakeServer((_req, res) => res.writeHead(200, { 'content-length': bad.length }).end(bad));
+    const c = client(server.url);
+    const { stream } = await c.getBlob(repo('a/b'), blobDigest);
+    await expect(drain(stream)).rejects.toBeInstanceOf(UpstreamInvalidError);
+    await c.close();
+    await server.close();
+  });
+
+  test('a manifest whose bytes do not match Docker-Content-Digest is refused', async () => {
+    const server = await fakeServer((_req, res) =>
+      res.writeHead(200, { 'content-type': 'application/vnd.oci.image.manifest.v1+json', 'docker-content-digest': sha256('other') }).end('{"schemaVersion":2}'),
+    );
+    const c = client(server.url);
+    await expect(c.getManifest(repo('a/b'), 'latest')).rejects.toBeInstanceOf(UpstreamInvalidError);
+    await c.close();
+    await server.close();
+  });
+
+  test('a manifest larger than the cap is refused', async () => {
+    const server = await fakeServer((_req, res) => res.writeHead(200, { 'content-type': 'application/json' }).end(Buffer.alloc(5000, 32)));
+    const c = client(server.url, { maxManifestSize: '4KiB' });
+    await expect(c.getManifest(repo('a/b'), 'latest')).rejects.toBeInstanceOf(UpstreamInvalidError);
+    await c.close();
+    await server.close();
+  });
+
+  test('429 becomes UpstreamRateLimitedError with Retry-After and the RateLimit figures', async () => {
+    const server = await fakeServer((_req, res) =>
+      res
+        .writeHead(429, { 'retry-after': '120', 'ratelimit-limit': '100;w=21600', 'ratelimit-remaining': '0;w=21600', 'docker-ratelimit-source': '203.0.113.7' })
+        .end('{"errors":[{"code":"TOOMANYREQUESTS"}]}'),
+    );
+    const c = client(server.url);
+    const err = await c.getManifest(repo('a/b'), 'latest').catch((e: unknown) => e);
+    expect(err).toBeInstanceOf(UpstreamRateLimitedError);
+    expect((err as UpstreamRateLimitedError).headers['Retry-After']).toBe('120');
+    expect(c.rateLimit).toMatchObject({ limit: 100, remaining: 0, window: 21600, retryAfterSeconds: 120, source: '203.0.113.7' });
+    await c.close();
+    await server.close();
+  });
+
+  test('5xx is UpstreamUnavailableError', async () => {
+    const server = await fakeServer((_req, res) => res.writeHead(503).end());
+    const c = client(server.url);
+    await expect(c.headManifest(repo('a/b'), 'latest')).rejects.toBeInstanceOf(UpstreamUnavailableError);
+    await c.close();
+    await server.close();
+  });
+
+  test('a refused port fails fast once the health check opens', async () => {
+    const port = await freePort();
+    const c = client(`http://127.0.0.1:${port}`);
+    for (let i = 0; i < 3; i++) await expect(c.headManifest(repo('a/b'), 'x')).rejects.toBeInstanceOf(UpstreamUnavailableError);
+    expect(c.isDown).toBe(true);
+    expect(c.healthState).toBe('open');
+    const started = performance.now();
+    await expect(c.headManifest(repo('a/b'), 'x')).rejects.toThrow(/failing fast/);
+    expect(performance.now() - started).toBeLessThan(50);
+    await c.close();
+  });
+
+  test('credentials go only to a realm on the upstream domain', async () => {
+    const realm = await fakeServer((_req, res) => res.writeHead(200, { 'content-type': 'application/json' }).end('{"token":"t","expires_in":60}'), 'localhost');
+    const registry = await fakeServer((req, res) => {
+      if (req.headers.authorization === 'Bearer t') res.writeHead(200, { 'docker-content-digest': sha256('x') }).end();
+      else res.writeHead(401, { 'www-authenticate': `Bearer realm="${realm.url}/token",service="s"` }).end();
+    });
+    const c = client(registry.url, { username: 'u', password: 'p' });
+    await c.headManifest(repo('a/b'), 'latest');
+    expect(realm.requests).toHaveLength(1);
+    expect(realm.requests[0]!.headers.authorization).toBeUndefined();
+    expect(realm.requests[0]!.url).toContain('scope=repository%3Aa%2Fb%3Apull');
+    await c.close();
+    const allowed = client(registry.url, { username: 'u', password: 'p', authRealms: [`${realm.url}/`] });
+    await allowed.headManifest(repo('a/b'), 'latest');
+    expect(realm.requests[1]!.headers.authorization).toBe(`Basic ${Buffer.from('u:p').toString('base64')}`);
+    await allowed.close();
+    await Promise.all([realm.close(), registry.close()]);
+  });
+});
+
+export type { Digest };
