@@ -61,8 +61,8 @@ export class UpstreamHealth {
   failure(): void {
     this.failures++;
     if (this.failures >= this.threshold) {
-      this.openUntil = this.now() + this.interval;
       if (this.probing) this.interval = Math.min(this.interval * 2, this.maxInterval);
+      this.openUntil = this.now() + this.interval;
     }
     this.probing = false;
   }
