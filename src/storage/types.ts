@@ -64,7 +64,14 @@ export interface ByteRange {
 
 export type OpenResult =
   | { found: false }
-  | { found: true; descriptor: Descriptor; stream: Readable; range?: { start: number; end: number } };
+  | {
+      found: true;
+      descriptor: Descriptor;
+      stream: Readable;
+      range?: { start: number; end: number };
+      /** True when the bytes are being fetched from the upstream as they are served. */
+      fromUpstream?: boolean;
+    };
 
 /** An upload session: create -> write... -> (close, resume) -> commit or cancel. */
 export interface BlobWriter {
@@ -144,4 +151,37 @@ export interface RepositoryStore {
   listTags(repo: RepositoryKey): Promise<string[]>;
   /** Every repository of an upstream that holds anything, sorted. */
   listRepositories(upstream: string): Promise<string[]>;
+}
+
+// ---- the services a route uses; local stores and proxy stores implement the same contracts ----
+
+export type ManifestResult = { found: false } | { found: true; link: ManifestLink; bytes: Buffer };
+export type ManifestStat = { found: false } | { found: true; link: ManifestLink };
+
+/** Blobs as one repository sees them. */
+export interface BlobService {
+  /** `{found:false}` when the blob is not there; never throws for a missing blob. */
+  stat(repo: RepositoryKey, digest: Digest): Promise<StatResult>;
+  /** `{found:false}` when not there; throws RangeInvalidError for a range outside the blob. */
+  open(repo: RepositoryKey, digest: Digest, range?: ByteRange): Promise<OpenResult>;
+}
+
+export interface ManifestService {
+  /** `{found:false}` when the repository holds no such manifest. */
+  stat(repo: RepositoryKey, digest: Digest): Promise<ManifestStat>;
+  /** The bytes as they were stored, with their media type. */
+  get(repo: RepositoryKey, digest: Digest): Promise<ManifestResult>;
+  /** Stores verified manifest bytes and links them to the repository. */
+  put(repo: RepositoryKey, bytes: Buffer, digest: Digest, mediaType: string): Promise<ManifestLink>;
+}
+
+export type TagResult = { found: false } | { found: true; digest: Digest; confirmedAt: number; stale?: boolean };
+
+export interface TagService {
+  /** `{found:false}` when the tag is unknown. */
+  resolve(repo: RepositoryKey, tag: Tag): Promise<TagResult>;
+  /** Records that `tag` points at `digest`, confirmed now. */
+  tag(repo: RepositoryKey, tag: Tag, digest: Digest): Promise<void>;
+  /** Tags of the repository, sorted. */
+  list(repo: RepositoryKey): Promise<string[]>;
 }

@@ -1,0 +1,279 @@
+/**
+ * The express app: the OCI pull API (distribution spec "pull" and "content discovery"
+ * endpoints), health, metrics, request logs, and the one error middleware.
+ */
+import { randomUUID } from 'node:crypto';
+import { pipeline } from 'node:stream/promises';
+import express, { type NextFunction, type Request, type Response } from 'express';
+import { pinoHttp } from 'pino-http';
+import type { Config } from '../config/schema.js';
+import type { Logger } from '../log/logger.js';
+import type { Metrics } from '../metrics.js';
+import { parseDigest } from '../oci/digest.js';
+import {
+  BlobUnknownError,
+  ManifestUnknownError,
+  NameInvalidError,
+  RangeInvalidError,
+  RegistryError,
+  UnsupportedError,
+} from '../oci/errors.js';
+import { parseManifestReference } from '../oci/reference.js';
+import type { BlobService, ByteRange, ManifestService, RepositoryKey, RepositoryStore, TagService } from '../storage/types.js';
+import { errorMiddleware } from './errors.js';
+import type { Passthrough } from './passthrough.js';
+import { parseRange } from './range.js';
+import { clientName, routeRequest } from './routing.js';
+
+export interface UpstreamServices {
+  blobs: BlobService;
+  manifests: ManifestService;
+  tags: TagService;
+}
+
+export interface AppDeps {
+  config: Config;
+  log: Logger;
+  metrics: Metrics;
+  services: Map<string, UpstreamServices>;
+  passthrough: Map<string, Passthrough>;
+  repositories: RepositoryStore;
+  /** Resolves true when storage (and the cache) can serve. */
+  ready: () => Promise<boolean>;
+}
+
+// The name is greedy, so `/v2/a/blobs/b/blobs/sha256:...` names repository `a/blobs/b`.
+const API_PATH = /^\/(.+)\/(manifests\/[^/]+|blobs\/uploads(?:\/[^/]*)?|blobs\/[^/]+|tags\/list)$/;
+const PAGE_MAX = 10_000;
+
+export function createApp(deps: AppDeps): express.Express {
+  const { config, log } = deps;
+  const app = express();
+  app.disable('x-powered-by');
+  app.set('etag', false);
+
+  app.use(
+    pinoHttp({
+      logger: log.child({ module: 'http' }),
+      genReqId: (req, res) => {
+        const incoming = req.headers['x-request-id'];
+        const id = typeof incoming === 'string' && /^[\w.-]{1,64}$/.test(incoming) ? incoming : randomUUID();
+        res.setHeader('X-Request-Id', id);
+        return id;
+      },
+      autoLogging: { ignore: (req) => req.url === '/healthz' || req.url === '/readyz' || req.url === '/metrics' },
+      customLogLevel: (_req, res, err) => (err || res.statusCode >= 500 ? 'error' : 'info'),
+      customSuccessMessage: () => 'request',
+      customErrorMessage: () => 'request failed',
+      customProps: (_req, res) => {
+        const l = (res as unknown as Response).locals ?? {};
+        return { upstream: l.upstream, repository: l.repository, cache: l.cache, bytes: l.bytes, errorCode: l.errorCode };
+      },
+      serializers: {
+        req: (req: { method: string; url: string; id: unknown }) => ({ id: req.id, method: req.method, url: req.url }),
+        res: (res: { statusCode: number }) => ({ statusCode: res.statusCode }),
+      },
+    }),
+  );
+
+  app.use((_req, res, next) => {
+    res.setHeader('Docker-Distribution-API-Version', 'registry/2.0');
+    next();
+  });
+
+  app.get('/healthz', (_req, res) => {
+    res.json({ status: 'ok' });
+  });
+  app.get('/readyz', async (_req, res) => {
+    const ok = await deps.ready().catch(() => false);
+    res.status(ok ? 200 : 503).json({ status: ok ? 'ready' : 'not ready' });
+  });
+  app.get('/metrics', async (_req, res) => {
+    res.setHeader('Content-Type', deps.metrics.registry.contentType);
+    res.send(await deps.metrics.registry.metrics());
+  });
+
+  app.get(['/v2', '/v2/'], (_req, res) => {
+    res.setHeader('Content-Type', 'application/json');
+    res.send('{}');
+  });
+
+  app.get('/v2/_catalog', async (req, res) => {
+    const { n, last } = pagination(req);
+    const names: string[] = [];
+    for (const upstream of deps.services.keys()) {
+      for (const repository of await deps.repositories.listRepositories(upstream)) names.push(clientName(config, upstream, repository));
+    }
+    names.sort();
+    const page = paginate(names, n, last);
+    if (page.next !== undefined) res.setHeader('Link', `</v2/_catalog?last=${encodeURIComponent(page.next)}&n=${n}>; rel="next"`);
+    res.json({ repositories: page.items });
+  });
+
+  app.use('/v2', async (req: Request, res: Response, next: NextFunction) => {
+    const m = API_PATH.exec(req.path);
+    if (!m) throw new NameInvalidError(`no such endpoint: ${req.method} /v2${req.path.slice(0, 200)}`);
+    const name = m[1]!;
+    const action = m[2]!;
+    const route = routeRequest(config, name, req.query.ns);
+    res.locals.upstream = route.upstream;
+    res.locals.repository = route.repository;
+
+    const passthrough = deps.passthrough.get(route.upstream);
+    if (passthrough) {
+      const query = req.originalUrl.indexOf('?');
+      const path = `/v2/${route.repository}/${action}${query >= 0 ? req.originalUrl.slice(query) : ''}`;
+      passthrough.forward(req, res, path, route.prefix, next);
+      return;
+    }
+    const services = deps.services.get(route.upstream);
+    if (!services) throw new UnsupportedError(`upstream ${route.upstream} serves nothing`);
+    const repo: RepositoryKey = { upstream: route.upstream, repository: route.repository };
+    const isRead = req.method === 'GET' || req.method === 'HEAD';
+    if (!isRead || action.startsWith('blobs/uploads')) {
+      throw new UnsupportedError('pullcache is a pull-through cache: pushes and deletes are not supported');
+    }
+    if (action === 'tags/list') {
+      if (req.method !== 'GET') throw new UnsupportedError();
+      await listTags(req, res, services.tags, repo, name);
+      return;
+    }
+    const [kind, reference] = [action.slice(0, action.indexOf('/')), action.slice(action.indexOf('/') + 1)];
+    if (kind === 'manifests') await getManifest(req, res, services, repo, decodeSegment(reference));
+    else await getBlob(req, res, services.blobs, repo, decodeSegment(reference));
+  });
+
+  app.use((req, _res, next) => next(new RegistryError('UNSUPPORTED', `no such endpoint: ${req.method} ${req.path.slice(0, 200)}`)));
+  app.use(errorMiddleware(log.child({ module: 'http' })));
+  return app;
+}
+
+/** Path segments may be percent-encoded (`sha256%3A...`); a bad encoding is a client error. */
+function decodeSegment(segment: string): string {
+  try {
+    return decodeURIComponent(segment);
+  } catch {
+    throw new NameInvalidError('malformed percent-encoding in the path');
+  }
+}
+
+async function getManifest(req: Request, res: Response, services: UpstreamServices, repo: RepositoryKey, reference: string): Promise<void> {
+  const ref = parseManifestReference(reference);
+  let digest;
+  if (ref.kind === 'tag') {
+    const resolved = await services.tags.resolve(repo, ref.tag);
+    if (!resolved.found) throw new ManifestUnknownError(`${repo.repository}:${ref.tag}`);
+    digest = resolved.digest;
+    if (resolved.stale) res.setHeader('Warning', '110 pullcache "stale: upstream not confirmed"');
+  } else {
+    digest = ref.digest;
+  }
+  const etag = `"${digest}"`;
+  if (req.method === 'HEAD') {
+    const stat = await services.manifests.stat(repo, digest);
+    if (!stat.found) throw new ManifestUnknownError(`${repo.repository}@${digest}`);
+    manifestHeaders(res, stat.link.mediaType, digest, stat.link.size, etag);
+    res.status(200).end();
+    return;
+  }
+  const manifest = await services.manifests.get(repo, digest);
+  if (!manifest.found) throw new ManifestUnknownError(`${repo.repository}@${digest}`);
+  manifestHeaders(res, manifest.link.mediaType, digest, manifest.bytes.length, etag);
+  if (req.headers['if-none-match'] === etag) {
+    res.status(304).end();
+    return;
+  }
+  res.locals.bytes = manifest.bytes.length;
+  res.status(200).end(manifest.bytes);
+}
+
+function manifestHeaders(res: Response, mediaType: string, digest: string, size: number, etag: string): void {
+  res.setHeader('Content-Type', mediaType);
+  res.setHeader('Docker-Content-Digest', digest);
+  res.setHeader('Content-Length', size);
+  res.setHeader('ETag', etag);
+}
+
+async function getBlob(req: Request, res: Response, blobs: BlobService, repo: RepositoryKey, reference: string): Promise<void> {
+  const digest = parseDigest(reference).digest;
+  const etag = `"${digest}"`;
+  const blobHeaders = (size: number) => {
+    res.setHeader('Content-Type', 'application/octet-stream');
+    res.setHeader('Docker-Content-Digest', digest);
+    res.setHeader('ETag', etag);
+    res.setHeader('Accept-Ranges', 'bytes');
+    res.setHeader('Cache-Control', 'max-age=31536000');
+    res.setHeader('Content-Length', size);
+  };
+  if (req.method === 'HEAD') {
+    const stat = await blobs.stat(repo, digest);
+    if (!stat.found) throw new BlobUnknownError(digest);
+    blobHeaders(stat.descriptor.size);
+    res.status(200).end();
+    return;
+  }
+  if (req.headers['if-none-match'] === etag) {
+    const stat = await blobs.stat(repo, digest);
+    if (!stat.found) throw new BlobUnknownError(digest);
+    res.setHeader('ETag', etag);
+    res.setHeader('Docker-Content-Digest', digest);
+    res.status(304).end();
+    return;
+  }
+  const requested = parseRange(req.headers.range);
+  let range: ByteRange | undefined;
+  if (requested && 'suffix' in requested) {
+    const stat = await blobs.stat(repo, digest);
+    if (!stat.found) throw new BlobUnknownError(digest);
+    if (requested.suffix === 0) throw new RangeInvalidError(stat.descriptor.size);
+    range = { start: Math.max(0, stat.descriptor.size - requested.suffix) };
+  } else if (requested) {
+    range = requested;
+  }
+  const opened = await blobs.open(repo, digest, range);
+  if (!opened.found) throw new BlobUnknownError(digest);
+  const { size } = opened.descriptor;
+  res.locals.cache = opened.fromUpstream ? 'miss' : 'hit';
+  if (opened.range) {
+    blobHeaders(opened.range.end - opened.range.start + 1);
+    res.setHeader('Content-Range', `bytes ${opened.range.start}-${opened.range.end}/${size}`);
+    res.status(206);
+  } else {
+    blobHeaders(size);
+    res.status(200);
+  }
+  res.locals.bytes = Number(res.getHeader('Content-Length'));
+  try {
+    await pipeline(opened.stream, res);
+  } catch (err) {
+    // Headers are out: a broken source (or a bad digest upstream) must cut the connection so the
+    // client never takes a short body for the blob.
+    if (!res.destroyed) res.destroy(err as Error);
+  }
+}
+
+async function listTags(req: Request, res: Response, tags: TagService, repo: RepositoryKey, name: string): Promise<void> {
+  const { n, last } = pagination(req);
+  const all = await tags.list(repo);
+  const page = paginate(all, n, last);
+  if (page.next !== undefined) res.setHeader('Link', `</v2/${name}/tags/list?last=${encodeURIComponent(page.next)}&n=${n}>; rel="next"`);
+  res.json({ name, tags: page.items });
+}
+
+function pagination(req: Request): { n: number; last: string | undefined } {
+  const rawN = req.query.n;
+  let n = PAGE_MAX;
+  if (rawN !== undefined) {
+    if (typeof rawN !== 'string' || !/^\d{1,9}$/.test(rawN)) throw new RegistryError('PAGINATION_NUMBER_INVALID', 'n must be a whole number');
+    n = Math.min(Number(rawN), PAGE_MAX);
+  }
+  const rawLast = req.query.last;
+  if (rawLast !== undefined && typeof rawLast !== 'string') throw new RegistryError('PAGINATION_NUMBER_INVALID', 'last must be given once');
+  return { n, last: rawLast };
+}
+
+function paginate(sorted: string[], n: number, last: string | undefined): { items: string[]; next?: string } {
+  const from = last === undefined ? sorted : sorted.filter((item) => item > last);
+  const items = from.slice(0, n);
+  return from.length > n && items.length > 0 ? { items, next: items[items.length - 1]! } : { items };
+}

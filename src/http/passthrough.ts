@@ -1,0 +1,57 @@
+/**
+ * Passthrough upstreams: requests, pushes included, go to the upstream unchanged through
+ * http-proxy. Nothing is cached; the client's own Authorization is forwarded; Location headers
+ * that point into the upstream's /v2/ are rewritten to point at pullcache.
+ */
+import type { IncomingMessage, ServerResponse } from 'node:http';
+import httpProxy from 'http-proxy';
+import type { UpstreamConfig } from '../config/schema.js';
+import type { Logger } from '../log/logger.js';
+import { UnavailableError } from '../oci/errors.js';
+
+export class Passthrough {
+  private readonly proxy: httpProxy;
+  private readonly target: URL;
+  /** What each client put before the repository name, to put back into Location headers. */
+  private readonly prefixes = new WeakMap<IncomingMessage, string>();
+
+  constructor(
+    readonly name: string,
+    config: UpstreamConfig,
+    private readonly log: Logger,
+  ) {
+    this.target = new URL(config.url);
+    this.proxy = httpProxy.createProxyServer({
+      target: this.target.origin,
+      changeOrigin: true,
+      xfwd: false,
+      proxyTimeout: config.timeouts.headers,
+    });
+    this.proxy.on('proxyRes', (proxyRes, req) => {
+      const location = proxyRes.headers.location;
+      if (!location) return;
+      let url: URL;
+      try {
+        url = new URL(location, this.target);
+      } catch {
+        return;
+      }
+      if (url.origin !== this.target.origin || !url.pathname.startsWith('/v2/')) return;
+      proxyRes.headers.location = `/v2/${this.prefixes.get(req) ?? ''}${url.pathname.slice(4)}${url.search}`;
+    });
+  }
+
+  /** Forwards the request to `path` on the upstream; `prefix` is what the client put before the name. */
+  forward(req: IncomingMessage, res: ServerResponse, path: string, prefix: string, onError: (err: unknown) => void): void {
+    req.url = path;
+    this.prefixes.set(req, prefix);
+    this.proxy.web(req, res, {}, (err) => {
+      this.log.warn({ upstream: this.name, err: err.message }, 'passthrough request failed');
+      onError(new UnavailableError(`upstream ${this.name} is unavailable: ${err.message}`));
+    });
+  }
+
+  close(): void {
+    this.proxy.close();
+  }
+}

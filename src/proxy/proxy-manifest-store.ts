@@ -1,0 +1,75 @@
+/**
+ * ProxyManifestStore: manifests by digest from storage first, else one GET by digest from the
+ * upstream, verified by the client, parsed (so that only manifests are kept) and stored with the
+ * media type the upstream sent, to be served byte for byte.
+ */
+import type { Logger } from '../log/logger.js';
+import type { Digest } from '../oci/digest.js';
+import { parseManifest } from '../oci/manifest.js';
+import { ManifestInvalidError } from '../oci/errors.js';
+import type { Metrics } from '../metrics.js';
+import type { ManifestLink, ManifestResult, ManifestService, ManifestStat, RepositoryKey } from '../storage/types.js';
+import { UpstreamInvalidError, UpstreamNotFoundError } from '../upstream/errors.js';
+import type { FetchedManifest, UpstreamClient } from '../upstream/types.js';
+import { SingleFlight } from './single-flight.js';
+
+export class ProxyManifestStore implements ManifestService {
+  private readonly flights = new SingleFlight<ManifestResult>();
+  private readonly log: Logger;
+
+  constructor(
+    private readonly local: ManifestService,
+    private readonly client: UpstreamClient,
+    log: Logger,
+    private readonly metrics: Metrics,
+  ) {
+    this.log = log.child({ module: 'proxy-manifest', upstream: client.name });
+  }
+
+  async stat(repo: RepositoryKey, digest: Digest): Promise<ManifestStat> {
+    const local = await this.local.stat(repo, digest);
+    if (local.found) return local;
+    const fetched = await this.get(repo, digest);
+    return fetched.found ? { found: true, link: fetched.link } : fetched;
+  }
+
+  async get(repo: RepositoryKey, digest: Digest): Promise<ManifestResult> {
+    const local = await this.local.get(repo, digest);
+    if (local.found) {
+      this.metrics.requests.inc({ upstream: repo.upstream, kind: 'manifest', cache: 'hit' });
+      return local;
+    }
+    this.metrics.requests.inc({ upstream: repo.upstream, kind: 'manifest', cache: 'miss' });
+    return this.flights.run(`${repo.upstream}/${repo.repository}@${digest}`, async () => {
+      let fetched: FetchedManifest;
+      try {
+        fetched = await this.client.getManifest(repo.repository, digest);
+      } catch (err) {
+        if (err instanceof UpstreamNotFoundError) return { found: false };
+        throw err;
+      }
+      const link = await this.keep(repo, fetched);
+      return { found: true, link, bytes: fetched.bytes };
+    });
+  }
+
+  put(repo: RepositoryKey, bytes: Buffer, digest: Digest, mediaType: string): Promise<ManifestLink> {
+    return this.local.put(repo, bytes, digest, mediaType);
+  }
+
+  /** Stores a manifest fetched from the upstream (by digest or by tag). */
+  async keep(repo: RepositoryKey, fetched: FetchedManifest): Promise<ManifestLink> {
+    let mediaType: string;
+    try {
+      mediaType = parseManifest(fetched.bytes, fetched.mediaType).mediaType;
+    } catch (err) {
+      if (err instanceof ManifestInvalidError) throw new UpstreamInvalidError(this.client.name, err.message);
+      throw err;
+    }
+    // Serve the Content-Type the upstream sent when it names a manifest type; else what we parsed.
+    const stored = fetched.mediaType && fetched.mediaType !== 'application/json' && fetched.mediaType !== 'application/octet-stream' ? fetched.mediaType : mediaType;
+    const link = await this.local.put(repo, fetched.bytes, fetched.digest, stored);
+    this.log.info({ repository: repo.repository, digest: fetched.digest, mediaType: stored, bytes: fetched.size }, 'manifest fetched');
+    return link;
+  }
+}

@@ -1,0 +1,121 @@
+/**
+ * ProxyTagService: resolves a tag to a digest. Inside the upstream's `tagTTL` a known tag is
+ * answered without asking upstream; after it, a HEAD revalidates (Docker Hub does not count
+ * HEADs against its pull limit) and a GET happens only when the digest changed or the tag is
+ * new. Concurrent lookups of one tag share one upstream request. When the upstream fails, the
+ * last known digest is served (stale-if-error) and counted.
+ */
+import type { UpstreamConfig } from '../config/schema.js';
+import type { Logger } from '../log/logger.js';
+import type { Digest } from '../oci/digest.js';
+import type { Tag } from '../oci/reference.js';
+import type { Metrics } from '../metrics.js';
+import type { RepositoryKey, TagResult, TagService } from '../storage/types.js';
+import {
+  UpstreamDeniedError,
+  UpstreamInvalidError,
+  UpstreamNotFoundError,
+  UpstreamRateLimitedError,
+  UpstreamUnavailableError,
+} from '../upstream/errors.js';
+import type { UpstreamClient } from '../upstream/types.js';
+import type { ProxyManifestStore } from './proxy-manifest-store.js';
+import { SingleFlight } from './single-flight.js';
+
+export class ProxyTagService implements TagService {
+  private readonly flights = new SingleFlight<TagResult>();
+  private readonly log: Logger;
+
+  constructor(
+    private readonly local: TagService,
+    private readonly manifests: ProxyManifestStore,
+    private readonly client: UpstreamClient,
+    private readonly config: UpstreamConfig,
+    log: Logger,
+    private readonly metrics: Metrics,
+    private readonly now: () => number = Date.now,
+  ) {
+    this.log = log.child({ module: 'proxy-tag', upstream: client.name });
+  }
+
+  async resolve(repo: RepositoryKey, tag: Tag): Promise<TagResult> {
+    const known = await this.local.resolve(repo, tag);
+    if (known.found && this.now() - known.confirmedAt < this.config.tagTTL) {
+      this.metrics.requests.inc({ upstream: repo.upstream, kind: 'tag', cache: 'hit' });
+      return known;
+    }
+    if (known.found && this.client.isDown) {
+      // Known to be down (or offline): no point waiting for a timeout.
+      return this.stale(repo, tag, known, 'upstream down');
+    }
+    this.metrics.requests.inc({ upstream: repo.upstream, kind: 'tag', cache: known.found ? 'revalidate' : 'miss' });
+    return this.flights.run(`${repo.upstream}/${repo.repository}:${tag}`, () => this.ask(repo, tag, known));
+  }
+
+  tag(repo: RepositoryKey, tag: Tag, digest: Digest): Promise<void> {
+    return this.local.tag(repo, tag, digest);
+  }
+
+  /** The upstream's tags when it answers, else the ones cached here. */
+  async list(repo: RepositoryKey): Promise<string[]> {
+    if (!this.client.isDown) {
+      try {
+        return (await this.client.listTags(repo.repository)).sort();
+      } catch (err) {
+        if (err instanceof UpstreamNotFoundError) {
+          const local = await this.local.list(repo);
+          if (local.length === 0) throw err;
+          return local;
+        }
+        if (!isUpstreamFailure(err)) throw err;
+        this.log.warn({ repository: repo.repository, err: (err as Error).message }, 'tag list from upstream failed, serving cached tags');
+      }
+    }
+    return this.local.list(repo);
+  }
+
+  private async ask(repo: RepositoryKey, tag: Tag, known: TagResult): Promise<TagResult> {
+    try {
+      if (known.found) {
+        const head = await this.client.headManifest(repo.repository, tag);
+        if (head.digest !== known.digest) {
+          // The tag moved: fetch the new manifest by digest (stored if new), then record the tag.
+          const fetched = await this.manifests.get(repo, head.digest);
+          if (!fetched.found) throw new UpstreamNotFoundError(this.client.name, `manifest ${head.digest}`);
+          this.log.info({ repository: repo.repository, tag, from: known.digest, to: head.digest }, 'tag moved upstream');
+        }
+        await this.local.tag(repo, tag, head.digest);
+        return { found: true, digest: head.digest, confirmedAt: this.now() };
+      }
+      const fetched = await this.client.getManifest(repo.repository, tag);
+      await this.manifests.keep(repo, fetched);
+      await this.local.tag(repo, tag, fetched.digest);
+      return { found: true, digest: fetched.digest, confirmedAt: this.now() };
+    } catch (err) {
+      if (err instanceof UpstreamNotFoundError) {
+        if (known.found && this.config.staleOnNotFound) return this.stale(repo, tag, known, 'not found upstream');
+        return { found: false };
+      }
+      if (known.found && isUpstreamFailure(err)) {
+        return this.stale(repo, tag, known, (err as Error).message);
+      }
+      throw err;
+    }
+  }
+
+  private stale(repo: RepositoryKey, tag: Tag, known: Extract<TagResult, { found: true }>, reason: string): TagResult {
+    this.metrics.staleServed.inc({ upstream: repo.upstream, reason: this.client.isDown ? 'down' : 'error' });
+    this.log.warn({ repository: repo.repository, tag, digest: known.digest, ageMs: this.now() - known.confirmedAt, reason }, 'serving stale tag');
+    return { ...known, stale: true };
+  }
+}
+
+/** Failures that stale-if-error covers: the upstream could not give an answer. */
+function isUpstreamFailure(err: unknown): boolean {
+  return (
+    err instanceof UpstreamUnavailableError ||
+    err instanceof UpstreamRateLimitedError ||
+    err instanceof UpstreamInvalidError ||
+    err instanceof UpstreamDeniedError
+  );
+}
