@@ -93,7 +93,14 @@ export function createApp(deps: AppDeps): express.Express {
     res.send(await deps.metrics.registry.metrics());
   });
 
-  app.get(['/v2', '/v2/'], (_req, res) => {
+  // Clients learn how to authenticate from this ping: when the default upstream is passthrough,
+  // its answer (and auth challenge) is the one that counts.
+  const defaultPassthrough = config.routing.default !== undefined ? deps.passthrough.get(config.routing.default) : undefined;
+  app.get(['/v2', '/v2/'], (req, res, next) => {
+    if (defaultPassthrough) {
+      defaultPassthrough.forward(req, res, '/v2/', '', next);
+      return;
+    }
     res.setHeader('Content-Type', 'application/json');
     res.send('{}');
   });

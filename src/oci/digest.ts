@@ -4,7 +4,7 @@
  * Only the registered algorithms sha256 (64 hex) and sha512 (128 hex) are supported.
  */
 import { createHash, type Hash } from 'node:crypto';
-import { DigestInvalidError, DigestMismatchError, UnsupportedError } from './errors.js';
+import { DigestInvalidError, DigestMismatchError } from './errors.js';
 
 export type DigestAlgorithm = 'sha256' | 'sha512';
 
@@ -12,8 +12,8 @@ export type DigestAlgorithm = 'sha256' | 'sha512';
 export type Digest = string & { readonly __digest: unique symbol };
 
 const HEX_LENGTH: Record<DigestAlgorithm, number> = { sha256: 64, sha512: 128 };
-// The general grammar from the image spec; an algorithm it admits but we do not know is
-// "unsupported", anything else is "invalid".
+// The general grammar from the image spec; an algorithm it admits but we do not know is refused
+// with its own message.
 const GRAMMAR = /^[a-z0-9]+(?:[+._-][a-z0-9]+)*:[a-zA-Z0-9=_-]+$/;
 
 export interface ParsedDigest {
@@ -22,7 +22,7 @@ export interface ParsedDigest {
   readonly hex: string;
 }
 
-/** Parses and validates a digest; throws DigestInvalidError (or UnsupportedError for an unknown algorithm). */
+/** Parses and validates a digest; throws DigestInvalidError, also for an algorithm other than sha256/sha512. */
 export function parseDigest(value: string): ParsedDigest {
   if (typeof value !== 'string' || value.length > 256 || !GRAMMAR.test(value)) {
     throw new DigestInvalidError(`invalid digest ${JSON.stringify(truncate(value))}`);
@@ -31,7 +31,7 @@ export function parseDigest(value: string): ParsedDigest {
   const algorithm = value.slice(0, colon);
   const hex = value.slice(colon + 1);
   if (algorithm !== 'sha256' && algorithm !== 'sha512') {
-    throw new UnsupportedError(`unsupported digest algorithm ${JSON.stringify(algorithm)}`);
+    throw new DigestInvalidError(`unsupported digest algorithm ${JSON.stringify(algorithm)}: sha256 and sha512 are supported`);
   }
   if (hex.length !== HEX_LENGTH[algorithm] || !/^[a-f0-9]+$/.test(hex)) {
     throw new DigestInvalidError(

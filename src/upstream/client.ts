@@ -20,10 +20,13 @@ import {
   UpstreamUnavailableError,
   type RateLimitInfo,
 } from './errors.js';
+import { BodyQueue, type QueueEnd } from './body-queue.js';
 import { UpstreamHealth, type HealthOptions } from './health.js';
 import type { BlobHead, BlobStream, FetchedManifest, ManifestHead, RequestOptions, UpstreamClient } from './types.js';
 
 const MAX_REDIRECTS = 5;
+/** How far a blob consumer may fall behind the upstream before the body is cut and resumed. */
+const BODY_QUEUE_CAP = 8 * 1024 * 1024;
 const REDIRECT_STATUSES = new Set([301, 302, 303, 307, 308]);
 
 export interface ClientOptions {
@@ -175,62 +178,73 @@ export class RegistryClient implements UpstreamClient {
     const length = header(first.headers, 'content-length');
     const size = length !== undefined ? Number(length) : undefined;
     const verifier = new DigestVerifier(parseDigest(digest));
-    return { size, stream: Readable.from(this.blobChunks(repository, digest, first, size, verifier, options), { objectMode: false }) };
+    // Attach the queue now, not when the consumer first reads: the body must flow from the start.
+    const queue = new BodyQueue(first.body, BODY_QUEUE_CAP);
+    return { size, stream: Readable.from(this.blobChunks(repository, digest, queue, size, verifier, options), { objectMode: false }) };
   }
 
-  /** Yields the blob's bytes; on a break, asks again from where it broke, then checks the digest. */
+  /**
+   * Yields the blob's bytes; on a break (or when the consumer falls too far behind, see
+   * body-queue.ts) asks again with Range from where it is, then checks the digest.
+   */
   private async *blobChunks(
     repository: Repository,
     digest: Digest,
-    first: Response,
+    firstQueue: BodyQueue,
     size: number | undefined,
     verifier: DigestVerifier,
     options: RequestOptions,
   ): AsyncGenerator<Buffer> {
     const what = `blob ${digest}`;
-    let res: Response | undefined = first;
+    let queue = firstQueue;
     let skip = 0;
     let attempt = 0;
     for (;;) {
-      try {
-        for await (const raw of res!.body) {
-          let chunk = raw as Buffer;
-          if (skip > 0) {
-            // The upstream ignored Range: drop what we already passed on.
-            if (chunk.length <= skip) {
-              skip -= chunk.length;
-              continue;
-            }
-            chunk = chunk.subarray(skip);
-            skip = 0;
+      const chunks = queue.drain();
+      let end: QueueEnd;
+      for (;;) {
+        const next = await chunks.next();
+        if (next.done) {
+          end = next.value;
+          break;
+        }
+        let chunk = next.value;
+        if (skip > 0) {
+          // The upstream ignored Range: drop what we already passed on.
+          if (chunk.length <= skip) {
+            skip -= chunk.length;
+            continue;
           }
-          verifier.update(chunk);
-          yield chunk;
+          chunk = chunk.subarray(skip);
+          skip = 0;
         }
-        if (size !== undefined && verifier.bytes !== size) {
-          throw Object.assign(new Error(`body ended at ${verifier.bytes} of ${size} bytes`), { code: 'UND_ERR_SOCKET' });
-        }
-        break;
-      } catch (err) {
-        if (options.signal?.aborted || !isConnectionError(err) || attempt >= this.config.retries) {
-          res?.body.destroy();
-          throw this.bodyError(err, what);
+        verifier.update(chunk);
+        yield chunk;
+      }
+      if (end.kind === 'end') {
+        if (size === undefined || verifier.bytes === size) break;
+        end = { kind: 'error', error: Object.assign(new Error(`body ended at ${verifier.bytes} of ${size} bytes`), { code: 'UND_ERR_SOCKET' }) };
+      }
+      if (end.kind === 'error') {
+        if (options.signal?.aborted || !isConnectionError(end.error) || attempt >= this.config.retries) {
+          throw this.bodyError(end.error, what);
         }
         attempt++;
-        const offset = verifier.bytes;
-        this.log.warn({ repository, digest, offset, attempt, err: errMessage(err) }, 'blob body broke off, resuming');
+        this.log.warn({ repository, digest, offset: verifier.bytes, attempt, err: errMessage(end.error) }, 'blob body broke off, resuming');
         await sleep(this.retryDelay * 2 ** (attempt - 1), options.signal);
-        res = await this.send('GET', repository, `blobs/${digest}`, what, { range: `bytes=${offset}-` }, options);
-        if (res.status === 206) {
-          const start = /^bytes (\d+)-/.exec(header(res.headers, 'content-range') ?? '')?.[1];
-          if (Number(start) !== offset) {
-            res.body.destroy();
-            throw new UpstreamInvalidError(this.name, `${what}: resumed at ${String(start)}, asked for ${offset}`);
-          }
-        } else {
-          skip = offset;
-        }
       }
+      const offset = verifier.bytes;
+      const res = await this.send('GET', repository, `blobs/${digest}`, what, { range: `bytes=${offset}-` }, options);
+      if (res.status === 206) {
+        const start = /^bytes (\d+)-/.exec(header(res.headers, 'content-range') ?? '')?.[1];
+        if (Number(start) !== offset) {
+          res.body.destroy();
+          throw new UpstreamInvalidError(this.name, `${what}: resumed at ${String(start)}, asked for ${offset}`);
+        }
+      } else {
+        skip = offset;
+      }
+      queue = new BodyQueue(res.body, BODY_QUEUE_CAP);
     }
     if (!verifier.matches()) {
       throw new UpstreamInvalidError(this.name, `${what}: content is ${verifier.actual()}`);

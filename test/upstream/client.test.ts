@@ -1,4 +1,5 @@
 import { randomBytes } from 'node:crypto';
+import { createServer as createNetServer } from 'node:net';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { upstreamSchema } from '../../src/config/schema.js';
 import { silentLogger } from '../../src/log/logger.js';
@@ -189,6 +190,50 @@ describe('faults a real registry cannot produce', () => {
     expect((await drain(stream)).equals(blob)).toBe(true);
     expect(gets).toBe(2);
     expect(server.requests[1]!.headers.range).toMatch(/^bytes=\d+-$/);
+    await c.close();
+    await server.close();
+  });
+
+  test('a Connection: close body that arrives with its FIN before the consumer reads neither crashes nor loses bytes', async () => {
+    // The shape of undici issue 5360, which crashes the process with an uncatchable assertion
+    // when the parser is paused: headers, a body over undici's 64 KiB buffer, and the FIN at once.
+    const body = randomBytes(100_000);
+    const server = createNetServer((socket) => {
+      socket.once('data', () => {
+        socket.end(Buffer.concat([Buffer.from(`HTTP/1.1 200 OK\r\nContent-Length: ${body.length}\r\nConnection: close\r\n\r\n`), body]));
+      });
+    });
+    await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+    const port = (server.address() as { port: number }).port;
+    const c = client(`http://127.0.0.1:${port}`);
+    const { stream } = await c.getBlob(repo('a/b'), digest(sha256(body)));
+    await new Promise((r) => setTimeout(r, 300)); // busy elsewhere, as a cache write can be
+    expect((await drain(stream)).equals(body)).toBe(true);
+    await c.close();
+    await new Promise((resolve) => server.close(resolve));
+  });
+
+  test('a consumer far behind the upstream gets the rest by Range instead of buffering it all', async () => {
+    const large = randomBytes(12 * 1024 * 1024);
+    const server = await fakeServer((req, res) => {
+      const start = Number(/^bytes=(\d+)-$/.exec(req.headers.range ?? '')?.[1] ?? 0);
+      const headers: Record<string, string | number> = { 'content-length': large.length - start };
+      if (start > 0) headers['content-range'] = `bytes ${start}-${large.length - 1}/${large.length}`;
+      res.writeHead(start > 0 ? 206 : 200, headers);
+      res.end(large.subarray(start));
+    });
+    const c = client(server.url);
+    const { stream } = await c.getBlob(repo('a/b'), digest(sha256(large)));
+    const chunks: Buffer[] = [];
+    let first = true;
+    for await (const chunk of stream) {
+      chunks.push(chunk as Buffer);
+      if (first) await new Promise((r) => setTimeout(r, 500)); // the whole body arrives meanwhile
+      first = false;
+    }
+    expect(Buffer.concat(chunks).equals(large)).toBe(true);
+    expect(server.requests.length).toBeGreaterThanOrEqual(2);
+    expect(server.requests[1]!.headers.range).toMatch(/^bytes=[1-9]\d*-$/);
     await c.close();
     await server.close();
   });

@@ -1,0 +1,34 @@
+/** Starts pullcache in-process on a free port with its own storage, against test upstreams. */
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { parseConfig } from '../../src/config/load.js';
+import { silentLogger, createLogger } from '../../src/log/logger.js';
+import { startServer, type RunningServer } from '../../src/server.js';
+
+export interface TestPullcache extends RunningServer {
+  root: string;
+  /** host:port, for skopeo's docker:// references. */
+  host: string;
+  stop(): Promise<void>;
+}
+
+export async function startPullcache(raw: Record<string, unknown>, root?: string): Promise<TestPullcache> {
+  const dir = root ?? mkdtempSync(join(tmpdir(), 'pullcache-data-'));
+  const config = parseConfig({
+    ...raw,
+    server: { listen: '127.0.0.1:0', ...(raw.server as object | undefined) },
+    storage: { filesystem: { root: dir }, ...(raw.storage as object | undefined) },
+  });
+  const log = process.env.PULLCACHE_TEST_LOG ? createLogger({ level: process.env.PULLCACHE_TEST_LOG }) : silentLogger();
+  const running = await startServer(config, log);
+  return {
+    ...running,
+    root: dir,
+    host: running.address,
+    async stop() {
+      await running.close();
+      if (!root) rmSync(dir, { recursive: true, force: true });
+    },
+  };
+}

@@ -1,0 +1,87 @@
+/**
+ * A recording forwarder in front of the real test registry: every request pullcache makes to
+ * its upstream passes through here unchanged and is counted, so tests can assert what did (and
+ * did not) reach the upstream. It can also be switched to refuse connections (upstream down).
+ */
+import { Agent, createServer, type Server } from 'node:http';
+import type { Socket } from 'node:net';
+import httpProxy from 'http-proxy';
+
+export interface Recorded {
+  method: string;
+  path: string;
+  bytes: number;
+}
+
+export class Recorder {
+  readonly requests: Recorded[] = [];
+  url = '';
+  private server: Server | undefined;
+  private readonly proxy: httpProxy;
+  private readonly sockets = new Set<Socket>();
+
+  private constructor(target: string) {
+    // Keep-alive to the registry, as a real upstream's front end would (without an agent,
+    // http-proxy asks for `Connection: close` on every request).
+    this.proxy = httpProxy.createProxyServer({ target, changeOrigin: false, agent: new Agent({ keepAlive: true }) });
+    this.proxy.on('proxyRes', (proxyRes, req) => {
+      const entry: Recorded = { method: req.method ?? '', path: (req.url ?? '').split('?')[0]!, bytes: 0 };
+      this.requests.push(entry);
+      proxyRes.on('data', (chunk: Buffer) => (entry.bytes += chunk.length));
+    });
+  }
+
+  static async start(target: string, port = 0): Promise<Recorder> {
+    const r = new Recorder(target);
+    await r.listen(port);
+    return r;
+  }
+
+  private async listen(port: number): Promise<void> {
+    this.server = createServer((req, res) => {
+      this.proxy.web(req, res, {}, () => {
+        if (!res.headersSent) res.writeHead(502);
+        res.end();
+      });
+    });
+    this.server.on('connection', (s) => {
+      this.sockets.add(s);
+      s.on('close', () => this.sockets.delete(s));
+    });
+    await new Promise<void>((resolve) => this.server!.listen(port, '127.0.0.1', resolve));
+    const address = this.server.address();
+    this.url = `http://127.0.0.1:${typeof address === 'object' && address ? address.port : 0}`;
+  }
+
+  get port(): number {
+    return Number(new URL(this.url).port);
+  }
+
+  /** Stops listening: the upstream refuses connections, as a dead host does. */
+  async down(): Promise<void> {
+    for (const s of this.sockets) s.destroy();
+    await new Promise<void>((resolve) => this.server?.close(() => resolve()) ?? resolve());
+  }
+
+  /** Listens again on the same port. */
+  async up(): Promise<void> {
+    await this.listen(this.port);
+  }
+
+  reset(): void {
+    this.requests.length = 0;
+  }
+
+  count(method: string, pattern: RegExp): number {
+    return this.requests.filter((r) => r.method === method && pattern.test(r.path)).length;
+  }
+
+  blobBytes(): number {
+    return this.requests.filter((r) => r.method === 'GET' && r.path.includes('/blobs/')).reduce((n, r) => n + r.bytes, 0);
+  }
+
+  async close(): Promise<void> {
+    await this.down();
+    this.proxy.close();
+  }
+}

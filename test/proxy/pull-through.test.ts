@@ -1,0 +1,358 @@
+import { createHash } from 'node:crypto';
+import { mkdtempSync, readFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, test } from 'vitest';
+import { parseDigest } from '../../src/oci/digest.js';
+import { rawRequest, ociError } from '../helpers/http.js';
+import { makeImage, makeIndex, pushImage, pushManifest, sha256, type Image } from '../helpers/images.js';
+import { startPullcache, type TestPullcache } from '../helpers/pullcache.js';
+import { Recorder } from '../helpers/recorder.js';
+import { TestRegistry } from '../helpers/registry.js';
+import { skopeo, skopeoCopy } from '../helpers/skopeo.js';
+
+const tmp = () => mkdtempSync(join(tmpdir(), 'pullcache-pull-'));
+const MANIFEST_GET = /\/manifests\//;
+const BLOB_PATH = /\/blobs\/sha256:/;
+
+/** The files skopeo's dir: transport writes: manifest.json and one file per blob, by hex. */
+function expectDirHolds(dir: string, image: Image): void {
+  expect(readFileSync(join(dir, 'manifest.json')).equals(image.manifest)).toBe(true);
+  for (const blob of image.blobs) {
+    expect(readFileSync(join(dir, parseDigest(blob.digest).hex)).equals(blob.bytes)).toBe(true);
+  }
+}
+
+describe('pulling through pullcache from a real registry', () => {
+  let registry: TestRegistry;
+  let recorder: Recorder;
+  let pc: TestPullcache;
+  let alpine: Image;
+  let oci: Image;
+  let multi: Image;
+  let secret: Image;
+  let big: Image;
+  const manyTags: string[] = [];
+
+  beforeAll(async () => {
+    registry = await TestRegistry.start();
+    alpine = makeImage('library/alpine', '3.20', 'docker', [200_000, 30_000]);
+    oci = makeImage('org/oci-app', 'v1', 'oci', [50_000, 40_000, 30_000, 20_000]);
+    multi = makeIndex('org/multi', 'latest', 'docker', ['amd64', 'arm64']);
+    secret = makeImage('private/app', 'v1', 'docker', [10_000]);
+    big = makeImage('org/big', 'v1', 'oci', [6 * 1024 * 1024]);
+    for (const image of [alpine, oci, multi, secret, big]) await pushImage(registry, image);
+    const small = makeImage('org/many', 'base', 'oci', [1000]);
+    await pushImage(registry, small);
+    for (let i = 0; i < 120; i++) {
+      const tag = `1.${i}`;
+      manyTags.push(tag);
+      await pushManifest(registry, 'org/many', tag, small.manifest, small.mediaType);
+    }
+    manyTags.push('base');
+    manyTags.sort();
+    recorder = await Recorder.start(registry.url);
+    pc = await startPullcache({
+      upstreams: {
+        'docker.io': { url: recorder.url, tagTTL: '1h' },
+        'registry.test': { url: recorder.url, tagTTL: '1s', username: 'reader', password: 'read-secret' },
+        'passthru.test': { url: registry.url, mode: 'passthrough' },
+      },
+    });
+  });
+  afterAll(async () => {
+    await pc?.stop();
+    await recorder?.close();
+    await registry?.close();
+  });
+
+  test('skopeo pulls a Docker v2 image, an OCI image and a manifest list byte-equal to the upstream', async () => {
+    const d1 = tmp();
+    await skopeoCopy(pc.host, 'alpine:3.20', d1);
+    expectDirHolds(d1, alpine);
+
+    const d2 = tmp();
+    await skopeoCopy(pc.host, 'org/oci-app:v1', d2);
+    expectDirHolds(d2, oci);
+
+    const d3 = tmp();
+    await skopeoCopy(pc.host, 'org/multi:latest', d3, '--all');
+    expect(readFileSync(join(d3, 'manifest.json')).equals(multi.manifest)).toBe(true);
+    for (const child of multi.children!) {
+      expect(readFileSync(join(d3, `${parseDigest(child.digest).hex}.manifest.json`)).equals(child.manifest)).toBe(true);
+      for (const blob of child.blobs) expect(readFileSync(join(d3, parseDigest(blob.digest).hex)).equals(blob.bytes)).toBe(true);
+    }
+  });
+
+  test('manifests are served with the upstream media type, digest and length', async () => {
+    for (const image of [alpine, oci, multi]) {
+      const res = await fetch(`${pc.url}/v2/${image.repository}/manifests/${image.tag}`);
+      expect(res.status).toBe(200);
+      expect(res.headers.get('content-type')).toBe(image.mediaType);
+      expect(res.headers.get('docker-content-digest')).toBe(image.digest);
+      expect(Number(res.headers.get('content-length'))).toBe(image.manifest.length);
+      expect(Buffer.from(await res.arrayBuffer()).equals(image.manifest)).toBe(true);
+    }
+  });
+
+  test('a second pull sends no blob bytes and no manifest GETs to the upstream', async () => {
+    recorder.reset();
+    const dir = tmp();
+    await skopeoCopy(pc.host, 'alpine:3.20', dir);
+    expectDirHolds(dir, alpine);
+    expect(recorder.count('GET', MANIFEST_GET)).toBe(0);
+    expect(recorder.count('GET', BLOB_PATH)).toBe(0);
+    expect(recorder.blobBytes()).toBe(0);
+  });
+
+  test('pull by digest', async () => {
+    const dir = tmp();
+    await skopeoCopy(pc.host, `org/oci-app@${oci.digest}`, dir);
+    expectDirHolds(dir, oci);
+    const child = multi.children![1]!;
+    const d2 = tmp();
+    await skopeoCopy(pc.host, `org/multi@${child.digest}`, d2);
+    expectDirHolds(d2, child);
+  });
+
+  test('a private repository is pulled with the upstream credentials, and denied without them', async () => {
+    const dir = tmp();
+    await skopeoCopy(pc.host, 'registry.test/private/app:v1', dir);
+    expectDirHolds(dir, secret);
+    const res = await fetch(`${pc.url}/v2/private/app/manifests/v1`);
+    expect(res.status).toBe(403);
+    expect(await ociError(res)).toBe('DENIED');
+  });
+
+  test('a tag moved upstream is visible after tagTTL, not before; revalidation is a HEAD', async () => {
+    const first = makeImage('org/moving', 'stable', 'oci', [3000]);
+    const second = makeImage('org/moving', 'stable', 'oci', [4000]);
+    await pushImage(registry, first);
+    const url = `${pc.url}/v2/registry.test/org/moving/manifests/stable`;
+    expect((await fetch(url)).headers.get('docker-content-digest')).toBe(first.digest);
+    await pushImage(registry, second);
+    expect((await fetch(url)).headers.get('docker-content-digest')).toBe(first.digest);
+    await new Promise((r) => setTimeout(r, 1100));
+    recorder.reset();
+    expect((await fetch(url)).headers.get('docker-content-digest')).toBe(second.digest);
+    expect(recorder.count('HEAD', /\/org\/moving\/manifests\/stable$/)).toBe(1);
+    expect(recorder.count('GET', /\/org\/moving\/manifests\/stable$/)).toBe(0);
+    expect(recorder.count('GET', new RegExp(`/manifests/${second.digest}$`))).toBe(1);
+    // Unchanged after the next expiry: one HEAD, no GET at all.
+    await new Promise((r) => setTimeout(r, 1100));
+    recorder.reset();
+    expect((await fetch(url)).headers.get('docker-content-digest')).toBe(second.digest);
+    expect(recorder.count('HEAD', MANIFEST_GET)).toBe(1);
+    expect(recorder.count('GET', MANIFEST_GET)).toBe(0);
+  });
+
+  test('concurrent lookups of one tag share one upstream request', async () => {
+    const image = makeImage('org/shared-tag', 'v1', 'oci', [2000]);
+    await pushImage(registry, image);
+    recorder.reset();
+    const responses = await Promise.all(Array.from({ length: 10 }, () => fetch(`${pc.url}/v2/org/shared-tag/manifests/v1`)));
+    for (const res of responses) expect(res.headers.get('docker-content-digest')).toBe(image.digest);
+    expect(recorder.count('GET', MANIFEST_GET)).toBe(1);
+  });
+
+  test('tag lists paginate with n, last and Link', async () => {
+    const seen: string[] = [];
+    let next: string | undefined = '/v2/org/many/tags/list?n=50';
+    let pages = 0;
+    while (next) {
+      const res: Response = await fetch(`${pc.url}${next}`);
+      expect(res.status).toBe(200);
+      const body = (await res.json()) as { name: string; tags: string[] };
+      expect(body.name).toBe('org/many');
+      expect(body.tags.length).toBeLessThanOrEqual(50);
+      seen.push(...body.tags);
+      next = /<([^>]+)>; rel="next"/.exec(res.headers.get('link') ?? '')?.[1];
+      pages++;
+    }
+    expect(pages).toBe(3);
+    expect(seen).toEqual(manyTags);
+  });
+
+  test('range reads on cached and uncached blobs', async () => {
+    const cached = alpine.blobs[1]!;
+    const url = `${pc.url}/v2/library/alpine/blobs/${cached.digest}`;
+    let res = await fetch(url, { headers: { range: 'bytes=10-99' } });
+    expect(res.status).toBe(206);
+    expect(res.headers.get('content-range')).toBe(`bytes 10-99/${cached.bytes.length}`);
+    expect(Buffer.from(await res.arrayBuffer()).equals(cached.bytes.subarray(10, 100))).toBe(true);
+    res = await fetch(url, { headers: { range: 'bytes=-100' } });
+    expect(res.status).toBe(206);
+    expect(Buffer.from(await res.arrayBuffer()).equals(cached.bytes.subarray(cached.bytes.length - 100))).toBe(true);
+    res = await fetch(url, { headers: { range: `bytes=${cached.bytes.length}-` } });
+    expect(res.status).toBe(416);
+    expect(res.headers.get('content-range')).toBe(`bytes */${cached.bytes.length}`);
+    expect(await ociError(res)).toBe('RANGE_INVALID');
+    res = await fetch(url, { headers: { 'if-none-match': `"${cached.digest}"` } });
+    expect(res.status).toBe(304);
+
+    const fresh = makeImage('org/ranged', 'v1', 'oci', [100_000]);
+    await pushImage(registry, fresh);
+    const layer = fresh.blobs[1]!;
+    res = await fetch(`${pc.url}/v2/org/ranged/blobs/${layer.digest}`, { headers: { range: 'bytes=1000-1999' } });
+    expect(res.status).toBe(206);
+    expect(Buffer.from(await res.arrayBuffer()).equals(layer.bytes.subarray(1000, 2000))).toBe(true);
+  });
+
+  test('a HEAD on an uncached blob asks the upstream with HEAD and moves no body', async () => {
+    const fresh = makeImage('org/headonly', 'v1', 'oci', [500_000]);
+    await pushImage(registry, fresh);
+    const layer = fresh.blobs[1]!;
+    recorder.reset();
+    const res = await fetch(`${pc.url}/v2/org/headonly/blobs/${layer.digest}`, { method: 'HEAD' });
+    expect(res.status).toBe(200);
+    expect(Number(res.headers.get('content-length'))).toBe(layer.bytes.length);
+    expect(recorder.count('HEAD', BLOB_PATH)).toBe(1);
+    expect(recorder.count('GET', BLOB_PATH)).toBe(0);
+    expect((await pc.runtime.blobs.stat(parseDigest(layer.digest).digest)).found).toBe(false);
+  });
+
+  test('sixteen clients on one uncached blob all get the right bytes, and the upstream sends it once', async () => {
+    const layer = big.blobs[1]!;
+    recorder.reset();
+    const bodies = await Promise.all(
+      Array.from({ length: 16 }, async () => {
+        const res = await fetch(`${pc.url}/v2/org/big/blobs/${layer.digest}`);
+        expect(res.status).toBe(200);
+        return Buffer.from(await res.arrayBuffer());
+      }),
+    );
+    for (const body of bodies) expect(sha256(body)).toBe(layer.digest);
+    expect(recorder.count('GET', BLOB_PATH)).toBe(1);
+    expect(recorder.blobBytes()).toBeLessThanOrEqual(layer.bytes.length * 1.05);
+    expect((await pc.runtime.blobs.stat(parseDigest(layer.digest).digest)).found).toBe(true);
+  });
+
+  test('routing: ns, an upstream-name prefix, the default, and library/ on docker.io', async () => {
+    const byNs = await fetch(`${pc.url}/v2/library/alpine/manifests/3.20?ns=docker.io`);
+    expect(byNs.headers.get('docker-content-digest')).toBe(alpine.digest);
+    const bare = await fetch(`${pc.url}/v2/alpine/manifests/3.20`);
+    expect(bare.headers.get('docker-content-digest')).toBe(alpine.digest);
+    const byNs2 = await fetch(`${pc.url}/v2/org/oci-app/manifests/v1?ns=registry.test`);
+    expect(byNs2.headers.get('docker-content-digest')).toBe(oci.digest);
+    const byPrefix = await fetch(`${pc.url}/v2/registry.test/org/oci-app/manifests/v1`);
+    expect(byPrefix.headers.get('docker-content-digest')).toBe(oci.digest);
+    const unknownNs = await fetch(`${pc.url}/v2/library/alpine/manifests/3.20?ns=evil.example.com`);
+    expect(unknownNs.status).toBe(400);
+    expect(await ociError(unknownNs)).toBe('UPSTREAM_UNKNOWN');
+    // The same name from two upstreams is kept apart.
+    const catalog = (await (await fetch(`${pc.url}/v2/_catalog`)).json()) as { repositories: string[] };
+    expect(catalog.repositories).toContain('org/oci-app');
+    expect(catalog.repositories).toContain('registry.test/org/oci-app');
+    expect(catalog.repositories).toContain('library/alpine');
+    const page = await fetch(`${pc.url}/v2/_catalog?n=1`);
+    expect(((await page.json()) as { repositories: string[] }).repositories).toHaveLength(1);
+    expect(page.headers.get('link')).toMatch(/rel="next"/);
+  });
+
+  test('a passthrough upstream forwards pushes unchanged, with the client auth, and keeps nothing', async () => {
+    const src = tmp();
+    await skopeoCopy(pc.host, 'alpine:3.20', src);
+    // Clients take their auth challenge from the /v2/ ping, so an upstream that needs auth is
+    // passed through as the default upstream of its own pullcache.
+    const pt = await startPullcache({ upstreams: { 'passthru.test': { url: registry.url, mode: 'passthrough' } } });
+    try {
+      await skopeo('copy', '--dest-tls-verify=false', '--dest-creds', 'pusher:push-secret', `dir:${src}`, `docker://${pt.host}/pushed/alpine:copied`);
+      expect(await pt.runtime.repositories.listRepositories('passthru.test')).toEqual([]);
+      const pulled = tmp();
+      await skopeo('copy', '--src-tls-verify=false', '--src-creds', 'pusher:push-secret', `docker://${pt.host}/pushed/alpine:copied`, `dir:${pulled}`);
+      expectDirHolds(pulled, alpine);
+    } finally {
+      await pt.stop();
+    }
+    const token = registry.tokens.sign(null, 'repository:pushed/alpine:pull');
+    const direct = await fetch(`${registry.url}/v2/pushed/alpine/manifests/copied`, {
+      headers: { authorization: `Bearer ${token}`, accept: alpine.mediaType },
+    });
+    expect(direct.status).toBe(200);
+    expect(Buffer.from(await direct.arrayBuffer()).equals(alpine.manifest)).toBe(true);
+    // Addressed by prefix on a caching pullcache, the request still goes through unchanged.
+    const prefixed = await fetch(`${pc.url}/v2/passthru.test/pushed/alpine/manifests/copied`, {
+      headers: { authorization: `Bearer ${token}`, accept: alpine.mediaType },
+    });
+    expect(prefixed.headers.get('docker-content-digest')).toBe(alpine.digest);
+    const challenged = await fetch(`${pc.url}/v2/passthru.test/pushed/alpine/manifests/copied`);
+    expect(challenged.status).toBe(401);
+    expect(challenged.headers.get('www-authenticate')).toContain(registry.tokens.url);
+  });
+
+  test('bad requests get OCI errors with the right status, never a 500', async () => {
+    const unknown = sha256('nothing');
+    const cases: [string, string, number, string][] = [
+      ['GET', '/v2/UPPER/case/manifests/latest', 400, 'NAME_INVALID'],
+      ['GET', '/v2/library/../etc/manifests/latest', 400, 'NAME_INVALID'],
+      ['GET', '/v2/library/%2e%2e/etc/manifests/latest', 400, 'NAME_INVALID'],
+      ['GET', '/v2/library/alpine/manifests/bad%21tag', 400, 'TAG_INVALID'],
+      ['GET', '/v2/library/alpine/blobs/sha256:xyz', 400, 'DIGEST_INVALID'],
+      ['GET', '/v2/library/alpine/blobs/md5:d41d8cd98f00b204e9800998ecf8427e', 400, 'DIGEST_INVALID'],
+      ['GET', '/v2/library/alpine/blobs/sha256:%zz', 400, 'NAME_INVALID'],
+      ['GET', '/v2/library/alpine/manifests/nope', 404, 'MANIFEST_UNKNOWN'],
+      ['GET', `/v2/library/alpine/manifests/${unknown}`, 404, 'MANIFEST_UNKNOWN'],
+      ['GET', `/v2/library/alpine/blobs/${unknown}`, 404, 'BLOB_UNKNOWN'],
+      ['GET', '/v2/library/nothing-here/tags/list', 404, 'NAME_UNKNOWN'],
+      ['GET', '/v2/library/alpine/tags/list?n=abc', 400, 'PAGINATION_NUMBER_INVALID'],
+      ['PUT', '/v2/library/alpine/manifests/latest', 405, 'UNSUPPORTED'],
+      ['POST', '/v2/library/alpine/blobs/uploads/', 405, 'UNSUPPORTED'],
+      ['DELETE', `/v2/library/alpine/blobs/${alpine.blobs[0]!.digest}`, 405, 'UNSUPPORTED'],
+      ['DELETE', `/v2/library/alpine/manifests/${alpine.digest}`, 405, 'UNSUPPORTED'],
+      ['GET', '/v2/x/manifests/latest?ns=10.0.0.1', 400, 'UPSTREAM_UNKNOWN'],
+      ['GET', '/v2/nothing', 400, 'NAME_INVALID'],
+      ['GET', '/nothing', 405, 'UNSUPPORTED'],
+    ];
+    for (const [method, path, status, code] of cases) {
+      const res = await rawRequest(pc.url, method, path);
+      expect({ method, path, status: res.status, code: await ociError(res) }).toEqual({ method, path, status, code });
+    }
+  });
+
+  test('/v2/, health and readiness answer', async () => {
+    const v2 = await fetch(`${pc.url}/v2/`);
+    expect(v2.status).toBe(200);
+    expect(v2.headers.get('docker-distribution-api-version')).toBe('registry/2.0');
+    expect((await fetch(`${pc.url}/healthz`)).status).toBe(200);
+    expect((await fetch(`${pc.url}/readyz`)).status).toBe(200);
+    const metrics = await (await fetch(`${pc.url}/metrics`)).text();
+    expect(metrics).toMatch(/pullcache_requests_total\{upstream="docker.io",kind="blob",cache="hit"\} \d+/);
+  });
+
+  test('with the upstream stopped, cached tags and digests are served, the uncached answer 503, and a restart loses nothing', async () => {
+    const uncached = makeImage('org/never-pulled', 'v1', 'oci', [1000]);
+    await pushImage(registry, uncached);
+    await recorder.down();
+    await new Promise((r) => setTimeout(r, 1100)); // let registry.test's 1 s tagTTL pass
+    try {
+      const served = await fetch(`${pc.url}/v2/library/alpine/manifests/3.20`);
+      expect(served.headers.get('docker-content-digest')).toBe(alpine.digest);
+      const blob = await fetch(`${pc.url}/v2/library/alpine/blobs/${alpine.blobs[1]!.digest}`);
+      expect(sha256(Buffer.from(await blob.arrayBuffer()))).toBe(alpine.blobs[1]!.digest);
+      // Past its 1 s tagTTL: served stale, and said so.
+      const stale = await fetch(`${pc.url}/v2/registry.test/org/oci-app/manifests/v1`);
+      expect(stale.status).toBe(200);
+      expect(stale.headers.get('docker-content-digest')).toBe(oci.digest);
+      expect(stale.headers.get('warning')).toMatch(/stale/);
+      const missing = await fetch(`${pc.url}/v2/org/never-pulled/manifests/v1`);
+      expect(missing.status).toBe(503);
+      expect(await ociError(missing)).toBe('UNAVAILABLE');
+      const missingBlob = await fetch(`${pc.url}/v2/org/never-pulled/blobs/${uncached.blobs[1]!.digest}`);
+      expect(missingBlob.status).toBe(503);
+
+      // A new process on the same storage (memory cache gone) still serves it all, offline.
+      const again = await startPullcache({ upstreams: { 'docker.io': { url: recorder.url } } }, pc.root);
+      try {
+        const dir = tmp();
+        await skopeoCopy(again.host, 'alpine:3.20', dir);
+        expectDirHolds(dir, alpine);
+      } finally {
+        await again.stop();
+      }
+    } finally {
+      await recorder.up();
+    }
+  });
+});
+
+export { createHash };
