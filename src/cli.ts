@@ -22,10 +22,24 @@ function withConfigOptions(command: Command): Command {
     .option('-c, --config <file>', 'YAML config file (or env PULLCACHE_CONFIG)')
     .option('--listen <host:port>', 'address to listen on (server.listen)')
     .option('--storage-root <dir>', 'storage directory (storage.filesystem.root)')
-    .addOption(new Option('--cache <store>', 'metadata cache (cache.store)').choices(['memory', 'redis']))
+    .addOption(
+      new Option('--cache <store>', 'metadata cache (cache.store)').choices(['memory', 'redis']),
+    )
     .option('--redis-url <url>', 'Redis URL (cache.redis.url)')
-    .addOption(new Option('--log-level <level>', 'log level (log.level)').choices(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']))
-    .addOption(new Option('--log-format <format>', 'log format (log.format)').choices(['json', 'pretty']));
+    .addOption(
+      new Option('--log-level <level>', 'log level (log.level)').choices([
+        'fatal',
+        'error',
+        'warn',
+        'info',
+        'debug',
+        'trace',
+        'silent',
+      ]),
+    )
+    .addOption(
+      new Option('--log-format <format>', 'log format (log.format)').choices(['json', 'pretty']),
+    );
 }
 
 /** Flags become the highest-precedence config layer. */
@@ -62,7 +76,11 @@ const program = new Command()
   .version('0.1.0')
   .showHelpAfterError();
 
-withConfigOptions(program.command('serve').description('serve the registry API, pulling misses through from the upstreams')).action(async (o: CommonOptions) => {
+withConfigOptions(
+  program
+    .command('serve')
+    .description('serve the registry API, pulling misses through from the upstreams'),
+).action(async (o: CommonOptions) => {
   const config = configFrom(o);
   const log = createLogger({ level: config.log.level, format: config.log.format });
   let running;
@@ -70,7 +88,9 @@ withConfigOptions(program.command('serve').description('serve the registry API, 
     running = await startServer(config, log);
   } catch (err) {
     const e = err as NodeJS.ErrnoException;
-    console.error(`pullcache: cannot start: ${e.code === 'EADDRINUSE' ? `${config.server.listen} is already in use` : e.code === 'EACCES' ? `no permission to listen on ${config.server.listen} or to use ${config.storage.filesystem.root}` : e.message}`);
+    console.error(
+      `pullcache: cannot start: ${e.code === 'EADDRINUSE' ? `${config.server.listen} is already in use` : e.code === 'EACCES' ? `no permission to listen on ${config.server.listen} or to use ${config.storage.filesystem.root}` : e.message}`,
+    );
     process.exit(1);
   }
   let stopping = false;
@@ -86,7 +106,11 @@ withConfigOptions(program.command('serve').description('serve the registry API, 
   process.on('SIGTERM', () => stop('SIGTERM'));
 });
 
-withConfigOptions(program.command('config').description('print the effective configuration (secrets redacted) and exit')).action((o: CommonOptions) => {
+withConfigOptions(
+  program
+    .command('config')
+    .description('print the effective configuration (secrets redacted) and exit'),
+).action((o: CommonOptions) => {
   process.stdout.write(stringify(redactConfig(configFrom(o))));
 });
 

@@ -37,7 +37,9 @@ export class Metrics {
       labelNames: ['upstream'] as const,
       registers: [this.registry],
       collect() {
-        for (const s of status()) if (s.rateLimitRemaining !== undefined) this.set({ upstream: s.upstream }, s.rateLimitRemaining);
+        for (const s of status())
+          if (s.rateLimitRemaining !== undefined)
+            this.set({ upstream: s.upstream }, s.rateLimitRemaining);
       },
     });
     new Gauge({

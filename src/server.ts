@@ -18,7 +18,11 @@ import { ProxyManifestStore } from './proxy/proxy-manifest-store.js';
 import { ProxyTagService } from './proxy/proxy-tag-service.js';
 import { DriverBlobStore } from './storage/blob-store.js';
 import { FilesystemDriver } from './storage/filesystem-driver.js';
-import { LocalBlobService, LocalManifestService, LocalTagService } from './storage/local-services.js';
+import {
+  LocalBlobService,
+  LocalManifestService,
+  LocalTagService,
+} from './storage/local-services.js';
 import { DriverRepositoryStore } from './storage/repository-store.js';
 import type { BlobStore, RepositoryStore, StorageDriver } from './storage/types.js';
 import { RegistryClient } from './upstream/client.js';
@@ -34,21 +38,37 @@ export interface Runtime {
   repositories: RepositoryStore;
   cache: MetadataCache;
   clients: Map<string, UpstreamClient>;
-  services: Map<string, UpstreamServices & { manifests: ProxyManifestStore; tags: ProxyTagService }>;
+  services: Map<
+    string,
+    UpstreamServices & { manifests: ProxyManifestStore; tags: ProxyTagService }
+  >;
   passthrough: Map<string, Passthrough>;
   close(): Promise<void>;
 }
 
-export function createRuntime(config: Config, log: Logger, options: { defaultMetrics?: boolean } = {}): Runtime {
+export function createRuntime(
+  config: Config,
+  log: Logger,
+  options: { defaultMetrics?: boolean } = {},
+): Runtime {
   const clients = new Map<string, UpstreamClient>();
   const metrics = new Metrics({
     defaults: options.defaultMetrics ?? false,
-    status: () => [...clients].map(([upstream, c]) => ({ upstream, down: c.isDown, rateLimitRemaining: c.rateLimit?.remaining })),
+    status: () =>
+      [...clients].map(([upstream, c]) => ({
+        upstream,
+        down: c.isDown,
+        rateLimitRemaining: c.rateLimit?.remaining,
+      })),
   });
   const driver = new FilesystemDriver(config.storage.filesystem.root);
   const blobs = new DriverBlobStore(driver, { deleteEnabled: config.storage.delete.enabled });
   const repositories = new DriverRepositoryStore(driver);
-  const cache = new KeyvMetadataCache({ store: config.cache.store, redisUrl: config.cache.redis.url, log });
+  const cache = new KeyvMetadataCache({
+    store: config.cache.store,
+    redisUrl: config.cache.redis.url,
+    log,
+  });
   const localBlobs = new LocalBlobService(blobs, cache);
   const localManifests = new LocalManifestService(blobs, repositories, cache);
   const localTags = new LocalTagService(repositories, cache);
@@ -61,9 +81,13 @@ export function createRuntime(config: Config, log: Logger, options: { defaultMet
       passthrough.set(name, new Passthrough(name, upstream, log));
       continue;
     }
-    const password = upstream.passwordEnv !== undefined ? process.env[upstream.passwordEnv] : upstream.password;
+    const password =
+      upstream.passwordEnv !== undefined ? process.env[upstream.passwordEnv] : upstream.password;
     if (upstream.passwordEnv !== undefined && password === undefined) {
-      log.warn({ upstream: name, passwordEnv: upstream.passwordEnv }, 'passwordEnv names an unset variable; pulling anonymously');
+      log.warn(
+        { upstream: name, passwordEnv: upstream.passwordEnv },
+        'passwordEnv names an unset variable; pulling anonymously',
+      );
     }
     const client = new RegistryClient({ name, config: upstream, log, password });
     clients.set(name, client);
@@ -116,11 +140,16 @@ export interface RunningServer {
 export async function startServer(config: Config, log: Logger): Promise<RunningServer> {
   const runtime = createRuntime(config, log, { defaultMetrics: true });
   const purge = async () => {
-    const purged = await runtime.blobs.purgeUploads(new Date(Date.now() - config.storage.uploads.purgeAge));
+    const purged = await runtime.blobs.purgeUploads(
+      new Date(Date.now() - config.storage.uploads.purgeAge),
+    );
     if (purged > 0) log.info({ purged }, 'stale upload sessions purged');
   };
   await purge();
-  const purgeTimer = setInterval(() => void purge().catch((err: unknown) => log.warn({ err }, 'upload purge failed')), config.storage.uploads.purgeInterval);
+  const purgeTimer = setInterval(
+    () => void purge().catch((err: unknown) => log.warn({ err }, 'upload purge failed')),
+    config.storage.uploads.purgeInterval,
+  );
   purgeTimer.unref();
 
   const app = createApp({
@@ -149,7 +178,15 @@ export async function startServer(config: Config, log: Logger): Promise<RunningS
   const bound = typeof address === 'object' && address ? address : { address: host, port };
   const shownHost = bound.address.includes(':') ? `[${bound.address}]` : bound.address;
   const url = `http://${shownHost}:${bound.port}`;
-  log.info({ listen: `${shownHost}:${bound.port}`, storage: runtime.driver.name, cache: config.cache.store, upstreams: Object.keys(config.upstreams) }, 'pullcache listening');
+  log.info(
+    {
+      listen: `${shownHost}:${bound.port}`,
+      storage: runtime.driver.name,
+      cache: config.cache.store,
+      upstreams: Object.keys(config.upstreams),
+    },
+    'pullcache listening',
+  );
   return {
     runtime,
     server,

@@ -76,7 +76,9 @@ function readYaml(file: string): Record<string, unknown> {
   try {
     text = readFileSync(file, 'utf8');
   } catch (err) {
-    throw new ConfigError([`${file}: cannot read config file (${(err as NodeJS.ErrnoException).code ?? String(err)})`]);
+    throw new ConfigError([
+      `${file}: cannot read config file (${(err as NodeJS.ErrnoException).code ?? String(err)})`,
+    ]);
   }
   let doc: unknown;
   try {
@@ -115,7 +117,10 @@ export function formatIssues(issues: readonly z.core.$ZodIssue[]): string[] {
 
 // ---- environment ------------------------------------------------------------------------
 
-type KeyTree = { kind: 'object'; children: Map<string, KeyTree> } | { kind: 'record'; item: KeyTree } | { kind: 'leaf'; list: boolean };
+type KeyTree =
+  | { kind: 'object'; children: Map<string, KeyTree> }
+  | { kind: 'record'; item: KeyTree }
+  | { kind: 'leaf'; list: boolean };
 
 /** The shape of the config keys, read off the zod schema so that env names follow it. */
 function keyTree(schema: unknown): KeyTree {
@@ -123,12 +128,14 @@ function keyTree(schema: unknown): KeyTree {
   // Unwrap defaults, optionals and transforms down to the structural type.
   for (;;) {
     if (def.innerType) def = (def.innerType as { _zod: { def: Record<string, unknown> } })._zod.def;
-    else if (def.type === 'pipe') def = (def.in as { _zod: { def: Record<string, unknown> } })._zod.def;
+    else if (def.type === 'pipe')
+      def = (def.in as { _zod: { def: Record<string, unknown> } })._zod.def;
     else break;
   }
   if (def.type === 'object') {
     const children = new Map<string, KeyTree>();
-    for (const [key, value] of Object.entries(def.shape as Record<string, unknown>)) children.set(key, keyTree(value));
+    for (const [key, value] of Object.entries(def.shape as Record<string, unknown>))
+      children.set(key, keyTree(value));
     return { kind: 'object', children };
   }
   if (def.type === 'record') return { kind: 'record', item: keyTree(def.valueType) };
@@ -138,24 +145,44 @@ function keyTree(schema: unknown): KeyTree {
 let cachedTree: KeyTree | undefined;
 const envName = (key: string) => key.toUpperCase().replace(/[^A-Z0-9]/g, '_');
 
-function envLayer(env: NodeJS.ProcessEnv, fileLayer: Record<string, unknown>, problems: string[]): Record<string, unknown> {
+function envLayer(
+  env: NodeJS.ProcessEnv,
+  fileLayer: Record<string, unknown>,
+  problems: string[],
+): Record<string, unknown> {
   cachedTree ??= keyTree(configSchema);
   const out: Record<string, unknown> = {};
-  const fileUpstreams = Object.keys((fileLayer.upstreams as Record<string, unknown> | undefined) ?? {});
+  const fileUpstreams = Object.keys(
+    (fileLayer.upstreams as Record<string, unknown> | undefined) ?? {},
+  );
   for (const [name, value] of Object.entries(env)) {
-    if (!name.startsWith(ENV_PREFIX) || name === 'PULLCACHE_CONFIG' || value === undefined) continue;
+    if (!name.startsWith(ENV_PREFIX) || name === 'PULLCACHE_CONFIG' || value === undefined)
+      continue;
     if (name.startsWith('PULLCACHE_TEST_')) continue; // the test suite's own knobs
     const path = resolveEnvPath(name.slice(ENV_PREFIX.length), cachedTree, fileUpstreams);
     if (!path) {
       problems.push(`${name}: names no config key`);
       continue;
     }
-    setPath(out, path.keys, path.list ? value.split(',').map((s) => s.trim()).filter(Boolean) : value);
+    setPath(
+      out,
+      path.keys,
+      path.list
+        ? value
+            .split(',')
+            .map((s) => s.trim())
+            .filter(Boolean)
+        : value,
+    );
   }
   return out;
 }
 
-function resolveEnvPath(rest: string, tree: KeyTree, upstreams: string[]): { keys: string[]; list: boolean } | undefined {
+function resolveEnvPath(
+  rest: string,
+  tree: KeyTree,
+  upstreams: string[],
+): { keys: string[]; list: boolean } | undefined {
   if (tree.kind === 'leaf') return rest === '' ? { keys: [], list: tree.list } : undefined;
   if (rest === '') return undefined;
   const candidates: [string, KeyTree][] =
@@ -182,12 +209,14 @@ function setPath(target: Record<string, unknown>, keys: string[], value: unknown
   });
 }
 
-export function deepMerge(base: Record<string, unknown>, over: Record<string, unknown>): Record<string, unknown> {
+export function deepMerge(
+  base: Record<string, unknown>,
+  over: Record<string, unknown>,
+): Record<string, unknown> {
   const out: Record<string, unknown> = { ...base };
   for (const [key, value] of Object.entries(over)) {
     const prev = out[key];
-    out[key] =
-      isPlainObject(prev) && isPlainObject(value) ? deepMerge(prev, value) : value;
+    out[key] = isPlainObject(prev) && isPlainObject(value) ? deepMerge(prev, value) : value;
   }
   return out;
 }

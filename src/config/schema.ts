@@ -12,7 +12,10 @@ const duration = (fallback: string) =>
     .transform((value, ctx) => {
       const ms = parseDuration(value);
       if (ms === undefined) {
-        ctx.addIssue({ code: 'custom', message: `expected a duration like "30s" or "5m", got ${JSON.stringify(value)}` });
+        ctx.addIssue({
+          code: 'custom',
+          message: `expected a duration like "30s" or "5m", got ${JSON.stringify(value)}`,
+        });
         return z.NEVER;
       }
       return ms;
@@ -25,7 +28,10 @@ const size = (fallback: string) =>
     .transform((value, ctx) => {
       const bytes = parseSize(value);
       if (bytes === undefined) {
-        ctx.addIssue({ code: 'custom', message: `expected a size like "4MiB" or "50GiB", got ${JSON.stringify(value)}` });
+        ctx.addIssue({
+          code: 'custom',
+          message: `expected a size like "4MiB" or "50GiB", got ${JSON.stringify(value)}`,
+        });
         return z.NEVER;
       }
       return bytes;
@@ -33,7 +39,9 @@ const size = (fallback: string) =>
 
 // Environment variables are strings; booleans accept "true"/"false" wherever they come from.
 const bool = (fallback: boolean) =>
-  z.preprocess((v) => (v === 'true' ? true : v === 'false' ? false : v), z.boolean()).default(fallback);
+  z
+    .preprocess((v) => (v === 'true' ? true : v === 'false' ? false : v), z.boolean())
+    .default(fallback);
 
 const hostPort = z.string().refine(
   (v) => {
@@ -47,12 +55,17 @@ const httpUrl = z.string().refine(
   (v) => {
     try {
       const u = new URL(v);
-      return (u.protocol === 'http:' || u.protocol === 'https:') && u.username === '' && u.search === '';
+      return (
+        (u.protocol === 'http:' || u.protocol === 'https:') && u.username === '' && u.search === ''
+      );
     } catch {
       return false;
     }
   },
-  { error: (issue) => `expected an http(s) URL without credentials or query, got ${JSON.stringify(issue.input)}` },
+  {
+    error: (issue) =>
+      `expected an http(s) URL without credentials or query, got ${JSON.stringify(issue.input)}`,
+  },
 );
 
 /** Upstream names are how clients address an upstream (`/v2/ghcr.io/...`, `?ns=ghcr.io`). */
@@ -111,7 +124,12 @@ export const configSchema = z
       .strictObject({
         store: z.enum(['memory', 'redis']).default('memory'),
         redis: z
-          .strictObject({ url: z.string().regex(/^rediss?:\/\//, 'expected a redis:// or rediss:// URL').default('redis://127.0.0.1:6379') })
+          .strictObject({
+            url: z
+              .string()
+              .regex(/^rediss?:\/\//, 'expected a redis:// or rediss:// URL')
+              .default('redis://127.0.0.1:6379'),
+          })
           .prefault({}),
         /** Entries kept in the in-process LRU in front of keyv (descriptors, manifests, tags). */
         memoryEntries: z.coerce.number().int().min(0).default(10_000),
@@ -119,14 +137,21 @@ export const configSchema = z
       .prefault({}),
     upstreams: z
       .record(
-        z.string().regex(UPSTREAM_NAME, 'expected an upstream name like "docker.io" or "registry.local:5000"'),
+        z
+          .string()
+          .regex(
+            UPSTREAM_NAME,
+            'expected an upstream name like "docker.io" or "registry.local:5000"',
+          ),
         upstreamSchema,
       )
       .prefault(DEFAULT_UPSTREAMS),
     routing: z.strictObject({ default: z.string().optional() }).prefault({}),
     log: z
       .strictObject({
-        level: z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']).default('info'),
+        level: z
+          .enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'])
+          .default('info'),
         format: z.enum(['json', 'pretty']).default('json'),
       })
       .prefault({}),
@@ -142,10 +167,21 @@ export const configSchema = z
     }
     for (const [name, upstream] of Object.entries(config.upstreams)) {
       if (upstream.password !== undefined && upstream.passwordEnv !== undefined) {
-        ctx.addIssue({ code: 'custom', path: ['upstreams', name, 'password'], message: 'give password or passwordEnv, not both' });
+        ctx.addIssue({
+          code: 'custom',
+          path: ['upstreams', name, 'password'],
+          message: 'give password or passwordEnv, not both',
+        });
       }
-      if ((upstream.password !== undefined || upstream.passwordEnv !== undefined) && upstream.username === undefined) {
-        ctx.addIssue({ code: 'custom', path: ['upstreams', name, 'username'], message: 'a password needs a username' });
+      if (
+        (upstream.password !== undefined || upstream.passwordEnv !== undefined) &&
+        upstream.username === undefined
+      ) {
+        ctx.addIssue({
+          code: 'custom',
+          path: ['upstreams', name, 'username'],
+          message: 'a password needs a username',
+        });
       }
     }
   });

@@ -1,6 +1,12 @@
 /** Human units in config: durations ("500ms", "30s", "5m", "1h", "7d") and sizes ("4MiB", "50GiB", "1GB"). */
 
-const DURATION_UNITS: Record<string, number> = { ms: 1, s: 1000, m: 60_000, h: 3_600_000, d: 86_400_000 };
+const DURATION_UNITS: Record<string, number> = {
+  ms: 1,
+  s: 1000,
+  m: 60_000,
+  h: 3_600_000,
+  d: 86_400_000,
+};
 const SIZE_UNITS: Record<string, number> = {
   b: 1,
   kb: 1e3,
@@ -23,7 +29,8 @@ export function parseDuration(value: string | number): number | undefined {
 
 /** Bytes from "4MiB" or a bare number of bytes; undefined if not a size. */
 export function parseSize(value: string | number): number | undefined {
-  if (typeof value === 'number') return Number.isSafeInteger(value) && value >= 0 ? value : undefined;
+  if (typeof value === 'number')
+    return Number.isSafeInteger(value) && value >= 0 ? value : undefined;
   const m = /^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b|b)?\s*$/i.exec(value);
   if (!m) return undefined;
   return Math.round(Number(m[1]) * SIZE_UNITS[(m[2] ?? 'b').toLowerCase()]!);

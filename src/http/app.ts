@@ -19,7 +19,14 @@ import {
   UnsupportedError,
 } from '../oci/errors.js';
 import { parseManifestReference } from '../oci/reference.js';
-import type { BlobService, ByteRange, ManifestService, RepositoryKey, RepositoryStore, TagService } from '../storage/types.js';
+import type {
+  BlobService,
+  ByteRange,
+  ManifestService,
+  RepositoryKey,
+  RepositoryStore,
+  TagService,
+} from '../storage/types.js';
 import { errorMiddleware } from './errors.js';
 import type { Passthrough } from './passthrough.js';
 import { parseRange } from './range.js';
@@ -57,20 +64,33 @@ export function createApp(deps: AppDeps): express.Express {
       logger: log.child({ module: 'http' }),
       genReqId: (req, res) => {
         const incoming = req.headers['x-request-id'];
-        const id = typeof incoming === 'string' && /^[\w.-]{1,64}$/.test(incoming) ? incoming : randomUUID();
+        const id =
+          typeof incoming === 'string' && /^[\w.-]{1,64}$/.test(incoming) ? incoming : randomUUID();
         res.setHeader('X-Request-Id', id);
         return id;
       },
-      autoLogging: { ignore: (req) => req.url === '/healthz' || req.url === '/readyz' || req.url === '/metrics' },
+      autoLogging: {
+        ignore: (req) => req.url === '/healthz' || req.url === '/readyz' || req.url === '/metrics',
+      },
       customLogLevel: (_req, res, err) => (err || res.statusCode >= 500 ? 'error' : 'info'),
       customSuccessMessage: () => 'request',
       customErrorMessage: () => 'request failed',
       customProps: (_req, res) => {
         const l = (res as unknown as Response).locals ?? {};
-        return { upstream: l.upstream, repository: l.repository, cache: l.cache, bytes: l.bytes, errorCode: l.errorCode };
+        return {
+          upstream: l.upstream,
+          repository: l.repository,
+          cache: l.cache,
+          bytes: l.bytes,
+          errorCode: l.errorCode,
+        };
       },
       serializers: {
-        req: (req: { method: string; url: string; id: unknown }) => ({ id: req.id, method: req.method, url: req.url }),
+        req: (req: { method: string; url: string; id: unknown }) => ({
+          id: req.id,
+          method: req.method,
+          url: req.url,
+        }),
         res: (res: { statusCode: number }) => ({ statusCode: res.statusCode }),
       },
     }),
@@ -95,7 +115,8 @@ export function createApp(deps: AppDeps): express.Express {
 
   // Clients learn how to authenticate from this ping: when the default upstream is passthrough,
   // its answer (and auth challenge) is the one that counts.
-  const defaultPassthrough = config.routing.default !== undefined ? deps.passthrough.get(config.routing.default) : undefined;
+  const defaultPassthrough =
+    config.routing.default !== undefined ? deps.passthrough.get(config.routing.default) : undefined;
   app.get(['/v2', '/v2/'], (req, res, next) => {
     if (defaultPassthrough) {
       defaultPassthrough.forward(req, res, '/v2/', '', next);
@@ -109,17 +130,23 @@ export function createApp(deps: AppDeps): express.Express {
     const { n, last } = pagination(req);
     const names: string[] = [];
     for (const upstream of deps.services.keys()) {
-      for (const repository of await deps.repositories.listRepositories(upstream)) names.push(clientName(config, upstream, repository));
+      for (const repository of await deps.repositories.listRepositories(upstream))
+        names.push(clientName(config, upstream, repository));
     }
     names.sort();
     const page = paginate(names, n, last);
-    if (page.next !== undefined) res.setHeader('Link', `</v2/_catalog?last=${encodeURIComponent(page.next)}&n=${n}>; rel="next"`);
+    if (page.next !== undefined)
+      res.setHeader(
+        'Link',
+        `</v2/_catalog?last=${encodeURIComponent(page.next)}&n=${n}>; rel="next"`,
+      );
     res.json({ repositories: page.items });
   });
 
   app.use('/v2', async (req: Request, res: Response, next: NextFunction) => {
     const m = API_PATH.exec(req.path);
-    if (!m) throw new NameInvalidError(`no such endpoint: ${req.method} /v2${req.path.slice(0, 200)}`);
+    if (!m)
+      throw new NameInvalidError(`no such endpoint: ${req.method} /v2${req.path.slice(0, 200)}`);
     const name = m[1]!;
     const action = m[2]!;
     const route = routeRequest(config, name, req.query.ns);
@@ -138,19 +165,28 @@ export function createApp(deps: AppDeps): express.Express {
     const repo: RepositoryKey = { upstream: route.upstream, repository: route.repository };
     const isRead = req.method === 'GET' || req.method === 'HEAD';
     if (!isRead || action.startsWith('blobs/uploads')) {
-      throw new UnsupportedError('pullcache is a pull-through cache: pushes and deletes are not supported');
+      throw new UnsupportedError(
+        'pullcache is a pull-through cache: pushes and deletes are not supported',
+      );
     }
     if (action === 'tags/list') {
       if (req.method !== 'GET') throw new UnsupportedError();
       await listTags(req, res, services.tags, repo, name);
       return;
     }
-    const [kind, reference] = [action.slice(0, action.indexOf('/')), action.slice(action.indexOf('/') + 1)];
+    const [kind, reference] = [
+      action.slice(0, action.indexOf('/')),
+      action.slice(action.indexOf('/') + 1),
+    ];
     if (kind === 'manifests') await getManifest(req, res, services, repo, decodeSegment(reference));
     else await getBlob(req, res, services.blobs, repo, decodeSegment(reference));
   });
 
-  app.use((req, _res, next) => next(new RegistryError('UNSUPPORTED', `no such endpoint: ${req.method} ${req.path.slice(0, 200)}`)));
+  app.use((req, _res, next) =>
+    next(
+      new RegistryError('UNSUPPORTED', `no such endpoint: ${req.method} ${req.path.slice(0, 200)}`),
+    ),
+  );
   app.use(errorMiddleware(log.child({ module: 'http' })));
   return app;
 }
@@ -164,7 +200,13 @@ function decodeSegment(segment: string): string {
   }
 }
 
-async function getManifest(req: Request, res: Response, services: UpstreamServices, repo: RepositoryKey, reference: string): Promise<void> {
+async function getManifest(
+  req: Request,
+  res: Response,
+  services: UpstreamServices,
+  repo: RepositoryKey,
+  reference: string,
+): Promise<void> {
   const ref = parseManifestReference(reference);
   let digest;
   if (ref.kind === 'tag') {
@@ -194,14 +236,26 @@ async function getManifest(req: Request, res: Response, services: UpstreamServic
   res.status(200).end(manifest.bytes);
 }
 
-function manifestHeaders(res: Response, mediaType: string, digest: string, size: number, etag: string): void {
+function manifestHeaders(
+  res: Response,
+  mediaType: string,
+  digest: string,
+  size: number,
+  etag: string,
+): void {
   res.setHeader('Content-Type', mediaType);
   res.setHeader('Docker-Content-Digest', digest);
   res.setHeader('Content-Length', size);
   res.setHeader('ETag', etag);
 }
 
-async function getBlob(req: Request, res: Response, blobs: BlobService, repo: RepositoryKey, reference: string): Promise<void> {
+async function getBlob(
+  req: Request,
+  res: Response,
+  blobs: BlobService,
+  repo: RepositoryKey,
+  reference: string,
+): Promise<void> {
   const digest = parseDigest(reference).digest;
   const etag = `"${digest}"`;
   const blobHeaders = (size: number) => {
@@ -259,11 +313,21 @@ async function getBlob(req: Request, res: Response, blobs: BlobService, repo: Re
   }
 }
 
-async function listTags(req: Request, res: Response, tags: TagService, repo: RepositoryKey, name: string): Promise<void> {
+async function listTags(
+  req: Request,
+  res: Response,
+  tags: TagService,
+  repo: RepositoryKey,
+  name: string,
+): Promise<void> {
   const { n, last } = pagination(req);
   const all = await tags.list(repo);
   const page = paginate(all, n, last);
-  if (page.next !== undefined) res.setHeader('Link', `</v2/${name}/tags/list?last=${encodeURIComponent(page.next)}&n=${n}>; rel="next"`);
+  if (page.next !== undefined)
+    res.setHeader(
+      'Link',
+      `</v2/${name}/tags/list?last=${encodeURIComponent(page.next)}&n=${n}>; rel="next"`,
+    );
   res.json({ name, tags: page.items });
 }
 
@@ -271,16 +335,24 @@ function pagination(req: Request): { n: number; last: string | undefined } {
   const rawN = req.query.n;
   let n = PAGE_MAX;
   if (rawN !== undefined) {
-    if (typeof rawN !== 'string' || !/^\d{1,9}$/.test(rawN)) throw new RegistryError('PAGINATION_NUMBER_INVALID', 'n must be a whole number');
+    if (typeof rawN !== 'string' || !/^\d{1,9}$/.test(rawN))
+      throw new RegistryError('PAGINATION_NUMBER_INVALID', 'n must be a whole number');
     n = Math.min(Number(rawN), PAGE_MAX);
   }
   const rawLast = req.query.last;
-  if (rawLast !== undefined && typeof rawLast !== 'string') throw new RegistryError('PAGINATION_NUMBER_INVALID', 'last must be given once');
+  if (rawLast !== undefined && typeof rawLast !== 'string')
+    throw new RegistryError('PAGINATION_NUMBER_INVALID', 'last must be given once');
   return { n, last: rawLast };
 }
 
-function paginate(sorted: string[], n: number, last: string | undefined): { items: string[]; next?: string } {
+function paginate(
+  sorted: string[],
+  n: number,
+  last: string | undefined,
+): { items: string[]; next?: string } {
   const from = last === undefined ? sorted : sorted.filter((item) => item > last);
   const items = from.slice(0, n);
-  return from.length > n && items.length > 0 ? { items, next: items[items.length - 1]! } : { items };
+  return from.length > n && items.length > 0
+    ? { items, next: items[items.length - 1]! }
+    : { items };
 }

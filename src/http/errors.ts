@@ -12,7 +12,10 @@ export function errorMiddleware(log: Logger): ErrorRequestHandler {
     let error: RegistryError;
     if (err instanceof RegistryError) {
       error = err;
-    } else if ((err as { type?: string }).type === 'entity.parse.failed' || (err as { status?: number }).status === 400) {
+    } else if (
+      (err as { type?: string }).type === 'entity.parse.failed' ||
+      (err as { status?: number }).status === 400
+    ) {
       error = new RegistryError('BLOB_UPLOAD_INVALID', 'malformed request');
     } else {
       log.error({ err, method: req.method, url: req.originalUrl }, 'internal error');

@@ -42,7 +42,13 @@ export class Passthrough {
   }
 
   /** Forwards the request to `path` on the upstream; `prefix` is what the client put before the name. */
-  forward(req: IncomingMessage, res: ServerResponse, path: string, prefix: string, onError: (err: unknown) => void): void {
+  forward(
+    req: IncomingMessage,
+    res: ServerResponse,
+    path: string,
+    prefix: string,
+    onError: (err: unknown) => void,
+  ): void {
     req.url = path;
     this.prefixes.set(req, prefix);
     this.proxy.web(req, res, {}, (err) => {

@@ -25,7 +25,8 @@ export function routeRequest(config: Config, name: string, ns: unknown): Route {
   let rest = name;
   let prefix = '';
   if (ns !== undefined) {
-    if (typeof ns !== 'string' || !Object.hasOwn(config.upstreams, ns)) throw new UpstreamUnknownError(String(ns));
+    if (typeof ns !== 'string' || !Object.hasOwn(config.upstreams, ns))
+      throw new UpstreamUnknownError(String(ns));
     upstream = ns;
   } else {
     const slash = name.indexOf('/');

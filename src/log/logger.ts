@@ -38,12 +38,20 @@ export function createLogger(options: LogOptions = {}): Logger {
       ...base,
       transport: {
         target: 'pino-pretty',
-        options: { destination: typeof options.destination === 'number' ? options.destination : 2, colorize: true },
+        options: {
+          destination: typeof options.destination === 'number' ? options.destination : 2,
+          colorize: true,
+        },
       },
     });
   }
   const destination = options.destination ?? 2;
-  return pino(base, typeof destination === 'number' ? pino.destination({ fd: destination, sync: false }) : destination);
+  return pino(
+    base,
+    typeof destination === 'number'
+      ? pino.destination({ fd: destination, sync: false })
+      : destination,
+  );
 }
 
 /** A logger that writes nothing, for tests and library use. */

@@ -9,6 +9,8 @@ import type { ManifestLink, RepositoryKey, TagLink } from '../storage/types.js';
 import { keys, NAMESPACE } from './keys.js';
 import type { MetadataCache } from './types.js';
 
+const SKIP_AFTER_ERROR_MS = 5000;
+
 export interface KeyvCacheOptions {
   store: 'memory' | 'redis';
   redisUrl?: string;
@@ -19,6 +21,8 @@ export class KeyvMetadataCache implements MetadataCache {
   private readonly keyv: Keyv;
   private readonly log: Logger;
   private lastErrorLog = 0;
+  /** After a failure the backend is skipped for a while: a dead Redis costs one timeout, not one per request. */
+  private skipUntil = 0;
 
   constructor(options: KeyvCacheOptions) {
     this.log = options.log.child({ module: 'metadata', store: options.store });
@@ -27,13 +31,16 @@ export class KeyvMetadataCache implements MetadataCache {
         // A cache must not hold a request hostage to a dead Redis: fail fast and fall back to storage.
         throwOnConnectError: false,
         throwOnErrors: false,
-        connectionTimeout: 2000,
+        connectionTimeout: 1000,
       });
       this.keyv = new Keyv({ store: redis, namespace: NAMESPACE, useKeyPrefix: false });
     } else {
       this.keyv = new Keyv({ namespace: NAMESPACE });
     }
-    this.keyv.on('error', (err: unknown) => this.warn(err));
+    this.keyv.on('error', (err: unknown) => {
+      this.skipUntil = Date.now() + SKIP_AFTER_ERROR_MS;
+      this.warn(err);
+    });
   }
 
   getDescriptor(digest: Digest) {
@@ -80,9 +87,11 @@ export class KeyvMetadataCache implements MetadataCache {
   }
 
   private async guard<T>(op: () => Promise<T>): Promise<T | undefined> {
+    if (Date.now() < this.skipUntil) return undefined;
     try {
       return await op();
     } catch (err) {
+      this.skipUntil = Date.now() + SKIP_AFTER_ERROR_MS;
       this.warn(err);
       return undefined;
     }

@@ -31,7 +31,9 @@ export function parseDigest(value: string): ParsedDigest {
   const algorithm = value.slice(0, colon);
   const hex = value.slice(colon + 1);
   if (algorithm !== 'sha256' && algorithm !== 'sha512') {
-    throw new DigestInvalidError(`unsupported digest algorithm ${JSON.stringify(algorithm)}: sha256 and sha512 are supported`);
+    throw new DigestInvalidError(
+      `unsupported digest algorithm ${JSON.stringify(algorithm)}: sha256 and sha512 are supported`,
+    );
   }
   if (hex.length !== HEX_LENGTH[algorithm] || !/^[a-f0-9]+$/.test(hex)) {
     throw new DigestInvalidError(

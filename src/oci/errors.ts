@@ -10,7 +10,10 @@ export const ERROR_CODES = {
   BLOB_UPLOAD_INVALID: { status: 400, message: 'blob upload invalid' },
   BLOB_UPLOAD_UNKNOWN: { status: 404, message: 'blob upload unknown to registry' },
   DIGEST_INVALID: { status: 400, message: 'provided digest did not match uploaded content' },
-  MANIFEST_BLOB_UNKNOWN: { status: 404, message: 'manifest references a manifest or blob unknown to registry' },
+  MANIFEST_BLOB_UNKNOWN: {
+    status: 404,
+    message: 'manifest references a manifest or blob unknown to registry',
+  },
   MANIFEST_INVALID: { status: 400, message: 'manifest invalid' },
   MANIFEST_UNKNOWN: { status: 404, message: 'manifest unknown to registry' },
   NAME_INVALID: { status: 400, message: 'invalid repository name' },
@@ -84,7 +87,10 @@ export class DigestMismatchError extends RegistryError {
     readonly expected: string,
     readonly actual: string,
   ) {
-    super('DIGEST_INVALID', `content digest ${actual} does not match ${expected}`, { expected, actual });
+    super('DIGEST_INVALID', `content digest ${actual} does not match ${expected}`, {
+      expected,
+      actual,
+    });
   }
 }
 export class SizeInvalidError extends RegistryError {

@@ -26,7 +26,9 @@ export function parseManifest(bytes: Uint8Array, contentType?: string): ParsedMa
   }
   if (!isObject(json)) throw new ManifestInvalidError('manifest is not a JSON object');
   if (json.schemaVersion !== 2) {
-    throw new ManifestInvalidError(`unsupported manifest schemaVersion ${String(json.schemaVersion)}`);
+    throw new ManifestInvalidError(
+      `unsupported manifest schemaVersion ${String(json.schemaVersion)}`,
+    );
   }
   const header = baseMediaType(contentType);
   const field = typeof json.mediaType === 'string' ? json.mediaType : undefined;
@@ -38,8 +40,13 @@ export function parseManifest(bytes: Uint8Array, contentType?: string): ParsedMa
   else throw new ManifestInvalidError('cannot tell the manifest media type');
 
   if (isIndexMediaType(mediaType)) {
-    if (!Array.isArray(json.manifests)) throw new ManifestInvalidError('index has no manifests array');
-    return { kind: 'index', mediaType, manifests: json.manifests.map((d, i) => descriptor(d, `manifests[${i}]`)) };
+    if (!Array.isArray(json.manifests))
+      throw new ManifestInvalidError('index has no manifests array');
+    return {
+      kind: 'index',
+      mediaType,
+      manifests: json.manifests.map((d, i) => descriptor(d, `manifests[${i}]`)),
+    };
   }
   if (!isObject(json.config)) throw new ManifestInvalidError('manifest has no config');
   const layers = Array.isArray(json.layers) ? json.layers : [];
@@ -69,7 +76,8 @@ function descriptor(value: unknown, where: string): IndexDescriptor {
   }
   const result: IndexDescriptor = { digest, size: value.size };
   if (typeof value.mediaType === 'string') result.mediaType = value.mediaType;
-  if (isObject(value.platform)) result.platform = value.platform as unknown as IndexDescriptor['platform'];
+  if (isObject(value.platform))
+    result.platform = value.platform as unknown as IndexDescriptor['platform'];
   if (isObject(value.annotations)) result.annotations = value.annotations as Record<string, string>;
   return result;
 }

@@ -21,7 +21,10 @@ export const MANIFEST_MEDIA_TYPES: readonly string[] = [
   MediaType.DockerManifestList,
 ];
 
-export const INDEX_MEDIA_TYPES: readonly string[] = [MediaType.OciIndex, MediaType.DockerManifestList];
+export const INDEX_MEDIA_TYPES: readonly string[] = [
+  MediaType.OciIndex,
+  MediaType.DockerManifestList,
+];
 
 /** The Accept header for manifest requests to an upstream: every type we can store and serve. */
 export const MANIFEST_ACCEPT = MANIFEST_MEDIA_TYPES.join(', ');

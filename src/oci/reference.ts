@@ -45,9 +45,7 @@ export function parseTag(value: string): Tag {
 }
 
 /** What `/manifests/<reference>` names: a tag or a digest. */
-export type ManifestReference =
-  | { kind: 'tag'; tag: Tag }
-  | { kind: 'digest'; digest: Digest };
+export type ManifestReference = { kind: 'tag'; tag: Tag } | { kind: 'digest'; digest: Digest };
 
 /** Parses the `<reference>` of a manifest URL; a value with a colon must be a digest. */
 export function parseManifestReference(value: string): ManifestReference {

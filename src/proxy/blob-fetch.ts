@@ -16,7 +16,12 @@ import { Readable } from 'node:stream';
 import type { Logger } from '../log/logger.js';
 import type { Digest } from '../oci/digest.js';
 import type { Descriptor } from '../oci/descriptor.js';
-import { PathNotFoundError, type BlobStore, type BlobWriter, type RepositoryKey } from '../storage/types.js';
+import {
+  PathNotFoundError,
+  type BlobStore,
+  type BlobWriter,
+  type RepositoryKey,
+} from '../storage/types.js';
 import type { UpstreamClient } from '../upstream/types.js';
 
 const DISK_READ = 1024 * 1024;
@@ -67,7 +72,9 @@ export class BlobFetch {
   private async run(ready: () => void, notReady: (err: unknown) => void): Promise<Descriptor> {
     const { blobs, client, repo, digest, log } = this.options;
     try {
-      const { size, stream } = await client.getBlob(repo.repository, digest, { signal: this.abort.signal });
+      const { size, stream } = await client.getBlob(repo.repository, digest, {
+        signal: this.abort.signal,
+      });
       this.size = size;
       this.writer = await blobs.create();
       this.state = 'running';
@@ -80,11 +87,22 @@ export class BlobFetch {
         this.options.onUpstreamBytes?.(chunk.length);
         for (const follower of this.followers) follower.onChunk(chunk, offset);
       }
-      const descriptor = await this.writer.commit({ digest, ...(size !== undefined ? { size } : {}) });
+      const descriptor = await this.writer.commit({
+        digest,
+        ...(size !== undefined ? { size } : {}),
+      });
       this.size = descriptor.size;
       await this.options.onCommitted(descriptor);
       this.state = 'committed';
-      log.info({ digest, bytes: descriptor.size, durationMs: Date.now() - this.started, clients: this.followers.size }, 'blob fetched');
+      log.info(
+        {
+          digest,
+          bytes: descriptor.size,
+          durationMs: Date.now() - this.started,
+          clients: this.followers.size,
+        },
+        'blob fetched',
+      );
       for (const follower of [...this.followers]) follower.onCommitted();
       return descriptor;
     } catch (err) {
@@ -92,7 +110,10 @@ export class BlobFetch {
       this.error = err;
       notReady(err);
       await this.writer?.cancel().catch(() => {});
-      log.warn({ digest, bytes: this.written, err: (err as Error).message }, 'blob fetch failed, nothing kept');
+      log.warn(
+        { digest, bytes: this.written, err: (err as Error).message },
+        'blob fetch failed, nothing kept',
+      );
       for (const follower of [...this.followers]) follower.destroy(err as Error);
       throw err;
     } finally {
@@ -114,7 +135,10 @@ export class BlobFetch {
     if (this.followers.size === 0 && (this.state === 'running' || this.state === 'starting')) {
       // Every client left: the fetch goes on to fill the cache, but not forever.
       this.orphanTimer = setTimeout(() => {
-        this.options.log.warn({ digest: this.digest, bytes: this.written }, 'blob fetch abandoned: no client and past the cache write timeout');
+        this.options.log.warn(
+          { digest: this.digest, bytes: this.written },
+          'blob fetch abandoned: no client and past the cache write timeout',
+        );
         this.abort.abort(new Error('cache write timeout'));
       }, this.options.orphanTimeout);
       this.orphanTimer.unref();
@@ -132,10 +156,14 @@ export class BlobFetch {
         return await this.writer.readWritten(offset, length);
       } catch (err) {
         // Committed (moved into place) between the check and the read.
-        if (!(err instanceof PathNotFoundError) || !this.isCommitted()) throw this.state === 'failed' ? this.error : err;
+        if (!(err instanceof PathNotFoundError) || !this.isCommitted())
+          throw this.state === 'failed' ? this.error : err;
       }
     }
-    const opened = await this.options.blobs.open(this.digest, { start: offset, end: offset + length - 1 });
+    const opened = await this.options.blobs.open(this.digest, {
+      start: offset,
+      end: offset + length - 1,
+    });
     if (!opened.found) throw new PathNotFoundError(this.digest);
     return opened.stream;
   }

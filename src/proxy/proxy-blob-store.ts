@@ -7,7 +7,15 @@ import type { Digest } from '../oci/digest.js';
 import { RangeInvalidError } from '../oci/errors.js';
 import type { MetadataCache } from '../metadata/types.js';
 import type { Metrics } from '../metrics.js';
-import type { BlobService, BlobStore, ByteRange, OpenResult, RepositoryKey, RepositoryStore, StatResult } from '../storage/types.js';
+import type {
+  BlobService,
+  BlobStore,
+  ByteRange,
+  OpenResult,
+  RepositoryKey,
+  RepositoryStore,
+  StatResult,
+} from '../storage/types.js';
 import { UpstreamNotFoundError } from '../upstream/errors.js';
 import type { UpstreamClient } from '../upstream/types.js';
 import { BlobFetch } from './blob-fetch.js';
@@ -36,7 +44,8 @@ export class ProxyBlobStore implements BlobService {
     const local = await this.o.local.stat(repo, digest);
     if (local.found) return local;
     const fetching = this.o.inflight.get(digest);
-    if (fetching?.size !== undefined && fetching.state !== 'failed') return { found: true, descriptor: { digest, size: fetching.size } };
+    if (fetching?.size !== undefined && fetching.state !== 'failed')
+      return { found: true, descriptor: { digest, size: fetching.size } };
     try {
       // HEAD on a miss asks the upstream with HEAD and never downloads the blob.
       const { size } = await this.o.client.headBlob(repo.repository, digest);

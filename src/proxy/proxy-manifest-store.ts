@@ -8,7 +8,13 @@ import type { Digest } from '../oci/digest.js';
 import { parseManifest } from '../oci/manifest.js';
 import { ManifestInvalidError } from '../oci/errors.js';
 import type { Metrics } from '../metrics.js';
-import type { ManifestLink, ManifestResult, ManifestService, ManifestStat, RepositoryKey } from '../storage/types.js';
+import type {
+  ManifestLink,
+  ManifestResult,
+  ManifestService,
+  ManifestStat,
+  RepositoryKey,
+} from '../storage/types.js';
 import { UpstreamInvalidError, UpstreamNotFoundError } from '../upstream/errors.js';
 import type { FetchedManifest, UpstreamClient } from '../upstream/types.js';
 import { SingleFlight } from './single-flight.js';
@@ -53,7 +59,12 @@ export class ProxyManifestStore implements ManifestService {
     });
   }
 
-  put(repo: RepositoryKey, bytes: Buffer, digest: Digest, mediaType: string): Promise<ManifestLink> {
+  put(
+    repo: RepositoryKey,
+    bytes: Buffer,
+    digest: Digest,
+    mediaType: string,
+  ): Promise<ManifestLink> {
     return this.local.put(repo, bytes, digest, mediaType);
   }
 
@@ -63,13 +74,27 @@ export class ProxyManifestStore implements ManifestService {
     try {
       mediaType = parseManifest(fetched.bytes, fetched.mediaType).mediaType;
     } catch (err) {
-      if (err instanceof ManifestInvalidError) throw new UpstreamInvalidError(this.client.name, err.message);
+      if (err instanceof ManifestInvalidError)
+        throw new UpstreamInvalidError(this.client.name, err.message);
       throw err;
     }
     // Serve the Content-Type the upstream sent when it names a manifest type; else what we parsed.
-    const stored = fetched.mediaType && fetched.mediaType !== 'application/json' && fetched.mediaType !== 'application/octet-stream' ? fetched.mediaType : mediaType;
+    const stored =
+      fetched.mediaType &&
+      fetched.mediaType !== 'application/json' &&
+      fetched.mediaType !== 'application/octet-stream'
+        ? fetched.mediaType
+        : mediaType;
     const link = await this.local.put(repo, fetched.bytes, fetched.digest, stored);
-    this.log.info({ repository: repo.repository, digest: fetched.digest, mediaType: stored, bytes: fetched.size }, 'manifest fetched');
+    this.log.info(
+      {
+        repository: repo.repository,
+        digest: fetched.digest,
+        mediaType: stored,
+        bytes: fetched.size,
+      },
+      'manifest fetched',
+    );
     return link;
   }
 }

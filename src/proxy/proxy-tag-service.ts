@@ -48,8 +48,14 @@ export class ProxyTagService implements TagService {
       // Known to be down (or offline): no point waiting for a timeout.
       return this.stale(repo, tag, known, 'upstream down');
     }
-    this.metrics.requests.inc({ upstream: repo.upstream, kind: 'tag', cache: known.found ? 'revalidate' : 'miss' });
-    return this.flights.run(`${repo.upstream}/${repo.repository}:${tag}`, () => this.ask(repo, tag, known));
+    this.metrics.requests.inc({
+      upstream: repo.upstream,
+      kind: 'tag',
+      cache: known.found ? 'revalidate' : 'miss',
+    });
+    return this.flights.run(`${repo.upstream}/${repo.repository}:${tag}`, () =>
+      this.ask(repo, tag, known),
+    );
   }
 
   tag(repo: RepositoryKey, tag: Tag, digest: Digest): Promise<void> {
@@ -68,7 +74,10 @@ export class ProxyTagService implements TagService {
           return local;
         }
         if (!isUpstreamFailure(err)) throw err;
-        this.log.warn({ repository: repo.repository, err: (err as Error).message }, 'tag list from upstream failed, serving cached tags');
+        this.log.warn(
+          { repository: repo.repository, err: (err as Error).message },
+          'tag list from upstream failed, serving cached tags',
+        );
       }
     }
     return this.local.list(repo);
@@ -81,8 +90,12 @@ export class ProxyTagService implements TagService {
         if (head.digest !== known.digest) {
           // The tag moved: fetch the new manifest by digest (stored if new), then record the tag.
           const fetched = await this.manifests.get(repo, head.digest);
-          if (!fetched.found) throw new UpstreamNotFoundError(this.client.name, `manifest ${head.digest}`);
-          this.log.info({ repository: repo.repository, tag, from: known.digest, to: head.digest }, 'tag moved upstream');
+          if (!fetched.found)
+            throw new UpstreamNotFoundError(this.client.name, `manifest ${head.digest}`);
+          this.log.info(
+            { repository: repo.repository, tag, from: known.digest, to: head.digest },
+            'tag moved upstream',
+          );
         }
         await this.local.tag(repo, tag, head.digest);
         return { found: true, digest: head.digest, confirmedAt: this.now() };
@@ -93,7 +106,8 @@ export class ProxyTagService implements TagService {
       return { found: true, digest: fetched.digest, confirmedAt: this.now() };
     } catch (err) {
       if (err instanceof UpstreamNotFoundError) {
-        if (known.found && this.config.staleOnNotFound) return this.stale(repo, tag, known, 'not found upstream');
+        if (known.found && this.config.staleOnNotFound)
+          return this.stale(repo, tag, known, 'not found upstream');
         return { found: false };
       }
       if (known.found && isUpstreamFailure(err)) {
@@ -103,9 +117,26 @@ export class ProxyTagService implements TagService {
     }
   }
 
-  private stale(repo: RepositoryKey, tag: Tag, known: Extract<TagResult, { found: true }>, reason: string): TagResult {
-    this.metrics.staleServed.inc({ upstream: repo.upstream, reason: this.client.isDown ? 'down' : 'error' });
-    this.log.warn({ repository: repo.repository, tag, digest: known.digest, ageMs: this.now() - known.confirmedAt, reason }, 'serving stale tag');
+  private stale(
+    repo: RepositoryKey,
+    tag: Tag,
+    known: Extract<TagResult, { found: true }>,
+    reason: string,
+  ): TagResult {
+    this.metrics.staleServed.inc({
+      upstream: repo.upstream,
+      reason: this.client.isDown ? 'down' : 'error',
+    });
+    this.log.warn(
+      {
+        repository: repo.repository,
+        tag,
+        digest: known.digest,
+        ageMs: this.now() - known.confirmedAt,
+        reason,
+      },
+      'serving stale tag',
+    );
     return { ...known, stale: true };
   }
 }

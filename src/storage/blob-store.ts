@@ -77,7 +77,9 @@ export class DriverBlobStore implements BlobStore {
     if (!isUploadId(id)) throw new BlobUploadUnknownError(id);
     let startedAt: Date;
     try {
-      startedAt = new Date((await this.driver.getContent(paths.uploadStartedAt(id))).toString('utf8'));
+      startedAt = new Date(
+        (await this.driver.getContent(paths.uploadStartedAt(id))).toString('utf8'),
+      );
     } catch (err) {
       if (err instanceof PathNotFoundError) throw new BlobUploadUnknownError(id);
       throw err;
@@ -117,7 +119,9 @@ export class DriverBlobStore implements BlobStore {
       if (!isUploadId(id)) continue;
       let started: number;
       try {
-        started = Date.parse((await this.driver.getContent(paths.uploadStartedAt(id))).toString('utf8'));
+        started = Date.parse(
+          (await this.driver.getContent(paths.uploadStartedAt(id))).toString('utf8'),
+        );
       } catch {
         // A session without its start time is a crash's leftover: judge it by its data file.
         started = (await this.driver.stat(paths.uploadDir(id)))?.modTime.getTime() ?? 0;
@@ -162,7 +166,11 @@ class DriverBlobWriter implements BlobWriter {
     this.done = true;
   }
 
-  async commit(expected: { digest: Digest; size?: number; mediaType?: string }): Promise<Descriptor> {
+  async commit(expected: {
+    digest: Digest;
+    size?: number;
+    mediaType?: string;
+  }): Promise<Descriptor> {
     const file = this.openFile();
     const parsed = parseDigest(expected.digest);
     const size = file.size;
@@ -170,7 +178,8 @@ class DriverBlobWriter implements BlobWriter {
     try {
       await file.close();
       this.file = undefined;
-      if (expected.size !== undefined && expected.size !== size) throw new SizeInvalidError(expected.size, size);
+      if (expected.size !== undefined && expected.size !== size)
+        throw new SizeInvalidError(expected.size, size);
       const actual =
         this.hash && parsed.algorithm === 'sha256'
           ? `sha256:${this.hash.digest('hex')}`

@@ -70,7 +70,12 @@ export class LocalManifestService implements ManifestService {
     return { found: true, link: stat.link, bytes: Buffer.concat(chunks) };
   }
 
-  async put(repo: RepositoryKey, bytes: Buffer, digest: Digest, mediaType: string): Promise<ManifestLink> {
+  async put(
+    repo: RepositoryKey,
+    bytes: Buffer,
+    digest: Digest,
+    mediaType: string,
+  ): Promise<ManifestLink> {
     await this.blobs.put(bytes, digest);
     const link: ManifestLink = { digest, mediaType, size: bytes.length };
     await this.repositories.linkManifest(repo, link);

@@ -45,7 +45,8 @@ export const paths = {
   uploadData: (id: string) => `${paths.uploadDir(id)}/data`,
   uploadStartedAt: (id: string) => `${paths.uploadDir(id)}/startedat`,
   upstreamRoot(upstream: string): string {
-    if (!UPSTREAM_NAME.test(upstream)) throw new Error(`invalid upstream name ${JSON.stringify(upstream)}`);
+    if (!UPSTREAM_NAME.test(upstream))
+      throw new Error(`invalid upstream name ${JSON.stringify(upstream)}`);
     return `repositories/${upstream}`;
   },
   repositoryRoot(repo: RepositoryKey): string {

@@ -4,7 +4,14 @@ import type { Descriptor } from '../oci/descriptor.js';
 import { parseRepository, type Tag } from '../oci/reference.js';
 import { isTag } from '../oci/reference.js';
 import { paths, REPOSITORY_DATA_DIRS } from './paths.js';
-import { PathNotFoundError, type ManifestLink, type RepositoryKey, type RepositoryStore, type StorageDriver, type TagLink } from './types.js';
+import {
+  PathNotFoundError,
+  type ManifestLink,
+  type RepositoryKey,
+  type RepositoryStore,
+  type StorageDriver,
+  type TagLink,
+} from './types.js';
 
 export class DriverRepositoryStore implements RepositoryStore {
   constructor(private readonly driver: StorageDriver) {}
@@ -18,12 +25,16 @@ export class DriverRepositoryStore implements RepositoryStore {
   }
 
   async linkManifest(repo: RepositoryKey, link: ManifestLink): Promise<void> {
-    await this.driver.putContent(paths.manifestRevisionLink(repo, link.digest), JSON.stringify(link));
+    await this.driver.putContent(
+      paths.manifestRevisionLink(repo, link.digest),
+      JSON.stringify(link),
+    );
   }
 
   async getManifest(repo: RepositoryKey, digest: Digest): Promise<ManifestLink | undefined> {
     const json = await this.readJson(paths.manifestRevisionLink(repo, digest));
-    if (!json || typeof json.mediaType !== 'string' || typeof json.size !== 'number') return undefined;
+    if (!json || typeof json.mediaType !== 'string' || typeof json.size !== 'number')
+      return undefined;
     return { digest, mediaType: json.mediaType, size: json.size };
   }
 
@@ -33,7 +44,8 @@ export class DriverRepositoryStore implements RepositoryStore {
 
   async getTag(repo: RepositoryKey, tag: Tag): Promise<TagLink | undefined> {
     const json = await this.readJson(paths.tagLink(repo, tag));
-    if (!json || typeof json.digest !== 'string' || typeof json.confirmedAt !== 'number') return undefined;
+    if (!json || typeof json.digest !== 'string' || typeof json.confirmedAt !== 'number')
+      return undefined;
     return { digest: parseDigest(json.digest).digest, confirmedAt: json.confirmedAt };
   }
 
@@ -69,7 +81,9 @@ export class DriverRepositoryStore implements RepositoryStore {
   private async readJson(p: string): Promise<Record<string, unknown> | undefined> {
     try {
       const value: unknown = JSON.parse((await this.driver.getContent(p)).toString('utf8'));
-      return typeof value === 'object' && value !== null ? (value as Record<string, unknown>) : undefined;
+      return typeof value === 'object' && value !== null
+        ? (value as Record<string, unknown>)
+        : undefined;
     } catch (err) {
       if (err instanceof PathNotFoundError || err instanceof SyntaxError) return undefined;
       throw err;

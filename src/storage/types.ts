@@ -175,7 +175,8 @@ export interface ManifestService {
   put(repo: RepositoryKey, bytes: Buffer, digest: Digest, mediaType: string): Promise<ManifestLink>;
 }
 
-export type TagResult = { found: false } | { found: true; digest: Digest; confirmedAt: number; stale?: boolean };
+export type TagResult =
+  { found: false } | { found: true; digest: Digest; confirmedAt: number; stale?: boolean };
 
 export interface TagService {
   /** `{found:false}` when the tag is unknown. */

@@ -27,7 +27,10 @@ export function parseChallenge(header: string | string[] | undefined): Challenge
       if (params.scope !== undefined) challenge.scope = params.scope;
       return challenge;
     }
-    if (scheme === 'basic') return params.realm !== undefined ? { scheme: 'basic', realm: params.realm } : { scheme: 'basic' };
+    if (scheme === 'basic')
+      return params.realm !== undefined
+        ? { scheme: 'basic', realm: params.realm }
+        : { scheme: 'basic' };
   }
   return undefined;
 }
@@ -37,7 +40,11 @@ export function parseChallenge(header: string | string[] | undefined): Challenge
  * of its registrable domain (auth.docker.io for registry-1.docker.io), never over a weaker
  * scheme, or to a realm allowed by prefix in the upstream's config.
  */
-export function realmMayReceiveCredentials(upstreamUrl: URL, realmUrl: URL, allowed: readonly string[]): boolean {
+export function realmMayReceiveCredentials(
+  upstreamUrl: URL,
+  realmUrl: URL,
+  allowed: readonly string[],
+): boolean {
   if (allowed.some((prefix) => realmUrl.href.startsWith(prefix))) return true;
   if (upstreamUrl.protocol === 'https:' && realmUrl.protocol !== 'https:') return false;
   const upstreamHost = upstreamUrl.hostname.toLowerCase();

@@ -35,7 +35,12 @@ export class BodyQueue {
     });
     body.once('end', () => this.finish({ kind: 'end' }));
     body.once('error', (error) => this.finish({ kind: 'error', error }));
-    body.once('close', () => this.finish({ kind: 'error', error: Object.assign(new Error('body closed early'), { code: 'UND_ERR_SOCKET' }) }));
+    body.once('close', () =>
+      this.finish({
+        kind: 'error',
+        error: Object.assign(new Error('body closed early'), { code: 'UND_ERR_SOCKET' }),
+      }),
+    );
   }
 
   /** Chunks in order; then returns how the body ended (an error is returned, not thrown). */

@@ -11,7 +11,14 @@ import type { Logger } from '../log/logger.js';
 import { DigestVerifier, digestOf, parseDigest, type Digest } from '../oci/digest.js';
 import { MANIFEST_ACCEPT, baseMediaType } from '../oci/media-types.js';
 import type { Repository } from '../oci/reference.js';
-import { parseChallenge, realmMayReceiveCredentials, refreshTime, TokenCache, type Challenge, type Token } from './auth.js';
+import {
+  parseChallenge,
+  realmMayReceiveCredentials,
+  refreshTime,
+  TokenCache,
+  type Challenge,
+  type Token,
+} from './auth.js';
 import {
   UpstreamDeniedError,
   UpstreamInvalidError,
@@ -22,7 +29,14 @@ import {
 } from './errors.js';
 import { BodyQueue, type QueueEnd } from './body-queue.js';
 import { UpstreamHealth, type HealthOptions } from './health.js';
-import type { BlobHead, BlobStream, FetchedManifest, ManifestHead, RequestOptions, UpstreamClient } from './types.js';
+import type {
+  BlobHead,
+  BlobStream,
+  FetchedManifest,
+  ManifestHead,
+  RequestOptions,
+  UpstreamClient,
+} from './types.js';
 
 const MAX_REDIRECTS = 5;
 /** How far a blob consumer may fall behind the upstream before the body is cut and resumed. */
@@ -97,14 +111,28 @@ export class RegistryClient implements UpstreamClient {
 
   // ---- manifests ------------------------------------------------------------------------
 
-  async getManifest(repository: Repository, reference: string, options: RequestOptions = {}): Promise<FetchedManifest> {
+  async getManifest(
+    repository: Repository,
+    reference: string,
+    options: RequestOptions = {},
+  ): Promise<FetchedManifest> {
     const what = `manifest ${repository}:${reference}`;
-    const res = await this.send('GET', repository, `manifests/${reference}`, what, { accept: MANIFEST_ACCEPT }, options);
+    const res = await this.send(
+      'GET',
+      repository,
+      `manifests/${reference}`,
+      what,
+      { accept: MANIFEST_ACCEPT },
+      options,
+    );
     const limit = this.config.maxManifestSize;
     const declared = Number(header(res.headers, 'content-length'));
     if (declared > limit) {
       res.body.destroy();
-      throw new UpstreamInvalidError(this.name, `${what} is ${declared} bytes, more than the ${limit} allowed`);
+      throw new UpstreamInvalidError(
+        this.name,
+        `${what} is ${declared} bytes, more than the ${limit} allowed`,
+      );
     }
     const chunks: Buffer[] = [];
     let size = 0;
@@ -113,7 +141,10 @@ export class RegistryClient implements UpstreamClient {
         size += (chunk as Buffer).length;
         if (size > limit) {
           res.body.destroy();
-          throw new UpstreamInvalidError(this.name, `${what} is more than the ${limit} bytes allowed`);
+          throw new UpstreamInvalidError(
+            this.name,
+            `${what} is more than the ${limit} bytes allowed`,
+          );
         }
         chunks.push(chunk as Buffer);
       }
@@ -121,14 +152,31 @@ export class RegistryClient implements UpstreamClient {
       throw this.bodyError(err, what);
     }
     const bytes = Buffer.concat(chunks, size);
-    const digest = this.verifyManifestDigest(bytes, reference, header(res.headers, 'docker-content-digest'), what);
-    const mediaType = baseMediaType(header(res.headers, 'content-type')) || 'application/octet-stream';
+    const digest = this.verifyManifestDigest(
+      bytes,
+      reference,
+      header(res.headers, 'docker-content-digest'),
+      what,
+    );
+    const mediaType =
+      baseMediaType(header(res.headers, 'content-type')) || 'application/octet-stream';
     return { digest, mediaType, size, bytes };
   }
 
-  async headManifest(repository: Repository, reference: string, options: RequestOptions = {}): Promise<ManifestHead> {
+  async headManifest(
+    repository: Repository,
+    reference: string,
+    options: RequestOptions = {},
+  ): Promise<ManifestHead> {
     const what = `manifest ${repository}:${reference}`;
-    const res = await this.send('HEAD', repository, `manifests/${reference}`, what, { accept: MANIFEST_ACCEPT }, options);
+    const res = await this.send(
+      'HEAD',
+      repository,
+      `manifests/${reference}`,
+      what,
+      { accept: MANIFEST_ACCEPT },
+      options,
+    );
     res.body.resume();
     const headerDigest = header(res.headers, 'docker-content-digest');
     let digest: Digest | undefined;
@@ -140,7 +188,11 @@ export class RegistryClient implements UpstreamClient {
         throw new UpstreamInvalidError(this.name, `${what}: invalid Docker-Content-Digest`);
       }
     }
-    if (!digest) throw new UpstreamInvalidError(this.name, `${what}: HEAD answered without Docker-Content-Digest`);
+    if (!digest)
+      throw new UpstreamInvalidError(
+        this.name,
+        `${what}: HEAD answered without Docker-Content-Digest`,
+      );
     return {
       digest,
       mediaType: baseMediaType(header(res.headers, 'content-type')),
@@ -148,7 +200,12 @@ export class RegistryClient implements UpstreamClient {
     };
   }
 
-  private verifyManifestDigest(bytes: Buffer, reference: string, headerDigest: string | undefined, what: string): Digest {
+  private verifyManifestDigest(
+    bytes: Buffer,
+    reference: string,
+    headerDigest: string | undefined,
+    what: string,
+  ): Digest {
     let expected: Digest | undefined;
     if (reference.includes(':')) expected = parseDigest(reference).digest;
     else if (headerDigest) {
@@ -160,19 +217,38 @@ export class RegistryClient implements UpstreamClient {
     }
     if (!expected) return digestOf(bytes);
     const actual = digestOf(bytes, parseDigest(expected).algorithm);
-    if (actual !== expected) throw new UpstreamInvalidError(this.name, `${what}: content is ${actual}, expected ${expected}`);
+    if (actual !== expected)
+      throw new UpstreamInvalidError(
+        this.name,
+        `${what}: content is ${actual}, expected ${expected}`,
+      );
     return expected;
   }
 
   // ---- blobs ----------------------------------------------------------------------------
 
-  async headBlob(repository: Repository, digest: Digest, options: RequestOptions = {}): Promise<BlobHead> {
-    const res = await this.send('HEAD', repository, `blobs/${digest}`, `blob ${digest}`, {}, options);
+  async headBlob(
+    repository: Repository,
+    digest: Digest,
+    options: RequestOptions = {},
+  ): Promise<BlobHead> {
+    const res = await this.send(
+      'HEAD',
+      repository,
+      `blobs/${digest}`,
+      `blob ${digest}`,
+      {},
+      options,
+    );
     res.body.resume();
     return { size: Number(header(res.headers, 'content-length') ?? 0) };
   }
 
-  async getBlob(repository: Repository, digest: Digest, options: RequestOptions = {}): Promise<BlobStream> {
+  async getBlob(
+    repository: Repository,
+    digest: Digest,
+    options: RequestOptions = {},
+  ): Promise<BlobStream> {
     const what = `blob ${digest}`;
     const first = await this.send('GET', repository, `blobs/${digest}`, what, {}, options);
     const length = header(first.headers, 'content-length');
@@ -180,7 +256,12 @@ export class RegistryClient implements UpstreamClient {
     const verifier = new DigestVerifier(parseDigest(digest));
     // Attach the queue now, not when the consumer first reads: the body must flow from the start.
     const queue = new BodyQueue(first.body, BODY_QUEUE_CAP);
-    return { size, stream: Readable.from(this.blobChunks(repository, digest, queue, size, verifier, options), { objectMode: false }) };
+    return {
+      size,
+      stream: Readable.from(this.blobChunks(repository, digest, queue, size, verifier, options), {
+        objectMode: false,
+      }),
+    };
   }
 
   /**
@@ -223,23 +304,45 @@ export class RegistryClient implements UpstreamClient {
       }
       if (end.kind === 'end') {
         if (size === undefined || verifier.bytes === size) break;
-        end = { kind: 'error', error: Object.assign(new Error(`body ended at ${verifier.bytes} of ${size} bytes`), { code: 'UND_ERR_SOCKET' }) };
+        end = {
+          kind: 'error',
+          error: Object.assign(new Error(`body ended at ${verifier.bytes} of ${size} bytes`), {
+            code: 'UND_ERR_SOCKET',
+          }),
+        };
       }
       if (end.kind === 'error') {
-        if (options.signal?.aborted || !isConnectionError(end.error) || attempt >= this.config.retries) {
+        if (
+          options.signal?.aborted ||
+          !isConnectionError(end.error) ||
+          attempt >= this.config.retries
+        ) {
           throw this.bodyError(end.error, what);
         }
         attempt++;
-        this.log.warn({ repository, digest, offset: verifier.bytes, attempt, err: errMessage(end.error) }, 'blob body broke off, resuming');
+        this.log.warn(
+          { repository, digest, offset: verifier.bytes, attempt, err: errMessage(end.error) },
+          'blob body broke off, resuming',
+        );
         await sleep(this.retryDelay * 2 ** (attempt - 1), options.signal);
       }
       const offset = verifier.bytes;
-      const res = await this.send('GET', repository, `blobs/${digest}`, what, { range: `bytes=${offset}-` }, options);
+      const res = await this.send(
+        'GET',
+        repository,
+        `blobs/${digest}`,
+        what,
+        { range: `bytes=${offset}-` },
+        options,
+      );
       if (res.status === 206) {
         const start = /^bytes (\d+)-/.exec(header(res.headers, 'content-range') ?? '')?.[1];
         if (Number(start) !== offset) {
           res.body.destroy();
-          throw new UpstreamInvalidError(this.name, `${what}: resumed at ${String(start)}, asked for ${offset}`);
+          throw new UpstreamInvalidError(
+            this.name,
+            `${what}: resumed at ${String(start)}, asked for ${offset}`,
+          );
         }
       } else {
         skip = offset;
@@ -253,18 +356,29 @@ export class RegistryClient implements UpstreamClient {
 
   // ---- tags -----------------------------------------------------------------------------
 
-  async listTags(repository: Repository, options: RequestOptions & { pageSize?: number } = {}): Promise<string[]> {
+  async listTags(
+    repository: Repository,
+    options: RequestOptions & { pageSize?: number } = {},
+  ): Promise<string[]> {
     const tags: string[] = [];
     let next: string | undefined = `tags/list?n=${options.pageSize ?? 1000}`;
     for (let page = 0; next && page < 10_000; page++) {
-      const res = await this.send('GET', repository, next, `tags of ${repository}`, { accept: 'application/json' }, options);
+      const res = await this.send(
+        'GET',
+        repository,
+        next,
+        `tags of ${repository}`,
+        { accept: 'application/json' },
+        options,
+      );
       let body: { tags?: unknown };
       try {
         body = (await res.body.json()) as { tags?: unknown };
       } catch (err) {
         throw this.bodyError(err, `tags of ${repository}`);
       }
-      if (Array.isArray(body.tags)) tags.push(...body.tags.filter((t): t is string => typeof t === 'string'));
+      if (Array.isArray(body.tags))
+        tags.push(...body.tags.filter((t): t is string => typeof t === 'string'));
       next = nextPage(header(res.headers, 'link'), repository);
     }
     return tags;
@@ -285,14 +399,23 @@ export class RegistryClient implements UpstreamClient {
     options: RequestOptions,
   ): Promise<Response> {
     if (this.config.offline) throw new UpstreamUnavailableError(this.name, 'configured offline');
-    if (!this.health.admit()) throw new UpstreamUnavailableError(this.name, 'not reachable (failing fast)');
-    const url = new URL(`${this.base.pathname.replace(/\/$/, '')}/v2/${repository}/${suffix}`, this.base);
+    if (!this.health.admit())
+      throw new UpstreamUnavailableError(this.name, 'not reachable (failing fast)');
+    const url = new URL(
+      `${this.base.pathname.replace(/\/$/, '')}/v2/${repository}/${suffix}`,
+      this.base,
+    );
     const scope = `repository:${repository}:pull`;
     const started = Date.now();
     let res: Response;
     try {
       let token = await this.authorization(scope, options);
-      res = await this.dispatch(method, url, { ...headers, ...(token ? { authorization: token.header } : {}) }, options);
+      res = await this.dispatch(
+        method,
+        url,
+        { ...headers, ...(token ? { authorization: token.header } : {}) },
+        options,
+      );
       if (res.status === 401) {
         const challenge = parseChallenge(res.headers['www-authenticate']);
         res.body.resume();
@@ -301,21 +424,33 @@ export class RegistryClient implements UpstreamClient {
           // A 401 on a cached token: one retry with a fresh one. Without a token: the first one.
           if (token?.cached) this.tokens.invalidate(scope, token.token);
           token = await this.authorization(scope, options);
-          if (token) res = await this.dispatch(method, url, { ...headers, authorization: token.header }, options);
+          if (token)
+            res = await this.dispatch(
+              method,
+              url,
+              { ...headers, authorization: token.header },
+              options,
+            );
         }
       }
       this.health.success();
     } catch (err) {
       if (isConnectionError(err)) {
         this.health.failure();
-        this.log.warn({ method, path: url.pathname, err: errMessage(err), durationMs: Date.now() - started }, 'upstream unreachable');
+        this.log.warn(
+          { method, path: url.pathname, err: errMessage(err), durationMs: Date.now() - started },
+          'upstream unreachable',
+        );
         throw new UpstreamUnavailableError(this.name, errMessage(err));
       }
       this.health.release();
       throw err;
     }
     this.recordRateLimit(res.headers);
-    this.log.debug({ method, path: url.pathname, status: res.status, durationMs: Date.now() - started }, 'upstream request');
+    this.log.debug(
+      { method, path: url.pathname, status: res.status, durationMs: Date.now() - started },
+      'upstream request',
+    );
     if (res.status >= 200 && res.status < 300) return res;
     res.body.resume();
     switch (res.status) {
@@ -335,7 +470,12 @@ export class RegistryClient implements UpstreamClient {
   }
 
   /** Follows redirects itself so that credentials never reach another origin. */
-  private async dispatch(method: string, url: URL, headers: Record<string, string>, options: RequestOptions): Promise<Response> {
+  private async dispatch(
+    method: string,
+    url: URL,
+    headers: Record<string, string>,
+    options: RequestOptions,
+  ): Promise<Response> {
     let current = url;
     let sendHeaders = headers;
     for (let hop = 0; ; hop++) {
@@ -350,7 +490,8 @@ export class RegistryClient implements UpstreamClient {
         return { status: res.statusCode, headers: res.headers, body: res.body, url: current };
       }
       res.body.resume();
-      if (hop >= MAX_REDIRECTS) throw new UpstreamInvalidError(this.name, `more than ${MAX_REDIRECTS} redirects`);
+      if (hop >= MAX_REDIRECTS)
+        throw new UpstreamInvalidError(this.name, `more than ${MAX_REDIRECTS} redirects`);
       const next = new URL(location, current);
       if (next.protocol !== 'http:' && next.protocol !== 'https:') {
         throw new UpstreamInvalidError(this.name, `redirect to a ${next.protocol} URL`);
@@ -365,12 +506,17 @@ export class RegistryClient implements UpstreamClient {
   }
 
   /** The Authorization header for a scope, from the token cache or a new token; none when anonymous access is all we know. */
-  private async authorization(scope: string, options: RequestOptions): Promise<{ header: string; token: string; cached: boolean } | undefined> {
+  private async authorization(
+    scope: string,
+    options: RequestOptions,
+  ): Promise<{ header: string; token: string; cached: boolean } | undefined> {
     const challenge = this.challenge;
     if (!challenge) return undefined;
     if (challenge.scheme === 'basic') {
       if (this.config.username === undefined) return undefined;
-      const value = Buffer.from(`${this.config.username}:${this.password ?? ''}`).toString('base64');
+      const value = Buffer.from(`${this.config.username}:${this.password ?? ''}`).toString(
+        'base64',
+      );
       return { header: `Basic ${value}`, token: value, cached: false };
     }
     const cached = this.tokens.get(scope);
@@ -379,14 +525,19 @@ export class RegistryClient implements UpstreamClient {
     return { header: `Bearer ${token.value}`, token: token.value, cached: false };
   }
 
-  private async fetchToken(challenge: Extract<Challenge, { scheme: 'bearer' }>, scope: string, options: RequestOptions): Promise<Token> {
+  private async fetchToken(
+    challenge: Extract<Challenge, { scheme: 'bearer' }>,
+    scope: string,
+    options: RequestOptions,
+  ): Promise<Token> {
     let realm: URL;
     try {
       realm = new URL(challenge.realm);
     } catch {
       throw new UpstreamInvalidError(this.name, 'token realm is not a URL');
     }
-    if (realm.protocol !== 'http:' && realm.protocol !== 'https:') throw new UpstreamInvalidError(this.name, 'token realm is not http(s)');
+    if (realm.protocol !== 'http:' && realm.protocol !== 'https:')
+      throw new UpstreamInvalidError(this.name, 'token realm is not http(s)');
     if (challenge.service !== undefined) realm.searchParams.set('service', challenge.service);
     realm.searchParams.set('scope', scope);
     const headers: Record<string, string> = { accept: 'application/json' };
@@ -394,11 +545,19 @@ export class RegistryClient implements UpstreamClient {
       if (realmMayReceiveCredentials(this.base, realm, this.config.authRealms)) {
         headers.authorization = `Basic ${Buffer.from(`${this.config.username}:${this.password ?? ''}`).toString('base64')}`;
       } else {
-        this.log.warn({ realm: realm.origin }, 'token realm is outside the upstream domain; asking anonymously');
+        this.log.warn(
+          { realm: realm.origin },
+          'token realm is outside the upstream domain; asking anonymously',
+        );
       }
     }
     const issued = Date.now();
-    const res = await request(realm, { method: 'GET', headers, dispatcher: this.agent, signal: options.signal ?? null });
+    const res = await request(realm, {
+      method: 'GET',
+      headers,
+      dispatcher: this.agent,
+      signal: options.signal ?? null,
+    });
     if (res.statusCode === 401 || res.statusCode === 403) {
       res.body.resume();
       throw new UpstreamDeniedError(this.name, `a token for ${scope}`);
@@ -410,7 +569,11 @@ export class RegistryClient implements UpstreamClient {
     }
     if (res.statusCode !== 200) {
       res.body.resume();
-      if (res.statusCode >= 500) throw new UpstreamUnavailableError(this.name, `token service answered HTTP ${res.statusCode}`);
+      if (res.statusCode >= 500)
+        throw new UpstreamUnavailableError(
+          this.name,
+          `token service answered HTTP ${res.statusCode}`,
+        );
       throw new UpstreamInvalidError(this.name, `token service answered HTTP ${res.statusCode}`);
     }
     let body: { token?: unknown; access_token?: unknown; expires_in?: unknown };
@@ -419,10 +582,16 @@ export class RegistryClient implements UpstreamClient {
     } catch {
       throw new UpstreamInvalidError(this.name, 'token response is not JSON');
     }
-    const value = typeof body.token === 'string' ? body.token : typeof body.access_token === 'string' ? body.access_token : undefined;
+    const value =
+      typeof body.token === 'string'
+        ? body.token
+        : typeof body.access_token === 'string'
+          ? body.access_token
+          : undefined;
     if (!value) throw new UpstreamInvalidError(this.name, 'token response has no token');
     // The spec's default lifetime when expires_in is absent is 60 seconds.
-    const expiresIn = typeof body.expires_in === 'number' && body.expires_in > 0 ? body.expires_in : 60;
+    const expiresIn =
+      typeof body.expires_in === 'number' && body.expires_in > 0 ? body.expires_in : 60;
     this.log.debug({ scope, expiresIn }, 'token obtained');
     return { value, refreshAt: refreshTime(issued, expiresIn) };
   }
@@ -439,7 +608,9 @@ export class RegistryClient implements UpstreamClient {
     if (w !== undefined) info.window = w;
     if (r !== undefined) info.remaining = r;
     if (retryAfter !== undefined) {
-      const seconds = /^\d+$/.test(retryAfter) ? Number(retryAfter) : Math.max(0, Math.ceil((Date.parse(retryAfter) - Date.now()) / 1000));
+      const seconds = /^\d+$/.test(retryAfter)
+        ? Number(retryAfter)
+        : Math.max(0, Math.ceil((Date.parse(retryAfter) - Date.now()) / 1000));
       if (Number.isFinite(seconds)) info.retryAfterSeconds = seconds;
     }
     const source = header(headers, 'docker-ratelimit-source');
@@ -449,7 +620,8 @@ export class RegistryClient implements UpstreamClient {
 
   private bodyError(err: unknown, what: string): unknown {
     if (err instanceof UpstreamInvalidError || err instanceof UpstreamUnavailableError) return err;
-    if (isConnectionError(err)) return new UpstreamUnavailableError(this.name, `${what}: ${errMessage(err)}`);
+    if (isConnectionError(err))
+      return new UpstreamUnavailableError(this.name, `${what}: ${errMessage(err)}`);
     return err;
   }
 }
@@ -497,10 +669,15 @@ const CONNECTION_CODES = new Set([
 
 export function isConnectionError(err: unknown): boolean {
   if (err instanceof UpstreamUnavailableError) return true;
-  for (let e: unknown = err, depth = 0; e && depth < 4; e = (e as { cause?: unknown }).cause, depth++) {
+  for (
+    let e: unknown = err, depth = 0;
+    e && depth < 4;
+    e = (e as { cause?: unknown }).cause, depth++
+  ) {
     const code = (e as { code?: string }).code;
     if (code && CONNECTION_CODES.has(code)) return true;
-    if (e instanceof undiciErrors.SocketError || e instanceof undiciErrors.ConnectTimeoutError) return true;
+    if (e instanceof undiciErrors.SocketError || e instanceof undiciErrors.ConnectTimeoutError)
+      return true;
   }
   return false;
 }
@@ -513,9 +690,13 @@ function errMessage(err: unknown): string {
 function sleep(ms: number, signal?: AbortSignal): Promise<void> {
   return new Promise((resolve, reject) => {
     const timer = setTimeout(resolve, ms);
-    signal?.addEventListener('abort', () => {
-      clearTimeout(timer);
-      reject(signal.reason);
-    }, { once: true });
+    signal?.addEventListener(
+      'abort',
+      () => {
+        clearTimeout(timer);
+        reject(signal.reason);
+      },
+      { once: true },
+    );
   });
 }

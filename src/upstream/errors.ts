@@ -43,7 +43,9 @@ export class UpstreamRateLimitedError extends RegistryError {
       'TOOMANYREQUESTS',
       `upstream ${upstream} is rate limiting pulls${rateLimit.retryAfterSeconds !== undefined ? `; retry after ${rateLimit.retryAfterSeconds}s` : ''}`,
       undefined,
-      rateLimit.retryAfterSeconds !== undefined ? { 'Retry-After': String(rateLimit.retryAfterSeconds) } : {},
+      rateLimit.retryAfterSeconds !== undefined
+        ? { 'Retry-After': String(rateLimit.retryAfterSeconds) }
+        : {},
     );
   }
 }

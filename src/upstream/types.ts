@@ -41,13 +41,24 @@ export interface RequestOptions {
 export interface UpstreamClient {
   readonly name: string;
   /** GET by tag or digest; the body is capped and verified. */
-  getManifest(repository: Repository, reference: string, options?: RequestOptions): Promise<FetchedManifest>;
+  getManifest(
+    repository: Repository,
+    reference: string,
+    options?: RequestOptions,
+  ): Promise<FetchedManifest>;
   /** HEAD by tag or digest: digest, media type and size, no body. */
-  headManifest(repository: Repository, reference: string, options?: RequestOptions): Promise<ManifestHead>;
+  headManifest(
+    repository: Repository,
+    reference: string,
+    options?: RequestOptions,
+  ): Promise<ManifestHead>;
   headBlob(repository: Repository, digest: Digest, options?: RequestOptions): Promise<BlobHead>;
   getBlob(repository: Repository, digest: Digest, options?: RequestOptions): Promise<BlobStream>;
   /** Every tag, following `Link` pagination. */
-  listTags(repository: Repository, options?: RequestOptions & { pageSize?: number }): Promise<string[]>;
+  listTags(
+    repository: Repository,
+    options?: RequestOptions & { pageSize?: number },
+  ): Promise<string[]>;
   readonly healthState: HealthState;
   /** True while the client fails fast (circuit open) or is configured offline. */
   readonly isDown: boolean;

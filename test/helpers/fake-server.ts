@@ -8,7 +8,10 @@ export interface FakeServer {
   close(): Promise<void>;
 }
 
-export async function fakeServer(handler: (req: IncomingMessage, res: ServerResponse) => void, host = '127.0.0.1'): Promise<FakeServer> {
+export async function fakeServer(
+  handler: (req: IncomingMessage, res: ServerResponse) => void,
+  host = '127.0.0.1',
+): Promise<FakeServer> {
   const requests: FakeServer['requests'] = [];
   const server: Server = createServer((req, res) => {
     requests.push({ method: req.method ?? '', url: req.url ?? '', headers: req.headers });

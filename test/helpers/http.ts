@@ -7,13 +7,20 @@ export interface RawResponse {
 }
 
 /** A request with the path sent exactly as given (fetch would normalise `..`). */
-export function rawRequest(base: string, method: string, path: string, headers: Record<string, string> = {}): Promise<RawResponse> {
+export function rawRequest(
+  base: string,
+  method: string,
+  path: string,
+  headers: Record<string, string> = {},
+): Promise<RawResponse> {
   const url = new URL(base);
   return new Promise((resolve, reject) => {
     const req = request({ host: url.hostname, port: url.port, method, path, headers }, (res) => {
       const chunks: Buffer[] = [];
       res.on('data', (c: Buffer) => chunks.push(c));
-      res.on('end', () => resolve({ status: res.statusCode ?? 0, headers: res.headers, body: Buffer.concat(chunks) }));
+      res.on('end', () =>
+        resolve({ status: res.statusCode ?? 0, headers: res.headers, body: Buffer.concat(chunks) }),
+      );
       res.on('error', reject);
     });
     req.on('error', reject);
@@ -22,7 +29,10 @@ export function rawRequest(base: string, method: string, path: string, headers: 
 }
 
 export async function ociError(res: Response | RawResponse): Promise<string | undefined> {
-  const text = 'body' in res && Buffer.isBuffer(res.body) ? res.body.toString() : await (res as Response).text();
+  const text =
+    'body' in res && Buffer.isBuffer(res.body)
+      ? res.body.toString()
+      : await (res as Response).text();
   try {
     return (JSON.parse(text) as { errors: { code: string }[] }).errors[0]?.code;
   } catch {

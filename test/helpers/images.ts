@@ -24,7 +24,8 @@ export interface Image {
   children?: Image[];
 }
 
-export const sha256 = (b: Uint8Array | string) => `sha256:${createHash('sha256').update(b).digest('hex')}`;
+export const sha256 = (b: Uint8Array | string) =>
+  `sha256:${createHash('sha256').update(b).digest('hex')}`;
 
 /** A one-file tar archive (ustar), as a layer's uncompressed content. */
 export function tar(name: string, content: Buffer): Buffer {
@@ -46,9 +47,16 @@ export function tar(name: string, content: Buffer): Buffer {
   return Buffer.concat([header, content, pad, Buffer.alloc(1024)]);
 }
 
-export function layer(size: number, mediaType: string, seed = randomBytes(8).toString('hex')): Blob & { diffId: string } {
+export function layer(
+  size: number,
+  mediaType: string,
+  seed = randomBytes(8).toString('hex'),
+): Blob & { diffId: string } {
   // Half random, half text: compressible like real layers, unique per seed.
-  const content = Buffer.concat([randomBytes(Math.floor(size / 2)), Buffer.from(`${seed} `.repeat(Math.ceil(size / 2 / (seed.length + 1))))]).subarray(0, size);
+  const content = Buffer.concat([
+    randomBytes(Math.floor(size / 2)),
+    Buffer.from(`${seed} `.repeat(Math.ceil(size / 2 / (seed.length + 1)))),
+  ]).subarray(0, size);
   const raw = tar(`file-${seed}.bin`, content);
   const bytes = gzipSync(raw, { level: 1 });
   return { digest: sha256(bytes), bytes, mediaType, diffId: sha256(raw) };
@@ -62,7 +70,10 @@ function config(diffIds: string[], mediaType: string, architecture = 'amd64'): B
       created: '2026-01-01T00:00:00Z',
       config: { Env: ['PATH=/usr/bin'], Cmd: ['/bin/sh'] },
       rootfs: { type: 'layers', diff_ids: diffIds },
-      history: diffIds.map(() => ({ created: '2026-01-01T00:00:00Z', created_by: 'pullcache test' })),
+      history: diffIds.map(() => ({
+        created: '2026-01-01T00:00:00Z',
+        created_by: 'pullcache test',
+      })),
     }),
   );
   return { digest: sha256(bytes), bytes, mediaType };
@@ -70,30 +81,70 @@ function config(diffIds: string[], mediaType: string, architecture = 'amd64'): B
 
 export type ImageKind = 'docker' | 'oci';
 
-export function makeImage(repository: string, tag: string, kind: ImageKind, layerSizes: number[], architecture = 'amd64'): Image {
-  const layerType = kind === 'docker' ? 'application/vnd.docker.image.rootfs.diff.tar.gzip' : 'application/vnd.oci.image.layer.v1.tar+gzip';
-  const configType = kind === 'docker' ? 'application/vnd.docker.container.image.v1+json' : 'application/vnd.oci.image.config.v1+json';
-  const mediaType = kind === 'docker' ? 'application/vnd.docker.distribution.manifest.v2+json' : 'application/vnd.oci.image.manifest.v1+json';
+export function makeImage(
+  repository: string,
+  tag: string,
+  kind: ImageKind,
+  layerSizes: number[],
+  architecture = 'amd64',
+): Image {
+  const layerType =
+    kind === 'docker'
+      ? 'application/vnd.docker.image.rootfs.diff.tar.gzip'
+      : 'application/vnd.oci.image.layer.v1.tar+gzip';
+  const configType =
+    kind === 'docker'
+      ? 'application/vnd.docker.container.image.v1+json'
+      : 'application/vnd.oci.image.config.v1+json';
+  const mediaType =
+    kind === 'docker'
+      ? 'application/vnd.docker.distribution.manifest.v2+json'
+      : 'application/vnd.oci.image.manifest.v1+json';
   const layers = layerSizes.map((size) => layer(size, layerType));
-  const cfg = config(layers.map((l) => l.diffId), configType, architecture);
+  const cfg = config(
+    layers.map((l) => l.diffId),
+    configType,
+    architecture,
+  );
   const manifest = Buffer.from(
     JSON.stringify(
       {
         schemaVersion: 2,
         mediaType,
         config: { mediaType: configType, size: cfg.bytes.length, digest: cfg.digest },
-        layers: layers.map((l) => ({ mediaType: layerType, size: l.bytes.length, digest: l.digest })),
+        layers: layers.map((l) => ({
+          mediaType: layerType,
+          size: l.bytes.length,
+          digest: l.digest,
+        })),
       },
       null,
       3, // Not how we would print it: byte-equality tests must catch any re-serialisation.
     ),
   );
-  return { repository, tag, manifest, digest: sha256(manifest), mediaType, blobs: [cfg, ...layers] };
+  return {
+    repository,
+    tag,
+    manifest,
+    digest: sha256(manifest),
+    mediaType,
+    blobs: [cfg, ...layers],
+  };
 }
 
-export function makeIndex(repository: string, tag: string, kind: ImageKind, architectures: string[]): Image {
-  const children = architectures.map((arch) => makeImage(repository, `${tag}-${arch}`, kind, [20_000, 5_000], arch));
-  const mediaType = kind === 'docker' ? 'application/vnd.docker.distribution.manifest.list.v2+json' : 'application/vnd.oci.image.index.v1+json';
+export function makeIndex(
+  repository: string,
+  tag: string,
+  kind: ImageKind,
+  architectures: string[],
+): Image {
+  const children = architectures.map((arch) =>
+    makeImage(repository, `${tag}-${arch}`, kind, [20_000, 5_000], arch),
+  );
+  const mediaType =
+    kind === 'docker'
+      ? 'application/vnd.docker.distribution.manifest.list.v2+json'
+      : 'application/vnd.oci.image.index.v1+json';
   const manifest = Buffer.from(
     JSON.stringify({
       schemaVersion: 2,
@@ -114,23 +165,50 @@ async function check(res: Response, what: string): Promise<Response> {
   return res;
 }
 
-export async function pushBlob(registry: TestRegistry, repository: string, blob: { digest: string; bytes: Buffer }): Promise<void> {
+export async function pushBlob(
+  registry: TestRegistry,
+  repository: string,
+  blob: { digest: string; bytes: Buffer },
+): Promise<void> {
   const auth = { authorization: `Bearer ${registry.tokens.pushToken(repository)}` };
-  const head = await fetch(`${registry.url}/v2/${repository}/blobs/${blob.digest}`, { method: 'HEAD', headers: auth });
+  const head = await fetch(`${registry.url}/v2/${repository}/blobs/${blob.digest}`, {
+    method: 'HEAD',
+    headers: auth,
+  });
   if (head.ok) return;
-  const start = await check(await fetch(`${registry.url}/v2/${repository}/blobs/uploads/`, { method: 'POST', headers: auth }), 'start upload');
+  const start = await check(
+    await fetch(`${registry.url}/v2/${repository}/blobs/uploads/`, {
+      method: 'POST',
+      headers: auth,
+    }),
+    'start upload',
+  );
   const location = new URL(start.headers.get('location')!, registry.url);
   location.searchParams.set('digest', blob.digest);
   await check(
-    await fetch(location, { method: 'PUT', headers: { ...auth, 'content-type': 'application/octet-stream' }, body: blob.bytes }),
+    await fetch(location, {
+      method: 'PUT',
+      headers: { ...auth, 'content-type': 'application/octet-stream' },
+      body: blob.bytes,
+    }),
     `put blob ${blob.digest}`,
   );
 }
 
-export async function pushManifest(registry: TestRegistry, repository: string, reference: string, manifest: Buffer, mediaType: string): Promise<void> {
+export async function pushManifest(
+  registry: TestRegistry,
+  repository: string,
+  reference: string,
+  manifest: Buffer,
+  mediaType: string,
+): Promise<void> {
   const auth = { authorization: `Bearer ${registry.tokens.pushToken(repository)}` };
   await check(
-    await fetch(`${registry.url}/v2/${repository}/manifests/${reference}`, { method: 'PUT', headers: { ...auth, 'content-type': mediaType }, body: manifest }),
+    await fetch(`${registry.url}/v2/${repository}/manifests/${reference}`, {
+      method: 'PUT',
+      headers: { ...auth, 'content-type': mediaType },
+      body: manifest,
+    }),
     `put manifest ${repository}:${reference}`,
   );
 }

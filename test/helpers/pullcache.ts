@@ -13,14 +13,19 @@ export interface TestPullcache extends RunningServer {
   stop(): Promise<void>;
 }
 
-export async function startPullcache(raw: Record<string, unknown>, root?: string): Promise<TestPullcache> {
+export async function startPullcache(
+  raw: Record<string, unknown>,
+  root?: string,
+): Promise<TestPullcache> {
   const dir = root ?? mkdtempSync(join(tmpdir(), 'pullcache-data-'));
   const config = parseConfig({
     ...raw,
     server: { listen: '127.0.0.1:0', ...(raw.server as object | undefined) },
     storage: { filesystem: { root: dir }, ...(raw.storage as object | undefined) },
   });
-  const log = process.env.PULLCACHE_TEST_LOG ? createLogger({ level: process.env.PULLCACHE_TEST_LOG }) : silentLogger();
+  const log = process.env.PULLCACHE_TEST_LOG
+    ? createLogger({ level: process.env.PULLCACHE_TEST_LOG })
+    : silentLogger();
   const running = await startServer(config, log);
   return {
     ...running,

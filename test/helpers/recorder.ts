@@ -23,9 +23,17 @@ export class Recorder {
   private constructor(target: string) {
     // Keep-alive to the registry, as a real upstream's front end would (without an agent,
     // http-proxy asks for `Connection: close` on every request).
-    this.proxy = httpProxy.createProxyServer({ target, changeOrigin: false, agent: new Agent({ keepAlive: true }) });
+    this.proxy = httpProxy.createProxyServer({
+      target,
+      changeOrigin: false,
+      agent: new Agent({ keepAlive: true }),
+    });
     this.proxy.on('proxyRes', (proxyRes, req) => {
-      const entry: Recorded = { method: req.method ?? '', path: (req.url ?? '').split('?')[0]!, bytes: 0 };
+      const entry: Recorded = {
+        method: req.method ?? '',
+        path: (req.url ?? '').split('?')[0]!,
+        bytes: 0,
+      };
       this.requests.push(entry);
       proxyRes.on('data', (chunk: Buffer) => (entry.bytes += chunk.length));
     });
@@ -77,7 +85,9 @@ export class Recorder {
   }
 
   blobBytes(): number {
-    return this.requests.filter((r) => r.method === 'GET' && r.path.includes('/blobs/')).reduce((n, r) => n + r.bytes, 0);
+    return this.requests
+      .filter((r) => r.method === 'GET' && r.path.includes('/blobs/'))
+      .reduce((n, r) => n + r.bytes, 0);
   }
 
   async close(): Promise<void> {

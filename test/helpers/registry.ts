@@ -58,11 +58,16 @@ export class TestRegistry {
       ].join('\n'),
     );
     const log = createWriteStream(join(this.dir, 'registry.log'), { flags: 'a' });
-    this.process = spawn('docker-registry', ['serve', config], { stdio: ['ignore', 'pipe', 'pipe'] });
+    this.process = spawn('docker-registry', ['serve', config], {
+      stdio: ['ignore', 'pipe', 'pipe'],
+    });
     this.process.stdout!.pipe(log);
     this.process.stderr!.pipe(log);
     this.url = `http://127.0.0.1:${this.port}`;
-    await waitFor(async () => (await fetch(`${this.url}/v2/`)).status === 401, `docker-registry on ${this.url}`);
+    await waitFor(
+      async () => (await fetch(`${this.url}/v2/`)).status === 401,
+      `docker-registry on ${this.url}`,
+    );
   }
 
   /** Stops the registry process; `restart()` brings it back on the same port and storage. */

@@ -6,7 +6,10 @@ const run = promisify(execFile);
 /** Runs skopeo against plain-HTTP registries; rejects with its stderr on failure. */
 export async function skopeo(...args: string[]): Promise<string> {
   try {
-    const { stdout } = await run('skopeo', ['--insecure-policy', ...args], { timeout: 120_000, maxBuffer: 64 * 1024 * 1024 });
+    const { stdout } = await run('skopeo', ['--insecure-policy', ...args], {
+      timeout: 120_000,
+      maxBuffer: 64 * 1024 * 1024,
+    });
     return stdout;
   } catch (err) {
     const e = err as { stderr?: string; message: string };
@@ -15,6 +18,17 @@ export async function skopeo(...args: string[]): Promise<string> {
 }
 
 /** `skopeo copy docker://HOST/REF dir:DEST` from an insecure (http) registry. */
-export function skopeoCopy(host: string, ref: string, dest: string, ...extra: string[]): Promise<string> {
-  return skopeo('copy', '--src-tls-verify=false', ...extra, `docker://${host}/${ref}`, `dir:${dest}`);
+export function skopeoCopy(
+  host: string,
+  ref: string,
+  dest: string,
+  ...extra: string[]
+): Promise<string> {
+  return skopeo(
+    'copy',
+    '--src-tls-verify=false',
+    ...extra,
+    `docker://${host}/${ref}`,
+    `dir:${dest}`,
+  );
 }

@@ -38,7 +38,25 @@ export class TokenServer {
   static async start(dir: string): Promise<TokenServer> {
     const key = join(dir, 'token.key');
     const cert = join(dir, 'token.crt');
-    execFileSync('openssl', ['req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-keyout', key, '-out', cert, '-days', '2', '-subj', '/CN=pullcache-test-token'], { stdio: 'ignore' });
+    execFileSync(
+      'openssl',
+      [
+        'req',
+        '-x509',
+        '-newkey',
+        'rsa:2048',
+        '-nodes',
+        '-keyout',
+        key,
+        '-out',
+        cert,
+        '-days',
+        '2',
+        '-subj',
+        '/CN=pullcache-test-token',
+      ],
+      { stdio: 'ignore' },
+    );
     const pem = readFileSync(cert, 'utf8');
     const der = new X509Certificate(pem).raw.toString('base64');
     const ts = new TokenServer(cert, readFileSync(key, 'utf8'), der);
@@ -46,14 +64,27 @@ export class TokenServer {
       const url = new URL(req.url ?? '/', 'http://x');
       const user = authenticate(req);
       const scope = url.searchParams.get('scope');
-      ts.requests.push({ scope, user: user === false ? null : user, authorization: req.headers.authorization });
+      ts.requests.push({
+        scope,
+        user: user === false ? null : user,
+        authorization: req.headers.authorization,
+      });
       if (user === false) {
-        res.writeHead(401, { 'content-type': 'application/json' }).end('{"details":"bad credentials"}');
+        res
+          .writeHead(401, { 'content-type': 'application/json' })
+          .end('{"details":"bad credentials"}');
         return;
       }
       const token = ts.sign(user, scope);
       res.writeHead(200, { 'content-type': 'application/json' });
-      res.end(JSON.stringify({ token, access_token: token, expires_in: ts.expiresIn, issued_at: new Date().toISOString() }));
+      res.end(
+        JSON.stringify({
+          token,
+          access_token: token,
+          expires_in: ts.expiresIn,
+          issued_at: new Date().toISOString(),
+        }),
+      );
     });
     await new Promise<void>((resolve) => ts.server!.listen(0, '127.0.0.1', resolve));
     const address = ts.server.address();

@@ -25,7 +25,8 @@ describe('blob fetch faults', () => {
   const blobs = new Map<string, Served>();
   let upstream: FakeServer;
   let pc: TestPullcache;
-  const gets = (digest: string) => upstream.requests.filter((r) => r.method === 'GET' && r.url.endsWith(digest)).length;
+  const gets = (digest: string) =>
+    upstream.requests.filter((r) => r.method === 'GET' && r.url.endsWith(digest)).length;
 
   beforeAll(async () => {
     upstream = await fakeServer((req, res) => {
@@ -52,7 +53,10 @@ describe('blob fetch faults', () => {
       };
       send();
     });
-    pc = await startPullcache({ upstreams: { 'docker.io': { url: upstream.url } }, server: { cacheWriteTimeout: '30s' } });
+    pc = await startPullcache({
+      upstreams: { 'docker.io': { url: upstream.url } },
+      server: { cacheWriteTimeout: '30s' },
+    });
   });
   afterAll(async () => {
     await pc?.stop();
@@ -89,7 +93,11 @@ describe('blob fetch faults', () => {
     const reader = res.body!.getReader();
     await reader.read();
     controller.abort();
-    await waitFor(async () => (await pc.runtime.blobs.stat(parseDigest(digest).digest)).found, 'the blob to be committed', 10_000);
+    await waitFor(
+      async () => (await pc.runtime.blobs.stat(parseDigest(digest).digest)).found,
+      'the blob to be committed',
+      10_000,
+    );
     const again = await fetch(`${pc.url}/v2/x/leaver/blobs/${digest}`);
     expect(sha256(Buffer.from(await again.arrayBuffer()))).toBe(digest);
     expect(gets(digest)).toBe(1);
@@ -118,7 +126,9 @@ describe('blob fetch faults', () => {
         .end();
     });
     await new Promise((r) => setTimeout(r, 50));
-    const fast = Buffer.from(await (await fetch(`${pc.url}/v2/x/slow/blobs/${digest}`)).arrayBuffer());
+    const fast = Buffer.from(
+      await (await fetch(`${pc.url}/v2/x/slow/blobs/${digest}`)).arrayBuffer(),
+    );
     expect(sha256(fast)).toBe(digest);
     expect(slowResumed).toBe(false); // the fast client finished while the slow one was still paused
     const slowBody = await slow;
@@ -128,9 +138,13 @@ describe('blob fetch faults', () => {
 
   test('a late joiner gets the blob from its first byte', async () => {
     const digest = add(3 * 1024 * 1024, { pace: 5 });
-    const first = fetch(`${pc.url}/v2/x/late/blobs/${digest}`).then(async (r) => Buffer.from(await r.arrayBuffer()));
+    const first = fetch(`${pc.url}/v2/x/late/blobs/${digest}`).then(async (r) =>
+      Buffer.from(await r.arrayBuffer()),
+    );
     await new Promise((r) => setTimeout(r, 150));
-    const late = await fetch(`${pc.url}/v2/x/late/blobs/${digest}`, { headers: { range: 'bytes=0-' } });
+    const late = await fetch(`${pc.url}/v2/x/late/blobs/${digest}`, {
+      headers: { range: 'bytes=0-' },
+    });
     expect(late.status).toBe(206);
     const [a, b] = [await first, Buffer.from(await late.arrayBuffer())];
     expect(sha256(a)).toBe(digest);
@@ -141,6 +155,8 @@ describe('blob fetch faults', () => {
   test('a blob the upstream does not have is BLOB_UNKNOWN', async () => {
     const res = await fetch(`${pc.url}/v2/x/none/blobs/${sha256('absent')}`);
     expect(res.status).toBe(404);
-    expect(((await res.json()) as { errors: { code: string }[] }).errors[0]!.code).toBe('BLOB_UNKNOWN');
+    expect(((await res.json()) as { errors: { code: string }[] }).errors[0]!.code).toBe(
+      'BLOB_UNKNOWN',
+    );
   });
 });

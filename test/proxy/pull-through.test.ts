@@ -5,7 +5,14 @@ import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { parseDigest } from '../../src/oci/digest.js';
 import { rawRequest, ociError } from '../helpers/http.js';
-import { makeImage, makeIndex, pushImage, pushManifest, sha256, type Image } from '../helpers/images.js';
+import {
+  makeImage,
+  makeIndex,
+  pushImage,
+  pushManifest,
+  sha256,
+  type Image,
+} from '../helpers/images.js';
 import { startPullcache, type TestPullcache } from '../helpers/pullcache.js';
 import { Recorder } from '../helpers/recorder.js';
 import { TestRegistry } from '../helpers/registry.js';
@@ -55,7 +62,12 @@ describe('pulling through pullcache from a real registry', () => {
     pc = await startPullcache({
       upstreams: {
         'docker.io': { url: recorder.url, tagTTL: '1h' },
-        'registry.test': { url: recorder.url, tagTTL: '1s', username: 'reader', password: 'read-secret' },
+        'registry.test': {
+          url: recorder.url,
+          tagTTL: '1s',
+          username: 'reader',
+          password: 'read-secret',
+        },
         'passthru.test': { url: registry.url, mode: 'passthrough' },
       },
     });
@@ -79,8 +91,13 @@ describe('pulling through pullcache from a real registry', () => {
     await skopeoCopy(pc.host, 'org/multi:latest', d3, '--all');
     expect(readFileSync(join(d3, 'manifest.json')).equals(multi.manifest)).toBe(true);
     for (const child of multi.children!) {
-      expect(readFileSync(join(d3, `${parseDigest(child.digest).hex}.manifest.json`)).equals(child.manifest)).toBe(true);
-      for (const blob of child.blobs) expect(readFileSync(join(d3, parseDigest(blob.digest).hex)).equals(blob.bytes)).toBe(true);
+      expect(
+        readFileSync(join(d3, `${parseDigest(child.digest).hex}.manifest.json`)).equals(
+          child.manifest,
+        ),
+      ).toBe(true);
+      for (const blob of child.blobs)
+        expect(readFileSync(join(d3, parseDigest(blob.digest).hex)).equals(blob.bytes)).toBe(true);
     }
   });
 
@@ -150,8 +167,11 @@ describe('pulling through pullcache from a real registry', () => {
     const image = makeImage('org/shared-tag', 'v1', 'oci', [2000]);
     await pushImage(registry, image);
     recorder.reset();
-    const responses = await Promise.all(Array.from({ length: 10 }, () => fetch(`${pc.url}/v2/org/shared-tag/manifests/v1`)));
-    for (const res of responses) expect(res.headers.get('docker-content-digest')).toBe(image.digest);
+    const responses = await Promise.all(
+      Array.from({ length: 10 }, () => fetch(`${pc.url}/v2/org/shared-tag/manifests/v1`)),
+    );
+    for (const res of responses)
+      expect(res.headers.get('docker-content-digest')).toBe(image.digest);
     expect(recorder.count('GET', MANIFEST_GET)).toBe(1);
   });
 
@@ -182,7 +202,9 @@ describe('pulling through pullcache from a real registry', () => {
     expect(Buffer.from(await res.arrayBuffer()).equals(cached.bytes.subarray(10, 100))).toBe(true);
     res = await fetch(url, { headers: { range: 'bytes=-100' } });
     expect(res.status).toBe(206);
-    expect(Buffer.from(await res.arrayBuffer()).equals(cached.bytes.subarray(cached.bytes.length - 100))).toBe(true);
+    expect(
+      Buffer.from(await res.arrayBuffer()).equals(cached.bytes.subarray(cached.bytes.length - 100)),
+    ).toBe(true);
     res = await fetch(url, { headers: { range: `bytes=${cached.bytes.length}-` } });
     expect(res.status).toBe(416);
     expect(res.headers.get('content-range')).toBe(`bytes */${cached.bytes.length}`);
@@ -193,9 +215,13 @@ describe('pulling through pullcache from a real registry', () => {
     const fresh = makeImage('org/ranged', 'v1', 'oci', [100_000]);
     await pushImage(registry, fresh);
     const layer = fresh.blobs[1]!;
-    res = await fetch(`${pc.url}/v2/org/ranged/blobs/${layer.digest}`, { headers: { range: 'bytes=1000-1999' } });
+    res = await fetch(`${pc.url}/v2/org/ranged/blobs/${layer.digest}`, {
+      headers: { range: 'bytes=1000-1999' },
+    });
     expect(res.status).toBe(206);
-    expect(Buffer.from(await res.arrayBuffer()).equals(layer.bytes.subarray(1000, 2000))).toBe(true);
+    expect(Buffer.from(await res.arrayBuffer()).equals(layer.bytes.subarray(1000, 2000))).toBe(
+      true,
+    );
   });
 
   test('a HEAD on an uncached blob asks the upstream with HEAD and moves no body', async () => {
@@ -240,7 +266,9 @@ describe('pulling through pullcache from a real registry', () => {
     expect(unknownNs.status).toBe(400);
     expect(await ociError(unknownNs)).toBe('UPSTREAM_UNKNOWN');
     // The same name from two upstreams is kept apart.
-    const catalog = (await (await fetch(`${pc.url}/v2/_catalog`)).json()) as { repositories: string[] };
+    const catalog = (await (await fetch(`${pc.url}/v2/_catalog`)).json()) as {
+      repositories: string[];
+    };
     expect(catalog.repositories).toContain('org/oci-app');
     expect(catalog.repositories).toContain('registry.test/org/oci-app');
     expect(catalog.repositories).toContain('library/alpine');
@@ -254,12 +282,28 @@ describe('pulling through pullcache from a real registry', () => {
     await skopeoCopy(pc.host, 'alpine:3.20', src);
     // Clients take their auth challenge from the /v2/ ping, so an upstream that needs auth is
     // passed through as the default upstream of its own pullcache.
-    const pt = await startPullcache({ upstreams: { 'passthru.test': { url: registry.url, mode: 'passthrough' } } });
+    const pt = await startPullcache({
+      upstreams: { 'passthru.test': { url: registry.url, mode: 'passthrough' } },
+    });
     try {
-      await skopeo('copy', '--dest-tls-verify=false', '--dest-creds', 'pusher:push-secret', `dir:${src}`, `docker://${pt.host}/pushed/alpine:copied`);
+      await skopeo(
+        'copy',
+        '--dest-tls-verify=false',
+        '--dest-creds',
+        'pusher:push-secret',
+        `dir:${src}`,
+        `docker://${pt.host}/pushed/alpine:copied`,
+      );
       expect(await pt.runtime.repositories.listRepositories('passthru.test')).toEqual([]);
       const pulled = tmp();
-      await skopeo('copy', '--src-tls-verify=false', '--src-creds', 'pusher:push-secret', `docker://${pt.host}/pushed/alpine:copied`, `dir:${pulled}`);
+      await skopeo(
+        'copy',
+        '--src-tls-verify=false',
+        '--src-creds',
+        'pusher:push-secret',
+        `docker://${pt.host}/pushed/alpine:copied`,
+        `dir:${pulled}`,
+      );
       expectDirHolds(pulled, alpine);
     } finally {
       await pt.stop();
@@ -288,7 +332,12 @@ describe('pulling through pullcache from a real registry', () => {
       ['GET', '/v2/library/%2e%2e/etc/manifests/latest', 400, 'NAME_INVALID'],
       ['GET', '/v2/library/alpine/manifests/bad%21tag', 400, 'TAG_INVALID'],
       ['GET', '/v2/library/alpine/blobs/sha256:xyz', 400, 'DIGEST_INVALID'],
-      ['GET', '/v2/library/alpine/blobs/md5:d41d8cd98f00b204e9800998ecf8427e', 400, 'DIGEST_INVALID'],
+      [
+        'GET',
+        '/v2/library/alpine/blobs/md5:d41d8cd98f00b204e9800998ecf8427e',
+        400,
+        'DIGEST_INVALID',
+      ],
       ['GET', '/v2/library/alpine/blobs/sha256:%zz', 400, 'NAME_INVALID'],
       ['GET', '/v2/library/alpine/manifests/nope', 404, 'MANIFEST_UNKNOWN'],
       ['GET', `/v2/library/alpine/manifests/${unknown}`, 404, 'MANIFEST_UNKNOWN'],
@@ -305,7 +354,12 @@ describe('pulling through pullcache from a real registry', () => {
     ];
     for (const [method, path, status, code] of cases) {
       const res = await rawRequest(pc.url, method, path);
-      expect({ method, path, status: res.status, code: await ociError(res) }).toEqual({ method, path, status, code });
+      expect({ method, path, status: res.status, code: await ociError(res) }).toEqual({
+        method,
+        path,
+        status,
+        code,
+      });
     }
   });
 
@@ -316,7 +370,9 @@ describe('pulling through pullcache from a real registry', () => {
     expect((await fetch(`${pc.url}/healthz`)).status).toBe(200);
     expect((await fetch(`${pc.url}/readyz`)).status).toBe(200);
     const metrics = await (await fetch(`${pc.url}/metrics`)).text();
-    expect(metrics).toMatch(/pullcache_requests_total\{upstream="docker.io",kind="blob",cache="hit"\} \d+/);
+    expect(metrics).toMatch(
+      /pullcache_requests_total\{upstream="docker.io",kind="blob",cache="hit"\} \d+/,
+    );
   });
 
   test('with the upstream stopped, cached tags and digests are served, the uncached answer 503, and a restart loses nothing', async () => {
@@ -337,11 +393,16 @@ describe('pulling through pullcache from a real registry', () => {
       const missing = await fetch(`${pc.url}/v2/org/never-pulled/manifests/v1`);
       expect(missing.status).toBe(503);
       expect(await ociError(missing)).toBe('UNAVAILABLE');
-      const missingBlob = await fetch(`${pc.url}/v2/org/never-pulled/blobs/${uncached.blobs[1]!.digest}`);
+      const missingBlob = await fetch(
+        `${pc.url}/v2/org/never-pulled/blobs/${uncached.blobs[1]!.digest}`,
+      );
       expect(missingBlob.status).toBe(503);
 
       // A new process on the same storage (memory cache gone) still serves it all, offline.
-      const again = await startPullcache({ upstreams: { 'docker.io': { url: recorder.url } } }, pc.root);
+      const again = await startPullcache(
+        { upstreams: { 'docker.io': { url: recorder.url } } },
+        pc.root,
+      );
       try {
         const dir = tmp();
         await skopeoCopy(again.host, 'alpine:3.20', dir);

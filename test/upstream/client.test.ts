@@ -14,7 +14,14 @@ import {
   UpstreamUnavailableError,
 } from '../../src/upstream/errors.js';
 import { fakeServer } from '../helpers/fake-server.js';
-import { makeImage, makeIndex, pushImage, pushManifest, sha256, type Image } from '../helpers/images.js';
+import {
+  makeImage,
+  makeIndex,
+  pushImage,
+  pushManifest,
+  sha256,
+  type Image,
+} from '../helpers/images.js';
 import { freePort } from '../helpers/net.js';
 import { TestRegistry } from '../helpers/registry.js';
 
@@ -51,7 +58,14 @@ describe('against a real registry with token auth', () => {
     list = makeIndex('org/multi', 'latest', 'docker', ['amd64', 'arm64']);
     secret = makeImage('private/app', 'v1', 'docker', [8_000]);
     for (const image of [docker, oci, list, secret]) await pushImage(registry, image);
-    for (let i = 0; i < 25; i++) await pushManifest(registry, 'org/oci-app', `t${String(i).padStart(2, '0')}`, oci.manifest, oci.mediaType);
+    for (let i = 0; i < 25; i++)
+      await pushManifest(
+        registry,
+        'org/oci-app',
+        `t${String(i).padStart(2, '0')}`,
+        oci.manifest,
+        oci.mediaType,
+      );
   });
   afterAll(async () => registry.close());
 
@@ -72,14 +86,20 @@ describe('against a real registry with token auth', () => {
       expect(byDigest.bytes.equals(image.manifest)).toBe(true);
     }
     const head = await c.headManifest(repo('org/multi'), 'latest');
-    expect(head).toEqual({ digest: list.digest, mediaType: list.mediaType, size: list.manifest.length });
+    expect(head).toEqual({
+      digest: list.digest,
+      mediaType: list.mediaType,
+      size: list.manifest.length,
+    });
     await c.close();
   });
 
   test('blobs: HEAD gives the size, GET streams the exact bytes', async () => {
     const c = client(registry.url);
     for (const blob of oci.blobs) {
-      expect(await c.headBlob(repo('org/oci-app'), digest(blob.digest))).toEqual({ size: blob.bytes.length });
+      expect(await c.headBlob(repo('org/oci-app'), digest(blob.digest))).toEqual({
+        size: blob.bytes.length,
+      });
       const { size, stream } = await c.getBlob(repo('org/oci-app'), digest(blob.digest));
       expect(size).toBe(blob.bytes.length);
       expect((await drain(stream)).equals(blob.bytes)).toBe(true);
@@ -89,17 +109,25 @@ describe('against a real registry with token auth', () => {
 
   test('unknown manifests and blobs are UpstreamNotFoundError', async () => {
     const c = client(registry.url);
-    await expect(c.getManifest(repo('library/alpine'), 'nope')).rejects.toBeInstanceOf(UpstreamNotFoundError);
-    await expect(c.headBlob(repo('library/alpine'), digest(sha256('missing')))).rejects.toBeInstanceOf(UpstreamNotFoundError);
+    await expect(c.getManifest(repo('library/alpine'), 'nope')).rejects.toBeInstanceOf(
+      UpstreamNotFoundError,
+    );
+    await expect(
+      c.headBlob(repo('library/alpine'), digest(sha256('missing'))),
+    ).rejects.toBeInstanceOf(UpstreamNotFoundError);
     await c.close();
   });
 
   test('a private repository is denied without credentials and served with them', async () => {
     const anonymous = client(registry.url);
-    await expect(anonymous.getManifest(repo('private/app'), 'v1')).rejects.toBeInstanceOf(UpstreamDeniedError);
+    await expect(anonymous.getManifest(repo('private/app'), 'v1')).rejects.toBeInstanceOf(
+      UpstreamDeniedError,
+    );
     await anonymous.close();
     const wrong = client(registry.url, { username: 'reader', password: 'wrong' });
-    await expect(wrong.getManifest(repo('private/app'), 'v1')).rejects.toBeInstanceOf(UpstreamDeniedError);
+    await expect(wrong.getManifest(repo('private/app'), 'v1')).rejects.toBeInstanceOf(
+      UpstreamDeniedError,
+    );
     await wrong.close();
     const reader = client(registry.url, { username: 'reader', password: 'read-secret' });
     const m = await reader.getManifest(repo('private/app'), 'v1');
@@ -178,7 +206,10 @@ describe('faults a real registry cannot produce', () => {
       const range = /^bytes=(\d+)-$/.exec(req.headers.range ?? '');
       if (range) {
         const start = Number(range[1]);
-        res.writeHead(206, { 'content-length': blob.length - start, 'content-range': `bytes ${start}-${blob.length - 1}/${blob.length}` });
+        res.writeHead(206, {
+          'content-length': blob.length - start,
+          'content-range': `bytes ${start}-${blob.length - 1}/${blob.length}`,
+        });
         res.end(blob.subarray(start));
         return;
       }
@@ -200,7 +231,14 @@ describe('faults a real registry cannot produce', () => {
     const body = randomBytes(100_000);
     const server = createNetServer((socket) => {
       socket.once('data', () => {
-        socket.end(Buffer.concat([Buffer.from(`HTTP/1.1 200 OK\r\nContent-Length: ${body.length}\r\nConnection: close\r\n\r\n`), body]));
+        socket.end(
+          Buffer.concat([
+            Buffer.from(
+              `HTTP/1.1 200 OK\r\nContent-Length: ${body.length}\r\nConnection: close\r\n\r\n`,
+            ),
+            body,
+          ]),
+        );
       });
     });
     await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
@@ -218,7 +256,8 @@ describe('faults a real registry cannot produce', () => {
     const server = await fakeServer((req, res) => {
       const start = Number(/^bytes=(\d+)-$/.exec(req.headers.range ?? '')?.[1] ?? 0);
       const headers: Record<string, string | number> = { 'content-length': large.length - start };
-      if (start > 0) headers['content-range'] = `bytes ${start}-${large.length - 1}/${large.length}`;
+      if (start > 0)
+        headers['content-range'] = `bytes ${start}-${large.length - 1}/${large.length}`;
       res.writeHead(start > 0 ? 206 : 200, headers);
       res.end(large.subarray(start));
     });
@@ -243,7 +282,8 @@ describe('faults a real registry cannot produce', () => {
     const server = await fakeServer((_req, res) => {
       gets++;
       res.writeHead(200, { 'content-length': blob.length });
-      if (gets === 1) res.write(blob.subarray(0, 150_000), () => setTimeout(() => res.destroy(), 20));
+      if (gets === 1)
+        res.write(blob.subarray(0, 150_000), () => setTimeout(() => res.destroy(), 20));
       else res.end(blob);
     });
     const c = client(server.url);
@@ -277,7 +317,9 @@ describe('faults a real registry cannot produce', () => {
   test('a corrupted byte is an error, not data', async () => {
     const bad = Buffer.from(blob);
     bad[12345] = bad[12345]! ^ 0xff;
-    const server = await fakeServer((_req, res) => res.writeHead(200, { 'content-length': bad.length }).end(bad));
+    const server = await fakeServer((_req, res) =>
+      res.writeHead(200, { 'content-length': bad.length }).end(bad),
+    );
     const c = client(server.url);
     const { stream } = await c.getBlob(repo('a/b'), blobDigest);
     await expect(drain(stream)).rejects.toBeInstanceOf(UpstreamInvalidError);
@@ -287,7 +329,12 @@ describe('faults a real registry cannot produce', () => {
 
   test('a manifest whose bytes do not match Docker-Content-Digest is refused', async () => {
     const server = await fakeServer((_req, res) =>
-      res.writeHead(200, { 'content-type': 'application/vnd.oci.image.manifest.v1+json', 'docker-content-digest': sha256('other') }).end('{"schemaVersion":2}'),
+      res
+        .writeHead(200, {
+          'content-type': 'application/vnd.oci.image.manifest.v1+json',
+          'docker-content-digest': sha256('other'),
+        })
+        .end('{"schemaVersion":2}'),
     );
     const c = client(server.url);
     await expect(c.getManifest(repo('a/b'), 'latest')).rejects.toBeInstanceOf(UpstreamInvalidError);
@@ -296,7 +343,9 @@ describe('faults a real registry cannot produce', () => {
   });
 
   test('a manifest larger than the cap is refused', async () => {
-    const server = await fakeServer((_req, res) => res.writeHead(200, { 'content-type': 'application/json' }).end(Buffer.alloc(5000, 32)));
+    const server = await fakeServer((_req, res) =>
+      res.writeHead(200, { 'content-type': 'application/json' }).end(Buffer.alloc(5000, 32)),
+    );
     const c = client(server.url, { maxManifestSize: '4KiB' });
     await expect(c.getManifest(repo('a/b'), 'latest')).rejects.toBeInstanceOf(UpstreamInvalidError);
     await c.close();
@@ -306,14 +355,25 @@ describe('faults a real registry cannot produce', () => {
   test('429 becomes UpstreamRateLimitedError with Retry-After and the RateLimit figures', async () => {
     const server = await fakeServer((_req, res) =>
       res
-        .writeHead(429, { 'retry-after': '120', 'ratelimit-limit': '100;w=21600', 'ratelimit-remaining': '0;w=21600', 'docker-ratelimit-source': '203.0.113.7' })
+        .writeHead(429, {
+          'retry-after': '120',
+          'ratelimit-limit': '100;w=21600',
+          'ratelimit-remaining': '0;w=21600',
+          'docker-ratelimit-source': '203.0.113.7',
+        })
         .end('{"errors":[{"code":"TOOMANYREQUESTS"}]}'),
     );
     const c = client(server.url);
     const err = await c.getManifest(repo('a/b'), 'latest').catch((e: unknown) => e);
     expect(err).toBeInstanceOf(UpstreamRateLimitedError);
     expect((err as UpstreamRateLimitedError).headers['Retry-After']).toBe('120');
-    expect(c.rateLimit).toMatchObject({ limit: 100, remaining: 0, window: 21600, retryAfterSeconds: 120, source: '203.0.113.7' });
+    expect(c.rateLimit).toMatchObject({
+      limit: 100,
+      remaining: 0,
+      window: 21600,
+      retryAfterSeconds: 120,
+      source: '203.0.113.7',
+    });
     await c.close();
     await server.close();
   });
@@ -321,7 +381,9 @@ describe('faults a real registry cannot produce', () => {
   test('5xx is UpstreamUnavailableError', async () => {
     const server = await fakeServer((_req, res) => res.writeHead(503).end());
     const c = client(server.url);
-    await expect(c.headManifest(repo('a/b'), 'latest')).rejects.toBeInstanceOf(UpstreamUnavailableError);
+    await expect(c.headManifest(repo('a/b'), 'latest')).rejects.toBeInstanceOf(
+      UpstreamUnavailableError,
+    );
     await c.close();
     await server.close();
   });
@@ -329,7 +391,10 @@ describe('faults a real registry cannot produce', () => {
   test('a refused port fails fast once the health check opens', async () => {
     const port = await freePort();
     const c = client(`http://127.0.0.1:${port}`);
-    for (let i = 0; i < 3; i++) await expect(c.headManifest(repo('a/b'), 'x')).rejects.toBeInstanceOf(UpstreamUnavailableError);
+    for (let i = 0; i < 3; i++)
+      await expect(c.headManifest(repo('a/b'), 'x')).rejects.toBeInstanceOf(
+        UpstreamUnavailableError,
+      );
     expect(c.isDown).toBe(true);
     expect(c.healthState).toBe('open');
     const started = performance.now();
@@ -339,10 +404,20 @@ describe('faults a real registry cannot produce', () => {
   });
 
   test('credentials go only to a realm on the upstream domain', async () => {
-    const realm = await fakeServer((_req, res) => res.writeHead(200, { 'content-type': 'application/json' }).end('{"token":"t","expires_in":60}'), 'localhost');
+    const realm = await fakeServer(
+      (_req, res) =>
+        res
+          .writeHead(200, { 'content-type': 'application/json' })
+          .end('{"token":"t","expires_in":60}'),
+      'localhost',
+    );
     const registry = await fakeServer((req, res) => {
-      if (req.headers.authorization === 'Bearer t') res.writeHead(200, { 'docker-content-digest': sha256('x') }).end();
-      else res.writeHead(401, { 'www-authenticate': `Bearer realm="${realm.url}/token",service="s"` }).end();
+      if (req.headers.authorization === 'Bearer t')
+        res.writeHead(200, { 'docker-content-digest': sha256('x') }).end();
+      else
+        res
+          .writeHead(401, { 'www-authenticate': `Bearer realm="${realm.url}/token",service="s"` })
+          .end();
     });
     const c = client(registry.url, { username: 'u', password: 'p' });
     await c.headManifest(repo('a/b'), 'latest');
@@ -350,9 +425,15 @@ describe('faults a real registry cannot produce', () => {
     expect(realm.requests[0]!.headers.authorization).toBeUndefined();
     expect(realm.requests[0]!.url).toContain('scope=repository%3Aa%2Fb%3Apull');
     await c.close();
-    const allowed = client(registry.url, { username: 'u', password: 'p', authRealms: [`${realm.url}/`] });
+    const allowed = client(registry.url, {
+      username: 'u',
+      password: 'p',
+      authRealms: [`${realm.url}/`],
+    });
     await allowed.headManifest(repo('a/b'), 'latest');
-    expect(realm.requests[1]!.headers.authorization).toBe(`Basic ${Buffer.from('u:p').toString('base64')}`);
+    expect(realm.requests[1]!.headers.authorization).toBe(
+      `Basic ${Buffer.from('u:p').toString('base64')}`,
+    );
     await allowed.close();
     await Promise.all([realm.close(), registry.close()]);
   });

@@ -1,0 +1,53 @@
+/**
+ * A real redis-server for the tests: PULLCACHE_TEST_REDIS_URL when set, else one started here on
+ * a free port. A missing redis-server is a failure, not a skip.
+ */
+import { spawn, type ChildProcess } from 'node:child_process';
+import { connect } from 'node:net';
+import { freePort, waitFor } from './net.js';
+
+export interface TestRedis {
+  url: string;
+  stop(): Promise<void>;
+}
+
+export async function startRedis(): Promise<TestRedis> {
+  const given = process.env.PULLCACHE_TEST_REDIS_URL;
+  if (given) return { url: given, stop: async () => {} };
+  const port = await freePort();
+  const child: ChildProcess = spawn(
+    'redis-server',
+    ['--port', String(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no'],
+    {
+      stdio: 'ignore',
+    },
+  );
+  const failed = new Promise<never>((_, reject) => {
+    child.once('error', (err) =>
+      reject(new Error(`cannot start redis-server (apt-get install redis-server): ${err.message}`)),
+    );
+  });
+  await Promise.race([
+    failed,
+    waitFor(
+      () =>
+        new Promise<boolean>((resolve) => {
+          const s = connect(port, '127.0.0.1', () => {
+            s.end();
+            resolve(true);
+          });
+          s.on('error', () => resolve(false));
+        }),
+      `redis-server on port ${port}`,
+    ),
+  ]);
+  return {
+    url: `redis://127.0.0.1:${port}`,
+    stop: () =>
+      new Promise<void>((resolve) => {
+        if (child.exitCode !== null) return resolve();
+        child.once('exit', () => resolve());
+        child.kill('SIGTERM');
+      }),
+  };
+}

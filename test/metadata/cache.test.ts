@@ -1,0 +1,95 @@
+/** One contract, run against both metadata cache backends: memory and a real redis-server. */
+import { randomUUID } from 'node:crypto';
+import { afterAll, beforeAll, describe, expect, test } from 'vitest';
+import { KeyvMetadataCache } from '../../src/metadata/keyv-cache.js';
+import { silentLogger } from '../../src/log/logger.js';
+import { digestOf } from '../../src/oci/digest.js';
+import { parseRepository, parseTag } from '../../src/oci/reference.js';
+import { startRedis, type TestRedis } from '../helpers/redis.js';
+
+let redis: TestRedis;
+beforeAll(async () => {
+  redis = await startRedis();
+});
+afterAll(async () => redis?.stop());
+
+const backends = [
+  ['memory', () => new KeyvMetadataCache({ store: 'memory', log: silentLogger() })],
+  [
+    'redis',
+    () => new KeyvMetadataCache({ store: 'redis', redisUrl: redis.url, log: silentLogger() }),
+  ],
+] as const;
+
+describe.each(backends)('metadata cache on %s', (_name, make) => {
+  // A fresh repository per test keeps runs against a shared Redis independent.
+  const repo = () => ({
+    upstream: 'docker.io',
+    repository: parseRepository(`t/${randomUUID().slice(0, 8)}`),
+  });
+
+  test('descriptors by digest, globally and per repository', async () => {
+    const cache = make();
+    const r = repo();
+    const descriptor = {
+      digest: digestOf(randomUUID()),
+      size: 42,
+      mediaType: 'application/octet-stream',
+    };
+    expect(await cache.getDescriptor(descriptor.digest)).toBeUndefined();
+    await cache.setDescriptor(descriptor);
+    expect(await cache.getDescriptor(descriptor.digest)).toEqual(descriptor);
+    expect(await cache.getRepositoryDescriptor(r, descriptor.digest)).toBeUndefined();
+    await cache.setRepositoryDescriptor(r, descriptor);
+    expect(await cache.getRepositoryDescriptor(r, descriptor.digest)).toEqual(descriptor);
+    await cache.deleteDescriptor(descriptor.digest);
+    expect(await cache.getDescriptor(descriptor.digest)).toBeUndefined();
+    await cache.close();
+  });
+
+  test('manifests and tags per upstream and repository', async () => {
+    const cache = make();
+    const r = repo();
+    const other = { upstream: 'ghcr.io', repository: r.repository };
+    const digest = digestOf(randomUUID());
+    await cache.setManifest(r, {
+      digest,
+      mediaType: 'application/vnd.oci.image.index.v1+json',
+      size: 7,
+    });
+    expect(await cache.getManifest(r, digest)).toEqual({
+      digest,
+      mediaType: 'application/vnd.oci.image.index.v1+json',
+      size: 7,
+    });
+    expect(await cache.getManifest(other, digest)).toBeUndefined();
+    await cache.setTag(r, parseTag('v1'), { digest, confirmedAt: 99 });
+    expect(await cache.getTag(r, parseTag('v1'))).toEqual({ digest, confirmedAt: 99 });
+    expect(await cache.getTag(other, parseTag('v1'))).toBeUndefined();
+    await cache.deleteTag(r, parseTag('v1'));
+    expect(await cache.getTag(r, parseTag('v1'))).toBeUndefined();
+    await cache.close();
+  });
+});
+
+test('two processes share what one of them cached in Redis', async () => {
+  const a = new KeyvMetadataCache({ store: 'redis', redisUrl: redis.url, log: silentLogger() });
+  const b = new KeyvMetadataCache({ store: 'redis', redisUrl: redis.url, log: silentLogger() });
+  const descriptor = { digest: digestOf(randomUUID()), size: 1 };
+  await a.setDescriptor(descriptor);
+  expect(await b.getDescriptor(descriptor.digest)).toEqual(descriptor);
+  await a.close();
+  await b.close();
+});
+
+test('an unreachable Redis is a miss, not a failure', async () => {
+  const cache = new KeyvMetadataCache({
+    store: 'redis',
+    redisUrl: 'redis://127.0.0.1:1',
+    log: silentLogger(),
+  });
+  const digest = digestOf('x');
+  await cache.setDescriptor({ digest, size: 1 });
+  expect(await cache.getDescriptor(digest)).toBeUndefined();
+  await cache.close();
+});
