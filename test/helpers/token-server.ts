@@ -126,9 +126,9 @@ export class TokenServer {
     return `${input}.${signature.toString('base64url')}`;
   }
 
-  /** A token with push and pull on a repository, for seeding. */
+  /** A token with pull, push and delete on a repository, for seeding and moving things upstream. */
   pushToken(repository: string): string {
-    return this.sign('pusher', `repository:${repository}:pull,push`);
+    return this.sign('pusher', `repository:${repository}:pull,push,delete`);
   }
 
   async close(): Promise<void> {

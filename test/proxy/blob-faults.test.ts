@@ -30,6 +30,16 @@ describe('blob fetch faults', () => {
 
   beforeAll(async () => {
     upstream = await fakeServer((req, res) => {
+      if (req.url?.includes('/manifests/')) {
+        res
+          .writeHead(429, {
+            'retry-after': '60',
+            'ratelimit-limit': '100;w=21600',
+            'ratelimit-remaining': '0;w=21600',
+          })
+          .end();
+        return;
+      }
       const digest = /\/blobs\/(sha256:[a-f0-9]{64})$/.exec(req.url ?? '')?.[1];
       const served = digest ? blobs.get(digest) : undefined;
       if (!served) {
@@ -150,6 +160,17 @@ describe('blob fetch faults', () => {
     expect(sha256(a)).toBe(digest);
     expect(sha256(b)).toBe(digest);
     expect(gets(digest)).toBe(1);
+  });
+
+  test('an upstream rate limit on an uncached tag is 429 TOOMANYREQUESTS with Retry-After', async () => {
+    const res = await fetch(`${pc.url}/v2/x/limited/manifests/latest`);
+    expect(res.status).toBe(429);
+    expect(res.headers.get('retry-after')).toBe('60');
+    expect(((await res.json()) as { errors: { code: string }[] }).errors[0]!.code).toBe(
+      'TOOMANYREQUESTS',
+    );
+    const metrics = await (await fetch(`${pc.url}/metrics`)).text();
+    expect(metrics).toContain('pullcache_upstream_ratelimit_remaining{upstream="docker.io"} 0');
   });
 
   test('a blob the upstream does not have is BLOB_UNKNOWN', async () => {

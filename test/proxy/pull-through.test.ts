@@ -1,4 +1,3 @@
-import { createHash } from 'node:crypto';
 import { mkdtempSync, readFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -17,6 +16,7 @@ import { startPullcache, type TestPullcache } from '../helpers/pullcache.js';
 import { Recorder } from '../helpers/recorder.js';
 import { TestRegistry } from '../helpers/registry.js';
 import { skopeo, skopeoCopy } from '../helpers/skopeo.js';
+import { startRedis } from '../helpers/redis.js';
 
 const tmp = () => mkdtempSync(join(tmpdir(), 'pullcache-pull-'));
 const MANIFEST_GET = /\/manifests\//;
@@ -363,6 +363,52 @@ describe('pulling through pullcache from a real registry', () => {
     }
   });
 
+  test('a tag deleted upstream is passed on as 404 once its tagTTL is over', async () => {
+    const gone = makeImage('org/gone', 'v1', 'oci', [1500]);
+    await pushImage(registry, gone);
+    const url = `${pc.url}/v2/registry.test/org/gone/manifests/v1`;
+    expect((await fetch(url)).status).toBe(200);
+    const token = registry.tokens.pushToken('org/gone');
+    const deleted = await fetch(`${registry.url}/v2/org/gone/manifests/${gone.digest}`, {
+      method: 'DELETE',
+      headers: { authorization: `Bearer ${token}` },
+    });
+    expect(deleted.status).toBe(202);
+    expect((await fetch(url)).status).toBe(200); // still fresh
+    await new Promise((r) => setTimeout(r, 1100));
+    const after = await fetch(url);
+    expect(after.status).toBe(404);
+    expect(await ociError(after)).toBe('MANIFEST_UNKNOWN');
+  });
+
+  test('with Redis as the metadata cache, a second process on the same storage serves what the first cached', async () => {
+    const redis = await startRedis();
+    const root = tmp();
+    const upstreams = { 'docker.io': { url: recorder.url, tagTTL: '1h' } };
+    const a = await startPullcache(
+      { upstreams, cache: { store: 'redis', redis: { url: redis.url } } },
+      root,
+    );
+    const b = await startPullcache(
+      { upstreams, cache: { store: 'redis', redis: { url: redis.url } } },
+      root,
+    );
+    try {
+      const d1 = tmp();
+      await skopeoCopy(a.host, 'org/oci-app:v1', d1);
+      expectDirHolds(d1, oci);
+      recorder.reset();
+      const d2 = tmp();
+      await skopeoCopy(b.host, 'org/oci-app:v1', d2);
+      expectDirHolds(d2, oci);
+      expect(recorder.requests).toEqual([]);
+    } finally {
+      await a.stop();
+      await b.stop();
+      await redis.stop();
+    }
+  });
+
   test('/v2/, health and readiness answer', async () => {
     const v2 = await fetch(`${pc.url}/v2/`);
     expect(v2.status).toBe(200);
@@ -415,5 +461,3 @@ describe('pulling through pullcache from a real registry', () => {
     }
   });
 });
-
-export { createHash };
