@@ -75,6 +75,12 @@ export function createApp(deps: AppDeps): express.Express {
       customLogLevel: (_req, res, err) => (err || res.statusCode >= 500 ? 'error' : 'info'),
       customSuccessMessage: () => 'request',
       customErrorMessage: () => 'request failed',
+      // A 5xx is described by its errorCode; pino-http's synthetic "failed with status code" error
+      // (with its stack) says nothing more.
+      customErrorObject: (_req, _res, err, value: Record<string, unknown>) =>
+        err instanceof Error && err.message.startsWith('failed with status code')
+          ? { ...value, err: undefined }
+          : value,
       customProps: (_req, res) => {
         const l = (res as unknown as Response).locals ?? {};
         return {
