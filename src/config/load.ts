@@ -10,7 +10,8 @@
  *   PULLCACHE_UPSTREAMS_DOCKER_IO_TAGTTL=10m
  *   PULLCACHE_UPSTREAMS_GHCR_IO_PASSWORDENV=GHCR_TOKEN
  * Lists (authRealms) are comma-separated. An env var that names no key is an error, like a
- * typo in the YAML file.
+ * typo in the YAML file; PULLCACHE_TEST_* and PULLCACHE_BENCH_* belong to the tests and the
+ * benchmark and are left alone.
  */
 import { readFileSync } from 'node:fs';
 import { parse as parseYaml, YAMLParseError } from 'yaml';
@@ -158,7 +159,7 @@ function envLayer(
   for (const [name, value] of Object.entries(env)) {
     if (!name.startsWith(ENV_PREFIX) || name === 'PULLCACHE_CONFIG' || value === undefined)
       continue;
-    if (name.startsWith('PULLCACHE_TEST_')) continue; // the test suite's own knobs
+    if (name.startsWith('PULLCACHE_TEST_') || name.startsWith('PULLCACHE_BENCH_')) continue; // the test suite's and benchmark's own knobs
     const path = resolveEnvPath(name.slice(ENV_PREFIX.length), cachedTree, fileUpstreams);
     if (!path) {
       problems.push(`${name}: names no config key`);

@@ -70,6 +70,11 @@ export class TestRegistry {
     );
   }
 
+  /** The registry's process id (for /proc figures in the benchmark). */
+  get pid(): number | undefined {
+    return this.process?.pid;
+  }
+
   /** Stops the registry process; `restart()` brings it back on the same port and storage. */
   async stop(): Promise<void> {
     const p = this.process;

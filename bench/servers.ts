@@ -1,0 +1,120 @@
+/** The two servers under test, each a process of its own: pullcache and distribution's proxy. */
+import { spawn, type ChildProcess } from 'node:child_process';
+import { createWriteStream, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { freePort, waitFor } from '../test/helpers/net.js';
+
+export interface ServerUnderTest {
+  name: 'pullcache' | 'distribution';
+  url: string;
+  host: string;
+  pid: number;
+  /** Peak resident set size so far, bytes (VmHWM). */
+  peakRss(): number;
+  stop(): Promise<void>;
+}
+
+function spawnLogged(command: string, args: string[], log: string, env: NodeJS.ProcessEnv = process.env): ChildProcess {
+  const out = createWriteStream(log);
+  const child = spawn(command, args, { stdio: ['ignore', 'pipe', 'pipe'], env });
+  child.stdout!.pipe(out);
+  child.stderr!.pipe(out);
+  return child;
+}
+
+function procStatus(pid: number, field: string): number {
+  const m = new RegExp(`^${field}:\\s+(\\d+) kB`, 'm').exec(readFileSync(`/proc/${pid}/status`, 'utf8'));
+  return m ? Number(m[1]) * 1024 : 0;
+}
+
+async function ready(url: string, what: string, child: ChildProcess, log: string): Promise<void> {
+  const exited = new Promise<never>((_, reject) =>
+    child.once('exit', (code) => reject(new Error(`${what} exited during start-up (code ${code}); see ${log}:\n${readFileSync(log, 'utf8').slice(0, 2000)}`))),
+  );
+  await Promise.race([
+    exited,
+    waitFor(async () => {
+      const res = await fetch(`${url}/v2/`);
+      await res.arrayBuffer();
+      return res.status === 200;
+    }, what, 20_000),
+  ]);
+  exited.catch(() => {});
+}
+
+function handle(name: ServerUnderTest['name'], child: ChildProcess, port: number): ServerUnderTest {
+  return {
+    name,
+    url: `http://127.0.0.1:${port}`,
+    host: `127.0.0.1:${port}`,
+    pid: child.pid!,
+    peakRss: () => procStatus(child.pid!, 'VmHWM'),
+    stop: () =>
+      new Promise<void>((resolve) => {
+        if (child.exitCode !== null) return resolve();
+        child.once('exit', () => resolve());
+        child.kill('SIGTERM');
+      }),
+  };
+}
+
+export async function startPullcacheProcess(dir: string, upstreamUrl: string): Promise<ServerUnderTest> {
+  const port = await freePort();
+  mkdirSync(dir, { recursive: true });
+  const config = join(dir, 'pullcache.yaml');
+  writeFileSync(
+    config,
+    [
+      'server:',
+      `  listen: 127.0.0.1:${port}`,
+      'storage:',
+      '  filesystem:',
+      `    root: ${join(dir, 'data')}`,
+      'upstreams:',
+      '  docker.io:',
+      `    url: ${upstreamUrl}`,
+      '    tagTTL: 1h',
+      'log:',
+      '  level: warn',
+      '',
+    ].join('\n'),
+  );
+  // Only its own config: no PULLCACHE_* from the caller's environment.
+  const env = Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith('PULLCACHE_')));
+  const log = join(dir, 'pullcache.log');
+  const child = spawnLogged(process.execPath, ['dist/cli.js', 'serve', '--config', config], log, env);
+  const server = handle('pullcache', child, port);
+  await ready(server.url, 'pullcache', child, log);
+  return server;
+}
+
+export async function startDistributionProxy(dir: string, upstreamUrl: string): Promise<ServerUnderTest> {
+  const port = await freePort();
+  mkdirSync(join(dir, 'storage'), { recursive: true });
+  const config = join(dir, 'distribution.yml');
+  writeFileSync(
+    config,
+    [
+      'version: 0.1',
+      'log:',
+      '  level: error',
+      '  accesslog:',
+      '    disabled: true',
+      'storage:',
+      '  filesystem:',
+      `    rootdirectory: ${join(dir, 'storage')}`,
+      '  cache:',
+      '    blobdescriptor: inmemory',
+      'http:',
+      `  addr: 127.0.0.1:${port}`,
+      'proxy:',
+      `  remoteurl: ${upstreamUrl}`,
+      '',
+    ].join('\n'),
+  );
+  const log = join(dir, 'distribution.log');
+  const child = spawnLogged('docker-registry', ['serve', config], log);
+  const server = handle('distribution', child, port);
+  await ready(server.url, 'distribution proxy', child, log);
+  return server;
+}
