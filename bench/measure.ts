@@ -18,15 +18,29 @@ export interface Transfer {
 
 /** One GET with curl into /dev/null: the client costs the server almost no CPU. */
 export async function curlGet(url: string): Promise<Transfer> {
-  const { stdout } = await run('curl', ['-s', '-o', '/dev/null', '-w', '%{http_code} %{time_starttransfer} %{time_total} %{size_download}', url], {
-    timeout: 600_000,
-  });
+  const { stdout } = await run(
+    'curl',
+    [
+      '-s',
+      '-o',
+      '/dev/null',
+      '-w',
+      '%{http_code} %{time_starttransfer} %{time_total} %{size_download}',
+      url,
+    ],
+    {
+      timeout: 600_000,
+    },
+  );
   const [status, ttfb, total, bytes] = stdout.trim().split(' ').map(Number);
   return { status: status!, ttfb: ttfb!, total: total!, bytes: bytes! };
 }
 
 /** GET and sha256 of the body, for checking bytes. */
-export async function hashGet(url: string, dispatcher?: Agent): Promise<{ digest: string; bytes: number }> {
+export async function hashGet(
+  url: string,
+  dispatcher?: Agent,
+): Promise<{ digest: string; bytes: number }> {
   const res = await request(url, dispatcher ? { dispatcher } : {});
   if (res.statusCode !== 200) {
     await res.body.dump();
@@ -42,15 +56,22 @@ export async function hashGet(url: string, dispatcher?: Agent): Promise<{ digest
 }
 
 /** Requests per second with wrk (32 connections); non-2xx answers are counted as errors. */
-export async function wrk(url: string, headers: Record<string, string>, seconds = 5): Promise<{ rps: number; errors: number }> {
+export async function wrk(
+  url: string,
+  headers: Record<string, string>,
+  seconds = 5,
+): Promise<{ rps: number; errors: number }> {
   const args = ['-t1', '-c32', `-d${seconds}s`, '--latency'];
   for (const [k, v] of Object.entries(headers)) args.push('-H', `${k}: ${v}`);
   args.push(url);
   const { stdout } = await run('wrk', args, { timeout: (seconds + 30) * 1000 });
   const rps = Number(/Requests\/sec:\s+([\d.]+)/.exec(stdout)?.[1] ?? 0);
   const non2xx = Number(/Non-2xx or 3xx responses:\s+(\d+)/.exec(stdout)?.[1] ?? 0);
-  const socketErrors = /Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)/.exec(stdout);
-  const errors = non2xx + (socketErrors ? socketErrors.slice(1).reduce((n, v) => n + Number(v), 0) : 0);
+  const socketErrors = /Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)/.exec(
+    stdout,
+  );
+  const errors =
+    non2xx + (socketErrors ? socketErrors.slice(1).reduce((n, v) => n + Number(v), 0) : 0);
   return { rps, errors };
 }
 

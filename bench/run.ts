@@ -14,14 +14,22 @@ import { promisify } from 'node:util';
 import { Agent } from 'undici';
 import { TestRegistry } from '../test/helpers/registry.js';
 import { bytesWritten, curlGet, hashGet, median, timed, wrk } from './measure.js';
-import { pushFileBlob, pushImage, randomBlob, realisticLayer, type FileBlob, type PushedImage } from './seed.js';
+import {
+  pushFileBlob,
+  pushImage,
+  randomBlob,
+  realisticLayer,
+  type FileBlob,
+  type PushedImage,
+} from './seed.js';
 import { startDistributionProxy, startPullcacheProcess, type ServerUnderTest } from './servers.js';
 
 const run = promisify(execFile);
 const MiB = 1024 * 1024;
 const scale = Number(process.env.PULLCACHE_BENCH_SCALE ?? 1);
 const sized = (n: number) => Math.max(1024, Math.round(n * scale));
-const MANIFEST_ACCEPT = 'application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json, application/vnd.docker.distribution.manifest.v2+json, application/vnd.docker.distribution.manifest.list.v2+json';
+const MANIFEST_ACCEPT =
+  'application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json, application/vnd.docker.distribution.manifest.v2+json, application/vnd.docker.distribution.manifest.list.v2+json';
 
 interface Figures {
   coldTtfbMs: number;
@@ -45,49 +53,108 @@ function log(message: string): void {
 /** The server's resident set now and at its peak, for the log: where memory goes, phase by phase. */
 function rss(server: ServerUnderTest): string {
   const status = readFileSync(`/proc/${server.pid}/status`, 'utf8');
-  const kb = (field: string) => Number(new RegExp(`^${field}:\\s+(\\d+)`, 'm').exec(status)?.[1] ?? 0);
+  const kb = (field: string) =>
+    Number(new RegExp(`^${field}:\\s+(\\d+)`, 'm').exec(status)?.[1] ?? 0);
   return `rss ${(kb('VmRSS') / 1024).toFixed(0)} MiB, peak ${(kb('VmHWM') / 1024).toFixed(0)} MiB`;
 }
 
-async function measure(server: ServerUnderTest, upstream: TestRegistry, seed: Seed, work: string): Promise<Figures> {
+/** Runs one phase; a phase that hangs fails the run with its name instead of stalling it. */
+async function phase<T>(server: ServerUnderTest, name: string, work: () => Promise<T>): Promise<T> {
+  log(`${server.name}: ${name} (${rss(server)})`);
+  let timer: NodeJS.Timeout | undefined;
+  const limit = new Promise<never>((_, reject) => {
+    timer = setTimeout(
+      () => reject(new Error(`${server.name}: "${name}" did not finish within ${PHASE_LIMIT_S} s`)),
+      PHASE_LIMIT_S * 1000,
+    );
+  });
+  try {
+    return await Promise.race([work(), limit]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+const PHASE_LIMIT_S = 300;
+
+async function measure(
+  server: ServerUnderTest,
+  upstream: TestRegistry,
+  seed: Seed,
+  work: string,
+): Promise<Figures> {
   const blobUrl = (repo: string, digest: string) => `${server.url}/v2/${repo}/blobs/${digest}`;
   const mb = (bytes: number, seconds: number) => bytes / seconds / 1e6;
 
-  log(`${server.name}: cold 1 GiB blob`);
-  const cold = await curlGet(blobUrl('bench/big', seed.big.digest));
-  if (cold.status !== 200 || cold.bytes !== seed.big.size) throw new Error(`${server.name}: cold GET gave HTTP ${cold.status}, ${cold.bytes} bytes`);
-  const check = await hashGet(blobUrl('bench/big', seed.big.digest));
-  if (check.digest !== seed.big.digest) throw new Error(`${server.name}: the cached 1 GiB blob has the wrong digest`);
-
-  log(`${server.name}: cached 1 GiB blob, 3 runs (${rss(server)})`);
-  const cachedRuns: number[] = [];
-  for (let i = 0; i < 3; i++) {
+  const cold = await phase(server, 'cold 1 GiB blob', async () => {
     const t = await curlGet(blobUrl('bench/big', seed.big.digest));
-    cachedRuns.push(mb(t.bytes, t.total));
-  }
+    if (t.status !== 200 || t.bytes !== seed.big.size)
+      throw new Error(`${server.name}: cold GET gave HTTP ${t.status}, ${t.bytes} bytes`);
+    const check = await hashGet(blobUrl('bench/big', seed.big.digest));
+    if (check.digest !== seed.big.digest)
+      throw new Error(`${server.name}: the cached 1 GiB blob has the wrong digest`);
+    return t;
+  });
 
-  log(`${server.name}: skopeo copy of the 5-layer image, cold then warm (${rss(server)})`);
+  const cachedRuns = await phase(server, 'cached 1 GiB blob, 3 runs', async () => {
+    const runs: number[] = [];
+    for (let i = 0; i < 3; i++) {
+      const t = await curlGet(blobUrl('bench/big', seed.big.digest));
+      runs.push(mb(t.bytes, t.total));
+    }
+    return runs;
+  });
+
   const copy = async () => {
     const dest = mkdtempSync(join(work, 'skopeo-'));
-    const t = await timed(() => run('skopeo', ['--insecure-policy', 'copy', '--src-tls-verify=false', `docker://${server.host}/${seed.image.repository}:${seed.image.tag}`, `dir:${dest}`], { timeout: 600_000 }));
+    const t = await timed(() =>
+      run(
+        'skopeo',
+        [
+          '--insecure-policy',
+          'copy',
+          '--src-tls-verify=false',
+          `docker://${server.host}/${seed.image.repository}:${seed.image.tag}`,
+          `dir:${dest}`,
+        ],
+        { timeout: 600_000 },
+      ),
+    );
     rmSync(dest, { recursive: true, force: true });
     return t.seconds;
   };
-  const skopeoColdS = await copy();
-  const skopeoWarmS = await copy();
+  const skopeoColdS = await phase(server, 'skopeo copy of the 5-layer image, cold', copy);
+  const skopeoWarmS = await phase(server, 'skopeo copy of the 5-layer image, warm', copy);
 
-  log(`${server.name}: 16 clients on one uncached 256 MiB blob (${rss(server)})`);
   const upstreamBefore = bytesWritten(upstream.pid!);
-  const agent = new Agent({ connections: 32 });
-  const concurrent = await timed(() => Promise.all(Array.from({ length: 16 }, () => hashGet(blobUrl('bench/medium', seed.medium.digest), agent))));
-  await agent.close();
+  const concurrent = await phase(server, '16 clients on one uncached 256 MiB blob', async () => {
+    const agent = new Agent({ connections: 32 });
+    try {
+      return await timed(() =>
+        Promise.all(
+          Array.from({ length: 16 }, () =>
+            hashGet(blobUrl('bench/medium', seed.medium.digest), agent),
+          ),
+        ),
+      );
+    } finally {
+      await agent.close();
+    }
+  });
   const upstreamBytes = bytesWritten(upstream.pid!) - upstreamBefore;
 
-  log(`${server.name}: manifests per second by digest and by tag (${rss(server)})`);
   const manifestUrl = (ref: string) => `${server.url}/v2/${seed.image.repository}/manifests/${ref}`;
-  await curlGet(manifestUrl(seed.image.tag)); // the tag is resolved and fresh before measuring
-  const byDigest = await wrk(manifestUrl(seed.image.digest), { Accept: MANIFEST_ACCEPT });
-  const byTag = await wrk(manifestUrl(seed.image.tag), { Accept: MANIFEST_ACCEPT });
+  const [byDigest, byTag] = await phase(
+    server,
+    'manifests per second by digest and by tag',
+    async () => {
+      await curlGet(manifestUrl(seed.image.tag)); // the tag is resolved and fresh before measuring
+      return [
+        await wrk(manifestUrl(seed.image.digest), { Accept: MANIFEST_ACCEPT }),
+        await wrk(manifestUrl(seed.image.tag), { Accept: MANIFEST_ACCEPT }),
+      ];
+    },
+  );
 
   return {
     coldTtfbMs: cold.ttfb * 1000,
@@ -96,7 +163,9 @@ async function measure(server: ServerUnderTest, upstream: TestRegistry, seed: Se
     skopeoColdS,
     skopeoWarmS,
     concurrentWallS: concurrent.seconds,
-    concurrentAllCorrect: concurrent.value.every((r) => r.digest === seed.medium.digest && r.bytes === seed.medium.size),
+    concurrentAllCorrect: concurrent.value.every(
+      (r) => r.digest === seed.medium.digest && r.bytes === seed.medium.size,
+    ),
     concurrentUpstreamRatio: upstreamBytes / seed.medium.size,
     manifestsByDigestRps: byDigest.rps,
     manifestsByTagRps: byTag.rps,
@@ -121,24 +190,103 @@ async function seedUpstream(upstream: TestRegistry, work: string): Promise<Seed>
   await pushFileBlob(upstream, 'bench/medium', medium);
   log('generating and pushing the 5-layer image');
   const layers: FileBlob[] = [];
-  for (const [i, raw] of [160, 120, 90, 70, 50].entries()) layers.push(await realisticLayer(files, `layer${i}`, sized(raw * MiB)));
+  for (const [i, raw] of [210, 160, 120, 95, 65].entries())
+    layers.push(await realisticLayer(files, `layer${i}`, sized(raw * MiB)));
   const image = await pushImage(upstream, 'bench/app', 'v1', layers);
   rmSync(files, { recursive: true, force: true });
   log(`seeded: image ${(layers.reduce((n, l) => n + l.size, 0) / MiB).toFixed(0)} MiB in 5 layers`);
   return { big, medium, image };
 }
 
-const TARGETS: { key: keyof Figures; label: string; unit: string; target: string; met: (p: Figures, d: Figures) => boolean; higherIsBetter: boolean }[] = [
-  { key: 'cachedMBps', label: 'cached 1 GiB blob', unit: 'MB/s', target: '>= 2.5x', met: (p, d) => p.cachedMBps >= 2.5 * d.cachedMBps, higherIsBetter: true },
-  { key: 'coldMBps', label: 'cold 1 GiB blob', unit: 'MB/s', target: '>= 1.8x', met: (p, d) => p.coldMBps >= 1.8 * d.coldMBps, higherIsBetter: true },
-  { key: 'coldTtfbMs', label: 'cold time to first byte', unit: 'ms', target: '<= 1x', met: (p, d) => p.coldTtfbMs <= d.coldTtfbMs, higherIsBetter: false },
-  { key: 'skopeoColdS', label: 'skopeo copy, cold', unit: 's', target: '<= 1x', met: (p, d) => p.skopeoColdS <= d.skopeoColdS, higherIsBetter: false },
-  { key: 'skopeoWarmS', label: 'skopeo copy, warm', unit: 's', target: '<= 0.8x', met: (p, d) => p.skopeoWarmS <= 0.8 * d.skopeoWarmS, higherIsBetter: false },
-  { key: 'concurrentWallS', label: '16 clients, cold 256 MiB: wall', unit: 's', target: '<= 0.5x', met: (p, d) => p.concurrentWallS <= 0.5 * d.concurrentWallS, higherIsBetter: false },
-  { key: 'concurrentUpstreamRatio', label: '16 clients: upstream bytes / size', unit: 'x', target: '<= 1.05', met: (p) => p.concurrentUpstreamRatio <= 1.05 && p.concurrentAllCorrect, higherIsBetter: false },
-  { key: 'manifestsByDigestRps', label: 'manifests by digest', unit: 'req/s', target: '>= 15000 and 10x', met: (p, d) => p.manifestsByDigestRps >= 15000 && p.manifestsByDigestRps >= 10 * d.manifestsByDigestRps, higherIsBetter: true },
-  { key: 'manifestsByTagRps', label: 'manifests by tag (fresh)', unit: 'req/s', target: '>= 15000', met: (p) => p.manifestsByTagRps >= 15000, higherIsBetter: true },
-  { key: 'peakRssMB', label: 'peak RSS, whole run', unit: 'MB', target: '<= 150 MB', met: (p) => p.peakRssMB <= 150, higherIsBetter: false },
+const TARGETS: {
+  key: keyof Figures;
+  label: string;
+  unit: string;
+  target: string;
+  met: (p: Figures, d: Figures) => boolean;
+  higherIsBetter: boolean;
+}[] = [
+  {
+    key: 'cachedMBps',
+    label: 'cached 1 GiB blob',
+    unit: 'MB/s',
+    target: '>= 2.5x',
+    met: (p, d) => p.cachedMBps >= 2.5 * d.cachedMBps,
+    higherIsBetter: true,
+  },
+  {
+    key: 'coldMBps',
+    label: 'cold 1 GiB blob',
+    unit: 'MB/s',
+    target: '>= 1.8x',
+    met: (p, d) => p.coldMBps >= 1.8 * d.coldMBps,
+    higherIsBetter: true,
+  },
+  {
+    key: 'coldTtfbMs',
+    label: 'cold time to first byte',
+    unit: 'ms',
+    target: '<= 1x',
+    met: (p, d) => p.coldTtfbMs <= d.coldTtfbMs,
+    higherIsBetter: false,
+  },
+  {
+    key: 'skopeoColdS',
+    label: 'skopeo copy, cold',
+    unit: 's',
+    target: '<= 1x',
+    met: (p, d) => p.skopeoColdS <= d.skopeoColdS,
+    higherIsBetter: false,
+  },
+  {
+    key: 'skopeoWarmS',
+    label: 'skopeo copy, warm',
+    unit: 's',
+    target: '<= 0.8x',
+    met: (p, d) => p.skopeoWarmS <= 0.8 * d.skopeoWarmS,
+    higherIsBetter: false,
+  },
+  {
+    key: 'concurrentWallS',
+    label: '16 clients, cold 256 MiB: wall',
+    unit: 's',
+    target: '<= 0.5x',
+    met: (p, d) => p.concurrentWallS <= 0.5 * d.concurrentWallS,
+    higherIsBetter: false,
+  },
+  {
+    key: 'concurrentUpstreamRatio',
+    label: '16 clients: upstream bytes / size',
+    unit: 'x',
+    target: '<= 1.05',
+    met: (p) => p.concurrentUpstreamRatio <= 1.05 && p.concurrentAllCorrect,
+    higherIsBetter: false,
+  },
+  {
+    key: 'manifestsByDigestRps',
+    label: 'manifests by digest',
+    unit: 'req/s',
+    target: '>= 15000 and 10x',
+    met: (p, d) =>
+      p.manifestsByDigestRps >= 15000 && p.manifestsByDigestRps >= 10 * d.manifestsByDigestRps,
+    higherIsBetter: true,
+  },
+  {
+    key: 'manifestsByTagRps',
+    label: 'manifests by tag (fresh)',
+    unit: 'req/s',
+    target: '>= 15000',
+    met: (p) => p.manifestsByTagRps >= 15000,
+    higherIsBetter: true,
+  },
+  {
+    key: 'peakRssMB',
+    label: 'peak RSS, whole run',
+    unit: 'MB',
+    target: '<= 150 MB',
+    met: (p) => p.peakRssMB <= 150,
+    higherIsBetter: false,
+  },
 ];
 
 function fmt(value: number): string {
@@ -166,7 +314,10 @@ async function main(): Promise<void> {
     const seed = await seedUpstream(upstream, work);
     const results: Partial<Record<ServerUnderTest['name'], Figures>> = {};
     for (const start of [startDistributionProxy, startPullcacheProcess]) {
-      const server = await start(join(work, start === startPullcacheProcess ? 'pullcache' : 'distribution'), upstream.url);
+      const server = await start(
+        join(work, start === startPullcacheProcess ? 'pullcache' : 'distribution'),
+        upstream.url,
+      );
       servers.push(server);
       results[server.name] = await measure(server, upstream, seed, work);
       await server.stop();
@@ -176,7 +327,10 @@ async function main(): Promise<void> {
     const date = new Date().toISOString().slice(0, 10);
     const md = `Run on ${date}, ${machine}${scale !== 1 ? `, scale ${scale}` : ''}.\n\n${table(results.pullcache!, results.distribution!)}\n`;
     mkdirSync('bench/results', { recursive: true });
-    writeFileSync('bench/results/latest.json', JSON.stringify({ date, machine, scale, results }, null, 2));
+    writeFileSync(
+      'bench/results/latest.json',
+      JSON.stringify({ date, machine, scale, results }, null, 2),
+    );
     writeFileSync('bench/results/latest.md', md);
     process.stdout.write(`\n${md}\n`);
   } finally {

@@ -29,7 +29,7 @@ export async function randomBlob(dir: string, name: string, size: number): Promi
   const path = join(dir, name);
   const out = createWriteStream(path);
   const hash = createHash('sha256');
-  for (let done = 0; done < size; ) {
+  for (let done = 0; done < size;) {
     const chunk = randomBytes(Math.min(4 * MiB, size - done));
     hash.update(chunk);
     await write(out, chunk);
@@ -40,10 +40,17 @@ export async function randomBlob(dir: string, name: string, size: number): Promi
   return { path, digest: `sha256:${hash.digest('hex')}`, size };
 }
 
-const WORDS = 'lib usr bin share locale include python3 node_modules package json index js ts so a conf etc var log cache'.split(' ');
+const WORDS =
+  'lib usr bin share locale include python3 node_modules package json index js ts so a conf etc var log cache'.split(
+    ' ',
+  );
 
 /** A gzip'd one-file tar of `rawSize` bytes: 60% random (binaries), 40% text (scripts, configs). */
-export async function realisticLayer(dir: string, name: string, rawSize: number): Promise<FileBlob> {
+export async function realisticLayer(
+  dir: string,
+  name: string,
+  rawSize: number,
+): Promise<FileBlob> {
   const path = join(dir, name);
   const out = createWriteStream(path);
   const gzip = createGzip({ level: 1 });
@@ -70,40 +77,65 @@ export async function realisticLayer(dir: string, name: string, rawSize: number)
     if (!gzip.write(chunk)) await once(gzip, 'drain');
   };
   await feed(header);
-  const text = Buffer.from(Array.from({ length: 40_000 }, (_, i) => WORDS[(i * 7919) % WORDS.length]).join('/'));
-  for (let done = 0; done < rawSize; ) {
+  const text = Buffer.from(
+    Array.from({ length: 40_000 }, (_, i) => WORDS[(i * 7919) % WORDS.length]).join('/'),
+  );
+  for (let done = 0; done < rawSize;) {
     const n = Math.min(MiB, rawSize - done);
     const block = Buffer.concat([randomBytes(Math.floor(n * 0.6)), text]).subarray(0, n);
     await feed(block);
     done += n;
   }
-  await feed(Buffer.alloc((512 - (rawSize % 512)) % 512 + 1024));
+  await feed(Buffer.alloc(((512 - (rawSize % 512)) % 512) + 1024));
   gzip.end();
   await once(out, 'finish');
-  return { path, digest: `sha256:${blobHash.digest('hex')}`, size: statSync(path).size, diffId: `sha256:${diffHash.digest('hex')}` };
+  return {
+    path,
+    digest: `sha256:${blobHash.digest('hex')}`,
+    size: statSync(path).size,
+    diffId: `sha256:${diffHash.digest('hex')}`,
+  };
 }
 
 async function auth(registry: TestRegistry, repository: string) {
   return { authorization: `Bearer ${registry.tokens.pushToken(repository)}` };
 }
 
-export async function pushFileBlob(registry: TestRegistry, repository: string, blob: { digest: string; size: number; path?: string; bytes?: Buffer }): Promise<void> {
+export async function pushFileBlob(
+  registry: TestRegistry,
+  repository: string,
+  blob: { digest: string; size: number; path?: string; bytes?: Buffer },
+): Promise<void> {
   const headers = await auth(registry, repository);
-  const start = await request(`${registry.url}/v2/${repository}/blobs/uploads/`, { method: 'POST', headers });
+  const start = await request(`${registry.url}/v2/${repository}/blobs/uploads/`, {
+    method: 'POST',
+    headers,
+  });
   await start.body.dump();
   if (start.statusCode !== 202) throw new Error(`start upload: HTTP ${start.statusCode}`);
   const location = new URL(String(start.headers.location), registry.url);
   location.searchParams.set('digest', blob.digest);
   const put = await request(location, {
     method: 'PUT',
-    headers: { ...headers, 'content-type': 'application/octet-stream', 'content-length': String(blob.size) },
+    headers: {
+      ...headers,
+      'content-type': 'application/octet-stream',
+      'content-length': String(blob.size),
+    },
     body: blob.bytes ?? createReadStream(blob.path!),
   });
   const text = await put.body.text();
-  if (put.statusCode !== 201) throw new Error(`put blob ${blob.digest}: HTTP ${put.statusCode} ${text}`);
+  if (put.statusCode !== 201)
+    throw new Error(`put blob ${blob.digest}: HTTP ${put.statusCode} ${text}`);
 }
 
-export async function pushManifest(registry: TestRegistry, repository: string, tag: string, manifest: Buffer, mediaType: string): Promise<void> {
+export async function pushManifest(
+  registry: TestRegistry,
+  repository: string,
+  tag: string,
+  manifest: Buffer,
+  mediaType: string,
+): Promise<void> {
   const res = await request(`${registry.url}/v2/${repository}/manifests/${tag}`, {
     method: 'PUT',
     headers: { ...(await auth(registry, repository)), 'content-type': mediaType },
@@ -122,7 +154,12 @@ export interface PushedImage {
 }
 
 /** An OCI image of the given layers (and a generated config), pushed and tagged. */
-export async function pushImage(registry: TestRegistry, repository: string, tag: string, layers: FileBlob[]): Promise<PushedImage> {
+export async function pushImage(
+  registry: TestRegistry,
+  repository: string,
+  tag: string,
+  layers: FileBlob[],
+): Promise<PushedImage> {
   const config = Buffer.from(
     JSON.stringify({
       architecture: 'amd64',
@@ -132,17 +169,35 @@ export async function pushImage(registry: TestRegistry, repository: string, tag:
     }),
   );
   const configDigest = `sha256:${createHash('sha256').update(config).digest('hex')}`;
-  await pushFileBlob(registry, repository, { digest: configDigest, size: config.length, bytes: config });
+  await pushFileBlob(registry, repository, {
+    digest: configDigest,
+    size: config.length,
+    bytes: config,
+  });
   for (const layer of layers) await pushFileBlob(registry, repository, layer);
   const mediaType = 'application/vnd.oci.image.manifest.v1+json';
   const manifest = Buffer.from(
     JSON.stringify({
       schemaVersion: 2,
       mediaType,
-      config: { mediaType: 'application/vnd.oci.image.config.v1+json', digest: configDigest, size: config.length },
-      layers: layers.map((l) => ({ mediaType: 'application/vnd.oci.image.layer.v1.tar+gzip', digest: l.digest, size: l.size })),
+      config: {
+        mediaType: 'application/vnd.oci.image.config.v1+json',
+        digest: configDigest,
+        size: config.length,
+      },
+      layers: layers.map((l) => ({
+        mediaType: 'application/vnd.oci.image.layer.v1.tar+gzip',
+        digest: l.digest,
+        size: l.size,
+      })),
     }),
   );
   await pushManifest(registry, repository, tag, manifest, mediaType);
-  return { repository, tag, digest: `sha256:${createHash('sha256').update(manifest).digest('hex')}`, manifest, layers };
+  return {
+    repository,
+    tag,
+    digest: `sha256:${createHash('sha256').update(manifest).digest('hex')}`,
+    manifest,
+    layers,
+  };
 }

@@ -14,7 +14,12 @@ export interface ServerUnderTest {
   stop(): Promise<void>;
 }
 
-function spawnLogged(command: string, args: string[], log: string, env: NodeJS.ProcessEnv = process.env): ChildProcess {
+function spawnLogged(
+  command: string,
+  args: string[],
+  log: string,
+  env: NodeJS.ProcessEnv = process.env,
+): ChildProcess {
   const out = createWriteStream(log);
   const child = spawn(command, args, { stdio: ['ignore', 'pipe', 'pipe'], env });
   child.stdout!.pipe(out);
@@ -23,21 +28,33 @@ function spawnLogged(command: string, args: string[], log: string, env: NodeJS.P
 }
 
 function procStatus(pid: number, field: string): number {
-  const m = new RegExp(`^${field}:\\s+(\\d+) kB`, 'm').exec(readFileSync(`/proc/${pid}/status`, 'utf8'));
+  const m = new RegExp(`^${field}:\\s+(\\d+) kB`, 'm').exec(
+    readFileSync(`/proc/${pid}/status`, 'utf8'),
+  );
   return m ? Number(m[1]) * 1024 : 0;
 }
 
 async function ready(url: string, what: string, child: ChildProcess, log: string): Promise<void> {
   const exited = new Promise<never>((_, reject) =>
-    child.once('exit', (code) => reject(new Error(`${what} exited during start-up (code ${code}); see ${log}:\n${readFileSync(log, 'utf8').slice(0, 2000)}`))),
+    child.once('exit', (code) =>
+      reject(
+        new Error(
+          `${what} exited during start-up (code ${code}); see ${log}:\n${readFileSync(log, 'utf8').slice(0, 2000)}`,
+        ),
+      ),
+    ),
   );
   await Promise.race([
     exited,
-    waitFor(async () => {
-      const res = await fetch(`${url}/v2/`);
-      await res.arrayBuffer();
-      return res.status === 200;
-    }, what, 20_000),
+    waitFor(
+      async () => {
+        const res = await fetch(`${url}/v2/`);
+        await res.arrayBuffer();
+        return res.status === 200;
+      },
+      what,
+      20_000,
+    ),
   ]);
   exited.catch(() => {});
 }
@@ -58,7 +75,10 @@ function handle(name: ServerUnderTest['name'], child: ChildProcess, port: number
   };
 }
 
-export async function startPullcacheProcess(dir: string, upstreamUrl: string): Promise<ServerUnderTest> {
+export async function startPullcacheProcess(
+  dir: string,
+  upstreamUrl: string,
+): Promise<ServerUnderTest> {
   const port = await freePort();
   mkdirSync(dir, { recursive: true });
   const config = join(dir, 'pullcache.yaml');
@@ -80,15 +100,25 @@ export async function startPullcacheProcess(dir: string, upstreamUrl: string): P
     ].join('\n'),
   );
   // Only its own config: no PULLCACHE_* from the caller's environment.
-  const env = Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith('PULLCACHE_')));
+  const env = Object.fromEntries(
+    Object.entries(process.env).filter(([k]) => !k.startsWith('PULLCACHE_')),
+  );
   const log = join(dir, 'pullcache.log');
-  const child = spawnLogged(process.execPath, ['dist/cli.js', 'serve', '--config', config], log, env);
+  const child = spawnLogged(
+    process.execPath,
+    ['dist/cli.js', 'serve', '--config', config],
+    log,
+    env,
+  );
   const server = handle('pullcache', child, port);
   await ready(server.url, 'pullcache', child, log);
   return server;
 }
 
-export async function startDistributionProxy(dir: string, upstreamUrl: string): Promise<ServerUnderTest> {
+export async function startDistributionProxy(
+  dir: string,
+  upstreamUrl: string,
+): Promise<ServerUnderTest> {
   const port = await freePort();
   mkdirSync(join(dir, 'storage'), { recursive: true });
   const config = join(dir, 'distribution.yml');

@@ -1,6 +1,7 @@
 /** The MetadataCache on keyv: in-memory (default) or Redis through @keyv/redis. */
 import KeyvRedis from '@keyv/redis';
 import { Keyv } from 'keyv';
+import { LRUCache } from 'lru-cache';
 import type { Logger } from '../log/logger.js';
 import type { Digest } from '../oci/digest.js';
 import type { Descriptor } from '../oci/descriptor.js';
@@ -15,17 +16,27 @@ export interface KeyvCacheOptions {
   store: 'memory' | 'redis';
   redisUrl?: string;
   log: Logger;
+  /** Entries of the in-process LRU in front of keyv; 0 turns it off. */
+  memoryEntries?: number;
 }
 
 export class KeyvMetadataCache implements MetadataCache {
   private readonly keyv: Keyv;
   private readonly log: Logger;
+  /**
+   * Hot entries without a keyv round trip (no serialisation, no Redis). Descriptors and manifests
+   * are immutable by digest; a tag read from here may be older than one another process wrote to
+   * Redis, which costs at most one revalidation the other process already made.
+   */
+  private readonly memory: LRUCache<string, object> | undefined;
   private lastErrorLog = 0;
   /** After a failure the backend is skipped for a while: a dead Redis costs one timeout, not one per request. */
   private skipUntil = 0;
 
   constructor(options: KeyvCacheOptions) {
     this.log = options.log.child({ module: 'metadata', store: options.store });
+    const entries = options.memoryEntries ?? 10_000;
+    this.memory = entries > 0 ? new LRUCache({ max: entries }) : undefined;
     if (options.store === 'redis') {
       const redis = new KeyvRedis(options.redisUrl ?? 'redis://127.0.0.1:6379', {
         // A cache must not hold a request hostage to a dead Redis: fail fast and fall back to storage.
@@ -68,9 +79,11 @@ export class KeyvMetadataCache implements MetadataCache {
     return this.set(keys.tag(repo, tag), link);
   }
   async deleteTag(repo: RepositoryKey, tag: Tag) {
+    this.memory?.delete(keys.tag(repo, tag));
     await this.guard(() => this.keyv.delete(keys.tag(repo, tag)));
   }
   async deleteDescriptor(digest: Digest) {
+    this.memory?.delete(keys.blob(digest));
     await this.guard(() => this.keyv.delete(keys.blob(digest)));
   }
 
@@ -79,10 +92,15 @@ export class KeyvMetadataCache implements MetadataCache {
   }
 
   private async get<T>(key: string): Promise<T | undefined> {
-    return (await this.guard(() => this.keyv.get<T>(key))) ?? undefined;
+    const hot = this.memory?.get(key);
+    if (hot !== undefined) return hot as T;
+    const value = (await this.guard(() => this.keyv.get<T>(key))) ?? undefined;
+    if (value !== undefined) this.memory?.set(key, value as object);
+    return value;
   }
 
-  private async set(key: string, value: unknown): Promise<void> {
+  private async set(key: string, value: object): Promise<void> {
+    this.memory?.set(key, value);
     await this.guard(() => this.keyv.set(key, value));
   }
 

@@ -1,12 +1,14 @@
 /**
  * One upstream fetch of one blob, followed by every client that asks for it meanwhile.
  *
- * The fetch writes each chunk to an upload session as it arrives and is paced only by the
- * upstream and the disk. Each client is a `BlobFollower`: while it keeps up it is handed the
- * chunks from memory; when its socket pushes back it falls behind to reading the upload from
- * disk, and rejoins the live chunks once it catches up. So memory stays bounded (about one
- * read buffer per client), whatever the blob size and however slow a client is, and a late
- * joiner starts from the beginning of what is already written.
+ * Chunks from the upstream go two ways at once: to the clients that keep up ("live" followers,
+ * straight from memory) and to a write pump that appends them to an upload session in batches
+ * (`writev`). The fetch waits for the disk only when more than WRITE_QUEUE bytes are not yet
+ * written, so it is paced by the upstream, not by any client. A client whose socket pushes back
+ * falls behind to reading the upload from disk (up to what is written), and rejoins the live
+ * chunks once it has caught up with everything received. Memory therefore stays bounded (about
+ * one read buffer per client plus the write queue), whatever the blob size and however slow a
+ * client is, and a late joiner starts from the first byte.
  *
  * The last byte of every response is held back until the digest is verified and the upload is
  * committed; on a mismatch every follower is destroyed, so no client can take the bytes of a
@@ -24,8 +26,12 @@ import {
 } from '../storage/types.js';
 import type { UpstreamClient } from '../upstream/types.js';
 
+/** Most bytes read from disk at once for a follower that fell behind. */
 const DISK_READ = 1024 * 1024;
+/** What a follower's socket may hold before it falls back to disk. */
 const FOLLOWER_BUFFER = 1024 * 1024;
+/** Most bytes received but not yet written before the fetch waits for the disk. */
+const WRITE_QUEUE = 8 * 1024 * 1024;
 
 export interface BlobFetchOptions {
   blobs: BlobStore;
@@ -42,6 +48,9 @@ export interface BlobFetchOptions {
 export class BlobFetch {
   readonly digest: Digest;
   size: number | undefined;
+  /** Bytes received from the upstream (and handed to live followers). */
+  received = 0;
+  /** Bytes on disk in the upload session. */
   written = 0;
   state: 'starting' | 'running' | 'committed' | 'failed' = 'starting';
   error: unknown;
@@ -54,6 +63,12 @@ export class BlobFetch {
   private readonly abort = new AbortController();
   private orphanTimer: NodeJS.Timeout | undefined;
   private readonly started = Date.now();
+  // The write pump.
+  private queue: Buffer[] = [];
+  private queuedBytes = 0;
+  private pumping: Promise<void> | undefined;
+  private writeError: unknown;
+  private diskWaiters: (() => void)[] = [];
 
   constructor(private readonly options: BlobFetchOptions) {
     this.digest = options.digest;
@@ -76,17 +91,20 @@ export class BlobFetch {
         signal: this.abort.signal,
       });
       this.size = size;
-      this.writer = await blobs.create();
       this.state = 'running';
-      ready();
+      ready(); // response headers can go out while the upload session is being created
+      this.writer = await blobs.create();
       for await (const raw of stream) {
         const chunk = raw as Buffer;
-        await this.writer.write(chunk);
-        const offset = this.written;
-        this.written += chunk.length;
+        const offset = this.received;
+        this.received += chunk.length;
         this.options.onUpstreamBytes?.(chunk.length);
         for (const follower of this.followers) follower.onChunk(chunk, offset);
+        this.enqueue(chunk);
+        if (this.received - this.written > WRITE_QUEUE) await this.diskCatchUp();
       }
+      while (this.pumping) await this.pumping;
+      if (this.writeError) throw this.writeError;
       const descriptor = await this.writer.commit({
         digest,
         ...(size !== undefined ? { size } : {}),
@@ -109,9 +127,11 @@ export class BlobFetch {
       this.state = 'failed';
       this.error = err;
       notReady(err);
+      this.wakeDiskWaiters();
+      while (this.pumping) await this.pumping.catch(() => {});
       await this.writer?.cancel().catch(() => {});
       log.warn(
-        { digest, bytes: this.written, err: (err as Error).message },
+        { digest, bytes: this.received, err: (err as Error).message },
         'blob fetch failed, nothing kept',
       );
       for (const follower of [...this.followers]) follower.destroy(err as Error);
@@ -121,9 +141,52 @@ export class BlobFetch {
     }
   }
 
+  private enqueue(chunk: Buffer): void {
+    this.queue.push(chunk);
+    this.queuedBytes += chunk.length;
+    this.pumping ??= this.pump().finally(() => (this.pumping = undefined));
+  }
+
+  /** Writes queued chunks in batches until the queue is empty. */
+  private async pump(): Promise<void> {
+    while (this.queue.length > 0 && !this.writeError) {
+      const batch = this.queue;
+      const bytes = this.queuedBytes;
+      this.queue = [];
+      this.queuedBytes = 0;
+      try {
+        await this.writer!.writev(batch);
+      } catch (err) {
+        this.writeError = err;
+        break;
+      }
+      this.written += bytes;
+      for (const follower of this.followers) follower.onWritten();
+      this.wakeDiskWaiters();
+    }
+    this.wakeDiskWaiters();
+  }
+
+  private async diskCatchUp(): Promise<void> {
+    while (
+      this.received - this.written > WRITE_QUEUE &&
+      !this.writeError &&
+      this.state !== 'failed'
+    ) {
+      await new Promise<void>((resolve) => this.diskWaiters.push(resolve));
+    }
+    if (this.writeError) throw this.writeError;
+  }
+
+  private wakeDiskWaiters(): void {
+    const waiters = this.diskWaiters;
+    this.diskWaiters = [];
+    for (const wake of waiters) wake();
+  }
+
   /** A stream of bytes [start, end) of the blob, following the fetch. Call after `ready`. */
   follow(start: number, end: number): Readable {
-    const follower = new BlobFollower(this, this.options.blobs, start, end);
+    const follower = new BlobFollower(this, start, end);
     this.followers.add(follower);
     clearTimeout(this.orphanTimer);
     this.orphanTimer = undefined;
@@ -136,7 +199,7 @@ export class BlobFetch {
       // Every client left: the fetch goes on to fill the cache, but not forever.
       this.orphanTimer = setTimeout(() => {
         this.options.log.warn(
-          { digest: this.digest, bytes: this.written },
+          { digest: this.digest, bytes: this.received },
           'blob fetch abandoned: no client and past the cache write timeout',
         );
         this.abort.abort(new Error('cache write timeout'));
@@ -149,7 +212,7 @@ export class BlobFetch {
     return this.state === 'committed';
   }
 
-  /** Reads bytes already written, from the upload while it runs and from the blob once committed. */
+  /** Reads bytes already on disk, from the upload while it runs and from the blob once committed. */
   async readWritten(offset: number, length: number): Promise<Readable> {
     if (this.state !== 'committed' && this.writer) {
       try {
@@ -171,24 +234,20 @@ export class BlobFetch {
 
 class BlobFollower extends Readable {
   private pos: number;
+  /** Taking chunks from memory as they arrive. */
   private live: boolean;
   private reading = false;
+  /** Caught up with the disk, but not with what was received: wait for the next write. */
+  private waitingForDisk = false;
 
   constructor(
     private readonly fetch: BlobFetch,
-    _blobs: BlobStore,
     start: number,
     private readonly end: number,
   ) {
     super({ highWaterMark: FOLLOWER_BUFFER });
     this.pos = start;
-    this.live = start >= fetch.written && fetch.state !== 'committed';
-  }
-
-  /** The last byte this follower may deliver now (exclusive): all of it only once committed. */
-  private limit(): number {
-    if (this.fetch.state === 'committed') return this.end;
-    return Math.min(this.fetch.written, this.end - 1);
+    this.live = start >= fetch.received && fetch.state !== 'committed';
   }
 
   onChunk(chunk: Buffer, offset: number): void {
@@ -200,13 +259,17 @@ class BlobFollower extends Readable {
     if (!this.push(chunk.subarray(from, to))) this.live = false; // the socket pushes back: read from disk from now on
   }
 
+  onWritten(): void {
+    if (this.waitingForDisk && !this.reading) void this.readDisk();
+  }
+
   onCommitted(): void {
     this.live = false;
     if (!this.reading) void this.readDisk();
   }
 
   override _read(): void {
-    if (!this.live && !this.reading) void this.readDisk();
+    if (!this.live && !this.reading && !this.waitingForDisk) void this.readDisk();
   }
 
   override _destroy(err: Error | null, callback: (error?: Error | null) => void): void {
@@ -216,6 +279,7 @@ class BlobFollower extends Readable {
 
   private async readDisk(): Promise<void> {
     this.reading = true;
+    this.waitingForDisk = false;
     try {
       for (;;) {
         if (this.destroyed) return;
@@ -223,17 +287,20 @@ class BlobFollower extends Readable {
           this.destroy(this.fetch.error as Error);
           return;
         }
-        const limit = this.limit();
+        const committed = this.fetch.isCommitted();
+        // All but the last byte until the digest is verified.
+        const limit = committed ? this.end : Math.min(this.fetch.written, this.end - 1);
         if (this.pos >= limit) {
-          if (this.fetch.state === 'committed') {
-            this.push(null);
-          } else {
-            this.live = true; // caught up: take chunks from memory again
-          }
+          if (committed) this.push(null);
+          else if (this.pos >= Math.min(this.fetch.received, this.end - 1))
+            this.live = true; // caught up: chunks from memory again
+          else this.waitingForDisk = true; // received bytes are still on their way to disk
           return;
         }
-        const length = Math.min(limit - this.pos, DISK_READ);
-        const stream = await this.fetch.readWritten(this.pos, length);
+        const stream = await this.fetch.readWritten(
+          this.pos,
+          Math.min(limit - this.pos, DISK_READ),
+        );
         let more = true;
         for await (const chunk of stream) {
           if (this.destroyed) {
@@ -243,7 +310,7 @@ class BlobFollower extends Readable {
           this.pos += (chunk as Buffer).length;
           more = this.push(chunk);
         }
-        if (!more) return; // _read will call again when the socket drains
+        if (!more) return; // _read calls again when the socket drains
       }
     } catch (err) {
       this.destroy(this.fetch.state === 'failed' ? (this.fetch.error as Error) : (err as Error));

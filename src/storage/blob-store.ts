@@ -160,6 +160,12 @@ class DriverBlobWriter implements BlobWriter {
     await file.write(chunk);
   }
 
+  async writev(chunks: readonly Uint8Array[]): Promise<void> {
+    const file = this.openFile();
+    for (const chunk of chunks) this.hash?.update(chunk);
+    await file.writev(chunks);
+  }
+
   async close(): Promise<void> {
     await this.file?.close();
     this.file = undefined;

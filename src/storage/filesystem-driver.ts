@@ -132,6 +132,22 @@ class FilesystemWriter implements FileWriter {
     this.size += chunk.length;
   }
 
+  async writev(chunks: readonly Uint8Array[]): Promise<void> {
+    if (this.closed) throw new Error('write after close');
+    let pending = chunks.filter((c) => c.length > 0);
+    while (pending.length > 0) {
+      const { bytesWritten } = await this.handle.writev(pending as Uint8Array[]);
+      this.size += bytesWritten;
+      // A short write: drop what went out and go on with the rest.
+      let left = bytesWritten;
+      while (pending.length > 0 && left >= pending[0]!.length) {
+        left -= pending[0]!.length;
+        pending = pending.slice(1);
+      }
+      if (left > 0) pending = [pending[0]!.subarray(left), ...pending.slice(1)];
+    }
+  }
+
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;

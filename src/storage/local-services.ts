@@ -2,6 +2,8 @@
  * The local services: blobs, manifests and tags from storage, with the metadata cache in front
  * (distribution's cached blob statter). Storage is the truth; the cache only saves I/O.
  */
+import { LRUCache } from 'lru-cache';
+import { keys } from '../metadata/keys.js';
 import type { Digest } from '../oci/digest.js';
 import type { Tag } from '../oci/reference.js';
 import type { MetadataCache } from '../metadata/types.js';
@@ -44,7 +46,15 @@ export class LocalBlobService implements BlobService {
   }
 }
 
+/** Manifest bytes kept in memory, at most this much in all: hot manifests never touch the disk. */
+const MANIFEST_MEMORY_BYTES = 64 * 1024 * 1024;
+
 export class LocalManifestService implements ManifestService {
+  private readonly hot = new LRUCache<string, { link: ManifestLink; bytes: Buffer }>({
+    maxSize: MANIFEST_MEMORY_BYTES,
+    sizeCalculation: (entry) => entry.bytes.length + 256,
+  });
+
   constructor(
     private readonly blobs: BlobStore,
     private readonly repositories: RepositoryStore,
@@ -61,13 +71,18 @@ export class LocalManifestService implements ManifestService {
   }
 
   async get(repo: RepositoryKey, digest: Digest): Promise<ManifestResult> {
+    const key = keys.manifest(repo, digest);
+    const hot = this.hot.get(key);
+    if (hot) return { found: true, ...hot };
     const stat = await this.stat(repo, digest);
     if (!stat.found) return stat;
     const opened = await this.blobs.open(digest);
     if (!opened.found) return { found: false };
     const chunks: Buffer[] = [];
     for await (const chunk of opened.stream) chunks.push(chunk as Buffer);
-    return { found: true, link: stat.link, bytes: Buffer.concat(chunks) };
+    const entry = { link: stat.link, bytes: Buffer.concat(chunks) };
+    this.hot.set(key, entry);
+    return { found: true, ...entry };
   }
 
   async put(
@@ -80,6 +95,7 @@ export class LocalManifestService implements ManifestService {
     const link: ManifestLink = { digest, mediaType, size: bytes.length };
     await this.repositories.linkManifest(repo, link);
     await this.cache.setManifest(repo, link);
+    this.hot.set(keys.manifest(repo, digest), { link, bytes });
     return link;
   }
 }

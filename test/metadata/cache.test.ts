@@ -15,9 +15,16 @@ afterAll(async () => redis?.stop());
 
 const backends = [
   ['memory', () => new KeyvMetadataCache({ store: 'memory', log: silentLogger() })],
+  // No in-process LRU here, so that every call reaches Redis.
   [
     'redis',
-    () => new KeyvMetadataCache({ store: 'redis', redisUrl: redis.url, log: silentLogger() }),
+    () =>
+      new KeyvMetadataCache({
+        store: 'redis',
+        redisUrl: redis.url,
+        log: silentLogger(),
+        memoryEntries: 0,
+      }),
   ],
 ] as const;
 
@@ -74,7 +81,12 @@ describe.each(backends)('metadata cache on %s', (_name, make) => {
 
 test('two processes share what one of them cached in Redis', async () => {
   const a = new KeyvMetadataCache({ store: 'redis', redisUrl: redis.url, log: silentLogger() });
-  const b = new KeyvMetadataCache({ store: 'redis', redisUrl: redis.url, log: silentLogger() });
+  const b = new KeyvMetadataCache({
+    store: 'redis',
+    redisUrl: redis.url,
+    log: silentLogger(),
+    memoryEntries: 0,
+  });
   const descriptor = { digest: digestOf(randomUUID()), size: 1 };
   await a.setDescriptor(descriptor);
   expect(await b.getDescriptor(descriptor.digest)).toEqual(descriptor);
@@ -82,11 +94,28 @@ test('two processes share what one of them cached in Redis', async () => {
   await b.close();
 });
 
+test('the in-process LRU answers without Redis, and forgets deleted tags', async () => {
+  const cache = new KeyvMetadataCache({
+    store: 'redis',
+    redisUrl: 'redis://127.0.0.1:1',
+    log: silentLogger(),
+    memoryEntries: 10,
+  });
+  const repo = { upstream: 'docker.io', repository: parseRepository('lru/test') };
+  const digest = digestOf('lru');
+  await cache.setTag(repo, parseTag('v1'), { digest, confirmedAt: 1 });
+  expect(await cache.getTag(repo, parseTag('v1'))).toEqual({ digest, confirmedAt: 1 });
+  await cache.deleteTag(repo, parseTag('v1'));
+  expect(await cache.getTag(repo, parseTag('v1'))).toBeUndefined();
+  await cache.close();
+});
+
 test('an unreachable Redis is a miss, not a failure', async () => {
   const cache = new KeyvMetadataCache({
     store: 'redis',
     redisUrl: 'redis://127.0.0.1:1',
     log: silentLogger(),
+    memoryEntries: 0,
   });
   const digest = digestOf('x');
   await cache.setDescriptor({ digest, size: 1 });
