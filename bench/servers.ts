@@ -95,7 +95,7 @@ export async function startPullcacheProcess(
       `    url: ${upstreamUrl}`,
       '    tagTTL: 1h',
       'log:',
-      '  level: warn',
+      `  level: ${process.env.PULLCACHE_BENCH_LOG_LEVEL ?? 'warn'}`,
       '',
     ].join('\n'),
   );
@@ -104,9 +104,11 @@ export async function startPullcacheProcess(
     Object.entries(process.env).filter(([k]) => !k.startsWith('PULLCACHE_')),
   );
   const log = join(dir, 'pullcache.log');
+  // PULLCACHE_BENCH_NODE_ARGS="--cpu-prof --cpu-prof-dir=/tmp/prof" profiles the server.
+  const nodeArgs = (process.env.PULLCACHE_BENCH_NODE_ARGS ?? '').split(' ').filter(Boolean);
   const child = spawnLogged(
     process.execPath,
-    ['dist/cli.js', 'serve', '--config', config],
+    [...nodeArgs, 'dist/cli.js', 'serve', '--config', config],
     log,
     env,
   );

@@ -314,7 +314,11 @@ async function getBlob(
     await pipeline(opened.stream, res);
   } catch (err) {
     // Headers are out: a broken source (or a bad digest upstream) must cut the connection so the
-    // client never takes a short body for the blob.
+    // client never takes a short body for the blob. A client that went away is no news.
+    const code = (err as NodeJS.ErrnoException).code;
+    if (code !== 'ERR_STREAM_PREMATURE_CLOSE' && code !== 'ECONNRESET' && code !== 'EPIPE') {
+      req.log.warn({ digest, err: (err as Error).message }, 'blob stream broke off');
+    }
     if (!res.destroyed) res.destroy(err as Error);
   }
 }

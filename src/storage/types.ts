@@ -89,9 +89,16 @@ export interface BlobWriter {
   /**
    * Verifies the size (when given) and the digest, then makes the blob visible atomically and
    * ends the session. Throws SizeInvalidError or DigestMismatchError and then removes the
-   * session: a blob is never visible before it is verified.
+   * session: a blob is never visible before it is verified. `verified: true` says the caller has
+   * itself checked every byte it wrote against `digest` as it streamed (the upstream client
+   * does), so the session's own hash is skipped; without it, the digest is always checked here.
    */
-  commit(expected: { digest: Digest; size?: number; mediaType?: string }): Promise<Descriptor>;
+  commit(expected: {
+    digest: Digest;
+    size?: number;
+    mediaType?: string;
+    verified?: boolean;
+  }): Promise<Descriptor>;
   /** Removes the session; afterwards `resume(id)` reports an unknown upload. */
   cancel(): Promise<void>;
   /** Reads what is written so far, from `offset`, `length` bytes; for followers of a fetch. */
@@ -106,8 +113,11 @@ export interface BlobStore {
    * RangeInvalidError for a range outside the blob.
    */
   open(digest: Digest, range?: ByteRange): Promise<OpenResult>;
-  /** Opens a new upload session. */
-  create(): Promise<BlobWriter>;
+  /**
+   * Opens a new upload session. `hash: false` skips the running hash, for a caller that verifies
+   * what it writes itself and commits with `verified: true`.
+   */
+  create(options?: { hash?: boolean }): Promise<BlobWriter>;
   /** Continues a closed session at its stored size; throws BlobUploadUnknownError. */
   resume(id: string): Promise<BlobWriter>;
   /** Throws UnsupportedError when deletes are disabled, BlobUnknownError when not stored. */

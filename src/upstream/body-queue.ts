@@ -11,6 +11,8 @@
  */
 import type { Readable } from 'node:stream';
 
+const COALESCE = 1024 * 1024;
+
 export type QueueEnd = { kind: 'end' } | { kind: 'overflow' } | { kind: 'error'; error: unknown };
 
 export class BodyQueue {
@@ -43,14 +45,22 @@ export class BodyQueue {
     );
   }
 
-  /** Chunks in order; then returns how the body ended (an error is returned, not thrown). */
+  /**
+   * Chunks in order, several queued ones joined into one of up to COALESCE bytes (fewer hash
+   * updates, writes and pushes downstream when the consumer is behind); then returns how the body
+   * ended (an error is returned, not thrown).
+   */
   async *drain(): AsyncGenerator<Buffer, QueueEnd> {
     try {
       for (;;) {
-        const chunk = this.chunks.shift();
-        if (chunk) {
-          this.bytes -= chunk.length;
-          yield chunk;
+        if (this.chunks.length > 0) {
+          let n = 1;
+          let size = this.chunks[0]!.length;
+          while (n < this.chunks.length && size + this.chunks[n]!.length <= COALESCE)
+            size += this.chunks[n++]!.length;
+          const parts = this.chunks.splice(0, n);
+          this.bytes -= size;
+          yield n === 1 ? parts[0]! : Buffer.concat(parts, size);
           continue;
         }
         if (this.finished) return this.finished;

@@ -1,0 +1,61 @@
+/**
+ * BlobFetch on real storage with an in-process upstream: the moment between the upload being
+ * moved into place and the fetch knowing it is committed cannot be hit from outside on purpose.
+ */
+import { randomBytes } from 'node:crypto';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { Readable } from 'node:stream';
+import { afterEach, expect, test } from 'vitest';
+import { silentLogger } from '../../src/log/logger.js';
+import { digestOf } from '../../src/oci/digest.js';
+import { parseRepository } from '../../src/oci/reference.js';
+import { BlobFetch } from '../../src/proxy/blob-fetch.js';
+import { DriverBlobStore } from '../../src/storage/blob-store.js';
+import { FilesystemDriver } from '../../src/storage/filesystem-driver.js';
+import type { UpstreamClient } from '../../src/upstream/types.js';
+
+const roots: string[] = [];
+afterEach(() => roots.splice(0).forEach((r) => rmSync(r, { recursive: true, force: true })));
+
+function upstreamServing(bytes: Buffer): UpstreamClient {
+  return {
+    name: 'fake',
+    getBlob: async () => ({
+      size: bytes.length,
+      stream: Readable.from([bytes.subarray(0, 1000), bytes.subarray(1000)]),
+    }),
+  } as unknown as UpstreamClient;
+}
+
+test('a read of written bytes while the commit moves the upload into place waits and reads the blob', async () => {
+  const root = mkdtempSync(join(tmpdir(), 'pullcache-fetch-'));
+  roots.push(root);
+  const blobs = new DriverBlobStore(new FilesystemDriver(root));
+  const bytes = randomBytes(5000);
+  let reachedCommit!: () => void;
+  const atCommit = new Promise<void>((resolve) => (reachedCommit = resolve));
+  let release!: () => void;
+  const gate = new Promise<void>((resolve) => (release = resolve));
+  const fetch = new BlobFetch({
+    blobs,
+    client: upstreamServing(bytes),
+    repo: { upstream: 'docker.io', repository: parseRepository('a/b') },
+    digest: digestOf(bytes),
+    log: silentLogger(),
+    orphanTimeout: 60_000,
+    onCommitted: async () => {
+      reachedCommit();
+      await gate; // the upload is already moved; the fetch does not know it is committed yet
+    },
+  });
+  await atCommit;
+  expect(fetch.isCommitted()).toBe(false);
+  const reading = fetch.readWritten(0, bytes.length);
+  release();
+  const chunks: Buffer[] = [];
+  for await (const chunk of await reading) chunks.push(chunk as Buffer);
+  expect(Buffer.concat(chunks).equals(bytes)).toBe(true);
+  await fetch.done;
+});
