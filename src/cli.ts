@@ -94,13 +94,21 @@ withConfigOptions(
     process.exit(1);
   }
   let stopping = false;
+  // Logs go out asynchronously: flush them before the process ends, or the last lines are lost.
+  const exit = (code: number) => log.flush(() => process.exit(code));
   const stop = (signal: string) => {
     if (stopping) process.exit(1);
     stopping = true;
     log.info({ signal }, 'shutting down');
-    const force = setTimeout(() => process.exit(0), 10_000);
+    const force = setTimeout(() => exit(0), 10_000);
     force.unref();
-    void running.close().then(() => process.exit(0));
+    void running.close().then(
+      () => exit(0),
+      (err: unknown) => {
+        log.error({ err }, 'shutdown failed');
+        exit(1);
+      },
+    );
   };
   process.on('SIGINT', () => stop('SIGINT'));
   process.on('SIGTERM', () => stop('SIGTERM'));

@@ -42,6 +42,8 @@ export interface Runtime {
     string,
     UpstreamServices & { manifests: ProxyManifestStore; tags: ProxyTagService }
   >;
+  /** Storage only, never an upstream: what export and import work on. */
+  local: UpstreamServices;
   passthrough: Map<string, Passthrough>;
   close(): Promise<void>;
 }
@@ -119,6 +121,7 @@ export function createRuntime(
     cache,
     clients,
     services,
+    local: { blobs: localBlobs, manifests: localManifests, tags: localTags },
     passthrough,
     async close() {
       for (const p of passthrough.values()) p.close();

@@ -9,7 +9,8 @@
  */
 import type { Config } from '../config/schema.js';
 import { NameUnknownError, UpstreamUnknownError } from '../oci/errors.js';
-import { parseRepository, type Repository } from '../oci/reference.js';
+import type { Digest } from '../oci/digest.js';
+import { parseImageReference, parseRepository, type Repository, type Tag } from '../oci/reference.js';
 
 export interface Route {
   upstream: string;
@@ -40,11 +41,49 @@ export function routeRequest(config: Config, name: string, ns: unknown): Route {
     }
   }
   if (upstream === undefined) throw new NameUnknownError(name);
-  if (upstream === 'docker.io' && !rest.includes('/')) rest = `library/${rest}`;
-  return { upstream, repository: parseRepository(rest), prefix };
+  return { upstream, repository: withLibraryPrefix(upstream, rest), prefix };
+}
+
+/** Docker Hub's official images: on the upstream named docker.io, `alpine` is `library/alpine`. */
+function withLibraryPrefix(upstream: string, name: string): Repository {
+  return parseRepository(upstream === 'docker.io' && !name.includes('/') ? `library/${name}` : name);
 }
 
 /** How clients address a repository of an upstream: bare on the default upstream, else prefixed. */
 export function clientName(config: Config, upstream: string, repository: string): string {
   return upstream === config.routing.default ? repository : `${upstream}/${repository}`;
+}
+
+export interface ImageLocation {
+  upstream: string;
+  repository: Repository;
+  tag?: Tag;
+  digest?: Digest;
+}
+
+/**
+ * A reference as people write it on a command line, `[upstream/]repository[:tag|@digest]`, with
+ * the routing rules of requests: a first component naming a configured upstream selects it,
+ * else `routing.default` (so `alpine:3.20` is docker.io's `library/alpine:3.20`).
+ */
+export function parseLocation(config: Config, value: string): ImageLocation {
+  const slash = value.indexOf('/');
+  const first = slash > 0 ? value.slice(0, slash) : undefined;
+  const named = first !== undefined && Object.hasOwn(config.upstreams, first);
+  const ref = parseImageReference(named ? value.slice(slash + 1) : value);
+  let location: ImageLocation;
+  if (named) {
+    location = { upstream: first, repository: withLibraryPrefix(first, ref.repository) };
+  } else {
+    const route = routeRequest(config, ref.repository, undefined);
+    location = { upstream: route.upstream, repository: route.repository };
+  }
+  if (ref.tag !== undefined) location.tag = ref.tag;
+  if (ref.digest !== undefined) location.digest = ref.digest;
+  return location;
+}
+
+/** The full reference of an image, as bundles name it: `docker.io/library/alpine:3.20`. */
+export function formatLocation(location: ImageLocation): string {
+  return `${location.upstream}/${location.repository}${location.tag ? `:${location.tag}` : ''}${location.digest && !location.tag ? `@${location.digest}` : ''}`;
 }

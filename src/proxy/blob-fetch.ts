@@ -196,6 +196,11 @@ export class BlobFetch {
   /** A stream of bytes [start, end) of the blob, following the fetch. Call after `ready`. */
   follow(start: number, end: number): Readable {
     const follower = new BlobFollower(this, start, end);
+    if (this.state === 'failed') {
+      // Failed between the caller's `ready` and now: say so at once rather than wait for chunks.
+      process.nextTick(() => follower.destroy(this.error as Error));
+      return follower;
+    }
     this.followers.add(follower);
     clearTimeout(this.orphanTimer);
     this.orphanTimer = undefined;

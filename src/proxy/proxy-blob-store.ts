@@ -73,6 +73,7 @@ export class ProxyBlobStore implements BlobService {
       if (err instanceof UpstreamNotFoundError) return { found: false };
       throw err;
     }
+    if (fetch.state === 'failed') throw fetch.error;
     if (fetch.size === undefined) {
       // No Content-Length from the upstream: wait for the whole blob, then serve it from storage.
       await fetch.done;

@@ -59,3 +59,38 @@ test('a read of written bytes while the commit moves the upload into place waits
   expect(Buffer.concat(chunks).equals(bytes)).toBe(true);
   await fetch.done;
 });
+
+test('a client that follows a fetch which has already failed gets the error, not a hang', async () => {
+  const root = mkdtempSync(join(tmpdir(), 'pullcache-fetch-'));
+  roots.push(root);
+  const bytes = randomBytes(3000);
+  const broken = {
+    name: 'fake',
+    getBlob: async () => ({
+      size: bytes.length,
+      stream: Readable.from(
+        (async function* () {
+          yield bytes.subarray(0, 1000);
+          throw new Error('upstream went away');
+        })(),
+      ),
+    }),
+  } as unknown as UpstreamClient;
+  const fetch = new BlobFetch({
+    blobs: new DriverBlobStore(new FilesystemDriver(root)),
+    client: broken,
+    repo: { upstream: 'docker.io', repository: parseRepository('a/b') },
+    digest: digestOf(bytes),
+    log: silentLogger(),
+    orphanTimeout: 60_000,
+    onCommitted: async () => {},
+  });
+  await fetch.ready;
+  await expect(fetch.done).rejects.toThrow('upstream went away');
+  const late = fetch.follow(0, bytes.length);
+  await expect(
+    (async () => {
+      for await (const _ of late) void _;
+    })(),
+  ).rejects.toThrow('upstream went away');
+});

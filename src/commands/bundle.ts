@@ -1,0 +1,401 @@
+/**
+ * Bundles for air-gapped sites: an OCI image layout in a tar archive
+ * (https://github.com/opencontainers/image-spec/blob/main/image-layout.md): `oci-layout`,
+ * `blobs/<alg>/<hex>`, and `index.json` last, naming every image with its full reference in
+ * `org.opencontainers.image.ref.name` (and pullcache's own annotations for upstream, repository
+ * and tag). Other tools read it as an OCI archive (`skopeo copy oci-archive:bundle.tar:REF ...`).
+ *
+ * Export needs no upstream: it reads storage only. Import verifies every blob against its digest
+ * while it streams into an upload session, and makes nothing visible until the whole bundle has
+ * been read and checked; a damaged or truncated bundle leaves the cache as it was.
+ */
+import { createReadStream, createWriteStream } from 'node:fs';
+import { rename, rm } from 'node:fs/promises';
+import type { Readable } from 'node:stream';
+import { pipeline } from 'node:stream/promises';
+import * as tar from 'tar-stream';
+import type { Config } from '../config/schema.js';
+import { formatLocation, parseLocation, type ImageLocation } from '../http/routing.js';
+import { DigestVerifier, parseDigest, type Digest } from '../oci/digest.js';
+import { parseManifest } from '../oci/manifest.js';
+import { MediaType } from '../oci/media-types.js';
+import { isTag, parseRepository, parseTag, type Tag } from '../oci/reference.js';
+import { UPSTREAM_NAME } from '../config/schema.js';
+import type { Runtime } from '../server.js';
+import type { RepositoryKey } from '../storage/types.js';
+import type { Progress } from './progress.js';
+
+export const ANNOTATION_REF_NAME = 'org.opencontainers.image.ref.name';
+const ANNOTATION_CONTAINERD_NAME = 'io.containerd.image.name';
+const ANNOTATION_UPSTREAM = 'dev.pullcache.upstream';
+const ANNOTATION_REPOSITORY = 'dev.pullcache.repository';
+const ANNOTATION_TAG = 'dev.pullcache.tag';
+/** Blobs up to this size are kept in memory during import, to read manifests without a second pass. */
+const SMALL_BLOB = 4 * 1024 * 1024;
+
+/** A bundle that cannot be used; the message says why. The CLI exits 1 with it. */
+export class BundleError extends Error {
+  override name = 'BundleError';
+}
+
+interface ExportImage {
+  location: ImageLocation & { digest: Digest };
+  mediaType: string;
+  size: number;
+}
+
+export interface ExportResult {
+  images: number;
+  blobs: number;
+  bytes: number;
+  warnings: string[];
+}
+
+/** Writes a bundle of the given references (or of every tagged image with `all`). */
+export async function exportBundle(runtime: Runtime, config: Config, options: { references: string[]; all: boolean; output: string }, progress: Progress): Promise<ExportResult> {
+  const { local } = runtime;
+  const images: ExportImage[] = [];
+  const warnings: string[] = [];
+  const add = async (location: ImageLocation) => {
+    const repo = { upstream: location.upstream, repository: location.repository };
+    let digest = location.digest;
+    if (!digest) {
+      const tag = location.tag ?? parseTag('latest');
+      const resolved = await local.tags.resolve(repo, tag);
+      if (!resolved.found) throw new BundleError(`${formatLocation({ ...location, tag })} is not in the cache (prefetch it first)`);
+      digest = resolved.digest;
+    }
+    const stat = await local.manifests.stat(repo, digest);
+    if (!stat.found) throw new BundleError(`${formatLocation({ ...location, digest })} is not in the cache (prefetch it first)`);
+    images.push({ location: { ...location, digest }, mediaType: stat.link.mediaType, size: stat.link.size });
+  };
+  if (options.all) {
+    for (const upstream of runtime.services.keys()) {
+      for (const name of await runtime.repositories.listRepositories(upstream)) {
+        const repository = parseRepository(name);
+        for (const tag of await local.tags.list({ upstream, repository })) await add({ upstream, repository, tag: parseTag(tag) });
+      }
+    }
+  } else {
+    for (const reference of options.references) await add(parseLocation(config, reference));
+  }
+  if (images.length === 0) throw new BundleError('nothing to export: the cache holds no tagged image');
+
+  // Every blob each image needs, once. Index children that were never pulled are left out.
+  const blobs = new Map<Digest, number>();
+  for (const image of images) {
+    const repo: RepositoryKey = { upstream: image.location.upstream, repository: image.location.repository };
+    const name = formatLocation(image.location);
+    const walk = async (digest: Digest, top: boolean): Promise<boolean> => {
+      const manifest = await local.manifests.get(repo, digest);
+      if (!manifest.found) {
+        if (top) throw new BundleError(`${name}: manifest ${digest} is not in the cache`);
+        return false;
+      }
+      const parsed = parseManifest(manifest.bytes, manifest.link.mediaType);
+      const needed = parsed.kind === 'index' ? [] : [parsed.config, ...parsed.layers];
+      for (const d of needed) {
+        if (!(await runtime.blobs.stat(d.digest)).found) {
+          if (top) throw new BundleError(`${name}: blob ${d.digest} is not in the cache (prefetch the image first)`);
+          warnings.push(`${name}: platform manifest ${digest} is incomplete, left out`);
+          return false;
+        }
+      }
+      if (parsed.kind === 'index') {
+        let any = false;
+        for (const child of parsed.manifests) {
+          if (await walk(child.digest, false)) any = true;
+          else if (!blobs.has(child.digest)) warnings.push(`${name}: platform ${child.platform ? `${child.platform.os}/${child.platform.architecture}` : child.digest} is not cached, left out`);
+        }
+        if (!any) throw new BundleError(`${name}: no platform of this index is in the cache`);
+      }
+      blobs.set(digest, manifest.bytes.length);
+      for (const d of needed) blobs.set(d.digest, d.size);
+      return true;
+    };
+    await walk(image.location.digest, true);
+  }
+
+  const total = [...blobs.values()].reduce((a, b) => a + b, 0);
+  const item = progress.start(options.output);
+  item.total = total;
+  item.layers = blobs.size;
+  const partial = `${options.output}.partial`;
+  const pack = tar.pack();
+  const out = createWriteStream(partial);
+  const written = pipeline(pack, out);
+  try {
+    const entry = (name: string, size: number, source: Readable | Buffer) =>
+      new Promise<void>((resolve, reject) => {
+        const header = { name, size, mode: 0o644, mtime: new Date(0) };
+        const done = (err?: Error | null) => (err ? reject(err) : resolve());
+        if (Buffer.isBuffer(source)) {
+          pack.entry(header, source, done);
+          return;
+        }
+        const sink = pack.entry(header, done);
+        source.on('error', (err) => {
+          sink.destroy(err);
+          reject(err);
+        });
+        source.pipe(sink as unknown as NodeJS.WritableStream);
+      });
+    await entry('oci-layout', 30, Buffer.from('{"imageLayoutVersion":"1.0.0"}'));
+    for (const [digest, size] of blobs) {
+      const opened = await runtime.blobs.open(digest);
+      if (!opened.found) throw new BundleError(`blob ${digest} vanished from storage during the export`);
+      const { algorithm, hex } = parseDigest(digest);
+      opened.stream.on('data', (chunk: Buffer) => (item.done += chunk.length));
+      await entry(`blobs/${algorithm}/${hex}`, opened.descriptor.size, opened.stream);
+      progress.layerDone(options.output, digest, size, false);
+    }
+    const index = {
+      schemaVersion: 2,
+      mediaType: MediaType.OciIndex,
+      manifests: images.map((image) => {
+        const annotations: Record<string, string> = {
+          [ANNOTATION_UPSTREAM]: image.location.upstream,
+          [ANNOTATION_REPOSITORY]: image.location.repository,
+        };
+        if (image.location.tag) {
+          annotations[ANNOTATION_TAG] = image.location.tag;
+          annotations[ANNOTATION_REF_NAME] = formatLocation(image.location);
+          annotations[ANNOTATION_CONTAINERD_NAME] = formatLocation(image.location);
+        }
+        return { mediaType: image.mediaType, digest: image.location.digest, size: image.size, annotations };
+      }),
+    };
+    const indexBytes = Buffer.from(JSON.stringify(index, null, 2));
+    await entry('index.json', indexBytes.length, indexBytes);
+    pack.finalize();
+    await written;
+    await rename(partial, options.output);
+  } catch (err) {
+    pack.destroy();
+    await written.catch(() => {});
+    await rm(partial, { force: true });
+    throw err;
+  }
+  progress.finish(options.output);
+  return { images: images.length, blobs: blobs.size, bytes: total, warnings };
+}
+
+export interface ImportResult {
+  images: number;
+  blobsAdded: number;
+  blobsPresent: number;
+  bytesAdded: number;
+  tagsChanged: number;
+}
+
+interface IndexEntry {
+  digest: Digest;
+  mediaType: string;
+  size: number;
+  upstream: string;
+  repository: RepositoryKey['repository'];
+  tag?: Tag;
+}
+
+/** Reads a bundle into the cache; throws BundleError, leaving the cache unchanged, when it cannot. */
+export async function importBundle(runtime: Runtime, file: string, progress: Progress): Promise<ImportResult> {
+  const staged = new Map<Digest, { id: string; size: number }>();
+  const present = new Set<Digest>();
+  const small = new Map<Digest, Buffer>();
+  let indexBytes: Buffer | undefined;
+  let layoutSeen = false;
+  const item = progress.start(file);
+  let bytesAdded = 0;
+
+  const cancelStaged = async () => {
+    for (const { id } of staged.values()) await (await runtime.blobs.resume(id).catch(() => undefined))?.cancel().catch(() => {});
+  };
+
+  try {
+    const extract = tar.extract();
+    const reading = pipeline(createReadStream(file), extract).catch((err: unknown) => {
+      throw new BundleError(`${file} is not a readable bundle: ${(err as Error).message}`);
+    });
+    const entries = (async () => {
+      for await (const entry of extract) {
+        const { name, size = 0, type } = entry.header;
+        const path = name.replace(/^\.\//, '');
+        if (type === 'directory' || path === '' || path.endsWith('/')) {
+          entry.resume();
+          continue;
+        }
+        if (type !== 'file') throw new BundleError(`${file}: unexpected ${type} entry ${JSON.stringify(name)}`);
+        if (path === 'oci-layout') {
+          const layout = JSON.parse((await readAll(entry, 4096)).toString('utf8')) as { imageLayoutVersion?: string };
+          if (layout.imageLayoutVersion !== '1.0.0') throw new BundleError(`${file}: unsupported image layout version ${String(layout.imageLayoutVersion)}`);
+          layoutSeen = true;
+          continue;
+        }
+        if (path === 'index.json') {
+          indexBytes = await readAll(entry, 16 * 1024 * 1024);
+          continue;
+        }
+        const m = /^blobs\/(sha256|sha512)\/([a-f0-9]+)$/.exec(path);
+        if (!m) throw new BundleError(`${file}: unexpected entry ${JSON.stringify(name.slice(0, 200))}`);
+        let digest: Digest;
+        try {
+          digest = parseDigest(`${m[1]}:${m[2]}`).digest;
+        } catch {
+          throw new BundleError(`${file}: ${JSON.stringify(name.slice(0, 200))} does not name a valid digest`);
+        }
+        const verifier = new DigestVerifier(parseDigest(digest));
+        const keep = size <= SMALL_BLOB ? ([] as Buffer[]) : undefined;
+        if ((await runtime.blobs.stat(digest)).found) {
+          // Already stored (verified when it was): check the bundle's copy all the same.
+          for await (const chunk of entry) {
+            verifier.update(chunk as Buffer);
+            keep?.push(chunk as Buffer);
+          }
+          if (!verifier.matches()) throw new BundleError(`${file}: blob ${digest} is damaged (its content is ${verifier.actual()})`);
+          present.add(digest);
+        } else {
+          const writer = await runtime.blobs.create({ hash: false });
+          staged.set(digest, { id: writer.id, size });
+          for await (const chunk of entry) {
+            verifier.update(chunk as Buffer);
+            keep?.push(chunk as Buffer);
+            await writer.write(chunk as Buffer);
+            item.done += (chunk as Buffer).length;
+          }
+          await writer.close();
+          if (verifier.bytes !== size) throw new BundleError(`${file}: blob ${digest} is truncated`);
+          if (!verifier.matches()) throw new BundleError(`${file}: blob ${digest} is damaged (its content is ${verifier.actual()})`);
+          bytesAdded += size;
+        }
+        if (keep) small.set(digest, Buffer.concat(keep));
+        progress.layerDone(file, digest, size, present.has(digest));
+      }
+    })();
+    await Promise.all([reading, entries]);
+
+    if (!layoutSeen) throw new BundleError(`${file}: no oci-layout entry: not an OCI image layout bundle`);
+    if (!indexBytes) throw new BundleError(`${file}: no index.json: the bundle is truncated or incomplete`);
+    const images = parseIndex(indexBytes, file);
+
+    // Everything each image needs must be in the bundle or already stored.
+    const available = (d: Digest) => staged.has(d) || present.has(d);
+    const manifestBytes = async (d: Digest): Promise<Buffer | undefined> => {
+      const inMemory = small.get(d);
+      if (inMemory) return inMemory;
+      if (present.has(d) || (await runtime.blobs.stat(d)).found) {
+        const opened = await runtime.blobs.open(d);
+        return opened.found ? readAll(opened.stream, SMALL_BLOB) : undefined;
+      }
+      return undefined;
+    };
+    const links: { repo: RepositoryKey; digest: Digest; mediaType: string; size: number; blobs: Digest[] }[] = [];
+    for (const image of images) {
+      const repo = { upstream: image.upstream, repository: image.repository };
+      const visit = async (digest: Digest, mediaType: string, top: boolean): Promise<void> => {
+        const bytes = await manifestBytes(digest);
+        if (!bytes) {
+          if (top) throw new BundleError(`${file}: manifest ${digest} of ${formatLocation(image)} is missing: the bundle is truncated or incomplete`);
+          return; // a platform that was never pulled; fetched when asked for, if ever online
+        }
+        const parsed = parseManifest(bytes, mediaType);
+        const needed = parsed.kind === 'index' ? [] : [parsed.config, ...parsed.layers];
+        for (const d of needed) {
+          if (!available(d.digest) && !(await runtime.blobs.stat(d.digest)).found) {
+            throw new BundleError(`${file}: blob ${d.digest} of ${formatLocation(image)} is missing: the bundle is truncated or incomplete`);
+          }
+        }
+        links.push({ repo, digest, mediaType: parsed.mediaType, size: bytes.length, blobs: needed.map((d) => d.digest) });
+        if (parsed.kind === 'index') for (const child of parsed.manifests) await visit(child.digest, child.mediaType ?? '', false);
+      };
+      await visit(image.digest, image.mediaType, true);
+    }
+
+    // All verified: make it visible. Each commit is an atomic rename.
+    const blobsAdded = staged.size;
+    for (const [digest, { id, size }] of staged) {
+      const writer = await runtime.blobs.resume(id);
+      await writer.commit({ digest, size, verified: true });
+    }
+    staged.clear();
+    for (const link of links) {
+      await runtime.local.manifests.put(link.repo, (await manifestBytes(link.digest))!, link.digest, link.mediaType);
+      for (const blob of link.blobs) {
+        const stat = await runtime.blobs.stat(blob);
+        if (stat.found) await runtime.repositories.linkBlob(link.repo, stat.descriptor);
+      }
+    }
+    let tagsChanged = 0;
+    for (const image of images) {
+      if (!image.tag) continue;
+      const repo = { upstream: image.upstream, repository: image.repository };
+      const current = await runtime.local.tags.resolve(repo, image.tag);
+      // Running an import twice changes nothing: a tag that already points here is left as it is.
+      if (current.found && current.digest === image.digest) continue;
+      await runtime.local.tags.tag(repo, image.tag, image.digest);
+      tagsChanged++;
+    }
+    progress.finish(file);
+    return { images: images.length, blobsAdded, blobsPresent: present.size, bytesAdded, tagsChanged };
+  } catch (err) {
+    await cancelStaged();
+    progress.finish(file, err);
+    if (err instanceof BundleError) throw err;
+    throw new BundleError(`${file}: ${(err as Error).message}`);
+  }
+}
+
+function parseIndex(bytes: Buffer, file: string): IndexEntry[] {
+  let index: { manifests?: unknown };
+  try {
+    index = JSON.parse(bytes.toString('utf8')) as { manifests?: unknown };
+  } catch {
+    throw new BundleError(`${file}: index.json is not valid JSON`);
+  }
+  if (!Array.isArray(index.manifests)) throw new BundleError(`${file}: index.json has no manifests`);
+  return index.manifests.map((raw: unknown, i: number) => {
+    const d = raw as { digest?: string; mediaType?: string; size?: number; annotations?: Record<string, string> };
+    const where = `${file}: index.json manifests[${i}]`;
+    const annotations = d.annotations ?? {};
+    let digest: Digest;
+    try {
+      digest = parseDigest(String(d.digest)).digest;
+    } catch {
+      throw new BundleError(`${where} has an invalid digest`);
+    }
+    let upstream = annotations[ANNOTATION_UPSTREAM];
+    let repository = annotations[ANNOTATION_REPOSITORY];
+    let tag = annotations[ANNOTATION_TAG];
+    // Bundles from other tools: take the upstream, repository and tag from the full reference.
+    const full = annotations[ANNOTATION_REF_NAME] ?? annotations[ANNOTATION_CONTAINERD_NAME];
+    if ((!upstream || !repository) && full) {
+      const m = /^([^/]+)\/(.+?)(?::([^:/@]+))?$/.exec(full);
+      if (m) {
+        upstream = m[1];
+        repository = m[2];
+        tag ??= m[3];
+      }
+    }
+    if (!upstream || !UPSTREAM_NAME.test(upstream) || !repository) throw new BundleError(`${where} does not say which upstream and repository it is from`);
+    let parsedRepository;
+    try {
+      parsedRepository = parseRepository(repository);
+    } catch {
+      throw new BundleError(`${where} names an invalid repository ${JSON.stringify(repository)}`);
+    }
+    if (tag !== undefined && !isTag(tag)) throw new BundleError(`${where} names an invalid tag ${JSON.stringify(tag)}`);
+    const entry: IndexEntry = { digest, mediaType: String(d.mediaType ?? ''), size: Number(d.size ?? 0), upstream, repository: parsedRepository };
+    if (tag !== undefined) entry.tag = tag;
+    return entry;
+  });
+}
+
+async function readAll(stream: AsyncIterable<unknown>, limit: number): Promise<Buffer> {
+  const chunks: Buffer[] = [];
+  let size = 0;
+  for await (const chunk of stream) {
+    size += (chunk as Buffer).length;
+    if (size > limit) throw new BundleError(`an entry is larger than the ${limit} bytes allowed`);
+    chunks.push(chunk as Buffer);
+  }
+  return Buffer.concat(chunks);
+}
