@@ -11,7 +11,6 @@ import { cpus, totalmem, tmpdir } from 'node:os';
 import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
-import { Agent } from 'undici';
 import { TestRegistry } from '../test/helpers/registry.js';
 import { bytesWritten, curlGet, hashGet, median, timed, wrk } from './measure.js';
 import {
@@ -128,18 +127,11 @@ async function measure(
 
   const upstreamBefore = bytesWritten(upstream.pid!);
   const concurrent = await phase(server, '16 clients on one uncached 256 MiB blob', async () => {
-    const agent = new Agent({ connections: 32 });
-    try {
-      return await timed(() =>
-        Promise.all(
-          Array.from({ length: 16 }, () =>
-            hashGet(blobUrl('bench/medium', seed.medium.digest), agent),
-          ),
-        ),
-      );
-    } finally {
-      await agent.close();
-    }
+    return timed(() =>
+      Promise.all(
+        Array.from({ length: 16 }, () => hashGet(blobUrl('bench/medium', seed.medium.digest))),
+      ),
+    );
   });
   const upstreamBytes = bytesWritten(upstream.pid!) - upstreamBefore;
 
@@ -163,9 +155,7 @@ async function measure(
     skopeoColdS,
     skopeoWarmS,
     concurrentWallS: concurrent.seconds,
-    concurrentAllCorrect: concurrent.value.every(
-      (r) => r.digest === seed.medium.digest && r.bytes === seed.medium.size,
-    ),
+    concurrentAllCorrect: concurrent.value.every((r) => r.digest === seed.medium.digest),
     concurrentUpstreamRatio: upstreamBytes / seed.medium.size,
     manifestsByDigestRps: byDigest.rps,
     manifestsByTagRps: byTag.rps,

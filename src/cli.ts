@@ -5,7 +5,12 @@ import { stringify } from 'yaml';
 import { ConfigError, loadConfig, redactConfig } from './config/load.js';
 import type { Config } from './config/schema.js';
 import { createLogger } from './log/logger.js';
-import { startServer } from './server.js';
+import { readFileSync } from 'node:fs';
+import { exportBundle, importBundle } from './commands/bundle.js';
+import { parsePlatforms, prefetch, type PlatformFilter } from './commands/prefetch.js';
+import { Progress } from './commands/progress.js';
+import { formatBytes } from './config/units.js';
+import { createRuntime, startServer, type Runtime } from './server.js';
 
 interface CommonOptions {
   config?: string;
@@ -110,6 +115,14 @@ withConfigOptions(
       },
     );
   };
+  if (process.env.PULLCACHE_TEST_FOLLOWERS) {
+    // Diagnosis of stuck transfers: SIGUSR2 logs every client following an upstream fetch.
+    const { liveFollowers } = await import('./proxy/blob-fetch.js');
+    process.on('SIGUSR2', () => {
+      for (const f of liveFollowers) log.warn({ follower: f.describe() }, 'follower');
+      log.warn({ count: liveFollowers.size }, 'followers listed');
+    });
+  }
   process.on('SIGINT', () => stop('SIGINT'));
   process.on('SIGTERM', () => stop('SIGTERM'));
 });
@@ -120,6 +133,121 @@ withConfigOptions(
     .description('print the effective configuration (secrets redacted) and exit'),
 ).action((o: CommonOptions) => {
   process.stdout.write(stringify(redactConfig(configFrom(o))));
+});
+
+/**
+ * Runs a command on the runtime (storage, cache, clients) without serving; closes it after.
+ * Failures are one line on stderr, never a stack trace.
+ */
+async function withRuntime(
+  o: CommonOptions,
+  work: (runtime: Runtime, config: Config) => Promise<number>,
+): Promise<void> {
+  const config = configFrom(o);
+  // The command talks to people on stderr; the logger only says what goes wrong.
+  const log = createLogger({ level: o.logLevel ?? 'error', format: config.log.format });
+  const runtime = createRuntime(config, log);
+  let code: number;
+  try {
+    code = await work(runtime, config);
+  } catch (err) {
+    console.error(`pullcache: ${(err as Error).message}`);
+    code = 1;
+  } finally {
+    await runtime.close().catch(() => {});
+  }
+  log.flush(() => process.exit(code));
+}
+
+withConfigOptions(
+  program
+    .command('prefetch')
+    .description('pull images into the cache, as a client pull would, and report progress')
+    .argument(
+      '[references...]',
+      'images as [upstream/]repository[:tag|@digest], e.g. alpine:3.20 or ghcr.io/org/app@sha256:...',
+    )
+    .option('-f, --file <file>', 'read references from a file, one per line (# starts a comment)')
+    .option(
+      '--platform <list>',
+      'only these platforms of multi-platform images, e.g. linux/amd64,linux/arm64',
+    ),
+).action(async (references: string[], o: CommonOptions & { file?: string; platform?: string }) => {
+  await withRuntime(o, async (runtime, config) => {
+    const refs = [...references];
+    if (o.file) {
+      for (const line of readFileSync(o.file, 'utf8').split('\n')) {
+        const ref = line.replace(/#.*/, '').trim();
+        if (ref) refs.push(ref);
+      }
+    }
+    if (refs.length === 0) throw new Error('nothing to prefetch: give references or --file');
+    let platforms: PlatformFilter[] = [];
+    if (o.platform) platforms = parsePlatforms(o.platform);
+    const progress = new Progress();
+    const results = await prefetch(runtime, config, refs, platforms, progress);
+    progress.stop();
+    const failed = results.filter((r) => !r.ok);
+    console.error(
+      `\n${results.length - failed.length} of ${results.length} images complete; fetched ${formatBytes(progress.fetchedBytes)}, already cached ${formatBytes(progress.cachedBytes)}`,
+    );
+    for (const f of failed) console.error(`  failed: ${f.reference}: ${f.error}`);
+    return failed.length === 0 ? 0 : 1;
+  });
+});
+
+withConfigOptions(
+  program
+    .command('export')
+    .description('write cached images to an OCI image layout archive (needs no upstream)')
+    .requiredOption('-o, --output <file>', 'the bundle to write (a tar archive)')
+    .option('--all', 'every tagged image in the cache')
+    .argument('[references...]', 'images as [upstream/]repository[:tag|@digest]'),
+).action(async (references: string[], o: CommonOptions & { output: string; all?: boolean }) => {
+  await withRuntime(o, async (runtime, config) => {
+    if (!o.all && references.length === 0)
+      throw new Error('nothing to export: give references or --all');
+    const progress = new Progress();
+    try {
+      const result = await exportBundle(
+        runtime,
+        config,
+        { references, all: Boolean(o.all), output: o.output },
+        progress,
+      );
+      progress.stop();
+      for (const warning of result.warnings) console.error(`  note: ${warning}`);
+      console.error(
+        `\nwrote ${o.output}: ${result.images} images, ${result.blobs} blobs, ${formatBytes(result.bytes)}`,
+      );
+      return 0;
+    } finally {
+      progress.stop();
+    }
+  });
+});
+
+withConfigOptions(
+  program
+    .command('import')
+    .description(
+      'read a bundle made by export into the cache; every blob is verified before it is kept',
+    )
+    .argument('<bundle>', 'the bundle (a tar archive)'),
+).action(async (bundle: string, o: CommonOptions) => {
+  await withRuntime(o, async (runtime) => {
+    const progress = new Progress();
+    try {
+      const result = await importBundle(runtime, bundle, progress);
+      progress.stop();
+      console.error(
+        `\nimported ${bundle}: ${result.images} images; ${result.blobsAdded} blobs added (${formatBytes(result.bytesAdded)}), ${result.blobsPresent} already present; ${result.tagsChanged} tags set`,
+      );
+      return 0;
+    } finally {
+      progress.stop();
+    }
+  });
 });
 
 await program.parseAsync(process.argv);

@@ -52,7 +52,12 @@ export interface ExportResult {
 }
 
 /** Writes a bundle of the given references (or of every tagged image with `all`). */
-export async function exportBundle(runtime: Runtime, config: Config, options: { references: string[]; all: boolean; output: string }, progress: Progress): Promise<ExportResult> {
+export async function exportBundle(
+  runtime: Runtime,
+  config: Config,
+  options: { references: string[]; all: boolean; output: string },
+  progress: Progress,
+): Promise<ExportResult> {
   const { local } = runtime;
   const images: ExportImage[] = [];
   const warnings: string[] = [];
@@ -62,29 +67,44 @@ export async function exportBundle(runtime: Runtime, config: Config, options: { 
     if (!digest) {
       const tag = location.tag ?? parseTag('latest');
       const resolved = await local.tags.resolve(repo, tag);
-      if (!resolved.found) throw new BundleError(`${formatLocation({ ...location, tag })} is not in the cache (prefetch it first)`);
+      if (!resolved.found)
+        throw new BundleError(
+          `${formatLocation({ ...location, tag })} is not in the cache (prefetch it first)`,
+        );
       digest = resolved.digest;
     }
     const stat = await local.manifests.stat(repo, digest);
-    if (!stat.found) throw new BundleError(`${formatLocation({ ...location, digest })} is not in the cache (prefetch it first)`);
-    images.push({ location: { ...location, digest }, mediaType: stat.link.mediaType, size: stat.link.size });
+    if (!stat.found)
+      throw new BundleError(
+        `${formatLocation({ ...location, digest })} is not in the cache (prefetch it first)`,
+      );
+    images.push({
+      location: { ...location, digest },
+      mediaType: stat.link.mediaType,
+      size: stat.link.size,
+    });
   };
   if (options.all) {
     for (const upstream of runtime.services.keys()) {
       for (const name of await runtime.repositories.listRepositories(upstream)) {
         const repository = parseRepository(name);
-        for (const tag of await local.tags.list({ upstream, repository })) await add({ upstream, repository, tag: parseTag(tag) });
+        for (const tag of await local.tags.list({ upstream, repository }))
+          await add({ upstream, repository, tag: parseTag(tag) });
       }
     }
   } else {
     for (const reference of options.references) await add(parseLocation(config, reference));
   }
-  if (images.length === 0) throw new BundleError('nothing to export: the cache holds no tagged image');
+  if (images.length === 0)
+    throw new BundleError('nothing to export: the cache holds no tagged image');
 
   // Every blob each image needs, once. Index children that were never pulled are left out.
   const blobs = new Map<Digest, number>();
   for (const image of images) {
-    const repo: RepositoryKey = { upstream: image.location.upstream, repository: image.location.repository };
+    const repo: RepositoryKey = {
+      upstream: image.location.upstream,
+      repository: image.location.repository,
+    };
     const name = formatLocation(image.location);
     const walk = async (digest: Digest, top: boolean): Promise<boolean> => {
       const manifest = await local.manifests.get(repo, digest);
@@ -96,7 +116,10 @@ export async function exportBundle(runtime: Runtime, config: Config, options: { 
       const needed = parsed.kind === 'index' ? [] : [parsed.config, ...parsed.layers];
       for (const d of needed) {
         if (!(await runtime.blobs.stat(d.digest)).found) {
-          if (top) throw new BundleError(`${name}: blob ${d.digest} is not in the cache (prefetch the image first)`);
+          if (top)
+            throw new BundleError(
+              `${name}: blob ${d.digest} is not in the cache (prefetch the image first)`,
+            );
           warnings.push(`${name}: platform manifest ${digest} is incomplete, left out`);
           return false;
         }
@@ -105,7 +128,10 @@ export async function exportBundle(runtime: Runtime, config: Config, options: { 
         let any = false;
         for (const child of parsed.manifests) {
           if (await walk(child.digest, false)) any = true;
-          else if (!blobs.has(child.digest)) warnings.push(`${name}: platform ${child.platform ? `${child.platform.os}/${child.platform.architecture}` : child.digest} is not cached, left out`);
+          else if (!blobs.has(child.digest))
+            warnings.push(
+              `${name}: platform ${child.platform ? `${child.platform.os}/${child.platform.architecture}` : child.digest} is not cached, left out`,
+            );
         }
         if (!any) throw new BundleError(`${name}: no platform of this index is in the cache`);
       }
@@ -143,7 +169,8 @@ export async function exportBundle(runtime: Runtime, config: Config, options: { 
     await entry('oci-layout', 30, Buffer.from('{"imageLayoutVersion":"1.0.0"}'));
     for (const [digest, size] of blobs) {
       const opened = await runtime.blobs.open(digest);
-      if (!opened.found) throw new BundleError(`blob ${digest} vanished from storage during the export`);
+      if (!opened.found)
+        throw new BundleError(`blob ${digest} vanished from storage during the export`);
       const { algorithm, hex } = parseDigest(digest);
       opened.stream.on('data', (chunk: Buffer) => (item.done += chunk.length));
       await entry(`blobs/${algorithm}/${hex}`, opened.descriptor.size, opened.stream);
@@ -162,7 +189,12 @@ export async function exportBundle(runtime: Runtime, config: Config, options: { 
           annotations[ANNOTATION_REF_NAME] = formatLocation(image.location);
           annotations[ANNOTATION_CONTAINERD_NAME] = formatLocation(image.location);
         }
-        return { mediaType: image.mediaType, digest: image.location.digest, size: image.size, annotations };
+        return {
+          mediaType: image.mediaType,
+          digest: image.location.digest,
+          size: image.size,
+          annotations,
+        };
       }),
     };
     const indexBytes = Buffer.from(JSON.stringify(index, null, 2));
@@ -198,7 +230,11 @@ interface IndexEntry {
 }
 
 /** Reads a bundle into the cache; throws BundleError, leaving the cache unchanged, when it cannot. */
-export async function importBundle(runtime: Runtime, file: string, progress: Progress): Promise<ImportResult> {
+export async function importBundle(
+  runtime: Runtime,
+  file: string,
+  progress: Progress,
+): Promise<ImportResult> {
   const staged = new Map<Digest, { id: string; size: number }>();
   const present = new Set<Digest>();
   const small = new Map<Digest, Buffer>();
@@ -208,7 +244,8 @@ export async function importBundle(runtime: Runtime, file: string, progress: Pro
   let bytesAdded = 0;
 
   const cancelStaged = async () => {
-    for (const { id } of staged.values()) await (await runtime.blobs.resume(id).catch(() => undefined))?.cancel().catch(() => {});
+    for (const { id } of staged.values())
+      await (await runtime.blobs.resume(id).catch(() => undefined))?.cancel().catch(() => {});
   };
 
   try {
@@ -224,10 +261,16 @@ export async function importBundle(runtime: Runtime, file: string, progress: Pro
           entry.resume();
           continue;
         }
-        if (type !== 'file') throw new BundleError(`${file}: unexpected ${type} entry ${JSON.stringify(name)}`);
+        if (type !== 'file')
+          throw new BundleError(`${file}: unexpected ${type} entry ${JSON.stringify(name)}`);
         if (path === 'oci-layout') {
-          const layout = JSON.parse((await readAll(entry, 4096)).toString('utf8')) as { imageLayoutVersion?: string };
-          if (layout.imageLayoutVersion !== '1.0.0') throw new BundleError(`${file}: unsupported image layout version ${String(layout.imageLayoutVersion)}`);
+          const layout = JSON.parse((await readAll(entry, 4096)).toString('utf8')) as {
+            imageLayoutVersion?: string;
+          };
+          if (layout.imageLayoutVersion !== '1.0.0')
+            throw new BundleError(
+              `${file}: unsupported image layout version ${String(layout.imageLayoutVersion)}`,
+            );
           layoutSeen = true;
           continue;
         }
@@ -236,12 +279,15 @@ export async function importBundle(runtime: Runtime, file: string, progress: Pro
           continue;
         }
         const m = /^blobs\/(sha256|sha512)\/([a-f0-9]+)$/.exec(path);
-        if (!m) throw new BundleError(`${file}: unexpected entry ${JSON.stringify(name.slice(0, 200))}`);
+        if (!m)
+          throw new BundleError(`${file}: unexpected entry ${JSON.stringify(name.slice(0, 200))}`);
         let digest: Digest;
         try {
           digest = parseDigest(`${m[1]}:${m[2]}`).digest;
         } catch {
-          throw new BundleError(`${file}: ${JSON.stringify(name.slice(0, 200))} does not name a valid digest`);
+          throw new BundleError(
+            `${file}: ${JSON.stringify(name.slice(0, 200))} does not name a valid digest`,
+          );
         }
         const verifier = new DigestVerifier(parseDigest(digest));
         const keep = size <= SMALL_BLOB ? ([] as Buffer[]) : undefined;
@@ -251,7 +297,10 @@ export async function importBundle(runtime: Runtime, file: string, progress: Pro
             verifier.update(chunk as Buffer);
             keep?.push(chunk as Buffer);
           }
-          if (!verifier.matches()) throw new BundleError(`${file}: blob ${digest} is damaged (its content is ${verifier.actual()})`);
+          if (!verifier.matches())
+            throw new BundleError(
+              `${file}: blob ${digest} is damaged (its content is ${verifier.actual()})`,
+            );
           present.add(digest);
         } else {
           const writer = await runtime.blobs.create({ hash: false });
@@ -263,8 +312,12 @@ export async function importBundle(runtime: Runtime, file: string, progress: Pro
             item.done += (chunk as Buffer).length;
           }
           await writer.close();
-          if (verifier.bytes !== size) throw new BundleError(`${file}: blob ${digest} is truncated`);
-          if (!verifier.matches()) throw new BundleError(`${file}: blob ${digest} is damaged (its content is ${verifier.actual()})`);
+          if (verifier.bytes !== size)
+            throw new BundleError(`${file}: blob ${digest} is truncated`);
+          if (!verifier.matches())
+            throw new BundleError(
+              `${file}: blob ${digest} is damaged (its content is ${verifier.actual()})`,
+            );
           bytesAdded += size;
         }
         if (keep) small.set(digest, Buffer.concat(keep));
@@ -273,8 +326,10 @@ export async function importBundle(runtime: Runtime, file: string, progress: Pro
     })();
     await Promise.all([reading, entries]);
 
-    if (!layoutSeen) throw new BundleError(`${file}: no oci-layout entry: not an OCI image layout bundle`);
-    if (!indexBytes) throw new BundleError(`${file}: no index.json: the bundle is truncated or incomplete`);
+    if (!layoutSeen)
+      throw new BundleError(`${file}: no oci-layout entry: not an OCI image layout bundle`);
+    if (!indexBytes)
+      throw new BundleError(`${file}: no index.json: the bundle is truncated or incomplete`);
     const images = parseIndex(indexBytes, file);
 
     // Everything each image needs must be in the bundle or already stored.
@@ -288,24 +343,43 @@ export async function importBundle(runtime: Runtime, file: string, progress: Pro
       }
       return undefined;
     };
-    const links: { repo: RepositoryKey; digest: Digest; mediaType: string; size: number; blobs: Digest[] }[] = [];
+    const links: {
+      repo: RepositoryKey;
+      digest: Digest;
+      mediaType: string;
+      size: number;
+      blobs: Digest[];
+    }[] = [];
     for (const image of images) {
       const repo = { upstream: image.upstream, repository: image.repository };
       const visit = async (digest: Digest, mediaType: string, top: boolean): Promise<void> => {
         const bytes = await manifestBytes(digest);
         if (!bytes) {
-          if (top) throw new BundleError(`${file}: manifest ${digest} of ${formatLocation(image)} is missing: the bundle is truncated or incomplete`);
+          if (top)
+            throw new BundleError(
+              `${file}: manifest ${digest} of ${formatLocation(image)} is missing: the bundle is truncated or incomplete`,
+            );
           return; // a platform that was never pulled; fetched when asked for, if ever online
         }
         const parsed = parseManifest(bytes, mediaType);
         const needed = parsed.kind === 'index' ? [] : [parsed.config, ...parsed.layers];
         for (const d of needed) {
           if (!available(d.digest) && !(await runtime.blobs.stat(d.digest)).found) {
-            throw new BundleError(`${file}: blob ${d.digest} of ${formatLocation(image)} is missing: the bundle is truncated or incomplete`);
+            throw new BundleError(
+              `${file}: blob ${d.digest} of ${formatLocation(image)} is missing: the bundle is truncated or incomplete`,
+            );
           }
         }
-        links.push({ repo, digest, mediaType: parsed.mediaType, size: bytes.length, blobs: needed.map((d) => d.digest) });
-        if (parsed.kind === 'index') for (const child of parsed.manifests) await visit(child.digest, child.mediaType ?? '', false);
+        links.push({
+          repo,
+          digest,
+          mediaType: parsed.mediaType,
+          size: bytes.length,
+          blobs: needed.map((d) => d.digest),
+        });
+        if (parsed.kind === 'index')
+          for (const child of parsed.manifests)
+            await visit(child.digest, child.mediaType ?? '', false);
       };
       await visit(image.digest, image.mediaType, true);
     }
@@ -318,7 +392,12 @@ export async function importBundle(runtime: Runtime, file: string, progress: Pro
     }
     staged.clear();
     for (const link of links) {
-      await runtime.local.manifests.put(link.repo, (await manifestBytes(link.digest))!, link.digest, link.mediaType);
+      await runtime.local.manifests.put(
+        link.repo,
+        (await manifestBytes(link.digest))!,
+        link.digest,
+        link.mediaType,
+      );
       for (const blob of link.blobs) {
         const stat = await runtime.blobs.stat(blob);
         if (stat.found) await runtime.repositories.linkBlob(link.repo, stat.descriptor);
@@ -335,7 +414,13 @@ export async function importBundle(runtime: Runtime, file: string, progress: Pro
       tagsChanged++;
     }
     progress.finish(file);
-    return { images: images.length, blobsAdded, blobsPresent: present.size, bytesAdded, tagsChanged };
+    return {
+      images: images.length,
+      blobsAdded,
+      blobsPresent: present.size,
+      bytesAdded,
+      tagsChanged,
+    };
   } catch (err) {
     await cancelStaged();
     progress.finish(file, err);
@@ -351,9 +436,15 @@ function parseIndex(bytes: Buffer, file: string): IndexEntry[] {
   } catch {
     throw new BundleError(`${file}: index.json is not valid JSON`);
   }
-  if (!Array.isArray(index.manifests)) throw new BundleError(`${file}: index.json has no manifests`);
+  if (!Array.isArray(index.manifests))
+    throw new BundleError(`${file}: index.json has no manifests`);
   return index.manifests.map((raw: unknown, i: number) => {
-    const d = raw as { digest?: string; mediaType?: string; size?: number; annotations?: Record<string, string> };
+    const d = raw as {
+      digest?: string;
+      mediaType?: string;
+      size?: number;
+      annotations?: Record<string, string>;
+    };
     const where = `${file}: index.json manifests[${i}]`;
     const annotations = d.annotations ?? {};
     let digest: Digest;
@@ -375,15 +466,23 @@ function parseIndex(bytes: Buffer, file: string): IndexEntry[] {
         tag ??= m[3];
       }
     }
-    if (!upstream || !UPSTREAM_NAME.test(upstream) || !repository) throw new BundleError(`${where} does not say which upstream and repository it is from`);
+    if (!upstream || !UPSTREAM_NAME.test(upstream) || !repository)
+      throw new BundleError(`${where} does not say which upstream and repository it is from`);
     let parsedRepository;
     try {
       parsedRepository = parseRepository(repository);
     } catch {
       throw new BundleError(`${where} names an invalid repository ${JSON.stringify(repository)}`);
     }
-    if (tag !== undefined && !isTag(tag)) throw new BundleError(`${where} names an invalid tag ${JSON.stringify(tag)}`);
-    const entry: IndexEntry = { digest, mediaType: String(d.mediaType ?? ''), size: Number(d.size ?? 0), upstream, repository: parsedRepository };
+    if (tag !== undefined && !isTag(tag))
+      throw new BundleError(`${where} names an invalid tag ${JSON.stringify(tag)}`);
+    const entry: IndexEntry = {
+      digest,
+      mediaType: String(d.mediaType ?? ''),
+      size: Number(d.size ?? 0),
+      upstream,
+      repository: parsedRepository,
+    };
     if (tag !== undefined) entry.tag = tag;
     return entry;
   });

@@ -29,7 +29,8 @@ export function parsePlatforms(value: string): PlatformFilter[] {
     .filter(Boolean)
     .map((p) => {
       const [os, architecture, variant, extra] = p.split('/');
-      if (!os || !architecture || extra !== undefined) throw new Error(`invalid platform ${JSON.stringify(p)}: expected os/arch[/variant]`);
+      if (!os || !architecture || extra !== undefined)
+        throw new Error(`invalid platform ${JSON.stringify(p)}: expected os/arch[/variant]`);
       return variant ? { os, architecture, variant } : { os, architecture };
     });
 }
@@ -37,7 +38,12 @@ export function parsePlatforms(value: string): PlatformFilter[] {
 function platformMatches(platform: Platform | undefined, filters: PlatformFilter[]): boolean {
   if (filters.length === 0) return true;
   if (!platform) return false;
-  return filters.some((f) => f.os === platform.os && f.architecture === platform.architecture && (f.variant === undefined || f.variant === platform.variant));
+  return filters.some(
+    (f) =>
+      f.os === platform.os &&
+      f.architecture === platform.architecture &&
+      (f.variant === undefined || f.variant === platform.variant),
+  );
 }
 
 export interface PrefetchResult {
@@ -46,7 +52,13 @@ export interface PrefetchResult {
   error?: string;
 }
 
-export async function prefetch(runtime: Runtime, config: Config, references: string[], platforms: PlatformFilter[], progress: Progress): Promise<PrefetchResult[]> {
+export async function prefetch(
+  runtime: Runtime,
+  config: Config,
+  references: string[],
+  platforms: PlatformFilter[],
+  progress: Progress,
+): Promise<PrefetchResult[]> {
   const results: PrefetchResult[] = [];
   for (const reference of references) {
     let name = reference;
@@ -64,9 +76,18 @@ export async function prefetch(runtime: Runtime, config: Config, references: str
   return results;
 }
 
-async function prefetchImage(runtime: Runtime, location: ImageLocation, name: string, platforms: PlatformFilter[], progress: Progress): Promise<void> {
+async function prefetchImage(
+  runtime: Runtime,
+  location: ImageLocation,
+  name: string,
+  platforms: PlatformFilter[],
+  progress: Progress,
+): Promise<void> {
   const services = runtime.services.get(location.upstream);
-  if (!services) throw new Error(`upstream ${location.upstream} is a passthrough upstream: nothing is cached for it`);
+  if (!services)
+    throw new Error(
+      `upstream ${location.upstream} is a passthrough upstream: nothing is cached for it`,
+    );
   const repo: RepositoryKey = { upstream: location.upstream, repository: location.repository };
   let digest = location.digest;
   if (!digest) {
@@ -84,7 +105,10 @@ async function prefetchImage(runtime: Runtime, location: ImageLocation, name: st
     const parsed = parseManifest(manifest.bytes, manifest.link.mediaType);
     if (parsed.kind === 'index') {
       const children = parsed.manifests.filter((m) => platformMatches(m.platform, platforms));
-      if (children.length === 0) throw new Error(`no manifest in the index matches ${platforms.map((p) => `${p.os}/${p.architecture}${p.variant ? `/${p.variant}` : ''}`).join(', ')}`);
+      if (children.length === 0)
+        throw new Error(
+          `no manifest in the index matches ${platforms.map((p) => `${p.os}/${p.architecture}${p.variant ? `/${p.variant}` : ''}`).join(', ')}`,
+        );
       for (const child of children) await walk(child.digest);
     } else {
       for (const d of [parsed.config, ...parsed.layers]) blobs.set(d.digest, d.size);
@@ -106,7 +130,8 @@ async function prefetchImage(runtime: Runtime, location: ImageLocation, name: st
         continue;
       }
       const opened = await services.blobs.open(repo, blobDigest);
-      if (!opened.found) throw new RegistryError('BLOB_UNKNOWN', `blob ${blobDigest} not found upstream`);
+      if (!opened.found)
+        throw new RegistryError('BLOB_UNKNOWN', `blob ${blobDigest} not found upstream`);
       // Reading to the end waits for the digest check and the commit (the last byte is held until then).
       for await (const chunk of opened.stream) item.done += (chunk as Buffer).length;
       progress.layerDone(name, blobDigest, size, false);

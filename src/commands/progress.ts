@@ -43,14 +43,21 @@ export class Progress {
     if (item) item.layersDone++;
     if (cached) this.cachedBytes += bytes;
     else this.fetchedBytes += bytes;
-    if (!this.live) this.line(`  ${cached ? 'cached ' : 'fetched'} ${digest.slice(0, 19)}  ${formatBytes(bytes).padStart(10)}  ${name}`);
+    if (!this.live)
+      this.line(
+        `  ${cached ? 'cached ' : 'fetched'} ${digest.slice(0, 19)}  ${formatBytes(bytes).padStart(10)}  ${name}`,
+      );
   }
 
   finish(name: string, error?: unknown): void {
     const item = this.items.get(name);
     if (item) item.state = error ? 'failed' : 'done';
     if (!this.live) {
-      this.line(error ? `FAILED  ${name}: ${(error as Error).message}` : `done    ${name}  ${item ? `${item.layersDone} blobs, ${formatBytes(item.total)}` : ''}`);
+      this.line(
+        error
+          ? `FAILED  ${name}: ${(error as Error).message}`
+          : `done    ${name}  ${item ? `${item.layersDone} blobs, ${formatBytes(item.total)}` : ''}`,
+      );
     }
   }
 
@@ -78,9 +85,15 @@ export class Progress {
     const width = 24;
     const lines: string[] = [];
     for (const [name, item] of this.items) {
-      const ratio = item.total > 0 ? Math.min(1, item.done / item.total) : item.state === 'done' ? 1 : 0;
+      const ratio =
+        item.total > 0 ? Math.min(1, item.done / item.total) : item.state === 'done' ? 1 : 0;
       const filled = Math.round(ratio * width);
-      const mark = item.state === 'done' ? 'done' : item.state === 'failed' ? 'FAIL' : `${String(Math.floor(ratio * 100)).padStart(3)}%`;
+      const mark =
+        item.state === 'done'
+          ? 'done'
+          : item.state === 'failed'
+            ? 'FAIL'
+            : `${String(Math.floor(ratio * 100)).padStart(3)}%`;
       lines.push(
         `${mark} [${'#'.repeat(filled)}${'-'.repeat(width - filled)}] ${formatBytes(item.done)} / ${formatBytes(item.total)}  ${item.layersDone}/${item.layers} blobs  ${name}`,
       );

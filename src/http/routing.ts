@@ -10,7 +10,12 @@
 import type { Config } from '../config/schema.js';
 import { NameUnknownError, UpstreamUnknownError } from '../oci/errors.js';
 import type { Digest } from '../oci/digest.js';
-import { parseImageReference, parseRepository, type Repository, type Tag } from '../oci/reference.js';
+import {
+  parseImageReference,
+  parseRepository,
+  type Repository,
+  type Tag,
+} from '../oci/reference.js';
 
 export interface Route {
   upstream: string;
@@ -46,7 +51,9 @@ export function routeRequest(config: Config, name: string, ns: unknown): Route {
 
 /** Docker Hub's official images: on the upstream named docker.io, `alpine` is `library/alpine`. */
 function withLibraryPrefix(upstream: string, name: string): Repository {
-  return parseRepository(upstream === 'docker.io' && !name.includes('/') ? `library/${name}` : name);
+  return parseRepository(
+    upstream === 'docker.io' && !name.includes('/') ? `library/${name}` : name,
+  );
 }
 
 /** How clients address a repository of an upstream: bare on the default upstream, else prefixed. */

@@ -248,7 +248,10 @@ export class BlobFetch {
   }
 }
 
-class BlobFollower extends Readable {
+/** Every follower alive, for diagnosis (`PULLCACHE_TEST_FOLLOWERS`); empty otherwise. */
+export const liveFollowers = new Set<BlobFollower>();
+
+export class BlobFollower extends Readable {
   private pos: number;
   /** Taking chunks from memory as they arrive. */
   private live: boolean;
@@ -262,6 +265,7 @@ class BlobFollower extends Readable {
     private readonly end: number,
   ) {
     super({ highWaterMark: FOLLOWER_BUFFER });
+    if (process.env.PULLCACHE_TEST_FOLLOWERS) liveFollowers.add(this);
     this.pos = start;
     this.live = start >= fetch.received && fetch.state !== 'committed';
   }
@@ -288,7 +292,25 @@ class BlobFollower extends Readable {
     if (!this.live && !this.reading && !this.waitingForDisk) void this.readDisk();
   }
 
+  /** The follower's state, for diagnosis. */
+  describe(): Record<string, unknown> {
+    return {
+      pos: this.pos,
+      end: this.end,
+      live: this.live,
+      reading: this.reading,
+      waitingForDisk: this.waitingForDisk,
+      buffered: this.readableLength,
+      flowing: this.readableFlowing,
+      ended: this.readableEnded,
+      received: this.fetch.received,
+      written: this.fetch.written,
+      state: this.fetch.state,
+    };
+  }
+
   override _destroy(err: Error | null, callback: (error?: Error | null) => void): void {
+    liveFollowers.delete(this);
     this.fetch.unfollow(this);
     callback(err);
   }
