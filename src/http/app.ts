@@ -323,6 +323,9 @@ async function getBlob(
     res.status(200);
   }
   res.locals.bytes = Number(res.getHeader('Content-Length'));
+  // From the upstream, the first bytes wait for the upload session to open: let the client see
+  // the response start as soon as the upstream has answered.
+  if (opened.fromUpstream) res.flushHeaders();
   try {
     await pipeline(opened.stream, res);
   } catch (err) {
