@@ -9,6 +9,7 @@ import { once } from 'node:events';
 import { join } from 'node:path';
 import { createGzip } from 'node:zlib';
 import { request } from 'undici';
+import { tarHeader, tarPadding } from '../test/helpers/images.js';
 import type { TestRegistry } from '../test/helpers/registry.js';
 
 export interface FileBlob {
@@ -58,20 +59,7 @@ export async function realisticLayer(
   const diffHash = createHash('sha256');
   gzip.on('data', (c: Buffer) => blobHash.update(c));
   gzip.pipe(out);
-  const header = Buffer.alloc(512);
-  header.write(`${name}.bin`, 0);
-  header.write('0000644\0', 100);
-  header.write('0000000\0', 108);
-  header.write('0000000\0', 116);
-  header.write(rawSize.toString(8).padStart(11, '0') + '\0', 124);
-  header.write('00000000000\0', 136);
-  header.write('        ', 148);
-  header.write('0', 156);
-  header.write('ustar\0', 257);
-  header.write('00', 263);
-  let sum = 0;
-  for (const b of header) sum += b;
-  header.write(sum.toString(8).padStart(6, '0') + '\0 ', 148);
+  const header = tarHeader(`${name}.bin`, rawSize);
   const feed = async (chunk: Buffer) => {
     diffHash.update(chunk);
     if (!gzip.write(chunk)) await once(gzip, 'drain');
@@ -86,7 +74,7 @@ export async function realisticLayer(
     await feed(block);
     done += n;
   }
-  await feed(Buffer.alloc(((512 - (rawSize % 512)) % 512) + 1024));
+  await feed(Buffer.concat([tarPadding(rawSize), Buffer.alloc(1024)]));
   gzip.end();
   await once(out, 'finish');
   return {

@@ -4,17 +4,17 @@
  */
 import type { Logger } from '../log/logger.js';
 import type { Digest } from '../oci/digest.js';
-import { RangeInvalidError } from '../oci/errors.js';
 import type { MetadataCache } from '../metadata/types.js';
 import type { Metrics } from '../metrics.js';
-import type {
-  BlobService,
-  BlobStore,
-  ByteRange,
-  OpenResult,
-  RepositoryKey,
-  RepositoryStore,
-  StatResult,
+import {
+  resolveRange,
+  type BlobService,
+  type BlobStore,
+  type ByteRange,
+  type OpenResult,
+  type RepositoryKey,
+  type RepositoryStore,
+  type StatResult,
 } from '../storage/types.js';
 import { UpstreamNotFoundError } from '../upstream/errors.js';
 import type { UpstreamClient } from '../upstream/types.js';
@@ -80,13 +80,7 @@ export class ProxyBlobStore implements BlobService {
       return this.o.local.open(repo, digest, range);
     }
     const size = fetch.size;
-    let start = 0;
-    let end = size - 1;
-    if (range) {
-      start = range.start;
-      end = Math.min(range.end ?? size - 1, size - 1);
-      if (start >= size || start > end) throw new RangeInvalidError(size);
-    }
+    const { start, end } = resolveRange(size, range);
     const stream = fetch.follow(start, end + 1);
     const descriptor = { digest, size };
     return range

@@ -10,13 +10,13 @@ import {
   BlobUnknownError,
   BlobUploadUnknownError,
   DigestMismatchError,
-  RangeInvalidError,
   SizeInvalidError,
   UnsupportedError,
 } from '../oci/errors.js';
 import { isUploadId, paths } from './paths.js';
 import {
   PathNotFoundError,
+  resolveRange,
   type BlobStore,
   type BlobWriter,
   type ByteRange,
@@ -45,14 +45,7 @@ export class DriverBlobStore implements BlobStore {
   async open(digest: Digest, range?: ByteRange): Promise<OpenResult> {
     const stat = await this.stat(digest);
     if (!stat.found) return { found: false };
-    const { size } = stat.descriptor;
-    let start = 0;
-    let end = size - 1;
-    if (range) {
-      start = range.start;
-      end = Math.min(range.end ?? size - 1, size - 1);
-      if (start >= size || start > end) throw new RangeInvalidError(size);
-    }
+    const { start, end } = resolveRange(stat.descriptor.size, range);
     try {
       const stream = await this.driver.reader(paths.blobData(digest), start, end - start + 1);
       return range

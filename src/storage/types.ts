@@ -3,6 +3,7 @@
  * and built only by `paths.ts`; nothing above the driver may assume a POSIX file system.
  */
 import type { Readable } from 'node:stream';
+import { RangeInvalidError } from '../oci/errors.js';
 import type { Digest } from '../oci/digest.js';
 import type { Descriptor } from '../oci/descriptor.js';
 import type { Repository, Tag } from '../oci/reference.js';
@@ -62,6 +63,20 @@ export interface ByteRange {
   start: number;
   /** Last byte, inclusive; to the end when undefined. */
   end?: number;
+}
+
+/**
+ * The inclusive [start, end] a range asks of a blob of `size` bytes (the whole blob without one);
+ * an end past the blob is clipped. Throws RangeInvalidError for a range outside the blob.
+ */
+export function resolveRange(
+  size: number,
+  range: ByteRange | undefined,
+): { start: number; end: number } {
+  if (!range) return { start: 0, end: size - 1 };
+  const end = Math.min(range.end ?? size - 1, size - 1);
+  if (range.start >= size || range.start > end) throw new RangeInvalidError(size);
+  return { start: range.start, end };
 }
 
 export type OpenResult =

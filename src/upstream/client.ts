@@ -178,16 +178,11 @@ export class RegistryClient implements UpstreamClient {
       options,
     );
     res.body.resume();
-    const headerDigest = header(res.headers, 'docker-content-digest');
-    let digest: Digest | undefined;
-    if (reference.includes(':')) digest = parseDigest(reference).digest;
-    else if (headerDigest) {
-      try {
-        digest = parseDigest(headerDigest).digest;
-      } catch {
-        throw new UpstreamInvalidError(this.name, `${what}: invalid Docker-Content-Digest`);
-      }
-    }
+    const digest = this.expectedDigest(
+      reference,
+      header(res.headers, 'docker-content-digest'),
+      what,
+    );
     if (!digest)
       throw new UpstreamInvalidError(
         this.name,
@@ -200,21 +195,31 @@ export class RegistryClient implements UpstreamClient {
     };
   }
 
+  /**
+   * The digest a manifest must have: the one asked for, else the Docker-Content-Digest the
+   * upstream sent (undefined when it sent none); a malformed header is the upstream's error.
+   */
+  private expectedDigest(
+    reference: string,
+    headerDigest: string | undefined,
+    what: string,
+  ): Digest | undefined {
+    if (reference.includes(':')) return parseDigest(reference).digest;
+    if (!headerDigest) return undefined;
+    try {
+      return parseDigest(headerDigest).digest;
+    } catch {
+      throw new UpstreamInvalidError(this.name, `${what}: invalid Docker-Content-Digest`);
+    }
+  }
+
   private verifyManifestDigest(
     bytes: Buffer,
     reference: string,
     headerDigest: string | undefined,
     what: string,
   ): Digest {
-    let expected: Digest | undefined;
-    if (reference.includes(':')) expected = parseDigest(reference).digest;
-    else if (headerDigest) {
-      try {
-        expected = parseDigest(headerDigest).digest;
-      } catch {
-        throw new UpstreamInvalidError(this.name, `${what}: invalid Docker-Content-Digest`);
-      }
-    }
+    const expected = this.expectedDigest(reference, headerDigest, what);
     if (!expected) return digestOf(bytes);
     const actual = digestOf(bytes, parseDigest(expected).algorithm);
     if (actual !== expected)

@@ -27,14 +27,14 @@ export interface Image {
 export const sha256 = (b: Uint8Array | string) =>
   `sha256:${createHash('sha256').update(b).digest('hex')}`;
 
-/** A one-file tar archive (ustar), as a layer's uncompressed content. */
-export function tar(name: string, content: Buffer): Buffer {
+/** The 512-byte ustar header of one regular file. */
+export function tarHeader(name: string, size: number): Buffer {
   const header = Buffer.alloc(512);
   header.write(name, 0, 100);
   header.write('0000644\0', 100);
   header.write('0000000\0', 108);
   header.write('0000000\0', 116);
-  header.write(content.length.toString(8).padStart(11, '0') + '\0', 124);
+  header.write(size.toString(8).padStart(11, '0') + '\0', 124);
   header.write('00000000000\0', 136);
   header.write('        ', 148);
   header.write('0', 156);
@@ -43,8 +43,22 @@ export function tar(name: string, content: Buffer): Buffer {
   let sum = 0;
   for (const byte of header) sum += byte;
   header.write(sum.toString(8).padStart(6, '0') + '\0 ', 148);
-  const pad = Buffer.alloc((512 - (content.length % 512)) % 512);
-  return Buffer.concat([header, content, pad, Buffer.alloc(1024)]);
+  return header;
+}
+
+/** Zero bytes that pad a file's content to whole 512-byte blocks. */
+export function tarPadding(size: number): Buffer {
+  return Buffer.alloc((512 - (size % 512)) % 512);
+}
+
+/** A one-file tar archive (ustar), as a layer's uncompressed content. */
+export function tar(name: string, content: Buffer): Buffer {
+  return Buffer.concat([
+    tarHeader(name, content.length),
+    content,
+    tarPadding(content.length),
+    Buffer.alloc(1024),
+  ]);
 }
 
 export function layer(
