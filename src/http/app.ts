@@ -206,7 +206,7 @@ export function createApp(deps: AppDeps): express.Express {
       new RegistryError('UNSUPPORTED', `no such endpoint: ${req.method} ${req.path.slice(0, 200)}`),
     ),
   );
-  app.use(errorMiddleware(log.child({ module: 'http' })));
+  app.use(errorMiddleware(httpLog));
   return app;
 }
 

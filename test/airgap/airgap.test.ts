@@ -24,7 +24,7 @@ import { makeImage, makeIndex, pushImage, type Image } from '../helpers/images.j
 import { ociError } from '../helpers/http.js';
 import { startPullcache } from '../helpers/pullcache.js';
 import { TestRegistry } from '../helpers/registry.js';
-import { skopeo, skopeoCopy } from '../helpers/skopeo.js';
+import { expectDirHolds, skopeo, skopeoCopy } from '../helpers/skopeo.js';
 
 const run = promisify(execFile);
 const tmp = (what: string) => mkdtempSync(join(tmpdir(), `pullcache-airgap-${what}-`));
@@ -69,12 +69,6 @@ function snapshot(dir: string): Record<string, string> {
   };
   walk(dir);
   return out;
-}
-
-function expectDirHolds(dir: string, image: Image): void {
-  expect(readFileSync(join(dir, 'manifest.json')).equals(image.manifest)).toBe(true);
-  for (const blob of image.blobs)
-    expect(readFileSync(join(dir, parseDigest(blob.digest).hex)).equals(blob.bytes)).toBe(true);
 }
 
 describe('prefetch, export, import, serve offline', () => {

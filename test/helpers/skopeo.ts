@@ -1,5 +1,11 @@
 import { execFile } from 'node:child_process';
+import { readFileSync } from 'node:fs';
+import { join } from 'node:path';
 import { promisify } from 'node:util';
+
+import { expect } from 'vitest';
+import { parseDigest } from '../../src/oci/digest.js';
+import type { Image } from './images.js';
 
 const run = promisify(execFile);
 
@@ -31,4 +37,12 @@ export function skopeoCopy(
     `docker://${host}/${ref}`,
     `dir:${dest}`,
   );
+}
+
+/** skopeo's dir: transport holds the image's manifest and every blob, byte for byte. */
+export function expectDirHolds(dir: string, image: Image): void {
+  expect(readFileSync(join(dir, 'manifest.json')).equals(image.manifest)).toBe(true);
+  for (const blob of image.blobs) {
+    expect(readFileSync(join(dir, parseDigest(blob.digest).hex)).equals(blob.bytes)).toBe(true);
+  }
 }

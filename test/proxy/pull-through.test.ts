@@ -15,20 +15,12 @@ import {
 import { startPullcache, type TestPullcache } from '../helpers/pullcache.js';
 import { Recorder } from '../helpers/recorder.js';
 import { TestRegistry } from '../helpers/registry.js';
-import { skopeo, skopeoCopy } from '../helpers/skopeo.js';
+import { expectDirHolds, skopeo, skopeoCopy } from '../helpers/skopeo.js';
 import { startRedis } from '../helpers/redis.js';
 
 const tmp = () => mkdtempSync(join(tmpdir(), 'pullcache-pull-'));
 const MANIFEST_GET = /\/manifests\//;
 const BLOB_PATH = /\/blobs\/sha256:/;
-
-/** The files skopeo's dir: transport writes: manifest.json and one file per blob, by hex. */
-function expectDirHolds(dir: string, image: Image): void {
-  expect(readFileSync(join(dir, 'manifest.json')).equals(image.manifest)).toBe(true);
-  for (const blob of image.blobs) {
-    expect(readFileSync(join(dir, parseDigest(blob.digest).hex)).equals(blob.bytes)).toBe(true);
-  }
-}
 
 describe('pulling through pullcache from a real registry', () => {
   let registry: TestRegistry;
