@@ -5,7 +5,7 @@
 import type { Server } from 'node:http';
 import { createServer } from 'node:http';
 import type { Config } from './config/schema.js';
-import { createApp, type UpstreamServices } from './http/app.js';
+import { createHandler, type UpstreamServices } from './http/app.js';
 import { Passthrough } from './http/passthrough.js';
 import type { Logger } from './log/logger.js';
 import { KeyvMetadataCache } from './metadata/keyv-cache.js';
@@ -155,7 +155,7 @@ export async function startServer(config: Config, log: Logger): Promise<RunningS
   );
   purgeTimer.unref();
 
-  const app = createApp({
+  const handler = createHandler({
     config,
     log,
     metrics: runtime.metrics,
@@ -167,7 +167,7 @@ export async function startServer(config: Config, log: Logger): Promise<RunningS
       return true;
     },
   });
-  const server = createServer(app);
+  const server = createServer(handler);
   server.keepAliveTimeout = 65_000;
   const [host, port] = splitHostPort(config.server.listen);
   await new Promise<void>((resolve, reject) => {

@@ -3,6 +3,7 @@
  * endpoints), health, metrics, request logs, and the one error middleware.
  */
 import { randomUUID } from 'node:crypto';
+import type { RequestListener } from 'node:http';
 import { pipeline } from 'node:stream/promises';
 import express, { type NextFunction, type Request, type Response } from 'express';
 import { pinoHttp } from 'pino-http';
@@ -12,13 +13,11 @@ import type { Metrics } from '../metrics.js';
 import { parseDigest } from '../oci/digest.js';
 import {
   BlobUnknownError,
-  ManifestUnknownError,
   NameInvalidError,
   RangeInvalidError,
   RegistryError,
   UnsupportedError,
 } from '../oci/errors.js';
-import { parseManifestReference } from '../oci/reference.js';
 import type {
   BlobService,
   ByteRange,
@@ -30,6 +29,7 @@ import type {
 import { errorMiddleware } from './errors.js';
 import type { Passthrough } from './passthrough.js';
 import { parseRange } from './range.js';
+import { createManifestFastPath, decodeSegment, serveManifest } from './manifests.js';
 import { clientName, routeRequest } from './routing.js';
 
 export interface UpstreamServices {
@@ -52,6 +52,18 @@ export interface AppDeps {
 // The name is greedy, so `/v2/a/blobs/b/blobs/sha256:...` names repository `a/blobs/b`.
 const API_PATH = /^\/(.+)\/(manifests\/[^/]+|blobs\/uploads(?:\/[^/]*)?|blobs\/[^/]+|tags\/list)$/;
 const PAGE_MAX = 10_000;
+
+/**
+ * The server's request listener: the manifest fast path first (see manifests.ts), express for
+ * everything else.
+ */
+export function createHandler(deps: AppDeps): RequestListener {
+  const app = createApp(deps);
+  const fast = createManifestFastPath(deps);
+  return (req, res) => {
+    if (!fast(req, res)) app(req, res);
+  };
+}
 
 export function createApp(deps: AppDeps): express.Express {
   const { config, log } = deps;
@@ -197,7 +209,7 @@ export function createApp(deps: AppDeps): express.Express {
       action.slice(0, action.indexOf('/')),
       action.slice(action.indexOf('/') + 1),
     ];
-    if (kind === 'manifests') await getManifest(req, res, services, repo, decodeSegment(reference));
+    if (kind === 'manifests') await serveManifest(req, res, services, repo, reference, res.locals);
     else await getBlob(req, res, services.blobs, repo, decodeSegment(reference));
   });
 
@@ -208,64 +220,6 @@ export function createApp(deps: AppDeps): express.Express {
   );
   app.use(errorMiddleware(httpLog));
   return app;
-}
-
-/** Path segments may be percent-encoded (`sha256%3A...`); a bad encoding is a client error. */
-function decodeSegment(segment: string): string {
-  try {
-    return decodeURIComponent(segment);
-  } catch {
-    throw new NameInvalidError('malformed percent-encoding in the path');
-  }
-}
-
-async function getManifest(
-  req: Request,
-  res: Response,
-  services: UpstreamServices,
-  repo: RepositoryKey,
-  reference: string,
-): Promise<void> {
-  const ref = parseManifestReference(reference);
-  let digest;
-  if (ref.kind === 'tag') {
-    const resolved = await services.tags.resolve(repo, ref.tag);
-    if (!resolved.found) throw new ManifestUnknownError(`${repo.repository}:${ref.tag}`);
-    digest = resolved.digest;
-    if (resolved.stale) res.setHeader('Warning', '110 pullcache "stale: upstream not confirmed"');
-  } else {
-    digest = ref.digest;
-  }
-  const etag = `"${digest}"`;
-  if (req.method === 'HEAD') {
-    const stat = await services.manifests.stat(repo, digest);
-    if (!stat.found) throw new ManifestUnknownError(`${repo.repository}@${digest}`);
-    manifestHeaders(res, stat.link.mediaType, digest, stat.link.size, etag);
-    res.status(200).end();
-    return;
-  }
-  const manifest = await services.manifests.get(repo, digest);
-  if (!manifest.found) throw new ManifestUnknownError(`${repo.repository}@${digest}`);
-  manifestHeaders(res, manifest.link.mediaType, digest, manifest.bytes.length, etag);
-  if (req.headers['if-none-match'] === etag) {
-    res.status(304).end();
-    return;
-  }
-  res.locals.bytes = manifest.bytes.length;
-  res.status(200).end(manifest.bytes);
-}
-
-function manifestHeaders(
-  res: Response,
-  mediaType: string,
-  digest: string,
-  size: number,
-  etag: string,
-): void {
-  res.setHeader('Content-Type', mediaType);
-  res.setHeader('Docker-Content-Digest', digest);
-  res.setHeader('Content-Length', size);
-  res.setHeader('ETag', etag);
 }
 
 async function getBlob(

@@ -3,7 +3,7 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { parseConfig } from '../../src/config/load.js';
-import { silentLogger, createLogger } from '../../src/log/logger.js';
+import { silentLogger, createLogger, type Logger } from '../../src/log/logger.js';
 import { startServer, type RunningServer } from '../../src/server.js';
 
 export interface TestPullcache extends RunningServer {
@@ -16,6 +16,7 @@ export interface TestPullcache extends RunningServer {
 export async function startPullcache(
   raw: Record<string, unknown>,
   root?: string,
+  options: { log?: Logger } = {},
 ): Promise<TestPullcache> {
   const dir = root ?? mkdtempSync(join(tmpdir(), 'pullcache-data-'));
   const config = parseConfig({
@@ -23,9 +24,11 @@ export async function startPullcache(
     server: { listen: '127.0.0.1:0', ...(raw.server as object | undefined) },
     storage: { filesystem: { root: dir }, ...(raw.storage as object | undefined) },
   });
-  const log = process.env.PULLCACHE_TEST_LOG
-    ? createLogger({ level: process.env.PULLCACHE_TEST_LOG })
-    : silentLogger();
+  const log =
+    options.log ??
+    (process.env.PULLCACHE_TEST_LOG
+      ? createLogger({ level: process.env.PULLCACHE_TEST_LOG })
+      : silentLogger());
   const running = await startServer(config, log);
   return {
     ...running,

@@ -1,7 +1,9 @@
 import { mkdtempSync, readFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
+import { Writable } from 'node:stream';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
+import { createLogger } from '../../src/log/logger.js';
 import { parseDigest } from '../../src/oci/digest.js';
 import { rawRequest, ociError } from '../helpers/http.js';
 import {
@@ -352,6 +354,82 @@ describe('pulling through pullcache from a real registry', () => {
         status,
         code,
       });
+    }
+  });
+
+  test('at log level info every request gets one line, manifests (answered before express) and blobs alike', async () => {
+    const lines: Record<string, unknown>[] = [];
+    const sink = new Writable({
+      write(chunk: Buffer, _enc, done) {
+        for (const line of chunk.toString().split('\n').filter(Boolean))
+          lines.push(JSON.parse(line) as Record<string, unknown>);
+        done();
+      },
+    });
+    const logged = await startPullcache(
+      {
+        upstreams: {
+          'docker.io': { url: recorder.url, tagTTL: '1h' },
+          'registry.test': { url: recorder.url, username: 'reader', password: 'read-secret' },
+        },
+      },
+      undefined,
+      { log: createLogger({ level: 'info', destination: sink }) },
+    );
+    try {
+      const byTag = await fetch(`${logged.url}/v2/library/alpine/manifests/3.20`, {
+        headers: { 'x-request-id': 'ci-job-7' },
+      });
+      expect(byTag.status).toBe(200);
+      expect(byTag.headers.get('x-request-id')).toBe('ci-job-7');
+      expect(byTag.headers.get('docker-distribution-api-version')).toBe('registry/2.0');
+      await byTag.arrayBuffer();
+      const missing = await fetch(`${logged.url}/v2/org/nothing/manifests/v9?ns=registry.test`);
+      expect(missing.status).toBe(404);
+      expect(missing.headers.get('content-type')).toMatch(/^application\/json/);
+      expect(await ociError(missing)).toBe('MANIFEST_UNKNOWN');
+      const blob = alpine.blobs[0]!;
+      const blobRes = await fetch(`${logged.url}/v2/library/alpine/blobs/${blob.digest}`);
+      expect(Buffer.from(await blobRes.arrayBuffer()).equals(blob.bytes)).toBe(true);
+      const generatedId = blobRes.headers.get('x-request-id');
+      expect(generatedId).toMatch(/^[0-9a-f-]{36}$/);
+      await new Promise((r) => setTimeout(r, 50)); // lines are written when responses close
+
+      const requests = lines.filter((l) => l.msg === 'request' || l.msg === 'request failed');
+      const summary = requests.map((l) => ({
+        id: (l.req as { id: string }).id,
+        url: (l.req as { url: string }).url,
+        status: (l.res as { statusCode: number }).statusCode,
+        upstream: l.upstream,
+        repository: l.repository,
+      }));
+      expect(summary).toEqual([
+        {
+          id: 'ci-job-7',
+          url: '/v2/library/alpine/manifests/3.20',
+          status: 200,
+          upstream: 'docker.io',
+          repository: 'library/alpine',
+        },
+        {
+          id: expect.any(String),
+          url: '/v2/org/nothing/manifests/v9?ns=registry.test',
+          status: 404,
+          upstream: 'registry.test',
+          repository: 'org/nothing',
+        },
+        {
+          id: generatedId,
+          url: `/v2/library/alpine/blobs/${blob.digest}`,
+          status: 200,
+          upstream: 'docker.io',
+          repository: 'library/alpine',
+        },
+      ]);
+      expect(requests[1]!.errorCode).toBe('MANIFEST_UNKNOWN');
+      expect(JSON.stringify(lines)).not.toContain('read-secret');
+    } finally {
+      await logged.stop();
     }
   });
 
