@@ -339,16 +339,19 @@ export class BlobFollower extends Readable {
           this.pos,
           Math.min(limit - this.pos, DISK_READ),
         );
-        let more = true;
         for await (const chunk of stream) {
           if (this.destroyed) {
             stream.destroy();
             return;
           }
           this.pos += (chunk as Buffer).length;
-          more = this.push(chunk);
+          this.push(chunk);
         }
-        if (!more) return; // _read calls again when the socket drains
+        // Stop only while the buffer is still full: then no _read has come since the last push,
+        // and one will come when the socket drains. (Deciding on the last push's answer instead
+        // hung a client now and then: the socket drained while the file stream was ending, and
+        // that _read was ignored because this loop was still running.)
+        if (this.readableLength >= this.readableHighWaterMark) return;
       }
     } catch (err) {
       this.destroy(this.fetch.state === 'failed' ? (this.fetch.error as Error) : (err as Error));

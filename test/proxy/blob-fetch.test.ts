@@ -94,3 +94,42 @@ test('a client that follows a fetch which has already failed gets the error, not
     })(),
   ).rejects.toThrow('upstream went away');
 });
+
+test('a client reading from disk at its own pace gets every byte (no lost read request)', async () => {
+  const root = mkdtempSync(join(tmpdir(), 'pullcache-fetch-'));
+  roots.push(root);
+  const bytes = randomBytes(24 * 1024 * 1024);
+  const fetch = new BlobFetch({
+    blobs: new DriverBlobStore(new FilesystemDriver(root)),
+    client: upstreamServing(bytes),
+    repo: { upstream: 'docker.io', repository: parseRepository('a/b') },
+    digest: digestOf(bytes),
+    log: silentLogger(),
+    orphanTimeout: 60_000,
+    onCommitted: async () => {},
+  });
+  await fetch.done;
+  // Several clients with different paces: the socket drains at every moment of the disk reads,
+  // including while a file stream is ending.
+  const paces = [0, 1, 2, 3];
+  const results = await Promise.all(
+    paces.map(async (pace) => {
+      const follower = fetch.follow(0, bytes.length);
+      let received = 0;
+      const stalled = new Promise<never>((_, reject) =>
+        setTimeout(() => reject(new Error(`pace ${pace}: stalled at ${received}`)), 10_000).unref(),
+      );
+      const read = (async () => {
+        const chunks: Buffer[] = [];
+        for await (const chunk of follower) {
+          chunks.push(chunk as Buffer);
+          received += (chunk as Buffer).length;
+          for (let i = 0; i < pace; i++) await new Promise((r) => setImmediate(r));
+        }
+        return Buffer.concat(chunks);
+      })();
+      return Promise.race([read, stalled]);
+    }),
+  );
+  for (const body of results) expect(body.equals(bytes)).toBe(true);
+});
