@@ -25,5 +25,5 @@ VOLUME ["/var/lib/pullcache"]
 EXPOSE 5000
 HEALTHCHECK --interval=30s --timeout=3s --start-period=10s --retries=3 \
   CMD ["node", "-e", "fetch('http://127.0.0.1:5000/readyz').then(r=>process.exit(r.ok?0:1),()=>process.exit(1))"]
-ENTRYPOINT ["node", "dist/cli.js"]
+ENTRYPOINT ["node", "--max-semi-space-size=1", "dist/cli.js"]
 CMD ["serve"]

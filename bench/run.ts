@@ -4,7 +4,8 @@
  * server in turn with an empty cache, and measures the figures of issue 5. Prints a table and
  * writes bench/results/latest.json (and .md). A tool, not a test: nothing here asserts.
  *
- * PULLCACHE_BENCH_SCALE=0.1 shrinks every blob for a quick try (figures are then not comparable).
+ * PULLCACHE_BENCH_SCALE=0.1 shrinks every blob for a quick try (figures are then not comparable);
+ * PULLCACHE_BENCH_ONLY=pullcache (or distribution) measures one server and prints its figures.
  */
 import { execFile } from 'node:child_process';
 import { cpus, totalmem, tmpdir } from 'node:os';
@@ -303,7 +304,12 @@ async function main(): Promise<void> {
   try {
     const seed = await seedUpstream(upstream, work);
     const results: Partial<Record<ServerUnderTest['name'], Figures>> = {};
-    for (const start of [startDistributionProxy, startPullcacheProcess]) {
+    // PULLCACHE_BENCH_ONLY=pullcache measures pullcache alone, for quick tries: no table, no files.
+    const only = process.env.PULLCACHE_BENCH_ONLY;
+    const starts = [startDistributionProxy, startPullcacheProcess].filter(
+      (s) => only === undefined || (s === startPullcacheProcess) === (only === 'pullcache'),
+    );
+    for (const start of starts) {
       const server = await start(
         join(work, start === startPullcacheProcess ? 'pullcache' : 'distribution'),
         upstream.url,
@@ -312,6 +318,10 @@ async function main(): Promise<void> {
       results[server.name] = await measure(server, upstream, seed, work);
       await server.stop();
       rmSync(join(work, server.name), { recursive: true, force: true });
+    }
+    if (only !== undefined) {
+      process.stdout.write(`${JSON.stringify(results, null, 2)}\n`);
+      return;
     }
     const machine = `${cpus().length} cores (${cpus()[0]?.model.trim()}), ${(totalmem() / 2 ** 30).toFixed(0)} GiB, Node ${process.version}`;
     const date = new Date().toISOString().slice(0, 10);

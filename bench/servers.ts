@@ -68,11 +68,18 @@ function handle(name: ServerUnderTest['name'], child: ChildProcess, port: number
     peakRss: () => procStatus(child.pid!, 'VmHWM'),
     stop: () =>
       new Promise<void>((resolve) => {
-        if (child.exitCode !== null) return resolve();
+        if (child.exitCode !== null || child.signalCode !== null) return resolve();
         child.once('exit', () => resolve());
         child.kill('SIGTERM');
       }),
   };
+}
+
+/** The node flags of `npm start` (`node --flag ... dist/cli.js serve`). */
+export function startFlags(): string[] {
+  const pkg = JSON.parse(readFileSync('package.json', 'utf8')) as { scripts: { start: string } };
+  const words = pkg.scripts.start.split(/\s+/);
+  return words.slice(1, words.indexOf('dist/cli.js'));
 }
 
 export async function startPullcacheProcess(
@@ -104,8 +111,12 @@ export async function startPullcacheProcess(
     Object.entries(process.env).filter(([k]) => !k.startsWith('PULLCACHE_')),
   );
   const log = join(dir, 'pullcache.log');
-  // PULLCACHE_BENCH_NODE_ARGS="--cpu-prof --cpu-prof-dir=/tmp/prof" profiles the server.
-  const nodeArgs = (process.env.PULLCACHE_BENCH_NODE_ARGS ?? '').split(' ').filter(Boolean);
+  // Node's flags as `npm start` gives them, so that what is measured is what users run; then
+  // PULLCACHE_BENCH_NODE_ARGS ("--cpu-prof --cpu-prof-dir=/tmp/prof" profiles the server).
+  const nodeArgs = [
+    ...startFlags(),
+    ...(process.env.PULLCACHE_BENCH_NODE_ARGS ?? '').split(' ').filter(Boolean),
+  ];
   const child = spawnLogged(
     process.execPath,
     [...nodeArgs, 'dist/cli.js', 'serve', '--config', config],

@@ -1,5 +1,4 @@
 /** The MetadataCache on keyv: in-memory (default) or Redis through @keyv/redis. */
-import KeyvRedis from '@keyv/redis';
 import { Keyv } from 'keyv';
 import { LRUCache } from 'lru-cache';
 import type { Logger } from '../log/logger.js';
@@ -21,7 +20,8 @@ export interface KeyvCacheOptions {
 }
 
 export class KeyvMetadataCache implements MetadataCache {
-  private readonly keyv: Keyv;
+  /** Keyv, once its store is loaded (@keyv/redis is only loaded when Redis is configured). */
+  private readonly keyv: Promise<Keyv>;
   private readonly log: Logger;
   /**
    * Hot entries without a keyv round trip (no serialisation, no Redis). Descriptors and manifests
@@ -37,20 +37,25 @@ export class KeyvMetadataCache implements MetadataCache {
     this.log = options.log.child({ module: 'metadata', store: options.store });
     const entries = options.memoryEntries ?? 10_000;
     this.memory = entries > 0 ? new LRUCache({ max: entries }) : undefined;
-    if (options.store === 'redis') {
-      const redis = new KeyvRedis(options.redisUrl ?? 'redis://127.0.0.1:6379', {
-        // A cache must not hold a request hostage to a dead Redis: fail fast and fall back to storage.
-        throwOnConnectError: false,
-        throwOnErrors: false,
-        connectionTimeout: 1000,
+    this.keyv = (
+      options.store === 'redis'
+        ? import('@keyv/redis').then(({ default: KeyvRedis }) => {
+            const redis = new KeyvRedis(options.redisUrl ?? 'redis://127.0.0.1:6379', {
+              // A cache must not hold a request hostage to a dead Redis: fail fast and fall back
+              // to storage.
+              throwOnConnectError: false,
+              throwOnErrors: false,
+              connectionTimeout: 1000,
+            });
+            return new Keyv({ store: redis, namespace: NAMESPACE, useKeyPrefix: false });
+          })
+        : Promise.resolve(new Keyv({ namespace: NAMESPACE }))
+    ).then((keyv) => {
+      keyv.on('error', (err: unknown) => {
+        this.skipUntil = Date.now() + SKIP_AFTER_ERROR_MS;
+        this.warn(err);
       });
-      this.keyv = new Keyv({ store: redis, namespace: NAMESPACE, useKeyPrefix: false });
-    } else {
-      this.keyv = new Keyv({ namespace: NAMESPACE });
-    }
-    this.keyv.on('error', (err: unknown) => {
-      this.skipUntil = Date.now() + SKIP_AFTER_ERROR_MS;
-      this.warn(err);
+      return keyv;
     });
   }
 
@@ -80,34 +85,34 @@ export class KeyvMetadataCache implements MetadataCache {
   }
   async deleteTag(repo: RepositoryKey, tag: Tag) {
     this.memory?.delete(keys.tag(repo, tag));
-    await this.guard(() => this.keyv.delete(keys.tag(repo, tag)));
+    await this.guard((keyv) => keyv.delete(keys.tag(repo, tag)));
   }
   async deleteDescriptor(digest: Digest) {
     this.memory?.delete(keys.blob(digest));
-    await this.guard(() => this.keyv.delete(keys.blob(digest)));
+    await this.guard((keyv) => keyv.delete(keys.blob(digest)));
   }
 
   async close(): Promise<void> {
-    await this.guard(() => this.keyv.disconnect());
+    await this.guard((keyv) => keyv.disconnect());
   }
 
   private async get<T>(key: string): Promise<T | undefined> {
     const hot = this.memory?.get(key);
     if (hot !== undefined) return hot as T;
-    const value = (await this.guard(() => this.keyv.get<T>(key))) ?? undefined;
+    const value = (await this.guard((keyv) => keyv.get<T>(key))) ?? undefined;
     if (value !== undefined) this.memory?.set(key, value as object);
     return value;
   }
 
   private async set(key: string, value: object): Promise<void> {
     this.memory?.set(key, value);
-    await this.guard(() => this.keyv.set(key, value));
+    await this.guard((keyv) => keyv.set(key, value));
   }
 
-  private async guard<T>(op: () => Promise<T>): Promise<T | undefined> {
+  private async guard<T>(op: (keyv: Keyv) => Promise<T>): Promise<T | undefined> {
     if (Date.now() < this.skipUntil) return undefined;
     try {
-      return await op();
+      return await op(await this.keyv);
     } catch (err) {
       this.skipUntil = Date.now() + SKIP_AFTER_ERROR_MS;
       this.warn(err);

@@ -26,6 +26,13 @@ test('the Dockerfile is multi-stage, runs as a non-root user, with a data volume
   );
   expect(Object.keys(env)).toHaveLength(2);
   const config = loadConfig({ env });
+  // The image runs node with the flags `npm start` uses (the heap sizing the README explains).
+  const start = (JSON.parse(readFileSync('package.json', 'utf8')) as { scripts: { start: string } })
+    .scripts.start;
+  expect(start).toMatch(/^node (--[\w-]+=\S+ )+dist\/cli\.js serve$/);
+  const flags = start.split(' ').slice(1, -2);
+  const entrypoint = /^ENTRYPOINT (\[.*\])$/m.exec(dockerfile)?.[1];
+  expect(JSON.parse(entrypoint!)).toEqual(['node', ...flags, 'dist/cli.js']);
   expect(config.server.listen).toBe('0.0.0.0:5000');
   expect(config.storage.filesystem.root).toBe('/var/lib/pullcache');
 });

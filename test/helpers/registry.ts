@@ -79,7 +79,7 @@ export class TestRegistry {
   async stop(): Promise<void> {
     const p = this.process;
     this.process = undefined;
-    if (!p || p.exitCode !== null) return;
+    if (!p || p.exitCode !== null || p.signalCode !== null) return;
     await new Promise<void>((resolve) => {
       p.once('exit', () => resolve());
       p.kill('SIGTERM');

@@ -1,0 +1,55 @@
+// Where the CPU goes on a cold blob: CPU seconds of pullcache (by thread) and the upstream over
+// three fresh 512 MiB blobs, each then fetched once more cached (or distribution's proxy):
+// node --import tsx bench/cold.ts [pullcache|distribution]
+import { mkdtempSync, readdirSync, readFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { TestRegistry } from '../test/helpers/registry.js';
+import { curlGet } from './measure.js';
+import { pushFileBlob, randomBlob } from './seed.js';
+import { startDistributionProxy, startPullcacheProcess } from './servers.js';
+
+/** CPU seconds (user + system) a process has used, threads included. */
+function cpu(pid: number): number {
+  const fields = readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1]!.split(' ');
+  return (Number(fields[11]) + Number(fields[12])) / 100;
+}
+
+/** CPU seconds by thread name (node's main thread, libuv workers, V8 GC helpers...). */
+function threads(pid: number): Map<string, number> {
+  const out = new Map<string, number>();
+  for (const tid of readdirSync(`/proc/${pid}/task`)) {
+    const stat = readFileSync(`/proc/${pid}/task/${tid}/stat`, 'utf8');
+    const name = stat.slice(stat.indexOf('(') + 1, stat.lastIndexOf(')'));
+    const f = stat.slice(stat.lastIndexOf(') ') + 2).split(' ');
+    const key = tid === String(pid) ? 'main' : name;
+    out.set(`${key} user`, (out.get(`${key} user`) ?? 0) + Number(f[11]) / 100);
+    out.set(`${key} sys`, (out.get(`${key} sys`) ?? 0) + Number(f[12]) / 100);
+  }
+  return out;
+}
+
+const which = process.argv[2] ?? 'pullcache';
+const work = mkdtempSync(join(tmpdir(), 'pullcache-bench-'));
+const up = await TestRegistry.start();
+const start = which === 'distribution' ? startDistributionProxy : startPullcacheProcess;
+const server = await start(join(work, which), up.url);
+for (let i = 0; i < 3; i++) {
+  const blob = await randomBlob(work, `b${i}`, 512 * 1024 * 1024);
+  await pushFileBlob(up, `bench/c${i}`, blob);
+  const [s0, u0, t0] = [cpu(server.pid), cpu(up.pid!), threads(server.pid)];
+  const t = await curlGet(`${server.url}/v2/bench/c${i}/blobs/${blob.digest}`);
+  const [s1, u1, t1] = [cpu(server.pid), cpu(up.pid!), threads(server.pid)];
+  const split = [...t1]
+    .map(([k, v]) => [k, v - (t0.get(k) ?? 0)] as const)
+    .filter(([, v]) => v > 0.01)
+    .map(([k, v]) => `${k} ${v.toFixed(2)}`)
+    .join(', ');
+  const cached = await curlGet(`${server.url}/v2/bench/c${i}/blobs/${blob.digest}`);
+  console.error(
+    `${which}: cached ${(cached.bytes / cached.total / 1e6).toFixed(0)} MB/s; cold: ${(t.bytes / t.total / 1e6).toFixed(0)} MB/s, ttfb ${(t.ttfb * 1000).toFixed(1)} ms, wall ${t.total.toFixed(2)} s; cpu s: server ${(s1 - s0).toFixed(2)}, upstream ${(u1 - u0).toFixed(2)} (${split})`,
+  );
+}
+await server.stop();
+await up.close();
+process.exit(0);
