@@ -26,6 +26,7 @@ import type {
   RepositoryStore,
   TagService,
 } from '../storage/types.js';
+import { isSendable } from '../storage/file-range.js';
 import { errorMiddleware } from './errors.js';
 import type { Passthrough } from './passthrough.js';
 import { parseRange } from './range.js';
@@ -281,7 +282,12 @@ async function getBlob(
   // the response start as soon as the upstream has answered.
   if (opened.fromUpstream) res.flushHeaders();
   try {
-    await pipeline(opened.stream, res);
+    if (isSendable(opened.stream)) {
+      await opened.stream.sendTo(res);
+      res.end();
+    } else {
+      await pipeline(opened.stream, res);
+    }
   } catch (err) {
     // Headers are out: a broken source (or a bad digest upstream) must cut the connection so the
     // client never takes a short body for the blob. A client that went away is no news.

@@ -1,13 +1,11 @@
 /** The filesystem StorageDriver: one directory tree under `root`. */
 import { randomUUID } from 'node:crypto';
-import { constants, createReadStream } from 'node:fs';
+import { constants } from 'node:fs';
 import * as fs from 'node:fs/promises';
 import * as path from 'node:path';
 import type { Readable } from 'node:stream';
+import { FileRange } from './file-range.js';
 import { PathNotFoundError, type FileInfo, type FileWriter, type StorageDriver } from './types.js';
-
-// Large reads: fewer syscalls and event-loop turns per GiB served.
-const READ_CHUNK = 1024 * 1024;
 
 export class FilesystemDriver implements StorageDriver {
   readonly name = 'filesystem';
@@ -58,16 +56,7 @@ export class FilesystemDriver implements StorageDriver {
     } catch (err) {
       throw notFound(err, p);
     }
-    if (length === 0) {
-      await handle.close();
-      return createReadStream('/dev/null');
-    }
-    return handle.createReadStream({
-      start: offset,
-      ...(length !== undefined ? { end: offset + length - 1 } : {}),
-      highWaterMark: READ_CHUNK,
-      autoClose: true,
-    });
+    return new FileRange(handle, offset, length !== undefined ? offset + length : Infinity);
   }
 
   async writer(p: string, append: boolean): Promise<FileWriter> {

@@ -1,0 +1,98 @@
+import { randomBytes } from 'node:crypto';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { open } from 'node:fs/promises';
+import { createServer, get, type Server, type ServerResponse } from 'node:http';
+import type { AddressInfo } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, beforeAll, expect, test } from 'vitest';
+import { FileRange } from '../../src/storage/file-range.js';
+
+let dir: string;
+let file: string;
+const bytes = randomBytes(5 * 1024 * 1024 + 123);
+let server: Server;
+let url: string;
+let respond: (res: ServerResponse) => void;
+
+beforeAll(async () => {
+  dir = mkdtempSync(join(tmpdir(), 'pullcache-range-'));
+  file = join(dir, 'data');
+  writeFileSync(file, bytes);
+  server = createServer((_req, res) => respond(res));
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  url = `http://127.0.0.1:${(server.address() as AddressInfo).port}/`;
+});
+afterAll(async () => {
+  server.closeAllConnections();
+  await new Promise((r) => server.close(r));
+  rmSync(dir, { recursive: true, force: true });
+});
+
+function fetchAll(): Promise<Buffer> {
+  return new Promise((resolve, reject) => {
+    get(url, (res) => {
+      const chunks: Buffer[] = [];
+      res.on('data', (c: Buffer) => chunks.push(c));
+      res.on('end', () => resolve(Buffer.concat(chunks)));
+      res.on('error', reject);
+    }).on('error', reject);
+  });
+}
+
+test('sendTo writes the range to a response, reusing its buffers, and closes the file', async () => {
+  const handle = await open(file);
+  const range = new FileRange(handle, 1000, bytes.length - 7);
+  const sent = new Promise<void>((resolve, reject) => {
+    respond = (res) => {
+      res.setHeader('Content-Length', bytes.length - 7 - 1000);
+      range.sendTo(res).then(() => {
+        res.end();
+        resolve();
+      }, reject);
+    };
+  });
+  const body = await fetchAll();
+  await sent;
+  expect(body.equals(bytes.subarray(1000, bytes.length - 7))).toBe(true);
+  expect(handle.fd).toBe(-1); // closed
+});
+
+test('sendTo rejects with a premature close when the client goes away, and closes the file', async () => {
+  const handle = await open(file);
+  const range = new FileRange(handle, 0, Infinity);
+  const sent = new Promise<unknown>((resolve) => {
+    respond = (res) => {
+      res.setHeader('Content-Length', bytes.length);
+      range.sendTo(res).then(
+        () => resolve('finished'),
+        (err: unknown) => resolve(err),
+      );
+    };
+  });
+  await new Promise<void>((resolve) => {
+    const req = get(url, (res) => {
+      res.once('data', () => {
+        req.destroy(); // gone after the first bytes
+        resolve();
+      });
+    });
+    req.on('error', () => {});
+  });
+  const outcome = await sent;
+  expect((outcome as NodeJS.ErrnoException).code).toBe('ERR_STREAM_PREMATURE_CLOSE');
+  expect(handle.fd).toBe(-1);
+});
+
+test('as a Readable it streams the same range, to the end of the file when no end is given', async () => {
+  for (const [start, end, expected] of [
+    [4096, 2 * 1024 * 1024 + 5, bytes.subarray(4096, 2 * 1024 * 1024 + 5)],
+    [bytes.length - 10, Infinity, bytes.subarray(bytes.length - 10)],
+    [300, 300, Buffer.alloc(0)],
+  ] as const) {
+    const chunks: Buffer[] = [];
+    for await (const chunk of new FileRange(await open(file), start, end))
+      chunks.push(chunk as Buffer);
+    expect(Buffer.concat(chunks).equals(expected)).toBe(true);
+  }
+});
