@@ -17,6 +17,7 @@ WORKDIR /app
 COPY package.json package-lock.json ./
 RUN npm ci --omit=dev --ignore-scripts && npm cache clean --force
 COPY --from=build /src/dist ./dist
+COPY bin ./bin
 COPY config ./config
 RUN groupadd --system pullcache && useradd --system --gid pullcache --home /var/lib/pullcache pullcache \
     && mkdir -p /var/lib/pullcache && chown pullcache:pullcache /var/lib/pullcache
@@ -25,5 +26,5 @@ VOLUME ["/var/lib/pullcache"]
 EXPOSE 5000
 HEALTHCHECK --interval=30s --timeout=3s --start-period=10s --retries=3 \
   CMD ["node", "-e", "fetch('http://127.0.0.1:5000/readyz').then(r=>process.exit(r.ok?0:1),()=>process.exit(1))"]
-ENTRYPOINT ["node", "--max-semi-space-size=1", "dist/cli.js"]
+ENTRYPOINT ["bin/pullcache"]
 CMD ["serve"]

@@ -75,13 +75,6 @@ function handle(name: ServerUnderTest['name'], child: ChildProcess, port: number
   };
 }
 
-/** The node flags of `npm start` (`node --flag ... dist/cli.js serve`). */
-export function startFlags(): string[] {
-  const pkg = JSON.parse(readFileSync('package.json', 'utf8')) as { scripts: { start: string } };
-  const words = pkg.scripts.start.split(/\s+/);
-  return words.slice(1, words.indexOf('dist/cli.js'));
-}
-
 export async function startPullcacheProcess(
   dir: string,
   upstreamUrl: string,
@@ -111,18 +104,12 @@ export async function startPullcacheProcess(
     Object.entries(process.env).filter(([k]) => !k.startsWith('PULLCACHE_')),
   );
   const log = join(dir, 'pullcache.log');
-  // Node's flags as `npm start` gives them, so that what is measured is what users run; then
-  // PULLCACHE_BENCH_NODE_ARGS ("--cpu-prof --cpu-prof-dir=/tmp/prof" profiles the server).
-  const nodeArgs = [
-    ...startFlags(),
-    ...(process.env.PULLCACHE_BENCH_NODE_ARGS ?? '').split(' ').filter(Boolean),
-  ];
-  const child = spawnLogged(
-    process.execPath,
-    [...nodeArgs, 'dist/cli.js', 'serve', '--config', config],
-    log,
-    env,
-  );
+  // Started the way users start it (bin/pullcache: node's flags, malloc settings), so that what
+  // is measured is what runs. PULLCACHE_BENCH_NODE_ARGS adds node flags ("--cpu-prof
+  // --cpu-prof-dir=/tmp/prof" profiles the server).
+  const nodeArgs = process.env.PULLCACHE_BENCH_NODE_ARGS;
+  if (nodeArgs) env.NODE_OPTIONS = `${env.NODE_OPTIONS ?? ''} ${nodeArgs}`.trim();
+  const child = spawnLogged('bin/pullcache', ['serve', '--config', config], log, env);
   const server = handle('pullcache', child, port);
   await ready(server.url, 'pullcache', child, log);
   return server;

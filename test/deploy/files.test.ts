@@ -1,5 +1,5 @@
 /** No Docker engine runs here, so the deployment files are validated as files. */
-import { execFile } from 'node:child_process';
+import { execFile, execFileSync } from 'node:child_process';
 import { readFileSync } from 'node:fs';
 import { promisify } from 'node:util';
 import { expect, test } from 'vitest';
@@ -26,13 +26,18 @@ test('the Dockerfile is multi-stage, runs as a non-root user, with a data volume
   );
   expect(Object.keys(env)).toHaveLength(2);
   const config = loadConfig({ env });
-  // The image runs node with the flags `npm start` uses (the heap sizing the README explains).
-  const start = (JSON.parse(readFileSync('package.json', 'utf8')) as { scripts: { start: string } })
-    .scripts.start;
-  expect(start).toMatch(/^node (--[\w-]+=\S+ )+dist\/cli\.js serve$/);
-  const flags = start.split(' ').slice(1, -2);
-  const entrypoint = /^ENTRYPOINT (\[.*\])$/m.exec(dockerfile)?.[1];
-  expect(JSON.parse(entrypoint!)).toEqual(['node', ...flags, 'dist/cli.js']);
+  // The image, npm start and the npm bin all run pullcache through the one launcher.
+  expect(dockerfile).toMatch(/^ENTRYPOINT \["bin\/pullcache"\]$/m);
+  const pkg = JSON.parse(readFileSync('package.json', 'utf8')) as {
+    version: string;
+    scripts: { start: string };
+    bin: { pullcache: string };
+  };
+  expect(pkg.scripts.start).toBe('bin/pullcache serve');
+  expect(pkg.bin.pullcache).toBe('bin/pullcache');
+  expect(execFileSync('bin/pullcache', ['--version'], { encoding: 'utf8' }).trim()).toBe(
+    pkg.version,
+  );
   expect(config.server.listen).toBe('0.0.0.0:5000');
   expect(config.storage.filesystem.root).toBe('/var/lib/pullcache');
 });
