@@ -1,11 +1,12 @@
 // Where the CPU goes on a cold blob: CPU seconds of pullcache (by thread) and the upstream over
 // three fresh 512 MiB blobs, each then fetched once more cached (or distribution's proxy):
-// node --import tsx bench/cold.ts [pullcache|distribution]
+// node --import tsx bench/cold.ts [pullcache|distribution]; CLIENTS=16 has 16 clients (curl piped
+// into cmp) on each 256 MiB blob instead of one curl on 512 MiB.
 import { mkdtempSync, readdirSync, readFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { TestRegistry } from '../test/helpers/registry.js';
-import { curlGet } from './measure.js';
+import { curlGet, sameBytes, timed } from './measure.js';
 import { pushFileBlob, randomBlob } from './seed.js';
 import { startDistributionProxy, startPullcacheProcess } from './servers.js';
 
@@ -34,11 +35,21 @@ const work = mkdtempSync(join(tmpdir(), 'pullcache-bench-'));
 const up = await TestRegistry.start();
 const start = which === 'distribution' ? startDistributionProxy : startPullcacheProcess;
 const server = await start(join(work, which), up.url);
+const clients = Number(process.env.CLIENTS ?? 1);
 for (let i = 0; i < 3; i++) {
-  const blob = await randomBlob(work, `b${i}`, 512 * 1024 * 1024);
+  const blob = await randomBlob(work, `b${i}`, (clients === 1 ? 512 : 256) * 1024 * 1024);
   await pushFileBlob(up, `bench/c${i}`, blob);
   const [s0, u0, t0] = [cpu(server.pid), cpu(up.pid!), threads(server.pid)];
-  const t = await curlGet(`${server.url}/v2/bench/c${i}/blobs/${blob.digest}`);
+  const url = `${server.url}/v2/bench/c${i}/blobs/${blob.digest}`;
+  const t =
+    clients === 1
+      ? await curlGet(url)
+      : await timed(() =>
+          Promise.all(Array.from({ length: clients }, () => sameBytes(url, blob.path))),
+        ).then((r) => {
+          if (!r.value.every(Boolean)) throw new Error('bad bytes');
+          return { ttfb: 0, total: r.seconds, bytes: blob.size * clients, status: 200 };
+        });
   const [s1, u1, t1] = [cpu(server.pid), cpu(up.pid!), threads(server.pid)];
   const split = [...t1]
     .map(([k, v]) => [k, v - (t0.get(k) ?? 0)] as const)

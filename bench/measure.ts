@@ -35,17 +35,41 @@ export async function curlGet(url: string): Promise<Transfer> {
 }
 
 /**
- * GET with curl piped into sha256sum: the digest of the body, checking every byte. (A Node client
- * reading many large bodies at once in one process stalled in undici now and then; curl is the
- * plainer client and costs the server less CPU.)
+ * GET with curl piped into `openssl dgst -sha256`: the digest of the body, checking every byte.
+ * (A Node client reading many large bodies at once in one process stalled in undici now and
+ * then; curl is the plainer client. coreutils' sha256sum hashes at about 300 MB/s here against
+ * openssl's 1.2 GB/s.)
  */
 export async function hashGet(url: string): Promise<{ digest: string }> {
   const { stdout } = await run(
     'bash',
-    ['-o', 'pipefail', '-c', `curl -sf ${JSON.stringify(url)} | sha256sum`],
+    ['-o', 'pipefail', '-c', `curl -sf ${JSON.stringify(url)} | openssl dgst -sha256 -r`],
     { timeout: 600_000 },
   );
   return { digest: `sha256:${stdout.split(' ')[0]}` };
+}
+
+/**
+ * GET with curl piped into `cmp` against the original file: true when every byte is the same
+ * (and the length). Costs the client a tenth of hashing, so that many clients at once measure
+ * the server rather than themselves.
+ */
+export async function sameBytes(url: string, file: string): Promise<boolean> {
+  try {
+    await run(
+      'bash',
+      [
+        '-o',
+        'pipefail',
+        '-c',
+        `curl -sf ${JSON.stringify(url)} | cmp -s - ${JSON.stringify(file)}`,
+      ],
+      { timeout: 600_000 },
+    );
+    return true;
+  } catch {
+    return false;
+  }
 }
 
 /** Requests per second with wrk (32 connections); non-2xx answers are counted as errors. */

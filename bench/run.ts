@@ -13,7 +13,7 @@ import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'nod
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { TestRegistry } from '../test/helpers/registry.js';
-import { bytesWritten, curlGet, hashGet, median, timed, wrk } from './measure.js';
+import { bytesWritten, curlGet, hashGet, median, sameBytes, timed, wrk } from './measure.js';
 import {
   pushFileBlob,
   pushImage,
@@ -130,7 +130,9 @@ async function measure(
   const concurrent = await phase(server, '16 clients on one uncached 256 MiB blob', async () => {
     return timed(() =>
       Promise.all(
-        Array.from({ length: 16 }, () => hashGet(blobUrl('bench/medium', seed.medium.digest))),
+        Array.from({ length: 16 }, () =>
+          sameBytes(blobUrl('bench/medium', seed.medium.digest), seed.medium.path),
+        ),
       ),
     );
   });
@@ -156,7 +158,7 @@ async function measure(
     skopeoColdS,
     skopeoWarmS,
     concurrentWallS: concurrent.seconds,
-    concurrentAllCorrect: concurrent.value.every((r) => r.digest === seed.medium.digest),
+    concurrentAllCorrect: concurrent.value.every(Boolean),
     concurrentUpstreamRatio: upstreamBytes / seed.medium.size,
     manifestsByDigestRps: byDigest.rps,
     manifestsByTagRps: byTag.rps,
@@ -184,7 +186,8 @@ async function seedUpstream(upstream: TestRegistry, work: string): Promise<Seed>
   for (const [i, raw] of [210, 160, 120, 95, 65].entries())
     layers.push(await realisticLayer(files, `layer${i}`, sized(raw * MiB)));
   const image = await pushImage(upstream, 'bench/app', 'v1', layers);
-  rmSync(files, { recursive: true, force: true });
+  // The 256 MiB layer's file stays: the 16 clients compare their bytes with it.
+  for (const l of [big, ...layers]) rmSync(l.path, { force: true });
   log(`seeded: image ${(layers.reduce((n, l) => n + l.size, 0) / MiB).toFixed(0)} MiB in 5 layers`);
   return { big, medium, image };
 }
@@ -297,6 +300,21 @@ function table(p: Figures, d: Figures): string {
   ].join('\n');
 }
 
+/** pullcache's warnings and errors during the run (JSON lines at level 40 and up), in short. */
+function reportWarnings(file: string): void {
+  const lines = readFileSync(file, 'utf8')
+    .split('\n')
+    .filter((l) => /^\{.*"level":(4|5|6)0/.test(l));
+  const byMessage = new Map<string, number>();
+  for (const l of lines) {
+    const msg = (JSON.parse(l) as { msg: string }).msg;
+    byMessage.set(msg, (byMessage.get(msg) ?? 0) + 1);
+  }
+  log(
+    `pullcache logged ${lines.length} warnings/errors${[...byMessage].map(([m, n]) => `; ${n}x "${m}"`).join('')}`,
+  );
+}
+
 async function main(): Promise<void> {
   const work = mkdtempSync(join(tmpdir(), 'pullcache-bench-'));
   const upstream = await TestRegistry.start();
@@ -317,6 +335,7 @@ async function main(): Promise<void> {
       servers.push(server);
       results[server.name] = await measure(server, upstream, seed, work);
       await server.stop();
+      if (server.name === 'pullcache') reportWarnings(join(work, server.name, 'pullcache.log'));
       rmSync(join(work, server.name), { recursive: true, force: true });
     }
     if (only !== undefined) {
