@@ -58,7 +58,7 @@ for (let i = 0; i < 3; i++) {
     .join(', ');
   const cached = await curlGet(`${server.url}/v2/bench/c${i}/blobs/${blob.digest}`);
   console.error(
-    `${which}: cached ${(cached.bytes / cached.total / 1e6).toFixed(0)} MB/s; cold: ${(t.bytes / t.total / 1e6).toFixed(0)} MB/s, ttfb ${(t.ttfb * 1000).toFixed(1)} ms, wall ${t.total.toFixed(2)} s; cpu s: server ${(s1 - s0).toFixed(2)}, upstream ${(u1 - u0).toFixed(2)} (${split})`,
+    `${which}: cached ${(cached.bytes / cached.total / 1e6).toFixed(0)} MB/s; cold: ${(t.bytes / t.total / 1e6).toFixed(0)} MB/s, ttfb ${(t.ttfb * 1000).toFixed(1)} ms, wall ${t.total.toFixed(2)} s; cpu s: server ${(s1 - s0).toFixed(2)}, upstream ${(u1 - u0).toFixed(2)} (${split}); peak rss ${(server.peakRss() / 1e6).toFixed(0)} MB`,
   );
 }
 await server.stop();

@@ -16,6 +16,7 @@
  */
 import { Readable } from 'node:stream';
 import type { Logger } from '../log/logger.js';
+import { churned } from '../memory.js';
 import type { Digest } from '../oci/digest.js';
 import type { Descriptor } from '../oci/descriptor.js';
 import {
@@ -103,6 +104,7 @@ export class BlobFetch {
         const offset = this.received;
         this.received += chunk.length;
         this.options.onUpstreamBytes?.(chunk.length);
+        churned(chunk.length);
         for (const follower of this.followers) follower.onChunk(chunk, offset);
         this.enqueue(chunk);
         if (this.received - this.written > WRITE_QUEUE) await this.diskCatchUp();

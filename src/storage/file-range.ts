@@ -63,8 +63,9 @@ export class FileRange extends Readable implements Sendable {
 
   /**
    * Writes the range to `dest` (leaving it open): reads the next chunk while the last one is
-   * being written. Rejects when `dest` closes or errors first (ERR_STREAM_PREMATURE_CLOSE when
-   * the client went away). The stream is destroyed afterwards either way.
+   * being written. Rejects when `dest` closes or errors first (a client that went away gives
+   * ERR_STREAM_PREMATURE_CLOSE, or the failed write's ECONNRESET or EPIPE). The stream is
+   * destroyed afterwards either way.
    */
   async sendTo(dest: Writable): Promise<void> {
     if (this.readableFlowing !== null) throw new Error('sendTo on a stream already being read');

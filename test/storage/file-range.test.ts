@@ -58,7 +58,7 @@ test('sendTo writes the range to a response, reusing its buffers, and closes the
   expect(handle.fd).toBe(-1); // closed
 });
 
-test('sendTo rejects with a premature close when the client goes away, and closes the file', async () => {
+test('sendTo rejects when the client goes away, and closes the file', async () => {
   const handle = await open(file);
   const range = new FileRange(handle, 0, Infinity);
   const sent = new Promise<unknown>((resolve) => {
@@ -80,7 +80,10 @@ test('sendTo rejects with a premature close when the client goes away, and close
     req.on('error', () => {});
   });
   const outcome = await sent;
-  expect((outcome as NodeJS.ErrnoException).code).toBe('ERR_STREAM_PREMATURE_CLOSE');
+  // What the blob route takes for "the client went away": the close, or the write's own error.
+  expect(['ERR_STREAM_PREMATURE_CLOSE', 'ECONNRESET', 'EPIPE']).toContain(
+    (outcome as NodeJS.ErrnoException).code,
+  );
   expect(handle.fd).toBe(-1);
 });
 
