@@ -2,7 +2,6 @@
  * The express app: the OCI pull API (distribution spec "pull" and "content discovery"
  * endpoints), health, metrics, request logs, and the one error middleware.
  */
-import { randomUUID } from 'node:crypto';
 import type { RequestListener } from 'node:http';
 import { pipeline } from 'node:stream/promises';
 import express, { type NextFunction, type Request, type Response } from 'express';
@@ -30,7 +29,7 @@ import { isSendable } from '../storage/file-range.js';
 import { errorMiddleware } from './errors.js';
 import type { Passthrough } from './passthrough.js';
 import { parseRange } from './range.js';
-import { createManifestFastPath, decodeSegment, serveManifest } from './manifests.js';
+import { createManifestFastPath, decodeSegment, requestId, serveManifest } from './manifests.js';
 import { clientName, routeRequest } from './routing.js';
 
 export interface UpstreamServices {
@@ -77,15 +76,7 @@ export function createApp(deps: AppDeps): express.Express {
     app.use(
       pinoHttp({
         logger: httpLog,
-        genReqId: (req, res) => {
-          const incoming = req.headers['x-request-id'];
-          const id =
-            typeof incoming === 'string' && /^[\w.-]{1,64}$/.test(incoming)
-              ? incoming
-              : randomUUID();
-          res.setHeader('X-Request-Id', id);
-          return id;
-        },
+        genReqId: requestId,
         autoLogging: {
           ignore: (req) =>
             req.url === '/healthz' || req.url === '/readyz' || req.url === '/metrics',

@@ -137,6 +137,18 @@ function nsParameter(search: string): string | string[] | undefined {
   return all.length === 0 ? undefined : all.length === 1 ? all[0] : all;
 }
 
+/**
+ * The request's id for its log line, also sent back as X-Request-Id: the client's own when it
+ * sent a sane one, else a new UUID. Both paths use it (express through pino-http's genReqId).
+ */
+export function requestId(req: IncomingMessage, res: ServerResponse): string {
+  const incoming = req.headers['x-request-id'];
+  const id =
+    typeof incoming === 'string' && /^[\w.-]{1,64}$/.test(incoming) ? incoming : randomUUID();
+  res.setHeader('X-Request-Id', id);
+  return id;
+}
+
 /** The same request line pino-http writes for the express routes. */
 function logRequest(
   log: Logger,
@@ -145,10 +157,7 @@ function logRequest(
   notes: RequestNotes,
 ): void {
   const start = performance.now();
-  const incoming = req.headers['x-request-id'];
-  const id =
-    typeof incoming === 'string' && /^[\w.-]{1,64}$/.test(incoming) ? incoming : randomUUID();
-  res.setHeader('X-Request-Id', id);
+  const id = requestId(req, res);
   res.once('close', () => {
     const line = {
       req: { id, method: req.method, url: req.url },
