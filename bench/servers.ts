@@ -105,10 +105,10 @@ export async function startPullcacheProcess(
   );
   const log = join(dir, 'pullcache.log');
   // Started the way users start it (bin/pullcache: node's flags, malloc settings), so that what
-  // is measured is what runs. PULLCACHE_BENCH_NODE_ARGS adds node flags ("--cpu-prof
-  // --cpu-prof-dir=/tmp/prof" profiles the server).
+  // is measured is what runs. PULLCACHE_BENCH_NODE_ARGS adds node flags through the launcher
+  // ("--cpu-prof --cpu-prof-dir=/tmp/prof" profiles the server, "--trace-gc" logs collections).
   const nodeArgs = process.env.PULLCACHE_BENCH_NODE_ARGS;
-  if (nodeArgs) env.NODE_OPTIONS = `${env.NODE_OPTIONS ?? ''} ${nodeArgs}`.trim();
+  if (nodeArgs) env.PULLCACHE_NODE_FLAGS = nodeArgs;
   const child = spawnLogged('bin/pullcache', ['serve', '--config', config], log, env);
   const server = handle('pullcache', child, port);
   await ready(server.url, 'pullcache', child, log);

@@ -157,8 +157,8 @@ function envLayer(
     (fileLayer.upstreams as Record<string, unknown> | undefined) ?? {},
   );
   for (const [name, value] of Object.entries(env)) {
-    if (!name.startsWith(ENV_PREFIX) || name === 'PULLCACHE_CONFIG' || value === undefined)
-      continue;
+    if (!name.startsWith(ENV_PREFIX) || value === undefined) continue;
+    if (name === 'PULLCACHE_CONFIG' || name === 'PULLCACHE_NODE_FLAGS') continue; // the file; bin/pullcache's node flags
     if (name.startsWith('PULLCACHE_TEST_') || name.startsWith('PULLCACHE_BENCH_')) continue; // the test suite's and benchmark's own knobs
     const path = resolveEnvPath(name.slice(ENV_PREFIX.length), cachedTree, fileUpstreams);
     if (!path) {

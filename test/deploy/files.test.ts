@@ -40,4 +40,14 @@ test('the Dockerfile is multi-stage, runs as a non-root user, with a data volume
   );
   expect(config.server.listen).toBe('0.0.0.0:5000');
   expect(config.storage.filesystem.root).toBe('/var/lib/pullcache');
+  // PULLCACHE_NODE_FLAGS reaches node through the launcher, and is no config key.
+  const flagged = execFileSync('bin/pullcache', ['--version'], {
+    encoding: 'utf8',
+    env: {
+      ...process.env,
+      PULLCACHE_NODE_FLAGS: '--import=data:text/javascript,process.stdout.write("flag-seen:")',
+    },
+  });
+  expect(flagged.trim()).toBe(`flag-seen:${pkg.version}`);
+  expect(() => loadConfig({ env: { PULLCACHE_NODE_FLAGS: '--cpu-prof' } })).not.toThrow();
 });
