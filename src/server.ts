@@ -1,6 +1,7 @@
 /**
  * Puts the layers together: storage, metadata cache, one upstream client and one set of proxy
- * services per upstream, the HTTP app. Start-up never dials an upstream.
+ * services per upstream, the HTTP app. Start-up does not wait for an upstream: once listening,
+ * it says hello to each (`warm`) in the background.
  */
 import type { Server } from 'node:http';
 import { createServer } from 'node:http';
@@ -190,6 +191,8 @@ export async function startServer(config: Config, log: Logger): Promise<RunningS
     },
     'pullcache listening',
   );
+  // In the background: the first pull should not wait for a connection or an auth challenge.
+  for (const client of runtime.clients.values()) void client.warm?.();
   return {
     runtime,
     server,

@@ -41,6 +41,8 @@ import type {
 const MAX_REDIRECTS = 5;
 /** How far a blob consumer may fall behind the upstream before the body is cut and resumed. */
 const BODY_QUEUE_CAP = 8 * 1024 * 1024;
+/** How long the start-up `warm` waits for the upstream, ms. */
+const WARM_TIMEOUT = 10_000;
 const REDIRECT_STATUSES = new Set([301, 302, 303, 307, 308]);
 
 export interface ClientOptions {
@@ -74,6 +76,8 @@ export class RegistryClient implements UpstreamClient {
   /** Learned from the first 401, so later scopes fetch their token without a round trip. */
   private challenge: Challenge | undefined;
   private lastRateLimit: RateLimitInfo | undefined;
+  /** Aborted by `close`: stops a `warm` still waiting. */
+  private readonly closing = new AbortController();
 
   constructor(options: ClientOptions) {
     this.name = options.name;
@@ -106,7 +110,37 @@ export class RegistryClient implements UpstreamClient {
   }
 
   async close(): Promise<void> {
+    this.closing.abort();
     await this.agent.close();
+  }
+
+  /**
+   * Opens a connection to the upstream and learns how it authenticates (`GET /v2/`, as
+   * distribution's proxy does when it starts), so that the first pull pays for neither, and says
+   * in the log whether the upstream answers. Never throws, never counts toward health: an upstream
+   * that is down at start-up is simply asked again on the first pull.
+   */
+  async warm(): Promise<void> {
+    if (this.config.offline) return;
+    const url = new URL(`${this.base.pathname.replace(/\/$/, '')}/v2/`, this.base);
+    const started = Date.now();
+    try {
+      const signal = AbortSignal.any([this.closing.signal, AbortSignal.timeout(WARM_TIMEOUT)]);
+      const res = await this.dispatch('GET', url, {}, { signal });
+      res.body.resume();
+      const challenge =
+        res.status === 401 ? parseChallenge(res.headers['www-authenticate']) : undefined;
+      if (challenge) this.challenge ??= challenge;
+      this.log.info(
+        { status: res.status, auth: challenge?.scheme ?? 'none', durationMs: Date.now() - started },
+        'upstream answers',
+      );
+    } catch (err) {
+      this.log.warn(
+        { err: errMessage(err), durationMs: Date.now() - started },
+        'upstream does not answer at start-up; it is asked again on the first pull',
+      );
+    }
   }
 
   // ---- manifests ------------------------------------------------------------------------

@@ -40,6 +40,8 @@ export interface RequestOptions {
  */
 export interface UpstreamClient {
   readonly name: string;
+  /** At start-up: connect and learn the auth scheme ahead of the first pull; never throws. */
+  warm?(): Promise<void>;
   /** GET by tag or digest; the body is capped and verified. */
   getManifest(
     repository: Repository,

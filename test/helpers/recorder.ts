@@ -10,6 +10,7 @@ import httpProxy from 'http-proxy';
 export interface Recorded {
   method: string;
   path: string;
+  status: number;
   bytes: number;
 }
 
@@ -32,6 +33,7 @@ export class Recorder {
       const entry: Recorded = {
         method: req.method ?? '',
         path: (req.url ?? '').split('?')[0]!,
+        status: proxyRes.statusCode ?? 0,
         bytes: 0,
       };
       this.requests.push(entry);

@@ -15,6 +15,7 @@ import {
   type Image,
 } from '../helpers/images.js';
 import { startPullcache, type TestPullcache } from '../helpers/pullcache.js';
+import { freePort, waitFor } from '../helpers/net.js';
 import { Recorder } from '../helpers/recorder.js';
 import { TestRegistry } from '../helpers/registry.js';
 import { expectDirHolds, skopeo, skopeoCopy } from '../helpers/skopeo.js';
@@ -354,6 +355,56 @@ describe('pulling through pullcache from a real registry', () => {
         status,
         code,
       });
+    }
+  });
+
+  test('once listening it greets each upstream, so the first pull makes no 401 round trip', async () => {
+    const lines: Record<string, unknown>[] = [];
+    const sink = new Writable({
+      write(chunk: Buffer, _enc, done) {
+        for (const line of chunk.toString().split('\n').filter(Boolean))
+          lines.push(JSON.parse(line) as Record<string, unknown>);
+        done();
+      },
+    });
+    const deadPort = await freePort();
+    recorder.reset();
+    const fresh = await startPullcache(
+      {
+        upstreams: {
+          'docker.io': { url: recorder.url },
+          'dead.test': { url: `http://127.0.0.1:${deadPort}` },
+          'air.test': { url: recorder.url, offline: true },
+        },
+      },
+      undefined,
+      { log: createLogger({ level: 'info', destination: sink }) },
+    );
+    try {
+      const greeting = (upstream: string) =>
+        lines.find((l) => l.upstream === upstream && l.module === 'upstream');
+      await waitFor(async () => !!greeting('docker.io') && !!greeting('dead.test'), 'greetings');
+      expect(greeting('docker.io')).toMatchObject({
+        msg: 'upstream answers',
+        status: 401,
+        auth: 'bearer',
+      });
+      expect(greeting('dead.test')).toMatchObject({ level: 40 });
+      expect(greeting('dead.test')!.msg).toMatch(/does not answer/);
+      expect(greeting('air.test')).toBeUndefined(); // offline: never dialled
+      expect(recorder.requests).toEqual([
+        { method: 'GET', path: '/v2/', status: 401, bytes: expect.any(Number) },
+      ]);
+      expect(JSON.stringify(lines)).not.toMatch(/read-secret|Bearer /);
+
+      recorder.reset();
+      const blob = alpine.blobs[1]!;
+      const res = await fetch(`${fresh.url}/v2/library/alpine/blobs/${blob.digest}`);
+      expect(Buffer.from(await res.arrayBuffer()).equals(blob.bytes)).toBe(true);
+      // The token was asked for at once: the upstream never had to say 401 first.
+      expect(recorder.requests.map((r) => [r.method, r.status])).toEqual([['GET', 200]]);
+    } finally {
+      await fresh.stop();
     }
   });
 
