@@ -3,7 +3,7 @@
  * blob store: a blob becomes visible only by an atomic move after its digest is verified.
  */
 import { createHash, randomUUID, type Hash } from 'node:crypto';
-import type { Readable } from 'node:stream';
+import type { RangeStream } from './file-range.js';
 import { parseDigest, type Digest } from '../oci/digest.js';
 import type { Descriptor } from '../oci/descriptor.js';
 import {
@@ -211,7 +211,7 @@ class DriverBlobWriter implements BlobWriter {
     await this.driver.delete(paths.uploadDir(this.id));
   }
 
-  async readWritten(offset: number, length: number): Promise<Readable> {
+  async readWritten(offset: number, length: number): Promise<RangeStream> {
     return this.driver.reader(paths.uploadData(this.id), offset, length);
   }
 

@@ -61,54 +61,84 @@ export class FileRange extends Readable implements Sendable {
     );
   }
 
+  /** Reads up to `length` bytes at the current position into `buffer`; 0 at the end of the range. */
+  async readInto(buffer: Uint8Array, length: number): Promise<number> {
+    const want = Math.min(length, buffer.length, this.end - this.pos);
+    if (want <= 0) return 0;
+    const { bytesRead } = await this.handle.read(buffer, 0, want, this.pos);
+    this.pos += bytesRead;
+    return bytesRead;
+  }
+
   /**
-   * Writes the range to `dest` (leaving it open): reads the next chunk while the last one is
-   * being written. Rejects when `dest` closes or errors first (a client that went away gives
-   * ERR_STREAM_PREMATURE_CLOSE, or the failed write's ECONNRESET or EPIPE). The stream is
-   * destroyed afterwards either way.
+   * Writes the range to `dest` (leaving it open), reading the next chunk while the last one is
+   * being written (`sendFilled`). The stream is destroyed afterwards either way.
    */
   async sendTo(dest: Writable): Promise<void> {
     if (this.readableFlowing !== null) throw new Error('sendTo on a stream already being read');
-    let gone: Error | undefined;
-    let wakeOnClose: ((err: Error) => void) | undefined;
-    const onClose = () => {
-      gone ??= Object.assign(new Error('Premature close'), { code: 'ERR_STREAM_PREMATURE_CLOSE' });
-      wakeOnClose?.(gone);
-    };
-    const onError = (err: Error) => {
-      gone ??= err;
-      wakeOnClose?.(gone);
-    };
-    dest.once('close', onClose);
-    dest.once('error', onError);
-    const write = (chunk: Buffer) =>
-      new Promise<void>((resolve, reject) => {
-        if (gone) return reject(gone);
-        dest.write(chunk, (err) => (err ? reject(err) : resolve()));
-      });
-    const buffers = [Buffer.allocUnsafeSlow(READ_CHUNK), Buffer.allocUnsafeSlow(READ_CHUNK)];
-    const writing: (Promise<void> | undefined)[] = [undefined, undefined];
-    const closed = new Promise<never>((_, reject) => (wakeOnClose = reject));
-    closed.catch(() => {});
     try {
-      for (let turn = 0; this.pos < this.end; turn ^= 1) {
-        // This buffer's previous bytes must have reached the socket before it is read into again.
-        if (writing[turn]) await Promise.race([writing[turn], closed]);
-        if (gone) throw gone;
-        const want = Math.min(READ_CHUNK, this.end - this.pos);
-        const { bytesRead } = await this.handle.read(buffers[turn]!, 0, want, this.pos);
-        if (bytesRead === 0) break;
-        this.pos += bytesRead;
-        const p = write(buffers[turn]!.subarray(0, bytesRead));
-        p.catch(() => {});
-        writing[turn] = p;
-      }
-      await Promise.race([Promise.all(writing), closed]);
-      if (gone) throw gone;
+      await sendFilled(dest, READ_CHUNK, (buffer) => this.readInto(buffer, buffer.length));
     } finally {
-      dest.off('close', onClose);
-      dest.off('error', onError);
       this.destroy();
     }
   }
+}
+
+/**
+ * Sends to `dest` (leaving it open) what `fill` puts into two buffers of `size` bytes taken in
+ * turn, until it returns 0; a buffer is filled again only once `dest` has taken its bytes, so
+ * nothing is allocated per chunk and the collector has nothing to do however many GiB go out.
+ * Rejects when `dest` closes or errors first (a client that went away gives
+ * ERR_STREAM_PREMATURE_CLOSE, or the failed write's ECONNRESET or EPIPE), or with `fill`'s own
+ * error. `fill` gets a signal that aborts when `dest` is gone: one that waits must stop then.
+ */
+export async function sendFilled(
+  dest: Writable,
+  size: number,
+  fill: (buffer: Buffer, gone: AbortSignal) => Promise<number>,
+): Promise<void> {
+  const gone = new AbortController();
+  const onClose = () =>
+    gone.abort(Object.assign(new Error('Premature close'), { code: 'ERR_STREAM_PREMATURE_CLOSE' }));
+  const onError = (err: Error) => gone.abort(err);
+  dest.once('close', onClose);
+  dest.once('error', onError);
+  const closed = new Promise<never>((_, reject) =>
+    gone.signal.addEventListener('abort', () => reject(gone.signal.reason as Error), {
+      once: true,
+    }),
+  );
+  closed.catch(() => {});
+  const write = (chunk: Buffer) =>
+    new Promise<void>((resolve, reject) => {
+      if (gone.signal.aborted) return reject(gone.signal.reason as Error);
+      dest.write(chunk, (err) => (err ? reject(err) : resolve()));
+    });
+  const buffers = [Buffer.allocUnsafeSlow(size), Buffer.allocUnsafeSlow(size)];
+  const writing: (Promise<void> | undefined)[] = [undefined, undefined];
+  try {
+    for (let turn = 0; ; turn ^= 1) {
+      // This buffer's previous bytes must have reached the socket before it is filled again.
+      if (writing[turn]) await Promise.race([writing[turn], closed]);
+      gone.signal.throwIfAborted();
+      // Not raced with `closed`: a read still running when this returns would hold the file open.
+      const n = await fill(buffers[turn]!, gone.signal);
+      if (n === 0) break;
+      const p = write(buffers[turn]!.subarray(0, n));
+      p.catch(() => {});
+      writing[turn] = p;
+    }
+    await Promise.race([Promise.all(writing), closed]);
+    gone.signal.throwIfAborted();
+  } finally {
+    dest.off('close', onClose);
+    dest.off('error', onError);
+  }
+}
+
+/** A Readable over a byte range of a file that can also read into a caller's buffer. */
+export type RangeStream = Readable & Pick<FileRange, 'readInto'>;
+
+export function canReadInto(stream: Readable): stream is RangeStream {
+  return typeof (stream as Partial<RangeStream>).readInto === 'function';
 }

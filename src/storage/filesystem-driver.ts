@@ -3,7 +3,6 @@ import { randomUUID } from 'node:crypto';
 import { constants } from 'node:fs';
 import * as fs from 'node:fs/promises';
 import * as path from 'node:path';
-import type { Readable } from 'node:stream';
 import { FileRange } from './file-range.js';
 import { PathNotFoundError, type FileInfo, type FileWriter, type StorageDriver } from './types.js';
 
@@ -48,7 +47,7 @@ export class FilesystemDriver implements StorageDriver {
     }
   }
 
-  async reader(p: string, offset = 0, length?: number): Promise<Readable> {
+  async reader(p: string, offset = 0, length?: number): Promise<FileRange> {
     const full = this.resolve(p);
     let handle: fs.FileHandle;
     try {

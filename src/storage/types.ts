@@ -3,6 +3,7 @@
  * and built only by `paths.ts`; nothing above the driver may assume a POSIX file system.
  */
 import type { Readable } from 'node:stream';
+import type { RangeStream } from './file-range.js';
 import { RangeInvalidError } from '../oci/errors.js';
 import type { Digest } from '../oci/digest.js';
 import type { Descriptor } from '../oci/descriptor.js';
@@ -36,7 +37,7 @@ export interface StorageDriver {
   /** Replaces a small file atomically (readers see the old or the new content, never a mix). */
   putContent(path: string, content: Uint8Array | string): Promise<void>;
   /** Streams `length` bytes (or to the end) from `offset`; throws PathNotFoundError. */
-  reader(path: string, offset?: number, length?: number): Promise<Readable>;
+  reader(path: string, offset?: number, length?: number): Promise<RangeStream>;
   /** Opens a file for writing, appending to what is there when `append`. */
   writer(path: string, append: boolean): Promise<FileWriter>;
   /** Resolves to undefined when nothing is at the path. */
@@ -117,7 +118,7 @@ export interface BlobWriter {
   /** Removes the session; afterwards `resume(id)` reports an unknown upload. */
   cancel(): Promise<void>;
   /** Reads what is written so far, from `offset`, `length` bytes; for followers of a fetch. */
-  readWritten(offset: number, length: number): Promise<Readable>;
+  readWritten(offset: number, length: number): Promise<RangeStream>;
 }
 
 export interface BlobStore {
