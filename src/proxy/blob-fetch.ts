@@ -1,23 +1,27 @@
 /**
  * One upstream fetch of one blob, followed by every client that asks for it meanwhile.
  *
- * Chunks from the upstream go two ways at once: to the clients that keep up ("live" followers,
- * straight from memory) and to a write pump that appends them to an upload session in batches
+ * Chunks from the upstream go to a write pump that appends them to an upload session in batches
  * (`writev`). The fetch waits for the disk only when more than WRITE_QUEUE bytes are not yet
- * written, so it is paced by the upstream, not by any client. A client whose socket pushes back
- * falls behind to reading the upload from disk (up to what is written), and rejoins the live
- * chunks once it has caught up with everything received. Memory therefore stays bounded (about
- * one read buffer per client plus the write queue), whatever the blob size and however slow a
- * client is, and a late joiner starts from the first byte.
+ * written, so it is paced by the upstream, not by any client.
+ *
+ * Client responses take the blob with `BlobFollower.sendTo`: from the upload on disk (the page
+ * cache, right behind the writes), read into two reused buffers, each client at its own pace, a
+ * late joiner from the first byte. Memory is bounded (two buffers per client plus the write
+ * queue) and nothing is allocated per chunk, whatever the blob size and the number of clients.
+ * A follower used as a Readable instead (an export, a test) takes chunks straight from memory
+ * while it keeps up ("live"), falls back to the disk when its consumer pushes back, and rejoins
+ * the live chunks once it has caught up with everything received.
  *
  * The last byte of every response is held back until the digest is verified and the upload is
  * committed; on a mismatch every follower is destroyed, so no client can take the bytes of a
  * bad blob for a good one.
  */
-import { Readable } from 'node:stream';
+import { Readable, type Writable } from 'node:stream';
 import type { Logger } from '../log/logger.js';
 import { churned } from '../memory.js';
 import type { Digest } from '../oci/digest.js';
+import { canReadInto, sendFilled, type RangeStream, type Sendable } from '../storage/file-range.js';
 import type { Descriptor } from '../oci/descriptor.js';
 import {
   PathNotFoundError,
@@ -31,6 +35,8 @@ import type { UpstreamClient } from '../upstream/types.js';
 const DISK_READ = 1024 * 1024;
 /** What a follower's socket may hold before it falls back to disk. */
 const FOLLOWER_BUFFER = 1024 * 1024;
+/** Each of the two buffers a client served by `sendTo` reads the disk into. */
+const SEND_READ = 512 * 1024;
 /** Most bytes received but not yet written before the fetch waits for the disk. */
 const WRITE_QUEUE = 8 * 1024 * 1024;
 
@@ -196,7 +202,7 @@ export class BlobFetch {
   }
 
   /** A stream of bytes [start, end) of the blob, following the fetch. Call after `ready`. */
-  follow(start: number, end: number): Readable {
+  follow(start: number, end: number): BlobFollower {
     const follower = new BlobFollower(this, start, end);
     if (this.state === 'failed') {
       // Failed between the caller's `ready` and now: say so at once rather than wait for chunks.
@@ -229,7 +235,7 @@ export class BlobFetch {
   }
 
   /** Reads bytes already on disk, from the upload while it runs and from the blob once committed. */
-  async readWritten(offset: number, length: number): Promise<Readable> {
+  async readWritten(offset: number, length: number): Promise<RangeStream> {
     if (this.state !== 'committed' && this.writer) {
       try {
         return await this.writer.readWritten(offset, length);
@@ -246,6 +252,7 @@ export class BlobFetch {
       end: offset + length - 1,
     });
     if (!opened.found) throw new PathNotFoundError(this.digest);
+    if (!canReadInto(opened.stream)) throw new Error('storage reader cannot read into buffers');
     return opened.stream;
   }
 }
@@ -253,13 +260,17 @@ export class BlobFetch {
 /** Every follower alive, for diagnosis (`PULLCACHE_TEST_FOLLOWERS`); empty otherwise. */
 export const liveFollowers = new Set<BlobFollower>();
 
-export class BlobFollower extends Readable {
+export class BlobFollower extends Readable implements Sendable {
   private pos: number;
   /** Taking chunks from memory as they arrive. */
   private live: boolean;
   private reading = false;
   /** Caught up with the disk, but not with what was received: wait for the next write. */
   private waitingForDisk = false;
+  /** Who takes the bytes: nobody yet, a Readable consumer, or `sendTo`. */
+  private consumer: 'none' | 'readable' | 'sendTo' = 'none';
+  /** Wakes `sendTo` waiting for the fetch to write more, commit or fail. */
+  private wakeSender: (() => void) | undefined;
 
   constructor(
     private readonly fetch: BlobFetch,
@@ -269,7 +280,9 @@ export class BlobFollower extends Readable {
     super({ highWaterMark: FOLLOWER_BUFFER });
     if (process.env.PULLCACHE_TEST_FOLLOWERS) liveFollowers.add(this);
     this.pos = start;
-    this.live = start >= fetch.received && fetch.state !== 'committed';
+    // Live (chunks from memory) only once a Readable consumer has asked and caught up with the
+    // disk: until then nothing is pushed, so `sendTo` can still take over from `start`.
+    this.live = false;
   }
 
   onChunk(chunk: Buffer, offset: number): void {
@@ -282,15 +295,66 @@ export class BlobFollower extends Readable {
   }
 
   onWritten(): void {
-    if (this.waitingForDisk && !this.reading) void this.readDisk();
+    if (this.consumer === 'sendTo') this.wake();
+    else if (this.waitingForDisk && !this.reading) void this.readDisk();
   }
 
   onCommitted(): void {
     this.live = false;
-    if (!this.reading) void this.readDisk();
+    if (this.consumer === 'sendTo') this.wake();
+    else if (this.consumer === 'readable' && !this.reading) void this.readDisk();
+  }
+
+  /**
+   * How a client response takes the blob: from the disk only (the page cache, right behind the
+   * fetch's writes), read into two reused buffers by `sendFilled`. No buffer per chunk, so 16
+   * clients on one cold blob make no garbage; the last byte still waits for the digest.
+   */
+  async sendTo(dest: Writable): Promise<void> {
+    if (this.consumer !== 'none') throw new Error('sendTo on a follower already being read');
+    this.consumer = 'sendTo';
+    let file: RangeStream | undefined;
+    try {
+      let wakeOnGone = false;
+      await sendFilled(dest, SEND_READ, async (buffer, gone) => {
+        for (;;) {
+          gone.throwIfAborted();
+          if (this.fetch.state === 'failed') throw this.fetch.error;
+          if (this.destroyed) throw new Error('blob follower destroyed');
+          const committed = this.fetch.isCommitted();
+          // All but the last byte until the digest is verified.
+          const limit = committed ? this.end : Math.min(this.fetch.written, this.end - 1);
+          if (this.pos < limit) {
+            // One open file for the whole response: it stays readable when the commit renames it.
+            file ??= await this.fetch.readWritten(this.pos, this.end - this.pos);
+            const n = await file.readInto(buffer, Math.min(buffer.length, limit - this.pos));
+            if (n === 0) throw new Error(`blob file ended at ${this.pos} of ${this.end} bytes`);
+            this.pos += n;
+            return n;
+          }
+          if (committed) return 0;
+          if (!wakeOnGone) {
+            gone.addEventListener('abort', () => this.wake(), { once: true });
+            wakeOnGone = true;
+          }
+          await new Promise<void>((resolve) => (this.wakeSender = resolve));
+        }
+      });
+    } finally {
+      file?.destroy();
+      this.destroy();
+    }
+  }
+
+  private wake(): void {
+    const wake = this.wakeSender;
+    this.wakeSender = undefined;
+    wake?.();
   }
 
   override _read(): void {
+    if (this.consumer === 'sendTo') return;
+    this.consumer = 'readable';
     if (!this.live && !this.reading && !this.waitingForDisk) void this.readDisk();
   }
 
@@ -299,6 +363,7 @@ export class BlobFollower extends Readable {
     return {
       pos: this.pos,
       end: this.end,
+      consumer: this.consumer,
       live: this.live,
       reading: this.reading,
       waitingForDisk: this.waitingForDisk,
@@ -314,6 +379,7 @@ export class BlobFollower extends Readable {
   override _destroy(err: Error | null, callback: (error?: Error | null) => void): void {
     liveFollowers.delete(this);
     this.fetch.unfollow(this);
+    this.wake();
     callback(err);
   }
 

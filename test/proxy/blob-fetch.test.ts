@@ -6,7 +6,7 @@ import { randomBytes } from 'node:crypto';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { Readable } from 'node:stream';
+import { Readable, Writable } from 'node:stream';
 import { afterEach, expect, test } from 'vitest';
 import { silentLogger } from '../../src/log/logger.js';
 import { digestOf } from '../../src/oci/digest.js';
@@ -29,26 +29,34 @@ function upstreamServing(bytes: Buffer): UpstreamClient {
   } as unknown as UpstreamClient;
 }
 
-test('a read of written bytes while the commit moves the upload into place waits and reads the blob', async () => {
+/** A fetch of `bytes` from `client` into fresh storage. */
+function fetchFrom(
+  client: UpstreamClient,
+  bytes: Buffer,
+  onCommitted: () => Promise<void> = async () => {},
+): BlobFetch {
   const root = mkdtempSync(join(tmpdir(), 'pullcache-fetch-'));
   roots.push(root);
-  const blobs = new DriverBlobStore(new FilesystemDriver(root));
+  return new BlobFetch({
+    blobs: new DriverBlobStore(new FilesystemDriver(root)),
+    client,
+    repo: { upstream: 'docker.io', repository: parseRepository('a/b') },
+    digest: digestOf(bytes),
+    log: silentLogger(),
+    orphanTimeout: 60_000,
+    onCommitted,
+  });
+}
+
+test('a read of written bytes while the commit moves the upload into place waits and reads the blob', async () => {
   const bytes = randomBytes(5000);
   let reachedCommit!: () => void;
   const atCommit = new Promise<void>((resolve) => (reachedCommit = resolve));
   let release!: () => void;
   const gate = new Promise<void>((resolve) => (release = resolve));
-  const fetch = new BlobFetch({
-    blobs,
-    client: upstreamServing(bytes),
-    repo: { upstream: 'docker.io', repository: parseRepository('a/b') },
-    digest: digestOf(bytes),
-    log: silentLogger(),
-    orphanTimeout: 60_000,
-    onCommitted: async () => {
-      reachedCommit();
-      await gate; // the upload is already moved; the fetch does not know it is committed yet
-    },
+  const fetch = fetchFrom(upstreamServing(bytes), bytes, async () => {
+    reachedCommit();
+    await gate; // the upload is already moved; the fetch does not know it is committed yet
   });
   await atCommit;
   expect(fetch.isCommitted()).toBe(false);
@@ -61,8 +69,6 @@ test('a read of written bytes while the commit moves the upload into place waits
 });
 
 test('a client that follows a fetch which has already failed gets the error, not a hang', async () => {
-  const root = mkdtempSync(join(tmpdir(), 'pullcache-fetch-'));
-  roots.push(root);
   const bytes = randomBytes(3000);
   const broken = {
     name: 'fake',
@@ -76,15 +82,7 @@ test('a client that follows a fetch which has already failed gets the error, not
       ),
     }),
   } as unknown as UpstreamClient;
-  const fetch = new BlobFetch({
-    blobs: new DriverBlobStore(new FilesystemDriver(root)),
-    client: broken,
-    repo: { upstream: 'docker.io', repository: parseRepository('a/b') },
-    digest: digestOf(bytes),
-    log: silentLogger(),
-    orphanTimeout: 60_000,
-    onCommitted: async () => {},
-  });
+  const fetch = fetchFrom(broken, bytes);
   await fetch.ready;
   await expect(fetch.done).rejects.toThrow('upstream went away');
   const late = fetch.follow(0, bytes.length);
@@ -96,18 +94,8 @@ test('a client that follows a fetch which has already failed gets the error, not
 });
 
 test('a client reading from disk at its own pace gets every byte (no lost read request)', async () => {
-  const root = mkdtempSync(join(tmpdir(), 'pullcache-fetch-'));
-  roots.push(root);
   const bytes = randomBytes(24 * 1024 * 1024);
-  const fetch = new BlobFetch({
-    blobs: new DriverBlobStore(new FilesystemDriver(root)),
-    client: upstreamServing(bytes),
-    repo: { upstream: 'docker.io', repository: parseRepository('a/b') },
-    digest: digestOf(bytes),
-    log: silentLogger(),
-    orphanTimeout: 60_000,
-    onCommitted: async () => {},
-  });
+  const fetch = fetchFrom(upstreamServing(bytes), bytes);
   await fetch.done;
   // Several clients with different paces: the socket drains at every moment of the disk reads,
   // including while a file stream is ending.
@@ -132,4 +120,53 @@ test('a client reading from disk at its own pace gets every byte (no lost read r
     }),
   );
   for (const body of results) expect(body.equals(bytes)).toBe(true);
+});
+
+test('sendTo serves a running fetch from the disk through two reused buffers, and lets go when its client leaves while waiting', async () => {
+  const MiB = 1024 * 1024;
+  const bytes = randomBytes(6 * MiB);
+  // An upstream that sends 1 MiB every 20 ms, so the clients keep waiting for the disk.
+  async function* slowly() {
+    for (let o = 0; o < bytes.length; o += MiB) {
+      await new Promise((r) => setTimeout(r, 20));
+      yield bytes.subarray(o, o + MiB);
+    }
+  }
+  const slow = {
+    name: 'fake',
+    getBlob: async () => ({ size: bytes.length, stream: Readable.from(slowly()) }),
+  } as unknown as UpstreamClient;
+  const fetch = fetchFrom(slow, bytes);
+  await fetch.ready;
+  // A socket copies what it is given; so does this sink, and it notes which memory it was given.
+  const sink = () => {
+    const chunks: Buffer[] = [];
+    const memory = new Set<ArrayBufferLike>();
+    const dest = new Writable({
+      write(chunk: Buffer, _enc, done) {
+        chunks.push(Buffer.from(chunk));
+        memory.add(chunk.buffer);
+        setImmediate(done);
+      },
+    });
+    return { dest, chunks, memory };
+  };
+  const whole = sink();
+  const tail = sink();
+  const leaving = sink();
+  const sending = [
+    fetch.follow(0, bytes.length).sendTo(whole.dest),
+    fetch.follow(5 * MiB, bytes.length).sendTo(tail.dest),
+  ];
+  const left = fetch.follow(0, bytes.length).sendTo(leaving.dest);
+  await new Promise((r) => setTimeout(r, 30));
+  leaving.dest.destroy(); // the client goes away while its follower waits for the disk
+  await expect(left).rejects.toMatchObject({ code: 'ERR_STREAM_PREMATURE_CLOSE' });
+  expect(fetch.state).toBe('running'); // it let go at once, not when the blob was complete
+  await Promise.all(sending);
+  expect(Buffer.concat(whole.chunks).equals(bytes)).toBe(true);
+  expect(Buffer.concat(tail.chunks).equals(bytes.subarray(5 * MiB))).toBe(true);
+  expect(whole.memory.size).toBeLessThanOrEqual(2);
+  expect(whole.chunks.length).toBeGreaterThan(2);
+  await fetch.done;
 });
