@@ -109,6 +109,7 @@ export async function sendFilled(
     }),
   );
   closed.catch(() => {});
+  if (dest.destroyed) onClose(); // gone before we started: its 'close' may be past
   const write = (chunk: Buffer) =>
     new Promise<void>((resolve, reject) => {
       if (gone.signal.aborted) return reject(gone.signal.reason as Error);

@@ -5,6 +5,7 @@ import { createServer, get, type Server, type ServerResponse } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { Writable } from 'node:stream';
 import { afterAll, beforeAll, expect, test } from 'vitest';
 import { FileRange } from '../../src/storage/file-range.js';
 
@@ -98,4 +99,15 @@ test('as a Readable it streams the same range, to the end of the file when no en
       chunks.push(chunk as Buffer);
     expect(Buffer.concat(chunks).equals(expected)).toBe(true);
   }
+});
+
+test('sendTo to a client already gone rejects at once and closes the file', async () => {
+  const handle = await open(file);
+  const range = new FileRange(handle, 0, Infinity);
+  const dest = new Writable({ write: (_chunk, _enc, done) => done() });
+  dest.destroy();
+  await new Promise((r) => setImmediate(r)); // its 'close' is past
+  await expect(range.sendTo(dest)).rejects.toMatchObject({ code: 'ERR_STREAM_PREMATURE_CLOSE' });
+  await new Promise((r) => setImmediate(r));
+  expect(handle.fd).toBe(-1);
 });
