@@ -55,7 +55,12 @@ function rss(server: ServerUnderTest): string {
   const status = readFileSync(`/proc/${server.pid}/status`, 'utf8');
   const kb = (field: string) =>
     Number(new RegExp(`^${field}:\\s+(\\d+)`, 'm').exec(status)?.[1] ?? 0);
-  return `rss ${(kb('VmRSS') / 1024).toFixed(0)} MiB, peak ${(kb('VmHWM') / 1024).toFixed(0)} MiB`;
+  // Private (anonymous) memory apart from the executable's shared, file-backed pages.
+  const anon = /^Anonymous:\s+(\d+)/m.exec(
+    readFileSync(`/proc/${server.pid}/smaps_rollup`, 'utf8'),
+  );
+  const priv = anon ? `, private ${(Number(anon[1]) / 1024).toFixed(0)} MiB` : '';
+  return `rss ${(kb('VmRSS') / 1024).toFixed(0)} MiB${priv}, peak ${(kb('VmHWM') / 1024).toFixed(0)} MiB`;
 }
 
 /** Runs one phase; a phase that hangs fails the run with its name instead of stalling it. */
