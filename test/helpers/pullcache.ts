@@ -2,6 +2,7 @@
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { Writable } from 'node:stream';
 import { parseConfig } from '../../src/config/load.js';
 import { silentLogger, createLogger, type Logger } from '../../src/log/logger.js';
 import { startServer, type RunningServer } from '../../src/server.js';
@@ -39,4 +40,17 @@ export async function startPullcache(
       if (!root) rmSync(dir, { recursive: true, force: true });
     },
   };
+}
+
+/** A logger at `level` whose JSON lines are kept, parsed, in `lines`. */
+export function capturedLog(level: string): { log: Logger; lines: Record<string, unknown>[] } {
+  const lines: Record<string, unknown>[] = [];
+  const destination = new Writable({
+    write(chunk: Buffer, _enc, done) {
+      for (const line of chunk.toString().split('\n').filter(Boolean))
+        lines.push(JSON.parse(line) as Record<string, unknown>);
+      done();
+    },
+  });
+  return { log: createLogger({ level, destination }), lines };
 }

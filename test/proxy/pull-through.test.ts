@@ -1,9 +1,7 @@
 import { mkdtempSync, readFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
-import { Writable } from 'node:stream';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
-import { createLogger } from '../../src/log/logger.js';
 import { parseDigest } from '../../src/oci/digest.js';
 import { rawRequest, ociError } from '../helpers/http.js';
 import {
@@ -14,7 +12,7 @@ import {
   sha256,
   type Image,
 } from '../helpers/images.js';
-import { startPullcache, type TestPullcache } from '../helpers/pullcache.js';
+import { capturedLog, startPullcache, type TestPullcache } from '../helpers/pullcache.js';
 import { freePort, waitFor } from '../helpers/net.js';
 import { Recorder } from '../helpers/recorder.js';
 import { TestRegistry } from '../helpers/registry.js';
@@ -359,14 +357,7 @@ describe('pulling through pullcache from a real registry', () => {
   });
 
   test('once listening it greets each upstream, so the first pull makes no 401 round trip', async () => {
-    const lines: Record<string, unknown>[] = [];
-    const sink = new Writable({
-      write(chunk: Buffer, _enc, done) {
-        for (const line of chunk.toString().split('\n').filter(Boolean))
-          lines.push(JSON.parse(line) as Record<string, unknown>);
-        done();
-      },
-    });
+    const { log, lines } = capturedLog('info');
     const deadPort = await freePort();
     recorder.reset();
     const fresh = await startPullcache(
@@ -378,7 +369,7 @@ describe('pulling through pullcache from a real registry', () => {
         },
       },
       undefined,
-      { log: createLogger({ level: 'info', destination: sink }) },
+      { log },
     );
     try {
       const greeting = (upstream: string) =>
@@ -409,14 +400,7 @@ describe('pulling through pullcache from a real registry', () => {
   });
 
   test('at log level info every request gets one line, manifests (answered before express) and blobs alike', async () => {
-    const lines: Record<string, unknown>[] = [];
-    const sink = new Writable({
-      write(chunk: Buffer, _enc, done) {
-        for (const line of chunk.toString().split('\n').filter(Boolean))
-          lines.push(JSON.parse(line) as Record<string, unknown>);
-        done();
-      },
-    });
+    const { log, lines } = capturedLog('info');
     const logged = await startPullcache(
       {
         upstreams: {
@@ -425,7 +409,7 @@ describe('pulling through pullcache from a real registry', () => {
         },
       },
       undefined,
-      { log: createLogger({ level: 'info', destination: sink }) },
+      { log },
     );
     try {
       const byTag = await fetch(`${logged.url}/v2/library/alpine/manifests/3.20`, {
