@@ -122,7 +122,7 @@ export class RegistryClient implements UpstreamClient {
    */
   async warm(): Promise<void> {
     if (this.config.offline) return;
-    const url = new URL(`${this.base.pathname.replace(/\/$/, '')}/v2/`, this.base);
+    const url = this.v2Url('');
     const started = Date.now();
     try {
       const signal = AbortSignal.any([this.closing.signal, AbortSignal.timeout(WARM_TIMEOUT)]);
@@ -440,10 +440,7 @@ export class RegistryClient implements UpstreamClient {
     if (this.config.offline) throw new UpstreamUnavailableError(this.name, 'configured offline');
     if (!this.health.admit())
       throw new UpstreamUnavailableError(this.name, 'not reachable (failing fast)');
-    const url = new URL(
-      `${this.base.pathname.replace(/\/$/, '')}/v2/${repository}/${suffix}`,
-      this.base,
-    );
+    const url = this.v2Url(`${repository}/${suffix}`);
     const scope = `repository:${repository}:pull`;
     const started = Date.now();
     let res: Response;
@@ -506,6 +503,11 @@ export class RegistryClient implements UpstreamClient {
         if (res.status >= 500) throw new UpstreamUnavailableError(this.name, `HTTP ${res.status}`);
         throw new UpstreamInvalidError(this.name, `${what}: unexpected HTTP ${res.status}`);
     }
+  }
+
+  /** `/v2/<path>` under the configured URL (a path prefix in it is kept). */
+  private v2Url(path: string): URL {
+    return new URL(`${this.base.pathname.replace(/\/$/, '')}/v2/${path}`, this.base);
   }
 
   /** Follows redirects itself so that credentials never reach another origin. */
