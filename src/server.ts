@@ -12,6 +12,7 @@ import type { Logger } from './log/logger.js';
 import { KeyvMetadataCache } from './metadata/keyv-cache.js';
 import type { MetadataCache } from './metadata/types.js';
 import { Metrics } from './metrics.js';
+import { keepHeapInBudget } from './memory.js';
 import type { Digest } from './oci/digest.js';
 import type { BlobFetch } from './proxy/blob-fetch.js';
 import { ProxyBlobStore } from './proxy/proxy-blob-store.js';
@@ -155,6 +156,7 @@ export async function startServer(config: Config, log: Logger): Promise<RunningS
     config.storage.uploads.purgeInterval,
   );
   purgeTimer.unref();
+  const stopHeapBudget = keepHeapInBudget();
 
   const handler = createHandler({
     config,
@@ -200,6 +202,7 @@ export async function startServer(config: Config, log: Logger): Promise<RunningS
     url,
     async close() {
       clearInterval(purgeTimer);
+      stopHeapBudget();
       server.closeAllConnections();
       await new Promise<void>((resolve) => server.close(() => resolve()));
       await runtime.close();
