@@ -14,11 +14,20 @@ export interface Transfer {
   status: number;
 }
 
+/** curl's arguments for request headers. */
+function headerArgs(headers: Record<string, string>): string[] {
+  return Object.entries(headers).flatMap(([k, v]) => ['-H', `${k}: ${v}`]);
+}
+
 /** One GET with curl into /dev/null: the client costs the server almost no CPU. */
-export async function curlGet(url: string): Promise<Transfer> {
+export async function curlGet(
+  url: string,
+  headers: Record<string, string> = {},
+): Promise<Transfer> {
   const { stdout } = await run(
     'curl',
     [
+      ...headerArgs(headers),
       '-s',
       '-o',
       '/dev/null',
@@ -54,16 +63,16 @@ export async function hashGet(url: string): Promise<{ digest: string }> {
  * (and the length). Costs the client a tenth of hashing, so that many clients at once measure
  * the server rather than themselves.
  */
-export async function sameBytes(url: string, file: string): Promise<boolean> {
+export async function sameBytes(
+  url: string,
+  file: string,
+  headers: Record<string, string> = {},
+): Promise<boolean> {
+  const curl = ['curl', ...headerArgs(headers), '-sf', url].map((a) => JSON.stringify(a));
   try {
     await run(
       'bash',
-      [
-        '-o',
-        'pipefail',
-        '-c',
-        `curl -sf ${JSON.stringify(url)} | cmp -s - ${JSON.stringify(file)}`,
-      ],
+      ['-o', 'pipefail', '-c', `${curl.join(' ')} | cmp -s - ${JSON.stringify(file)}`],
       { timeout: 600_000 },
     );
     return true;
@@ -78,9 +87,7 @@ export async function wrk(
   headers: Record<string, string>,
   seconds = 5,
 ): Promise<{ rps: number; errors: number }> {
-  const args = ['-t1', '-c32', `-d${seconds}s`, '--latency'];
-  for (const [k, v] of Object.entries(headers)) args.push('-H', `${k}: ${v}`);
-  args.push(url);
+  const args = ['-t1', '-c32', `-d${seconds}s`, '--latency', ...headerArgs(headers), url];
   const { stdout } = await run('wrk', args, { timeout: (seconds + 30) * 1000 });
   const rps = Number(/Requests\/sec:\s+([\d.]+)/.exec(stdout)?.[1] ?? 0);
   const non2xx = Number(/Non-2xx or 3xx responses:\s+(\d+)/.exec(stdout)?.[1] ?? 0);

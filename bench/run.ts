@@ -1,8 +1,10 @@
 /**
  * `npm run bench`: pullcache against distribution's pull-through proxy, in one run, on loopback.
  * Starts an upstream (docker-registry with token auth) seeded with generated images, then each
- * server in turn with an empty cache, and measures the figures of issue 5. Prints a table and
- * writes bench/results/latest.json (and .md). A tool, not a test: nothing here asserts.
+ * server in turn with an empty cache, and measures the figures of issue 5. First it measures what
+ * no proxy can beat (the upstream serving by itself, skopeo with no server), so each run shows its
+ * own ceilings. Prints the tables and writes bench/results/latest.json (and .md). A tool, not a
+ * test: nothing here asserts.
  *
  * PULLCACHE_BENCH_SCALE=0.1 shrinks every blob for a quick try (figures are then not comparable);
  * PULLCACHE_BENCH_ONLY=pullcache (or distribution) measures one server and prints its figures.
@@ -111,21 +113,9 @@ async function measure(
   });
 
   const copy = async () => {
-    const dest = mkdtempSync(join(work, 'skopeo-'));
-    const t = await timed(() =>
-      run(
-        'skopeo',
-        [
-          '--insecure-policy',
-          'copy',
-          '--src-tls-verify=false',
-          `docker://${server.host}/${seed.image.repository}:${seed.image.tag}`,
-          `dir:${dest}`,
-        ],
-        { timeout: 600_000 },
-      ),
-    );
-    rmSync(dest, { recursive: true, force: true });
+    const image = `${seed.image.repository}:${seed.image.tag}`;
+    const t = await skopeoCopy(`docker://${server.host}/${image}`, work);
+    rmSync(t.dest, { recursive: true, force: true });
     return t.seconds;
   };
   const skopeoColdS = await phase(server, 'skopeo copy of the 5-layer image, cold', copy);
@@ -169,6 +159,66 @@ async function measure(
     manifestsByTagRps: byTag.rps,
     manifestErrors: byDigest.errors + byTag.errors,
     peakRssMB: (log(`${server.name}: done (${rss(server)})`), server.peakRss() / 1e6),
+  };
+}
+
+/** `skopeo copy` of an image into a new directory under `work`: seconds taken, and where. */
+async function skopeoCopy(
+  source: string,
+  work: string,
+): Promise<{ seconds: number; dest: string }> {
+  const dest = mkdtempSync(join(work, 'skopeo-'));
+  const t = await timed(() =>
+    run('skopeo', ['--insecure-policy', 'copy', '--src-tls-verify=false', source, `dir:${dest}`], {
+      timeout: 600_000,
+    }),
+  );
+  return { seconds: t.seconds, dest };
+}
+
+/**
+ * What no proxy can beat, measured in the same run: the upstream serving the 1 GiB blob itself
+ * (a cold blob reaches a proxy's client no faster), 16 of the same clients on the upstream's
+ * 256 MiB blob, skopeo copying the image straight from the upstream, and skopeo copying it from
+ * one directory to another with no server at all (its own cost, the floor of a warm copy).
+ */
+interface References {
+  upstreamMBps: number;
+  upstream16ClientsS: number;
+  skopeoFromUpstreamS: number;
+  skopeoDirToDirS: number;
+}
+
+async function references(upstream: TestRegistry, seed: Seed, work: string): Promise<References> {
+  const host = new URL(upstream.url).host;
+  const pull = (repo: string) => ({
+    Authorization: `Bearer ${upstream.tokens.sign(null, `repository:${repo}:pull`)}`,
+  });
+  const big = `${upstream.url}/v2/bench/big/blobs/${seed.big.digest}`;
+  log('references: the upstream itself, skopeo with no proxy');
+  const runs: number[] = [];
+  for (let i = 0; i < 3; i++) {
+    const t = await curlGet(big, pull('bench/big'));
+    if (t.status !== 200 || t.bytes !== seed.big.size)
+      throw new Error(`upstream: GET gave HTTP ${t.status}, ${t.bytes} bytes`);
+    runs.push(t.bytes / t.total / 1e6);
+  }
+  const medium = `${upstream.url}/v2/bench/medium/blobs/${seed.medium.digest}`;
+  const clients = await timed(() =>
+    Promise.all(
+      Array.from({ length: 16 }, () => sameBytes(medium, seed.medium.path, pull('bench/medium'))),
+    ),
+  );
+  if (!clients.value.every(Boolean)) throw new Error('upstream: a client got wrong bytes');
+  const image = `${seed.image.repository}:${seed.image.tag}`;
+  const fromUpstream = await skopeoCopy(`docker://${host}/${image}`, work);
+  const dirToDir = await skopeoCopy(`dir:${fromUpstream.dest}`, work);
+  for (const t of [fromUpstream, dirToDir]) rmSync(t.dest, { recursive: true, force: true });
+  return {
+    upstreamMBps: median(runs),
+    upstream16ClientsS: clients.seconds,
+    skopeoFromUpstreamS: fromUpstream.seconds,
+    skopeoDirToDirS: dirToDir.seconds,
   };
 }
 
@@ -305,6 +355,18 @@ function table(p: Figures, d: Figures): string {
   ].join('\n');
 }
 
+/** The references, each next to the figure it bounds and what the target asks of that figure. */
+function referenceTable(r: References, d: Figures): string {
+  return [
+    '| reference, same run | measured | bounds | the target asks for |',
+    '|---|---|---|---|',
+    `| the upstream itself, 1 GiB blob (median of 3) | ${fmt(r.upstreamMBps)} MB/s | cold 1 GiB blob: a proxy's client gets it no faster | ${fmt(1.8 * d.coldMBps)} MB/s |`,
+    `| 16 clients on the upstream's 256 MiB blob | ${fmt(r.upstream16ClientsS)} s | 16 clients, wall | ${fmt(0.5 * d.concurrentWallS)} s |`,
+    `| skopeo copy straight from the upstream | ${fmt(r.skopeoFromUpstreamS)} s | skopeo copy, cold | ${fmt(d.skopeoColdS)} s |`,
+    `| skopeo copy dir: to dir:, no server | ${fmt(r.skopeoDirToDirS)} s | skopeo copy, warm | ${fmt(0.8 * d.skopeoWarmS)} s |`,
+  ].join('\n');
+}
+
 /** pullcache's warnings and errors during the run (JSON lines at level 40 and up), in short. */
 function reportWarnings(file: string): void {
   const lines = readFileSync(file, 'utf8')
@@ -326,6 +388,7 @@ async function main(): Promise<void> {
   const servers: ServerUnderTest[] = [];
   try {
     const seed = await seedUpstream(upstream, work);
+    const refs = await references(upstream, seed, work);
     const results: Partial<Record<ServerUnderTest['name'], Figures>> = {};
     // PULLCACHE_BENCH_ONLY=pullcache measures pullcache alone, for quick tries: no table, no files.
     const only = process.env.PULLCACHE_BENCH_ONLY;
@@ -344,16 +407,16 @@ async function main(): Promise<void> {
       rmSync(join(work, server.name), { recursive: true, force: true });
     }
     if (only !== undefined) {
-      process.stdout.write(`${JSON.stringify(results, null, 2)}\n`);
+      process.stdout.write(`${JSON.stringify({ ...results, references: refs }, null, 2)}\n`);
       return;
     }
     const machine = `${cpus().length} cores (${cpus()[0]?.model.trim()}), ${(totalmem() / 2 ** 30).toFixed(0)} GiB, Node ${process.version}`;
     const date = new Date().toISOString().slice(0, 10);
-    const md = `Run on ${date}, ${machine}${scale !== 1 ? `, scale ${scale}` : ''}.\n\n${table(results.pullcache!, results.distribution!)}\n`;
+    const md = `Run on ${date}, ${machine}${scale !== 1 ? `, scale ${scale}` : ''}.\n\n${table(results.pullcache!, results.distribution!)}\n\n${referenceTable(refs, results.distribution!)}\n`;
     mkdirSync('bench/results', { recursive: true });
     writeFileSync(
       'bench/results/latest.json',
-      JSON.stringify({ date, machine, scale, results }, null, 2),
+      JSON.stringify({ date, machine, scale, results, references: refs }, null, 2),
     );
     writeFileSync('bench/results/latest.md', md);
     process.stdout.write(`\n${md}\n`);
