@@ -16,49 +16,70 @@ const gc = (globalThis as { gc?: (options?: { type: 'minor' }) => void }).gc;
 const EVERY = 8 * 1024 * 1024;
 let received = 0;
 
-/** Counts bytes that became garbage-to-be; collects the young generation every EVERY of them. */
+/**
+ * Counts bytes that became garbage-to-be; collects the young generation every EVERY of them,
+ * then looks at the heap budget (below).
+ */
 export function churned(bytes: number): void {
   if (!gc) return;
   received += bytes;
   if (received < EVERY) return;
   received = 0;
   gc({ type: 'minor' });
+  checkBudget();
 }
 
 /**
- * Under a burst of small requests (30,000 manifests a second) the objects of requests in flight
- * outlive the 1 MiB new space and are promoted, and V8 lets the old generation grow to about
- * four times its live size before it marks: ~45 MB of garbage in a process whose live heap is
- * ~19 MB. V8's own growing factor can be lowered (--heap-growing-percent), but that also lowers
- * the headroom the blob path's external buffers count against and costs the cold path a fifth
- * of its speed. Instead, a timer looks at the heap twice a second and collects it when it has
- * grown more than HEAP_BUDGET past what the last collection left: about one full collection
- * every few seconds under such a burst, none while idle or streaming blobs.
+ * V8 decides when to mark the old generation from its growth, and it counts external memory
+ * (the blob path's buffers) against that growth. Two ways this goes wrong for pullcache:
+ * - Streaming a cold blob, the buffers in flight use up the few MB of headroom V8 gives a small
+ *   heap, and it marked about 150 times per 1.5 GiB, one every 40 ms (1-1.7 CPU-s per 512 MiB
+ *   on its marking threads, and more on the main one).
+ * - Under a burst of small requests (30,000 manifests a second), the objects of requests in
+ *   flight outlive the 1 MiB new space and are promoted, and V8 lets the old generation grow to
+ *   about four times its live size before it marks: ~45 MB of garbage around ~19 MB of live heap.
+ * So the launcher gives the old generation a 64 MB start (--initial-old-space-size=64: V8 then
+ * leaves the cold path alone), and pullcache keeps the budget itself: when the heap and its
+ * external memory have grown more than HEAP_BUDGET past what the last full collection left, it
+ * runs one (a pause of 5-30 ms). It looks after each minor collection of a streaming blob and on a
+ * timer twice a second: about 8 full collections per 512 MiB of cold blob, one every few seconds
+ * under a burst of requests, none while idle. (Lowering V8's growing factor instead,
+ * --heap-growing-percent=50, shrank the headroom further and cost the cold path a fifth of its
+ * speed.)
  */
 const HEAP_BUDGET = 16 * 1024 * 1024;
 const HEAP_CHECK_MS = 500;
+let budget = Infinity;
+/** What the heap and external memory came down to after the last full collection. */
+let floor = 0;
 
-/**
- * Starts the heap budget's timer; returns its stop. Does nothing without `--expose-gc`.
- * (A full collection of pullcache's ~20 MB heap takes a few milliseconds.)
- */
+function heapInUse(): number {
+  const stats = getHeapStatistics();
+  return stats.used_heap_size + stats.external_memory;
+}
+
+function checkBudget(): void {
+  const used = heapInUse();
+  if (used - floor <= budget) {
+    floor = Math.min(floor, used); // V8 collected by itself
+    return;
+  }
+  gc!();
+  floor = heapInUse();
+}
+
+/** Starts keeping the heap budget; returns its stop. Does nothing without `--expose-gc`. */
 export function keepHeapInBudget({
-  budget = HEAP_BUDGET,
+  budget: bytes = HEAP_BUDGET,
   everyMs = HEAP_CHECK_MS,
 }: { budget?: number; everyMs?: number } = {}): () => void {
   if (!gc) return () => {};
-  const collect = gc;
-  // What the heap came down to after the last collection, V8's own or ours.
-  let floor = getHeapStatistics().used_heap_size;
-  const timer = setInterval(() => {
-    const used = getHeapStatistics().used_heap_size;
-    if (used - floor <= budget) {
-      floor = Math.min(floor, used);
-      return;
-    }
-    collect();
-    floor = getHeapStatistics().used_heap_size;
-  }, everyMs);
+  budget = bytes;
+  floor = heapInUse();
+  const timer = setInterval(checkBudget, everyMs);
   timer.unref();
-  return () => clearInterval(timer);
+  return () => {
+    clearInterval(timer);
+    budget = Infinity;
+  };
 }

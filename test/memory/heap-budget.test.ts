@@ -7,30 +7,41 @@ const run = promisify(execFile);
 const memory = fileURLToPath(new URL('../../src/memory.ts', import.meta.url));
 
 /**
- * In a node of its own with the launcher's flags: fills the old generation with 32 MiB of
- * objects, drops them, idles for half a second, and prints how much heap is still in use past
- * where it started. Idle, V8 itself would not collect for seconds (its memory reducer waits 8 s).
+ * In a node of its own with the launcher's flags: fills the heap with 32 MiB of objects (or of
+ * 64 KiB buffers, external memory, as a blob's body arrives), drops them, idles for half a
+ * second, and prints how much of the heap and external memory is still in use past where it
+ * started. Idle, V8 itself would not collect for seconds (its memory reducer waits 8 s).
+ * `how` picks who may collect: nobody, the budget's timer, or `churned` (the blob path).
  */
-async function garbageLeftAfterIdle(withBudget: boolean): Promise<number> {
+async function garbageLeft(
+  what: 'objects' | 'buffers',
+  how: 'none' | 'timer' | 'churned',
+): Promise<number> {
   const script = `
     import { getHeapStatistics } from 'node:v8';
-    import { keepHeapInBudget } from ${JSON.stringify(memory)};
-    const used = () => getHeapStatistics().used_heap_size;
+    import { churned, keepHeapInBudget } from ${JSON.stringify(memory)};
+    const inUse = () => { const s = getHeapStatistics(); return s.used_heap_size + s.external_memory; };
     gc();
-    const start = used();
-    const stop = ${withBudget} ? keepHeapInBudget({ budget: 4 * 1024 * 1024, everyMs: 50 }) : () => {};
+    const start = inUse();
+    const stop = ${JSON.stringify(how)} === 'none' ? () => {} : keepHeapInBudget({
+      budget: 4 * 1024 * 1024,
+      everyMs: ${JSON.stringify(how)} === 'timer' ? 50 : 3_600_000,
+    });
     let held = [];
-    while (used() - start < 32 * 1024 * 1024) held.push({ n: held.length, s: 'x'.repeat(64) + held.length });
+    while (inUse() - start < 32 * 1024 * 1024)
+      held.push(${JSON.stringify(what)} === 'objects' ? { n: held.length, s: 'x'.repeat(64) + held.length } : Buffer.alloc(65536, held.length));
     held = null;
     await new Promise((r) => setTimeout(r, 500));
+    if (${JSON.stringify(how)} === 'churned') churned(8 * 1024 * 1024);
     stop();
-    process.stdout.write(String((used() - start) / 1024 / 1024));
+    process.stdout.write(String((inUse() - start) / 1024 / 1024));
   `;
   const { stdout } = await run(
     process.execPath,
     [
       '--expose-gc',
       '--max-semi-space-size=1',
+      '--initial-old-space-size=64',
       '--import',
       'tsx',
       '--input-type=module',
@@ -44,11 +55,20 @@ async function garbageLeftAfterIdle(withBudget: boolean): Promise<number> {
 
 describe('heap budget', () => {
   it('collects garbage past the budget that V8 would leave in the heap while idle', async () => {
-    const [without, withBudget] = await Promise.all([
-      garbageLeftAfterIdle(false),
-      garbageLeftAfterIdle(true),
+    const [none, timer] = await Promise.all([
+      garbageLeft('objects', 'none'),
+      garbageLeft('objects', 'timer'),
     ]);
-    expect(without).toBeGreaterThan(16);
-    expect(withBudget).toBeLessThan(4);
+    expect(none).toBeGreaterThan(16);
+    expect(timer).toBeLessThan(4);
+  });
+
+  it('counts dead buffers too, and a streaming blob checks it without waiting for the timer', async () => {
+    const [none, streaming] = await Promise.all([
+      garbageLeft('buffers', 'none'),
+      garbageLeft('buffers', 'churned'),
+    ]);
+    expect(none).toBeGreaterThan(16);
+    expect(streaming).toBeLessThan(4);
   });
 });
