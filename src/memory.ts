@@ -39,47 +39,54 @@ export function churned(bytes: number): void {
  *   flight outlive the 1 MiB new space and are promoted, and V8 lets the old generation grow to
  *   about four times its live size before it marks: ~45 MB of garbage around ~19 MB of live heap.
  * So the launcher gives the old generation a 64 MB start (--initial-old-space-size=64: V8 then
- * leaves the cold path alone), and pullcache keeps the budget itself: when the heap and its
- * external memory have grown more than HEAP_BUDGET past what the last full collection left, it
- * runs one (a pause of 5-30 ms). It looks after each minor collection of a streaming blob and on a
- * timer twice a second: about 8 full collections per 512 MiB of cold blob, one every few seconds
- * under a burst of requests, none while idle. (Lowering V8's growing factor instead,
+ * leaves the cold path alone), and pullcache keeps the budget itself: when the heap has grown
+ * more than HEAP_BUDGET, or its external memory more than EXTERNAL_BUDGET, past what the last
+ * full collection left, it runs one (a pause of 5-30 ms). It looks after each minor collection
+ * of a streaming blob and on a timer twice a second: about 10 full collections per 512 MiB of
+ * cold blob, one every second or two under a burst of requests, none while idle. (Lowering V8's growing factor instead,
  * --heap-growing-percent=50, shrank the headroom further and cost the cold path a fifth of its
  * speed.)
  */
-const HEAP_BUDGET = 16 * 1024 * 1024;
+const HEAP_BUDGET = 8 * 1024 * 1024;
+const EXTERNAL_BUDGET = 16 * 1024 * 1024;
 const HEAP_CHECK_MS = 500;
-let budget = Infinity;
-/** What the heap and external memory came down to after the last full collection. */
-let floor = 0;
+let heapBudget = Infinity;
+let externalBudget = Infinity;
+/** What the last full collection left (or less, when V8 collected by itself since). */
+let floor = { heap: 0, external: 0 };
 
-function heapInUse(): number {
+function inUse(): { heap: number; external: number } {
   const stats = getHeapStatistics();
-  return stats.used_heap_size + stats.external_memory;
+  return { heap: stats.used_heap_size, external: stats.external_memory };
 }
 
 function checkBudget(): void {
-  const used = heapInUse();
-  if (used - floor <= budget) {
-    floor = Math.min(floor, used); // V8 collected by itself
+  const now = inUse();
+  if (now.heap - floor.heap <= heapBudget && now.external - floor.external <= externalBudget) {
+    floor = {
+      heap: Math.min(floor.heap, now.heap),
+      external: Math.min(floor.external, now.external),
+    };
     return;
   }
   gc!();
-  floor = heapInUse();
+  floor = inUse();
 }
 
 /** Starts keeping the heap budget; returns its stop. Does nothing without `--expose-gc`. */
 export function keepHeapInBudget({
-  budget: bytes = HEAP_BUDGET,
+  heap = HEAP_BUDGET,
+  external = EXTERNAL_BUDGET,
   everyMs = HEAP_CHECK_MS,
-}: { budget?: number; everyMs?: number } = {}): () => void {
+}: { heap?: number; external?: number; everyMs?: number } = {}): () => void {
   if (!gc) return () => {};
-  budget = bytes;
-  floor = heapInUse();
+  heapBudget = heap;
+  externalBudget = external;
+  floor = inUse();
   const timer = setInterval(checkBudget, everyMs);
   timer.unref();
   return () => {
     clearInterval(timer);
-    budget = Infinity;
+    heapBudget = externalBudget = Infinity;
   };
 }

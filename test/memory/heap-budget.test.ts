@@ -24,7 +24,8 @@ async function garbageLeft(
     gc();
     const start = inUse();
     const stop = ${JSON.stringify(how)} === 'none' ? () => {} : keepHeapInBudget({
-      budget: 4 * 1024 * 1024,
+      heap: 4 * 1024 * 1024,
+      external: 4 * 1024 * 1024,
       everyMs: ${JSON.stringify(how)} === 'timer' ? 50 : 3_600_000,
     });
     let held = [];
