@@ -66,6 +66,8 @@ export class BlobFetch {
   /** Resolves when the blob is committed; rejects when the fetch failed. */
   readonly done: Promise<Descriptor>;
   private writer: BlobWriter | undefined;
+  /** The upload session being made; `writer` once it is. */
+  private session!: Promise<BlobWriter>;
   private readonly followers = new Set<BlobFollower>();
   private readonly abort = new AbortController();
   private orphanTimer: NodeJS.Timeout | undefined;
@@ -95,16 +97,20 @@ export class BlobFetch {
 
   private async run(ready: () => void, notReady: (err: unknown) => void): Promise<Descriptor> {
     const { blobs, client, repo, digest, log } = this.options;
+    // The upload session is made while the upstream is asked, and the body is taken into the
+    // write queue at once, before the session is ready: the body flows as soon as it comes
+    // (see body-queue.ts), and one that waited for the session was cut 8 MiB later and asked
+    // for again. The upstream client verifies the digest as the bytes stream (its stream errors
+    // on a mismatch), so the session need not hash them a second time.
+    this.session = blobs.create({ hash: false });
+    this.session.catch(() => {}); // its error, if any, is met by the pump or below
     try {
       const { size, stream } = await client.getBlob(repo.repository, digest, {
         signal: this.abort.signal,
       });
       this.size = size;
       this.state = 'running';
-      ready(); // response headers can go out while the upload session is being created
-      // The upstream client verifies the digest as the bytes stream (its stream errors on a
-      // mismatch), so the session need not hash them a second time.
-      this.writer = await blobs.create({ hash: false });
+      ready();
       for await (const raw of stream) {
         const chunk = raw as Buffer;
         const offset = this.received;
@@ -119,6 +125,7 @@ export class BlobFetch {
       while (this.pumping) await this.pumping;
       this.diskWaitMs += performance.now() - flushStarted;
       if (this.writeError) throw this.writeError;
+      this.writer ??= await this.session;
       const descriptor = await this.writer.commit({
         digest,
         ...(size !== undefined ? { size } : {}),
@@ -144,7 +151,8 @@ export class BlobFetch {
       notReady(err);
       this.wakeDiskWaiters();
       while (this.pumping) await this.pumping.catch(() => {});
-      await this.writer?.cancel().catch(() => {});
+      const writer = this.writer ?? (await this.session.catch(() => undefined));
+      await writer?.cancel().catch(() => {});
       log.warn(
         { digest, bytes: this.received, err: (err as Error).message },
         'blob fetch failed, nothing kept',
@@ -170,7 +178,8 @@ export class BlobFetch {
       this.queue = [];
       this.queuedBytes = 0;
       try {
-        await this.writer!.writev(batch);
+        this.writer ??= await this.session;
+        await this.writer.writev(batch);
       } catch (err) {
         this.writeError = err;
         break;

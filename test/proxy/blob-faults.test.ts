@@ -19,6 +19,8 @@ interface Served {
   corrupt?: boolean;
   /** Delay between 64 KiB chunks, ms. */
   pace?: number;
+  /** Bytes sent so far, all requests counted. */
+  sent?: number;
 }
 
 describe('blob fetch faults', () => {
@@ -58,6 +60,7 @@ describe('blob fetch faults', () => {
         if (res.destroyed) return;
         const chunk = body.subarray(offset, offset + 65536);
         offset += chunk.length;
+        served.sent = (served.sent ?? 0) + chunk.length;
         if (offset >= body.length) res.end(chunk);
         else res.write(chunk, () => setTimeout(send, served.pace ?? 0));
       };
@@ -94,6 +97,37 @@ describe('blob fetch faults', () => {
     expect(gets(digest)).toBe(1);
     expect((await pc.runtime.blobs.stat(parseDigest(digest).digest)).found).toBe(false);
     await waitFor(async () => uploads() === 0, 'the upload session to be removed');
+  });
+
+  test('a blob the upstream does not have leaves no upload session behind', async () => {
+    const digest = sha256(randomBytes(64));
+    const res = await fetch(`${pc.url}/v2/x/missing/blobs/${digest}`);
+    expect(res.status).toBe(404);
+    expect(((await res.json()) as { errors: { code: string }[] }).errors[0]!.code).toBe(
+      'BLOB_UNKNOWN',
+    );
+    await waitFor(async () => uploads() === 0, 'the upload session to be removed');
+  });
+
+  test('the body is taken from its first byte, while the upload session is still being made', async () => {
+    // The session is made slowly: not before the upstream has sent 12 MiB (all requests
+    // counted). A body that waited for it would pass the client's 8 MiB queue, be cut and be
+    // asked for again.
+    const digest = add(24 * 1024 * 1024);
+    const served = blobs.get(digest)!;
+    const store = pc.runtime.blobs;
+    const create = store.create.bind(store);
+    store.create = async (options) => {
+      await waitFor(async () => (served.sent ?? 0) >= 12 * 1024 * 1024, 'upstream bytes');
+      return create(options);
+    };
+    try {
+      const res = await fetch(`${pc.url}/v2/x/slow-session/blobs/${digest}`);
+      expect(sha256(Buffer.from(await res.arrayBuffer()))).toBe(digest);
+    } finally {
+      delete (store as Partial<typeof store>).create; // back to the prototype's
+    }
+    expect(gets(digest)).toBe(1);
   });
 
   test('a client that leaves does not stop the fetch: the blob is kept for the next one', async () => {
