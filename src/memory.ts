@@ -43,9 +43,9 @@ export function churned(bytes: number): void {
  * more than HEAP_BUDGET, or its external memory more than EXTERNAL_BUDGET, past what the last
  * full collection left, it runs one (a pause of 5-30 ms). It looks after each minor collection
  * of a streaming blob and on a timer twice a second: about 10 full collections per 512 MiB of
- * cold blob, one every second or two under a burst of requests, none while idle. (Lowering V8's growing factor instead,
- * --heap-growing-percent=50, shrank the headroom further and cost the cold path a fifth of its
- * speed.)
+ * cold blob, one every second or two under a burst of requests, none while idle. (Lowering
+ * V8's growing factor instead, --heap-growing-percent=50, shrank the headroom further and cost
+ * the cold path a fifth of its speed.)
  */
 const HEAP_BUDGET = 8 * 1024 * 1024;
 const EXTERNAL_BUDGET = 16 * 1024 * 1024;
@@ -73,7 +73,10 @@ function checkBudget(): void {
   floor = inUse();
 }
 
-/** Starts keeping the heap budget; returns its stop. Does nothing without `--expose-gc`. */
+/**
+ * Starts keeping the heap budget; returns its stop. Does nothing without `--expose-gc`. The
+ * budget is the process's: one server per process keeps it.
+ */
 export function keepHeapInBudget({
   heap = HEAP_BUDGET,
   external = EXTERNAL_BUDGET,
