@@ -101,7 +101,7 @@ export class BlobFetch {
     // write queue at once, before the session is ready: the body flows as soon as it comes
     // (see body-queue.ts), and one that waited for the session was cut 8 MiB later and asked
     // for again. The upstream client verifies the digest as the bytes stream (its stream errors
-    // on a mismatch), so the session need not hash them a second time.
+    // on a mismatch), so the session need not hash them a second time (see the commit below).
     this.session = blobs.create({ hash: false });
     this.session.catch(() => {}); // its error, if any, is met by the pump or below
     try {
@@ -126,9 +126,13 @@ export class BlobFetch {
       this.diskWaitMs += performance.now() - flushStarted;
       if (this.writeError) throw this.writeError;
       this.writer ??= await this.session;
+      // The stream ended without an error, so the upstream client has checked every byte
+      // against the digest (and the pump wrote exactly those bytes): commit need not read the
+      // upload back to hash it again.
       const descriptor = await this.writer.commit({
         digest,
         ...(size !== undefined ? { size } : {}),
+        verified: true,
       });
       this.size = descriptor.size;
       await this.options.onCommitted(descriptor);

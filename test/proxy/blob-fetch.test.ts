@@ -29,16 +29,17 @@ function upstreamServing(bytes: Buffer): UpstreamClient {
   } as unknown as UpstreamClient;
 }
 
-/** A fetch of `bytes` from `client` into fresh storage. */
+/** A fetch of `bytes` from `client` into fresh storage (on `driverAt`'s driver when given). */
 function fetchFrom(
   client: UpstreamClient,
   bytes: Buffer,
   onCommitted: () => Promise<void> = async () => {},
+  driverAt: (root: string) => FilesystemDriver = (root) => new FilesystemDriver(root),
 ): BlobFetch {
   const root = mkdtempSync(join(tmpdir(), 'pullcache-fetch-'));
   roots.push(root);
   return new BlobFetch({
-    blobs: new DriverBlobStore(new FilesystemDriver(root)),
+    blobs: new DriverBlobStore(driverAt(root)),
     client,
     repo: { upstream: 'docker.io', repository: parseRepository('a/b') },
     digest: digestOf(bytes),
@@ -47,6 +48,22 @@ function fetchFrom(
     onCommitted,
   });
 }
+
+test('a fetch nobody reads commits without reading its upload back: each byte is hashed once', async () => {
+  const bytes = randomBytes(300_000);
+  const reads: string[] = [];
+  const fetch = fetchFrom(upstreamServing(bytes), bytes, undefined, (root) => {
+    const driver = new FilesystemDriver(root);
+    const reader = driver.reader.bind(driver);
+    driver.reader = (path, offset, length) => {
+      reads.push(path);
+      return reader(path, offset, length);
+    };
+    return driver;
+  });
+  expect((await fetch.done).digest).toBe(digestOf(bytes));
+  expect(reads).toEqual([]);
+});
 
 test('a read of written bytes while the commit moves the upload into place waits and reads the blob', async () => {
   const bytes = randomBytes(5000);
