@@ -56,6 +56,21 @@ function configFile(root: string, upstreams: Record<string, unknown>): string {
   return file;
 }
 
+/** `pullcache import` of `file` into a new cache whose only upstream cannot be reached. */
+async function importOffline(
+  file: string,
+  rootName: string,
+): Promise<{ root: string; r: CliResult }> {
+  const root = tmp(rootName);
+  const r = await cli(
+    'import',
+    '--config',
+    configFile(root, { 'docker.io': { url: 'http://registry.invalid' } }),
+    file,
+  );
+  return { root, r };
+}
+
 /** Every file under a directory with the sha256 of its content: a snapshot to compare. */
 function snapshot(dir: string): Record<string, string> {
   const out: Record<string, string> = {};
@@ -222,13 +237,7 @@ describe('prefetch, export, import, serve offline', () => {
     expect(at).toBeGreaterThan(0);
     bytes[at + 10] = bytes[at + 10]! ^ 0xff;
     writeFileSync(damaged, bytes);
-    const root = tmp('damaged-root');
-    const r = await cli(
-      'import',
-      '--config',
-      configFile(root, { 'docker.io': { url: 'http://registry.invalid' } }),
-      damaged,
-    );
+    const { root, r } = await importOffline(damaged, 'damaged-root');
     expect(r.code).toBe(1);
     expect(r.stderr).toMatch(/pullcache: .*blob sha256:[a-f0-9]{64} is damaged/);
     expect(r.stderr).not.toMatch(/\n\s+at /);
@@ -240,13 +249,7 @@ describe('prefetch, export, import, serve offline', () => {
     const truncated = join(tmp('truncated'), 'bundle.tar');
     writeFileSync(truncated, readFileSync(bundle));
     truncateSync(truncated, Math.floor(statSync(bundle).size * 0.6));
-    const root = tmp('truncated-root');
-    const r = await cli(
-      'import',
-      '--config',
-      configFile(root, { 'docker.io': { url: 'http://registry.invalid' } }),
-      truncated,
-    );
+    const { root, r } = await importOffline(truncated, 'truncated-root');
     expect(r.code).toBe(1);
     expect(r.stderr).toMatch(/pullcache: .*(truncated|Unexpected end)/i);
     expect(Object.keys(snapshot(root)).filter((f) => !f.startsWith('uploads/'))).toEqual([]);

@@ -94,13 +94,18 @@ test('two processes share what one of them cached in Redis', async () => {
   await b.close();
 });
 
-test('the in-process LRU answers without Redis, and forgets deleted tags', async () => {
-  const cache = new KeyvMetadataCache({
+/** A cache on a Redis nobody listens on, with `memoryEntries` in its in-process LRU. */
+function unreachableRedis(memoryEntries: number): KeyvMetadataCache {
+  return new KeyvMetadataCache({
     store: 'redis',
     redisUrl: 'redis://127.0.0.1:1',
     log: silentLogger(),
-    memoryEntries: 10,
+    memoryEntries,
   });
+}
+
+test('the in-process LRU answers without Redis, and forgets deleted tags', async () => {
+  const cache = unreachableRedis(10);
   const repo = { upstream: 'docker.io', repository: parseRepository('lru/test') };
   const digest = digestOf('lru');
   await cache.setTag(repo, parseTag('v1'), { digest, confirmedAt: 1 });
@@ -111,12 +116,7 @@ test('the in-process LRU answers without Redis, and forgets deleted tags', async
 });
 
 test('an unreachable Redis is a miss, not a failure', async () => {
-  const cache = new KeyvMetadataCache({
-    store: 'redis',
-    redisUrl: 'redis://127.0.0.1:1',
-    log: silentLogger(),
-    memoryEntries: 0,
-  });
+  const cache = unreachableRedis(0);
   const digest = digestOf('x');
   await cache.setDescriptor({ digest, size: 1 });
   expect(await cache.getDescriptor(digest)).toBeUndefined();
