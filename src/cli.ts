@@ -1,8 +1,8 @@
 #!/usr/bin/env node
 /** The `pullcache` command. */
 import { Command, Option } from 'commander';
-import { stringify } from 'yaml';
-import { ConfigError, loadConfig, redactConfig } from './config/load.js';
+import { ConfigError, loadConfig } from './config/load.js';
+import { printConfig } from './config/print.js';
 import type { Config } from './config/schema.js';
 import { createLogger } from './log/logger.js';
 import { readFileSync } from 'node:fs';
@@ -132,7 +132,7 @@ withConfigOptions(
     .command('config')
     .description('print the effective configuration (secrets redacted) and exit'),
 ).action((o: CommonOptions) => {
-  process.stdout.write(stringify(redactConfig(configFrom(o))));
+  process.stdout.write(printConfig(configFrom(o)));
 });
 
 /**

@@ -9,14 +9,26 @@
  *   PULLCACHE_CACHE_STORE=redis
  *   PULLCACHE_UPSTREAMS_DOCKER_IO_TAGTTL=10m
  *   PULLCACHE_UPSTREAMS_GHCR_IO_PASSWORDENV=GHCR_TOKEN
- * Lists (authRealms) are comma-separated. An env var that names no key is an error, like a
- * typo in the YAML file; PULLCACHE_TEST_* and PULLCACHE_BENCH_* belong to the tests and the
- * benchmark and are left alone.
+ * Lists (authRealms) are comma-separated.
+ *
+ * The environment adds an upstream with its URL: `PULLCACHE_UPSTREAMS_<X>_URL` where no
+ * configured upstream is called X. `_` stands for any of `.`, `-` and `:`, so the name cannot
+ * be read back from X; it is the URL's host (with its port, if any) when that host is spelled X,
+ * and `PULLCACHE_UPSTREAMS_<X>_NAME` otherwise:
+ *   PULLCACHE_UPSTREAMS_QUAY_IO_URL=https://quay.io                 -> upstream "quay.io"
+ *   PULLCACHE_UPSTREAMS_HUB_URL=https://registry-1.docker.io
+ *   PULLCACHE_UPSTREAMS_HUB_NAME=docker.io                          -> upstream "docker.io"
+ * Its other keys follow with the same X (`PULLCACHE_UPSTREAMS_QUAY_IO_TAGTTL=1m`).
+ *
+ * An env var that names no key is an error, like a typo in the YAML file; PULLCACHE_TEST_* and
+ * PULLCACHE_BENCH_* belong to the tests and the benchmark and are left alone.
  */
 import { readFileSync } from 'node:fs';
 import { parse as parseYaml, YAMLParseError } from 'yaml';
 import type { z } from 'zod';
+import { show } from './redact.js';
 import { configSchema, DEFAULT_UPSTREAMS, type Config } from './schema.js';
+import { configShape, shapeAt, type KeyTree } from './shape.js';
 
 export const ENV_PREFIX = 'PULLCACHE_';
 
@@ -103,13 +115,22 @@ export function formatIssues(issues: readonly z.core.$ZodIssue[]): string[] {
       for (const key of issue.keys) lines.push(`${path ? `${path}.` : ''}${key}: unknown key`);
       continue;
     }
+    // A secret is never echoed, not even when it is the wrong type.
+    const leaf = shapeAt(issue.path);
+    const secret = leaf?.kind === 'leaf' && leaf.meta.secret === true;
+    const input = (issue as { input?: unknown }).input;
+    const got = secret ? `a ${typeof input}` : show(input);
     let message = issue.message;
     if (issue.code === 'invalid_type') {
-      const got = (issue as { input?: unknown }).input;
-      message = `expected ${issue.expected}, got ${got === undefined ? 'nothing' : JSON.stringify(got)}`;
+      message = `expected ${issue.expected}, got ${got}`;
     } else if (issue.code === 'invalid_value') {
-      const got = (issue as { input?: unknown }).input;
-      message = `expected one of ${issue.values.map((v) => JSON.stringify(v)).join(', ')}, got ${JSON.stringify(got)}`;
+      message = `expected one of ${issue.values.map((v) => JSON.stringify(v)).join(', ')}, got ${got}`;
+    } else if (
+      (issue.code === 'too_small' || issue.code === 'too_big') &&
+      issue.origin === 'number'
+    ) {
+      const bound = issue.code === 'too_small' ? issue.minimum : issue.maximum;
+      message = `expected a number ${issue.code === 'too_small' ? 'at least' : 'at most'} ${String(bound)}, got ${got}`;
     }
     lines.push(`${path || '(config)'}: ${message}`);
   }
@@ -118,51 +139,39 @@ export function formatIssues(issues: readonly z.core.$ZodIssue[]): string[] {
 
 // ---- environment ------------------------------------------------------------------------
 
-type KeyTree =
-  | { kind: 'object'; children: Map<string, KeyTree> }
-  | { kind: 'record'; item: KeyTree }
-  | { kind: 'leaf'; list: boolean };
-
-/** The shape of the config keys, read off the zod schema so that env names follow it. */
-function keyTree(schema: unknown): KeyTree {
-  let def = (schema as { _zod: { def: Record<string, unknown> } })._zod.def;
-  // Unwrap defaults, optionals and transforms down to the structural type.
-  for (;;) {
-    if (def.innerType) def = (def.innerType as { _zod: { def: Record<string, unknown> } })._zod.def;
-    else if (def.type === 'pipe')
-      def = (def.in as { _zod: { def: Record<string, unknown> } })._zod.def;
-    else break;
-  }
-  if (def.type === 'object') {
-    const children = new Map<string, KeyTree>();
-    for (const [key, value] of Object.entries(def.shape as Record<string, unknown>))
-      children.set(key, keyTree(value));
-    return { kind: 'object', children };
-  }
-  if (def.type === 'record') return { kind: 'record', item: keyTree(def.valueType) };
-  return { kind: 'leaf', list: def.type === 'array' };
-}
-
-let cachedTree: KeyTree | undefined;
 const envName = (key: string) => key.toUpperCase().replace(/[^A-Z0-9]/g, '_');
+const UPSTREAMS_PREFIX = `${ENV_PREFIX}UPSTREAMS_`;
+const ADDED_URL = new RegExp(`^${UPSTREAMS_PREFIX}(.+)_URL$`);
+
+/** An upstream as the environment spells it (X in PULLCACHE_UPSTREAMS_X_...) and its name. */
+interface UpstreamToken {
+  token: string;
+  name: string;
+}
 
 function envLayer(
   env: NodeJS.ProcessEnv,
   fileLayer: Record<string, unknown>,
   problems: string[],
 ): Record<string, unknown> {
-  cachedTree ??= keyTree(configSchema);
+  const tree = configShape();
   const out: Record<string, unknown> = {};
-  const fileUpstreams = Object.keys(
+  const upstreams: UpstreamToken[] = Object.keys(
     (fileLayer.upstreams as Record<string, unknown> | undefined) ?? {},
-  );
+  ).map((name) => ({ token: envName(name), name }));
+  const consumed = new Set<string>();
+  for (const added of addedUpstreams(env, upstreams, problems, consumed)) upstreams.push(added);
   for (const [name, value] of Object.entries(env)) {
-    if (!name.startsWith(ENV_PREFIX) || value === undefined) continue;
+    if (!name.startsWith(ENV_PREFIX) || value === undefined || consumed.has(name)) continue;
     if (name === 'PULLCACHE_CONFIG' || name === 'PULLCACHE_NODE_FLAGS') continue; // the file; bin/pullcache's node flags
     if (name.startsWith('PULLCACHE_TEST_') || name.startsWith('PULLCACHE_BENCH_')) continue; // the test suite's and benchmark's own knobs
-    const path = resolveEnvPath(name.slice(ENV_PREFIX.length), cachedTree, fileUpstreams);
+    const path = resolveEnvPath(name.slice(ENV_PREFIX.length), tree, upstreams);
     if (!path) {
-      problems.push(`${name}: names no config key`);
+      problems.push(
+        name.startsWith(UPSTREAMS_PREFIX)
+          ? `${name}: names no config key (upstreams: ${upstreams.map((u) => u.token).join(', ') || 'none'}; PULLCACHE_UPSTREAMS_<X>_URL adds one)`
+          : `${name}: names no config key`,
+      );
       continue;
     }
     setPath(
@@ -179,21 +188,62 @@ function envLayer(
   return out;
 }
 
+/**
+ * The upstreams the environment adds: a PULLCACHE_UPSTREAMS_<X>_URL whose X is no configured
+ * upstream. The name is PULLCACHE_UPSTREAMS_<X>_NAME, else the URL's host when it is spelled X.
+ */
+function addedUpstreams(
+  env: NodeJS.ProcessEnv,
+  configured: readonly UpstreamToken[],
+  problems: string[],
+  consumed: Set<string>,
+): UpstreamToken[] {
+  const added: UpstreamToken[] = [];
+  for (const [variable, value] of Object.entries(env)) {
+    const token = ADDED_URL.exec(variable)?.[1];
+    if (token === undefined || value === undefined) continue;
+    if (configured.some((u) => u.token === token)) continue; // that upstream's url, set as any key
+    const nameVariable = `${UPSTREAMS_PREFIX}${token}_NAME`;
+    let name = env[nameVariable];
+    if (name !== undefined) {
+      consumed.add(nameVariable);
+    } else {
+      let host: string | undefined;
+      try {
+        host = new URL(value).host;
+      } catch {
+        problems.push(`${variable}: expected an http(s) URL, got ${show(value)}`);
+        consumed.add(variable);
+        continue;
+      }
+      if (envName(host) !== token) {
+        problems.push(
+          `${variable}: adds an upstream whose name cannot be read from ${token} or from the URL's host (${show(host)}): set ${nameVariable} to its name`,
+        );
+        consumed.add(variable);
+        continue;
+      }
+      name = host;
+    }
+    added.push({ token, name });
+  }
+  return added;
+}
+
 function resolveEnvPath(
   rest: string,
   tree: KeyTree,
-  upstreams: string[],
+  upstreams: readonly UpstreamToken[],
 ): { keys: string[]; list: boolean } | undefined {
   if (tree.kind === 'leaf') return rest === '' ? { keys: [], list: tree.list } : undefined;
   if (rest === '') return undefined;
-  const candidates: [string, KeyTree][] =
+  const candidates: [string, string, KeyTree][] =
     tree.kind === 'object'
-      ? [...tree.children].map(([key, sub]) => [key, sub])
-      : upstreams.map((key) => [key, tree.item]);
-  // Longest names first, so that DOCKER_IO wins over a hypothetical DOCKER.
+      ? [...tree.children].map(([key, sub]) => [key.toUpperCase(), key, sub])
+      : upstreams.map((u) => [u.token, u.name, tree.item]);
+  // Longest tokens first, so that DOCKER_IO wins over a hypothetical DOCKER.
   candidates.sort((a, b) => b[0].length - a[0].length);
-  for (const [key, sub] of candidates) {
-    const token = tree.kind === 'object' ? key.toUpperCase() : envName(key);
+  for (const [token, key, sub] of candidates) {
     if (rest === token || rest.startsWith(`${token}_`)) {
       const found = resolveEnvPath(rest.slice(token.length + 1), sub, upstreams);
       if (found) return { keys: [key, ...found.keys], list: found.list };
@@ -224,24 +274,4 @@ export function deepMerge(
 
 function isPlainObject(v: unknown): v is Record<string, unknown> {
   return typeof v === 'object' && v !== null && !Array.isArray(v);
-}
-
-/** The config with every secret replaced, for `pullcache config` and logs. */
-export function redactConfig(config: Config): Config {
-  const copy = structuredClone(config);
-  for (const upstream of Object.values(copy.upstreams)) {
-    if (upstream.password !== undefined) upstream.password = '[redacted]';
-  }
-  copy.cache.redis.url = redactUrl(copy.cache.redis.url);
-  return copy;
-}
-
-function redactUrl(value: string): string {
-  try {
-    const u = new URL(value);
-    if (u.password) u.password = 'redacted';
-    return u.toString();
-  } catch {
-    return value;
-  }
 }

@@ -1,9 +1,20 @@
 /**
  * The one config schema: every key, its default and its unit live here. `config/default.yaml`
- * documents the same keys with comments; a test keeps the two in step.
+ * documents the same keys with comments; a test keeps the two in step. What a key is beyond its
+ * type (a duration, a size, a secret) is marked in `configMeta`, so that printing the config
+ * (`pullcache config`) and its errors follow the schema without a second list of keys.
  */
 import { z } from 'zod';
+import { show } from './redact.js';
 import { parseDuration, parseSize } from './units.js';
+
+export interface KeyMeta {
+  /** Parsed from human units to a number (ms, bytes); printed back in them. */
+  unit?: 'duration' | 'size';
+  /** Never echoed, not even in an error. */
+  secret?: boolean;
+}
+export const configMeta = z.registry<KeyMeta>();
 
 const duration = (fallback: string) =>
   z
@@ -14,12 +25,13 @@ const duration = (fallback: string) =>
       if (ms === undefined) {
         ctx.addIssue({
           code: 'custom',
-          message: `expected a duration like "30s" or "5m", got ${JSON.stringify(value)}`,
+          message: `expected a duration like "30s" or "5m", got ${show(value)}`,
         });
         return z.NEVER;
       }
       return ms;
-    });
+    })
+    .register(configMeta, { unit: 'duration' });
 
 const size = (fallback: string) =>
   z
@@ -30,12 +42,25 @@ const size = (fallback: string) =>
       if (bytes === undefined) {
         ctx.addIssue({
           code: 'custom',
-          message: `expected a size like "4MiB" or "50GiB", got ${JSON.stringify(value)}`,
+          message: `expected a size like "4MiB" or "50GiB", got ${show(value)}`,
         });
         return z.NEVER;
       }
       return bytes;
-    });
+    })
+    .register(configMeta, { unit: 'size' });
+
+const secret = () => z.string().register(configMeta, { secret: true });
+
+// Environment variables are strings: a whole number in one is read as that number, and anything
+// else is left for the error to show as given (z.coerce would report "abc" as NaN).
+const integer = (fallback: number, min: number, max = Number.MAX_SAFE_INTEGER) =>
+  z
+    .preprocess(
+      (v) => (typeof v === 'string' && /^\s*-?\d+\s*$/.test(v) ? Number(v) : v),
+      z.number().int().min(min).max(max),
+    )
+    .default(fallback);
 
 // Environment variables are strings; booleans accept "true"/"false" wherever they come from.
 const bool = (fallback: boolean) =>
@@ -48,35 +73,40 @@ const hostPort = z.string().refine(
     const m = /^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]*):(\d{1,5})$/.exec(v);
     return m !== null && Number(m[2]) <= 65535;
   },
-  { error: (issue) => `expected host:port, got ${JSON.stringify(issue.input)}` },
+  { error: (issue) => `expected host:port, got ${show(issue.input)}` },
 );
 
-const httpUrl = z.string().refine(
-  (v) => {
-    try {
-      const u = new URL(v);
-      return (
-        (u.protocol === 'http:' || u.protocol === 'https:') && u.username === '' && u.search === ''
-      );
-    } catch {
-      return false;
-    }
-  },
-  {
-    error: (issue) =>
-      `expected an http(s) URL without credentials or query, got ${JSON.stringify(issue.input)}`,
-  },
-);
+const httpUrl = z.string().superRefine((v, ctx) => {
+  let u: URL | undefined;
+  try {
+    u = new URL(v);
+  } catch {
+    // not a URL: the message below says what is expected
+  }
+  const credentials = u ? u.username !== '' || u.password !== '' : /@/.test(v);
+  if (u && (u.protocol === 'http:' || u.protocol === 'https:') && !credentials && u.search === '')
+    return;
+  ctx.addIssue({
+    code: 'custom',
+    message: `expected an http(s) URL without credentials or query${credentials ? ' (credentials go in username and passwordEnv)' : ''}, got ${show(v)}`,
+  });
+});
+
+/**
+ * An upstream's base URL. A trailing `/v2` or `/v2/` is dropped: it is the API root, which the
+ * client adds itself, and registries' own docs often show it as "the registry URL".
+ */
+const upstreamUrl = httpUrl.transform((v) => v.replace(/\/v2\/?$/, ''));
 
 /** Upstream names are how clients address an upstream (`/v2/ghcr.io/...`, `?ns=ghcr.io`). */
 export const UPSTREAM_NAME = /^[a-z0-9](?:[a-z0-9.-]*[a-z0-9])?(?::\d{1,5})?$/;
 
 export const upstreamSchema = z.strictObject({
-  url: httpUrl,
+  url: upstreamUrl,
   /** cache: pull-through with local storage; passthrough: proxied unchanged, nothing kept. */
   mode: z.enum(['cache', 'passthrough']).default('cache'),
   username: z.string().optional(),
-  password: z.string().optional(),
+  password: secret().optional(),
   passwordEnv: z.string().optional(),
   tagTTL: duration('5m'),
   /** Serve a cached tag when the upstream answers 404 for it. */
@@ -93,7 +123,7 @@ export const upstreamSchema = z.strictObject({
       bodyIdle: duration('30s'),
     })
     .prefault({}),
-  retries: z.coerce.number().int().min(0).max(10).default(3),
+  retries: integer(3, 0, 10),
 });
 
 export const DEFAULT_UPSTREAMS = { 'docker.io': { url: 'https://registry-1.docker.io' } };
@@ -132,7 +162,7 @@ export const configSchema = z
           })
           .prefault({}),
         /** Entries kept in the in-process LRU in front of keyv (descriptors, manifests, tags). */
-        memoryEntries: z.coerce.number().int().min(0).default(10_000),
+        memoryEntries: integer(10_000, 0),
       })
       .prefault({}),
     upstreams: z
@@ -145,6 +175,10 @@ export const configSchema = z
           ),
         upstreamSchema,
       )
+      .refine((upstreams) => Object.keys(upstreams).length > 0, {
+        error:
+          'expected at least one upstream, got none (leave "upstreams" out for the default, docker.io)',
+      })
       .prefault(DEFAULT_UPSTREAMS),
     routing: z.strictObject({ default: z.string().optional() }).prefault({}),
     log: z
@@ -162,7 +196,7 @@ export const configSchema = z
       ctx.addIssue({
         code: 'custom',
         path: ['routing', 'default'],
-        message: `expected one of the configured upstreams (${names.join(', ') || 'none'}), got ${JSON.stringify(config.routing.default)}`,
+        message: `expected one of the configured upstreams (${names.join(', ') || 'none'}), got ${show(config.routing.default)}`,
       });
     }
     for (const [name, upstream] of Object.entries(config.upstreams)) {

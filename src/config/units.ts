@@ -46,3 +46,21 @@ export function formatBytes(bytes: number): string {
   }
   return `${i === 0 ? v : v.toFixed(1)} ${units[i]}`;
 }
+
+/** "5m" for 300000: the largest unit that states `ms` exactly, so that parseDuration reads it back. */
+export function formatDuration(ms: number): string {
+  for (const unit of ['d', 'h', 'm', 's'] as const) {
+    const n = DURATION_UNITS[unit]!;
+    if (ms >= n && ms % n === 0) return `${ms / n}${unit}`;
+  }
+  return ms === 0 ? '0s' : `${ms}ms`;
+}
+
+/** "4MiB" for 4194304: binary units first, then decimal ones, else bytes; parseSize reads it back. */
+export function formatSize(bytes: number): string {
+  for (const unit of ['TiB', 'GiB', 'MiB', 'KiB', 'TB', 'GB', 'MB', 'kB'] as const) {
+    const n = SIZE_UNITS[unit.toLowerCase()]!;
+    if (bytes >= n && bytes % n === 0) return `${bytes / n}${unit}`;
+  }
+  return `${bytes}B`;
+}

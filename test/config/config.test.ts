@@ -4,7 +4,8 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { describe, expect, test } from 'vitest';
-import { ConfigError, loadConfig, parseConfig, redactConfig } from '../../src/config/load.js';
+import { ConfigError, loadConfig, parseConfig } from '../../src/config/load.js';
+import { redactConfig } from '../../src/config/redact.js';
 
 const run = promisify(execFile);
 
@@ -177,5 +178,159 @@ upstreams:
     expect(stdout).toContain('username: me');
     expect(stdout).toContain('[redacted]');
     expect(stdout).not.toContain('hunter2');
+  });
+
+  test('an upstream url ending in /v2/ or /v2 is taken without it', () => {
+    const config = parseConfig({
+      upstreams: {
+        'a.example': { url: 'https://a.example/v2/' },
+        'b.example': { url: 'http://b.example:5000/v2' },
+        'c.example': { url: 'https://c.example/mirror/v2/' },
+        'd.example': { url: 'https://d.example/v2x' },
+      },
+    });
+    expect(config.upstreams['a.example']!.url).toBe('https://a.example');
+    expect(config.upstreams['b.example']!.url).toBe('http://b.example:5000');
+    expect(config.upstreams['c.example']!.url).toBe('https://c.example/mirror');
+    expect(config.upstreams['d.example']!.url).toBe('https://d.example/v2x');
+  });
+
+  test('a config without upstreams is refused naming upstreams', () => {
+    expect(problems(() => loadConfig({ file: yamlFile('upstreams: {}\n'), env: {} }))).toEqual([
+      'upstreams: expected at least one upstream, got none (leave "upstreams" out for the default, docker.io)',
+    ]);
+  });
+
+  test('an upstream url with credentials is refused without echoing them', () => {
+    const file = yamlFile(`
+upstreams:
+  docker.io:
+    url: https://user:pw123@registry.example.com
+  ghcr.io:
+    url: https://user:pw/123@ghcr.io:99999
+    authRealms: [https://me:pw123@auth.example/token]
+  quay.io:
+    url: https://quay.io
+    username: me
+    password: 123123
+`);
+    const shown = problems(() => loadConfig({ file, env: {} }));
+    expect(shown).toEqual([
+      'upstreams.docker.io.url: expected an http(s) URL without credentials or query (credentials go in username and passwordEnv), got "https://[redacted]@registry.example.com"',
+      'upstreams.ghcr.io.url: expected an http(s) URL without credentials or query (credentials go in username and passwordEnv), got "https://[redacted]@ghcr.io:99999"',
+      'upstreams.ghcr.io.authRealms.0: expected an http(s) URL without credentials or query (credentials go in username and passwordEnv), got "https://[redacted]@auth.example/token"',
+      'upstreams.quay.io.password: expected string, got a number',
+    ]);
+    expect(shown.join('\n')).not.toMatch(/pw|123123/);
+  });
+
+  test('the environment adds an upstream by its URL, named by its host or by _NAME', () => {
+    const config = loadConfig({
+      env: {
+        PULLCACHE_UPSTREAMS_QUAY_IO_URL: 'https://quay.io/v2/',
+        PULLCACHE_UPSTREAMS_QUAY_IO_TAGTTL: '1m',
+        PULLCACHE_UPSTREAMS_REGISTRY_LOCAL_5000_URL: 'http://registry.local:5000',
+        PULLCACHE_UPSTREAMS_LAB_URL: 'http://10.0.0.5:5000',
+        PULLCACHE_UPSTREAMS_LAB_NAME: 'lab.example',
+        PULLCACHE_UPSTREAMS_LAB_OFFLINE: 'true',
+      },
+    });
+    expect(Object.keys(config.upstreams).sort()).toEqual([
+      'docker.io',
+      'lab.example',
+      'quay.io',
+      'registry.local:5000',
+    ]);
+    expect(config.upstreams['quay.io']).toMatchObject({ url: 'https://quay.io', tagTTL: 60_000 });
+    expect(config.upstreams['registry.local:5000']!.url).toBe('http://registry.local:5000');
+    expect(config.upstreams['lab.example']).toMatchObject({
+      url: 'http://10.0.0.5:5000',
+      offline: true,
+    });
+    expect(config.routing.default).toBe('docker.io');
+  });
+
+  test('an upstream added by the environment whose name is not its host asks for _NAME', () => {
+    expect(
+      problems(() =>
+        loadConfig({
+          env: {
+            PULLCACHE_UPSTREAMS_HUB_URL: 'https://registry-1.docker.io',
+            PULLCACHE_UPSTREAMS_GHCR_IO_TAGTTL: '1m',
+          },
+        }),
+      ),
+    ).toEqual([
+      'PULLCACHE_UPSTREAMS_HUB_URL: adds an upstream whose name cannot be read from HUB or from the URL\'s host ("registry-1.docker.io"): set PULLCACHE_UPSTREAMS_HUB_NAME to its name',
+      'PULLCACHE_UPSTREAMS_GHCR_IO_TAGTTL: names no config key (upstreams: DOCKER_IO; PULLCACHE_UPSTREAMS_<X>_URL adds one)',
+    ]);
+  });
+
+  test('a number that is not one is shown as given', () => {
+    expect(
+      problems(() =>
+        loadConfig({
+          env: {
+            PULLCACHE_UPSTREAMS_DOCKER_IO_RETRIES: 'abc',
+            PULLCACHE_CACHE_MEMORYENTRIES: '-1',
+          },
+        }),
+      ),
+    ).toEqual([
+      'cache.memoryEntries: expected a number at least 0, got -1',
+      'upstreams.docker.io.retries: expected number, got "abc"',
+    ]);
+    expect(
+      loadConfig({ env: { PULLCACHE_UPSTREAMS_DOCKER_IO_RETRIES: '5' } }).upstreams['docker.io']!
+        .retries,
+    ).toBe(5);
+  });
+
+  test('pullcache config prints durations and sizes in their units, and loads back the same', async () => {
+    const file = yamlFile(`
+server:
+  cacheWriteTimeout: 1500ms
+storage:
+  uploads:
+    purgeAge: 36h
+upstreams:
+  docker.io:
+    url: https://registry-1.docker.io
+    tagTTL: 90s
+    maxManifestSize: 1GB
+    timeouts:
+      connect: 2d
+  ghcr.io:
+    url: https://ghcr.io
+    maxManifestSize: 1500
+`);
+    const { stdout } = await run('npx', ['tsx', 'src/cli.ts', 'config', '--config', file], {
+      env: { ...process.env },
+    });
+    for (const line of [
+      'cacheWriteTimeout: 1500ms',
+      'purgeAge: 36h',
+      'purgeInterval: 1h',
+      'tagTTL: 90s',
+      'tagTTL: 5m',
+      'maxManifestSize: 1GB',
+      'maxManifestSize: 1500B',
+      'connect: 2d',
+      'headers: 30s',
+    ])
+      expect(stdout).toContain(line);
+    // The only large number left is a count.
+    expect(stdout.match(/\w+: \d{4,}$/gm)).toEqual(['memoryEntries: 10000']);
+    expect(loadConfig({ file: yamlFile(stdout), env: {} })).toEqual(loadConfig({ file, env: {} }));
+  });
+
+  test('pullcache config with no upstream exits 2 naming upstreams', async () => {
+    const err = (await run(
+      'npx',
+      ['tsx', 'src/cli.ts', 'config', '--config', yamlFile('upstreams: {}\n')],
+      { env: { ...process.env } },
+    ).catch((e: unknown) => e)) as { code: number; stderr: string };
+    expect(err.code).toBe(2);
+    expect(err.stderr).toContain('upstreams: expected at least one upstream');
   });
 });
