@@ -7,6 +7,12 @@ export interface UpstreamStatus {
 
 import { Counter, Gauge, Registry, collectDefaultMetrics } from 'prom-client';
 
+export interface StorageStatus {
+  /** Undefined until the start-up scan has counted storage. */
+  bytes: number | undefined;
+  limit: number;
+}
+
 export class Metrics {
   readonly registry = new Registry();
   readonly requests = new Counter({
@@ -28,7 +34,49 @@ export class Metrics {
     registers: [this.registry],
   });
 
+  readonly evictions = new Counter({
+    name: 'pullcache_evictions_total',
+    help: 'Images and blobs evicted, by reason: size (the budget), unused (retention.unusedFor), manual (rm)',
+    labelNames: ['reason'] as const,
+    registers: [this.registry],
+  });
+  readonly evictedBytes = new Counter({
+    name: 'pullcache_evicted_bytes_total',
+    help: 'Bytes removed from storage by evictions',
+    registers: [this.registry],
+  });
+  readonly gcRuns = new Counter({
+    name: 'pullcache_gc_runs_total',
+    help: 'Garbage collections run (the sweep and pullcache gc)',
+    registers: [this.registry],
+  });
+  private storageStatus: () => StorageStatus = () => ({ bytes: undefined, limit: 0 });
+
+  /** Where the storage gauges read their values (the lifecycle, once it exists). */
+  setStorageStatus(status: () => StorageStatus): void {
+    this.storageStatus = status;
+  }
+
   constructor(options: { defaults?: boolean; status?: () => UpstreamStatus[] } = {}) {
+    // eslint-disable-next-line @typescript-eslint/no-this-alias
+    const metrics = this;
+    new Gauge({
+      name: 'pullcache_storage_bytes',
+      help: 'Bytes of content in storage (blobs and manifests), once the start-up scan is done',
+      registers: [this.registry],
+      collect() {
+        const { bytes } = metrics.storageStatus();
+        if (bytes !== undefined) this.set(bytes);
+      },
+    });
+    new Gauge({
+      name: 'pullcache_storage_limit_bytes',
+      help: 'retention.maxSize: most bytes of content kept; 0 when there is no limit',
+      registers: [this.registry],
+      collect() {
+        this.set(metrics.storageStatus().limit);
+      },
+    });
     if (options.defaults) collectDefaultMetrics({ register: this.registry });
     const status = options.status ?? (() => []);
     new Gauge({

@@ -24,7 +24,11 @@ import {
   type OpenResult,
   type StatResult,
   type StorageDriver,
+  type StoredBlob,
 } from './types.js';
+
+/** Blobs stat'ed at once when listing storage. */
+const LIST_BATCH = 64;
 
 export interface BlobStoreOptions {
   deleteEnabled?: boolean;
@@ -94,8 +98,7 @@ export class DriverBlobStore implements BlobStore {
     if (!this.options.deleteEnabled) throw new UnsupportedError('deletes are disabled');
     const stat = await this.stat(digest);
     if (!stat.found) throw new BlobUnknownError(digest);
-    const data = paths.blobData(digest);
-    await this.driver.delete(data.slice(0, data.lastIndexOf('/')));
+    await this.remove(digest);
   }
 
   async put(content: Uint8Array, digest: Digest, mediaType?: string): Promise<Descriptor> {
@@ -111,6 +114,41 @@ export class DriverBlobStore implements BlobStore {
       throw err;
     }
     return writer.commit({ digest, size: content.length, ...(mediaType ? { mediaType } : {}) });
+  }
+
+  async *list(): AsyncIterable<StoredBlob> {
+    for (const algorithm of await this.driver.list(paths.blobsRoot())) {
+      for (const prefix of await this.driver.list(`${paths.blobsRoot()}/${algorithm}`)) {
+        const hexes = await this.driver.list(`${paths.blobsRoot()}/${algorithm}/${prefix}`);
+        // Stat in parallel batches: 100,000 blobs one after the other take several seconds.
+        for (let i = 0; i < hexes.length; i += LIST_BATCH) {
+          const batch = hexes.slice(i, i + LIST_BATCH).map(async (hex) => {
+            let digest: Digest;
+            try {
+              digest = parseDigest(`${algorithm}:${hex}`).digest;
+            } catch {
+              return undefined; // not ours
+            }
+            const info = await this.driver.stat(paths.blobData(digest));
+            return info && !info.isDirectory
+              ? { digest, size: info.size, pulledAt: info.modTime.getTime() }
+              : undefined;
+          });
+          for (const blob of await Promise.all(batch)) if (blob) yield blob;
+        }
+      }
+    }
+  }
+
+  async remove(digest: Digest): Promise<void> {
+    const data = paths.blobData(digest);
+    await this.driver.delete(data.slice(0, data.lastIndexOf('/')));
+  }
+
+  async markPulled(digest: Digest, at: number): Promise<void> {
+    await this.driver.touch(paths.blobData(digest), new Date(at)).catch((err: unknown) => {
+      if (!(err instanceof PathNotFoundError)) throw err;
+    });
   }
 
   async purgeUploads(olderThan: Date): Promise<number> {

@@ -36,14 +36,18 @@ export class FilesystemDriver implements StorageDriver {
 
   async putContent(p: string, content: Uint8Array | string): Promise<void> {
     const full = this.resolve(p);
-    await fs.mkdir(path.dirname(full), { recursive: true });
     const tmp = `${full}.tmp-${randomUUID()}`;
-    try {
-      await fs.writeFile(tmp, content);
-      await fs.rename(tmp, full);
-    } catch (err) {
-      await fs.rm(tmp, { force: true });
-      throw err;
+    // Twice at most: an eviction may prune the (empty) directory between mkdir and the write.
+    for (let attempt = 1; ; attempt++) {
+      await fs.mkdir(path.dirname(full), { recursive: true });
+      try {
+        await fs.writeFile(tmp, content);
+        await fs.rename(tmp, full);
+        return;
+      } catch (err) {
+        await fs.rm(tmp, { force: true });
+        if (attempt === 2 || !isNotFound(err)) throw err;
+      }
     }
   }
 
@@ -98,6 +102,57 @@ export class FilesystemDriver implements StorageDriver {
 
   async delete(p: string): Promise<void> {
     await fs.rm(this.resolve(p), { recursive: true, force: true });
+  }
+
+  async deleteEmpty(p: string, options: { recursive?: boolean } = {}): Promise<void> {
+    const prune = async (full: string): Promise<void> => {
+      if (options.recursive !== false) {
+        let entries: import('node:fs').Dirent[];
+        try {
+          entries = await fs.readdir(full, { withFileTypes: true });
+        } catch {
+          return; // gone, or not a directory
+        }
+        for (const entry of entries)
+          if (entry.isDirectory()) await prune(path.join(full, entry.name));
+      }
+      // rmdir refuses a directory that is not empty: a file written meanwhile keeps its place.
+      await fs.rmdir(full).catch(() => {});
+    };
+    await prune(this.resolve(p));
+  }
+
+  async touch(p: string, time: Date): Promise<void> {
+    try {
+      await fs.utimes(this.resolve(p), time, time);
+    } catch (err) {
+      throw notFound(err, p);
+    }
+  }
+
+  async createExclusive(p: string, content: string): Promise<boolean> {
+    const full = this.resolve(p);
+    await fs.mkdir(path.dirname(full), { recursive: true });
+    // Written whole under a temporary name, then linked into place: link() fails when the name
+    // exists, so no reader ever sees a half-written file and only one creator wins.
+    const tmp = `${full}.tmp-${randomUUID()}`;
+    await fs.writeFile(tmp, content);
+    try {
+      await fs.link(tmp, full);
+      return true;
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === 'EEXIST') return false;
+      throw err;
+    } finally {
+      await fs.rm(tmp, { force: true });
+    }
+  }
+
+  async space(): Promise<{ free: number; total: number }> {
+    await fs.mkdir(this.root, { recursive: true });
+    const s = await fs.statfs(this.root);
+    // bavail: what an unprivileged writer may still use (root's reserve excluded).
+    return { free: s.bavail * s.bsize, total: s.blocks * s.bsize };
   }
 }
 

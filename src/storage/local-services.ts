@@ -85,6 +85,11 @@ export class LocalManifestService implements ManifestService {
     return { found: true, ...entry };
   }
 
+  /** Drops a manifest from memory (after it left storage). */
+  forget(repo: RepositoryKey, digest: Digest): void {
+    this.hot.delete(keys.manifest(repo, digest));
+  }
+
   async put(
     repo: RepositoryKey,
     bytes: Buffer,

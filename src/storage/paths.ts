@@ -6,6 +6,9 @@
  * <root>/
  * ├── blobs/                                  content, shared by every upstream and repository
  * │   └── <algorithm>/<hex[0:2]>/<hex>/data
+ * ├── lifecycle/                              the cache's own records (see src/lifecycle/)
+ * │   ├── pins.json                           images pinned with `pullcache pin`
+ * │   └── owner.json                          the process that evicts: {pid, host, url, expiresAt}
  * ├── uploads/                                upload sessions; never visible as blobs
  * │   └── <uuid>/
  * │       ├── data
@@ -17,6 +20,7 @@
  *             ├── revisions/<algorithm>/<hex>/link   JSON {digest, mediaType, size}
  *             └── tags/<tag>/current/link            JSON {digest, confirmedAt}
  * ```
+ * A blob data file's and a revision link's modification time is when it was last pulled.
  * Repository components cannot start with `_` (name grammar), so `_layers` and `_manifests`
  * never collide with a nested repository.
  */
@@ -33,6 +37,8 @@ export function isUploadId(id: string): boolean {
 
 export const paths = {
   blobsRoot: () => 'blobs',
+  pins: () => 'lifecycle/pins.json',
+  owner: () => 'lifecycle/owner.json',
   blobData(digest: Digest): string {
     const { algorithm, hex } = parseDigest(digest);
     return `blobs/${algorithm}/${hex.slice(0, 2)}/${hex}/data`;
@@ -56,6 +62,8 @@ export const paths = {
     const { algorithm, hex } = parseDigest(digest);
     return `${paths.repositoryRoot(repo)}/_layers/${algorithm}/${hex}/link`;
   },
+  layersRoot: (repo: RepositoryKey) => `${paths.repositoryRoot(repo)}/_layers`,
+  revisionsRoot: (repo: RepositoryKey) => `${paths.repositoryRoot(repo)}/_manifests/revisions`,
   manifestRevisionLink(repo: RepositoryKey, digest: Digest): string {
     const { algorithm, hex } = parseDigest(digest);
     return `${paths.repositoryRoot(repo)}/_manifests/revisions/${algorithm}/${hex}/link`;

@@ -78,6 +78,58 @@ export class DriverRepositoryStore implements RepositoryStore {
     return found.sort();
   }
 
+  async listManifests(repo: RepositoryKey): Promise<{ digest: Digest; pulledAt: number }[]> {
+    const found = await Promise.all(
+      (await this.linkedDigests(paths.revisionsRoot(repo))).map(async (digest) => {
+        const info = await this.driver.stat(paths.manifestRevisionLink(repo, digest));
+        return info ? { digest, pulledAt: info.modTime.getTime() } : undefined;
+      }),
+    );
+    return found.filter((m) => m !== undefined);
+  }
+
+  async listBlobLinks(repo: RepositoryKey): Promise<Digest[]> {
+    return this.linkedDigests(paths.layersRoot(repo));
+  }
+
+  async markManifestPulled(repo: RepositoryKey, digest: Digest, at: number): Promise<void> {
+    await this.driver
+      .touch(paths.manifestRevisionLink(repo, digest), new Date(at))
+      .catch((err: unknown) => {
+        if (!(err instanceof PathNotFoundError)) throw err;
+      });
+  }
+
+  async unlinkManifest(repo: RepositoryKey, digest: Digest): Promise<void> {
+    await this.driver.delete(parentDir(paths.manifestRevisionLink(repo, digest)));
+  }
+
+  async unlinkBlob(repo: RepositoryKey, digest: Digest): Promise<void> {
+    await this.driver.delete(parentDir(paths.layerLink(repo, digest)));
+  }
+
+  async prune(repo: RepositoryKey): Promise<void> {
+    for (const dir of REPOSITORY_DATA_DIRS)
+      await this.driver.deleteEmpty(`${paths.repositoryRoot(repo)}/${dir}`);
+    // The repository's own directory goes too when nothing (not even a nested repository) is left.
+    await this.driver.deleteEmpty(paths.repositoryRoot(repo), { recursive: false });
+  }
+
+  /** Digests under `<root>/<algorithm>/<hex>/link`. */
+  private async linkedDigests(root: string): Promise<Digest[]> {
+    const digests: Digest[] = [];
+    for (const algorithm of await this.driver.list(root)) {
+      for (const hex of await this.driver.list(`${root}/${algorithm}`)) {
+        try {
+          digests.push(parseDigest(`${algorithm}:${hex}`).digest);
+        } catch {
+          // not a digest: not ours
+        }
+      }
+    }
+    return digests;
+  }
+
   private async readJson(p: string): Promise<Record<string, unknown> | undefined> {
     try {
       const value: unknown = JSON.parse((await this.driver.getContent(p)).toString('utf8'));
@@ -90,3 +142,5 @@ export class DriverRepositoryStore implements RepositoryStore {
     }
   }
 }
+
+const parentDir = (p: string) => p.slice(0, p.lastIndexOf('/'));

@@ -48,6 +48,20 @@ export interface StorageDriver {
   move(from: string, to: string): Promise<void>;
   /** Removes a file or a directory tree; no error when nothing is there. */
   delete(path: string): Promise<void>;
+  /**
+   * Removes the empty directories at and under a path (only the path itself without
+   * `recursive`), deepest first; a directory with a file in it stays. No error when nothing is there.
+   */
+  deleteEmpty(path: string, options?: { recursive?: boolean }): Promise<void>;
+  /** Sets a file's modification time (last-pulled times live there); throws PathNotFoundError. */
+  touch(path: string, time: Date): Promise<void>;
+  /**
+   * Creates a small file only if nothing is at the path (an atomic test-and-set, for locks);
+   * resolves to false when something is there already.
+   */
+  createExclusive(path: string, content: string): Promise<boolean>;
+  /** Free and total bytes of the space holding storage; undefined where it has no such limit. */
+  space(): Promise<{ free: number; total: number } | undefined>;
 }
 
 export class PathNotFoundError extends Error {
@@ -142,6 +156,19 @@ export interface BlobStore {
   put(content: Uint8Array, digest: Digest, mediaType?: string): Promise<Descriptor>;
   /** Removes upload sessions started before `olderThan`; resolves to how many. */
   purgeUploads(olderThan: Date): Promise<number>;
+  /** Every stored blob with its size and last-pulled time (its modification time), in no order. */
+  list(): AsyncIterable<StoredBlob>;
+  /** Removes a blob whatever `deleteEnabled` says (eviction); no error when it is not stored. */
+  remove(digest: Digest): Promise<void>;
+  /** Records when the blob was last pulled; no error when it is not stored. */
+  markPulled(digest: Digest, at: number): Promise<void>;
+}
+
+export interface StoredBlob {
+  digest: Digest;
+  size: number;
+  /** Last pulled (ms since epoch): the data file's modification time. */
+  pulledAt: number;
 }
 
 /** Where a repository lives: repositories are kept per upstream, so names never collide. */
@@ -181,6 +208,18 @@ export interface RepositoryStore {
   listTags(repo: RepositoryKey): Promise<string[]>;
   /** Every repository of an upstream that holds anything, sorted. */
   listRepositories(upstream: string): Promise<string[]>;
+  /** The manifests a repository links, with when each was last pulled (ms since epoch). */
+  listManifests(repo: RepositoryKey): Promise<{ digest: Digest; pulledAt: number }[]>;
+  /** The blobs a repository links (layer links). */
+  listBlobLinks(repo: RepositoryKey): Promise<Digest[]>;
+  /** Records when a manifest of the repository was last pulled; no error when it is not linked. */
+  markManifestPulled(repo: RepositoryKey, digest: Digest, at: number): Promise<void>;
+  /** Removes the repository's link to a manifest; no error when there is none. */
+  unlinkManifest(repo: RepositoryKey, digest: Digest): Promise<void>;
+  /** Removes the repository's link to a blob; no error when there is none. */
+  unlinkBlob(repo: RepositoryKey, digest: Digest): Promise<void>;
+  /** Removes what is left of a repository that holds nothing any more (empty directories). */
+  prune(repo: RepositoryKey): Promise<void>;
 }
 
 // ---- the services a route uses; local stores and proxy stores implement the same contracts ----

@@ -1,0 +1,586 @@
+/**
+ * The cache's lifecycle: keeps the image graph in step with storage, records last-pulled times
+ * (in memory at once, in storage every few seconds), holds the budget by evicting the least
+ * recently pulled images in the background, runs the retention sweep and the collection, and
+ * answers `ls`, `du`, `pin`, `rm` and `gc`.
+ *
+ * Never evicted: pinned images, and anything being served or fetched at that moment.
+ */
+import type { Logger } from '../log/logger.js';
+import type { MetadataCache } from '../metadata/types.js';
+import type { Metrics } from '../metrics.js';
+import type { Digest } from '../oci/digest.js';
+import { isTag, type Tag } from '../oci/reference.js';
+import type { BlobStore, RepositoryKey, RepositoryStore, StorageDriver } from '../storage/types.js';
+import { ImageGraph, repositoryId, type Image, type RepositoryNode } from './image-graph.js';
+import { Ownership } from './owner.js';
+import { Pins } from './pins.js';
+import { Removal, type ManifestMemory } from './removal.js';
+import { manifestReferences, readReferences, scanStorage } from './scan.js';
+import type {
+  EvictionReason,
+  ImageInfo,
+  ImageRef,
+  RemovalReport,
+  RetentionConfig,
+  Usage,
+} from './types.js';
+import type { ParsedManifest } from '../oci/manifest.js';
+
+/** How often last-pulled times go to storage: never one write per request. */
+const FLUSH_INTERVAL_MS = 5000;
+/** How often the owner record is renewed (its TTL is 30 s). */
+const OWNER_RENEW_MS = 10_000;
+/** A blob no repository links is collected only this long after its last use: it may be a
+ * fetch between its commit and its link. */
+const UNLINKED_GRACE_MS = 10 * 60_000;
+/** How often free space is looked at when blobs are added (it is a system call). */
+const SPACE_CHECK_MS = 1000;
+/** Pulls remembered while the start-up scan runs, at most. */
+const PENDING_PULLS_MAX = 100_000;
+
+export interface LifecycleDeps {
+  retention: RetentionConfig;
+  /** Pins from the config (`retention.pins`); `pin` adds others, kept in storage. */
+  configPins: ImageRef[];
+  driver: StorageDriver;
+  blobs: BlobStore;
+  repositories: RepositoryStore;
+  cache: MetadataCache;
+  manifestMemory: ManifestMemory;
+  upstreams: string[];
+  log: Logger;
+  metrics: Metrics;
+  /** True while a fetch of the digest is in flight. */
+  fetching: (digest: Digest) => boolean;
+  /** Upload sessions older than this are collected by `gc` (ms). */
+  uploadsPurgeAge: number;
+  now?: () => number;
+}
+
+export class Lifecycle {
+  readonly graph = new ImageGraph();
+  private readonly log: Logger;
+  private readonly now: () => number;
+  private readonly removal: Removal;
+  private readonly pins: Pins;
+  readonly ownership: Ownership;
+  private scanned = false;
+  private scanning: Promise<void> | undefined;
+  private pendingPulls: [RepositoryKey, Digest, number][] = [];
+  private readonly serving = new Map<Digest, number>();
+  private dirtyManifests = new Map<string, { repo: RepositoryKey; digest: Digest; at: number }>();
+  private dirtyBlobs = new Map<Digest, number>();
+  /** The eviction running now; a second trigger joins it. */
+  private evicting: Promise<void> | undefined;
+  /** Bytes an eviction must free beyond the budget (a disk that filled up). */
+  private extraToFree = 0;
+  private lastSpaceCheck = 0;
+  private evictedBytes = 0;
+  private readonly timers: NodeJS.Timeout[] = [];
+  private tooLargeLogged = new Set<Digest>();
+
+  constructor(private readonly d: LifecycleDeps) {
+    this.log = d.log.child({ module: 'lifecycle' });
+    this.now = d.now ?? Date.now;
+    this.removal = new Removal({
+      graph: this.graph,
+      blobs: d.blobs,
+      repositories: d.repositories,
+      cache: d.cache,
+      manifestMemory: d.manifestMemory,
+      inUse: (digest) => this.inUse(digest),
+    });
+    this.pins = new Pins(d.driver, d.configPins);
+    this.ownership = new Ownership(d.driver);
+    d.metrics.setStorageStatus(() => ({
+      bytes: this.scanned ? this.graph.bytes : undefined,
+      limit: d.retention.maxSize,
+    }));
+  }
+
+  get retention(): RetentionConfig {
+    return this.d.retention;
+  }
+
+  get ready(): boolean {
+    return this.scanned;
+  }
+
+  /**
+   * Starts the background work: the scan of storage, then (as the owner) the budget and the
+   * sweep. `url` is where this process's admin API answers, for the commands.
+   */
+  start(options: { url?: string; sweep?: boolean } = {}): void {
+    if (options.url) this.ownership.setUrl(options.url);
+    this.scanning = this.scan();
+    const every = (ms: number, work: () => Promise<unknown>) => {
+      const t = setInterval(() => void work().catch((err: unknown) => this.warn(err)), ms);
+      t.unref();
+      this.timers.push(t);
+    };
+    every(FLUSH_INTERVAL_MS, () => this.flush());
+    every(OWNER_RENEW_MS, () => this.ownership.acquire());
+    if (options.sweep !== false && this.d.retention.sweepInterval > 0)
+      every(this.d.retention.sweepInterval, () => this.sweep());
+  }
+
+  /** Resolves once the start-up scan is done (at once for a lifecycle never started). */
+  async whenReady(): Promise<void> {
+    this.scanning ??= this.scan();
+    await this.scanning;
+  }
+
+  async close(): Promise<void> {
+    for (const t of this.timers) clearInterval(t);
+    await this.evicting?.catch(() => {});
+    await this.flush().catch((err: unknown) => this.warn(err));
+    await this.ownership.release().catch(() => {});
+  }
+
+  private async scan(): Promise<void> {
+    const started = this.now();
+    await this.pins.load();
+    await this.ownership.acquire();
+    const counts = await scanStorage({
+      graph: this.graph,
+      blobs: this.d.blobs,
+      repositories: this.d.repositories,
+      upstreams: this.d.upstreams,
+      log: this.log,
+    });
+    this.scanned = true;
+    for (const [repo, digest, at] of this.pendingPulls) this.pulled(repo, digest, at);
+    this.pendingPulls = [];
+    this.log.info(
+      {
+        ...counts,
+        bytes: this.graph.bytes,
+        durationMs: this.now() - started,
+        owner: this.ownership.isOwner,
+      },
+      'storage scanned',
+    );
+    this.checkBudget();
+  }
+
+  // ---- hooks: storage and serving tell the lifecycle what happens --------------------------
+
+  /** A blob was committed to storage. */
+  blobAdded(digest: Digest, size: number): void {
+    this.graph.addBlob(digest, size, this.now());
+    this.checkBudget();
+  }
+
+  blobLinked(repo: RepositoryKey, digest: Digest): void {
+    this.graph.linkBlob(repo, digest);
+  }
+
+  /** A manifest was linked to a repository; `manifest` when the caller parsed it already. */
+  async manifestLinked(
+    repo: RepositoryKey,
+    digest: Digest,
+    manifest?: ParsedManifest,
+  ): Promise<void> {
+    const references = manifest
+      ? manifestReferences(manifest)
+      : ((await readReferences(this.d.blobs, digest)) ?? { children: [], blobs: [] });
+    this.graph.addManifest(repo, digest, references, this.now());
+  }
+
+  tagSet(repo: RepositoryKey, tag: Tag, digest: Digest): void {
+    this.graph.setTag(repo, tag, digest);
+  }
+
+  tagDeleted(repo: RepositoryKey, tag: Tag): void {
+    this.graph.removeTag(repo, tag);
+  }
+
+  /** A manifest or blob of a repository was served (hits included). */
+  pulled(repo: RepositoryKey, digest: Digest, at = this.now()): void {
+    if (!this.scanned) {
+      if (this.pendingPulls.length < PENDING_PULLS_MAX) this.pendingPulls.push([repo, digest, at]);
+      return;
+    }
+    const changed = this.graph.markPulled(repo, digest, at);
+    for (const manifest of changed.manifests)
+      this.dirtyManifests.set(`${repositoryId(repo)}@${manifest}`, { repo, digest: manifest, at });
+    if (changed.blob) this.dirtyBlobs.set(digest, at);
+  }
+
+  /** A blob is being served: it is not evicted until the returned function is called. */
+  serve(digest: Digest): () => void {
+    this.serving.set(digest, (this.serving.get(digest) ?? 0) + 1);
+    let released = false;
+    return () => {
+      if (released) return;
+      released = true;
+      const n = (this.serving.get(digest) ?? 1) - 1;
+      if (n > 0) this.serving.set(digest, n);
+      else this.serving.delete(digest);
+    };
+  }
+
+  inUse(digest: Digest): boolean {
+    return this.serving.has(digest) || this.d.fetching(digest);
+  }
+
+  /**
+   * False for a blob larger than the whole budget: it is streamed to its clients and not kept
+   * (logged once per digest).
+   */
+  accepts(digest: Digest, size: number | undefined): boolean {
+    const max = this.d.retention.maxSize;
+    if (max === 0 || size === undefined || size <= max) return true;
+    if (!this.tooLargeLogged.has(digest)) {
+      this.tooLargeLogged.add(digest);
+      this.log.warn(
+        { digest, bytes: size, maxSize: max },
+        'blob larger than the whole budget: streamed, not kept',
+      );
+    }
+    return false;
+  }
+
+  /** Storage ran out of space: evict at least `bytes` more than the budget asks. */
+  diskFull(bytes: number): void {
+    this.extraToFree = Math.max(this.extraToFree, bytes);
+    this.log.warn({ bytes }, 'storage is full: evicting');
+    this.startEviction();
+  }
+
+  /** Writes the last-pulled times recorded since the last flush. */
+  async flush(): Promise<void> {
+    const manifests = this.dirtyManifests;
+    const blobs = this.dirtyBlobs;
+    this.dirtyManifests = new Map();
+    this.dirtyBlobs = new Map();
+    for (const { repo, digest, at } of manifests.values())
+      await this.d.repositories.markManifestPulled(repo, digest, at);
+    for (const [digest, at] of blobs) await this.d.blobs.markPulled(digest, at);
+  }
+
+  // ---- the budget ----------------------------------------------------------------------------
+
+  private checkBudget(): void {
+    if (!this.scanned || this.evicting) return;
+    const { maxSize, minFree } = this.d.retention;
+    if (maxSize > 0 && this.graph.bytes > maxSize) {
+      this.startEviction();
+      return;
+    }
+    if (minFree > 0 && this.now() - this.lastSpaceCheck >= SPACE_CHECK_MS) {
+      this.lastSpaceCheck = this.now();
+      void this.d.driver.space().then(
+        (space) => {
+          if (space && space.free < minFree) this.startEviction();
+        },
+        (err: unknown) => this.warn(err),
+      );
+    }
+  }
+
+  private startEviction(): void {
+    if (this.evicting || !this.scanned) return;
+    // In the background, never on a client's request path.
+    this.evicting = new Promise<void>((resolve) => setImmediate(resolve))
+      .then(() => (this.ownership.isOwner ? this.evictToBudget() : undefined))
+      .catch((err: unknown) => this.warn(err))
+      .finally(() => {
+        this.evicting = undefined;
+      });
+  }
+
+  /** Bytes to free now so that storage is back at the low-water mark. */
+  private async bytesToFree(): Promise<number> {
+    const { maxSize, minFree, lowWater } = this.d.retention;
+    let need = 0;
+    if (maxSize > 0 && this.graph.bytes > maxSize) need = this.graph.bytes - maxSize * lowWater;
+    if (minFree > 0 || this.extraToFree > 0) {
+      const space = await this.d.driver.space();
+      if (space && minFree > 0 && space.free < minFree)
+        need = Math.max(need, minFree * (2 - lowWater) - space.free);
+    }
+    return Math.max(need, this.extraToFree);
+  }
+
+  private async evictToBudget(): Promise<void> {
+    const need = await this.bytesToFree();
+    this.extraToFree = 0;
+    if (need <= 0) return;
+    const started = this.now();
+    const report = await this.evict('size', need);
+    this.log.info(
+      {
+        need: Math.round(need),
+        freed: report.bytes,
+        evicted: report.removed.length,
+        durationMs: this.now() - started,
+        bytes: this.graph.bytes,
+      },
+      'evicted least recently pulled images',
+    );
+    if (report.bytes < need)
+      this.log.warn(
+        { need: Math.round(need), freed: report.bytes },
+        'budget not reached: the rest is pinned or being served',
+      );
+  }
+
+  /** Evicts entries, least recently pulled first, until `need` bytes are free. */
+  private async evict(reason: EvictionReason, need: number): Promise<RemovalReport> {
+    const report: RemovalReport = { dryRun: false, removed: [], bytes: 0, problems: [] };
+    for (const victim of this.candidates()) {
+      if (report.bytes >= need) break;
+      await this.removeEntry(victim, reason, report);
+    }
+    return report;
+  }
+
+  /** Every image and orphan blob that may go, least recently pulled first. */
+  private candidates(): Entry[] {
+    const entries: Entry[] = [];
+    for (const node of this.graph.repositories.values()) {
+      for (const root of this.graph.roots(node)) {
+        const image = this.graph.image(node, root);
+        if (!this.pins.covers(node, image))
+          entries.push({ kind: 'image', node, image, pulledAt: image.pulledAt });
+      }
+    }
+    for (const blob of this.graph.orphans())
+      if (blob.links.size > 0)
+        entries.push({ kind: 'blob', digest: blob.digest, pulledAt: blob.pulledAt });
+    return entries.sort((a, b) => a.pulledAt - b.pulledAt);
+  }
+
+  /** Removes one entry unless it is being served; records it in the report and the metrics. */
+  private async removeEntry(
+    entry: Entry,
+    reason: EvictionReason,
+    report: RemovalReport,
+  ): Promise<void> {
+    let bytes: number;
+    let name: string;
+    if (entry.kind === 'image') {
+      if (entry.image.blobs.some((d) => this.inUse(d))) return;
+      // Pulled again since the list was made: it is no longer the least recently pulled.
+      const root = entry.node.manifests.get(entry.image.digest);
+      if (!root || root.pulledAt > entry.pulledAt) return;
+      bytes = await this.removal.removeImage(entry.node, entry.image);
+      name = this.references(entry.node.key, entry.image).join(', ');
+    } else {
+      if (this.inUse(entry.digest)) return;
+      bytes = await this.removal.removeOrphan(entry.digest);
+      name = entry.digest;
+    }
+    report.removed.push({ kind: entry.kind, name, bytes });
+    report.bytes += bytes;
+    this.evictedBytes += bytes;
+    this.d.metrics.evictions.inc({ reason });
+    this.d.metrics.evictedBytes.inc(bytes);
+    this.log.info({ reason, entry: name, bytes }, 'evicted');
+  }
+
+  // ---- the sweep: retention and collection ------------------------------------------------
+
+  /** Removes images not pulled for `unusedFor`, then collects garbage. */
+  async sweep(): Promise<RemovalReport> {
+    await this.whenReady();
+    const report: RemovalReport = { dryRun: false, removed: [], bytes: 0, problems: [] };
+    if (!this.ownership.isOwner) return report;
+    const { unusedFor } = this.d.retention;
+    if (unusedFor > 0) {
+      const before = this.now() - unusedFor;
+      for (const entry of this.candidates()) {
+        if (entry.pulledAt >= before) break;
+        await this.removeEntry(entry, 'unused', report);
+      }
+    }
+    const collected = await this.collect(false);
+    report.removed.push(...collected.removed);
+    report.bytes += collected.bytes;
+    return report;
+  }
+
+  /**
+   * The collection: tags pointing at no manifest, manifest links without their bytes, layer
+   * links without their blob, blobs no repository holds (after a grace), old upload sessions.
+   */
+  async collect(dryRun: boolean): Promise<RemovalReport> {
+    await this.whenReady();
+    const report: RemovalReport = { dryRun, removed: [], bytes: 0, problems: [] };
+    const { graph } = this;
+    const { repositories } = this.d;
+    for (const node of [...graph.repositories.values()]) {
+      const repo = node.key;
+      for (const [tag, digest] of [...node.tags]) {
+        if (node.manifests.has(digest)) continue;
+        report.removed.push({
+          kind: 'image',
+          name: `${repositoryId(repo)}:${tag} (tag of a missing manifest)`,
+          bytes: 0,
+        });
+        if (!dryRun) {
+          await this.d.cache.deleteTag(repo, tag);
+          await repositories.deleteTag(repo, tag);
+          graph.removeTag(repo, tag);
+        }
+      }
+      for (const manifest of [...node.manifests.values()]) {
+        if (graph.blobs.has(manifest.digest) || this.inUse(manifest.digest)) continue;
+        report.removed.push({
+          kind: 'image',
+          name: `${repositoryId(repo)}@${manifest.digest} (manifest without its bytes)`,
+          bytes: 0,
+        });
+        if (!dryRun) {
+          this.d.manifestMemory.forget(repo, manifest.digest);
+          await this.d.cache.deleteManifest(repo, manifest.digest);
+          await repositories.unlinkManifest(repo, manifest.digest);
+          graph.removeManifest(repo, manifest.digest);
+        }
+      }
+      for (const digest of [...node.links]) {
+        if (graph.blobs.has(digest) || this.inUse(digest)) continue;
+        if (!dryRun) {
+          await this.d.cache.deleteRepositoryDescriptor(repo, digest);
+          await repositories.unlinkBlob(repo, digest);
+          graph.unlinkBlob(repo, digest);
+        }
+      }
+      if (!dryRun && graph.pruneRepository(repo)) await repositories.prune(repo);
+    }
+    const before = this.now() - UNLINKED_GRACE_MS;
+    for (const blob of [...graph.orphans()]) {
+      if (blob.links.size > 0 || blob.pulledAt >= before || this.inUse(blob.digest)) continue;
+      const bytes = dryRun ? blob.size : await this.removal.removeOrphan(blob.digest);
+      report.removed.push({ kind: 'blob', name: blob.digest, bytes });
+      report.bytes += bytes;
+    }
+    if (!dryRun) {
+      const purged = await this.d.blobs.purgeUploads(new Date(this.now() - this.d.uploadsPurgeAge));
+      if (purged > 0)
+        report.removed.push({ kind: 'upload', name: `${purged} upload sessions`, bytes: 0 });
+      this.d.metrics.gcRuns.inc();
+    }
+    return report;
+  }
+
+  // ---- what the commands and the admin API ask -------------------------------------------
+
+  references(repo: RepositoryKey, image: Image): string[] {
+    const base = `${repo.upstream}/${repo.repository}`;
+    return image.tags.length > 0
+      ? image.tags.map((tag) => `${base}:${tag}`)
+      : [`${base}@${image.digest}`];
+  }
+
+  async images(): Promise<ImageInfo[]> {
+    await this.whenReady();
+    const out: ImageInfo[] = [];
+    for (const node of this.graph.repositories.values()) {
+      for (const root of this.graph.roots(node)) {
+        const image = this.graph.image(node, root);
+        out.push({
+          references: this.references(node.key, image),
+          upstream: node.key.upstream,
+          repository: node.key.repository,
+          digest: image.digest,
+          size: image.ownBytes + image.sharedBytes,
+          ownBytes: image.ownBytes,
+          sharedBytes: image.sharedBytes,
+          lastPulled: new Date(image.pulledAt).toISOString(),
+          pinned: this.pins.covers(node, image),
+        });
+      }
+    }
+    return out;
+  }
+
+  async usage(): Promise<Usage> {
+    const space = await this.d.driver.space().catch(() => undefined);
+    let images = 0;
+    let orphans = 0;
+    for (const node of this.graph.repositories.values()) images += this.graph.roots(node).length;
+    for (const _ of this.graph.orphans()) orphans++;
+    return {
+      bytes: this.graph.bytes,
+      blobs: this.graph.blobs.size,
+      images,
+      orphanBlobs: orphans,
+      maxSize: this.d.retention.maxSize,
+      minFree: this.d.retention.minFree,
+      free: space ? space.free : null,
+      evictedBytes: this.evictedBytes,
+      ready: this.scanned,
+    };
+  }
+
+  pinned(): string[] {
+    return this.pins.list();
+  }
+
+  async pin(refs: ImageRef[]): Promise<void> {
+    await this.pins.add(refs);
+  }
+
+  /** Resolves to the references that were not pinned with `pin` (config pins stay). */
+  async unpin(refs: ImageRef[]): Promise<string[]> {
+    return this.pins.remove(refs);
+  }
+
+  /** Removes images now, with the blobs no kept image holds. */
+  async remove(refs: ImageRef[], dryRun: boolean): Promise<RemovalReport> {
+    await this.whenReady();
+    const report: RemovalReport = { dryRun, removed: [], bytes: 0, problems: [] };
+    for (const ref of refs) {
+      const node = this.graph.repositories.get(`${ref.upstream}/${ref.repository}`);
+      const matches = node ? this.matching(node, ref) : [];
+      if (matches.length === 0) {
+        report.problems.push(`${ref.reference}: not cached`);
+        continue;
+      }
+      for (const image of matches) {
+        const names = this.references(node!.key, image).join(', ');
+        if (this.pins.covers(node!, image)) {
+          report.problems.push(`${names}: pinned (unpin it first)`);
+          continue;
+        }
+        if (image.blobs.some((d) => this.inUse(d))) {
+          report.problems.push(`${names}: being served now; try again`);
+          continue;
+        }
+        if (dryRun) {
+          report.removed.push({ kind: 'image', name: names, bytes: image.ownBytes });
+          report.bytes += image.ownBytes;
+        } else {
+          await this.removeEntry(
+            { kind: 'image', node: node!, image, pulledAt: Infinity },
+            'manual',
+            report,
+          );
+        }
+      }
+    }
+    return report;
+  }
+
+  /** The images of a repository a reference names: by tag, by digest, or all without either. */
+  private matching(node: RepositoryNode, ref: ImageRef): Image[] {
+    const images = this.graph.roots(node).map((root) => this.graph.image(node, root));
+    if (ref.digest) return images.filter((i) => i.manifests.includes(ref.digest!));
+    if (ref.tag && isTag(ref.tag)) {
+      const target = node.tags.get(ref.tag);
+      return target ? images.filter((i) => i.manifests.includes(target)) : [];
+    }
+    return images;
+  }
+
+  private warn(err: unknown): void {
+    this.log.warn({ err: (err as Error).message ?? String(err) }, 'lifecycle work failed');
+  }
+}
+
+type Entry =
+  | { kind: 'image'; node: RepositoryNode; image: Image; pulledAt: number }
+  | { kind: 'blob'; digest: Digest; pulledAt: number };

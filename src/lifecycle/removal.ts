@@ -1,0 +1,123 @@
+/**
+ * Removing content from storage in the one order that leaves a consistent cache at every step,
+ * so that a process killed at any moment leaves nothing the cache would answer for in part:
+ *
+ *   1. the image's tags          (no tag ever points at a missing manifest)
+ *   2. its manifest links, root first (a child left behind is an image of its own, whole)
+ *   3. the repository's layer links to blobs none of its kept manifests holds
+ *   4. blob data no manifest holds and no repository links (never a blob a kept manifest had)
+ *
+ * What a crash leaves between those steps is whole images and unlinked blobs, which the next
+ * collection (`gc`) removes. Every metadata cache in front of storage forgets each entry before
+ * and after it leaves storage: a request in between can only fill a cache from what is still
+ * there, and the second pass removes that too.
+ */
+import type { MetadataCache } from '../metadata/types.js';
+import type { Digest } from '../oci/digest.js';
+import type { BlobStore, RepositoryKey, RepositoryStore } from '../storage/types.js';
+import type { Image, ImageGraph, RepositoryNode } from './image-graph.js';
+
+/** What lives in memory in front of storage besides the metadata cache (the manifest LRU). */
+export interface ManifestMemory {
+  forget(repo: RepositoryKey, digest: Digest): void;
+}
+
+export interface RemovalDeps {
+  graph: ImageGraph;
+  blobs: BlobStore;
+  repositories: RepositoryStore;
+  cache: MetadataCache;
+  manifestMemory: ManifestMemory;
+  /** True while a blob is being served or fetched: it stays. */
+  inUse: (digest: Digest) => boolean;
+}
+
+export class Removal {
+  constructor(private readonly d: RemovalDeps) {}
+
+  /** Removes an image and what only it held; resolves to the bytes that left storage. */
+  async removeImage(node: RepositoryNode, image: Image): Promise<number> {
+    const { graph, repositories } = this.d;
+    const repo = node.key;
+    const before = graph.bytes;
+    const forget = () => this.forgetImage(repo, image);
+    await forget();
+    for (const tag of image.tags) {
+      await repositories.deleteTag(repo, tag);
+      graph.removeTag(repo, tag);
+    }
+    // Root first: a child manifest left by a crash is then an image of its own, not a part.
+    for (const digest of image.manifests) {
+      const manifest = node.manifests.get(digest);
+      // A child another kept index of the repository also references stays with that one.
+      if (!manifest || [...manifest.parents].some((p) => !image.manifests.includes(p))) continue;
+      await repositories.unlinkManifest(repo, digest);
+      graph.removeManifest(repo, digest);
+    }
+    await this.dropUnheld(node, image.blobs);
+    await forget();
+    await this.pruneRepository(repo);
+    return before - graph.bytes;
+  }
+
+  /** Removes a blob no manifest holds, with every repository's link to it. */
+  async removeOrphan(digest: Digest): Promise<number> {
+    const { graph, repositories, cache } = this.d;
+    const blob = graph.blobs.get(digest);
+    if (!blob || graph.refs(digest) > 0 || this.d.inUse(digest)) return 0;
+    for (const id of [...blob.links]) {
+      const repo = graph.repositoryKey(id);
+      if (!repo) continue;
+      await cache.deleteRepositoryDescriptor(repo, digest);
+      await repositories.unlinkBlob(repo, digest);
+      graph.unlinkBlob(repo, digest);
+      await cache.deleteRepositoryDescriptor(repo, digest);
+      await this.pruneRepository(repo);
+    }
+    return this.removeData(digest);
+  }
+
+  /**
+   * Layer links of the repository to blobs none of its manifests holds any more, then the data
+   * of those no manifest and no repository holds.
+   */
+  private async dropUnheld(node: RepositoryNode, blobs: Digest[]): Promise<void> {
+    const { graph, repositories, cache } = this.d;
+    const repo = node.key;
+    for (const digest of blobs) {
+      if (node.blobHolders.has(digest) || !node.links.has(digest)) continue;
+      await cache.deleteRepositoryDescriptor(repo, digest);
+      await repositories.unlinkBlob(repo, digest);
+      graph.unlinkBlob(repo, digest);
+      await cache.deleteRepositoryDescriptor(repo, digest);
+    }
+    for (const digest of blobs) {
+      const blob = graph.blobs.get(digest);
+      if (blob && graph.refs(digest) === 0 && blob.links.size === 0) await this.removeData(digest);
+    }
+  }
+
+  private async removeData(digest: Digest): Promise<number> {
+    const { graph, blobs, cache } = this.d;
+    const blob = graph.blobs.get(digest);
+    if (!blob || this.d.inUse(digest)) return 0;
+    await cache.deleteDescriptor(digest);
+    await blobs.remove(digest);
+    graph.removeBlob(digest);
+    await cache.deleteDescriptor(digest);
+    return blob.size;
+  }
+
+  private async forgetImage(repo: RepositoryKey, image: Image): Promise<void> {
+    const { cache, manifestMemory } = this.d;
+    for (const tag of image.tags) await cache.deleteTag(repo, tag);
+    for (const digest of image.manifests) {
+      manifestMemory.forget(repo, digest);
+      await cache.deleteManifest(repo, digest);
+    }
+  }
+
+  private async pruneRepository(repo: RepositoryKey): Promise<void> {
+    if (this.d.graph.pruneRepository(repo)) await this.d.repositories.prune(repo);
+  }
+}

@@ -1,0 +1,83 @@
+/**
+ * Contracts of the cache's lifecycle: the budget, last-pulled times, pins, eviction and garbage
+ * collection, and what `ls`, `du`, `pin`, `rm` and `gc` (commands and admin API) see.
+ */
+import type { Digest } from '../oci/digest.js';
+import type { Repository, Tag } from '../oci/reference.js';
+
+export interface RetentionConfig {
+  /** Most bytes of content kept; 0: no limit. */
+  maxSize: number;
+  /** Bytes to leave free on the file system holding storage; 0: no such rule. */
+  minFree: number;
+  /** An eviction frees down to this share (0..1] of maxSize (and of minFree's room). */
+  lowWater: number;
+  /** Images not pulled for this long (ms) are removed by the sweep; 0: never. */
+  unusedFor: number;
+  /** How often (ms) the sweep (unusedFor and the collection) runs. */
+  sweepInterval: number;
+}
+
+/** An image as people name it, parsed by the caller's routing rules. */
+export interface ImageRef {
+  upstream: string;
+  repository: Repository;
+  tag?: Tag;
+  digest?: Digest;
+  /** As given, for messages: `docker.io/library/node:20`. */
+  reference: string;
+}
+
+export type EvictionReason = 'size' | 'unused' | 'manual';
+
+/** One cached image, as `ls --json` and the admin API print it; keep the fields stable. */
+export interface ImageInfo {
+  /** Full references: `docker.io/library/node:20`; the digest form when it has no tag. */
+  references: string[];
+  upstream: string;
+  repository: string;
+  digest: Digest;
+  /** Bytes of the image: its own plus those it shares with other images. */
+  size: number;
+  ownBytes: number;
+  sharedBytes: number;
+  /** ISO 8601. */
+  lastPulled: string;
+  pinned: boolean;
+}
+
+/** What `du --json` and the admin API print; keep the fields stable. */
+export interface Usage {
+  /** Bytes of content kept (blobs and manifests). */
+  bytes: number;
+  blobs: number;
+  images: number;
+  /** Blobs no image holds (interrupted pulls, blobs fetched by digest). */
+  orphanBlobs: number;
+  /** 0: no limit. */
+  maxSize: number;
+  minFree: number;
+  /** Free bytes on the file system holding storage; null where it has no such limit. */
+  free: number | null;
+  /** Bytes evicted since the process started. */
+  evictedBytes: number;
+  /** False until the start-up scan of storage has finished. */
+  ready: boolean;
+}
+
+/** One thing removed (or that would be) by `rm`, `gc` or an eviction. */
+export interface Removal {
+  kind: 'image' | 'blob' | 'upload';
+  /** The image's references, or the blob's digest, or the upload id. */
+  name: string;
+  /** Bytes that left storage with it. */
+  bytes: number;
+}
+
+export interface RemovalReport {
+  dryRun: boolean;
+  removed: Removal[];
+  bytes: number;
+  /** References that named nothing cached, or what could not be removed and why. */
+  problems: string[];
+}
