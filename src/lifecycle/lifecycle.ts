@@ -59,7 +59,11 @@ export interface LifecycleDeps {
 }
 
 export class Lifecycle {
-  readonly graph = new ImageGraph();
+  private current = new ImageGraph();
+  /** While a rescan builds a fresh graph: the changes to apply to it as well. */
+  private replay: ((graph: ImageGraph) => void)[] | undefined;
+  /** Evictions, sweeps, removals and rescans run one at a time, in this chain. */
+  private work: Promise<unknown> = Promise.resolve();
   private readonly log: Logger;
   private readonly now: () => number;
   private readonly removal: Removal;
@@ -84,7 +88,7 @@ export class Lifecycle {
     this.log = d.log.child({ module: 'lifecycle' });
     this.now = d.now ?? Date.now;
     this.removal = new Removal({
-      graph: this.graph,
+      graph: () => this.graph,
       blobs: d.blobs,
       repositories: d.repositories,
       cache: d.cache,
@@ -97,6 +101,11 @@ export class Lifecycle {
       bytes: this.scanned ? this.graph.bytes : undefined,
       limit: d.retention.maxSize,
     }));
+  }
+
+  /** The graph as it stands (a rescan replaces it). */
+  get graph(): ImageGraph {
+    return this.current;
   }
 
   get retention(): RetentionConfig {
@@ -143,7 +152,7 @@ export class Lifecycle {
     await this.pins.load();
     await this.ownership.acquire();
     const counts = await scanStorage({
-      graph: this.graph,
+      graph: this.current,
       blobs: this.d.blobs,
       repositories: this.d.repositories,
       upstreams: this.d.upstreams,
@@ -168,12 +177,13 @@ export class Lifecycle {
 
   /** A blob was committed to storage. */
   blobAdded(digest: Digest, size: number): void {
-    this.graph.addBlob(digest, size, this.now());
+    const at = this.now();
+    this.change((g) => g.addBlob(digest, size, at));
     this.checkBudget();
   }
 
   blobLinked(repo: RepositoryKey, digest: Digest): void {
-    this.graph.linkBlob(repo, digest);
+    this.change((g) => g.linkBlob(repo, digest));
   }
 
   /** A manifest was linked to a repository; `manifest` when the caller parsed it already. */
@@ -185,15 +195,29 @@ export class Lifecycle {
     const references = manifest
       ? manifestReferences(manifest)
       : ((await readReferences(this.d.blobs, digest)) ?? { children: [], blobs: [] });
-    this.graph.addManifest(repo, digest, references, this.now());
+    const at = this.now();
+    this.change((g) => g.addManifest(repo, digest, references, at));
   }
 
   tagSet(repo: RepositoryKey, tag: Tag, digest: Digest): void {
-    this.graph.setTag(repo, tag, digest);
+    this.change((g) => g.setTag(repo, tag, digest));
   }
 
   tagDeleted(repo: RepositoryKey, tag: Tag): void {
-    this.graph.removeTag(repo, tag);
+    this.change((g) => g.removeTag(repo, tag));
+  }
+
+  /** Applies a change to the graph, and to the one a rescan is building. */
+  private change(apply: (graph: ImageGraph) => void): void {
+    apply(this.current);
+    this.replay?.push(apply);
+  }
+
+  /** Runs lifecycle work after the work before it: never two evictions at once. */
+  private serially<T>(work: () => Promise<T>): Promise<T> {
+    const run = this.work.then(work);
+    this.work = run.catch(() => {});
+    return run;
   }
 
   /** A manifest or blob of a repository was served (hits included). */
@@ -202,7 +226,8 @@ export class Lifecycle {
       if (this.pendingPulls.length < PENDING_PULLS_MAX) this.pendingPulls.push([repo, digest, at]);
       return;
     }
-    const changed = this.graph.markPulled(repo, digest, at);
+    this.replay?.push((g) => g.markPulled(repo, digest, at));
+    const changed = this.current.markPulled(repo, digest, at);
     for (const manifest of changed.manifests)
       this.dirtyManifests.set(`${repositoryId(repo)}@${manifest}`, { repo, digest: manifest, at });
     if (changed.blob) this.dirtyBlobs.set(digest, at);
@@ -284,7 +309,9 @@ export class Lifecycle {
     if (this.evicting || !this.scanned) return;
     // In the background, never on a client's request path.
     this.evicting = new Promise<void>((resolve) => setImmediate(resolve))
-      .then(() => (this.ownership.isOwner ? this.evictToBudget() : undefined))
+      .then(() =>
+        this.serially(() => (this.ownership.isOwner ? this.evictToBudget() : Promise.resolve())),
+      )
       .catch((err: unknown) => this.warn(err))
       .finally(() => {
         this.evicting = undefined;
@@ -383,31 +410,75 @@ export class Lifecycle {
 
   // ---- the sweep: retention and collection ------------------------------------------------
 
-  /** Removes images not pulled for `unusedFor`, then collects garbage. */
+  /**
+   * Counts storage afresh (another process, a prefetch or an import, may have added to it),
+   * removes images not pulled for `unusedFor`, collects garbage, and holds the budget.
+   */
   async sweep(): Promise<RemovalReport> {
     await this.whenReady();
-    const report: RemovalReport = { dryRun: false, removed: [], bytes: 0, problems: [] };
-    if (!this.ownership.isOwner) return report;
+    if (!this.ownership.isOwner) return { dryRun: false, removed: [], bytes: 0, problems: [] };
+    const report = await this.serially(async () => {
+      await this.rescan();
+      return this.sweepNow();
+    });
+    this.checkBudget();
+    return report;
+  }
+
+  /** Builds a fresh graph from storage while serving goes on, then puts it in place. */
+  private async rescan(): Promise<void> {
+    await this.flush();
+    const fresh = new ImageGraph();
+    this.replay = [];
+    try {
+      await scanStorage({
+        graph: fresh,
+        blobs: this.d.blobs,
+        repositories: this.d.repositories,
+        upstreams: this.d.upstreams,
+        log: this.log,
+      });
+      for (const apply of this.replay) apply(fresh);
+      this.current = fresh;
+    } finally {
+      this.replay = undefined;
+    }
+  }
+
+  private async sweepNow(dryRun = false): Promise<RemovalReport> {
+    const report: RemovalReport = { dryRun, removed: [], bytes: 0, problems: [] };
     const { unusedFor } = this.d.retention;
     if (unusedFor > 0) {
       const before = this.now() - unusedFor;
       for (const entry of this.candidates()) {
         if (entry.pulledAt >= before) break;
-        await this.removeEntry(entry, 'unused', report);
+        if (!dryRun) await this.removeEntry(entry, 'unused', report);
+        else if (entry.kind === 'image') {
+          const name = this.references(entry.node.key, entry.image).join(', ');
+          report.removed.push({ kind: 'image', name, bytes: entry.image.ownBytes });
+          report.bytes += entry.image.ownBytes;
+        }
       }
     }
-    const collected = await this.collect(false);
+    const collected = await this.collectNow(dryRun);
     report.removed.push(...collected.removed);
     report.bytes += collected.bytes;
     return report;
   }
 
   /**
-   * The collection: tags pointing at no manifest, manifest links without their bytes, layer
-   * links without their blob, blobs no repository holds (after a grace), old upload sessions.
+   * `pullcache gc`: the retention sweep and the collection, now; with `dryRun`, what they would
+   * remove. The caller makes sure this process is the owner (owner.ts).
    */
-  async collect(dryRun: boolean): Promise<RemovalReport> {
+  async gc(dryRun: boolean): Promise<RemovalReport> {
     await this.whenReady();
+    return this.serially(async () => {
+      if (!dryRun) await this.rescan();
+      return this.sweepNow(dryRun);
+    });
+  }
+
+  private async collectNow(dryRun: boolean): Promise<RemovalReport> {
     const report: RemovalReport = { dryRun, removed: [], bytes: 0, problems: [] };
     const { graph } = this;
     const { repositories } = this.d;
@@ -532,6 +603,10 @@ export class Lifecycle {
   /** Removes images now, with the blobs no kept image holds. */
   async remove(refs: ImageRef[], dryRun: boolean): Promise<RemovalReport> {
     await this.whenReady();
+    return this.serially(() => this.removeNow(refs, dryRun));
+  }
+
+  private async removeNow(refs: ImageRef[], dryRun: boolean): Promise<RemovalReport> {
     const report: RemovalReport = { dryRun, removed: [], bytes: 0, problems: [] };
     for (const ref of refs) {
       const node = this.graph.repositories.get(`${ref.upstream}/${ref.repository}`);

@@ -23,7 +23,8 @@ export interface ManifestMemory {
 }
 
 export interface RemovalDeps {
-  graph: ImageGraph;
+  /** The graph as it stands (a rescan replaces it). */
+  graph: () => ImageGraph;
   blobs: BlobStore;
   repositories: RepositoryStore;
   cache: MetadataCache;
@@ -37,7 +38,8 @@ export class Removal {
 
   /** Removes an image and what only it held; resolves to the bytes that left storage. */
   async removeImage(node: RepositoryNode, image: Image): Promise<number> {
-    const { graph, repositories } = this.d;
+    const { repositories } = this.d;
+    const graph = this.d.graph();
     const repo = node.key;
     const before = graph.bytes;
     const forget = () => this.forgetImage(repo, image);
@@ -62,7 +64,8 @@ export class Removal {
 
   /** Removes a blob no manifest holds, with every repository's link to it. */
   async removeOrphan(digest: Digest): Promise<number> {
-    const { graph, repositories, cache } = this.d;
+    const { repositories, cache } = this.d;
+    const graph = this.d.graph();
     const blob = graph.blobs.get(digest);
     if (!blob || graph.refs(digest) > 0 || this.d.inUse(digest)) return 0;
     for (const id of [...blob.links]) {
@@ -82,7 +85,8 @@ export class Removal {
    * of those no manifest and no repository holds.
    */
   private async dropUnheld(node: RepositoryNode, blobs: Digest[]): Promise<void> {
-    const { graph, repositories, cache } = this.d;
+    const { repositories, cache } = this.d;
+    const graph = this.d.graph();
     const repo = node.key;
     for (const digest of blobs) {
       if (node.blobHolders.has(digest) || !node.links.has(digest)) continue;
@@ -98,7 +102,8 @@ export class Removal {
   }
 
   private async removeData(digest: Digest): Promise<number> {
-    const { graph, blobs, cache } = this.d;
+    const { blobs, cache } = this.d;
+    const graph = this.d.graph();
     const blob = graph.blobs.get(digest);
     if (!blob || this.d.inUse(digest)) return 0;
     await cache.deleteDescriptor(digest);
@@ -118,6 +123,6 @@ export class Removal {
   }
 
   private async pruneRepository(repo: RepositoryKey): Promise<void> {
-    if (this.d.graph.pruneRepository(repo)) await this.d.repositories.prune(repo);
+    if (this.d.graph().pruneRepository(repo)) await this.d.repositories.prune(repo);
   }
 }
