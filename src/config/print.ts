@@ -32,5 +32,6 @@ function inUnits(value: unknown, shape: KeyTree | undefined): unknown {
   if (typeof value !== 'number' || shape?.kind !== 'leaf') return value;
   if (shape.meta.unit === 'duration') return formatDuration(value);
   if (shape.meta.unit === 'size') return formatSize(value);
+  if (shape.meta.unit === 'share') return `${Math.round(value * 1000) / 10}%`;
   return value;
 }

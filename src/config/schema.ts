@@ -9,8 +9,8 @@ import { show } from './redact.js';
 import { parseDuration, parseSize } from './units.js';
 
 export interface KeyMeta {
-  /** Parsed from human units to a number (ms, bytes); printed back in them. */
-  unit?: 'duration' | 'size';
+  /** Parsed from human units to a number (ms, bytes, a share of 1); printed back in them. */
+  unit?: 'duration' | 'size' | 'share';
   /** Never echoed, not even in an error. */
   secret?: boolean;
 }
@@ -49,6 +49,25 @@ const size = (fallback: string) =>
       return bytes;
     })
     .register(configMeta, { unit: 'size' });
+
+/** A share of a whole, "90%" (or 0.9), as a number in (0, 1]. */
+const share = (fallback: string) =>
+  z
+    .union([z.string(), z.number()])
+    .default(fallback)
+    .transform((value, ctx) => {
+      const m = typeof value === 'string' ? /^\s*(\d+(?:\.\d+)?)\s*%\s*$/.exec(value) : null;
+      const n = typeof value === 'number' ? value : m ? Number(m[1]) / 100 : NaN;
+      if (!(n > 0 && n <= 1)) {
+        ctx.addIssue({
+          code: 'custom',
+          message: `expected a share like "90%", above 0% and at most 100%, got ${show(value)}`,
+        });
+        return z.NEVER;
+      }
+      return n;
+    })
+    .register(configMeta, { unit: 'share' });
 
 const secret = () => z.string().register(configMeta, { secret: true });
 
@@ -163,6 +182,21 @@ export const configSchema = z
           .prefault({}),
         /** Entries kept in the in-process LRU in front of keyv (descriptors, manifests, tags). */
         memoryEntries: integer(10_000, 0),
+      })
+      .prefault({}),
+    retention: z
+      .strictObject({
+        /** Most bytes of content kept (blobs and manifests); 0: no limit. */
+        maxSize: size('0'),
+        /** Bytes to keep free on the file system holding storage; 0: no such rule. */
+        minFree: size('0'),
+        /** An eviction frees down to this share of maxSize (and of minFree's room). */
+        lowWater: share('90%'),
+        /** Images not pulled for this long are removed by the sweep; 0: never. */
+        unusedFor: duration('0'),
+        sweepInterval: duration('10m'),
+        /** Images never evicted, as references (docker.io/library/node:20). */
+        pins: z.array(z.string()).default([]),
       })
       .prefault({}),
     upstreams: z

@@ -22,9 +22,10 @@ const SIZE_UNITS: Record<string, number> = {
 /** Milliseconds from "5m" or a bare number of milliseconds; undefined if not a duration. */
 export function parseDuration(value: string | number): number | undefined {
   if (typeof value === 'number') return Number.isFinite(value) && value >= 0 ? value : undefined;
-  const m = /^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$/.exec(value);
+  // A bare number is milliseconds, from a file or the environment alike.
+  const m = /^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$/.exec(value);
   if (!m) return undefined;
-  return Math.round(Number(m[1]) * DURATION_UNITS[m[2]!]!);
+  return Math.round(Number(m[1]) * DURATION_UNITS[m[2] ?? 'ms']!);
 }
 
 /** Bytes from "4MiB" or a bare number of bytes; undefined if not a size. */
