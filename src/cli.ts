@@ -92,6 +92,11 @@ withConfigOptions(
   try {
     running = await startServer(config, log);
   } catch (err) {
+    if (err instanceof ConfigError) {
+      // What start-up found (storage that takes no write): a config problem, one line.
+      console.error(`pullcache: cannot start: ${err.problems.join('; ')}`);
+      process.exit(2);
+    }
     const e = err as NodeJS.ErrnoException;
     console.error(
       `pullcache: cannot start: ${e.code === 'EADDRINUSE' ? `${config.server.listen} is already in use` : e.code === 'EACCES' ? `no permission to listen on ${config.server.listen} or to use ${config.storage.filesystem.root}` : e.message}`,

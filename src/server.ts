@@ -1,15 +1,21 @@
 /**
  * Puts the layers together: storage, metadata cache, one upstream client and one set of proxy
  * services per upstream, the HTTP app. Start-up does not wait for an upstream: once listening,
- * it says hello to each (`warm`) in the background.
+ * it says hello to each (`warm`) in the background. It does check what every pull needs:
+ * storage that takes a write (else it stops with a ConfigError naming the root), and the cache
+ * (a Redis that does not answer is a warning: storage is the truth).
  */
 import type { Server } from 'node:http';
 import { createServer } from 'node:http';
+import { mkdir } from 'node:fs/promises';
+import { dirname, resolve } from 'node:path';
+import { ConfigError } from './config/load.js';
+import { redactUserinfo } from './config/redact.js';
 import type { Config } from './config/schema.js';
 import { createHandler, type UpstreamServices } from './http/app.js';
 import { Passthrough } from './http/passthrough.js';
 import type { Logger } from './log/logger.js';
-import { KeyvMetadataCache } from './metadata/keyv-cache.js';
+import { KeyvMetadataCache, type Reachability } from './metadata/keyv-cache.js';
 import type { MetadataCache } from './metadata/types.js';
 import { Metrics } from './metrics.js';
 import { keepHeapInBudget } from './memory.js';
@@ -47,6 +53,13 @@ export interface Runtime {
   /** Storage only, never an upstream: what export and import work on. */
   local: UpstreamServices;
   passthrough: Map<string, Passthrough>;
+  /**
+   * Whether storage takes a write and the cache answers, now; never throws. `cacheTimeout` bounds
+   * the wait for a cache that does not answer (by default, its connection timeout and a bit).
+   */
+  probe(options?: {
+    cacheTimeout?: number;
+  }): Promise<{ storage: Reachability; cache: Reachability }>;
   close(): Promise<void>;
 }
 
@@ -125,6 +138,13 @@ export function createRuntime(
     services,
     local: { blobs: localBlobs, manifests: localManifests, tags: localTags },
     passthrough,
+    async probe(options = {}) {
+      const [storage, reachable] = await Promise.all([
+        probeStorage(driver, config.storage.filesystem.root),
+        cache.reachable(options.cacheTimeout),
+      ]);
+      return { storage, cache: reachable };
+    },
     async close() {
       for (const p of passthrough.values()) p.close();
       await Promise.all([...clients.values()].map((c) => c.close()));
@@ -142,8 +162,29 @@ export interface RunningServer {
   close(): Promise<void>;
 }
 
+/**
+ * Starts serving. Rejects with a ConfigError, naming storage.filesystem.root, when storage does
+ * not take a write; a cache that does not answer is logged as a warning and served without.
+ */
 export async function startServer(config: Config, log: Logger): Promise<RunningServer> {
   const runtime = createRuntime(config, log, { defaultMetrics: true });
+  const probe = await runtime.probe();
+  if (!probe.storage.ok) {
+    await runtime.close();
+    throw new ConfigError([
+      `storage.filesystem.root: cannot use ${JSON.stringify(resolve(config.storage.filesystem.root))}: ${probe.storage.reason}`,
+    ]);
+  }
+  if (!probe.cache.ok) {
+    log.warn(
+      {
+        cache: config.cache.store,
+        url: redactUserinfo(config.cache.redis.url),
+        reason: probe.cache.reason,
+      },
+      'metadata cache unreachable; serving from storage until it answers',
+    );
+  }
   const purge = async () => {
     const purged = await runtime.blobs.purgeUploads(
       new Date(Date.now() - config.storage.uploads.purgeAge),
@@ -166,8 +207,20 @@ export async function startServer(config: Config, log: Logger): Promise<RunningS
     passthrough: runtime.passthrough,
     repositories: runtime.repositories,
     ready: async () => {
-      await runtime.driver.putContent('.readyz', String(Date.now()));
-      return true;
+      // Within the default timeout of a Kubernetes probe (1 s).
+      const { storage, cache } = await runtime.probe({ cacheTimeout: 500 });
+      return {
+        storage: {
+          ok: storage.ok,
+          required: true,
+          ...(storage.ok ? {} : { detail: storage.reason }),
+        },
+        cache: {
+          ok: cache.ok,
+          required: false,
+          ...(cache.ok ? {} : { detail: `${config.cache.store} unreachable` }),
+        },
+      };
     },
   });
   const server = createServer(handler);
@@ -208,6 +261,56 @@ export async function startServer(config: Config, log: Logger): Promise<RunningS
       await runtime.close();
     },
   };
+}
+
+const FS_REASONS: Record<string, string> = {
+  EACCES: 'permission denied',
+  EPERM: 'operation not permitted',
+  EROFS: 'read-only file system',
+  ENOTDIR: 'part of the path is a file, not a directory',
+  ENOSPC: 'no space left on device',
+  EDQUOT: 'disk quota exceeded',
+};
+
+/**
+ * Whether storage takes a write, as every pull needs: its root is a directory (made if missing)
+ * and a file can be written in it, through the driver. The reason names no path, so that
+ * /readyz can show it.
+ */
+async function probeStorage(driver: StorageDriver, root: string): Promise<Reachability> {
+  try {
+    const info = await driver.stat('');
+    if (info && !info.isDirectory) return { ok: false, reason: 'it is a file, not a directory' };
+    if (!info) await makeDirectory(root);
+    await driver.putContent('.readyz', String(Date.now()));
+    return { ok: true };
+  } catch (err) {
+    const code = (err as NodeJS.ErrnoException).code;
+    const known = code === undefined ? undefined : FS_REASONS[code];
+    return {
+      ok: false,
+      reason: known ? `${known} (${code})` : (code ?? 'unexpected error'),
+    };
+  }
+}
+
+/**
+ * mkdir -p that fails with the real reason: Node's recursive mkdir reports ENOENT where a parent
+ * cannot be made (a read-only file system, no permission), so each missing directory is made
+ * in turn.
+ */
+async function makeDirectory(dir: string): Promise<void> {
+  try {
+    await mkdir(dir);
+  } catch (err) {
+    const code = (err as NodeJS.ErrnoException).code;
+    if (code === 'EEXIST') return;
+    if (code !== 'ENOENT' || dirname(dir) === dir) throw err;
+    await makeDirectory(dirname(dir));
+    await mkdir(dir).catch((again: NodeJS.ErrnoException) => {
+      if (again.code !== 'EEXIST') throw again;
+    });
+  }
 }
 
 function splitHostPort(listen: string): [string, number] {

@@ -45,8 +45,17 @@ export interface AppDeps {
   services: Map<string, UpstreamServices>;
   passthrough: Map<string, Passthrough>;
   repositories: RepositoryStore;
-  /** Resolves true when storage (and the cache) can serve. */
-  ready: () => Promise<boolean>;
+  /** The state of each component /readyz reports (storage, cache), by name. */
+  ready: () => Promise<Record<string, ReadinessCheck>>;
+}
+
+/** One component's state for /readyz. */
+export interface ReadinessCheck {
+  ok: boolean;
+  /** A required component that fails makes the server not ready; any other only degraded. */
+  required: boolean;
+  /** Why it fails, in a few words fit for an unauthenticated endpoint (no paths, no URLs). */
+  detail?: string;
 }
 
 // The name is greedy, so `/v2/a/blobs/b/blobs/sha256:...` names repository `a/blobs/b`.
@@ -127,9 +136,32 @@ export function createApp(deps: AppDeps): express.Express {
   app.get('/healthz', (_req, res) => {
     res.json({ status: 'ok' });
   });
+  // 200 while every required component works, 503 otherwise. `failed` and `degraded` list the
+  // failing required and optional components ("cache: redis unreachable"); `checks` has each
+  // one's status: ok, failed (required) or degraded (optional).
   app.get('/readyz', async (_req, res) => {
-    const ok = await deps.ready().catch(() => false);
-    res.status(ok ? 200 : 503).json({ status: ok ? 'ready' : 'not ready' });
+    const checks = await deps.ready().catch((): Record<string, ReadinessCheck> => ({
+      readiness: { ok: false, required: true, detail: 'check failed' },
+    }));
+    const failing = (required: boolean) =>
+      Object.entries(checks)
+        .filter(([, c]) => !c.ok && c.required === required)
+        .map(([name, c]) => `${name}: ${c.detail ?? 'failing'}`);
+    const failed = failing(true);
+    res.status(failed.length === 0 ? 200 : 503).json({
+      status: failed.length === 0 ? 'ready' : 'not ready',
+      failed,
+      degraded: failing(false),
+      checks: Object.fromEntries(
+        Object.entries(checks).map(([name, c]) => [
+          name,
+          {
+            status: c.ok ? 'ok' : c.required ? 'failed' : 'degraded',
+            ...(c.ok || c.detail === undefined ? {} : { detail: c.detail }),
+          },
+        ]),
+      ),
+    });
   });
   app.get('/metrics', async (_req, res) => {
     res.setHeader('Content-Type', deps.metrics.registry.contentType);

@@ -1,4 +1,6 @@
 /** The MetadataCache on keyv: in-memory (default) or Redis through @keyv/redis. */
+import type { RedisConnectionClientType } from '@keyv/redis';
+import type KeyvRedis from '@keyv/redis';
 import { Keyv } from 'keyv';
 import { LRUCache } from 'lru-cache';
 import type { Logger } from '../log/logger.js';
@@ -10,6 +12,10 @@ import { keys, NAMESPACE } from './keys.js';
 import type { MetadataCache } from './types.js';
 
 const SKIP_AFTER_ERROR_MS = 5000;
+const CONNECTION_TIMEOUT_MS = 1000;
+
+/** Whether the cache's store answers: see `KeyvMetadataCache.reachable`. */
+export type Reachability = { ok: true } | { ok: false; reason: string };
 
 export interface KeyvCacheOptions {
   store: 'memory' | 'redis';
@@ -22,6 +28,8 @@ export interface KeyvCacheOptions {
 export class KeyvMetadataCache implements MetadataCache {
   /** Keyv, once its store is loaded (@keyv/redis is only loaded when Redis is configured). */
   private readonly keyv: Promise<Keyv>;
+  /** The Redis store, when there is one: `reachable` asks its client directly. */
+  private readonly redis: Promise<KeyvRedis<unknown> | undefined>;
   private readonly log: Logger;
   /**
    * Hot entries without a keyv round trip (no serialisation, no Redis). Descriptors and manifests
@@ -32,31 +40,91 @@ export class KeyvMetadataCache implements MetadataCache {
   private lastErrorLog = 0;
   /** After a failure the backend is skipped for a while: a dead Redis costs one timeout, not one per request. */
   private skipUntil = 0;
+  /** Probes under way: their failures are the caller's to report, not `warn`'s. */
+  private probing = 0;
+  private lastError: unknown;
 
   constructor(options: KeyvCacheOptions) {
     this.log = options.log.child({ module: 'metadata', store: options.store });
     const entries = options.memoryEntries ?? 10_000;
     this.memory = entries > 0 ? new LRUCache({ max: entries }) : undefined;
-    this.keyv = (
+    this.redis =
       options.store === 'redis'
-        ? import('@keyv/redis').then(({ default: KeyvRedis }) => {
-            const redis = new KeyvRedis(options.redisUrl ?? 'redis://127.0.0.1:6379', {
-              // A cache must not hold a request hostage to a dead Redis: fail fast and fall back
-              // to storage.
-              throwOnConnectError: false,
-              throwOnErrors: false,
-              connectionTimeout: 1000,
-            });
-            return new Keyv({ store: redis, namespace: NAMESPACE, useKeyPrefix: false });
-          })
-        : Promise.resolve(new Keyv({ namespace: NAMESPACE }))
-    ).then((keyv) => {
+        ? import('@keyv/redis').then(
+            ({ default: KeyvRedis }) =>
+              new KeyvRedis(options.redisUrl ?? 'redis://127.0.0.1:6379', {
+                // A cache must not hold a request hostage to a dead Redis: fail fast and fall
+                // back to storage.
+                throwOnConnectError: false,
+                throwOnErrors: false,
+                connectionTimeout: CONNECTION_TIMEOUT_MS,
+              }),
+          )
+        : Promise.resolve(undefined);
+    this.keyv = this.redis.then((redis) => {
+      const keyv = redis
+        ? new Keyv({ store: redis, namespace: NAMESPACE, useKeyPrefix: false })
+        : new Keyv({ namespace: NAMESPACE });
       keyv.on('error', (err: unknown) => {
         this.skipUntil = Date.now() + SKIP_AFTER_ERROR_MS;
+        this.lastError = err;
         this.warn(err);
       });
       return keyv;
     });
+  }
+
+  /**
+   * Whether the store answers now: Redis is sent a PING (after connecting, if it must); memory
+   * always answers. Resolves within `timeoutMs` (at once within a few seconds of a failure) and
+   * never throws: `{ ok: false, reason }` says why not. Logs nothing: what a failure means (a
+   * warning at start-up, a degraded /readyz) is the caller's to say. A Redis that answers again
+   * is used at once, not after the pause that follows a failed request.
+   */
+  async reachable(timeoutMs = CONNECTION_TIMEOUT_MS + 500): Promise<Reachability> {
+    const redis = await this.redis;
+    if (!redis) return { ok: true };
+    // Failed a moment ago: say so at once instead of waiting for another connection attempt
+    // (/readyz answers within a probe's timeout).
+    if (Date.now() < this.skipUntil && !(redis.client as RedisConnectionClientType).isReady)
+      return { ok: false, reason: this.errorReason() ?? 'not connected' };
+    this.probing++;
+    this.lastError = undefined;
+    let timer: NodeJS.Timeout | undefined;
+    try {
+      const answer = await Promise.race([
+        this.ping(redis),
+        new Promise<Reachability>((resolve) => {
+          timer = setTimeout(
+            () => resolve({ ok: false, reason: `no answer within ${timeoutMs} ms` }),
+            timeoutMs,
+          );
+        }),
+      ]);
+      if (answer.ok) this.skipUntil = 0;
+      return answer;
+    } finally {
+      clearTimeout(timer);
+      this.probing--;
+    }
+  }
+
+  private async ping(redis: KeyvRedis<unknown>): Promise<Reachability> {
+    try {
+      // Made from a URL, so a single client (not a cluster or sentinel).
+      const client = (await redis.getClient()) as RedisConnectionClientType;
+      if (!client.isReady) return { ok: false, reason: this.errorReason() ?? 'not connected' };
+      await client.ping();
+      return { ok: true };
+    } catch (err) {
+      return { ok: false, reason: (err as Error).message };
+    }
+  }
+
+  private errorReason(): string | undefined {
+    const err = this.lastError;
+    if (err === undefined) return undefined;
+    return err instanceof Error ? err.message || (err as NodeJS.ErrnoException).code : String(err);
   }
 
   getDescriptor(digest: Digest) {
@@ -121,6 +189,7 @@ export class KeyvMetadataCache implements MetadataCache {
   }
 
   private warn(err: unknown): void {
+    if (this.probing > 0) return;
     // One line a few seconds is enough to tell an operator Redis is gone.
     const now = Date.now();
     if (now - this.lastErrorLog < 5000) return;
