@@ -152,12 +152,16 @@ export class KeyvMetadataCache implements MetadataCache {
     return this.set(keys.tag(repo, tag), link);
   }
   async deleteTag(repo: RepositoryKey, tag: Tag) {
-    this.memory?.delete(keys.tag(repo, tag));
-    await this.guard((keyv) => keyv.delete(keys.tag(repo, tag)));
+    await this.delete(keys.tag(repo, tag));
   }
   async deleteDescriptor(digest: Digest) {
-    this.memory?.delete(keys.blob(digest));
-    await this.guard((keyv) => keyv.delete(keys.blob(digest)));
+    await this.delete(keys.blob(digest));
+  }
+  async deleteRepositoryDescriptor(repo: RepositoryKey, digest: Digest) {
+    await this.delete(keys.repositoryBlob(repo, digest));
+  }
+  async deleteManifest(repo: RepositoryKey, digest: Digest) {
+    await this.delete(keys.manifest(repo, digest));
   }
 
   async close(): Promise<void> {
@@ -170,6 +174,11 @@ export class KeyvMetadataCache implements MetadataCache {
     const value = (await this.guard((keyv) => keyv.get<T>(key))) ?? undefined;
     if (value !== undefined) this.memory?.set(key, value as object);
     return value;
+  }
+
+  private async delete(key: string): Promise<void> {
+    this.memory?.delete(key);
+    await this.guard((keyv) => keyv.delete(key));
   }
 
   private async set(key: string, value: object): Promise<void> {

@@ -20,5 +20,9 @@ export interface MetadataCache {
   deleteTag(repo: RepositoryKey, tag: Tag): Promise<void>;
   /** Forgets a blob everywhere it is known globally (after a delete). */
   deleteDescriptor(digest: Digest): Promise<void>;
+  /** Forgets that a repository holds a blob (after its link is removed). */
+  deleteRepositoryDescriptor(repo: RepositoryKey, digest: Digest): Promise<void>;
+  /** Forgets a repository's manifest link (after it is removed). */
+  deleteManifest(repo: RepositoryKey, digest: Digest): Promise<void>;
   close(): Promise<void>;
 }
