@@ -62,25 +62,30 @@ export class ProxyTagService implements TagService {
     return this.local.tag(repo, tag, digest);
   }
 
-  /** The upstream's tags when it answers, else the ones cached here. */
+  /**
+   * The upstream's tags when it answers, else the ones cached here. With none cached, the
+   * upstream's failure is the answer (UNAVAILABLE while it is down), as for a manifest: an empty
+   * list would say the repository has no tags.
+   */
   async list(repo: RepositoryKey): Promise<string[]> {
-    if (!this.client.isDown) {
-      try {
-        return (await this.client.listTags(repo.repository)).sort();
-      } catch (err) {
-        if (err instanceof UpstreamNotFoundError) {
-          const local = await this.local.list(repo);
-          if (local.length === 0) throw err;
-          return local;
-        }
-        if (!isUpstreamFailure(err)) throw err;
+    if (this.client.isDown) {
+      const local = await this.local.list(repo);
+      // None cached: the client fails fast with the upstream's state, no request made.
+      if (local.length > 0) return local;
+    }
+    try {
+      return (await this.client.listTags(repo.repository)).sort();
+    } catch (err) {
+      if (!(err instanceof UpstreamNotFoundError) && !isUpstreamFailure(err)) throw err;
+      const local = await this.local.list(repo);
+      if (local.length === 0) throw err;
+      if (isUpstreamFailure(err))
         this.log.warn(
           { repository: repo.repository, err: (err as Error).message },
           'tag list from upstream failed, serving cached tags',
         );
-      }
+      return local;
     }
-    return this.local.list(repo);
   }
 
   private async ask(repo: RepositoryKey, tag: Tag, known: TagResult): Promise<TagResult> {

@@ -565,4 +565,44 @@ describe('pulling through pullcache from a real registry', () => {
       await recorder.up();
     }
   });
+
+  test('with the upstream down, the tag list of a repository never cached answers 503 as its manifest does; a cached one is served', async () => {
+    const uncached = makeImage('org/tags-never-listed', 'v1', 'oci', [1000]);
+    await pushImage(registry, uncached);
+    await recorder.down();
+    try {
+      // Refused connections: the first requests, before the circuit opens, and after it.
+      for (let i = 0; i < 5; i++) {
+        const manifest = await fetch(`${pc.url}/v2/org/tags-never-listed/manifests/v1`);
+        const tags = await fetch(`${pc.url}/v2/org/tags-never-listed/tags/list`);
+        expect({ i, manifest: manifest.status, tags: tags.status }).toEqual({
+          i,
+          manifest: 503,
+          tags: 503,
+        });
+        expect(await ociError(tags)).toBe('UNAVAILABLE');
+      }
+      const cached = await fetch(`${pc.url}/v2/library/alpine/tags/list`);
+      expect(cached.status).toBe(200);
+      expect(((await cached.json()) as { tags: string[] }).tags).toEqual(['3.20']);
+    } finally {
+      await recorder.up();
+    }
+    // Configured offline (air-gapped): the same answer, without dialling anything.
+    const offline = await startPullcache(
+      { upstreams: { 'docker.io': { url: recorder.url, offline: true } } },
+      pc.root,
+    );
+    try {
+      recorder.reset();
+      const tags = await fetch(`${offline.url}/v2/org/tags-never-listed/tags/list`);
+      expect(tags.status).toBe(503);
+      expect(await ociError(tags)).toBe('UNAVAILABLE');
+      const cached = await fetch(`${offline.url}/v2/library/alpine/tags/list`);
+      expect(((await cached.json()) as { tags: string[] }).tags).toEqual(['3.20']);
+      expect(recorder.requests).toEqual([]);
+    } finally {
+      await offline.stop();
+    }
+  });
 });
