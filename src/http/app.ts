@@ -4,7 +4,12 @@
  */
 import type { RequestListener } from 'node:http';
 import { pipeline } from 'node:stream/promises';
-import express, { type NextFunction, type Request, type Response } from 'express';
+import express, {
+  type NextFunction,
+  type Request,
+  type RequestHandler,
+  type Response,
+} from 'express';
 import { pinoHttp } from 'pino-http';
 import type { Config } from '../config/schema.js';
 import type { Logger } from '../log/logger.js';
@@ -12,7 +17,8 @@ import type { Metrics } from '../metrics.js';
 import { parseDigest } from '../oci/digest.js';
 import {
   BlobUnknownError,
-  NameInvalidError,
+  MethodNotAllowedError,
+  NotFoundError,
   RangeInvalidError,
   RegistryError,
   UnsupportedError,
@@ -61,6 +67,9 @@ export interface ReadinessCheck {
 // The name is greedy, so `/v2/a/blobs/b/blobs/sha256:...` names repository `a/blobs/b`.
 const API_PATH = /^\/(.+)\/(manifests\/[^/]+|blobs\/uploads(?:\/[^/]*)?|blobs\/[^/]+|tags\/list)$/;
 const PAGE_MAX = 10_000;
+/** What a pull-only cache serves on each endpoint it knows. */
+const READ_METHODS = ['GET', 'HEAD'];
+const WRITE_METHODS = ['POST', 'PUT', 'PATCH', 'DELETE'];
 
 /**
  * The server's request listener: the manifest fast path first (see manifests.ts), express for
@@ -167,6 +176,7 @@ export function createApp(deps: AppDeps): express.Express {
     res.setHeader('Content-Type', deps.metrics.registry.contentType);
     res.send(await deps.metrics.registry.metrics());
   });
+  app.all(['/healthz', '/readyz', '/metrics'], methodNotAllowed(READ_METHODS));
 
   // Clients learn how to authenticate from this ping: when the default upstream is passthrough,
   // its answer (and auth challenge) is the one that counts.
@@ -180,6 +190,7 @@ export function createApp(deps: AppDeps): express.Express {
     res.setHeader('Content-Type', 'application/json');
     res.send('{}');
   });
+  app.all(['/v2', '/v2/'], methodNotAllowed(READ_METHODS));
 
   app.get('/v2/_catalog', async (req, res) => {
     const { n, last } = pagination(req);
@@ -197,11 +208,14 @@ export function createApp(deps: AppDeps): express.Express {
       );
     res.json({ repositories: page.items });
   });
+  app.all('/v2/_catalog', methodNotAllowed(READ_METHODS));
 
   app.use('/v2', async (req: Request, res: Response, next: NextFunction) => {
     const m = API_PATH.exec(req.path);
-    if (!m)
-      throw new NameInvalidError(`no such endpoint: ${req.method} /v2${req.path.slice(0, 200)}`);
+    if (!m) {
+      next(); // no such endpoint: the last route answers
+      return;
+    }
     const name = m[1]!;
     const action = m[2]!;
     const route = routeRequest(config, name, req.query.ns);
@@ -218,14 +232,17 @@ export function createApp(deps: AppDeps): express.Express {
     const services = deps.services.get(route.upstream);
     if (!services) throw new UnsupportedError(`upstream ${route.upstream} serves nothing`);
     const repo: RepositoryKey = { upstream: route.upstream, repository: route.repository };
-    const isRead = req.method === 'GET' || req.method === 'HEAD';
-    if (!isRead || action.startsWith('blobs/uploads')) {
-      throw new UnsupportedError(
-        'pullcache is a pull-through cache: pushes and deletes are not supported',
+    // Uploads serve no method at all here (distribution's proxy answers pushes the same way).
+    const allowed = action.startsWith('blobs/uploads') ? [] : READ_METHODS;
+    if (!allowed.includes(req.method)) {
+      throw new MethodNotAllowedError(
+        allowed,
+        WRITE_METHODS.includes(req.method)
+          ? 'pullcache is a pull-through cache: pushes and deletes are not supported'
+          : undefined,
       );
     }
     if (action === 'tags/list') {
-      if (req.method !== 'GET') throw new UnsupportedError();
       await listTags(req, res, services.tags, repo, name);
       return;
     }
@@ -237,13 +254,15 @@ export function createApp(deps: AppDeps): express.Express {
     else await getBlob(req, res, services.blobs, repo, decodeSegment(reference));
   });
 
-  app.use((req, _res, next) =>
-    next(
-      new RegistryError('UNSUPPORTED', `no such endpoint: ${req.method} ${req.path.slice(0, 200)}`),
-    ),
-  );
+  // Last: no route above took the request. (A status page or an admin API goes above this.)
+  app.use((req, _res, next) => next(new NotFoundError(req.method, req.path)));
   app.use(errorMiddleware(httpLog));
   return app;
+}
+
+/** For a known path asked with another method than it serves: 405 with `Allow`. */
+function methodNotAllowed(allowed: readonly string[]): RequestHandler {
+  return (_req, _res, next) => next(new MethodNotAllowedError(allowed));
 }
 
 async function getBlob(

@@ -11,7 +11,7 @@ import type { IncomingMessage, ServerResponse } from 'node:http';
 import type { Config } from '../config/schema.js';
 import type { Logger } from '../log/logger.js';
 import { ManifestUnknownError, NameInvalidError } from '../oci/errors.js';
-import { parseManifestReference } from '../oci/reference.js';
+import { isTag, parseManifestReference } from '../oci/reference.js';
 import type { RepositoryKey } from '../storage/types.js';
 import type { UpstreamServices } from './app.js';
 import { sendError } from './errors.js';
@@ -44,7 +44,12 @@ export async function serveManifest(
   reference: string,
   notes: RequestNotes,
 ): Promise<void> {
-  const ref = parseManifestReference(decodeSegment(reference));
+  const value = decodeSegment(reference);
+  // A reference that can be neither a tag nor a digest names no manifest: 404, as the
+  // conformance suite expects (a malformed digest stays 400 DIGEST_INVALID).
+  if (!value.includes(':') && !isTag(value))
+    throw new ManifestUnknownError(`${repo.repository}:${value.slice(0, 140)}`);
+  const ref = parseManifestReference(value);
   let digest;
   if (ref.kind === 'tag') {
     const resolved = await services.tags.resolve(repo, ref.tag);

@@ -27,6 +27,9 @@ export const ERROR_CODES = {
   UNAVAILABLE: { status: 503, message: 'service unavailable' },
   RANGE_INVALID: { status: 416, message: 'requested range not satisfiable' },
   PAGINATION_NUMBER_INVALID: { status: 400, message: 'invalid number of results requested' },
+  // pullcache's own codes, beside the spec's (which it allows to be extended).
+  NOT_FOUND: { status: 404, message: 'no such endpoint' },
+  INVALID_REQUEST: { status: 400, message: 'the request is not valid' },
   UPSTREAM_UNKNOWN: { status: 400, message: 'no such upstream is configured' },
   UPSTREAM_INVALID: { status: 502, message: 'the upstream registry sent an invalid response' },
   INTERNAL: { status: 500, message: 'internal error' },
@@ -126,6 +129,21 @@ export class TagInvalidError extends RegistryError {
 export class UnsupportedError extends RegistryError {
   constructor(message?: string) {
     super('UNSUPPORTED', message);
+  }
+}
+/**
+ * A known endpoint asked with a method it does not serve (a push to this pull-only cache...):
+ * 405 with the `Allow` header RFC 9110 requires, empty when the endpoint serves no method here.
+ */
+export class MethodNotAllowedError extends RegistryError {
+  constructor(allowed: readonly string[], message?: string) {
+    super('UNSUPPORTED', message, undefined, { Allow: allowed.join(', ') });
+  }
+}
+/** No endpoint at this path (with any method). */
+export class NotFoundError extends RegistryError {
+  constructor(method: string, path: string) {
+    super('NOT_FOUND', `no such endpoint: ${method} ${path.slice(0, 200)}`);
   }
 }
 export class RangeInvalidError extends RegistryError {

@@ -323,7 +323,7 @@ describe('pulling through pullcache from a real registry', () => {
       ['GET', '/v2/UPPER/case/manifests/latest', 400, 'NAME_INVALID'],
       ['GET', '/v2/library/../etc/manifests/latest', 400, 'NAME_INVALID'],
       ['GET', '/v2/library/%2e%2e/etc/manifests/latest', 400, 'NAME_INVALID'],
-      ['GET', '/v2/library/alpine/manifests/bad%21tag', 400, 'TAG_INVALID'],
+      ['GET', '/v2/library/alpine/manifests/bad%21tag', 404, 'MANIFEST_UNKNOWN'],
       ['GET', '/v2/library/alpine/blobs/sha256:xyz', 400, 'DIGEST_INVALID'],
       [
         'GET',
@@ -342,8 +342,8 @@ describe('pulling through pullcache from a real registry', () => {
       ['DELETE', `/v2/library/alpine/blobs/${alpine.blobs[0]!.digest}`, 405, 'UNSUPPORTED'],
       ['DELETE', `/v2/library/alpine/manifests/${alpine.digest}`, 405, 'UNSUPPORTED'],
       ['GET', '/v2/x/manifests/latest?ns=10.0.0.1', 400, 'UPSTREAM_UNKNOWN'],
-      ['GET', '/v2/nothing', 400, 'NAME_INVALID'],
-      ['GET', '/nothing', 405, 'UNSUPPORTED'],
+      ['GET', '/v2/nothing', 404, 'NOT_FOUND'],
+      ['GET', '/nothing', 404, 'NOT_FOUND'],
     ];
     for (const [method, path, status, code] of cases) {
       const res = await rawRequest(pc.url, method, path);
