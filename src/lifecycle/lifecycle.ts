@@ -140,6 +140,14 @@ export class Lifecycle {
     await this.scanning;
   }
 
+  /** Resolves once the scan is done and the budget holds as far as eviction can make it. */
+  async settle(): Promise<void> {
+    await this.whenReady();
+    this.checkBudget();
+    await this.evicting;
+    await this.work;
+  }
+
   async close(): Promise<void> {
     for (const t of this.timers) clearInterval(t);
     await this.evicting?.catch(() => {});
@@ -242,7 +250,11 @@ export class Lifecycle {
       released = true;
       const n = (this.serving.get(digest) ?? 1) - 1;
       if (n > 0) this.serving.set(digest, n);
-      else this.serving.delete(digest);
+      else {
+        this.serving.delete(digest);
+        // An eviction may have had to leave this blob: it can go now.
+        this.checkBudget();
+      }
     };
   }
 
@@ -310,11 +322,16 @@ export class Lifecycle {
     // In the background, never on a client's request path.
     this.evicting = new Promise<void>((resolve) => setImmediate(resolve))
       .then(() =>
-        this.serially(() => (this.ownership.isOwner ? this.evictToBudget() : Promise.resolve())),
+        this.serially(() => (this.ownership.isOwner ? this.evictToBudget() : Promise.resolve(0))),
       )
-      .catch((err: unknown) => this.warn(err))
-      .finally(() => {
+      .catch((err: unknown) => {
+        this.warn(err);
+        return 0;
+      })
+      .then((freed) => {
         this.evicting = undefined;
+        // Blobs added while it ran may have crossed the budget again.
+        if (freed > 0) this.checkBudget();
       });
   }
 
@@ -331,10 +348,11 @@ export class Lifecycle {
     return Math.max(need, this.extraToFree);
   }
 
-  private async evictToBudget(): Promise<void> {
+  /** Resolves to the bytes freed. */
+  private async evictToBudget(): Promise<number> {
     const need = await this.bytesToFree();
     this.extraToFree = 0;
-    if (need <= 0) return;
+    if (need <= 0) return 0;
     const started = this.now();
     const report = await this.evict('size', need);
     this.log.info(
@@ -352,6 +370,7 @@ export class Lifecycle {
         { need: Math.round(need), freed: report.bytes },
         'budget not reached: the rest is pinned or being served',
       );
+    return report.bytes;
   }
 
   /** Evicts entries, least recently pulled first, until `need` bytes are free. */

@@ -28,6 +28,14 @@ export interface ImageRef {
   reference: string;
 }
 
+/** What a blob fetch asks of the budget. */
+export interface StorageBudget {
+  /** False for a blob larger than the whole budget: streamed to its clients, not kept. */
+  accepts(digest: Digest, size: number | undefined): boolean;
+  /** Storage ran out of space while `bytes` were being written: make room. */
+  diskFull(bytes: number): void;
+}
+
 export type EvictionReason = 'size' | 'unused' | 'manual';
 
 /** One cached image, as `ls --json` and the admin API print it; keep the fields stable. */

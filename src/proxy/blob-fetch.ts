@@ -30,6 +30,7 @@ import {
   type RepositoryKey,
 } from '../storage/types.js';
 import type { UpstreamClient } from '../upstream/types.js';
+import type { StorageBudget } from '../lifecycle/types.js';
 
 /** Most bytes read from disk at once for a follower that fell behind. */
 const DISK_READ = 1024 * 1024;
@@ -50,6 +51,8 @@ export interface BlobFetchOptions {
   orphanTimeout: number;
   onCommitted: (descriptor: Descriptor) => Promise<void>;
   onUpstreamBytes?: (bytes: number) => void;
+  /** The storage budget: whether a blob of this size is kept, and where a full disk is told. */
+  budget?: StorageBudget;
 }
 
 export class BlobFetch {
@@ -59,7 +62,11 @@ export class BlobFetch {
   received = 0;
   /** Bytes on disk in the upload session. */
   written = 0;
-  state: 'starting' | 'running' | 'committed' | 'failed' = 'starting';
+  /**
+   * `streamed`: verified and served whole, but not kept (larger than the whole budget); the
+   * upload is removed once its last follower is done.
+   */
+  state: 'starting' | 'running' | 'committed' | 'streamed' | 'failed' = 'starting';
   error: unknown;
   /** Resolves once the upstream answered with the blob's headers; rejects with its error. */
   readonly ready: Promise<void>;
@@ -110,6 +117,7 @@ export class BlobFetch {
       });
       this.size = size;
       this.state = 'running';
+      const keep = this.options.budget?.accepts(digest, size) ?? true;
       ready();
       for await (const raw of stream) {
         const chunk = raw as Buffer;
@@ -126,6 +134,18 @@ export class BlobFetch {
       this.diskWaitMs += performance.now() - flushStarted;
       if (this.writeError) throw this.writeError;
       this.writer ??= await this.session;
+      if (!keep) {
+        // Verified (the stream ended without an error) and written for the followers to read:
+        // release their last byte, and drop the upload when the last of them is done.
+        this.state = 'streamed';
+        log.info(
+          { digest, bytes: this.received, clients: this.followers.size },
+          'blob streamed, not kept',
+        );
+        for (const follower of [...this.followers]) follower.onCommitted();
+        this.dropIfUnfollowed();
+        return { digest, size: this.received };
+      }
       // The stream ended without an error, so the upstream client has checked every byte
       // against the digest (and the pump wrote exactly those bytes): commit need not read the
       // upload back to hash it again.
@@ -157,6 +177,8 @@ export class BlobFetch {
       while (this.pumping) await this.pumping.catch(() => {});
       const writer = this.writer ?? (await this.session.catch(() => undefined));
       await writer?.cancel().catch(() => {});
+      if ((err as NodeJS.ErrnoException).code === 'ENOSPC')
+        this.options.budget?.diskFull(Math.max(this.size ?? 0, this.received));
       log.warn(
         { digest, bytes: this.received, err: (err as Error).message },
         'blob fetch failed, nothing kept',
@@ -230,6 +252,7 @@ export class BlobFetch {
 
   unfollow(follower: BlobFollower): void {
     this.followers.delete(follower);
+    if (this.state === 'streamed') this.dropIfUnfollowed();
     if (this.followers.size === 0 && (this.state === 'running' || this.state === 'starting')) {
       // Every client left: the fetch goes on to fill the cache, but not forever.
       this.orphanTimer = setTimeout(() => {
@@ -243,12 +266,25 @@ export class BlobFetch {
     }
   }
 
+  /** True once the digest is verified: the last byte may go to the followers. */
   isCommitted(): boolean {
-    return this.state === 'committed';
+    return this.state === 'committed' || this.state === 'streamed';
+  }
+
+  /** A blob streamed and not kept: its upload goes once nobody reads it. */
+  private dropIfUnfollowed(): void {
+    if (this.followers.size > 0 || !this.writer) return;
+    const writer = this.writer;
+    this.writer = undefined;
+    void writer.cancel().catch(() => {});
   }
 
   /** Reads bytes already on disk, from the upload while it runs and from the blob once committed. */
   async readWritten(offset: number, length: number): Promise<RangeStream> {
+    if (this.state === 'streamed') {
+      if (!this.writer) throw new PathNotFoundError(this.digest);
+      return this.writer.readWritten(offset, length);
+    }
     if (this.state !== 'committed' && this.writer) {
       try {
         return await this.writer.readWritten(offset, length);

@@ -19,6 +19,7 @@ import {
 import { UpstreamNotFoundError } from '../upstream/errors.js';
 import type { UpstreamClient } from '../upstream/types.js';
 import { BlobFetch } from './blob-fetch.js';
+import type { StorageBudget } from '../lifecycle/types.js';
 
 export interface ProxyBlobStoreOptions {
   local: BlobService;
@@ -31,6 +32,8 @@ export interface ProxyBlobStoreOptions {
   orphanTimeout: number;
   /** Fetches in flight, by digest; shared by every upstream's store so a digest is fetched once. */
   inflight: Map<Digest, BlobFetch>;
+  /** The storage budget (the lifecycle); without one every blob is kept. */
+  budget?: StorageBudget;
 }
 
 export class ProxyBlobStore implements BlobService {
@@ -97,6 +100,7 @@ export class ProxyBlobStore implements BlobService {
       log: this.log,
       orphanTimeout: this.o.orphanTimeout,
       onUpstreamBytes: (n) => this.o.metrics.upstreamBytes.inc({ upstream: repo.upstream }, n),
+      ...(this.o.budget ? { budget: this.o.budget } : {}),
       onCommitted: async (descriptor) => {
         await this.o.repositories.linkBlob(repo, descriptor);
         await this.o.cache.setDescriptor(descriptor);
