@@ -23,6 +23,7 @@ import type { Digest } from './oci/digest.js';
 import type { BlobFetch } from './proxy/blob-fetch.js';
 import { ProxyBlobStore } from './proxy/proxy-blob-store.js';
 import { ProxyManifestStore } from './proxy/proxy-manifest-store.js';
+import { ProxyReferrersService } from './proxy/proxy-referrers.js';
 import { ProxyTagService } from './proxy/proxy-tag-service.js';
 import { DriverBlobStore } from './storage/blob-store.js';
 import { FilesystemDriver } from './storage/filesystem-driver.js';
@@ -31,6 +32,7 @@ import {
   LocalManifestService,
   LocalTagService,
 } from './storage/local-services.js';
+import { DriverReferrersStore } from './storage/referrers-store.js';
 import { DriverRepositoryStore } from './storage/repository-store.js';
 import type { BlobStore, RepositoryStore, StorageDriver } from './storage/types.js';
 import { RegistryClient } from './upstream/client.js';
@@ -123,6 +125,13 @@ export function createRuntime(
       }),
       manifests,
       tags: new ProxyTagService(localTags, manifests, client, upstream, log, metrics),
+      referrers: new ProxyReferrersService({
+        local: new DriverReferrersStore(driver),
+        client,
+        config: upstream,
+        log,
+        metrics,
+      }),
     });
   }
 

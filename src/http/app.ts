@@ -27,6 +27,7 @@ import type {
   BlobService,
   ByteRange,
   ManifestService,
+  ReferrersService,
   RepositoryKey,
   RepositoryStore,
   TagService,
@@ -36,12 +37,15 @@ import { errorMiddleware } from './errors.js';
 import type { Passthrough } from './passthrough.js';
 import { parseRange } from './range.js';
 import { createManifestFastPath, decodeSegment, requestId, serveManifest } from './manifests.js';
+import { serveReferrers } from './referrers.js';
 import { clientName, routeRequest } from './routing.js';
 
 export interface UpstreamServices {
   blobs: BlobService;
   manifests: ManifestService;
   tags: TagService;
+  /** Absent from the storage-only set that export and import use, which serves no requests. */
+  referrers?: ReferrersService;
 }
 
 export interface AppDeps {
@@ -65,7 +69,8 @@ export interface ReadinessCheck {
 }
 
 // The name is greedy, so `/v2/a/blobs/b/blobs/sha256:...` names repository `a/blobs/b`.
-const API_PATH = /^\/(.+)\/(manifests\/[^/]+|blobs\/uploads(?:\/[^/]*)?|blobs\/[^/]+|tags\/list)$/;
+const API_PATH =
+  /^\/(.+)\/(manifests\/[^/]+|blobs\/uploads(?:\/[^/]*)?|blobs\/[^/]+|tags\/list|referrers\/[^/]+)$/;
 const PAGE_MAX = 10_000;
 /** What a pull-only cache serves on each endpoint it knows. */
 const READ_METHODS = ['GET', 'HEAD'];
@@ -250,8 +255,14 @@ export function createApp(deps: AppDeps): express.Express {
       action.slice(0, action.indexOf('/')),
       action.slice(action.indexOf('/') + 1),
     ];
-    if (kind === 'manifests') await serveManifest(req, res, services, repo, reference, res.locals);
-    else await getBlob(req, res, services.blobs, repo, decodeSegment(reference));
+    if (kind === 'manifests') {
+      await serveManifest(req, res, services, repo, reference, res.locals);
+    } else if (kind === 'referrers') {
+      if (!services.referrers) throw new NotFoundError(req.method, req.originalUrl);
+      await serveReferrers(req, res, services.referrers, repo, reference);
+    } else {
+      await getBlob(req, res, services.blobs, repo, decodeSegment(reference));
+    }
   });
 
   // Last: no route above took the request. (A status page or an admin API goes above this.)

@@ -26,6 +26,9 @@ export interface RequestNotes {
   errorCode?: string;
 }
 
+/** Said of an answer served past its freshness window because the upstream could not confirm it. */
+export const STALE_WARNING = '110 pullcache "stale: upstream not confirmed"';
+
 /** Path segments may be percent-encoded (`sha256%3A...`); a bad encoding is a client error. */
 export function decodeSegment(segment: string): string {
   try {
@@ -55,7 +58,7 @@ export async function serveManifest(
     const resolved = await services.tags.resolve(repo, ref.tag);
     if (!resolved.found) throw new ManifestUnknownError(`${repo.repository}:${ref.tag}`);
     digest = resolved.digest;
-    if (resolved.stale) res.setHeader('Warning', '110 pullcache "stale: upstream not confirmed"');
+    if (resolved.stale) res.setHeader('Warning', STALE_WARNING);
   } else {
     digest = ref.digest;
   }

@@ -41,3 +41,12 @@ export function isIndexMediaType(value: string): boolean {
 export function baseMediaType(contentType: string | undefined | null): string {
   return (contentType ?? '').split(';')[0]!.trim().toLowerCase();
 }
+
+// RFC 6838 section 4.2: type "/" subtype, each a restricted-name of at most 127 characters.
+const MEDIA_TYPE =
+  /^[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}\/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}$/;
+
+/** True for a bare media type (`application/vnd.example+json`), without parameters. */
+export function isMediaType(value: string): boolean {
+  return MEDIA_TYPE.test(value);
+}

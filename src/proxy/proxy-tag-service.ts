@@ -147,7 +147,7 @@ export class ProxyTagService implements TagService {
 }
 
 /** Failures that stale-if-error covers: the upstream could not give an answer. */
-function isUpstreamFailure(err: unknown): boolean {
+export function isUpstreamFailure(err: unknown): boolean {
   return (
     err instanceof UpstreamUnavailableError ||
     err instanceof UpstreamRateLimitedError ||

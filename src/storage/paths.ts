@@ -16,14 +16,19 @@
  * └── repositories/
  *     └── <upstream>/<repository...>/         e.g. docker.io/library/alpine
  *         ├── _layers/<algorithm>/<hex>/link  the repository holds this blob
- *         └── _manifests/
- *             ├── revisions/<algorithm>/<hex>/link   JSON {digest, mediaType, size}
- *             └── tags/<tag>/current/link            JSON {digest, confirmedAt}
+ *         ├── _manifests/
+ *         │   ├── revisions/<algorithm>/<hex>/link   JSON {digest, mediaType, size}
+ *         │   └── tags/<tag>/current/link            JSON {digest, confirmedAt}
+ *         └── _referrers/<algorithm>/<hex>/      referrers answers for one subject manifest
+ *             └── <filter>                           JSON {index, filtersApplied, confirmedAt}
  * ```
  * A blob data file's and a revision link's modification time is when it was last pulled.
- * Repository components cannot start with `_` (name grammar), so `_layers` and `_manifests`
- * never collide with a nested repository.
+ * A referrers `<filter>` is `all`, or `artifactType-<sha256 hex of the sorted types joined by
+ * ",">` (a media type may hold characters no path should).
+ * Repository components cannot start with `_` (name grammar), so `_layers`, `_manifests` and
+ * `_referrers` never collide with a nested repository.
  */
+import { createHash } from 'node:crypto';
 import { UPSTREAM_NAME } from '../config/schema.js';
 import { parseDigest, type Digest } from '../oci/digest.js';
 import { parseRepository, parseTag, type Tag } from '../oci/reference.js';
@@ -72,7 +77,16 @@ export const paths = {
   tagLink(repo: RepositoryKey, tag: Tag): string {
     return `${paths.tagsRoot(repo)}/${parseTag(tag)}/current/link`;
   },
+  referrers(repo: RepositoryKey, subject: Digest, artifactTypes: readonly string[]): string {
+    const { algorithm, hex } = parseDigest(subject);
+    const types = [...new Set(artifactTypes)].sort();
+    const filter =
+      types.length === 0
+        ? 'all'
+        : `artifactType-${createHash('sha256').update(types.join(',')).digest('hex')}`;
+    return `${paths.repositoryRoot(repo)}/_referrers/${algorithm}/${hex}/${filter}`;
+  },
 };
 
 /** Directory names that mark a repository's own data, not a nested repository. */
-export const REPOSITORY_DATA_DIRS = ['_layers', '_manifests', '_uploads'];
+export const REPOSITORY_DATA_DIRS = ['_layers', '_manifests', '_referrers', '_uploads'];

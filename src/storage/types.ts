@@ -190,6 +190,39 @@ export interface TagLink {
 }
 
 /**
+ * A referrers answer as kept for a subject: the image index served, and when the upstream last
+ * gave it. It is a listing that changes (like a tag), not content, so it is kept whole here.
+ */
+export interface ReferrersRecord {
+  /** The image index, as served. */
+  index: Buffer;
+  /** The filters applied to it, for `OCI-Filters-Applied`. */
+  filtersApplied: string[];
+  /** When the upstream last gave this answer (ms since epoch). */
+  confirmedAt: number;
+}
+
+/** The referrers answers kept per repository and subject, apart from its links and tags. */
+export interface ReferrersStore {
+  /**
+   * Keeps the answer for `subject` under the `artifactTypes` filter it answers ([] for none;
+   * order and repeats do not matter), replacing the one kept before.
+   */
+  set(
+    repo: RepositoryKey,
+    subject: Digest,
+    artifactTypes: readonly string[],
+    record: ReferrersRecord,
+  ): Promise<void>;
+  /** Resolves to undefined when no answer is kept for this subject and filter. */
+  get(
+    repo: RepositoryKey,
+    subject: Digest,
+    artifactTypes: readonly string[],
+  ): Promise<ReferrersRecord | undefined>;
+}
+
+/**
  * Per repository: links to the blobs and manifests it holds, and its tags. The bytes live in
  * the BlobStore, shared by digest.
  */
@@ -254,4 +287,27 @@ export interface TagService {
   tag(repo: RepositoryKey, tag: Tag, digest: Digest): Promise<void>;
   /** Tags of the repository, sorted. */
   list(repo: RepositoryKey): Promise<string[]>;
+}
+
+export interface ReferrersAnswer {
+  /** An OCI image index of the referring manifests; empty when there are none. */
+  index: Buffer;
+  /** The filters applied (`artifactType`), for `OCI-Filters-Applied`; [] when none. */
+  filtersApplied: string[];
+  /** True when served past its freshness window because the upstream could not be asked. */
+  stale?: boolean;
+}
+
+/** The referrers API (distribution-spec 1.1): manifests whose `subject` is a given digest. */
+export interface ReferrersService {
+  /**
+   * The referrers of `subject` in the repository, only those of one of `artifactTypes` when any
+   * are given ([] for all). Never "not found": no referrers is an empty index. Throws the
+   * upstream's error (UNAVAILABLE...) when it cannot be asked and no answer is kept.
+   */
+  list(
+    repo: RepositoryKey,
+    subject: Digest,
+    artifactTypes: readonly string[],
+  ): Promise<ReferrersAnswer>;
 }

@@ -9,7 +9,9 @@ import { Agent, errors as undiciErrors, request, type Dispatcher } from 'undici'
 import type { UpstreamConfig } from '../config/schema.js';
 import type { Logger } from '../log/logger.js';
 import { DigestVerifier, digestOf, parseDigest, type Digest } from '../oci/digest.js';
-import { MANIFEST_ACCEPT, baseMediaType } from '../oci/media-types.js';
+import { ManifestInvalidError } from '../oci/errors.js';
+import { MANIFEST_ACCEPT, MediaType, baseMediaType } from '../oci/media-types.js';
+import { parseReferrersIndex, type ReferrerDescriptor } from '../oci/referrers.js';
 import type { Repository } from '../oci/reference.js';
 import {
   parseChallenge,
@@ -33,6 +35,7 @@ import type {
   BlobHead,
   BlobStream,
   FetchedManifest,
+  FetchedReferrers,
   ManifestHead,
   RequestOptions,
   UpstreamClient,
@@ -159,33 +162,8 @@ export class RegistryClient implements UpstreamClient {
       { accept: MANIFEST_ACCEPT },
       options,
     );
-    const limit = this.config.maxManifestSize;
-    const declared = Number(header(res.headers, 'content-length'));
-    if (declared > limit) {
-      res.body.destroy();
-      throw new UpstreamInvalidError(
-        this.name,
-        `${what} is ${declared} bytes, more than the ${limit} allowed`,
-      );
-    }
-    const chunks: Buffer[] = [];
-    let size = 0;
-    try {
-      for await (const chunk of res.body) {
-        size += (chunk as Buffer).length;
-        if (size > limit) {
-          res.body.destroy();
-          throw new UpstreamInvalidError(
-            this.name,
-            `${what} is more than the ${limit} bytes allowed`,
-          );
-        }
-        chunks.push(chunk as Buffer);
-      }
-    } catch (err) {
-      throw this.bodyError(err, what);
-    }
-    const bytes = Buffer.concat(chunks, size);
+    const bytes = await this.readSmallBody(res, what, this.config.maxManifestSize);
+    const size = bytes.length;
     const digest = this.verifyManifestDigest(
       bytes,
       reference,
@@ -423,7 +401,82 @@ export class RegistryClient implements UpstreamClient {
     return tags;
   }
 
+  // ---- referrers ------------------------------------------------------------------------
+
+  async listReferrers(
+    repository: Repository,
+    subject: Digest,
+    options: RequestOptions & { artifactType?: string } = {},
+  ): Promise<FetchedReferrers> {
+    const what = `referrers of ${repository}@${subject}`;
+    const manifests: ReferrerDescriptor[] = [];
+    let filtersApplied: string[] | undefined;
+    // All pages together are held to the size of one manifest: the answer is served as one.
+    let room = this.config.maxManifestSize;
+    let next: string | undefined =
+      `referrers/${subject}` +
+      (options.artifactType !== undefined
+        ? `?artifactType=${encodeURIComponent(options.artifactType)}`
+        : '');
+    for (let page = 0; next && page < 1000; page++) {
+      const res = await this.send(
+        'GET',
+        repository,
+        next,
+        what,
+        { accept: MediaType.OciIndex },
+        options,
+      );
+      const bytes = await this.readSmallBody(res, what, room);
+      room -= bytes.length;
+      try {
+        manifests.push(...parseReferrersIndex(bytes));
+      } catch (err) {
+        if (err instanceof ManifestInvalidError)
+          throw new UpstreamInvalidError(this.name, `${what}: ${err.message}`);
+        throw err;
+      }
+      // The first page says which filters the upstream applied; later pages follow its Link.
+      filtersApplied ??= (header(res.headers, 'oci-filters-applied') ?? '')
+        .split(',')
+        .map((f) => f.trim())
+        .filter(Boolean);
+      next = nextPage(header(res.headers, 'link'), repository);
+    }
+    return { manifests, filtersApplied: filtersApplied ?? [] };
+  }
+
   // ---- transport ------------------------------------------------------------------------
+
+  /** A whole body of at most `limit` bytes (a manifest, a referrers page); larger is invalid. */
+  private async readSmallBody(res: Response, what: string, limit: number): Promise<Buffer> {
+    const declared = Number(header(res.headers, 'content-length'));
+    if (declared > limit) {
+      res.body.destroy();
+      throw new UpstreamInvalidError(
+        this.name,
+        `${what} is ${declared} bytes, more than the ${limit} allowed`,
+      );
+    }
+    const chunks: Buffer[] = [];
+    let size = 0;
+    try {
+      for await (const chunk of res.body) {
+        size += (chunk as Buffer).length;
+        if (size > limit) {
+          res.body.destroy();
+          throw new UpstreamInvalidError(
+            this.name,
+            `${what} is more than the ${limit} bytes allowed`,
+          );
+        }
+        chunks.push(chunk as Buffer);
+      }
+    } catch (err) {
+      throw this.bodyError(err, what);
+    }
+    return Buffer.concat(chunks, size);
+  }
 
   /**
    * One request to `/v2/<repository>/<suffix>` with auth, redirects and error mapping. Resolves
@@ -679,7 +732,7 @@ function parseRateLimit(value: string | undefined): [number | undefined, number 
   return m ? [Number(m[1]), m[2] !== undefined ? Number(m[2]) : undefined] : [undefined, undefined];
 }
 
-/** The next page of a tag list from a `Link: <...>; rel="next"` header, as a path under the repository. */
+/** The next page (tags, referrers) from a `Link: <...>; rel="next"` header, as a path under the repository. */
 function nextPage(link: string | undefined, repository: string): string | undefined {
   if (!link) return undefined;
   const m = /<([^>]+)>\s*;\s*rel="?next"?/.exec(link);

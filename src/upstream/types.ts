@@ -1,5 +1,6 @@
 import type { Readable } from 'node:stream';
 import type { Digest } from '../oci/digest.js';
+import type { ReferrerDescriptor } from '../oci/referrers.js';
 import type { Repository } from '../oci/reference.js';
 import type { RateLimitInfo } from './errors.js';
 import type { HealthState } from './health.js';
@@ -27,6 +28,13 @@ export interface BlobStream {
    * digest is checked at the end (the stream errors with UpstreamInvalidError on a mismatch).
    */
   stream: Readable;
+}
+
+export interface FetchedReferrers {
+  /** The descriptors of every page, in the upstream's order, each as the upstream sent it. */
+  manifests: ReferrerDescriptor[];
+  /** The filters the upstream says it applied (`OCI-Filters-Applied`); [] when none. */
+  filtersApplied: string[];
 }
 
 export interface RequestOptions {
@@ -61,6 +69,16 @@ export interface UpstreamClient {
     repository: Repository,
     options?: RequestOptions & { pageSize?: number },
   ): Promise<string[]>;
+  /**
+   * The referrers of `subject` (distribution-spec 1.1), every `Link` page joined, with the
+   * `artifactType` filter passed on when given. An upstream without the referrers API answers
+   * 404: that is UpstreamNotFoundError, as for a repository it does not know.
+   */
+  listReferrers(
+    repository: Repository,
+    subject: Digest,
+    options?: RequestOptions & { artifactType?: string },
+  ): Promise<FetchedReferrers>;
   readonly healthState: HealthState;
   /** True while the client fails fast (circuit open) or is configured offline. */
   readonly isDown: boolean;

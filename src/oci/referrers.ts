@@ -1,0 +1,76 @@
+/**
+ * The answer of the referrers API: an OCI image index whose descriptors are the manifests that
+ * name a subject in their `subject` field
+ * (https://github.com/opencontainers/distribution-spec/blob/main/spec.md#listing-referrers).
+ */
+import type { Descriptor } from './descriptor.js';
+import { parseDigest } from './digest.js';
+import { ManifestInvalidError } from './errors.js';
+import { MediaType } from './media-types.js';
+
+/**
+ * A referring manifest, with every field the upstream sent kept as it was (`artifactType`,
+ * `annotations`, and whatever a later spec adds).
+ */
+export interface ReferrerDescriptor extends Descriptor {
+  mediaType: string;
+  artifactType?: string;
+  annotations?: Record<string, string>;
+  readonly [field: string]: unknown;
+}
+
+/** The filter name the spec defines, for `OCI-Filters-Applied`. */
+export const ARTIFACT_TYPE_FILTER = 'artifactType';
+
+/**
+ * The descriptors of a referrers answer. Throws ManifestInvalidError when the bytes are not an
+ * image index of well-formed descriptors.
+ */
+export function parseReferrersIndex(bytes: Uint8Array): ReferrerDescriptor[] {
+  let json: unknown;
+  try {
+    json = JSON.parse(Buffer.from(bytes).toString('utf8'));
+  } catch {
+    throw new ManifestInvalidError('referrers answer is not valid JSON');
+  }
+  if (!isObject(json) || json.schemaVersion !== 2 || !Array.isArray(json.manifests))
+    throw new ManifestInvalidError('referrers answer is not an image index');
+  return json.manifests.map((value: unknown, i) => {
+    if (
+      !isObject(value) ||
+      typeof value.mediaType !== 'string' ||
+      typeof value.size !== 'number' ||
+      !Number.isSafeInteger(value.size) ||
+      value.size < 0 ||
+      (value.artifactType !== undefined && typeof value.artifactType !== 'string')
+    )
+      throw new ManifestInvalidError(`referrers answer: manifests[${i}] is not a descriptor`);
+    try {
+      parseDigest(String(value.digest));
+    } catch {
+      throw new ManifestInvalidError(`referrers answer: manifests[${i}] has an invalid digest`);
+    }
+    return value as ReferrerDescriptor;
+  });
+}
+
+/** The index to serve for these referrers; no referrers is an empty index, never a 404. */
+export function referrersIndex(manifests: readonly ReferrerDescriptor[]): Buffer {
+  return Buffer.from(
+    JSON.stringify({ schemaVersion: 2, mediaType: MediaType.OciIndex, manifests }),
+  );
+}
+
+/** The referrers whose `artifactType` is one of `artifactTypes`. */
+export function withArtifactType(
+  manifests: readonly ReferrerDescriptor[],
+  artifactTypes: readonly string[],
+): ReferrerDescriptor[] {
+  return manifests.filter(
+    (d) => d.artifactType !== undefined && artifactTypes.includes(d.artifactType),
+  );
+}
+
+function isObject(value: unknown): value is Record<string, unknown> {
+  return typeof value === 'object' && value !== null && !Array.isArray(value);
+}

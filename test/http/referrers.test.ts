@@ -1,0 +1,224 @@
+import type { IncomingMessage, ServerResponse } from 'node:http';
+import { afterAll, beforeAll, describe, expect, test } from 'vitest';
+import { fakeServer, type FakeServer } from '../helpers/fake-server.js';
+import { ociError, rawRequest } from '../helpers/http.js';
+import { makeImage, pushImage, sha256, type Image } from '../helpers/images.js';
+import { startPullcache, type TestPullcache } from '../helpers/pullcache.js';
+import { Recorder } from '../helpers/recorder.js';
+import { TestRegistry } from '../helpers/registry.js';
+
+const INDEX = 'application/vnd.oci.image.index.v1+json';
+const SIGNATURE = 'application/vnd.example.signature.v1+json';
+const SBOM = 'application/vnd.example.sbom.v1+json';
+
+interface Index {
+  schemaVersion: number;
+  mediaType: string;
+  manifests: Record<string, unknown>[];
+}
+
+async function index(res: Response): Promise<Index> {
+  expect(res.status).toBe(200);
+  expect(res.headers.get('content-type')).toBe(INDEX);
+  return (await res.json()) as Index;
+}
+
+describe('referrers from an upstream without the referrers API (distribution 2.8)', () => {
+  let registry: TestRegistry;
+  let recorder: Recorder;
+  let image: Image;
+  let pc: TestPullcache;
+
+  beforeAll(async () => {
+    registry = await TestRegistry.start();
+    recorder = await Recorder.start(registry.url);
+    image = makeImage('org/app', 'v1', 'oci', [1000]);
+    await pushImage(registry, image);
+    pc = await startPullcache({ upstreams: { 'docker.io': { url: recorder.url } } });
+  });
+  afterAll(async () => {
+    await pc?.stop();
+    await recorder?.close();
+    await registry?.close();
+  });
+
+  test('the answer is an empty OCI image index, filtered or not, GET and HEAD', async () => {
+    const url = `${pc.url}/v2/org/app/referrers/${image.digest}`;
+    const all = await fetch(url);
+    expect(all.headers.get('oci-filters-applied')).toBeNull();
+    expect(await index(all)).toEqual({ schemaVersion: 2, mediaType: INDEX, manifests: [] });
+    // The upstream was asked, and said 404: it has no such API.
+    expect(recorder.requests.filter((r) => r.path.includes('/referrers/'))).toMatchObject([
+      { method: 'GET', path: `/v2/org/app/referrers/${image.digest}`, status: 404 },
+    ]);
+
+    const filtered = await fetch(`${url}?artifactType=${encodeURIComponent(SIGNATURE)}`);
+    expect(filtered.headers.get('oci-filters-applied')).toBe('artifactType');
+    expect(await index(filtered)).toEqual({ schemaVersion: 2, mediaType: INDEX, manifests: [] });
+
+    const head = await fetch(url, { method: 'HEAD' });
+    expect(head.status).toBe(200);
+    expect(head.headers.get('content-type')).toBe(INDEX);
+    expect(Number(head.headers.get('content-length'))).toBeGreaterThan(0);
+  });
+
+  test('the digest is checked before anything: a malformed one is 400 and reaches no upstream', async () => {
+    recorder.reset();
+    const cases: [string, number, string][] = [
+      ['/v2/org/app/referrers/sha256:xyz', 400, 'DIGEST_INVALID'],
+      ['/v2/org/app/referrers/v1', 400, 'DIGEST_INVALID'],
+      [`/v2/org/app/referrers/md5:${'0'.repeat(32)}`, 400, 'DIGEST_INVALID'],
+      ['/v2/org/app/referrers/sha256:%zz', 400, 'NAME_INVALID'],
+      [`/v2/Org/app/referrers/${image.digest}`, 400, 'NAME_INVALID'],
+    ];
+    for (const [path, status, code] of cases) {
+      const res = await rawRequest(pc.url, 'GET', path);
+      expect({ path, status: res.status, code: await ociError(res) }).toEqual({
+        path,
+        status,
+        code,
+      });
+    }
+    expect(recorder.requests).toEqual([]);
+  });
+
+  test('referrers take no push: another method is 405 with Allow', async () => {
+    const res = await rawRequest(pc.url, 'PUT', `/v2/org/app/referrers/${image.digest}`);
+    expect(res.status).toBe(405);
+    expect(res.headers.allow).toBe('GET, HEAD');
+    expect(await ociError(res)).toBe('UNSUPPORTED');
+  });
+});
+
+/** A referring manifest's descriptor as a registry with the referrers API lists it. */
+function referrer(artifactType: string, n: number): Record<string, unknown> {
+  const bytes = `{"referrer":${n}}`;
+  return {
+    mediaType: 'application/vnd.oci.image.manifest.v1+json',
+    digest: sha256(bytes),
+    size: bytes.length,
+    artifactType,
+    annotations: { 'org.example.n': String(n) },
+  };
+}
+
+describe('referrers from an upstream with the referrers API (in-process fake)', () => {
+  const subject = sha256('the subject manifest');
+  const signature = referrer(SIGNATURE, 1);
+  const sbom = referrer(SBOM, 2);
+  let upstream: FakeServer;
+  let pc: TestPullcache;
+  /** When true the fake ignores artifactType, as a registry may (the spec makes it a SHOULD). */
+  let ignoresFilter = false;
+
+  const handler = (req: IncomingMessage, res: ServerResponse) => {
+    const url = new URL(req.url ?? '/', 'http://fake');
+    const m = /^\/v2\/org\/signed\/referrers\/(sha256:[0-9a-f]{64})$/.exec(url.pathname);
+    if (!m || m[1] !== subject) {
+      res.writeHead(url.pathname === '/v2/' ? 200 : 404).end('{}');
+      return;
+    }
+    const type = url.searchParams.get('artifactType');
+    const filter = type !== null && !ignoresFilter;
+    const headers: Record<string, string> = { 'content-type': INDEX };
+    if (filter) headers['oci-filters-applied'] = 'artifactType';
+    // Two pages when unfiltered: the second is linked from the first, as the spec pages.
+    let manifests = [signature, sbom];
+    if (filter) manifests = manifests.filter((d) => d.artifactType === type);
+    else if (url.searchParams.get('page') === '2') manifests = [sbom];
+    else {
+      manifests = [signature];
+      headers.link = `</v2/org/signed/referrers/${subject}?page=2${type ? `&artifactType=${encodeURIComponent(type)}` : ''}>; rel="next"`;
+    }
+    res
+      .writeHead(200, headers)
+      .end(JSON.stringify({ schemaVersion: 2, mediaType: INDEX, manifests }));
+  };
+
+  beforeAll(async () => {
+    upstream = await fakeServer(handler);
+    pc = await startPullcache({
+      upstreams: { 'docker.io': { url: upstream.url, tagTTL: '1s' } },
+    });
+  });
+  afterAll(async () => {
+    await pc?.stop();
+    await upstream?.close();
+  });
+
+  const referrersOf = (query = '') => fetch(`${pc.url}/v2/org/signed/referrers/${subject}${query}`);
+  const asked = () => upstream.requests.filter((r) => r.url.includes('/referrers/'));
+
+  test('every page is joined into one index, each descriptor as the upstream sent it', async () => {
+    const body = await index(await referrersOf());
+    expect(body).toEqual({ schemaVersion: 2, mediaType: INDEX, manifests: [signature, sbom] });
+    expect(asked().map((r) => r.url)).toEqual([
+      `/v2/org/signed/referrers/${subject}`,
+      `/v2/org/signed/referrers/${subject}?page=2`,
+    ]);
+  });
+
+  test('artifactType is passed on, and the answer says the filter was applied', async () => {
+    upstream.requests.length = 0;
+    const res = await referrersOf(`?artifactType=${encodeURIComponent(SBOM)}`);
+    expect(res.headers.get('oci-filters-applied')).toBe('artifactType');
+    expect((await index(res)).manifests).toEqual([sbom]);
+    expect(asked().map((r) => new URL(r.url, 'http://x').searchParams.get('artifactType'))).toEqual(
+      [SBOM],
+    );
+  });
+
+  test('an upstream that ignores artifactType is filtered here, and the answer still says so', async () => {
+    ignoresFilter = true;
+    try {
+      const res = await referrersOf(`?artifactType=${encodeURIComponent(SIGNATURE)}`);
+      expect(res.headers.get('oci-filters-applied')).toBe('artifactType');
+      expect((await index(res)).manifests).toEqual([signature]);
+    } finally {
+      ignoresFilter = false;
+    }
+    // Several types: kept by any of them.
+    const both = await referrersOf(
+      `?artifactType=${encodeURIComponent(SBOM)}&artifactType=${encodeURIComponent(SIGNATURE)}`,
+    );
+    expect(both.headers.get('oci-filters-applied')).toBe('artifactType');
+    expect((await index(both)).manifests).toEqual([signature, sbom]);
+  });
+
+  test('a kept answer is served without asking inside tagTTL, and stale when the upstream is down, across a restart too', async () => {
+    const fresh = await index(await referrersOf());
+    upstream.requests.length = 0;
+    expect(await index(await referrersOf())).toEqual(fresh);
+    expect(asked()).toEqual([]);
+
+    await upstream.close();
+    try {
+      await new Promise((r) => setTimeout(r, 1100)); // past tagTTL
+      const stale = await referrersOf();
+      expect(stale.headers.get('warning')).toMatch(/stale/);
+      expect(await index(stale)).toEqual(fresh);
+      const filtered = await referrersOf(`?artifactType=${encodeURIComponent(SBOM)}`);
+      expect(filtered.headers.get('oci-filters-applied')).toBe('artifactType');
+      expect((await index(filtered)).manifests).toEqual([sbom]);
+      // Never asked before: nothing to stand in for the upstream's answer, as for a manifest.
+      const never = await fetch(`${pc.url}/v2/org/signed/referrers/${sha256('another')}`);
+      expect(never.status).toBe(503);
+      expect(await ociError(never)).toBe('UNAVAILABLE');
+
+      // A new process on the same storage, configured offline: the kept answer is still there.
+      const again = await startPullcache(
+        { upstreams: { 'docker.io': { url: upstream.url, tagTTL: '1s', offline: true } } },
+        pc.root,
+      );
+      try {
+        const kept = await fetch(`${again.url}/v2/org/signed/referrers/${subject}`);
+        expect(kept.headers.get('warning')).toMatch(/stale/);
+        expect(await index(kept)).toEqual(fresh);
+      } finally {
+        await again.stop();
+      }
+    } finally {
+      upstream = await fakeServer(handler);
+    }
+  });
+});
