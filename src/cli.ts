@@ -1,6 +1,15 @@
 #!/usr/bin/env node
-/** The `pullcache` command. */
-import { Command, Option } from 'commander';
+/**
+ * The `pullcache` command: one verb per command. Exit codes: 0 done, 1 failed, 2 used wrongly (an
+ * unknown option or command, a missing argument, no command at all; an invalid configuration).
+ * A failure is one line on stderr, `pullcache: <what went wrong>`, never a stack trace.
+ *
+ * A new command: `program.command(...)` through `withCommonOptions` (and `withListenOption` only if
+ * it serves), and an action that throws what goes wrong, or `command.error(...)` for a usage
+ * error; a command that works on the cache without serving does it in `withRuntime`. Every error
+ * ends in `main`'s one error path.
+ */
+import { Command, CommanderError, Option } from 'commander';
 import { ConfigError, loadConfig } from './config/load.js';
 import { printConfig } from './config/print.js';
 import type { Config } from './config/schema.js';
@@ -22,29 +31,31 @@ interface CommonOptions {
   logFormat?: string;
 }
 
-function withConfigOptions(command: Command): Command {
-  return command
-    .option('-c, --config <file>', 'YAML config file (or env PULLCACHE_CONFIG)')
-    .option('--listen <host:port>', 'address to listen on (server.listen)')
-    .option('--storage-root <dir>', 'storage directory (storage.filesystem.root)')
-    .addOption(
-      new Option('--cache <store>', 'metadata cache (cache.store)').choices(['memory', 'redis']),
-    )
-    .option('--redis-url <url>', 'Redis URL (cache.redis.url)')
-    .addOption(
-      new Option('--log-level <level>', 'log level (log.level)').choices([
-        'fatal',
-        'error',
-        'warn',
-        'info',
-        'debug',
-        'trace',
-        'silent',
-      ]),
-    )
-    .addOption(
-      new Option('--log-format <format>', 'log format (log.format)').choices(['json', 'pretty']),
-    );
+/** The options every command takes: the config, storage, cache and logging; listed apart in help. */
+function withCommonOptions(command: Command): Command {
+  const common = [
+    new Option('-c, --config <file>', 'YAML config file (or env PULLCACHE_CONFIG)'),
+    new Option('--storage-root <dir>', 'storage directory (storage.filesystem.root)'),
+    new Option('--cache <store>', 'metadata cache (cache.store)').choices(['memory', 'redis']),
+    new Option('--redis-url <url>', 'Redis URL (cache.redis.url)'),
+    new Option('--log-level <level>', 'log level (log.level)').choices([
+      'fatal',
+      'error',
+      'warn',
+      'info',
+      'debug',
+      'trace',
+      'silent',
+    ]),
+    new Option('--log-format <format>', 'log format (log.format)').choices(['json', 'pretty']),
+  ];
+  for (const option of common) command.addOption(option.helpGroup('Common options:'));
+  return command;
+}
+
+/** `--listen`: only for the commands that serve, or show what a server would use. */
+function withListenOption(command: Command): Command {
+  return command.option('--listen <host:port>', 'address to listen on (server.listen)');
 }
 
 /** Flags become the highest-precedence config layer. */
@@ -79,12 +90,16 @@ const program = new Command()
   .name('pullcache')
   .description('A pull-through caching proxy for OCI/Docker container registries')
   .version('0.1.0')
-  .showHelpAfterError();
+  .showHelpAfterError()
+  // Commander's exits become errors for `main` (set before the commands, which inherit it).
+  .exitOverride();
 
-withConfigOptions(
-  program
-    .command('serve')
-    .description('serve the registry API, pulling misses through from the upstreams'),
+withCommonOptions(
+  withListenOption(
+    program
+      .command('serve')
+      .description('serve the registry API, pulling misses through from the upstreams'),
+  ),
 ).action(async (o: CommonOptions) => {
   const config = configFrom(o);
   const log = createLogger({ level: config.log.level, format: config.log.format });
@@ -132,22 +147,27 @@ withConfigOptions(
   process.on('SIGTERM', () => stop('SIGTERM'));
 });
 
-withConfigOptions(
-  program
-    .command('config')
-    .description('print the effective configuration (secrets redacted) and exit'),
+withCommonOptions(
+  withListenOption(
+    program
+      .command('config')
+      .description('print the effective configuration (secrets redacted) and exit'),
+  ),
 ).action((o: CommonOptions) => {
   process.stdout.write(printConfig(configFrom(o)));
 });
 
 /**
- * Runs a command on the runtime (storage, cache, clients) without serving; closes it after.
- * Failures are one line on stderr, never a stack trace.
+ * Runs a command on the runtime (storage, cache, clients) without serving; closes it after, and
+ * exits with the code `work` gives. What `work` throws goes on to `main`, after the runtime is
+ * closed; so does any error that escapes it (a stream error, a promise no one waited for).
  */
 async function withRuntime(
   o: CommonOptions,
   work: (runtime: Runtime, config: Config) => Promise<number>,
 ): Promise<void> {
+  process.on('uncaughtException', fail);
+  process.on('unhandledRejection', fail);
   const config = configFrom(o);
   // The command talks to people on stderr; the logger only says what goes wrong.
   const log = createLogger({ level: o.logLevel ?? 'error', format: config.log.format });
@@ -155,16 +175,14 @@ async function withRuntime(
   let code: number;
   try {
     code = await work(runtime, config);
-  } catch (err) {
-    console.error(`pullcache: ${(err as Error).message}`);
-    code = 1;
   } finally {
     await runtime.close().catch(() => {});
+    await new Promise<void>((resolve) => log.flush(() => resolve()));
   }
-  log.flush(() => process.exit(code));
+  process.exit(code);
 }
 
-withConfigOptions(
+withCommonOptions(
   program
     .command('prefetch')
     .description('pull images into the cache, as a client pull would, and report progress')
@@ -177,62 +195,76 @@ withConfigOptions(
       '--platform <list>',
       'only these platforms of multi-platform images, e.g. linux/amd64,linux/arm64',
     ),
-).action(async (references: string[], o: CommonOptions & { file?: string; platform?: string }) => {
-  await withRuntime(o, async (runtime, config) => {
-    const refs = [...references];
-    if (o.file) {
-      for (const line of readFileSync(o.file, 'utf8').split('\n')) {
-        const ref = line.replace(/#.*/, '').trim();
-        if (ref) refs.push(ref);
+).action(
+  async (
+    references: string[],
+    o: CommonOptions & { file?: string; platform?: string },
+    command: Command,
+  ) => {
+    if (references.length === 0 && !o.file)
+      command.error('error: nothing to prefetch: give references or --file');
+    await withRuntime(o, async (runtime, config) => {
+      const refs = [...references];
+      if (o.file) {
+        for (const line of readFileSync(o.file, 'utf8').split('\n')) {
+          const ref = line.replace(/#.*/, '').trim();
+          if (ref) refs.push(ref);
+        }
       }
-    }
-    if (refs.length === 0) throw new Error('nothing to prefetch: give references or --file');
-    let platforms: PlatformFilter[] = [];
-    if (o.platform) platforms = parsePlatforms(o.platform);
-    const progress = new Progress();
-    const results = await prefetch(runtime, config, refs, platforms, progress);
-    progress.stop();
-    const failed = results.filter((r) => !r.ok);
-    console.error(
-      `\n${results.length - failed.length} of ${results.length} images complete; fetched ${formatBytes(progress.fetchedBytes)}, already cached ${formatBytes(progress.cachedBytes)}`,
-    );
-    for (const f of failed) console.error(`  failed: ${f.reference}: ${f.error}`);
-    return failed.length === 0 ? 0 : 1;
-  });
-});
+      if (refs.length === 0) throw new Error(`nothing to prefetch: ${o.file} names no image`);
+      let platforms: PlatformFilter[] = [];
+      if (o.platform) platforms = parsePlatforms(o.platform);
+      const progress = new Progress();
+      const results = await prefetch(runtime, config, refs, platforms, progress);
+      progress.stop();
+      const failed = results.filter((r) => !r.ok);
+      console.error(
+        `\n${results.length - failed.length} of ${results.length} images complete; fetched ${formatBytes(progress.fetchedBytes)}, already cached ${formatBytes(progress.cachedBytes)}`,
+      );
+      for (const f of failed) console.error(`  failed: ${f.reference}: ${f.error}`);
+      return failed.length === 0 ? 0 : 1;
+    });
+  },
+);
 
-withConfigOptions(
+withCommonOptions(
   program
     .command('export')
     .description('write cached images to an OCI image layout archive (needs no upstream)')
     .requiredOption('-o, --output <file>', 'the bundle to write (a tar archive)')
     .option('--all', 'every tagged image in the cache')
     .argument('[references...]', 'images as [upstream/]repository[:tag|@digest]'),
-).action(async (references: string[], o: CommonOptions & { output: string; all?: boolean }) => {
-  await withRuntime(o, async (runtime, config) => {
+).action(
+  async (
+    references: string[],
+    o: CommonOptions & { output: string; all?: boolean },
+    command: Command,
+  ) => {
     if (!o.all && references.length === 0)
-      throw new Error('nothing to export: give references or --all');
-    const progress = new Progress();
-    try {
-      const result = await exportBundle(
-        runtime,
-        config,
-        { references, all: Boolean(o.all), output: o.output },
-        progress,
-      );
-      progress.stop();
-      for (const warning of result.warnings) console.error(`  note: ${warning}`);
-      console.error(
-        `\nwrote ${o.output}: ${result.images} images, ${result.blobs} blobs, ${formatBytes(result.bytes)}`,
-      );
-      return 0;
-    } finally {
-      progress.stop();
-    }
-  });
-});
+      command.error('error: nothing to export: give references or --all');
+    await withRuntime(o, async (runtime, config) => {
+      const progress = new Progress();
+      try {
+        const result = await exportBundle(
+          runtime,
+          config,
+          { references, all: Boolean(o.all), output: o.output },
+          progress,
+        );
+        progress.stop();
+        for (const warning of result.warnings) console.error(`  note: ${warning}`);
+        console.error(
+          `\nwrote ${o.output}: ${result.images} images, ${result.blobs} blobs, ${formatBytes(result.bytes)}`,
+        );
+        return 0;
+      } finally {
+        progress.stop();
+      }
+    });
+  },
+);
 
-withConfigOptions(
+withCommonOptions(
   program
     .command('import')
     .description(
@@ -255,4 +287,19 @@ withConfigOptions(
   });
 });
 
-await program.parseAsync(process.argv);
+/** The one error path: commander's own exits (usage, help, version), then every failure. */
+function fail(err: unknown): never {
+  if (err instanceof CommanderError) {
+    // Commander has said what it had to say; a usage error exits 2, help and version 0.
+    process.exit(err.exitCode === 0 ? 0 : 2);
+  }
+  const message = err instanceof Error ? err.message : String(err);
+  console.error(`pullcache: ${message.split('\n')[0]}`);
+  process.exit(1);
+}
+
+try {
+  await program.parseAsync(process.argv);
+} catch (err) {
+  fail(err);
+}
