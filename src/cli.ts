@@ -9,13 +9,14 @@
  * error; a command that works on the cache without serving does it in `withRuntime`. Every error
  * ends in `main`'s one error path.
  */
-import { Command, CommanderError, Option } from 'commander';
+import { Command, CommanderError, InvalidArgumentError, Option } from 'commander';
 import { ConfigError, loadConfig } from './config/load.js';
 import { printConfig } from './config/print.js';
 import type { Config } from './config/schema.js';
 import { createLogger } from './log/logger.js';
 import { readFileSync } from 'node:fs';
 import { exportBundle, importBundle } from './commands/bundle.js';
+import { UPSTREAM_NAME } from './config/schema.js';
 import { parsePlatforms, prefetch, type PlatformFilter } from './commands/prefetch.js';
 import { Progress } from './commands/progress.js';
 import { formatBytes } from './config/units.js';
@@ -219,7 +220,7 @@ withCommonOptions(
       progress.stop();
       const failed = results.filter((r) => !r.ok);
       console.error(
-        `\n${results.length - failed.length} of ${results.length} images complete; fetched ${formatBytes(progress.fetchedBytes)}, already cached ${formatBytes(progress.cachedBytes)}`,
+        `\n${results.length - failed.length} of ${results.length} images complete; fetched ${formatBytes(progress.bytes('fetched'))}, already cached ${formatBytes(progress.bytes('cached'))}`,
       );
       for (const f of failed) console.error(`  failed: ${f.reference}: ${f.error}`);
       return failed.length === 0 ? 0 : 1;
@@ -231,7 +232,10 @@ withCommonOptions(
   program
     .command('export')
     .description('write cached images to an OCI image layout archive (needs no upstream)')
-    .requiredOption('-o, --output <file>', 'the bundle to write (a tar archive)')
+    .requiredOption(
+      '-o, --output <file>',
+      'the bundle to write (a tar archive); - writes it to standard output',
+    )
     .option('--all', 'every tagged image in the cache')
     .argument('[references...]', 'images as [upstream/]repository[:tag|@digest]'),
 ).action(
@@ -242,19 +246,30 @@ withCommonOptions(
   ) => {
     if (!o.all && references.length === 0)
       command.error('error: nothing to export: give references or --all');
+    const toStdout = o.output === '-';
+    if (toStdout && process.stdout.isTTY)
+      throw new Error(
+        'refusing to write a bundle to a terminal: redirect standard output, or give -o FILE',
+      );
     await withRuntime(o, async (runtime, config) => {
       const progress = new Progress();
       try {
         const result = await exportBundle(
           runtime,
           config,
-          { references, all: Boolean(o.all), output: o.output },
+          {
+            references,
+            all: Boolean(o.all),
+            output: toStdout
+              ? { stream: process.stdout, name: 'standard output' }
+              : { path: o.output },
+          },
           progress,
         );
         progress.stop();
         for (const warning of result.warnings) console.error(`  note: ${warning}`);
         console.error(
-          `\nwrote ${o.output}: ${result.images} images, ${result.blobs} blobs, ${formatBytes(result.bytes)}`,
+          `\nwrote ${toStdout ? 'the bundle to standard output' : o.output}: ${result.images} images, ${result.blobs} blobs, ${formatBytes(result.bytes)}`,
         );
         return 0;
       } finally {
@@ -264,21 +279,53 @@ withCommonOptions(
   },
 );
 
+/** `--upstream-map lab.local=registry.internal[,from=to...]`, repeatable: one map of them all. */
+function upstreamMapping(value: string, previous: Map<string, string> = new Map()) {
+  const map = new Map(previous);
+  for (const pair of value.split(',')) {
+    const [from, to, extra] = pair.split('=').map((name) => name.trim());
+    if (!from || !to || extra !== undefined || !UPSTREAM_NAME.test(from) || !UPSTREAM_NAME.test(to))
+      throw new InvalidArgumentError(
+        `Expected bundle-upstream=configured-upstream, e.g. lab.local=registry.internal.`,
+      );
+    if (map.has(from) && map.get(from) !== to)
+      throw new InvalidArgumentError(`${from} is mapped twice.`);
+    map.set(from, to);
+  }
+  return map;
+}
+
 withCommonOptions(
   program
     .command('import')
     .description(
       'read a bundle made by export into the cache; every blob is verified before it is kept',
     )
-    .argument('<bundle>', 'the bundle (a tar archive)'),
-).action(async (bundle: string, o: CommonOptions) => {
+    .argument('<bundle>', 'the bundle (a tar archive); - reads it from standard input')
+    .option(
+      '--upstream-map <from=to>',
+      "keep the bundle's images from upstream <from> under the configured upstream <to> (repeatable, or comma-separated)",
+      upstreamMapping,
+    ),
+).action(async (bundle: string, o: CommonOptions & { upstreamMap?: Map<string, string> }) => {
+  const fromStdin = bundle === '-';
+  if (fromStdin && process.stdin.isTTY)
+    throw new Error(
+      'refusing to read a bundle from a terminal: redirect standard input, or give a file',
+    );
   await withRuntime(o, async (runtime) => {
     const progress = new Progress();
     try {
-      const result = await importBundle(runtime, bundle, progress);
+      const result = await importBundle(
+        runtime,
+        fromStdin ? { stream: process.stdin, name: 'standard input' } : { path: bundle },
+        progress,
+        o.upstreamMap ? { upstreamMap: o.upstreamMap } : {},
+      );
       progress.stop();
+      for (const warning of result.warnings) console.error(`  note: ${warning}`);
       console.error(
-        `\nimported ${bundle}: ${result.images} images; ${result.blobsAdded} blobs added (${formatBytes(result.bytesAdded)}), ${result.blobsPresent} already present; ${result.tagsChanged} tags set`,
+        `\nimported ${fromStdin ? 'the bundle from standard input' : bundle}: ${result.images} images, ${result.blobs} blobs (${formatBytes(result.bytes)}): ${result.blobsAdded} added (${formatBytes(result.bytesAdded)}), ${result.blobsPresent} already present; ${result.tagsChanged} tags set`,
       );
       return 0;
     } finally {

@@ -1,16 +1,17 @@
 /**
  * Bundles for air-gapped sites: an OCI image layout in a tar archive
  * (https://github.com/opencontainers/image-spec/blob/main/image-layout.md): `oci-layout`,
- * `blobs/<alg>/<hex>`, and `index.json` last, naming every image with its full reference in
- * `org.opencontainers.image.ref.name` (and pullcache's own annotations for upstream, repository
- * and tag). Other tools read it as an OCI archive (`skopeo copy oci-archive:bundle.tar:REF ...`).
+ * `index.json`, naming every image with its full reference in `org.opencontainers.image.ref.name`
+ * (and pullcache's own annotations for upstream, repository and tag), then `blobs/<alg>/<hex>`.
+ * The index comes before the blobs so that an import learns which upstreams a bundle is for before
+ * it reads a blob, and can refuse it at once (bundles from other tools may name it last: those are
+ * checked when it comes). Other tools read it as an OCI archive
+ * (`skopeo copy oci-archive:bundle.tar:REF ...`).
  *
  * Export needs no upstream: it reads storage only. Import verifies every blob against its digest
  * while it streams into an upload session, and makes nothing visible until the whole bundle has
  * been read and checked; a damaged or truncated bundle leaves the cache as it was.
  */
-import { createReadStream, createWriteStream } from 'node:fs';
-import { rename, rm } from 'node:fs/promises';
 import type { Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import * as tar from 'tar-stream';
@@ -23,7 +24,18 @@ import { isTag, parseRepository, parseTag, type Tag } from '../oci/reference.js'
 import { UPSTREAM_NAME } from '../config/schema.js';
 import type { Runtime } from '../server.js';
 import type { RepositoryKey } from '../storage/types.js';
+import {
+  BundleError,
+  cannotRead,
+  cannotWrite,
+  openSource,
+  openTarget,
+  type BundleSource,
+  type BundleTarget,
+} from './bundle-io.js';
 import type { Progress } from './progress.js';
+
+export { BundleError, type BundleSource, type BundleTarget } from './bundle-io.js';
 
 export const ANNOTATION_REF_NAME = 'org.opencontainers.image.ref.name';
 const ANNOTATION_CONTAINERD_NAME = 'io.containerd.image.name';
@@ -32,11 +44,6 @@ const ANNOTATION_REPOSITORY = 'dev.pullcache.repository';
 const ANNOTATION_TAG = 'dev.pullcache.tag';
 /** Blobs up to this size are kept in memory during import, to read manifests without a second pass. */
 const SMALL_BLOB = 4 * 1024 * 1024;
-
-/** A bundle that cannot be used; the message says why. The CLI exits 1 with it. */
-export class BundleError extends Error {
-  override name = 'BundleError';
-}
 
 interface ExportImage {
   location: ImageLocation & { digest: Digest };
@@ -51,11 +58,15 @@ export interface ExportResult {
   warnings: string[];
 }
 
-/** Writes a bundle of the given references (or of every tagged image with `all`). */
+/**
+ * Writes a bundle of the given references (or of every tagged image with `all`). Throws
+ * BundleError when an image is not in the cache or the bundle cannot be written; a file target is
+ * then left as it was.
+ */
 export async function exportBundle(
   runtime: Runtime,
   config: Config,
-  options: { references: string[]; all: boolean; output: string },
+  options: { references: string[]; all: boolean; output: BundleTarget },
   progress: Progress,
 ): Promise<ExportResult> {
   const { local } = runtime;
@@ -143,81 +154,120 @@ export async function exportBundle(
   }
 
   const total = [...blobs.values()].reduce((a, b) => a + b, 0);
-  const item = progress.start(options.output);
+  const index = {
+    schemaVersion: 2,
+    mediaType: MediaType.OciIndex,
+    manifests: images.map((image) => {
+      const annotations: Record<string, string> = {
+        [ANNOTATION_UPSTREAM]: image.location.upstream,
+        [ANNOTATION_REPOSITORY]: image.location.repository,
+      };
+      if (image.location.tag) {
+        annotations[ANNOTATION_TAG] = image.location.tag;
+        annotations[ANNOTATION_REF_NAME] = formatLocation(image.location);
+        annotations[ANNOTATION_CONTAINERD_NAME] = formatLocation(image.location);
+      }
+      return {
+        mediaType: image.mediaType,
+        digest: image.location.digest,
+        size: image.size,
+        annotations,
+      };
+    }),
+  };
+  const indexBytes = Buffer.from(JSON.stringify(index, null, 2));
+
+  const output = await openTarget(options.output);
+  const item = progress.start(output.name);
   item.total = total;
   item.layers = blobs.size;
-  const partial = `${options.output}.partial`;
+  // The output can fail at any moment (a full disk, a reader gone away): every wait below races
+  // that failure, so that it is reported as it happened and never left unhandled. A failure of
+  // the archive (a blob that cannot be read) reaches the output too, through the pipeline: only
+  // an error the output has before the archive does is the output's own.
+  let writeError: Error | undefined;
+  let packFailed = false;
   const pack = tar.pack();
-  const out = createWriteStream(partial);
-  const written = pipeline(pack, out);
+  pack.on('error', () => (packFailed ||= writeError === undefined));
+  const outputFailed = new Promise<never>((_, reject) =>
+    output.stream.on('error', (err) => {
+      if (!packFailed) reject((writeError ??= err));
+    }),
+  );
+  outputFailed.catch(() => {});
+  const written = pipeline(pack, output.stream);
+  written.catch(() => {});
+  let reading: Readable | undefined;
   try {
     const entry = (name: string, size: number, source: Readable | Buffer) =>
-      new Promise<void>((resolve, reject) => {
-        const header = { name, size, mode: 0o644, mtime: new Date(0) };
-        const done = (err?: Error | null) => (err ? reject(err) : resolve());
-        if (Buffer.isBuffer(source)) {
-          pack.entry(header, source, done);
-          return;
-        }
-        const sink = pack.entry(header, done);
-        source.on('error', (err) => {
-          sink.destroy(err);
-          reject(err);
-        });
-        source.pipe(sink as unknown as NodeJS.WritableStream);
-      });
+      Promise.race([
+        outputFailed,
+        new Promise<void>((resolve, reject) => {
+          const header = { name, size, mode: 0o644, mtime: new Date(0) };
+          const done = (err?: Error | null) => (err ? reject(err) : resolve());
+          if (Buffer.isBuffer(source)) {
+            pack.entry(header, source, done);
+            return;
+          }
+          const sink = pack.entry(header, done);
+          source.on('error', (err) => {
+            sink.destroy(err);
+            reject(err);
+          });
+          source.pipe(sink as unknown as NodeJS.WritableStream);
+        }),
+      ]);
     await entry('oci-layout', 30, Buffer.from('{"imageLayoutVersion":"1.0.0"}'));
+    await entry('index.json', indexBytes.length, indexBytes);
     for (const [digest, size] of blobs) {
       const opened = await runtime.blobs.open(digest);
       if (!opened.found)
         throw new BundleError(`blob ${digest} vanished from storage during the export`);
+      reading = opened.stream;
       const { algorithm, hex } = parseDigest(digest);
       opened.stream.on('data', (chunk: Buffer) => (item.done += chunk.length));
-      await entry(`blobs/${algorithm}/${hex}`, opened.descriptor.size, opened.stream);
-      progress.layerDone(options.output, digest, size, false);
+      await entry(`blobs/${algorithm}/${hex}`, opened.descriptor.size, opened.stream).catch(
+        (err: unknown) => {
+          throw err === writeError ? err : cannotRead(`blob ${digest} from storage`, err);
+        },
+      );
+      reading = undefined;
+      progress.layerDone(output.name, digest, size, 'exported');
     }
-    const index = {
-      schemaVersion: 2,
-      mediaType: MediaType.OciIndex,
-      manifests: images.map((image) => {
-        const annotations: Record<string, string> = {
-          [ANNOTATION_UPSTREAM]: image.location.upstream,
-          [ANNOTATION_REPOSITORY]: image.location.repository,
-        };
-        if (image.location.tag) {
-          annotations[ANNOTATION_TAG] = image.location.tag;
-          annotations[ANNOTATION_REF_NAME] = formatLocation(image.location);
-          annotations[ANNOTATION_CONTAINERD_NAME] = formatLocation(image.location);
-        }
-        return {
-          mediaType: image.mediaType,
-          digest: image.location.digest,
-          size: image.size,
-          annotations,
-        };
-      }),
-    };
-    const indexBytes = Buffer.from(JSON.stringify(index, null, 2));
-    await entry('index.json', indexBytes.length, indexBytes);
     pack.finalize();
-    await written;
-    await rename(partial, options.output);
+    await Promise.race([written, outputFailed]);
+    await output.commit();
   } catch (err) {
+    reading?.destroy();
     pack.destroy();
     await written.catch(() => {});
-    await rm(partial, { force: true });
+    await output.discard();
+    progress.failed(output.name);
+    if (writeError) throw cannotWrite(output.name, writeError);
     throw err;
   }
-  progress.finish(options.output);
+  progress.finish(output.name);
   return { images: images.length, blobs: blobs.size, bytes: total, warnings };
 }
 
 export interface ImportResult {
   images: number;
+  /** Blobs in the bundle, and their bytes. */
+  blobs: number;
+  bytes: number;
   blobsAdded: number;
-  blobsPresent: number;
   bytesAdded: number;
+  blobsPresent: number;
   tagsChanged: number;
+  warnings: string[];
+}
+
+export interface ImportOptions {
+  /**
+   * Bundle upstream name -> configured upstream name: images the bundle has from the first are
+   * kept under the second (same repository and tag).
+   */
+  upstreamMap?: ReadonlyMap<string, string>;
 }
 
 interface IndexEntry {
@@ -229,30 +279,58 @@ interface IndexEntry {
   tag?: Tag;
 }
 
-/** Reads a bundle into the cache; throws BundleError, leaving the cache unchanged, when it cannot. */
+/**
+ * Reads a bundle into the cache. Throws BundleError, leaving the cache unchanged, when it cannot:
+ * a damaged, truncated or unreadable bundle, or one with images from an upstream that is not
+ * configured (or is a passthrough upstream) and not mapped to one by `upstreamMap`. That check is
+ * made before any blob is read when the bundle names its images first, as pullcache's own do.
+ */
 export async function importBundle(
   runtime: Runtime,
-  file: string,
+  bundle: BundleSource,
   progress: Progress,
+  options: ImportOptions = {},
 ): Promise<ImportResult> {
+  const upstreamMap = options.upstreamMap ?? new Map<string, string>();
+  checkUpstreamMap(runtime, upstreamMap);
+  const source = await openSource(bundle);
+  const file = source.name;
   const staged = new Map<Digest, { id: string; size: number }>();
   const present = new Set<Digest>();
   const small = new Map<Digest, Buffer>();
-  let indexBytes: Buffer | undefined;
+  let images: IndexEntry[] | undefined;
+  const bundleUpstreams = new Set<string>();
   let layoutSeen = false;
   const item = progress.start(file);
   let bytesAdded = 0;
+  let bytes = 0;
 
   const cancelStaged = async () => {
     for (const { id } of staged.values())
       await (await runtime.blobs.resume(id).catch(() => undefined))?.cancel().catch(() => {});
   };
 
+  const extract = tar.extract();
+  // An error of the archive (not a tar) reaches the source too, through the pipeline: only an
+  // error the source has first is its own.
+  let readError: Error | undefined;
+  let extractFailed = false;
+  extract.on('error', () => (extractFailed ||= readError === undefined));
+  source.stream.on('error', (err) => {
+    if (!extractFailed) readError ??= err;
+  });
+  const reading = pipeline(source.stream, extract).catch((err: unknown) => {
+    if (readError) throw cannotRead(file, readError);
+    if ((err as Error).message === 'Unexpected end of data')
+      throw new BundleError(
+        layoutSeen
+          ? `${file} is truncated: it ends inside an entry`
+          : `${file} is not a bundle: it is not a tar archive, or it ends inside its first entry`,
+      );
+    throw new BundleError(`${file} is not a readable bundle: ${(err as Error).message}`);
+  });
+  reading.catch(() => {});
   try {
-    const extract = tar.extract();
-    const reading = pipeline(createReadStream(file), extract).catch((err: unknown) => {
-      throw new BundleError(`${file} is not a readable bundle: ${(err as Error).message}`);
-    });
     const entries = (async () => {
       for await (const entry of extract) {
         const { name, size = 0, type } = entry.header;
@@ -275,7 +353,9 @@ export async function importBundle(
           continue;
         }
         if (path === 'index.json') {
-          indexBytes = await readAll(entry, 16 * 1024 * 1024);
+          const parsed = parseIndex(await readAll(entry, 16 * 1024 * 1024), file);
+          for (const image of parsed) bundleUpstreams.add(image.upstream);
+          images = placeImages(runtime, parsed, upstreamMap, file);
           continue;
         }
         const m = /^blobs\/(sha256|sha512)\/([a-f0-9]+)$/.exec(path);
@@ -296,6 +376,7 @@ export async function importBundle(
           for await (const chunk of entry) {
             verifier.update(chunk as Buffer);
             keep?.push(chunk as Buffer);
+            item.done += (chunk as Buffer).length;
           }
           if (!verifier.matches())
             throw new BundleError(
@@ -320,17 +401,17 @@ export async function importBundle(
             );
           bytesAdded += size;
         }
+        bytes += size;
         if (keep) small.set(digest, Buffer.concat(keep));
-        progress.layerDone(file, digest, size, present.has(digest));
+        progress.layerDone(file, digest, size, present.has(digest) ? 'present' : 'added');
       }
     })();
     await Promise.all([reading, entries]);
 
     if (!layoutSeen)
       throw new BundleError(`${file}: no oci-layout entry: not an OCI image layout bundle`);
-    if (!indexBytes)
+    if (!images)
       throw new BundleError(`${file}: no index.json: the bundle is truncated or incomplete`);
-    const images = parseIndex(indexBytes, file);
 
     // Everything each image needs must be in the bundle or already stored.
     const available = (d: Digest) => staged.has(d) || present.has(d);
@@ -414,19 +495,85 @@ export async function importBundle(
       tagsChanged++;
     }
     progress.finish(file);
+    const warnings = [...upstreamMap]
+      .filter(([from]) => !bundleUpstreams.has(from))
+      .map(([from, to]) => `--upstream-map ${from}=${to}: the bundle has no images from ${from}`);
     return {
       images: images.length,
+      blobs: blobsAdded + present.size,
+      bytes,
       blobsAdded,
-      blobsPresent: present.size,
       bytesAdded,
+      blobsPresent: present.size,
       tagsChanged,
+      warnings,
     };
   } catch (err) {
+    source.stream.destroy();
+    extract.destroy();
+    // A stream error seen by the reader of the entries is told better by the pipeline.
+    const reason =
+      err instanceof BundleError
+        ? err
+        : ((await reading.then(
+            () => undefined,
+            (e: unknown) => e,
+          )) ?? err);
     await cancelStaged();
-    progress.finish(file, err);
-    if (err instanceof BundleError) throw err;
-    throw new BundleError(`${file}: ${(err as Error).message}`);
+    progress.failed(file);
+    if (reason instanceof BundleError) throw reason;
+    throw new BundleError(`${file}: ${(reason as Error).message}`);
   }
+}
+
+/** Every target of the map is an upstream whose images are cached; throws BundleError if not. */
+function checkUpstreamMap(runtime: Runtime, map: ReadonlyMap<string, string>): void {
+  for (const [from, to] of map) {
+    if (runtime.services.has(to)) continue;
+    throw new BundleError(
+      `--upstream-map ${from}=${to}: ${to} ${runtime.passthrough.has(to) ? 'is a passthrough upstream (nothing is cached for it)' : `is not a configured upstream (configured: ${configuredUpstreams(runtime)})`}`,
+    );
+  }
+}
+
+/**
+ * The bundle's images under the upstreams they are kept under here (mapped or the same name);
+ * throws BundleError naming every upstream of the bundle that has no place here.
+ */
+function placeImages(
+  runtime: Runtime,
+  images: IndexEntry[],
+  map: ReadonlyMap<string, string>,
+  file: string,
+): IndexEntry[] {
+  const placed = images.map((image) => ({
+    ...image,
+    upstream: map.get(image.upstream) ?? image.upstream,
+  }));
+  const unplaced = [...new Set(placed.map((image) => image.upstream))].filter(
+    (upstream) => !runtime.services.has(upstream),
+  );
+  const passthrough = unplaced.filter((upstream) => runtime.passthrough.has(upstream));
+  const missing = unplaced.filter((upstream) => !runtime.passthrough.has(upstream));
+  const mapHint = (names: string[]) =>
+    `--upstream-map ${names.map((name) => `${name}=<upstream>`).join(',')}`;
+  if (missing.length > 0) {
+    const one = missing.length === 1;
+    throw new BundleError(
+      `${file}: its images are from ${one ? 'upstream' : 'upstreams'} ${missing.join(', ')}, which ${one ? 'is' : 'are'} not configured here (configured: ${configuredUpstreams(runtime)}); add ${one ? 'it' : 'them'}, or map ${one ? 'it' : 'them'} with ${mapHint(missing)}`,
+    );
+  }
+  if (passthrough.length > 0) {
+    const one = passthrough.length === 1;
+    throw new BundleError(
+      `${file}: its images are from ${one ? 'upstream' : 'upstreams'} ${passthrough.join(', ')}, which ${one ? 'is a passthrough upstream' : 'are passthrough upstreams'} here (nothing is cached for ${one ? 'it' : 'them'}); map ${one ? 'it' : 'them'} with ${mapHint(passthrough)}`,
+    );
+  }
+  return placed;
+}
+
+function configuredUpstreams(runtime: Runtime): string {
+  return [...runtime.services.keys()].join(', ') || 'none';
 }
 
 function parseIndex(bytes: Buffer, file: string): IndexEntry[] {

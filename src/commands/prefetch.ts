@@ -126,7 +126,7 @@ async function prefetchImage(
       if (stored.found) {
         await runtime.repositories.linkBlob(repo, stored.descriptor);
         item.done += size;
-        progress.layerDone(name, blobDigest, size, true);
+        progress.layerDone(name, blobDigest, size, 'cached');
         continue;
       }
       const opened = await services.blobs.open(repo, blobDigest);
@@ -134,7 +134,7 @@ async function prefetchImage(
         throw new RegistryError('BLOB_UNKNOWN', `blob ${blobDigest} not found upstream`);
       // Reading to the end waits for the digest check and the commit (the last byte is held until then).
       for await (const chunk of opened.stream) item.done += (chunk as Buffer).length;
-      progress.layerDone(name, blobDigest, size, false);
+      progress.layerDone(name, blobDigest, size, 'fetched');
     }
   };
   await Promise.all(Array.from({ length: Math.min(3, queue.length) }, worker));

@@ -5,8 +5,14 @@
  */
 import { formatBytes } from '../config/units.js';
 
+/**
+ * What became of one blob: prefetch `fetched` it from its upstream or found it `cached`; export
+ * `exported` it from storage; import `added` it to storage or found it `present` already.
+ */
+export type BlobOutcome = 'fetched' | 'cached' | 'exported' | 'added' | 'present';
+
 export interface ItemProgress {
-  /** Bytes expected in all, when known. */
+  /** Bytes expected in all; 0 when not known (a bundle read from a stream). */
   total: number;
   done: number;
   layers: number;
@@ -18,8 +24,7 @@ export class Progress {
   private readonly items = new Map<string, ItemProgress>();
   private timer: NodeJS.Timeout | undefined;
   private drawnLines = 0;
-  fetchedBytes = 0;
-  cachedBytes = 0;
+  private readonly bytesBy = new Map<BlobOutcome, number>();
 
   constructor(
     private readonly out: NodeJS.WriteStream = process.stderr,
@@ -38,17 +43,25 @@ export class Progress {
   }
 
   /** A layer (or other blob) of `name` is complete. */
-  layerDone(name: string, digest: string, bytes: number, cached: boolean): void {
+  layerDone(name: string, digest: string, bytes: number, outcome: BlobOutcome): void {
     const item = this.items.get(name);
     if (item) item.layersDone++;
-    if (cached) this.cachedBytes += bytes;
-    else this.fetchedBytes += bytes;
+    this.bytesBy.set(outcome, this.bytes(outcome) + bytes);
     if (!this.live)
       this.line(
-        `  ${cached ? 'cached ' : 'fetched'} ${digest.slice(0, 19)}  ${formatBytes(bytes).padStart(10)}  ${name}`,
+        `  ${outcome.padEnd(7)} ${digest.slice(0, 19)}  ${formatBytes(bytes).padStart(10)}  ${name}`,
       );
   }
 
+  /** Bytes of every blob finished with this outcome so far. */
+  bytes(outcome: BlobOutcome): number {
+    return this.bytesBy.get(outcome) ?? 0;
+  }
+
+  /**
+   * `name` is complete; or, with `error`, failed, and the line says why (for work that goes on
+   * with the next item, like prefetch).
+   */
   finish(name: string, error?: unknown): void {
     const item = this.items.get(name);
     if (item) item.state = error ? 'failed' : 'done';
@@ -56,9 +69,15 @@ export class Progress {
       this.line(
         error
           ? `FAILED  ${name}: ${(error as Error).message}`
-          : `done    ${name}  ${item ? `${item.layersDone} blobs, ${formatBytes(item.total)}` : ''}`,
+          : `done    ${name}  ${item ? `${item.layersDone} blobs, ${formatBytes(item.done)}` : ''}`,
       );
     }
+  }
+
+  /** `name` failed, and the caller reports why (once, as the command's error). */
+  failed(name: string): void {
+    const item = this.items.get(name);
+    if (item) item.state = 'failed';
   }
 
   /** Plain text above the live lines. */
@@ -94,8 +113,14 @@ export class Progress {
           : item.state === 'failed'
             ? 'FAIL'
             : `${String(Math.floor(ratio * 100)).padStart(3)}%`;
+      // A bundle read from a stream has no known total: bytes and blobs so far.
+      const bytes =
+        item.total > 0
+          ? `${formatBytes(item.done)} / ${formatBytes(item.total)}`
+          : formatBytes(item.done);
+      const blobs = item.layers > 0 ? `${item.layersDone}/${item.layers}` : `${item.layersDone}`;
       lines.push(
-        `${mark} [${'#'.repeat(filled)}${'-'.repeat(width - filled)}] ${formatBytes(item.done)} / ${formatBytes(item.total)}  ${item.layersDone}/${item.layers} blobs  ${name}`,
+        `${mark} [${'#'.repeat(filled)}${'-'.repeat(width - filled)}] ${bytes}  ${blobs} blobs  ${name}`,
       );
     }
     if (lines.length > 0) this.out.write(`${lines.join('\n')}\n`);

@@ -4,7 +4,6 @@
  * that do not even resolve, and pull every image with skopeo. Bundles are read by skopeo as
  * oci-archive:. Damaged and truncated bundles are refused and leave nothing behind.
  */
-import { execFile } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import {
   existsSync,
@@ -17,7 +16,6 @@ import {
 } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, relative } from 'node:path';
-import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { parseDigest } from '../../src/oci/digest.js';
 import { makeImage, makeIndex, pushImage, type Image } from '../helpers/images.js';
@@ -25,38 +23,11 @@ import { ociError } from '../helpers/http.js';
 import { startPullcache } from '../helpers/pullcache.js';
 import { TestRegistry } from '../helpers/registry.js';
 import { expectDirHolds, skopeo, skopeoCopy } from '../helpers/skopeo.js';
+import { cli, configFile, type CliResult } from '../cli/run-cli.js';
 
-const run = promisify(execFile);
 const tmp = (what: string) => mkdtempSync(join(tmpdir(), `pullcache-airgap-${what}-`));
 
-interface CliResult {
-  code: number;
-  stderr: string;
-}
-
-async function cli(...args: string[]): Promise<CliResult> {
-  try {
-    const { stderr } = await run('npx', ['tsx', 'src/cli.ts', ...args], { timeout: 120_000 });
-    return { code: 0, stderr };
-  } catch (err) {
-    const e = err as { code: number; stderr: string };
-    return { code: e.code, stderr: e.stderr };
-  }
-}
-
-function configFile(root: string, upstreams: Record<string, unknown>): string {
-  const file = join(tmp('config'), 'pullcache.yaml');
-  const lines = ['storage:', '  filesystem:', `    root: ${root}`, 'upstreams:'];
-  for (const [name, u] of Object.entries(upstreams)) {
-    lines.push(`  ${name}:`);
-    for (const [k, v] of Object.entries(u as Record<string, unknown>))
-      lines.push(`    ${k}: ${String(v)}`);
-  }
-  writeFileSync(file, `${lines.join('\n')}\n`);
-  return file;
-}
-
-/** `pullcache import` of `file` into a new cache whose only upstream cannot be reached. */
+/** `pullcache import` of `file` into a new cache whose upstreams (the bundle's) cannot be reached. */
 async function importOffline(
   file: string,
   rootName: string,
@@ -65,7 +36,10 @@ async function importOffline(
   const r = await cli(
     'import',
     '--config',
-    configFile(root, { 'docker.io': { url: 'http://registry.invalid' } }),
+    configFile(root, {
+      'docker.io': { url: 'http://registry.invalid' },
+      'registry.test': { url: 'http://registry.invalid' },
+    }),
     file,
   );
   return { root, r };
@@ -193,7 +167,7 @@ describe('prefetch, export, import, serve offline', () => {
     };
     const r = await cli('import', '--config', configFile(offline, upstreams), bundle);
     expect(r.code).toBe(0);
-    expect(r.stderr).toMatch(/imported .*: 4 images; \d+ blobs added/);
+    expect(r.stderr).toMatch(/imported .*: 4 images, (\d+) blobs \(.*\): \1 added/);
 
     const pc = await startPullcache({ upstreams }, offline);
     try {
@@ -224,7 +198,7 @@ describe('prefetch, export, import, serve offline', () => {
     const before = snapshot(offline);
     const again = await cli('import', '--config', configFile(offline, upstreams), bundle);
     expect(again.code).toBe(0);
-    expect(again.stderr).toMatch(/0 blobs added .* 0 tags set/);
+    expect(again.stderr).toMatch(/: 0 added \(0 B\), \d+ already present; 0 tags set/);
     expect(snapshot(offline)).toEqual(before);
   });
 
@@ -251,7 +225,9 @@ describe('prefetch, export, import, serve offline', () => {
     truncateSync(truncated, Math.floor(statSync(bundle).size * 0.6));
     const { root, r } = await importOffline(truncated, 'truncated-root');
     expect(r.code).toBe(1);
-    expect(r.stderr).toMatch(/pullcache: .*(truncated|Unexpected end)/i);
+    expect(r.stderr).toMatch(
+      /pullcache: .*bundle\.tar (is truncated|.* is missing: the bundle is truncated)/,
+    );
     expect(Object.keys(snapshot(root)).filter((f) => !f.startsWith('uploads/'))).toEqual([]);
   });
 

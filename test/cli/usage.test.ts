@@ -4,7 +4,7 @@
  */
 import { join } from 'node:path';
 import { describe, expect, test } from 'vitest';
-import { cli, configFile, tmp } from './run-cli.js';
+import { cli, configFile, hasStackTrace, tmp } from './run-cli.js';
 
 describe('exit codes', () => {
   test('an unknown option is a usage error: exit 2', async () => {
@@ -78,6 +78,16 @@ describe('options', () => {
 });
 
 describe('failures', () => {
+  test('a failure is one line on stderr and exit 1, never a stack trace', async () => {
+    const root = tmp('root');
+    const config = configFile(root, { 'docker.io': { url: 'http://registry.invalid' } });
+    const missing = join(tmp('missing'), 'nothing.tar');
+    const r = await cli('import', '--config', config, missing);
+    expect(r.code).toBe(1);
+    expect(r.stderr).toBe(`pullcache: cannot read ${missing}: no such file\n`);
+    expect(hasStackTrace(r.stderr)).toBe(false);
+  });
+
   test('nothing to export or prefetch is a usage error: exit 2', async () => {
     const root = tmp('root');
     const config = configFile(root, { 'docker.io': { url: 'http://registry.invalid' } });
