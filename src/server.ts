@@ -26,6 +26,16 @@ import { ProxyManifestStore } from './proxy/proxy-manifest-store.js';
 import { ProxyReferrersService } from './proxy/proxy-referrers.js';
 import { ProxyTagService } from './proxy/proxy-tag-service.js';
 import { DriverBlobStore } from './storage/blob-store.js';
+import { imageRefs } from './http/admin.js';
+import { Lifecycle } from './lifecycle/lifecycle.js';
+import {
+  TrackedBlobService,
+  TrackedBlobStore,
+  TrackedManifestService,
+  TrackedRepositoryStore,
+  TrackedTagService,
+} from './lifecycle/tracking.js';
+import type { ImageRef } from './lifecycle/types.js';
 import { FilesystemDriver } from './storage/filesystem-driver.js';
 import {
   LocalBlobService,
@@ -55,6 +65,8 @@ export interface Runtime {
   /** Storage only, never an upstream: what export and import work on. */
   local: UpstreamServices;
   passthrough: Map<string, Passthrough>;
+  /** The budget, last-pulled times, pins, eviction and collection. */
+  lifecycle: Lifecycle;
   /**
    * Whether storage takes a write and the cache answers, now; never throws. `cacheTimeout` bounds
    * the wait for a cache that does not answer (by default, its connection timeout and a bit).
@@ -81,17 +93,39 @@ export function createRuntime(
       })),
   });
   const driver = new FilesystemDriver(config.storage.filesystem.root);
-  const blobs = new DriverBlobStore(driver, { deleteEnabled: config.storage.delete.enabled });
-  const repositories = new DriverRepositoryStore(driver);
+  const storedBlobs = new DriverBlobStore(driver, {
+    deleteEnabled: config.storage.delete.enabled,
+  });
+  const storedRepositories = new DriverRepositoryStore(driver);
   const cache = new KeyvMetadataCache({
     store: config.cache.store,
     redisUrl: config.cache.redis.url,
     log,
   });
+  const inflight = new Map<Digest, BlobFetch>();
+  const { pins, ...retention } = config.retention;
+  const lifecycle = new Lifecycle({
+    retention,
+    configPins: configPins(config, pins),
+    driver,
+    blobs: storedBlobs,
+    repositories: storedRepositories,
+    cache,
+    manifestMemory: { forget: (repo, digest) => localManifests.forget(repo, digest) },
+    upstreams: Object.entries(config.upstreams)
+      .filter(([, u]) => u.mode === 'cache')
+      .map(([name]) => name),
+    log,
+    metrics,
+    fetching: (digest) => inflight.has(digest),
+    uploadsPurgeAge: config.storage.uploads.purgeAge,
+  });
+  // Everything above the stores tells the lifecycle what comes and goes.
+  const blobs = new TrackedBlobStore(storedBlobs, lifecycle);
+  const repositories = new TrackedRepositoryStore(storedRepositories, lifecycle);
   const localBlobs = new LocalBlobService(blobs, cache);
   const localManifests = new LocalManifestService(blobs, repositories, cache);
   const localTags = new LocalTagService(repositories, cache);
-  const inflight = new Map<Digest, BlobFetch>();
   const services: Runtime['services'] = new Map();
   const passthrough = new Map<string, Passthrough>();
 
@@ -122,6 +156,7 @@ export function createRuntime(
         metrics,
         orphanTimeout: config.server.cacheWriteTimeout,
         inflight,
+        budget: lifecycle,
       }),
       manifests,
       tags: new ProxyTagService(localTags, manifests, client, upstream, log, metrics),
@@ -147,6 +182,7 @@ export function createRuntime(
     services,
     local: { blobs: localBlobs, manifests: localManifests, tags: localTags },
     passthrough,
+    lifecycle,
     async probe(options = {}) {
       const [storage, reachable] = await Promise.all([
         probeStorage(driver, config.storage.filesystem.root),
@@ -157,6 +193,7 @@ export function createRuntime(
     async close() {
       for (const p of passthrough.values()) p.close();
       await Promise.all([...clients.values()].map((c) => c.close()));
+      await lifecycle.close();
       await cache.close();
     },
   };
@@ -212,9 +249,10 @@ export async function startServer(config: Config, log: Logger): Promise<RunningS
     config,
     log,
     metrics: runtime.metrics,
-    services: runtime.services,
+    services: servedServices(runtime),
     passthrough: runtime.passthrough,
     repositories: runtime.repositories,
+    lifecycle: runtime.lifecycle,
     ready: async () => {
       // Within the default timeout of a Kubernetes probe (1 s).
       const { storage, cache } = await runtime.probe({ cacheTimeout: 500 });
@@ -257,6 +295,8 @@ export async function startServer(config: Config, log: Logger): Promise<RunningS
   );
   // In the background: the first pull should not wait for a connection or an auth challenge.
   for (const client of runtime.clients.values()) void client.warm?.();
+  // The commands find this server (and its admin API) through the owner record.
+  runtime.lifecycle.start({ url: `http://${loopbackFor(shownHost)}:${bound.port}` });
   return {
     runtime,
     server,
@@ -320,6 +360,38 @@ async function makeDirectory(dir: string): Promise<void> {
       if (again.code !== 'EEXIST') throw again;
     });
   }
+}
+
+/** What the services answer to clients counts as a pull, and holds a blob while it streams. */
+function servedServices(runtime: Runtime): Map<string, UpstreamServices> {
+  const { lifecycle } = runtime;
+  const served = new Map<string, UpstreamServices>();
+  for (const [name, s] of runtime.services)
+    served.set(name, {
+      ...s,
+      blobs: new TrackedBlobService(s.blobs, lifecycle),
+      manifests: new TrackedManifestService(s.manifests, lifecycle),
+      tags: new TrackedTagService(s.tags, lifecycle),
+    });
+  return served;
+}
+
+/** `retention.pins` as image references; a bad one stops start-up naming its key. */
+function configPins(config: Config, pins: string[]): ImageRef[] {
+  return pins.flatMap((pin, i) => {
+    try {
+      return imageRefs(config, [pin]);
+    } catch (err) {
+      throw new ConfigError([`retention.pins.${i}: ${(err as Error).message}`]);
+    }
+  });
+}
+
+/** The address a process on this host reaches a server listening on `host` at. */
+function loopbackFor(host: string): string {
+  if (host === '0.0.0.0' || host === '') return '127.0.0.1';
+  if (host === '[::]') return '[::1]';
+  return host;
 }
 
 function splitHostPort(listen: string): [string, number] {

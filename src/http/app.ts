@@ -33,6 +33,8 @@ import type {
   TagService,
 } from '../storage/types.js';
 import { isSendable } from '../storage/file-range.js';
+import type { Lifecycle } from '../lifecycle/lifecycle.js';
+import { ADMIN_PREFIX, adminRouter } from './admin.js';
 import { errorMiddleware } from './errors.js';
 import type { Passthrough } from './passthrough.js';
 import { parseRange } from './range.js';
@@ -55,6 +57,8 @@ export interface AppDeps {
   services: Map<string, UpstreamServices>;
   passthrough: Map<string, Passthrough>;
   repositories: RepositoryStore;
+  /** The cache's lifecycle, for the admin API; without it there is none (tests of the OCI API). */
+  lifecycle?: Lifecycle;
   /** The state of each component /readyz reports (storage, cache), by name. */
   ready: () => Promise<Record<string, ReadinessCheck>>;
 }
@@ -266,6 +270,8 @@ export function createApp(deps: AppDeps): express.Express {
   });
 
   // Last: no route above took the request. (A status page or an admin API goes above this.)
+  if (deps.lifecycle) app.use(ADMIN_PREFIX, adminRouter(config, deps.lifecycle));
+
   app.use((req, _res, next) => next(new NotFoundError(req.method, req.path)));
   app.use(errorMiddleware(httpLog));
   return app;
