@@ -12,7 +12,7 @@ import { formatBytes } from '../config/units.js';
 export type BlobOutcome = 'fetched' | 'cached' | 'exported' | 'added' | 'present';
 
 export interface ItemProgress {
-  /** Bytes expected in all; 0 when not known (a bundle read from a stream). */
+  /** Bytes expected in all; 0 when not known (an import, until it is done). */
   total: number;
   done: number;
   layers: number;
@@ -112,8 +112,10 @@ export class Progress {
           ? 'done'
           : item.state === 'failed'
             ? 'FAIL'
-            : `${String(Math.floor(ratio * 100)).padStart(3)}%`;
-      // A bundle read from a stream has no known total: bytes and blobs so far.
+            : item.total > 0
+              ? `${String(Math.floor(ratio * 100)).padStart(3)}%`
+              : ' ...';
+      // An import knows no total before its end: the bytes and blobs so far.
       const bytes =
         item.total > 0
           ? `${formatBytes(item.done)} / ${formatBytes(item.total)}`

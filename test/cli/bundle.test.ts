@@ -337,6 +337,18 @@ describe('export and import', () => {
       expect(r.stderr).not.toMatch(/^FAILED/m);
     });
 
+    test('on a terminal, draws the bytes and blobs read so far (it knows no total)', async () => {
+      const target = configFile(tmp('root'), { 'docker.io': offline, 'lab.local': offline });
+      const r = await sh(
+        `exec script -qec ${quote(`$PULLCACHE import -c ${quote(target)} ${quote(bundle)}`)} /dev/null`,
+      );
+      expect(r.code).toBe(0);
+      const screen = r.stdout.toString();
+      expect(screen).toContain('\x1b['); // drawn live, not line by line
+      expect(screen).toMatch(new RegExp(`done \\[#{24}\\] [\\d.]+ KiB {2}8 blobs {2}${bundle}`));
+      expect(screen).not.toContain(' / 0 B');
+    });
+
     test('reports the bytes it read and what of them it added, each once', async () => {
       const root = tmp('root');
       const target = configFile(root, { 'docker.io': offline, 'lab.local': offline });
