@@ -362,6 +362,9 @@ export class BlobFollower extends Readable implements Sendable {
   async sendTo(dest: Writable): Promise<void> {
     if (this.consumer !== 'none') throw new Error('sendTo on a follower already being read');
     this.consumer = 'sendTo';
+    // A failed fetch destroys its followers with its error; this one reports it by rejecting
+    // (its fill throws the fetch's error), so the stream's own 'error' has nobody else to tell.
+    this.on('error', () => {});
     let file: RangeStream | undefined;
     try {
       let wakeOnGone = false;

@@ -1,0 +1,80 @@
+/**
+ * A full disk is not a crash: on a small tmpfs, a fetch that meets ENOSPC gives its client a clean
+ * error (a cut connection, never a short body taken for the blob), keeps nothing partial, starts an
+ * eviction, and the server goes on serving; the same pull then succeeds. Needs root (mount).
+ */
+import { execFileSync } from 'node:child_process';
+import { existsSync, mkdtempSync, readdirSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, beforeAll, expect, test, vi } from 'vitest';
+import { parseDigest } from '../../src/oci/digest.js';
+import { makeImage, pushImage, type Image } from '../helpers/images.js';
+import { capturedLog, startPullcache, type TestPullcache } from '../helpers/pullcache.js';
+import { TestRegistry } from '../helpers/registry.js';
+import { expectDirHolds, skopeoCopy } from '../helpers/skopeo.js';
+
+let registry: TestRegistry;
+let mount: string;
+let first: Image;
+let second: Image;
+
+beforeAll(async () => {
+  registry = await TestRegistry.start();
+  // About 12 and 15 MB once compressed: each fits the 24 MiB disk alone, not both.
+  first = makeImage('org/first', 'v1', 'oci', [24_000_000]);
+  second = makeImage('org/second', 'v1', 'oci', [30_000_000]);
+  await pushImage(registry, first);
+  await pushImage(registry, second);
+  mount = mkdtempSync(join(tmpdir(), 'pullcache-tmpfs-'));
+  execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=24m', 'tmpfs', mount]);
+});
+afterAll(async () => {
+  if (mount) {
+    execFileSync('umount', [mount]);
+    rmSync(mount, { recursive: true, force: true });
+  }
+  await registry?.close();
+});
+
+const stored = (pc: TestPullcache, digest: string) => {
+  const { hex } = parseDigest(digest);
+  return existsSync(join(pc.root, 'blobs', 'sha256', hex.slice(0, 2), hex, 'data'));
+};
+
+test('ENOSPC on a small disk: a clean error, nothing partial kept, an eviction, serving goes on, and the pull then succeeds', async () => {
+  const { log, lines } = capturedLog('info');
+  const pc = await startPullcache(
+    { upstreams: { 'docker.io': { url: registry.url } } },
+    join(mount, 'data'),
+    { log },
+  );
+  const dest = () => mkdtempSync(join(tmpdir(), 'pullcache-enospc-'));
+  try {
+    const d1 = dest();
+    await skopeoCopy(pc.host, 'org/first:v1', d1);
+    expectDirHolds(d1, first);
+    await pc.runtime.lifecycle.settle();
+
+    // No budget is set: only the disk says no.
+    await expect(skopeoCopy(pc.host, 'org/second:v1', dest())).rejects.toThrow();
+    const layer = second.blobs[1]!;
+    expect(stored(pc, layer.digest)).toBe(false);
+    // The failed fetch removes its upload as it ends, which may be just after the client is cut.
+    await vi.waitFor(() => expect(readdirSync(join(pc.root, 'uploads'))).toEqual([]), {
+      timeout: 10_000,
+    });
+    await pc.runtime.lifecycle.settle();
+    expect(lines.some((l) => l.msg === 'storage is full: evicting')).toBe(true);
+    // first was the least recently pulled: it made room, whole.
+    expect(first.blobs.some((b) => stored(pc, b.digest))).toBe(false);
+    expect((await fetch(`${pc.url}/readyz`)).status).toBe(200);
+
+    const d2 = dest();
+    await skopeoCopy(pc.host, 'org/second:v1', d2);
+    expectDirHolds(d2, second);
+    expect(stored(pc, layer.digest)).toBe(true);
+  } finally {
+    await pc.stop();
+  }
+});
