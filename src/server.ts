@@ -144,7 +144,7 @@ export function createRuntime(
     }
     const client = new RegistryClient({ name, config: upstream, log, password });
     clients.set(name, client);
-    const manifests = new ProxyManifestStore(localManifests, client, log, metrics);
+    const manifests = new ProxyManifestStore(localManifests, client, log, metrics, lifecycle);
     services.set(name, {
       blobs: new ProxyBlobStore({
         local: localBlobs,

@@ -122,19 +122,32 @@ export class Lifecycle {
    */
   start(options: { url?: string; sweep?: boolean } = {}): void {
     if (options.url) this.ownership.setUrl(options.url);
-    this.scanning = this.scan();
+    this.startScan();
     const every = (ms: number, work: () => Promise<unknown>) => {
       const t = setInterval(() => void work().catch((err: unknown) => this.warn(err)), ms);
       t.unref();
       this.timers.push(t);
     };
     every(FLUSH_INTERVAL_MS, () => this.flush());
-    every(OWNER_RENEW_MS, () => this.ownership.acquire());
+    every(OWNER_RENEW_MS, async () => {
+      await this.ownership.acquire();
+      if (!this.scanning) this.startScan(); // the last one failed: try again
+    });
     if (options.sweep !== false && this.d.retention.sweepInterval > 0)
       every(this.d.retention.sweepInterval, () => this.sweep());
   }
 
-  /** Resolves once the start-up scan is done (at once for a lifecycle never started). */
+  /** Starts the scan in the background; a failure is logged and tried again later. */
+  private startScan(): void {
+    const scanning = this.scan();
+    this.scanning = scanning;
+    scanning.catch((err: unknown) => {
+      this.warn(err);
+      if (this.scanning === scanning) this.scanning = undefined;
+    });
+  }
+
+  /** Resolves once the start-up scan is done; rejects when it failed. */
   async whenReady(): Promise<void> {
     this.scanning ??= this.scan();
     await this.scanning;

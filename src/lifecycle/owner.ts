@@ -72,8 +72,22 @@ export class Ownership {
     return JSON.stringify(r);
   }
 
-  /** Takes ownership when nobody live has it; renews it when held. Resolves to whether held. */
+  /**
+   * Takes ownership when nobody live has it; renews it when held. Resolves to whether held. On a
+   * full disk the record cannot be written: ownership is then kept (or taken, when nobody live
+   * has it) in memory, since the owner's eviction is what frees the disk.
+   */
   async acquire(): Promise<boolean> {
+    try {
+      return await this.tryAcquire();
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'ENOSPC') throw err;
+      this.held = this.held || (await this.other()) === undefined;
+      return this.held;
+    }
+  }
+
+  private async tryAcquire(): Promise<boolean> {
     const current = await readOwner(this.driver);
     if (current && current.pid === process.pid && current.host === hostname()) {
       await this.driver.putContent(paths.owner(), this.record());

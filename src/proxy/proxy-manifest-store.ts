@@ -18,6 +18,7 @@ import type {
 import { UpstreamInvalidError, UpstreamNotFoundError } from '../upstream/errors.js';
 import type { FetchedManifest, UpstreamClient } from '../upstream/types.js';
 import { SingleFlight } from './single-flight.js';
+import type { StorageBudget } from '../lifecycle/types.js';
 
 export class ProxyManifestStore implements ManifestService {
   private readonly flights = new SingleFlight<ManifestResult>();
@@ -28,6 +29,8 @@ export class ProxyManifestStore implements ManifestService {
     private readonly client: UpstreamClient,
     log: Logger,
     private readonly metrics: Metrics,
+    /** Told when storage is full; the manifest is then served without being kept. */
+    private readonly budget?: StorageBudget,
   ) {
     this.log = log.child({ module: 'proxy-manifest', upstream: client.name });
   }
@@ -85,7 +88,19 @@ export class ProxyManifestStore implements ManifestService {
       fetched.mediaType !== 'application/octet-stream'
         ? fetched.mediaType
         : mediaType;
-    const link = await this.local.put(repo, fetched.bytes, fetched.digest, stored);
+    let link: ManifestLink;
+    try {
+      link = await this.local.put(repo, fetched.bytes, fetched.digest, stored);
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'ENOSPC') throw err;
+      // Verified bytes are worth serving even when they cannot be kept: the pull goes on.
+      this.budget?.diskFull(fetched.bytes.length);
+      this.log.warn(
+        { repository: repo.repository, digest: fetched.digest },
+        'storage is full: manifest served, not kept',
+      );
+      return { digest: fetched.digest, mediaType: stored, size: fetched.bytes.length };
+    }
     this.log.info(
       {
         repository: repo.repository,

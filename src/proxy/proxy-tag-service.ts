@@ -102,12 +102,12 @@ export class ProxyTagService implements TagService {
             'tag moved upstream',
           );
         }
-        await this.local.tag(repo, tag, head.digest);
+        await this.record(repo, tag, head.digest);
         return { found: true, digest: head.digest, confirmedAt: this.now() };
       }
       const fetched = await this.client.getManifest(repo.repository, tag);
       await this.manifests.keep(repo, fetched);
-      await this.local.tag(repo, tag, fetched.digest);
+      await this.record(repo, tag, fetched.digest);
       return { found: true, digest: fetched.digest, confirmedAt: this.now() };
     } catch (err) {
       if (err instanceof UpstreamNotFoundError) {
@@ -119,6 +119,16 @@ export class ProxyTagService implements TagService {
         return this.stale(repo, tag, known, (err as Error).message);
       }
       throw err;
+    }
+  }
+
+  /** Records the tag; a full disk only means it is asked of the upstream again next time. */
+  private async record(repo: RepositoryKey, tag: Tag, digest: Digest): Promise<void> {
+    try {
+      await this.local.tag(repo, tag, digest);
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'ENOSPC') throw err;
+      this.log.warn({ repository: repo.repository, tag }, 'storage is full: tag served, not kept');
     }
   }
 

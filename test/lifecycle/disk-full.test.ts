@@ -4,7 +4,15 @@
  * eviction, and the server goes on serving; the same pull then succeeds. Needs root (mount).
  */
 import { execFileSync } from 'node:child_process';
-import { existsSync, mkdtempSync, readdirSync, rmSync } from 'node:fs';
+import {
+  closeSync,
+  existsSync,
+  mkdtempSync,
+  openSync,
+  readdirSync,
+  rmSync,
+  writeSync,
+} from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, expect, test, vi } from 'vitest';
@@ -75,6 +83,44 @@ test('ENOSPC on a small disk: a clean error, nothing partial kept, an eviction, 
     expectDirHolds(d2, second);
     expect(stored(pc, layer.digest)).toBe(true);
   } finally {
+    await pc.stop();
+  }
+});
+
+test('a manifest fetched while the disk is full is served, not kept, and an eviction starts', async () => {
+  const { log, lines } = capturedLog('info');
+  const pc = await startPullcache(
+    { upstreams: { 'docker.io': { url: registry.url } } },
+    join(mount, 'data-full'),
+    { log },
+  );
+  const filler = join(mount, 'filler');
+  try {
+    // Take every byte left on the disk.
+    const fd = openSync(filler, 'w');
+    const chunk = Buffer.alloc(1024 * 1024);
+    try {
+      for (;;) writeSync(fd, chunk);
+    } catch (err) {
+      expect((err as NodeJS.ErrnoException).code).toBe('ENOSPC');
+    }
+    try {
+      for (;;) writeSync(fd, chunk, 0, 4096);
+    } catch {
+      // full to the last block
+    } finally {
+      closeSync(fd);
+    }
+    const res = await fetch(`${pc.url}/v2/org/first/manifests/v1`, {
+      headers: { accept: first.mediaType },
+    });
+    expect(res.status).toBe(200);
+    expect(Buffer.from(await res.arrayBuffer()).equals(first.manifest)).toBe(true);
+    expect(lines.some((l) => l.msg === 'storage is full: manifest served, not kept')).toBe(true);
+    expect(lines.some((l) => l.msg === 'storage is full: evicting')).toBe(true);
+    expect(stored(pc, first.digest)).toBe(false);
+  } finally {
+    rmSync(filler, { force: true });
     await pc.stop();
   }
 });
