@@ -20,6 +20,14 @@ import { importBundle } from './commands/bundle-import.js';
 import { UPSTREAM_NAME } from './config/schema.js';
 import { parsePlatforms, prefetch, type PlatformFilter } from './commands/prefetch.js';
 import { Progress } from './commands/progress.js';
+import {
+  formatImages,
+  formatReport,
+  formatUsage,
+  openCacheAdmin,
+  sortImages,
+  type SortKey,
+} from './commands/cache.js';
 import { formatBytes } from './config/units.js';
 import { createRuntime, startServer, type Runtime } from './server.js';
 
@@ -332,6 +340,108 @@ withCommonOptions(
     } finally {
       progress.stop();
     }
+  });
+});
+
+// ---- the cache's lifecycle: through the running server's admin API when there is one ----------
+
+const REFERENCES_ARGUMENT = [
+  '<references...>',
+  'images as [upstream/]repository[:tag|@digest]; a repository alone means all its images',
+] as const;
+
+withCommonOptions(
+  program
+    .command('ls')
+    .description('list the cached images: references, digest, size, last pulled, pinned')
+    .option('--upstream <name>', 'only the images of this upstream')
+    .addOption(
+      new Option('--sort <key>', 'order: most recently pulled, largest, or by name')
+        .choices(['pulled', 'size', 'name'])
+        .default('name'),
+    )
+    .option('--json', 'print a JSON array (references, digest, size, lastPulled, pinned...)'),
+).action(async (o: CommonOptions & { upstream?: string; sort: SortKey; json?: boolean }) => {
+  await withRuntime(o, async (runtime, config) => {
+    const admin = await openCacheAdmin(runtime, config);
+    const images = sortImages(
+      (await admin.images()).filter((i) => o.upstream === undefined || i.upstream === o.upstream),
+      o.sort,
+    );
+    process.stdout.write(o.json ? `${JSON.stringify(images, null, 2)}\n` : formatImages(images));
+    return 0;
+  });
+});
+
+withCommonOptions(
+  program
+    .command('du')
+    .description('show the bytes cached, the budget, free space and what was evicted')
+    .option('--json', 'print a JSON object (bytes, blobs, images, maxSize, free...)'),
+).action(async (o: CommonOptions & { json?: boolean }) => {
+  await withRuntime(o, async (runtime, config) => {
+    const usage = await (await openCacheAdmin(runtime, config)).usage();
+    process.stdout.write(o.json ? `${JSON.stringify(usage, null, 2)}\n` : formatUsage(usage));
+    return 0;
+  });
+});
+
+withCommonOptions(
+  program
+    .command('pin')
+    .description('never evict these images (kept in storage; retention.pins lists more)')
+    .argument(...REFERENCES_ARGUMENT),
+).action(async (references: string[], o: CommonOptions) => {
+  await withRuntime(o, async (runtime, config) => {
+    const pins = await (await openCacheAdmin(runtime, config)).pin(references);
+    process.stdout.write(`pinned: ${pins.join(', ')}\n`);
+    return 0;
+  });
+});
+
+withCommonOptions(
+  program
+    .command('unpin')
+    .description('let these images be evicted again (pins of the config file stay)')
+    .argument(...REFERENCES_ARGUMENT),
+).action(async (references: string[], o: CommonOptions) => {
+  await withRuntime(o, async (runtime, config) => {
+    const notPinned = await (await openCacheAdmin(runtime, config)).unpin(references);
+    for (const reference of notPinned)
+      console.error(`pullcache: ${reference} was not pinned with pullcache pin`);
+    return notPinned.length === 0 ? 0 : 1;
+  });
+});
+
+withCommonOptions(
+  program
+    .command('rm')
+    .description('remove images now, with the blobs no kept image holds')
+    .argument(...REFERENCES_ARGUMENT)
+    .option('--dry-run', 'say what would be removed, and remove nothing'),
+).action(async (references: string[], o: CommonOptions & { dryRun?: boolean }) => {
+  await withRuntime(o, async (runtime, config) => {
+    const report = await (
+      await openCacheAdmin(runtime, config)
+    ).remove(references, Boolean(o.dryRun));
+    process.stdout.write(formatReport(report, 'rm'));
+    for (const problem of report.problems) console.error(`pullcache: ${problem}`);
+    return report.problems.length === 0 ? 0 : 1;
+  });
+});
+
+withCommonOptions(
+  program
+    .command('gc')
+    .description(
+      'run the retention sweep (retention.unusedFor) and the garbage collection now, and say what was removed',
+    )
+    .option('--dry-run', 'say what would be removed, and remove nothing'),
+).action(async (o: CommonOptions & { dryRun?: boolean }) => {
+  await withRuntime(o, async (runtime, config) => {
+    const report = await (await openCacheAdmin(runtime, config)).gc(Boolean(o.dryRun));
+    process.stdout.write(formatReport(report, 'gc'));
+    return 0;
   });
 });
 
