@@ -3,7 +3,8 @@
  * upstream: it reads storage only.
  */
 import type { Readable } from 'node:stream';
-import { pipeline } from 'node:stream/promises';
+import { once } from 'node:events';
+import { finished } from 'node:stream/promises';
 import * as tar from 'tar-stream';
 import type { Config } from '../config/schema.js';
 import { formatLocation, parseLocation, type ImageLocation } from '../http/routing.js';
@@ -132,20 +133,23 @@ export async function exportBundle(
   item.total = total;
   item.layers = blobs.size;
   // The output can fail at any moment (a full disk, a reader gone away): every wait below races
-  // that failure, so that it is reported as it happened and never left unhandled. A failure of
-  // the archive (a blob that cannot be read) reaches the output too, through the pipeline: only
-  // an error the output has before the archive does is the output's own.
+  // that failure, so that it is reported as it happened and never left unhandled. The archive is
+  // copied to the output here rather than by pipeline(), which would pass a failure of the
+  // archive (a blob that cannot be read) on to the output, to be taken for the output's own.
   let writeError: Error | undefined;
-  let packFailed = false;
-  const pack = tar.pack();
-  pack.on('error', () => (packFailed ||= writeError === undefined));
   const outputFailed = new Promise<never>((_, reject) =>
-    output.stream.on('error', (err) => {
-      if (!packFailed) reject((writeError ??= err));
-    }),
+    output.stream.on('error', (err) => reject((writeError ??= err))),
   );
   outputFailed.catch(() => {});
-  const written = pipeline(pack, output.stream);
+  const pack = tar.pack();
+  const written = (async () => {
+    for await (const chunk of pack as AsyncIterable<Buffer>) {
+      if (!output.stream.write(chunk))
+        await Promise.race([once(output.stream, 'drain'), outputFailed]);
+    }
+    output.stream.end();
+    await Promise.race([finished(output.stream, { readable: false }), outputFailed]);
+  })();
   written.catch(() => {});
   let reading: Readable | undefined;
   try {
@@ -185,7 +189,7 @@ export async function exportBundle(
       progress.layerDone(output.name, digest, size, 'exported');
     }
     pack.finalize();
-    await Promise.race([written, outputFailed]);
+    await written;
     await output.commit();
   } catch (err) {
     reading?.destroy();
