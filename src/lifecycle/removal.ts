@@ -44,18 +44,26 @@ export class Removal {
     const before = graph.bytes;
     const forget = () => this.forgetImage(repo, image);
     await forget();
-    for (const tag of image.tags) {
-      await repositories.deleteTag(repo, tag);
-      graph.removeTag(repo, tag);
-    }
-    // Root first: a child manifest left by a crash is then an image of its own, not a part.
-    for (const digest of image.manifests) {
+    // Within a step the removals run at once (a file system answers several at a time); the
+    // steps themselves stay in order.
+    await Promise.all(
+      image.tags.map(async (tag) => {
+        await repositories.deleteTag(repo, tag);
+        graph.removeTag(repo, tag);
+      }),
+    );
+    // A child another kept index of the repository also references stays with that one.
+    const [root, ...children] = image.manifests.filter((digest) => {
       const manifest = node.manifests.get(digest);
-      // A child another kept index of the repository also references stays with that one.
-      if (!manifest || [...manifest.parents].some((p) => !image.manifests.includes(p))) continue;
+      return manifest && ![...manifest.parents].some((p) => !image.manifests.includes(p));
+    });
+    const unlink = async (digest: Digest) => {
       await repositories.unlinkManifest(repo, digest);
       graph.removeManifest(repo, digest);
-    }
+    };
+    // Root first: a child manifest left by a crash is then an image of its own, not a part.
+    if (root) await unlink(root);
+    await Promise.all(children.map(unlink));
     await this.dropUnheld(node, image.blobs);
     await forget();
     await this.pruneRepository(repo);
@@ -88,17 +96,24 @@ export class Removal {
     const { repositories, cache } = this.d;
     const graph = this.d.graph();
     const repo = node.key;
-    for (const digest of blobs) {
-      if (node.blobHolders.has(digest) || !node.links.has(digest)) continue;
-      await cache.deleteRepositoryDescriptor(repo, digest);
-      await repositories.unlinkBlob(repo, digest);
-      graph.unlinkBlob(repo, digest);
-      await cache.deleteRepositoryDescriptor(repo, digest);
-    }
-    for (const digest of blobs) {
-      const blob = graph.blobs.get(digest);
-      if (blob && graph.refs(digest) === 0 && blob.links.size === 0) await this.removeData(digest);
-    }
+    await Promise.all(
+      blobs
+        .filter((digest) => !node.blobHolders.has(digest) && node.links.has(digest))
+        .map(async (digest) => {
+          await cache.deleteRepositoryDescriptor(repo, digest);
+          await repositories.unlinkBlob(repo, digest);
+          graph.unlinkBlob(repo, digest);
+          await cache.deleteRepositoryDescriptor(repo, digest);
+        }),
+    );
+    await Promise.all(
+      blobs
+        .filter((digest) => {
+          const blob = graph.blobs.get(digest);
+          return blob && graph.refs(digest) === 0 && blob.links.size === 0;
+        })
+        .map((digest) => this.removeData(digest)),
+    );
   }
 
   private async removeData(digest: Digest): Promise<number> {
