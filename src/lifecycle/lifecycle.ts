@@ -36,6 +36,8 @@ const OWNER_RENEW_MS = 10_000;
 const UNLINKED_GRACE_MS = 10 * 60_000;
 /** How often free space is looked at when blobs are added (it is a system call). */
 const SPACE_CHECK_MS = 1000;
+/** Entries an eviction removes at once. */
+const EVICTION_BATCH = 8;
 /** Pulls remembered while the start-up scan runs, at most. */
 const PENDING_PULLS_MAX = 100_000;
 
@@ -389,9 +391,18 @@ export class Lifecycle {
   /** Evicts entries, least recently pulled first, until `need` bytes are free. */
   private async evict(reason: EvictionReason, need: number): Promise<RemovalReport> {
     const report: RemovalReport = { dryRun: false, removed: [], bytes: 0, problems: [] };
-    for (const victim of this.candidates()) {
-      if (report.bytes >= need) break;
-      await this.removeEntry(victim, reason, report);
+    // A few at a time: removals wait on the file system more than on anything else. Each batch
+    // holds what is planned to cover the rest of `need` (at most EVICTION_BATCH entries).
+    const victims = this.candidates();
+    while (victims.length > 0 && report.bytes < need) {
+      const batch: Entry[] = [];
+      let planned = report.bytes;
+      while (victims.length > 0 && batch.length < EVICTION_BATCH && planned < need) {
+        const victim = victims.shift()!;
+        batch.push(victim);
+        planned += victim.kind === 'image' ? victim.image.ownBytes : victim.bytes;
+      }
+      await Promise.all(batch.map((victim) => this.removeEntry(victim, reason, report)));
     }
     return report;
   }
@@ -408,7 +419,12 @@ export class Lifecycle {
     }
     for (const blob of this.graph.orphans())
       if (blob.links.size > 0)
-        entries.push({ kind: 'blob', digest: blob.digest, pulledAt: blob.pulledAt });
+        entries.push({
+          kind: 'blob',
+          digest: blob.digest,
+          bytes: blob.size,
+          pulledAt: blob.pulledAt,
+        });
     return entries.sort((a, b) => a.pulledAt - b.pulledAt);
   }
 
@@ -690,4 +706,4 @@ export class Lifecycle {
 
 type Entry =
   | { kind: 'image'; node: RepositoryNode; image: Image; pulledAt: number }
-  | { kind: 'blob'; digest: Digest; pulledAt: number };
+  | { kind: 'blob'; digest: Digest; bytes: number; pulledAt: number };

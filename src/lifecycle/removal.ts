@@ -34,6 +34,9 @@ export interface RemovalDeps {
 }
 
 export class Removal {
+  /** Blobs whose data is being removed now. */
+  private readonly removing = new Set<Digest>();
+
   constructor(private readonly d: RemovalDeps) {}
 
   /** Removes an image and what only it held; resolves to the bytes that left storage. */
@@ -41,7 +44,6 @@ export class Removal {
     const { repositories } = this.d;
     const graph = this.d.graph();
     const repo = node.key;
-    const before = graph.bytes;
     const forget = () => this.forgetImage(repo, image);
     await forget();
     // Within a step the removals run at once (a file system answers several at a time); the
@@ -64,10 +66,10 @@ export class Removal {
     // Root first: a child manifest left by a crash is then an image of its own, not a part.
     if (root) await unlink(root);
     await Promise.all(children.map(unlink));
-    await this.dropUnheld(node, image.blobs);
+    const freed = await this.dropUnheld(node, image.blobs);
     await forget();
     await this.pruneRepository(repo);
-    return before - graph.bytes;
+    return freed;
   }
 
   /** Removes a blob no manifest holds, with every repository's link to it. */
@@ -92,7 +94,7 @@ export class Removal {
    * Layer links of the repository to blobs none of its manifests holds any more, then the data
    * of those no manifest and no repository holds.
    */
-  private async dropUnheld(node: RepositoryNode, blobs: Digest[]): Promise<void> {
+  private async dropUnheld(node: RepositoryNode, blobs: Digest[]): Promise<number> {
     const { repositories, cache } = this.d;
     const graph = this.d.graph();
     const repo = node.key;
@@ -106,7 +108,7 @@ export class Removal {
           await cache.deleteRepositoryDescriptor(repo, digest);
         }),
     );
-    await Promise.all(
+    const freed = await Promise.all(
       blobs
         .filter((digest) => {
           const blob = graph.blobs.get(digest);
@@ -114,17 +116,24 @@ export class Removal {
         })
         .map((digest) => this.removeData(digest)),
     );
+    return freed.reduce((sum, bytes) => sum + bytes, 0);
   }
 
   private async removeData(digest: Digest): Promise<number> {
     const { blobs, cache } = this.d;
     const graph = this.d.graph();
     const blob = graph.blobs.get(digest);
-    if (!blob || this.d.inUse(digest)) return 0;
-    await cache.deleteDescriptor(digest);
-    await blobs.remove(digest);
-    graph.removeBlob(digest);
-    await cache.deleteDescriptor(digest);
+    // Two images removed at once may both find a blob they shared unheld: one removes it.
+    if (!blob || this.d.inUse(digest) || this.removing.has(digest)) return 0;
+    this.removing.add(digest);
+    try {
+      await cache.deleteDescriptor(digest);
+      await blobs.remove(digest);
+      graph.removeBlob(digest);
+      await cache.deleteDescriptor(digest);
+    } finally {
+      this.removing.delete(digest);
+    }
     return blob.size;
   }
 
