@@ -77,14 +77,18 @@ export const paths = {
   tagLink(repo: RepositoryKey, tag: Tag): string {
     return `${paths.tagsRoot(repo)}/${parseTag(tag)}/current/link`;
   },
-  referrers(repo: RepositoryKey, subject: Digest, artifactTypes: readonly string[]): string {
+  /** Every referrers answer kept for one subject manifest. */
+  referrersOf(repo: RepositoryKey, subject: Digest): string {
     const { algorithm, hex } = parseDigest(subject);
+    return `${paths.repositoryRoot(repo)}/_referrers/${algorithm}/${hex}`;
+  },
+  referrers(repo: RepositoryKey, subject: Digest, artifactTypes: readonly string[]): string {
     const types = [...new Set(artifactTypes)].sort();
     const filter =
       types.length === 0
         ? 'all'
         : `artifactType-${createHash('sha256').update(types.join(',')).digest('hex')}`;
-    return `${paths.repositoryRoot(repo)}/_referrers/${algorithm}/${hex}/${filter}`;
+    return `${paths.referrersOf(repo, subject)}/${filter}`;
   },
 };
 

@@ -102,6 +102,8 @@ export class DriverRepositoryStore implements RepositoryStore {
 
   async unlinkManifest(repo: RepositoryKey, digest: Digest): Promise<void> {
     await this.driver.delete(parentDir(paths.manifestRevisionLink(repo, digest)));
+    // What was kept about it goes with it: the referrers answers for it as a subject.
+    await this.driver.delete(paths.referrersOf(repo, digest));
   }
 
   async unlinkBlob(repo: RepositoryKey, digest: Digest): Promise<void> {

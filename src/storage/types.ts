@@ -247,7 +247,10 @@ export interface RepositoryStore {
   listBlobLinks(repo: RepositoryKey): Promise<Digest[]>;
   /** Records when a manifest of the repository was last pulled; no error when it is not linked. */
   markManifestPulled(repo: RepositoryKey, digest: Digest, at: number): Promise<void>;
-  /** Removes the repository's link to a manifest; no error when there is none. */
+  /**
+   * Removes the repository's link to a manifest, and the referrers answers kept for it; no error
+   * when there is none.
+   */
   unlinkManifest(repo: RepositoryKey, digest: Digest): Promise<void>;
   /** Removes the repository's link to a blob; no error when there is none. */
   unlinkBlob(repo: RepositoryKey, digest: Digest): Promise<void>;
