@@ -26,7 +26,7 @@ import { ProxyManifestStore } from './proxy/proxy-manifest-store.js';
 import { ProxyReferrersService } from './proxy/proxy-referrers.js';
 import { ProxyTagService } from './proxy/proxy-tag-service.js';
 import { DriverBlobStore } from './storage/blob-store.js';
-import { imageRefs } from './http/admin.js';
+import { imageRefs } from './routing.js';
 import { Lifecycle } from './lifecycle/lifecycle.js';
 import {
   TrackedBlobService,

@@ -7,7 +7,7 @@ import { once } from 'node:events';
 import { finished } from 'node:stream/promises';
 import * as tar from 'tar-stream';
 import type { Config } from '../config/schema.js';
-import { formatLocation, parseLocation, type ImageLocation } from '../http/routing.js';
+import { formatLocation, parseLocation, type ImageLocation } from '../routing.js';
 import { parseDigest, type Digest } from '../oci/digest.js';
 import { parseManifest } from '../oci/manifest.js';
 import { parseRepository, parseTag } from '../oci/reference.js';

@@ -6,7 +6,7 @@
  */
 import { pipeline } from 'node:stream/promises';
 import * as tar from 'tar-stream';
-import { formatLocation } from '../http/routing.js';
+import { formatLocation } from '../routing.js';
 import { DigestVerifier, parseDigest, type Digest } from '../oci/digest.js';
 import { parseManifest } from '../oci/manifest.js';
 import type { Runtime } from '../server.js';

@@ -11,7 +11,7 @@
  * This file is the format (the index, written and read); bundle-export.ts and bundle-import.ts
  * are the commands, bundle-io.ts where bundles are written to and read from.
  */
-import { formatLocation, type ImageLocation } from '../http/routing.js';
+import { formatLocation, type ImageLocation } from '../routing.js';
 import { parseDigest, type Digest } from '../oci/digest.js';
 import { MediaType } from '../oci/media-types.js';
 import { isTag, parseRepository, type Tag } from '../oci/reference.js';

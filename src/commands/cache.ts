@@ -6,7 +6,8 @@
  */
 import type { Config } from '../config/schema.js';
 import { formatBytes } from '../config/units.js';
-import { ADMIN_PREFIX, imageRefs } from '../http/admin.js';
+import { ADMIN_PREFIX } from '../http/admin.js';
+import { imageRefs } from '../routing.js';
 import type { Lifecycle } from '../lifecycle/lifecycle.js';
 import type { ImageInfo, RemovalReport, Usage } from '../lifecycle/types.js';
 import type { Runtime } from '../server.js';

@@ -5,7 +5,7 @@
  * the same storage: every blob lands by an atomic rename of a verified upload.
  */
 import type { Config } from '../config/schema.js';
-import { formatLocation, parseLocation, type ImageLocation } from '../http/routing.js';
+import { formatLocation, parseLocation, type ImageLocation } from '../routing.js';
 import type { Digest } from '../oci/digest.js';
 import type { Platform } from '../oci/descriptor.js';
 import { ManifestUnknownError, RegistryError } from '../oci/errors.js';

@@ -18,9 +18,8 @@ import express, { type Request, type Router } from 'express';
 import { z } from 'zod';
 import type { Config } from '../config/schema.js';
 import type { Lifecycle } from '../lifecycle/lifecycle.js';
-import type { ImageRef } from '../lifecycle/types.js';
 import { RegistryError } from '../oci/errors.js';
-import { parseLocation } from './routing.js';
+import { imageRefs } from '../routing.js';
 
 export const ADMIN_PREFIX = '/_pullcache/v1';
 
@@ -29,21 +28,6 @@ const referencesBody = z.strictObject({
   dryRun: z.boolean().optional(),
 });
 const gcBody = z.strictObject({ dryRun: z.boolean().optional() });
-
-/** References as people write them (`alpine:3.20`, `ghcr.io/org/app@sha256:...`), validated. */
-export function imageRefs(config: Config, references: string[]): ImageRef[] {
-  return references.map((reference) => {
-    const location = parseLocation(config, reference);
-    const ref: ImageRef = {
-      upstream: location.upstream,
-      repository: location.repository,
-      reference,
-    };
-    if (location.tag !== undefined) ref.tag = location.tag;
-    if (location.digest !== undefined) ref.digest = location.digest;
-    return ref;
-  });
-}
 
 function body<T>(schema: z.ZodType<T>, req: Request): T {
   const parsed = schema.safeParse(req.body ?? {});
@@ -91,7 +75,9 @@ export function adminRouter(config: Config, lifecycle: Lifecycle): Router {
   });
   router.delete('/pins', async (req, res) => {
     requireAdmin(req);
-    const notPinned = await lifecycle.unpin(imageRefs(config, body(referencesBody, req).references));
+    const notPinned = await lifecycle.unpin(
+      imageRefs(config, body(referencesBody, req).references),
+    );
     res.json({ pins: lifecycle.pinned(), notPinned });
   });
   router.post('/remove', async (req, res) => {

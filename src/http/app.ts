@@ -40,7 +40,7 @@ import type { Passthrough } from './passthrough.js';
 import { parseRange } from './range.js';
 import { createManifestFastPath, decodeSegment, requestId, serveManifest } from './manifests.js';
 import { serveReferrers } from './referrers.js';
-import { clientName, routeRequest } from './routing.js';
+import { clientName, routeRequest } from '../routing.js';
 
 export interface UpstreamServices {
   blobs: BlobService;

@@ -15,7 +15,7 @@ import { isTag, parseManifestReference } from '../oci/reference.js';
 import type { RepositoryKey } from '../storage/types.js';
 import type { UpstreamServices } from './app.js';
 import { sendError } from './errors.js';
-import { routeRequest, type Route } from './routing.js';
+import { routeRequest, type Route } from '../routing.js';
 
 /** What the request log says of a request besides its line. */
 export interface RequestNotes {

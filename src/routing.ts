@@ -1,4 +1,7 @@
 /**
+ * Routing: which upstream and repository a request or an image reference names. Used by the HTTP
+ * layer and the commands alike, so it lives below both.
+ *
  * Which upstream a request is for, and the repository name there. In order:
  *  1. the `ns` query parameter containerd adds when it uses a mirror (`?ns=docker.io`), which must
  *     name a configured upstream;
@@ -7,15 +10,16 @@
  * On an upstream named `docker.io`, a one-component name gets Docker Hub's `library/` prefix.
  * Only configured upstreams are ever chosen: no host is taken from a request.
  */
-import type { Config } from '../config/schema.js';
-import { NameUnknownError, UpstreamUnknownError } from '../oci/errors.js';
-import type { Digest } from '../oci/digest.js';
+import type { Config } from './config/schema.js';
+import type { ImageRef } from './lifecycle/types.js';
+import { NameUnknownError, UpstreamUnknownError } from './oci/errors.js';
+import type { Digest } from './oci/digest.js';
 import {
   parseImageReference,
   parseRepository,
   type Repository,
   type Tag,
-} from '../oci/reference.js';
+} from './oci/reference.js';
 
 export interface Route {
   upstream: string;
@@ -93,4 +97,22 @@ export function parseLocation(config: Config, value: string): ImageLocation {
 /** The full reference of an image, as bundles name it: `docker.io/library/alpine:3.20`. */
 export function formatLocation(location: ImageLocation): string {
   return `${location.upstream}/${location.repository}${location.tag ? `:${location.tag}` : ''}${location.digest && !location.tag ? `@${location.digest}` : ''}`;
+}
+
+/**
+ * References as people write them (`alpine:3.20`, `ghcr.io/org/app@sha256:...`), validated, as
+ * the lifecycle takes them (pins, removals). Throws NameInvalidError and its kin.
+ */
+export function imageRefs(config: Config, references: string[]): ImageRef[] {
+  return references.map((reference) => {
+    const location = parseLocation(config, reference);
+    const ref: ImageRef = {
+      upstream: location.upstream,
+      repository: location.repository,
+      reference,
+    };
+    if (location.tag !== undefined) ref.tag = location.tag;
+    if (location.digest !== undefined) ref.digest = location.digest;
+    return ref;
+  });
 }
