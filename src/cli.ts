@@ -26,6 +26,7 @@ import {
   formatUsage,
   openCacheAdmin,
   sortImages,
+  tellServer,
   type SortKey,
 } from './commands/cache.js';
 import { formatBytes } from './config/units.js';
@@ -227,6 +228,7 @@ withCommonOptions(
       const progress = new Progress();
       const results = await prefetch(runtime, config, refs, platforms, progress);
       progress.stop();
+      await tellServer(runtime);
       const failed = results.filter((r) => !r.ok);
       console.error(
         `\n${results.length - failed.length} of ${results.length} images complete; fetched ${formatBytes(progress.bytes('fetched'))}, already cached ${formatBytes(progress.bytes('cached'))}`,
@@ -332,6 +334,7 @@ withCommonOptions(
         o.upstreamMap ? { upstreamMap: o.upstreamMap } : {},
       );
       progress.stop();
+      await tellServer(runtime);
       for (const warning of result.warnings) console.error(`  note: ${warning}`);
       console.error(
         `\nimported ${fromStdin ? 'the bundle from standard input' : bundle}: ${result.images} images, ${result.blobs} blobs (${formatBytes(result.bytes)}): ${result.blobsAdded} added (${formatBytes(result.bytesAdded)}), ${result.blobsPresent} already present; ${result.tagsChanged} tags set`,

@@ -42,6 +42,20 @@ export async function openCacheAdmin(runtime: Runtime, config: Config): Promise<
   return new StorageAdmin(lifecycle, config);
 }
 
+/**
+ * After a command added content (prefetch, import): a server managing the same storage counts it
+ * afresh, so that its `ls` and its budget see the new images now rather than at its next sweep.
+ * Best effort: a server that does not answer counts it at that sweep anyway.
+ */
+export async function tellServer(runtime: Runtime): Promise<void> {
+  const other = await runtime.lifecycle.ownership.other().catch(() => undefined);
+  if (!other?.url) return;
+  await fetch(`${other.url}${ADMIN_PREFIX}/recount`, {
+    method: 'POST',
+    signal: AbortSignal.timeout(60_000),
+  }).catch(() => {});
+}
+
 class StorageAdmin implements CacheAdmin {
   readonly via = 'storage';
   constructor(

@@ -10,6 +10,7 @@
  *   DELETE /_pullcache/v1/pins    {references}       unpin -> {notPinned: string[]}
  *   POST   /_pullcache/v1/remove  {references, dryRun?}   RemovalReport
  *   POST   /_pullcache/v1/gc      {dryRun?}          RemovalReport
+ *   POST   /_pullcache/v1/recount                    Usage, after counting storage afresh
  *
  * What changes the cache needs the `admin` action; until client authentication exists, that is
  * granted to requests from this host (loopback) only.
@@ -84,6 +85,11 @@ export function adminRouter(config: Config, lifecycle: Lifecycle): Router {
     requireAdmin(req);
     const { references, dryRun } = body(referencesBody, req);
     res.json(await lifecycle.remove(imageRefs(config, references), dryRun ?? false));
+  });
+  router.post('/recount', async (req, res) => {
+    requireAdmin(req);
+    await lifecycle.recount();
+    res.json(await lifecycle.usage());
   });
   router.post('/gc', async (req, res) => {
     requireAdmin(req);

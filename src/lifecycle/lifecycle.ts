@@ -82,7 +82,10 @@ export class Lifecycle {
   /** Bytes an eviction must free beyond the budget (a disk that filled up). */
   private extraToFree = 0;
   private lastSpaceCheck = 0;
+  private spaceTimer: NodeJS.Timeout | undefined;
+  private spaceCheck: Promise<void> | undefined;
   private evictedBytes = 0;
+  private lastShortfallLog = 0;
   private readonly timers: NodeJS.Timeout[] = [];
   private tooLargeLogged = new Set<Digest>();
 
@@ -158,13 +161,15 @@ export class Lifecycle {
   /** Resolves once the scan is done and the budget holds as far as eviction can make it. */
   async settle(): Promise<void> {
     await this.whenReady();
-    this.checkBudget();
+    this.checkBudget(true);
+    await this.spaceCheck;
     await this.evicting;
     await this.work;
   }
 
   async close(): Promise<void> {
     for (const t of this.timers) clearInterval(t);
+    clearTimeout(this.spaceTimer);
     await this.evicting?.catch(() => {});
     await this.flush().catch((err: unknown) => this.warn(err));
     await this.ownership.release().catch(() => {});
@@ -314,22 +319,35 @@ export class Lifecycle {
 
   // ---- the budget ----------------------------------------------------------------------------
 
-  private checkBudget(): void {
+  /**
+   * Starts an eviction when storage is past `maxSize` or the disk below `minFree`. Free space is
+   * a system call: it is looked at once a second at most, and a check that comes sooner is
+   * deferred to then (the last blob of a burst is the one that counts); `now` looks at once.
+   */
+  private checkBudget(now = false): void {
     if (!this.scanned || this.evicting) return;
     const { maxSize, minFree } = this.d.retention;
     if (maxSize > 0 && this.graph.bytes > maxSize) {
       this.startEviction();
       return;
     }
-    if (minFree > 0 && this.now() - this.lastSpaceCheck >= SPACE_CHECK_MS) {
-      this.lastSpaceCheck = this.now();
-      void this.d.driver.space().then(
-        (space) => {
-          if (space && space.free < minFree) this.startEviction();
-        },
-        (err: unknown) => this.warn(err),
-      );
+    if (minFree === 0) return;
+    const wait = SPACE_CHECK_MS - (this.now() - this.lastSpaceCheck);
+    if (wait > 0 && !now) {
+      this.spaceTimer ??= setTimeout(() => {
+        this.spaceTimer = undefined;
+        this.checkBudget();
+      }, wait);
+      this.spaceTimer.unref();
+      return;
     }
+    this.lastSpaceCheck = this.now();
+    this.spaceCheck = this.d.driver.space().then(
+      (space) => {
+        if (space && space.free < minFree) this.startEviction();
+      },
+      (err: unknown) => this.warn(err),
+    );
   }
 
   private startEviction(): void {
@@ -380,11 +398,14 @@ export class Lifecycle {
       },
       'evicted least recently pulled images',
     );
-    if (report.bytes < need)
+    // Once a minute at most: while pins alone exceed the budget, every added blob gets here.
+    if (report.bytes < need && this.now() - this.lastShortfallLog >= 60_000) {
+      this.lastShortfallLog = this.now();
       this.log.warn(
         { need: Math.round(need), freed: report.bytes },
         'budget not reached: the rest is pinned or being served',
       );
+    }
     return report.bytes;
   }
 
@@ -471,6 +492,16 @@ export class Lifecycle {
     });
     this.checkBudget();
     return report;
+  }
+
+  /**
+   * Counts storage afresh now, for content another process added (a prefetch or an import beside
+   * the server), then holds the budget.
+   */
+  async recount(): Promise<void> {
+    await this.whenReady();
+    await this.serially(() => this.rescan());
+    this.checkBudget();
   }
 
   /** Builds a fresh graph from storage while serving goes on, then puts it in place. */

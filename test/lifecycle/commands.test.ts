@@ -17,12 +17,14 @@ let registry: TestRegistry;
 let recorder: Recorder;
 let a: Image;
 let b: Image;
+let c: Image;
 
 beforeAll(async () => {
   registry = await TestRegistry.start();
   a = makeImage('org/a', 'v1', 'oci', [100_000]);
   b = makeImage('org/b', 'v1', 'oci', [50_000]);
-  for (const image of [a, b]) await pushImage(registry, image);
+  c = makeImage('org/c', 'v1', 'oci', [20_000]);
+  for (const image of [a, b, c]) await pushImage(registry, image);
   recorder = await Recorder.start(registry.url);
 });
 afterAll(async () => {
@@ -183,6 +185,13 @@ test('beside a running server, the commands go through its admin API and its cac
         .slice(before)
         .some((r) => r.path === `/v2/${a.repository}/manifests/${a.digest}`),
     ).toBe(true);
+
+    // A prefetch beside the server: the server counts what it added at once.
+    const listed = async () => (await pc.runtime.lifecycle.images()).map((i) => i.repository);
+    expect(await listed()).not.toContain('org/c');
+    const prefetch = await cli('prefetch', '-c', config, 'org/c:v1');
+    expect(prefetch.code).toBe(0);
+    expect(await listed()).toContain('org/c');
 
     // And the admin API answers JSON errors for bad input.
     const bad = await fetch(`${pc.url}/_pullcache/v1/remove`, {

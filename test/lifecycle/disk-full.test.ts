@@ -124,3 +124,37 @@ test('a manifest fetched while the disk is full is served, not kept, and an evic
     await pc.stop();
   }
 });
+
+test('minFree: below it, the least recently pulled images go until the disk has room again', async () => {
+  const small = mkdtempSync(join(tmpdir(), 'pullcache-minfree-'));
+  execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=8m', 'tmpfs', small]);
+  const images = [1, 2, 3].map((n) => makeImage(`org/minfree${n}`, 'v1', 'oci', [3_000_000]));
+  for (const image of images) await pushImage(registry, image);
+  const minFree = 4 * 1024 * 1024;
+  const pc = await startPullcache(
+    {
+      upstreams: { 'docker.io': { url: registry.url } },
+      retention: { minFree: '4MiB', lowWater: '90%' },
+    },
+    join(small, 'data'),
+  );
+  try {
+    for (const image of images) {
+      const d = mkdtempSync(join(tmpdir(), 'pullcache-minfree-pull-'));
+      await skopeoCopy(pc.host, `${image.repository}:v1`, d);
+      expectDirHolds(d, image);
+      rmSync(d, { recursive: true, force: true });
+      await pc.runtime.lifecycle.settle();
+    }
+    // Three images of about 1.5 MB left less than 4 MiB of the 8: the first pulled went.
+    const held = (await pc.runtime.lifecycle.images()).map((i) => i.repository).sort();
+    expect(held).toEqual(['org/minfree2', 'org/minfree3']);
+    const usage = await pc.runtime.lifecycle.usage();
+    expect(usage.free).toBeGreaterThanOrEqual(minFree);
+    expect(usage.minFree).toBe(minFree);
+  } finally {
+    await pc.stop();
+    execFileSync('umount', [small]);
+    rmSync(small, { recursive: true, force: true });
+  }
+});
