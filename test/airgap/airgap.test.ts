@@ -4,7 +4,6 @@
  * that do not even resolve, and pull every image with skopeo. Bundles are read by skopeo as
  * oci-archive:. Damaged and truncated bundles are refused and leave nothing behind.
  */
-import { createHash } from 'node:crypto';
 import {
   existsSync,
   mkdtempSync,
@@ -15,7 +14,7 @@ import {
   writeFileSync,
 } from 'node:fs';
 import { tmpdir } from 'node:os';
-import { join, relative } from 'node:path';
+import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { parseDigest } from '../../src/oci/digest.js';
 import { makeImage, makeIndex, pushImage, type Image } from '../helpers/images.js';
@@ -23,7 +22,8 @@ import { ociError } from '../helpers/http.js';
 import { startPullcache } from '../helpers/pullcache.js';
 import { TestRegistry } from '../helpers/registry.js';
 import { expectDirHolds, skopeo, skopeoCopy } from '../helpers/skopeo.js';
-import { cli, configFile, type CliResult } from '../cli/run-cli.js';
+import { cli, configFile, type CliResult } from '../helpers/cli.js';
+import { snapshot } from '../helpers/files.js';
 
 const tmp = (what: string) => mkdtempSync(join(tmpdir(), `pullcache-airgap-${what}-`));
 
@@ -43,21 +43,6 @@ async function importOffline(
     file,
   );
   return { root, r };
-}
-
-/** Every file under a directory with the sha256 of its content: a snapshot to compare. */
-function snapshot(dir: string): Record<string, string> {
-  const out: Record<string, string> = {};
-  const walk = (d: string) => {
-    if (!existsSync(d)) return;
-    for (const name of readdirSync(d)) {
-      const p = join(d, name);
-      if (statSync(p).isDirectory()) walk(p);
-      else out[relative(dir, p)] = createHash('sha256').update(readFileSync(p)).digest('hex');
-    }
-  };
-  walk(dir);
-  return out;
 }
 
 describe('prefetch, export, import, serve offline', () => {

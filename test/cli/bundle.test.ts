@@ -4,37 +4,15 @@
  * a real upstream registry for the prefetch, the real command in a child process, real storage,
  * and skopeo pulling what was imported.
  */
-import { createHash } from 'node:crypto';
-import {
-  existsSync,
-  readFileSync,
-  readdirSync,
-  statSync,
-  truncateSync,
-  writeFileSync,
-} from 'node:fs';
-import { join, relative } from 'node:path';
+import { readFileSync, readdirSync, statSync, truncateSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { makeImage, pushImage, type Image } from '../helpers/images.js';
 import { startPullcache } from '../helpers/pullcache.js';
 import { TestRegistry } from '../helpers/registry.js';
 import { expectDirHolds, skopeoCopy } from '../helpers/skopeo.js';
-import { cli, cliIn, configFile, hasStackTrace, quote, sh, tmp } from './run-cli.js';
-
-/** Every file under a directory with the sha256 of its content. */
-function snapshot(dir: string): Record<string, string> {
-  const out: Record<string, string> = {};
-  const walk = (d: string) => {
-    if (!existsSync(d)) return;
-    for (const name of readdirSync(d)) {
-      const p = join(d, name);
-      if (statSync(p).isDirectory()) walk(p);
-      else out[relative(dir, p)] = createHash('sha256').update(readFileSync(p)).digest('hex');
-    }
-  };
-  walk(dir);
-  return out;
-}
+import { cli, cliIn, configFile, hasStackTrace, quote, sh, tmp } from '../helpers/cli.js';
+import { snapshot } from '../helpers/files.js';
 
 /** The names of a tar archive's entries, in order. */
 function tarEntries(bytes: Buffer): string[] {

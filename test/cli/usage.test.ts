@@ -4,7 +4,7 @@
  */
 import { join } from 'node:path';
 import { describe, expect, test } from 'vitest';
-import { cli, configFile, hasStackTrace, tmp } from './run-cli.js';
+import { cli, configFile, hasStackTrace, tmp } from '../helpers/cli.js';
 
 describe('exit codes', () => {
   test('an unknown option is a usage error: exit 2', async () => {

@@ -11,7 +11,7 @@ import { existsSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
-import { parseDigest } from '../../src/oci/digest.js';
+import { storedBlobPath } from '../helpers/files.js';
 import { makeImage, pushImage, type Image } from '../helpers/images.js';
 import { capturedLog, startPullcache, type TestPullcache } from '../helpers/pullcache.js';
 import { Recorder } from '../helpers/recorder.js';
@@ -24,10 +24,6 @@ const tmp = () => mkdtempSync(join(tmpdir(), 'pullcache-budget-'));
 /** Bytes an image takes in storage: its manifest and every blob. */
 const bytesOf = (image: Image) =>
   image.manifest.length + image.blobs.reduce((sum, b) => sum + b.bytes.length, 0);
-const blobPath = (root: string, digest: string) => {
-  const { hex } = parseDigest(digest);
-  return join(root, 'blobs', 'sha256', hex.slice(0, 2), hex, 'data');
-};
 const ref = (image: Image) => `${image.repository}:${image.tag}`;
 
 async function pull(pc: TestPullcache, image: Image): Promise<void> {
@@ -49,7 +45,7 @@ async function held(pc: TestPullcache): Promise<string[]> {
 /** Every blob of the image is in storage (true) or none is (false); anything else fails. */
 function stored(pc: TestPullcache, image: Image): boolean {
   const present = [image.digest, ...image.blobs.map((b) => b.digest)].map((d) =>
-    existsSync(blobPath(pc.root, d)),
+    existsSync(storedBlobPath(pc.root, d)),
   );
   expect(new Set(present).size, `${image.repository} is held whole or not at all`).toBe(1);
   return present[0]!;
@@ -150,8 +146,8 @@ describe('the budget', () => {
     try {
       await pull(pc, huge!);
       const layer = huge!.blobs[1]!;
-      expect(existsSync(blobPath(pc.root, layer.digest))).toBe(false);
-      expect(existsSync(blobPath(pc.root, huge!.blobs[0]!.digest))).toBe(true);
+      expect(existsSync(storedBlobPath(pc.root, layer.digest))).toBe(false);
+      expect(existsSync(storedBlobPath(pc.root, huge!.blobs[0]!.digest))).toBe(true);
       // Nothing of it is left in the uploads either.
       const { readdirSync } = await import('node:fs');
       await pc.runtime.lifecycle.settle();

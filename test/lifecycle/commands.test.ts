@@ -6,12 +6,12 @@ import { existsSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { hostname, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
-import { parseDigest } from '../../src/oci/digest.js';
+import { storedBlobPath } from '../helpers/files.js';
 import { makeImage, pushImage, type Image } from '../helpers/images.js';
 import { startPullcache } from '../helpers/pullcache.js';
 import { Recorder } from '../helpers/recorder.js';
 import { TestRegistry } from '../helpers/registry.js';
-import { cli, configFile } from '../cli/run-cli.js';
+import { cli, configFile } from '../helpers/cli.js';
 
 let registry: TestRegistry;
 let recorder: Recorder;
@@ -31,11 +31,6 @@ afterAll(async () => {
   await recorder?.close();
   await registry?.close();
 });
-
-const blobFile = (root: string, digest: string) => {
-  const { hex } = parseDigest(digest);
-  return join(root, 'blobs', 'sha256', hex.slice(0, 2), hex, 'data');
-};
 
 /** A storage root holding a and b, filled through pullcache by plain HTTP. */
 async function filledRoot(): Promise<string> {
@@ -110,19 +105,19 @@ describe('on storage with no server', () => {
     const refused = await cli('rm', '-c', config, 'org/a:v1');
     expect(refused.code).toBe(1);
     expect(refused.stderr).toMatch(/pinned \(unpin it first\)/);
-    expect(existsSync(blobFile(root, a.digest))).toBe(true);
+    expect(existsSync(storedBlobPath(root, a.digest))).toBe(true);
 
     expect((await cli('unpin', '-c', config, 'org/a:v1')).code).toBe(0);
     const dry = await cli('rm', '-c', config, '--dry-run', 'org/a:v1');
     expect(dry.code).toBe(0);
     expect(dry.stdout.toString()).toMatch(/would remove image docker\.io\/org\/a:v1/);
-    expect(existsSync(blobFile(root, a.digest))).toBe(true);
+    expect(existsSync(storedBlobPath(root, a.digest))).toBe(true);
 
     const rm = await cli('rm', '-c', config, 'org/a:v1');
     expect(rm.code).toBe(0);
     expect(rm.stdout.toString()).toMatch(/removed image docker\.io\/org\/a:v1/);
     for (const digest of [a.digest, ...a.blobs.map((x) => x.digest)])
-      expect(existsSync(blobFile(root, digest))).toBe(false);
+      expect(existsSync(storedBlobPath(root, digest))).toBe(false);
     const left = JSON.parse(
       (await cli('ls', '-c', config, '--json')).stdout.toString(),
     ) as LsEntry[];
@@ -149,7 +144,7 @@ describe('on storage with no server', () => {
       expect(rm.stderr).toMatch(
         /another pullcache process \(pid \d+ on .+\) is managing this storage/,
       );
-      expect(existsSync(blobFile(root, b.digest))).toBe(true);
+      expect(existsSync(storedBlobPath(root, b.digest))).toBe(true);
     } finally {
       rmSync(join(root, 'lifecycle', 'owner.json'), { force: true });
     }

@@ -16,7 +16,7 @@ import {
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, expect, test, vi } from 'vitest';
-import { parseDigest } from '../../src/oci/digest.js';
+import { storedBlobPath } from '../helpers/files.js';
 import { makeImage, pushImage, type Image } from '../helpers/images.js';
 import { capturedLog, startPullcache, type TestPullcache } from '../helpers/pullcache.js';
 import { TestRegistry } from '../helpers/registry.js';
@@ -45,10 +45,7 @@ afterAll(async () => {
   await registry?.close();
 });
 
-const stored = (pc: TestPullcache, digest: string) => {
-  const { hex } = parseDigest(digest);
-  return existsSync(join(pc.root, 'blobs', 'sha256', hex.slice(0, 2), hex, 'data'));
-};
+const stored = (pc: TestPullcache, digest: string) => existsSync(storedBlobPath(pc.root, digest));
 
 test('ENOSPC on a small disk: a clean error, nothing partial kept, an eviction, serving goes on, and the pull then succeeds', async () => {
   const { log, lines } = capturedLog('info');
