@@ -10,21 +10,17 @@ import type { Logger } from '../log/logger.js';
 import type { MetadataCache } from '../metadata/types.js';
 import type { Metrics } from '../metrics.js';
 import type { Digest } from '../oci/digest.js';
-import { isTag, type Tag } from '../oci/reference.js';
+import type { Tag } from '../oci/reference.js';
 import type { BlobStore, RepositoryKey, RepositoryStore, StorageDriver } from '../storage/types.js';
-import { ImageGraph, repositoryId, type Image, type RepositoryNode } from './image-graph.js';
+import { ImageGraph } from './image-graph.js';
+import { Evictor } from './eviction.js';
 import { Ownership } from './owner.js';
 import { Pins } from './pins.js';
+import { PullRecorder } from './pulls.js';
+import { imageInfos, imageReferences, matchingImages } from './inventory.js';
 import { Removal, type ManifestMemory } from './removal.js';
 import { manifestReferences, readReferences, scanStorage } from './scan.js';
-import type {
-  EvictionReason,
-  ImageInfo,
-  ImageRef,
-  RemovalReport,
-  RetentionConfig,
-  Usage,
-} from './types.js';
+import type { ImageInfo, ImageRef, RemovalReport, RetentionConfig, Usage } from './types.js';
 import type { ParsedManifest } from '../oci/manifest.js';
 
 /** How often last-pulled times go to storage: never one write per request. */
@@ -36,10 +32,6 @@ const OWNER_RENEW_MS = 10_000;
 const UNLINKED_GRACE_MS = 10 * 60_000;
 /** How often free space is looked at when blobs are added (it is a system call). */
 const SPACE_CHECK_MS = 1000;
-/** Entries an eviction removes at once. */
-const EVICTION_BATCH = 8;
-/** Pulls remembered while the start-up scan runs, at most. */
-const PENDING_PULLS_MAX = 100_000;
 
 export interface LifecycleDeps {
   retention: RetentionConfig;
@@ -69,14 +61,13 @@ export class Lifecycle {
   private readonly log: Logger;
   private readonly now: () => number;
   private readonly removal: Removal;
+  private readonly evictor: Evictor;
   private readonly pins: Pins;
   readonly ownership: Ownership;
   private scanned = false;
   private scanning: Promise<void> | undefined;
-  private pendingPulls: [RepositoryKey, Digest, number][] = [];
   private readonly serving = new Map<Digest, number>();
-  private dirtyManifests = new Map<string, { repo: RepositoryKey; digest: Digest; at: number }>();
-  private dirtyBlobs = new Map<Digest, number>();
+  private readonly pulls: PullRecorder;
   /** The eviction running now; a second trigger joins it. */
   private evicting: Promise<void> | undefined;
   /** Bytes an eviction must free beyond the budget (a disk that filled up). */
@@ -84,7 +75,6 @@ export class Lifecycle {
   private lastSpaceCheck = 0;
   private spaceTimer: NodeJS.Timeout | undefined;
   private spaceCheck: Promise<void> | undefined;
-  private evictedBytes = 0;
   private lastShortfallLog = 0;
   private readonly timers: NodeJS.Timeout[] = [];
   private tooLargeLogged = new Set<Digest>();
@@ -101,6 +91,19 @@ export class Lifecycle {
       inUse: (digest) => this.inUse(digest),
     });
     this.pins = new Pins(d.driver, d.configPins);
+    this.evictor = new Evictor({
+      graph: () => this.graph,
+      pinned: (node, image) => this.pins.covers(node, image),
+      inUse: (digest) => this.inUse(digest),
+      removal: this.removal,
+      metrics: d.metrics,
+      log: this.log,
+    });
+    this.pulls = new PullRecorder({
+      change: (apply) => this.change(apply),
+      blobs: d.blobs,
+      repositories: d.repositories,
+    });
     this.ownership = new Ownership(d.driver);
     d.metrics.setStorageStatus(() => ({
       bytes: this.scanned ? this.graph.bytes : undefined,
@@ -187,8 +190,7 @@ export class Lifecycle {
       log: this.log,
     });
     this.scanned = true;
-    for (const [repo, digest, at] of this.pendingPulls) this.pulled(repo, digest, at);
-    this.pendingPulls = [];
+    this.pulls.graphReady();
     this.log.info(
       {
         ...counts,
@@ -235,10 +237,11 @@ export class Lifecycle {
     this.change((g) => g.removeTag(repo, tag));
   }
 
-  /** Applies a change to the graph, and to the one a rescan is building. */
-  private change(apply: (graph: ImageGraph) => void): void {
+  /** Applies a change to the graph, and to the one a rescan is building; returns the graph. */
+  private change(apply: (graph: ImageGraph) => unknown): ImageGraph {
     apply(this.current);
     this.replay?.push(apply);
+    return this.current;
   }
 
   /** Runs lifecycle work after the work before it: never two evictions at once. */
@@ -250,15 +253,7 @@ export class Lifecycle {
 
   /** A manifest or blob of a repository was served (hits included). */
   pulled(repo: RepositoryKey, digest: Digest, at = this.now()): void {
-    if (!this.scanned) {
-      if (this.pendingPulls.length < PENDING_PULLS_MAX) this.pendingPulls.push([repo, digest, at]);
-      return;
-    }
-    this.replay?.push((g) => g.markPulled(repo, digest, at));
-    const changed = this.current.markPulled(repo, digest, at);
-    for (const manifest of changed.manifests)
-      this.dirtyManifests.set(`${repositoryId(repo)}@${manifest}`, { repo, digest: manifest, at });
-    if (changed.blob) this.dirtyBlobs.set(digest, at);
+    this.pulls.pulled(repo, digest, at);
   }
 
   /** A blob is being served: it is not evicted until the returned function is called. */
@@ -307,14 +302,8 @@ export class Lifecycle {
   }
 
   /** Writes the last-pulled times recorded since the last flush. */
-  async flush(): Promise<void> {
-    const manifests = this.dirtyManifests;
-    const blobs = this.dirtyBlobs;
-    this.dirtyManifests = new Map();
-    this.dirtyBlobs = new Map();
-    for (const { repo, digest, at } of manifests.values())
-      await this.d.repositories.markManifestPulled(repo, digest, at);
-    for (const [digest, at] of blobs) await this.d.blobs.markPulled(digest, at);
+  flush(): Promise<void> {
+    return this.pulls.flush();
   }
 
   // ---- the budget ----------------------------------------------------------------------------
@@ -387,7 +376,7 @@ export class Lifecycle {
     this.extraToFree = 0;
     if (need <= 0) return 0;
     const started = this.now();
-    const report = await this.evict('size', need);
+    const report = await this.evictor.evict('size', need);
     this.log.info(
       {
         need: Math.round(need),
@@ -407,74 +396,6 @@ export class Lifecycle {
       );
     }
     return report.bytes;
-  }
-
-  /** Evicts entries, least recently pulled first, until `need` bytes are free. */
-  private async evict(reason: EvictionReason, need: number): Promise<RemovalReport> {
-    const report: RemovalReport = { dryRun: false, removed: [], bytes: 0, problems: [] };
-    // A few at a time: removals wait on the file system more than on anything else. Each batch
-    // holds what is planned to cover the rest of `need` (at most EVICTION_BATCH entries).
-    const victims = this.candidates();
-    while (victims.length > 0 && report.bytes < need) {
-      const batch: Entry[] = [];
-      let planned = report.bytes;
-      while (victims.length > 0 && batch.length < EVICTION_BATCH && planned < need) {
-        const victim = victims.shift()!;
-        batch.push(victim);
-        planned += victim.kind === 'image' ? victim.image.ownBytes : victim.bytes;
-      }
-      await Promise.all(batch.map((victim) => this.removeEntry(victim, reason, report)));
-    }
-    return report;
-  }
-
-  /** Every image and orphan blob that may go, least recently pulled first. */
-  private candidates(): Entry[] {
-    const entries: Entry[] = [];
-    for (const node of this.graph.repositories.values()) {
-      for (const root of this.graph.roots(node)) {
-        const image = this.graph.image(node, root);
-        if (!this.pins.covers(node, image))
-          entries.push({ kind: 'image', node, image, pulledAt: image.pulledAt });
-      }
-    }
-    for (const blob of this.graph.orphans())
-      if (blob.links.size > 0)
-        entries.push({
-          kind: 'blob',
-          digest: blob.digest,
-          bytes: blob.size,
-          pulledAt: blob.pulledAt,
-        });
-    return entries.sort((a, b) => a.pulledAt - b.pulledAt);
-  }
-
-  /** Removes one entry unless it is being served; records it in the report and the metrics. */
-  private async removeEntry(
-    entry: Entry,
-    reason: EvictionReason,
-    report: RemovalReport,
-  ): Promise<void> {
-    let bytes: number;
-    let name: string;
-    if (entry.kind === 'image') {
-      if (entry.image.blobs.some((d) => this.inUse(d))) return;
-      // Pulled again since the list was made: it is no longer the least recently pulled.
-      const root = entry.node.manifests.get(entry.image.digest);
-      if (!root || root.pulledAt > entry.pulledAt) return;
-      bytes = await this.removal.removeImage(entry.node, entry.image);
-      name = this.references(entry.node.key, entry.image).join(', ');
-    } else {
-      if (this.inUse(entry.digest)) return;
-      bytes = await this.removal.removeOrphan(entry.digest);
-      name = entry.digest;
-    }
-    report.removed.push({ kind: entry.kind, name, bytes });
-    report.bytes += bytes;
-    this.evictedBytes += bytes;
-    this.d.metrics.evictions.inc({ reason });
-    this.d.metrics.evictedBytes.inc(bytes);
-    this.log.info({ reason, entry: name, bytes }, 'evicted');
   }
 
   // ---- the sweep: retention and collection ------------------------------------------------
@@ -529,11 +450,11 @@ export class Lifecycle {
     const { unusedFor } = this.d.retention;
     if (unusedFor > 0) {
       const before = this.now() - unusedFor;
-      for (const entry of this.candidates()) {
+      for (const entry of this.evictor.candidates()) {
         if (entry.pulledAt >= before) break;
-        if (!dryRun) await this.removeEntry(entry, 'unused', report);
+        if (!dryRun) await this.evictor.removeEntry(entry, 'unused', report);
         else if (entry.kind === 'image') {
-          const name = this.references(entry.node.key, entry.image).join(', ');
+          const name = imageReferences(entry.node.key, entry.image).join(', ');
           report.removed.push({ kind: 'image', name, bytes: entry.image.ownBytes });
           report.bytes += entry.image.ownBytes;
         }
@@ -558,93 +479,19 @@ export class Lifecycle {
   }
 
   private async collectNow(dryRun: boolean): Promise<RemovalReport> {
-    const report: RemovalReport = { dryRun, removed: [], bytes: 0, problems: [] };
-    const { graph } = this;
-    const { repositories } = this.d;
-    for (const node of [...graph.repositories.values()]) {
-      const repo = node.key;
-      for (const [tag, digest] of [...node.tags]) {
-        if (node.manifests.has(digest)) continue;
-        report.removed.push({
-          kind: 'image',
-          name: `${repositoryId(repo)}:${tag} (tag of a missing manifest)`,
-          bytes: 0,
-        });
-        if (!dryRun) {
-          await this.d.cache.deleteTag(repo, tag);
-          await repositories.deleteTag(repo, tag);
-          graph.removeTag(repo, tag);
-        }
-      }
-      for (const manifest of [...node.manifests.values()]) {
-        if (graph.blobs.has(manifest.digest) || this.inUse(manifest.digest)) continue;
-        report.removed.push({
-          kind: 'image',
-          name: `${repositoryId(repo)}@${manifest.digest} (manifest without its bytes)`,
-          bytes: 0,
-        });
-        if (!dryRun) {
-          this.d.manifestMemory.forget(repo, manifest.digest);
-          await this.d.cache.deleteManifest(repo, manifest.digest);
-          await repositories.unlinkManifest(repo, manifest.digest);
-          graph.removeManifest(repo, manifest.digest);
-        }
-      }
-      for (const digest of [...node.links]) {
-        if (graph.blobs.has(digest) || this.inUse(digest)) continue;
-        if (!dryRun) {
-          await this.d.cache.deleteRepositoryDescriptor(repo, digest);
-          await repositories.unlinkBlob(repo, digest);
-          graph.unlinkBlob(repo, digest);
-        }
-      }
-      if (!dryRun && graph.pruneRepository(repo)) await repositories.prune(repo);
-    }
-    const before = this.now() - UNLINKED_GRACE_MS;
-    for (const blob of [...graph.orphans()]) {
-      if (blob.links.size > 0 || blob.pulledAt >= before || this.inUse(blob.digest)) continue;
-      const bytes = dryRun ? blob.size : await this.removal.removeOrphan(blob.digest);
-      report.removed.push({ kind: 'blob', name: blob.digest, bytes });
-      report.bytes += bytes;
-    }
-    if (!dryRun) {
-      const purged = await this.d.blobs.purgeUploads(new Date(this.now() - this.d.uploadsPurgeAge));
-      if (purged > 0)
-        report.removed.push({ kind: 'upload', name: `${purged} upload sessions`, bytes: 0 });
-      this.d.metrics.gcRuns.inc();
-    }
+    const report = await this.removal.collect(dryRun, {
+      unlinkedBefore: this.now() - UNLINKED_GRACE_MS,
+      uploadsBefore: new Date(this.now() - this.d.uploadsPurgeAge),
+    });
+    if (!dryRun) this.d.metrics.gcRuns.inc();
     return report;
   }
 
   // ---- what the commands and the admin API ask -------------------------------------------
 
-  references(repo: RepositoryKey, image: Image): string[] {
-    const base = `${repo.upstream}/${repo.repository}`;
-    return image.tags.length > 0
-      ? image.tags.map((tag) => `${base}:${tag}`)
-      : [`${base}@${image.digest}`];
-  }
-
   async images(): Promise<ImageInfo[]> {
     await this.whenReady();
-    const out: ImageInfo[] = [];
-    for (const node of this.graph.repositories.values()) {
-      for (const root of this.graph.roots(node)) {
-        const image = this.graph.image(node, root);
-        out.push({
-          references: this.references(node.key, image),
-          upstream: node.key.upstream,
-          repository: node.key.repository,
-          digest: image.digest,
-          size: image.ownBytes + image.sharedBytes,
-          ownBytes: image.ownBytes,
-          sharedBytes: image.sharedBytes,
-          lastPulled: new Date(image.pulledAt).toISOString(),
-          pinned: this.pins.covers(node, image),
-        });
-      }
-    }
-    return out;
+    return imageInfos(this.graph, (node, image) => this.pins.covers(node, image));
   }
 
   async usage(): Promise<Usage> {
@@ -661,7 +508,7 @@ export class Lifecycle {
       maxSize: this.d.retention.maxSize,
       minFree: this.d.retention.minFree,
       free: space ? space.free : null,
-      evictedBytes: this.evictedBytes,
+      evictedBytes: this.evictor.evictedBytes,
       ready: this.scanned,
     };
   }
@@ -689,13 +536,13 @@ export class Lifecycle {
     const report: RemovalReport = { dryRun, removed: [], bytes: 0, problems: [] };
     for (const ref of refs) {
       const node = this.graph.repositories.get(`${ref.upstream}/${ref.repository}`);
-      const matches = node ? this.matching(node, ref) : [];
+      const matches = node ? matchingImages(this.graph, node, ref) : [];
       if (matches.length === 0) {
         report.problems.push(`${ref.reference}: not cached`);
         continue;
       }
       for (const image of matches) {
-        const names = this.references(node!.key, image).join(', ');
+        const names = imageReferences(node!.key, image).join(', ');
         if (this.pins.covers(node!, image)) {
           report.problems.push(`${names}: pinned (unpin it first)`);
           continue;
@@ -708,7 +555,7 @@ export class Lifecycle {
           report.removed.push({ kind: 'image', name: names, bytes: image.ownBytes });
           report.bytes += image.ownBytes;
         } else {
-          await this.removeEntry(
+          await this.evictor.removeEntry(
             { kind: 'image', node: node!, image, pulledAt: Infinity },
             'manual',
             report,
@@ -719,22 +566,7 @@ export class Lifecycle {
     return report;
   }
 
-  /** The images of a repository a reference names: by tag, by digest, or all without either. */
-  private matching(node: RepositoryNode, ref: ImageRef): Image[] {
-    const images = this.graph.roots(node).map((root) => this.graph.image(node, root));
-    if (ref.digest) return images.filter((i) => i.manifests.includes(ref.digest!));
-    if (ref.tag && isTag(ref.tag)) {
-      const target = node.tags.get(ref.tag);
-      return target ? images.filter((i) => i.manifests.includes(target)) : [];
-    }
-    return images;
-  }
-
   private warn(err: unknown): void {
     this.log.warn({ err: (err as Error).message ?? String(err) }, 'lifecycle work failed');
   }
 }
-
-type Entry =
-  | { kind: 'image'; node: RepositoryNode; image: Image; pulledAt: number }
-  | { kind: 'blob'; digest: Digest; bytes: number; pulledAt: number };

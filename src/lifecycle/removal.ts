@@ -8,14 +8,15 @@
  *   4. blob data no manifest holds and no repository links (never a blob a kept manifest had)
  *
  * What a crash leaves between those steps is whole images and unlinked blobs, which the next
- * collection (`gc`) removes. Every metadata cache in front of storage forgets each entry before
+ * collection (`collect`, below) removes. Every metadata cache in front of storage forgets each entry before
  * and after it leaves storage: a request in between can only fill a cache from what is still
  * there, and the second pass removes that too.
  */
 import type { MetadataCache } from '../metadata/types.js';
 import type { Digest } from '../oci/digest.js';
 import type { BlobStore, RepositoryKey, RepositoryStore } from '../storage/types.js';
-import type { Image, ImageGraph, RepositoryNode } from './image-graph.js';
+import { repositoryId, type Image, type ImageGraph, type RepositoryNode } from './image-graph.js';
+import type { RemovalReport } from './types.js';
 
 /** What lives in memory in front of storage besides the metadata cache (the manifest LRU). */
 export interface ManifestMemory {
@@ -148,5 +149,70 @@ export class Removal {
 
   private async pruneRepository(repo: RepositoryKey): Promise<void> {
     if (this.d.graph().pruneRepository(repo)) await this.d.repositories.prune(repo);
+  }
+
+  /**
+   * The collection: tags pointing at no manifest, manifest links without their bytes, layer
+   * links without their blob, blobs no repository holds (last pulled before `unlinkedBefore`: a
+   * younger one may be a fetch between its commit and its link), upload sessions started before
+   * `uploadsBefore`. With `dryRun`, only what it would remove.
+   */
+  async collect(
+    dryRun: boolean,
+    before: { unlinkedBefore: number; uploadsBefore: Date },
+  ): Promise<RemovalReport> {
+    const report: RemovalReport = { dryRun, removed: [], bytes: 0, problems: [] };
+    const { repositories, cache, manifestMemory, inUse } = this.d;
+    const graph = this.d.graph();
+    for (const node of [...graph.repositories.values()]) {
+      const repo = node.key;
+      for (const [tag, digest] of [...node.tags]) {
+        if (node.manifests.has(digest)) continue;
+        report.removed.push({
+          kind: 'image',
+          name: `${repositoryId(repo)}:${tag} (tag of a missing manifest)`,
+          bytes: 0,
+        });
+        if (!dryRun) {
+          await cache.deleteTag(repo, tag);
+          await repositories.deleteTag(repo, tag);
+          graph.removeTag(repo, tag);
+        }
+      }
+      for (const manifest of [...node.manifests.values()]) {
+        if (graph.blobs.has(manifest.digest) || inUse(manifest.digest)) continue;
+        report.removed.push({
+          kind: 'image',
+          name: `${repositoryId(repo)}@${manifest.digest} (manifest without its bytes)`,
+          bytes: 0,
+        });
+        if (!dryRun) {
+          manifestMemory.forget(repo, manifest.digest);
+          await cache.deleteManifest(repo, manifest.digest);
+          await repositories.unlinkManifest(repo, manifest.digest);
+          graph.removeManifest(repo, manifest.digest);
+        }
+      }
+      for (const digest of [...node.links]) {
+        if (graph.blobs.has(digest) || inUse(digest) || dryRun) continue;
+        await cache.deleteRepositoryDescriptor(repo, digest);
+        await repositories.unlinkBlob(repo, digest);
+        graph.unlinkBlob(repo, digest);
+      }
+      if (!dryRun) await this.pruneRepository(repo);
+    }
+    for (const blob of [...graph.orphans()]) {
+      if (blob.links.size > 0 || blob.pulledAt >= before.unlinkedBefore || inUse(blob.digest))
+        continue;
+      const bytes = dryRun ? blob.size : await this.removeOrphan(blob.digest);
+      report.removed.push({ kind: 'blob', name: blob.digest, bytes });
+      report.bytes += bytes;
+    }
+    if (!dryRun) {
+      const purged = await this.d.blobs.purgeUploads(before.uploadsBefore);
+      if (purged > 0)
+        report.removed.push({ kind: 'upload', name: `${purged} upload sessions`, bytes: 0 });
+    }
+    return report;
   }
 }
