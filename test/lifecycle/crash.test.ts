@@ -125,7 +125,10 @@ async function killDuringEviction(delayMs: number): Promise<void> {
       signal === 'SIGKILL' ? resolve() : reject(new Error(`exited ${code}: ${out}`)),
     );
     child.once('error', reject);
-    setTimeout(() => reject(new Error(`no scan in 30 s: ${out}`)), 30_000).unref();
+    setTimeout(() => {
+      child.kill('SIGKILL'); // never leave a server behind
+      reject(new Error(`no scan in 30 s: ${out}`));
+    }, 30_000).unref();
   });
   rmSync(config, { force: true });
 }
