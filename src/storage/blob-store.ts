@@ -4,7 +4,7 @@
  */
 import { createHash, randomUUID, type Hash } from 'node:crypto';
 import type { RangeStream } from './file-range.js';
-import { parseDigest, type Digest } from '../oci/digest.js';
+import { digestOf, parseDigest, type Digest } from '../oci/digest.js';
 import type { Descriptor } from '../oci/descriptor.js';
 import {
   BlobUnknownError,
@@ -106,14 +106,13 @@ export class DriverBlobStore implements BlobStore {
     if (existing.found) {
       return mediaType ? { ...existing.descriptor, mediaType } : existing.descriptor;
     }
-    const writer = await this.create();
-    try {
-      await writer.write(content);
-    } catch (err) {
-      await writer.cancel().catch(() => {});
-      throw err;
-    }
-    return writer.commit({ digest, size: content.length, ...(mediaType ? { mediaType } : {}) });
+    // Verified in memory, then written whole in one atomic replace: no upload session needed.
+    const actual = digestOf(content, parseDigest(digest).algorithm);
+    if (actual !== digest) throw new DigestMismatchError(digest, actual);
+    await this.driver.putContent(paths.blobData(digest), content);
+    const descriptor: Descriptor = { digest, size: content.length };
+    if (mediaType) descriptor.mediaType = mediaType;
+    return descriptor;
   }
 
   async *list(): AsyncIterable<StoredBlob> {
@@ -162,13 +161,20 @@ export class DriverBlobStore implements BlobStore {
         );
       } catch {
         // A session without its start time is a crash's leftover: judge it by its data file.
-        started = (await this.driver.stat(paths.uploadDir(id)))?.modTime.getTime() ?? 0;
+        started =
+          (
+            (await this.driver.stat(paths.uploadData(id))) ??
+            (await this.driver.stat(paths.uploadDir(id)))
+          )?.modTime.getTime() ?? 0;
       }
       if (!(started >= olderThan.getTime())) {
         await this.driver.delete(paths.uploadDir(id));
         purged++;
       }
     }
+    // Writes a dead process left unfinished (S3 multipart uploads): invisible, but they cost.
+    if (this.driver.abortIncomplete)
+      purged += await this.driver.abortIncomplete(paths.uploadsRoot(), olderThan);
     return purged;
   }
 }

@@ -4,7 +4,7 @@
  */
 import type { Readable } from 'node:stream';
 import type { RangeStream } from './file-range.js';
-import { RangeInvalidError } from '../oci/errors.js';
+import { RangeInvalidError, UnavailableError } from '../oci/errors.js';
 import type { Digest } from '../oci/digest.js';
 import type { Descriptor } from '../oci/descriptor.js';
 import type { Repository, Tag } from '../oci/reference.js';
@@ -40,7 +40,12 @@ export interface StorageDriver {
   reader(path: string, offset?: number, length?: number): Promise<RangeStream>;
   /** Opens a file for writing, appending to what is there when `append`. */
   writer(path: string, append: boolean): Promise<FileWriter>;
-  /** Resolves to undefined when nothing is at the path. */
+  /**
+   * Resolves to undefined when nothing is at the path. A directory is reported by the
+   * filesystem driver only: an object store has none (undefined), except the root (''), which
+   * is a directory whenever storage can be reached. `modTime` is the last `touch` (else the
+   * last write).
+   */
   stat(path: string): Promise<FileInfo | undefined>;
   /** Names of the direct children of a directory; [] when it does not exist. */
   list(path: string): Promise<string[]>;
@@ -53,7 +58,10 @@ export interface StorageDriver {
    * `recursive`), deepest first; a directory with a file in it stays. No error when nothing is there.
    */
   deleteEmpty(path: string, options?: { recursive?: boolean }): Promise<void>;
-  /** Sets a file's modification time (last-pulled times live there); throws PathNotFoundError. */
+  /**
+   * Records a file's last-used time (last-pulled times live there), which `stat` then reports as
+   * its `modTime`; throws PathNotFoundError.
+   */
   touch(path: string, time: Date): Promise<void>;
   /**
    * Creates a small file only if nothing is at the path (an atomic test-and-set, for locks);
@@ -62,6 +70,27 @@ export interface StorageDriver {
   createExclusive(path: string, content: string): Promise<boolean>;
   /** Free and total bytes of the space holding storage; undefined where it has no such limit. */
   space(): Promise<{ free: number; total: number } | undefined>;
+  /**
+   * Where writes can be left unfinished and invisible by a process that died (S3's multipart
+   * uploads): removes those under a path started before `olderThan`; resolves to how many.
+   */
+  abortIncomplete?(path: string, olderThan: Date): Promise<number>;
+  /**
+   * Where clients can fetch a file from the store itself: a URL valid for `ttlSeconds` that
+   * carries no credential other than its signature (S3: a presigned GET).
+   */
+  presignedUrl?(path: string, ttlSeconds: number): Promise<string>;
+}
+
+/**
+ * The storage cannot be reached or refuses (an object store down, slow past its timeouts after
+ * retries, or denying access): 503 with Retry-After, never a 500.
+ */
+export class StorageUnavailableError extends UnavailableError {
+  constructor(message: string, cause?: unknown) {
+    super(message, { 'Retry-After': '10' });
+    this.cause = cause;
+  }
 }
 
 export class PathNotFoundError extends Error {

@@ -1,8 +1,10 @@
+/**
+ * The storage contract, on every driver: the same tests on the filesystem and on S3 (a real
+ * Ceph radosgw, see test/helpers/s3.ts).
+ */
 import { randomBytes } from 'node:crypto';
-import { existsSync, mkdtempSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
-import { afterEach, beforeEach, describe, expect, test } from 'vitest';
+import { ListMultipartUploadsCommand } from '@aws-sdk/client-s3';
+import { beforeEach, describe, expect, test } from 'vitest';
 import { EMPTY_BLOB_DIGEST, digestOf, type Digest } from '../../src/oci/digest.js';
 import {
   BlobUnknownError,
@@ -17,16 +19,9 @@ import { DriverBlobStore } from '../../src/storage/blob-store.js';
 import { FilesystemDriver } from '../../src/storage/filesystem-driver.js';
 import { paths } from '../../src/storage/paths.js';
 import { DriverRepositoryStore } from '../../src/storage/repository-store.js';
-import type { OpenResult } from '../../src/storage/types.js';
-
-let root: string;
-let store: DriverBlobStore;
-
-beforeEach(() => {
-  root = mkdtempSync(join(tmpdir(), 'pullcache-storage-'));
-  store = new DriverBlobStore(new FilesystemDriver(root), { deleteEnabled: true });
-});
-afterEach(() => rmSync(root, { recursive: true, force: true }));
+import { S3Driver } from '../../src/storage/s3-driver.js';
+import type { OpenResult, StorageDriver } from '../../src/storage/types.js';
+import { DRIVERS, useStorage } from '../helpers/storage-drivers.js';
 
 async function read(result: OpenResult): Promise<Buffer> {
   if (!result.found) throw new Error('not found');
@@ -35,196 +30,293 @@ async function read(result: OpenResult): Promise<Buffer> {
   return Buffer.concat(chunks);
 }
 
-describe('blob upload sessions', () => {
-  test('resume after cancel reports an unknown upload', async () => {
-    const w = await store.create();
-    await w.write(Buffer.from('abc'));
-    await w.cancel();
-    await expect(store.resume(w.id)).rejects.toBeInstanceOf(BlobUploadUnknownError);
+describe.each(DRIVERS)('storage contract on %s', (kind) => {
+  const storage = useStorage(kind);
+  let driver: StorageDriver;
+  let store: DriverBlobStore;
+
+  beforeEach(() => {
+    driver = storage.open();
+    store = new DriverBlobStore(driver, { deleteEnabled: true });
   });
 
-  test('write, close, resume at the stored offset, commit; then resume is unknown', async () => {
-    const data = randomBytes(100_000);
-    const digest = digestOf(data);
-    const w = await store.create();
-    await w.write(data.subarray(0, 40_000));
-    await w.close();
-    const resumed = await store.resume(w.id);
-    expect(resumed.size).toBe(40_000);
-    await resumed.write(data.subarray(40_000));
-    const descriptor = await resumed.commit({ digest, size: data.length });
-    expect(descriptor).toEqual({ digest, size: data.length });
-    await expect(store.resume(w.id)).rejects.toBeInstanceOf(BlobUploadUnknownError);
-    expect(await store.stat(digest)).toEqual({ found: true, descriptor });
-    expect(digestOf(await read(await store.open(digest)))).toBe(digest);
-  });
-
-  test('ranged and offset reads', async () => {
-    const data = randomBytes(10_000);
-    const digest = digestOf(data);
-    await store.put(data, digest);
-    expect(
-      (await read(await store.open(digest, { start: 100, end: 199 }))).equals(
-        data.subarray(100, 200),
-      ),
-    ).toBe(true);
-    expect(
-      (await read(await store.open(digest, { start: 9_000 }))).equals(data.subarray(9_000)),
-    ).toBe(true);
-    expect(
-      (await read(await store.open(digest, { start: 9_990, end: 20_000 }))).equals(
-        data.subarray(9_990),
-      ),
-    ).toBe(true);
-    await expect(store.open(digest, { start: 10_000 })).rejects.toBeInstanceOf(RangeInvalidError);
-  });
-
-  test('delete makes stat and open unknown; the blob can be uploaded again', async () => {
-    const data = Buffer.from('to be deleted');
-    const digest = digestOf(data);
-    await store.put(data, digest);
-    await store.delete(digest);
-    expect(await store.stat(digest)).toEqual({ found: false });
-    expect(await store.open(digest)).toEqual({ found: false });
-    await expect(store.delete(digest)).rejects.toBeInstanceOf(BlobUnknownError);
-    await store.put(data, digest);
-    expect((await store.stat(digest)).found).toBe(true);
-  });
-
-  test('delete is refused when deletes are disabled', async () => {
-    const readOnly = new DriverBlobStore(new FilesystemDriver(root));
-    const data = Buffer.from('kept');
-    const digest = digestOf(data);
-    await readOnly.put(data, digest);
-    await expect(readOnly.delete(digest)).rejects.toBeInstanceOf(UnsupportedError);
-    expect((await readOnly.stat(digest)).found).toBe(true);
-  });
-
-  test('a zero-length blob commits with the empty-blob digest and reads back empty', async () => {
-    const w = await store.create();
-    const descriptor = await w.commit({ digest: EMPTY_BLOB_DIGEST, size: 0 });
-    expect(descriptor.size).toBe(0);
-    expect((await read(await store.open(EMPTY_BLOB_DIGEST))).length).toBe(0);
-  });
-
-  test('a wrong digest or size on commit fails and leaves nothing visible', async () => {
-    const data = Buffer.from('the real content');
-    const claimed = digestOf('something else');
-    const w = await store.create();
-    await w.write(data);
-    await expect(w.commit({ digest: claimed })).rejects.toBeInstanceOf(DigestMismatchError);
-    expect(await store.stat(claimed)).toEqual({ found: false });
-    expect(await store.stat(digestOf(data))).toEqual({ found: false });
-    await expect(store.resume(w.id)).rejects.toBeInstanceOf(BlobUploadUnknownError);
-    const w2 = await store.create();
-    await w2.write(data);
-    await expect(
-      w2.commit({ digest: digestOf(data), size: data.length + 1 }),
-    ).rejects.toBeInstanceOf(SizeInvalidError);
-    expect(await store.stat(digestOf(data))).toEqual({ found: false });
-  });
-
-  test('a sha512 digest is verified by re-reading the session', async () => {
-    const data = randomBytes(5000);
-    const digest = digestOf(data, 'sha512');
-    const w = await store.create();
-    await w.write(data);
-    expect((await w.commit({ digest })).digest).toBe(digest);
-    expect((await read(await store.open(digest))).equals(data)).toBe(true);
-  });
-
-  test('a crash between write and commit leaves no partial blob for a new store', async () => {
-    const data = randomBytes(50_000);
-    const digest = digestOf(data);
-    const w = await store.create();
-    await w.write(data);
-    // The process dies here: no close, no commit. A new store on the same directory:
-    const after = new DriverBlobStore(new FilesystemDriver(root));
-    expect(await after.stat(digest)).toEqual({ found: false });
-    expect(await after.open(digest)).toEqual({ found: false });
-    // The orphaned session is purged once it is old enough.
-    expect(await after.purgeUploads(new Date(Date.now() + 1000))).toBe(1);
-    expect(readdirSync(join(root, 'uploads'))).toEqual([]);
-  });
-
-  test('purge keeps recent sessions and removes old ones, also without a start time', async () => {
-    const recent = await store.create();
-    const old = await store.create();
-    writeFileSync(
-      join(root, paths.uploadStartedAt(old.id)),
-      new Date(Date.now() - 3 * 86_400_000).toISOString(),
-    );
-    const broken = await store.create();
-    rmSync(join(root, paths.uploadStartedAt(broken.id)));
-    const purged = await store.purgeUploads(new Date(Date.now() - 86_400_000));
-    expect(purged).toBe(1);
-    expect(existsSync(join(root, paths.uploadDir(recent.id)))).toBe(true);
-    expect(existsSync(join(root, paths.uploadDir(broken.id)))).toBe(true); // its data file is new
-    await expect(store.resume(old.id)).rejects.toBeInstanceOf(BlobUploadUnknownError);
-  });
-
-  test('invalid upload ids are unknown uploads, never paths', async () => {
-    await expect(store.resume('../../etc')).rejects.toBeInstanceOf(BlobUploadUnknownError);
-  });
-});
-
-describe('storage paths', () => {
-  test('every path stays under the root; bad names and digests never become paths', () => {
-    const driver = new FilesystemDriver(root);
-    expect(() => driver.resolve('../x')).toThrow();
-    expect(() => driver.resolve('blobs/../../x')).toThrow();
-    expect(() => paths.blobData('sha256:../../x' as Digest)).toThrow();
-    expect(() =>
-      paths.repositoryRoot({ upstream: '../x', repository: parseRepository('a') }),
-    ).toThrow();
-    expect(() =>
-      paths.repositoryRoot({ upstream: 'docker.io', repository: '../a' as never }),
-    ).toThrow();
-  });
-});
-
-describe('repository view', () => {
-  test('links, manifests and tags per upstream and repository survive a restart', async () => {
-    const driver = new FilesystemDriver(root);
-    const repos = new DriverRepositoryStore(driver);
-    const a = { upstream: 'docker.io', repository: parseRepository('library/alpine') };
-    const b = { upstream: 'ghcr.io', repository: parseRepository('library/alpine') };
-    const digest = digestOf('manifest');
-    await repos.linkManifest(a, {
-      digest,
-      mediaType: 'application/vnd.oci.image.manifest.v1+json',
-      size: 8,
+  describe('blob upload sessions', () => {
+    test('resume after cancel reports an unknown upload', async () => {
+      const w = await store.create();
+      await w.write(Buffer.from('abc'));
+      await w.cancel();
+      await expect(store.resume(w.id)).rejects.toBeInstanceOf(BlobUploadUnknownError);
     });
-    await repos.setTag(a, parseTag('3.20'), { digest, confirmedAt: 1234 });
-    await repos.linkBlob(a, { digest: digestOf('layer'), size: 5 });
 
-    const again = new DriverRepositoryStore(new FilesystemDriver(root));
-    expect(await again.getManifest(a, digest)).toEqual({
-      digest,
-      mediaType: 'application/vnd.oci.image.manifest.v1+json',
-      size: 8,
+    test('write, close, resume at the stored offset, commit; then resume is unknown', async () => {
+      const data = randomBytes(100_000);
+      const digest = digestOf(data);
+      const w = await store.create();
+      await w.write(data.subarray(0, 40_000));
+      await w.close();
+      const resumed = await store.resume(w.id);
+      expect(resumed.size).toBe(40_000);
+      await resumed.write(data.subarray(40_000));
+      const descriptor = await resumed.commit({ digest, size: data.length });
+      expect(descriptor).toEqual({ digest, size: data.length });
+      await expect(store.resume(w.id)).rejects.toBeInstanceOf(BlobUploadUnknownError);
+      expect(await store.stat(digest)).toEqual({ found: true, descriptor });
+      expect(digestOf(await read(await store.open(digest)))).toBe(digest);
     });
-    expect(await again.getTag(a, parseTag('3.20'))).toEqual({ digest, confirmedAt: 1234 });
-    expect(await again.hasBlob(a, digestOf('layer'))).toBe(true);
-    // The same name under another upstream is another repository.
-    expect(await again.getManifest(b, digest)).toBeUndefined();
-    expect(await again.getTag(b, parseTag('3.20'))).toBeUndefined();
-    expect(await again.listTags(a)).toEqual(['3.20']);
-    expect(await again.listRepositories('docker.io')).toEqual(['library/alpine']);
-    expect(await again.listRepositories('ghcr.io')).toEqual([]);
-    await again.deleteTag(a, parseTag('3.20'));
-    expect(await again.listTags(a)).toEqual([]);
-  });
 
-  test('nested repositories are listed, and their data dirs are not', async () => {
-    const repos = new DriverRepositoryStore(new FilesystemDriver(root));
-    const digest = digestOf('m');
-    for (const name of ['org/app', 'org/app/sub', 'other']) {
-      await repos.linkManifest(
-        { upstream: 'docker.io', repository: parseRepository(name) },
-        { digest, mediaType: 'x', size: 1 },
+    test('ranged and offset reads', async () => {
+      const data = randomBytes(10_000);
+      const digest = digestOf(data);
+      await store.put(data, digest);
+      expect(
+        (await read(await store.open(digest, { start: 100, end: 199 }))).equals(
+          data.subarray(100, 200),
+        ),
+      ).toBe(true);
+      expect(
+        (await read(await store.open(digest, { start: 9_000 }))).equals(data.subarray(9_000)),
+      ).toBe(true);
+      expect(
+        (await read(await store.open(digest, { start: 9_990, end: 20_000 }))).equals(
+          data.subarray(9_990),
+        ),
+      ).toBe(true);
+      await expect(store.open(digest, { start: 10_000 })).rejects.toBeInstanceOf(RangeInvalidError);
+    });
+
+    test('delete makes stat and open unknown; the blob can be uploaded again', async () => {
+      const data = Buffer.from('to be deleted');
+      const digest = digestOf(data);
+      await store.put(data, digest);
+      await store.delete(digest);
+      expect(await store.stat(digest)).toEqual({ found: false });
+      expect(await store.open(digest)).toEqual({ found: false });
+      await expect(store.delete(digest)).rejects.toBeInstanceOf(BlobUnknownError);
+      await store.put(data, digest);
+      expect((await store.stat(digest)).found).toBe(true);
+    });
+
+    test('delete is refused when deletes are disabled', async () => {
+      const readOnly = new DriverBlobStore(storage.open());
+      const data = Buffer.from('kept');
+      const digest = digestOf(data);
+      await readOnly.put(data, digest);
+      await expect(readOnly.delete(digest)).rejects.toBeInstanceOf(UnsupportedError);
+      expect((await readOnly.stat(digest)).found).toBe(true);
+    });
+
+    test('a zero-length blob commits with the empty-blob digest and reads back empty', async () => {
+      const w = await store.create();
+      const descriptor = await w.commit({ digest: EMPTY_BLOB_DIGEST, size: 0 });
+      expect(descriptor.size).toBe(0);
+      expect((await read(await store.open(EMPTY_BLOB_DIGEST))).length).toBe(0);
+    });
+
+    test('a wrong digest or size on commit fails and leaves nothing visible', async () => {
+      const data = Buffer.from('the real content');
+      const claimed = digestOf('something else');
+      const w = await store.create();
+      await w.write(data);
+      await expect(w.commit({ digest: claimed })).rejects.toBeInstanceOf(DigestMismatchError);
+      expect(await store.stat(claimed)).toEqual({ found: false });
+      expect(await store.stat(digestOf(data))).toEqual({ found: false });
+      await expect(store.resume(w.id)).rejects.toBeInstanceOf(BlobUploadUnknownError);
+      const w2 = await store.create();
+      await w2.write(data);
+      await expect(
+        w2.commit({ digest: digestOf(data), size: data.length + 1 }),
+      ).rejects.toBeInstanceOf(SizeInvalidError);
+      expect(await store.stat(digestOf(data))).toEqual({ found: false });
+    });
+
+    test('a sha512 digest is verified by re-reading the session', async () => {
+      const data = randomBytes(5000);
+      const digest = digestOf(data, 'sha512');
+      const w = await store.create();
+      await w.write(data);
+      expect((await w.commit({ digest })).digest).toBe(digest);
+      expect((await read(await store.open(digest))).equals(data)).toBe(true);
+    });
+
+    test('a crash between write and commit leaves no partial blob for a new store', async () => {
+      // Past one part (5 MiB in these tests): on S3 a multipart upload is under way.
+      const data = randomBytes(6 * 1024 * 1024);
+      const digest = digestOf(data);
+      const w = await store.create();
+      await w.write(data);
+      // The process dies here: no close, no commit. A new store on the same storage:
+      const after = new DriverBlobStore(storage.open());
+      expect(await after.stat(digest)).toEqual({ found: false });
+      expect(await after.open(digest)).toEqual({ found: false });
+      // The orphaned session is purged once it is old enough (on S3 its upload is aborted too).
+      expect(await after.purgeUploads(new Date(Date.now() + 1000))).toBeGreaterThanOrEqual(1);
+      expect(await driver.list(paths.uploadsRoot())).toEqual([]);
+      if (storage.s3) {
+        const { Uploads } = await storage.s3.client.send(
+          new ListMultipartUploadsCommand({ Bucket: storage.bucket!, Prefix: storage.prefix! }),
+        );
+        expect(Uploads ?? []).toEqual([]);
+      }
+    });
+
+    test('purge keeps recent sessions and removes old ones, also without a start time', async () => {
+      const recent = await store.create();
+      const old = await store.create();
+      await driver.putContent(
+        paths.uploadStartedAt(old.id),
+        new Date(Date.now() - 3 * 86_400_000).toISOString(),
       );
-    }
-    expect(await repos.listRepositories('docker.io')).toEqual(['org/app', 'org/app/sub', 'other']);
+      const broken = await store.create();
+      await driver.delete(paths.uploadStartedAt(broken.id));
+      const purged = await store.purgeUploads(new Date(Date.now() - 86_400_000));
+      expect(purged).toBe(1);
+      const left = await driver.list(paths.uploadsRoot());
+      expect(left).toContain(recent.id);
+      expect(left).not.toContain(old.id);
+      await expect(store.resume(old.id)).rejects.toBeInstanceOf(BlobUploadUnknownError);
+      // The one without a start time is judged by its data, which is new: kept, and resumable.
+      await broken.write(Buffer.from('x'));
+      await broken.commit({ digest: digestOf('x') });
+      expect((await store.stat(digestOf('x'))).found).toBe(true);
+    });
+
+    test('a blob of several parts commits whole; ranges across parts read back', async () => {
+      const data = randomBytes(11 * 1024 * 1024 + 123);
+      const digest = digestOf(data);
+      const w = await store.create();
+      for (let i = 0; i < data.length; i += 1024 * 1024)
+        await w.writev([data.subarray(i, Math.min(i + 1024 * 1024, data.length))]);
+      expect(await store.stat(digest)).toEqual({ found: false });
+      await w.commit({ digest, size: data.length });
+      expect(digestOf(await read(await store.open(digest)))).toBe(digest);
+      const start = 5 * 1024 * 1024 - 10;
+      expect(
+        (await read(await store.open(digest, { start, end: start + 99 }))).equals(
+          data.subarray(start, start + 100),
+        ),
+      ).toBe(true);
+    });
+
+    test('what is written so far is readable by followers before the commit', async () => {
+      const data = randomBytes(7 * 1024 * 1024);
+      const w = await store.create();
+      await w.write(data.subarray(0, 6 * 1024 * 1024));
+      const chunks: Buffer[] = [];
+      for await (const c of await w.readWritten(1000, 6 * 1024 * 1024 - 1000))
+        chunks.push(c as Buffer);
+      expect(Buffer.concat(chunks).equals(data.subarray(1000, 6 * 1024 * 1024))).toBe(true);
+      const stream = await w.readWritten(10, 100);
+      const buffer = Buffer.alloc(100);
+      expect(await stream.readInto(buffer, 100)).toBe(100);
+      stream.destroy();
+      expect(buffer.equals(data.subarray(10, 110))).toBe(true);
+      await w.write(data.subarray(6 * 1024 * 1024));
+      await w.commit({ digest: digestOf(data) });
+      expect(digestOf(await read(await store.open(digestOf(data))))).toBe(digestOf(data));
+    });
+
+    test('a last pull is kept and listed with the blob, and survives a new store', async () => {
+      const data = Buffer.from('pulled');
+      const digest = digestOf(data);
+      await store.put(data, digest);
+      const at = Date.now() - 3 * 86_400_000;
+      await store.markPulled(digest, at);
+      await store.markPulled(digestOf('not stored'), at); // no error
+      const listed = [];
+      for await (const blob of new DriverBlobStore(storage.open()).list()) listed.push(blob);
+      expect(listed).toEqual([{ digest, size: data.length, pulledAt: at }]);
+    });
+
+    test('an exclusive create is won once; a missing path is undefined, an empty list []', async () => {
+      expect(await driver.createExclusive('lifecycle/lock', 'a')).toBe(true);
+      expect(await storage.open().createExclusive('lifecycle/lock', 'b')).toBe(false);
+      expect((await driver.getContent('lifecycle/lock')).toString()).toBe('a');
+      expect(await driver.stat('no/such/file')).toBeUndefined();
+      expect(await driver.list('no/such/dir')).toEqual([]);
+      await expect(driver.getContent('no/such/file')).rejects.toThrow(/path not found/);
+      await expect(driver.touch('no/such/file', new Date())).rejects.toThrow(/path not found/);
+      // delete takes a whole tree and is quiet about what is not there.
+      await driver.putContent('tree/a/b', '1');
+      await driver.putContent('tree/c', '2');
+      await driver.delete('tree');
+      await driver.delete('tree');
+      expect(await driver.list('tree')).toEqual([]);
+      expect((await driver.stat(''))?.isDirectory).toBe(true);
+    });
+
+    test('invalid upload ids are unknown uploads, never paths', async () => {
+      await expect(store.resume('../../etc')).rejects.toBeInstanceOf(BlobUploadUnknownError);
+    });
+  });
+
+  describe('storage paths', () => {
+    test('every path stays under the root; bad names and digests never become paths', () => {
+      const d = driver;
+      if (d instanceof FilesystemDriver) {
+        expect(() => d.resolve('../x')).toThrow();
+        expect(() => d.resolve('blobs/../../x')).toThrow();
+      }
+      if (d instanceof S3Driver) {
+        expect(() => d.key('../x')).toThrow();
+        expect(() => d.key('blobs/../../x')).toThrow();
+        expect(d.key('blobs/x')).toBe(`${storage.prefix}blobs/x`);
+      }
+      expect(() => paths.blobData('sha256:../../x' as Digest)).toThrow();
+      expect(() =>
+        paths.repositoryRoot({ upstream: '../x', repository: parseRepository('a') }),
+      ).toThrow();
+      expect(() =>
+        paths.repositoryRoot({ upstream: 'docker.io', repository: '../a' as never }),
+      ).toThrow();
+    });
+  });
+
+  describe('repository view', () => {
+    test('links, manifests and tags per upstream and repository survive a restart', async () => {
+      const repos = new DriverRepositoryStore(driver);
+      const a = { upstream: 'docker.io', repository: parseRepository('library/alpine') };
+      const b = { upstream: 'ghcr.io', repository: parseRepository('library/alpine') };
+      const digest = digestOf('manifest');
+      await repos.linkManifest(a, {
+        digest,
+        mediaType: 'application/vnd.oci.image.manifest.v1+json',
+        size: 8,
+      });
+      await repos.setTag(a, parseTag('3.20'), { digest, confirmedAt: 1234 });
+      await repos.linkBlob(a, { digest: digestOf('layer'), size: 5 });
+
+      const again = new DriverRepositoryStore(storage.open());
+      expect(await again.getManifest(a, digest)).toEqual({
+        digest,
+        mediaType: 'application/vnd.oci.image.manifest.v1+json',
+        size: 8,
+      });
+      expect(await again.getTag(a, parseTag('3.20'))).toEqual({ digest, confirmedAt: 1234 });
+      expect(await again.hasBlob(a, digestOf('layer'))).toBe(true);
+      // The same name under another upstream is another repository.
+      expect(await again.getManifest(b, digest)).toBeUndefined();
+      expect(await again.getTag(b, parseTag('3.20'))).toBeUndefined();
+      expect(await again.listTags(a)).toEqual(['3.20']);
+      expect(await again.listRepositories('docker.io')).toEqual(['library/alpine']);
+      expect(await again.listRepositories('ghcr.io')).toEqual([]);
+      await again.deleteTag(a, parseTag('3.20'));
+      expect(await again.listTags(a)).toEqual([]);
+    });
+
+    test('nested repositories are listed, and their data dirs are not', async () => {
+      const repos = new DriverRepositoryStore(storage.open());
+      const digest = digestOf('m');
+      for (const name of ['org/app', 'org/app/sub', 'other']) {
+        await repos.linkManifest(
+          { upstream: 'docker.io', repository: parseRepository(name) },
+          { digest, mediaType: 'x', size: 1 },
+        );
+      }
+      expect(await repos.listRepositories('docker.io')).toEqual([
+        'org/app',
+        'org/app/sub',
+        'other',
+      ]);
+    });
   });
 });

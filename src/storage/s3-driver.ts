@@ -1,0 +1,707 @@
+/**
+ * The S3 StorageDriver: every path is an object key (`prefix` + path) in one bucket of AWS S3 or
+ * an S3-compatible store (Ceph RGW, MinIO, R2...). S3 has no directories, no appends, no
+ * renames and no settable modification times; how each contract is kept here:
+ *
+ * - `writer`: the bytes go to a local spool file (so that `reader` can give what is written so
+ *   far to the followers of a fetch: S3 cannot read an unfinished upload) and to a multipart
+ *   upload of `partSize` parts as they fill; `close` completes it (a write smaller than one part
+ *   is one PUT). Until then nothing is visible at the key; `cancel` aborts it. Appending (a
+ *   resumed upload session) reads the object back into the spool first.
+ * - `move`: a server-side copy, then a delete (a multipart copy past 5 GiB).
+ * - `touch`: the time goes into the object's metadata (`x-amz-meta-pulled-at`) by a copy of the
+ *   object onto itself, which replaces metadata only; `stat` reports it as the modification time.
+ * - `createExclusive`: a PUT with `If-None-Match: *` (AWS since 2024, Ceph RGW, MinIO).
+ * - `space`: undefined (no free space to read): `retention.minFree` does not apply.
+ * - `stat` of a directory: undefined (only the root is one), so no LIST is ever on a request path.
+ *
+ * Failures of the store (refused, down, 5xx after the SDK's retries with backoff, 403) become a
+ * StorageUnavailableError (503); a missing key is the contract's own PathNotFoundError/undefined.
+ */
+import { randomUUID } from 'node:crypto';
+import { constants } from 'node:fs';
+import * as fs from 'node:fs/promises';
+import { Agent } from 'node:https';
+import { Agent as HttpAgent } from 'node:http';
+import { tmpdir } from 'node:os';
+import * as path from 'node:path';
+import { Readable } from 'node:stream';
+import {
+  AbortMultipartUploadCommand,
+  CompleteMultipartUploadCommand,
+  CopyObjectCommand,
+  CreateMultipartUploadCommand,
+  DeleteObjectsCommand,
+  GetObjectCommand,
+  HeadBucketCommand,
+  HeadObjectCommand,
+  ListMultipartUploadsCommand,
+  ListObjectsV2Command,
+  PutObjectCommand,
+  S3Client,
+  UploadPartCommand,
+  UploadPartCopyCommand,
+  type CompletedPart,
+} from '@aws-sdk/client-s3';
+import { getSignedUrl } from '@aws-sdk/s3-request-presigner';
+import { NodeHttpHandler } from '@smithy/node-http-handler';
+import { FileRange } from './file-range.js';
+import { ObjectRange } from './object-range.js';
+import {
+  PathNotFoundError,
+  StorageUnavailableError,
+  type FileInfo,
+  type FileWriter,
+  type StorageDriver,
+} from './types.js';
+
+export interface S3DriverOptions {
+  bucket: string;
+  region: string;
+  /** Empty: AWS. */
+  endpoint?: string;
+  forcePathStyle?: boolean;
+  /** "" or ending in "/". */
+  prefix?: string;
+  /** Explicit keys; without them the AWS default chain. */
+  credentials?: { accessKeyId: string; secretAccessKey: string };
+  partSize: number;
+  /** Where writes are spooled; a directory of this process's own under os.tmpdir() by default. */
+  spoolDir?: string;
+  /** Attempts per request (the SDK's standard retry mode, with backoff); 3 by default. */
+  maxAttempts?: number;
+}
+
+/** S3's limit for one CopyObject; larger objects are copied part by part. */
+const COPY_MAX = 5 * 1024 ** 3;
+/** Parts of one write uploaded at once. */
+const PART_CONCURRENCY = 2;
+/** Keys a DeleteObjects takes at once. */
+const DELETE_BATCH = 1000;
+
+export class S3Driver implements StorageDriver {
+  readonly name = 's3';
+  readonly client: S3Client;
+  readonly bucket: string;
+  /** S3 requests sent, by command (retries not counted): for the cost figures. */
+  readonly requests = new Map<string, number>();
+  private readonly prefix: string;
+  private readonly spoolDir: string;
+  /** Writers open in this process, by path: their spool is what `reader` gives. */
+  private readonly writing = new Map<string, S3Writer>();
+
+  constructor(readonly options: S3DriverOptions) {
+    this.bucket = options.bucket;
+    this.prefix = options.prefix ?? '';
+    this.spoolDir = options.spoolDir ?? path.join(tmpdir(), `pullcache-spool-${process.pid}`);
+    const agent = { keepAlive: true, maxSockets: 256 };
+    this.client = new S3Client({
+      region: options.region,
+      ...(options.endpoint ? { endpoint: options.endpoint } : {}),
+      forcePathStyle: options.forcePathStyle ?? false,
+      ...(options.credentials ? { credentials: options.credentials } : {}),
+      maxAttempts: options.maxAttempts ?? 3,
+      // Checksums only where S3 requires them: RGW 16 and other servers reject the trailers
+      // that newer SDKs add by default, and every blob is verified by its digest anyway.
+      requestChecksumCalculation: 'WHEN_REQUIRED',
+      responseChecksumValidation: 'WHEN_REQUIRED',
+      requestHandler: new NodeHttpHandler({
+        connectionTimeout: 5000,
+        requestTimeout: 60_000,
+        httpAgent: new HttpAgent(agent),
+        httpsAgent: new Agent(agent),
+      }),
+    });
+    this.client.middlewareStack.add(
+      (next, context) => (args) => {
+        const name = context.commandName ?? 'unknown';
+        this.requests.set(name, (this.requests.get(name) ?? 0) + 1);
+        return next(args);
+      },
+      { step: 'initialize', name: 'pullcacheRequestCount' },
+    );
+  }
+
+  /** Requests sent so far, all commands together. */
+  get requestCount(): number {
+    let n = 0;
+    for (const v of this.requests.values()) n += v;
+    return n;
+  }
+
+  key(p: string): string {
+    if (p.split('/').some((part) => part === '..' || part === '.') || p.includes('\0'))
+      throw new Error(`invalid storage path ${JSON.stringify(p)}`);
+    return this.prefix + p;
+  }
+
+  /** A directory's key prefix ("a/b/"; the bucket prefix itself for the root). */
+  private dirKey(p: string): string {
+    return p === '' ? this.prefix : `${this.key(p)}/`;
+  }
+
+  async send<T>(what: string, run: () => Promise<T>): Promise<T> {
+    try {
+      return await run();
+    } catch (err) {
+      throw unavailable(err, what);
+    }
+  }
+
+  async getContent(p: string): Promise<Buffer> {
+    const res = await this.send('read', () =>
+      this.client.send(new GetObjectCommand({ Bucket: this.bucket, Key: this.key(p) })),
+    ).catch((err: unknown) => {
+      throw notFound(err, p);
+    });
+    return Buffer.from(await res.Body!.transformToByteArray());
+  }
+
+  async putContent(p: string, content: Uint8Array | string): Promise<void> {
+    await this.send('write', () =>
+      this.client.send(
+        new PutObjectCommand({
+          Bucket: this.bucket,
+          Key: this.key(p),
+          Body: typeof content === 'string' ? Buffer.from(content) : content,
+        }),
+      ),
+    );
+  }
+
+  async reader(p: string, offset = 0, length?: number): Promise<FileRange | ObjectRange> {
+    const open = this.writing.get(p);
+    if (open) {
+      const handle = await fs.open(open.spoolPath, constants.O_RDONLY).catch((err: unknown) => {
+        throw (err as NodeJS.ErrnoException).code === 'ENOENT' ? new PathNotFoundError(p) : err;
+      });
+      return new FileRange(handle, offset, length !== undefined ? offset + length : Infinity);
+    }
+    if (length === 0) {
+      // No empty range in HTTP: make sure the object is there, and give nothing.
+      if (!(await this.stat(p))) throw new PathNotFoundError(p);
+      return new ObjectRange(emptyBody());
+    }
+    const range =
+      offset > 0 || length !== undefined
+        ? `bytes=${offset}-${length !== undefined ? offset + length - 1 : ''}`
+        : undefined;
+    const res = await this.send('read', () =>
+      this.client.send(
+        new GetObjectCommand({
+          Bucket: this.bucket,
+          Key: this.key(p),
+          ...(range ? { Range: range } : {}),
+        }),
+      ),
+    ).catch((err: unknown) => {
+      throw notFound(err, p);
+    });
+    return new ObjectRange(res.Body as Readable);
+  }
+
+  async writer(p: string, append: boolean): Promise<FileWriter> {
+    await fs.mkdir(this.spoolDir, { recursive: true });
+    const spoolPath = path.join(this.spoolDir, randomUUID());
+    const writer = new S3Writer(this, p, spoolPath, () => {
+      if (this.writing.get(p) === writer) this.writing.delete(p);
+    });
+    await writer.open(append);
+    this.writing.set(p, writer);
+    return writer;
+  }
+
+  async stat(p: string): Promise<FileInfo | undefined> {
+    if (p === '') {
+      await this.send('reach the bucket', () =>
+        this.client.send(new HeadBucketCommand({ Bucket: this.bucket })),
+      );
+      return { path: p, size: 0, modTime: new Date(), isDirectory: true };
+    }
+    const open = this.writing.get(p);
+    if (open) return { path: p, size: open.size, modTime: new Date(), isDirectory: false };
+    try {
+      const head = await this.send('read', () =>
+        this.client.send(new HeadObjectCommand({ Bucket: this.bucket, Key: this.key(p) })),
+      );
+      const pulled = Number(head.Metadata?.['pulled-at']);
+      return {
+        path: p,
+        size: head.ContentLength ?? 0,
+        modTime: Number.isFinite(pulled) && pulled > 0 ? new Date(pulled) : head.LastModified!,
+        isDirectory: false,
+      };
+    } catch (err) {
+      if (isNotFound(err)) return undefined;
+      throw err;
+    }
+  }
+
+  async list(p: string): Promise<string[]> {
+    const prefix = this.dirKey(p);
+    const names = new Set<string>();
+    let token: string | undefined;
+    do {
+      const res = await this.send('list', () =>
+        this.client.send(
+          new ListObjectsV2Command({
+            Bucket: this.bucket,
+            Prefix: prefix,
+            Delimiter: '/',
+            ...(token ? { ContinuationToken: token } : {}),
+          }),
+        ),
+      );
+      for (const c of res.CommonPrefixes ?? [])
+        if (c.Prefix) names.add(c.Prefix.slice(prefix.length, -1));
+      for (const o of res.Contents ?? []) if (o.Key) names.add(o.Key.slice(prefix.length));
+      token = res.IsTruncated ? res.NextContinuationToken : undefined;
+    } while (token);
+    names.delete('');
+    return [...names].sort();
+  }
+
+  /** Every key under a directory, with its size and last write. */
+  private async *walk(p: string): AsyncIterable<{ key: string; size: number }> {
+    const prefix = this.dirKey(p);
+    let token: string | undefined;
+    do {
+      const res = await this.send('list', () =>
+        this.client.send(
+          new ListObjectsV2Command({
+            Bucket: this.bucket,
+            Prefix: prefix,
+            ...(token ? { ContinuationToken: token } : {}),
+          }),
+        ),
+      );
+      for (const o of res.Contents ?? []) if (o.Key) yield { key: o.Key, size: o.Size ?? 0 };
+      token = res.IsTruncated ? res.NextContinuationToken : undefined;
+    } while (token);
+  }
+
+  async move(from: string, to: string): Promise<void> {
+    await this.copy(from, to);
+    await this.deleteKeys([this.key(from)]);
+  }
+
+  /** A server-side copy; part by part past S3's 5 GiB limit for one copy. */
+  private async copy(from: string, to: string, size?: number): Promise<void> {
+    const source = `${this.bucket}/${encodeKey(this.key(from))}`;
+    if (size === undefined || size <= COPY_MAX) {
+      try {
+        await this.send('copy', () =>
+          this.client.send(
+            new CopyObjectCommand({ Bucket: this.bucket, Key: this.key(to), CopySource: source }),
+          ),
+        );
+        return;
+      } catch (err) {
+        if (isNotFound(err)) throw new PathNotFoundError(from);
+        if (size !== undefined || !isTooLarge(err)) throw err;
+        const info = await this.stat(from);
+        if (!info) throw new PathNotFoundError(from);
+        size = info.size;
+      }
+    }
+    const partSize = Math.max(this.options.partSize, 512 * 1024 ** 2);
+    const { UploadId } = await this.send('write', () =>
+      this.client.send(
+        new CreateMultipartUploadCommand({ Bucket: this.bucket, Key: this.key(to) }),
+      ),
+    );
+    try {
+      const parts: CompletedPart[] = [];
+      for (let start = 0, n = 1; start < size; start += partSize, n++) {
+        const end = Math.min(start + partSize, size) - 1;
+        const res = await this.send('copy', () =>
+          this.client.send(
+            new UploadPartCopyCommand({
+              Bucket: this.bucket,
+              Key: this.key(to),
+              UploadId,
+              PartNumber: n,
+              CopySource: source,
+              CopySourceRange: `bytes=${start}-${end}`,
+            }),
+          ),
+        );
+        parts.push({ PartNumber: n, ETag: res.CopyPartResult?.ETag });
+      }
+      await this.send('write', () =>
+        this.client.send(
+          new CompleteMultipartUploadCommand({
+            Bucket: this.bucket,
+            Key: this.key(to),
+            UploadId,
+            MultipartUpload: { Parts: parts },
+          }),
+        ),
+      );
+    } catch (err) {
+      await this.abortUpload(this.key(to), UploadId!).catch(() => {});
+      throw err;
+    }
+  }
+
+  async delete(p: string): Promise<void> {
+    // Writes in progress under the path (an upload session being removed) are aborted first.
+    for (const [open, writer] of this.writing)
+      if (open === p || open.startsWith(`${p}/`)) await writer.cancel();
+    const keys = [this.key(p)];
+    for await (const { key } of this.walk(p)) keys.push(key);
+    await this.deleteKeys(keys);
+  }
+
+  private async deleteKeys(keys: string[]): Promise<void> {
+    for (let i = 0; i < keys.length; i += DELETE_BATCH) {
+      const batch = keys.slice(i, i + DELETE_BATCH);
+      const res = await this.send('delete', () =>
+        this.client.send(
+          new DeleteObjectsCommand({
+            Bucket: this.bucket,
+            Delete: { Objects: batch.map((Key) => ({ Key })), Quiet: true },
+          }),
+        ),
+      );
+      const failed = (res.Errors ?? []).filter((e) => e.Code !== 'NoSuchKey');
+      if (failed.length > 0)
+        throw new StorageUnavailableError(
+          `cannot delete ${failed[0]!.Key}: ${failed[0]!.Code ?? 'error'}`,
+        );
+    }
+  }
+
+  /** Nothing to do: S3 has no directories. */
+  async deleteEmpty(): Promise<void> {}
+
+  async touch(p: string, time: Date): Promise<void> {
+    const source = `${this.bucket}/${encodeKey(this.key(p))}`;
+    try {
+      await this.send('record a pull', () =>
+        this.client.send(
+          new CopyObjectCommand({
+            Bucket: this.bucket,
+            Key: this.key(p),
+            CopySource: source,
+            MetadataDirective: 'REPLACE',
+            Metadata: { 'pulled-at': String(time.getTime()) },
+          }),
+        ),
+      );
+    } catch (err) {
+      if (isNotFound(err)) throw new PathNotFoundError(p);
+      // Past 5 GiB a copy onto itself is refused: such an object keeps its write time.
+      if (!isTooLarge(err)) throw err;
+    }
+  }
+
+  async createExclusive(p: string, content: string): Promise<boolean> {
+    try {
+      await this.send('write', () =>
+        this.client.send(
+          new PutObjectCommand({
+            Bucket: this.bucket,
+            Key: this.key(p),
+            Body: Buffer.from(content),
+            IfNoneMatch: '*',
+          }),
+        ),
+      );
+      return true;
+    } catch (err) {
+      const status = statusOf(err);
+      // 412: something is there; 409: another conditional write of the key is under way.
+      if (status === 412 || status === 409) return false;
+      throw err;
+    }
+  }
+
+  async space(): Promise<undefined> {
+    return undefined;
+  }
+
+  /**
+   * Aborts the multipart uploads under a path started before `olderThan` (left by a process
+   * that died mid-write); resolves to how many.
+   */
+  async abortIncomplete(p: string, olderThan: Date): Promise<number> {
+    const prefix = this.dirKey(p);
+    let aborted = 0;
+    let keyMarker: string | undefined;
+    let idMarker: string | undefined;
+    for (;;) {
+      const res = await this.send('list uploads', () =>
+        this.client.send(
+          new ListMultipartUploadsCommand({
+            Bucket: this.bucket,
+            Prefix: prefix,
+            ...(keyMarker ? { KeyMarker: keyMarker, UploadIdMarker: idMarker } : {}),
+          }),
+        ),
+      );
+      for (const upload of res.Uploads ?? []) {
+        if (!upload.Key || !upload.UploadId) continue;
+        if (upload.Initiated && upload.Initiated.getTime() >= olderThan.getTime()) continue;
+        if ([...this.writing.values()].some((w) => w.uploadId === upload.UploadId)) continue;
+        await this.abortUpload(upload.Key, upload.UploadId);
+        aborted++;
+      }
+      if (!res.IsTruncated) return aborted;
+      keyMarker = res.NextKeyMarker;
+      idMarker = res.NextUploadIdMarker;
+    }
+  }
+
+  async abortUpload(key: string, uploadId: string): Promise<void> {
+    try {
+      await this.send('abort an upload', () =>
+        this.client.send(
+          new AbortMultipartUploadCommand({ Bucket: this.bucket, Key: key, UploadId: uploadId }),
+        ),
+      );
+    } catch (err) {
+      if (!isNotFound(err)) throw err;
+    }
+  }
+
+  async presignedUrl(p: string, ttlSeconds: number): Promise<string> {
+    return getSignedUrl(
+      this.client,
+      new GetObjectCommand({ Bucket: this.bucket, Key: this.key(p) }),
+      { expiresIn: ttlSeconds },
+    );
+  }
+
+  /** Removes spool files of this process's writers that outlived it (never another's). */
+  async close(): Promise<void> {
+    for (const writer of [...this.writing.values()]) await writer.cancel().catch(() => {});
+    await fs.rm(this.spoolDir, { recursive: true, force: true });
+    this.client.destroy();
+  }
+}
+
+/** A write: a local spool file, and a multipart upload of it part by part as parts fill. */
+class S3Writer implements FileWriter {
+  size = 0;
+  uploadId: string | undefined;
+  private handle: fs.FileHandle | undefined;
+  private readonly parts: CompletedPart[] = [];
+  /** Bytes handed to part uploads so far (from the spool's start). */
+  private uploaded = 0;
+  private readonly inflight = new Set<Promise<void>>();
+  private failure: unknown;
+  private closed = false;
+  private readonly key: string;
+
+  constructor(
+    private readonly driver: S3Driver,
+    private readonly p: string,
+    readonly spoolPath: string,
+    private readonly done: () => void,
+  ) {
+    this.key = driver.key(p);
+  }
+
+  async open(append: boolean): Promise<void> {
+    this.handle = await fs.open(this.spoolPath, 'w+');
+    if (!append) return;
+    try {
+      const existing = await this.driver.reader(this.p);
+      for await (const chunk of existing) await this.append(chunk as Buffer);
+    } catch (err) {
+      if (!(err instanceof PathNotFoundError)) {
+        await this.discard();
+        throw err;
+      }
+    }
+  }
+
+  private async append(chunk: Uint8Array): Promise<void> {
+    let offset = 0;
+    while (offset < chunk.length) {
+      const { bytesWritten } = await this.handle!.write(
+        chunk,
+        offset,
+        chunk.length - offset,
+        this.size + offset,
+      );
+      offset += bytesWritten;
+    }
+    this.size += chunk.length;
+  }
+
+  async write(chunk: Uint8Array): Promise<void> {
+    await this.writev([chunk]);
+  }
+
+  async writev(chunks: readonly Uint8Array[]): Promise<void> {
+    if (this.closed) throw new Error('write after close');
+    if (this.failure) throw this.failure;
+    for (const chunk of chunks) await this.append(chunk);
+    await this.uploadFullParts();
+  }
+
+  private async uploadFullParts(): Promise<void> {
+    const partSize = this.driver.options.partSize;
+    while (this.size - this.uploaded >= partSize) {
+      // Backpressure: at most PART_CONCURRENCY parts in flight.
+      while (this.inflight.size >= PART_CONCURRENCY) await Promise.race(this.inflight);
+      if (this.failure) throw this.failure;
+      // Once a write has crossed a part, its multipart upload exists (a purge can find it).
+      if (!this.uploadId) await this.createUpload();
+      this.startPart(this.uploaded, partSize);
+      this.uploaded += partSize;
+    }
+  }
+
+  private startPart(start: number, length: number): void {
+    const number = this.parts.length + this.inflight.size + 1;
+    const run = (async () => {
+      this.uploadId ??= await this.createUpload();
+      const body = Buffer.allocUnsafe(length);
+      const { bytesRead } = await this.handle!.read(body, 0, length, start);
+      if (bytesRead !== length) throw new Error('spool file shorter than written');
+      const uploadId = this.uploadId;
+      const res = await this.driver.send('write', () =>
+        this.driver.client.send(
+          new UploadPartCommand({
+            Bucket: this.driver.bucket,
+            Key: this.key,
+            UploadId: uploadId,
+            PartNumber: number,
+            Body: body,
+          }),
+        ),
+      );
+      this.parts.push({ PartNumber: number, ETag: res.ETag });
+    })();
+    const tracked = run.catch((err: unknown) => {
+      this.failure ??= err;
+    });
+    this.inflight.add(tracked);
+    void tracked.finally(() => this.inflight.delete(tracked));
+  }
+
+  private creating: Promise<string> | undefined;
+
+  private createUpload(): Promise<string> {
+    this.creating ??= this.driver
+      .send('write', () =>
+        this.driver.client.send(
+          new CreateMultipartUploadCommand({ Bucket: this.driver.bucket, Key: this.key }),
+        ),
+      )
+      .then((res) => {
+        this.uploadId = res.UploadId!;
+        return res.UploadId!;
+      });
+    return this.creating;
+  }
+
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    try {
+      await Promise.all(this.inflight);
+      if (this.failure) throw this.failure;
+      if (this.parts.length === 0) {
+        // Smaller than one part: a single PUT.
+        const body = Buffer.allocUnsafe(this.size);
+        if (this.size > 0) await this.handle!.read(body, 0, this.size, 0);
+        await this.driver.putContent(this.p, body);
+      } else {
+        if (this.size > this.uploaded) {
+          this.startPart(this.uploaded, this.size - this.uploaded);
+          this.uploaded = this.size;
+          await Promise.all(this.inflight);
+          if (this.failure) throw this.failure;
+        }
+        const parts = [...this.parts].sort((a, b) => a.PartNumber! - b.PartNumber!);
+        const uploadId = this.uploadId;
+        await this.driver.send('write', () =>
+          this.driver.client.send(
+            new CompleteMultipartUploadCommand({
+              Bucket: this.driver.bucket,
+              Key: this.key,
+              UploadId: uploadId,
+              MultipartUpload: { Parts: parts },
+            }),
+          ),
+        );
+        this.uploadId = undefined;
+      }
+    } catch (err) {
+      await this.abort();
+      throw err;
+    } finally {
+      await this.discard();
+    }
+  }
+
+  async cancel(): Promise<void> {
+    if (this.closed && !this.handle) return;
+    this.closed = true;
+    await Promise.all(this.inflight);
+    await this.abort();
+    await this.discard();
+  }
+
+  private async abort(): Promise<void> {
+    await this.creating?.catch(() => {});
+    if (!this.uploadId) return;
+    const uploadId = this.uploadId;
+    this.uploadId = undefined;
+    await this.driver.abortUpload(this.key, uploadId).catch(() => {});
+  }
+
+  private async discard(): Promise<void> {
+    this.done();
+    const handle = this.handle;
+    this.handle = undefined;
+    await handle?.close().catch(() => {});
+    await fs.rm(this.spoolPath, { force: true });
+  }
+}
+
+function emptyBody(): Readable {
+  return Readable.from([]);
+}
+
+function statusOf(err: unknown): number | undefined {
+  return (err as { $metadata?: { httpStatusCode?: number } })?.$metadata?.httpStatusCode;
+}
+
+function isNotFound(err: unknown): boolean {
+  if (err instanceof PathNotFoundError) return true;
+  const cause = err instanceof StorageUnavailableError ? err.cause : err;
+  const name = (cause as { name?: string })?.name;
+  return statusOf(cause) === 404 && (name === 'NoSuchKey' || name === 'NotFound' || !name);
+}
+
+function isTooLarge(err: unknown): boolean {
+  const cause = err instanceof StorageUnavailableError ? err.cause : err;
+  const name = (cause as { name?: string; Code?: string })?.name;
+  return name === 'EntityTooLarge' || name === 'InvalidRequest';
+}
+
+function notFound(err: unknown, p: string): unknown {
+  return isNotFound(err) ? new PathNotFoundError(p) : err;
+}
+
+/** A store failure as the domain error; a 404 or a 412/409 keeps its own meaning for the caller. */
+function unavailable(err: unknown, what: string): unknown {
+  const status = statusOf(err);
+  if (status === 404 || status === 412 || status === 409) return err;
+  const name = (err as { name?: string })?.name ?? 'error';
+  const reason =
+    status !== undefined
+      ? `${name} (HTTP ${status})`
+      : ((err as NodeJS.ErrnoException)?.code ?? (err as Error)?.message ?? name);
+  return new StorageUnavailableError(`storage is unavailable: cannot ${what}: ${reason}`, err);
+}
+
+/** A key in a CopySource: each segment URL-encoded, the slashes kept. */
+function encodeKey(key: string): string {
+  return key.split('/').map(encodeURIComponent).join('/');
+}
