@@ -1,0 +1,105 @@
+/**
+ * `server.workers`: the primary process of a host serving with several workers (node:cluster).
+ * It only supervises: it forks the workers, which all accept connections on the one port (the
+ * primary hands connections to them in turn), keeps the host's leases on digests (lease-table.ts)
+ * so that a cold blob is fetched by one worker and followed by the others, replaces a worker
+ * that dies (its clients are cut, the others' are not), and on SIGTERM or SIGINT stops every
+ * worker gracefully, then itself.
+ *
+ * A worker that exits before it ever listened (storage that takes no write, a port in use) is
+ * not replaced: every worker would fail the same way, so the primary stops them all and exits
+ * with that worker's code.
+ */
+import cluster, { type Worker } from 'node:cluster';
+import { availableParallelism } from 'node:os';
+import type { Logger } from '../log/logger.js';
+import { LeaseTable } from './lease-table.js';
+import { isLeaseMessage, type ToPrimary } from './messages.js';
+
+/** Replacements of workers that died within this long of the last one are delayed. */
+const RESPAWN_WINDOW_MS = 10_000;
+/** How long the primary waits for its workers to stop before it kills them. */
+const STOP_TIMEOUT_MS = 15_000;
+
+/** The number of workers `server.workers` asks for (0: one per core). */
+export function workerCount(configured: number): number {
+  return configured === 0 ? availableParallelism() : configured;
+}
+
+/**
+ * Runs the primary until it is told to stop; resolves to the exit code. Call only in the
+ * primary (`cluster.isPrimary`); the workers run the same program and serve.
+ */
+export function runPrimary(count: number, log: Logger): Promise<number> {
+  const plog = log.child({ module: 'primary' });
+  const leases = new LeaseTable((id, message) => {
+    const worker = cluster.workers?.[id];
+    if (worker?.isConnected()) worker.send(message, undefined, () => {});
+  });
+  const listened = new Set<number>();
+  let everListened = false;
+  let stopping = false;
+  let recentDeaths: number[] = [];
+  let settle!: (code: number) => void;
+  const result = new Promise<number>((resolve) => (settle = resolve));
+
+  const fork = (): Worker => {
+    const worker = cluster.fork();
+    worker.on('message', (message: unknown) => {
+      if (isLeaseMessage(message)) leases.receive(worker.id, message as ToPrimary);
+    });
+    worker.on('listening', () => {
+      listened.add(worker.id);
+      everListened = true;
+    });
+    return worker;
+  };
+
+  const stop = (signal: string, code = 0) => {
+    if (stopping) return;
+    stopping = true;
+    plog.info({ signal }, 'stopping the workers');
+    for (const worker of Object.values(cluster.workers ?? {})) worker?.process.kill('SIGTERM');
+    const force = setTimeout(() => {
+      for (const worker of Object.values(cluster.workers ?? {})) worker?.process.kill('SIGKILL');
+    }, STOP_TIMEOUT_MS);
+    force.unref();
+    const check = () => {
+      if (Object.keys(cluster.workers ?? {}).length === 0) settle(code);
+    };
+    cluster.on('exit', check);
+    check();
+  };
+
+  cluster.on('exit', (worker, code, signal) => {
+    leases.workerGone(worker.id);
+    const hadListened = listened.delete(worker.id);
+    if (stopping) return;
+    if (!hadListened && !everListened) {
+      plog.error({ worker: worker.id, code, signal }, 'worker failed to start: stopping');
+      stop('worker failed', code || 1);
+      return;
+    }
+    plog.warn(
+      { worker: worker.id, pid: worker.process.pid, code, signal },
+      'worker died: replacing it',
+    );
+    const now = Date.now();
+    recentDeaths = recentDeaths.filter((t) => now - t < RESPAWN_WINDOW_MS);
+    recentDeaths.push(now);
+    // A worker that keeps dying is replaced more and more slowly (up to 5 s), never given up on.
+    const delay = Math.min(5000, 100 * 2 ** (recentDeaths.length - 1));
+    setTimeout(
+      () => {
+        if (!stopping) fork();
+      },
+      recentDeaths.length > 1 ? delay : 0,
+    );
+  });
+
+  process.on('SIGTERM', () => stop('SIGTERM'));
+  process.on('SIGINT', () => stop('SIGINT'));
+  for (let i = 0; i < count; i++) fork();
+  plog.info({ workers: count }, 'workers started');
+  return result;
+}
