@@ -13,7 +13,7 @@
  * daemon.json is given as an object (`registry-mirrors`, `insecure-registries`...). The CLI gets
  * its own config directory (`docker --config`), so a `docker login` stores its credentials there,
  * not in the user's ~/.docker. Registry CA certificates are read by dockerd from the fixed
- * /etc/docker/certs.d/HOST:PORT/ca.crt: a test that needs one must write and remove it itself.
+ * /etc/docker/certs.d/HOST:PORT/ca.crt: `trustRegistryCa` writes one and gives back its removal.
  */
 import { execFile, execFileSync, spawn, type ChildProcess } from 'node:child_process';
 import {
@@ -23,6 +23,7 @@ import {
   mkdtempSync,
   openSync,
   readFileSync,
+  rmdirSync,
   rmSync,
   writeFileSync,
 } from 'node:fs';
@@ -184,6 +185,26 @@ export class TestDockerd {
     unmountUnder(this.dir);
     rmSync(this.dir, { recursive: true, force: true, maxRetries: 3 });
   }
+}
+
+const CERTS_D = '/etc/docker/certs.d';
+
+/**
+ * Makes every dockerd on this host trust `caPem` for the registry at `host` (HOST:PORT), as its
+ * /etc/docker/certs.d/HOST:PORT/ca.crt. Returns what removes it again (and certs.d, if empty).
+ */
+export function trustRegistryCa(host: string, caPem: string): () => void {
+  const dir = join(CERTS_D, host);
+  mkdirSync(dir, { recursive: true });
+  writeFileSync(join(dir, 'ca.crt'), caPem);
+  return () => {
+    rmSync(dir, { recursive: true, force: true });
+    try {
+      rmdirSync(CERTS_D);
+    } catch {
+      // another registry's CA is still there
+    }
+  };
 }
 
 function withoutProxies(env: NodeJS.ProcessEnv): NodeJS.ProcessEnv {
