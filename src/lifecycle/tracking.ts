@@ -193,6 +193,13 @@ export class TrackedBlobService implements BlobService {
     result.stream.once('close', release);
     return result;
   }
+
+  /** A redirect to the storage is a pull too (the download itself is not seen here). */
+  async locate(repo: RepositoryKey, digest: Digest): Promise<string | undefined> {
+    const url = await this.inner.locate?.(repo, digest);
+    if (url) this.lifecycle.pulled(repo, digest);
+    return url;
+  }
 }
 
 export class TrackedManifestService implements ManifestService {

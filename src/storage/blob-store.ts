@@ -47,6 +47,7 @@ export class DriverBlobStore implements BlobStore {
   }
 
   async open(digest: Digest, range?: ByteRange): Promise<OpenResult> {
+    if (this.driver.readRange) return this.openInOne(digest, range);
     const stat = await this.stat(digest);
     if (!stat.found) return { found: false };
     const { start, end } = resolveRange(stat.descriptor.size, range);
@@ -60,6 +61,20 @@ export class DriverBlobStore implements BlobStore {
       if (err instanceof PathNotFoundError) return { found: false };
       throw err;
     }
+  }
+
+  /** `open` in one request where a stat costs one of its own (S3). */
+  private async openInOne(digest: Digest, range?: ByteRange): Promise<OpenResult> {
+    const opened = await this.driver.readRange!(
+      paths.blobData(digest),
+      range?.start ?? 0,
+      range?.end,
+    );
+    if (!opened) return { found: false };
+    const descriptor = { digest, size: opened.size };
+    if (!range) return { found: true, descriptor, stream: opened.stream };
+    const { start, end } = resolveRange(opened.size, range);
+    return { found: true, descriptor, stream: opened.stream, range: { start, end } };
   }
 
   async create(options: { hash?: boolean } = {}): Promise<BlobWriter> {
@@ -141,7 +156,8 @@ export class DriverBlobStore implements BlobStore {
 
   async remove(digest: Digest): Promise<void> {
     const data = paths.blobData(digest);
-    await this.driver.delete(data.slice(0, data.lastIndexOf('/')));
+    await this.driver.deleteFiles([data]);
+    await this.driver.deleteEmpty(data.slice(0, data.lastIndexOf('/')), { recursive: false });
   }
 
   async markPulled(digest: Digest, at: number): Promise<void> {
@@ -241,7 +257,7 @@ class DriverBlobWriter implements BlobWriter {
       const existing = await this.driver.stat(target);
       if (!existing) await this.driver.move(paths.uploadData(this.id), target);
     } finally {
-      await this.driver.delete(paths.uploadDir(this.id));
+      await this.removeSession();
     }
     const descriptor: Descriptor = { digest: expected.digest, size };
     if (expected.mediaType) descriptor.mediaType = expected.mediaType;
@@ -252,7 +268,13 @@ class DriverBlobWriter implements BlobWriter {
     this.done = true;
     await this.file?.close().catch(() => {});
     this.file = undefined;
-    await this.driver.delete(paths.uploadDir(this.id));
+    await this.removeSession();
+  }
+
+  /** The session's two files and its directory: no listing needed (S3 would LIST for it). */
+  private async removeSession(): Promise<void> {
+    await this.driver.deleteFiles([paths.uploadData(this.id), paths.uploadStartedAt(this.id)]);
+    await this.driver.deleteEmpty(paths.uploadDir(this.id), { recursive: false });
   }
 
   async readWritten(offset: number, length: number): Promise<RangeStream> {

@@ -104,6 +104,10 @@ export class FilesystemDriver implements StorageDriver {
     await fs.rm(this.resolve(p), { recursive: true, force: true });
   }
 
+  async deleteFiles(ps: readonly string[]): Promise<void> {
+    await Promise.all(ps.map((p) => fs.rm(this.resolve(p), { force: true })));
+  }
+
   async deleteEmpty(p: string, options: { recursive?: boolean } = {}): Promise<void> {
     const prune = async (full: string): Promise<void> => {
       if (options.recursive !== false) {

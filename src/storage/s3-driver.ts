@@ -18,7 +18,7 @@
  * Failures of the store (refused, down, 5xx after the SDK's retries with backoff, 403) become a
  * StorageUnavailableError (503); a missing key is the contract's own PathNotFoundError/undefined.
  */
-import { randomUUID } from 'node:crypto';
+import { createHash } from 'node:crypto';
 import { constants } from 'node:fs';
 import * as fs from 'node:fs/promises';
 import { Agent } from 'node:https';
@@ -45,6 +45,7 @@ import {
 } from '@aws-sdk/client-s3';
 import { getSignedUrl } from '@aws-sdk/s3-request-presigner';
 import { NodeHttpHandler } from '@smithy/node-http-handler';
+import { RangeInvalidError } from '../oci/errors.js';
 import { FileRange } from './file-range.js';
 import { ObjectRange } from './object-range.js';
 import {
@@ -66,7 +67,10 @@ export interface S3DriverOptions {
   /** Explicit keys; without them the AWS default chain. */
   credentials?: { accessKeyId: string; secretAccessKey: string };
   partSize: number;
-  /** Where writes are spooled; a directory of this process's own under os.tmpdir() by default. */
+  /**
+   * Where writes are spooled, one file per key: os.tmpdir()/pullcache-spool by default, shared
+   * by the processes of a host, so that one worker can follow another's upload as it is written.
+   */
   spoolDir?: string;
   /** Attempts per request (the SDK's standard retry mode, with backoff); 3 by default. */
   maxAttempts?: number;
@@ -83,7 +87,7 @@ export class S3Driver implements StorageDriver {
   readonly name = 's3';
   readonly client: S3Client;
   readonly bucket: string;
-  /** S3 requests sent, by command (retries not counted): for the cost figures. */
+  /** S3 requests sent, by command (each retry too): for the cost figures. */
   readonly requests = new Map<string, number>();
   private readonly prefix: string;
   private readonly spoolDir: string;
@@ -93,7 +97,7 @@ export class S3Driver implements StorageDriver {
   constructor(readonly options: S3DriverOptions) {
     this.bucket = options.bucket;
     this.prefix = options.prefix ?? '';
-    this.spoolDir = options.spoolDir ?? path.join(tmpdir(), `pullcache-spool-${process.pid}`);
+    this.spoolDir = options.spoolDir ?? path.join(tmpdir(), 'pullcache-spool');
     const agent = { keepAlive: true, maxSockets: 256 };
     this.client = new S3Client({
       region: options.region,
@@ -118,7 +122,8 @@ export class S3Driver implements StorageDriver {
         this.requests.set(name, (this.requests.get(name) ?? 0) + 1);
         return next(args);
       },
-      { step: 'initialize', name: 'pullcacheRequestCount' },
+      // At the step where a request goes out: every attempt counts, a presigned URL does not.
+      { step: 'deserialize', name: 'pullcacheRequestCount' },
     );
   }
 
@@ -171,12 +176,16 @@ export class S3Driver implements StorageDriver {
 
   async reader(p: string, offset = 0, length?: number): Promise<FileRange | ObjectRange> {
     const open = this.writing.get(p);
-    if (open) {
-      const handle = await fs.open(open.spoolPath, constants.O_RDONLY).catch((err: unknown) => {
-        throw (err as NodeJS.ErrnoException).code === 'ENOENT' ? new PathNotFoundError(p) : err;
+    // Written here, or by another process of this host: what is in the spool so far.
+    const spooled = await fs
+      .open(open?.spoolPath ?? this.spoolPath(p), constants.O_RDONLY)
+      .catch((err: unknown) => {
+        if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw err;
+        if (open) throw new PathNotFoundError(p);
+        return undefined;
       });
-      return new FileRange(handle, offset, length !== undefined ? offset + length : Infinity);
-    }
+    if (spooled)
+      return new FileRange(spooled, offset, length !== undefined ? offset + length : Infinity);
     if (length === 0) {
       // No empty range in HTTP: make sure the object is there, and give nothing.
       if (!(await this.stat(p))) throw new PathNotFoundError(p);
@@ -200,10 +209,42 @@ export class S3Driver implements StorageDriver {
     return new ObjectRange(res.Body as Readable);
   }
 
+  async readRange(
+    p: string,
+    start: number,
+    end?: number,
+  ): Promise<{ stream: ObjectRange; size: number } | undefined> {
+    // No Range header for a whole object: a zero-length one has no byte 0 to ask for.
+    const range = start > 0 || end !== undefined ? `bytes=${start}-${end ?? ''}` : undefined;
+    let res;
+    try {
+      res = await this.send('read', () =>
+        this.client.send(
+          new GetObjectCommand({
+            Bucket: this.bucket,
+            Key: this.key(p),
+            ...(range ? { Range: range } : {}),
+          }),
+        ),
+      );
+    } catch (err) {
+      if (isNotFound(err)) return undefined;
+      if (statusOf(err) === 416) {
+        const info = await this.stat(p);
+        if (!info) return undefined;
+        throw new RangeInvalidError(info.size);
+      }
+      throw err;
+    }
+    // "bytes 0-99/12345" for a range; the length itself for a whole object.
+    const total = /\/(\d+)$/.exec(res.ContentRange ?? '')?.[1];
+    const size = total !== undefined ? Number(total) : (res.ContentLength ?? 0);
+    return { stream: new ObjectRange(res.Body as Readable), size };
+  }
+
   async writer(p: string, append: boolean): Promise<FileWriter> {
     await fs.mkdir(this.spoolDir, { recursive: true });
-    const spoolPath = path.join(this.spoolDir, randomUUID());
-    const writer = new S3Writer(this, p, spoolPath, () => {
+    const writer = new S3Writer(this, p, this.spoolPath(p), () => {
       if (this.writing.get(p) === writer) this.writing.delete(p);
     });
     await writer.open(append);
@@ -353,6 +394,11 @@ export class S3Driver implements StorageDriver {
     await this.deleteKeys(keys);
   }
 
+  async deleteFiles(ps: readonly string[]): Promise<void> {
+    for (const p of ps) await this.writing.get(p)?.cancel();
+    await this.deleteKeys(ps.map((p) => this.key(p)));
+  }
+
   private async deleteKeys(keys: string[]): Promise<void> {
     for (let i = 0; i < keys.length; i += DELETE_BATCH) {
       const batch = keys.slice(i, i + DELETE_BATCH);
@@ -426,6 +472,7 @@ export class S3Driver implements StorageDriver {
    * that died mid-write); resolves to how many.
    */
   async abortIncomplete(p: string, olderThan: Date): Promise<number> {
+    await this.purgeSpool(olderThan);
     const prefix = this.dirKey(p);
     let aborted = 0;
     let keyMarker: string | undefined;
@@ -453,6 +500,17 @@ export class S3Driver implements StorageDriver {
     }
   }
 
+  /** Spool files a killed process left, untouched since `olderThan` (never one being written). */
+  private async purgeSpool(olderThan: Date): Promise<void> {
+    const mine = new Set([...this.writing.values()].map((w) => w.spoolPath));
+    for (const name of await fs.readdir(this.spoolDir).catch(() => [] as string[])) {
+      const file = path.join(this.spoolDir, name);
+      if (mine.has(file)) continue;
+      const info = await fs.stat(file).catch(() => undefined);
+      if (info && info.mtimeMs < olderThan.getTime()) await fs.rm(file, { force: true });
+    }
+  }
+
   async abortUpload(key: string, uploadId: string): Promise<void> {
     try {
       await this.send('abort an upload', () =>
@@ -473,10 +531,17 @@ export class S3Driver implements StorageDriver {
     );
   }
 
-  /** Removes spool files of this process's writers that outlived it (never another's). */
+  /** The spool file of a key: the same in every process of the host. */
+  private spoolPath(p: string): string {
+    const id = createHash('sha256')
+      .update(`${this.bucket}/${this.key(p)}`)
+      .digest('hex');
+    return path.join(this.spoolDir, id);
+  }
+
+  /** Cancels this process's writes (their spool files go with them) and closes the client. */
   async close(): Promise<void> {
     for (const writer of [...this.writing.values()]) await writer.cancel().catch(() => {});
-    await fs.rm(this.spoolDir, { recursive: true, force: true });
     this.client.destroy();
   }
 }
@@ -507,13 +572,12 @@ class S3Writer implements FileWriter {
     this.handle = await fs.open(this.spoolPath, 'w+');
     if (!append) return;
     try {
-      const existing = await this.driver.reader(this.p);
-      for await (const chunk of existing) await this.append(chunk as Buffer);
+      // From the store itself: the spool of this key is the (new, empty) file just opened.
+      const existing = await this.driver.readRange(this.p, 0);
+      if (existing) for await (const chunk of existing.stream) await this.append(chunk as Buffer);
     } catch (err) {
-      if (!(err instanceof PathNotFoundError)) {
-        await this.discard();
-        throw err;
-      }
+      await this.discard();
+      throw err;
     }
   }
 
@@ -692,7 +756,7 @@ function notFound(err: unknown, p: string): unknown {
 /** A store failure as the domain error; a 404 or a 412/409 keeps its own meaning for the caller. */
 function unavailable(err: unknown, what: string): unknown {
   const status = statusOf(err);
-  if (status === 404 || status === 412 || status === 409) return err;
+  if (status === 404 || status === 412 || status === 409 || status === 416) return err;
   const name = (err as { name?: string })?.name ?? 'error';
   const reason =
     status !== undefined

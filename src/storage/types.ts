@@ -54,6 +54,11 @@ export interface StorageDriver {
   /** Removes a file or a directory tree; no error when nothing is there. */
   delete(path: string): Promise<void>;
   /**
+   * Removes files (never a directory), at once where the driver can (one request on S3, where
+   * `delete` must list a tree first); no error for one that is not there.
+   */
+  deleteFiles(paths: readonly string[]): Promise<void>;
+  /**
    * Removes the empty directories at and under a path (only the path itself without
    * `recursive`), deepest first; a directory with a file in it stays. No error when nothing is there.
    */
@@ -80,6 +85,16 @@ export interface StorageDriver {
    * carries no credential other than its signature (S3: a presigned GET).
    */
   presignedUrl?(path: string, ttlSeconds: number): Promise<string>;
+  /**
+   * Where a stat before each read costs a request (S3): the bytes [start, end] (to the end
+   * without `end`, clipped to the file) and the file's size, in one request. Undefined when
+   * nothing is at the path; throws RangeInvalidError when `start` is past the end.
+   */
+  readRange?(
+    path: string,
+    start: number,
+    end?: number,
+  ): Promise<{ stream: RangeStream; size: number } | undefined>;
 }
 
 /**
@@ -289,8 +304,11 @@ export interface RepositoryStore {
 
 // ---- the services a route uses; local stores and proxy stores implement the same contracts ----
 
-export type ManifestResult = { found: false } | { found: true; link: ManifestLink; bytes: Buffer };
-export type ManifestStat = { found: false } | { found: true; link: ManifestLink };
+/** `fromUpstream`: fetched from the upstream for this request (a cache miss). */
+export type ManifestResult =
+  { found: false } | { found: true; link: ManifestLink; bytes: Buffer; fromUpstream?: boolean };
+export type ManifestStat =
+  { found: false } | { found: true; link: ManifestLink; fromUpstream?: boolean };
 
 /** Blobs as one repository sees them. */
 export interface BlobService {
@@ -298,6 +316,12 @@ export interface BlobService {
   stat(repo: RepositoryKey, digest: Digest): Promise<StatResult>;
   /** `{found:false}` when not there; throws RangeInvalidError for a range outside the blob. */
   open(repo: RepositoryKey, digest: Digest, range?: ByteRange): Promise<OpenResult>;
+  /**
+   * Where the client can fetch a stored blob of the repository from the storage itself (S3 with
+   * `redirect`), a URL that carries no credential but its signature; undefined when it is to
+   * be served here (not stored, not held by the repository, or no such storage).
+   */
+  locate?(repo: RepositoryKey, digest: Digest): Promise<string | undefined>;
 }
 
 export interface ManifestService {
@@ -309,8 +333,16 @@ export interface ManifestService {
   put(repo: RepositoryKey, bytes: Buffer, digest: Digest, mediaType: string): Promise<ManifestLink>;
 }
 
+/** `fromUpstream`: the manifest it names was fetched from the upstream for this request. */
 export type TagResult =
-  { found: false } | { found: true; digest: Digest; confirmedAt: number; stale?: boolean };
+  | { found: false }
+  | {
+      found: true;
+      digest: Digest;
+      confirmedAt: number;
+      stale?: boolean;
+      fromUpstream?: boolean;
+    };
 
 export interface TagService {
   /** `{found:false}` when the tag is unknown. */

@@ -26,6 +26,8 @@ export interface TestStorage {
   open(options?: { partSize?: number }): StorageDriver;
   /** The `storage` section of a pullcache config for this test's storage. */
   config(): Record<string, unknown>;
+  /** The `storage` section for another, empty storage of the same kind (removed afterwards). */
+  another(): Record<string, unknown>;
   /** The test's radosgw (s3 only). */
   readonly s3: TestS3 | undefined;
   readonly bucket: string | undefined;
@@ -34,8 +36,14 @@ export interface TestStorage {
   readonly root: string | undefined;
 }
 
-/** Registers the hooks that give every test of the enclosing describe its own storage. */
-export function useStorage(kind: DriverKind): TestStorage {
+/**
+ * Registers the hooks that give every test of the enclosing describe its own storage, or with
+ * `scope: 'file'` one storage for all of them (a suite that shares one server across its tests).
+ */
+export function useStorage(
+  kind: DriverKind,
+  options: { scope?: 'test' | 'file' } = {},
+): TestStorage {
   let s3: TestS3 | undefined;
   let bucket: string | undefined;
   let prefix: string | undefined;
@@ -52,16 +60,24 @@ export function useStorage(kind: DriverKind): TestStorage {
       await s3?.stop();
     });
   }
-  beforeEach(() => {
+  const made: string[] = [];
+  const fresh = () => {
     if (kind === 's3') prefix = `t-${randomUUID()}/`;
-    else root = mkdtempSync(join(tmpdir(), 'pullcache-storage-'));
-  });
-  afterEach(async () => {
+    else made.push((root = mkdtempSync(join(tmpdir(), 'pullcache-storage-'))));
+  };
+  const cleanup = async () => {
     for (const driver of opened) if (driver instanceof S3Driver) await driver.close();
     opened = [];
-    if (root) rmSync(root, { recursive: true, force: true });
+    for (const dir of made.splice(0)) rmSync(dir, { recursive: true, force: true });
     root = undefined;
-  });
+  };
+  if (options.scope === 'file') {
+    beforeAll(fresh);
+    afterAll(cleanup);
+  } else {
+    beforeEach(fresh);
+    afterEach(cleanup);
+  }
   return {
     kind,
     get s3() {
@@ -91,6 +107,13 @@ export function useStorage(kind: DriverKind): TestStorage {
           : new FilesystemDriver(root!);
       opened.push(driver);
       return driver;
+    },
+    another() {
+      const [savedPrefix, savedRoot] = [prefix, root];
+      fresh();
+      const config = this.config();
+      [prefix, root] = [savedPrefix, savedRoot];
+      return config;
     },
     config() {
       return kind === 's3'
