@@ -70,7 +70,7 @@ export async function readTlsCredentials(files: TlsFiles): Promise<TlsCredential
   if (!leaf.checkPrivateKey(privateKey)) {
     throw new TlsFilesError(
       'server.tls.key',
-      `the key in ${JSON.stringify(files.key)} does not match the certificate in ${JSON.stringify(files.cert)} (server.tls.cert)`,
+      `the key in ${JSON.stringify(files.key)} does not match the first certificate in ${JSON.stringify(files.cert)} (server.tls.cert: the server's own comes first, then its chain)`,
     );
   }
   const credentials = { cert, key, leaf };
