@@ -111,3 +111,25 @@ test('sendTo to a client already gone rejects at once and closes the file', asyn
   await new Promise((r) => setImmediate(r));
   expect(handle.fd).toBe(-1);
 });
+
+test('while many responses are sent at once, sendTo reads in smaller buffers, and each is whole', async () => {
+  // Writables that take each chunk a turn later, so that all six sends are under way at once.
+  const sinks = Array.from({ length: 6 }, () => {
+    const chunks: Buffer[] = [];
+    const dest = new Writable({
+      write: (chunk: Buffer, _enc, done) => {
+        chunks.push(Buffer.from(chunk));
+        setImmediate(done);
+      },
+    });
+    return { chunks, dest };
+  });
+  await Promise.all(
+    sinks.map(async ({ dest }) => new FileRange(await open(file), 0, Infinity).sendTo(dest)),
+  );
+  for (const { chunks } of sinks) expect(Buffer.concat(chunks).equals(bytes)).toBe(true);
+  const largest = sinks.map(({ chunks }) => Math.max(...chunks.map((c) => c.length)));
+  // The first four read 1 MiB at once; the ones beyond, 256 KiB.
+  expect(largest.slice(0, 4)).toEqual([1024 * 1024, 1024 * 1024, 1024 * 1024, 1024 * 1024]);
+  expect(largest.slice(4)).toEqual([256 * 1024, 256 * 1024]);
+});
