@@ -23,6 +23,12 @@ export interface EvictorDeps {
   removal: Removal;
   metrics: Metrics;
   log: Logger;
+  /**
+   * Replicas on one storage: true when another process pulled the entry since this one's graph
+   * says (storage keeps everyone's last pulls), or so recently that it may be serving it; the
+   * graph is brought up to date. Asked right before each removal.
+   */
+  pulledElsewhere?: (entry: Entry) => Promise<boolean>;
 }
 
 export class Evictor {
@@ -80,10 +86,12 @@ export class Evictor {
       // Pulled again since the list was made: it is no longer the least recently pulled.
       const root = entry.node.manifests.get(entry.image.digest);
       if (!root || root.pulledAt > entry.pulledAt) return;
+      if (await this.d.pulledElsewhere?.(entry)) return;
       bytes = await this.d.removal.removeImage(entry.node, entry.image);
       name = imageReferences(entry.node.key, entry.image).join(', ');
     } else {
       if (this.d.inUse(entry.digest)) return;
+      if (await this.d.pulledElsewhere?.(entry)) return;
       bytes = await this.d.removal.removeOrphan(entry.digest);
       name = entry.digest;
     }

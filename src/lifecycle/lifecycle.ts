@@ -13,8 +13,10 @@ import type { Digest } from '../oci/digest.js';
 import type { Tag } from '../oci/reference.js';
 import type { BlobStore, RepositoryKey, RepositoryStore, StorageDriver } from '../storage/types.js';
 import { ImageGraph } from './image-graph.js';
-import { Evictor } from './eviction.js';
+import { Evictor, type Entry } from './eviction.js';
 import { Ownership } from './owner.js';
+import type { Lease } from './lease.js';
+import { paths } from '../storage/paths.js';
 import { Pins } from './pins.js';
 import { PullRecorder } from './pulls.js';
 import { imageInfos, imageReferences, matchingImages } from './inventory.js';
@@ -49,6 +51,11 @@ export interface LifecycleDeps {
   fetching: (digest: Digest) => boolean;
   /** Upload sessions older than this are collected by `gc` (ms). */
   uploadsPurgeAge: number;
+  /**
+   * Replicas share this storage (`cache.store: redis`): the lease decides who evicts, and an
+   * entry another replica pulled since this one's graph says is not evicted.
+   */
+  replicas?: { lease: Lease };
   now?: () => number;
 }
 
@@ -98,13 +105,14 @@ export class Lifecycle {
       removal: this.removal,
       metrics: d.metrics,
       log: this.log,
+      ...(d.replicas ? { pulledElsewhere: (entry) => this.pulledElsewhere(entry) } : {}),
     });
     this.pulls = new PullRecorder({
       change: (apply) => this.change(apply),
       blobs: d.blobs,
       repositories: d.repositories,
     });
-    this.ownership = new Ownership(d.driver);
+    this.ownership = new Ownership(d.driver, d.replicas?.lease);
     d.metrics.setStorageStatus(() => ({
       bytes: this.scanned ? this.graph.bytes : undefined,
       limit: d.retention.maxSize,
@@ -138,11 +146,19 @@ export class Lifecycle {
     };
     every(FLUSH_INTERVAL_MS, () => this.flush());
     every(OWNER_RENEW_MS, async () => {
+      const was = this.ownership.isOwner;
       await this.ownership.acquire();
-      if (!this.scanning) this.startScan(); // the last one failed: try again
+      if (!this.scanning)
+        this.startScan(); // the last one failed: try again
+      // A replica that takes over knows only what it saw itself: it counts storage afresh.
+      else if (this.d.replicas && !was && this.ownership.isOwner) await this.recount();
     });
     if (options.sweep !== false && this.d.retention.sweepInterval > 0)
-      every(this.d.retention.sweepInterval, () => this.sweep());
+      every(this.d.retention.sweepInterval, async () => {
+        // The other replicas' additions are counted at each sweep (none is told of them).
+        if (this.d.replicas && this.ownership.isOwner) await this.recount();
+        await this.sweep();
+      });
   }
 
   /** Starts the scan in the background; a failure is logged and tried again later. */
@@ -176,6 +192,24 @@ export class Lifecycle {
     await this.evicting?.catch(() => {});
     await this.flush().catch((err: unknown) => this.warn(err));
     await this.ownership.release().catch(() => {});
+    await this.d.replicas?.lease.close();
+  }
+
+  /**
+   * Whether another replica pulled an entry since this graph says (it may be streaming it now),
+   * by the last-pulled time in storage, where every replica writes its own within
+   * FLUSH_INTERVAL_MS; the graph learns the newer time, so a later eviction judges it by that.
+   */
+  private async pulledElsewhere(entry: Entry): Promise<boolean> {
+    const path =
+      entry.kind === 'image'
+        ? paths.manifestRevisionLink(entry.node.key, entry.image.digest)
+        : paths.blobData(entry.digest);
+    const at = (await this.d.driver.stat(path))?.modTime.getTime();
+    if (at === undefined || at <= entry.pulledAt) return false;
+    if (entry.kind === 'image')
+      this.change((g) => g.markPulled(entry.node.key, entry.image.digest, at));
+    return true;
   }
 
   private async scan(): Promise<void> {
@@ -252,8 +286,12 @@ export class Lifecycle {
   }
 
   /** A manifest or blob of a repository was served (hits included). */
-  pulled(repo: RepositoryKey, digest: Digest, at = this.now()): void {
-    this.pulls.pulled(repo, digest, at);
+  pulled(
+    repo: RepositoryKey,
+    digest: Digest,
+    options: { at?: number; manifest?: boolean } = {},
+  ): void {
+    this.pulls.pulled(repo, digest, options.at ?? this.now(), options.manifest ?? false);
   }
 
   /** A blob is being served: it is not evicted until the returned function is called. */

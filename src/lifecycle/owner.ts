@@ -7,6 +7,7 @@
 import { hostname } from 'node:os';
 import { paths } from '../storage/paths.js';
 import { PathNotFoundError, type StorageDriver } from '../storage/types.js';
+import type { Lease } from './lease.js';
 
 export interface OwnerRecord {
   pid: number;
@@ -51,7 +52,14 @@ export class Ownership {
 
   private url: string | undefined;
 
-  constructor(private readonly driver: StorageDriver) {}
+  /**
+   * With a `lease` (replicas on one storage, lease.ts), the lease decides who owns; the record in
+   * storage still says where the owner answers, for the commands.
+   */
+  constructor(
+    private readonly driver: StorageDriver,
+    private readonly lease?: Lease,
+  ) {}
 
   /** Where this process's admin API answers, recorded for the commands. */
   setUrl(url: string): void {
@@ -88,6 +96,7 @@ export class Ownership {
   }
 
   private async tryAcquire(): Promise<boolean> {
+    if (this.lease) return this.acquireLease(this.lease);
     const current = await readOwner(this.driver);
     if (current && current.pid === process.pid && current.host === hostname()) {
       await this.driver.putContent(paths.owner(), this.record());
@@ -102,6 +111,18 @@ export class Ownership {
     return this.held;
   }
 
+  private async acquireLease(lease: Lease): Promise<boolean> {
+    try {
+      this.held = await lease.acquire(OWNER_TTL_MS);
+    } catch (err) {
+      // Redis cannot be asked: nobody can be sure to own, so nobody evicts meanwhile.
+      this.held = false;
+      throw err;
+    }
+    if (this.held) await this.driver.putContent(paths.owner(), this.record());
+    return this.held;
+  }
+
   /** The live owner, when it is another process. */
   async other(): Promise<OwnerRecord | undefined> {
     const current = await readOwner(this.driver);
@@ -113,6 +134,7 @@ export class Ownership {
   async release(): Promise<void> {
     if (!this.held) return;
     this.held = false;
+    if (this.lease) await this.lease.release().catch(() => {});
     const current = await readOwner(this.driver).catch(() => undefined);
     if (current && current.pid === process.pid && current.host === hostname())
       await this.driver.delete(paths.owner());

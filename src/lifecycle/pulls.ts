@@ -13,7 +13,7 @@ const PENDING_MAX = 100_000;
 
 export class PullRecorder {
   /** Until the graph is built: pulls to apply once it is. */
-  private pending: [RepositoryKey, Digest, number][] | undefined = [];
+  private pending: [RepositoryKey, Digest, number, boolean][] | undefined = [];
   private dirtyManifests = new Map<string, { repo: RepositoryKey; digest: Digest; at: number }>();
   private dirtyBlobs = new Map<Digest, number>();
 
@@ -30,13 +30,16 @@ export class PullRecorder {
   graphReady(): void {
     const pending = this.pending ?? [];
     this.pending = undefined;
-    for (const [repo, digest, at] of pending) this.pulled(repo, digest, at);
+    for (const [repo, digest, at, manifest] of pending) this.pulled(repo, digest, at, manifest);
   }
 
-  /** A manifest or blob of a repository was served (hits included). */
-  pulled(repo: RepositoryKey, digest: Digest, at: number): void {
+  /**
+   * A manifest or blob of a repository was served (hits included). A manifest the graph does not
+   * know (another replica stored it since this one's scan) still has its pull written.
+   */
+  pulled(repo: RepositoryKey, digest: Digest, at: number, manifest = false): void {
     if (this.pending) {
-      if (this.pending.length < PENDING_MAX) this.pending.push([repo, digest, at]);
+      if (this.pending.length < PENDING_MAX) this.pending.push([repo, digest, at, manifest]);
       return;
     }
     let changed: ReturnType<ImageGraph['markPulled']> | undefined;
@@ -44,8 +47,10 @@ export class PullRecorder {
       const result = graph.markPulled(repo, digest, at);
       changed ??= result; // the first graph is the current one; a replay must not overwrite it
     });
-    for (const manifest of changed!.manifests)
-      this.dirtyManifests.set(`${repositoryId(repo)}@${manifest}`, { repo, digest: manifest, at });
+    for (const m of changed!.manifests)
+      this.dirtyManifests.set(`${repositoryId(repo)}@${m}`, { repo, digest: m, at });
+    if (manifest && changed!.manifests.length === 0)
+      this.dirtyManifests.set(`${repositoryId(repo)}@${digest}`, { repo, digest, at });
     if (changed!.blob) this.dirtyBlobs.set(digest, at);
   }
 

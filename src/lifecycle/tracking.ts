@@ -210,12 +210,12 @@ export class TrackedManifestService implements ManifestService {
 
   async stat(repo: RepositoryKey, digest: Digest): Promise<ManifestStat> {
     const result = await this.inner.stat(repo, digest);
-    if (result.found) this.lifecycle.pulled(repo, digest);
+    if (result.found) this.lifecycle.pulled(repo, digest, { manifest: true });
     return result;
   }
   async get(repo: RepositoryKey, digest: Digest): Promise<ManifestResult> {
     const result = await this.inner.get(repo, digest);
-    if (result.found) this.lifecycle.pulled(repo, digest);
+    if (result.found) this.lifecycle.pulled(repo, digest, { manifest: true });
     return result;
   }
   put(
@@ -236,7 +236,7 @@ export class TrackedTagService implements TagService {
 
   async resolve(repo: RepositoryKey, tag: Tag): Promise<TagResult> {
     const result = await this.inner.resolve(repo, tag);
-    if (result.found) this.lifecycle.pulled(repo, result.digest);
+    if (result.found) this.lifecycle.pulled(repo, result.digest, { manifest: true });
     return result;
   }
   tag(repo: RepositoryKey, tag: Tag, digest: Digest): Promise<void> {

@@ -302,8 +302,18 @@ export class S3Driver implements StorageDriver {
     return [...names].sort();
   }
 
+  async *walk(p: string): AsyncIterable<FileInfo> {
+    for await (const o of this.walkKeys(p))
+      yield {
+        path: o.key.slice(this.prefix.length),
+        size: o.size,
+        modTime: o.modTime,
+        isDirectory: false,
+      };
+  }
+
   /** Every key under a directory, with its size and last write. */
-  private async *walk(p: string): AsyncIterable<{ key: string; size: number }> {
+  private async *walkKeys(p: string): AsyncIterable<{ key: string; size: number; modTime: Date }> {
     const prefix = this.dirKey(p);
     let token: string | undefined;
     do {
@@ -316,7 +326,8 @@ export class S3Driver implements StorageDriver {
           }),
         ),
       );
-      for (const o of res.Contents ?? []) if (o.Key) yield { key: o.Key, size: o.Size ?? 0 };
+      for (const o of res.Contents ?? [])
+        if (o.Key) yield { key: o.Key, size: o.Size ?? 0, modTime: o.LastModified ?? new Date(0) };
       token = res.IsTruncated ? res.NextContinuationToken : undefined;
     } while (token);
   }
@@ -390,7 +401,7 @@ export class S3Driver implements StorageDriver {
     for (const [open, writer] of this.writing)
       if (open === p || open.startsWith(`${p}/`)) await writer.cancel();
     const keys = [this.key(p)];
-    for await (const { key } of this.walk(p)) keys.push(key);
+    for await (const { key } of this.walkKeys(p)) keys.push(key);
     await this.deleteKeys(keys);
   }
 

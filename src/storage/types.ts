@@ -86,6 +86,13 @@ export interface StorageDriver {
    */
   presignedUrl?(path: string, ttlSeconds: number): Promise<string>;
   /**
+   * Where a stat per file costs a request (S3): every file under a directory with its size and
+   * modification time, a page of listing at a time, in no order. On S3 `modTime` is the object's
+   * last write, which a `touch` (a copy onto itself) also moves, to within the flush interval of
+   * the time it records.
+   */
+  walk?(path: string): AsyncIterable<FileInfo>;
+  /**
    * Where a stat before each read costs a request (S3): the bytes [start, end] (to the end
    * without `end`, clipped to the file) and the file's size, in one request. Undefined when
    * nothing is at the path; throws RangeInvalidError when `start` is past the end.

@@ -1,0 +1,91 @@
+/**
+ * The lifecycle's lease across hosts: with `cache.store: redis`, replicas that share one storage
+ * (an S3 bucket) take turns managing it through one Redis key, `SET NX PX` to take it and a
+ * compare-and-renew script to keep it, so that exactly one of them evicts and collects at a time.
+ * The owner record in storage (owner.ts) is then only where the commands find the server.
+ */
+import { randomUUID } from 'node:crypto';
+import { hostname } from 'node:os';
+import type { Logger } from '../log/logger.js';
+
+export interface Lease {
+  /** Takes the lease when free, renews it when held; resolves to whether it is held. */
+  acquire(ttlMs: number): Promise<boolean>;
+  /** Gives it up when held. */
+  release(): Promise<void>;
+  close(): Promise<void>;
+}
+
+/** Renews the key only while it still holds our token; 1 when renewed. */
+const RENEW = `if redis.call('get', KEYS[1]) == ARGV[1] then
+  return redis.call('pexpire', KEYS[1], ARGV[2])
+end
+return 0`;
+/** Deletes the key only while it still holds our token. */
+const RELEASE = `if redis.call('get', KEYS[1]) == ARGV[1] then
+  return redis.call('del', KEYS[1])
+end
+return 0`;
+
+interface MinimalRedis {
+  isOpen: boolean;
+  connect(): Promise<unknown>;
+  set(key: string, value: string, options: { NX: true; PX: number }): Promise<string | null>;
+  eval(script: string, options: { keys: string[]; arguments: string[] }): Promise<unknown>;
+  close?(): Promise<unknown>;
+  quit?(): Promise<unknown>;
+  on(event: 'error', listener: (err: Error) => void): unknown;
+}
+
+export class RedisLease implements Lease {
+  /** Who we are in the key: host, pid and a random part (a restarted pid is someone else). */
+  readonly token = `${hostname()}:${process.pid}:${randomUUID()}`;
+  private client: Promise<MinimalRedis> | undefined;
+
+  constructor(
+    private readonly url: string,
+    /** One key per storage: several caches may share one Redis. */
+    readonly key: string,
+    private readonly log: Logger,
+  ) {}
+
+  private connect(): Promise<MinimalRedis> {
+    this.client ??= import('@keyv/redis').then(async ({ createClient }) => {
+      const client = createClient({
+        url: this.url,
+        socket: { connectTimeout: 2000, reconnectStrategy: (n: number) => Math.min(n * 200, 5000) },
+      }) as unknown as MinimalRedis;
+      // Reconnects on its own; the lease is simply not held meanwhile.
+      client.on('error', (err) => this.log.debug({ err: err.message }, 'lease redis error'));
+      await client.connect();
+      return client;
+    });
+    this.client.catch(() => {
+      this.client = undefined;
+    });
+    return this.client;
+  }
+
+  async acquire(ttlMs: number): Promise<boolean> {
+    const client = await this.connect();
+    if ((await client.set(this.key, this.token, { NX: true, PX: ttlMs })) === 'OK') return true;
+    const renewed = await client.eval(RENEW, {
+      keys: [this.key],
+      arguments: [this.token, String(ttlMs)],
+    });
+    return Number(renewed) === 1;
+  }
+
+  async release(): Promise<void> {
+    if (!this.client) return;
+    const client = await this.connect();
+    await client.eval(RELEASE, { keys: [this.key], arguments: [this.token] });
+  }
+
+  async close(): Promise<void> {
+    const client = await this.client?.catch(() => undefined);
+    this.client = undefined;
+    if (!client?.isOpen) return;
+    await (client.close ?? client.quit)?.call(client).catch(() => {});
+  }
+}
