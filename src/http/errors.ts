@@ -8,6 +8,14 @@ import type { ErrorRequestHandler } from 'express';
 import type { Logger } from '../log/logger.js';
 import { RegistryError } from '../oci/errors.js';
 
+/** The message of the error each response was answered with, for the recent events. */
+const sentMessages = new WeakMap<ServerResponse, string>();
+
+/** The message `sendError` answered `res` with; undefined when it answered none. */
+export function sentErrorMessage(res: ServerResponse): string | undefined {
+  return sentMessages.get(res);
+}
+
 /** Answers `err`; returns the OCI error code sent (undefined when the connection was cut). */
 export function sendError(
   err: unknown,
@@ -34,6 +42,7 @@ export function sendError(
     return undefined;
   }
   res.statusCode = error.status;
+  sentMessages.set(res, error.message);
   for (const [name, value] of Object.entries(error.headers)) res.setHeader(name, value);
   if (req.method === 'HEAD') {
     res.end();

@@ -39,7 +39,7 @@ export class ProxyManifestStore implements ManifestService {
     const local = await this.local.stat(repo, digest);
     if (local.found) return local;
     const fetched = await this.get(repo, digest);
-    return fetched.found ? { found: true, link: fetched.link } : fetched;
+    return fetched.found ? { found: true, link: fetched.link, fromUpstream: true } : fetched;
   }
 
   async get(repo: RepositoryKey, digest: Digest): Promise<ManifestResult> {
@@ -58,7 +58,7 @@ export class ProxyManifestStore implements ManifestService {
         throw err;
       }
       const link = await this.keep(repo, fetched);
-      return { found: true, link, bytes: fetched.bytes };
+      return { found: true, link, bytes: fetched.bytes, fromUpstream: true };
     });
   }
 

@@ -127,6 +127,11 @@ export class ProxyReferrersService implements ReferrersService {
     known: ReferrersRecord,
     reason: string,
   ): ReferrersAnswer {
+    this.metrics.staleServed.inc({
+      upstream: repo.upstream,
+      kind: 'referrers',
+      reason: this.client.isDown ? 'down' : 'error',
+    });
     this.log.warn(
       {
         repository: repo.repository,

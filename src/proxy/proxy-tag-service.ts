@@ -92,23 +92,25 @@ export class ProxyTagService implements TagService {
     try {
       if (known.found) {
         const head = await this.client.headManifest(repo.repository, tag);
+        let fromUpstream = false;
         if (head.digest !== known.digest) {
           // The tag moved: fetch the new manifest by digest (stored if new), then record the tag.
           const fetched = await this.manifests.get(repo, head.digest);
           if (!fetched.found)
             throw new UpstreamNotFoundError(this.client.name, `manifest ${head.digest}`);
+          fromUpstream = fetched.fromUpstream === true;
           this.log.info(
             { repository: repo.repository, tag, from: known.digest, to: head.digest },
             'tag moved upstream',
           );
         }
         await this.record(repo, tag, head.digest);
-        return { found: true, digest: head.digest, confirmedAt: this.now() };
+        return { found: true, digest: head.digest, confirmedAt: this.now(), fromUpstream };
       }
       const fetched = await this.client.getManifest(repo.repository, tag);
       await this.manifests.keep(repo, fetched);
       await this.record(repo, tag, fetched.digest);
-      return { found: true, digest: fetched.digest, confirmedAt: this.now() };
+      return { found: true, digest: fetched.digest, confirmedAt: this.now(), fromUpstream: true };
     } catch (err) {
       if (err instanceof UpstreamNotFoundError) {
         if (known.found && this.config.staleOnNotFound)
@@ -140,6 +142,7 @@ export class ProxyTagService implements TagService {
   ): TagResult {
     this.metrics.staleServed.inc({
       upstream: repo.upstream,
+      kind: 'tag',
       reason: this.client.isDown ? 'down' : 'error',
     });
     this.log.warn(

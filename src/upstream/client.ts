@@ -39,6 +39,8 @@ import type {
   ManifestHead,
   RequestOptions,
   UpstreamClient,
+  UpstreamObserver,
+  UpstreamRequestKind,
 } from './types.js';
 
 const MAX_REDIRECTS = 5;
@@ -57,7 +59,17 @@ export interface ClientOptions {
   health?: HealthOptions;
   /** Base delay of Range-resume retries, ms. */
   retryDelay?: number;
+  /** Told of every request, byte and failure (metrics, the status page). */
+  observer?: UpstreamObserver;
 }
+
+/** Observes nothing. */
+const UNOBSERVED: UpstreamObserver = {
+  request: () => {},
+  received: () => {},
+  failed: () => {},
+  greeted: () => {},
+};
 
 interface Response {
   status: number;
@@ -79,6 +91,9 @@ export class RegistryClient implements UpstreamClient {
   /** Learned from the first 401, so later scopes fetch their token without a round trip. */
   private challenge: Challenge | undefined;
   private lastRateLimit: RateLimitInfo | undefined;
+  /** True once the upstream answered without asking for credentials. */
+  private anonymous = false;
+  private readonly observer: UpstreamObserver;
   /** Aborted by `close`: stops a `warm` still waiting. */
   private readonly closing = new AbortController();
 
@@ -90,6 +105,7 @@ export class RegistryClient implements UpstreamClient {
     this.health = new UpstreamHealth(options.health);
     this.password = options.password;
     this.retryDelay = options.retryDelay ?? 250;
+    this.observer = options.observer ?? UNOBSERVED;
     const { timeouts } = options.config;
     this.agent = new Agent({
       connect: { timeout: timeouts.connect },
@@ -112,6 +128,10 @@ export class RegistryClient implements UpstreamClient {
     return this.lastRateLimit;
   }
 
+  get authScheme(): string | undefined {
+    return this.challenge?.scheme ?? (this.anonymous ? 'none' : undefined);
+  }
+
   async close(): Promise<void> {
     this.closing.abort();
     await this.agent.close();
@@ -129,16 +149,26 @@ export class RegistryClient implements UpstreamClient {
     const started = Date.now();
     try {
       const signal = AbortSignal.any([this.closing.signal, AbortSignal.timeout(WARM_TIMEOUT)]);
-      const res = await this.dispatch('GET', url, {}, { signal });
+      const res = await this.dispatch('ping', 'GET', url, {}, { signal });
       res.body.resume();
       const challenge =
         res.status === 401 ? parseChallenge(res.headers['www-authenticate']) : undefined;
       if (challenge) this.challenge ??= challenge;
+      if (res.status === 200) this.anonymous = true;
+      this.observer.greeted({ ok: true, status: res.status, auth: challenge?.scheme ?? 'none' });
+      if (res.status !== 200 && !challenge) {
+        this.log.warn(
+          { status: res.status, durationMs: Date.now() - started },
+          'upstream answers GET /v2/ with neither 200 nor an auth challenge: is the URL a registry?',
+        );
+        return;
+      }
       this.log.info(
         { status: res.status, auth: challenge?.scheme ?? 'none', durationMs: Date.now() - started },
         'upstream answers',
       );
     } catch (err) {
+      this.observer.greeted({ ok: false, reason: errMessage(err) });
       this.log.warn(
         { err: errMessage(err), durationMs: Date.now() - started },
         'upstream does not answer at start-up; it is asked again on the first pull',
@@ -317,6 +347,7 @@ export class RegistryClient implements UpstreamClient {
           skip = 0;
         }
         verifier.update(chunk);
+        this.observer.received('blob', chunk.length);
         yield chunk;
       }
       if (end.kind === 'end') {
@@ -334,6 +365,11 @@ export class RegistryClient implements UpstreamClient {
           !isConnectionError(end.error) ||
           attempt >= this.config.retries
         ) {
+          if (!options.signal?.aborted)
+            this.observer.failed(
+              `${what} of ${repository}`,
+              `body broke off at ${verifier.bytes} bytes: ${errMessage(end.error)}`,
+            );
           throw this.bodyError(end.error, what);
         }
         attempt++;
@@ -367,6 +403,7 @@ export class RegistryClient implements UpstreamClient {
       queue = new BodyQueue(res.body, BODY_QUEUE_CAP);
     }
     if (!verifier.matches()) {
+      this.observer.failed(`${what} of ${repository}`, `content is ${verifier.actual()}`);
       throw new UpstreamInvalidError(this.name, `${what}: content is ${verifier.actual()}`);
     }
   }
@@ -388,6 +425,7 @@ export class RegistryClient implements UpstreamClient {
         { accept: 'application/json' },
         options,
       );
+      this.observer.received('tags', Number(header(res.headers, 'content-length') ?? 0) || 0);
       let body: { tags?: unknown };
       try {
         body = (await res.body.json()) as { tags?: unknown };
@@ -475,6 +513,7 @@ export class RegistryClient implements UpstreamClient {
     } catch (err) {
       throw this.bodyError(err, what);
     }
+    this.observer.received(what.startsWith('referrers') ? 'referrers' : 'manifest', size);
     return Buffer.concat(chunks, size);
   }
 
@@ -495,11 +534,13 @@ export class RegistryClient implements UpstreamClient {
       throw new UpstreamUnavailableError(this.name, 'not reachable (failing fast)');
     const url = this.v2Url(`${repository}/${suffix}`);
     const scope = `repository:${repository}:pull`;
+    const kind = requestKind(suffix);
     const started = Date.now();
     let res: Response;
     try {
       let token = await this.authorization(scope, options);
       res = await this.dispatch(
+        kind,
         method,
         url,
         { ...headers, ...(token ? { authorization: token.header } : {}) },
@@ -515,6 +556,7 @@ export class RegistryClient implements UpstreamClient {
           token = await this.authorization(scope, options);
           if (token)
             res = await this.dispatch(
+              kind,
               method,
               url,
               { ...headers, authorization: token.header },
@@ -526,6 +568,7 @@ export class RegistryClient implements UpstreamClient {
     } catch (err) {
       if (isConnectionError(err)) {
         this.health.failure();
+        this.observer.failed(`${method} ${url.pathname}`, errMessage(err));
         this.log.warn(
           { method, path: url.pathname, err: errMessage(err), durationMs: Date.now() - started },
           'upstream unreachable',
@@ -540,8 +583,12 @@ export class RegistryClient implements UpstreamClient {
       { method, path: url.pathname, status: res.status, durationMs: Date.now() - started },
       'upstream request',
     );
-    if (res.status >= 200 && res.status < 300) return res;
+    if (res.status >= 200 && res.status < 300) {
+      if (!this.challenge) this.anonymous = true;
+      return res;
+    }
     res.body.resume();
+    if (res.status !== 404) this.observer.failed(`${method} ${url.pathname}`, `HTTP ${res.status}`);
     switch (res.status) {
       case 401:
       case 403:
@@ -565,6 +612,7 @@ export class RegistryClient implements UpstreamClient {
 
   /** Follows redirects itself so that credentials never reach another origin. */
   private async dispatch(
+    kind: UpstreamRequestKind,
     method: string,
     url: URL,
     headers: Record<string, string>,
@@ -573,12 +621,14 @@ export class RegistryClient implements UpstreamClient {
     let current = url;
     let sendHeaders = headers;
     for (let hop = 0; ; hop++) {
-      const res = await request(current, {
-        method: method as Dispatcher.HttpMethod,
-        headers: sendHeaders,
-        dispatcher: this.agent,
-        signal: options.signal ?? null,
-      });
+      const res = await this.observed(kind, () =>
+        request(current, {
+          method: method as Dispatcher.HttpMethod,
+          headers: sendHeaders,
+          dispatcher: this.agent,
+          signal: options.signal ?? null,
+        }),
+      );
       const location = header(res.headers, 'location');
       if (!REDIRECT_STATUSES.has(res.statusCode) || !location) {
         return { status: res.statusCode, headers: res.headers, body: res.body, url: current };
@@ -596,6 +646,22 @@ export class RegistryClient implements UpstreamClient {
         sendHeaders = rest;
       }
       current = next;
+    }
+  }
+
+  /** One request, timed to its answer's headers and told to the observer. */
+  private async observed(
+    kind: UpstreamRequestKind,
+    send: () => Promise<Dispatcher.ResponseData>,
+  ): Promise<Dispatcher.ResponseData> {
+    const started = performance.now();
+    try {
+      const res = await send();
+      this.observer.request(kind, res.statusCode, (performance.now() - started) / 1000);
+      return res;
+    } catch (err) {
+      this.observer.request(kind, 'error', (performance.now() - started) / 1000);
+      throw err;
     }
   }
 
@@ -646,12 +712,22 @@ export class RegistryClient implements UpstreamClient {
       }
     }
     const issued = Date.now();
-    const res = await request(realm, {
-      method: 'GET',
-      headers,
-      dispatcher: this.agent,
-      signal: options.signal ?? null,
-    });
+    let res: Dispatcher.ResponseData;
+    try {
+      res = await this.observed('token', () =>
+        request(realm, {
+          method: 'GET',
+          headers,
+          dispatcher: this.agent,
+          signal: options.signal ?? null,
+        }),
+      );
+    } catch (err) {
+      this.observer.failed(`a token for ${scope}`, errMessage(err));
+      throw err;
+    }
+    if (res.statusCode !== 200)
+      this.observer.failed(`a token for ${scope}`, `HTTP ${res.statusCode}`);
     if (res.statusCode === 401 || res.statusCode === 403) {
       res.body.resume();
       throw new UpstreamDeniedError(this.name, `a token for ${scope}`);
@@ -718,6 +794,14 @@ export class RegistryClient implements UpstreamClient {
       return new UpstreamUnavailableError(this.name, `${what}: ${errMessage(err)}`);
     return err;
   }
+}
+
+/** The kind of a request by its path under the repository. */
+function requestKind(suffix: string): UpstreamRequestKind {
+  if (suffix.startsWith('blobs/')) return 'blob';
+  if (suffix.startsWith('manifests/')) return 'manifest';
+  if (suffix.startsWith('tags/')) return 'tags';
+  return 'referrers';
 }
 
 function header(headers: Response['headers'], name: string): string | undefined {

@@ -37,6 +37,24 @@ export interface FetchedReferrers {
   filtersApplied: string[];
 }
 
+/** What an upstream request was for, as the metrics name it. */
+export type UpstreamRequestKind = 'manifest' | 'blob' | 'tags' | 'referrers' | 'token' | 'ping';
+
+/**
+ * Told of the client's traffic, for the metrics and the status page. Every method is cheap (it
+ * runs per request, and per chunk for `received`) and never throws.
+ */
+export interface UpstreamObserver {
+  /** One request answered with `status`, or given no answer (`error`), after `seconds`. */
+  request(kind: UpstreamRequestKind, status: number | 'error', seconds: number): void;
+  /** Body bytes received. */
+  received(kind: UpstreamRequestKind, bytes: number): void;
+  /** A failure worth an operator's eye (not a 404): what was asked, and why it failed. */
+  failed(what: string, reason: string): void;
+  /** The start-up greeting (`GET /v2/`): its answer and auth scheme, or why there was none. */
+  greeted(result: { ok: true; status: number; auth: string } | { ok: false; reason: string }): void;
+}
+
 export interface RequestOptions {
   signal?: AbortSignal;
 }
@@ -82,6 +100,8 @@ export interface UpstreamClient {
   readonly healthState: HealthState;
   /** True while the client fails fast (circuit open) or is configured offline. */
   readonly isDown: boolean;
+  /** How it authenticates, once learned: `bearer`, `basic`, or `none`; undefined before. */
+  readonly authScheme: string | undefined;
   /** The last rate-limit figures the upstream sent. */
   readonly rateLimit: RateLimitInfo | undefined;
   close(): Promise<void>;
