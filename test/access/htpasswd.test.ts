@@ -1,0 +1,238 @@
+/**
+ * The htpasswd file as users keep it: written and changed by the real `htpasswd -B` while
+ * pullcache runs, a malformed line among good ones, the file going missing or empty, and a
+ * missing file at start-up. Plus what the request logs say of who asked.
+ */
+import { renameSync, rmSync, writeFileSync, readFileSync, appendFileSync } from 'node:fs';
+import { afterAll, beforeAll, describe, expect, test } from 'vitest';
+import { cli, tmp } from '../helpers/cli.js';
+import { basic, htpasswdDelete, htpasswdFile, htpasswdSet } from '../helpers/htpasswd.js';
+import { rawRequest } from '../helpers/http.js';
+import { makeImage, pushImage, type Image } from '../helpers/images.js';
+import { waitFor } from '../helpers/net.js';
+import { capturedLog, startPullcache, type TestPullcache } from '../helpers/pullcache.js';
+import { TestRegistry } from '../helpers/registry.js';
+import { join } from 'node:path';
+
+describe('the htpasswd file', () => {
+  let registry: TestRegistry;
+  let image: Image;
+
+  beforeAll(async () => {
+    registry = await TestRegistry.start();
+    image = makeImage('library/alpine', '3.20', 'oci', [1000]);
+    await pushImage(registry, image);
+  });
+  afterAll(async () => {
+    await registry?.close();
+  });
+
+  const status = async (pc: TestPullcache, headers: Record<string, string>) =>
+    (await rawRequest(pc.url, 'GET', '/v2/alpine/manifests/3.20', headers)).status;
+
+  test('changed by htpasswd while pullcache runs: a new user works, a removed one is refused, a new password replaces the old, without a restart', async () => {
+    const file = htpasswdFile({ alice: 'alice-pw', bob: 'bob-pw' });
+    const { log, lines } = capturedLog('info');
+    const pc = await startPullcache(
+      { upstreams: { 'docker.io': { url: registry.url } }, auth: { htpasswd: file } },
+      undefined,
+      { log },
+    );
+    try {
+      expect(await status(pc, basic('alice', 'alice-pw'))).toBe(200);
+      expect(await status(pc, basic('bob', 'bob-pw'))).toBe(200);
+      expect(await status(pc, basic('carol', 'carol-pw'))).toBe(401);
+      // A token of pullcache's realm, as docker and podman use after logging in.
+      const issued = await rawRequest(pc.url, 'GET', '/_pullcache/token', basic('bob', 'bob-pw'));
+      const bobToken = {
+        authorization: `Bearer ${(JSON.parse(issued.body.toString()) as { token: string }).token}`,
+      };
+      expect(await status(pc, bobToken)).toBe(200);
+
+      htpasswdSet(file, 'carol', 'carol-pw');
+      htpasswdDelete(file, 'bob');
+      await waitFor(async () => (await status(pc, basic('carol', 'carol-pw'))) === 200, 'carol');
+      // bob was verified (and remembered) before: the change forgets that.
+      expect(await status(pc, basic('bob', 'bob-pw'))).toBe(401);
+      expect(await status(pc, bobToken)).toBe(401); // his tokens end with him
+      expect(await status(pc, basic('alice', 'alice-pw'))).toBe(200);
+
+      htpasswdSet(file, 'alice', 'new-pw');
+      await waitFor(async () => (await status(pc, basic('alice', 'new-pw'))) === 200, 'new pw');
+      expect(await status(pc, basic('alice', 'alice-pw'))).toBe(401);
+      expect(lines.filter((l) => l.msg === 'htpasswd file reloaded').length).toBeGreaterThanOrEqual(
+        2,
+      );
+    } finally {
+      await pc.stop();
+    }
+  });
+
+  test('a malformed line is logged with its line number and the rest of the file is used', async () => {
+    const file = htpasswdFile({ alice: 'alice-pw', bob: 'bob-pw' });
+    const [alice, bob] = readFileSync(file, 'utf8').trim().split('\n');
+    writeFileSync(
+      file,
+      [
+        '# team accounts',
+        '',
+        'broken-line-without-colon',
+        alice,
+        'md5user:$apr1$abc$0123456789012345678901',
+        `:$2y$05$${'a'.repeat(53)}`,
+        `${bob}\r`,
+        `alice:$2y$05$${'b'.repeat(53)}`,
+        '',
+      ].join('\n'),
+    );
+    const { log, lines } = capturedLog('info');
+    const pc = await startPullcache(
+      { upstreams: { 'docker.io': { url: registry.url } }, auth: { htpasswd: file } },
+      undefined,
+      { log },
+    );
+    try {
+      expect(await status(pc, basic('alice', 'alice-pw'))).toBe(200);
+      expect(await status(pc, basic('bob', 'bob-pw'))).toBe(200);
+      const skipped = lines.filter((l) => l.msg === 'htpasswd line skipped');
+      expect(skipped.map((l) => [l.line, l.reason])).toEqual([
+        [3, 'expected user:hash'],
+        [5, 'not a bcrypt hash (MD5 and SHA1 are too weak): write it with htpasswd -B'],
+        [6, 'empty user name'],
+        [8, 'user "alice" again; the first line counts'],
+      ]);
+      expect(skipped.every((l) => l.level === 40 && l.htpasswd === file)).toBe(true);
+    } finally {
+      await pc.stop();
+    }
+  });
+
+  test('missing, emptied or unusable later: the last good version is kept and the problem logged once; a good file is taken again', async () => {
+    const file = htpasswdFile({ alice: 'alice-pw' });
+    const { log, lines } = capturedLog('info');
+    const pc = await startPullcache(
+      { upstreams: { 'docker.io': { url: registry.url } }, auth: { htpasswd: file } },
+      undefined,
+      { log },
+    );
+    const kept = () =>
+      lines.filter((l) => l.msg === 'htpasswd file not usable; keeping the last good version');
+    try {
+      expect(await status(pc, basic('alice', 'alice-pw'))).toBe(200);
+      const aside = `${file}.aside`;
+      renameSync(file, aside);
+      await waitFor(async () => kept().length === 1, 'the missing file logged');
+      expect(kept()[0]).toMatchObject({ level: 40, reason: 'no such file (ENOENT)', users: 1 });
+      expect(await status(pc, basic('alice', 'alice-pw'))).toBe(200);
+
+      writeFileSync(file, ''); // as read between htpasswd's truncation and its write
+      await waitFor(async () => kept().length === 2, 'the empty file logged');
+      expect(kept()[1]).toMatchObject({ reason: 'no valid entry' });
+      expect(await status(pc, basic('alice', 'alice-pw'))).toBe(200);
+      await new Promise((r) => setTimeout(r, 2500));
+      expect(kept()).toHaveLength(2); // logged once, not at every look
+
+      renameSync(aside, file);
+      htpasswdSet(file, 'bob', 'bob-pw');
+      await waitFor(async () => (await status(pc, basic('bob', 'bob-pw'))) === 200, 'bob');
+      expect(await status(pc, basic('alice', 'alice-pw'))).toBe(200);
+    } finally {
+      await pc.stop();
+    }
+  });
+
+  test('a missing htpasswd file stops start-up with exit code 2 naming auth.htpasswd', async () => {
+    const dir = tmp('auth');
+    const config = join(dir, 'pullcache.yaml');
+    const missing = join(dir, 'no-such-htpasswd');
+    writeFileSync(
+      config,
+      `server:\n  listen: 127.0.0.1:0\nstorage:\n  filesystem:\n    root: ${join(dir, 'data')}\nauth:\n  htpasswd: ${missing}\n`,
+    );
+    const res = await cli('serve', '--config', config);
+    expect(res.code).toBe(2);
+    expect(res.stderr).toContain(`auth.htpasswd: cannot read "${missing}": no such file (ENOENT)`);
+  });
+
+  test('rules or anonymous without an htpasswd file, and a rule naming an unknown upstream, are configuration errors', async () => {
+    const dir = tmp('auth');
+    const config = join(dir, 'pullcache.yaml');
+    writeFileSync(
+      config,
+      'auth:\n  anonymous: true\n  rules:\n    - users: ["*"]\n      upstreams: ["docker.io", "nowhere.test"]\n      actions: ["pull"]\n',
+    );
+    const res = await cli('config', '--config', config);
+    expect(res.code).toBe(2);
+    expect(res.stderr).toContain(
+      'auth.htpasswd: auth.anonymous and auth.rules need an htpasswd file',
+    );
+    expect(res.stderr).toContain(
+      'auth.rules.0.upstreams.1: expected one of the configured upstreams (docker.io), got "nowhere.test"',
+    );
+    appendFileSync(config, 'server:\n  trustProxy: maybe\n');
+    expect((await cli('config', '--config', config)).stderr).toContain(
+      'server.trustProxy: expected boolean',
+    );
+  });
+
+  test('request logs name the user, the client address and the user agent, and never the credentials', async () => {
+    const file = htpasswdFile({ alice: 'alice-pw' });
+    const { log, lines } = capturedLog('debug');
+    const upstreams = { 'docker.io': { url: registry.url } };
+    const pc = await startPullcache({ upstreams, auth: { htpasswd: file } }, undefined, { log });
+    const behind = await startPullcache(
+      { upstreams, auth: { htpasswd: file }, server: { trustProxy: true } },
+      undefined,
+      { log },
+    );
+    try {
+      const alice = { ...basic('alice', 'alice-pw'), 'user-agent': 'docker/28.0 go/go1.24' };
+      const forwarded = { 'x-forwarded-for': '203.0.113.9, 198.51.100.7' };
+      // The manifest fast path and express (a blob), each with and without a trusted proxy.
+      for (const [pc2, headers] of [
+        [pc, { ...alice, ...forwarded }],
+        [behind, { ...alice, ...forwarded }],
+      ] as const) {
+        expect(
+          (await rawRequest(pc2.url, 'GET', '/v2/alpine/manifests/3.20', headers)).status,
+        ).toBe(200);
+        expect(
+          (await rawRequest(pc2.url, 'GET', `/v2/alpine/blobs/${image.blobs[1]!.digest}`, headers))
+            .status,
+        ).toBe(200);
+      }
+      await rawRequest(pc.url, 'GET', '/v2/alpine/manifests/3.20', basic('alice', 'wrong-pw'));
+      await rawRequest(pc.url, 'GET', '/v2/', basic('alice', 'wrong-pw'));
+      await rawRequest(pc.url, 'GET', '/v2/', { authorization: 'Bearer some.secret.token' });
+      await new Promise((r) => setTimeout(r, 100));
+      const requests = lines.filter((l) => l.msg === 'request');
+      const shown = requests
+        .filter((l) => l.user === 'alice')
+        .map((l) => [(l.req as { url: string }).url.split('/')[3], l.client, l.userAgent]);
+      expect(shown).toEqual([
+        ['manifests', '127.0.0.1', 'docker/28.0 go/go1.24'],
+        ['blobs', '127.0.0.1', 'docker/28.0 go/go1.24'],
+        ['manifests', '198.51.100.7', 'docker/28.0 go/go1.24'],
+        ['blobs', '198.51.100.7', 'docker/28.0 go/go1.24'],
+      ]);
+      const refused = requests.filter((l) => (l.res as { statusCode: number }).statusCode === 401);
+      expect(refused).toHaveLength(3);
+      expect(refused.every((l) => l.user === undefined && l.errorCode === 'UNAUTHORIZED')).toBe(
+        true,
+      );
+      const everything = lines.map((l) => JSON.stringify(l)).join('\n');
+      for (const secret of [
+        'alice-pw',
+        'wrong-pw',
+        Buffer.from('alice:alice-pw').toString('base64'),
+        Buffer.from('alice:wrong-pw').toString('base64'),
+        'some.secret.token',
+      ])
+        expect(everything).not.toContain(secret);
+    } finally {
+      await pc.stop();
+      await behind.stop();
+      rmSync(file, { force: true });
+    }
+  });
+});
