@@ -20,6 +20,8 @@ RUN npm ci --omit=dev --ignore-scripts && npm cache clean --force
 COPY --from=build /src/dist ./dist
 COPY bin ./bin
 COPY config ./config
+# The status page's files (GET /), read from beside dist/.
+COPY static ./static
 COPY config/image.yaml /etc/pullcache/config.yaml
 RUN groupadd --system pullcache && useradd --system --gid pullcache --home /var/lib/pullcache pullcache \
     && mkdir -p /var/lib/pullcache && chown pullcache:pullcache /var/lib/pullcache

@@ -83,7 +83,8 @@ describe('what each path and method answers', () => {
 
   test('unknown paths are 404 with a JSON error body, whatever the method', async () => {
     const cases: [string, string][] = [
-      ['GET', '/'],
+      ['POST', '/'], // GET / is the status page
+      ['GET', '/_pullcache/ui/nothing.js'],
       ['GET', '/foo'],
       ['GET', '/v1/_ping'],
       ['GET', '/favicon.ico'],

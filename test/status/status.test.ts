@@ -1,0 +1,219 @@
+/**
+ * The status JSON, `pullcache status` (the real CLI against a running server), the request log
+ * lines and the start-up report, against the real test registry.
+ */
+import { mkdtempSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join, resolve } from 'node:path';
+import { afterAll, beforeAll, describe, expect, test } from 'vitest';
+import type { Status } from '../../src/status/status.js';
+import { cli, configFile, hasStackTrace } from '../helpers/cli.js';
+import { HubLike } from '../helpers/hub-like.js';
+import { makeImage, pushImage, type Image } from '../helpers/images.js';
+import { freePort } from '../helpers/net.js';
+import { scrape, sum } from '../helpers/prometheus.js';
+import { capturedLog, startPullcache, type TestPullcache } from '../helpers/pullcache.js';
+import { TestRegistry } from '../helpers/registry.js';
+import { skopeoCopy } from '../helpers/skopeo.js';
+
+const tmp = () => mkdtempSync(join(tmpdir(), 'pullcache-status-'));
+
+describe('the status of a running server', () => {
+  let registry: TestRegistry;
+  let hub: HubLike;
+  let pc: TestPullcache;
+  let lines: Record<string, unknown>[];
+  let image: Image;
+  let downPort: number;
+
+  beforeAll(async () => {
+    registry = await TestRegistry.start();
+    image = makeImage('org/app', 'v1', 'oci', [150_000, 20_000]);
+    await pushImage(registry, image);
+    hub = await HubLike.start(registry.url);
+    downPort = await freePort();
+    const captured = capturedLog('info');
+    lines = captured.lines;
+    pc = await startPullcache(
+      {
+        upstreams: {
+          'docker.io': { url: hub.url, tagTTL: '1h' },
+          'quay.io': { url: `http://127.0.0.1:${downPort}` },
+          'lab.local': { url: 'http://127.0.0.1:9', offline: true },
+        },
+        routing: { default: 'docker.io' },
+        retention: { maxSize: '1GiB' },
+      },
+      undefined,
+      { log: captured.log },
+    );
+    await skopeoCopy(pc.host, 'org/app:v1', tmp());
+    await skopeoCopy(pc.host, 'org/app:v1', tmp());
+    expect((await fetch(`${pc.url}/v2/org/app/manifests/v1`, { method: 'DELETE' })).status).toBe(
+      405,
+    );
+    await new Promise((r) => setTimeout(r, 100)); // lines are written when responses close
+  });
+  afterAll(async () => {
+    await pc?.stop();
+    await hub?.close();
+    await registry?.close();
+  });
+
+  test('GET /_pullcache/v1/status has traffic as /metrics counts it, storage, upstreams and recent failures', async () => {
+    const res = await fetch(`${pc.url}/_pullcache/v1/status`);
+    expect(res.status).toBe(200);
+    expect(res.headers.get('cache-control')).toBe('no-store');
+    const status = (await res.json()) as Status;
+    const { samples } = await scrape(pc.url);
+    const blobBytes = image.blobs.reduce((n, b) => n + b.bytes.length, 0);
+    expect(status.traffic.hits).toBe(sum(samples, 'registry_proxy_hits_total'));
+    expect(status.traffic.misses).toBe(sum(samples, 'registry_proxy_misses_total'));
+    expect(status.traffic.missBytes).toBe(blobBytes + image.manifest.length);
+    expect(status.traffic.hitBytes).toBe(blobBytes + image.manifest.length);
+    expect(status.traffic.upstreamBytes).toBe(sum(samples, 'pullcache_upstream_bytes_total'));
+    expect(status.traffic.savedBytes).toBe(
+      status.traffic.servedBytes - status.traffic.upstreamBytes,
+    );
+    expect(status.traffic.hitRatio.bytes).toBe(0.5);
+    expect(status.history.intervalSeconds).toBe(10);
+    expect(status.history.points.at(-1)!.hits).toBe(status.traffic.hits);
+    expect(status.storage).toMatchObject({ images: 1, maxSize: 1024 ** 3, ready: true });
+    expect(status.storage.bytes).toBe(sum(samples, 'pullcache_storage_bytes'));
+    const [docker, quay, lab] = status.upstreams;
+    expect(docker).toMatchObject({
+      name: 'docker.io',
+      state: 'up',
+      auth: 'bearer',
+      rateLimit: { limit: 100, remaining: hub.remaining, windowSeconds: 21600 },
+      lastFailure: null,
+    });
+    expect(docker!.latencyMs).toBeGreaterThanOrEqual(0);
+    expect(quay).toMatchObject({ name: 'quay.io', state: 'down', auth: null });
+    expect(quay!.lastFailure!.reason).toMatch(/ECONNREFUSED/);
+    expect(lab).toMatchObject({ name: 'lab.local', state: 'offline' });
+    expect(status.fetches).toEqual([]);
+    expect(status.recent.upstreamFailures[0]).toMatchObject({
+      upstream: 'quay.io',
+      what: 'GET /v2/ at start-up',
+      count: 1,
+    });
+    expect(status.recent.refused[0]).toMatchObject({
+      client: '127.0.0.1',
+      method: 'DELETE',
+      path: '/v2/org/app/manifests/v1',
+      status: 405,
+      code: 'UNSUPPORTED',
+      reason: expect.stringMatching(/pull-through cache/),
+    });
+    // From this host, without client authentication: the admin action.
+    expect(status.viewer).toEqual({ admin: true });
+  });
+
+  test('pullcache status prints the overview of the server managing the storage', async () => {
+    const config = configFile(pc.root, { 'docker.io': { url: hub.url } });
+    const shown = await cli('status', '--config', config);
+    expect(shown.stderr).toBe('');
+    expect(shown.code).toBe(0);
+    const out = shown.stdout.toString();
+    expect(out).toMatch(/^pullcache \S+ at http:\/\/127\.0\.0\.1:\d+, up \d+ min\n/);
+    expect(out).toMatch(/hit ratio [\d.]+% of requests, 50\.0% of bytes \(\d+ hits, \d+ misses\)/);
+    expect(out).toMatch(
+      /storage {4}[\d.]+ KiB of 1\.0 GiB budget \(0%\), 1 images; [\d.]+ \w+ free/,
+    );
+    expect(out).toMatch(/^docker\.io +up +bearer +\d+ ms +\d+ of 100 *$/m);
+    expect(out).toMatch(
+      /^quay\.io +down +- +- +- +\d\d:\d\d:\d\d GET \/v2\/ at start-up: ECONNREFUSED/m,
+    );
+    expect(out).toMatch(/^lab\.local +offline/m);
+    expect(out).toMatch(
+      /refused requests \(1\)\n {2}\d\d:\d\d:\d\d {2}127\.0\.0\.1 DELETE \/v2\/org\/app\/manifests\/v1 405 UNSUPPORTED: /,
+    );
+    expect(out).toContain('fetching now (0)');
+
+    const json = await cli('status', '--url', pc.url, '--json');
+    expect(json.code).toBe(0);
+    expect((JSON.parse(json.stdout.toString()) as Status).storage.images).toBe(1);
+  });
+
+  test('pullcache status with no server says so in one line', async () => {
+    const config = configFile(tmp(), { 'docker.io': { url: hub.url } });
+    const none = await cli('status', '--config', config);
+    expect(none.code).toBe(1);
+    expect(none.stderr).toBe(
+      'pullcache: no pullcache server is running on this storage; start one with pullcache serve, or give --url\n',
+    );
+    const gone = await cli('status', '--url', `http://127.0.0.1:${downPort}`);
+    expect(gone.code).toBe(1);
+    expect(gone.stderr).toMatch(
+      /^pullcache: the server at http:\/\/127\.0\.0\.1:\d+ does not answer: ECONNREFUSED\n$/,
+    );
+    expect(hasStackTrace(gone.stderr)).toBe(false);
+  });
+
+  test('every request has one line: id, client, user agent, path, upstream, repository, cache, status, bytes, duration', async () => {
+    const requests = lines.filter((l) => l.msg === 'request' || l.msg === 'request failed');
+    const blobs = requests.filter((l) => /\/blobs\//.test((l.req as { url: string }).url));
+    const manifests = requests.filter((l) =>
+      /\/manifests\/v1$/.test((l.req as { url: string }).url),
+    );
+    expect(blobs.map((l) => l.cache).sort()).toEqual([
+      ...image.blobs.map(() => 'hit'),
+      ...image.blobs.map(() => 'miss'),
+    ]);
+    const get = manifests.find((l) => (l.req as { method: string }).method === 'GET')!;
+    expect(get).toMatchObject({
+      req: { id: expect.any(String), method: 'GET', url: '/v2/org/app/manifests/v1' },
+      res: { statusCode: 200 },
+      client: '127.0.0.1',
+      userAgent: expect.stringMatching(/skopeo|containers/i),
+      upstream: 'docker.io',
+      repository: 'org/app',
+      cache: 'miss',
+      bytes: image.manifest.length,
+      responseTime: expect.any(Number),
+    });
+    const longPath = `/v2/org/${'x'.repeat(2000)}/manifests/v1`;
+    await fetch(`${pc.url}${longPath}`);
+    await new Promise((r) => setTimeout(r, 100));
+    const long = lines.find((l) =>
+      ((l.req as { url?: string })?.url ?? '').startsWith('/v2/org/xxx'),
+    )!;
+    expect((long.req as { url: string }).url).toBe(`${longPath.slice(0, 1024)}...`);
+    // The status page's polls write no line.
+    const before = lines.length;
+    await (await fetch(`${pc.url}/_pullcache/v1/status`)).arrayBuffer();
+    await new Promise((r) => setTimeout(r, 100));
+    expect(lines.slice(before).filter((l) => l.msg === 'request')).toEqual([]);
+  });
+
+  test('start-up says what storage, the metadata cache and each upstream are, warning of what is degraded', () => {
+    const storage = lines.find((l) => l.msg === 'storage writable')!;
+    expect(storage).toMatchObject({
+      level: 30,
+      storage: 'filesystem',
+      root: resolve(pc.root),
+      writable: true,
+      free: expect.any(Number),
+      total: expect.any(Number),
+    });
+    expect(lines.find((l) => l.msg === 'metadata cache in memory')).toMatchObject({
+      cache: 'memory',
+      reachable: true,
+    });
+    expect(lines.find((l) => l.msg === 'upstream answers')).toMatchObject({
+      upstream: 'docker.io',
+      status: 401,
+      auth: 'bearer',
+    });
+    expect(
+      lines.find(
+        (l) => l.upstream === 'quay.io' && /does not answer at start-up/.test(String(l.msg)),
+      ),
+    ).toMatchObject({ level: 40, err: expect.stringMatching(/ECONNREFUSED/) });
+    expect(lines.find((l) => l.upstream === 'lab.local')).toMatchObject({
+      level: 40,
+      msg: 'upstream offline: only what is cached is served',
+    });
+  });
+});
