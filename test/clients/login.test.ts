@@ -5,7 +5,7 @@
  * Each is refused without credentials, with wrong ones, and where the rules refuse the user.
  */
 import { execFile } from 'node:child_process';
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
@@ -163,6 +163,48 @@ describe('clients log in to pullcache', () => {
       await dockerd.docker('logout', pc.host);
       await dockerd.docker('login', '-u', 'bob', '-p', 'bob-pw', pc.host);
       await expect(dockerd.docker('pull', `${pc.host}/team/app:v1`)).rejects.toThrow(/denied/i);
+    });
+
+    test('containerd (ctr) pulls through pullcache as a docker.io mirror with a hosts.toml header, and with its own credentials by pullcache name', async () => {
+      // The containerd that dockerd runs, with a hosts directory of our own.
+      const address = join(dockerd.dir, 'exec', 'containerd', 'containerd.sock');
+      const hosts = mkdtempSync(join(work, 'hosts-'));
+      const ctr = (...args: string[]) =>
+        run('ctr', ['--address', address, '--namespace', 'pullcache-test', ...args], {
+          timeout: 120_000,
+        }).catch((err: { stderr?: string; message: string }) => {
+          throw new Error(`ctr ${args.join(' ')} failed: ${err.stderr || err.message}`);
+        });
+      const mirror = (authorization: string) => {
+        mkdirSync(join(hosts, 'docker.io'), { recursive: true });
+        writeFileSync(
+          join(hosts, 'docker.io', 'hosts.toml'),
+          [
+            'server = "https://registry-1.docker.io"',
+            `[host."${pc.url}"]`,
+            '  capabilities = ["pull", "resolve"]',
+            `  header = { authorization = "${authorization}" }`,
+            '',
+          ].join('\n'),
+        );
+      };
+      const alice = `Basic ${Buffer.from('alice:alice-pw').toString('base64')}`;
+      mirror(alice);
+      // The docker.io name goes to pullcache (with ?ns=docker.io); Docker Hub cannot be reached.
+      await ctr('image', 'pull', '--hosts-dir', hosts, 'docker.io/team/app:v1');
+      const listed = await ctr('image', 'ls', '-q');
+      expect(listed.stdout).toContain('docker.io/team/app:v1');
+      mirror(`Basic ${Buffer.from('alice:wrong').toString('base64')}`);
+      await expect(
+        ctr('image', 'pull', '--hosts-dir', hosts, 'docker.io/team/app:v1'),
+      ).rejects.toThrow(/401|unauthorized/i);
+      // By pullcache's own name, with ctr's credentials (the token flow).
+      const direct = `${pc.host}/team/app:v1`;
+      await ctr('image', 'pull', '--plain-http', '--user', 'alice:alice-pw', direct);
+      await expect(ctr('image', 'pull', '--plain-http', direct)).rejects.toThrow(
+        /401|unauthorized/i,
+      );
+      await ctr('image', 'rm', 'docker.io/team/app:v1', direct).catch(() => {});
     });
 
     test('docker pulls a Docker Hub name through pullcache as a mirror, anonymously, where the rules allow it', async () => {
