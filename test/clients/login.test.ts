@@ -6,16 +6,17 @@
  */
 import { execFile } from 'node:child_process';
 import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { networkInterfaces, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
-import { TestDockerd } from '../helpers/dockerd.js';
+import { TestDockerd, trustRegistryCa } from '../helpers/dockerd.js';
 import { htpasswdFile } from '../helpers/htpasswd.js';
 import { makeImage, pushImage, type Image } from '../helpers/images.js';
 import { startPullcache, type TestPullcache } from '../helpers/pullcache.js';
 import { TestRegistry } from '../helpers/registry.js';
 import { expectDirHolds, skopeo } from '../helpers/skopeo.js';
+import { TestCa } from '../helpers/tls.js';
 
 const run = promisify(execFile);
 
@@ -218,5 +219,65 @@ describe('clients log in to pullcache', () => {
       );
       expect(JSON.parse(digests)).toContain(`alpine@${alpine.digest}`);
     });
+  });
+});
+
+describe('docker login over HTTPS', () => {
+  let registry: TestRegistry;
+  let ca: TestCa;
+  let pc: TestPullcache;
+  let untrust: (() => void) | undefined;
+  let dockerd: TestDockerd;
+  let app: Image;
+
+  beforeAll(async () => {
+    registry = await TestRegistry.start();
+    app = makeImage('team/app', 'v1', 'oci', [40_000]);
+    await pushImage(registry, app);
+    ca = TestCa.create();
+    // Not 127.0.0.1: dockerd takes loopback for an insecure registry and verifies nothing there.
+    const address = Object.values(networkInterfaces())
+      .flat()
+      .find((a) => a && a.family === 'IPv4' && !a.internal)?.address;
+    if (!address) throw new Error('needs a non-loopback IPv4 address of this host');
+    pc = await startPullcache(
+      {
+        server: { listen: `${address}:0` },
+        upstreams: { 'docker.io': { url: registry.url } },
+        auth: { htpasswd: htpasswdFile({ alice: 'alice-pw' }) },
+      },
+      undefined,
+      { tls: ca.issue({ names: [address] }) },
+    );
+    untrust = trustRegistryCa(pc.host, ca.pem);
+    dockerd = await TestDockerd.start();
+  });
+  afterAll(async () => {
+    await dockerd?.stop();
+    untrust?.();
+    await pc?.stop();
+    await ca?.remove();
+    await registry?.close();
+  });
+
+  test('docker login and pull by pullcache name over HTTPS, the token realm on https:// too', async () => {
+    expect(pc.url).toMatch(/^https:\/\//);
+    const challenge = await ca.fetch(`${pc.url}/v2/`);
+    expect(challenge.headers.get('www-authenticate')).toBe(
+      `Bearer realm="${pc.url}/_pullcache/token",service="pullcache"`,
+    );
+    await expect(dockerd.docker('login', '-u', 'alice', '-p', 'wrong', pc.host)).rejects.toThrow(
+      /unauthorized|invalid username or password/i,
+    );
+    await dockerd.docker('login', '-u', 'alice', '-p', 'alice-pw', pc.host);
+    await dockerd.docker('pull', `${pc.host}/team/app:v1`);
+    const digests = await dockerd.docker(
+      'image',
+      'inspect',
+      '--format',
+      '{{json .RepoDigests}}',
+      `${pc.host}/team/app:v1`,
+    );
+    expect(JSON.parse(digests)).toContain(`${pc.host}/team/app@${app.digest}`);
   });
 });
