@@ -161,6 +161,13 @@ describe('client authentication and rules', () => {
     expect(wrong.status).toBe(401);
     expect(wrong.headers['www-authenticate']).toBe('Basic realm="pullcache", charset="UTF-8"');
     expect((await token(plain)).status).toBe(401);
+    // An anonymous token (unsigned: it grants what no credentials do) is nothing where anonymous
+    // callers are not served.
+    const anonymousToken = `${Buffer.from(JSON.stringify({ s: null, e: Math.floor(Date.now() / 1000) + 300 })).toString('base64url')}.`;
+    expect((await get(plain, '/v2/', bearer(anonymousToken))).status).toBe(401);
+    expect((await get(plain, '/v2/alpine/manifests/3.20', bearer(anonymousToken))).status).toBe(
+      401,
+    );
     const anonymous = await token(ruled);
     expect(anonymous.status).toBe(200);
     expect((await get(ruled, '/v2/', bearer(anonymous.body.token))).status).toBe(200);
