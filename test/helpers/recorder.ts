@@ -3,7 +3,7 @@
  * its upstream passes through here unchanged and is counted, so tests can assert what did (and
  * did not) reach the upstream. It can also be switched to refuse connections (upstream down).
  */
-import { Agent, createServer, type Server } from 'node:http';
+import { Agent, createServer, type IncomingHttpHeaders, type Server } from 'node:http';
 import type { Socket } from 'node:net';
 import httpProxy from 'http-proxy';
 
@@ -16,6 +16,8 @@ export interface Recorded {
 
 export class Recorder {
   readonly requests: Recorded[] = [];
+  /** The request headers of each request received, in order (reset with `requests`). */
+  readonly headers: IncomingHttpHeaders[] = [];
   url = '';
   private server: Server | undefined;
   private readonly proxy: httpProxy;
@@ -49,6 +51,7 @@ export class Recorder {
 
   private async listen(port: number): Promise<void> {
     this.server = createServer((req, res) => {
+      this.headers.push({ ...req.headers });
       this.proxy.web(req, res, {}, () => {
         if (!res.headersSent) res.writeHead(502);
         res.end();
@@ -80,6 +83,7 @@ export class Recorder {
 
   reset(): void {
     this.requests.length = 0;
+    this.headers.length = 0;
   }
 
   count(method: string, pattern: RegExp): number {
