@@ -1,4 +1,7 @@
-/** Starts pullcache in-process on a free port with its own storage, against test upstreams. */
+/**
+ * Starts pullcache in-process on a free port with its own storage, against test upstreams;
+ * over HTTPS with `options.tls` (a certificate of test/helpers/tls.ts: then `url` is https://).
+ */
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -17,12 +20,16 @@ export interface TestPullcache extends RunningServer {
 export async function startPullcache(
   raw: Record<string, unknown>,
   root?: string,
-  options: { log?: Logger } = {},
+  options: { log?: Logger; tls?: { certPath: string; keyPath: string } } = {},
 ): Promise<TestPullcache> {
   const dir = root ?? mkdtempSync(join(tmpdir(), 'pullcache-data-'));
   const config = parseConfig({
     ...raw,
-    server: { listen: '127.0.0.1:0', ...(raw.server as object | undefined) },
+    server: {
+      listen: '127.0.0.1:0',
+      ...(options.tls ? { tls: { cert: options.tls.certPath, key: options.tls.keyPath } } : {}),
+      ...(raw.server as object | undefined),
+    },
     storage: { filesystem: { root: dir }, ...(raw.storage as object | undefined) },
   });
   const log =
