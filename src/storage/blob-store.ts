@@ -270,7 +270,12 @@ class DriverBlobWriter implements BlobWriter {
       if (actual !== expected.digest) throw new DigestMismatchError(expected.digest, actual);
       const target = paths.blobData(expected.digest);
       const existing = await this.driver.stat(target);
-      if (!existing) await this.driver.move(paths.uploadData(this.id), target);
+      // Where a copy and a delete are separate requests (S3), the upload's delete goes with the
+      // session's own below, in one.
+      if (!existing)
+        await (this.driver.copy
+          ? this.driver.copy(paths.uploadData(this.id), target)
+          : this.driver.move(paths.uploadData(this.id), target));
     } finally {
       await this.removeSession();
     }

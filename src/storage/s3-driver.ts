@@ -338,7 +338,7 @@ export class S3Driver implements StorageDriver {
   }
 
   /** A server-side copy; part by part past S3's 5 GiB limit for one copy. */
-  private async copy(from: string, to: string, size?: number): Promise<void> {
+  async copy(from: string, to: string, size?: number): Promise<void> {
     const source = `${this.bucket}/${encodeKey(this.key(from))}`;
     if (size === undefined || size <= COPY_MAX) {
       try {

@@ -51,6 +51,11 @@ export interface StorageDriver {
   list(path: string): Promise<string[]>;
   /** Moves a file atomically, replacing the destination. Throws PathNotFoundError. */
   move(from: string, to: string): Promise<void>;
+  /**
+   * Where a move is a copy and a delete anyway (S3): copies a file whole and atomically (readers
+   * see the old or the new destination, never a part), replacing it. Throws PathNotFoundError.
+   */
+  copy?(from: string, to: string): Promise<void>;
   /** Removes a file or a directory tree; no error when nothing is there. */
   delete(path: string): Promise<void>;
   /**
