@@ -40,7 +40,7 @@ export function statusRouter(reporter: StatusReporter, access: AccessControl): R
   const router = express.Router();
   const identity = (res: Response) => res.locals.identity as Identity;
   const served = (res: Response) => {
-    if (!access.anonymousAllowed && identity(res).user === undefined)
+    if (!access.served(identity(res)))
       throw new AuthenticationRequiredError('authentication required');
   };
   const send = (res: Response, name: string) => {

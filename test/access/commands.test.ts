@@ -69,6 +69,9 @@ describe('the commands beside a server with client authentication', () => {
     }[];
     expect(ls).toMatchObject([{ references: ['docker.io/org/a:v1'], pinned: true }]);
     expect((await cli('gc', '-c', config, '--dry-run')).code).toBe(0);
+    const status = await cli('status', '-c', config, '--json');
+    expect({ code: status.code, stderr: status.stderr }).toEqual({ code: 0, stderr: '' });
+    expect(JSON.parse(status.stdout.toString())).toMatchObject({ viewer: { admin: true } });
     // alice, by the API, may not (no rules: nobody administers).
     const post = await fetch(`${pc.url}/_pullcache/v1/gc`, {
       method: 'POST',
