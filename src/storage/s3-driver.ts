@@ -87,6 +87,8 @@ export class S3Driver implements StorageDriver {
   readonly name = 's3';
   readonly client: S3Client;
   readonly bucket: string;
+  /** Presigned URLs made (redirects), for the figures. */
+  presigned = 0;
   /** S3 requests sent, by command (each retry too): for the cost figures. */
   readonly requests = new Map<string, number>();
   private readonly prefix: string;
@@ -98,6 +100,9 @@ export class S3Driver implements StorageDriver {
     this.bucket = options.bucket;
     this.prefix = options.prefix ?? '';
     this.spoolDir = options.spoolDir ?? path.join(tmpdir(), 'pullcache-spool');
+    // The SDK warns on Node 20 that its releases from 2027 need Node 22: package.json pins a
+    // release that runs on Node 20, so the warning says nothing a user of pullcache can act on.
+    process.env.AWS_SDK_JS_NODE_VERSION_SUPPORT_WARNING_DISABLED ??= 'true';
     const agent = { keepAlive: true, maxSockets: 256 };
     this.client = new S3Client({
       region: options.region,
@@ -535,6 +540,7 @@ export class S3Driver implements StorageDriver {
   }
 
   async presignedUrl(p: string, ttlSeconds: number): Promise<string> {
+    this.presigned++;
     return getSignedUrl(
       this.client,
       new GetObjectCommand({ Bucket: this.bucket, Key: this.key(p) }),
