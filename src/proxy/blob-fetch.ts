@@ -31,6 +31,8 @@ import {
 } from '../storage/types.js';
 import type { UpstreamClient } from '../upstream/types.js';
 import type { StorageBudget } from '../lifecycle/types.js';
+import type { Lease } from '../fleet/types.js';
+import type { FetchState, FollowedFetch, UpstreamFetch } from './types.js';
 
 /** Most bytes read from disk at once for a follower that fell behind. */
 const DISK_READ = 1024 * 1024;
@@ -53,10 +55,14 @@ export interface BlobFetchOptions {
   onUpstreamBytes?: (bytes: number) => void;
   /** The storage budget: whether a blob of this size is kept, and where a full disk is told. */
   budget?: StorageBudget;
+  /** The lease on the digest among processes (fleet/): told the upload, its progress, the end. */
+  lease?: Lease;
 }
 
-export class BlobFetch {
+export class BlobFetch implements UpstreamFetch, FollowedFetch {
   readonly digest: Digest;
+  /** The repository the fetch is made for (with its scope), and linked to when kept. */
+  readonly repo: RepositoryKey;
   size: number | undefined;
   /** Bytes received from the upstream (and handed to live followers). */
   received = 0;
@@ -66,7 +72,7 @@ export class BlobFetch {
    * `streamed`: verified and served whole, but not kept (larger than the whole budget); the
    * upload is removed once its last follower is done.
    */
-  state: 'starting' | 'running' | 'committed' | 'streamed' | 'failed' = 'starting';
+  state: FetchState = 'starting';
   error: unknown;
   /** Resolves once the upstream answered with the blob's headers; rejects with its error. */
   readonly ready: Promise<void>;
@@ -90,6 +96,7 @@ export class BlobFetch {
 
   constructor(private readonly options: BlobFetchOptions) {
     this.digest = options.digest;
+    this.repo = options.repo;
     let ready!: () => void;
     let notReady!: (err: unknown) => void;
     this.ready = new Promise((resolve, reject) => {
@@ -118,6 +125,13 @@ export class BlobFetch {
       this.size = size;
       this.state = 'running';
       const keep = this.options.budget?.accepts(digest, size) ?? true;
+      const lease = this.options.lease;
+      // Before the first write (the pump waits for the same session), so progress comes after.
+      if (lease)
+        void this.session.then(
+          (w) => lease.started({ id: w.id, size }),
+          () => {},
+        );
       ready();
       for await (const raw of stream) {
         const chunk = raw as Buffer;
@@ -143,6 +157,7 @@ export class BlobFetch {
           'blob streamed, not kept',
         );
         for (const follower of [...this.followers]) follower.onCommitted();
+        this.options.lease?.committed(this.received, false);
         this.dropIfUnfollowed();
         return { digest, size: this.received };
       }
@@ -168,11 +183,13 @@ export class BlobFetch {
         'blob fetched',
       );
       for (const follower of [...this.followers]) follower.onCommitted();
+      this.options.lease?.committed(descriptor.size, true);
       return descriptor;
     } catch (err) {
       this.state = 'failed';
       this.error = err;
       notReady(err);
+      this.options.lease?.failed((err as Error).message);
       this.wakeDiskWaiters();
       while (this.pumping) await this.pumping.catch(() => {});
       const writer = this.writer ?? (await this.session.catch(() => undefined));
@@ -211,6 +228,7 @@ export class BlobFetch {
         break;
       }
       this.written += bytes;
+      this.options.lease?.progress(this.written);
       for (const follower of this.followers) follower.onWritten();
       this.wakeDiskWaiters();
     }
@@ -322,7 +340,7 @@ export class BlobFollower extends Readable implements Sendable {
   private wakeSender: (() => void) | undefined;
 
   constructor(
-    private readonly fetch: BlobFetch,
+    private readonly fetch: FollowedFetch,
     start: number,
     private readonly end: number,
   ) {

@@ -18,7 +18,10 @@ import {
 } from '../storage/types.js';
 import { UpstreamNotFoundError } from '../upstream/errors.js';
 import type { UpstreamClient } from '../upstream/types.js';
-import { BlobFetch } from './blob-fetch.js';
+import { BlobFetch, type BlobFetchOptions } from './blob-fetch.js';
+import { FleetFetch } from './fleet-fetch.js';
+import type { DigestLeases } from '../fleet/types.js';
+import type { UpstreamFetch } from './types.js';
 import type { StorageBudget } from '../lifecycle/types.js';
 
 export interface ProxyBlobStoreOptions {
@@ -31,7 +34,14 @@ export interface ProxyBlobStoreOptions {
   metrics: Metrics;
   orphanTimeout: number;
   /** Fetches in flight, by digest; shared by every upstream's store so a digest is fetched once. */
-  inflight: Map<Digest, BlobFetch>;
+  inflight: Map<Digest, UpstreamFetch>;
+  /**
+   * Leases on digests among the processes sharing the storage (`server.workers`): one of them
+   * fetches, the others follow it. Without: every fetch is this process's.
+   */
+  leases?: DigestLeases;
+  /** How long a followed process may send nothing before this one fetches for itself (ms). */
+  idleTimeout?: number;
   /** The storage budget (the lifecycle); without one every blob is kept. */
   budget?: StorageBudget;
 }
@@ -91,8 +101,8 @@ export class ProxyBlobStore implements BlobService {
       : { found: true, descriptor, stream, fromUpstream: true };
   }
 
-  private start(repo: RepositoryKey, digest: Digest): BlobFetch {
-    const fetch = new BlobFetch({
+  private start(repo: RepositoryKey, digest: Digest): UpstreamFetch {
+    const options: BlobFetchOptions = {
       blobs: this.o.blobs,
       client: this.o.client,
       repo,
@@ -105,7 +115,11 @@ export class ProxyBlobStore implements BlobService {
         await this.o.repositories.linkBlob(repo, descriptor);
         await this.o.cache.setDescriptor(descriptor);
       },
-    });
+    };
+    const { leases, idleTimeout } = this.o;
+    const fetch = leases
+      ? new FleetFetch({ ...options, leases, idleTimeout: idleTimeout ?? 30_000 })
+      : new BlobFetch(options);
     this.o.inflight.set(digest, fetch);
     const forget = () => {
       if (this.o.inflight.get(digest) === fetch) this.o.inflight.delete(digest);

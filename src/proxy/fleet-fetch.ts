@@ -1,0 +1,130 @@
+/**
+ * A blob fetch where several processes serve one storage: the lease on the digest decides
+ * whether this process fetches it from the upstream (a BlobFetch that tells the lease how far it
+ * got) or follows the process that does (a RemoteBlobFetch).
+ *
+ * Failover: a holder that fails or dies before it has said anything is asked about again (the
+ * lease is free then, so this process fetches). A holder that says nothing for the idle timeout
+ * is taken over: its followers here are cut (the bytes they sent came from it and cannot be
+ * vouched for by another fetch's digest check), and this process fetches afresh, from byte 0,
+ * for every request from then on. A holder that fails once followed cuts its followers; the next
+ * request fetches afresh.
+ */
+import type { Descriptor } from '../oci/descriptor.js';
+import type { DigestLeases, LeaseResult } from '../fleet/types.js';
+import { BlobFetch, type BlobFetchOptions, type BlobFollower } from './blob-fetch.js';
+import { HolderFailedError, HolderStalledError, RemoteBlobFetch } from './remote-fetch.js';
+import type { FetchState, UpstreamFetch } from './types.js';
+
+/** Times a holder that failed before saying anything is asked about again. */
+const REASKS = 3;
+
+export interface FleetFetchOptions extends BlobFetchOptions {
+  leases: DigestLeases;
+  /** How long a holder may say nothing before this process fetches for itself (ms). */
+  idleTimeout: number;
+}
+
+export class FleetFetch implements UpstreamFetch {
+  readonly digest: UpstreamFetch['digest'];
+  readonly repo: UpstreamFetch['repo'];
+  readonly ready: Promise<void>;
+  readonly done: Promise<Descriptor>;
+  private current: BlobFetch | RemoteBlobFetch | undefined;
+
+  constructor(private readonly o: FleetFetchOptions) {
+    this.digest = o.digest;
+    this.repo = o.repo;
+    let ready!: () => void;
+    let notReady!: (err: unknown) => void;
+    this.ready = new Promise((resolve, reject) => {
+      ready = resolve;
+      notReady = reject;
+    });
+    this.ready.catch(() => {});
+    this.done = this.run(ready, notReady);
+    this.done.catch(() => {});
+  }
+
+  get size(): number | undefined {
+    return this.current?.size;
+  }
+
+  get state(): FetchState {
+    return this.current?.state ?? 'starting';
+  }
+
+  get error(): unknown {
+    return this.current?.error;
+  }
+
+  /** Whether this process is the one fetching from the upstream (for the log and the tests). */
+  get local(): boolean {
+    return this.current instanceof BlobFetch;
+  }
+
+  follow(start: number, end: number): BlobFollower {
+    if (!this.current) throw new Error('follow before the fetch is ready');
+    return this.current.follow(start, end);
+  }
+
+  private async run(ready: () => void, notReady: (err: unknown) => void): Promise<Descriptor> {
+    const log = this.o.log;
+    let result: LeaseResult | undefined;
+    for (let ask = 0; ; ask++) {
+      try {
+        result = await this.o.leases.acquire(this.digest);
+      } catch (err) {
+        // The leases cannot be asked (the primary is gone): fetch alone rather than not at all.
+        log.warn({ digest: this.digest, err: (err as Error).message }, 'no lease: fetching alone');
+        result = undefined;
+      }
+      if (!result || result.held) break;
+      const remote = new RemoteBlobFetch({
+        digest: this.digest,
+        repo: this.repo,
+        holder: result.holder,
+        blobs: this.o.blobs,
+        idleTimeout: this.o.idleTimeout,
+      });
+      this.current = remote;
+      try {
+        await remote.ready;
+      } catch (err) {
+        if (err instanceof HolderStalledError) {
+          log.warn({ digest: this.digest }, 'fetch holder stalled before starting: taking over');
+          return this.takeOver(ready, notReady);
+        }
+        if (err instanceof HolderFailedError && ask < REASKS) continue;
+        notReady(err);
+        throw err;
+      }
+      ready();
+      log.debug({ digest: this.digest }, 'following the fetch of another worker');
+      try {
+        return await remote.done;
+      } catch (err) {
+        if (!(err instanceof HolderStalledError)) throw err;
+        log.warn({ digest: this.digest }, 'fetch holder stalled: fetching afresh');
+        return this.takeOver(ready, notReady);
+      }
+    }
+    return this.fetchHere(result?.held ? result.lease : undefined, ready, notReady);
+  }
+
+  private takeOver(ready: () => void, notReady: (err: unknown) => void): Promise<Descriptor> {
+    return this.fetchHere(this.o.leases.takeOver(this.digest), ready, notReady);
+  }
+
+  private async fetchHere(
+    lease: BlobFetchOptions['lease'],
+    ready: () => void,
+    notReady: (err: unknown) => void,
+  ): Promise<Descriptor> {
+    const { leases: _leases, idleTimeout: _idle, ...options } = this.o;
+    const fetch = new BlobFetch({ ...options, ...(lease ? { lease } : {}) });
+    this.current = fetch;
+    fetch.ready.then(ready, notReady);
+    return fetch.done;
+  }
+}
