@@ -1,0 +1,248 @@
+/**
+ * The benchmark's fleet phases (issue 17), for `npm run bench` (bench/run.ts) and alone with
+ * PULLCACHE_BENCH_ONLY=fleet:
+ * - CPU-seconds per GiB served, cold and warm, every process of the server counted (/proc/PID/stat
+ *   user + system of the process and its children, all threads);
+ * - 32 clients each pulling every layer of the warm 5-layer image at once: wall time, aggregate
+ *   throughput, and the latency of manifest requests made one after another meanwhile (p50, p99);
+ * - 16 clients on one cold blob spread over 2 workers (pullcache only): wall time and upstream
+ *   bytes / blob size;
+ * - peak RSS of each process of the server.
+ */
+import { readdirSync, readFileSync } from 'node:fs';
+import { Agent, request } from 'node:http';
+import type { TestRegistry } from '../test/helpers/registry.js';
+import { bytesWritten, curlGet, sameBytes, timed } from './measure.js';
+import type { FileBlob, PushedImage } from './seed.js';
+import { startPullcacheProcess, type ServerUnderTest } from './servers.js';
+
+const GiB = 1024 ** 3;
+const MANIFEST_ACCEPT =
+  'application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json';
+
+export interface FleetFigures {
+  coldCpuSPerGiB: number;
+  warmCpuSPerGiB: number;
+  load32WallS: number;
+  load32MBps: number;
+  load32AllCorrect: boolean;
+  manifestP50Ms: number;
+  manifestP99Ms: number;
+  manifestsDuringLoad: number;
+  /** The largest peak resident set of any one process of the server, MB. */
+  peakRssMB: number;
+  processes: number;
+}
+
+export interface WorkersFigures {
+  wallS: number;
+  upstreamRatio: number;
+  allCorrect: boolean;
+  peakRssMB: number;
+}
+
+/** The process and every process below it. */
+export function processTree(pid: number): number[] {
+  const parents = new Map<number, number>();
+  for (const entry of readdirSync('/proc')) {
+    if (!/^\d+$/.test(entry)) continue;
+    try {
+      const stat = readFileSync(`/proc/${entry}/stat`, 'utf8');
+      parents.set(Number(entry), Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[1]));
+    } catch {
+      // gone meanwhile
+    }
+  }
+  const tree = [pid];
+  for (let i = 0; i < tree.length; i++)
+    for (const [child, parent] of parents) if (parent === tree[i]) tree.push(child);
+  return tree;
+}
+
+/** CPU seconds (user + system, every thread) of the process and its children now. */
+export function treeCpu(pid: number): number {
+  let total = 0;
+  for (const p of processTree(pid)) {
+    try {
+      const f = readFileSync(`/proc/${p}/stat`, 'utf8').split(') ')[1]!.split(' ');
+      total += (Number(f[11]) + Number(f[12])) / 100;
+    } catch {
+      // gone meanwhile
+    }
+  }
+  return total;
+}
+
+/** Peak resident set (VmHWM) of each process of the tree, bytes. */
+export function treePeakRss(pid: number): number[] {
+  return processTree(pid).map((p) => {
+    try {
+      const m = /^VmHWM:\s+(\d+) kB/m.exec(readFileSync(`/proc/${p}/status`, 'utf8'));
+      return m ? Number(m[1]) * 1024 : 0;
+    } catch {
+      return 0;
+    }
+  });
+}
+
+const percentile = (sorted: number[], p: number) =>
+  sorted[Math.min(sorted.length - 1, Math.floor((sorted.length * p) / 100))] ?? NaN;
+
+/** Manifest GETs one after another on a kept-alive connection until `until` settles: latencies, ms. */
+async function manifestLatencies(url: string, until: Promise<unknown>): Promise<number[]> {
+  let done = false;
+  void until.finally(() => (done = true));
+  const agent = new Agent({ keepAlive: true, maxSockets: 1 });
+  const latencies: number[] = [];
+  while (!done) {
+    const started = performance.now();
+    const status = await new Promise<number>((resolve, reject) => {
+      const req = request(url, { agent, headers: { Accept: MANIFEST_ACCEPT } }, (res) => {
+        res.resume();
+        res.on('end', () => resolve(res.statusCode ?? 0));
+      });
+      req.on('error', reject);
+      req.end();
+    });
+    if (status !== 200) throw new Error(`manifest GET during the load gave HTTP ${status}`);
+    latencies.push(performance.now() - started);
+    await new Promise((r) => setTimeout(r, 20));
+  }
+  agent.destroy();
+  return latencies;
+}
+
+/**
+ * CPU per GiB cold (`cold`, not yet asked of this server) and warm (the same blob three times
+ * more), then the 32 clients on the warm image (every layer asked once before, so warm).
+ */
+export async function measureFleet(
+  server: ServerUnderTest,
+  cold: FileBlob,
+  image: PushedImage,
+  log: (message: string) => void,
+): Promise<FleetFigures> {
+  const blobUrl = (repo: string, digest: string) => `${server.url}/v2/${repo}/blobs/${digest}`;
+  log(`${server.name}: CPU per GiB, cold and warm`);
+  let cpu = treeCpu(server.pid);
+  const first = await curlGet(blobUrl('bench/cpu', cold.digest));
+  if (first.status !== 200 || first.bytes !== cold.size)
+    throw new Error(`${server.name}: cold GET gave HTTP ${first.status}, ${first.bytes} bytes`);
+  const coldCpu = treeCpu(server.pid) - cpu;
+  cpu = treeCpu(server.pid);
+  for (let i = 0; i < 3; i++) await curlGet(blobUrl('bench/cpu', cold.digest));
+  const warmCpu = treeCpu(server.pid) - cpu;
+
+  log(`${server.name}: 32 clients pulling every layer of the warm image`);
+  const layerUrl = (l: FileBlob) => blobUrl(image.repository, l.digest);
+  for (const l of image.layers) await curlGet(layerUrl(l)); // warm, whatever ran before
+  const manifestUrl = `${server.url}/v2/${image.repository}/manifests/${image.digest}`;
+  await curlGet(manifestUrl, { Accept: MANIFEST_ACCEPT });
+  const imageBytes = image.layers.reduce((n, l) => n + l.size, 0);
+  const load = timed(() =>
+    Promise.all(
+      Array.from({ length: 32 }, async () => {
+        for (const l of image.layers) {
+          const t = await curlGet(layerUrl(l));
+          if (t.status !== 200 || t.bytes !== l.size) return false;
+        }
+        return true;
+      }),
+    ),
+  );
+  const latencies = await manifestLatencies(manifestUrl, load);
+  const loaded = await load;
+  const sorted = [...latencies].sort((a, b) => a - b);
+  const peaks = treePeakRss(server.pid);
+  return {
+    coldCpuSPerGiB: coldCpu / (cold.size / GiB),
+    warmCpuSPerGiB: warmCpu / ((3 * cold.size) / GiB),
+    load32WallS: loaded.seconds,
+    load32MBps: (32 * imageBytes) / loaded.seconds / 1e6,
+    load32AllCorrect: loaded.value.every(Boolean),
+    manifestP50Ms: percentile(sorted, 50),
+    manifestP99Ms: percentile(sorted, 99),
+    manifestsDuringLoad: latencies.length,
+    peakRssMB: Math.max(...peaks) / 1e6,
+    processes: peaks.length,
+  };
+}
+
+/** 16 clients on one cold blob, spread over the 2 workers of one pullcache. */
+export async function measureWorkers(
+  dir: string,
+  upstream: TestRegistry,
+  blob: FileBlob,
+  repository: string,
+  log: (message: string) => void,
+): Promise<WorkersFigures> {
+  const server = await startPullcacheProcess(dir, upstream.url, { workers: 2 });
+  try {
+    // Both workers listening: answers from two different pids.
+    const seen = new Set<string>();
+    for (let i = 0; i < 200 && seen.size < 2; i++) {
+      const res = await fetch(`${server.url}/v2/`, { headers: { connection: 'close' } });
+      await res.arrayBuffer();
+      seen.add(res.headers.get('pullcache-worker') ?? '');
+      if (seen.size < 2) await new Promise((r) => setTimeout(r, 100));
+    }
+    if (seen.size < 2) throw new Error('pullcache: the second worker never answered');
+    log('pullcache: 16 clients on one cold blob over 2 workers');
+    const before = bytesWritten(upstream.pid!);
+    const url = `${server.url}/v2/${repository}/blobs/${blob.digest}`;
+    const t = await timed(() =>
+      Promise.all(Array.from({ length: 16 }, () => sameBytes(url, blob.path))),
+    );
+    const upstreamBytes = bytesWritten(upstream.pid!) - before;
+    return {
+      wallS: t.seconds,
+      upstreamRatio: upstreamBytes / blob.size,
+      allCorrect: t.value.every(Boolean),
+      peakRssMB: Math.max(...treePeakRss(server.pid)) / 1e6,
+    };
+  } finally {
+    await server.stop();
+  }
+}
+
+const fmt = (v: number) => (v >= 100 ? v.toFixed(0) : v >= 10 ? v.toFixed(1) : v.toFixed(2));
+
+/** The fleet rows of the benchmark table, for each server measured. */
+export function fleetTable(
+  results: Partial<Record<ServerUnderTest['name'], FleetFigures>>,
+  workers: WorkersFigures | undefined,
+): string {
+  const names = (['distribution', 'pullcache'] as const).filter((n) => results[n]);
+  const row = (label: string, target: string, value: (f: FleetFigures) => string) =>
+    `| ${label} | ${names.map((n) => value(results[n]!)).join(' | ')} | ${target} |`;
+  const lines = [
+    `| fleet figure | ${names.join(' | ')} | target |`,
+    `|---|${names.map(() => '---|').join('')}---|`,
+    row('CPU per GiB, cold', '<= 2.0 s (pullcache)', (f) => `${fmt(f.coldCpuSPerGiB)} s`),
+    row('CPU per GiB, warm', '', (f) => `${fmt(f.warmCpuSPerGiB)} s`),
+    row('32 clients x 5 warm layers: wall', '', (f) => `${fmt(f.load32WallS)} s`),
+    row('32 clients: throughput', '', (f) => `${fmt(f.load32MBps)} MB/s`),
+    row('32 clients: every byte right', 'all', (f) => (f.load32AllCorrect ? 'yes' : '**no**')),
+    row(
+      'manifest latency during the load, p50 / p99',
+      'p99 <= 50 ms',
+      (f) => `${fmt(f.manifestP50Ms)} / ${fmt(f.manifestP99Ms)} ms (${f.manifestsDuringLoad})`,
+    ),
+    row('peak RSS, largest process', '<= 150 MB', (f) => `${fmt(f.peakRssMB)} MB`),
+  ];
+  if (workers) {
+    const blank = names.map(() => '').slice(1);
+    const one = (label: string, value: string, target: string) =>
+      `| ${label} | ${[...blank, value].join(' | ')} | ${target} |`;
+    lines.push(
+      one('16 clients, cold blob, 2 workers: wall', `${fmt(workers.wallS)} s`, ''),
+      one(
+        '16 clients, 2 workers: upstream bytes / size',
+        `${fmt(workers.upstreamRatio)}x${workers.allCorrect ? '' : ' (**wrong bytes**)'}`,
+        '<= 1.05',
+      ),
+      one('2 workers: peak RSS, largest process', `${fmt(workers.peakRssMB)} MB`, '<= 150 MB'),
+    );
+  }
+  return lines.join('\n');
+}

@@ -1,0 +1,259 @@
+/**
+ * `server.workers`: several serving processes on one port, against the real upstream registry
+ * (paced by a forwarder so that tests can act while a fetch is under way), run with the real CLI.
+ */
+import { randomBytes } from 'node:crypto';
+import { existsSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { availableParallelism, tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, test } from 'vitest';
+import { parseDigest } from '../../src/oci/digest.js';
+import { paths } from '../../src/storage/paths.js';
+import { fakeServer, type FakeServer } from '../helpers/fake-server.js';
+import { pushBlob, sha256 } from '../helpers/images.js';
+import { waitFor } from '../helpers/net.js';
+import { TestRegistry } from '../helpers/registry.js';
+import { Throttle } from '../helpers/throttle.js';
+import { get, startWorkers, type Got, type WorkersServer } from '../helpers/workers.js';
+
+const MiB = 1024 * 1024;
+const REPO = 'library/fleet';
+
+describe('workers on one host', () => {
+  let registry: TestRegistry;
+  let throttle: Throttle;
+  let pc: WorkersServer;
+
+  beforeAll(async () => {
+    registry = await TestRegistry.start();
+    throttle = await Throttle.start(registry.url);
+    pc = await startWorkers({
+      upstream: throttle.url,
+      workers: 2,
+      yaml: ['    timeouts:', '      bodyIdle: 3s'],
+    });
+  }, 60_000);
+  afterAll(async () => {
+    await pc?.stop();
+    await throttle?.close();
+    await registry?.close();
+  });
+
+  async function blob(size: number): Promise<{ digest: string; bytes: Buffer; url: string }> {
+    const bytes = randomBytes(size);
+    const digest = sha256(bytes);
+    await pushBlob(registry, REPO, { digest, bytes });
+    return { digest, bytes, url: `${pc.url}/v2/${REPO}/blobs/${digest}` };
+  }
+
+  /**
+   * GETs on new connections until one is answered by a worker that `want`s it; resolves to the
+   * requests made (all still running), the last one that one. A connection the primary hands to
+   * a stopped worker gets no answer: it is given up after `patienceMs`.
+   */
+  async function reach(
+    url: string,
+    want: (pid: number) => boolean,
+    patienceMs = 60_000,
+  ): Promise<{ all: Promise<Got>[]; pid: number }> {
+    const all: Promise<Got>[] = [];
+    for (let i = 0; i < 12; i++) {
+      let answered!: (pid: number) => void;
+      const header = new Promise<number>((resolve) => (answered = resolve));
+      const got = get(url, (res) => answered(Number(res.headers['pullcache-worker'])), patienceMs);
+      got.catch(() => answered(0));
+      all.push(
+        got.catch((err: Error) => ({ status: 0, worker: 0, body: Buffer.alloc(0), error: err })),
+      );
+      const pid = await header;
+      if (pid && want(pid)) return { all, pid };
+    }
+    throw new Error('no request reached the wanted worker');
+  }
+
+  /** Workers that have listened so far, replacements included. */
+  const listening = () => pc.lines.filter((l) => l.msg === 'pullcache listening').length;
+
+  const intact = (r: Got, digest: string) =>
+    r.status === 200 && r.error === undefined && sha256(r.body) === digest;
+
+  test('a cold blob asked of both workers is fetched from the upstream once, and followed at once', async () => {
+    const b = await blob(24 * MiB);
+    throttle.bytesPerSecond = 12 * MiB;
+    const results = await Promise.all(Array.from({ length: 6 }, () => get(b.url)));
+    const workers = new Set(results.map((r) => r.worker));
+    expect(workers.size).toBe(2);
+    for (const r of results) {
+      expect(r.status).toBe(200);
+      expect(r.error).toBeUndefined();
+      expect(sha256(r.body)).toBe(b.digest);
+      // Streamed as it arrives: the first bytes long before the 2 s the upstream takes.
+      expect(r.firstByteMs).toBeLessThan(1000);
+    }
+    expect(throttle.gets.get(b.digest)).toBe(1);
+  });
+
+  test('killing the worker that fetches a blob cuts every client of it, and a retry fetches afresh', async () => {
+    const b = await blob(24 * MiB);
+    throttle.bytesPerSecond = 6 * MiB;
+    const holder = await reach(b.url, () => true);
+    const follower = await reach(b.url, (pid) => pid !== holder.pid);
+    await waitFor(async () => throttle.sentBytes > 0, 'the fetch under way');
+    process.kill(holder.pid, 'SIGKILL');
+    const cut = await Promise.all([...holder.all, ...follower.all]);
+    for (const r of cut) {
+      // Never wrong bytes: cut short, or (never here: the fetch was far from done) intact.
+      expect(r.error ?? intact(r, b.digest)).toBeTruthy();
+    }
+    expect(cut.filter((r) => r.worker === follower.pid).every((r) => r.error)).toBe(true);
+    throttle.bytesPerSecond = 64 * MiB;
+    const retry = await get(b.url);
+    expect(intact(retry, b.digest)).toBe(true);
+    expect(throttle.gets.get(b.digest)).toBe(2);
+    // The dead worker is replaced: two live workers again, one of them new.
+    await waitFor(async () => pc.workers().length === 2, 'a replacement worker', 30_000);
+    expect(pc.workers()).not.toContain(holder.pid);
+    expect(pc.workers()).toContain(follower.pid);
+    await waitFor(async () => listening() >= 3, 'the replacement listening', 30_000);
+  });
+
+  test('a worker dying does not cut the downloads of the others, and new requests are answered', async () => {
+    const b = await blob(48 * MiB);
+    throttle.bytesPerSecond = 256 * MiB;
+    expect(intact(await get(b.url), b.digest)).toBe(true); // stored now
+    // A slow client of one worker: it reads a little, then waits.
+    let slowRes: import('node:http').IncomingMessage | undefined;
+    let answered!: (pid: number) => void;
+    const header = new Promise<number>((resolve) => (answered = resolve));
+    const slow = get(b.url, (res) => {
+      slowRes = res;
+      res.once('data', () => res.pause());
+      answered(Number(res.headers['pullcache-worker']));
+    });
+    const servingPid = await header;
+    const other = pc.workers().find((pid) => pid !== servingPid)!;
+    process.kill(other, 'SIGKILL');
+    await waitFor(async () => !pc.workers().includes(other), 'the worker gone');
+    expect(intact(await get(b.url), b.digest)).toBe(true);
+    slowRes!.resume();
+    expect(intact(await slow, b.digest)).toBe(true);
+    await waitFor(async () => pc.workers().length === 2, 'a replacement worker', 30_000);
+    await waitFor(async () => listening() >= 4, 'the replacement listening', 30_000);
+  });
+
+  test('a follower whose fetching worker stalls fetches the blob itself', async () => {
+    const b = await blob(24 * MiB);
+    throttle.bytesPerSecond = 4 * MiB;
+    const holder = await reach(b.url, () => true);
+    const follower = await reach(b.url, (pid) => pid !== holder.pid);
+    await waitFor(async () => throttle.sentBytes > 0, 'the fetch under way');
+    process.kill(holder.pid, 'SIGSTOP');
+    try {
+      // Nothing from the holder for bodyIdle (3 s): the follower's clients are cut (what they got
+      // came from the stalled fetch), and its worker fetches the blob afresh.
+      const followed = await follower.all[follower.all.length - 1]!;
+      expect(followed.error).toBeDefined();
+      throttle.bytesPerSecond = 64 * MiB;
+      const again = await reach(b.url, (pid) => pid === follower.pid, 3000);
+      expect(intact(await again.all[again.all.length - 1]!, b.digest)).toBe(true);
+      expect(throttle.gets.get(b.digest)).toBe(2);
+    } finally {
+      process.kill(holder.pid, 'SIGCONT');
+    }
+    // The stalled worker, once running again, finishes its own clients' downloads whole.
+    for (const r of await Promise.all(holder.all))
+      expect(r.error ?? intact(r, b.digest)).toBeTruthy();
+  });
+
+  test('SIGTERM on the primary stops every worker, and it exits 0', async () => {
+    const workers = pc.workers();
+    expect(workers).toHaveLength(2);
+    pc.primary.kill('SIGTERM');
+    expect(await pc.exited()).toBe(0);
+    for (const pid of workers) expect(() => process.kill(pid, 0)).toThrow();
+  });
+});
+
+describe('workers on one host, an upstream that sends corrupt bytes', () => {
+  // In-process: a real registry cannot be made to send bytes that do not match their digest.
+  const bytes = randomBytes(8 * MiB);
+  const digest = sha256(bytes);
+  let upstream: FakeServer;
+  let pc: WorkersServer;
+
+  beforeAll(async () => {
+    upstream = await fakeServer((req, res) => {
+      if (!req.url?.endsWith(digest)) {
+        res.writeHead(req.url === '/v2/' ? 200 : 404).end();
+        return;
+      }
+      res.writeHead(200, { 'content-length': bytes.length });
+      if (req.method === 'HEAD') return void res.end();
+      const body = Buffer.from(bytes);
+      body[body.length - 10] = body[body.length - 10]! ^ 1;
+      let offset = 0;
+      // 64 KiB every 10 ms: about 1.3 s, so that both workers' clients join while it runs.
+      const send = () => {
+        if (res.destroyed) return;
+        const chunk = body.subarray(offset, offset + 65536);
+        offset += chunk.length;
+        if (offset >= body.length) res.end(chunk);
+        else res.write(chunk, () => setTimeout(send, 10));
+      };
+      send();
+    });
+    pc = await startWorkers({ upstream: upstream.url, workers: 2 });
+  }, 60_000);
+  afterAll(async () => {
+    await pc?.stop();
+    await upstream?.close();
+  });
+
+  test('a digest mismatch cuts the clients of every worker, and nothing is kept', async () => {
+    const url = `${pc.url}/v2/library/corrupt/blobs/${digest}`;
+    const results = await Promise.all(Array.from({ length: 6 }, () => get(url)));
+    expect(new Set(results.map((r) => r.worker)).size).toBe(2);
+    for (const r of results) {
+      expect(r.error).toBeDefined();
+      expect(r.body.length).toBeLessThan(bytes.length);
+    }
+    expect(
+      upstream.requests.filter((r) => r.method === 'GET' && r.url.endsWith(digest)),
+    ).toHaveLength(1);
+    expect(existsSync(join(pc.root, 'data', paths.blobData(parseDigest(digest).digest)))).toBe(
+      false,
+    );
+  });
+});
+
+describe('starting workers', () => {
+  test('server.workers: 0 serves with one worker per core', async () => {
+    const pc = await startWorkers({
+      upstream: 'http://127.0.0.1:9',
+      workers: 0,
+      expect: availableParallelism(),
+    });
+    try {
+      expect(pc.workers()).toHaveLength(availableParallelism());
+      const answered = new Set<number>();
+      for (let i = 0; i < 20 && answered.size < availableParallelism(); i++)
+        answered.add((await get(`${pc.url}/v2/`)).worker);
+      expect(answered.size).toBe(availableParallelism());
+    } finally {
+      await pc.stop();
+    }
+  }, 60_000);
+
+  test('a worker that cannot start stops the primary with its exit code and its one line', async () => {
+    const root = mkdtempSync(join(tmpdir(), 'pullcache-workers-'));
+    writeFileSync(join(root, 'data'), 'a file, not a directory');
+    try {
+      const started = startWorkers({ upstream: 'http://127.0.0.1:9', workers: 2, root });
+      await expect(started).rejects.toThrow(/code 2\b/);
+      await expect(started).rejects.toThrow(/storage\.filesystem\.root/);
+      await expect(started).rejects.not.toThrow(/\n\s+at /); // no stack trace
+    } finally {
+      rmSync(root, { recursive: true, force: true });
+    }
+  }, 60_000);
+});

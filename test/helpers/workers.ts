@@ -1,0 +1,187 @@
+/**
+ * Runs the real `pullcache serve` with `server.workers` (a primary and its workers, each a
+ * process) on a free port with its own storage, as the CLI tests run it; knows the workers' pids
+ * and which worker answered a request (its `Pullcache-Worker` header).
+ */
+import { spawn, type ChildProcess } from 'node:child_process';
+import { mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { request, type IncomingMessage } from 'node:http';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { PULLCACHE } from './cli.js';
+import { freePort, waitFor } from './net.js';
+
+export interface WorkersServer {
+  url: string;
+  port: number;
+  root: string;
+  primary: ChildProcess;
+  /** Every log line so far, parsed. */
+  lines: Record<string, unknown>[];
+  /** The pids of the live workers, read from /proc. */
+  workers(): number[];
+  /** Waits for the primary to exit (after a signal); resolves to its exit code. */
+  exited(): Promise<number | null>;
+  stop(): Promise<void>;
+}
+
+/** The processes whose parent is `pid`. */
+export function childrenOf(pid: number): number[] {
+  const children: number[] = [];
+  for (const entry of readdirSync('/proc')) {
+    if (!/^\d+$/.test(entry)) continue;
+    try {
+      const stat = readFileSync(`/proc/${entry}/stat`, 'utf8');
+      // pid (comm) state ppid ...: comm may hold spaces, so read after its closing parenthesis.
+      const ppid = Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[1]);
+      if (ppid === pid) children.push(Number(entry));
+    } catch {
+      // gone meanwhile
+    }
+  }
+  return children;
+}
+
+export async function startWorkers(options: {
+  upstream: string;
+  workers: number;
+  yaml?: string[];
+  root?: string;
+  /** Workers to wait for (default `workers`). */
+  expect?: number;
+}): Promise<WorkersServer> {
+  const root = options.root ?? mkdtempSync(join(tmpdir(), 'pullcache-workers-'));
+  const port = await freePort();
+  const config = join(root, 'pullcache.yaml');
+  writeFileSync(
+    config,
+    [
+      'server:',
+      `  listen: 127.0.0.1:${port}`,
+      `  workers: ${options.workers}`,
+      'storage:',
+      '  filesystem:',
+      `    root: ${join(root, 'data')}`,
+      'upstreams:',
+      '  docker.io:',
+      `    url: ${options.upstream}`,
+      ...(options.yaml ?? []),
+      'log:',
+      '  level: info',
+      '',
+    ].join('\n'),
+  );
+  const env = Object.fromEntries(
+    Object.entries(process.env).filter(([k]) => !k.startsWith('PULLCACHE_')),
+  );
+  const primary = spawn('sh', ['-c', `exec ${PULLCACHE} serve --config ${config}`], {
+    env,
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  const lines: Record<string, unknown>[] = [];
+  let stderr = '';
+  // The log goes to stderr (stdout is the commands' output); both are read, line by line.
+  for (const stream of [primary.stdout!, primary.stderr!]) {
+    let rest = '';
+    stream.on('data', (chunk: Buffer) => {
+      if (stream === primary.stderr) stderr += chunk.toString();
+      const parts = (rest + chunk.toString()).split('\n');
+      rest = parts.pop() ?? '';
+      for (const line of parts) {
+        try {
+          lines.push(JSON.parse(line) as Record<string, unknown>);
+        } catch {
+          lines.push({ msg: line });
+        }
+      }
+      if (process.env.PULLCACHE_TEST_LOG) process.stderr.write(chunk);
+    });
+  }
+  const exit = new Promise<number | null>((resolve) =>
+    primary.once('exit', (code) => resolve(code)),
+  );
+  const url = `http://127.0.0.1:${port}`;
+  const listening = () => lines.filter((l) => l.msg === 'pullcache listening').length;
+  const expected = options.expect ?? options.workers;
+  await Promise.race([
+    waitFor(async () => listening() >= expected, `${expected} workers`, 30_000),
+    exit.then((code) => {
+      throw new Error(`pullcache exited during start-up (code ${code}): ${stderr}`);
+    }),
+  ]);
+  return {
+    url,
+    port,
+    root,
+    primary,
+    lines,
+    workers: () => childrenOf(primary.pid!),
+    exited: () => exit,
+    async stop() {
+      if (primary.exitCode === null && primary.signalCode === null) {
+        const pids = childrenOf(primary.pid!);
+        primary.kill('SIGTERM');
+        const timer = setTimeout(() => {
+          for (const pid of [primary.pid!, ...pids]) {
+            try {
+              process.kill(pid, 'SIGKILL');
+            } catch {
+              // gone
+            }
+          }
+        }, 20_000);
+        await exit;
+        clearTimeout(timer);
+      }
+      if (!options.root) rmSync(root, { recursive: true, force: true });
+    },
+  };
+}
+
+export interface Got {
+  status: number;
+  worker: number;
+  body: Buffer;
+  /** Set when the response broke off (the connection was cut before its end). */
+  error?: Error;
+  /** ms from the request to the first body byte. */
+  firstByteMs?: number;
+}
+
+/**
+ * GET on a connection of its own (so that the primary hands it to the next worker in turn).
+ * `onResponse` sees the response as it starts; never rejects for a cut body (see `error`).
+ */
+export function get(
+  url: string,
+  onResponse?: (res: IncomingMessage) => void,
+  timeoutMs = 60_000,
+): Promise<Got> {
+  return new Promise((resolve, reject) => {
+    const started = Date.now();
+    const req = request(url, { agent: false }, (res) => {
+      const chunks: Buffer[] = [];
+      const got: Got = {
+        status: res.statusCode ?? 0,
+        worker: Number(res.headers['pullcache-worker'] ?? 0),
+        body: Buffer.alloc(0),
+      };
+      onResponse?.(res);
+      res.on('data', (chunk: Buffer) => {
+        got.firstByteMs ??= Date.now() - started;
+        chunks.push(chunk);
+      });
+      const finish = (error?: Error) => {
+        got.body = Buffer.concat(chunks);
+        if (error) got.error = error;
+        resolve(got);
+      };
+      res.on('end', () => finish());
+      res.on('error', (err) => finish(err));
+      res.on('aborted', () => finish(new Error('aborted')));
+    });
+    req.setTimeout(timeoutMs, () => req.destroy(new Error('timed out')));
+    req.on('error', reject);
+    req.end();
+  });
+}
