@@ -16,6 +16,9 @@ export interface Lease {
   close(): Promise<void>;
 }
 
+/** How long a first connection may take before the lease counts as not held. */
+const CONNECT_TIMEOUT_MS = 3000;
+
 /** Renews the key only while it still holds our token; 1 when renewed. */
 const RENEW = `if redis.call('get', KEYS[1]) == ARGV[1] then
   return redis.call('pexpire', KEYS[1], ARGV[2])
@@ -34,6 +37,8 @@ interface MinimalRedis {
   eval(script: string, options: { keys: string[]; arguments: string[] }): Promise<unknown>;
   close?(): Promise<unknown>;
   quit?(): Promise<unknown>;
+  destroy?(): void;
+  disconnect?(): unknown;
   on(event: 'error', listener: (err: Error) => void): unknown;
 }
 
@@ -53,11 +58,28 @@ export class RedisLease implements Lease {
     this.client ??= import('@keyv/redis').then(async ({ createClient }) => {
       const client = createClient({
         url: this.url,
+        // A command while disconnected fails at once instead of waiting in a queue: the lease
+        // is then not held, and the next renewal (10 s) tries again.
+        disableOfflineQueue: true,
         socket: { connectTimeout: 2000, reconnectStrategy: (n: number) => Math.min(n * 200, 5000) },
       }) as unknown as MinimalRedis;
-      // Reconnects on its own; the lease is simply not held meanwhile.
       client.on('error', (err) => this.log.debug({ err: err.message }, 'lease redis error'));
-      await client.connect();
+      // connect() waits through reconnections; a Redis that is not there must not hold the
+      // lifecycle (its scan asks for the lease first).
+      let timer: NodeJS.Timeout | undefined;
+      try {
+        await Promise.race([
+          client.connect(),
+          new Promise((_, reject) => {
+            timer = setTimeout(() => reject(new Error('redis did not answer')), CONNECT_TIMEOUT_MS);
+          }),
+        ]);
+      } catch (err) {
+        (client.destroy ?? client.disconnect)?.call(client);
+        throw err;
+      } finally {
+        clearTimeout(timer);
+      }
       return client;
     });
     this.client.catch(() => {

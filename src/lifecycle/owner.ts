@@ -114,10 +114,10 @@ export class Ownership {
   private async acquireLease(lease: Lease): Promise<boolean> {
     try {
       this.held = await lease.acquire(OWNER_TTL_MS);
-    } catch (err) {
-      // Redis cannot be asked: nobody can be sure to own, so nobody evicts meanwhile.
+    } catch {
+      // Redis cannot be asked: nobody can be sure to own, so nobody evicts meanwhile (the
+      // metadata cache reports Redis as degraded); serving and the scan go on.
       this.held = false;
-      throw err;
     }
     if (this.held) await this.driver.putContent(paths.owner(), this.record());
     return this.held;
