@@ -1,0 +1,90 @@
+/** The primary's leases on digests (fleet/lease-table.ts), as the workers see them over IPC. */
+import { describe, expect, test } from 'vitest';
+import { LeaseTable } from '../../src/fleet/lease-table.js';
+import type { ToWorker } from '../../src/fleet/messages.js';
+import type { Digest } from '../../src/oci/digest.js';
+
+const digest = `sha256:${'a'.repeat(64)}` as Digest;
+
+function table() {
+  const sent: { worker: number; message: ToWorker }[] = [];
+  const leases = new LeaseTable((worker, message) => sent.push({ worker, message }));
+  const to = (worker: number) => sent.filter((s) => s.worker === worker).map((s) => s.message);
+  return { leases, sent, to };
+}
+
+describe('the leases of one host', () => {
+  test('the first to ask holds the digest; a later one is told the holder and what it said so far, then its progress', () => {
+    const { leases, to } = table();
+    leases.receive(1, { pullcache: 'lease', t: 'acquire', digest, token: '1.1' });
+    expect(to(1)).toEqual([{ pullcache: 'lease', t: 'granted', token: '1.1' }]);
+    leases.receive(1, { pullcache: 'lease', t: 'started', token: '1.1', upload: 'u1', size: 100 });
+    leases.receive(1, { pullcache: 'lease', t: 'progress', token: '1.1', written: 40 });
+    leases.receive(2, { pullcache: 'lease', t: 'acquire', digest, token: '2.1' });
+    expect(to(2)).toEqual([
+      {
+        pullcache: 'lease',
+        t: 'held',
+        token: '2.1',
+        holder: '1.1',
+        state: { upload: 'u1', size: 100, written: 40 },
+      },
+    ]);
+    leases.receive(1, { pullcache: 'lease', t: 'progress', token: '1.1', written: 90 });
+    leases.receive(1, { pullcache: 'lease', t: 'committed', token: '1.1', size: 100, kept: true });
+    expect(to(2).slice(1)).toEqual([
+      { pullcache: 'lease', t: 'event', holder: '1.1', event: { type: 'progress', written: 90 } },
+      {
+        pullcache: 'lease',
+        t: 'event',
+        holder: '1.1',
+        event: { type: 'committed', size: 100, kept: true },
+      },
+    ]);
+    // Ended: the next ask holds it afresh.
+    expect(leases.size).toBe(0);
+    leases.receive(2, { pullcache: 'lease', t: 'acquire', digest, token: '2.2' });
+    expect(to(2).at(-1)).toEqual({ pullcache: 'lease', t: 'granted', token: '2.2' });
+  });
+
+  test('a holder that exits fails its followers at once and frees the digest', () => {
+    const { leases, to } = table();
+    leases.receive(1, { pullcache: 'lease', t: 'acquire', digest, token: '1.1' });
+    leases.receive(2, { pullcache: 'lease', t: 'acquire', digest, token: '2.1' });
+    leases.receive(3, { pullcache: 'lease', t: 'acquire', digest, token: '3.1' });
+    leases.workerGone(1);
+    for (const follower of [2, 3])
+      expect(to(follower).at(-1)).toMatchObject({
+        t: 'event',
+        holder: '1.1',
+        event: { type: 'failed' },
+      });
+    leases.receive(3, { pullcache: 'lease', t: 'acquire', digest, token: '3.2' });
+    expect(to(3).at(-1)).toEqual({ pullcache: 'lease', t: 'granted', token: '3.2' });
+  });
+
+  test("a take-over cuts the stalled holder's other followers, and what the stalled holder says next is ignored", () => {
+    const { leases, to, sent } = table();
+    leases.receive(1, { pullcache: 'lease', t: 'acquire', digest, token: '1.1' });
+    leases.receive(2, { pullcache: 'lease', t: 'acquire', digest, token: '2.1' });
+    leases.receive(3, { pullcache: 'lease', t: 'acquire', digest, token: '3.1' });
+    leases.receive(2, { pullcache: 'lease', t: 'takeOver', digest, token: '2.2' });
+    expect(to(3).at(-1)).toMatchObject({ t: 'event', holder: '1.1', event: { type: 'failed' } });
+    expect(to(2)).toHaveLength(1); // the taker is not told its own take-over
+    const before = sent.length;
+    leases.receive(1, { pullcache: 'lease', t: 'committed', token: '1.1', size: 5, kept: true });
+    expect(sent).toHaveLength(before);
+    // The taker holds it now: a new follower follows the taker.
+    leases.receive(3, { pullcache: 'lease', t: 'acquire', digest, token: '3.2' });
+    expect(to(3).at(-1)).toMatchObject({ t: 'held', holder: '2.2' });
+  });
+
+  test('a follower that stops watching is told nothing more', () => {
+    const { leases, to } = table();
+    leases.receive(1, { pullcache: 'lease', t: 'acquire', digest, token: '1.1' });
+    leases.receive(2, { pullcache: 'lease', t: 'acquire', digest, token: '2.1' });
+    leases.receive(2, { pullcache: 'lease', t: 'unwatch', token: '1.1' });
+    leases.receive(1, { pullcache: 'lease', t: 'progress', token: '1.1', written: 10 });
+    expect(to(2)).toHaveLength(1);
+  });
+});
