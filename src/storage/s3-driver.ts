@@ -261,7 +261,10 @@ export class S3Driver implements StorageDriver {
     if (p === '') {
       await this.send('reach the bucket', () =>
         this.client.send(new HeadBucketCommand({ Bucket: this.bucket })),
-      );
+      ).catch((err: unknown) => {
+        if (statusOf(err) !== 404) throw err;
+        throw new StorageUnavailableError('storage is unavailable: no such bucket (HTTP 404)', err);
+      });
       return { path: p, size: 0, modTime: new Date(), isDirectory: true };
     }
     const open = this.writing.get(p);
