@@ -63,6 +63,23 @@ export class FleetFetch implements UpstreamFetch {
     return this.current instanceof BlobFetch;
   }
 
+  // What the status page shows of a fetch (proxy/inflight.ts): one followed from another
+  // process shows the bytes that process has written.
+  /** When this process asked for the blob, ms since epoch. */
+  readonly startedAt = Date.now();
+
+  /** Bytes received so far: from the upstream here, or written by the process followed. */
+  get received(): number {
+    const current = this.current;
+    if (!current) return 0;
+    return current instanceof BlobFetch ? current.received : current.written;
+  }
+
+  /** Clients of this process following the fetch now. */
+  get clients(): number {
+    return (this.current as Partial<{ clients: number }> | undefined)?.clients ?? 0;
+  }
+
   follow(start: number, end: number): BlobFollower {
     if (!this.current) throw new Error('follow before the fetch is ready');
     return this.current.follow(start, end);

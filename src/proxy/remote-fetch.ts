@@ -168,6 +168,11 @@ export class RemoteBlobFetch implements UpstreamFetch, FollowedFetch {
     return this.state === 'committed';
   }
 
+  /** Clients following the fetch now. */
+  get clients(): number {
+    return this.followers.size;
+  }
+
   async readWritten(offset: number, length: number): Promise<RangeStream> {
     if (this.state !== 'committed') {
       try {

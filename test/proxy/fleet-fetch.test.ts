@@ -1,0 +1,50 @@
+/**
+ * FleetFetch with leases of its own making (the host's leases are tested through real workers in
+ * test/fleet/): what it shows of a fetch another process holds.
+ */
+import { expect, test } from 'vitest';
+import type { DigestLeases, HeldFetch, HolderEvent } from '../../src/fleet/types.js';
+import { silentLogger } from '../../src/log/logger.js';
+import type { Digest } from '../../src/oci/digest.js';
+import { FleetFetch } from '../../src/proxy/fleet-fetch.js';
+import type { BlobStore, RepositoryKey } from '../../src/storage/types.js';
+import type { UpstreamClient } from '../../src/upstream/types.js';
+
+test('a fetch followed from another process shows the bytes that process wrote and its own clients', async () => {
+  let tell!: (event: HolderEvent) => void;
+  const holder: HeldFetch = {
+    watch: (listener) => (tell = listener),
+    readWritten: () => Promise.reject(new Error('not read here')),
+    close: () => {},
+  };
+  const leases: DigestLeases = {
+    acquire: () => Promise.resolve({ held: false, holder }),
+    takeOver: () => {
+      throw new Error('no take-over here');
+    },
+  };
+  const fetch = new FleetFetch({
+    leases,
+    idleTimeout: 60_000,
+    blobs: {} as BlobStore,
+    client: {} as UpstreamClient,
+    repo: { upstream: 'docker.io', repository: 'library/x' } as RepositoryKey,
+    digest: `sha256:${'b'.repeat(64)}` as Digest,
+    log: silentLogger(),
+    orphanTimeout: 60_000,
+    onCommitted: async () => {},
+  });
+  await new Promise((r) => setImmediate(r));
+  tell({ type: 'started', size: 1000 });
+  await fetch.ready;
+  tell({ type: 'progress', written: 400 });
+  const follower = fetch.follow(0, 1000);
+  expect(fetch.local).toBe(false);
+  expect(fetch.size).toBe(1000);
+  expect(fetch.received).toBe(400);
+  expect(fetch.clients).toBe(1);
+  follower.destroy();
+  expect(fetch.clients).toBe(0);
+  tell({ type: 'failed', reason: 'the holder gave up' });
+  await expect(fetch.done).rejects.toThrow('the holder gave up');
+});
