@@ -71,9 +71,6 @@ describe('workers on one host', () => {
     throw new Error('no request reached the wanted worker');
   }
 
-  /** Workers that have listened so far, replacements included. */
-  const listening = () => pc.lines.filter((l) => l.msg === 'pullcache listening').length;
-
   const intact = (r: Got, digest: string) =>
     r.status === 200 && r.error === undefined && sha256(r.body) === digest;
 
@@ -111,11 +108,10 @@ describe('workers on one host', () => {
     expect(intact(retry, b.digest)).toBe(true);
     expect(throttle.gets.get(b.digest)).toBe(2);
     // The dead worker is replaced: two live workers again, one of them new.
-    await waitFor(async () => pc.workers().length === 2, 'a replacement worker', 30_000);
+    await pc.waitForWorkers(2, 3);
     expect(pc.workers()).not.toContain(holder.pid);
     expect(pc.workers()).toContain(follower.pid);
-    await waitFor(async () => listening() >= 3, 'the replacement listening', 30_000);
-  });
+  }, 120_000);
 
   test('a worker dying does not cut the downloads of the others, and new requests are answered', async () => {
     const b = await blob(48 * MiB);
@@ -137,9 +133,8 @@ describe('workers on one host', () => {
     expect(intact(await get(b.url), b.digest)).toBe(true);
     slowRes!.resume();
     expect(intact(await slow, b.digest)).toBe(true);
-    await waitFor(async () => pc.workers().length === 2, 'a replacement worker', 30_000);
-    await waitFor(async () => listening() >= 4, 'the replacement listening', 30_000);
-  });
+    await pc.waitForWorkers(2, 4);
+  }, 120_000);
 
   test('a follower whose fetching worker stalls fetches the blob itself', async () => {
     const b = await blob(24 * MiB);

@@ -20,6 +20,12 @@ export interface WorkersServer {
   lines: Record<string, unknown>[];
   /** The pids of the live workers, read from /proc. */
   workers(): number[];
+  /**
+   * Waits until `count` workers are alive and `listened` have listened since the start
+   * (replacements included); on a timeout, the error shows what the server logged at warn or
+   * above and on stderr.
+   */
+  waitForWorkers(count: number, listened: number, timeoutMs?: number): Promise<void>;
   /** Waits for the primary to exit (after a signal); resolves to its exit code. */
   exited(): Promise<number | null>;
   stop(): Promise<void>;
@@ -116,6 +122,20 @@ export async function startWorkers(options: {
     primary,
     lines,
     workers: () => childrenOf(primary.pid!),
+    async waitForWorkers(count, listened, timeoutMs = 60_000) {
+      try {
+        await waitFor(
+          async () => childrenOf(primary.pid!).length === count && listening() >= listened,
+          `${count} workers, ${listened} listened`,
+          timeoutMs,
+        );
+      } catch (err) {
+        const logged = lines.filter((l) => typeof l.level !== 'number' || l.level >= 40);
+        throw new Error(
+          `${(err as Error).message}; logged: ${JSON.stringify(logged.slice(-10))}`.slice(0, 4000),
+        );
+      }
+    },
     exited: () => exit,
     async stop() {
       if (primary.exitCode === null && primary.signalCode === null) {
