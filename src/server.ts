@@ -36,7 +36,7 @@ import {
   TrackedTagService,
 } from './lifecycle/tracking.js';
 import type { ImageRef } from './lifecycle/types.js';
-import { FilesystemDriver } from './storage/filesystem-driver.js';
+import { closeDriver, createDriver, storageKey } from './storage/create-driver.js';
 import {
   LocalBlobService,
   LocalManifestService,
@@ -44,7 +44,15 @@ import {
 } from './storage/local-services.js';
 import { DriverReferrersStore } from './storage/referrers-store.js';
 import { DriverRepositoryStore } from './storage/repository-store.js';
-import type { BlobStore, RepositoryStore, StorageDriver } from './storage/types.js';
+import { RedirectingBlobService } from './storage/redirect.js';
+import { RedisLease } from './lifecycle/lease.js';
+import {
+  StorageUnavailableError,
+  type BlobService,
+  type BlobStore,
+  type RepositoryStore,
+  type StorageDriver,
+} from './storage/types.js';
 import { RegistryClient } from './upstream/client.js';
 import type { UpstreamClient } from './upstream/types.js';
 
@@ -92,7 +100,7 @@ export function createRuntime(
         rateLimitRemaining: c.rateLimit?.remaining,
       })),
   });
-  const driver = new FilesystemDriver(config.storage.filesystem.root);
+  const driver = createDriver(config.storage);
   const storedBlobs = new DriverBlobStore(driver, {
     deleteEnabled: config.storage.delete.enabled,
   });
@@ -119,6 +127,9 @@ export function createRuntime(
     metrics,
     fetching: (digest) => inflight.has(digest),
     uploadsPurgeAge: config.storage.uploads.purgeAge,
+    ...(config.cache.store === 'redis'
+      ? { replicas: { lease: new RedisLease(config.cache.redis.url, leaseKey(config), log) } }
+      : {}),
   });
   // Everything above the stores tells the lifecycle what comes and goes.
   const blobs = new TrackedBlobStore(storedBlobs, lifecycle);
@@ -195,6 +206,7 @@ export function createRuntime(
       await Promise.all([...clients.values()].map((c) => c.close()));
       await lifecycle.close();
       await cache.close();
+      await closeDriver(driver);
     },
   };
 }
@@ -217,9 +229,7 @@ export async function startServer(config: Config, log: Logger): Promise<RunningS
   const probe = await runtime.probe();
   if (!probe.storage.ok) {
     await runtime.close();
-    throw new ConfigError([
-      `storage.filesystem.root: cannot use ${JSON.stringify(resolve(config.storage.filesystem.root))}: ${probe.storage.reason}`,
-    ]);
+    throw new ConfigError([`${storageKey(config.storage)}: ${probe.storage.reason}`]);
   }
   if (!probe.cache.ok) {
     log.warn(
@@ -334,6 +344,7 @@ async function probeStorage(driver: StorageDriver, root: string): Promise<Reacha
     await driver.putContent('.readyz', String(Date.now()));
     return { ok: true };
   } catch (err) {
+    if (err instanceof StorageUnavailableError) return { ok: false, reason: err.message };
     const code = (err as NodeJS.ErrnoException).code;
     const known = code === undefined ? undefined : FS_REASONS[code];
     return {
@@ -369,11 +380,29 @@ function servedServices(runtime: Runtime): Map<string, UpstreamServices> {
   for (const [name, s] of runtime.services)
     served.set(name, {
       ...s,
-      blobs: new TrackedBlobService(s.blobs, lifecycle),
+      blobs: new TrackedBlobService(redirecting(runtime, s.blobs), lifecycle),
       manifests: new TrackedManifestService(s.manifests, lifecycle),
       tags: new TrackedTagService(s.tags, lifecycle),
     });
   return served;
+}
+
+/** The Redis key of the lifecycle lease: one per storage, as several caches may share a Redis. */
+function leaseKey(config: Config): string {
+  const s = config.storage;
+  const where =
+    s.driver === 's3'
+      ? `s3:${s.s3.endpoint || 'aws'}/${s.s3.bucket}/${s.s3.prefix}`
+      : `fs:${resolve(s.filesystem.root)}`;
+  return `pullcache:lifecycle-lease:${where}`;
+}
+
+/** With `storage.s3.redirect`, stored blobs are answered with a presigned URL of their object. */
+function redirecting(runtime: Runtime, blobs: BlobService): BlobService {
+  const { storage } = runtime.config;
+  if (storage.driver !== 's3' || !storage.s3.redirect) return blobs;
+  const ttl = Math.max(1, Math.round(storage.s3.redirectTTL / 1000));
+  return new RedirectingBlobService(blobs, runtime.local.blobs, runtime.driver, ttl);
 }
 
 /** `retention.pins` as image references; a bad one stops start-up naming its key. */

@@ -158,8 +158,33 @@ export const configSchema = z
       .prefault({}),
     storage: z
       .strictObject({
-        driver: z.literal('filesystem').default('filesystem'),
+        driver: z.enum(['filesystem', 's3']).default('filesystem'),
         filesystem: z.strictObject({ root: z.string().min(1).default('./data') }).prefault({}),
+        s3: z
+          .strictObject({
+            bucket: z.string().default('pullcache'),
+            region: z.string().min(1).default('us-east-1'),
+            /** Empty: AWS; else the S3 endpoint's URL. */
+            endpoint: z
+              .string()
+              .regex(/^(https?:\/\/.+)?$/, 'expected an http:// or https:// URL, or ""')
+              .default(''),
+            forcePathStyle: bool(false),
+            /** Key prefix inside the bucket. */
+            prefix: z
+              .string()
+              .regex(/^([^/].*\/)?$/, 'expected "" or a prefix ending in "/" (e.g. "cache/")')
+              .default(''),
+            /** Names of environment variables with the key; empty: the AWS default chain. */
+            accessKeyEnv: z.string().default(''),
+            secretKeyEnv: z.string().default(''),
+            /** Multipart part size for uploads (S3's minimum is 5MiB). */
+            partSize: size('16MiB').refine((n) => n >= 5 * 1024 * 1024, 'expected at least 5MiB'),
+            /** Blob GETs answer 307 to a presigned URL of the object instead of streaming it. */
+            redirect: bool(false),
+            redirectTTL: duration('20m'),
+          })
+          .prefault({}),
         delete: z.strictObject({ enabled: bool(false) }).prefault({}),
         uploads: z
           .strictObject({

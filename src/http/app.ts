@@ -314,6 +314,14 @@ async function getBlob(
     res.status(304).end();
     return;
   }
+  // Redirect mode: the client fetches a stored blob (and any range of it) from the storage.
+  const location = await blobs.locate?.(repo, digest);
+  if (location) {
+    res.locals.cache = 'hit';
+    res.setHeader('Docker-Content-Digest', digest);
+    res.redirect(307, location);
+    return;
+  }
   const requested = parseRange(req.headers.range);
   let range: ByteRange | undefined;
   if (requested && 'suffix' in requested) {

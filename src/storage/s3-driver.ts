@@ -44,7 +44,6 @@ import {
   type CompletedPart,
 } from '@aws-sdk/client-s3';
 import { getSignedUrl } from '@aws-sdk/s3-request-presigner';
-import { NodeHttpHandler } from '@smithy/node-http-handler';
 import { RangeInvalidError } from '../oci/errors.js';
 import { FileRange } from './file-range.js';
 import { ObjectRange } from './object-range.js';
@@ -114,12 +113,13 @@ export class S3Driver implements StorageDriver {
       // that newer SDKs add by default, and every blob is verified by its digest anyway.
       requestChecksumCalculation: 'WHEN_REQUIRED',
       responseChecksumValidation: 'WHEN_REQUIRED',
-      requestHandler: new NodeHttpHandler({
+      // The SDK's own Node handler, with these options.
+      requestHandler: {
         connectionTimeout: 5000,
         requestTimeout: 60_000,
         httpAgent: new HttpAgent(agent),
         httpsAgent: new Agent(agent),
-      }),
+      },
     });
     this.client.middlewareStack.add(
       (next, context) => (args) => {

@@ -18,12 +18,14 @@ import { Recorder } from '../helpers/recorder.js';
 import { TestRegistry } from '../helpers/registry.js';
 import { expectDirHolds, skopeo, skopeoCopy } from '../helpers/skopeo.js';
 import { startRedis } from '../helpers/redis.js';
+import { DRIVERS, useStorage } from '../helpers/storage-drivers.js';
 
 const tmp = () => mkdtempSync(join(tmpdir(), 'pullcache-pull-'));
 const MANIFEST_GET = /\/manifests\//;
 const BLOB_PATH = /\/blobs\/sha256:/;
 
-describe('pulling through pullcache from a real registry', () => {
+describe.each(DRIVERS)('pulling through pullcache from a real registry (%s storage)', (kind) => {
+  const storage = useStorage(kind, { scope: 'file' });
   let registry: TestRegistry;
   let recorder: Recorder;
   let pc: TestPullcache;
@@ -53,6 +55,7 @@ describe('pulling through pullcache from a real registry', () => {
     manyTags.sort();
     recorder = await Recorder.start(registry.url);
     pc = await startPullcache({
+      storage: storage.config(),
       upstreams: {
         'docker.io': { url: recorder.url, tagTTL: '1h' },
         'registry.test': {
@@ -488,14 +491,15 @@ describe('pulling through pullcache from a real registry', () => {
 
   test('with Redis as the metadata cache, a second process on the same storage serves what the first cached', async () => {
     const redis = await startRedis();
-    const root = tmp();
+    const shared = storage.another();
+    const root = (shared.filesystem as { root?: string } | undefined)?.root ?? tmp();
     const upstreams = { 'docker.io': { url: recorder.url, tagTTL: '1h' } };
     const a = await startPullcache(
-      { upstreams, cache: { store: 'redis', redis: { url: redis.url } } },
+      { storage: shared, upstreams, cache: { store: 'redis', redis: { url: redis.url } } },
       root,
     );
     const b = await startPullcache(
-      { upstreams, cache: { store: 'redis', redis: { url: redis.url } } },
+      { storage: shared, upstreams, cache: { store: 'redis', redis: { url: redis.url } } },
       root,
     );
     try {
@@ -551,7 +555,7 @@ describe('pulling through pullcache from a real registry', () => {
 
       // A new process on the same storage (memory cache gone) still serves it all, offline.
       const again = await startPullcache(
-        { upstreams: { 'docker.io': { url: recorder.url } } },
+        { storage: storage.config(), upstreams: { 'docker.io': { url: recorder.url } } },
         pc.root,
       );
       try {
@@ -590,7 +594,10 @@ describe('pulling through pullcache from a real registry', () => {
     }
     // Configured offline (air-gapped): the same answer, without dialling anything.
     const offline = await startPullcache(
-      { upstreams: { 'docker.io': { url: recorder.url, offline: true } } },
+      {
+        storage: storage.config(),
+        upstreams: { 'docker.io': { url: recorder.url, offline: true } },
+      },
       pc.root,
     );
     try {
