@@ -5,6 +5,7 @@
 import { LRUCache } from 'lru-cache';
 import { keys } from '../metadata/keys.js';
 import type { Digest } from '../oci/digest.js';
+import type { Descriptor } from '../oci/descriptor.js';
 import type { Tag } from '../oci/reference.js';
 import type { MetadataCache } from '../metadata/types.js';
 import type {
@@ -23,28 +24,81 @@ import type {
   TagService,
 } from './types.js';
 
+/**
+ * Blobs as one repository holds them. The bytes are shared by digest across repositories and
+ * upstreams, but a blob is served for a repository only when that repository holds it: a layer
+ * link (it was fetched, imported or confirmed for it), or a manifest revision link (a manifest's
+ * own bytes asked for as a blob). Never because another repository holds the same digest: a
+ * private image's layers are not to be read by naming their digests under a public repository.
+ * Whether the upstream has it for a repository that does not hold it is ProxyBlobStore's to ask.
+ *
+ * The warm path answers from memory (the metadata cache's LRU: the repository's descriptor);
+ * storage's links are read only on a miss, and a removed link leaves the cache with it
+ * (`deleteRepositoryDescriptor`, see lifecycle/removal.ts).
+ */
 export class LocalBlobService implements BlobService {
   constructor(
     private readonly blobs: BlobStore,
+    private readonly repositories: RepositoryStore,
     private readonly cache: MetadataCache,
   ) {}
 
-  async stat(_repo: RepositoryKey, digest: Digest): Promise<StatResult> {
-    // Blob bytes are shared by digest across repositories and upstreams: verified content is
-    // the same content whichever repository it was fetched for.
+  /** `{found:false}` when the repository does not hold the blob, or its bytes are not stored. */
+  async stat(repo: RepositoryKey, digest: Digest): Promise<StatResult> {
+    const held = await this.cache.getRepositoryDescriptor(repo, digest);
+    if (held) return { found: true, descriptor: held };
+    const manifest = await this.cache.getManifest(repo, digest);
+    if (manifest) return { found: true, descriptor: manifestDescriptor(manifest) };
+    if (await this.repositories.hasBlob(repo, digest)) {
+      const stored = await this.stored(digest);
+      if (stored.found) await this.cache.setRepositoryDescriptor(repo, stored.descriptor);
+      return stored;
+    }
+    // A manifest's link is cached as the manifest (removed with it), not as a layer link.
+    const link = await this.repositories.getManifest(repo, digest);
+    if (!link) return { found: false };
+    const stored = await this.stored(digest);
+    if (stored.found) await this.cache.setManifest(repo, link);
+    return stored.found ? { found: true, descriptor: manifestDescriptor(link) } : stored;
+  }
+
+  async open(repo: RepositoryKey, digest: Digest, range?: ByteRange): Promise<OpenResult> {
+    const held = await this.stat(repo, digest);
+    if (!held.found) return held;
+    const result = await this.blobs.open(digest, range);
+    if (!result.found) {
+      // Linked, but its bytes are gone (removed by another process): forget both.
+      await this.cache.deleteDescriptor(digest);
+      await this.cache.deleteRepositoryDescriptor(repo, digest);
+    }
+    return result;
+  }
+
+  /**
+   * Records that the repository holds a stored blob (fetched for it, or confirmed by its
+   * upstream): a layer link through the repository store (the lifecycle sees it), then memory.
+   */
+  async link(repo: RepositoryKey, descriptor: Descriptor): Promise<void> {
+    await this.repositories.linkBlob(repo, descriptor);
+    await this.cache.setRepositoryDescriptor(repo, descriptor);
+    await this.cache.setDescriptor(descriptor);
+  }
+
+  /** Whether the bytes are stored at all, for any repository: never a reason to serve them. */
+  async stored(digest: Digest): Promise<StatResult> {
     const cached = await this.cache.getDescriptor(digest);
     if (cached) return { found: true, descriptor: cached };
     const stat = await this.blobs.stat(digest);
     if (stat.found) await this.cache.setDescriptor(stat.descriptor);
     return stat;
   }
-
-  async open(_repo: RepositoryKey, digest: Digest, range?: ByteRange): Promise<OpenResult> {
-    const result = await this.blobs.open(digest, range);
-    if (!result.found) await this.cache.deleteDescriptor(digest);
-    return result;
-  }
 }
+
+const manifestDescriptor = (link: ManifestLink): Descriptor => ({
+  digest: link.digest,
+  size: link.size,
+  mediaType: link.mediaType,
+});
 
 /** Manifest bytes kept in memory, at most this much in all: hot manifests never touch the disk. */
 const MANIFEST_MEMORY_BYTES = 64 * 1024 * 1024;
