@@ -6,6 +6,7 @@
  */
 import { pipeline } from 'node:stream/promises';
 import * as tar from 'tar-stream';
+import { repositoryLists } from '../access/repositories.js';
 import { formatLocation } from '../routing.js';
 import { DigestVerifier, parseDigest, type Digest } from '../oci/digest.js';
 import { parseManifest } from '../oci/manifest.js';
@@ -327,6 +328,13 @@ function placeImages(
     throw new BundleError(
       `${file}: its images are from ${one ? 'upstream' : 'upstreams'} ${passthrough.join(', ')}, which ${one ? 'is a passthrough upstream' : 'are passthrough upstreams'} here (nothing is cached for ${one ? 'it' : 'them'}); map ${one ? 'it' : 'them'} with ${mapHint(passthrough)}`,
     );
+  }
+  // Outside an upstream's allow/deny lists: refused, and nothing of the bundle is kept.
+  const lists = repositoryLists(runtime.config);
+  for (const image of placed) {
+    const verdict = lists.verdict(image.upstream, image.repository);
+    if (!verdict.allowed)
+      throw new BundleError(`${file}: ${formatLocation(image)} is refused: ${verdict.reason}`);
   }
   return placed;
 }

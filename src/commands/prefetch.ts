@@ -4,6 +4,7 @@
  * every platform (or only those asked for), configs and layers. Safe beside a running server on
  * the same storage: every blob lands by an atomic rename of a verified upload.
  */
+import { repositoryLists } from '../access/repositories.js';
 import type { Config } from '../config/schema.js';
 import { formatLocation, parseLocation, type ImageLocation } from '../routing.js';
 import type { Digest } from '../oci/digest.js';
@@ -83,6 +84,8 @@ async function prefetchImage(
   platforms: PlatformFilter[],
   progress: Progress,
 ): Promise<void> {
+  // Outside the upstream's allow/deny lists: refused before anything is fetched.
+  repositoryLists(runtime.config).check(location.upstream, location.repository);
   const services = runtime.services.get(location.upstream);
   if (!services)
     throw new Error(
@@ -118,13 +121,17 @@ async function prefetchImage(
   item.layers = blobs.size;
   item.total = [...blobs.values()].reduce((a, b) => a + b, 0);
 
+  // Held by the repository already; or stored for another one and confirmed by the upstream for
+  // this one (which links it), never on the strength of the other's copy.
+  const cached = async (blobDigest: Digest) =>
+    (await runtime.local.blobs.stat(repo, blobDigest)).found ||
+    ((await runtime.blobs.stat(blobDigest)).found &&
+      (await services.blobs.stat(repo, blobDigest)).found);
   const queue = [...blobs.entries()];
   const worker = async () => {
     for (let next = queue.shift(); next; next = queue.shift()) {
       const [blobDigest, size] = next;
-      const stored = await runtime.blobs.stat(blobDigest);
-      if (stored.found) {
-        await runtime.repositories.linkBlob(repo, stored.descriptor);
+      if (await cached(blobDigest)) {
         item.done += size;
         progress.layerDone(name, blobDigest, size, 'cached');
         continue;
