@@ -7,7 +7,8 @@
  * test: nothing here asserts.
  *
  * PULLCACHE_BENCH_SCALE=0.1 shrinks every blob for a quick try (figures are then not comparable);
- * PULLCACHE_BENCH_ONLY=pullcache (or distribution) measures one server and prints its figures.
+ * PULLCACHE_BENCH_ONLY=pullcache (or distribution) measures one server and prints its figures;
+ * PULLCACHE_BENCH_ONLY=fleet runs only the fleet phases (bench/fleet.ts) and prints their table.
  */
 import { execFile } from 'node:child_process';
 import { cpus, totalmem, tmpdir } from 'node:os';
@@ -25,6 +26,14 @@ import {
   type PushedImage,
 } from './seed.js';
 import { startDistributionProxy, startPullcacheProcess, type ServerUnderTest } from './servers.js';
+import { measureAuthenticated } from './auth.js';
+import {
+  fleetTable,
+  measureFleet,
+  measureWorkers,
+  type FleetFigures,
+  type WorkersFigures,
+} from './fleet.js';
 
 const run = promisify(execFile);
 const MiB = 1024 * 1024;
@@ -45,6 +54,8 @@ interface Figures {
   manifestsByDigestRps: number;
   manifestsByTagRps: number;
   manifestErrors: number;
+  /** By digest with a token of pullcache's realm, authentication on (bench/auth.ts); pullcache only. */
+  manifestsAuthenticatedRps?: number;
   peakRssMB: number;
 }
 
@@ -226,6 +237,8 @@ interface Seed {
   big: FileBlob;
   medium: FileBlob;
   image: PushedImage;
+  /** A 512 MiB blob each server gets cold once, for its CPU per GiB (bench/fleet.ts). */
+  cpu: FileBlob;
 }
 
 async function seedUpstream(upstream: TestRegistry, work: string): Promise<Seed> {
@@ -241,10 +254,12 @@ async function seedUpstream(upstream: TestRegistry, work: string): Promise<Seed>
   for (const [i, raw] of [210, 160, 120, 95, 65].entries())
     layers.push(await realisticLayer(files, `layer${i}`, sized(raw * MiB)));
   const image = await pushImage(upstream, 'bench/app', 'v1', layers);
+  const cpu = await randomBlob(files, 'cpu', sized(512 * MiB));
+  await pushFileBlob(upstream, 'bench/cpu', cpu);
   // The 256 MiB layer's file stays: the 16 clients compare their bytes with it.
-  for (const l of [big, ...layers]) rmSync(l.path, { force: true });
+  for (const l of [big, cpu, ...layers]) rmSync(l.path, { force: true });
   log(`seeded: image ${(layers.reduce((n, l) => n + l.size, 0) / MiB).toFixed(0)} MiB in 5 layers`);
-  return { big, medium, image };
+  return { big, medium, image, cpu };
 }
 
 const TARGETS: {
@@ -329,6 +344,14 @@ const TARGETS: {
     higherIsBetter: true,
   },
   {
+    key: 'manifestsAuthenticatedRps',
+    label: 'manifests by digest, authenticated',
+    unit: 'req/s',
+    target: '>= 0.8x unauthenticated',
+    met: (p) => (p.manifestsAuthenticatedRps ?? 0) >= 0.8 * p.manifestsByDigestRps,
+    higherIsBetter: true,
+  },
+  {
     key: 'peakRssMB',
     label: 'peak RSS, whole run',
     unit: 'MB',
@@ -338,14 +361,15 @@ const TARGETS: {
   },
 ];
 
-function fmt(value: number): string {
+function fmt(value: number | undefined): string {
+  if (value === undefined) return '-'; // not measured for this server
   return value >= 100 ? value.toFixed(0) : value >= 10 ? value.toFixed(1) : value.toFixed(2);
 }
 
 function table(p: Figures, d: Figures): string {
   const rows = TARGETS.map((t) => {
     const ratio = d[t.key] ? (p[t.key] as number) / (d[t.key] as number) : NaN;
-    return `| ${t.label} | ${fmt(d[t.key] as number)} ${t.unit} | ${fmt(p[t.key] as number)} ${t.unit} | ${Number.isFinite(ratio) ? `${fmt(ratio)}x` : '-'} | ${t.target} | ${t.met(p, d) ? 'yes' : '**no**'} |`;
+    return `| ${t.label} | ${fmt(d[t.key] as number | undefined)} ${t.unit} | ${fmt(p[t.key] as number)} ${t.unit} | ${Number.isFinite(ratio) ? `${fmt(ratio)}x` : '-'} | ${t.target} | ${t.met(p, d) ? 'yes' : '**no**'} |`;
   });
   return [
     '| figure | distribution | pullcache | pullcache / distribution | target | met |',
@@ -388,12 +412,16 @@ async function main(): Promise<void> {
   const servers: ServerUnderTest[] = [];
   try {
     const seed = await seedUpstream(upstream, work);
-    const refs = await references(upstream, seed, work);
-    const results: Partial<Record<ServerUnderTest['name'], Figures>> = {};
-    // PULLCACHE_BENCH_ONLY=pullcache measures pullcache alone, for quick tries: no table, no files.
+    // PULLCACHE_BENCH_ONLY=pullcache measures pullcache alone, for quick tries: no table, no files;
+    // =fleet only the fleet phases, of both servers.
     const only = process.env.PULLCACHE_BENCH_ONLY;
+    const fleetOnly = only === 'fleet';
+    const refs = fleetOnly ? undefined : await references(upstream, seed, work);
+    const results: Partial<Record<ServerUnderTest['name'], Figures>> = {};
+    const fleet: Partial<Record<ServerUnderTest['name'], FleetFigures>> = {};
     const starts = [startDistributionProxy, startPullcacheProcess].filter(
-      (s) => only === undefined || (s === startPullcacheProcess) === (only === 'pullcache'),
+      (s) =>
+        only === undefined || fleetOnly || (s === startPullcacheProcess) === (only === 'pullcache'),
     );
     for (const start of starts) {
       const server = await start(
@@ -401,22 +429,42 @@ async function main(): Promise<void> {
         upstream.url,
       );
       servers.push(server);
-      results[server.name] = await measure(server, upstream, seed, work);
+      if (!fleetOnly) results[server.name] = await measure(server, upstream, seed, work);
+      if (!fleetOnly && server.name === 'pullcache') {
+        const path = `/v2/${seed.image.repository}/manifests/${seed.image.digest}`;
+        const auth = await measureAuthenticated(
+          join(work, 'auth'),
+          upstream.url,
+          path,
+          MANIFEST_ACCEPT,
+        );
+        log(
+          `pullcache, authenticated: ${auth.tokenRps.toFixed(0)} req/s by token, ${auth.basicRps.toFixed(0)} by Basic`,
+        );
+        results.pullcache!.manifestsAuthenticatedRps = auth.tokenRps;
+        results.pullcache!.manifestErrors += auth.errors;
+      }
+      fleet[server.name] = await measureFleet(server, seed.cpu, seed.image, log);
       await server.stop();
       if (server.name === 'pullcache') reportWarnings(join(work, server.name, 'pullcache.log'));
       rmSync(join(work, server.name), { recursive: true, force: true });
     }
+    const workers: WorkersFigures | undefined = starts.includes(startPullcacheProcess)
+      ? await measureWorkers(join(work, 'workers'), upstream, seed.medium, 'bench/medium', log)
+      : undefined;
     if (only !== undefined) {
-      process.stdout.write(`${JSON.stringify({ ...results, references: refs }, null, 2)}\n`);
+      process.stdout.write(
+        `${JSON.stringify({ ...results, fleet, workers, references: refs }, null, 2)}\n\n${fleetTable(fleet, workers)}\n`,
+      );
       return;
     }
     const machine = `${cpus().length} cores (${cpus()[0]?.model.trim()}), ${(totalmem() / 2 ** 30).toFixed(0)} GiB, Node ${process.version}`;
     const date = new Date().toISOString().slice(0, 10);
-    const md = `Run on ${date}, ${machine}${scale !== 1 ? `, scale ${scale}` : ''}.\n\n${table(results.pullcache!, results.distribution!)}\n\n${referenceTable(refs, results.distribution!)}\n`;
+    const md = `Run on ${date}, ${machine}${scale !== 1 ? `, scale ${scale}` : ''}.\n\n${table(results.pullcache!, results.distribution!)}\n\n${referenceTable(refs!, results.distribution!)}\n\n${fleetTable(fleet, workers)}\n`;
     mkdirSync('bench/results', { recursive: true });
     writeFileSync(
       'bench/results/latest.json',
-      JSON.stringify({ date, machine, scale, results, references: refs }, null, 2),
+      JSON.stringify({ date, machine, scale, results, fleet, workers, references: refs }, null, 2),
     );
     writeFileSync('bench/results/latest.md', md);
     process.stdout.write(`\n${md}\n`);

@@ -34,7 +34,13 @@ function procStatus(pid: number, field: string): number {
   return m ? Number(m[1]) * 1024 : 0;
 }
 
-async function ready(url: string, what: string, child: ChildProcess, log: string): Promise<void> {
+async function ready(
+  url: string,
+  what: string,
+  child: ChildProcess,
+  log: string,
+  expected = 200,
+): Promise<void> {
   const exited = new Promise<never>((_, reject) =>
     child.once('exit', (code) =>
       reject(
@@ -50,7 +56,7 @@ async function ready(url: string, what: string, child: ChildProcess, log: string
       async () => {
         const res = await fetch(`${url}/v2/`);
         await res.arrayBuffer();
-        return res.status === 200;
+        return res.status === expected;
       },
       what,
       20_000,
@@ -78,6 +84,7 @@ function handle(name: ServerUnderTest['name'], child: ChildProcess, port: number
 export async function startPullcacheProcess(
   dir: string,
   upstreamUrl: string,
+  options: { htpasswd?: string; workers?: number } = {},
 ): Promise<ServerUnderTest> {
   const port = await freePort();
   mkdirSync(dir, { recursive: true });
@@ -87,6 +94,7 @@ export async function startPullcacheProcess(
     [
       'server:',
       `  listen: 127.0.0.1:${port}`,
+      `  workers: ${options.workers ?? 1}`,
       'storage:',
       '  filesystem:',
       `    root: ${join(dir, 'data')}`,
@@ -96,6 +104,8 @@ export async function startPullcacheProcess(
       '    tagTTL: 1h',
       'log:',
       `  level: ${process.env.PULLCACHE_BENCH_LOG_LEVEL ?? 'warn'}`,
+      // Client authentication: every user of the file may pull everything (no rules).
+      ...(options.htpasswd ? ['auth:', `  htpasswd: ${options.htpasswd}`] : []),
       '',
     ].join('\n'),
   );
@@ -111,7 +121,8 @@ export async function startPullcacheProcess(
   if (nodeArgs) env.PULLCACHE_NODE_FLAGS = nodeArgs;
   const child = spawnLogged('bin/pullcache', ['serve', '--config', config], log, env);
   const server = handle('pullcache', child, port);
-  await ready(server.url, 'pullcache', child, log);
+  // With authentication, /v2/ without credentials is the 401 challenge.
+  await ready(server.url, 'pullcache', child, log, options.htpasswd ? 401 : 200);
   return server;
 }
 

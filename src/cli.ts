@@ -30,7 +30,10 @@ import {
   type SortKey,
 } from './commands/cache.js';
 import { formatBytes } from './config/units.js';
+import { fetchStatus, formatStatus, runningServer } from './commands/status.js';
 import { createRuntime, startServer, type Runtime } from './server.js';
+import cluster from 'node:cluster';
+import { runPrimary, workerCount } from './fleet/primary.js';
 
 interface CommonOptions {
   config?: string;
@@ -113,7 +116,15 @@ withCommonOptions(
   ),
 ).action(async (o: CommonOptions) => {
   const config = configFrom(o);
-  const log = createLogger({ level: config.log.level, format: config.log.format });
+  const base = createLogger({ level: config.log.level, format: config.log.format });
+  // `server.workers`: each worker's lines say which one it is (its pid).
+  const log = cluster.isWorker ? base.child({ worker: process.pid }) : base;
+  if (cluster.isPrimary && workerCount(config.server.workers) > 1) {
+    // `server.workers`: this process supervises; the workers run this same command and serve.
+    const code = await runPrimary(workerCount(config.server.workers), log);
+    log.flush(() => process.exit(code));
+    return;
+  }
   let running;
   try {
     running = await startServer(config, log);
@@ -154,7 +165,12 @@ withCommonOptions(
       log.warn({ count: liveFollowers.size }, 'followers listed');
     });
   }
-  process.on('SIGINT', () => stop('SIGINT'));
+  if (cluster.isWorker) {
+    // The primary stops the workers (SIGTERM); a terminal's ^C reaches them through it. A
+    // worker whose primary is gone stops too.
+    process.on('SIGINT', () => {});
+    process.on('disconnect', () => stop('disconnect'));
+  } else process.on('SIGINT', () => stop('SIGINT'));
   process.on('SIGTERM', () => stop('SIGTERM'));
 });
 
@@ -444,6 +460,25 @@ withCommonOptions(
   await withRuntime(o, async (runtime, config) => {
     const report = await (await openCacheAdmin(runtime, config)).gc(Boolean(o.dryRun));
     process.stdout.write(formatReport(report, 'gc'));
+    return 0;
+  });
+});
+
+withCommonOptions(
+  program
+    .command('status')
+    .description(
+      "show the running server's overview: hit ratio, bytes saved, storage, upstreams, fetches, what went wrong lately",
+    )
+    .option('--url <url>', 'the server to ask (default: the one managing this storage)')
+    .option('--json', 'print the status JSON (GET /_pullcache/v1/status)'),
+).action(async (o: CommonOptions & { url?: string; json?: boolean }) => {
+  await withRuntime(o, async (runtime, config) => {
+    const url = o.url ?? (await runningServer(runtime));
+    const status = await fetchStatus(url, config);
+    process.stdout.write(
+      o.json ? `${JSON.stringify(status, null, 2)}\n` : formatStatus(status, url),
+    );
     return 0;
   });
 });

@@ -5,8 +5,8 @@
  * storage that takes a write (else it stops with a ConfigError naming the root), and the cache
  * (a Redis that does not answer is a warning: storage is the truth).
  */
-import type { Server } from 'node:http';
-import { createServer } from 'node:http';
+import { createServer, type Server } from 'node:http';
+import { createServer as createHttpsServer, type Server as HttpsServer } from 'node:https';
 import { mkdir } from 'node:fs/promises';
 import { dirname, resolve } from 'node:path';
 import { ConfigError } from './config/load.js';
@@ -19,8 +19,6 @@ import { KeyvMetadataCache, type Reachability } from './metadata/keyv-cache.js';
 import type { MetadataCache } from './metadata/types.js';
 import { Metrics } from './metrics.js';
 import { keepHeapInBudget } from './memory.js';
-import type { Digest } from './oci/digest.js';
-import type { BlobFetch } from './proxy/blob-fetch.js';
 import { ProxyBlobStore } from './proxy/proxy-blob-store.js';
 import { ProxyManifestStore } from './proxy/proxy-manifest-store.js';
 import { ProxyReferrersService } from './proxy/proxy-referrers.js';
@@ -54,7 +52,26 @@ import {
   type StorageDriver,
 } from './storage/types.js';
 import { RegistryClient } from './upstream/client.js';
+import cluster from 'node:cluster';
+import { processChannel, WorkerLeases } from './fleet/worker-leases.js';
+import { paths } from './storage/paths.js';
+import type { UpstreamFetch } from './proxy/types.js';
+import {
+  describeCertificate,
+  isValidNow,
+  readTlsCredentials,
+  secureContextOptions,
+  TlsFilesError,
+  type TlsCredentials,
+} from './tls/credentials.js';
+import { CertificateReloader } from './tls/reload.js';
+import { createAccess } from './access/access.js';
 import type { UpstreamClient } from './upstream/types.js';
+import { InflightFetches } from './proxy/inflight.js';
+import { RecentEvents } from './status/events.js';
+import { StatusReporter } from './status/status.js';
+import { UpstreamMonitor } from './status/upstream-monitor.js';
+import { logStartup } from './status/startup.js';
 
 /** Everything a pullcache process holds; the server and the CLI commands share it. */
 export interface Runtime {
@@ -75,6 +92,8 @@ export interface Runtime {
   passthrough: Map<string, Passthrough>;
   /** The budget, last-pulled times, pins, eviction and collection. */
   lifecycle: Lifecycle;
+  /** What the status page and `pullcache status` show; its history runs once started. */
+  status: StatusReporter;
   /**
    * Whether storage takes a write and the cache answers, now; never throws. `cacheTimeout` bounds
    * the wait for a cache that does not answer (by default, its connection timeout and a bit).
@@ -91,13 +110,16 @@ export function createRuntime(
   options: { defaultMetrics?: boolean } = {},
 ): Runtime {
   const clients = new Map<string, UpstreamClient>();
+  const monitors = new Map<string, UpstreamMonitor>();
+  const events = new RecentEvents();
   const metrics = new Metrics({
     defaults: options.defaultMetrics ?? false,
     status: () =>
       [...clients].map(([upstream, c]) => ({
         upstream,
-        down: c.isDown,
+        down: c.isDown || monitors.get(upstream)?.unreachable === true,
         rateLimitRemaining: c.rateLimit?.remaining,
+        rateLimitLimit: c.rateLimit?.limit,
       })),
   });
   const driver = createDriver(config.storage);
@@ -110,7 +132,16 @@ export function createRuntime(
     redisUrl: config.cache.redis.url,
     log,
   });
-  const inflight = new Map<Digest, BlobFetch>();
+  const inflight = new InflightFetches<UpstreamFetch>();
+  metrics.setFetchesInFlight(() => inflight.running());
+  // `server.workers`: a cold blob is fetched by one worker of the host, followed by the others
+  // through its upload file (fleet/).
+  const leases = cluster.isWorker
+    ? new WorkerLeases({
+        channel: processChannel,
+        readUpload: (id, offset, length) => driver.reader(paths.uploadData(id), offset, length),
+      })
+    : undefined;
   const { pins, ...retention } = config.retention;
   const lifecycle = new Lifecycle({
     retention,
@@ -134,7 +165,7 @@ export function createRuntime(
   // Everything above the stores tells the lifecycle what comes and goes.
   const blobs = new TrackedBlobStore(storedBlobs, lifecycle);
   const repositories = new TrackedRepositoryStore(storedRepositories, lifecycle);
-  const localBlobs = new LocalBlobService(blobs, cache);
+  const localBlobs = new LocalBlobService(blobs, repositories, cache);
   const localManifests = new LocalManifestService(blobs, repositories, cache);
   const localTags = new LocalTagService(repositories, cache);
   const services: Runtime['services'] = new Map();
@@ -153,14 +184,15 @@ export function createRuntime(
         'passwordEnv names an unset variable; pulling anonymously',
       );
     }
-    const client = new RegistryClient({ name, config: upstream, log, password });
+    const monitor = new UpstreamMonitor(name, metrics, events);
+    monitors.set(name, monitor);
+    const client = new RegistryClient({ name, config: upstream, log, password, observer: monitor });
     clients.set(name, client);
     const manifests = new ProxyManifestStore(localManifests, client, log, metrics, lifecycle);
     services.set(name, {
       blobs: new ProxyBlobStore({
         local: localBlobs,
         blobs,
-        repositories,
         cache,
         client,
         log,
@@ -168,6 +200,7 @@ export function createRuntime(
         orphanTimeout: config.server.cacheWriteTimeout,
         inflight,
         budget: lifecycle,
+        ...(leases ? { leases, idleTimeout: upstream.timeouts.bodyIdle } : {}),
       }),
       manifests,
       tags: new ProxyTagService(localTags, manifests, client, upstream, log, metrics),
@@ -194,6 +227,15 @@ export function createRuntime(
     local: { blobs: localBlobs, manifests: localManifests, tags: localTags },
     passthrough,
     lifecycle,
+    status: new StatusReporter({
+      config,
+      metrics,
+      lifecycle,
+      clients,
+      monitors,
+      inflight,
+      events,
+    }),
     async probe(options = {}) {
       const [storage, reachable] = await Promise.all([
         probeStorage(driver, config.storage.filesystem.root),
@@ -213,7 +255,8 @@ export function createRuntime(
 
 export interface RunningServer {
   runtime: Runtime;
-  server: Server;
+  /** node:https's server when `server.tls` is set. */
+  server: Server | HttpsServer;
   /** The address it listens on, as host:port. */
   address: string;
   url: string;
@@ -222,12 +265,18 @@ export interface RunningServer {
 
 /**
  * Starts serving. Rejects with a ConfigError, naming storage.filesystem.root, when storage does
- * not take a write; a cache that does not answer is logged as a warning and served without.
+ * not take a write, or server.tls.cert or .key when those files cannot be served with; a cache
+ * that does not answer is logged as a warning and served without. With server.tls: HTTPS only,
+ * the certificate reloaded in place when it is renewed (src/tls/).
  */
 export async function startServer(config: Config, log: Logger): Promise<RunningServer> {
+  const tls = await serverCredentials(config);
+  // A missing htpasswd file stops start-up (ConfigError naming auth.htpasswd) before anything runs.
+  const access = createAccess(config, log);
   const runtime = createRuntime(config, log, { defaultMetrics: true });
   const probe = await runtime.probe();
   if (!probe.storage.ok) {
+    access.close();
     await runtime.close();
     throw new ConfigError([`${storageKey(config.storage)}: ${probe.storage.reason}`]);
   }
@@ -263,6 +312,8 @@ export async function startServer(config: Config, log: Logger): Promise<RunningS
     passthrough: runtime.passthrough,
     repositories: runtime.repositories,
     lifecycle: runtime.lifecycle,
+    status: runtime.status,
+    access,
     ready: async () => {
       // Within the default timeout of a Kubernetes probe (1 s).
       const { storage, cache } = await runtime.probe({ cacheTimeout: 500 });
@@ -280,7 +331,18 @@ export async function startServer(config: Config, log: Logger): Promise<RunningS
       };
     },
   });
-  const server = createServer(handler);
+  const served = cluster.isWorker ? withWorkerHeader(handler) : handler;
+  const httpsServer = tls ? createHttpsServer(secureContextOptions(tls), served) : undefined;
+  const server = httpsServer ?? createServer(served);
+  if (httpsServer) {
+    // A client that cannot speak TLS 1.2+ or sends plain HTTP: no answer is possible, only this.
+    httpsServer.on('tlsClientError', (err: NodeJS.ErrnoException, socket) =>
+      log.debug(
+        { module: 'tls', reason: err.code ?? err.message, client: socket.remoteAddress },
+        'TLS handshake failed',
+      ),
+    );
+  }
   server.keepAliveTimeout = 65_000;
   const [host, port] = splitHostPort(config.server.listen);
   await new Promise<void>((resolve, reject) => {
@@ -293,20 +355,38 @@ export async function startServer(config: Config, log: Logger): Promise<RunningS
   const address = server.address();
   const bound = typeof address === 'object' && address ? address : { address: host, port };
   const shownHost = bound.address.includes(':') ? `[${bound.address}]` : bound.address;
-  const url = `http://${shownHost}:${bound.port}`;
+  const scheme = tls ? 'https' : 'http';
+  const url = `${scheme}://${shownHost}:${bound.port}`;
   log.info(
     {
       listen: `${shownHost}:${bound.port}`,
+      url,
+      ...(tls ? { certificate: describeCertificate(tls.leaf) } : {}),
       storage: runtime.driver.name,
       cache: config.cache.store,
       upstreams: Object.keys(config.upstreams),
     },
     'pullcache listening',
   );
+  await logStartup(config, runtime.driver, probe.cache.ok, log);
+  runtime.status.start();
   // In the background: the first pull should not wait for a connection or an auth challenge.
   for (const client of runtime.clients.values()) void client.warm?.();
   // The commands find this server (and its admin API) through the owner record.
-  runtime.lifecycle.start({ url: `http://${loopbackFor(shownHost)}:${bound.port}` });
+  runtime.lifecycle.start({ url: `${scheme}://${loopbackFor(shownHost)}:${bound.port}` });
+  const reloader =
+    tls && httpsServer
+      ? new CertificateReloader({
+          files: config.server.tls,
+          current: tls,
+          apply: (next) => httpsServer.setSecureContext(secureContextOptions(next)),
+          interval: config.server.tls.reloadInterval,
+          log,
+        })
+      : undefined;
+  reloader?.start();
+  if (tls && !isValidNow(tls.leaf))
+    log.warn({ module: 'tls', ...describeCertificate(tls.leaf) }, 'TLS certificate not valid now');
   return {
     runtime,
     server,
@@ -314,12 +394,29 @@ export async function startServer(config: Config, log: Logger): Promise<RunningS
     url,
     async close() {
       clearInterval(purgeTimer);
+      runtime.status.stop();
+      reloader?.stop();
+      access.close();
       stopHeapBudget();
       server.closeAllConnections();
       await new Promise<void>((resolve) => server.close(() => resolve()));
       await runtime.close();
     },
   };
+}
+
+/**
+ * The certificate and key to serve HTTPS with, checked as a pair, when `server.tls` is set;
+ * a file that cannot be used stops start-up with a ConfigError naming its key.
+ */
+async function serverCredentials(config: Config): Promise<TlsCredentials | undefined> {
+  if (config.server.tls.cert === '') return undefined;
+  try {
+    return await readTlsCredentials(config.server.tls);
+  } catch (err) {
+    if (err instanceof TlsFilesError) throw new ConfigError([`${err.key}: ${err.message}`]);
+    throw err;
+  }
 }
 
 const FS_REASONS: Record<string, string> = {
@@ -414,6 +511,17 @@ function configPins(config: Config, pins: string[]): ImageRef[] {
       throw new ConfigError([`retention.pins.${i}: ${(err as Error).message}`]);
     }
   });
+}
+
+/** Which worker of the host answered (`server.workers`): its pid, for operators and the tests. */
+function withWorkerHeader<Req, Res extends { setHeader(name: string, value: string): unknown }>(
+  handler: (req: Req, res: Res) => void,
+): (req: Req, res: Res) => void {
+  const id = String(process.pid);
+  return (req, res) => {
+    res.setHeader('Pullcache-Worker', id);
+    handler(req, res);
+  };
 }
 
 /** The address a process on this host reaches a server listening on `host` at. */

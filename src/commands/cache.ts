@@ -11,6 +11,17 @@ import { imageRefs } from '../routing.js';
 import type { Lifecycle } from '../lifecycle/lifecycle.js';
 import type { ImageInfo, RemovalReport, Usage } from '../lifecycle/types.js';
 import type { Runtime } from '../server.js';
+import { fetchOwnServer, type OwnServerTls } from '../tls/own-server.js';
+import { ownerAuthorization } from '../access/tokens.js';
+
+/**
+ * With client authentication on, a command on the same config may do everything through the
+ * server's admin API: it proves it with a token made from the htpasswd file (access/tokens.ts).
+ */
+function ownerHeaders(htpasswd: string): Record<string, string> {
+  const authorization = htpasswd === '' ? undefined : ownerAuthorization(htpasswd);
+  return authorization ? { authorization } : {};
+}
 
 /** The cache's lifecycle operations, wherever they run. */
 export interface CacheAdmin {
@@ -33,7 +44,7 @@ export interface CacheAdmin {
 export async function openCacheAdmin(runtime: Runtime, config: Config): Promise<CacheAdmin> {
   const { lifecycle } = runtime;
   const other = await lifecycle.ownership.other();
-  if (other?.url) return new ServerAdmin(other.url);
+  if (other?.url) return new ServerAdmin(other.url, config.server.tls, config.auth.htpasswd);
   if (other || !(await lifecycle.ownership.acquire()))
     throw new Error(
       `another pullcache process (pid ${other?.pid ?? '?'} on ${other?.host ?? 'this host'}) is managing this storage; try again when it is done`,
@@ -50,10 +61,17 @@ export async function openCacheAdmin(runtime: Runtime, config: Config): Promise<
 export async function tellServer(runtime: Runtime): Promise<void> {
   const other = await runtime.lifecycle.ownership.other().catch(() => undefined);
   if (!other?.url) return;
-  await fetch(`${other.url}${ADMIN_PREFIX}/recount`, {
-    method: 'POST',
-    signal: AbortSignal.timeout(60_000),
-  }).catch(() => {});
+  await fetchOwnServer(
+    `${other.url}${ADMIN_PREFIX}/recount`,
+    {
+      method: 'POST',
+      headers: ownerHeaders(runtime.config.auth.htpasswd),
+      signal: AbortSignal.timeout(60_000),
+    },
+    runtime.config.server.tls,
+  )
+    .then((res) => res.arrayBuffer())
+    .catch(() => {});
 }
 
 class StorageAdmin implements CacheAdmin {
@@ -88,21 +106,35 @@ class StorageAdmin implements CacheAdmin {
 
 class ServerAdmin implements CacheAdmin {
   readonly via = 'server';
-  constructor(private readonly base: string) {}
+  /** `tls`: the server's certificate, which an https `base` must present. */
+  constructor(
+    private readonly base: string,
+    private readonly tls: OwnServerTls,
+    /** With client authentication, the htpasswd file the commands prove themselves with. */
+    private readonly htpasswd: string,
+  ) {}
 
   private async call<T>(method: string, path: string, body?: unknown): Promise<T> {
-    let res: Response;
+    let res: Awaited<ReturnType<typeof fetchOwnServer>>;
     try {
-      res = await fetch(`${this.base}${ADMIN_PREFIX}${path}`, {
-        method,
-        ...(body !== undefined
-          ? { body: JSON.stringify(body), headers: { 'content-type': 'application/json' } }
-          : {}),
-        signal: AbortSignal.timeout(120_000),
-      });
+      res = await fetchOwnServer(
+        `${this.base}${ADMIN_PREFIX}${path}`,
+        {
+          method,
+          headers: {
+            ...ownerHeaders(this.htpasswd),
+            ...(body !== undefined ? { 'content-type': 'application/json' } : {}),
+          },
+          ...(body !== undefined ? { body: JSON.stringify(body) } : {}),
+          signal: AbortSignal.timeout(120_000),
+        },
+        this.tls,
+      );
     } catch (err) {
+      // fetch's own message is "fetch failed"; its cause says why.
+      const cause = (err as Error).cause as Error | undefined;
       throw new Error(
-        `the server managing this storage (${this.base}) does not answer: ${(err as Error).message}`,
+        `the server managing this storage (${this.base}) does not answer: ${cause?.message ?? (err as Error).message}`,
       );
     }
     const text = await res.text();

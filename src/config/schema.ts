@@ -117,6 +117,12 @@ const httpUrl = z.string().superRefine((v, ctx) => {
  */
 const upstreamUrl = httpUrl.transform((v) => v.replace(/\/v2\/?$/, ''));
 
+/** A glob on repository names (`library/*`, `team/**`); names are lower case, without spaces. */
+const repositoryGlob = z.string().refine((v) => /^[^\sA-Z]+$/.test(v), {
+  error: (issue) =>
+    `expected a glob on repository names like "library/*" (lower case, no spaces), got ${show(issue.input)}`,
+});
+
 /** Upstream names are how clients address an upstream (`/v2/ghcr.io/...`, `?ns=ghcr.io`). */
 export const UPSTREAM_NAME = /^[a-z0-9](?:[a-z0-9.-]*[a-z0-9])?(?::\d{1,5})?$/;
 
@@ -143,7 +149,38 @@ export const upstreamSchema = z.strictObject({
     })
     .prefault({}),
   retries: integer(3, 0, 10),
+  /** Which repositories may be proxied at all, whoever asks (src/access/repositories.ts). */
+  repositories: z
+    .strictObject({
+      /** Globs on the repository name; non-empty: only these. */
+      allow: z.array(repositoryGlob).default([]),
+      /** Globs on the repository name; they win over allow. */
+      deny: z.array(repositoryGlob).default([]),
+    })
+    .prefault({}),
 });
+
+/** One access rule (src/access/rules.ts): who may do what, where. First match wins. */
+export const ruleSchema = z.strictObject({
+  /** User names; "*" any authenticated user; "anonymous" a request without credentials. */
+  users: z.array(z.string().min(1)).min(1),
+  /** Upstream names; omitted: every upstream. */
+  upstreams: z.array(z.string().min(1)).min(1).optional(),
+  /** Globs on the repository name (`library/*`, `team/**`); omitted: every repository. */
+  repositories: z.array(z.string().min(1)).min(1).optional(),
+  /** What the rule allows; empty: nothing (a rule that refuses). */
+  actions: z.array(z.enum(['pull', 'admin'])),
+});
+
+export const authSchema = z
+  .strictObject({
+    /** An htpasswd file with bcrypt entries; empty: no client authentication. */
+    htpasswd: z.string().default(''),
+    /** Requests without credentials get what the rules give "anonymous". */
+    anonymous: bool(false),
+    rules: z.array(ruleSchema).default([]),
+  })
+  .prefault({});
 
 export const DEFAULT_UPSTREAMS = { 'docker.io': { url: 'https://registry-1.docker.io' } };
 
@@ -152,8 +189,35 @@ export const configSchema = z
     server: z
       .strictObject({
         listen: hostPort.default('127.0.0.1:5000'),
+        /** HTTPS: a PEM certificate chain and its key; with both set, HTTPS only. */
+        tls: z
+          .strictObject({
+            cert: z.string().default(''),
+            key: z.string().default(''),
+            /** How often the two files are looked at for a renewed certificate. */
+            reloadInterval: duration('10s'),
+          })
+          .superRefine((tls, ctx) => {
+            if ((tls.cert === '') !== (tls.key === ''))
+              ctx.addIssue({
+                code: 'custom',
+                path: [tls.cert === '' ? 'cert' : 'key'],
+                message: `expected a path: server.tls.${tls.cert === '' ? 'key' : 'cert'} is set, and HTTPS needs both`,
+              });
+            if (tls.reloadInterval < 100)
+              ctx.addIssue({
+                code: 'custom',
+                path: ['reloadInterval'],
+                message: 'expected a duration of 100ms or more',
+              });
+          })
+          .prefault({}),
         /** Extra time a blob fetch may go on after every client has left, to finish the cache write. */
         cacheWriteTimeout: duration('10m'),
+        /** Take the client's address from X-Forwarded-For (behind a load balancer), for the logs. */
+        trustProxy: bool(false),
+        /** Serving processes on this host, sharing the port and storage; 0: one per core. */
+        workers: integer(1, 0, 256),
       })
       .prefault({}),
     storage: z
@@ -240,6 +304,7 @@ export const configSchema = z
       })
       .prefault(DEFAULT_UPSTREAMS),
     routing: z.strictObject({ default: z.string().optional() }).prefault({}),
+    auth: authSchema,
     log: z
       .strictObject({
         level: z
@@ -258,6 +323,23 @@ export const configSchema = z
         message: `expected one of the configured upstreams (${names.join(', ') || 'none'}), got ${show(config.routing.default)}`,
       });
     }
+    if (config.auth.htpasswd === '' && (config.auth.anonymous || config.auth.rules.length > 0)) {
+      ctx.addIssue({
+        code: 'custom',
+        path: ['auth', 'htpasswd'],
+        message: 'auth.anonymous and auth.rules need an htpasswd file (client authentication)',
+      });
+    }
+    config.auth.rules.forEach((rule, i) =>
+      rule.upstreams?.forEach((name, j) => {
+        if (!names.includes(name))
+          ctx.addIssue({
+            code: 'custom',
+            path: ['auth', 'rules', i, 'upstreams', j],
+            message: `expected one of the configured upstreams (${names.join(', ')}), got ${show(name)}`,
+          });
+      }),
+    );
     for (const [name, upstream] of Object.entries(config.upstreams)) {
       if (upstream.password !== undefined && upstream.passwordEnv !== undefined) {
         ctx.addIssue({
@@ -282,3 +364,4 @@ export const configSchema = z
 export type Config = z.output<typeof configSchema>;
 export type UpstreamConfig = z.output<typeof upstreamSchema>;
 export type RawConfig = z.input<typeof configSchema>;
+export type RuleConfig = z.output<typeof ruleSchema>;

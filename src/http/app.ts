@@ -5,6 +5,7 @@
 import type { RequestListener } from 'node:http';
 import { pipeline } from 'node:stream/promises';
 import express, {
+  type ErrorRequestHandler,
   type NextFunction,
   type Request,
   type RequestHandler,
@@ -38,9 +39,22 @@ import { ADMIN_PREFIX, adminRouter } from './admin.js';
 import { errorMiddleware } from './errors.js';
 import type { Passthrough } from './passthrough.js';
 import { parseRange } from './range.js';
-import { createManifestFastPath, decodeSegment, requestId, serveManifest } from './manifests.js';
+import {
+  createManifestFastPath,
+  decodeSegment,
+  loggedUrl,
+  requestId,
+  serveManifest,
+} from './manifests.js';
+import { RequestMetrics } from './request-metrics.js';
+import { statusRouter, UI_PREFIX } from './status-page.js';
+import type { StatusReporter } from '../status/status.js';
 import { serveReferrers } from './referrers.js';
 import { clientName, routeRequest } from '../routing.js';
+import { repositoryLists } from '../access/repositories.js';
+import { createAccess, TOKEN_PATH } from '../access/access.js';
+import { AuthenticationRequiredError } from '../access/errors.js';
+import type { AccessControl, Identity } from '../access/types.js';
 
 export interface UpstreamServices {
   blobs: BlobService;
@@ -57,8 +71,12 @@ export interface AppDeps {
   services: Map<string, UpstreamServices>;
   passthrough: Map<string, Passthrough>;
   repositories: RepositoryStore;
+  /** Who may do what; without it, that of the config (no htpasswd file: everyone may pull). */
+  access?: AccessControl;
   /** The cache's lifecycle, for the admin API; without it there is none (tests of the OCI API). */
   lifecycle?: Lifecycle;
+  /** The status page and its JSON; without it there is none. */
+  status?: StatusReporter;
   /** The state of each component /readyz reports (storage, cache), by name. */
   ready: () => Promise<Record<string, ReadinessCheck>>;
 }
@@ -85,8 +103,9 @@ const WRITE_METHODS = ['POST', 'PUT', 'PATCH', 'DELETE'];
  * everything else.
  */
 export function createHandler(deps: AppDeps): RequestListener {
-  const app = createApp(deps);
-  const fast = createManifestFastPath(deps);
+  const access = deps.access ?? createAccess(deps.config, deps.log);
+  const app = createApp({ ...deps, access });
+  const fast = createManifestFastPath({ ...deps, access });
   return (req, res) => {
     if (!fast(req, res)) app(req, res);
   };
@@ -94,9 +113,16 @@ export function createHandler(deps: AppDeps): RequestListener {
 
 export function createApp(deps: AppDeps): express.Express {
   const { config, log } = deps;
+  const lists = repositoryLists(config);
+  const access = deps.access ?? createAccess(config, log);
   const app = express();
   app.disable('x-powered-by');
   app.set('etag', false);
+  app.use(
+    new RequestMetrics(deps.metrics, deps.status?.events, (r) =>
+      access.clientAddress(r),
+    ).middleware(),
+  );
 
   const httpLog = log.child({ module: 'http' });
   if (httpLog.isLevelEnabled('info')) {
@@ -106,7 +132,12 @@ export function createApp(deps: AppDeps): express.Express {
         genReqId: requestId,
         autoLogging: {
           ignore: (req) =>
-            req.url === '/healthz' || req.url === '/readyz' || req.url === '/metrics',
+            req.url === '/healthz' ||
+            req.url === '/readyz' ||
+            req.url === '/metrics' ||
+            // The status page's polls and files: a line every few seconds per open page.
+            req.url === `${ADMIN_PREFIX}/status` ||
+            req.url?.startsWith(`${UI_PREFIX}/`) === true,
         },
         customLogLevel: (_req, res, err) => (err || res.statusCode >= 500 ? 'error' : 'info'),
         customSuccessMessage: () => 'request',
@@ -117,9 +148,14 @@ export function createApp(deps: AppDeps): express.Express {
           err instanceof Error && err.message.startsWith('failed with status code')
             ? { ...value, err: undefined }
             : value,
-        customProps: (_req, res) => {
+        // Called when the request comes (its fields go on every line the request logs) and again
+        // for the request line, which has the first call's fields already: each once.
+        customProps: (req, res) => {
+          if (!res.writableEnded && !res.destroyed)
+            return { client: access.clientAddress(req), userAgent: req.headers['user-agent'] };
           const l = (res as unknown as Response).locals ?? {};
           return {
+            user: l.user,
             upstream: l.upstream,
             repository: l.repository,
             cache: l.cache,
@@ -131,7 +167,7 @@ export function createApp(deps: AppDeps): express.Express {
           req: (req: { method: string; url: string; id: unknown }) => ({
             id: req.id,
             method: req.method,
-            url: req.url,
+            url: loggedUrl(req.url),
           }),
           res: (res: { statusCode: number }) => ({ statusCode: res.statusCode }),
         },
@@ -187,12 +223,43 @@ export function createApp(deps: AppDeps): express.Express {
   });
   app.all(['/healthz', '/readyz', '/metrics'], methodNotAllowed(READ_METHODS));
 
+  // Everything below knows its caller (res.locals.identity): wrong or malformed credentials are
+  // answered here, whatever the path; no credentials is the anonymous caller.
+  app.use(async (req, res, next) => {
+    const identity = await access.identify(req);
+    res.locals.identity = identity;
+    res.locals.user = identity.user;
+    next();
+  });
+  // pullcache's token realm (access/tokens.ts): Basic credentials or none in, a token out.
+  if (access.enabled) {
+    app.get(TOKEN_PATH, (_req, res) => {
+      const token = access.issueToken(identityOf(res));
+      if (!token) throw new AuthenticationRequiredError('authentication required');
+      res.setHeader('Cache-Control', 'no-store');
+      res.json({
+        token: token.token,
+        access_token: token.token,
+        expires_in: token.expiresIn,
+        issued_at: token.issuedAt,
+      });
+    });
+    app.all(TOKEN_PATH, methodNotAllowed(READ_METHODS));
+  }
+
   // Clients learn how to authenticate from this ping: when the default upstream is passthrough,
   // its answer (and auth challenge) is the one that counts.
   const defaultPassthrough =
     config.routing.default !== undefined ? deps.passthrough.get(config.routing.default) : undefined;
   app.get(['/v2', '/v2/'], (req, res, next) => {
-    if (defaultPassthrough) {
+    // `docker login` checks its credentials here, and every client learns the challenge from
+    // it: without credentials this is 401 whenever authentication is on, even for a cache that
+    // serves anonymous callers (they come back with an anonymous token, as on Docker Hub).
+    if (access.enabled) {
+      const identity = identityOf(res);
+      if (!identity.credentialed || !access.served(identity))
+        throw new AuthenticationRequiredError('authentication required');
+    } else if (defaultPassthrough) {
       defaultPassthrough.forward(req, res, '/v2/', '', next);
       return;
     }
@@ -203,10 +270,16 @@ export function createApp(deps: AppDeps): express.Express {
 
   app.get('/v2/_catalog', async (req, res) => {
     const { n, last } = pagination(req);
+    const identity = identityOf(res);
+    if (!access.served(identity)) throw new AuthenticationRequiredError('authentication required');
     const names: string[] = [];
     for (const upstream of deps.services.keys()) {
       for (const repository of await deps.repositories.listRepositories(upstream))
-        names.push(clientName(config, upstream, repository));
+        if (
+          lists.allows(upstream, repository) &&
+          access.allows(identity, 'pull', { upstream, repository })
+        )
+          names.push(clientName(config, upstream, repository));
     }
     names.sort();
     const page = paginate(names, n, last);
@@ -230,9 +303,19 @@ export function createApp(deps: AppDeps): express.Express {
     const route = routeRequest(config, name, req.query.ns);
     res.locals.upstream = route.upstream;
     res.locals.repository = route.repository;
+    // Outside the upstream's allow/deny lists: refused before anything is asked of anyone.
+    lists.check(route.upstream, route.repository);
 
     const passthrough = deps.passthrough.get(route.upstream);
+    // Pulls need `pull` there; what a passthrough upstream takes besides (pushes) needs `admin`.
+    access.authorize(
+      identityOf(res),
+      !passthrough || READ_METHODS.includes(req.method) ? 'pull' : 'admin',
+      route,
+    );
     if (passthrough) {
+      // The client's credentials are pullcache's own then: never the upstream's to see.
+      if (access.enabled) delete req.headers.authorization;
       const query = req.originalUrl.indexOf('?');
       const path = `/v2/${route.repository}/${action}${query >= 0 ? req.originalUrl.slice(query) : ''}`;
       passthrough.forward(req, res, path, route.prefix, next);
@@ -270,11 +353,23 @@ export function createApp(deps: AppDeps): express.Express {
   });
 
   // Last: no route above took the request. (A status page or an admin API goes above this.)
-  if (deps.lifecycle) app.use(ADMIN_PREFIX, adminRouter(config, deps.lifecycle));
+  if (deps.status) app.use(statusRouter(deps.status, access));
+  if (deps.lifecycle) app.use(ADMIN_PREFIX, adminRouter(config, deps.lifecycle, access));
 
   app.use((req, _res, next) => next(new NotFoundError(req.method, req.path)));
+  // A 401's challenge depends on the request (the token realm is on the host the client dialled).
+  app.use(((err, req, res, next) => {
+    if (err instanceof AuthenticationRequiredError && !res.headersSent)
+      res.setHeader('WWW-Authenticate', access.challenge(req));
+    next(err);
+  }) as ErrorRequestHandler);
   app.use(errorMiddleware(httpLog));
   return app;
+}
+
+/** The caller, as the identity middleware found it. */
+function identityOf(res: Response): Identity {
+  return res.locals.identity as Identity;
 }
 
 /** For a known path asked with another method than it serves: 405 with `Allow`. */

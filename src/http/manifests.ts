@@ -16,9 +16,17 @@ import type { RepositoryKey } from '../storage/types.js';
 import type { UpstreamServices } from './app.js';
 import { sendError } from './errors.js';
 import { routeRequest, type Route } from '../routing.js';
+import type { Metrics } from '../metrics.js';
+import type { RecentEvents } from '../status/events.js';
+import { RequestMetrics } from './request-metrics.js';
+import { repositoryLists } from '../access/repositories.js';
+import type { AccessControl } from '../access/types.js';
+import { AuthenticationRequiredError } from '../access/errors.js';
 
 /** What the request log says of a request besides its line. */
 export interface RequestNotes {
+  /** The authenticated user; absent for anonymous callers. */
+  user?: string;
   upstream?: string;
   repository?: string;
   cache?: string;
@@ -54,10 +62,13 @@ export async function serveManifest(
     throw new ManifestUnknownError(`${repo.repository}:${value.slice(0, 140)}`);
   const ref = parseManifestReference(value);
   let digest;
+  // A miss when the manifest had to come from the upstream for this request, by tag or digest.
+  let fromUpstream = false;
   if (ref.kind === 'tag') {
     const resolved = await services.tags.resolve(repo, ref.tag);
     if (!resolved.found) throw new ManifestUnknownError(`${repo.repository}:${ref.tag}`);
     digest = resolved.digest;
+    fromUpstream = resolved.fromUpstream === true;
     if (resolved.stale) res.setHeader('Warning', STALE_WARNING);
   } else {
     digest = ref.digest;
@@ -70,13 +81,16 @@ export async function serveManifest(
     const stat = await services.manifests.stat(repo, digest);
     if (!stat.found) throw new ManifestUnknownError(`${repo.repository}@${digest}`);
     ({ mediaType, size } = stat.link);
+    fromUpstream ||= stat.fromUpstream === true;
   } else {
     const manifest = await services.manifests.get(repo, digest);
     if (!manifest.found) throw new ManifestUnknownError(`${repo.repository}@${digest}`);
     mediaType = manifest.link.mediaType;
     body = manifest.bytes;
     size = body.length;
+    fromUpstream ||= manifest.fromUpstream === true;
   }
+  notes.cache = fromUpstream ? 'miss' : 'hit';
   res.setHeader('Content-Type', mediaType);
   res.setHeader('Docker-Content-Digest', digest);
   res.setHeader('Content-Length', size);
@@ -98,6 +112,10 @@ export interface FastPathDeps {
   config: Config;
   log: Logger;
   services: Map<string, UpstreamServices>;
+  access: AccessControl;
+  metrics: Metrics;
+  /** Where refused requests are told, for the status page. */
+  status?: { events: RecentEvents };
 }
 
 /**
@@ -109,6 +127,15 @@ export function createManifestFastPath(
 ): (req: IncomingMessage, res: ServerResponse) => boolean {
   const httpLog = deps.log.child({ module: 'http' });
   const logRequests = httpLog.isLevelEnabled('info');
+  const lists = repositoryLists(deps.config);
+  const { access } = deps;
+  const observed = new RequestMetrics(deps.metrics, deps.status?.events, (r) =>
+    access.clientAddress(r),
+  );
+  const cells = {
+    GET: observed.cells('manifest', 'GET'),
+    HEAD: observed.cells('manifest', 'HEAD'),
+  };
   return (req, res) => {
     if (req.method !== 'GET' && req.method !== 'HEAD') return false;
     const url = req.url ?? '';
@@ -127,13 +154,32 @@ export function createManifestFastPath(
     }
     const services = deps.services.get(route.upstream);
     if (!services) return false; // passthrough
+    const started = performance.now();
     const notes: RequestNotes = { upstream: route.upstream, repository: route.repository };
     res.setHeader('Docker-Distribution-API-Version', 'registry/2.0');
-    if (logRequests) logRequest(httpLog, req, res, notes);
+    if (logRequests) logRequest(httpLog, req, res, notes, access);
     const repo = { upstream: route.upstream, repository: route.repository };
-    serveManifest(req, res, services, repo, m[2]!, notes).catch((err: unknown) => {
-      notes.errorCode = sendError(err, req, res, httpLog);
-    });
+    const serve = async () => {
+      lists.check(route.upstream, route.repository); // outside the allow/deny lists: 403
+      if (access.enabled) {
+        // A credential verified recently is known synchronously: no bcrypt, no extra tick.
+        const identified = access.identify(req);
+        const identity = 'then' in identified ? await identified : identified;
+        notes.user = identity.user;
+        access.authorize(identity, 'pull', repo);
+      }
+      await serveManifest(req, res, services, repo, m[2]!, notes);
+    };
+    const method = req.method === 'GET' ? cells.GET : cells.HEAD;
+    serve().then(
+      () => observed.record(req, res, method, 'manifest', started, notes),
+      (err: unknown) => {
+        if (err instanceof AuthenticationRequiredError)
+          res.setHeader('WWW-Authenticate', access.challenge(req));
+        notes.errorCode = sendError(err, req, res, httpLog);
+        observed.record(req, res, method, 'manifest', started, notes);
+      },
+    );
     return true;
   };
 }
@@ -157,21 +203,32 @@ export function requestId(req: IncomingMessage, res: ServerResponse): string {
   return id;
 }
 
+/** Most characters of a request's path and query in its log line. */
+const LOGGED_URL = 1024;
+
+/** The URL as the request log shows it: cut at 1 KiB (a path may be as long as a client likes). */
+export function loggedUrl(url: string | undefined): string | undefined {
+  return url !== undefined && url.length > LOGGED_URL ? `${url.slice(0, LOGGED_URL)}...` : url;
+}
+
 /** The same request line pino-http writes for the express routes. */
 function logRequest(
   log: Logger,
   req: IncomingMessage,
   res: ServerResponse,
   notes: RequestNotes,
+  access: AccessControl,
 ): void {
   const start = performance.now();
   const id = requestId(req, res);
   res.once('close', () => {
     const line = {
-      req: { id, method: req.method, url: req.url },
+      req: { id, method: req.method, url: loggedUrl(req.url) },
       res: { statusCode: res.statusCode },
       responseTime: Math.round(performance.now() - start),
       ...notes,
+      client: access.clientAddress(req),
+      userAgent: req.headers['user-agent'],
     };
     if (res.statusCode >= 500 || !res.writableFinished) log.error(line, 'request failed');
     else log.info(line, 'request');

@@ -284,6 +284,16 @@ export class BlobFetch implements UpstreamFetch, FollowedFetch {
     }
   }
 
+  /** When the fetch started, ms since epoch. */
+  get startedAt(): number {
+    return this.started;
+  }
+
+  /** Clients following the fetch now. */
+  get clients(): number {
+    return this.followers.size;
+  }
+
   /** True once the digest is verified: the last byte may go to the followers. */
   isCommitted(): boolean {
     return this.state === 'committed' || this.state === 'streamed';

@@ -1,11 +1,14 @@
 /**
- * ProxyBlobStore: a stored blob is served from storage; a miss is fetched from the upstream
- * once per digest however many clients ask (see blob-fetch.ts), verified, and kept.
+ * ProxyBlobStore: a blob the repository holds is served from storage; a miss is fetched from the
+ * upstream once per digest however many clients ask (see blob-fetch.ts), verified, kept, and
+ * linked to the repository. A blob stored (or being fetched) for another repository is served
+ * for this one only after its upstream confirms, with this repository's scope, that it has it.
  */
 import type { Logger } from '../log/logger.js';
 import type { Digest } from '../oci/digest.js';
 import type { MetadataCache } from '../metadata/types.js';
 import type { Metrics } from '../metrics.js';
+import type { LocalBlobService } from '../storage/local-services.js';
 import {
   resolveRange,
   type BlobService,
@@ -13,21 +16,21 @@ import {
   type ByteRange,
   type OpenResult,
   type RepositoryKey,
-  type RepositoryStore,
   type StatResult,
 } from '../storage/types.js';
-import { UpstreamNotFoundError } from '../upstream/errors.js';
+import { UpstreamNotFoundError, UpstreamUnavailableError } from '../upstream/errors.js';
 import type { UpstreamClient } from '../upstream/types.js';
 import { BlobFetch, type BlobFetchOptions } from './blob-fetch.js';
 import { FleetFetch } from './fleet-fetch.js';
 import type { DigestLeases } from '../fleet/types.js';
 import type { UpstreamFetch } from './types.js';
+import { SingleFlight } from './single-flight.js';
 import type { StorageBudget } from '../lifecycle/types.js';
 
 export interface ProxyBlobStoreOptions {
-  local: BlobService;
+  /** Blobs as each repository holds them (its links), from storage and memory. */
+  local: LocalBlobService;
   blobs: BlobStore;
-  repositories: RepositoryStore;
   cache: MetadataCache;
   client: UpstreamClient;
   log: Logger;
@@ -48,6 +51,8 @@ export interface ProxyBlobStoreOptions {
 
 export class ProxyBlobStore implements BlobService {
   private readonly log: Logger;
+  /** Upstream confirmations under way, one per repository and digest. */
+  private readonly confirmations = new SingleFlight<StatResult>();
 
   constructor(private readonly o: ProxyBlobStoreOptions) {
     this.log = o.log.child({ module: 'proxy-blob', upstream: o.client.name });
@@ -56,17 +61,12 @@ export class ProxyBlobStore implements BlobService {
   async stat(repo: RepositoryKey, digest: Digest): Promise<StatResult> {
     const local = await this.o.local.stat(repo, digest);
     if (local.found) return local;
-    const fetching = this.o.inflight.get(digest);
-    if (fetching?.size !== undefined && fetching.state !== 'failed')
+    const fetching = this.active(digest);
+    if (fetching && isFor(fetching, repo) && fetching.size !== undefined)
       return { found: true, descriptor: { digest, size: fetching.size } };
-    try {
-      // HEAD on a miss asks the upstream with HEAD and never downloads the blob.
-      const { size } = await this.o.client.headBlob(repo.repository, digest);
-      return { found: true, descriptor: { digest, size } };
-    } catch (err) {
-      if (err instanceof UpstreamNotFoundError) return { found: false };
-      throw err;
-    }
+    // HEAD on a miss asks the upstream with HEAD and never downloads the blob; one stored (or
+    // being fetched) for another repository is linked to this one once the upstream says so.
+    return this.confirm(repo, digest);
   }
 
   async open(repo: RepositoryKey, digest: Digest, range?: ByteRange): Promise<OpenResult> {
@@ -75,11 +75,29 @@ export class ProxyBlobStore implements BlobService {
       this.o.metrics.requests.inc({ upstream: repo.upstream, kind: 'blob', cache: 'hit' });
       return local;
     }
-    this.o.metrics.requests.inc({ upstream: repo.upstream, kind: 'blob', cache: 'miss' });
-    let fetch = this.o.inflight.get(digest);
-    if (!fetch || fetch.state === 'failed') {
-      fetch = this.start(repo, digest);
+    if (!this.active(digest) && (await this.o.local.stored(digest)).found) {
+      // Stored for another repository: served for this one only once the upstream confirms.
+      if (!(await this.confirm(repo, digest)).found) return { found: false };
+      const linked = await this.o.local.open(repo, digest, range);
+      if (linked.found) {
+        this.o.metrics.requests.inc({ upstream: repo.upstream, kind: 'blob', cache: 'hit' });
+        return linked;
+      }
+      // Removed meanwhile (an eviction): a miss like any other, below.
     }
+    // Looked up again after the awaits above, and started without one in between: concurrent
+    // clients of a digest find each other's fetch.
+    let fetch = this.active(digest);
+    let joined = false;
+    if (fetch && !isFor(fetch, repo)) {
+      // Being fetched for another repository: followed only once the upstream confirms this one
+      // has it too (and linked to it when the fetch is kept).
+      if (!(await this.confirm(repo, digest)).found) return { found: false };
+      joined = true;
+    }
+    this.o.metrics.requests.inc({ upstream: repo.upstream, kind: 'blob', cache: 'miss' });
+    fetch ??= this.start(repo, digest);
+    const linking = joined ? this.linkWhenKept(repo, fetch) : undefined;
     try {
       await fetch.ready;
     } catch (err) {
@@ -90,6 +108,7 @@ export class ProxyBlobStore implements BlobService {
     if (fetch.size === undefined) {
       // No Content-Length from the upstream: wait for the whole blob, then serve it from storage.
       await fetch.done;
+      await linking;
       return this.o.local.open(repo, digest, range);
     }
     const size = fetch.size;
@@ -101,6 +120,65 @@ export class ProxyBlobStore implements BlobService {
       : { found: true, descriptor, stream, fromUpstream: true };
   }
 
+  /**
+   * Asks the upstream (HEAD, with this repository's scope) whether the repository has the blob.
+   * When its bytes are stored already, for another repository, a yes links it to this one, so
+   * that it is remembered like any blob fetched for it. `{found:false}` when the upstream says
+   * no, and, for stored bytes, also when it cannot be asked (offline, down): without its word
+   * they are not this repository's to serve. Other failures are thrown, as for any miss.
+   */
+  private confirm(repo: RepositoryKey, digest: Digest): Promise<StatResult> {
+    return this.confirmations.run(`${repo.upstream}/${repo.repository}@${digest}`, async () => {
+      let size: number;
+      try {
+        ({ size } = await this.o.client.headBlob(repo.repository, digest));
+      } catch (err) {
+        if (err instanceof UpstreamNotFoundError) return this.refused(repo, digest, 'not found');
+        if (err instanceof UpstreamUnavailableError && (await this.o.local.stored(digest)).found)
+          return this.refused(repo, digest, 'upstream unavailable');
+        throw err;
+      }
+      const stored = await this.o.local.stored(digest);
+      if (!stored.found) return { found: true, descriptor: { digest, size } };
+      await this.o.local.link(repo, stored.descriptor);
+      this.log.info(
+        { repository: repo.repository, digest },
+        'stored blob linked: the upstream confirmed the repository has it',
+      );
+      return stored;
+    });
+  }
+
+  private async refused(repo: RepositoryKey, digest: Digest, reason: string): Promise<StatResult> {
+    if ((await this.o.local.stored(digest)).found || this.active(digest))
+      this.log.info(
+        { repository: repo.repository, digest, reason },
+        'blob of another repository not served: the upstream did not confirm this one has it',
+      );
+    return { found: false };
+  }
+
+  /** Links a fetch made for another repository to this one too, once it is kept. */
+  private async linkWhenKept(repo: RepositoryKey, fetch: UpstreamFetch): Promise<void> {
+    try {
+      const descriptor = await fetch.done;
+      if (fetch.state === 'committed') await this.o.local.link(repo, descriptor);
+    } catch (err) {
+      // A failed fetch is reported by its own followers; a failed link only costs a confirmation.
+      if (fetch.state === 'committed')
+        this.log.warn(
+          { repository: repo.repository, digest: fetch.digest, err: (err as Error).message },
+          'blob link failed',
+        );
+    }
+  }
+
+  /** The fetch of a digest under way (for whichever repository), if any. */
+  private active(digest: Digest): UpstreamFetch | undefined {
+    const fetch = this.o.inflight.get(digest);
+    return fetch && fetch.state !== 'failed' ? fetch : undefined;
+  }
+
   private start(repo: RepositoryKey, digest: Digest): UpstreamFetch {
     const options: BlobFetchOptions = {
       blobs: this.o.blobs,
@@ -109,12 +187,8 @@ export class ProxyBlobStore implements BlobService {
       digest,
       log: this.log,
       orphanTimeout: this.o.orphanTimeout,
-      onUpstreamBytes: (n) => this.o.metrics.upstreamBytes.inc({ upstream: repo.upstream }, n),
       ...(this.o.budget ? { budget: this.o.budget } : {}),
-      onCommitted: async (descriptor) => {
-        await this.o.repositories.linkBlob(repo, descriptor);
-        await this.o.cache.setDescriptor(descriptor);
-      },
+      onCommitted: (descriptor) => this.o.local.link(repo, descriptor),
     };
     const { leases, idleTimeout } = this.o;
     const fetch = leases
@@ -128,3 +202,7 @@ export class ProxyBlobStore implements BlobService {
     return fetch;
   }
 }
+
+/** Whether a fetch is for this repository of this upstream (the one it links on commit). */
+const isFor = (fetch: UpstreamFetch, repo: RepositoryKey) =>
+  fetch.repo.upstream === repo.upstream && fetch.repo.repository === repo.repository;
