@@ -777,13 +777,23 @@ function notFound(err: unknown, p: string): unknown {
 function unavailable(err: unknown, what: string): unknown {
   const status = statusOf(err);
   if (status === 404 || status === 412 || status === 409 || status === 416) return err;
-  const name = (err as { name?: string })?.name ?? 'error';
+  let name = (err as { name?: string })?.name ?? 'error';
+  // A HEAD's error has no body, so no code: the SDK calls it Unknown.
+  if (name === 'Unknown' && status !== undefined) name = HEAD_ERRORS[status] ?? name;
   const reason =
     status !== undefined
       ? `${name} (HTTP ${status})`
       : ((err as NodeJS.ErrnoException)?.code ?? (err as Error)?.message ?? name);
   return new StorageUnavailableError(`storage is unavailable: cannot ${what}: ${reason}`, err);
 }
+
+/** What S3 says by status alone, where a HEAD leaves it no body to say it with. */
+const HEAD_ERRORS: Record<number, string> = {
+  400: 'BadRequest',
+  403: 'AccessDenied',
+  500: 'InternalError',
+  503: 'ServiceUnavailable',
+};
 
 /** A key in a CopySource: each segment URL-encoded, the slashes kept. */
 function encodeKey(key: string): string {

@@ -146,8 +146,22 @@ rgw gc processor period = 60
     await gatewayUp();
   };
   const stopAll = async () => {
+    process.off('exit', killAllNow);
     for (const name of ['client.rgw.a', 'osd.0', 'mon.a']) await kill(name);
   };
+  // The daemons run detached: a test process that ends without stop() must not leave them.
+  const killAllNow = () => {
+    for (const name of ['client.rgw.a', 'osd.0', 'mon.a']) {
+      const pid = pidOf(name);
+      if (pid)
+        try {
+          process.kill(pid, 'SIGKILL');
+        } catch {
+          // gone already
+        }
+    }
+  };
+  process.on('exit', killAllNow);
   try {
     const monmap = join(dir, 'monmap');
     await run('monmaptool', [

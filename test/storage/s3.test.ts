@@ -4,7 +4,7 @@
  * in the middle of an upload.
  */
 import { spawn } from 'node:child_process';
-import { createServer, request as httpRequest, type Server } from 'node:http';
+import { createServer, request as httpRequest, type IncomingMessage, type Server } from 'node:http';
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -271,41 +271,17 @@ describe('the object store slow, down or refusing', () => {
   });
 
   test('503 SlowDown is retried with backoff and the pull succeeds', async () => {
-    // radosgw cannot be made to say SlowDown: an in-process proxy in front of it says it to the
-    // first attempt of every other request (the host header is kept, so signatures still match).
-    const target = new URL(s3().endpoint);
+    // radosgw cannot be made to say SlowDown: a proxy in front of it says it to the first
+    // attempt of every other request.
     let count = 0;
     let slowDowns = 0;
-    const proxy: Server = createServer((req, res) => {
+    const proxy = await faultProxy((req) => {
       const first = /attempt=1\b/.test(String(req.headers['amz-sdk-request']));
-      if (first && count++ % 2 === 0) {
-        slowDowns++;
-        req.resume();
-        res.writeHead(503, { 'content-type': 'application/xml' });
-        res.end(
-          '<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>',
-        );
-        return;
-      }
-      const upstream = httpRequest(
-        {
-          host: target.hostname,
-          port: target.port,
-          method: req.method,
-          path: req.url,
-          headers: req.headers,
-        },
-        (answer) => {
-          res.writeHead(answer.statusCode!, answer.headers);
-          answer.pipe(res);
-        },
-      );
-      upstream.on('error', () => res.destroy());
-      req.pipe(upstream);
+      if (!first || count++ % 2 !== 0) return undefined;
+      slowDowns++;
+      return { status: 503, code: 'SlowDown' };
     });
-    const port = await freePort();
-    await new Promise<void>((resolve) => proxy.listen(port, '127.0.0.1', resolve));
-    const pc = await start({}, { endpoint: `http://127.0.0.1:${port}` });
+    const pc = await start({}, { endpoint: proxy.endpoint });
     try {
       const dir = tmp();
       await skopeoCopy(pc.host, 'org/big:v1', dir);
@@ -316,7 +292,75 @@ describe('the object store slow, down or refusing', () => {
       proxy.close();
     }
   });
+
+  test('refusing (403) while running: stored blobs and readiness answer 503 naming it; allowed again, served', async () => {
+    let deny = false;
+    const proxy = await faultProxy(() =>
+      deny ? { status: 403, code: 'AccessDenied' } : undefined,
+    );
+    const pc = await start({}, { endpoint: proxy.endpoint });
+    try {
+      await skopeoCopy(pc.host, 'library/alpine:3.20', tmp());
+      deny = true;
+      const blob = await fetch(`${pc.url}/v2/library/alpine/blobs/${small.blobs[1]!.digest}`);
+      expect(blob.status).toBe(503);
+      const body = (await blob.json()) as { errors: { code: string; message: string }[] };
+      expect(body.errors[0]).toMatchObject({ code: 'UNAVAILABLE' });
+      expect(body.errors[0]!.message).toMatch(
+        /storage is unavailable: .*AccessDenied \(HTTP 403\)/,
+      );
+      const ready = await fetch(`${pc.url}/readyz`);
+      expect(ready.status).toBe(503);
+      expect(JSON.stringify(await ready.json())).toMatch(/AccessDenied/);
+      deny = false;
+      const dir = tmp();
+      await skopeoCopy(pc.host, 'library/alpine:3.20', dir);
+      expectDirHolds(dir, small);
+    } finally {
+      await pc.stop();
+      proxy.close();
+    }
+  });
 });
+
+/**
+ * An S3 endpoint in front of the test's radosgw that answers an S3 error where `fault` says so
+ * and passes everything else on (the host header is kept, so signatures still match).
+ */
+async function faultProxy(
+  fault: (req: IncomingMessage) => { status: number; code: string } | undefined,
+): Promise<{ endpoint: string; close(): void }> {
+  const target = new URL(s3().endpoint);
+  const proxy: Server = createServer((req, res) => {
+    const answer = fault(req);
+    if (answer) {
+      req.resume();
+      res.writeHead(answer.status, { 'content-type': 'application/xml' });
+      res.end(
+        `<?xml version="1.0" encoding="UTF-8"?><Error><Code>${answer.code}</Code><Message>${answer.code}</Message></Error>`,
+      );
+      return;
+    }
+    const upstream = httpRequest(
+      {
+        host: target.hostname,
+        port: target.port,
+        method: req.method,
+        path: req.url,
+        headers: req.headers,
+      },
+      (reply) => {
+        res.writeHead(reply.statusCode!, reply.headers);
+        reply.pipe(res);
+      },
+    );
+    upstream.on('error', () => res.destroy());
+    req.pipe(upstream);
+  });
+  const port = await freePort();
+  await new Promise<void>((resolve) => proxy.listen(port, '127.0.0.1', resolve));
+  return { endpoint: `http://127.0.0.1:${port}`, close: () => proxy.close() };
+}
 
 describe('a process killed in the middle of an upload', () => {
   test('leaves nothing visible, and its multipart upload is purged later', async () => {
