@@ -73,6 +73,8 @@ export interface S3DriverOptions {
   spoolDir?: string;
   /** Attempts per request (the SDK's standard retry mode, with backoff); 3 by default. */
   maxAttempts?: number;
+  /** How long a request may go without a byte from the store (ms); 60 s by default. */
+  requestTimeout?: number;
 }
 
 /** S3's limit for one CopyObject; larger objects are copied part by part. */
@@ -116,7 +118,9 @@ export class S3Driver implements StorageDriver {
       // The SDK's own Node handler, with these options.
       requestHandler: {
         connectionTimeout: 5000,
-        requestTimeout: 60_000,
+        // Inactivity, before the answer and while its body streams (a whole-request limit
+        // would cut a long download; this SDK only warns about one by default).
+        socketTimeout: options.requestTimeout ?? 60_000,
         httpAgent: new HttpAgent(agent),
         httpsAgent: new Agent(agent),
       },
@@ -781,9 +785,11 @@ function unavailable(err: unknown, what: string): unknown {
   // A HEAD's error has no body, so no code: the SDK calls it Unknown.
   if (name === 'Unknown' && status !== undefined) name = HEAD_ERRORS[status] ?? name;
   const reason =
-    status !== undefined
-      ? `${name} (HTTP ${status})`
-      : ((err as NodeJS.ErrnoException)?.code ?? (err as Error)?.message ?? name);
+    name === 'TimeoutError'
+      ? 'no answer from the store in time'
+      : status !== undefined
+        ? `${name} (HTTP ${status})`
+        : ((err as NodeJS.ErrnoException)?.code ?? (err as Error)?.message ?? name);
   return new StorageUnavailableError(`storage is unavailable: cannot ${what}: ${reason}`, err);
 }
 

@@ -16,7 +16,8 @@ import {
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { parseDigest } from '../../src/oci/digest.js';
 import { paths } from '../../src/storage/paths.js';
-import type { S3Driver } from '../../src/storage/s3-driver.js';
+import { S3Driver } from '../../src/storage/s3-driver.js';
+import { StorageUnavailableError } from '../../src/storage/types.js';
 import { TestDockerd } from '../helpers/dockerd.js';
 import { ociError } from '../helpers/http.js';
 import { makeImage, pushImage, sha256, type Image } from '../helpers/images.js';
@@ -323,16 +324,56 @@ describe('the object store slow, down or refusing', () => {
   });
 });
 
+describe('the object store slow', () => {
+  test('a store that stops answering fails the read after its timeout and retries, with a clear error', async () => {
+    let hang = false;
+    const proxy = await faultProxy(() => (hang ? 'hang' : undefined));
+    const driver = new S3Driver({
+      bucket: storage.bucket!,
+      region: 'us-east-1',
+      endpoint: proxy.endpoint,
+      forcePathStyle: true,
+      prefix: storage.prefix!,
+      credentials: { accessKeyId: s3().accessKey, secretAccessKey: s3().secretKey },
+      partSize: 5 * 1024 * 1024,
+      requestTimeout: 500,
+    });
+    try {
+      await driver.putContent('x', 'stored');
+      hang = true;
+      const started = Date.now();
+      const failure = await driver.getContent('x').catch((err: unknown) => err);
+      expect(failure).toBeInstanceOf(StorageUnavailableError);
+      expect((failure as Error).message).toBe(
+        'storage is unavailable: cannot read: no answer from the store in time',
+      );
+      // Three attempts of 0.5 s with backoff between them: seconds, not minutes.
+      expect(Date.now() - started).toBeLessThan(15_000);
+      expect(driver.requests.get('GetObjectCommand')).toBe(3);
+      hang = false;
+      expect((await driver.getContent('x')).toString()).toBe('stored');
+    } finally {
+      await driver.close();
+      proxy.close();
+    }
+  });
+});
+
 /**
  * An S3 endpoint in front of the test's radosgw that answers an S3 error where `fault` says so
  * and passes everything else on (the host header is kept, so signatures still match).
  */
 async function faultProxy(
-  fault: (req: IncomingMessage) => { status: number; code: string } | undefined,
+  fault: (req: IncomingMessage) => { status: number; code: string } | 'hang' | undefined,
 ): Promise<{ endpoint: string; close(): void }> {
   const target = new URL(s3().endpoint);
+  const sockets = new Set<import('node:net').Socket>();
   const proxy: Server = createServer((req, res) => {
     const answer = fault(req);
+    if (answer === 'hang') {
+      req.resume(); // and never answer
+      return;
+    }
     if (answer) {
       req.resume();
       res.writeHead(answer.status, { 'content-type': 'application/xml' });
@@ -357,9 +398,19 @@ async function faultProxy(
     upstream.on('error', () => res.destroy());
     req.pipe(upstream);
   });
+  proxy.on('connection', (socket) => {
+    sockets.add(socket);
+    socket.once('close', () => sockets.delete(socket));
+  });
   const port = await freePort();
   await new Promise<void>((resolve) => proxy.listen(port, '127.0.0.1', resolve));
-  return { endpoint: `http://127.0.0.1:${port}`, close: () => proxy.close() };
+  return {
+    endpoint: `http://127.0.0.1:${port}`,
+    close: () => {
+      proxy.close();
+      for (const socket of sockets) socket.destroy();
+    },
+  };
 }
 
 describe('a process killed in the middle of an upload', () => {
