@@ -160,7 +160,10 @@ export function createRuntime(
     uploadsPurgeAge: config.storage.uploads.purgeAge,
     ...(config.cache.store === 'redis'
       ? { replicas: { lease: new RedisLease(config.cache.redis.url, leaseKey(config), log) } }
-      : {}),
+      : // `server.workers` without Redis: the owner record decides, the pulls in storage count.
+        cluster.isWorker
+        ? { replicas: {} }
+        : {}),
   });
   // Everything above the stores tells the lifecycle what comes and goes.
   const blobs = new TrackedBlobStore(storedBlobs, lifecycle);

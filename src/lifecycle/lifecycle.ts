@@ -52,10 +52,11 @@ export interface LifecycleDeps {
   /** Upload sessions older than this are collected by `gc` (ms). */
   uploadsPurgeAge: number;
   /**
-   * Replicas share this storage (`cache.store: redis`): the lease decides who evicts, and an
-   * entry another replica pulled since this one's graph says is not evicted.
+   * Other processes share this storage: replicas (`cache.store: redis`), or the workers of one
+   * host (`server.workers`). An entry another of them pulled since this one's graph says is not
+   * evicted. With a `lease`, the lease decides who evicts; without, the owner record does.
    */
-  replicas?: { lease: Lease };
+  replicas?: { lease?: Lease };
   now?: () => number;
 }
 
@@ -192,7 +193,7 @@ export class Lifecycle {
     await this.evicting?.catch(() => {});
     await this.flush().catch((err: unknown) => this.warn(err));
     await this.ownership.release().catch(() => {});
-    await this.d.replicas?.lease.close();
+    await this.d.replicas?.lease?.close();
   }
 
   /**

@@ -3,14 +3,15 @@
  * (paced by a forwarder so that tests can act while a fetch is under way), run with the real CLI.
  */
 import { randomBytes } from 'node:crypto';
-import { existsSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { Agent, request } from 'node:http';
 import { availableParallelism, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { parseDigest } from '../../src/oci/digest.js';
 import { paths } from '../../src/storage/paths.js';
 import { fakeServer, type FakeServer } from '../helpers/fake-server.js';
-import { pushBlob, sha256 } from '../helpers/images.js';
+import { makeImage, pushBlob, pushImage, sha256, type Image } from '../helpers/images.js';
 import { waitFor } from '../helpers/net.js';
 import { TestRegistry } from '../helpers/registry.js';
 import { Throttle } from '../helpers/throttle.js';
@@ -111,7 +112,7 @@ describe('workers on one host', () => {
     await pc.waitForWorkers(2, 3);
     expect(pc.workers()).not.toContain(holder.pid);
     expect(pc.workers()).toContain(follower.pid);
-  }, 120_000);
+  }, 150_000);
 
   test('a worker dying does not cut the downloads of the others, and new requests are answered', async () => {
     const b = await blob(48 * MiB);
@@ -134,7 +135,7 @@ describe('workers on one host', () => {
     slowRes!.resume();
     expect(intact(await slow, b.digest)).toBe(true);
     await pc.waitForWorkers(2, 4);
-  }, 120_000);
+  }, 150_000);
 
   test('a follower whose fetching worker stalls fetches the blob itself', async () => {
     const b = await blob(24 * MiB);
@@ -249,6 +250,111 @@ describe('starting workers', () => {
       await expect(started).rejects.not.toThrow(/\n\s+at /); // no stack trace
     } finally {
       rmSync(root, { recursive: true, force: true });
+    }
+  }, 60_000);
+});
+
+describe('workers on one host and the budget', () => {
+  let registry: TestRegistry;
+  let pc: WorkersServer;
+  const images: Record<string, Image> = {};
+  const bytesOf = (image: Image) =>
+    image.manifest.length + image.blobs.reduce((sum, b) => sum + b.bytes.length, 0);
+  const stored = (image: Image) =>
+    existsSync(join(pc.root, 'data', paths.blobData(parseDigest(image.digest).digest)));
+
+  beforeAll(async () => {
+    registry = await TestRegistry.start();
+    for (const name of ['x', 'y', 'z']) {
+      images[name] = makeImage(`org/${name}`, 'v1', 'oci', [300_000]);
+      await pushImage(registry, images[name]);
+    }
+    const unit = Math.max(...Object.values(images).map(bytesOf));
+    pc = await startWorkers({
+      upstream: registry.url,
+      workers: 2,
+      yaml: ['retention:', `  maxSize: ${2 * unit + 1000}`, '  lowWater: 100%'],
+    });
+  }, 60_000);
+  afterAll(async () => {
+    await pc?.stop();
+    await registry?.close();
+  });
+
+  /** A kept-alive connection to the worker with this pid (a new connection until one is). */
+  async function connectionTo(pid: number): Promise<Agent> {
+    for (let i = 0; i < 20; i++) {
+      const agent = new Agent({ keepAlive: true, maxSockets: 1 });
+      const res = await fetchOn(agent, '/v2/');
+      if (res.worker === pid) return agent;
+      agent.destroy();
+    }
+    throw new Error(`no connection reached worker ${pid}`);
+  }
+
+  function fetchOn(agent: Agent, path: string, accept?: string): Promise<Got> {
+    return new Promise((resolve, reject) => {
+      const req = request(
+        `${pc.url}${path}`,
+        { agent, headers: accept ? { accept } : {} },
+        (res) => {
+          const chunks: Buffer[] = [];
+          res.on('data', (c: Buffer) => chunks.push(c));
+          res.on('end', () =>
+            resolve({
+              status: res.statusCode ?? 0,
+              worker: Number(res.headers['pullcache-worker']),
+              body: Buffer.concat(chunks),
+            }),
+          );
+          res.on('error', reject);
+        },
+      );
+      req.on('error', reject);
+      req.end();
+    });
+  }
+
+  /** Pulls the image as a client would (its manifest by tag, then every blob) on `agent`. */
+  async function pull(agent: Agent, image: Image): Promise<void> {
+    const manifest = await fetchOn(
+      agent,
+      `/v2/${image.repository}/manifests/${image.tag}`,
+      image.mediaType,
+    );
+    expect(manifest.status).toBe(200);
+    for (const blob of image.blobs) {
+      const got = await fetchOn(agent, `/v2/${image.repository}/blobs/${blob.digest}`);
+      expect(sha256(got.body)).toBe(blob.digest);
+    }
+  }
+
+  test('the evicting worker keeps an image another worker pulled since, and evicts the one nobody did', async () => {
+    const { x, y, z } = images as Record<string, Image>;
+    const ownerFile = join(pc.root, 'data', 'lifecycle', 'owner.json');
+    const ownerPid = () => (JSON.parse(readFileSync(ownerFile, 'utf8')) as { pid: number }).pid;
+    await waitFor(async () => pc.workers().includes(ownerPid()), 'a worker owning the storage');
+    const owner = ownerPid();
+    const other = pc.workers().find((pid) => pid !== owner)!;
+    const toOwner = await connectionTo(owner);
+    const toOther = await connectionTo(other);
+    try {
+      await pull(toOwner, x!);
+      await pull(toOwner, y!);
+      // x is pulled again, through the other worker: the owner's graph does not see it, but the
+      // other worker writes its last pull to storage (within 5 s).
+      await new Promise((r) => setTimeout(r, 50));
+      await pull(toOther, x!);
+      await new Promise((r) => setTimeout(r, 6000));
+      // z does not fit beside both: the owner evicts one, and x was pulled last.
+      await pull(toOwner, z!);
+      await waitFor(async () => !stored(y!) || !stored(x!), 'an eviction');
+      expect(stored(x!)).toBe(true);
+      expect(stored(y!)).toBe(false);
+      expect(stored(z!)).toBe(true);
+    } finally {
+      toOwner.destroy();
+      toOther.destroy();
     }
   }, 60_000);
 });

@@ -122,7 +122,7 @@ export async function startWorkers(options: {
     primary,
     lines,
     workers: () => childrenOf(primary.pid!),
-    async waitForWorkers(count, listened, timeoutMs = 60_000) {
+    async waitForWorkers(count, listened, timeoutMs = 90_000) {
       try {
         await waitFor(
           async () => childrenOf(primary.pid!).length === count && listening() >= listened,
