@@ -44,6 +44,8 @@ import {
   type CompletedPart,
 } from '@aws-sdk/client-s3';
 import { getSignedUrl } from '@aws-sdk/s3-request-presigner';
+import { LRUCache } from 'lru-cache';
+import { Agent as UndiciAgent, request, type Dispatcher } from 'undici';
 import { RangeInvalidError } from '../oci/errors.js';
 import { FileRange } from './file-range.js';
 import { ObjectRange } from './object-range.js';
@@ -94,6 +96,10 @@ export class S3Driver implements StorageDriver {
   readonly requests = new Map<string, number>();
   private readonly prefix: string;
   private readonly spoolDir: string;
+  /** Presigned GETs of recently read keys (readRange). */
+  private readonly signed = new LRUCache<string, { url: string; until: number }>({ max: 10_000 });
+  private readonly dispatcher: Dispatcher;
+  private readonly attempts: number;
   /** Writers open in this process, by path: their spool is what `reader` gives. */
   private readonly writing = new Map<string, S3Writer>();
 
@@ -105,6 +111,14 @@ export class S3Driver implements StorageDriver {
     // release that runs on Node 20, so the warning says nothing a user of pullcache can act on.
     process.env.AWS_SDK_JS_NODE_VERSION_SUPPORT_WARNING_DISABLED ??= 'true';
     const agent = { keepAlive: true, maxSockets: 256 };
+    this.attempts = options.maxAttempts ?? 3;
+    const idle = options.requestTimeout ?? 60_000;
+    this.dispatcher = new UndiciAgent({
+      connections: 256,
+      connect: { timeout: 5000 },
+      headersTimeout: idle,
+      bodyTimeout: idle,
+    });
     this.client = new S3Client({
       region: options.region,
       ...(options.endpoint ? { endpoint: options.endpoint } : {}),
@@ -218,37 +232,77 @@ export class S3Driver implements StorageDriver {
     return new ObjectRange(res.Body as Readable);
   }
 
+  /**
+   * Blob reads, the request path's one request, go out as presigned GETs through undici: about
+   * 1.7 times the throughput of the SDK's own handler on the 2-core machine (215 against 129
+   * GETs of 1 MiB a second, 32 at once). The URL is signed here (kept a few minutes per key);
+   * 5xx, 429 and connection failures are retried with backoff before any byte is taken.
+   */
   async readRange(
     p: string,
     start: number,
     end?: number,
   ): Promise<{ stream: ObjectRange; size: number } | undefined> {
+    const key = this.key(p);
     // No Range header for a whole object: a zero-length one has no byte 0 to ask for.
     const range = start > 0 || end !== undefined ? `bytes=${start}-${end ?? ''}` : undefined;
-    let res;
-    try {
-      res = await this.send('read', () =>
-        this.client.send(
-          new GetObjectCommand({
-            Bucket: this.bucket,
-            Key: this.key(p),
-            ...(range ? { Range: range } : {}),
-          }),
-        ),
-      );
-    } catch (err) {
-      if (isNotFound(err)) return undefined;
-      if (statusOf(err) === 416) {
+    for (let attempt = 1; ; attempt++) {
+      this.requests.set('GetObjectCommand', (this.requests.get('GetObjectCommand') ?? 0) + 1);
+      let res: Dispatcher.ResponseData;
+      try {
+        res = await request(await this.signedGet(key), {
+          ...(range ? { headers: { range } } : {}),
+          dispatcher: this.dispatcher,
+        });
+      } catch (err) {
+        if (attempt < this.attempts) {
+          await backoff(attempt);
+          continue;
+        }
+        throw unavailable(err, 'read');
+      }
+      const status = res.statusCode;
+      if (status === 200 || status === 206) {
+        // "bytes 0-99/12345" for a range; the length itself for a whole object.
+        const total = /\/(\d+)$/.exec(String(res.headers['content-range'] ?? ''))?.[1];
+        const size = Number(total ?? res.headers['content-length'] ?? 0);
+        return { stream: new ObjectRange(res.body), size };
+      }
+      await res.body.dump();
+      if (status === 404) return undefined;
+      if (status === 416) {
         const info = await this.stat(p);
         if (!info) return undefined;
         throw new RangeInvalidError(info.size);
       }
-      throw err;
+      // A refusal may be a URL signed with credentials that have since rotated: sign afresh once.
+      if (status === 403 && attempt === 1) {
+        this.signed.delete(key);
+        continue;
+      }
+      if ((status >= 500 || status === 429) && attempt < this.attempts) {
+        await backoff(attempt);
+        continue;
+      }
+      const name = HEAD_ERRORS[status] ?? (status === 429 ? 'SlowDown' : 'error');
+      throw new StorageUnavailableError(
+        `storage is unavailable: cannot read: ${name} (HTTP ${status})`,
+      );
     }
-    // "bytes 0-99/12345" for a range; the length itself for a whole object.
-    const total = /\/(\d+)$/.exec(res.ContentRange ?? '')?.[1];
-    const size = total !== undefined ? Number(total) : (res.ContentLength ?? 0);
-    return { stream: new ObjectRange(res.Body as Readable), size };
+  }
+
+  /** A presigned GET of a key, made again when less than half of its time is left. */
+  private async signedGet(key: string): Promise<string> {
+    const now = Date.now();
+    const kept = this.signed.get(key);
+    if (kept && kept.until > now) return kept.url;
+    const url = await getSignedUrl(
+      this.client,
+      new GetObjectCommand({ Bucket: this.bucket, Key: key }),
+      { expiresIn: SIGNED_GET_SECONDS },
+    );
+    this.signed.set(key, { url, until: now + (SIGNED_GET_SECONDS * 1000) / 2 });
+    return url;
   }
 
   async writer(p: string, append: boolean): Promise<FileWriter> {
@@ -567,6 +621,7 @@ export class S3Driver implements StorageDriver {
   async close(): Promise<void> {
     for (const writer of [...this.writing.values()]) await writer.cancel().catch(() => {});
     this.client.destroy();
+    await this.dispatcher.close().catch(() => {});
   }
 }
 
@@ -791,6 +846,15 @@ function unavailable(err: unknown, what: string): unknown {
         ? `${name} (HTTP ${status})`
         : ((err as NodeJS.ErrnoException)?.code ?? (err as Error)?.message ?? name);
   return new StorageUnavailableError(`storage is unavailable: cannot ${what}: ${reason}`, err);
+}
+
+/** How long a presigned GET for the driver's own reads is valid (signed again at half). */
+const SIGNED_GET_SECONDS = 15 * 60;
+
+/** Waits before attempt `attempt + 1`: exponential with full jitter, as the SDK does. */
+function backoff(attempt: number): Promise<void> {
+  const ms = Math.random() * Math.min(20_000, 100 * 2 ** attempt);
+  return new Promise((resolve) => setTimeout(resolve, ms));
 }
 
 /** What S3 says by status alone, where a HEAD leaves it no body to say it with. */
