@@ -50,6 +50,9 @@ export class ProxyManifestStore implements ManifestService {
     }
     this.metrics.requests.inc({ upstream: repo.upstream, kind: 'manifest', cache: 'miss' });
     return this.flights.run(`${repo.upstream}/${repo.repository}@${digest}`, async () => {
+      // A flight for this digest may have ended between the read above and this one starting.
+      const again = await this.local.get(repo, digest);
+      if (again.found) return again;
       let fetched: FetchedManifest;
       try {
         fetched = await this.client.getManifest(repo.repository, digest);

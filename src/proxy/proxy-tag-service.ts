@@ -53,9 +53,13 @@ export class ProxyTagService implements TagService {
       kind: 'tag',
       cache: known.found ? 'revalidate' : 'miss',
     });
-    return this.flights.run(`${repo.upstream}/${repo.repository}:${tag}`, () =>
-      this.ask(repo, tag, known),
-    );
+    return this.flights.run(`${repo.upstream}/${repo.repository}:${tag}`, async () => {
+      // A flight for this tag may have ended between the read above and this one starting:
+      // what it recorded is the answer, not a second upstream request.
+      const again = await this.local.resolve(repo, tag);
+      if (again.found && this.now() - again.confirmedAt < this.config.tagTTL) return again;
+      return this.ask(repo, tag, again.found ? again : known);
+    });
   }
 
   tag(repo: RepositoryKey, tag: Tag, digest: Digest): Promise<void> {

@@ -1,0 +1,153 @@
+/**
+ * The gap of a single flight: a lookup that read storage before a flight ended and asks for the
+ * flight after it ended. A storage this slow (S3 under load) cannot be timed reliably with a
+ * real one, so the storage here is made slow on purpose; the tag service is the real one.
+ */
+import { expect, test } from 'vitest';
+import { parseConfig } from '../../src/config/load.js';
+import { silentLogger } from '../../src/log/logger.js';
+import { Metrics } from '../../src/metrics.js';
+import type { Digest } from '../../src/oci/digest.js';
+import type { Tag } from '../../src/oci/reference.js';
+import { ProxyManifestStore } from '../../src/proxy/proxy-manifest-store.js';
+import { ProxyTagService } from '../../src/proxy/proxy-tag-service.js';
+import type {
+  ManifestLink,
+  ManifestResult,
+  ManifestService,
+  RepositoryKey,
+  TagResult,
+  TagService,
+} from '../../src/storage/types.js';
+import type { FetchedManifest, UpstreamClient } from '../../src/upstream/types.js';
+
+const DIGEST = `sha256:${'a'.repeat(64)}` as Digest;
+
+/** Tags in memory; a read answers what was there when it began, once `hold` lets it go. */
+class SlowTags implements TagService {
+  readonly tags = new Map<string, number>();
+  hold: Promise<void> = Promise.resolve();
+  async resolve(_repo: RepositoryKey, tag: Tag): Promise<TagResult> {
+    const confirmedAt = this.tags.get(tag);
+    await this.hold;
+    return confirmedAt === undefined
+      ? { found: false }
+      : { found: true, digest: DIGEST, confirmedAt };
+  }
+  async tag(_repo: RepositoryKey, tag: Tag): Promise<void> {
+    this.tags.set(tag, Date.now());
+  }
+  async list(): Promise<string[]> {
+    return [...this.tags.keys()];
+  }
+}
+
+test('a lookup that read storage before the flight ended does not fetch the tag again', async () => {
+  const local = new SlowTags();
+  let gets = 0;
+  let answer!: () => void;
+  const client = {
+    name: 'docker.io',
+    isDown: false,
+    getManifest: async (): Promise<FetchedManifest> => {
+      gets++;
+      await new Promise<void>((r) => (answer = r));
+      return {
+        digest: DIGEST,
+        mediaType: 'application/vnd.oci.image.manifest.v1+json',
+        bytes: Buffer.from('{}'),
+        size: 2,
+      } as FetchedManifest;
+    },
+  } as unknown as UpstreamClient;
+  const manifests = { keep: async () => ({}) } as unknown as ProxyManifestStore;
+  const config = parseConfig({ upstreams: { 'docker.io': { url: 'https://registry.test' } } });
+  const tags = new ProxyTagService(
+    local,
+    manifests,
+    client,
+    config.upstreams['docker.io']!,
+    silentLogger(),
+    new Metrics(),
+  );
+  const repo = { upstream: 'docker.io', repository: 'library/app' } as RepositoryKey;
+  const tag = 'v1' as Tag;
+
+  const first = tags.resolve(repo, tag);
+  await new Promise((r) => setTimeout(r, 10));
+  expect(gets).toBe(1);
+  // The second lookup reads storage now (no tag yet) and gets its answer only later.
+  let release!: () => void;
+  local.hold = new Promise<void>((r) => (release = r));
+  const second = tags.resolve(repo, tag);
+  local.hold = Promise.resolve();
+  answer();
+  expect(await first).toMatchObject({ found: true, digest: DIGEST });
+  release();
+  expect(await second).toMatchObject({ found: true, digest: DIGEST });
+  expect(gets).toBe(1);
+});
+
+/** Manifests in memory, read as slowly as SlowTags. */
+class SlowManifests implements ManifestService {
+  readonly kept = new Map<string, Buffer>();
+  hold: Promise<void> = Promise.resolve();
+  async get(_repo: RepositoryKey, digest: Digest): Promise<ManifestResult> {
+    const bytes = this.kept.get(digest);
+    await this.hold;
+    return bytes ? { found: true, link: this.link(digest, bytes), bytes } : { found: false };
+  }
+  async stat(repo: RepositoryKey, digest: Digest) {
+    return this.get(repo, digest);
+  }
+  async put(_repo: RepositoryKey, bytes: Buffer, digest: Digest): Promise<ManifestLink> {
+    this.kept.set(digest, bytes);
+    return this.link(digest, bytes);
+  }
+  private link(digest: Digest, bytes: Buffer): ManifestLink {
+    return { digest, mediaType: 'application/vnd.oci.image.manifest.v1+json', size: bytes.length };
+  }
+}
+
+test('a manifest read before its flight ended is not fetched again', async () => {
+  const local = new SlowManifests();
+  const bytes = Buffer.from(
+    JSON.stringify({
+      schemaVersion: 2,
+      mediaType: 'application/vnd.oci.image.manifest.v1+json',
+      config: { mediaType: 'application/vnd.oci.image.config.v1+json', digest: DIGEST, size: 2 },
+      layers: [],
+    }),
+  );
+  let gets = 0;
+  let answer!: () => void;
+  const client = {
+    name: 'docker.io',
+    isDown: false,
+    getManifest: async (): Promise<FetchedManifest> => {
+      gets++;
+      await new Promise<void>((r) => (answer = r));
+      return {
+        digest: DIGEST,
+        mediaType: 'application/vnd.oci.image.manifest.v1+json',
+        bytes,
+        size: bytes.length,
+      } as FetchedManifest;
+    },
+  } as unknown as UpstreamClient;
+  const manifests = new ProxyManifestStore(local, client, silentLogger(), new Metrics());
+  const repo = { upstream: 'docker.io', repository: 'library/app' } as RepositoryKey;
+
+  const first = manifests.get(repo, DIGEST);
+  await new Promise((r) => setTimeout(r, 10));
+  expect(gets).toBe(1);
+  let release!: () => void;
+  local.hold = new Promise<void>((r) => (release = r));
+  const second = manifests.get(repo, DIGEST);
+  local.hold = Promise.resolve();
+  answer();
+  expect(await first).toMatchObject({ found: true });
+  release();
+  expect(await second).toMatchObject({ found: true, bytes });
+  expect(gets).toBe(1);
+});
