@@ -54,6 +54,8 @@ import {
 import { RegistryClient } from './upstream/client.js';
 import cluster from 'node:cluster';
 import { processChannel, WorkerLeases } from './fleet/worker-leases.js';
+import { PeeredBlobSource, PeerLeases } from './fleet/peers.js';
+import { PeerBlobService } from './fleet/peer-blobs.js';
 import { paths } from './storage/paths.js';
 import type { UpstreamFetch } from './proxy/types.js';
 import {
@@ -94,6 +96,8 @@ export interface Runtime {
   lifecycle: Lifecycle;
   /** What the status page and `pullcache status` show; its history runs once started. */
   status: StatusReporter;
+  /** With `server.advertise`: what other replicas are served (fleet/peers.ts). */
+  peer?: { secret: string; blobs: BlobService };
   /**
    * Whether storage takes a write and the cache answers, now; never throws. `cacheTimeout` bounds
    * the wait for a cache that does not answer (by default, its connection timeout and a bit).
@@ -142,6 +146,24 @@ export function createRuntime(
         readUpload: (id, offset, length) => driver.reader(paths.uploadData(id), offset, length),
       })
     : undefined;
+  // `server.advertise`: replicas sharing a Redis take a lease on each cold digest there, and the
+  // others stream the blob from the one fetching it (fleet/peers.ts).
+  const peerSecret = config.server.peerSecretEnv
+    ? (process.env[config.server.peerSecretEnv] ?? '')
+    : config.server.peerSecret;
+  if (config.server.advertise !== '' && peerSecret === '')
+    throw new ConfigError([
+      `server.peerSecretEnv: the environment variable ${config.server.peerSecretEnv} is not set`,
+    ]);
+  const peerLeases =
+    config.server.advertise !== '' && config.cache.store === 'redis'
+      ? new PeerLeases({
+          redisUrl: config.cache.redis.url,
+          advertise: config.server.advertise,
+          prefix: `pullcache:fetch-lease:${storageId(config)}:`,
+          log,
+        })
+      : undefined;
   const { pins, ...retention } = config.retention;
   const lifecycle = new Lifecycle({
     retention,
@@ -159,7 +181,15 @@ export function createRuntime(
     fetching: (digest) => inflight.has(digest),
     uploadsPurgeAge: config.storage.uploads.purgeAge,
     ...(config.cache.store === 'redis'
-      ? { replicas: { lease: new RedisLease(config.cache.redis.url, leaseKey(config), log) } }
+      ? {
+          replicas: {
+            lease: new RedisLease(
+              config.cache.redis.url,
+              `pullcache:lifecycle-lease:${storageId(config)}`,
+              log,
+            ),
+          },
+        }
       : // `server.workers` without Redis: the owner record decides, the pulls in storage count.
         cluster.isWorker
         ? { replicas: {} }
@@ -204,6 +234,16 @@ export function createRuntime(
         inflight,
         budget: lifecycle,
         ...(leases ? { leases, idleTimeout: upstream.timeouts.bodyIdle } : {}),
+        ...(peerLeases
+          ? {
+              source: new PeeredBlobSource(client, {
+                leases: peerLeases,
+                secret: peerSecret,
+                idleTimeout: upstream.timeouts.bodyIdle,
+                log,
+              }),
+            }
+          : {}),
       }),
       manifests,
       tags: new ProxyTagService(localTags, manifests, client, upstream, log, metrics),
@@ -222,6 +262,18 @@ export function createRuntime(
     log,
     metrics,
     driver,
+    ...(peerLeases
+      ? {
+          peer: {
+            secret: peerSecret,
+            blobs: new PeerBlobService(
+              inflight,
+              blobs,
+              leases ? { leases, idleTimeout: peerIdleTimeout(config) } : undefined,
+            ),
+          },
+        }
+      : {}),
     blobs,
     repositories,
     cache,
@@ -250,6 +302,7 @@ export function createRuntime(
       for (const p of passthrough.values()) p.close();
       await Promise.all([...clients.values()].map((c) => c.close()));
       await lifecycle.close();
+      await peerLeases?.close();
       await cache.close();
       await closeDriver(driver);
     },
@@ -317,6 +370,7 @@ export async function startServer(config: Config, log: Logger): Promise<RunningS
     lifecycle: runtime.lifecycle,
     status: runtime.status,
     access,
+    ...(runtime.peer ? { peer: runtime.peer } : {}),
     ready: async () => {
       // Within the default timeout of a Kubernetes probe (1 s).
       const { storage, cache } = await runtime.probe({ cacheTimeout: 500 });
@@ -488,13 +542,17 @@ function servedServices(runtime: Runtime): Map<string, UpstreamServices> {
 }
 
 /** The Redis key of the lifecycle lease: one per storage, as several caches may share a Redis. */
-function leaseKey(config: Config): string {
+/** How long a peer waits on a silent fetch before giving up on it: the longest bodyIdle. */
+function peerIdleTimeout(config: Config): number {
+  return Math.max(...Object.values(config.upstreams).map((u) => u.timeouts.bodyIdle));
+}
+
+/** The storage in Redis keys: replicas of one storage share them, other caches do not. */
+function storageId(config: Config): string {
   const s = config.storage;
-  const where =
-    s.driver === 's3'
-      ? `s3:${s.s3.endpoint || 'aws'}/${s.s3.bucket}/${s.s3.prefix}`
-      : `fs:${resolve(s.filesystem.root)}`;
-  return `pullcache:lifecycle-lease:${where}`;
+  return s.driver === 's3'
+    ? `s3:${s.s3.endpoint || 'aws'}/${s.s3.bucket}/${s.s3.prefix}`
+    : `fs:${resolve(s.filesystem.root)}`;
 }
 
 /** With `storage.s3.redirect`, stored blobs are answered with a presigned URL of their object. */

@@ -30,6 +30,7 @@ export function redactConfig(config: Config): Config {
   for (const upstream of Object.values(copy.upstreams)) {
     if (upstream.password !== undefined) upstream.password = '[redacted]';
   }
+  if (copy.server.peerSecret !== '') copy.server.peerSecret = '[redacted]';
   copy.cache.redis.url = redactUserinfo(copy.cache.redis.url);
   return copy;
 }

@@ -218,6 +218,18 @@ export const configSchema = z
         trustProxy: bool(false),
         /** Serving processes on this host, sharing the port and storage; 0: one per core. */
         workers: integer(1, 0, 256),
+        /**
+         * How other replicas reach this one (http://10.0.0.5:5000), to follow a fetch it holds;
+         * empty: one fetch per digest on this host only.
+         */
+        advertise: z
+          .string()
+          .regex(/^(https?:\/\/[^/?#@]+\/?)?$/, 'expected "" or an http(s) URL of a host and port')
+          .transform((v) => v.replace(/\/$/, ''))
+          .default(''),
+        /** Authenticates replica-to-replica requests; or the name of an environment variable. */
+        peerSecret: secret().default(''),
+        peerSecretEnv: z.string().default(''),
       })
       .prefault({}),
     storage: z
@@ -340,6 +352,25 @@ export const configSchema = z
           });
       }),
     );
+    const { advertise, peerSecret, peerSecretEnv } = config.server;
+    if (peerSecret !== '' && peerSecretEnv !== '')
+      ctx.addIssue({
+        code: 'custom',
+        path: ['server', 'peerSecret'],
+        message: 'give peerSecret or peerSecretEnv, not both',
+      });
+    if (advertise !== '' && peerSecret === '' && peerSecretEnv === '')
+      ctx.addIssue({
+        code: 'custom',
+        path: ['server', 'peerSecret'],
+        message: 'server.advertise needs a peerSecret (or peerSecretEnv) shared by the replicas',
+      });
+    if (advertise !== '' && config.cache.store !== 'redis')
+      ctx.addIssue({
+        code: 'custom',
+        path: ['server', 'advertise'],
+        message: 'server.advertise needs cache.store: redis (the replicas take their leases there)',
+      });
     for (const [name, upstream] of Object.entries(config.upstreams)) {
       if (upstream.password !== undefined && upstream.passwordEnv !== undefined) {
         ctx.addIssue({

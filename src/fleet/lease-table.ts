@@ -29,8 +29,13 @@ export class LeaseTable {
 
   receive(worker: number, m: ToPrimary): void {
     switch (m.t) {
-      case 'acquire': {
+      case 'acquire':
+      case 'watch': {
         const entry = this.byDigest.get(m.digest);
+        if (!entry && m.t === 'watch') {
+          this.send(worker, { pullcache: 'lease', t: 'none', token: m.token });
+          return;
+        }
         if (!entry) {
           this.grant(worker, m.digest, m.token);
           this.send(worker, { pullcache: 'lease', t: 'granted', token: m.token });

@@ -3,7 +3,8 @@
  * channel. Every message carries `pullcache: 'lease'`; a lease is named by a token the worker
  * that asks for it makes (unique on the host: its pid and a counter).
  *
- * worker -> primary: `acquire` (answered by `granted` or `held`), and, from a holder, `started`,
+ * worker -> primary: `acquire` (answered by `granted` or `held`), `watch` (answered by `held` or
+ * `none`: a follower only, for a peer's request), and, from a holder, `started`,
  * `progress`, `committed`, `failed`; from a follower, `unwatch`. `takeOver` needs no answer.
  * primary -> worker: `granted`, `held` (with what the holder said so far), and `event` to each
  * follower, as the holder tells its progress or fails (or dies: `failed`).
@@ -13,6 +14,7 @@ import type { Digest } from '../oci/digest.js';
 export type ToPrimary =
   | { pullcache: 'lease'; t: 'acquire'; digest: Digest; token: string }
   | { pullcache: 'lease'; t: 'takeOver'; digest: Digest; token: string }
+  | { pullcache: 'lease'; t: 'watch'; digest: Digest; token: string }
   | { pullcache: 'lease'; t: 'started'; token: string; upload: string; size: number | null }
   | { pullcache: 'lease'; t: 'progress'; token: string; written: number }
   | { pullcache: 'lease'; t: 'committed'; token: string; size: number; kept: boolean }
@@ -28,6 +30,7 @@ export interface HolderState {
 
 export type ToWorker =
   | { pullcache: 'lease'; t: 'granted'; token: string }
+  | { pullcache: 'lease'; t: 'none'; token: string }
   | { pullcache: 'lease'; t: 'held'; token: string; holder: string; state: HolderState }
   | { pullcache: 'lease'; t: 'event'; holder: string; event: WireEvent };
 

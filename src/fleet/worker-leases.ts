@@ -49,9 +49,10 @@ export interface WorkerLeasesOptions {
 
 export class WorkerLeases implements DigestLeases {
   private next = 0;
+  /** Questions to the primary, by token; `undefined`: nobody holds it (a `watch`). */
   private readonly asked = new Map<
     string,
-    { resolve: (r: LeaseResult) => void; reject: (e: Error) => void }
+    { resolve: (r: LeaseResult | undefined) => void; reject: (e: Error) => void }
   >();
   /** The holders followed from here, by their token. */
   private readonly followed = new Map<string, Set<IpcHeldFetch>>();
@@ -65,12 +66,21 @@ export class WorkerLeases implements DigestLeases {
   }
 
   acquire(digest: Digest): Promise<LeaseResult> {
+    return this.ask('acquire', digest) as Promise<LeaseResult>;
+  }
+
+  async watch(digest: Digest): Promise<HeldFetch | undefined> {
+    const result = await this.ask('watch', digest);
+    return result && !result.held ? result.holder : undefined;
+  }
+
+  private ask(t: 'acquire' | 'watch', digest: Digest): Promise<LeaseResult | undefined> {
     if (this.gone || !this.o.channel.connected)
       return Promise.reject(new Error('the primary process is gone'));
     const token = this.token();
     return new Promise((resolve, reject) => {
       this.asked.set(token, { resolve, reject });
-      this.send({ pullcache: 'lease', t: 'acquire', digest, token });
+      this.send({ pullcache: 'lease', t, digest, token });
     });
   }
 
@@ -101,6 +111,10 @@ export class WorkerLeases implements DigestLeases {
     const asked = this.asked.get(m.token);
     if (!asked) return;
     this.asked.delete(m.token);
+    if (m.t === 'none') {
+      asked.resolve(undefined);
+      return;
+    }
     if (m.t === 'granted') {
       asked.resolve({ held: true, lease: new IpcLease(m.token, (x) => this.send(x)) });
       return;

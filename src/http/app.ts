@@ -18,6 +18,7 @@ import type { Metrics } from '../metrics.js';
 import { parseDigest } from '../oci/digest.js';
 import {
   BlobUnknownError,
+  DeniedError,
   MethodNotAllowedError,
   NotFoundError,
   RangeInvalidError,
@@ -54,6 +55,7 @@ import { clientName, routeRequest } from '../routing.js';
 import { repositoryLists } from '../access/repositories.js';
 import { createAccess, TOKEN_PATH } from '../access/access.js';
 import { AuthenticationRequiredError } from '../access/errors.js';
+import { PEER_HEADER, PEER_PATH, verifyPeerSignature } from '../fleet/peers.js';
 import type { AccessControl, Identity } from '../access/types.js';
 
 export interface UpstreamServices {
@@ -79,6 +81,8 @@ export interface AppDeps {
   status?: StatusReporter;
   /** The state of each component /readyz reports (storage, cache), by name. */
   ready: () => Promise<Record<string, ReadinessCheck>>;
+  /** The peer endpoint other replicas follow this one's fetches through (fleet/peers.ts). */
+  peer?: { secret: string; blobs: BlobService };
 }
 
 /** One component's state for /readyz. */
@@ -89,6 +93,9 @@ export interface ReadinessCheck {
   /** Why it fails, in a few words fit for an unauthenticated endpoint (no paths, no URLs). */
   detail?: string;
 }
+
+/** The peer endpoint's blobs belong to no repository: the replica asking checked the client's. */
+const PEER_REPOSITORY = { upstream: '', repository: '' } as unknown as RepositoryKey;
 
 // The name is greedy, so `/v2/a/blobs/b/blobs/sha256:...` names repository `a/blobs/b`.
 const API_PATH =
@@ -222,6 +229,19 @@ export function createApp(deps: AppDeps): express.Express {
     res.send(await deps.metrics.registry.metrics());
   });
   app.all(['/healthz', '/readyz', '/metrics'], methodNotAllowed(READ_METHODS));
+
+  // Replicas follow each other's fetches here; nobody else is answered (see fleet/peers.ts).
+  if (deps.peer) {
+    const peer = deps.peer;
+    app.get(`${PEER_PATH}:digest`, async (req, res) => {
+      const digest = req.params.digest ?? '';
+      const signature = req.headers[PEER_HEADER];
+      if (!verifyPeerSignature(peer.secret, digest, Array.isArray(signature) ? '' : signature))
+        throw new DeniedError('not a peer of this replica');
+      await getBlob(req, res, peer.blobs, PEER_REPOSITORY, digest);
+    });
+    app.all(`${PEER_PATH}:digest`, methodNotAllowed(['GET']));
+  }
 
   // Everything below knows its caller (res.locals.identity): wrong or malformed credentials are
   // answered here, whatever the path; no credentials is the anonymous caller.

@@ -30,16 +30,49 @@ const RELEASE = `if redis.call('get', KEYS[1]) == ARGV[1] then
 end
 return 0`;
 
-interface MinimalRedis {
+export interface MinimalRedis {
   isOpen: boolean;
   connect(): Promise<unknown>;
-  set(key: string, value: string, options: { NX: true; PX: number }): Promise<string | null>;
+  set(key: string, value: string, options: { NX?: true; PX: number }): Promise<string | null>;
+  get(key: string): Promise<string | null>;
   eval(script: string, options: { keys: string[]; arguments: string[] }): Promise<unknown>;
   close?(): Promise<unknown>;
   quit?(): Promise<unknown>;
   destroy?(): void;
   disconnect?(): unknown;
   on(event: 'error', listener: (err: Error) => void): unknown;
+}
+
+/**
+ * A Redis client for leases, connected: a command while disconnected fails at once instead of
+ * waiting in a queue (the lease is then not held, or not asked), and a Redis that does not
+ * answer fails the connection within seconds.
+ */
+export function connectRedis(url: string, log: Logger, what: string): Promise<MinimalRedis> {
+  return import('@keyv/redis').then(async ({ createClient }) => {
+    const client = createClient({
+      url,
+      disableOfflineQueue: true,
+      socket: { connectTimeout: 2000, reconnectStrategy: (n: number) => Math.min(n * 200, 5000) },
+    }) as unknown as MinimalRedis;
+    client.on('error', (err) => log.debug({ err: err.message }, `${what} redis error`));
+    // connect() waits through reconnections: bound it.
+    let timer: NodeJS.Timeout | undefined;
+    try {
+      await Promise.race([
+        client.connect(),
+        new Promise((_, reject) => {
+          timer = setTimeout(() => reject(new Error('redis did not answer')), CONNECT_TIMEOUT_MS);
+        }),
+      ]);
+    } catch (err) {
+      (client.destroy ?? client.disconnect)?.call(client);
+      throw err;
+    } finally {
+      clearTimeout(timer);
+    }
+    return client;
+  });
 }
 
 export class RedisLease implements Lease {
@@ -55,33 +88,8 @@ export class RedisLease implements Lease {
   ) {}
 
   private connect(): Promise<MinimalRedis> {
-    this.client ??= import('@keyv/redis').then(async ({ createClient }) => {
-      const client = createClient({
-        url: this.url,
-        // A command while disconnected fails at once instead of waiting in a queue: the lease
-        // is then not held, and the next renewal (10 s) tries again.
-        disableOfflineQueue: true,
-        socket: { connectTimeout: 2000, reconnectStrategy: (n: number) => Math.min(n * 200, 5000) },
-      }) as unknown as MinimalRedis;
-      client.on('error', (err) => this.log.debug({ err: err.message }, 'lease redis error'));
-      // connect() waits through reconnections; a Redis that is not there must not hold the
-      // lifecycle (its scan asks for the lease first).
-      let timer: NodeJS.Timeout | undefined;
-      try {
-        await Promise.race([
-          client.connect(),
-          new Promise((_, reject) => {
-            timer = setTimeout(() => reject(new Error('redis did not answer')), CONNECT_TIMEOUT_MS);
-          }),
-        ]);
-      } catch (err) {
-        (client.destroy ?? client.disconnect)?.call(client);
-        throw err;
-      } finally {
-        clearTimeout(timer);
-      }
-      return client;
-    });
+    // The lifecycle's scan asks for the lease first: a Redis that is not there must not hold it.
+    this.client ??= connectRedis(this.url, this.log, 'lease');
     this.client.catch(() => {
       this.client = undefined;
     });

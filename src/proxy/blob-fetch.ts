@@ -45,7 +45,8 @@ const WRITE_QUEUE = 8 * 1024 * 1024;
 
 export interface BlobFetchOptions {
   blobs: BlobStore;
-  client: UpstreamClient;
+  /** Where the bytes come from: the upstream's client, or one that may follow a peer first. */
+  client: Pick<UpstreamClient, 'getBlob'>;
   repo: RepositoryKey;
   digest: Digest;
   log: Logger;

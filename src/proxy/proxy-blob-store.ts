@@ -47,6 +47,11 @@ export interface ProxyBlobStoreOptions {
   idleTimeout?: number;
   /** The storage budget (the lifecycle); without one every blob is kept. */
   budget?: StorageBudget;
+  /**
+   * Where a fetch takes the blob's bytes from, when not straight from `client`: with replicas,
+   * the replica holding the digest's lease (fleet/peers.ts).
+   */
+  source?: BlobFetchOptions['client'];
 }
 
 export class ProxyBlobStore implements BlobService {
@@ -182,7 +187,7 @@ export class ProxyBlobStore implements BlobService {
   private start(repo: RepositoryKey, digest: Digest): UpstreamFetch {
     const options: BlobFetchOptions = {
       blobs: this.o.blobs,
-      client: this.o.client,
+      client: this.o.source ?? this.o.client,
       repo,
       digest,
       log: this.log,

@@ -134,6 +134,35 @@ upstreams:
     ]);
   });
 
+  test('replicas: advertise needs a peer secret and Redis; a secret is given one way', () => {
+    const up = { 'docker.io': { url: 'https://x' } };
+    expect(
+      problems(() => parseConfig({ upstreams: up, server: { advertise: 'http://10.0.0.5:5000' } })),
+    ).toEqual([
+      'server.peerSecret: server.advertise needs a peerSecret (or peerSecretEnv) shared by the replicas',
+      'server.advertise: server.advertise needs cache.store: redis (the replicas take their leases there)',
+    ]);
+    expect(
+      problems(() =>
+        parseConfig({
+          upstreams: up,
+          server: { advertise: 'http://10.0.0.5:5000/', peerSecret: 's', peerSecretEnv: 'S' },
+          cache: { store: 'redis' },
+        }),
+      ),
+    ).toEqual(['server.peerSecret: give peerSecret or peerSecretEnv, not both']);
+    expect(
+      problems(() => parseConfig({ upstreams: up, server: { advertise: '10.0.0.5:5000' } }))[0],
+    ).toMatch(/^server\.advertise: expected "" or an http\(s\) URL/);
+    const ok = parseConfig({
+      upstreams: up,
+      server: { advertise: 'http://10.0.0.5:5000/', peerSecret: 'hunter2' },
+      cache: { store: 'redis' },
+    });
+    expect(ok.server.advertise).toBe('http://10.0.0.5:5000');
+    expect(JSON.stringify(redactConfig(ok))).not.toContain('hunter2');
+  });
+
   test('a file that is not YAML, or missing, is one clear line', () => {
     expect(problems(() => loadConfig({ file: yamlFile('server: [\n'), env: {} }))[0]).toMatch(
       /invalid YAML/,

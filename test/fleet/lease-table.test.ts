@@ -47,6 +47,19 @@ describe('the leases of one host', () => {
     expect(to(2).at(-1)).toEqual({ pullcache: 'lease', t: 'granted', token: '2.2' });
   });
 
+  test('a watch (for a peer) follows the holder, and takes no lease when nobody holds one', () => {
+    const { leases, to } = table();
+    leases.receive(2, { pullcache: 'lease', t: 'watch', digest, token: '2.1' });
+    expect(to(2)).toEqual([{ pullcache: 'lease', t: 'none', token: '2.1' }]);
+    expect(leases.size).toBe(0);
+    leases.receive(1, { pullcache: 'lease', t: 'acquire', digest, token: '1.1' });
+    expect(to(1)).toEqual([{ pullcache: 'lease', t: 'granted', token: '1.1' }]);
+    leases.receive(2, { pullcache: 'lease', t: 'watch', digest, token: '2.2' });
+    expect(to(2).at(-1)).toMatchObject({ t: 'held', token: '2.2', holder: '1.1' });
+    leases.receive(1, { pullcache: 'lease', t: 'failed', token: '1.1', reason: 'x' });
+    expect(to(2).at(-1)).toMatchObject({ t: 'event', holder: '1.1', event: { type: 'failed' } });
+  });
+
   test('a holder that exits fails its followers at once and frees the digest', () => {
     const { leases, to } = table();
     leases.receive(1, { pullcache: 'lease', t: 'acquire', digest, token: '1.1' });

@@ -55,9 +55,17 @@ export async function startWorkers(options: {
   root?: string;
   /** Workers to wait for (default `workers`). */
   expect?: number;
+  /** The port (default: a free one). */
+  port?: number;
+  /** More lines under `server:`. */
+  server?: string[];
+  /** The `storage:` block's lines, instead of a filesystem root in `root`. */
+  storage?: string[];
+  /** More top-level blocks (`cache:`, ...). */
+  top?: string[];
 }): Promise<WorkersServer> {
   const root = options.root ?? mkdtempSync(join(tmpdir(), 'pullcache-workers-'));
-  const port = await freePort();
+  const port = options.port ?? (await freePort());
   const config = join(root, 'pullcache.yaml');
   writeFileSync(
     config,
@@ -65,9 +73,10 @@ export async function startWorkers(options: {
       'server:',
       `  listen: 127.0.0.1:${port}`,
       `  workers: ${options.workers}`,
+      ...(options.server ?? []),
       'storage:',
-      '  filesystem:',
-      `    root: ${join(root, 'data')}`,
+      ...(options.storage ?? ['  filesystem:', `    root: ${join(root, 'data')}`]),
+      ...(options.top ?? []),
       'upstreams:',
       '  docker.io:',
       `    url: ${options.upstream}`,

@@ -1,0 +1,281 @@
+/**
+ * One fetch per digest across hosts: replicas that share a Redis (`cache.store: redis`) and each
+ * `server.advertise` an address take a lease on a cold digest in Redis before they fetch it. The
+ * one that gets it fetches from the upstream; every other replica asked for the digest meanwhile
+ * streams it from that one's peer endpoint (`GET /_pullcache/v1/peer/blobs/<digest>`), from byte
+ * 0 at once, and treats that stream as it treats an upstream: it checks the digest itself as the
+ * bytes come (a peer sending corrupt bytes is caught), keeps the blob, and holds every client's
+ * last byte until the check passed.
+ *
+ * The lease is a key `SET NX PX` with a short lifetime, renewed while the fetch runs: a replica
+ * that dies loses it within seconds, and the next request fetches afresh. A peer that cannot be
+ * asked (gone, its fetch over and the blob not in its storage) is passed over for the upstream;
+ * one that failed mid-stream (stalled past the idle timeout, corrupt, dead) is passed over for a
+ * while, so the retry of a client it cut fetches from the upstream.
+ *
+ * Requests between replicas carry `Pullcache-Peer: <time>.<HMAC-SHA256(peerSecret, time digest)>`:
+ * the secret itself never goes on the wire, and a signature is good for one digest for a minute.
+ */
+import { createHmac, randomUUID, timingSafeEqual } from 'node:crypto';
+import { request as httpRequest } from 'node:http';
+import { request as httpsRequest } from 'node:https';
+import { Transform, type TransformCallback } from 'node:stream';
+import type { Logger } from '../log/logger.js';
+import { DigestVerifier, parseDigest, type Digest } from '../oci/digest.js';
+import { connectRedis, type MinimalRedis } from '../lifecycle/lease.js';
+import type { Repository } from '../oci/reference.js';
+import type { BlobStream, RequestOptions, UpstreamClient } from '../upstream/types.js';
+
+export const PEER_HEADER = 'pullcache-peer';
+export const PEER_PATH = '/_pullcache/v1/peer/blobs/';
+/** How long a signature is good for, either way of its time (clocks of a fleet drift a little). */
+const SIGNATURE_WINDOW_MS = 60_000;
+/** A lease's lifetime; renewed every third of it while the fetch runs. */
+export const PEER_LEASE_TTL_MS = 5_000;
+/** How long a peer that failed a follower mid-stream is passed over for a digest. */
+const AVOID_MS = 60_000;
+
+/** The header value signing a request for `digest` at `now`. */
+export function peerSignature(secret: string, digest: string, now = Date.now()): string {
+  const mac = createHmac('sha256', secret).update(`${now} ${digest}`).digest('hex');
+  return `${now}.${mac}`;
+}
+
+/** Whether `header` is a signature of `digest` with `secret`, made within the window. */
+export function verifyPeerSignature(
+  secret: string,
+  digest: string,
+  header: string | undefined,
+  now = Date.now(),
+): boolean {
+  const m = /^(\d{1,16})\.([0-9a-f]{64})$/.exec(header ?? '');
+  if (!m) return false;
+  const time = Number(m[1]);
+  if (Math.abs(now - time) > SIGNATURE_WINDOW_MS) return false;
+  const expected = createHmac('sha256', secret).update(`${time} ${digest}`).digest();
+  return timingSafeEqual(expected, Buffer.from(m[2]!, 'hex'));
+}
+
+export type PeerClaim = { held: true; release(): void } | { held: false; holder: string };
+
+/** Leases on digests among the replicas, in Redis. */
+export class PeerLeases {
+  private client: Promise<MinimalRedis> | undefined;
+  /** This process in a lease's value: its address, and a part no other process has. */
+  private readonly self: string;
+
+  constructor(
+    private readonly o: {
+      redisUrl: string;
+      /** This replica's address, `server.advertise`. */
+      advertise: string;
+      /** Prefix of the keys: one set of leases per storage. */
+      prefix: string;
+      log: Logger;
+      ttlMs?: number;
+    },
+  ) {
+    this.self = `${o.advertise} ${randomUUID()}`;
+  }
+
+  private redis(): Promise<MinimalRedis> {
+    this.client ??= connectRedis(this.o.redisUrl, this.o.log, 'fetch lease');
+    this.client.catch(() => {
+      this.client = undefined;
+    });
+    return this.client;
+  }
+
+  /** Takes the lease on `digest`, or names the replica holding it. Rejects when Redis fails. */
+  async claim(digest: Digest): Promise<PeerClaim> {
+    const redis = await this.redis();
+    const key = `${this.o.prefix}${digest}`;
+    const ttl = this.o.ttlMs ?? PEER_LEASE_TTL_MS;
+    for (let attempt = 0; attempt < 3; attempt++) {
+      if ((await redis.set(key, this.self, { NX: true, PX: ttl })) === 'OK')
+        return { held: true, release: this.keep(redis, key, ttl) };
+      const value = await redis.get(key);
+      if (value === null) continue; // expired or released meanwhile: ask again
+      const holder = value.slice(0, value.indexOf(' '));
+      // Our own address from an earlier life of this replica: nobody is fetching it.
+      if (holder === this.o.advertise && value !== this.self) {
+        await redis.set(key, this.self, { PX: ttl });
+        return { held: true, release: this.keep(redis, key, ttl) };
+      }
+      return { held: false, holder };
+    }
+    // A key that keeps coming and going: fetch rather than wait.
+    return { held: true, release: () => {} };
+  }
+
+  /** Renews the lease every third of its lifetime; resolves to its release. */
+  private keep(redis: MinimalRedis, key: string, ttl: number): () => void {
+    const args = { keys: [key], arguments: [this.self, String(ttl)] };
+    const timer = setInterval(() => {
+      redis.eval(RENEW, args).catch((err: Error) => {
+        this.o.log.debug({ key, err: err.message }, 'fetch lease not renewed');
+      });
+    }, ttl / 3);
+    timer.unref();
+    let released = false;
+    return () => {
+      if (released) return;
+      released = true;
+      clearInterval(timer);
+      redis.eval(RELEASE, { keys: [key], arguments: [this.self] }).catch(() => {});
+    };
+  }
+
+  async close(): Promise<void> {
+    const client = await this.client?.catch(() => undefined);
+    this.client = undefined;
+    if (client?.isOpen) await (client.close ?? client.quit)?.call(client).catch(() => {});
+  }
+}
+
+const RENEW = `if redis.call('get', KEYS[1]) == ARGV[1] then
+  return redis.call('pexpire', KEYS[1], ARGV[2])
+end
+return 0`;
+const RELEASE = `if redis.call('get', KEYS[1]) == ARGV[1] then
+  return redis.call('del', KEYS[1])
+end
+return 0`;
+
+/** The peer could not be asked, or had nothing to give: the upstream is asked instead. */
+class PeerUnavailableError extends Error {}
+
+/**
+ * The blob source of a fetch when replicas share leases: the upstream when this replica holds
+ * the digest's lease (or Redis cannot be asked), else the replica that holds it.
+ */
+export class PeeredBlobSource implements Pick<UpstreamClient, 'getBlob'> {
+  /** Digests whose peer failed a follower mid-stream, until when. */
+  private readonly avoid = new Map<string, number>();
+
+  constructor(
+    private readonly upstream: Pick<UpstreamClient, 'getBlob' | 'name'>,
+    private readonly o: {
+      leases: PeerLeases;
+      secret: string;
+      /** How long a peer may send nothing before it is given up (the upstream's bodyIdle). */
+      idleTimeout: number;
+      log: Logger;
+    },
+  ) {}
+
+  async getBlob(
+    repository: Repository,
+    digest: Digest,
+    options: RequestOptions = {},
+  ): Promise<BlobStream> {
+    const avoidUntil = this.avoid.get(digest);
+    if (avoidUntil !== undefined && avoidUntil < Date.now()) this.avoid.delete(digest);
+    let claim: PeerClaim | undefined;
+    if (!this.avoid.has(digest)) {
+      try {
+        claim = await this.o.leases.claim(digest);
+      } catch (err) {
+        this.o.log.warn(
+          { digest, err: (err as Error).message },
+          'fetch leases cannot be asked: fetching from the upstream alone',
+        );
+      }
+    }
+    if (claim && !claim.held) {
+      try {
+        return await this.fromPeer(claim.holder, digest, options);
+      } catch (err) {
+        if (!(err instanceof PeerUnavailableError)) throw err;
+        this.o.log.info(
+          { digest, peer: claim.holder, err: err.message },
+          'peer cannot give the blob: fetching from the upstream',
+        );
+      }
+    }
+    const release = claim?.held ? claim.release : () => {};
+    let blob: BlobStream;
+    try {
+      blob = await this.upstream.getBlob(repository, digest, options);
+    } catch (err) {
+      release();
+      throw err;
+    }
+    // Held until the body is done: a replica asking meanwhile follows this one.
+    blob.stream.once('close', release);
+    return blob;
+  }
+
+  /** The blob streamed from the replica fetching it, checked against its digest as it comes. */
+  private fromPeer(peer: string, digest: Digest, options: RequestOptions): Promise<BlobStream> {
+    const url = new URL(`${PEER_PATH}${digest}`, peer);
+    const send = url.protocol === 'https:' ? httpsRequest : httpRequest;
+    return new Promise((resolve, reject) => {
+      const req = send(url, {
+        headers: { [PEER_HEADER]: peerSignature(this.o.secret, digest) },
+        ...(options.signal ? { signal: options.signal } : {}),
+      });
+      req.setTimeout(this.o.idleTimeout, () =>
+        req.destroy(new Error(`no answer for ${this.o.idleTimeout} ms`)),
+      );
+      req.once('error', (err) => reject(new PeerUnavailableError(err.message)));
+      req.once('response', (res) => {
+        if (res.statusCode !== 200) {
+          res.resume();
+          reject(new PeerUnavailableError(`it answered ${res.statusCode}`));
+          return;
+        }
+        const length = Number(res.headers['content-length']);
+        const size = Number.isSafeInteger(length) ? length : undefined;
+        const checked = new PeerBody(digest, size);
+        checked.once('error', (err) => {
+          this.avoid.set(digest, Date.now() + AVOID_MS);
+          this.o.log.warn(
+            { digest, peer, err: err.message },
+            'following a peer failed: the next request fetches from the upstream',
+          );
+          res.destroy();
+        });
+        res.once('aborted', () => checked.destroy(new Error('the peer cut the blob')));
+        res.once('error', (err) => checked.destroy(err));
+        res.once('close', () => {
+          if (!res.complete) checked.destroy(new Error('the peer cut the blob'));
+        });
+        this.o.log.info({ digest, peer }, 'following the fetch of another replica');
+        resolve({ size, stream: res.pipe(checked) });
+      });
+      req.end();
+    });
+  }
+}
+
+/** A peer's body, passed on as it comes; errors unless it ends whole with the right digest. */
+class PeerBody extends Transform {
+  private readonly verifier: DigestVerifier;
+
+  constructor(
+    digest: Digest,
+    private readonly size: number | undefined,
+  ) {
+    super();
+    this.verifier = new DigestVerifier(parseDigest(digest));
+  }
+
+  override _transform(chunk: Buffer, _enc: BufferEncoding, done: TransformCallback): void {
+    this.verifier.update(chunk);
+    done(null, chunk);
+  }
+
+  override _flush(done: TransformCallback): void {
+    if (this.size !== undefined && this.verifier.bytes !== this.size) {
+      done(new Error(`the peer sent ${this.verifier.bytes} of ${this.size} bytes`));
+      return;
+    }
+    try {
+      this.verifier.verify();
+      done();
+    } catch (err) {
+      done(err as Error);
+    }
+  }
+}

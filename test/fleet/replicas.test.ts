@@ -1,0 +1,195 @@
+/**
+ * Replicas on several hosts (here: three processes on loopback, each with its own port and
+ * `server.advertise`), sharing a real Redis and one bucket of a real S3 server, in front of the
+ * real upstream registry (paced by a forwarder, so that tests can act while a fetch is under
+ * way): a cold blob is fetched once for all of them, and the peer endpoint answers only peers.
+ */
+import { randomBytes } from 'node:crypto';
+import { createServer, type Server } from 'node:http';
+import { afterAll, beforeAll, describe, expect, test } from 'vitest';
+import { createClient } from '@keyv/redis';
+import { peerSignature, PEER_HEADER, PEER_PATH } from '../../src/fleet/peers.js';
+import { pushBlob, sha256 } from '../helpers/images.js';
+import { freePort, waitFor } from '../helpers/net.js';
+import { startRedis, type TestRedis } from '../helpers/redis.js';
+import { TestRegistry } from '../helpers/registry.js';
+import { startS3, type TestS3 } from '../helpers/s3.js';
+import { Throttle } from '../helpers/throttle.js';
+import { get, startWorkers, type Got, type WorkersServer } from '../helpers/workers.js';
+
+const MiB = 1024 * 1024;
+const REPO = 'library/replicas';
+const SECRET = 'replicas-share-this';
+
+describe('replicas sharing Redis and a bucket', () => {
+  let registry: TestRegistry;
+  let throttle: Throttle;
+  let redis: TestRedis;
+  let s3: TestS3;
+  let bucket: string;
+  const replicas: WorkersServer[] = [];
+
+  async function startReplica(secretEnv = 'REPLICAS_TEST_PEER_SECRET'): Promise<WorkersServer> {
+    const port = await freePort();
+    const replica = await startWorkers({
+      upstream: throttle.url,
+      workers: 1,
+      port,
+      server: [`  advertise: http://127.0.0.1:${port}`, `  peerSecretEnv: ${secretEnv}`],
+      storage: [
+        '  driver: s3',
+        '  s3:',
+        `    bucket: ${bucket}`,
+        `    endpoint: ${s3.endpoint}`,
+        '    forcePathStyle: true',
+        '    accessKeyEnv: REPLICAS_TEST_S3_KEY',
+        '    secretKeyEnv: REPLICAS_TEST_S3_SECRET',
+      ],
+      top: ['cache:', '  store: redis', '  redis:', `    url: ${redis.url}`],
+      yaml: ['    timeouts:', '      bodyIdle: 3s'],
+    });
+    replicas.push(replica);
+    return replica;
+  }
+
+  beforeAll(async () => {
+    registry = await TestRegistry.start();
+    throttle = await Throttle.start(registry.url);
+    redis = await startRedis();
+    s3 = await startS3();
+    bucket = await s3.bucket();
+    // startWorkers passes no PULLCACHE_* variable on: these names are the replicas' own.
+    process.env.REPLICAS_TEST_PEER_SECRET = SECRET;
+    process.env.REPLICAS_TEST_S3_KEY = s3.accessKey;
+    process.env.REPLICAS_TEST_S3_SECRET = s3.secretKey;
+    for (let i = 0; i < 3; i++) await startReplica();
+  }, 120_000);
+  afterAll(async () => {
+    await Promise.all(replicas.map((r) => r.stop()));
+    await throttle?.close();
+    await registry?.close();
+    await redis?.stop();
+    await s3?.stop();
+  });
+
+  async function blob(size: number): Promise<{ digest: string; bytes: Buffer; path: string }> {
+    const bytes = randomBytes(size);
+    const digest = sha256(bytes);
+    await pushBlob(registry, REPO, { digest, bytes });
+    return { digest, bytes, path: `/v2/${REPO}/blobs/${digest}` };
+  }
+
+  const intact = (r: Got, digest: string) =>
+    r.status === 200 && r.error === undefined && sha256(r.body) === digest;
+
+  const logged = (replica: WorkersServer, msg: string) =>
+    replica.lines.filter((l) => l.msg === msg).length;
+
+  test('16 clients spread over three replicas fetch a cold blob from the upstream once', async () => {
+    const b = await blob(16 * MiB);
+    throttle.bytesPerSecond = 8 * MiB;
+    const results = await Promise.all(
+      Array.from({ length: 16 }, (_, i) => get(`${replicas[i % 3]!.url}${b.path}`)),
+    );
+    for (const r of results) expect(intact(r, b.digest)).toBe(true);
+    expect(throttle.gets.get(b.digest)).toBe(1);
+    // Two replicas followed the third.
+    const following = replicas.filter(
+      (r) => logged(r, 'following the fetch of another replica') > 0,
+    );
+    expect(following.length).toBe(2);
+  }, 120_000);
+
+  test('the peer endpoint answers a signed request, and refuses a missing, forged or stale signature', async () => {
+    const b = await blob(1 * MiB);
+    throttle.bytesPerSecond = 64 * MiB;
+    expect(intact(await get(`${replicas[0]!.url}${b.path}`), b.digest)).toBe(true);
+    const peerUrl = `${replicas[1]!.url}${PEER_PATH}${b.digest}`;
+    const refused = async (headers: Record<string, string>) => {
+      const res = await fetch(peerUrl, { headers });
+      const body = (await res.json()) as { errors: { code: string }[] };
+      return { status: res.status, code: body.errors[0]?.code };
+    };
+    const denied = { status: 403, code: 'DENIED' };
+    expect(await refused({})).toEqual(denied);
+    expect(await refused({ [PEER_HEADER]: peerSignature('not-the-secret', b.digest) })).toEqual(
+      denied,
+    );
+    const other = `sha256:${'0'.repeat(64)}`;
+    expect(await refused({ [PEER_HEADER]: peerSignature(SECRET, other) })).toEqual(denied);
+    const stale = peerSignature(SECRET, b.digest, Date.now() - 5 * 60_000);
+    expect(await refused({ [PEER_HEADER]: stale })).toEqual(denied);
+    // Client credentials of any kind are not a peer's.
+    expect(await refused({ authorization: `Bearer ${SECRET}` })).toEqual(denied);
+    const signed = await fetch(peerUrl, {
+      headers: { [PEER_HEADER]: peerSignature(SECRET, b.digest) },
+    });
+    expect(signed.status).toBe(200);
+    expect(sha256(Buffer.from(await signed.arrayBuffer()))).toBe(b.digest);
+  });
+
+  test('a peer that sends corrupt bytes is caught by the digest check; the retry is whole', async () => {
+    const b = await blob(2 * MiB);
+    throttle.bytesPerSecond = 64 * MiB;
+    // A "replica" that holds the lease and answers with one byte changed.
+    const corrupt = Buffer.from(b.bytes);
+    corrupt.writeUInt8(corrupt.readUInt8(corrupt.length - 10) ^ 0xff, corrupt.length - 10);
+    const fake: Server = createServer((_req, res) => {
+      res.writeHead(200, { 'content-length': corrupt.length });
+      res.end(corrupt);
+    });
+    await new Promise<void>((r) => fake.listen(0, '127.0.0.1', r));
+    const fakeUrl = `http://127.0.0.1:${(fake.address() as { port: number }).port}`;
+    const client = createClient({ url: redis.url });
+    await client.connect();
+    try {
+      const key = `pullcache:fetch-lease:s3:${s3.endpoint}/${bucket}/:${b.digest}`;
+      await client.set(key, `${fakeUrl} someone-else`, { PX: 60_000 });
+      const replica = replicas[2]!;
+      const first = await get(`${replica.url}${b.path}`);
+      // Cut before its last byte (held back until the digest is checked): never the corrupt
+      // bytes as the blob.
+      expect(intact(first, b.digest)).toBe(false);
+      expect(first.body.length).toBeLessThan(corrupt.length);
+      expect(throttle.gets.get(b.digest)).toBeUndefined();
+      const retry = await get(`${replica.url}${b.path}`);
+      expect(intact(retry, b.digest)).toBe(true);
+      expect(throttle.gets.get(b.digest)).toBe(1);
+    } finally {
+      await client.close();
+      fake.close();
+    }
+  });
+
+  test('killing the replica that fetches a blob cuts its followers; the retry fetches afresh', async () => {
+    const b = await blob(24 * MiB);
+    throttle.bytesPerSecond = 4 * MiB;
+    const [holder, follower] = [replicas[0]!, replicas[1]!];
+    const held = get(`${holder.url}${b.path}`).catch((err: Error) => ({ error: err }) as Got);
+    await waitFor(async () => throttle.sentBytes > 0 && throttle.gets.get(b.digest) === 1, 'fetch');
+    const before = logged(follower, 'following the fetch of another replica');
+    const followed = get(`${follower.url}${b.path}`);
+    await waitFor(
+      async () => logged(follower, 'following the fetch of another replica') > before,
+      'the follower following',
+    );
+    holder.primary.kill('SIGKILL');
+    const cut = await followed;
+    expect(cut.error).toBeDefined();
+    expect(intact(cut, b.digest)).toBe(false);
+    await held;
+    throttle.bytesPerSecond = 64 * MiB;
+    const retry = await get(`${follower.url}${b.path}`);
+    expect(intact(retry, b.digest)).toBe(true);
+    expect(throttle.gets.get(b.digest)).toBe(2);
+    // The third replica, asked now, has it from the bucket: no third fetch.
+    expect(intact(await get(`${replicas[2]!.url}${b.path}`), b.digest)).toBe(true);
+    expect(throttle.gets.get(b.digest)).toBe(2);
+  }, 120_000);
+
+  test('a replica whose peer secret variable is not set does not start', async () => {
+    await expect(startReplica('REPLICAS_TEST_UNSET')).rejects.toThrow(
+      /code 2\).*server\.peerSecretEnv: the environment variable REPLICAS_TEST_UNSET is not set/s,
+    );
+  });
+});
