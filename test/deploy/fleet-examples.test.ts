@@ -3,11 +3,11 @@
  * Kubernetes manifest's pullcache config goes through the project's own loader with the
  * environment its Deployment gives the container, as a pod would start with it.
  */
-import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { parseAllDocuments } from 'yaml';
-import { describe, expect, test } from 'vitest';
+import { afterAll, describe, expect, test } from 'vitest';
 import { loadConfig } from '../../src/config/load.js';
 
 const MANIFEST = 'deploy/kubernetes/pullcache.yaml';
@@ -124,12 +124,15 @@ function containerEnv(): { env: Record<string, string>; secrets: Map<string, str
   return { env, secrets };
 }
 
+/** The ConfigMap's config file, as mounted in the pod. */
+const configDir = mkdtempSync(join(tmpdir(), 'pullcache-fleet-'));
+const configFile = join(configDir, 'config.yaml');
+writeFileSync(configFile, find('ConfigMap', 'pullcache').data?.['config.yaml'] ?? '');
+afterAll(() => rmSync(configDir, { recursive: true, force: true }));
+
 /** The pullcache config of the ConfigMap, loaded as the pod loads it. */
 function podConfig() {
-  const configMap = find('ConfigMap', 'pullcache');
-  const file = join(mkdtempSync(join(tmpdir(), 'pullcache-fleet-')), 'config.yaml');
-  writeFileSync(file, configMap.data?.['config.yaml'] ?? '');
-  return loadConfig({ file, env: containerEnv().env });
+  return loadConfig({ file: configFile, env: containerEnv().env });
 }
 
 describe(MANIFEST, () => {
