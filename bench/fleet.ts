@@ -5,12 +5,14 @@
  *   user + system of the process and its children, all threads);
  * - 32 clients each pulling every layer of the warm 5-layer image at once: wall time, aggregate
  *   throughput, and the latency of manifest requests made one after another meanwhile (p50, p99);
- * - 16 clients on one cold blob spread over 2 workers (pullcache only): wall time and upstream
- *   bytes / blob size;
+ * - 16 clients on one cold blob spread over 2 workers, then over 3 replicas sharing a Redis
+ *   (pullcache only): wall time and upstream bytes / blob size;
  * - peak RSS of each process of the server.
  */
 import { readdirSync, readFileSync } from 'node:fs';
+import { join } from 'node:path';
 import { Agent, request } from 'node:http';
+import { startRedis } from '../test/helpers/redis.js';
 import type { TestRegistry } from '../test/helpers/registry.js';
 import { bytesWritten, curlGet, sameBytes, timed } from './measure.js';
 import type { FileBlob, PushedImage } from './seed.js';
@@ -39,6 +41,8 @@ export interface WorkersFigures {
   upstreamRatio: number;
   allCorrect: boolean;
   peakRssMB: number;
+  /** The same 16 clients spread over 3 replicas sharing a storage and a Redis. */
+  replicas?: Omit<WorkersFigures, 'replicas'>;
 }
 
 /** The process and every process below it. */
@@ -199,9 +203,49 @@ export async function measureWorkers(
       upstreamRatio: upstreamBytes / blob.size,
       allCorrect: t.value.every(Boolean),
       peakRssMB: Math.max(...treePeakRss(server.pid)) / 1e6,
+      replicas: await measureReplicas(dir, upstream, blob, repository, log),
     };
   } finally {
     await server.stop();
+  }
+}
+
+/** 16 clients on one cold blob spread over 3 replicas (a real redis-server for their leases). */
+async function measureReplicas(
+  dir: string,
+  upstream: TestRegistry,
+  blob: FileBlob,
+  repository: string,
+  log: (message: string) => void,
+): Promise<Omit<WorkersFigures, 'replicas'>> {
+  const redis = await startRedis();
+  const replicas: ServerUnderTest[] = [];
+  try {
+    // One storage for the three, as replicas share a bucket (a directory here).
+    const replica = { redisUrl: redis.url, peerSecret: 'bench-fleet', root: join(dir, 'shared') };
+    for (let i = 0; i < 3; i++)
+      replicas.push(
+        await startPullcacheProcess(join(dir, `replica-${i}`), upstream.url, { replica }),
+      );
+    log('pullcache: 16 clients on one cold blob over 3 replicas');
+    const before = bytesWritten(upstream.pid!);
+    const t = await timed(() =>
+      Promise.all(
+        Array.from({ length: 16 }, (_, i) =>
+          sameBytes(`${replicas[i % 3]!.url}/v2/${repository}/blobs/${blob.digest}`, blob.path),
+        ),
+      ),
+    );
+    const upstreamBytes = bytesWritten(upstream.pid!) - before;
+    return {
+      wallS: t.seconds,
+      upstreamRatio: upstreamBytes / blob.size,
+      allCorrect: t.value.every(Boolean),
+      peakRssMB: Math.max(...replicas.flatMap((r) => treePeakRss(r.pid))) / 1e6,
+    };
+  } finally {
+    await Promise.all(replicas.map((r) => r.stop()));
+    await redis.stop();
   }
 }
 
@@ -243,6 +287,17 @@ export function fleetTable(
       ),
       one('2 workers: peak RSS, largest process', `${fmt(workers.peakRssMB)} MB`, '<= 150 MB'),
     );
+    const replicas = workers.replicas;
+    if (replicas)
+      lines.push(
+        one('16 clients, cold blob, 3 replicas: wall', `${fmt(replicas.wallS)} s`, ''),
+        one(
+          '16 clients, 3 replicas: upstream bytes / size',
+          `${fmt(replicas.upstreamRatio)}x${replicas.allCorrect ? '' : ' (**wrong bytes**)'}`,
+          '<= 1.05',
+        ),
+        one('3 replicas: peak RSS, largest process', `${fmt(replicas.peakRssMB)} MB`, '<= 150 MB'),
+      );
   }
   return lines.join('\n');
 }

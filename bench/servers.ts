@@ -84,7 +84,12 @@ function handle(name: ServerUnderTest['name'], child: ChildProcess, port: number
 export async function startPullcacheProcess(
   dir: string,
   upstreamUrl: string,
-  options: { htpasswd?: string; workers?: number } = {},
+  options: {
+    htpasswd?: string;
+    workers?: number;
+    /** A replica of a fleet: its peers share this Redis and secret (server.advertise). */
+    replica?: { redisUrl: string; peerSecret: string; root: string };
+  } = {},
 ): Promise<ServerUnderTest> {
   const port = await freePort();
   mkdirSync(dir, { recursive: true });
@@ -95,9 +100,15 @@ export async function startPullcacheProcess(
       'server:',
       `  listen: 127.0.0.1:${port}`,
       `  workers: ${options.workers ?? 1}`,
+      ...(options.replica
+        ? [`  advertise: http://127.0.0.1:${port}`, `  peerSecret: ${options.replica.peerSecret}`]
+        : []),
+      ...(options.replica
+        ? ['cache:', '  store: redis', '  redis:', `    url: ${options.replica.redisUrl}`]
+        : []),
       'storage:',
       '  filesystem:',
-      `    root: ${join(dir, 'data')}`,
+      `    root: ${options.replica?.root ?? join(dir, 'data')}`,
       'upstreams:',
       '  docker.io:',
       `    url: ${upstreamUrl}`,
