@@ -198,7 +198,7 @@ async function withRuntime(
   const config = configFrom(o);
   // The command talks to people on stderr; the logger only says what goes wrong.
   const log = createLogger({ level: o.logLevel ?? 'error', format: config.log.format });
-  const runtime = createRuntime(config, log);
+  const runtime = await createRuntime(config, log);
   let code: number;
   try {
     code = await work(runtime, config);

@@ -108,11 +108,11 @@ export interface Runtime {
   close(): Promise<void>;
 }
 
-export function createRuntime(
+export async function createRuntime(
   config: Config,
   log: Logger,
   options: { defaultMetrics?: boolean } = {},
-): Runtime {
+): Promise<Runtime> {
   const clients = new Map<string, UpstreamClient>();
   const monitors = new Map<string, UpstreamMonitor>();
   const events = new RecentEvents();
@@ -126,7 +126,7 @@ export function createRuntime(
         rateLimitLimit: c.rateLimit?.limit,
       })),
   });
-  const driver = createDriver(config.storage);
+  const driver = await createDriver(config.storage);
   const storedBlobs = new DriverBlobStore(driver, {
     deleteEnabled: config.storage.delete.enabled,
   });
@@ -329,7 +329,7 @@ export async function startServer(config: Config, log: Logger): Promise<RunningS
   const tls = await serverCredentials(config);
   // A missing htpasswd file stops start-up (ConfigError naming auth.htpasswd) before anything runs.
   const access = createAccess(config, log);
-  const runtime = createRuntime(config, log, { defaultMetrics: true });
+  const runtime = await createRuntime(config, log, { defaultMetrics: true });
   const probe = await runtime.probe();
   if (!probe.storage.ok) {
     access.close();

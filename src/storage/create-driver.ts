@@ -5,11 +5,13 @@ import { resolve } from 'node:path';
 import { ConfigError } from '../config/load.js';
 import type { Config } from '../config/schema.js';
 import { FilesystemDriver } from './filesystem-driver.js';
-import { S3Driver } from './s3-driver.js';
 import type { StorageDriver } from './types.js';
 
-/** Throws a ConfigError naming the key when a named credential variable is unset. */
-export function createDriver(storage: Config['storage']): StorageDriver {
+/**
+ * Rejects with a ConfigError naming the key when a named credential variable is unset. The S3
+ * driver (and the AWS SDK, about 20 MB of every process) is loaded only when it is configured.
+ */
+export async function createDriver(storage: Config['storage']): Promise<StorageDriver> {
   if (storage.driver === 'filesystem') return new FilesystemDriver(storage.filesystem.root);
   const s3 = storage.s3;
   let credentials: { accessKeyId: string; secretAccessKey: string } | undefined;
@@ -27,6 +29,7 @@ export function createDriver(storage: Config['storage']): StorageDriver {
     credentials = { accessKeyId: read('accessKeyEnv'), secretAccessKey: read('secretKeyEnv') };
     if (problems.length > 0) throw new ConfigError(problems);
   }
+  const { S3Driver } = await import('./s3-driver.js');
   return new S3Driver({
     bucket: s3.bucket,
     region: s3.region,
@@ -47,5 +50,5 @@ export function storageKey(storage: Config['storage']): string {
 
 /** Lets go of what a driver holds (an S3 client's sockets, its spool files). */
 export async function closeDriver(driver: StorageDriver): Promise<void> {
-  if (driver instanceof S3Driver) await driver.close();
+  await (driver as Partial<{ close(): Promise<void> }>).close?.();
 }
