@@ -212,6 +212,7 @@ export class Metrics {
     }
     new Gauge({
       name: 'pullcache_storage_bytes',
+      aggregator: 'max',
       help: 'Bytes of content in storage (blobs and manifests), once the start-up scan is done',
       registers: [this.registry],
       collect() {
@@ -221,6 +222,7 @@ export class Metrics {
     });
     new Gauge({
       name: 'pullcache_storage_limit_bytes',
+      aggregator: 'max',
       help: 'retention.maxSize: most bytes of content kept; 0 when there is no limit',
       registers: [this.registry],
       collect() {
@@ -239,6 +241,7 @@ export class Metrics {
     const status = options.status ?? (() => []);
     new Gauge({
       name: 'pullcache_upstream_ratelimit_remaining',
+      aggregator: 'min',
       help: 'The last RateLimit-Remaining an upstream sent (pulls left in its window)',
       labelNames: ['upstream'] as const,
       registers: [this.registry],
@@ -250,6 +253,7 @@ export class Metrics {
     });
     new Gauge({
       name: 'pullcache_upstream_ratelimit_limit',
+      aggregator: 'max',
       help: 'The last RateLimit-Limit an upstream sent (pulls allowed in its window)',
       labelNames: ['upstream'] as const,
       registers: [this.registry],
@@ -260,6 +264,7 @@ export class Metrics {
     });
     new Gauge({
       name: 'pullcache_upstream_down',
+      aggregator: 'max',
       help: '1 while an upstream is taken as down: failing fast, offline, or unanswered at start-up until it answers',
       labelNames: ['upstream'] as const,
       registers: [this.registry],

@@ -56,6 +56,7 @@ import cluster from 'node:cluster';
 import { processChannel, WorkerLeases } from './fleet/worker-leases.js';
 import { PeeredBlobSource, PeerLeases } from './fleet/peers.js';
 import { PeerBlobService } from './fleet/peer-blobs.js';
+import { workerMetrics } from './fleet/cluster-metrics.js';
 import { paths } from './storage/paths.js';
 import type { UpstreamFetch } from './proxy/types.js';
 import {
@@ -371,6 +372,8 @@ export async function startServer(config: Config, log: Logger): Promise<RunningS
     status: runtime.status,
     access,
     ...(runtime.peer ? { peer: runtime.peer } : {}),
+    // With `server.workers`, a scrape shows every worker of the host (fleet/cluster-metrics.ts).
+    ...(cluster.isWorker ? { metricsText: workerMetrics(runtime.metrics.registry) } : {}),
     ready: async () => {
       // Within the default timeout of a Kubernetes probe (1 s).
       const { storage, cache } = await runtime.probe({ cacheTimeout: 500 });

@@ -81,6 +81,8 @@ export interface AppDeps {
   status?: StatusReporter;
   /** The state of each component /readyz reports (storage, cache), by name. */
   ready: () => Promise<Record<string, ReadinessCheck>>;
+  /** The text of `/metrics` when it is not this process's registry alone (the host's workers). */
+  metricsText?: () => Promise<string>;
   /** The peer endpoint other replicas follow this one's fetches through (fleet/peers.ts). */
   peer?: { secret: string; blobs: BlobService };
 }
@@ -226,7 +228,7 @@ export function createApp(deps: AppDeps): express.Express {
   });
   app.get('/metrics', async (_req, res) => {
     res.setHeader('Content-Type', deps.metrics.registry.contentType);
-    res.send(await deps.metrics.registry.metrics());
+    res.send(await (deps.metricsText ?? (() => deps.metrics.registry.metrics()))());
   });
   app.all(['/healthz', '/readyz', '/metrics'], methodNotAllowed(READ_METHODS));
 

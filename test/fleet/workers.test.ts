@@ -32,6 +32,8 @@ describe('workers on one host', () => {
       upstream: throttle.url,
       workers: 2,
       yaml: ['    timeouts:', '      bodyIdle: 3s'],
+      // A budget far above what the tests store: only its figure in /metrics is looked at.
+      top: ['retention:', '  maxSize: 1GiB'],
     });
   }, 60_000);
   afterAll(async () => {
@@ -89,6 +91,31 @@ describe('workers on one host', () => {
       expect(r.firstByteMs).toBeLessThan(1000);
     }
     expect(throttle.gets.get(b.digest)).toBe(1);
+  });
+
+  test('/metrics shows every worker of the host, whichever answers the scrape', async () => {
+    const count = async () => {
+      const text = (await get(`${pc.url}/metrics`)).body.toString();
+      const line =
+        /^pullcache_http_requests_total\{kind="catalog",method="GET",status="200"\} (\d+)$/m;
+      return { n: Number(line.exec(text)?.[1] ?? 0), text };
+    };
+    const before = (await count()).n;
+    const answered = new Set<number>();
+    for (let i = 0; i < 12; i++) {
+      const r = await get(`${pc.url}/v2/_catalog`);
+      expect(r.status).toBe(200);
+      answered.add(r.worker);
+    }
+    expect(answered.size).toBe(2);
+    // Each scrape, on whichever worker, counts the requests of both.
+    for (let i = 0; i < 2; i++) {
+      const { n, text } = await count();
+      expect(n - before).toBe(12);
+      // Gauges every worker sees alike are not added up.
+      expect(text).toMatch(/^pullcache_storage_limit_bytes 1073741824$/m);
+      expect(text).toMatch(/^pullcache_upstream_down\{upstream="docker.io"\} 0$/m);
+    }
   });
 
   test('killing the worker that fetches a blob cuts every client of it, and a retry fetches afresh', async () => {
