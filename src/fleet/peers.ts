@@ -22,7 +22,7 @@ import { request as httpsRequest } from 'node:https';
 import { Transform, type TransformCallback } from 'node:stream';
 import type { Logger } from '../log/logger.js';
 import { DigestVerifier, parseDigest, type Digest } from '../oci/digest.js';
-import { connectRedis, type MinimalRedis } from '../lifecycle/lease.js';
+import { connectRedis, RELEASE, RENEW, type MinimalRedis } from '../lifecycle/lease.js';
 import type { Repository } from '../oci/reference.js';
 import type { BlobStream, RequestOptions, UpstreamClient } from '../upstream/types.js';
 
@@ -132,15 +132,6 @@ export class PeerLeases {
     if (client?.isOpen) await (client.close ?? client.quit)?.call(client).catch(() => {});
   }
 }
-
-const RENEW = `if redis.call('get', KEYS[1]) == ARGV[1] then
-  return redis.call('pexpire', KEYS[1], ARGV[2])
-end
-return 0`;
-const RELEASE = `if redis.call('get', KEYS[1]) == ARGV[1] then
-  return redis.call('del', KEYS[1])
-end
-return 0`;
 
 /** The peer could not be asked, or had nothing to give: the upstream is asked instead. */
 class PeerUnavailableError extends Error {}

@@ -20,12 +20,12 @@ export interface Lease {
 const CONNECT_TIMEOUT_MS = 3000;
 
 /** Renews the key only while it still holds our token; 1 when renewed. */
-const RENEW = `if redis.call('get', KEYS[1]) == ARGV[1] then
+export const RENEW = `if redis.call('get', KEYS[1]) == ARGV[1] then
   return redis.call('pexpire', KEYS[1], ARGV[2])
 end
 return 0`;
 /** Deletes the key only while it still holds our token. */
-const RELEASE = `if redis.call('get', KEYS[1]) == ARGV[1] then
+export const RELEASE = `if redis.call('get', KEYS[1]) == ARGV[1] then
   return redis.call('del', KEYS[1])
 end
 return 0`;

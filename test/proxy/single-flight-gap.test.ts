@@ -42,24 +42,29 @@ class SlowTags implements TagService {
   }
 }
 
-test('a lookup that read storage before the flight ended does not fetch the tag again', async () => {
-  const local = new SlowTags();
-  let gets = 0;
-  let answer!: () => void;
+/** An upstream whose manifest GETs are counted and answered when the test says. */
+function gatedUpstream(bytes: Buffer) {
+  const gate = { gets: 0, answer: () => {} };
   const client = {
     name: 'docker.io',
     isDown: false,
     getManifest: async (): Promise<FetchedManifest> => {
-      gets++;
-      await new Promise<void>((r) => (answer = r));
+      gate.gets++;
+      await new Promise<void>((r) => (gate.answer = r));
       return {
         digest: DIGEST,
         mediaType: 'application/vnd.oci.image.manifest.v1+json',
-        bytes: Buffer.from('{}'),
-        size: 2,
+        bytes,
+        size: bytes.length,
       } as FetchedManifest;
     },
   } as unknown as UpstreamClient;
+  return { client, gate };
+}
+
+test('a lookup that read storage before the flight ended does not fetch the tag again', async () => {
+  const local = new SlowTags();
+  const { client, gate } = gatedUpstream(Buffer.from('{}'));
   const manifests = { keep: async () => ({}) } as unknown as ProxyManifestStore;
   const config = parseConfig({ upstreams: { 'docker.io': { url: 'https://registry.test' } } });
   const tags = new ProxyTagService(
@@ -75,17 +80,17 @@ test('a lookup that read storage before the flight ended does not fetch the tag 
 
   const first = tags.resolve(repo, tag);
   await new Promise((r) => setTimeout(r, 10));
-  expect(gets).toBe(1);
+  expect(gate.gets).toBe(1);
   // The second lookup reads storage now (no tag yet) and gets its answer only later.
   let release!: () => void;
   local.hold = new Promise<void>((r) => (release = r));
   const second = tags.resolve(repo, tag);
   local.hold = Promise.resolve();
-  answer();
+  gate.answer();
   expect(await first).toMatchObject({ found: true, digest: DIGEST });
   release();
   expect(await second).toMatchObject({ found: true, digest: DIGEST });
-  expect(gets).toBe(1);
+  expect(gate.gets).toBe(1);
 });
 
 /** Manifests in memory, read as slowly as SlowTags. */
@@ -119,35 +124,20 @@ test('a manifest read before its flight ended is not fetched again', async () =>
       layers: [],
     }),
   );
-  let gets = 0;
-  let answer!: () => void;
-  const client = {
-    name: 'docker.io',
-    isDown: false,
-    getManifest: async (): Promise<FetchedManifest> => {
-      gets++;
-      await new Promise<void>((r) => (answer = r));
-      return {
-        digest: DIGEST,
-        mediaType: 'application/vnd.oci.image.manifest.v1+json',
-        bytes,
-        size: bytes.length,
-      } as FetchedManifest;
-    },
-  } as unknown as UpstreamClient;
+  const { client, gate } = gatedUpstream(bytes);
   const manifests = new ProxyManifestStore(local, client, silentLogger(), new Metrics());
   const repo = { upstream: 'docker.io', repository: 'library/app' } as RepositoryKey;
 
   const first = manifests.get(repo, DIGEST);
   await new Promise((r) => setTimeout(r, 10));
-  expect(gets).toBe(1);
+  expect(gate.gets).toBe(1);
   let release!: () => void;
   local.hold = new Promise<void>((r) => (release = r));
   const second = manifests.get(repo, DIGEST);
   local.hold = Promise.resolve();
-  answer();
+  gate.answer();
   expect(await first).toMatchObject({ found: true });
   release();
   expect(await second).toMatchObject({ found: true, bytes });
-  expect(gets).toBe(1);
+  expect(gate.gets).toBe(1);
 });
