@@ -197,9 +197,28 @@ export class PeeredBlobSource implements Pick<UpstreamClient, 'getBlob'> {
     return blob;
   }
 
+  /** Fetches `digest` from the upstream for a while, whoever holds its lease. */
+  private passOver(digest: Digest): void {
+    const now = Date.now();
+    if (this.avoid.size >= 1024)
+      for (const [d, until] of this.avoid) if (until < now) this.avoid.delete(d);
+    this.avoid.set(digest, now + AVOID_MS);
+  }
+
   /** The blob streamed from the replica fetching it, checked against its digest as it comes. */
   private fromPeer(peer: string, digest: Digest, options: RequestOptions): Promise<BlobStream> {
-    const url = new URL(`${PEER_PATH}${digest}`, peer);
+    let url: URL;
+    try {
+      url = new URL(`${PEER_PATH}${digest}`, peer);
+    } catch {
+      return Promise.reject(
+        new PeerUnavailableError(`its address ${JSON.stringify(peer)} is no URL`),
+      );
+    }
+    if (url.protocol !== 'http:' && url.protocol !== 'https:')
+      return Promise.reject(
+        new PeerUnavailableError(`its address ${JSON.stringify(peer)} is no URL`),
+      );
     const send = url.protocol === 'https:' ? httpsRequest : httpRequest;
     return new Promise((resolve, reject) => {
       const req = send(url, {
@@ -220,7 +239,7 @@ export class PeeredBlobSource implements Pick<UpstreamClient, 'getBlob'> {
         const size = Number.isSafeInteger(length) ? length : undefined;
         const checked = new PeerBody(digest, size);
         checked.once('error', (err) => {
-          this.avoid.set(digest, Date.now() + AVOID_MS);
+          this.passOver(digest);
           this.o.log.warn(
             { digest, peer, err: err.message },
             'following a peer failed: the next request fetches from the upstream',
