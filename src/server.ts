@@ -57,6 +57,7 @@ import { processChannel, WorkerLeases } from './fleet/worker-leases.js';
 import { PeeredBlobSource, PeerLeases } from './fleet/peers.js';
 import { PeerBlobService } from './fleet/peer-blobs.js';
 import { workerMetrics } from './fleet/cluster-metrics.js';
+import { workerStatus } from './fleet/cluster-status.js';
 import { paths } from './storage/paths.js';
 import type { UpstreamFetch } from './proxy/types.js';
 import {
@@ -429,6 +430,8 @@ export async function startServer(config: Config, log: Logger): Promise<RunningS
     'pullcache listening',
   );
   await logStartup(config, runtime.driver, probe.cache.ok, log);
+  // With `server.workers`, the status page shows the host, whichever worker a poll reaches.
+  if (cluster.isWorker) runtime.status.showHost(workerStatus);
   runtime.status.start();
   // In the background: the first pull should not wait for a connection or an auth challenge.
   for (const client of runtime.clients.values()) void client.warm?.();

@@ -3,8 +3,8 @@
  * It only supervises: it forks the workers, which all accept connections on the one port (the
  * primary hands connections to them in turn), keeps the host's leases on digests (lease-table.ts)
  * so that a cold blob is fetched by one worker and followed by the others, replaces a worker
- * that dies (its clients are cut, the others' are not), gathers the workers' metrics for a
- * scrape (cluster-metrics.ts), and on SIGTERM or SIGINT stops every
+ * that dies (its clients are cut, the others' are not), gathers the workers' metrics and status
+ * for a scrape or the status page (cluster-metrics.ts, cluster-status.ts), and on SIGTERM or SIGINT stops every
  * worker gracefully, then itself.
  *
  * A worker that exits before it ever listened (storage that takes no write, a port in use) is
@@ -15,6 +15,7 @@ import cluster, { type Worker } from 'node:cluster';
 import { availableParallelism } from 'node:os';
 import type { Logger } from '../log/logger.js';
 import { serveClusterMetrics } from './cluster-metrics.js';
+import { serveClusterStatus } from './cluster-status.js';
 import { LeaseTable } from './lease-table.js';
 import { isLeaseMessage, type ToPrimary } from './messages.js';
 
@@ -100,6 +101,7 @@ export function runPrimary(count: number, log: Logger): Promise<number> {
   });
 
   serveClusterMetrics();
+  serveClusterStatus();
   process.on('SIGTERM', () => stop('SIGTERM'));
   process.on('SIGINT', () => stop('SIGINT'));
   for (let i = 0; i < count; i++) fork();

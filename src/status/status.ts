@@ -92,6 +92,7 @@ export class StatusReporter {
   readonly events: RecentEvents;
   private readonly history: TrafficHistory;
   private readonly startedAt = new Date();
+  private host: ((viewer: { admin: boolean }) => Promise<Status>) | undefined;
 
   constructor(private readonly d: StatusDeps) {
     this.events = d.events;
@@ -106,7 +107,24 @@ export class StatusReporter {
     this.history.stop();
   }
 
-  async status(viewer: { admin: boolean }): Promise<Status> {
+  /**
+   * With `server.workers`: `gather` turns this worker's status into the host's (see
+   * fleet/cluster-status.ts); `status` answers with that from then on.
+   */
+  showHost(
+    gather: (
+      own: (viewer: { admin: boolean }) => Promise<Status>,
+    ) => (viewer: { admin: boolean }) => Promise<Status>,
+  ): void {
+    this.host = gather((viewer) => this.own(viewer));
+  }
+
+  status(viewer: { admin: boolean }): Promise<Status> {
+    return this.host ? this.host(viewer) : this.own(viewer);
+  }
+
+  /** This process's status. */
+  private async own(viewer: { admin: boolean }): Promise<Status> {
     const now = Date.now();
     const points = this.history.points(now);
     const t = points.at(-1)!;

@@ -3,13 +3,15 @@
  * (paced by a forwarder so that tests can act while a fetch is under way), run with the real CLI.
  */
 import { randomBytes } from 'node:crypto';
-import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { Agent, request } from 'node:http';
 import { availableParallelism, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { parseDigest } from '../../src/oci/digest.js';
+import type { Status } from '../../src/status/status.js';
 import { paths } from '../../src/storage/paths.js';
+import type { RepositoryKey } from '../../src/storage/types.js';
 import { fakeServer, type FakeServer } from '../helpers/fake-server.js';
 import { makeImage, pushBlob, pushImage, sha256, type Image } from '../helpers/images.js';
 import { waitFor } from '../helpers/net.js';
@@ -115,6 +117,37 @@ describe('workers on one host', () => {
       // Gauges every worker sees alike are not added up.
       expect(text).toMatch(/^pullcache_storage_limit_bytes 1073741824$/m);
       expect(text).toMatch(/^pullcache_upstream_down\{upstream="docker.io"\} 0$/m);
+    }
+  });
+
+  test('the status page shows the host, whichever worker a poll reaches', async () => {
+    const b = await blob(1 * MiB);
+    throttle.bytesPerSecond = 64 * MiB;
+    expect(intact(await get(b.url), b.digest)).toBe(true); // stored now
+    const status = async () => {
+      const r = await get(`${pc.url}/_pullcache/v1/status`);
+      expect(r.status).toBe(200);
+      return { worker: r.worker, s: JSON.parse(r.body.toString()) as Status };
+    };
+    const before = (await status()).s.traffic;
+    const answered = new Set<number>();
+    for (let i = 0; i < 10; i++) {
+      const r = await get(b.url);
+      expect(intact(r, b.digest)).toBe(true);
+      answered.add(r.worker);
+    }
+    expect(answered.size).toBe(2);
+    const seen = new Map<number, Status>();
+    for (let i = 0; i < 8 && seen.size < 2; i++) {
+      const { worker, s } = await status();
+      seen.set(worker, s);
+    }
+    expect(seen.size).toBe(2);
+    for (const s of seen.values()) {
+      // Ten hits over both workers, as each worker tells it.
+      expect(s.traffic.hits - before.hits).toBe(10);
+      expect(s.traffic.hitBytes - before.hitBytes).toBe(10 * MiB);
+      expect(s.history.points.at(-1)!.hits).toBe(s.traffic.hits);
     }
   });
 
@@ -371,8 +404,18 @@ describe('workers on one host and the budget', () => {
       // x is pulled again, through the other worker: the owner's graph does not see it, but the
       // other worker writes its last pull to storage (within 5 s).
       await new Promise((r) => setTimeout(r, 50));
+      const pulledAt = Date.now();
       await pull(toOther, x!);
-      await new Promise((r) => setTimeout(r, 6000));
+      // Written within 5 s, later under load: wait until storage says so.
+      const link = join(
+        pc.root,
+        'data',
+        paths.manifestRevisionLink(
+          { upstream: 'docker.io', repository: x!.repository } as RepositoryKey,
+          parseDigest(x!.digest).digest,
+        ),
+      );
+      await waitFor(async () => statSync(link).mtimeMs >= pulledAt, 'the pull in storage', 30_000);
       // z does not fit beside both: the owner evicts one, and x was pulled last.
       await pull(toOwner, z!);
       await waitFor(async () => !stored(y!) || !stored(x!), 'an eviction');

@@ -139,9 +139,15 @@ export async function startWorkers(options: {
           timeoutMs,
         );
       } catch (err) {
-        const logged = lines.filter((l) => typeof l.level !== 'number' || l.level >= 40);
+        // What the workers said last, requests left out, and which processes are there.
+        const logged = lines
+          .filter((l) => l.msg !== 'request')
+          .map((l) => `${String(l.worker ?? l.module ?? '')} ${String(l.msg)}`);
         throw new Error(
-          `${(err as Error).message}; logged: ${JSON.stringify(logged.slice(-10))}`.slice(0, 4000),
+          `${(err as Error).message}; children ${JSON.stringify(childrenOf(primary.pid!))}; logged: ${JSON.stringify(logged.slice(-25))}`.slice(
+            0,
+            6000,
+          ),
         );
       }
     },
