@@ -191,12 +191,15 @@ export class BlobFetch implements UpstreamFetch, FollowedFetch {
       this.error = err;
       notReady(err);
       this.options.lease?.failed((err as Error).message);
+      // The budget hears of a full disk before the upload goes: once it is gone, an eviction
+      // is under way (a test that waits for the upload's removal, then for the lifecycle to
+      // settle, saw no eviction when the removal came first).
+      if ((err as NodeJS.ErrnoException).code === 'ENOSPC')
+        this.options.budget?.diskFull(Math.max(this.size ?? 0, this.received));
       this.wakeDiskWaiters();
       while (this.pumping) await this.pumping.catch(() => {});
       const writer = this.writer ?? (await this.session.catch(() => undefined));
       await writer?.cancel().catch(() => {});
-      if ((err as NodeJS.ErrnoException).code === 'ENOSPC')
-        this.options.budget?.diskFull(Math.max(this.size ?? 0, this.received));
       log.warn(
         { digest, bytes: this.received, err: (err as Error).message },
         'blob fetch failed, nothing kept',
