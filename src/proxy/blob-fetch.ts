@@ -33,6 +33,7 @@ import type { UpstreamClient } from '../upstream/types.js';
 import type { StorageBudget } from '../lifecycle/types.js';
 import type { Lease } from '../fleet/types.js';
 import type { FetchState, FollowedFetch, UpstreamFetch } from './types.js';
+import { deferred } from './deferred.js';
 
 /** Most bytes read from disk at once for a follower that fell behind. */
 const DISK_READ = 1024 * 1024;
@@ -98,15 +99,10 @@ export class BlobFetch implements UpstreamFetch, FollowedFetch {
   constructor(private readonly options: BlobFetchOptions) {
     this.digest = options.digest;
     this.repo = options.repo;
-    let ready!: () => void;
-    let notReady!: (err: unknown) => void;
-    this.ready = new Promise((resolve, reject) => {
-      ready = resolve;
-      notReady = reject;
-    });
-    this.done = this.run(ready, notReady);
-    // Callers await these when they care; an unobserved failure is logged, never unhandled.
-    this.ready.catch(() => {});
+    const ready = deferred<void>();
+    this.ready = ready.promise;
+    this.done = this.run(ready.resolve, ready.reject);
+    // Callers await it when they care; an unobserved failure is logged, never unhandled.
     this.done.catch(() => {});
   }
 
@@ -317,25 +313,47 @@ export class BlobFetch implements UpstreamFetch, FollowedFetch {
       if (!this.writer) throw new PathNotFoundError(this.digest);
       return this.writer.readWritten(offset, length);
     }
-    if (this.state !== 'committed' && this.writer) {
-      try {
-        return await this.writer.readWritten(offset, length);
-      } catch (err) {
-        if (!(err instanceof PathNotFoundError)) throw err;
-        // The commit has just moved the upload into place (or a failure removed it): the
-        // fetch settles right after, and then the blob is read where it now is.
-        await this.done.catch(() => {});
-        if (!this.isCommitted()) throw this.error ?? err;
-      }
-    }
-    const opened = await this.options.blobs.open(this.digest, {
-      start: offset,
-      end: offset + length - 1,
-    });
-    if (!opened.found) throw new PathNotFoundError(this.digest);
-    if (!canReadInto(opened.stream)) throw new Error('storage reader cannot read into buffers');
-    return opened.stream;
+    const writer = this.state !== 'committed' ? this.writer : undefined;
+    return readWrittenOrStored(
+      this,
+      this.options.blobs,
+      writer && (() => writer.readWritten(offset, length)),
+      offset,
+      length,
+    );
   }
+}
+
+/**
+ * Bytes a fetch has written: read by `fromUpload` while it runs, from the stored blob once it is
+ * committed. An upload gone (PathNotFoundError) was just moved into place by the commit, or
+ * removed by a failure: the fetch settles right after, and then the blob is read where it now
+ * is, or the failure is the answer.
+ */
+export async function readWrittenOrStored(
+  fetch: Pick<FollowedFetch, 'isCommitted'> & {
+    digest: Digest;
+    done: Promise<unknown>;
+    error: unknown;
+  },
+  blobs: BlobStore,
+  fromUpload: (() => Promise<RangeStream>) | undefined,
+  offset: number,
+  length: number,
+): Promise<RangeStream> {
+  if (fromUpload) {
+    try {
+      return await fromUpload();
+    } catch (err) {
+      if (!(err instanceof PathNotFoundError)) throw err;
+      await fetch.done.catch(() => {});
+      if (!fetch.isCommitted()) throw fetch.error ?? err;
+    }
+  }
+  const opened = await blobs.open(fetch.digest, { start: offset, end: offset + length - 1 });
+  if (!opened.found) throw new PathNotFoundError(fetch.digest);
+  if (!canReadInto(opened.stream)) throw new Error('storage reader cannot read into buffers');
+  return opened.stream;
 }
 
 /** Every follower alive, for diagnosis (`PULLCACHE_TEST_FOLLOWERS`); empty otherwise. */

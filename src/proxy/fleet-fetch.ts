@@ -15,6 +15,7 @@ import type { DigestLeases, LeaseResult } from '../fleet/types.js';
 import { BlobFetch, type BlobFetchOptions, type BlobFollower } from './blob-fetch.js';
 import { HolderFailedError, HolderStalledError, RemoteBlobFetch } from './remote-fetch.js';
 import type { FetchState, UpstreamFetch } from './types.js';
+import { deferred } from './deferred.js';
 
 /** Times a holder that failed before saying anything is asked about again. */
 const REASKS = 3;
@@ -35,14 +36,9 @@ export class FleetFetch implements UpstreamFetch {
   constructor(private readonly o: FleetFetchOptions) {
     this.digest = o.digest;
     this.repo = o.repo;
-    let ready!: () => void;
-    let notReady!: (err: unknown) => void;
-    this.ready = new Promise((resolve, reject) => {
-      ready = resolve;
-      notReady = reject;
-    });
-    this.ready.catch(() => {});
-    this.done = this.run(ready, notReady);
+    const ready = deferred<void>();
+    this.ready = ready.promise;
+    this.done = this.run(ready.resolve, ready.reject);
     this.done.catch(() => {});
   }
 

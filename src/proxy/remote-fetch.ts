@@ -7,9 +7,10 @@
 import type { Descriptor } from '../oci/descriptor.js';
 import type { Digest } from '../oci/digest.js';
 import type { HeldFetch, HolderEvent } from '../fleet/types.js';
-import { canReadInto, type RangeStream } from '../storage/file-range.js';
-import { PathNotFoundError, type BlobStore, type RepositoryKey } from '../storage/types.js';
-import { BlobFollower } from './blob-fetch.js';
+import type { RangeStream } from '../storage/file-range.js';
+import type { BlobStore, RepositoryKey } from '../storage/types.js';
+import { BlobFollower, readWrittenOrStored } from './blob-fetch.js';
+import { deferred } from './deferred.js';
 import type { FetchState, FollowedFetch, UpstreamFetch } from './types.js';
 
 /** The holder said nothing for the idle timeout: this process fetches for itself. */
@@ -51,26 +52,16 @@ export class RemoteBlobFetch implements UpstreamFetch, FollowedFetch {
   constructor(private readonly o: RemoteFetchOptions) {
     this.digest = o.digest;
     this.repo = o.repo;
-    let ready!: () => void;
-    let notReady!: (err: unknown) => void;
-    this.ready = new Promise((resolve, reject) => {
-      ready = resolve;
-      notReady = reject;
-    });
-    let done!: (d: Descriptor) => void;
-    let failed!: (err: unknown) => void;
-    this.done = new Promise((resolve, reject) => {
-      done = resolve;
-      failed = reject;
-    });
-    this.ready.catch(() => {});
-    this.done.catch(() => {});
+    const ready = deferred<void>();
+    const done = deferred<Descriptor>();
+    this.ready = ready.promise;
+    this.done = done.promise;
     this.settle = {
-      ready,
-      done,
+      ready: () => ready.resolve(),
+      done: done.resolve,
       fail: (err) => {
-        notReady(err);
-        failed(err);
+        ready.reject(err);
+        done.reject(err);
       },
     };
     this.armIdle();
@@ -173,23 +164,14 @@ export class RemoteBlobFetch implements UpstreamFetch, FollowedFetch {
     return this.followers.size;
   }
 
-  async readWritten(offset: number, length: number): Promise<RangeStream> {
-    if (this.state !== 'committed') {
-      try {
-        return await this.o.holder.readWritten(offset, length);
-      } catch (err) {
-        if (!(err instanceof PathNotFoundError)) throw err;
-        // Moved into place by the holder's commit (its word follows), or removed by a failure.
-        await this.done.catch(() => {});
-        if (!this.isCommitted()) throw this.error ?? err;
-      }
-    }
-    const opened = await this.o.blobs.open(this.digest, {
-      start: offset,
-      end: offset + length - 1,
-    });
-    if (!opened.found) throw new PathNotFoundError(this.digest);
-    if (!canReadInto(opened.stream)) throw new Error('storage reader cannot read into buffers');
-    return opened.stream;
+  readWritten(offset: number, length: number): Promise<RangeStream> {
+    // The holder's upload while it runs; moved into place by its commit (its word follows).
+    return readWrittenOrStored(
+      this,
+      this.o.blobs,
+      this.state !== 'committed' ? () => this.o.holder.readWritten(offset, length) : undefined,
+      offset,
+      length,
+    );
   }
 }
