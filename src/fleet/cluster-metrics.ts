@@ -7,6 +7,7 @@
  */
 import cluster from 'node:cluster';
 import { AggregatorRegistry, type Registry } from 'prom-client';
+import { askPrimary } from './ask-primary.js';
 
 type Ask = { pullcache: 'metrics'; t: 'collect'; token: number };
 type Answer = { pullcache: 'metrics'; t: 'text'; token: number; text?: string; error?: string };
@@ -44,24 +45,6 @@ export function serveClusterMetrics(): void {
 export function workerMetrics(registry: Registry): () => Promise<string> {
   AggregatorRegistry.setRegistries([registry]);
   new AggregatorRegistry(); // adds the worker's listener for the primary's collections
-  let next = 0;
-  const waiting = new Map<number, (answer: Answer | undefined) => void>();
-  process.on('message', (message: unknown) => {
-    if (!isMetricsMessage(message) || message.t !== 'text') return;
-    waiting.get(message.token)?.(message);
-  });
-  return async () => {
-    if (!process.connected) return registry.metrics();
-    const token = ++next;
-    const answer = await new Promise<Answer | undefined>((resolve) => {
-      const timer = setTimeout(() => resolve(undefined), COLLECT_TIMEOUT_MS);
-      waiting.set(token, (a) => {
-        clearTimeout(timer);
-        resolve(a);
-      });
-      process.send?.({ pullcache: 'metrics', t: 'collect', token } satisfies Ask);
-    });
-    waiting.delete(token);
-    return answer?.text ?? registry.metrics();
-  };
+  const ask = askPrimary<Answer>('metrics', 'text', COLLECT_TIMEOUT_MS);
+  return async () => (await ask())?.text ?? registry.metrics();
 }

@@ -8,6 +8,7 @@
 import cluster, { type Worker } from 'node:cluster';
 import type { Status, UpstreamState } from '../status/status.js';
 import type { FetchProgress } from '../proxy/inflight.js';
+import { askPrimary } from './ask-primary.js';
 
 type Message =
   | { pullcache: 'status'; t: 'collect'; token: number }
@@ -63,31 +64,17 @@ export function serveClusterStatus(): void {
 export function workerStatus(
   own: (viewer: { admin: boolean }) => Promise<Status>,
 ): (viewer: { admin: boolean }) => Promise<Status> {
-  let next = 0;
-  const waiting = new Map<number, (statuses: Status[]) => void>();
   process.on('message', (message: unknown) => {
-    if (!isStatusMessage(message)) return;
-    if (message.t === 'ask') {
-      void own({ admin: false }).then(
-        (status) => process.send?.({ pullcache: 'status', t: 'own', id: message.id, status }),
-        () => {},
-      );
-    } else if (message.t === 'all') waiting.get(message.token)?.(message.statuses);
+    if (!isStatusMessage(message) || message.t !== 'ask') return;
+    void own({ admin: false }).then(
+      (status) => process.send?.({ pullcache: 'status', t: 'own', id: message.id, status }),
+      () => {},
+    );
   });
+  const ask = askPrimary<Extract<Message, { t: 'all' }>>('status', 'all', COLLECT_TIMEOUT_MS);
   return async (viewer) => {
-    const mine = own(viewer);
-    if (!process.connected) return mine;
-    const token = ++next;
-    const statuses = await new Promise<Status[]>((resolve) => {
-      const timer = setTimeout(() => resolve([]), COLLECT_TIMEOUT_MS);
-      waiting.set(token, (all) => {
-        clearTimeout(timer);
-        resolve(all);
-      });
-      process.send?.({ pullcache: 'status', t: 'collect', token });
-    });
-    waiting.delete(token);
-    return statuses.length > 0 ? mergeStatuses(await mine, statuses) : mine;
+    const [mine, all] = await Promise.all([own(viewer), ask()]);
+    return all && all.statuses.length > 0 ? mergeStatuses(mine, all.statuses) : mine;
   };
 }
 
