@@ -4,7 +4,14 @@
  * and which worker answered a request (its `Pullcache-Worker` header).
  */
 import { spawn, type ChildProcess } from 'node:child_process';
-import { mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import {
+  mkdtempSync,
+  readdirSync,
+  readFileSync,
+  readlinkSync,
+  rmSync,
+  writeFileSync,
+} from 'node:fs';
 import { request, type IncomingMessage } from 'node:http';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -31,8 +38,21 @@ export interface WorkersServer {
   stop(): Promise<void>;
 }
 
-/** The processes whose parent is `pid`. */
-export function childrenOf(pid: number): number[] {
+/**
+ * The workers of the primary `pid`: its children that run the same executable (node). Not every
+ * child is a worker: tsx starts esbuild's service from the primary when its cache is cold (after
+ * a change to the sources), and counting those made the tests wait for a replacement worker that
+ * was already there, or kill esbuild instead of a worker.
+ */
+export function workersOf(pid: number): number[] {
+  const exe = (p: number | string) => {
+    try {
+      return readlinkSync(`/proc/${p}/exe`);
+    } catch {
+      return undefined; // gone meanwhile
+    }
+  };
+  const own = exe(pid);
   const children: number[] = [];
   for (const entry of readdirSync('/proc')) {
     if (!/^\d+$/.test(entry)) continue;
@@ -40,7 +60,12 @@ export function childrenOf(pid: number): number[] {
       const stat = readFileSync(`/proc/${entry}/stat`, 'utf8');
       // pid (comm) state ppid ...: comm may hold spaces, so read after its closing parenthesis.
       const ppid = Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[1]);
-      if (ppid === pid) children.push(Number(entry));
+      if (ppid !== pid) continue;
+      // A worker that died but is not reaped yet (a zombie, no executable) still counts: the
+      // primary has not yet heard of its death, and a connection it accepts meanwhile may still
+      // be handed to it (node's round-robin cluster), so "gone" means reaped.
+      const its = exe(entry);
+      if (its === undefined || its === own) children.push(Number(entry));
     } catch {
       // gone meanwhile
     }
@@ -130,11 +155,11 @@ export async function startWorkers(options: {
     root,
     primary,
     lines,
-    workers: () => childrenOf(primary.pid!),
+    workers: () => workersOf(primary.pid!),
     async waitForWorkers(count, listened, timeoutMs = 90_000) {
       try {
         await waitFor(
-          async () => childrenOf(primary.pid!).length === count && listening() >= listened,
+          async () => workersOf(primary.pid!).length === count && listening() >= listened,
           `${count} workers, ${listened} listened`,
           timeoutMs,
         );
@@ -144,7 +169,7 @@ export async function startWorkers(options: {
           .filter((l) => l.msg !== 'request')
           .map((l) => `${String(l.worker ?? l.module ?? '')} ${String(l.msg)}`);
         throw new Error(
-          `${(err as Error).message}; children ${JSON.stringify(childrenOf(primary.pid!))}; logged: ${JSON.stringify(logged.slice(-25))}`.slice(
+          `${(err as Error).message}; workers ${JSON.stringify(workersOf(primary.pid!))}; logged: ${JSON.stringify(logged.slice(-25))}`.slice(
             0,
             6000,
           ),
@@ -154,7 +179,7 @@ export async function startWorkers(options: {
     exited: () => exit,
     async stop() {
       if (primary.exitCode === null && primary.signalCode === null) {
-        const pids = childrenOf(primary.pid!);
+        const pids = workersOf(primary.pid!);
         primary.kill('SIGTERM');
         const timer = setTimeout(() => {
           for (const pid of [primary.pid!, ...pids]) {
