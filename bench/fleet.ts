@@ -278,26 +278,18 @@ export function fleetTable(
     const blank = names.map(() => '').slice(1);
     const one = (label: string, value: string, target: string) =>
       `| ${label} | ${[...blank, value].join(' | ')} | ${target} |`;
-    lines.push(
-      one('16 clients, cold blob, 2 workers: wall', `${fmt(workers.wallS)} s`, ''),
+    /** The three rows of 16 clients on one cold blob spread over `over` (2 workers, ...). */
+    const spread = (over: string, f: Omit<WorkersFigures, 'replicas'>) => [
+      one(`16 clients, cold blob, ${over}: wall`, `${fmt(f.wallS)} s`, ''),
       one(
-        '16 clients, 2 workers: upstream bytes / size',
-        `${fmt(workers.upstreamRatio)}x${workers.allCorrect ? '' : ' (**wrong bytes**)'}`,
+        `16 clients, ${over}: upstream bytes / size`,
+        `${fmt(f.upstreamRatio)}x${f.allCorrect ? '' : ' (**wrong bytes**)'}`,
         '<= 1.05',
       ),
-      one('2 workers: peak RSS, largest process', `${fmt(workers.peakRssMB)} MB`, '<= 150 MB'),
-    );
-    const replicas = workers.replicas;
-    if (replicas)
-      lines.push(
-        one('16 clients, cold blob, 3 replicas: wall', `${fmt(replicas.wallS)} s`, ''),
-        one(
-          '16 clients, 3 replicas: upstream bytes / size',
-          `${fmt(replicas.upstreamRatio)}x${replicas.allCorrect ? '' : ' (**wrong bytes**)'}`,
-          '<= 1.05',
-        ),
-        one('3 replicas: peak RSS, largest process', `${fmt(replicas.peakRssMB)} MB`, '<= 150 MB'),
-      );
+      one(`${over}: peak RSS, largest process`, `${fmt(f.peakRssMB)} MB`, '<= 150 MB'),
+    ];
+    lines.push(...spread('2 workers', workers));
+    if (workers.replicas) lines.push(...spread('3 replicas', workers.replicas));
   }
   return lines.join('\n');
 }

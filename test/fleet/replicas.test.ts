@@ -4,18 +4,17 @@
  * real upstream registry (paced by a forwarder, so that tests can act while a fetch is under
  * way): a cold blob is fetched once for all of them, and the peer endpoint answers only peers.
  */
-import { randomBytes } from 'node:crypto';
 import { createServer, type Server } from 'node:http';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { createClient } from '@keyv/redis';
 import { peerSignature, PEER_HEADER, PEER_PATH } from '../../src/fleet/peers.js';
-import { pushBlob, sha256 } from '../helpers/images.js';
+import { pushRandomBlob, sha256 } from '../helpers/images.js';
 import { freePort, waitFor } from '../helpers/net.js';
 import { startRedis, type TestRedis } from '../helpers/redis.js';
 import { TestRegistry } from '../helpers/registry.js';
 import { startS3, type TestS3 } from '../helpers/s3.js';
 import { Throttle } from '../helpers/throttle.js';
-import { get, startWorkers, type Got, type WorkersServer } from '../helpers/workers.js';
+import { get, intact, startWorkers, type Got, type WorkersServer } from '../helpers/workers.js';
 
 const MiB = 1024 * 1024;
 const REPO = 'library/replicas';
@@ -73,14 +72,9 @@ describe('replicas sharing Redis and a bucket', () => {
   });
 
   async function blob(size: number): Promise<{ digest: string; bytes: Buffer; path: string }> {
-    const bytes = randomBytes(size);
-    const digest = sha256(bytes);
-    await pushBlob(registry, REPO, { digest, bytes });
+    const { digest, bytes } = await pushRandomBlob(registry, REPO, size);
     return { digest, bytes, path: `/v2/${REPO}/blobs/${digest}` };
   }
-
-  const intact = (r: Got, digest: string) =>
-    r.status === 200 && r.error === undefined && sha256(r.body) === digest;
 
   const logged = (replica: WorkersServer, msg: string) =>
     replica.lines.filter((l) => l.msg === msg).length;

@@ -13,11 +13,11 @@ import type { Status } from '../../src/status/status.js';
 import { paths } from '../../src/storage/paths.js';
 import type { RepositoryKey } from '../../src/storage/types.js';
 import { fakeServer, type FakeServer } from '../helpers/fake-server.js';
-import { makeImage, pushBlob, pushImage, sha256, type Image } from '../helpers/images.js';
+import { makeImage, pushImage, pushRandomBlob, sha256, type Image } from '../helpers/images.js';
 import { waitFor } from '../helpers/net.js';
 import { TestRegistry } from '../helpers/registry.js';
 import { Throttle } from '../helpers/throttle.js';
-import { get, startWorkers, type Got, type WorkersServer } from '../helpers/workers.js';
+import { get, intact, startWorkers, type Got, type WorkersServer } from '../helpers/workers.js';
 
 const MiB = 1024 * 1024;
 const REPO = 'library/fleet';
@@ -45,9 +45,7 @@ describe('workers on one host', () => {
   });
 
   async function blob(size: number): Promise<{ digest: string; bytes: Buffer; url: string }> {
-    const bytes = randomBytes(size);
-    const digest = sha256(bytes);
-    await pushBlob(registry, REPO, { digest, bytes });
+    const { digest, bytes } = await pushRandomBlob(registry, REPO, size);
     return { digest, bytes, url: `${pc.url}/v2/${REPO}/blobs/${digest}` };
   }
 
@@ -75,9 +73,6 @@ describe('workers on one host', () => {
     }
     throw new Error('no request reached the wanted worker');
   }
-
-  const intact = (r: Got, digest: string) =>
-    r.status === 200 && r.error === undefined && sha256(r.body) === digest;
 
   test('a cold blob asked of both workers is fetched from the upstream once, and followed at once', async () => {
     const b = await blob(24 * MiB);

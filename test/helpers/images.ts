@@ -209,6 +209,18 @@ export async function pushBlob(
   );
 }
 
+/** `size` random bytes pushed to `repository` as a blob. */
+export async function pushRandomBlob(
+  registry: TestRegistry,
+  repository: string,
+  size: number,
+): Promise<{ digest: string; bytes: Buffer }> {
+  const bytes = randomBytes(size);
+  const digest = sha256(bytes);
+  await pushBlob(registry, repository, { digest, bytes });
+  return { digest, bytes };
+}
+
 export async function pushManifest(
   registry: TestRegistry,
   repository: string,

@@ -16,6 +16,7 @@ import { request, type IncomingMessage } from 'node:http';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { PULLCACHE } from './cli.js';
+import { sha256 } from './images.js';
 import { freePort, waitFor } from './net.js';
 
 export interface WorkersServer {
@@ -207,6 +208,10 @@ export interface Got {
   /** ms from the request to the first body byte. */
   firstByteMs?: number;
 }
+
+/** A whole answer with the blob's bytes: 200, not cut short, and `digest`'s content. */
+export const intact = (r: Got, digest: string) =>
+  r.status === 200 && r.error === undefined && sha256(r.body) === digest;
 
 /**
  * GET on a connection of its own (so that the primary hands it to the next worker in turn).

@@ -62,6 +62,29 @@ function gatedUpstream(bytes: Buffer) {
   return { client, gate };
 }
 
+/**
+ * The gap, made to happen: `lookup` once (a flight starts and waits for the gate), then once more
+ * while `storage` holds its reads, so that the second lookup reads storage before the flight ends
+ * and gets that answer only after it ended. Resolves to both answers.
+ */
+async function lookupInTheGap<T>(
+  lookup: () => Promise<T>,
+  storage: { hold: Promise<void> },
+  gate: { gets: number; answer: () => void },
+): Promise<[T, T]> {
+  const first = lookup();
+  await new Promise((r) => setTimeout(r, 10));
+  expect(gate.gets).toBe(1);
+  let release!: () => void;
+  storage.hold = new Promise<void>((r) => (release = r));
+  const second = lookup();
+  storage.hold = Promise.resolve();
+  gate.answer();
+  const firstAnswer = await first;
+  release();
+  return [firstAnswer, await second];
+}
+
 test('a lookup that read storage before the flight ended does not fetch the tag again', async () => {
   const local = new SlowTags();
   const { client, gate } = gatedUpstream(Buffer.from('{}'));
@@ -78,18 +101,10 @@ test('a lookup that read storage before the flight ended does not fetch the tag 
   const repo = { upstream: 'docker.io', repository: 'library/app' } as RepositoryKey;
   const tag = 'v1' as Tag;
 
-  const first = tags.resolve(repo, tag);
-  await new Promise((r) => setTimeout(r, 10));
-  expect(gate.gets).toBe(1);
-  // The second lookup reads storage now (no tag yet) and gets its answer only later.
-  let release!: () => void;
-  local.hold = new Promise<void>((r) => (release = r));
-  const second = tags.resolve(repo, tag);
-  local.hold = Promise.resolve();
-  gate.answer();
-  expect(await first).toMatchObject({ found: true, digest: DIGEST });
-  release();
-  expect(await second).toMatchObject({ found: true, digest: DIGEST });
+  // The second lookup reads storage while there is no tag yet, and gets that answer only later.
+  const [first, second] = await lookupInTheGap(() => tags.resolve(repo, tag), local, gate);
+  expect(first).toMatchObject({ found: true, digest: DIGEST });
+  expect(second).toMatchObject({ found: true, digest: DIGEST });
   expect(gate.gets).toBe(1);
 });
 
@@ -128,16 +143,8 @@ test('a manifest read before its flight ended is not fetched again', async () =>
   const manifests = new ProxyManifestStore(local, client, silentLogger(), new Metrics());
   const repo = { upstream: 'docker.io', repository: 'library/app' } as RepositoryKey;
 
-  const first = manifests.get(repo, DIGEST);
-  await new Promise((r) => setTimeout(r, 10));
-  expect(gate.gets).toBe(1);
-  let release!: () => void;
-  local.hold = new Promise<void>((r) => (release = r));
-  const second = manifests.get(repo, DIGEST);
-  local.hold = Promise.resolve();
-  gate.answer();
-  expect(await first).toMatchObject({ found: true });
-  release();
-  expect(await second).toMatchObject({ found: true, bytes });
+  const [first, second] = await lookupInTheGap(() => manifests.get(repo, DIGEST), local, gate);
+  expect(first).toMatchObject({ found: true });
+  expect(second).toMatchObject({ found: true, bytes });
   expect(gate.gets).toBe(1);
 });
