@@ -27,6 +27,11 @@ export interface TrackedFetch {
   readonly repo: { upstream: string; repository: string };
   readonly size: number | undefined;
   readonly state: string;
+  /**
+   * False while the fetch follows another process's (a worker of the host); absent on a fetch
+   * that is always this process's own.
+   */
+  readonly local?: boolean;
 }
 
 /** What a fetch may tell of its progress; BlobFetch does. */
@@ -51,10 +56,14 @@ export class InflightFetches<F extends TrackedFetch = TrackedFetch> extends Map<
   /** When a fetch that tells no start time was first seen here. */
   private readonly seen = new WeakMap<F, number>();
 
-  /** Fetches still running (settled ones leave the map a moment after). */
+  /**
+   * Fetches this process is making and still running (settled ones leave the map a moment
+   * after). One that follows another worker's is that worker's to count: `/metrics` with
+   * `server.workers` adds the workers' counts up.
+   */
   running(): number {
     let n = 0;
-    for (const fetch of this.values()) if (isRunning(fetch)) n++;
+    for (const fetch of this.values()) if (isRunning(fetch) && fetch.local !== false) n++;
     return n;
   }
 

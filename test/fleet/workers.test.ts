@@ -77,7 +77,13 @@ describe('workers on one host', () => {
   test('a cold blob asked of both workers is fetched from the upstream once, and followed at once', async () => {
     const b = await blob(24 * MiB);
     throttle.bytesPerSecond = 12 * MiB;
-    const results = await Promise.all(Array.from({ length: 6 }, () => get(b.url)));
+    const sent = throttle.sentBytes;
+    const gets = Promise.all(Array.from({ length: 6 }, () => get(b.url)));
+    // Under way, followed by both workers: one fetch on the host, not one per worker.
+    await waitFor(async () => throttle.sentBytes - sent >= 4 * MiB, 'the fetch under way');
+    const metrics = (await get(`${pc.url}/metrics`)).body.toString();
+    expect(metrics).toMatch(/^pullcache_fetches_in_flight 1$/m);
+    const results = await gets;
     const workers = new Set(results.map((r) => r.worker));
     expect(workers.size).toBe(2);
     for (const r of results) {
