@@ -115,6 +115,14 @@ export async function createRuntime(
   log: Logger,
   options: { defaultMetrics?: boolean } = {},
 ): Promise<Runtime> {
+  // Before anything is opened: a missing secret stops start-up with nothing to close.
+  const peerSecret = config.server.peerSecretEnv
+    ? (process.env[config.server.peerSecretEnv] ?? '')
+    : config.server.peerSecret;
+  if (config.server.advertise !== '' && peerSecret === '')
+    throw new ConfigError([
+      `server.peerSecretEnv: the environment variable ${config.server.peerSecretEnv} is not set`,
+    ]);
   const clients = new Map<string, UpstreamClient>();
   const monitors = new Map<string, UpstreamMonitor>();
   const events = new RecentEvents();
@@ -150,15 +158,9 @@ export async function createRuntime(
     : undefined;
   // `server.advertise`: replicas sharing a Redis take a lease on each cold digest there, and the
   // others stream the blob from the one fetching it (fleet/peers.ts).
-  const peerSecret = config.server.peerSecretEnv
-    ? (process.env[config.server.peerSecretEnv] ?? '')
-    : config.server.peerSecret;
-  if (config.server.advertise !== '' && peerSecret === '')
-    throw new ConfigError([
-      `server.peerSecretEnv: the environment variable ${config.server.peerSecretEnv} is not set`,
-    ]);
+  // (The configuration's schema requires cache.store: redis with server.advertise.)
   const peerLeases =
-    config.server.advertise !== '' && config.cache.store === 'redis'
+    config.server.advertise !== ''
       ? new PeerLeases({
           redisUrl: config.cache.redis.url,
           advertise: config.server.advertise,
@@ -547,7 +549,6 @@ function servedServices(runtime: Runtime): Map<string, UpstreamServices> {
   return served;
 }
 
-/** The Redis key of the lifecycle lease: one per storage, as several caches may share a Redis. */
 /** How long a peer waits on a silent fetch before giving up on it: the longest bodyIdle. */
 function peerIdleTimeout(config: Config): number {
   return Math.max(...Object.values(config.upstreams).map((u) => u.timeouts.bodyIdle));
