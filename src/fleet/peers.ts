@@ -32,6 +32,8 @@ export const PEER_PATH = '/_pullcache/v1/peer/blobs/';
 const SIGNATURE_WINDOW_MS = 60_000;
 /** A lease's lifetime; renewed every third of it while the fetch runs. */
 export const PEER_LEASE_TTL_MS = 5_000;
+/** How long a Redis that did not answer is taken for unreachable before it is tried again. */
+const REDIS_RETRY_MS = 10_000;
 /** How long a peer that failed a follower mid-stream is passed over for a digest. */
 const AVOID_MS = 60_000;
 
@@ -61,6 +63,8 @@ export type PeerClaim = { held: true; release(): void } | { held: false; holder:
 /** Leases on digests among the replicas, in Redis. */
 export class PeerLeases {
   private client: Promise<MinimalRedis> | undefined;
+  /** Until when Redis is taken for unreachable (its last connection attempt failed). */
+  private downUntil = 0;
   /** This process in a lease's value: its address, and a part no other process has. */
   private readonly self: string;
 
@@ -79,10 +83,17 @@ export class PeerLeases {
   }
 
   private redis(): Promise<MinimalRedis> {
-    this.client ??= connectRedis(this.o.redisUrl, this.o.log, 'fetch lease');
-    this.client.catch(() => {
-      this.client = undefined;
-    });
+    // A Redis that did not answer is not asked again for a while: each cold blob would wait
+    // out another connection timeout (3 s) before fetching alone.
+    if (Date.now() < this.downUntil)
+      return Promise.reject(new Error('redis did not answer; asked again shortly'));
+    if (!this.client) {
+      this.client = connectRedis(this.o.redisUrl, this.o.log, 'fetch lease');
+      this.client.catch(() => {
+        this.client = undefined;
+        this.downUntil = Date.now() + REDIS_RETRY_MS;
+      });
+    }
     return this.client;
   }
 
