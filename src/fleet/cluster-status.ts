@@ -73,8 +73,10 @@ export function workerStatus(
   });
   const ask = askPrimary<Extract<Message, { t: 'all' }>>('status', 'all', COLLECT_TIMEOUT_MS);
   return async (viewer) => {
-    const [mine, all] = await Promise.all([own(viewer), ask()]);
-    return all && all.statuses.length > 0 ? mergeStatuses(mine, all.statuses) : mine;
+    // The primary's answer holds this worker's own status too: it is not made twice.
+    const all = await ask();
+    const [first] = all?.statuses ?? [];
+    return first ? mergeStatuses({ ...first, viewer }, all!.statuses) : own(viewer);
   };
 }
 
