@@ -43,7 +43,7 @@ import {
 import { DriverReferrersStore } from './storage/referrers-store.js';
 import { DriverRepositoryStore } from './storage/repository-store.js';
 import { RedirectingBlobService } from './storage/redirect.js';
-import { RedisLease } from './lifecycle/lease.js';
+import { LeaseRedis, RedisLease } from './lifecycle/lease.js';
 import {
   StorageUnavailableError,
   type BlobService,
@@ -158,11 +158,14 @@ export async function createRuntime(
     : undefined;
   // `server.advertise`: replicas sharing a Redis take a lease on each cold digest there, and the
   // others stream the blob from the one fetching it (fleet/peers.ts).
+  // One Redis connection for the leases of this process (the lifecycle's, the fetches').
+  const leaseRedis =
+    config.cache.store === 'redis' ? new LeaseRedis(config.cache.redis.url, log) : undefined;
   // (The configuration's schema requires cache.store: redis with server.advertise.)
   const peerLeases =
-    config.server.advertise !== ''
+    config.server.advertise !== '' && leaseRedis
       ? new PeerLeases({
-          redisUrl: config.cache.redis.url,
+          redis: leaseRedis,
           advertise: config.server.advertise,
           prefix: `pullcache:fetch-lease:${storageId(config)}:`,
           log,
@@ -184,14 +187,10 @@ export async function createRuntime(
     metrics,
     fetching: (digest) => inflight.has(digest),
     uploadsPurgeAge: config.storage.uploads.purgeAge,
-    ...(config.cache.store === 'redis'
+    ...(leaseRedis
       ? {
           replicas: {
-            lease: new RedisLease(
-              config.cache.redis.url,
-              `pullcache:lifecycle-lease:${storageId(config)}`,
-              log,
-            ),
+            lease: new RedisLease(leaseRedis, `pullcache:lifecycle-lease:${storageId(config)}`),
           },
         }
       : // `server.workers` without Redis: the owner record decides, the pulls in storage count.
@@ -305,8 +304,8 @@ export async function createRuntime(
     async close() {
       for (const p of passthrough.values()) p.close();
       await Promise.all([...clients.values()].map((c) => c.close()));
-      await lifecycle.close();
-      await peerLeases?.close();
+      await lifecycle.close(); // releases the lifecycle's lease first
+      await leaseRedis?.close();
       await cache.close();
       await closeDriver(driver);
     },

@@ -22,7 +22,7 @@ import { request as httpsRequest } from 'node:https';
 import { Transform, type TransformCallback } from 'node:stream';
 import type { Logger } from '../log/logger.js';
 import { DigestVerifier, parseDigest, type Digest } from '../oci/digest.js';
-import { connectRedis, RELEASE, RENEW, type MinimalRedis } from '../lifecycle/lease.js';
+import { RELEASE, RENEW, type LeaseRedis, type MinimalRedis } from '../lifecycle/lease.js';
 import type { Repository } from '../oci/reference.js';
 import type { BlobStream, RequestOptions, UpstreamClient } from '../upstream/types.js';
 
@@ -32,8 +32,6 @@ export const PEER_PATH = '/_pullcache/v1/peer/blobs/';
 const SIGNATURE_WINDOW_MS = 60_000;
 /** A lease's lifetime; renewed every third of it while the fetch runs. */
 export const PEER_LEASE_TTL_MS = 5_000;
-/** How long a Redis that did not answer is taken for unreachable before it is tried again. */
-const REDIS_RETRY_MS = 10_000;
 /** How long a peer that failed a follower mid-stream is passed over for a digest. */
 const AVOID_MS = 60_000;
 
@@ -62,15 +60,13 @@ export type PeerClaim = { held: true; release(): void } | { held: false; holder:
 
 /** Leases on digests among the replicas, in Redis. */
 export class PeerLeases {
-  private client: Promise<MinimalRedis> | undefined;
-  /** Until when Redis is taken for unreachable (its last connection attempt failed). */
-  private downUntil = 0;
   /** This process in a lease's value: its address, and a part no other process has. */
   private readonly self: string;
 
   constructor(
     private readonly o: {
-      redisUrl: string;
+      /** The process's lease connection (shared with the lifecycle's lease). */
+      redis: LeaseRedis;
       /** This replica's address, `server.advertise`. */
       advertise: string;
       /** Prefix of the keys: one set of leases per storage. */
@@ -82,24 +78,10 @@ export class PeerLeases {
     this.self = `${o.advertise} ${randomUUID()}`;
   }
 
-  private redis(): Promise<MinimalRedis> {
-    // A Redis that did not answer is not asked again for a while: each cold blob would wait
-    // out another connection timeout (3 s) before fetching alone.
-    if (Date.now() < this.downUntil)
-      return Promise.reject(new Error('redis did not answer; asked again shortly'));
-    if (!this.client) {
-      this.client = connectRedis(this.o.redisUrl, this.o.log, 'fetch lease');
-      this.client.catch(() => {
-        this.client = undefined;
-        this.downUntil = Date.now() + REDIS_RETRY_MS;
-      });
-    }
-    return this.client;
-  }
-
   /** Takes the lease on `digest`, or names the replica holding it. Rejects when Redis fails. */
   async claim(digest: Digest): Promise<PeerClaim> {
-    const redis = await this.redis();
+    // A Redis that did not answer fails at once for a while (LeaseRedis), not after a timeout.
+    const redis = await this.o.redis.connect();
     const key = `${this.o.prefix}${digest}`;
     const ttl = this.o.ttlMs ?? PEER_LEASE_TTL_MS;
     for (let attempt = 0; attempt < 3; attempt++) {
@@ -135,12 +117,6 @@ export class PeerLeases {
       clearInterval(timer);
       redis.eval(RELEASE, { keys: [key], arguments: [this.self] }).catch(() => {});
     };
-  }
-
-  async close(): Promise<void> {
-    const client = await this.client?.catch(() => undefined);
-    this.client = undefined;
-    if (client?.isOpen) await (client.close ?? client.quit)?.call(client).catch(() => {});
   }
 }
 

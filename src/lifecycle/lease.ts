@@ -13,7 +13,6 @@ export interface Lease {
   acquire(ttlMs: number): Promise<boolean>;
   /** Gives it up when held. */
   release(): Promise<void>;
-  close(): Promise<void>;
 }
 
 /** How long a first connection may take before the lease counts as not held. */
@@ -43,19 +42,59 @@ export interface MinimalRedis {
   on(event: 'error', listener: (err: Error) => void): unknown;
 }
 
+/** How long a Redis that did not answer is taken for unreachable before it is tried again. */
+const RETRY_MS = 10_000;
+
 /**
- * A Redis client for leases, connected: a command while disconnected fails at once instead of
- * waiting in a queue (the lease is then not held, or not asked), and a Redis that does not
- * answer fails the connection within seconds.
+ * The Redis client of a process's leases (the lifecycle's and the replicas' fetch leases), one
+ * connection for both, made at first use. A command while disconnected fails at once instead of
+ * waiting in a queue (the lease is then not held, or not asked). A Redis that does not answer
+ * fails the connection within seconds, and is not asked again for RETRY_MS: a fetch lease is
+ * asked for each cold blob, which would otherwise wait out a connection timeout each.
  */
-export function connectRedis(url: string, log: Logger, what: string): Promise<MinimalRedis> {
+export class LeaseRedis {
+  private client: Promise<MinimalRedis> | undefined;
+  /** Until when Redis is taken for unreachable (its last connection attempt failed). */
+  private downUntil = 0;
+
+  constructor(
+    private readonly url: string,
+    private readonly log: Logger,
+  ) {}
+
+  connect(): Promise<MinimalRedis> {
+    if (Date.now() < this.downUntil)
+      return Promise.reject(new Error('redis did not answer; asked again shortly'));
+    if (!this.client) {
+      this.client = connectRedis(this.url, this.log);
+      this.client.catch(() => {
+        this.client = undefined;
+        this.downUntil = Date.now() + RETRY_MS;
+      });
+    }
+    return this.client;
+  }
+
+  /** Whether a connection was ever asked for (and not given up since). */
+  get started(): boolean {
+    return this.client !== undefined;
+  }
+
+  async close(): Promise<void> {
+    const client = await this.client?.catch(() => undefined);
+    this.client = undefined;
+    if (client?.isOpen) await (client.close ?? client.quit)?.call(client).catch(() => {});
+  }
+}
+
+function connectRedis(url: string, log: Logger): Promise<MinimalRedis> {
   return import('@keyv/redis').then(async ({ createClient }) => {
     const client = createClient({
       url,
       disableOfflineQueue: true,
       socket: { connectTimeout: 2000, reconnectStrategy: (n: number) => Math.min(n * 200, 5000) },
     }) as unknown as MinimalRedis;
-    client.on('error', (err) => log.debug({ err: err.message }, `${what} redis error`));
+    client.on('error', (err) => log.debug({ err: err.message }, 'lease redis error'));
     // connect() waits through reconnections: bound it.
     let timer: NodeJS.Timeout | undefined;
     try {
@@ -78,26 +117,18 @@ export function connectRedis(url: string, log: Logger, what: string): Promise<Mi
 export class RedisLease implements Lease {
   /** Who we are in the key: host, pid and a random part (a restarted pid is someone else). */
   readonly token = `${hostname()}:${process.pid}:${randomUUID()}`;
-  private client: Promise<MinimalRedis> | undefined;
 
   constructor(
-    private readonly url: string,
+    /** Its connection, closed by whoever made it (the runtime). */
+    private readonly redis: LeaseRedis,
     /** One key per storage: several caches may share one Redis. */
     readonly key: string,
-    private readonly log: Logger,
   ) {}
 
-  private connect(): Promise<MinimalRedis> {
-    // The lifecycle's scan asks for the lease first: a Redis that is not there must not hold it.
-    this.client ??= connectRedis(this.url, this.log, 'lease');
-    this.client.catch(() => {
-      this.client = undefined;
-    });
-    return this.client;
-  }
-
   async acquire(ttlMs: number): Promise<boolean> {
-    const client = await this.connect();
+    // The lifecycle's scan asks for the lease first: a Redis that is not there fails it within
+    // seconds (LeaseRedis), and the lease is then not held.
+    const client = await this.redis.connect();
     if ((await client.set(this.key, this.token, { NX: true, PX: ttlMs })) === 'OK') return true;
     const renewed = await client.eval(RENEW, {
       keys: [this.key],
@@ -107,15 +138,8 @@ export class RedisLease implements Lease {
   }
 
   async release(): Promise<void> {
-    if (!this.client) return;
-    const client = await this.connect();
+    if (!this.redis.started) return;
+    const client = await this.redis.connect();
     await client.eval(RELEASE, { keys: [this.key], arguments: [this.token] });
-  }
-
-  async close(): Promise<void> {
-    const client = await this.client?.catch(() => undefined);
-    this.client = undefined;
-    if (!client?.isOpen) return;
-    await (client.close ?? client.quit)?.call(client).catch(() => {});
   }
 }

@@ -193,7 +193,6 @@ export class Lifecycle {
     await this.evicting?.catch(() => {});
     await this.flush().catch((err: unknown) => this.warn(err));
     await this.ownership.release().catch(() => {});
-    await this.d.replicas?.lease?.close();
   }
 
   /**

@@ -4,6 +4,7 @@
  */
 import { expect, test } from 'vitest';
 import { PeerLeases } from '../../src/fleet/peers.js';
+import { LeaseRedis } from '../../src/lifecycle/lease.js';
 import { silentLogger } from '../../src/log/logger.js';
 import type { Digest } from '../../src/oci/digest.js';
 import { freePort } from '../helpers/net.js';
@@ -11,8 +12,9 @@ import { freePort } from '../helpers/net.js';
 const DIGEST = `sha256:${'b'.repeat(64)}` as Digest;
 
 test('a Redis that did not answer is not waited for again by the next claims', async () => {
+  const redis = new LeaseRedis(`redis://127.0.0.1:${await freePort()}`, silentLogger());
   const leases = new PeerLeases({
-    redisUrl: `redis://127.0.0.1:${await freePort()}`,
+    redis,
     advertise: 'http://127.0.0.1:1',
     prefix: 'pullcache:fetch-lease:test:',
     log: silentLogger(),
@@ -27,6 +29,6 @@ test('a Redis that did not answer is not waited for again by the next claims', a
       expect(performance.now() - started).toBeLessThan(200);
     }
   } finally {
-    await leases.close();
+    await redis.close();
   }
 });

@@ -3,7 +3,7 @@
  * up at once on release, taken over after its expiry, and simply not held while Redis is away.
  */
 import { afterAll, beforeAll, expect, test } from 'vitest';
-import { RedisLease } from '../../src/lifecycle/lease.js';
+import { LeaseRedis, RedisLease } from '../../src/lifecycle/lease.js';
 import { silentLogger } from '../../src/log/logger.js';
 import { freePort } from '../helpers/net.js';
 import { startRedis, type TestRedis } from '../helpers/redis.js';
@@ -18,10 +18,12 @@ afterAll(async () => {
 
 test('one holder at a time; released, or expired, another takes it', async () => {
   const key = `test-lease-${Date.now()}`;
-  const [a, b] = [
-    new RedisLease(redis.url, key, silentLogger()),
-    new RedisLease(redis.url, key, silentLogger()),
+  // Two processes: a connection each.
+  const [ra, rb] = [
+    new LeaseRedis(redis.url, silentLogger()),
+    new LeaseRedis(redis.url, silentLogger()),
   ];
+  const [a, b] = [new RedisLease(ra, key), new RedisLease(rb, key)];
   try {
     expect(await a.acquire(30_000)).toBe(true);
     expect(await b.acquire(30_000)).toBe(false);
@@ -34,15 +36,15 @@ test('one holder at a time; released, or expired, another takes it', async () =>
     expect(await a.acquire(30_000)).toBe(true);
     expect(await b.acquire(30_000)).toBe(false);
   } finally {
-    await a.close();
-    await b.close();
+    await ra.close();
+    await rb.close();
   }
 });
 
 test('a Redis that does not answer fails the acquisition within seconds', async () => {
-  const lease = new RedisLease(`redis://127.0.0.1:${await freePort()}`, 'k', silentLogger());
+  const redis = new LeaseRedis(`redis://127.0.0.1:${await freePort()}`, silentLogger());
   const started = Date.now();
-  await expect(lease.acquire(30_000)).rejects.toThrow();
+  await expect(new RedisLease(redis, 'k').acquire(30_000)).rejects.toThrow();
   expect(Date.now() - started).toBeLessThan(5000);
-  await lease.close();
+  await redis.close();
 });
