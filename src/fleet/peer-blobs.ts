@@ -6,7 +6,8 @@
 import type { Digest } from '../oci/digest.js';
 import type { UpstreamFetch } from '../proxy/types.js';
 import { RemoteBlobFetch } from '../proxy/remote-fetch.js';
-import type { DigestLeases, HeldFetch } from './types.js';
+import type { HeldFetch } from './types.js';
+import type { WorkerLeases } from './worker-leases.js';
 import type {
   BlobService,
   BlobStore,
@@ -25,7 +26,7 @@ export class PeerBlobService implements BlobService {
      * With `server.workers`, the peer's request may reach a worker other than the one fetching:
      * it follows that one, as it would for a client.
      */
-    private readonly workers?: { leases: DigestLeases; idleTimeout: number },
+    private readonly workers?: { leases: Pick<WorkerLeases, 'watch'>; idleTimeout: number },
   ) {}
 
   private active(digest: Digest): UpstreamFetch | undefined {
@@ -62,11 +63,10 @@ export class PeerBlobService implements BlobService {
 
   /** The fetch of another worker of this host, followed; undefined when none has it. */
   private async another(repo: RepositoryKey, digest: Digest): Promise<UpstreamFetch | undefined> {
-    const watch = this.workers?.leases.watch;
-    if (!watch) return undefined;
+    if (!this.workers) return undefined;
     let holder: HeldFetch | undefined;
     try {
-      holder = await watch.call(this.workers!.leases, digest);
+      holder = await this.workers.leases.watch(digest);
     } catch {
       return undefined; // the primary is gone: storage answers
     }
@@ -76,7 +76,7 @@ export class PeerBlobService implements BlobService {
       repo,
       holder,
       blobs: this.blobs,
-      idleTimeout: this.workers!.idleTimeout,
+      idleTimeout: this.workers.idleTimeout,
     });
   }
 }

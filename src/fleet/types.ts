@@ -26,8 +26,6 @@ export interface DigestLeases {
    * and what it says from now on is ignored.
    */
   takeOver(digest: Digest): Lease;
-  /** The fetch of `digest` another process holds, to follow; undefined when none does. */
-  watch?(digest: Digest): Promise<HeldFetch | undefined>;
 }
 
 export type LeaseResult = { held: true; lease: Lease } | { held: false; holder: HeldFetch };

@@ -69,6 +69,7 @@ export class WorkerLeases implements DigestLeases {
     return this.ask('acquire', digest) as Promise<LeaseResult>;
   }
 
+  /** The fetch of `digest` another worker holds, to follow; undefined when none does. */
   async watch(digest: Digest): Promise<HeldFetch | undefined> {
     const result = await this.ask('watch', digest);
     return result && !result.held ? result.holder : undefined;
