@@ -22,7 +22,7 @@ import { request as httpsRequest } from 'node:https';
 import { Transform, type TransformCallback } from 'node:stream';
 import type { Logger } from '../log/logger.js';
 import { DigestVerifier, parseDigest, type Digest } from '../oci/digest.js';
-import { RELEASE, RENEW, type LeaseRedis, type MinimalRedis } from '../lifecycle/lease.js';
+import { RELEASE, RENEW, REPLACE, type LeaseRedis, type MinimalRedis } from '../lifecycle/lease.js';
 import type { Repository } from '../oci/reference.js';
 import type { BlobStream, RequestOptions, UpstreamClient } from '../upstream/types.js';
 
@@ -90,10 +90,13 @@ export class PeerLeases {
       const value = await redis.get(key);
       if (value === null) continue; // expired or released meanwhile: ask again
       const holder = value.slice(0, value.indexOf(' '));
-      // Our own address from an earlier life of this replica: nobody is fetching it.
+      // Our own address from an earlier life of this replica: nobody is fetching it. Taken
+      // over only if that is still the value (another replica may have taken it meanwhile).
       if (holder === this.o.advertise && value !== this.self) {
-        await redis.set(key, this.self, { PX: ttl });
-        return { held: true, release: this.keep(redis, key, ttl) };
+        const args = { keys: [key], arguments: [value, this.self, String(ttl)] };
+        if ((await redis.eval(REPLACE, args)) === 'OK')
+          return { held: true, release: this.keep(redis, key, ttl) };
+        continue;
       }
       return { held: false, holder };
     }

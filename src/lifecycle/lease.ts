@@ -23,6 +23,11 @@ export const RENEW = `if redis.call('get', KEYS[1]) == ARGV[1] then
   return redis.call('pexpire', KEYS[1], ARGV[2])
 end
 return 0`;
+/** Sets the key to ARGV[2] for ARGV[3] ms only while it still holds ARGV[1]; 'OK' when set. */
+export const REPLACE = `if redis.call('get', KEYS[1]) == ARGV[1] then
+  return redis.call('set', KEYS[1], ARGV[2], 'PX', ARGV[3])
+end
+return false`;
 /** Deletes the key only while it still holds our token. */
 export const RELEASE = `if redis.call('get', KEYS[1]) == ARGV[1] then
   return redis.call('del', KEYS[1])
@@ -32,7 +37,7 @@ return 0`;
 export interface MinimalRedis {
   isOpen: boolean;
   connect(): Promise<unknown>;
-  set(key: string, value: string, options: { NX?: true; PX: number }): Promise<string | null>;
+  set(key: string, value: string, options: { NX: true; PX: number }): Promise<string | null>;
   get(key: string): Promise<string | null>;
   eval(script: string, options: { keys: string[]; arguments: string[] }): Promise<unknown>;
   close?(): Promise<unknown>;

@@ -1,13 +1,15 @@
 /**
- * PeerLeases when Redis does not answer (a port nobody listens on): the first cold blob waits out
- * one connection timeout, the next ones are told at once and fetch alone.
+ * PeerLeases, the replicas' leases on digests: when Redis does not answer (a port nobody listens
+ * on), the first cold blob waits out one connection timeout and the next ones are told at once;
+ * in a real Redis, a lease left by an earlier life of the replica is taken over.
  */
-import { expect, test } from 'vitest';
+import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { PeerLeases } from '../../src/fleet/peers.js';
 import { LeaseRedis } from '../../src/lifecycle/lease.js';
 import { silentLogger } from '../../src/log/logger.js';
 import type { Digest } from '../../src/oci/digest.js';
 import { freePort } from '../helpers/net.js';
+import { startRedis, type TestRedis } from '../helpers/redis.js';
 
 const DIGEST = `sha256:${'b'.repeat(64)}` as Digest;
 
@@ -31,4 +33,40 @@ test('a Redis that did not answer is not waited for again by the next claims', a
   } finally {
     await redis.close();
   }
+});
+
+describe('in a real Redis', () => {
+  let redis: TestRedis;
+  let conn: LeaseRedis;
+  beforeAll(async () => {
+    redis = await startRedis();
+    conn = new LeaseRedis(redis.url, silentLogger());
+  });
+  afterAll(async () => {
+    await conn?.close();
+    await redis?.stop();
+  });
+
+  const leasesOf = (advertise: string, prefix: string) =>
+    new PeerLeases({ redis: conn, advertise, prefix, log: silentLogger() });
+
+  test("a lease of this replica's earlier life is taken over; another replica's is followed", async () => {
+    const prefix = `test-peer-${Date.now()}:`;
+    const key = `${prefix}${DIGEST}`;
+    const client = await conn.connect();
+    // An earlier life of http://a:1 (another random part) left its lease behind.
+    await client.set(key, 'http://a:1 earlier', { NX: true, PX: 30_000 });
+    const a = leasesOf('http://a:1', prefix);
+    const claim = await a.claim(DIGEST);
+    expect(claim.held).toBe(true);
+    const value = await client.get(key);
+    expect(value).toMatch(/^http:\/\/a:1 /);
+    expect(value).not.toBe('http://a:1 earlier');
+    // Another replica asking now follows this one.
+    expect(await leasesOf('http://b:1', prefix).claim(DIGEST)).toEqual({
+      held: false,
+      holder: 'http://a:1',
+    });
+    if (claim.held) claim.release();
+  });
 });
