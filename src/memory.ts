@@ -1,7 +1,9 @@
 import { getHeapStatistics } from 'node:v8';
 
 /**
- * Blob bodies from the upstream come as one new 64 KiB buffer per socket read. V8 frees such
+ * Blob bodies from the upstream are received into reused slabs (upstream/receive-slabs.ts) and
+ * make no garbage. A peer's (fleet/peers.ts, on undici) come as one new 64 KiB buffer per
+ * socket read, and so did the upstream's before the slabs. V8 frees such
  * buffers only when it collects their (small) wrappers, and it counts their bytes toward a
  * collection only every 64 MB or so: left alone, each cold blob keeps up to 64 MB of dead
  * buffers in the process. A minor collection (a scavenge of the young generation, well under a

@@ -24,7 +24,12 @@ import type { Logger } from '../log/logger.js';
 import { DigestVerifier, parseDigest, type Digest } from '../oci/digest.js';
 import { RELEASE, RENEW, REPLACE, type LeaseRedis, type MinimalRedis } from '../lifecycle/lease.js';
 import type { Repository } from '../oci/reference.js';
-import type { BlobStream, RequestOptions, UpstreamClient } from '../upstream/types.js';
+import type {
+  BlobRequestOptions,
+  BlobStream,
+  RequestOptions,
+  UpstreamClient,
+} from '../upstream/types.js';
 
 export const PEER_HEADER = 'pullcache-peer';
 export const PEER_PATH = '/_pullcache/v1/peer/blobs/';
@@ -148,7 +153,7 @@ export class PeeredBlobSource implements Pick<UpstreamClient, 'getBlob'> {
   async getBlob(
     repository: Repository,
     digest: Digest,
-    options: RequestOptions = {},
+    options: BlobRequestOptions = {},
   ): Promise<BlobStream> {
     const avoidUntil = this.avoid.get(digest);
     if (avoidUntil !== undefined && avoidUntil < Date.now()) this.avoid.delete(digest);

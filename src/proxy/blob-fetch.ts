@@ -30,6 +30,7 @@ import {
   type RepositoryKey,
 } from '../storage/types.js';
 import type { UpstreamClient } from '../upstream/types.js';
+import { ReceiveSlabs } from '../upstream/receive-slabs.js';
 import type { StorageBudget } from '../lifecycle/types.js';
 import type { Lease } from '../fleet/types.js';
 import type { FetchState, FollowedFetch, UpstreamFetch } from './types.js';
@@ -85,6 +86,11 @@ export class BlobFetch implements UpstreamFetch, FollowedFetch {
   private session!: Promise<BlobWriter>;
   private readonly followers = new Set<BlobFollower>();
   private readonly abort = new AbortController();
+  /**
+   * The upstream body is received into these: each chunk is a view of them until the pump has
+   * written it, then its slab is read into again (receive-slabs.ts).
+   */
+  private readonly slabs = new ReceiveSlabs();
   private orphanTimer: NodeJS.Timeout | undefined;
   private readonly started = Date.now();
   // The write pump.
@@ -109,15 +115,14 @@ export class BlobFetch implements UpstreamFetch, FollowedFetch {
   private async run(ready: () => void, notReady: (err: unknown) => void): Promise<Descriptor> {
     const { blobs, client, repo, digest, log } = this.options;
     // The upload session is made while the upstream is asked, and the body is taken into the
-    // write queue at once, before the session is ready: the body flows as soon as it comes
-    // (see body-queue.ts), and one that waited for the session was cut 8 MiB later and asked
-    // for again. The upstream client verifies the digest as the bytes stream (its stream errors
+    // write queue at once, before the session is ready: the fetch need not wait for it. The upstream client verifies the digest as the bytes stream (its stream errors
     // on a mismatch), so the session need not hash them a second time (see the commit below).
     this.session = blobs.create({ hash: false });
     this.session.catch(() => {}); // its error, if any, is met by the pump or below
     try {
       const { size, stream } = await client.getBlob(repo.repository, digest, {
         signal: this.abort.signal,
+        slabs: this.slabs,
       });
       this.size = size;
       this.state = 'running';
@@ -135,7 +140,8 @@ export class BlobFetch implements UpstreamFetch, FollowedFetch {
         const offset = this.received;
         this.received += chunk.length;
         this.options.onUpstreamBytes?.(chunk.length);
-        churned(chunk.length);
+        // Chunks of our slabs make no garbage; a peer's (fleet/peers.ts) do.
+        if (!this.slabs.lends(chunk)) churned(chunk.length);
         for (const follower of this.followers) follower.onChunk(chunk, offset);
         this.enqueue(chunk);
         if (this.received - this.written > WRITE_QUEUE) await this.diskCatchUp();
@@ -227,6 +233,7 @@ export class BlobFetch implements UpstreamFetch, FollowedFetch {
         this.writeError = err;
         break;
       }
+      for (const chunk of batch) this.slabs.release(chunk);
       this.written += bytes;
       this.options.lease?.progress(this.written);
       for (const follower of this.followers) follower.onWritten();
@@ -390,7 +397,8 @@ export class BlobFollower extends Readable implements Sendable {
     const to = Math.min(chunk.length, this.end - 1 - offset);
     if (from < 0 || to <= from) return;
     this.pos += to - from;
-    if (!this.push(chunk.subarray(from, to))) this.live = false; // the socket pushes back: read from disk from now on
+    // A copy: the chunk's slab is read into again once the fetch has written it.
+    if (!this.push(Buffer.from(chunk.subarray(from, to)))) this.live = false; // the socket pushes back: read from disk from now on
   }
 
   onWritten(): void {

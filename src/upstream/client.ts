@@ -1,5 +1,6 @@
 /**
- * The registry client of one upstream, on undici with a keep-alive pool. Auth challenges and
+ * The registry client of one upstream: small requests on undici with a keep-alive pool, blob
+ * bodies on sockets of its own read into reused buffers (raw-get.ts). Auth challenges and
  * tokens, redirects (credentials dropped across origins), resumable blob streams, typed
  * failures and a circuit breaker. It only ever dials the configured URL, the token realm the
  * upstream names, and the redirect targets the upstream sends.
@@ -29,10 +30,11 @@ import {
   UpstreamUnavailableError,
   type RateLimitInfo,
 } from './errors.js';
-import { BodyQueue, type QueueEnd } from './body-queue.js';
+import { RawAgent, type QueueEnd, type RawBody } from './raw-get.js';
 import { UpstreamHealth, type HealthOptions } from './health.js';
 import type {
   BlobHead,
+  BlobRequestOptions,
   BlobStream,
   FetchedManifest,
   FetchedReferrers,
@@ -44,8 +46,6 @@ import type {
 } from './types.js';
 
 const MAX_REDIRECTS = 5;
-/** How far a blob consumer may fall behind the upstream before the body is cut and resumed. */
-const BODY_QUEUE_CAP = 8 * 1024 * 1024;
 /** How long the start-up `warm` waits for the upstream, ms. */
 const WARM_TIMEOUT = 10_000;
 const REDIRECT_STATUSES = new Set([301, 302, 303, 307, 308]);
@@ -71,18 +71,35 @@ const UNOBSERVED: UpstreamObserver = {
   greeted: () => {},
 };
 
-interface Response {
+type UndiciBody = Dispatcher.ResponseData['body'];
+
+interface Response<B = UndiciBody> {
   status: number;
   headers: Record<string, string | string[] | undefined>;
-  body: Dispatcher.ResponseData['body'];
+  body: B;
   url: URL;
 }
+
+/**
+ * How one hop of a request goes out: on undici (everything but blob bodies), or on the blob
+ * path's own sockets (raw-get.ts). Either answers with a body that can be skipped (`resume`).
+ */
+type Hop<B> = (
+  url: URL,
+  headers: Record<string, string>,
+) => Promise<{
+  statusCode: number;
+  headers: Record<string, string | string[] | undefined>;
+  body: B;
+}>;
 
 export class RegistryClient implements UpstreamClient {
   readonly name: string;
   private readonly base: URL;
   private readonly config: UpstreamConfig;
   private readonly agent: Agent;
+  /** Blob GETs, on sockets read into reused buffers (raw-get.ts). */
+  private readonly raw: RawAgent;
   private readonly log: Logger;
   private readonly health: UpstreamHealth;
   private readonly tokens = new TokenCache();
@@ -114,6 +131,7 @@ export class RegistryClient implements UpstreamClient {
       keepAliveTimeout: 30_000,
       connections: 64,
     });
+    this.raw = new RawAgent(timeouts);
   }
 
   get healthState() {
@@ -134,6 +152,7 @@ export class RegistryClient implements UpstreamClient {
 
   async close(): Promise<void> {
     this.closing.abort();
+    this.raw.close();
     await this.agent.close();
   }
 
@@ -149,7 +168,7 @@ export class RegistryClient implements UpstreamClient {
     const started = Date.now();
     try {
       const signal = AbortSignal.any([this.closing.signal, AbortSignal.timeout(WARM_TIMEOUT)]);
-      const res = await this.dispatch('ping', 'GET', url, {}, { signal });
+      const res = await this.dispatch(this.undiciHop('GET', { signal }), 'ping', url, {});
       res.body.resume();
       const challenge =
         res.status === 401 ? parseChallenge(res.headers['www-authenticate']) : undefined;
@@ -294,37 +313,40 @@ export class RegistryClient implements UpstreamClient {
   async getBlob(
     repository: Repository,
     digest: Digest,
-    options: RequestOptions = {},
+    options: BlobRequestOptions = {},
   ): Promise<BlobStream> {
     const what = `blob ${digest}`;
-    const first = await this.send('GET', repository, `blobs/${digest}`, what, {}, options);
+    const hop = this.rawHop(options);
+    const first = await this.sendVia(hop, 'GET', repository, `blobs/${digest}`, what, {}, options);
     const length = header(first.headers, 'content-length');
     const size = length !== undefined ? Number(length) : undefined;
     const verifier = new DigestVerifier(parseDigest(digest));
-    // Attach the queue now, not when the consumer first reads: the body must flow from the start.
-    const queue = new BodyQueue(first.body, BODY_QUEUE_CAP);
     return {
       size,
-      stream: Readable.from(this.blobChunks(repository, digest, queue, size, verifier, options), {
-        objectMode: false,
-      }),
+      stream: Readable.from(
+        this.blobChunks(hop, repository, digest, first.body, size, verifier, options),
+        // Each chunk as it was yielded: a byte stream would join buffered chunks into a copy,
+        // and the consumer could not hand the slabs' views back.
+        { objectMode: true, highWaterMark: 1 },
+      ),
     };
   }
 
   /**
-   * Yields the blob's bytes; on a break (or when the consumer falls too far behind, see
-   * body-queue.ts) asks again with Range from where it is, then checks the digest.
+   * Yields the blob's bytes (views of `options.slabs`, see receive-slabs.ts); on a break asks
+   * again with Range from where it is, then checks the digest.
    */
   private async *blobChunks(
+    hop: Hop<RawBody>,
     repository: Repository,
     digest: Digest,
-    firstQueue: BodyQueue,
+    firstBody: RawBody,
     size: number | undefined,
     verifier: DigestVerifier,
-    options: RequestOptions,
+    options: BlobRequestOptions,
   ): AsyncGenerator<Buffer> {
     const what = `blob ${digest}`;
-    let queue = firstQueue;
+    let queue = firstBody;
     let skip = 0;
     let attempt = 0;
     for (;;) {
@@ -341,6 +363,7 @@ export class RegistryClient implements UpstreamClient {
           // The upstream ignored Range: drop what we already passed on.
           if (chunk.length <= skip) {
             skip -= chunk.length;
+            options.slabs?.release(chunk);
             continue;
           }
           chunk = chunk.subarray(skip);
@@ -380,7 +403,8 @@ export class RegistryClient implements UpstreamClient {
         await sleep(this.retryDelay * 2 ** (attempt - 1), options.signal);
       }
       const offset = verifier.bytes;
-      const res = await this.send(
+      const res = await this.sendVia(
+        hop,
         'GET',
         repository,
         `blobs/${digest}`,
@@ -400,7 +424,7 @@ export class RegistryClient implements UpstreamClient {
       } else {
         skip = offset;
       }
-      queue = new BodyQueue(res.body, BODY_QUEUE_CAP);
+      queue = res.body;
     }
     if (!verifier.matches()) {
       this.observer.failed(`${what} of ${repository}`, `content is ${verifier.actual()}`);
@@ -521,7 +545,7 @@ export class RegistryClient implements UpstreamClient {
    * One request to `/v2/<repository>/<suffix>` with auth, redirects and error mapping. Resolves
    * only to a 2xx response (206 included); everything else is thrown as a typed error.
    */
-  private async send(
+  private send(
     method: 'GET' | 'HEAD',
     repository: Repository,
     suffix: string,
@@ -529,6 +553,44 @@ export class RegistryClient implements UpstreamClient {
     headers: Record<string, string>,
     options: RequestOptions,
   ): Promise<Response> {
+    return this.sendVia(
+      this.undiciHop(method, options),
+      method,
+      repository,
+      suffix,
+      what,
+      headers,
+      options,
+    );
+  }
+
+  /** Hops on undici's keep-alive pool. */
+  private undiciHop(method: 'GET' | 'HEAD', options: RequestOptions): Hop<UndiciBody> {
+    return (url, headers) =>
+      request(url, {
+        method,
+        headers,
+        dispatcher: this.agent,
+        signal: options.signal ?? null,
+      });
+  }
+
+  /** Blob GET hops, read into `options.slabs`. */
+  private rawHop(options: BlobRequestOptions): Hop<RawBody> {
+    return (url, headers) =>
+      this.raw.get(url, { headers, signal: options.signal, slabs: options.slabs });
+  }
+
+  /** `send`, each hop going out by `hop`. */
+  private async sendVia<B extends { resume(): void }>(
+    hop: Hop<B>,
+    method: 'GET' | 'HEAD',
+    repository: Repository,
+    suffix: string,
+    what: string,
+    headers: Record<string, string>,
+    options: RequestOptions,
+  ): Promise<Response<B>> {
     if (this.config.offline) throw new UpstreamUnavailableError(this.name, 'configured offline');
     if (!this.health.admit())
       throw new UpstreamUnavailableError(this.name, 'not reachable (failing fast)');
@@ -536,16 +598,13 @@ export class RegistryClient implements UpstreamClient {
     const scope = `repository:${repository}:pull`;
     const kind = requestKind(suffix);
     const started = Date.now();
-    let res: Response;
+    let res: Response<B>;
     try {
       let token = await this.authorization(scope, options);
-      res = await this.dispatch(
-        kind,
-        method,
-        url,
-        { ...headers, ...(token ? { authorization: token.header } : {}) },
-        options,
-      );
+      res = await this.dispatch(hop, kind, url, {
+        ...headers,
+        ...(token ? { authorization: token.header } : {}),
+      });
       if (res.status === 401) {
         const challenge = parseChallenge(res.headers['www-authenticate']);
         res.body.resume();
@@ -555,13 +614,7 @@ export class RegistryClient implements UpstreamClient {
           if (token?.cached) this.tokens.invalidate(scope, token.token);
           token = await this.authorization(scope, options);
           if (token)
-            res = await this.dispatch(
-              kind,
-              method,
-              url,
-              { ...headers, authorization: token.header },
-              options,
-            );
+            res = await this.dispatch(hop, kind, url, { ...headers, authorization: token.header });
         }
       }
       this.health.success();
@@ -611,24 +664,16 @@ export class RegistryClient implements UpstreamClient {
   }
 
   /** Follows redirects itself so that credentials never reach another origin. */
-  private async dispatch(
+  private async dispatch<B extends { resume(): void }>(
+    send: Hop<B>,
     kind: UpstreamRequestKind,
-    method: string,
     url: URL,
     headers: Record<string, string>,
-    options: RequestOptions,
-  ): Promise<Response> {
+  ): Promise<Response<B>> {
     let current = url;
     let sendHeaders = headers;
     for (let hop = 0; ; hop++) {
-      const res = await this.observed(kind, () =>
-        request(current, {
-          method: method as Dispatcher.HttpMethod,
-          headers: sendHeaders,
-          dispatcher: this.agent,
-          signal: options.signal ?? null,
-        }),
-      );
+      const res = await this.observed(kind, () => send(current, sendHeaders));
       const location = header(res.headers, 'location');
       if (!REDIRECT_STATUSES.has(res.statusCode) || !location) {
         return { status: res.statusCode, headers: res.headers, body: res.body, url: current };
@@ -650,10 +695,10 @@ export class RegistryClient implements UpstreamClient {
   }
 
   /** One request, timed to its answer's headers and told to the observer. */
-  private async observed(
+  private async observed<R extends { statusCode: number }>(
     kind: UpstreamRequestKind,
-    send: () => Promise<Dispatcher.ResponseData>,
-  ): Promise<Dispatcher.ResponseData> {
+    send: () => Promise<R>,
+  ): Promise<R> {
     const started = performance.now();
     try {
       const res = await send();

@@ -4,6 +4,7 @@ import type { ReferrerDescriptor } from '../oci/referrers.js';
 import type { Repository } from '../oci/reference.js';
 import type { RateLimitInfo } from './errors.js';
 import type { HealthState } from './health.js';
+import type { ReceiveSlabs } from './receive-slabs.js';
 
 export interface ManifestHead {
   digest: Digest;
@@ -59,6 +60,15 @@ export interface RequestOptions {
   signal?: AbortSignal;
 }
 
+export interface BlobRequestOptions extends RequestOptions {
+  /**
+   * Where the body is received: the stream's chunks are views of these slabs, and the consumer
+   * releases each when done with it so that its slab is read into again. Without it, each
+   * chunk's memory is its own.
+   */
+  slabs?: ReceiveSlabs;
+}
+
 /**
  * The client of one upstream registry. Every method throws the typed errors of `errors.ts`:
  * UpstreamNotFoundError, UpstreamDeniedError, UpstreamRateLimitedError,
@@ -81,7 +91,11 @@ export interface UpstreamClient {
     options?: RequestOptions,
   ): Promise<ManifestHead>;
   headBlob(repository: Repository, digest: Digest, options?: RequestOptions): Promise<BlobHead>;
-  getBlob(repository: Repository, digest: Digest, options?: RequestOptions): Promise<BlobStream>;
+  getBlob(
+    repository: Repository,
+    digest: Digest,
+    options?: BlobRequestOptions,
+  ): Promise<BlobStream>;
   /** Every tag, following `Link` pagination. */
   listTags(
     repository: Repository,
