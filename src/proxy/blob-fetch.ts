@@ -42,8 +42,12 @@ const DISK_READ = 1024 * 1024;
 const FOLLOWER_BUFFER = 1024 * 1024;
 /** Each of the two buffers a client served by `sendTo` reads the disk into. */
 const SEND_READ = 512 * 1024;
-/** Most bytes received but not yet written before the fetch waits for the disk. */
-const WRITE_QUEUE = 8 * 1024 * 1024;
+/**
+ * Most bytes received but not yet written before the fetch waits for the disk (and the upstream
+ * body, paused, for the fetch). 8 MiB when a body could not be paused; 4 MiB with the receive
+ * slabs: `bench/cold.ts` peaked at 98-106 MB against 124-132, at the same CPU.
+ */
+const WRITE_QUEUE = 4 * 1024 * 1024;
 
 export interface BlobFetchOptions {
   blobs: BlobStore;

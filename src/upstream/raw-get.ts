@@ -47,7 +47,7 @@ export interface RawResponse {
 }
 
 /** How far the body's consumer may fall behind before the socket is paused. */
-const BODY_PAUSE = 4 * 1024 * 1024;
+const BODY_PAUSE = 2 * 1024 * 1024;
 /** A body to skip (`resume()`) is read to its end when no longer than this; cut otherwise. */
 const SKIP_LIMIT = 64 * 1024;
 /** Idle connections kept per origin, and for how long. */

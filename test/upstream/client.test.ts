@@ -259,23 +259,23 @@ describe('faults a real registry cannot produce', () => {
       res.end(large);
     });
     const c = client(server.url);
-    // Nothing released: every slab read into stays lent, so `made` counts what was received.
+    // Nothing released: every slab read into stays lent, so `taken` counts what was received.
     const slabs = new ReceiveSlabs();
     const { stream } = await c.getBlob(repo('a/b'), digest(sha256(large)), { slabs });
     const chunks: Buffer[] = [];
-    let madeWhileStalled = 0;
+    let takenWhileStalled = 0;
     for await (const chunk of stream) {
       if (chunks.length === 0) {
         await new Promise((r) => setTimeout(r, 500)); // a disk that lags
-        madeWhileStalled = slabs.made;
+        takenWhileStalled = slabs.taken;
       }
       chunks.push(chunk as Buffer);
     }
     expect(Buffer.concat(chunks).equals(large)).toBe(true);
     // 4 MiB queued pauses the socket: a handful of 1 MiB slabs, not the 32 MiB sent.
-    expect(madeWhileStalled).toBeGreaterThan(0);
-    expect(madeWhileStalled).toBeLessThanOrEqual(8);
-    expect(slabs.made).toBeGreaterThanOrEqual(32);
+    expect(takenWhileStalled).toBeGreaterThan(0);
+    expect(takenWhileStalled).toBeLessThanOrEqual(8);
+    expect(slabs.taken).toBeGreaterThanOrEqual(32);
     expect(server.requests.length).toBe(1);
     await c.close();
     await server.close();
