@@ -6,6 +6,7 @@ import type { Readable } from 'node:stream';
 import { once } from 'node:events';
 import { finished } from 'node:stream/promises';
 import * as tar from 'tar-stream';
+import { unlessAborted } from '../abort.js';
 import type { Config } from '../config/schema.js';
 import { formatLocation, parseLocation, type ImageLocation } from '../routing.js';
 import { parseDigest, type Digest } from '../oci/digest.js';
@@ -136,26 +137,24 @@ export async function exportBundle(
   // that failure, so that it is reported as it happened and never left unhandled. The archive is
   // copied to the output here rather than by pipeline(), which would pass a failure of the
   // archive (a blob that cannot be read) on to the output, to be taken for the output's own.
+  // (Raced with unlessAborted, not Promise.race: see src/abort.ts, a wait per drain adds up.)
   let writeError: Error | undefined;
-  const outputFailed = new Promise<never>((_, reject) =>
-    output.stream.on('error', (err) => reject((writeError ??= err))),
-  );
-  outputFailed.catch(() => {});
+  const outputFailed = new AbortController();
+  output.stream.on('error', (err) => outputFailed.abort((writeError ??= err)));
+  const failed = outputFailed.signal;
   const pack = tar.pack();
   const written = (async () => {
     for await (const chunk of pack as AsyncIterable<Buffer>) {
-      if (!output.stream.write(chunk))
-        await Promise.race([once(output.stream, 'drain'), outputFailed]);
+      if (!output.stream.write(chunk)) await unlessAborted(once(output.stream, 'drain'), failed);
     }
     output.stream.end();
-    await Promise.race([finished(output.stream, { readable: false }), outputFailed]);
+    await unlessAborted(finished(output.stream, { readable: false }), failed);
   })();
   written.catch(() => {});
   let reading: Readable | undefined;
   try {
     const entry = (name: string, size: number, source: Readable | Buffer) =>
-      Promise.race([
-        outputFailed,
+      unlessAborted(
         new Promise<void>((resolve, reject) => {
           const header = { name, size, mode: 0o644, mtime: new Date(0) };
           const done = (err?: Error | null) => (err ? reject(err) : resolve());
@@ -170,7 +169,8 @@ export async function exportBundle(
           });
           source.pipe(sink as unknown as NodeJS.WritableStream);
         }),
-      ]);
+        failed,
+      );
     await entry('oci-layout', 30, Buffer.from('{"imageLayoutVersion":"1.0.0"}'));
     await entry('index.json', indexBytes.length, indexBytes);
     for (const [digest, size] of blobs) {

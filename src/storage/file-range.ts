@@ -8,6 +8,7 @@
  */
 import type { FileHandle } from 'node:fs/promises';
 import { Readable, type Writable } from 'node:stream';
+import { unlessAborted } from '../abort.js';
 
 /** Bytes read at once: fewer syscalls and event-loop turns per GiB served. */
 export const READ_CHUNK = 1024 * 1024;
@@ -116,12 +117,6 @@ export async function sendFilled(
   const onError = (err: Error) => gone.abort(err);
   dest.once('close', onClose);
   dest.once('error', onError);
-  const closed = new Promise<never>((_, reject) =>
-    gone.signal.addEventListener('abort', () => reject(gone.signal.reason as Error), {
-      once: true,
-    }),
-  );
-  closed.catch(() => {});
   if (dest.destroyed) onClose(); // gone before we started: its 'close' may be past
   const write = (chunk: Buffer) =>
     new Promise<void>((resolve, reject) => {
@@ -133,16 +128,17 @@ export async function sendFilled(
   try {
     for (let turn = 0; ; turn ^= 1) {
       // This buffer's previous bytes must have reached the socket before it is filled again.
-      if (writing[turn]) await Promise.race([writing[turn], closed]);
+      const previous = writing[turn];
+      if (previous) await unlessAborted(previous, gone.signal);
       gone.signal.throwIfAborted();
-      // Not raced with `closed`: a read still running when this returns would hold the file open.
+      // Not raced with `gone`: a read still running when this returns would hold the file open.
       const n = await fill(buffers[turn]!, gone.signal);
       if (n === 0) break;
       const p = write(buffers[turn]!.subarray(0, n));
       p.catch(() => {});
       writing[turn] = p;
     }
-    await Promise.race([Promise.all(writing), closed]);
+    await unlessAborted(Promise.all(writing), gone.signal);
     gone.signal.throwIfAborted();
   } finally {
     dest.off('close', onClose);

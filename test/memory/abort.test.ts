@@ -1,0 +1,31 @@
+import { getEventListeners } from 'node:events';
+import { describe, expect, test } from 'vitest';
+import { unlessAborted } from '../../src/abort.js';
+
+describe('unlessAborted', () => {
+  test('leaves nothing on the signal once a wait settles, however many waits there were', async () => {
+    const controller = new AbortController();
+    for (let i = 0; i < 1000; i++) {
+      expect(await unlessAborted(Promise.resolve(i), controller.signal)).toBe(i);
+      await expect(
+        unlessAborted(Promise.reject(new Error(`no ${i}`)), controller.signal),
+      ).rejects.toThrow(`no ${i}`);
+    }
+    // Promise.race with a pending promise would hold 2000 reactions here (src/abort.ts).
+    expect(getEventListeners(controller.signal, 'abort')).toHaveLength(0);
+  });
+
+  test('an abort rejects the waits under way with its reason, and later ones at once', async () => {
+    const controller = new AbortController();
+    const never = new Promise<void>(() => {});
+    const waits = [
+      unlessAborted(never, controller.signal),
+      unlessAborted(never, controller.signal),
+    ];
+    controller.abort(new Error('client gone'));
+    for (const wait of waits) await expect(wait).rejects.toThrow('client gone');
+    await expect(unlessAborted(Promise.resolve(1), controller.signal)).rejects.toThrow(
+      'client gone',
+    );
+  });
+});
