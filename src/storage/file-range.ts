@@ -9,6 +9,7 @@
 import type { FileHandle } from 'node:fs/promises';
 import { Readable, type Writable } from 'node:stream';
 import { unlessAborted } from '../abort.js';
+import { spareBuffers } from '../buffer-pool.js';
 
 /** Bytes read at once: fewer syscalls and event-loop turns per GiB served. */
 export const READ_CHUNK = 1024 * 1024;
@@ -123,7 +124,7 @@ export async function sendFilled(
       if (gone.signal.aborted) return reject(gone.signal.reason as Error);
       dest.write(chunk, (err) => (err ? reject(err) : resolve()));
     });
-  const buffers = [Buffer.allocUnsafeSlow(size), Buffer.allocUnsafeSlow(size)];
+  const buffers = [spareBuffers.take(size), spareBuffers.take(size)];
   const writing: (Promise<void> | undefined)[] = [undefined, undefined];
   try {
     for (let turn = 0; ; turn ^= 1) {
@@ -140,6 +141,9 @@ export async function sendFilled(
     }
     await unlessAborted(Promise.all(writing), gone.signal);
     gone.signal.throwIfAborted();
+    // Every write has completed: nothing holds the buffers any more. (After a failure a write
+    // may still be under way in the socket: those are left to the collector.)
+    for (const buffer of buffers) spareBuffers.give(buffer);
   } finally {
     dest.off('close', onClose);
     dest.off('error', onError);

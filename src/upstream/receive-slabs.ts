@@ -1,3 +1,5 @@
+import { spareBuffers } from '../buffer-pool.js';
+
 /**
  * The buffers a blob body is received into: socket reads go straight into 1 MiB slabs, and the
  * body's chunks are views of them, lent to the consumer. A slab the consumer has released every
@@ -10,25 +12,22 @@
  *
  * A view that is never released only keeps its slab from being reused: when no slab is free the
  * pool makes a new one, so a consumer that knows nothing of `release` gets fresh memory, never
- * bytes overwritten under it. Released slabs go to one spare list for the whole process (at most
- * MAX_SPARE), so that the next blob reads into them too: one fetch after another makes no
- * garbage at all, where slabs of a pool per fetch waited for a full collection (a run of
- * `bench/cold.ts` peaked 27 MB higher on its third blob).
+ * bytes overwritten under it. Released slabs go to the process's spare buffers (buffer-pool.ts),
+ * so that the next blob reads into them too: one fetch after another makes no garbage at all,
+ * where slabs of a pool per fetch waited for a full collection (a run of `bench/cold.ts` peaked
+ * 27 MB higher on its third blob).
  */
 const SLAB = 1024 * 1024;
 /** A read into less than this is not worth a read: the rest of the slab is left unused. */
 const MIN_READ = 64 * 1024;
-const MAX_SPARE = 8;
-const spare: Buffer[] = [];
 
 export class ReceiveSlabs {
   /** Views lent out per slab; the slab being read into counts one more. */
   private readonly lent = new Map<ArrayBufferLike, number>();
   private slab: Buffer | undefined;
   private fill = 0;
-  /** Slabs read into, and of them those made new (not spare), for tests and diagnosis. */
+  /** Slabs read into (each time one is taken), for tests and diagnosis. */
   taken = 0;
-  made = 0;
 
   /** Where the next socket read goes. */
   space(): Buffer {
@@ -75,19 +74,14 @@ export class ReceiveSlabs {
 
   private next(): void {
     if (this.slab) this.release(this.slab); // the reader's own count
-    this.slab = spare.pop() ?? this.make();
+    this.slab = spareBuffers.take(SLAB);
     this.taken++;
     this.fill = 0;
     this.lent.set(this.slab.buffer, 1);
   }
 
-  private make(): Buffer {
-    this.made++;
-    return Buffer.allocUnsafeSlow(SLAB);
-  }
-
   private retire(slab: ArrayBufferLike): void {
     this.lent.delete(slab);
-    if (spare.length < MAX_SPARE) spare.push(Buffer.from(slab as ArrayBuffer, 0, SLAB));
+    spareBuffers.give(Buffer.from(slab as ArrayBuffer, 0, SLAB));
   }
 }

@@ -7,7 +7,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Writable } from 'node:stream';
 import { afterAll, beforeAll, expect, test } from 'vitest';
-import { FileRange } from '../../src/storage/file-range.js';
+import { FileRange, sendFilled } from '../../src/storage/file-range.js';
 
 let dir: string;
 let file: string;
@@ -136,4 +136,34 @@ test('while many responses are sent at once, sendTo reads in smaller buffers, an
   const sizes = new Set(sinks.flatMap(({ chunks }) => chunks.map((c) => c.length)));
   expect(sizes.has(256 * 1024)).toBe(true);
   expect(sizes.has(1024 * 1024)).toBe(true);
+});
+
+test('the next send reads into the buffers the last one gave back, and a failed send gives none back', async () => {
+  const size = 64 * 1024 + 7; // a size of its own, so no other send shares its spares
+  const sink = () => new Writable({ write: (_chunk, _enc, done) => setImmediate(done) });
+  const used = async (dest: Writable) => {
+    const memories = new Set<ArrayBufferLike>();
+    let left = 3;
+    await sendFilled(dest, size, async (buffer) => {
+      memories.add(buffer.buffer);
+      return left-- > 0 ? buffer.length : 0;
+    });
+    return memories;
+  };
+  const first = await used(sink());
+  expect(first.size).toBe(2);
+  const second = await used(sink());
+  expect([...second].every((m) => first.has(m))).toBe(true);
+  // A send that fails (its client gone) keeps its buffers out: a write may still hold them.
+  const failing = sink();
+  const memories = new Set<ArrayBufferLike>();
+  await expect(
+    sendFilled(failing, size, async (buffer) => {
+      memories.add(buffer.buffer);
+      failing.destroy();
+      return buffer.length;
+    }),
+  ).rejects.toMatchObject({ code: 'ERR_STREAM_PREMATURE_CLOSE' });
+  const after = await used(sink());
+  expect([...after].some((m) => memories.has(m))).toBe(false);
 });
