@@ -9,9 +9,16 @@
  * that forced a full collection every 2-3 s under the load (bench/fleet.ts).
  */
 
-/** `promise`, or the signal's reason if it aborts first; nothing is left behind on `signal`. */
+/**
+ * `promise`, or the signal's reason if it aborts first; nothing is left behind on `signal`.
+ * `promise` is observed either way: its own failure after the abort is not an unhandled
+ * rejection (the bundle export's next entry fails once its output has).
+ */
 export function unlessAborted<T>(promise: Promise<T>, signal: AbortSignal): Promise<T> {
-  if (signal.aborted) return Promise.reject(signal.reason as Error);
+  if (signal.aborted) {
+    promise.catch(() => {});
+    return Promise.reject(signal.reason as Error);
+  }
   return new Promise<T>((resolve, reject) => {
     const onAbort = () => reject(signal.reason as Error);
     signal.addEventListener('abort', onAbort, { once: true });

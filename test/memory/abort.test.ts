@@ -28,4 +28,20 @@ describe('unlessAborted', () => {
       'client gone',
     );
   });
+
+  test('a promise that fails after the abort is not an unhandled rejection', async () => {
+    const unhandled: unknown[] = [];
+    const onUnhandled = (reason: unknown) => unhandled.push(reason);
+    process.on('unhandledRejection', onUnhandled);
+    try {
+      const controller = new AbortController();
+      controller.abort(new Error('output failed'));
+      const late = Promise.reject(new Error('already finalized'));
+      await expect(unlessAborted(late, controller.signal)).rejects.toThrow('output failed');
+      await new Promise((r) => setTimeout(r, 20));
+      expect(unhandled).toEqual([]);
+    } finally {
+      process.off('unhandledRejection', onUnhandled);
+    }
+  });
 });
