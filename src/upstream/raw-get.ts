@@ -326,8 +326,9 @@ class Connection {
     const exchange = this.exchange;
     if (!exchange) return;
     this.endExchange(exchange);
-    // The slab the exchange was read into is never read into again (a read may be pending on it).
-    exchange.slabs.seal();
+    // Its slab goes back to the spare buffers once the fetch is done with it: this connection's
+    // next read is asked for after this callback, with no exchange, so it goes to SCRATCH.
+    exchange.slabs.done();
     const reusable = exchange.body?.keepAlive === true && !this.dead;
     exchange.body?.finish({ kind: 'end' });
     if (reusable) this.park(this);
@@ -449,10 +450,10 @@ export class RawBody {
 
   /** Skips the rest of the body: read to its end when short (the connection is kept), cut otherwise. */
   resume(): void {
-    if (this.finished) return;
     this.skipping = true;
     for (const view of this.views.splice(0)) this.exchange.slabs.release(view);
     this.queued = 0;
+    if (this.finished) return;
     this.connection.resume();
     // The parser knows how much is left only as far as the headers said.
     if (this.contentLeft() > SKIP_LIMIT) this.destroy();

@@ -48,6 +48,11 @@ export class ReceiveSlabs {
     return view;
   }
 
+  /** Slabs not yet back in the spare buffers (lent, or being read into). */
+  get outstanding(): number {
+    return this.lent.size;
+  }
+
   /** True when `view` is lent by this pool and not yet released. */
   lends(view: Uint8Array): boolean {
     return this.lent.has(view.buffer);
@@ -63,11 +68,11 @@ export class ReceiveSlabs {
   }
 
   /**
-   * The slab being read into is given up for good: a connection's next read may already be
-   * pending on it, so it must never be handed out again. Its views stay valid.
+   * The reader is done (the body has ended): the slab it was reading into goes back to the
+   * spare buffers once the consumer has released its views. A later `space()` takes another.
    */
-  seal(): void {
-    if (this.slab) this.lent.delete(this.slab.buffer);
+  done(): void {
+    if (this.slab) this.release(this.slab);
     this.slab = undefined;
     this.fill = 0;
   }

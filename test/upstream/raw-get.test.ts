@@ -201,6 +201,35 @@ describe('connections', () => {
   });
 });
 
+test('every slab goes back: a skipped 401 on a kept connection, then a body read to its end', async () => {
+  const body = randomBytes(3 * 1024 * 1024);
+  const server = started(
+    await fakeServer((req, res) => {
+      if (!req.headers.authorization) {
+        // A body in two reads: the second goes into a slab (a response's first read goes into
+        // a scratch buffer, asked for before the request).
+        const refusal = Buffer.alloc(40_000, 'x');
+        res.writeHead(401, { 'www-authenticate': 'Bearer realm="x"', 'content-length': 40_000 });
+        res.write(refusal.subarray(0, 1000));
+        setTimeout(() => res.end(refusal.subarray(1000)), 20);
+        return;
+      }
+      res.writeHead(200, { 'content-length': body.length });
+      res.end(body);
+    }),
+  );
+  const agent = started(new RawAgent(TIMEOUTS));
+  const slabs = new ReceiveSlabs();
+  const url = new URL(`${server.url}/blob`);
+  const refused = await agent.get(url, { headers: {}, slabs });
+  expect(refused.statusCode).toBe(401);
+  await new Promise((r) => setTimeout(r, 100)); // skipped only once it has ended
+  refused.body.resume();
+  const res = await agent.get(url, { headers: { authorization: 'Bearer t' }, slabs });
+  expect((await read(res.body, { slabs })).bytes.equals(body)).toBe(true);
+  expect(slabs.outstanding).toBe(0);
+});
+
 describe('timeouts and aborts', () => {
   test('headers that never come are a headers timeout', async () => {
     const { url, server } = await netServer(() => {});
