@@ -93,6 +93,16 @@ type Hop<B> = (
   body: B;
 }>;
 
+/** What `send` asks: a request to `/v2/<repository>/<suffix>`, `what` naming it in errors. */
+type SendRequest = [
+  method: 'GET' | 'HEAD',
+  repository: Repository,
+  suffix: string,
+  what: string,
+  headers: Record<string, string>,
+  options: RequestOptions,
+];
+
 export class RegistryClient implements UpstreamClient {
   readonly name: string;
   private readonly base: URL;
@@ -545,23 +555,9 @@ export class RegistryClient implements UpstreamClient {
    * One request to `/v2/<repository>/<suffix>` with auth, redirects and error mapping. Resolves
    * only to a 2xx response (206 included); everything else is thrown as a typed error.
    */
-  private send(
-    method: 'GET' | 'HEAD',
-    repository: Repository,
-    suffix: string,
-    what: string,
-    headers: Record<string, string>,
-    options: RequestOptions,
-  ): Promise<Response> {
-    return this.sendVia(
-      this.undiciHop(method, options),
-      method,
-      repository,
-      suffix,
-      what,
-      headers,
-      options,
-    );
+  private send(...request: SendRequest): Promise<Response> {
+    const [method, , , , , options] = request;
+    return this.sendVia(this.undiciHop(method, options), ...request);
   }
 
   /** Hops on undici's keep-alive pool. */
@@ -584,12 +580,7 @@ export class RegistryClient implements UpstreamClient {
   /** `send`, each hop going out by `hop`. */
   private async sendVia<B extends { resume(): void }>(
     hop: Hop<B>,
-    method: 'GET' | 'HEAD',
-    repository: Repository,
-    suffix: string,
-    what: string,
-    headers: Record<string, string>,
-    options: RequestOptions,
+    ...[method, repository, suffix, what, headers, options]: SendRequest
   ): Promise<Response<B>> {
     if (this.config.offline) throw new UpstreamUnavailableError(this.name, 'configured offline');
     if (!this.health.admit())
