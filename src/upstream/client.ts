@@ -361,27 +361,33 @@ export class RegistryClient implements UpstreamClient {
     let attempt = 0;
     for (;;) {
       const chunks = queue.drain();
-      let end: QueueEnd;
-      for (;;) {
-        const next = await chunks.next();
-        if (next.done) {
-          end = next.value;
-          break;
-        }
-        let chunk = next.value;
-        if (skip > 0) {
-          // The upstream ignored Range: drop what we already passed on.
-          if (chunk.length <= skip) {
-            skip -= chunk.length;
-            options.slabs?.release(chunk);
-            continue;
+      let end: QueueEnd | undefined;
+      try {
+        for (;;) {
+          const next = await chunks.next();
+          if (next.done) {
+            end = next.value;
+            break;
           }
-          chunk = chunk.subarray(skip);
-          skip = 0;
+          let chunk = next.value;
+          if (skip > 0) {
+            // The upstream ignored Range: drop what we already passed on.
+            if (chunk.length <= skip) {
+              skip -= chunk.length;
+              options.slabs?.release(chunk);
+              continue;
+            }
+            chunk = chunk.subarray(skip);
+            skip = 0;
+          }
+          verifier.update(chunk);
+          this.observer.received('blob', chunk.length);
+          yield chunk;
         }
-        verifier.update(chunk);
-        this.observer.received('blob', chunk.length);
-        yield chunk;
+      } finally {
+        // The consumer stopped early (its stream destroyed, a failed write): the body's own
+        // `finally` lets go of the connection, which would otherwise wait, paused, for ever.
+        if (end === undefined) await chunks.return({ kind: 'end' });
       }
       if (end.kind === 'end') {
         if (size === undefined || verifier.bytes === size) break;

@@ -48,8 +48,6 @@ export interface RawResponse {
 
 /** How far the body's consumer may fall behind before the socket is paused. */
 const BODY_PAUSE = 2 * 1024 * 1024;
-/** A body to skip (`resume()`) is read to its end when no longer than this; cut otherwise. */
-const SKIP_LIMIT = 64 * 1024;
 /** Idle connections kept per origin, and for how long. */
 const IDLE_PER_ORIGIN = 8;
 const IDLE_MS = 30_000;
@@ -215,7 +213,13 @@ class Connection {
     this.socket.setTimeout(0);
     this.socket.ref();
     this.answered = false;
+    this.informational = false;
     if (this.dead) return Promise.reject(codedError('UND_ERR_SOCKET', 'connection closed'));
+    if (options.signal?.aborted) {
+      // Aborted between the connect and now: nothing was sent.
+      this.destroy();
+      return Promise.reject(options.signal.reason as Error);
+    }
     this.parser.initialize(HTTPParser.RESPONSE);
     return new Promise<RawResponse>((resolve, reject) => {
       const exchange: Exchange = {
@@ -284,6 +288,8 @@ class Connection {
 
   /** Body views of a read that is not the exchange's own slab are copied (it is reused). */
   private copyBody = false;
+  /** The message being parsed is a 1xx, to be skipped. */
+  private informational = false;
 
   private onHeaders(info: {
     statusCode: number;
@@ -294,6 +300,11 @@ class Connection {
   }): void {
     const exchange = this.exchange;
     if (!exchange) return;
+    if (info.statusCode >= 100 && info.statusCode < 200) {
+      // 100 Continue, 103 Early Hints: not the answer, which follows on the same connection.
+      this.informational = true;
+      return;
+    }
     clearTimeout(exchange.headersTimer);
     const headers: Record<string, string | string[] | undefined> = {};
     for (let i = 0; i + 1 < info.headers.length; i += 2) {
@@ -303,14 +314,7 @@ class Connection {
       headers[name] =
         had === undefined ? value : Array.isArray(had) ? [...had, value] : [had, value];
     }
-    const length =
-      headers['transfer-encoding'] === undefined ? headers['content-length'] : undefined;
-    const body = new RawBody(
-      this,
-      exchange,
-      info.shouldKeepAlive,
-      typeof length === 'string' ? Number(length) : undefined,
-    );
+    const body = new RawBody(this, exchange, info.shouldKeepAlive);
     exchange.body = body;
     this.socket.setTimeout(this.timeouts.bodyIdle);
     exchange.resolve({ statusCode: info.statusCode, headers, body });
@@ -325,14 +329,24 @@ class Connection {
   private onComplete(): void {
     const exchange = this.exchange;
     if (!exchange) return;
+    if (this.informational) {
+      this.informational = false; // the parser starts on the real response
+      return;
+    }
     this.endExchange(exchange);
     // Its slab goes back to the spare buffers once the fetch is done with it: this connection's
     // next read is asked for after this callback, with no exchange, so it goes to SCRATCH.
     exchange.slabs.done();
     const reusable = exchange.body?.keepAlive === true && !this.dead;
     exchange.body?.finish({ kind: 'end' });
-    if (reusable) this.park(this);
-    else this.destroy();
+    if (!reusable) {
+      this.destroy();
+      return;
+    }
+    // Reading may have been stopped for this body's consumer (over TLS, one encrypted read can
+    // end the body after a piece that asked for a pause): a kept connection reads again.
+    this.socket.resume();
+    this.park(this);
   }
 
   private endExchange(exchange: Exchange): void {
@@ -374,8 +388,9 @@ class Connection {
     this.fail(codedError('UND_ERR_BODY_TIMEOUT', `${this.origin} sent nothing for too long`));
   }
 
-  resume(): void {
-    if (this.dead) return;
+  /** Reads again for `exchange`'s consumer, if the connection is still on it. */
+  resumeFor(exchange: Exchange): void {
+    if (this.dead || this.exchange !== exchange) return;
     this.socket.setTimeout(this.timeouts.bodyIdle);
     this.socket.resume();
   }
@@ -394,14 +409,11 @@ export class RawBody {
   private finished: QueueEnd | undefined;
   private wake: (() => void) | undefined;
   private taken = false;
-  private pushed = 0;
 
   constructor(
     private readonly connection: Connection,
     private readonly exchange: Exchange,
     readonly keepAlive: boolean,
-    /** From Content-Length; undefined for a chunked body or one that runs to the close. */
-    private readonly length: number | undefined,
   ) {}
 
   /** True while the socket waits for the consumer. */
@@ -411,7 +423,6 @@ export class RawBody {
 
   push(view: Buffer): void {
     if (this.finished) return;
-    this.pushed += view.length;
     if (this.skipping) {
       this.exchange.slabs.release(view);
       return;
@@ -436,7 +447,7 @@ export class RawBody {
         if (view) {
           const wasPaused = this.paused;
           this.queued -= view.length;
-          if (wasPaused && !this.paused) this.connection.resume();
+          if (wasPaused && !this.paused) this.connection.resumeFor(this.exchange);
           yield view;
           continue;
         }
@@ -448,24 +459,21 @@ export class RawBody {
     }
   }
 
-  /** Skips the rest of the body: read to its end when short (the connection is kept), cut otherwise. */
+  /**
+   * Skips the rest of the body (a 401's, a redirect's). One that has ended leaves its connection
+   * kept; one still coming is cut: read to its end, it would go on filling the fetch's slabs
+   * while the next request, on another connection, reads into them too.
+   */
   resume(): void {
     this.skipping = true;
     for (const view of this.views.splice(0)) this.exchange.slabs.release(view);
     this.queued = 0;
-    if (this.finished) return;
-    this.connection.resume();
-    // The parser knows how much is left only as far as the headers said.
-    if (this.contentLeft() > SKIP_LIMIT) this.destroy();
+    this.destroy();
   }
 
   destroy(): void {
     if (this.finished) return;
     this.connection.fail(codedError('UND_ERR_ABORTED', 'body not read to its end'));
-  }
-
-  private contentLeft(): number {
-    return this.length === undefined ? Infinity : this.length - this.pushed;
   }
 
   private notify(): void {

@@ -7,6 +7,7 @@ import { parseDigest, type Digest } from '../../src/oci/digest.js';
 import { parseRepository } from '../../src/oci/reference.js';
 import { RegistryClient } from '../../src/upstream/client.js';
 import { ReceiveSlabs } from '../../src/upstream/receive-slabs.js';
+import { deferred } from '../../src/proxy/deferred.js';
 import {
   UpstreamDeniedError,
   UpstreamInvalidError,
@@ -316,6 +317,54 @@ describe('faults a real registry cannot produce', () => {
     expect(storage.requests.every((r) => r.headers.authorization === undefined)).toBe(true);
     await c.close();
     await Promise.all([storage.close(), registry.close()]);
+  });
+
+  test('a redirect whose body is still coming is cut, not read beside the blob into the same slabs', async () => {
+    const large = randomBytes(8 * 1024 * 1024);
+    const storage = await fakeServer((_req, res) => {
+      res.writeHead(200, { 'content-length': large.length });
+      res.end(large);
+    });
+    const redirectClosed = deferred<void>();
+    const registry = await fakeServer((req, res) => {
+      req.socket.once('close', () => redirectClosed.resolve());
+      // The 307's body comes in two parts: the rest only once the blob is on its way.
+      const text = Buffer.alloc(30_000, 'r');
+      res.writeHead(307, { location: `${storage.url}/object`, 'content-length': text.length });
+      res.write(text.subarray(0, 1000));
+      setTimeout(() => res.end(text.subarray(1000)), 30);
+    });
+    const c = client(registry.url);
+    const slabs = new ReceiveSlabs();
+    const { stream } = await c.getBlob(repo('a/b'), digest(sha256(large)), { slabs });
+    const chunks: Buffer[] = [];
+    for await (const chunk of stream) {
+      await new Promise((r) => setTimeout(r, 2)); // a consumer a little behind: views wait in the queue
+      chunks.push(Buffer.from(chunk as Buffer));
+      slabs.release(chunk as Buffer);
+    }
+    expect(Buffer.concat(chunks).equals(large)).toBe(true);
+    await redirectClosed.promise; // cut, not kept
+    await c.close();
+    await Promise.all([storage.close(), registry.close()]);
+  });
+
+  test('a consumer that stops early lets go of the upstream connection at once', async () => {
+    const large = randomBytes(16 * 1024 * 1024);
+    const closed = deferred<void>();
+    const server = await fakeServer((req, res) => {
+      req.socket.once('close', () => closed.resolve());
+      res.writeHead(200, { 'content-length': large.length });
+      res.end(large);
+    });
+    const c = client(server.url, { timeouts: { bodyIdle: '60s' } });
+    const { stream } = await c.getBlob(repo('a/b'), digest(sha256(large)));
+    for await (const _chunk of stream) break; // a failed write, say: the fetch stops reading
+    const timeout = setTimeout(() => closed.reject(new Error('still connected after 5 s')), 5000);
+    await closed.promise;
+    clearTimeout(timeout);
+    await c.close();
+    await server.close();
   });
 
   test('a corrupted byte is an error, not data', async () => {

@@ -135,6 +135,24 @@ describe('framing', () => {
     expect((end.error as { code?: string }).code).toBe('UND_ERR_SOCKET');
   });
 
+  test('a 1xx answer is skipped for the response that follows it', async () => {
+    const { url, server } = await netServer((socket) =>
+      socket.once('data', () =>
+        socket.write(
+          'HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </x>\r\n\r\n' +
+            'HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello',
+        ),
+      ),
+    );
+    cleanup.push(() => server.close());
+    const agent = started(new RawAgent(TIMEOUTS));
+    const res = await agent.get(new URL(`${url}/blob`), { headers: {} });
+    expect(res.statusCode).toBe(200);
+    const { bytes, end } = await read(res.body);
+    expect(end.kind).toBe('end');
+    expect(bytes.toString()).toBe('hello');
+  });
+
   test('a malformed response and a header value with a line break are refused', async () => {
     const { url, server } = await netServer((socket) =>
       socket.once('data', () => socket.end('SPDY/9 what\r\n\r\n')),
