@@ -119,8 +119,9 @@ export class BlobFetch implements UpstreamFetch, FollowedFetch {
   private async run(ready: () => void, notReady: (err: unknown) => void): Promise<Descriptor> {
     const { blobs, client, repo, digest, log } = this.options;
     // The upload session is made while the upstream is asked, and the body is taken into the
-    // write queue at once, before the session is ready: the fetch need not wait for it. The upstream client verifies the digest as the bytes stream (its stream errors
-    // on a mismatch), so the session need not hash them a second time (see the commit below).
+    // write queue at once, before the session is ready: the fetch need not wait for it. The
+    // upstream client verifies the digest as the bytes stream (its stream errors on a
+    // mismatch), so the session need not hash them a second time (see the commit below).
     this.session = blobs.create({ hash: false });
     this.session.catch(() => {}); // its error, if any, is met by the pump or below
     try {
