@@ -34,11 +34,6 @@ export class SparePool {
     this.bySize.set(buffer.length, list);
     this.bytes += buffer.length;
   }
-
-  /** Bytes held spare. */
-  get held(): number {
-    return this.bytes;
-  }
 }
 
 /**

@@ -282,8 +282,7 @@ class Connection {
       );
       return false;
     }
-    const body = this.exchange?.body;
-    return !(body && body.queued > BODY_PAUSE && !body.skipping);
+    return this.exchange?.body?.paused !== true;
   }
 
   /** Body views of a read that is not the exchange's own slab are copied (it is reused). */
@@ -403,8 +402,6 @@ class Connection {
 export class RawBody {
   /** Bytes pushed and not yet taken. */
   queued = 0;
-  /** Discarding the rest (`resume`). */
-  skipping = false;
   private readonly views: Buffer[] = [];
   private finished: QueueEnd | undefined;
   private wake: (() => void) | undefined;
@@ -423,10 +420,6 @@ export class RawBody {
 
   push(view: Buffer): void {
     if (this.finished) return;
-    if (this.skipping) {
-      this.exchange.slabs.release(view);
-      return;
-    }
     this.views.push(view);
     this.queued += view.length;
     this.notify();
@@ -465,7 +458,6 @@ export class RawBody {
    * while the next request, on another connection, reads into them too.
    */
   resume(): void {
-    this.skipping = true;
     for (const view of this.views.splice(0)) this.exchange.slabs.release(view);
     this.queued = 0;
     this.destroy();
