@@ -15,6 +15,7 @@
  * flow all the time: it crashes the process with an uncatchable `assert(!this.paused)` when a
  * `Connection: close` response ends while its parser is paused, nodejs/undici#5360.)
  */
+import { once } from 'node:events';
 import net from 'node:net';
 import tls from 'node:tls';
 import { HTTPParser } from 'http-parser-js';
@@ -181,30 +182,20 @@ class Connection {
     this.parser[HTTPParser.kOnMessageComplete] = () => this.onComplete();
   }
 
-  connect(signal: AbortSignal | null | undefined): Promise<void> {
+  async connect(signal: AbortSignal | null | undefined): Promise<void> {
     const ready = this.socket instanceof tls.TLSSocket ? 'secureConnect' : 'connect';
-    return new Promise<void>((resolve, reject) => {
-      const done = (err?: unknown) => {
-        clearTimeout(timer);
-        signal?.removeEventListener('abort', onAbort);
-        this.socket.off(ready, onReady);
-        this.socket.off('error', done);
-        if (err === undefined) resolve();
-        else {
-          this.destroy();
-          reject(err);
-        }
-      };
-      const onReady = () => done();
-      const onAbort = () => done(signal!.reason);
-      const timer = setTimeout(
-        () => done(codedError('UND_ERR_CONNECT_TIMEOUT', `connect timed out: ${this.origin}`)),
-        this.timeouts.connect,
-      );
-      signal?.addEventListener('abort', onAbort, { once: true });
-      this.socket.once(ready, onReady);
-      this.socket.once('error', done);
-    });
+    const timeout = AbortSignal.timeout(this.timeouts.connect);
+    try {
+      await once(this.socket, ready, {
+        signal: signal ? AbortSignal.any([signal, timeout]) : timeout,
+      });
+    } catch (err) {
+      this.destroy();
+      if (signal?.aborted) throw signal.reason;
+      if (timeout.aborted)
+        throw codedError('UND_ERR_CONNECT_TIMEOUT', `connect timed out: ${this.origin}`);
+      throw err; // the socket's error
+    }
   }
 
   request(url: URL, options: RawGetOptions): Promise<RawResponse> {

@@ -249,6 +249,21 @@ test('every slab goes back: a skipped 401 on a kept connection, then a body read
 });
 
 describe('timeouts and aborts', () => {
+  test('a handshake that never completes is a connect timeout; an abort during it, its reason', async () => {
+    const { url, server } = await netServer((socket) => socket.resume()); // takes, never answers
+    cleanup.push(() => server.close());
+    const agent = started(new RawAgent({ ...TIMEOUTS, connect: 300 }));
+    const https = new URL(`${url.replace('http:', 'https:')}/blob`);
+    await expect(agent.get(https, { headers: {} })).rejects.toMatchObject({
+      code: 'UND_ERR_CONNECT_TIMEOUT',
+    });
+    const abort = new AbortController();
+    setTimeout(() => abort.abort(new Error('client went away')), 50);
+    await expect(agent.get(https, { headers: {}, signal: abort.signal })).rejects.toThrow(
+      'client went away',
+    );
+  });
+
   test('headers that never come are a headers timeout', async () => {
     const { url, server } = await netServer(() => {});
     cleanup.push(() => server.close());
