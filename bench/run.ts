@@ -29,6 +29,8 @@ import { startDistributionProxy, startPullcacheProcess, type ServerUnderTest } f
 import { measureAuthenticated } from './auth.js';
 import {
   fleetTable,
+  machineFloor,
+  settledCpu,
   measureFleet,
   measureWorkers,
   type FleetFigures,
@@ -108,6 +110,8 @@ async function measure(
     const t = await curlGet(blobUrl('bench/big', seed.big.digest));
     if (t.status !== 200 || t.bytes !== seed.big.size)
       throw new Error(`${server.name}: cold GET gave HTTP ${t.status}, ${t.bytes} bytes`);
+    // Work the server does after the response (distribution's store) ends before the next phase.
+    await settledCpu(server.pid);
     const check = await hashGet(blobUrl('bench/big', seed.big.digest));
     if (check.digest !== seed.big.digest)
       throw new Error(`${server.name}: the cached 1 GiB blob has the wrong digest`);
@@ -412,6 +416,10 @@ async function main(): Promise<void> {
   const servers: ServerUnderTest[] = [];
   try {
     const seed = await seedUpstream(upstream, work);
+    const floor = machineFloor(work);
+    log(
+      `this machine: SHA-256 ${floor.sha256.toFixed(2)}, a new file ${floor.newFile.toFixed(2)} CPU-s per GiB`,
+    );
     // PULLCACHE_BENCH_ONLY=pullcache measures pullcache alone, for quick tries: no table, no files;
     // =fleet only the fleet phases, of both servers.
     const only = process.env.PULLCACHE_BENCH_ONLY;
@@ -444,7 +452,7 @@ async function main(): Promise<void> {
         results.pullcache!.manifestsAuthenticatedRps = auth.tokenRps;
         results.pullcache!.manifestErrors += auth.errors;
       }
-      fleet[server.name] = await measureFleet(server, seed.cpu, seed.image, log);
+      fleet[server.name] = await measureFleet(server, upstream, seed.cpu, seed.image, log);
       await server.stop();
       if (server.name === 'pullcache') reportWarnings(join(work, server.name, 'pullcache.log'));
       rmSync(join(work, server.name), { recursive: true, force: true });
@@ -454,17 +462,21 @@ async function main(): Promise<void> {
       : undefined;
     if (only !== undefined) {
       process.stdout.write(
-        `${JSON.stringify({ ...results, fleet, workers, references: refs }, null, 2)}\n\n${fleetTable(fleet, workers)}\n`,
+        `${JSON.stringify({ ...results, fleet, workers, floor, references: refs }, null, 2)}\n\n${fleetTable(fleet, workers, floor)}\n`,
       );
       return;
     }
     const machine = `${cpus().length} cores (${cpus()[0]?.model.trim()}), ${(totalmem() / 2 ** 30).toFixed(0)} GiB, Node ${process.version}`;
     const date = new Date().toISOString().slice(0, 10);
-    const md = `Run on ${date}, ${machine}${scale !== 1 ? `, scale ${scale}` : ''}.\n\n${table(results.pullcache!, results.distribution!)}\n\n${referenceTable(refs!, results.distribution!)}\n\n${fleetTable(fleet, workers)}\n`;
+    const md = `Run on ${date}, ${machine}${scale !== 1 ? `, scale ${scale}` : ''}.\n\n${table(results.pullcache!, results.distribution!)}\n\n${referenceTable(refs!, results.distribution!)}\n\n${fleetTable(fleet, workers, floor)}\n`;
     mkdirSync('bench/results', { recursive: true });
     writeFileSync(
       'bench/results/latest.json',
-      JSON.stringify({ date, machine, scale, results, fleet, workers, references: refs }, null, 2),
+      JSON.stringify(
+        { date, machine, scale, floor, results, fleet, workers, references: refs },
+        null,
+        2,
+      ),
     );
     writeFileSync('bench/results/latest.md', md);
     process.stdout.write(`\n${md}\n`);
