@@ -17,19 +17,13 @@
  * the secret itself never goes on the wire, and a signature is good for one digest for a minute.
  */
 import { createHmac, randomUUID, timingSafeEqual } from 'node:crypto';
-import { request as httpRequest } from 'node:http';
-import { request as httpsRequest } from 'node:https';
-import { Transform, type TransformCallback } from 'node:stream';
+import { Readable } from 'node:stream';
 import type { Logger } from '../log/logger.js';
 import { DigestVerifier, parseDigest, type Digest } from '../oci/digest.js';
 import { RELEASE, RENEW, REPLACE, type LeaseRedis, type MinimalRedis } from '../lifecycle/lease.js';
 import type { Repository } from '../oci/reference.js';
-import type {
-  BlobRequestOptions,
-  BlobStream,
-  RequestOptions,
-  UpstreamClient,
-} from '../upstream/types.js';
+import { RawAgent, type QueueEnd, type RawBody, type RawResponse } from '../upstream/raw-get.js';
+import type { BlobRequestOptions, BlobStream, UpstreamClient } from '../upstream/types.js';
 
 export const PEER_HEADER = 'pullcache-peer';
 export const PEER_PATH = '/_pullcache/v1/peer/blobs/';
@@ -138,6 +132,8 @@ class PeerUnavailableError extends Error {}
 export class PeeredBlobSource implements Pick<UpstreamClient, 'getBlob'> {
   /** Digests whose peer failed a follower mid-stream, until when. */
   private readonly avoid = new Map<string, number>();
+  /** Connections to peers, kept per peer. */
+  private readonly raw: RawAgent;
 
   constructor(
     private readonly upstream: Pick<UpstreamClient, 'getBlob' | 'name'>,
@@ -148,7 +144,10 @@ export class PeeredBlobSource implements Pick<UpstreamClient, 'getBlob'> {
       idleTimeout: number;
       log: Logger;
     },
-  ) {}
+  ) {
+    const wait = o.idleTimeout;
+    this.raw = new RawAgent({ connect: wait, headers: wait, bodyIdle: wait });
+  }
 
   async getBlob(
     repository: Repository,
@@ -200,87 +199,89 @@ export class PeeredBlobSource implements Pick<UpstreamClient, 'getBlob'> {
     this.avoid.set(digest, now + AVOID_MS);
   }
 
-  /** The blob streamed from the replica fetching it, checked against its digest as it comes. */
-  private fromPeer(peer: string, digest: Digest, options: RequestOptions): Promise<BlobStream> {
+  /**
+   * The blob streamed from the replica fetching it, checked against its digest as it comes. On
+   * the blob path's own sockets (upstream/raw-get.ts): the body is read into the fetch's slabs,
+   * as an upstream's is, not into a new buffer per read.
+   */
+  private async fromPeer(
+    peer: string,
+    digest: Digest,
+    options: BlobRequestOptions,
+  ): Promise<BlobStream> {
     let url: URL;
     try {
       url = new URL(`${PEER_PATH}${digest}`, peer);
     } catch {
-      return Promise.reject(
-        new PeerUnavailableError(`its address ${JSON.stringify(peer)} is no URL`),
-      );
+      throw new PeerUnavailableError(`its address ${JSON.stringify(peer)} is no URL`);
     }
     if (url.protocol !== 'http:' && url.protocol !== 'https:')
-      return Promise.reject(
-        new PeerUnavailableError(`its address ${JSON.stringify(peer)} is no URL`),
-      );
-    const send = url.protocol === 'https:' ? httpsRequest : httpRequest;
-    return new Promise((resolve, reject) => {
-      const req = send(url, {
+      throw new PeerUnavailableError(`its address ${JSON.stringify(peer)} is no URL`);
+    let res: RawResponse;
+    try {
+      res = await this.raw.get(url, {
         headers: { [PEER_HEADER]: peerSignature(this.o.secret, digest) },
-        ...(options.signal ? { signal: options.signal } : {}),
+        signal: options.signal,
+        slabs: options.slabs,
       });
-      req.setTimeout(this.o.idleTimeout, () =>
-        req.destroy(new Error(`no answer for ${this.o.idleTimeout} ms`)),
-      );
-      req.once('error', (err) => reject(new PeerUnavailableError(err.message)));
-      req.once('response', (res) => {
-        if (res.statusCode !== 200) {
-          res.resume();
-          reject(new PeerUnavailableError(`it answered ${res.statusCode}`));
-          return;
-        }
-        const length = Number(res.headers['content-length']);
-        const size = Number.isSafeInteger(length) ? length : undefined;
-        const checked = new PeerBody(digest, size);
-        checked.once('error', (err) => {
-          this.passOver(digest);
-          this.o.log.warn(
-            { digest, peer, err: err.message },
-            'following a peer failed: the next request fetches from the upstream',
-          );
-          res.destroy();
-        });
-        res.once('aborted', () => checked.destroy(new Error('the peer cut the blob')));
-        res.once('error', (err) => checked.destroy(err));
-        res.once('close', () => {
-          if (!res.complete) checked.destroy(new Error('the peer cut the blob'));
-        });
-        this.o.log.info({ digest, peer }, 'following the fetch of another replica');
-        resolve({ size, stream: res.pipe(checked) });
-      });
-      req.end();
-    });
+    } catch (err) {
+      throw new PeerUnavailableError((err as Error).message);
+    }
+    if (res.statusCode !== 200) {
+      res.body.resume();
+      throw new PeerUnavailableError(`it answered ${res.statusCode}`);
+    }
+    const length = Number(res.headers['content-length']);
+    const size = Number.isSafeInteger(length) ? length : undefined;
+    this.o.log.info({ digest, peer }, 'following the fetch of another replica');
+    return {
+      size,
+      // Each chunk as it was read, so the fetch can hand the slabs' views back (client.ts).
+      stream: Readable.from(this.peerChunks(peer, digest, size, res.body), {
+        objectMode: true,
+        highWaterMark: 1,
+      }),
+    };
   }
-}
 
-/** A peer's body, passed on as it comes; errors unless it ends whole with the right digest. */
-class PeerBody extends Transform {
-  private readonly verifier: DigestVerifier;
-
-  constructor(
+  /** A peer's body, passed on as it comes; throws unless it ends whole with the right digest. */
+  private async *peerChunks(
+    peer: string,
     digest: Digest,
-    private readonly size: number | undefined,
-  ) {
-    super();
-    this.verifier = new DigestVerifier(parseDigest(digest));
-  }
-
-  override _transform(chunk: Buffer, _enc: BufferEncoding, done: TransformCallback): void {
-    this.verifier.update(chunk);
-    done(null, chunk);
-  }
-
-  override _flush(done: TransformCallback): void {
-    if (this.size !== undefined && this.verifier.bytes !== this.size) {
-      done(new Error(`the peer sent ${this.verifier.bytes} of ${this.size} bytes`));
-      return;
+    size: number | undefined,
+    body: RawBody,
+  ): AsyncGenerator<Buffer> {
+    const verifier = new DigestVerifier(parseDigest(digest));
+    const chunks = body.drain();
+    let end: QueueEnd | undefined;
+    try {
+      for (;;) {
+        const next = await chunks.next();
+        if (next.done) {
+          end = next.value;
+          break;
+        }
+        verifier.update(next.value);
+        yield next.value;
+      }
+    } finally {
+      // The consumer stopped early: the body's own `finally` lets go of the connection.
+      if (end === undefined) await chunks.return({ kind: 'end' });
     }
     try {
-      this.verifier.verify();
-      done();
+      if (end.kind === 'error') throw new Error(`the peer cut the blob: ${errorText(end.error)}`);
+      if (size !== undefined && verifier.bytes !== size)
+        throw new Error(`the peer sent ${verifier.bytes} of ${size} bytes`);
+      verifier.verify();
     } catch (err) {
-      done(err as Error);
+      this.passOver(digest);
+      this.o.log.warn(
+        { digest, peer, err: (err as Error).message },
+        'following a peer failed: the next request fetches from the upstream',
+      );
+      throw err;
     }
   }
 }
+
+const errorText = (err: unknown) => (err instanceof Error ? err.message : String(err));

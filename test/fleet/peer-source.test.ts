@@ -1,0 +1,114 @@
+/**
+ * PeeredBlobSource following a replica that holds a digest's lease, against a plain HTTP server
+ * standing in for the peer endpoint (the replicas' end-to-end tests are in replicas.test.ts):
+ * the body is read into the fetch's slabs, the signature is sent, bad bytes and a refusal are
+ * told apart.
+ */
+import { createHash, randomBytes } from 'node:crypto';
+import { createServer, type Server } from 'node:http';
+import type { AddressInfo } from 'node:net';
+import { afterEach, expect, test } from 'vitest';
+import { PEER_PATH, PeeredBlobSource, verifyPeerSignature } from '../../src/fleet/peers.js';
+import type { PeerLeases } from '../../src/fleet/peers.js';
+import { silentLogger } from '../../src/log/logger.js';
+import type { Digest } from '../../src/oci/digest.js';
+import type { Repository } from '../../src/oci/reference.js';
+import type { BlobStream } from '../../src/upstream/types.js';
+import { ReceiveSlabs } from '../../src/upstream/receive-slabs.js';
+
+const SECRET = 'peer-secret';
+const REPO = 'library/x' as Repository;
+let server: Server | undefined;
+
+afterEach(async () => {
+  await new Promise((r) => server?.close(r));
+  server = undefined;
+});
+
+/** A peer endpoint serving `body` for any digest, to requests signed with SECRET. */
+async function peer(body: Buffer, status = 200): Promise<string> {
+  server = createServer((req, res) => {
+    const digest = req.url!.slice(PEER_PATH.length);
+    if (!verifyPeerSignature(SECRET, digest, req.headers['pullcache-peer'] as string)) {
+      res.writeHead(401).end();
+      return;
+    }
+    res.writeHead(status, { 'content-length': body.length });
+    // In pieces, as a fetch under way sends them.
+    let at = 0;
+    const next = () => {
+      if (at >= body.length) return void res.end();
+      res.write(body.subarray(at, (at += 256 * 1024)), next);
+    };
+    next();
+  });
+  await new Promise<void>((r) => server!.listen(0, '127.0.0.1', r));
+  return `http://127.0.0.1:${(server.address() as AddressInfo).port}`;
+}
+
+function source(holder: string, upstreamCalls: string[]): PeeredBlobSource {
+  const leases = { claim: async () => ({ held: false, holder }) } as unknown as PeerLeases;
+  const upstream = {
+    name: 'upstream',
+    getBlob: async (_repo: Repository, digest: Digest): Promise<BlobStream> => {
+      upstreamCalls.push(digest);
+      throw new Error('the upstream was asked');
+    },
+  };
+  return new PeeredBlobSource(upstream, {
+    leases,
+    secret: SECRET,
+    idleTimeout: 5_000,
+    log: silentLogger(),
+  });
+}
+
+const digestOf = (b: Buffer) => `sha256:${createHash('sha256').update(b).digest('hex')}` as Digest;
+
+test("a peer's blob comes in views of the fetch's slabs, read into again once handed back", async () => {
+  const blob = randomBytes(6 * 1024 * 1024 + 123);
+  const calls: string[] = [];
+  const slabs = new ReceiveSlabs();
+  const { size, stream } = await source(await peer(blob), calls).getBlob(REPO, digestOf(blob), {
+    slabs,
+  });
+  expect(size).toBe(blob.length);
+  const got: Buffer[] = [];
+  let notLent = 0;
+  for await (const chunk of stream as AsyncIterable<Buffer>) {
+    if (!slabs.lends(chunk)) notLent++;
+    got.push(Buffer.from(chunk));
+    slabs.release(chunk);
+  }
+  // Only the body bytes of the read that carried the headers are copied (raw-get.ts, SCRATCH).
+  expect(notLent).toBeLessThanOrEqual(1);
+  expect(got.length).toBeGreaterThan(4);
+  expect(Buffer.concat(got).equals(blob)).toBe(true);
+  // 6 MiB through slabs handed back as they were used: a few slabs, not one buffer per read.
+  expect(slabs.taken).toBeLessThan(10);
+  expect(slabs.outstanding).toBe(0);
+  expect(calls).toEqual([]);
+});
+
+test('bytes that do not match the digest fail the stream, and the digest goes to the upstream next', async () => {
+  const blob = randomBytes(2 * 1024 * 1024);
+  const calls: string[] = [];
+  const digest = digestOf(blob);
+  const peered = source(await peer(Buffer.concat([blob.subarray(1), Buffer.from('x')])), calls);
+  const { stream } = await peered.getBlob(REPO, digest, { slabs: new ReceiveSlabs() });
+  await expect(
+    (async () => {
+      for await (const chunk of stream) void chunk;
+    })(),
+  ).rejects.toThrow(/digest/i);
+  await expect(peered.getBlob(REPO, digest)).rejects.toThrow('the upstream was asked');
+  expect(calls).toEqual([digest]);
+});
+
+test('a peer that refuses (its fetch over, the blob not kept) is passed over for the upstream', async () => {
+  const blob = randomBytes(1024);
+  const calls: string[] = [];
+  const peered = source(await peer(blob, 404), calls);
+  await expect(peered.getBlob(REPO, digestOf(blob))).rejects.toThrow('the upstream was asked');
+  expect(calls).toEqual([digestOf(blob)]);
+});
