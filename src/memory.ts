@@ -1,35 +1,12 @@
 import { getHeapStatistics } from 'node:v8';
 
 /**
- * Blob bodies from the upstream are received into reused slabs (upstream/receive-slabs.ts) and
- * make no garbage. A peer's (fleet/peers.ts, on undici) come as one new 64 KiB buffer per
- * socket read, and so did the upstream's before the slabs. V8 frees such
- * buffers only when it collects their (small) wrappers, and it counts their bytes toward a
- * collection only every 64 MB or so: left alone, each cold blob keeps up to 64 MB of dead
- * buffers in the process. A minor collection (a scavenge of the young generation, well under a
- * millisecond with the launcher's 1 MiB semi-space) every few MiB received frees them as they
- * die. Needs `--expose-gc` (bin/pullcache passes it); without it this does nothing.
+ * Needs `--expose-gc` (bin/pullcache passes it); without it this does nothing. (Blob bodies, from
+ * the upstream and from a peer, are received into reused slabs, upstream/receive-slabs.ts, and
+ * make no garbage: the minor collection every 8 MiB of a blob that freed their per-read buffers
+ * is gone with them.)
  */
-// (Node 20's V8 takes `{ type: 'minor' }`; any other argument is also a minor collection, and a
-// full one is `gc()` without arguments.)
-const gc = (globalThis as { gc?: (options?: { type: 'minor' }) => void }).gc;
-
-/** Bytes received between two collections. */
-const EVERY = 8 * 1024 * 1024;
-let received = 0;
-
-/**
- * Counts bytes that became garbage-to-be; collects the young generation every EVERY of them,
- * then looks at the heap budget (below).
- */
-export function churned(bytes: number): void {
-  if (!gc) return;
-  received += bytes;
-  if (received < EVERY) return;
-  received = 0;
-  gc({ type: 'minor' });
-  checkBudget();
-}
+const gc = (globalThis as { gc?: () => void }).gc;
 
 /**
  * V8 decides when to mark the old generation from its growth, and it counts external memory
@@ -43,9 +20,9 @@ export function churned(bytes: number): void {
  * So the launcher gives the old generation a 64 MB start (--initial-old-space-size=64: V8 then
  * leaves the cold path alone), and pullcache keeps the budget itself: when the heap has grown
  * more than HEAP_BUDGET, or its external memory more than EXTERNAL_BUDGET, past what the last
- * full collection left, it runs one (a pause of 5-30 ms). It looks after each minor collection
- * of a streaming blob and on a timer twice a second: about 10 full collections per 512 MiB of
- * cold blob, one every second or two under a burst of requests, none while idle. (Lowering
+ * full collection left, it runs one (a pause of 5-30 ms). It looks on a timer twice a second:
+ * one full collection every second or two under a burst of requests, none while idle. Without
+ * it the largest process of the 32-client load peaked at 177 MB against 141 (docs/memory.md). (Lowering
  * V8's growing factor instead, --heap-growing-percent=50, shrank the headroom further and cost
  * the cold path a fifth of its speed.)
  */
@@ -57,9 +34,12 @@ let externalBudget = Infinity;
 /** What the last full collection left (or less, when V8 collected by itself since). */
 let floor = { heap: 0, external: 0 };
 
+/**
+ * The heap in use, and the bytes of live ArrayBuffers (node's count, which a collection lowers at
+ * once; V8's `external_memory` learns of freed buffers only at the collection after).
+ */
 function inUse(): { heap: number; external: number } {
-  const stats = getHeapStatistics();
-  return { heap: stats.used_heap_size, external: stats.external_memory };
+  return { heap: getHeapStatistics().used_heap_size, external: process.memoryUsage().arrayBuffers };
 }
 
 function checkBudget(): void {

@@ -19,7 +19,6 @@
  */
 import { Readable, type Writable } from 'node:stream';
 import type { Logger } from '../log/logger.js';
-import { churned } from '../memory.js';
 import type { Digest } from '../oci/digest.js';
 import { canReadInto, sendFilled, type RangeStream, type Sendable } from '../storage/file-range.js';
 import type { Descriptor } from '../oci/descriptor.js';
@@ -145,8 +144,6 @@ export class BlobFetch implements UpstreamFetch, FollowedFetch {
         const offset = this.received;
         this.received += chunk.length;
         this.options.onUpstreamBytes?.(chunk.length);
-        // Chunks of our slabs make no garbage; a peer's (fleet/peers.ts) do.
-        if (!this.slabs.lends(chunk)) churned(chunk.length);
         for (const follower of this.followers) follower.onChunk(chunk, offset);
         this.enqueue(chunk);
         if (this.received - this.written > WRITE_QUEUE) await this.diskCatchUp();
