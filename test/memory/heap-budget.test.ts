@@ -8,10 +8,10 @@ const memory = fileURLToPath(new URL('../../src/memory.ts', import.meta.url));
 
 /**
  * In a node of its own with the launcher's flags: fills the heap with 32 MiB of objects (or of
- * 64 KiB buffers, external memory), drops them, idles for half a
- * second, and prints how much of the heap and of live ArrayBuffers is still in use past where it
- * started. Idle, V8 itself would not collect for seconds (its memory reducer waits 8 s).
- * `how` picks who may collect: nobody, or the budget's timer.
+ * 64 KiB buffers, external memory), drops them, idles for half a second, and prints how much of
+ * the heap and of live ArrayBuffers is still in use past where it started. Idle, V8 itself would
+ * not collect for seconds (its memory reducer waits 8 s). `how` picks who may collect: nobody, or
+ * the budget's timer.
  */
 async function garbageLeft(what: 'objects' | 'buffers', how: 'none' | 'timer'): Promise<number> {
   const script = `
