@@ -5,10 +5,13 @@
  * (`writev`). The fetch waits for the disk only when more than WRITE_QUEUE bytes are not yet
  * written, so it is paced by the upstream, not by any client.
  *
- * Client responses take the blob with `BlobFollower.sendTo`: from the upload on disk (the page
- * cache, right behind the writes), read into two reused buffers, each client at its own pace, a
- * late joiner from the first byte. Memory is bounded (two buffers per client plus the write
- * queue) and nothing is allocated per chunk, whatever the blob size and the number of clients.
+ * Client responses take the blob with `BlobFollower.sendTo`. A client that keeps up is sent each
+ * chunk as it arrives, the very bytes received (a view of the receive slab, held until its socket
+ * has taken them): no copy and no read back. One that falls behind (or joins late) is sent the
+ * rest from the upload on disk (the page cache, right behind the writes), read into two reused
+ * buffers, at its own pace, and goes back to the chunks once it has caught up. Memory is bounded
+ * (per client, two buffers or FOLLOWER_BUFFER of held chunks; plus the write queue) and nothing
+ * is allocated per chunk, whatever the blob size and the number of clients.
  * A follower used as a Readable instead (an export, a test) takes chunks straight from memory
  * while it keeps up ("live"), falls back to the disk when its consumer pushes back, and rejoins
  * the live chunks once it has caught up with everything received.
@@ -37,7 +40,7 @@ import { deferred } from './deferred.js';
 
 /** Most bytes read from disk at once for a follower that fell behind. */
 const DISK_READ = 1024 * 1024;
-/** What a follower's socket may hold before it falls back to disk. */
+/** What a follower's socket may hold (of live chunks) before it falls back to disk. */
 const FOLLOWER_BUFFER = 1024 * 1024;
 /** Each of the two buffers a client served by `sendTo` reads the disk into. */
 const SEND_READ = 512 * 1024;
@@ -144,7 +147,7 @@ export class BlobFetch implements UpstreamFetch, FollowedFetch {
         const offset = this.received;
         this.received += chunk.length;
         this.options.onUpstreamBytes?.(chunk.length);
-        for (const follower of this.followers) follower.onChunk(chunk, offset);
+        for (const follower of this.followers) follower.onChunk(chunk, offset, this.slabs);
         this.enqueue(chunk);
         if (this.received - this.written > WRITE_QUEUE) await this.diskCatchUp();
       }
@@ -379,6 +382,8 @@ export class BlobFollower extends Readable implements Sendable {
   private consumer: 'none' | 'readable' | 'sendTo' = 'none';
   /** Wakes `sendTo` waiting for the fetch to write more, commit or fail. */
   private wakeSender: (() => void) | undefined;
+  /** Where `sendTo`, caught up with everything received, sends the chunks as they arrive. */
+  private liveDest: Writable | undefined;
 
   constructor(
     private readonly fetch: FollowedFetch,
@@ -393,14 +398,44 @@ export class BlobFollower extends Readable implements Sendable {
     this.live = false;
   }
 
-  onChunk(chunk: Buffer, offset: number): void {
-    if (!this.live || this.destroyed) return;
+  onChunk(chunk: Buffer, offset: number, slabs: ReceiveSlabs): void {
+    if (this.destroyed) return;
+    if (this.liveDest) {
+      this.sendLive(this.liveDest, chunk, offset, slabs);
+      return;
+    }
+    if (!this.live) return;
     const from = this.pos - offset;
     const to = Math.min(chunk.length, this.end - 1 - offset);
     if (from < 0 || to <= from) return;
     this.pos += to - from;
     // A copy: the chunk's slab is read into again once the fetch has written it.
     if (!this.push(Buffer.from(chunk.subarray(from, to)))) this.live = false; // the socket pushes back: read from disk from now on
+  }
+
+  /**
+   * `sendTo` at the live edge: the chunk goes to the response as it is, its slab lent until the
+   * socket has taken it (then the fetch may read into it again). Once the response holds more
+   * than FOLLOWER_BUFFER, the rest comes from disk. Never the last byte (the digest).
+   */
+  private sendLive(dest: Writable, chunk: Buffer, offset: number, slabs: ReceiveSlabs): void {
+    const from = this.pos - offset;
+    const to = Math.min(chunk.length, this.end - 1 - offset);
+    if (from !== 0) {
+      // Not the next bytes (cannot happen: live starts where everything received was sent).
+      this.leaveLive();
+      return;
+    }
+    if (to <= 0) return;
+    const view = slabs.lend(chunk.subarray(0, to));
+    this.pos += to;
+    dest.write(view, () => slabs.release(view));
+    if (dest.writableLength > FOLLOWER_BUFFER) this.leaveLive();
+  }
+
+  private leaveLive(): void {
+    this.liveDest = undefined;
+    this.wake();
   }
 
   onWritten(): void {
@@ -410,14 +445,16 @@ export class BlobFollower extends Readable implements Sendable {
 
   onCommitted(): void {
     this.live = false;
+    this.liveDest = undefined;
     if (this.consumer === 'sendTo') this.wake();
     else if (this.consumer === 'readable' && !this.reading) void this.readDisk();
   }
 
   /**
-   * How a client response takes the blob: from the disk only (the page cache, right behind the
-   * fetch's writes), read into two reused buffers by `sendFilled`. No buffer per chunk, so 16
-   * clients on one cold blob make no garbage; the last byte still waits for the digest.
+   * How a client response takes the blob: the chunks as they arrive while it keeps up
+   * (`sendLive`), else from the disk (the page cache, right behind the fetch's writes), read into
+   * two reused buffers by `sendFilled`. No buffer per chunk, so 16 clients on one cold blob make
+   * no garbage; the last byte still waits for the digest.
    */
   async sendTo(dest: Writable): Promise<void> {
     if (this.consumer !== 'none') throw new Error('sendTo on a follower already being read');
@@ -426,6 +463,8 @@ export class BlobFollower extends Readable implements Sendable {
     // (its fill throws the fetch's error), so the stream's own 'error' has nobody else to tell.
     this.on('error', () => {});
     let file: RangeStream | undefined;
+    /** Where `file` reads next. */
+    let fileAt = 0;
     try {
       let wakeOnGone = false;
       await sendFilled(dest, SEND_READ, async (buffer, gone) => {
@@ -437,14 +476,29 @@ export class BlobFollower extends Readable implements Sendable {
           // All but the last byte until the digest is verified.
           const limit = committed ? this.end : Math.min(this.fetch.written, this.end - 1);
           if (this.pos < limit) {
-            // One open file for the whole response: it stays readable when the commit renames it.
+            this.liveDest = undefined;
+            // Chunks sent live since the last read: the file's position is behind.
+            if (file && fileAt !== this.pos) {
+              file.destroy();
+              file = undefined;
+            }
+            // One open file while reading: it stays readable when the commit renames it.
             file ??= await this.fetch.readWritten(this.pos, this.end - this.pos);
             const n = await file.readInto(buffer, Math.min(buffer.length, limit - this.pos));
             if (n === 0) throw new Error(`blob file ended at ${this.pos} of ${this.end} bytes`);
             this.pos += n;
+            fileAt = this.pos;
             return n;
           }
           if (committed) return 0;
+          // Caught up with every byte received, and the response is taking them: the next
+          // chunks go to it as they come. (sendFilled wrote every buffer filled before this.)
+          if (
+            this.pos === this.fetch.received &&
+            this.pos < this.end - 1 &&
+            dest.writableLength <= FOLLOWER_BUFFER
+          )
+            this.liveDest = dest;
           if (!wakeOnGone) {
             gone.addEventListener('abort', () => this.wake(), { once: true });
             wakeOnGone = true;
@@ -477,6 +531,7 @@ export class BlobFollower extends Readable implements Sendable {
       end: this.end,
       consumer: this.consumer,
       live: this.live,
+      sendingLive: this.liveDest !== undefined,
       reading: this.reading,
       waitingForDisk: this.waitingForDisk,
       buffered: this.readableLength,
@@ -490,6 +545,7 @@ export class BlobFollower extends Readable implements Sendable {
 
   override _destroy(err: Error | null, callback: (error?: Error | null) => void): void {
     liveFollowers.delete(this);
+    this.liveDest = undefined;
     this.fetch.unfollow(this);
     this.wake();
     callback(err);

@@ -139,7 +139,7 @@ test('a client reading from disk at its own pace gets every byte (no lost read r
   for (const body of results) expect(body.equals(bytes)).toBe(true);
 });
 
-test('sendTo serves a running fetch from the disk through two reused buffers, and lets go when its client leaves while waiting', async () => {
+test('sendTo serves a running fetch to a late joiner from the disk through two reused buffers, and lets go when its client leaves while waiting', async () => {
   const MiB = 1024 * 1024;
   const bytes = randomBytes(6 * MiB);
   // An upstream that sends 1 MiB every 20 ms, so the clients keep waiting for the disk.
@@ -185,5 +185,79 @@ test('sendTo serves a running fetch from the disk through two reused buffers, an
   expect(Buffer.concat(tail.chunks).equals(bytes.subarray(5 * MiB))).toBe(true);
   expect(whole.memory.size).toBeLessThanOrEqual(2);
   expect(whole.chunks.length).toBeGreaterThan(2);
+  await fetch.done;
+});
+
+/** An upstream that sends `bytes` 1 MiB every `ms`. */
+function pacedUpstream(bytes: Buffer, ms: number): UpstreamClient {
+  async function* paced() {
+    for (let o = 0; o < bytes.length; o += 1024 * 1024) {
+      await new Promise((r) => setTimeout(r, ms));
+      yield bytes.subarray(o, o + 1024 * 1024);
+    }
+  }
+  return {
+    name: 'fake',
+    getBlob: async () => ({ size: bytes.length, stream: Readable.from(paced()) }),
+  } as unknown as UpstreamClient;
+}
+
+/** A client socket stand-in: its nth write takes `delayMs(n)`; notes the memory of each. */
+function client(delayMs: (n: number) => number) {
+  const chunks: Buffer[] = [];
+  const memory: ArrayBufferLike[] = [];
+  const dest = new Writable({
+    write(chunk: Buffer, _enc, done) {
+      chunks.push(Buffer.from(chunk));
+      memory.push(chunk.buffer);
+      setTimeout(done, delayMs(chunks.length));
+    },
+  });
+  return { dest, chunks, memory };
+}
+
+test('a client that keeps up is sent the chunks as they arrive, nothing read back but the last byte', async () => {
+  const bytes = randomBytes(6 * 1024 * 1024);
+  const fetch = fetchFrom(pacedUpstream(bytes, 20), bytes);
+  await fetch.ready;
+  const reads: number[] = [];
+  const readWritten = fetch.readWritten.bind(fetch);
+  fetch.readWritten = (offset, length) => {
+    reads.push(offset);
+    return readWritten(offset, length);
+  };
+  const c = client(() => 0);
+  await fetch.follow(0, bytes.length).sendTo(c.dest);
+  expect(Buffer.concat(c.chunks).equals(bytes)).toBe(true);
+  // The received chunks themselves (the upstream's memory here), and one read: the last byte,
+  // held until the digest was checked.
+  expect(c.memory.slice(0, -1).every((m) => m === bytes.buffer)).toBe(true);
+  expect(reads).toEqual([bytes.length - 1]);
+  await fetch.done;
+});
+
+test('a client that pushes back is sent the rest from the disk, and the chunks again once caught up', async () => {
+  const MiB = 1024 * 1024;
+  const bytes = randomBytes(12 * MiB);
+  const fetch = fetchFrom(pacedUpstream(bytes, 15), bytes);
+  await fetch.ready;
+  const reads: number[] = [];
+  const readWritten = fetch.readWritten.bind(fetch);
+  fetch.readWritten = (offset, length) => {
+    reads.push(offset);
+    return readWritten(offset, length);
+  };
+  // Slow at first (40 ms a write, behind the 15 ms a MiB of the upstream), then fast.
+  const c = client((n) => (n < 4 ? 40 : 0));
+  await fetch.follow(0, bytes.length).sendTo(c.dest);
+  expect(Buffer.concat(c.chunks).equals(bytes)).toBe(true);
+  // Live first and again at the end (the upstream's memory), from the disk in between (the
+  // reused buffers), each disk read starting where the chunks sent live ended.
+  const live = c.memory.map((m) => m === bytes.buffer);
+  expect(live[0]).toBe(true);
+  expect(live.includes(false)).toBe(true);
+  expect(live.at(-2)).toBe(true);
+  expect(reads.length).toBeGreaterThan(1);
+  expect(reads.at(-1)).toBe(bytes.length - 1);
   await fetch.done;
 });
