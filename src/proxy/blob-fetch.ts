@@ -10,8 +10,9 @@
  * has taken them): no copy and no read back. One that falls behind (or joins late) is sent the
  * rest from the upload on disk (the page cache, right behind the writes), read into two reused
  * buffers, at its own pace, and goes back to the chunks once it has caught up. Memory is bounded
- * (per client, two buffers or FOLLOWER_BUFFER of held chunks; plus the write queue) and nothing
- * is allocated per chunk, whatever the blob size and the number of clients.
+ * (per client, two buffers and at most FOLLOWER_BUFFER of held chunks, in up to two slabs more
+ * than the fetch holds; plus the write queue) and nothing is allocated per chunk, whatever the
+ * blob size and the number of clients.
  * A follower used as a Readable instead (an export, a test) takes chunks straight from memory
  * while it keeps up ("live"), falls back to the disk when its consumer pushes back, and rejoins
  * the live chunks once it has caught up with everything received.
@@ -415,8 +416,9 @@ export class BlobFollower extends Readable implements Sendable {
 
   /**
    * `sendTo` at the live edge: the chunk goes to the response as it is, its slab lent until the
-   * socket has taken it (then the fetch may read into it again). Once the response holds more
-   * than FOLLOWER_BUFFER, the rest comes from disk. Never the last byte (the digest).
+   * socket has taken it (then the fetch may read into it again). A chunk that would take the
+   * response past FOLLOWER_BUFFER comes from the disk instead, with the rest. Never the last byte
+   * (the digest).
    */
   private sendLive(dest: Writable, chunk: Buffer, offset: number, slabs: ReceiveSlabs): void {
     const from = this.pos - offset;
@@ -427,10 +429,15 @@ export class BlobFollower extends Readable implements Sendable {
       return;
     }
     if (to <= 0) return;
+    // A response whose socket is gone may never call back: its slab would stay lent.
+    const socket = (dest as { socket?: { destroyed: boolean } | null }).socket;
+    if (dest.writableLength + to > FOLLOWER_BUFFER || dest.destroyed || socket?.destroyed) {
+      this.leaveLive(); // these bytes come from the disk, if at all
+      return;
+    }
     const view = slabs.lend(chunk.subarray(0, to));
     this.pos += to;
     dest.write(view, () => slabs.release(view));
-    if (dest.writableLength > FOLLOWER_BUFFER) this.leaveLive();
   }
 
   private leaveLive(): void {
@@ -477,12 +484,13 @@ export class BlobFollower extends Readable implements Sendable {
           const limit = committed ? this.end : Math.min(this.fetch.written, this.end - 1);
           if (this.pos < limit) {
             this.liveDest = undefined;
-            // Chunks sent live since the last read: the file's position is behind.
-            if (file && fileAt !== this.pos) {
+            // Chunks sent live since the last read: read on from where they ended.
+            if (file?.seek) file.seek(this.pos);
+            else if (file && fileAt !== this.pos) {
               file.destroy();
               file = undefined;
             }
-            // One open file while reading: it stays readable when the commit renames it.
+            // One open file for the whole response: it stays readable when the commit renames it.
             file ??= await this.fetch.readWritten(this.pos, this.end - this.pos);
             const n = await file.readInto(buffer, Math.min(buffer.length, limit - this.pos));
             if (n === 0) throw new Error(`blob file ended at ${this.pos} of ${this.end} bytes`);
@@ -491,6 +499,15 @@ export class BlobFollower extends Readable implements Sendable {
             return n;
           }
           if (committed) return 0;
+          // Opened as soon as there is an upload, for what live chunks do not carry (the last
+          // byte, what the client missed while behind): not the stored blob after the commit.
+          if (!file && this.fetch.written > 0) {
+            // Live chunks may move `pos` while this waits.
+            const at = this.pos;
+            file = await this.fetch.readWritten(at, this.end - at);
+            fileAt = at;
+            continue;
+          }
           // Caught up with every byte received, and the response is taking them: the next
           // chunks go to it as they come. (sendFilled wrote every buffer filled before this.)
           if (

@@ -74,6 +74,11 @@ export class FileRange extends Readable implements Sendable {
     );
   }
 
+  /** Reads on from `pos` (a position in the file, within the range). */
+  seek(pos: number): void {
+    this.pos = pos;
+  }
+
   /** Reads up to `length` bytes at the current position into `buffer`; 0 at the end of the range. */
   async readInto(buffer: Uint8Array, length: number): Promise<number> {
     const want = Math.min(length, buffer.length, this.end - this.pos);
@@ -151,7 +156,7 @@ export async function sendFilled(
 }
 
 /** A Readable over a byte range of a file that can also read into a caller's buffer. */
-export type RangeStream = Readable & Pick<FileRange, 'readInto'>;
+export type RangeStream = Readable & Pick<FileRange, 'readInto'> & Partial<Pick<FileRange, 'seek'>>;
 
 export function canReadInto(stream: Readable): stream is RangeStream {
   return typeof (stream as Partial<RangeStream>).readInto === 'function';

@@ -216,7 +216,7 @@ function client(delayMs: (n: number) => number) {
   return { dest, chunks, memory };
 }
 
-test('a client that keeps up is sent the chunks as they arrive, nothing read back but the last byte', async () => {
+test('a client that keeps up is sent the chunks as they arrive, nothing read back but the last byte, from the upload', async () => {
   const bytes = randomBytes(6 * 1024 * 1024);
   const fetch = fetchFrom(pacedUpstream(bytes, 20), bytes);
   await fetch.ready;
@@ -229,10 +229,12 @@ test('a client that keeps up is sent the chunks as they arrive, nothing read bac
   const c = client(() => 0);
   await fetch.follow(0, bytes.length).sendTo(c.dest);
   expect(Buffer.concat(c.chunks).equals(bytes)).toBe(true);
-  // The received chunks themselves (the upstream's memory here), and one read: the last byte,
-  // held until the digest was checked.
+  // The received chunks themselves (the upstream's memory here), but the last byte, held until
+  // the digest was checked: read from the upload, opened once while it ran.
   expect(c.memory.slice(0, -1).every((m) => m === bytes.buffer)).toBe(true);
-  expect(reads).toEqual([bytes.length - 1]);
+  expect(c.memory.at(-1)).not.toBe(bytes.buffer);
+  expect(reads.length).toBe(1);
+  expect(reads[0]).toBeLessThan(bytes.length - 1);
   await fetch.done;
 });
 
@@ -252,12 +254,12 @@ test('a client that pushes back is sent the rest from the disk, and the chunks a
   await fetch.follow(0, bytes.length).sendTo(c.dest);
   expect(Buffer.concat(c.chunks).equals(bytes)).toBe(true);
   // Live first and again at the end (the upstream's memory), from the disk in between (the
-  // reused buffers), each disk read starting where the chunks sent live ended.
+  // reused buffers).
   const live = c.memory.map((m) => m === bytes.buffer);
   expect(live[0]).toBe(true);
   expect(live.includes(false)).toBe(true);
   expect(live.at(-2)).toBe(true);
-  expect(reads.length).toBeGreaterThan(1);
-  expect(reads.at(-1)).toBe(bytes.length - 1);
+  // One open upload for the whole response, read on from wherever the live chunks ended.
+  expect(reads.length).toBe(1);
   await fetch.done;
 });
