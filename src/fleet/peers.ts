@@ -22,7 +22,7 @@ import type { Logger } from '../log/logger.js';
 import { DigestVerifier, parseDigest, type Digest } from '../oci/digest.js';
 import { RELEASE, RENEW, REPLACE, type LeaseRedis, type MinimalRedis } from '../lifecycle/lease.js';
 import type { Repository } from '../oci/reference.js';
-import { RawAgent, type QueueEnd, type RawBody, type RawResponse } from '../upstream/raw-get.js';
+import { RawAgent, type RawBody, type RawResponse } from '../upstream/raw-get.js';
 import type { BlobRequestOptions, BlobStream, UpstreamClient } from '../upstream/types.js';
 
 export const PEER_HEADER = 'pullcache-peer';
@@ -252,22 +252,12 @@ export class PeeredBlobSource implements Pick<UpstreamClient, 'getBlob'> {
     body: RawBody,
   ): AsyncGenerator<Buffer> {
     const verifier = new DigestVerifier(parseDigest(digest));
-    const chunks = body.drain();
-    let end: QueueEnd | undefined;
-    try {
-      for (;;) {
-        const next = await chunks.next();
-        if (next.done) {
-          end = next.value;
-          break;
-        }
-        verifier.update(next.value);
-        yield next.value;
-      }
-    } finally {
-      // The consumer stopped early: the body's own `finally` lets go of the connection.
-      if (end === undefined) await chunks.return({ kind: 'end' });
+    // A consumer that stops early returns the body's generator too: the connection is cut.
+    for await (const view of body.drain()) {
+      verifier.update(view);
+      yield view;
     }
+    const end = body.ended!;
     try {
       if (end.kind === 'error') throw new Error(`the peer cut the blob: ${errorText(end.error)}`);
       if (size !== undefined && verifier.bytes !== size)

@@ -30,7 +30,7 @@ import {
   UpstreamUnavailableError,
   type RateLimitInfo,
 } from './errors.js';
-import { RawAgent, type QueueEnd, type RawBody } from './raw-get.js';
+import { RawAgent, type RawBody } from './raw-get.js';
 import { UpstreamHealth, type HealthOptions } from './health.js';
 import type {
   BlobHead,
@@ -360,35 +360,26 @@ export class RegistryClient implements UpstreamClient {
     let skip = 0;
     let attempt = 0;
     for (;;) {
-      const chunks = queue.drain();
-      let end: QueueEnd | undefined;
-      try {
-        for (;;) {
-          const next = await chunks.next();
-          if (next.done) {
-            end = next.value;
-            break;
+      // A consumer that stops early (its stream destroyed, a failed write) returns this
+      // generator, and the loop returns the body's: it lets go of the connection, which would
+      // otherwise wait, paused, for ever.
+      for await (const view of queue.drain()) {
+        let chunk = view;
+        if (skip > 0) {
+          // The upstream ignored Range: drop what we already passed on.
+          if (chunk.length <= skip) {
+            skip -= chunk.length;
+            options.slabs?.release(chunk);
+            continue;
           }
-          let chunk = next.value;
-          if (skip > 0) {
-            // The upstream ignored Range: drop what we already passed on.
-            if (chunk.length <= skip) {
-              skip -= chunk.length;
-              options.slabs?.release(chunk);
-              continue;
-            }
-            chunk = chunk.subarray(skip);
-            skip = 0;
-          }
-          verifier.update(chunk);
-          this.observer.received('blob', chunk.length);
-          yield chunk;
+          chunk = chunk.subarray(skip);
+          skip = 0;
         }
-      } finally {
-        // The consumer stopped early (its stream destroyed, a failed write): the body's own
-        // `finally` lets go of the connection, which would otherwise wait, paused, for ever.
-        if (end === undefined) await chunks.return({ kind: 'end' });
+        verifier.update(chunk);
+        this.observer.received('blob', chunk.length);
+        yield chunk;
       }
+      let end = queue.ended!;
       if (end.kind === 'end') {
         if (size === undefined || verifier.bytes === size) break;
         end = {

@@ -404,6 +404,11 @@ export class RawBody {
     readonly keepAlive: boolean,
   ) {}
 
+  /** How the body ended, once it has (after `drain` is done: a `for await` drops its result). */
+  get ended(): QueueEnd | undefined {
+    return this.finished;
+  }
+
   /** True while the socket waits for the consumer. */
   get paused(): boolean {
     return this.queued > BODY_PAUSE;
@@ -421,7 +426,10 @@ export class RawBody {
     this.notify();
   }
 
-  /** The views in order, then how the body ended (an error is returned, not thrown). */
+  /**
+   * The views in order, then how the body ended (an error is returned, not thrown). A consumer
+   * that stops early (`return`, as `for await` does on a break or a throw) cuts the connection.
+   */
   async *drain(): AsyncGenerator<Buffer, QueueEnd> {
     if (this.taken) throw new Error('body already read');
     this.taken = true;

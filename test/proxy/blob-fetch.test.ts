@@ -216,16 +216,22 @@ function client(delayMs: (n: number) => number) {
   return { dest, chunks, memory };
 }
 
-test('a client that keeps up is sent the chunks as they arrive, nothing read back but the last byte, from the upload', async () => {
-  const bytes = randomBytes(6 * 1024 * 1024);
-  const fetch = fetchFrom(pacedUpstream(bytes, 20), bytes);
-  await fetch.ready;
+/** Where each read of `fetch`'s written bytes starts, as they are asked for. */
+function readsOf(fetch: BlobFetch): number[] {
   const reads: number[] = [];
   const readWritten = fetch.readWritten.bind(fetch);
   fetch.readWritten = (offset, length) => {
     reads.push(offset);
     return readWritten(offset, length);
   };
+  return reads;
+}
+
+test('a client that keeps up is sent the chunks as they arrive, nothing read back but the last byte, from the upload', async () => {
+  const bytes = randomBytes(6 * 1024 * 1024);
+  const fetch = fetchFrom(pacedUpstream(bytes, 20), bytes);
+  await fetch.ready;
+  const reads = readsOf(fetch);
   const c = client(() => 0);
   await fetch.follow(0, bytes.length).sendTo(c.dest);
   expect(Buffer.concat(c.chunks).equals(bytes)).toBe(true);
@@ -243,12 +249,7 @@ test('a client that pushes back is sent the rest from the disk, and the chunks a
   const bytes = randomBytes(12 * MiB);
   const fetch = fetchFrom(pacedUpstream(bytes, 15), bytes);
   await fetch.ready;
-  const reads: number[] = [];
-  const readWritten = fetch.readWritten.bind(fetch);
-  fetch.readWritten = (offset, length) => {
-    reads.push(offset);
-    return readWritten(offset, length);
-  };
+  const reads = readsOf(fetch);
   // Slow at first (40 ms a write, behind the 15 ms a MiB of the upstream), then fast.
   const c = client((n) => (n < 4 ? 40 : 0));
   await fetch.follow(0, bytes.length).sendTo(c.dest);
