@@ -397,6 +397,7 @@ export class RawBody {
   private finished: QueueEnd | undefined;
   private wake: (() => void) | undefined;
   private taken = false;
+  private waking: NodeJS.Immediate | undefined;
 
   constructor(
     private readonly connection: Connection,
@@ -416,14 +417,29 @@ export class RawBody {
 
   push(view: Buffer): void {
     if (this.finished) return;
-    this.views.push(view);
+    const last = this.views.at(-1);
+    if (
+      last &&
+      last.buffer === view.buffer &&
+      last.byteOffset + last.length === view.byteOffset &&
+      this.exchange.slabs.lends(view)
+    ) {
+      // The next bytes of the same slab, not yet taken: one view, lent once. TLS hands a body
+      // out a record (16 KiB) at a time; the consumer then takes one view per socket read.
+      this.views[this.views.length - 1] = Buffer.from(
+        last.buffer,
+        last.byteOffset,
+        last.length + view.length,
+      );
+      this.exchange.slabs.release(view);
+    } else this.views.push(view);
     this.queued += view.length;
-    this.notify();
+    this.notifySoon();
   }
 
   finish(end: QueueEnd): void {
     this.finished ??= end;
-    this.notify();
+    this.notifySoon();
   }
 
   /**
@@ -467,9 +483,17 @@ export class RawBody {
     this.connection.fail(codedError('UND_ERR_ABORTED', 'body not read to its end'));
   }
 
-  private notify(): void {
-    const wake = this.wake;
-    this.wake = undefined;
-    wake?.();
+  /**
+   * Wakes the consumer after the reads at hand: the pieces that the socket's other reads (and
+   * TLS records) of this turn of the event loop push meanwhile join the queue first.
+   */
+  private notifySoon(): void {
+    if (!this.wake || this.waking) return;
+    this.waking = setImmediate(() => {
+      this.waking = undefined;
+      const wake = this.wake;
+      this.wake = undefined;
+      wake?.();
+    });
   }
 }
