@@ -22,9 +22,9 @@ const gc = (globalThis as { gc?: () => void }).gc;
  * more than HEAP_BUDGET, or its external memory more than EXTERNAL_BUDGET, past what the last
  * full collection left, it runs one (a pause of 5-30 ms). It looks on a timer twice a second:
  * one full collection every second or two under a burst of requests, none while idle. Without
- * it the largest process of the 32-client load peaked at 177 MB against 141 (docs/memory.md). (Lowering
- * V8's growing factor instead, --heap-growing-percent=50, shrank the headroom further and cost
- * the cold path a fifth of its speed.)
+ * it the largest process of the 32-client load peaked at 177 MB against 141 (docs/memory.md).
+ * (Lowering V8's growing factor instead, --heap-growing-percent=50, shrank the headroom further
+ * and cost the cold path a fifth of its speed.)
  */
 const HEAP_BUDGET = 8 * 1024 * 1024;
 const EXTERNAL_BUDGET = 16 * 1024 * 1024;

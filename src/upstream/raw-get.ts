@@ -425,7 +425,7 @@ export class RawBody {
       this.exchange.slabs.lends(view)
     ) {
       // The next bytes of the same slab, not yet taken: one view, lent once. TLS hands a body
-      // out a record (16 KiB) at a time; the consumer then takes one view per socket read.
+      // out a record (16 KiB) at a time; the consumer takes what a turn of the loop read.
       this.views[this.views.length - 1] = Buffer.from(
         last.buffer,
         last.byteOffset,
