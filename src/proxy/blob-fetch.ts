@@ -406,8 +406,7 @@ export class BlobFollower extends Readable implements Sendable {
       return;
     }
     if (!this.live) return;
-    const from = this.pos - offset;
-    const to = Math.min(chunk.length, this.end - 1 - offset);
+    const [from, to] = this.liveSpan(chunk, offset);
     if (from < 0 || to <= from) return;
     this.pos += to - from;
     // A copy: the chunk's slab is read into again once the fetch has written it.
@@ -421,8 +420,7 @@ export class BlobFollower extends Readable implements Sendable {
    * (the digest).
    */
   private sendLive(dest: Writable, chunk: Buffer, offset: number, slabs: ReceiveSlabs): void {
-    const from = this.pos - offset;
-    const to = Math.min(chunk.length, this.end - 1 - offset);
+    const [from, to] = this.liveSpan(chunk, offset);
     if (from !== 0) {
       // Not the next bytes (cannot happen: live starts where everything received was sent).
       this.leaveLive();
@@ -438,6 +436,16 @@ export class BlobFollower extends Readable implements Sendable {
     const view = slabs.lend(chunk.subarray(0, to));
     this.pos += to;
     dest.write(view, () => slabs.release(view));
+  }
+
+  /** The part of a chunk at `offset` this follower takes next: from `pos`, never the last byte. */
+  private liveSpan(chunk: Buffer, offset: number): [from: number, to: number] {
+    return [this.pos - offset, Math.min(chunk.length, this.end - 1 - offset)];
+  }
+
+  /** How far the disk may be read: all but the last byte until the digest is verified. */
+  private readLimit(committed: boolean): number {
+    return committed ? this.end : Math.min(this.fetch.written, this.end - 1);
   }
 
   private leaveLive(): void {
@@ -480,8 +488,7 @@ export class BlobFollower extends Readable implements Sendable {
           if (this.fetch.state === 'failed') throw this.fetch.error;
           if (this.destroyed) throw new Error('blob follower destroyed');
           const committed = this.fetch.isCommitted();
-          // All but the last byte until the digest is verified.
-          const limit = committed ? this.end : Math.min(this.fetch.written, this.end - 1);
+          const limit = this.readLimit(committed);
           if (this.pos < limit) {
             this.liveDest = undefined;
             // Chunks sent live since the last read: read on from where they ended.
@@ -579,8 +586,7 @@ export class BlobFollower extends Readable implements Sendable {
           return;
         }
         const committed = this.fetch.isCommitted();
-        // All but the last byte until the digest is verified.
-        const limit = committed ? this.end : Math.min(this.fetch.written, this.end - 1);
+        const limit = this.readLimit(committed);
         if (this.pos >= limit) {
           if (committed) this.push(null);
           else if (this.pos >= Math.min(this.fetch.received, this.end - 1))

@@ -4,14 +4,14 @@
  * the body is read into the fetch's slabs, the signature is sent, bad bytes and a refusal are
  * told apart.
  */
-import { createHash, randomBytes } from 'node:crypto';
+import { randomBytes } from 'node:crypto';
 import { createServer, type Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { afterEach, expect, test } from 'vitest';
 import { PEER_PATH, PeeredBlobSource, verifyPeerSignature } from '../../src/fleet/peers.js';
 import type { PeerLeases } from '../../src/fleet/peers.js';
 import { silentLogger } from '../../src/log/logger.js';
-import type { Digest } from '../../src/oci/digest.js';
+import { digestOf, type Digest } from '../../src/oci/digest.js';
 import type { Repository } from '../../src/oci/reference.js';
 import type { BlobStream } from '../../src/upstream/types.js';
 import { ReceiveSlabs } from '../../src/upstream/receive-slabs.js';
@@ -62,8 +62,6 @@ function source(holder: string, upstreamCalls: string[]): PeeredBlobSource {
     log: silentLogger(),
   });
 }
-
-const digestOf = (b: Buffer) => `sha256:${createHash('sha256').update(b).digest('hex')}` as Digest;
 
 test("a peer's blob comes in views of the fetch's slabs, read into again once handed back", async () => {
   const blob = randomBytes(6 * 1024 * 1024 + 123);
