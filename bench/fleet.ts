@@ -4,7 +4,8 @@
  * - CPU-seconds per GiB served, cold and warm, every process of the server counted (/proc/PID/stat
  *   user + system of the process and its children, all threads);
  * - 32 clients each pulling every layer of the warm 5-layer image at once: wall time, aggregate
- *   throughput, and the latency of manifest requests made one after another meanwhile (p50, p99);
+ *   throughput, and the latency of manifest requests made one after another meanwhile by a
+ *   process of its own (bench/manifest-probe.ts; p50, p99);
  * - 16 clients on one cold blob spread over 2 workers, then over 3 replicas sharing a Redis
  *   (pullcache only): wall time and upstream bytes / blob size;
  * - peak RSS of each process of the server.
@@ -12,7 +13,9 @@
 import { createHash, randomBytes } from 'node:crypto';
 import { closeSync, openSync, readdirSync, readFileSync, rmSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
-import { Agent, request } from 'node:http';
+import { spawn } from 'node:child_process';
+import { createInterface } from 'node:readline';
+import { fileURLToPath } from 'node:url';
 import { startRedis } from '../test/helpers/redis.js';
 import type { TestRegistry } from '../test/helpers/registry.js';
 import { bytesWritten, curlGet, sameBytes, timed } from './measure.js';
@@ -146,28 +149,40 @@ export function machineFloor(dir: string): { sha256: number; newFile: number } {
 const percentile = (sorted: number[], p: number) =>
   sorted[Math.min(sorted.length - 1, Math.floor((sorted.length * p) / 100))] ?? NaN;
 
-/** Manifest GETs one after another on a kept-alive connection until `until` settles: latencies, ms. */
-async function manifestLatencies(url: string, until: Promise<unknown>): Promise<number[]> {
-  let done = false;
-  void until.finally(() => (done = true));
-  const agent = new Agent({ keepAlive: true, maxSockets: 1 });
-  const latencies: number[] = [];
-  while (!done) {
-    const started = performance.now();
-    const status = await new Promise<number>((resolve, reject) => {
-      const req = request(url, { agent, headers: { Accept: MANIFEST_ACCEPT } }, (res) => {
-        res.resume();
-        res.on('end', () => resolve(res.statusCode ?? 0));
-      });
-      req.on('error', reject);
-      req.end();
-    });
-    if (status !== 200) throw new Error(`manifest GET during the load gave HTTP ${status}`);
-    latencies.push(performance.now() - started);
-    await new Promise((r) => setTimeout(r, 20));
+/**
+ * Manifest GETs one after another on a kept-alive connection, from a process of its own
+ * (bench/manifest-probe.ts), while `load` runs: latencies, ms. Starts `load` once the prober is
+ * ready.
+ */
+async function manifestLatencies<T>(
+  url: string,
+  load: () => Promise<T>,
+): Promise<{ latencies: number[]; loaded: T }> {
+  const probe = spawn(
+    process.execPath,
+    [
+      '--import',
+      'tsx',
+      fileURLToPath(new URL('./manifest-probe.ts', import.meta.url)),
+      url,
+      MANIFEST_ACCEPT,
+    ],
+    { stdio: ['pipe', 'pipe', 'inherit'] },
+  );
+  const exited = new Promise<number | null>((resolve) => probe.once('exit', resolve));
+  const lines = createInterface({ input: probe.stdout! });
+  const next = lines[Symbol.asyncIterator]();
+  try {
+    if ((await next.next()).value !== 'ready') throw new Error('the manifest prober did not start');
+    const loaded = await load();
+    probe.stdin!.end();
+    const { value } = await next.next();
+    if ((await exited) !== 0 || typeof value !== 'string')
+      throw new Error('the manifest prober failed (its stderr is above)');
+    return { latencies: JSON.parse(value) as number[], loaded };
+  } finally {
+    probe.kill();
   }
-  agent.destroy();
-  return latencies;
 }
 
 /**
@@ -202,19 +217,19 @@ export async function measureFleet(
   const manifestUrl = `${server.url}/v2/${image.repository}/manifests/${image.digest}`;
   await curlGet(manifestUrl, { Accept: MANIFEST_ACCEPT });
   const imageBytes = image.layers.reduce((n, l) => n + l.size, 0);
-  const load = timed(() =>
-    Promise.all(
-      Array.from({ length: 32 }, async () => {
-        for (const l of image.layers) {
-          const t = await curlGet(layerUrl(l));
-          if (t.status !== 200 || t.bytes !== l.size) return false;
-        }
-        return true;
-      }),
+  const { latencies, loaded } = await manifestLatencies(manifestUrl, () =>
+    timed(() =>
+      Promise.all(
+        Array.from({ length: 32 }, async () => {
+          for (const l of image.layers) {
+            const t = await curlGet(layerUrl(l));
+            if (t.status !== 200 || t.bytes !== l.size) return false;
+          }
+          return true;
+        }),
+      ),
     ),
   );
-  const latencies = await manifestLatencies(manifestUrl, load);
-  const loaded = await load;
   const sorted = [...latencies].sort((a, b) => a - b);
   const peaks = treePeakRss(server.pid);
   return {

@@ -10,6 +10,7 @@ import type { FileHandle } from 'node:fs/promises';
 import { Readable, type Writable } from 'node:stream';
 import { unlessAborted } from '../abort.js';
 import { spareBuffers } from '../buffer-pool.js';
+import { turnSlot } from './turn-budget.js';
 
 /** Bytes read at once: fewer syscalls and event-loop turns per GiB served. */
 export const READ_CHUNK = 1024 * 1024;
@@ -140,6 +141,8 @@ export async function sendFilled(
       // Not raced with `gone`: a read still running when this returns would hold the file open.
       const n = await fill(buffers[turn]!, gone.signal);
       if (n === 0) break;
+      const slot = turnSlot(n);
+      if (slot) await unlessAborted(slot, gone.signal);
       const p = write(buffers[turn]!.subarray(0, n));
       p.catch(() => {});
       writing[turn] = p;

@@ -8,6 +8,7 @@ import { join } from 'node:path';
 import { Writable } from 'node:stream';
 import { afterAll, beforeAll, expect, test } from 'vitest';
 import { FileRange, sendFilled } from '../../src/storage/file-range.js';
+import { TURN_BUDGET, turnSlot } from '../../src/storage/turn-budget.js';
 
 let dir: string;
 let file: string;
@@ -166,4 +167,60 @@ test('the next send reads into the buffers the last one gave back, and a failed 
   ).rejects.toMatchObject({ code: 'ERR_STREAM_PREMATURE_CLOSE' });
   const after = await used(sink());
   expect([...after].some((m) => memories.has(m))).toBe(false);
+});
+
+/** Counts turns of the event loop (one per check phase) until stopped. */
+function turnCounter() {
+  const counter = { turn: 0, stop: () => (running = false) };
+  let running = true;
+  const tick = () => {
+    counter.turn++;
+    if (running) setImmediate(tick);
+  };
+  setImmediate(tick);
+  return counter;
+}
+
+test('a send whose bytes are at hand copies at most the turn budget per turn of the event loop', async () => {
+  // Bytes from memory into a sink that takes them at once: with nothing to wait for, the send
+  // would otherwise write all 16 MiB in one turn, and nothing else would run meanwhile.
+  const chunk = 256 * 1024;
+  const perTurn = new Map<number, number>();
+  const turns = turnCounter();
+  let written = 0;
+  const dest = new Writable({
+    write: (c: Buffer, _enc, done) => {
+      perTurn.set(turns.turn, (perTurn.get(turns.turn) ?? 0) + c.length);
+      written += c.length;
+      done();
+    },
+  });
+  let left = 64;
+  await sendFilled(dest, chunk, async (buffer) => (left-- > 0 ? buffer.length : 0));
+  turns.stop();
+  expect(written).toBe(64 * chunk);
+  // A turn copies what the last one left waiting (up to the budget, plus the chunk that crosses
+  // it) and, in its poll phase, up to the budget again: the counter's turns can see both.
+  expect(Math.max(...perTurn.values())).toBeLessThanOrEqual(2 * TURN_BUDGET + chunk);
+  expect(perTurn.size).toBeGreaterThanOrEqual((64 * chunk) / (2 * TURN_BUDGET + chunk));
+});
+
+test('slots past the turn budget are given at the ends of turns, in the order asked', async () => {
+  const turns = turnCounter();
+  await new Promise((r) => setImmediate(r)); // a turn of its own: the budget is whole
+  const mib = 1024 * 1024;
+  const asked = Math.ceil((3 * TURN_BUDGET) / mib) + 2;
+  const given: { i: number; turn: number }[] = [];
+  await Promise.all(
+    Array.from({ length: asked }, async (_, i) => {
+      const slot = turnSlot(mib);
+      if (slot) await slot;
+      given.push({ i, turn: turns.turn });
+    }),
+  );
+  turns.stop();
+  expect(given.map((g) => g.i)).toEqual(given.map((_, i) => i));
+  const atOnce = given.filter((g) => g.turn === given[0]!.turn).length;
+  expect(atOnce).toBe(TURN_BUDGET / mib);
+  expect(new Set(given.map((g) => g.turn)).size).toBeGreaterThanOrEqual(3);
 });
