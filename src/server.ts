@@ -124,6 +124,12 @@ export async function createRuntime(
       `server.peerSecretEnv: the environment variable ${config.server.peerSecretEnv} is not set`,
     ]);
   const clients = new Map<string, UpstreamClient>();
+  /** The blob sources that follow other replicas' fetches: their kept connections close with the runtime. */
+  const peerSources: PeeredBlobSource[] = [];
+  const peerSource = (source: PeeredBlobSource) => {
+    peerSources.push(source);
+    return source;
+  };
   const monitors = new Map<string, UpstreamMonitor>();
   const events = new RecentEvents();
   const metrics = new Metrics({
@@ -239,12 +245,14 @@ export async function createRuntime(
         ...(leases ? { leases, idleTimeout: upstream.timeouts.bodyIdle } : {}),
         ...(peerLeases
           ? {
-              source: new PeeredBlobSource(client, {
-                leases: peerLeases,
-                secret: peerSecret,
-                idleTimeout: upstream.timeouts.bodyIdle,
-                log,
-              }),
+              source: peerSource(
+                new PeeredBlobSource(client, {
+                  leases: peerLeases,
+                  secret: peerSecret,
+                  idleTimeout: upstream.timeouts.bodyIdle,
+                  log,
+                }),
+              ),
             }
           : {}),
       }),
@@ -303,6 +311,7 @@ export async function createRuntime(
     },
     async close() {
       for (const p of passthrough.values()) p.close();
+      for (const source of peerSources) source.close();
       await Promise.all([...clients.values()].map((c) => c.close()));
       await lifecycle.close(); // releases the lifecycle's lease first
       await leaseRedis?.close();

@@ -149,6 +149,11 @@ export class PeeredBlobSource implements Pick<UpstreamClient, 'getBlob'> {
     this.raw = new RawAgent({ connect: wait, headers: wait, bodyIdle: wait });
   }
 
+  /** Closes the kept connections to peers (at shutdown). */
+  close(): void {
+    this.raw.close();
+  }
+
   async getBlob(
     repository: Repository,
     digest: Digest,

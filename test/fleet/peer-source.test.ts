@@ -110,3 +110,27 @@ test('a peer that refuses (its fetch over, the blob not kept) is passed over for
   await expect(peered.getBlob(REPO, digestOf(blob))).rejects.toThrow('the upstream was asked');
   expect(calls).toEqual([digestOf(blob)]);
 });
+
+test('close() ends the connections kept to peers', async () => {
+  const blob = randomBytes(64 * 1024);
+  const peered = source(await peer(blob), []);
+  server!.keepAliveTimeout = 60_000;
+  const ended: Promise<void>[] = [];
+  server!.on('connection', (socket) => ended.push(new Promise((r) => socket.once('close', r))));
+  const { stream } = await peered.getBlob(REPO, digestOf(blob), { slabs: new ReceiveSlabs() });
+  for await (const chunk of stream) void chunk;
+  expect(ended).toHaveLength(1);
+  // Kept for the next blob: still open a while after the body ended.
+  const open = await Promise.race([
+    ended[0]!.then(() => false),
+    new Promise((r) => setTimeout(() => r(true), 200)),
+  ]);
+  expect(open).toBe(true);
+  peered.close();
+  // Well before the peer's own keep-alive timeout (set long here) would close it.
+  const closed = await Promise.race([
+    ended[0]!.then(() => true),
+    new Promise((r) => setTimeout(() => r(false), 2_000)),
+  ]);
+  expect(closed).toBe(true);
+});
