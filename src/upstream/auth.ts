@@ -1,8 +1,23 @@
 /**
  * Registry auth as Docker Hub and every registry do it
  * (https://distribution.github.io/distribution/spec/auth/token/): a 401 carries a
- * `WWW-Authenticate` challenge, Bearer (realm, service, scope) or Basic.
+ * `WWW-Authenticate` challenge, Bearer (realm, service, scope) or Basic. `UpstreamAuth` is one
+ * upstream's side of it: the challenge it learned, its tokens per scope, and the Authorization
+ * header for a request; credentials go only to a realm `realmMayReceiveCredentials` allows.
+ * The transport (transport.ts) sends the requests and tells it of each 401.
  */
+import { request, type Agent, type Dispatcher } from 'undici';
+import type { UpstreamConfig } from '../config/schema.js';
+import type { Logger } from '../log/logger.js';
+import {
+  errMessage,
+  UpstreamDeniedError,
+  UpstreamInvalidError,
+  UpstreamRateLimitedError,
+  UpstreamUnavailableError,
+  type RateLimitInfo,
+} from './errors.js';
+import type { RequestOptions, UpstreamObserver, UpstreamRequestKind } from './types.js';
 
 export type Challenge =
   | { scheme: 'bearer'; realm: string; service?: string; scope?: string }
@@ -112,4 +127,176 @@ export class TokenCache {
 export function refreshTime(issuedAt: number, expiresInSeconds: number): number {
   const life = expiresInSeconds * 1000;
   return issuedAt + life - Math.min(30_000, life / 4);
+}
+
+/** An Authorization header, the credential in it, and whether it came from the token cache. */
+export interface Authorization {
+  header: string;
+  token: string;
+  cached: boolean;
+}
+
+export interface AuthOptions {
+  name: string;
+  /** The configured URL: the realms that may receive credentials are judged against it. */
+  base: URL;
+  config: UpstreamConfig;
+  /** Resolved password (from `password` or the env var `passwordEnv` names). */
+  password: string | undefined;
+  /** Token requests go out on the transport's keep-alive pool. */
+  agent: Agent;
+  log: Logger;
+  observer: UpstreamObserver;
+  /** Times a request and tells the observer of it (the transport's). */
+  observed<R extends { statusCode: number }>(
+    kind: UpstreamRequestKind,
+    send: () => Promise<R>,
+  ): Promise<R>;
+  /** Records a 429's rate-limit headers; returns the last figures the upstream sent. */
+  rateLimited(headers: Dispatcher.ResponseData['headers']): RateLimitInfo | undefined;
+}
+
+/** One upstream's auth: the challenge it learned, its tokens, its credentials. */
+export class UpstreamAuth {
+  private readonly name: string;
+  private readonly base: URL;
+  private readonly config: UpstreamConfig;
+  private readonly password: string | undefined;
+  private readonly agent: Agent;
+  private readonly log: Logger;
+  private readonly observer: UpstreamObserver;
+  private readonly observed: AuthOptions['observed'];
+  private readonly rateLimited: AuthOptions['rateLimited'];
+  private readonly tokens = new TokenCache();
+  /** Learned from the first 401, so later scopes fetch their token without a round trip. */
+  private challenge: Challenge | undefined;
+
+  constructor(options: AuthOptions) {
+    this.name = options.name;
+    this.base = options.base;
+    this.config = options.config;
+    this.password = options.password;
+    this.agent = options.agent;
+    this.log = options.log;
+    this.observer = options.observer;
+    this.observed = options.observed;
+    this.rateLimited = options.rateLimited;
+  }
+
+  /** The scheme of the challenge learned (`bearer`, `basic`); undefined before the first. */
+  get scheme(): string | undefined {
+    return this.challenge?.scheme;
+  }
+
+  /** The start-up greeting's challenge: learned unless a request has taught one already. */
+  greeted(challenge: Challenge): void {
+    this.challenge ??= challenge;
+  }
+
+  /** A 401 with `challenge` answered a request that carried `token` (or none). */
+  challenged(challenge: Challenge, scope: string, token: Authorization | undefined): void {
+    this.challenge = challenge;
+    // A 401 on a cached token: one retry with a fresh one. Without a token: the first one.
+    if (token?.cached) this.tokens.invalidate(scope, token.token);
+  }
+
+  /** The Authorization header for a scope, from the token cache or a new token; none when anonymous access is all we know. */
+  async authorization(scope: string, options: RequestOptions): Promise<Authorization | undefined> {
+    const challenge = this.challenge;
+    if (!challenge) return undefined;
+    if (challenge.scheme === 'basic') {
+      if (this.config.username === undefined) return undefined;
+      const value = Buffer.from(`${this.config.username}:${this.password ?? ''}`).toString(
+        'base64',
+      );
+      return { header: `Basic ${value}`, token: value, cached: false };
+    }
+    const cached = this.tokens.get(scope);
+    if (cached) return { header: `Bearer ${cached.value}`, token: cached.value, cached: true };
+    const token = await this.tokens.obtain(scope, () => this.fetchToken(challenge, scope, options));
+    return { header: `Bearer ${token.value}`, token: token.value, cached: false };
+  }
+
+  private async fetchToken(
+    challenge: Extract<Challenge, { scheme: 'bearer' }>,
+    scope: string,
+    options: RequestOptions,
+  ): Promise<Token> {
+    let realm: URL;
+    try {
+      realm = new URL(challenge.realm);
+    } catch {
+      throw new UpstreamInvalidError(this.name, 'token realm is not a URL');
+    }
+    if (realm.protocol !== 'http:' && realm.protocol !== 'https:')
+      throw new UpstreamInvalidError(this.name, 'token realm is not http(s)');
+    if (challenge.service !== undefined) realm.searchParams.set('service', challenge.service);
+    realm.searchParams.set('scope', scope);
+    const headers: Record<string, string> = { accept: 'application/json' };
+    if (this.config.username !== undefined) {
+      if (realmMayReceiveCredentials(this.base, realm, this.config.authRealms)) {
+        headers.authorization = `Basic ${Buffer.from(`${this.config.username}:${this.password ?? ''}`).toString('base64')}`;
+      } else {
+        this.log.warn(
+          { realm: realm.origin },
+          'token realm is outside the upstream domain; asking anonymously',
+        );
+      }
+    }
+    const issued = Date.now();
+    let res: Dispatcher.ResponseData;
+    try {
+      res = await this.observed('token', () =>
+        request(realm, {
+          method: 'GET',
+          headers,
+          dispatcher: this.agent,
+          signal: options.signal ?? null,
+        }),
+      );
+    } catch (err) {
+      this.observer.failed(`a token for ${scope}`, errMessage(err));
+      throw err;
+    }
+    if (res.statusCode !== 200)
+      this.observer.failed(`a token for ${scope}`, `HTTP ${res.statusCode}`);
+    if (res.statusCode === 401 || res.statusCode === 403) {
+      res.body.resume();
+      throw new UpstreamDeniedError(this.name, `a token for ${scope}`);
+    }
+    if (res.statusCode === 429) {
+      res.body.resume();
+      throw new UpstreamRateLimitedError(
+        this.name,
+        this.rateLimited(res.headers) ?? { at: Date.now() },
+      );
+    }
+    if (res.statusCode !== 200) {
+      res.body.resume();
+      if (res.statusCode >= 500)
+        throw new UpstreamUnavailableError(
+          this.name,
+          `token service answered HTTP ${res.statusCode}`,
+        );
+      throw new UpstreamInvalidError(this.name, `token service answered HTTP ${res.statusCode}`);
+    }
+    let body: { token?: unknown; access_token?: unknown; expires_in?: unknown };
+    try {
+      body = (await res.body.json()) as typeof body;
+    } catch {
+      throw new UpstreamInvalidError(this.name, 'token response is not JSON');
+    }
+    const value =
+      typeof body.token === 'string'
+        ? body.token
+        : typeof body.access_token === 'string'
+          ? body.access_token
+          : undefined;
+    if (!value) throw new UpstreamInvalidError(this.name, 'token response has no token');
+    // The spec's default lifetime when expires_in is absent is 60 seconds.
+    const expiresIn =
+      typeof body.expires_in === 'number' && body.expires_in > 0 ? body.expires_in : 60;
+    this.log.debug({ scope, expiresIn }, 'token obtained');
+    return { value, refreshAt: refreshTime(issued, expiresIn) };
+  }
 }

@@ -69,3 +69,9 @@ export class UpstreamInvalidError extends RegistryError {
     super('UPSTREAM_INVALID', `upstream ${upstream} sent an invalid response: ${reason}`);
   }
 }
+
+/** A failure as a log line or an event reads it: its code (undici's, Node's) and message. */
+export function errMessage(err: unknown): string {
+  const e = err as { code?: string; message?: string };
+  return e?.code ? `${e.code}${e.message ? `: ${e.message}` : ''}` : String(e?.message ?? err);
+}

@@ -7,9 +7,10 @@
  * (status, headers, Content-Length, chunked or read-until-close bodies), whose body callbacks
  * hand out views of the buffer they were given: no copy. Connections are kept alive per origin
  * (the registry's 401 and 307, the object store's 200s) and a request on a kept connection
- * that the server had closed is sent once more on a new one. Redirects, auth and retries are
- * the client's (client.ts); the errors carry the codes undici's would (`UND_ERR_*`), so that
- * the client tells a broken connection from a refusal the same way for both.
+ * that the server had closed is sent once more on a new one. Redirects and auth are the
+ * transport's (transport.ts, auth.ts), retries the client's (client.ts); the errors carry the
+ * codes undici's would (`UND_ERR_*`), so that the transport tells a broken connection from a
+ * refusal the same way for both.
  *
  * The body is paused, not cut, when its consumer falls behind. (Blob bodies on undici 7 had to
  * flow all the time: it crashes the process with an uncatchable `assert(!this.paused)` when a
