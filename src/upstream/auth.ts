@@ -9,6 +9,7 @@
 import { request, type Agent, type Dispatcher } from 'undici';
 import type { UpstreamConfig } from '../config/schema.js';
 import type { Logger } from '../log/logger.js';
+import { unlessAborted } from '../abort.js';
 import {
   errMessage,
   UpstreamDeniedError,
@@ -213,14 +214,17 @@ export class UpstreamAuth {
     }
     const cached = this.tokens.get(scope);
     if (cached) return { header: `Bearer ${cached.value}`, token: cached.value, cached: true };
-    const token = await this.tokens.obtain(scope, () => this.fetchToken(challenge, scope, options));
+    // One token request per scope serves every caller waiting for it, so it is not cut when the
+    // caller that started it gives up (its client gone): the others still want the token. It
+    // is bounded by the pool's own timeouts; a caller that gives up stops waiting at once.
+    const shared = this.tokens.obtain(scope, () => this.fetchToken(challenge, scope));
+    const token = await (options.signal ? unlessAborted(shared, options.signal) : shared);
     return { header: `Bearer ${token.value}`, token: token.value, cached: false };
   }
 
   private async fetchToken(
     challenge: Extract<Challenge, { scheme: 'bearer' }>,
     scope: string,
-    options: RequestOptions,
   ): Promise<Token> {
     let realm: URL;
     try {
@@ -251,7 +255,6 @@ export class UpstreamAuth {
           method: 'GET',
           headers,
           dispatcher: this.agent,
-          signal: options.signal ?? null,
         }),
       );
     } catch (err) {

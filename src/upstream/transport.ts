@@ -153,7 +153,9 @@ export class UpstreamTransport {
     const res = await this.dispatch(this.undiciHop('GET', { signal }), 'ping', url, {});
     res.body.resume();
     const challenge =
-      res.status === 401 ? parseChallenge(res.headers['www-authenticate']) : undefined;
+      res.status === 401 && res.url.origin === url.origin
+        ? parseChallenge(res.headers['www-authenticate'])
+        : undefined;
     if (challenge) this.auth.greeted(challenge);
     if (res.status === 200) this.anonymous = true;
     return { status: res.status, challenge };
@@ -235,7 +237,9 @@ export class UpstreamTransport {
         ...headers,
         ...(token ? { authorization: token.header } : {}),
       });
-      if (res.status === 401) {
+      // Only the upstream's own 401 teaches a challenge: a redirect target's (an object store's)
+      // would send the next requests for tokens to a realm the upstream never named.
+      if (res.status === 401 && res.url.origin === url.origin) {
         const challenge = parseChallenge(res.headers['www-authenticate']);
         res.body.resume();
         if (challenge) {
@@ -254,7 +258,10 @@ export class UpstreamTransport {
           { method, path: url.pathname, err: errMessage(err), durationMs: Date.now() - started },
           'upstream unreachable',
         );
-        throw new UpstreamUnavailableError(this.name, errMessage(err));
+        // Already ours (a token service's 5xx): not wrapped in itself again.
+        throw err instanceof UpstreamUnavailableError
+          ? err
+          : new UpstreamUnavailableError(this.name, errMessage(err));
       }
       this.health.release();
       throw err;

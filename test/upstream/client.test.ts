@@ -456,6 +456,74 @@ describe('faults a real registry cannot produce', () => {
     await c.close();
   });
 
+  test('a token service that answers 5xx is UpstreamUnavailableError, said once', async () => {
+    const realm = await fakeServer((_req, res) => res.writeHead(503).end());
+    const registry = await fakeServer((_req, res) =>
+      res.writeHead(401, { 'www-authenticate': `Bearer realm="${realm.url}/token"` }).end(),
+    );
+    const c = client(registry.url);
+    const err = await c.headManifest(repo('a/b'), 'latest').catch((e: unknown) => e);
+    expect(err).toBeInstanceOf(UpstreamUnavailableError);
+    expect((err as Error).message).toBe(
+      'upstream test is unavailable: token service answered HTTP 503',
+    );
+    await c.close();
+    await Promise.all([realm.close(), registry.close()]);
+  });
+
+  test('a caller that gives up does not fail the others waiting for the same token', async () => {
+    const answer = deferred<void>();
+    const realm = await fakeServer((_req, res) => {
+      void answer.promise.then(() =>
+        res
+          .writeHead(200, { 'content-type': 'application/json' })
+          .end('{"token":"t","expires_in":60}'),
+      );
+    });
+    const registry = await fakeServer((req, res) => {
+      if (req.headers.authorization === 'Bearer t')
+        res.writeHead(200, { 'docker-content-digest': sha256('x') }).end();
+      else res.writeHead(401, { 'www-authenticate': `Bearer realm="${realm.url}/token"` }).end();
+    });
+    const c = client(registry.url);
+    const gone = new AbortController();
+    const first = c.headManifest(repo('a/b'), 'latest', { signal: gone.signal });
+    const second = c.headManifest(repo('a/b'), 'latest');
+    while (realm.requests.length === 0) await new Promise((r) => setTimeout(r, 5));
+    gone.abort(new Error('client gone'));
+    await expect(first).rejects.toThrow('client gone');
+    answer.resolve();
+    await expect(second).resolves.toMatchObject({ digest: sha256('x') });
+    expect(realm.requests).toHaveLength(1);
+    await c.close();
+    await Promise.all([realm.close(), registry.close()]);
+  });
+
+  test("a redirect target's 401 does not replace the upstream's challenge", async () => {
+    const elsewhere = await fakeServer((_req, res) =>
+      res
+        .writeHead(200, { 'content-type': 'application/json' })
+        .end('{"token":"t","expires_in":60}'),
+    );
+    const storage = await fakeServer((_req, res) =>
+      res.writeHead(401, { 'www-authenticate': `Bearer realm="${elsewhere.url}/token"` }).end(),
+    );
+    const registry = await fakeServer((req, res) => {
+      if (req.headers.authorization !== `Basic ${Buffer.from('u:p').toString('base64')}`) {
+        res.writeHead(401, { 'www-authenticate': 'Basic realm="test"' }).end();
+        return;
+      }
+      res.writeHead(307, { location: `${storage.url}/object?sig=1` }).end();
+    });
+    const c = client(registry.url, { username: 'u', password: 'p' });
+    for (let i = 0; i < 2; i++)
+      await expect(c.getBlob(repo('a/b'), blobDigest)).rejects.toBeInstanceOf(UpstreamDeniedError);
+    expect(elsewhere.requests).toHaveLength(0);
+    expect(c.authScheme).toBe('basic');
+    await c.close();
+    await Promise.all([elsewhere.close(), storage.close(), registry.close()]);
+  });
+
   test('credentials go only to a realm on the upstream domain', async () => {
     const realm = await fakeServer(
       (_req, res) =>
