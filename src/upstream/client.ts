@@ -245,7 +245,12 @@ export class RegistryClient implements UpstreamClient {
       options,
     );
     res.body.resume();
-    return { size: Number(header(res.headers, 'content-length') ?? 0) };
+    // The spec's HEAD answer carries the blob's length; without it the size would read 0, and a
+    // client of pullcache would be told the blob is empty.
+    const length = header(res.headers, 'content-length');
+    if (length === undefined || !/^\d+$/.test(length))
+      throw new UpstreamInvalidError(this.name, `blob ${digest}: HEAD without a Content-Length`);
+    return { size: Number(length) };
   }
 
   async getBlob(

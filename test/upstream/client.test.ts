@@ -431,6 +431,17 @@ describe('faults a real registry cannot produce', () => {
     await server.close();
   });
 
+  test('a blob HEAD without a Content-Length is invalid, not an empty blob', async () => {
+    const server = await fakeServer((_req, res) => {
+      res.removeHeader('content-length');
+      res.writeHead(200, { 'transfer-encoding': 'chunked' }).end();
+    });
+    const c = client(server.url);
+    await expect(c.headBlob(repo('a/b'), blobDigest)).rejects.toBeInstanceOf(UpstreamInvalidError);
+    await c.close();
+    await server.close();
+  });
+
   test('5xx is UpstreamUnavailableError', async () => {
     const server = await fakeServer((_req, res) => res.writeHead(503).end());
     const c = client(server.url);
