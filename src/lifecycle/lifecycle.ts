@@ -1,8 +1,8 @@
 /**
  * The cache's lifecycle: keeps the image graph in step with storage, records last-pulled times
- * (in memory at once, in storage every few seconds), holds the budget by evicting the least
- * recently pulled images in the background, runs the retention sweep and the collection, and
- * answers `ls`, `du`, `pin`, `rm` and `gc`.
+ * (in memory at once, in storage every few seconds), holds the budget (budget.ts) by evicting the
+ * least recently pulled images in the background, runs the retention sweep and the collection,
+ * and answers `ls`, `du`, `pin`, `rm` and `gc`.
  *
  * Never evicted: pinned images, and anything being served or fetched at that moment.
  */
@@ -12,6 +12,7 @@ import type { Metrics } from '../metrics.js';
 import type { Digest } from '../oci/digest.js';
 import type { Tag } from '../oci/reference.js';
 import type { BlobStore, RepositoryKey, RepositoryStore, StorageDriver } from '../storage/types.js';
+import { Budget } from './budget.js';
 import { ImageGraph } from './image-graph.js';
 import { Evictor, type Entry } from './eviction.js';
 import { Ownership } from './owner.js';
@@ -32,8 +33,6 @@ const OWNER_RENEW_MS = 10_000;
 /** A blob no repository links is collected only this long after its last use: it may be a
  * fetch between its commit and its link. */
 const UNLINKED_GRACE_MS = 10 * 60_000;
-/** How often free space is looked at when blobs are added (it is a system call). */
-const SPACE_CHECK_MS = 1000;
 
 export interface LifecycleDeps {
   retention: RetentionConfig;
@@ -76,16 +75,8 @@ export class Lifecycle {
   private scanning: Promise<void> | undefined;
   private readonly serving = new Map<Digest, number>();
   private readonly pulls: PullRecorder;
-  /** The eviction running now; a second trigger joins it. */
-  private evicting: Promise<void> | undefined;
-  /** Bytes an eviction must free beyond the budget (a disk that filled up). */
-  private extraToFree = 0;
-  private lastSpaceCheck = 0;
-  private spaceTimer: NodeJS.Timeout | undefined;
-  private spaceCheck: Promise<void> | undefined;
-  private lastShortfallLog = 0;
+  private readonly budget: Budget;
   private readonly timers: NodeJS.Timeout[] = [];
-  private tooLargeLogged = new Set<Digest>();
 
   constructor(private readonly d: LifecycleDeps) {
     this.log = d.log.child({ module: 'lifecycle' });
@@ -114,6 +105,18 @@ export class Lifecycle {
       repositories: d.repositories,
     });
     this.ownership = new Ownership(d.driver, d.replicas?.lease);
+    this.budget = new Budget({
+      retention: d.retention,
+      driver: d.driver,
+      graph: () => this.graph,
+      ready: () => this.scanned,
+      isOwner: () => this.ownership.isOwner,
+      serially: (work) => this.serially(work),
+      evictor: this.evictor,
+      log: this.log,
+      warn: (err) => this.warn(err),
+      now: this.now,
+    });
     d.metrics.setStorageStatus(() => ({
       bytes: this.scanned ? this.graph.bytes : undefined,
       limit: d.retention.maxSize,
@@ -181,16 +184,13 @@ export class Lifecycle {
   /** Resolves once the scan is done and the budget holds as far as eviction can make it. */
   async settle(): Promise<void> {
     await this.whenReady();
-    this.checkBudget(true);
-    await this.spaceCheck;
-    await this.evicting;
+    await this.budget.settle();
     await this.work;
   }
 
   async close(): Promise<void> {
     for (const t of this.timers) clearInterval(t);
-    clearTimeout(this.spaceTimer);
-    await this.evicting?.catch(() => {});
+    await this.budget.close();
     await this.flush().catch((err: unknown) => this.warn(err));
     await this.ownership.release().catch(() => {});
   }
@@ -234,7 +234,7 @@ export class Lifecycle {
       },
       'storage scanned',
     );
-    this.checkBudget();
+    this.budget.check();
   }
 
   // ---- hooks: storage and serving tell the lifecycle what happens --------------------------
@@ -243,7 +243,7 @@ export class Lifecycle {
   blobAdded(digest: Digest, size: number): void {
     const at = this.now();
     this.change((g) => g.addBlob(digest, size, at));
-    this.checkBudget();
+    this.budget.check();
   }
 
   blobLinked(repo: RepositoryKey, digest: Digest): void {
@@ -306,7 +306,7 @@ export class Lifecycle {
       else {
         this.serving.delete(digest);
         // An eviction may have had to leave this blob: it can go now.
-        this.checkBudget();
+        this.budget.check();
       }
     };
   }
@@ -320,120 +320,17 @@ export class Lifecycle {
    * (logged once per digest).
    */
   accepts(digest: Digest, size: number | undefined): boolean {
-    const max = this.d.retention.maxSize;
-    if (max === 0 || size === undefined || size <= max) return true;
-    if (!this.tooLargeLogged.has(digest)) {
-      this.tooLargeLogged.add(digest);
-      this.log.warn(
-        { digest, bytes: size, maxSize: max },
-        'blob larger than the whole budget: streamed, not kept',
-      );
-    }
-    return false;
+    return this.budget.accepts(digest, size);
   }
 
   /** Storage ran out of space: evict at least `bytes` more than the budget asks. */
   diskFull(bytes: number): void {
-    this.extraToFree = Math.max(this.extraToFree, bytes);
-    this.log.warn({ bytes }, 'storage is full: evicting');
-    this.startEviction();
+    this.budget.diskFull(bytes);
   }
 
   /** Writes the last-pulled times recorded since the last flush. */
   flush(): Promise<void> {
     return this.pulls.flush();
-  }
-
-  // ---- the budget ----------------------------------------------------------------------------
-
-  /**
-   * Starts an eviction when storage is past `maxSize` or the disk below `minFree`. Free space is
-   * a system call: it is looked at once a second at most, and a check that comes sooner is
-   * deferred to then (the last blob of a burst is the one that counts); `now` looks at once.
-   */
-  private checkBudget(now = false): void {
-    if (!this.scanned || this.evicting) return;
-    const { maxSize, minFree } = this.d.retention;
-    if (maxSize > 0 && this.graph.bytes > maxSize) {
-      this.startEviction();
-      return;
-    }
-    if (minFree === 0) return;
-    const wait = SPACE_CHECK_MS - (this.now() - this.lastSpaceCheck);
-    if (wait > 0 && !now) {
-      this.spaceTimer ??= setTimeout(() => {
-        this.spaceTimer = undefined;
-        this.checkBudget();
-      }, wait);
-      this.spaceTimer.unref();
-      return;
-    }
-    this.lastSpaceCheck = this.now();
-    this.spaceCheck = this.d.driver.space().then(
-      (space) => {
-        if (space && space.free < minFree) this.startEviction();
-      },
-      (err: unknown) => this.warn(err),
-    );
-  }
-
-  private startEviction(): void {
-    if (this.evicting || !this.scanned) return;
-    // In the background, never on a client's request path.
-    this.evicting = new Promise<void>((resolve) => setImmediate(resolve))
-      .then(() =>
-        this.serially(() => (this.ownership.isOwner ? this.evictToBudget() : Promise.resolve(0))),
-      )
-      .catch((err: unknown) => {
-        this.warn(err);
-        return 0;
-      })
-      .then((freed) => {
-        this.evicting = undefined;
-        // Blobs added while it ran may have crossed the budget again.
-        if (freed > 0) this.checkBudget();
-      });
-  }
-
-  /** Bytes to free now so that storage is back at the low-water mark. */
-  private async bytesToFree(): Promise<number> {
-    const { maxSize, minFree, lowWater } = this.d.retention;
-    let need = 0;
-    if (maxSize > 0 && this.graph.bytes > maxSize) need = this.graph.bytes - maxSize * lowWater;
-    if (minFree > 0 || this.extraToFree > 0) {
-      const space = await this.d.driver.space();
-      if (space && minFree > 0 && space.free < minFree)
-        need = Math.max(need, minFree * (2 - lowWater) - space.free);
-    }
-    return Math.max(need, this.extraToFree);
-  }
-
-  /** Resolves to the bytes freed. */
-  private async evictToBudget(): Promise<number> {
-    const need = await this.bytesToFree();
-    this.extraToFree = 0;
-    if (need <= 0) return 0;
-    const started = this.now();
-    const report = await this.evictor.evict('size', need);
-    this.log.info(
-      {
-        need: Math.round(need),
-        freed: report.bytes,
-        evicted: report.removed.length,
-        durationMs: this.now() - started,
-        bytes: this.graph.bytes,
-      },
-      'evicted least recently pulled images',
-    );
-    // Once a minute at most: while pins alone exceed the budget, every added blob gets here.
-    if (report.bytes < need && this.now() - this.lastShortfallLog >= 60_000) {
-      this.lastShortfallLog = this.now();
-      this.log.warn(
-        { need: Math.round(need), freed: report.bytes },
-        'budget not reached: the rest is pinned or being served',
-      );
-    }
-    return report.bytes;
   }
 
   // ---- the sweep: retention and collection ------------------------------------------------
@@ -449,7 +346,7 @@ export class Lifecycle {
       await this.rescan();
       return this.sweepNow();
     });
-    this.checkBudget();
+    this.budget.check();
     return report;
   }
 
@@ -460,7 +357,7 @@ export class Lifecycle {
   async recount(): Promise<void> {
     await this.whenReady();
     await this.serially(() => this.rescan());
-    this.checkBudget();
+    this.budget.check();
   }
 
   /** Builds a fresh graph from storage while serving goes on, then puts it in place. */

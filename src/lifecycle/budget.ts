@@ -1,0 +1,174 @@
+/**
+ * The byte budget: storage held to `retention.maxSize` and the disk to `retention.minFree` by
+ * evicting the least recently pulled images in the background, one eviction at a time, never on
+ * a client's request path. A blob larger than the whole budget is streamed, not kept.
+ */
+import type { Logger } from '../log/logger.js';
+import type { Digest } from '../oci/digest.js';
+import type { StorageDriver } from '../storage/types.js';
+import type { Evictor } from './eviction.js';
+import type { ImageGraph } from './image-graph.js';
+import type { RetentionConfig } from './types.js';
+
+/** How often free space is looked at when blobs are added (it is a system call). */
+const SPACE_CHECK_MS = 1000;
+
+export interface BudgetDeps {
+  retention: RetentionConfig;
+  driver: StorageDriver;
+  /** The graph as it stands (a rescan replaces it). */
+  graph: () => ImageGraph;
+  /** False until the start-up scan has built the graph: nothing is evicted before. */
+  ready: () => boolean;
+  /** Only the owner of the storage evicts (owner.ts). */
+  isOwner: () => boolean;
+  /** Runs lifecycle work after the work before it: never two evictions at once. */
+  serially: <T>(work: () => Promise<T>) => Promise<T>;
+  evictor: Evictor;
+  log: Logger;
+  /** Logs a failure of background work. */
+  warn: (err: unknown) => void;
+  now: () => number;
+}
+
+export class Budget {
+  /** The eviction running now; a second trigger joins it. */
+  private evicting: Promise<void> | undefined;
+  /** Bytes an eviction must free beyond the budget (a disk that filled up). */
+  private extraToFree = 0;
+  private lastSpaceCheck = 0;
+  private spaceTimer: NodeJS.Timeout | undefined;
+  private spaceCheck: Promise<void> | undefined;
+  private lastShortfallLog = 0;
+  private tooLargeLogged = new Set<Digest>();
+
+  constructor(private readonly d: BudgetDeps) {}
+
+  /**
+   * False for a blob larger than the whole budget: it is streamed to its clients and not kept
+   * (logged once per digest).
+   */
+  accepts(digest: Digest, size: number | undefined): boolean {
+    const max = this.d.retention.maxSize;
+    if (max === 0 || size === undefined || size <= max) return true;
+    if (!this.tooLargeLogged.has(digest)) {
+      this.tooLargeLogged.add(digest);
+      this.d.log.warn(
+        { digest, bytes: size, maxSize: max },
+        'blob larger than the whole budget: streamed, not kept',
+      );
+    }
+    return false;
+  }
+
+  /** Storage ran out of space: evict at least `bytes` more than the budget asks. */
+  diskFull(bytes: number): void {
+    this.extraToFree = Math.max(this.extraToFree, bytes);
+    this.d.log.warn({ bytes }, 'storage is full: evicting');
+    this.startEviction();
+  }
+
+  /**
+   * Starts an eviction when storage is past `maxSize` or the disk below `minFree`. Free space is
+   * a system call: it is looked at once a second at most, and a check that comes sooner is
+   * deferred to then (the last blob of a burst is the one that counts); `now` looks at once.
+   */
+  check(now = false): void {
+    if (!this.d.ready() || this.evicting) return;
+    const { maxSize, minFree } = this.d.retention;
+    if (maxSize > 0 && this.d.graph().bytes > maxSize) {
+      this.startEviction();
+      return;
+    }
+    if (minFree === 0) return;
+    const wait = SPACE_CHECK_MS - (this.d.now() - this.lastSpaceCheck);
+    if (wait > 0 && !now) {
+      this.spaceTimer ??= setTimeout(() => {
+        this.spaceTimer = undefined;
+        this.check();
+      }, wait);
+      this.spaceTimer.unref();
+      return;
+    }
+    this.lastSpaceCheck = this.d.now();
+    this.spaceCheck = this.d.driver.space().then(
+      (space) => {
+        if (space && space.free < minFree) this.startEviction();
+      },
+      (err: unknown) => this.d.warn(err),
+    );
+  }
+
+  /** Checks at once; resolves once the free-space check and the eviction it started are done. */
+  async settle(): Promise<void> {
+    this.check(true);
+    await this.spaceCheck;
+    await this.evicting;
+  }
+
+  /** Drops a deferred check; resolves once the eviction running now is done. */
+  async close(): Promise<void> {
+    clearTimeout(this.spaceTimer);
+    await this.evicting?.catch(() => {});
+  }
+
+  private startEviction(): void {
+    if (this.evicting || !this.d.ready()) return;
+    // In the background, never on a client's request path.
+    this.evicting = new Promise<void>((resolve) => setImmediate(resolve))
+      .then(() =>
+        this.d.serially(() => (this.d.isOwner() ? this.evictToBudget() : Promise.resolve(0))),
+      )
+      .catch((err: unknown) => {
+        this.d.warn(err);
+        return 0;
+      })
+      .then((freed) => {
+        this.evicting = undefined;
+        // Blobs added while it ran may have crossed the budget again.
+        if (freed > 0) this.check();
+      });
+  }
+
+  /** Bytes to free now so that storage is back at the low-water mark. */
+  private async bytesToFree(): Promise<number> {
+    const { maxSize, minFree, lowWater } = this.d.retention;
+    let need = 0;
+    if (maxSize > 0 && this.d.graph().bytes > maxSize)
+      need = this.d.graph().bytes - maxSize * lowWater;
+    if (minFree > 0 || this.extraToFree > 0) {
+      const space = await this.d.driver.space();
+      if (space && minFree > 0 && space.free < minFree)
+        need = Math.max(need, minFree * (2 - lowWater) - space.free);
+    }
+    return Math.max(need, this.extraToFree);
+  }
+
+  /** Resolves to the bytes freed. */
+  private async evictToBudget(): Promise<number> {
+    const need = await this.bytesToFree();
+    this.extraToFree = 0;
+    if (need <= 0) return 0;
+    const started = this.d.now();
+    const report = await this.d.evictor.evict('size', need);
+    this.d.log.info(
+      {
+        need: Math.round(need),
+        freed: report.bytes,
+        evicted: report.removed.length,
+        durationMs: this.d.now() - started,
+        bytes: this.d.graph().bytes,
+      },
+      'evicted least recently pulled images',
+    );
+    // Once a minute at most: while pins alone exceed the budget, every added blob gets here.
+    if (report.bytes < need && this.d.now() - this.lastShortfallLog >= 60_000) {
+      this.lastShortfallLog = this.d.now();
+      this.d.log.warn(
+        { need: Math.round(need), freed: report.bytes },
+        'budget not reached: the rest is pinned or being served',
+      );
+    }
+    return report.bytes;
+  }
+}
