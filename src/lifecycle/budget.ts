@@ -125,29 +125,33 @@ export class Budget {
       })
       .then((freed) => {
         this.evicting = undefined;
-        // Blobs added while it ran may have crossed the budget again.
-        if (freed > 0) this.check();
+        // A disk that filled up while it ran asks for another at once; blobs added meanwhile
+        // may have crossed the budget again.
+        if (this.extraToFree > 0) this.startEviction();
+        else if (freed > 0) this.check();
       });
   }
 
-  /** Bytes to free now so that storage is back at the low-water mark. */
-  private async bytesToFree(): Promise<number> {
+  /** Bytes to free now so that storage is back at the low-water mark, and `extra` at least. */
+  private async bytesToFree(extra: number): Promise<number> {
     const { maxSize, minFree, lowWater } = this.d.retention;
     let need = 0;
     if (maxSize > 0 && this.d.graph().bytes > maxSize)
       need = this.d.graph().bytes - maxSize * lowWater;
-    if (minFree > 0 || this.extraToFree > 0) {
+    if (minFree > 0) {
       const space = await this.d.driver.space();
-      if (space && minFree > 0 && space.free < minFree)
+      if (space && space.free < minFree)
         need = Math.max(need, minFree * (2 - lowWater) - space.free);
     }
-    return Math.max(need, this.extraToFree);
+    return Math.max(need, extra);
   }
 
   /** Resolves to the bytes freed. */
   private async evictToBudget(): Promise<number> {
-    const need = await this.bytesToFree();
+    // Taken now: a disk that fills up from here on is the next eviction's.
+    const extra = this.extraToFree;
     this.extraToFree = 0;
+    const need = await this.bytesToFree(extra);
     if (need <= 0) return 0;
     const started = this.d.now();
     const report = await this.d.evictor.evict('size', need);
