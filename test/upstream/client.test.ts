@@ -197,6 +197,17 @@ describe('against a real registry with token auth', () => {
   });
 });
 
+/** A registry that asks for Basic u:p and then redirects every request to `target`. */
+function basicRedirectingTo(target: string) {
+  return fakeServer((req, res) => {
+    if (req.headers.authorization !== `Basic ${Buffer.from('u:p').toString('base64')}`) {
+      res.writeHead(401, { 'www-authenticate': 'Basic realm="test"' }).end();
+      return;
+    }
+    res.writeHead(307, { location: `${target}/object?sig=1` }).end();
+  });
+}
+
 describe('faults a real registry cannot produce', () => {
   const blob = randomBytes(300_000);
   const blobDigest = digest(sha256(blob));
@@ -304,13 +315,7 @@ describe('faults a real registry cannot produce', () => {
       if (req.headers.authorization) res.writeHead(400).end('authorization not allowed');
       else res.writeHead(200, { 'content-length': blob.length }).end(blob);
     });
-    const registry = await fakeServer((req, res) => {
-      if (req.headers.authorization !== `Basic ${Buffer.from('u:p').toString('base64')}`) {
-        res.writeHead(401, { 'www-authenticate': 'Basic realm="test"' }).end();
-        return;
-      }
-      res.writeHead(307, { location: `${storage.url}/object?sig=1` }).end();
-    });
+    const registry = await basicRedirectingTo(storage.url);
     const c = client(registry.url, { username: 'u', password: 'p' });
     const { stream } = await c.getBlob(repo('a/b'), blobDigest);
     expect((await drain(stream)).equals(blob)).toBe(true);
@@ -519,13 +524,7 @@ describe('faults a real registry cannot produce', () => {
     const storage = await fakeServer((_req, res) =>
       res.writeHead(401, { 'www-authenticate': `Bearer realm="${elsewhere.url}/token"` }).end(),
     );
-    const registry = await fakeServer((req, res) => {
-      if (req.headers.authorization !== `Basic ${Buffer.from('u:p').toString('base64')}`) {
-        res.writeHead(401, { 'www-authenticate': 'Basic realm="test"' }).end();
-        return;
-      }
-      res.writeHead(307, { location: `${storage.url}/object?sig=1` }).end();
-    });
+    const registry = await basicRedirectingTo(storage.url);
     const c = client(registry.url, { username: 'u', password: 'p' });
     for (let i = 0; i < 2; i++)
       await expect(c.getBlob(repo('a/b'), blobDigest)).rejects.toBeInstanceOf(UpstreamDeniedError);
