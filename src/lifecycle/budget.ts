@@ -41,6 +41,7 @@ export class Budget {
   private spaceCheck: Promise<void> | undefined;
   private lastShortfallLog = 0;
   private tooLargeLogged = new Set<Digest>();
+  private closed = false;
 
   constructor(private readonly d: BudgetDeps) {}
 
@@ -74,7 +75,7 @@ export class Budget {
    * deferred to then (the last blob of a burst is the one that counts); `now` looks at once.
    */
   check(now = false): void {
-    if (!this.d.ready() || this.evicting) return;
+    if (this.closed || !this.d.ready() || this.evicting) return;
     const { maxSize, minFree } = this.d.retention;
     if (maxSize > 0 && this.d.graph().bytes > maxSize) {
       this.startEviction();
@@ -106,14 +107,15 @@ export class Budget {
     await this.evicting;
   }
 
-  /** Drops a deferred check; resolves once the eviction running now is done. */
+  /** Drops a deferred check; resolves once the eviction running now is done. None starts after. */
   async close(): Promise<void> {
+    this.closed = true;
     clearTimeout(this.spaceTimer);
     await this.evicting?.catch(() => {});
   }
 
   private startEviction(): void {
-    if (this.evicting || !this.d.ready()) return;
+    if (this.evicting || this.closed || !this.d.ready()) return;
     // In the background, never on a client's request path.
     this.evicting = new Promise<void>((resolve) => setImmediate(resolve))
       .then(() =>
@@ -125,9 +127,10 @@ export class Budget {
       })
       .then((freed) => {
         this.evicting = undefined;
-        // A disk that filled up while it ran asks for another at once; blobs added meanwhile
-        // may have crossed the budget again.
-        if (this.extraToFree > 0) this.startEviction();
+        // A disk that filled up while it ran asks for another at once (only the owner evicts:
+        // another process keeps the request for when it owns the storage, and does not spin);
+        // blobs added meanwhile may have crossed the budget again.
+        if (this.extraToFree > 0 && this.d.isOwner()) this.startEviction();
         else if (freed > 0) this.check();
       });
   }
