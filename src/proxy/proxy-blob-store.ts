@@ -18,7 +18,11 @@ import {
   type RepositoryKey,
   type StatResult,
 } from '../storage/types.js';
-import { UpstreamNotFoundError, UpstreamUnavailableError } from '../upstream/errors.js';
+import {
+  UpstreamInvalidError,
+  UpstreamNotFoundError,
+  UpstreamUnavailableError,
+} from '../upstream/errors.js';
 import type { UpstreamClient } from '../upstream/types.js';
 import { BlobFetch, type BlobFetchOptions } from './blob-fetch.js';
 import { FleetFetch } from './fleet-fetch.js';
@@ -134,7 +138,7 @@ export class ProxyBlobStore implements BlobService {
    */
   private confirm(repo: RepositoryKey, digest: Digest): Promise<StatResult> {
     return this.confirmations.run(`${repo.upstream}/${repo.repository}@${digest}`, async () => {
-      let size: number;
+      let size: number | undefined;
       try {
         ({ size } = await this.o.client.headBlob(repo.repository, digest));
       } catch (err) {
@@ -144,7 +148,17 @@ export class ProxyBlobStore implements BlobService {
         throw err;
       }
       const stored = await this.o.local.stored(digest);
-      if (!stored.found) return { found: true, descriptor: { digest, size } };
+      if (!stored.found) {
+        // A yes without a size (no Content-Length): the fetch under way may know it; a blob
+        // stored already has its own (above). Told as 0 it would read as an empty blob.
+        size ??= this.active(digest)?.size;
+        if (size === undefined)
+          throw new UpstreamInvalidError(
+            this.o.client.name,
+            `blob ${digest}: HEAD without a Content-Length`,
+          );
+        return { found: true, descriptor: { digest, size } };
+      }
       await this.o.local.link(repo, stored.descriptor);
       this.log.info(
         { repository: repo.repository, digest },

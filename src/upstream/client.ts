@@ -245,12 +245,10 @@ export class RegistryClient implements UpstreamClient {
       options,
     );
     res.body.resume();
-    // The spec's HEAD answer carries the blob's length; without it the size would read 0, and a
-    // client of pullcache would be told the blob is empty.
+    // The spec's HEAD answer carries the blob's length. Without it the size is unknown, not 0:
+    // read as 0, a client of pullcache would be told the blob is empty.
     const length = header(res.headers, 'content-length');
-    if (length === undefined || !/^\d+$/.test(length))
-      throw new UpstreamInvalidError(this.name, `blob ${digest}: HEAD without a Content-Length`);
-    return { size: Number(length) };
+    return { size: length !== undefined && /^\d+$/.test(length) ? Number(length) : undefined };
   }
 
   async getBlob(

@@ -18,7 +18,8 @@ export interface FetchedManifest extends ManifestHead {
 }
 
 export interface BlobHead {
-  size: number;
+  /** The blob's length; undefined when the upstream's answer did not say (no Content-Length). */
+  size: number | undefined;
 }
 
 export interface BlobStream {

@@ -1,7 +1,8 @@
 /**
  * A recording forwarder in front of the real test registry: every request pullcache makes to
  * its upstream passes through here unchanged and is counted, so tests can assert what did (and
- * did not) reach the upstream. It can also be switched to refuse connections (upstream down).
+ * did not) reach the upstream. It can also be switched to refuse connections (upstream down), or
+ * to drop the Content-Length of HEAD answers.
  */
 import { Agent, createServer, type IncomingHttpHeaders, type Server } from 'node:http';
 import type { Socket } from 'node:net';
@@ -18,6 +19,8 @@ export class Recorder {
   readonly requests: Recorded[] = [];
   /** The request headers of each request received, in order (reset with `requests`). */
   readonly headers: IncomingHttpHeaders[] = [];
+  /** HEAD answers lose their Content-Length on the way (an upstream that does not send it). */
+  headWithoutLength = false;
   url = '';
   private server: Server | undefined;
   private readonly proxy: httpProxy;
@@ -32,6 +35,8 @@ export class Recorder {
       agent: new Agent({ keepAlive: true }),
     });
     this.proxy.on('proxyRes', (proxyRes, req) => {
+      if (this.headWithoutLength && req.method === 'HEAD')
+        delete proxyRes.headers['content-length'];
       const entry: Recorded = {
         method: req.method ?? '',
         path: (req.url ?? '').split('?')[0]!,

@@ -136,6 +136,26 @@ describe('content is served per repository', () => {
     expect(recorder.requests).toEqual([]);
   });
 
+  test('a HEAD that confirms without a Content-Length serves the stored blob whole', async () => {
+    const shared = secret.blobs[0]!;
+    await pushBlob(registry, 'org/public', shared);
+    recorder.reset();
+    recorder.headWithoutLength = true;
+    try {
+      const head = await fetch(url(`org/public/blobs/${shared.digest}`), { method: 'HEAD' });
+      expect(head.status).toBe(200);
+      expect(head.headers.get('content-length')).toBe(String(shared.bytes.length));
+      const get = await fetch(url(`org/public/blobs/${shared.digest}`));
+      expect(get.status).toBe(200);
+      expect(Buffer.from(await get.arrayBuffer()).equals(shared.bytes)).toBe(true);
+    } finally {
+      recorder.headWithoutLength = false;
+    }
+    expect(recorder.requests.map((r) => `${r.method} ${r.path}`)).toEqual([
+      `HEAD /v2/org/public/blobs/${shared.digest}`,
+    ]);
+  });
+
   test('another upstream holding the same digest does not make it served', async () => {
     const layer = secret.blobs[1]!;
     recorder.reset();
