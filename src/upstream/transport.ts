@@ -31,6 +31,8 @@ import type {
 } from './types.js';
 
 const MAX_REDIRECTS = 5;
+/** How long `close` lets requests under way finish, ms. */
+const CLOSE_GRACE_MS = 2000;
 const REDIRECT_STATUSES = new Set([301, 302, 303, 307, 308]);
 
 type UndiciBody = Dispatcher.ResponseData['body'];
@@ -87,6 +89,8 @@ export class UpstreamTransport {
   private readonly health: UpstreamHealth;
   private readonly auth: UpstreamAuth;
   private lastRateLimit: RateLimitInfo | undefined;
+  /** Requests sent and not yet answered (headers), for `close`. */
+  private readonly waiting = new Set<Promise<unknown>>();
   /** True once the upstream answered without asking for credentials. */
   private anonymous = false;
   private readonly observer: UpstreamObserver;
@@ -139,9 +143,25 @@ export class UpstreamTransport {
     return this.auth.scheme ?? (this.anonymous ? 'none' : undefined);
   }
 
+  /**
+   * Closes the pools. Requests waiting for their answer get CLOSE_GRACE_MS, then every one still
+   * open is cut (`destroy`; undici's `close` waits for them, and a `destroy` after it does not
+   * cut them). A request that hangs (a token service that took it and says nothing) would
+   * otherwise hold the shutdown for the headers timeout, past the 10 s after which the CLI exits
+   * without closing the rest (the lifecycle's last flush, its lease). The server has cut its
+   * clients' connections by then: what is left has no client waiting.
+   */
   async close(): Promise<void> {
     this.raw.close();
-    await this.agent.close();
+    if (this.waiting.size > 0) {
+      let grace: NodeJS.Timeout | undefined;
+      await Promise.race([
+        Promise.allSettled([...this.waiting]),
+        new Promise((resolve) => (grace = setTimeout(resolve, CLOSE_GRACE_MS))),
+      ]);
+      clearTimeout(grace);
+    }
+    await this.agent.destroy();
   }
 
   /**
@@ -330,19 +350,29 @@ export class UpstreamTransport {
   }
 
   /** One request, timed to its answer's headers and told to the observer. */
-  private async observed<R extends { statusCode: number }>(
+  private observed<R extends { statusCode: number }>(
     kind: UpstreamRequestKind,
     send: () => Promise<R>,
   ): Promise<R> {
     const started = performance.now();
-    try {
-      const res = await send();
-      this.observer.request(kind, res.statusCode, (performance.now() - started) / 1000);
-      return res;
-    } catch (err) {
-      this.observer.request(kind, 'error', (performance.now() - started) / 1000);
-      throw err;
-    }
+    // A hop that throws at once fails like one that rejects.
+    const answer = new Promise<R>((resolve) => resolve(send())).then(
+      (res) => {
+        this.observer.request(kind, res.statusCode, (performance.now() - started) / 1000);
+        return res;
+      },
+      (err: unknown) => {
+        this.observer.request(kind, 'error', (performance.now() - started) / 1000);
+        throw err;
+      },
+    );
+    // Known to `close` until answered.
+    this.waiting.add(answer);
+    answer.then(
+      () => this.waiting.delete(answer),
+      () => this.waiting.delete(answer),
+    );
+    return answer;
   }
 
   private recordRateLimit(headers: Response['headers']): void {

@@ -534,6 +534,23 @@ describe('faults a real registry cannot produce', () => {
     await Promise.all([elsewhere.close(), storage.close(), registry.close()]);
   });
 
+  test('close does not wait for a token service that took the request and says nothing', async () => {
+    const realm = await fakeServer(() => {}); // never answers
+    const registry = await fakeServer((_req, res) =>
+      res.writeHead(401, { 'www-authenticate': `Bearer realm="${realm.url}/token"` }).end(),
+    );
+    const c = client(registry.url);
+    const pending = c.headManifest(repo('a/b'), 'latest');
+    pending.catch(() => {});
+    while (realm.requests.length === 0) await new Promise((r) => setTimeout(r, 5));
+    const started = performance.now();
+    await c.close();
+    // The headers timeout (30 s) would have held it; the grace is 2 s.
+    expect(performance.now() - started).toBeLessThan(10_000);
+    await expect(pending).rejects.toBeDefined();
+    await Promise.all([realm.close(), registry.close()]);
+  });
+
   test('credentials go only to a realm on the upstream domain', async () => {
     const realm = await fakeServer(
       (_req, res) =>
