@@ -140,6 +140,7 @@ export const upstreamSchema = z.strictObject({
   offline: bool(false),
   /** Token realms (URL prefixes) that may receive credentials besides the upstream's own domain. */
   authRealms: z.array(httpUrl).default([]),
+  /** The largest manifest taken from the upstream; a referrers answer and a tags page too. */
   maxManifestSize: size('4MiB'),
   timeouts: z
     .strictObject({

@@ -149,7 +149,12 @@ export class RegistryClient implements UpstreamClient {
       { accept: MANIFEST_ACCEPT },
       options,
     );
-    const bytes = await this.transport.readSmallBody(res, what, this.config.maxManifestSize);
+    const bytes = await this.transport.readSmallBody(
+      res,
+      'manifest',
+      what,
+      this.config.maxManifestSize,
+    );
     const size = bytes.length;
     const digest = this.verifyManifestDigest(
       bytes,
@@ -395,14 +400,20 @@ export class RegistryClient implements UpstreamClient {
         { accept: 'application/json' },
         options,
       );
-      this.observer.received('tags', Number(header(res.headers, 'content-length') ?? 0) || 0);
-      let body: { tags?: unknown };
+      // A page is held to the size of a manifest: the upstream decides how long its pages are.
+      const bytes = await this.transport.readSmallBody(
+        res,
+        'tags',
+        `tags of ${repository}`,
+        this.config.maxManifestSize,
+      );
+      let body: { tags?: unknown } | null;
       try {
-        body = (await res.body.json()) as { tags?: unknown };
-      } catch (err) {
-        throw this.transport.bodyError(err, `tags of ${repository}`);
+        body = JSON.parse(bytes.toString('utf8')) as { tags?: unknown } | null;
+      } catch {
+        throw new UpstreamInvalidError(this.name, `tags of ${repository}: not JSON`);
       }
-      if (Array.isArray(body.tags))
+      if (Array.isArray(body?.tags))
         tags.push(...body.tags.filter((t): t is string => typeof t === 'string'));
       next = nextPage(header(res.headers, 'link'), repository);
     }
@@ -435,7 +446,7 @@ export class RegistryClient implements UpstreamClient {
         { accept: MediaType.OciIndex },
         options,
       );
-      const bytes = await this.transport.readSmallBody(res, what, room);
+      const bytes = await this.transport.readSmallBody(res, 'referrers', what, room);
       room -= bytes.length;
       try {
         manifests.push(...parseReferrersIndex(bytes));

@@ -181,8 +181,16 @@ export class UpstreamTransport {
     return { status: res.status, challenge };
   }
 
-  /** A whole body of at most `limit` bytes (a manifest, a referrers page); larger is invalid. */
-  async readSmallBody(res: Response, what: string, limit: number): Promise<Buffer> {
+  /**
+   * A whole body of at most `limit` bytes (a manifest, a referrers or tags page), counted as
+   * received for `kind`; larger is invalid.
+   */
+  async readSmallBody(
+    res: Response,
+    kind: 'manifest' | 'referrers' | 'tags',
+    what: string,
+    limit: number,
+  ): Promise<Buffer> {
     const declared = Number(header(res.headers, 'content-length'));
     if (declared > limit) {
       res.body.destroy();
@@ -208,7 +216,7 @@ export class UpstreamTransport {
     } catch (err) {
       throw this.bodyError(err, what);
     }
-    this.observer.received(what.startsWith('referrers') ? 'referrers' : 'manifest', size);
+    this.observer.received(kind, size);
     return Buffer.concat(chunks, size);
   }
 

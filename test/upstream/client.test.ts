@@ -551,6 +551,24 @@ describe('faults a real registry cannot produce', () => {
     await Promise.all([realm.close(), registry.close()]);
   });
 
+  test('a tags page is held to the manifest size limit, and one that is not JSON is invalid', async () => {
+    const tags = Array.from({ length: 200 }, (_, i) => `tag-${i}`);
+    let body = JSON.stringify({ name: 'a/b', tags });
+    const server = await fakeServer((_req, res) =>
+      res.writeHead(200, { 'content-type': 'application/json' }).end(body),
+    );
+    const small = client(server.url, { maxManifestSize: '1KiB' });
+    await expect(small.listTags(repo('a/b'))).rejects.toThrow(/more than the 1024/);
+    const c = client(server.url);
+    expect(await c.listTags(repo('a/b'))).toEqual(tags);
+    body = '<html>not json</html>';
+    await expect(c.listTags(repo('a/b'))).rejects.toBeInstanceOf(UpstreamInvalidError);
+    body = 'null';
+    expect(await c.listTags(repo('a/b'))).toEqual([]);
+    await Promise.all([small.close(), c.close()]);
+    await server.close();
+  });
+
   test('credentials go only to a realm on the upstream domain', async () => {
     const realm = await fakeServer(
       (_req, res) =>
