@@ -16,7 +16,13 @@ import type { Repository } from '../oci/reference.js';
 import { errMessage, UpstreamInvalidError } from './errors.js';
 import type { RawBody } from './raw-get.js';
 import type { HealthOptions } from './health.js';
-import { header, isConnectionError, UpstreamTransport, type Hop } from './transport.js';
+import {
+  contentLength,
+  header,
+  isConnectionError,
+  UpstreamTransport,
+  type Hop,
+} from './transport.js';
 import type {
   BlobHead,
   BlobRequestOptions,
@@ -252,8 +258,7 @@ export class RegistryClient implements UpstreamClient {
     res.body.resume();
     // The spec's HEAD answer carries the blob's length. Without it the size is unknown, not 0:
     // read as 0, a client of pullcache would be told the blob is empty.
-    const length = header(res.headers, 'content-length');
-    return { size: length !== undefined && /^\d+$/.test(length) ? Number(length) : undefined };
+    return { size: contentLength(res.headers) };
   }
 
   async getBlob(
@@ -272,8 +277,7 @@ export class RegistryClient implements UpstreamClient {
       {},
       options,
     );
-    const length = header(first.headers, 'content-length');
-    const size = length !== undefined ? Number(length) : undefined;
+    const size = contentLength(first.headers);
     const verifier = new DigestVerifier(parseDigest(digest));
     return {
       size,

@@ -191,8 +191,8 @@ export class UpstreamTransport {
     what: string,
     limit: number,
   ): Promise<Buffer> {
-    const declared = Number(header(res.headers, 'content-length'));
-    if (declared > limit) {
+    const declared = contentLength(res.headers);
+    if (declared !== undefined && declared > limit) {
       res.body.destroy();
       throw new UpstreamInvalidError(
         this.name,
@@ -425,6 +425,12 @@ function requestKind(suffix: string): UpstreamRequestKind {
 export function header(headers: Response['headers'], name: string): string | undefined {
   const v = headers[name];
   return Array.isArray(v) ? v[0] : v;
+}
+
+/** The Content-Length of an answer; undefined when it sent none, or none that is a length. */
+export function contentLength(headers: Response['headers']): number | undefined {
+  const value = header(headers, 'content-length');
+  return value !== undefined && /^\d+$/.test(value) ? Number(value) : undefined;
 }
 
 /** `100;w=21600` -> [100, 21600] */
