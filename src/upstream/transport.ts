@@ -10,6 +10,7 @@
 import { Agent, errors as undiciErrors, request, type Dispatcher } from 'undici';
 import type { UpstreamConfig } from '../config/schema.js';
 import type { Logger } from '../log/logger.js';
+import { unlessAborted } from '../abort.js';
 import type { Repository } from '../oci/reference.js';
 import { parseChallenge, UpstreamAuth, type Challenge } from './auth.js';
 import {
@@ -153,14 +154,11 @@ export class UpstreamTransport {
    */
   async close(): Promise<void> {
     this.raw.close();
-    if (this.waiting.size > 0) {
-      let grace: NodeJS.Timeout | undefined;
-      await Promise.race([
+    if (this.waiting.size > 0)
+      await unlessAborted(
         Promise.allSettled([...this.waiting]),
-        new Promise((resolve) => (grace = setTimeout(resolve, CLOSE_GRACE_MS))),
-      ]);
-      clearTimeout(grace);
-    }
+        AbortSignal.timeout(CLOSE_GRACE_MS),
+      ).catch(() => {});
     await this.agent.destroy();
   }
 
