@@ -207,9 +207,7 @@ export class UpstreamAuth {
     if (!challenge) return undefined;
     if (challenge.scheme === 'basic') {
       if (this.config.username === undefined) return undefined;
-      const value = Buffer.from(`${this.config.username}:${this.password ?? ''}`).toString(
-        'base64',
-      );
+      const value = this.basicCredential();
       return { header: `Basic ${value}`, token: value, cached: false };
     }
     const cached = this.tokens.get(scope);
@@ -220,6 +218,11 @@ export class UpstreamAuth {
     const shared = this.tokens.obtain(scope, () => this.fetchToken(challenge, scope));
     const token = await (options.signal ? unlessAborted(shared, options.signal) : shared);
     return { header: `Bearer ${token.value}`, token: token.value, cached: false };
+  }
+
+  /** The configured username and password, as Basic auth carries them. */
+  private basicCredential(): string {
+    return Buffer.from(`${this.config.username}:${this.password ?? ''}`).toString('base64');
   }
 
   private async fetchToken(
@@ -239,7 +242,7 @@ export class UpstreamAuth {
     const headers: Record<string, string> = { accept: 'application/json' };
     if (this.config.username !== undefined) {
       if (realmMayReceiveCredentials(this.base, realm, this.config.authRealms)) {
-        headers.authorization = `Basic ${Buffer.from(`${this.config.username}:${this.password ?? ''}`).toString('base64')}`;
+        headers.authorization = `Basic ${this.basicCredential()}`;
       } else {
         this.log.warn(
           { realm: realm.origin },
