@@ -1,4 +1,5 @@
 import { randomBytes } from 'node:crypto';
+import type { ServerResponse } from 'node:http';
 import { createServer as createNetServer } from 'node:net';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { upstreamSchema } from '../../src/config/schema.js';
@@ -196,6 +197,23 @@ describe('against a real registry with token auth', () => {
     await c.close();
   });
 });
+
+/** A token service's answer: the token "t", for a minute. */
+function giveToken(res: ServerResponse): void {
+  res.writeHead(200, { 'content-type': 'application/json' }).end('{"token":"t","expires_in":60}');
+}
+
+/**
+ * A registry that asks for a Bearer token (`Bearer <challenge>`) and answers a manifest HEAD
+ * that carries the token "t".
+ */
+function bearerRegistry(challenge: string) {
+  return fakeServer((req, res) => {
+    if (req.headers.authorization === 'Bearer t')
+      res.writeHead(200, { 'docker-content-digest': sha256('x') }).end();
+    else res.writeHead(401, { 'www-authenticate': `Bearer ${challenge}` }).end();
+  });
+}
 
 /** A registry that asks for Basic u:p and then redirects every request to `target`. */
 function basicRedirectingTo(target: string) {
@@ -474,9 +492,7 @@ describe('faults a real registry cannot produce', () => {
 
   test('a token service that answers 5xx is UpstreamUnavailableError, said once', async () => {
     const realm = await fakeServer((_req, res) => res.writeHead(503).end());
-    const registry = await fakeServer((_req, res) =>
-      res.writeHead(401, { 'www-authenticate': `Bearer realm="${realm.url}/token"` }).end(),
-    );
+    const registry = await bearerRegistry(`realm="${realm.url}/token"`);
     const c = client(registry.url);
     const err = await c.headManifest(repo('a/b'), 'latest').catch((e: unknown) => e);
     expect(err).toBeInstanceOf(UpstreamUnavailableError);
@@ -489,18 +505,8 @@ describe('faults a real registry cannot produce', () => {
 
   test('a caller that gives up does not fail the others waiting for the same token', async () => {
     const answer = deferred<void>();
-    const realm = await fakeServer((_req, res) => {
-      void answer.promise.then(() =>
-        res
-          .writeHead(200, { 'content-type': 'application/json' })
-          .end('{"token":"t","expires_in":60}'),
-      );
-    });
-    const registry = await fakeServer((req, res) => {
-      if (req.headers.authorization === 'Bearer t')
-        res.writeHead(200, { 'docker-content-digest': sha256('x') }).end();
-      else res.writeHead(401, { 'www-authenticate': `Bearer realm="${realm.url}/token"` }).end();
-    });
+    const realm = await fakeServer((_req, res) => void answer.promise.then(() => giveToken(res)));
+    const registry = await bearerRegistry(`realm="${realm.url}/token"`);
     const c = client(registry.url);
     const gone = new AbortController();
     const first = c.headManifest(repo('a/b'), 'latest', { signal: gone.signal });
@@ -516,11 +522,7 @@ describe('faults a real registry cannot produce', () => {
   });
 
   test("a redirect target's 401 does not replace the upstream's challenge", async () => {
-    const elsewhere = await fakeServer((_req, res) =>
-      res
-        .writeHead(200, { 'content-type': 'application/json' })
-        .end('{"token":"t","expires_in":60}'),
-    );
+    const elsewhere = await fakeServer((_req, res) => giveToken(res));
     const storage = await fakeServer((_req, res) =>
       res.writeHead(401, { 'www-authenticate': `Bearer realm="${elsewhere.url}/token"` }).end(),
     );
@@ -536,9 +538,7 @@ describe('faults a real registry cannot produce', () => {
 
   test('close does not wait for a token service that took the request and says nothing', async () => {
     const realm = await fakeServer(() => {}); // never answers
-    const registry = await fakeServer((_req, res) =>
-      res.writeHead(401, { 'www-authenticate': `Bearer realm="${realm.url}/token"` }).end(),
-    );
+    const registry = await bearerRegistry(`realm="${realm.url}/token"`);
     const c = client(registry.url);
     const pending = c.headManifest(repo('a/b'), 'latest');
     pending.catch(() => {});
@@ -570,21 +570,8 @@ describe('faults a real registry cannot produce', () => {
   });
 
   test('credentials go only to a realm on the upstream domain', async () => {
-    const realm = await fakeServer(
-      (_req, res) =>
-        res
-          .writeHead(200, { 'content-type': 'application/json' })
-          .end('{"token":"t","expires_in":60}'),
-      'localhost',
-    );
-    const registry = await fakeServer((req, res) => {
-      if (req.headers.authorization === 'Bearer t')
-        res.writeHead(200, { 'docker-content-digest': sha256('x') }).end();
-      else
-        res
-          .writeHead(401, { 'www-authenticate': `Bearer realm="${realm.url}/token",service="s"` })
-          .end();
-    });
+    const realm = await fakeServer((_req, res) => giveToken(res), 'localhost');
+    const registry = await bearerRegistry(`realm="${realm.url}/token",service="s"`);
     const c = client(registry.url, { username: 'u', password: 'p' });
     await c.headManifest(repo('a/b'), 'latest');
     expect(realm.requests).toHaveLength(1);
