@@ -23,13 +23,17 @@ export async function waitFor(
   timeoutMs = 15_000,
 ): Promise<void> {
   const deadline = Date.now() + timeoutMs;
+  let last: unknown;
   for (;;) {
     try {
       if (await check()) return;
-    } catch {
-      // not up yet
+    } catch (err) {
+      last = err; // not up yet
     }
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    if (Date.now() > deadline)
+      throw new Error(
+        `timed out waiting for ${what}${last === undefined ? '' : ` (last: ${String(last)})`}`,
+      );
     await new Promise((r) => setTimeout(r, 50));
   }
 }

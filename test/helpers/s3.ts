@@ -213,22 +213,24 @@ rgw gc processor period = 60
     async bucket() {
       const name = `test-${randomUUID().slice(0, 13)}`;
       // A gateway that has just started, on a machine busy with other test files, has once
-      // answered the first CreateBucket with a body that is not XML (CI, stop 21): it is retried
-      // for a while, and a lasting failure names the status the gateway answered with.
-      let last: unknown;
-      for (const deadline = Date.now() + 30_000; Date.now() < deadline;) {
-        try {
-          await client.send(new CreateBucketCommand({ Bucket: name }));
-          return name;
-        } catch (err) {
-          const status = (err as { $metadata?: { httpStatusCode?: number } }).$metadata
-            ?.httpStatusCode;
-          if ((err as { name?: string }).name === 'BucketAlreadyOwnedByYou') return name;
-          last = new Error(`CreateBucket ${name}: HTTP ${status ?? '-'}: ${String(err)}`);
-          await new Promise((resolve) => setTimeout(resolve, 500));
-        }
-      }
-      throw last;
+      // answered the first CreateBucket with a body that is not XML (CI, stop 21): it is asked
+      // again for a while, and a lasting failure names the status the gateway answered with.
+      await waitFor(
+        async () => {
+          try {
+            await client.send(new CreateBucketCommand({ Bucket: name }));
+          } catch (err) {
+            if ((err as { name?: string }).name === 'BucketAlreadyOwnedByYou') return true;
+            const status = (err as { $metadata?: { httpStatusCode?: number } }).$metadata
+              ?.httpStatusCode;
+            throw new Error(`HTTP ${status ?? '-'}: ${String(err)}`);
+          }
+          return true;
+        },
+        `CreateBucket ${name}`,
+        30_000,
+      );
+      return name;
     },
     stopGateway: (signal) => kill('client.rgw.a', signal),
     startGateway,
