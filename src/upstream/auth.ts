@@ -146,6 +146,11 @@ export interface AuthOptions {
   password: string | undefined;
   /** Token requests go out on the transport's keep-alive pool. */
   agent: Agent;
+  /**
+   * Most milliseconds one token request may take, answer and body: by default the configured
+   * timeouts added up, and at least a minute.
+   */
+  tokenTimeout?: number;
   log: Logger;
   observer: UpstreamObserver;
   /** Times a request and tells the observer of it (the transport's). */
@@ -164,6 +169,7 @@ export class UpstreamAuth {
   private readonly config: UpstreamConfig;
   private readonly password: string | undefined;
   private readonly agent: Agent;
+  private readonly tokenTimeout: number;
   private readonly log: Logger;
   private readonly observer: UpstreamObserver;
   private readonly observed: AuthOptions['observed'];
@@ -178,6 +184,8 @@ export class UpstreamAuth {
     this.config = options.config;
     this.password = options.password;
     this.agent = options.agent;
+    const { connect, headers, bodyIdle } = options.config.timeouts;
+    this.tokenTimeout = options.tokenTimeout ?? Math.max(60_000, connect + headers + bodyIdle);
     this.log = options.log;
     this.observer = options.observer;
     this.observed = options.observed;
@@ -214,7 +222,9 @@ export class UpstreamAuth {
     if (cached) return { header: `Bearer ${cached.value}`, token: cached.value, cached: true };
     // One token request per scope serves every caller waiting for it, so it is not cut when the
     // caller that started it gives up (its client gone): the others still want the token. It
-    // is bounded by the pool's own timeouts; a caller that gives up stops waiting at once.
+    // has a deadline of its own (the pool's timeouts may be 0: none), or a token service that
+    // took the request and never answered would hold every later caller of the scope; a caller
+    // that gives up stops waiting at once.
     const shared = this.tokens.obtain(scope, () => this.fetchToken(challenge, scope));
     const token = await (options.signal ? unlessAborted(shared, options.signal) : shared);
     return { header: `Bearer ${token.value}`, token: token.value, cached: false };
@@ -251,6 +261,12 @@ export class UpstreamAuth {
       }
     }
     const issued = Date.now();
+    const deadline = AbortSignal.timeout(this.tokenTimeout);
+    const late = () =>
+      new UpstreamUnavailableError(
+        this.name,
+        `token service did not answer within ${this.tokenTimeout / 1000} s`,
+      );
     let res: Dispatcher.ResponseData;
     try {
       res = await this.observed('token', () =>
@@ -258,11 +274,13 @@ export class UpstreamAuth {
           method: 'GET',
           headers,
           dispatcher: this.agent,
+          signal: deadline,
         }),
       );
     } catch (err) {
-      this.observer.failed(`a token for ${scope}`, errMessage(err));
-      throw err;
+      const failure = deadline.aborted ? late() : err;
+      this.observer.failed(`a token for ${scope}`, errMessage(failure));
+      throw failure;
     }
     if (res.statusCode !== 200)
       this.observer.failed(`a token for ${scope}`, `HTTP ${res.statusCode}`);
@@ -290,6 +308,7 @@ export class UpstreamAuth {
     try {
       body = (await res.body.json()) as typeof body;
     } catch {
+      if (deadline.aborted) throw late();
       throw new UpstreamInvalidError(this.name, 'token response is not JSON');
     }
     const value =

@@ -47,6 +47,8 @@ export interface ClientOptions {
   health?: HealthOptions;
   /** Base delay of Range-resume retries, ms. */
   retryDelay?: number;
+  /** Most milliseconds a token request may take (tests shorten it); see UpstreamAuth. */
+  tokenTimeout?: number;
   /** Told of every request, byte and failure (metrics, the status page). */
   observer?: UpstreamObserver;
 }
@@ -82,6 +84,7 @@ export class RegistryClient implements UpstreamClient {
       password: options.password,
       health: options.health,
       observer: this.observer,
+      ...(options.tokenTimeout !== undefined ? { tokenTimeout: options.tokenTimeout } : {}),
     });
   }
 

@@ -77,6 +77,8 @@ export interface TransportOptions {
   password: string | undefined;
   health: HealthOptions | undefined;
   observer: UpstreamObserver;
+  /** Most milliseconds a token request may take; UpstreamAuth's default otherwise. */
+  tokenTimeout?: number;
 }
 
 export class UpstreamTransport {
@@ -118,6 +120,7 @@ export class UpstreamTransport {
       config: options.config,
       password: options.password,
       agent: this.agent,
+      ...(options.tokenTimeout !== undefined ? { tokenTimeout: options.tokenTimeout } : {}),
       log: this.log,
       observer: this.observer,
       observed: (kind, send) => this.observed(kind, send),

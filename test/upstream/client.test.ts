@@ -551,6 +551,30 @@ describe('faults a real registry cannot produce', () => {
     await Promise.all([realm.close(), registry.close()]);
   });
 
+  test('a token request has a deadline of its own, even with the timeouts off', async () => {
+    const realm = await fakeServer(() => {}); // takes the request, never answers
+    const registry = await bearerRegistry(`realm="${realm.url}/token"`);
+    const c = new RegistryClient({
+      name: 'test',
+      config: upstreamSchema.parse({
+        url: registry.url,
+        timeouts: { headers: 0, bodyIdle: 0 },
+      }),
+      log: silentLogger(),
+      tokenTimeout: 300,
+    });
+    const started = performance.now();
+    const err = await c.headManifest(repo('a/b'), 'latest').catch((e: unknown) => e);
+    expect(err).toBeInstanceOf(UpstreamUnavailableError);
+    expect((err as Error).message).toMatch(/token service did not answer within 0.3 s/);
+    expect(performance.now() - started).toBeLessThan(5_000);
+    // The scope is not held by the request that never ended: the next caller asks afresh.
+    await expect(c.headManifest(repo('a/b'), 'latest')).rejects.toThrow(/did not answer/);
+    expect(realm.requests).toHaveLength(2);
+    await c.close();
+    await Promise.all([realm.close(), registry.close()]);
+  });
+
   test('a tags page is held to the manifest size limit, and one that is not JSON is invalid', async () => {
     const tags = Array.from({ length: 200 }, (_, i) => `tag-${i}`);
     let body = JSON.stringify({ name: 'a/b', tags });
