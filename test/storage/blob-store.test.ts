@@ -157,6 +157,8 @@ describe.each(DRIVERS)('storage contract on %s', (kind) => {
         );
         expect(Uploads ?? []).toEqual([]);
       }
+      // The dead process's descriptor, which its exit would have closed.
+      await w.cancel();
     });
 
     test('purge keeps recent sessions and removes old ones, also without a start time', async () => {
@@ -178,6 +180,7 @@ describe.each(DRIVERS)('storage contract on %s', (kind) => {
       await broken.write(Buffer.from('x'));
       await broken.commit({ digest: digestOf('x') });
       expect((await store.stat(digestOf('x'))).found).toBe(true);
+      await Promise.all([recent.cancel(), old.cancel()]);
     });
 
     test('a blob of several parts commits whole; ranges across parts read back', async () => {
