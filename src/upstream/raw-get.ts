@@ -185,15 +185,20 @@ class Connection {
 
   async connect(signal: AbortSignal | null | undefined): Promise<void> {
     const ready = this.socket instanceof tls.TLSSocket ? 'secureConnect' : 'connect';
-    const timeout = AbortSignal.timeout(this.timeouts.connect);
+    // A timeout of 0 is none, as undici takes it for the other requests.
+    const timeout =
+      this.timeouts.connect > 0 ? AbortSignal.timeout(this.timeouts.connect) : undefined;
+    const signals = [signal, timeout].filter((s): s is AbortSignal => !!s);
     try {
-      await once(this.socket, ready, {
-        signal: signal ? AbortSignal.any([signal, timeout]) : timeout,
-      });
+      await once(
+        this.socket,
+        ready,
+        signals.length > 0 ? { signal: AbortSignal.any(signals) } : {},
+      );
     } catch (err) {
       this.destroy();
       if (signal?.aborted) throw signal.reason;
-      if (timeout.aborted)
+      if (timeout?.aborted)
         throw codedError('UND_ERR_CONNECT_TIMEOUT', `connect timed out: ${this.origin}`);
       throw err; // the socket's error
     }
@@ -219,10 +224,16 @@ class Connection {
         resolve,
         reject,
         body: undefined,
-        headersTimer: setTimeout(
-          () => this.fail(codedError('UND_ERR_HEADERS_TIMEOUT', `no headers from ${this.origin}`)),
-          this.timeouts.headers,
-        ),
+        headersTimer:
+          this.timeouts.headers > 0
+            ? setTimeout(
+                () =>
+                  this.fail(
+                    codedError('UND_ERR_HEADERS_TIMEOUT', `no headers from ${this.origin}`),
+                  ),
+                this.timeouts.headers,
+              )
+            : undefined,
         onAbort: () => this.fail(options.signal!.reason),
         signal: options.signal,
       };

@@ -97,6 +97,16 @@ describe('against a real registry with token auth', () => {
     await c.close();
   });
 
+  test('timeouts at 0 are off: a pull (its token, manifest and blob GETs) goes through', async () => {
+    const c = client(registry.url, { timeouts: { connect: 0, headers: 0, bodyIdle: 0 } });
+    const m = await c.getManifest(repo('org/oci-app'), 'v1');
+    expect(m.digest).toBe(oci.digest);
+    const blob = oci.blobs[0]!;
+    const { stream } = await c.getBlob(repo('org/oci-app'), digest(blob.digest));
+    expect((await drain(stream)).equals(blob.bytes)).toBe(true);
+    await c.close();
+  });
+
   test('blobs: HEAD gives the size, GET streams the exact bytes', async () => {
     const c = client(registry.url);
     for (const blob of oci.blobs) {
