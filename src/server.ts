@@ -242,14 +242,14 @@ export async function createRuntime(
         orphanTimeout: config.server.cacheWriteTimeout,
         inflight,
         budget: lifecycle,
-        ...(leases ? { leases, idleTimeout: upstream.timeouts.bodyIdle } : {}),
+        ...(leases ? { leases, idleTimeout: followIdle(upstream.timeouts.bodyIdle) } : {}),
         ...(peerLeases
           ? {
               source: peerSource(
                 new PeeredBlobSource(client, {
                   leases: peerLeases,
                   secret: peerSecret,
-                  idleTimeout: upstream.timeouts.bodyIdle,
+                  idleTimeout: followIdle(upstream.timeouts.bodyIdle),
                   log,
                 }),
               ),
@@ -559,7 +559,16 @@ function servedServices(runtime: Runtime): Map<string, UpstreamServices> {
 
 /** How long a peer waits on a silent fetch before giving up on it: the longest bodyIdle. */
 function peerIdleTimeout(config: Config): number {
-  return Math.max(...Object.values(config.upstreams).map((u) => u.timeouts.bodyIdle));
+  return Math.max(...Object.values(config.upstreams).map((u) => followIdle(u.timeouts.bodyIdle)));
+}
+
+/**
+ * How long a process following another's fetch waits for bytes before it fetches for itself:
+ * the upstream's bodyIdle, and its default (30 s) when that is 0 (off). With no limit, one stalled
+ * holder would stall its followers for good; with 0 taken as is, none would follow at all.
+ */
+function followIdle(bodyIdle: number): number {
+  return bodyIdle > 0 ? bodyIdle : 30_000;
 }
 
 /** The storage in Redis keys: replicas of one storage share them, other caches do not. */

@@ -429,3 +429,32 @@ describe('workers on one host and the budget', () => {
     }
   }, 60_000);
 });
+
+describe('workers with the upstream timeouts off', () => {
+  test('a cold blob asked of both workers is still fetched once: bodyIdle 0 does not make every follower give up', async () => {
+    const registry = await TestRegistry.start();
+    const throttle = await Throttle.start(registry.url);
+    const pc = await startWorkers({
+      upstream: throttle.url,
+      workers: 2,
+      yaml: ['    timeouts:', '      connect: 0', '      headers: 0', '      bodyIdle: 0'],
+    });
+    try {
+      const { digest } = await pushRandomBlob(registry, REPO, 8 * MiB);
+      throttle.bytesPerSecond = 8 * MiB;
+      const results = await Promise.all(
+        Array.from({ length: 6 }, () => get(`${pc.url}/v2/${REPO}/blobs/${digest}`)),
+      );
+      expect(new Set(results.map((r) => r.worker)).size).toBe(2);
+      for (const r of results) {
+        expect(r.status).toBe(200);
+        expect(sha256(r.body)).toBe(digest);
+      }
+      expect(throttle.gets.get(digest)).toBe(1);
+    } finally {
+      await pc.stop();
+      await throttle.close();
+      await registry.close();
+    }
+  }, 60_000);
+});
