@@ -12,7 +12,7 @@
  */
 import { execFile } from 'node:child_process';
 import { cpus, totalmem, tmpdir } from 'node:os';
-import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { TestRegistry } from '../test/helpers/registry.js';
@@ -410,7 +410,19 @@ function reportWarnings(file: string): void {
   );
 }
 
+/** The tools the run starts, checked first: a missing one named at once, not minutes in. */
+const TOOLS = ['docker-registry', 'skopeo', 'wrk', 'curl', 'cmp', 'openssl', 'redis-server'];
+
 async function main(): Promise<void> {
+  const missing = TOOLS.filter(
+    (tool) => !process.env.PATH?.split(':').some((dir) => existsSync(join(dir, tool))),
+  );
+  if (missing.length > 0) {
+    console.error(
+      `the benchmark needs ${missing.join(', ')} on the PATH (Debian: apt-get install docker-registry skopeo wrk curl openssl redis-server)`,
+    );
+    process.exit(2);
+  }
   const work = mkdtempSync(join(tmpdir(), 'pullcache-bench-'));
   const upstream = await TestRegistry.start();
   const servers: ServerUnderTest[] = [];
