@@ -1,13 +1,16 @@
 // Where the CPU goes on a cold blob: CPU seconds of pullcache (by thread) and the upstream over
 // three fresh 512 MiB blobs, each then fetched once more cached (or distribution's proxy):
 // node --import tsx bench/cold.ts [pullcache|distribution]; CLIENTS=16 has 16 clients (curl piped
-// into cmp) on each 256 MiB blob instead of one curl on 512 MiB.
+// into cmp) on each 256 MiB blob instead of one curl on 512 MiB. RECYCLE=1 writes and deletes a
+// file of the blob's size just before each cold GET, so that the server's new file gets pages the
+// guest has just freed rather than fresh ones its host must hand back (docs/benchmark.md, "Fresh
+// page-cache pages"); the line then also says what that write cost.
 import { mkdtempSync, readdirSync, readFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { TestRegistry } from '../test/helpers/registry.js';
 import { curlGet, sameBytes, timed } from './measure.js';
-import { settledCpu } from './fleet.js';
+import { newFileCpu, settledCpu } from './fleet.js';
 import { pushFileBlob, randomBlob } from './seed.js';
 import { startDistributionProxy, startPullcacheProcess } from './servers.js';
 
@@ -41,6 +44,7 @@ for (let i = 0; i < 3; i++) {
   const blob = await randomBlob(work, `b${i}`, (clients === 1 ? 512 : 256) * 1024 * 1024);
   await pushFileBlob(up, `bench/c${i}`, blob);
   await settledCpu(server.pid);
+  const recycled = process.env.RECYCLE ? newFileCpu(work, blob.size / (1024 * 1024)) : undefined;
   const [s0, u0, t0] = [cpu(server.pid), cpu(up.pid!), threads(server.pid)];
   const url = `${server.url}/v2/bench/c${i}/blobs/${blob.digest}`;
   const t =
@@ -63,7 +67,7 @@ for (let i = 0; i < 3; i++) {
     .join(', ');
   const cached = await curlGet(`${server.url}/v2/bench/c${i}/blobs/${blob.digest}`);
   console.error(
-    `${which}: cached ${(cached.bytes / cached.total / 1e6).toFixed(0)} MB/s; cold: ${(t.bytes / t.total / 1e6).toFixed(0)} MB/s, ttfb ${(t.ttfb * 1000).toFixed(1)} ms, wall ${t.total.toFixed(2)} s; cpu s: server ${(s1 - s0).toFixed(2)} (${(s1 - atLastByte).toFixed(2)} after the last byte), upstream ${(u1 - u0).toFixed(2)} (${split}); peak rss ${(server.peakRss() / 1e6).toFixed(0)} MB`,
+    `${which}: cached ${(cached.bytes / cached.total / 1e6).toFixed(0)} MB/s; cold: ${(t.bytes / t.total / 1e6).toFixed(0)} MB/s, ttfb ${(t.ttfb * 1000).toFixed(1)} ms, wall ${t.total.toFixed(2)} s; cpu s: server ${(s1 - s0).toFixed(2)} (${(s1 - atLastByte).toFixed(2)} after the last byte), upstream ${(u1 - u0).toFixed(2)} (${split}); peak rss ${(server.peakRss() / 1e6).toFixed(0)} MB${recycled === undefined ? '' : `; the file recycled before: ${recycled.toFixed(2)} CPU-s per GiB`}`,
   );
 }
 await server.stop();

@@ -36,6 +36,15 @@ export interface FleetFigures {
    * file (and V8's helpers). Not counted for distribution, whose goroutines go on any thread.
    */
   coldCpuOffMainSPerGiB?: number;
+  /**
+   * CPU per GiB the bench spent writing a new file of the blob's size right after the cold GET:
+   * what the machine charged then for fresh page-cache pages (see `machineFloor`).
+   */
+  newFileAfterSPerGiB: number;
+  /** CPU per GiB of a cold GET (until idle) right after a file of its size was deleted. */
+  recycledCpuSPerGiB: number;
+  /** That GET's throughput, MB/s. */
+  recycledMBps: number;
   /** Bytes the upstream sent for the one cold GET, over the blob's size. */
   coldUpstreamRatio: number;
   warmCpuSPerGiB: number;
@@ -141,11 +150,11 @@ export async function settledCpu(pid: number): Promise<number> {
 /**
  * What this machine charges for the two things no verifying cache can skip on a cold blob,
  * CPU seconds per GiB of this process: SHA-256 (node's, OpenSSL), and writing a new file. The
- * file is written twice: into fresh page-cache pages (after a few seconds in which nothing was
- * freed), then again right after the first is deleted, into the pages that freed. A VM whose host
- * takes freed guest memory back within a second or two (virtio-balloon free page reporting)
- * charges the first many times the second: a cold blob's file costs the first, on such a VM,
- * whenever nothing was deleted just before it.
+ * file is written twice: after 4 s with nothing freed, then again right after the first is
+ * deleted, into the pages that freed. A VM whose host takes freed guest memory back within a
+ * second or two (virtio-balloon free page reporting) charges a new file's fresh pages many times
+ * recycled ones; whether the first write here gets fresh pages depends on what the host holds, so
+ * `measureFleet` also writes a file right after each cold GET, in the state that GET met.
  * The cold figures read against these, on a machine other than the one the targets were set on.
  */
 export async function machineFloor(dir: string): Promise<MachineFloor> {
@@ -160,23 +169,30 @@ export async function machineFloor(dir: string): Promise<MachineFloor> {
   for (let i = 0; i < blocks; i++) hash.update(block);
   hash.digest();
   const sha256 = (cpuNow() - c0) / (blocks / 1024);
-  const path = join(dir, 'floor');
-  const writeNew = () => {
-    const fd = openSync(path, 'w');
-    const start = cpuNow();
-    try {
-      for (let i = 0; i < blocks; i++) writeSync(fd, block);
-    } finally {
-      closeSync(fd);
-    }
-    const spent = (cpuNow() - start) / (blocks / 1024);
-    rmSync(path, { force: true });
-    return spent;
-  };
   await new Promise((r) => setTimeout(r, 4000));
-  const newFile = writeNew();
-  const recycledFile = writeNew();
+  const newFile = newFileCpu(dir, blocks);
+  const recycledFile = newFileCpu(dir, blocks);
   return { sha256, newFile, recycledFile };
+}
+
+/** CPU seconds per GiB this process spends writing a new file of `mib` MiB (then deleted). */
+export function newFileCpu(dir: string, mib: number): number {
+  const block = Buffer.alloc(1024 * 1024, 0x5a);
+  const path = join(dir, 'new-file');
+  const cpuNow = () => {
+    const u = process.cpuUsage();
+    return (u.user + u.system) / 1e6;
+  };
+  const fd = openSync(path, 'w');
+  const start = cpuNow();
+  try {
+    for (let i = 0; i < mib; i++) writeSync(fd, block);
+  } finally {
+    closeSync(fd);
+  }
+  const spent = (cpuNow() - start) / (mib / 1024);
+  rmSync(path, { force: true });
+  return spent;
 }
 
 export interface MachineFloor {
@@ -233,10 +249,11 @@ async function manifestLatencies<T>(
 export async function measureFleet(
   server: ServerUnderTest,
   upstream: TestRegistry,
-  cold: FileBlob,
-  image: PushedImage,
+  blobs: { cpu: FileBlob; recycled: FileBlob; image: PushedImage },
   log: (message: string) => void,
+  scratch: string,
 ): Promise<FleetFigures> {
+  const { cpu: cold, image } = blobs;
   const blobUrl = (repo: string, digest: string) => `${server.url}/v2/${repo}/blobs/${digest}`;
   log(`${server.name}: CPU per GiB, cold and warm`);
   let cpu = await settledCpu(server.pid);
@@ -249,10 +266,24 @@ export async function measureFleet(
   const settled = await settledCpu(server.pid);
   const coldCpu = settled - cpu;
   const coldOffMain = treeCpuOffMain(server.pid) - offMain;
+  // What the machine charged just then for a file of the blob's size, written by this process.
+  const newFile = newFileCpu(scratch, Math.round(cold.size / (1024 * 1024)));
   const coldUpstream = bytesWritten(upstream.pid!) - sent;
   cpu = settled;
   for (let i = 0; i < 3; i++) await curlGet(blobUrl('bench/cpu', cold.digest));
   const warmCpu = (await settledCpu(server.pid)) - cpu;
+
+  // The state of a cache host whose memory is full of page cache: a new file takes pages just
+  // freed (here, by deleting a file of the blob's size), not fresh ones the host must hand back.
+  log(`${server.name}: a cold GET into recycled pages`);
+  const other = blobs.recycled;
+  cpu = await settledCpu(server.pid);
+  newFileCpu(scratch, Math.round(other.size / (1024 * 1024)));
+  cpu = treeCpu(server.pid);
+  const again = await curlGet(blobUrl('bench/cpu', other.digest));
+  if (again.status !== 200 || again.bytes !== other.size)
+    throw new Error(`${server.name}: cold GET gave HTTP ${again.status}, ${again.bytes} bytes`);
+  const recycledCpu = (await settledCpu(server.pid)) - cpu;
 
   log(`${server.name}: 32 clients pulling every layer of the warm image`);
   const layerUrl = (l: FileBlob) => blobUrl(image.repository, l.digest);
@@ -282,6 +313,9 @@ export async function measureFleet(
       ? { coldCpuOffMainSPerGiB: coldOffMain / (cold.size / GiB) }
       : {}),
     coldUpstreamRatio: coldUpstream / cold.size,
+    newFileAfterSPerGiB: newFile,
+    recycledCpuSPerGiB: recycledCpu / (other.size / GiB),
+    recycledMBps: other.size / again.total / 1e6,
     warmCpuSPerGiB: warmCpu / ((3 * cold.size) / GiB),
     load32WallS: loaded.seconds,
     load32MBps: (32 * imageBytes) / loaded.seconds / 1e6,
@@ -394,6 +428,21 @@ export function fleetTable(
     row('cold GET: upstream bytes / size', '', (f) => `${fmt(f.coldUpstreamRatio)}x`),
     row('of which off the main thread (node: writing the file)', '', (f) =>
       f.coldCpuOffMainSPerGiB === undefined ? '' : `${fmt(f.coldCpuOffMainSPerGiB)} s`,
+    ),
+    row(
+      'the bench writing a new file of that size right after, CPU per GiB',
+      '',
+      (f) => `${fmt(f.newFileAfterSPerGiB)} s`,
+    ),
+    row(
+      'another cold blob, its file into pages just freed: CPU per GiB',
+      '<= 2.0 s (pullcache)',
+      (f) => `${fmt(f.recycledCpuSPerGiB)} s`,
+    ),
+    row(
+      'that cold GET (512 MiB): throughput',
+      '>= distribution',
+      (f) => `${fmt(f.recycledMBps)} MB/s`,
     ),
     `| this machine: SHA-256; a new file, fresh / recycled pages; CPU per GiB | ${names
       .map(() => '')

@@ -243,6 +243,8 @@ interface Seed {
   image: PushedImage;
   /** A 512 MiB blob each server gets cold once, for its CPU per GiB (bench/fleet.ts). */
   cpu: FileBlob;
+  /** Another, got cold right after a file of its size was deleted (bench/fleet.ts). */
+  recycled: FileBlob;
 }
 
 async function seedUpstream(upstream: TestRegistry, work: string): Promise<Seed> {
@@ -260,10 +262,12 @@ async function seedUpstream(upstream: TestRegistry, work: string): Promise<Seed>
   const image = await pushImage(upstream, 'bench/app', 'v1', layers);
   const cpu = await randomBlob(files, 'cpu', sized(512 * MiB));
   await pushFileBlob(upstream, 'bench/cpu', cpu);
+  const recycled = await randomBlob(files, 'recycled', sized(512 * MiB));
+  await pushFileBlob(upstream, 'bench/cpu', recycled);
   // The 256 MiB layer's file stays: the 16 clients compare their bytes with it.
-  for (const l of [big, cpu, ...layers]) rmSync(l.path, { force: true });
+  for (const l of [big, cpu, recycled, ...layers]) rmSync(l.path, { force: true });
   log(`seeded: image ${(layers.reduce((n, l) => n + l.size, 0) / MiB).toFixed(0)} MiB in 5 layers`);
-  return { big, medium, image, cpu };
+  return { big, medium, image, cpu, recycled };
 }
 
 const TARGETS: {
@@ -464,7 +468,7 @@ async function main(): Promise<void> {
         results.pullcache!.manifestsAuthenticatedRps = auth.tokenRps;
         results.pullcache!.manifestErrors += auth.errors;
       }
-      fleet[server.name] = await measureFleet(server, upstream, seed.cpu, seed.image, log);
+      fleet[server.name] = await measureFleet(server, upstream, seed, log, work);
       await server.stop();
       if (server.name === 'pullcache') reportWarnings(join(work, server.name, 'pullcache.log'));
       rmSync(join(work, server.name), { recursive: true, force: true });
