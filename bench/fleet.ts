@@ -435,7 +435,7 @@ export function fleetTable(
       (f) => `${fmt(f.newFileAfterSPerGiB)} s`,
     ),
     row(
-      'another cold blob, its file into pages just freed: CPU per GiB',
+      'another cold blob, a file of its size deleted just before: CPU per GiB',
       '<= 2.0 s (pullcache)',
       (f) => `${fmt(f.recycledCpuSPerGiB)} s`,
     ),
