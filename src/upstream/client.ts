@@ -8,6 +8,7 @@
 import { Readable } from 'node:stream';
 import type { UpstreamConfig } from '../config/schema.js';
 import type { Logger } from '../log/logger.js';
+import { PageLinks } from './pages.js';
 import { DigestVerifier, digestOf, parseDigest, type Digest } from '../oci/digest.js';
 import { ManifestInvalidError } from '../oci/errors.js';
 import { MANIFEST_ACCEPT, MediaType, baseMediaType } from '../oci/media-types.js';
@@ -37,6 +38,11 @@ import type {
 
 /** How long the start-up `warm` waits for the upstream, ms. */
 const WARM_TIMEOUT = 10_000;
+/** Most pages of a tag list, and all of them together in manifests' size (maxManifestSize). */
+const MAX_TAG_PAGES = 10_000;
+const TAG_PAGES_ROOM = 16;
+/** Most pages of a referrers answer (all of them together are one manifest's size). */
+const MAX_REFERRER_PAGES = 1000;
 
 export interface ClientOptions {
   name: string;
@@ -396,33 +402,38 @@ export class RegistryClient implements UpstreamClient {
     repository: Repository,
     options: RequestOptions & { pageSize?: number } = {},
   ): Promise<string[]> {
+    const what = `tags of ${repository}`;
     const tags: string[] = [];
+    // A page is held to the size of a manifest (the upstream decides how long its pages are),
+    // all of them together to TAG_PAGES_ROOM manifests: a long list is a few MB.
+    let room = TAG_PAGES_ROOM * this.config.maxManifestSize;
+    const pages = new PageLinks(this.name, what, MAX_TAG_PAGES);
     let next: string | undefined = `tags/list?n=${options.pageSize ?? 1000}`;
-    for (let page = 0; next && page < 10_000; page++) {
+    while (next) {
       const res = await this.transport.send(
         'GET',
         repository,
         next,
-        `tags of ${repository}`,
+        what,
         { accept: 'application/json' },
         options,
       );
-      // A page is held to the size of a manifest: the upstream decides how long its pages are.
       const bytes = await this.transport.readSmallBody(
         res,
         'tags',
-        `tags of ${repository}`,
-        this.config.maxManifestSize,
+        what,
+        Math.min(this.config.maxManifestSize, room),
       );
+      room -= bytes.length;
       let body: { tags?: unknown } | null;
       try {
         body = JSON.parse(bytes.toString('utf8')) as { tags?: unknown } | null;
       } catch {
-        throw new UpstreamInvalidError(this.name, `tags of ${repository}: not JSON`);
+        throw new UpstreamInvalidError(this.name, `${what}: not JSON`);
       }
       if (Array.isArray(body?.tags))
         tags.push(...body.tags.filter((t): t is string => typeof t === 'string'));
-      next = nextPage(header(res.headers, 'link'), repository);
+      next = pages.after(next, header(res.headers, 'link'), repository);
     }
     return tags;
   }
@@ -444,7 +455,8 @@ export class RegistryClient implements UpstreamClient {
       (options.artifactType !== undefined
         ? `?artifactType=${encodeURIComponent(options.artifactType)}`
         : '');
-    for (let page = 0; next && page < 1000; page++) {
+    const pages = new PageLinks(this.name, what, MAX_REFERRER_PAGES);
+    while (next) {
       const res = await this.transport.send(
         'GET',
         repository,
@@ -467,23 +479,10 @@ export class RegistryClient implements UpstreamClient {
         .split(',')
         .map((f) => f.trim())
         .filter(Boolean);
-      next = nextPage(header(res.headers, 'link'), repository);
+      next = pages.after(next, header(res.headers, 'link'), repository);
     }
     return { manifests, filtersApplied: filtersApplied ?? [] };
   }
-}
-
-/** The next page (tags, referrers) from a `Link: <...>; rel="next"` header, as a path under the repository. */
-function nextPage(link: string | undefined, repository: string): string | undefined {
-  if (!link) return undefined;
-  const m = /<([^>]+)>\s*;\s*rel="?next"?/.exec(link);
-  if (!m) return undefined;
-  // Only the path and query are used: a Link never makes us dial another host.
-  const target = new URL(m[1]!, 'http://upstream.invalid');
-  const prefix = `/v2/${repository}/`;
-  const at = target.pathname.indexOf(prefix);
-  if (at < 0) return undefined;
-  return `${target.pathname.slice(at + prefix.length)}${target.search}`;
 }
 
 function sleep(ms: number, signal?: AbortSignal): Promise<void> {

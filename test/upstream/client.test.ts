@@ -585,6 +585,39 @@ describe('faults a real registry cannot produce', () => {
     await Promise.all([realm.close(), registry.close()]);
   });
 
+  test("a tag list whose pages link back, or that never ends, is the upstream's fault, not a short list", async () => {
+    let page = 0;
+    const server = await fakeServer((req, res) => {
+      const looping = req.url!.includes('/loop/');
+      const n = Number(/[?&]last=t(\d+)/.exec(req.url!)?.[1] ?? -1) + 1;
+      page++;
+      res
+        .writeHead(200, {
+          'content-type': 'application/json',
+          // The loop's second page links back to its first; the other always has one more.
+          link:
+            looping && n > 0
+              ? `</v2/a/loop/tags/list?n=1>; rel="next"`
+              : `</v2/a/${looping ? 'loop' : 'endless'}/tags/list?n=1&last=t${n}>; rel="next"`,
+        })
+        .end(JSON.stringify({ name: 'a', tags: [`t${n}`, 'x'.repeat(100)] }));
+    });
+    const c = client(server.url, { maxManifestSize: '1KiB' });
+    await expect(c.listTags(repo('a/loop'), { pageSize: 1 })).rejects.toThrow(
+      /a page links back to a page already read/,
+    );
+    expect(page).toBe(2);
+    // 16 KiB in all: about 120 pages of 140 bytes, then the list is refused whole.
+    page = 0;
+    const err = await c.listTags(repo('a/endless')).catch((e: unknown) => e);
+    expect(err).toBeInstanceOf(UpstreamInvalidError);
+    expect((err as Error).message).toMatch(/more than/);
+    expect(page).toBeGreaterThan(100);
+    expect(page).toBeLessThan(130);
+    await c.close();
+    await server.close();
+  });
+
   test('a tags page is held to the manifest size limit, and one that is not JSON is invalid', async () => {
     const tags = Array.from({ length: 200 }, (_, i) => `tag-${i}`);
     let body = JSON.stringify({ name: 'a/b', tags });
