@@ -8,7 +8,6 @@
 import { Readable } from 'node:stream';
 import type { UpstreamConfig } from '../config/schema.js';
 import type { Logger } from '../log/logger.js';
-import { PageLinks } from './pages.js';
 import { DigestVerifier, digestOf, parseDigest, type Digest } from '../oci/digest.js';
 import { ManifestInvalidError } from '../oci/errors.js';
 import { MANIFEST_ACCEPT, MediaType, baseMediaType } from '../oci/media-types.js';
@@ -17,6 +16,7 @@ import type { Repository } from '../oci/reference.js';
 import { errMessage, UpstreamInvalidError } from './errors.js';
 import type { RawBody } from './raw-get.js';
 import type { HealthOptions } from './health.js';
+import { PageLinks } from './pages.js';
 import {
   contentLength,
   header,
