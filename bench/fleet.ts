@@ -197,7 +197,7 @@ export function newFileCpu(dir: string, mib: number): number {
 
 export interface MachineFloor {
   sha256: number;
-  /** A new file into fresh page-cache pages. */
+  /** A new file, after 4 s with nothing freed (fresh pages, if the host has taken them back). */
   newFile: number;
   /** The same right after a file of its size was deleted. */
   recycledFile: number;
@@ -275,9 +275,9 @@ export async function measureFleet(
 
   // The state of a cache host whose memory is full of page cache: a new file takes pages just
   // freed (here, by deleting a file of the blob's size), not fresh ones the host must hand back.
-  log(`${server.name}: a cold GET into recycled pages`);
+  log(`${server.name}: another cold GET, a file of its size deleted just before`);
   const other = blobs.recycled;
-  cpu = await settledCpu(server.pid);
+  await settledCpu(server.pid);
   newFileCpu(scratch, Math.round(other.size / (1024 * 1024)));
   cpu = treeCpu(server.pid);
   const again = await curlGet(blobUrl('bench/cpu', other.digest));
@@ -444,7 +444,7 @@ export function fleetTable(
       '>= distribution',
       (f) => `${fmt(f.recycledMBps)} MB/s`,
     ),
-    `| this machine: SHA-256; a new file, fresh / recycled pages; CPU per GiB | ${names
+    `| this machine: SHA-256; a new file, after 4 s quiet / just freed; CPU per GiB | ${names
       .map(() => '')
       .slice(1)
       .concat(`${fmt(floor.sha256)}; ${fmt(floor.newFile)} / ${fmt(floor.recycledFile)} s`)

@@ -434,7 +434,7 @@ async function main(): Promise<void> {
     const seed = await seedUpstream(upstream, work);
     const floor = await machineFloor(work);
     log(
-      `this machine: SHA-256 ${floor.sha256.toFixed(2)}, a new file ${floor.newFile.toFixed(2)} (fresh pages) / ${floor.recycledFile.toFixed(2)} (recycled) CPU-s per GiB`,
+      `this machine: SHA-256 ${floor.sha256.toFixed(2)}, a new file ${floor.newFile.toFixed(2)} (after 4 s quiet) / ${floor.recycledFile.toFixed(2)} (into pages just freed) CPU-s per GiB`,
     );
     // PULLCACHE_BENCH_ONLY=pullcache measures pullcache alone, for quick tries: no table, no files;
     // =fleet only the fleet phases, of both servers.
