@@ -14,6 +14,7 @@ import {
   UnsupportedError,
 } from '../oci/errors.js';
 import { isUploadId, paths } from './paths.js';
+import { recordPull } from './last-pull.js';
 import {
   PathNotFoundError,
   resolveRange,
@@ -176,9 +177,7 @@ export class DriverBlobStore implements BlobStore {
   }
 
   async markPulled(digest: Digest, at: number): Promise<void> {
-    await this.driver.touch(paths.blobData(digest), new Date(at)).catch((err: unknown) => {
-      if (!(err instanceof PathNotFoundError)) throw err;
-    });
+    await recordPull(this.driver, paths.blobData(digest), at);
   }
 
   async purgeUploads(olderThan: Date): Promise<number> {

@@ -4,6 +4,7 @@ import type { Descriptor } from '../oci/descriptor.js';
 import { parseRepository, type Tag } from '../oci/reference.js';
 import { isTag } from '../oci/reference.js';
 import { paths, REPOSITORY_DATA_DIRS } from './paths.js';
+import { recordPull } from './last-pull.js';
 import {
   PathNotFoundError,
   type ManifestLink,
@@ -93,11 +94,7 @@ export class DriverRepositoryStore implements RepositoryStore {
   }
 
   async markManifestPulled(repo: RepositoryKey, digest: Digest, at: number): Promise<void> {
-    await this.driver
-      .touch(paths.manifestRevisionLink(repo, digest), new Date(at))
-      .catch((err: unknown) => {
-        if (!(err instanceof PathNotFoundError)) throw err;
-      });
+    await recordPull(this.driver, paths.manifestRevisionLink(repo, digest), at);
   }
 
   async unlinkManifest(repo: RepositoryKey, digest: Digest): Promise<void> {

@@ -216,7 +216,10 @@ export interface BlobStore {
   list(): AsyncIterable<StoredBlob>;
   /** Removes a blob whatever `deleteEnabled` says (eviction); no error when it is not stored. */
   remove(digest: Digest): Promise<void>;
-  /** Records when the blob was last pulled; no error when it is not stored. */
+  /**
+   * Records when the blob was last pulled, unless a later pull is recorded already (storage/
+   * last-pull.ts); no error when it is not stored.
+   */
   markPulled(digest: Digest, at: number): Promise<void>;
 }
 
@@ -301,7 +304,10 @@ export interface RepositoryStore {
   listManifests(repo: RepositoryKey): Promise<{ digest: Digest; pulledAt: number }[]>;
   /** The blobs a repository links (layer links). */
   listBlobLinks(repo: RepositoryKey): Promise<Digest[]>;
-  /** Records when a manifest of the repository was last pulled; no error when it is not linked. */
+  /**
+   * Records when a manifest of the repository was last pulled, unless a later pull is recorded
+   * already (storage/last-pull.ts); no error when it is not linked.
+   */
   markManifestPulled(repo: RepositoryKey, digest: Digest, at: number): Promise<void>;
   /**
    * Removes the repository's link to a manifest, and the referrers answers kept for it; no error

@@ -223,10 +223,16 @@ describe.each(DRIVERS)('storage contract on %s', (kind) => {
       const digest = digestOf(data);
       await store.put(data, digest);
       const longAgo = Date.now() - 3 * 86_400_000;
-      await store.markPulled(digest, longAgo);
+      // Pulled long ago (the time as storage keeps it); a pull before that changes nothing.
+      await driver.touch(paths.blobData(digest), new Date(longAgo));
+      await store.markPulled(digest, longAgo - 60_000);
       await store.markPulled(digestOf('not stored'), longAgo); // no error
       // A stat tells the time recorded, exactly.
       expect((await storage.open().stat(paths.blobData(digest)))?.modTime.getTime()).toBe(longAgo);
+      await store.markPulled(digest, longAgo + 1000);
+      expect((await storage.open().stat(paths.blobData(digest)))?.modTime.getTime()).toBe(
+        longAgo + 1000,
+      );
       // A listing tells it to within seconds (on S3 it is the time of the record itself).
       const now = Date.now();
       await store.markPulled(digest, now);
@@ -310,6 +316,29 @@ describe.each(DRIVERS)('storage contract on %s', (kind) => {
       expect(await again.listRepositories('ghcr.io')).toEqual([]);
       await again.deleteTag(a, parseTag('3.20'));
       expect(await again.listTags(a)).toEqual([]);
+    });
+
+    test("a manifest's last pull never goes back: the later of two processes' records stays", async () => {
+      const repo = { upstream: 'docker.io', repository: parseRepository('library/busy') };
+      const digest = digestOf('busy manifest');
+      await new DriverRepositoryStore(driver).linkManifest(repo, {
+        digest,
+        mediaType: 'application/vnd.oci.image.manifest.v1+json',
+        size: 13,
+      });
+      // Stored a day ago; two processes on one storage served it since, at t1 and at t2, and the
+      // one with the later pull writes first.
+      await driver.touch(
+        paths.manifestRevisionLink(repo, digest),
+        new Date(Date.now() - 86_400_000),
+      );
+      const t2 = Date.now() - 1000;
+      const t1 = t2 - 5000;
+      await new DriverRepositoryStore(storage.open()).markManifestPulled(repo, digest, t2);
+      await new DriverRepositoryStore(storage.open()).markManifestPulled(repo, digest, t1);
+      expect(await new DriverRepositoryStore(storage.open()).listManifests(repo)).toEqual([
+        { digest, pulledAt: t2 },
+      ]);
     });
 
     test('nested repositories are listed, and their data dirs are not', async () => {
