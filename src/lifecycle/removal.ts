@@ -147,6 +147,18 @@ export class Removal {
     }
   }
 
+  /**
+   * Whether a blob the graph lacks is in storage all the same, and then it joins the graph. The
+   * scan lists blobs before links and tags, and another process (a worker, a replica) may store
+   * a blob, then link it, in between: its links and tags are in the graph, its blob is not.
+   */
+  private async storedSinceScan(graph: ImageGraph, digest: Digest): Promise<boolean> {
+    const stat = await this.d.blobs.stat(digest);
+    if (!stat.found) return false;
+    graph.addBlob(digest, stat.descriptor.size, Date.now());
+    return true;
+  }
+
   private async pruneRepository(repo: RepositoryKey): Promise<void> {
     if (this.d.graph().pruneRepository(repo)) await this.d.repositories.prune(repo);
   }
@@ -168,6 +180,9 @@ export class Removal {
       const repo = node.key;
       for (const [tag, digest] of [...node.tags]) {
         if (node.manifests.has(digest)) continue;
+        // Linked by another process since the scan listed this repository's manifests: storage,
+        // not this graph, says whether the manifest is missing.
+        if (await repositories.getManifest(repo, digest)) continue;
         report.removed.push({
           kind: 'image',
           name: `${repositoryId(repo)}:${tag} (tag of a missing manifest)`,
@@ -181,6 +196,7 @@ export class Removal {
       }
       for (const manifest of [...node.manifests.values()]) {
         if (graph.blobs.has(manifest.digest) || inUse(manifest.digest)) continue;
+        if (await this.storedSinceScan(graph, manifest.digest)) continue;
         report.removed.push({
           kind: 'image',
           name: `${repositoryId(repo)}@${manifest.digest} (manifest without its bytes)`,
@@ -195,6 +211,7 @@ export class Removal {
       }
       for (const digest of [...node.links]) {
         if (graph.blobs.has(digest) || inUse(digest) || dryRun) continue;
+        if (await this.storedSinceScan(graph, digest)) continue;
         await cache.deleteRepositoryDescriptor(repo, digest);
         await repositories.unlinkBlob(repo, digest);
         graph.unlinkBlob(repo, digest);

@@ -1,0 +1,92 @@
+/**
+ * The collection after a scan that another process wrote under: the scan lists blobs before
+ * links and tags, so an image a worker or replica stored in between has its links and tag in
+ * the graph and not its blobs. Storage, not the graph, decides what is missing.
+ */
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterEach, expect, test } from 'vitest';
+import { ImageGraph } from '../../src/lifecycle/image-graph.js';
+import { Removal } from '../../src/lifecycle/removal.js';
+import { scanStorage } from '../../src/lifecycle/scan.js';
+import { silentLogger } from '../../src/log/logger.js';
+import { KeyvMetadataCache } from '../../src/metadata/keyv-cache.js';
+import { parseDigest } from '../../src/oci/digest.js';
+import { parseRepository, parseTag } from '../../src/oci/reference.js';
+import { DriverBlobStore } from '../../src/storage/blob-store.js';
+import { FilesystemDriver } from '../../src/storage/filesystem-driver.js';
+import { DriverRepositoryStore } from '../../src/storage/repository-store.js';
+import type { BlobStore, RepositoryKey } from '../../src/storage/types.js';
+import { makeImage } from '../helpers/images.js';
+
+const roots: string[] = [];
+afterEach(() => {
+  for (const root of roots.splice(0)) rmSync(root, { recursive: true, force: true });
+});
+
+test('an image another process stored while the scan listed blobs is kept whole by the collection', async () => {
+  const root = mkdtempSync(join(tmpdir(), 'pullcache-collect-'));
+  roots.push(root);
+  const driver = new FilesystemDriver(root);
+  const blobs = new DriverBlobStore(driver, { deleteEnabled: true });
+  const repositories = new DriverRepositoryStore(driver);
+  const image = makeImage('org/app', 'v1', 'oci', [3000]);
+  const repo = { upstream: 'docker.io', repository: parseRepository('org/app') } as RepositoryKey;
+  const digest = parseDigest(image.digest).digest;
+  const tag = parseTag('v1');
+
+  // The other process, in the order pullcache stores an image: blobs, links, then the tag.
+  const storeImage = async () => {
+    for (const b of image.blobs) {
+      const d = parseDigest(b.digest).digest;
+      await blobs.put(b.bytes, d);
+      await repositories.linkBlob(repo, { digest: d, size: b.bytes.length });
+    }
+    await blobs.put(image.manifest, digest, image.mediaType);
+    await repositories.linkManifest(repo, {
+      digest,
+      mediaType: image.mediaType,
+      size: image.manifest.length,
+    });
+    await repositories.setTag(repo, tag, { digest, confirmedAt: Date.now() });
+  };
+  // It stores the image right after the scan's blob listing has gone by.
+  const listing: BlobStore = Object.assign(Object.create(blobs) as BlobStore, {
+    async *list() {
+      yield* blobs.list();
+      await storeImage();
+    },
+  });
+  const graph = new ImageGraph();
+  await scanStorage({
+    graph,
+    blobs: listing,
+    repositories,
+    upstreams: ['docker.io'],
+    log: silentLogger(),
+  });
+  expect(graph.blobs.size).toBe(0); // the state the collection meets
+  expect(graph.repositories.get('docker.io/org/app')?.manifests.has(digest)).toBe(true);
+
+  const removal = new Removal({
+    graph: () => graph,
+    blobs,
+    repositories,
+    cache: new KeyvMetadataCache({ store: 'memory', log: silentLogger() }),
+    manifestMemory: { forget: () => {} },
+    inUse: () => false,
+  });
+  const report = await removal.collect(false, {
+    unlinkedBefore: Date.now() - 60_000,
+    uploadsBefore: new Date(0),
+  });
+  expect(report.removed).toEqual([]);
+  expect(await repositories.getTag(repo, tag)).toMatchObject({ digest });
+  expect(await repositories.getManifest(repo, digest)).toMatchObject({ digest });
+  for (const b of image.blobs) {
+    const d = parseDigest(b.digest).digest;
+    expect(await repositories.hasBlob(repo, d)).toBe(true);
+    expect(graph.blobs.has(d)).toBe(true); // learned from storage
+  }
+});
