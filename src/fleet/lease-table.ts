@@ -52,12 +52,26 @@ export class LeaseTable {
         return;
       }
       case 'takeOver': {
-        const old = this.byDigest.get(m.digest);
-        if (old) {
-          old.watchers.delete(worker);
-          this.end(old, { type: 'failed', reason: 'the fetch was taken over: it had stalled' });
+        const current = this.byDigest.get(m.digest);
+        if (current && current.token !== m.stalled) {
+          // Another follower of the stalled holder took it over first (or a new fetch began):
+          // this one follows that, rather than end it and fetch a second time.
+          current.watchers.add(worker);
+          this.send(worker, {
+            pullcache: 'lease',
+            t: 'held',
+            token: m.token,
+            holder: current.token,
+            state: { ...current.state },
+          });
+          return;
+        }
+        if (current) {
+          current.watchers.delete(worker);
+          this.end(current, { type: 'failed', reason: 'the fetch was taken over: it had stalled' });
         }
         this.grant(worker, m.digest, m.token);
+        this.send(worker, { pullcache: 'lease', t: 'granted', token: m.token });
         return;
       }
       case 'unwatch':

@@ -5,7 +5,8 @@
  *
  * worker -> primary: `acquire` (answered by `granted` or `held`), `watch` (answered by `held` or
  * `none`: a follower only, for a peer's request), and, from a holder, `started`,
- * `progress`, `committed`, `failed`; from a follower, `unwatch`. `takeOver` needs no answer.
+ * `progress`, `committed`, `failed`; from a follower, `unwatch`, and `takeOver` of the holder it
+ * found stalled (answered by `granted`, or by `held` when another follower took it over first).
  * primary -> worker: `granted`, `held` (with what the holder said so far), and `event` to each
  * follower, as the holder tells its progress or fails (or dies: `failed`).
  */
@@ -13,7 +14,7 @@ import type { Digest } from '../oci/digest.js';
 
 export type ToPrimary =
   | { pullcache: 'lease'; t: 'acquire'; digest: Digest; token: string }
-  | { pullcache: 'lease'; t: 'takeOver'; digest: Digest; token: string }
+  | { pullcache: 'lease'; t: 'takeOver'; digest: Digest; token: string; stalled: string }
   | { pullcache: 'lease'; t: 'watch'; digest: Digest; token: string }
   | { pullcache: 'lease'; t: 'started'; token: string; upload: string; size: number | null }
   | { pullcache: 'lease'; t: 'progress'; token: string; written: number }

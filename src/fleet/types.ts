@@ -22,10 +22,12 @@ export interface DigestLeases {
    */
   acquire(digest: Digest): Promise<LeaseResult>;
   /**
-   * Takes the lease from whoever holds it (a holder that stalled): its other followers are cut,
-   * and what it says from now on is ignored.
+   * Takes the lease from `stalled`, a holder followed here that sent nothing for too long: its
+   * other followers are cut, and what it says from now on is ignored. When another follower
+   * took it over first, resolves to that one's fetch, to be followed instead (one fetch, not
+   * one per follower that timed out). Rejects like `acquire`.
    */
-  takeOver(digest: Digest): Lease;
+  takeOver(digest: Digest, stalled: HeldFetch): Promise<LeaseResult>;
 }
 
 export type LeaseResult = { held: true; lease: Lease } | { held: false; holder: HeldFetch };

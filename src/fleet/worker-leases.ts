@@ -75,20 +75,27 @@ export class WorkerLeases implements DigestLeases {
     return result && !result.held ? result.holder : undefined;
   }
 
-  private ask(t: 'acquire' | 'watch', digest: Digest): Promise<LeaseResult | undefined> {
+  private ask(
+    t: 'acquire' | 'watch' | 'takeOver',
+    digest: Digest,
+    stalled = '',
+  ): Promise<LeaseResult | undefined> {
     if (this.gone || !this.o.channel.connected)
       return Promise.reject(new Error('the primary process is gone'));
     const token = this.token();
     return new Promise((resolve, reject) => {
       this.asked.set(token, { resolve, reject });
-      this.send({ pullcache: 'lease', t, digest, token });
+      this.send(
+        t === 'takeOver'
+          ? { pullcache: 'lease', t, digest, token, stalled }
+          : { pullcache: 'lease', t, digest, token },
+      );
     });
   }
 
-  takeOver(digest: Digest): Lease {
-    const token = this.token();
-    this.send({ pullcache: 'lease', t: 'takeOver', digest, token });
-    return new IpcLease(token, (m) => this.send(m));
+  takeOver(digest: Digest, stalled: HeldFetch): Promise<LeaseResult> {
+    const holder = stalled instanceof IpcHeldFetch ? stalled.holder : '';
+    return this.ask('takeOver', digest, holder) as Promise<LeaseResult>;
   }
 
   private token(): string {
@@ -120,7 +127,7 @@ export class WorkerLeases implements DigestLeases {
       asked.resolve({ held: true, lease: new IpcLease(m.token, (x) => this.send(x)) });
       return;
     }
-    const held = new IpcHeldFetch(m.state, {
+    const held = new IpcHeldFetch(m.holder, m.state, {
       read: (id, offset, length) => this.o.readUpload(id, offset, length),
       close: () => this.unwatch(m.holder, held),
     });
@@ -206,6 +213,8 @@ class IpcHeldFetch implements HeldFetch {
   private closed = false;
 
   constructor(
+    /** The holder's lease token. */
+    readonly holder: string,
     state: HolderState,
     private readonly io: {
       read(id: string, offset: number, length: number): Promise<RangeStream>;

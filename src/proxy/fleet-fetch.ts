@@ -11,7 +11,7 @@
  * request fetches afresh.
  */
 import type { Descriptor } from '../oci/descriptor.js';
-import type { DigestLeases, LeaseResult } from '../fleet/types.js';
+import type { DigestLeases, HeldFetch, LeaseResult } from '../fleet/types.js';
 import { BlobFetch, type BlobFetchOptions, type BlobFollower } from './blob-fetch.js';
 import { HolderFailedError, HolderStalledError, RemoteBlobFetch } from './remote-fetch.js';
 import type { FetchState, UpstreamFetch } from './types.js';
@@ -84,19 +84,25 @@ export class FleetFetch implements UpstreamFetch {
   private async run(ready: () => void, notReady: (err: unknown) => void): Promise<Descriptor> {
     const log = this.o.log;
     let result: LeaseResult | undefined;
+    /** A holder followed here that sent nothing for the idle timeout: taken over next. */
+    let stalled: HeldFetch | undefined;
     for (let ask = 0; ; ask++) {
       try {
-        result = await this.o.leases.acquire(this.digest);
+        result = stalled
+          ? await this.o.leases.takeOver(this.digest, stalled)
+          : await this.o.leases.acquire(this.digest);
       } catch (err) {
         // The leases cannot be asked (the primary is gone): fetch alone rather than not at all.
         log.warn({ digest: this.digest, err: (err as Error).message }, 'no lease: fetching alone');
         result = undefined;
       }
+      stalled = undefined;
       if (!result || result.held) break;
+      const holder = result.holder;
       const remote = new RemoteBlobFetch({
         digest: this.digest,
         repo: this.repo,
-        holder: result.holder,
+        holder,
         blobs: this.o.blobs,
         idleTimeout: this.o.idleTimeout,
       });
@@ -106,7 +112,8 @@ export class FleetFetch implements UpstreamFetch {
       } catch (err) {
         if (err instanceof HolderStalledError) {
           log.warn({ digest: this.digest }, 'fetch holder stalled before starting: taking over');
-          return this.takeOver(ready, notReady);
+          stalled = holder;
+          continue;
         }
         if (err instanceof HolderFailedError && ask < REASKS) continue;
         notReady(err);
@@ -118,15 +125,13 @@ export class FleetFetch implements UpstreamFetch {
         return await remote.done;
       } catch (err) {
         if (!(err instanceof HolderStalledError)) throw err;
-        log.warn({ digest: this.digest }, 'fetch holder stalled: fetching afresh');
-        return this.takeOver(ready, notReady);
+        // Its clients here were cut with it; the next ones get the blob from whoever fetches it
+        // now (this process, or a follower that took it over first).
+        log.warn({ digest: this.digest }, 'fetch holder stalled: taking over');
+        stalled = holder;
       }
     }
     return this.fetchHere(result?.held ? result.lease : undefined, ready, notReady);
-  }
-
-  private takeOver(ready: () => void, notReady: (err: unknown) => void): Promise<Descriptor> {
-    return this.fetchHere(this.o.leases.takeOver(this.digest), ready, notReady);
   }
 
   private async fetchHere(

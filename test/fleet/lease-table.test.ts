@@ -81,15 +81,37 @@ describe('the leases of one host', () => {
     leases.receive(1, { pullcache: 'lease', t: 'acquire', digest, token: '1.1' });
     leases.receive(2, { pullcache: 'lease', t: 'acquire', digest, token: '2.1' });
     leases.receive(3, { pullcache: 'lease', t: 'acquire', digest, token: '3.1' });
-    leases.receive(2, { pullcache: 'lease', t: 'takeOver', digest, token: '2.2' });
+    leases.receive(2, {
+      pullcache: 'lease',
+      t: 'takeOver',
+      digest,
+      token: '2.2',
+      stalled: '1.1',
+    });
     expect(to(3).at(-1)).toMatchObject({ t: 'event', holder: '1.1', event: { type: 'failed' } });
-    expect(to(2)).toHaveLength(1); // the taker is not told its own take-over
+    expect(to(2).at(-1)).toEqual({ pullcache: 'lease', t: 'granted', token: '2.2' });
     const before = sent.length;
     leases.receive(1, { pullcache: 'lease', t: 'committed', token: '1.1', size: 5, kept: true });
     expect(sent).toHaveLength(before);
     // The taker holds it now: a new follower follows the taker.
     leases.receive(3, { pullcache: 'lease', t: 'acquire', digest, token: '3.2' });
     expect(to(3).at(-1)).toMatchObject({ t: 'held', holder: '2.2' });
+  });
+
+  test('two followers that take over one stalled holder: the second follows the first, which keeps its lease', () => {
+    const { leases, to } = table();
+    leases.receive(1, { pullcache: 'lease', t: 'acquire', digest, token: '1.1' });
+    leases.receive(2, { pullcache: 'lease', t: 'acquire', digest, token: '2.1' });
+    leases.receive(3, { pullcache: 'lease', t: 'acquire', digest, token: '3.1' });
+    // Their idle timers fired together: both ask to take over the holder 1.1.
+    leases.receive(2, { pullcache: 'lease', t: 'takeOver', digest, token: '2.2', stalled: '1.1' });
+    leases.receive(3, { pullcache: 'lease', t: 'takeOver', digest, token: '3.2', stalled: '1.1' });
+    expect(to(2).at(-1)).toEqual({ pullcache: 'lease', t: 'granted', token: '2.2' });
+    expect(to(3).at(-1)).toMatchObject({ t: 'held', token: '3.2', holder: '2.2' });
+    // The first taker's lease stands: its progress reaches the second.
+    leases.receive(2, { pullcache: 'lease', t: 'progress', token: '2.2', written: 7 });
+    expect(to(3).at(-1)).toMatchObject({ t: 'event', holder: '2.2', event: { written: 7 } });
+    expect(to(2).filter((m) => m.t === 'event' && m.holder === '2.2')).toEqual([]);
   });
 
   test('a follower that stops watching is told nothing more', () => {
