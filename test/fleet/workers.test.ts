@@ -416,7 +416,17 @@ describe('workers on one host and the budget', () => {
           parseDigest(x!.digest).digest,
         ),
       );
-      await waitFor(async () => statSync(link).mtimeMs >= pulledAt, 'the pull in storage', 30_000);
+      await waitFor(
+        async () => {
+          const at = statSync(link).mtimeMs;
+          // Said when it times out: how far the time in storage is from the pull.
+          if (at < pulledAt)
+            throw new Error(`the link's time is ${pulledAt - at} ms before the pull`);
+          return true;
+        },
+        'the pull in storage',
+        30_000,
+      );
       // z does not fit beside both: the owner evicts one, and x was pulled last.
       await pull(toOwner, z!);
       await waitFor(async () => !stored(y!) || !stored(x!), 'an eviction');
