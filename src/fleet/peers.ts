@@ -191,8 +191,10 @@ export class PeeredBlobSource implements Pick<UpstreamClient, 'getBlob'> {
       release();
       throw err;
     }
-    // Held until the body is done: a replica asking meanwhile follows this one.
-    blob.stream.once('close', release);
+    // Held until the blob is stored (or given up), else until the body is done: a replica
+    // asking meanwhile follows this one rather than find the blob neither fetched nor stored.
+    if (options.settled) options.settled.then(release, release);
+    else blob.stream.once('close', release);
     return blob;
   }
 

@@ -108,6 +108,8 @@ export class BlobFetch implements UpstreamFetch, FollowedFetch {
   private diskWaiters: (() => void)[] = [];
   /** Time the fetch spent waiting for the disk, for the log: a slow disk shows here. */
   private diskWaitMs = 0;
+  /** Resolves when the fetch is over, committed or failed (before `done` settles). */
+  private readonly settled = deferred<void>();
 
   constructor(private readonly options: BlobFetchOptions) {
     this.digest = options.digest;
@@ -131,6 +133,7 @@ export class BlobFetch implements UpstreamFetch, FollowedFetch {
       const { size, stream } = await client.getBlob(repo.repository, digest, {
         signal: this.abort.signal,
         slabs: this.slabs,
+        settled: this.settled.promise,
       });
       this.size = size;
       this.state = 'running';
@@ -216,6 +219,7 @@ export class BlobFetch implements UpstreamFetch, FollowedFetch {
       throw err;
     } finally {
       clearTimeout(this.orphanTimer);
+      this.settled.resolve();
     }
   }
 

@@ -68,6 +68,13 @@ export interface BlobRequestOptions extends RequestOptions {
    * chunk's memory is its own.
    */
   slabs?: ReceiveSlabs;
+  /**
+   * Settles when the caller is done with the blob: stored (committed) or given up. A source that
+   * holds something for the fetch (a replica's lease on the digest) holds it until then, not
+   * only until the body ends: the commit comes after the body (on S3, the upload's last part and
+   * a copy), and the blob is in storage for the others only once it is done.
+   */
+  settled?: Promise<unknown>;
 }
 
 /**

@@ -4,11 +4,15 @@
  * in a real Redis, a lease left by an earlier life of the replica is taken over.
  */
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
-import { PeerLeases } from '../../src/fleet/peers.js';
+import { Readable } from 'node:stream';
+import { PeerLeases, PeeredBlobSource } from '../../src/fleet/peers.js';
 import { LeaseRedis } from '../../src/lifecycle/lease.js';
 import { silentLogger } from '../../src/log/logger.js';
 import type { Digest } from '../../src/oci/digest.js';
-import { freePort } from '../helpers/net.js';
+import type { Repository } from '../../src/oci/reference.js';
+import { deferred } from '../../src/proxy/deferred.js';
+import type { BlobStream } from '../../src/upstream/types.js';
+import { freePort, waitFor } from '../helpers/net.js';
 import { startRedis, type TestRedis } from '../helpers/redis.js';
 
 const DIGEST = `sha256:${'b'.repeat(64)}` as Digest;
@@ -68,5 +72,41 @@ describe('in a real Redis', () => {
       holder: 'http://a:1',
     });
     if (claim.held) claim.release();
+  });
+
+  test('a fetch holds its lease until it is stored, not only until its body ends', async () => {
+    const prefix = `test-peer-settled-${Date.now()}:`;
+    const key = `${prefix}${DIGEST}`;
+    const client = await conn.connect();
+    const upstream = {
+      name: 'upstream',
+      getBlob: async (): Promise<BlobStream> => ({
+        size: 3,
+        stream: Readable.from([Buffer.from('abc')]),
+      }),
+    };
+    const source = new PeeredBlobSource(upstream, {
+      leases: leasesOf('http://a:1', prefix),
+      secret: 'secret',
+      idleTimeout: 5_000,
+      log: silentLogger(),
+    });
+    try {
+      const stored = deferred<void>();
+      const blob = await source.getBlob('library/x' as Repository, DIGEST, {
+        settled: stored.promise,
+      });
+      for await (const chunk of blob.stream) expect(chunk).toBeDefined();
+      await new Promise((r) => setTimeout(r, 100)); // the body is over: its stream closed
+      // Not stored yet (a commit under way): another replica asking follows this one.
+      expect(await leasesOf('http://b:1', prefix).claim(DIGEST)).toEqual({
+        held: false,
+        holder: 'http://a:1',
+      });
+      stored.resolve();
+      await waitFor(async () => (await client.get(key)) === null, 'the lease released');
+    } finally {
+      source.close();
+    }
   });
 });
