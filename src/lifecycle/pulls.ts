@@ -54,14 +54,34 @@ export class PullRecorder {
     if (changed!.blob) this.dirtyBlobs.set(digest, at);
   }
 
-  /** Writes the last-pulled times recorded since the last flush. */
+  /**
+   * Writes the last-pulled times recorded since the last flush. One that fails (storage did not
+   * answer) is kept for the next flush, unless a later pull replaced it meanwhile; the first
+   * failure is thrown once the others are written.
+   */
   async flush(): Promise<void> {
     const manifests = this.dirtyManifests;
     const blobs = this.dirtyBlobs;
     this.dirtyManifests = new Map();
     this.dirtyBlobs = new Map();
-    for (const { repo, digest, at } of manifests.values())
-      await this.d.repositories.markManifestPulled(repo, digest, at);
-    for (const [digest, at] of blobs) await this.d.blobs.markPulled(digest, at);
+    let failure: unknown;
+    for (const [key, entry] of manifests) {
+      try {
+        await this.d.repositories.markManifestPulled(entry.repo, entry.digest, entry.at);
+      } catch (err) {
+        failure ??= err;
+        if ((this.dirtyManifests.get(key)?.at ?? -1) < entry.at)
+          this.dirtyManifests.set(key, entry);
+      }
+    }
+    for (const [digest, at] of blobs) {
+      try {
+        await this.d.blobs.markPulled(digest, at);
+      } catch (err) {
+        failure ??= err;
+        if ((this.dirtyBlobs.get(digest) ?? -1) < at) this.dirtyBlobs.set(digest, at);
+      }
+    }
+    if (failure !== undefined) throw failure;
   }
 }

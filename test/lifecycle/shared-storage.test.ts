@@ -1,23 +1,27 @@
 /**
- * The collection after a scan that another process wrote under: the scan lists blobs before
- * links and tags, so an image a worker or replica stored in between has its links and tag in
- * the graph and not its blobs. Storage, not the graph, decides what is missing.
+ * The lifecycle's writes and removals where storage changes under it: the collection after a
+ * scan that another process wrote under (the scan lists blobs before links and tags, so an image
+ * a worker or replica stored in between has its links and tag in the graph and not its blobs:
+ * storage, not the graph, decides what is missing), and the last pulls a failed write must not
+ * lose.
  */
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, expect, test } from 'vitest';
 import { ImageGraph } from '../../src/lifecycle/image-graph.js';
+import { PullRecorder } from '../../src/lifecycle/pulls.js';
 import { Removal } from '../../src/lifecycle/removal.js';
 import { scanStorage } from '../../src/lifecycle/scan.js';
 import { silentLogger } from '../../src/log/logger.js';
 import { KeyvMetadataCache } from '../../src/metadata/keyv-cache.js';
-import { parseDigest } from '../../src/oci/digest.js';
+import { parseDigest, type Digest } from '../../src/oci/digest.js';
 import { parseRepository, parseTag } from '../../src/oci/reference.js';
 import { DriverBlobStore } from '../../src/storage/blob-store.js';
 import { FilesystemDriver } from '../../src/storage/filesystem-driver.js';
 import { DriverRepositoryStore } from '../../src/storage/repository-store.js';
-import type { BlobStore, RepositoryKey } from '../../src/storage/types.js';
+import { paths } from '../../src/storage/paths.js';
+import type { BlobStore, RepositoryKey, RepositoryStore } from '../../src/storage/types.js';
 import { makeImage } from '../helpers/images.js';
 
 const roots: string[] = [];
@@ -89,4 +93,50 @@ test('an image another process stored while the scan listed blobs is kept whole 
     expect(await repositories.hasBlob(repo, d)).toBe(true);
     expect(graph.blobs.has(d)).toBe(true); // learned from storage
   }
+});
+
+test('a last pull that storage did not take is written at the next flush, and the others at once', async () => {
+  const root = mkdtempSync(join(tmpdir(), 'pullcache-pulls-'));
+  roots.push(root);
+  const driver = new FilesystemDriver(root);
+  const blobs = new DriverBlobStore(driver, { deleteEnabled: true });
+  const stored = new DriverRepositoryStore(driver);
+  const repo = { upstream: 'docker.io', repository: parseRepository('org/app') } as RepositoryKey;
+  const images = [makeImage('org/app', 'a', 'oci', [100]), makeImage('org/app', 'b', 'oci', [200])];
+  const digests = images.map((i) => parseDigest(i.digest).digest);
+  for (const [i, image] of images.entries()) {
+    await stored.linkManifest(repo, {
+      digest: digests[i]!,
+      mediaType: image.mediaType,
+      size: image.manifest.length,
+    });
+    await driver.touch(paths.manifestRevisionLink(repo, digests[i]!), new Date(1000));
+  }
+  // Storage refuses the first write of a last pull (an S3 503 past its retries), then answers.
+  let refusals = 1;
+  const repositories = Object.assign(Object.create(stored) as RepositoryStore, {
+    markManifestPulled(r: RepositoryKey, d: Digest, at: number) {
+      if (refusals-- > 0) return Promise.reject(new Error('storage did not answer'));
+      return stored.markManifestPulled(r, d, at);
+    },
+  });
+  const graph = new ImageGraph();
+  const pulls = new PullRecorder({
+    change: (apply) => {
+      apply(graph);
+      return graph;
+    },
+    blobs,
+    repositories,
+  });
+  pulls.graphReady();
+  const at = Date.now();
+  for (const d of digests) pulls.pulled(repo, d, at, true);
+  await expect(pulls.flush()).rejects.toThrow('storage did not answer');
+  const times = async () =>
+    Object.fromEntries((await stored.listManifests(repo)).map((m) => [m.digest, m.pulledAt]));
+  // The second was written at once; the first waits for the next flush, not for another pull.
+  expect(await times()).toEqual({ [digests[0]!]: 1000, [digests[1]!]: at });
+  await pulls.flush();
+  expect(await times()).toEqual({ [digests[0]!]: at, [digests[1]!]: at });
 });
