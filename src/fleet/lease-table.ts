@@ -36,19 +36,8 @@ export class LeaseTable {
           this.send(worker, { pullcache: 'lease', t: 'none', token: m.token });
           return;
         }
-        if (!entry) {
-          this.grant(worker, m.digest, m.token);
-          this.send(worker, { pullcache: 'lease', t: 'granted', token: m.token });
-          return;
-        }
-        entry.watchers.add(worker);
-        this.send(worker, {
-          pullcache: 'lease',
-          t: 'held',
-          token: m.token,
-          holder: entry.token,
-          state: { ...entry.state },
-        });
+        if (entry) this.follow(worker, m.token, entry);
+        else this.grant(worker, m.digest, m.token);
         return;
       }
       case 'takeOver': {
@@ -56,14 +45,7 @@ export class LeaseTable {
         if (current && current.token !== m.stalled) {
           // Another follower of the stalled holder took it over first (or a new fetch began):
           // this one follows that, rather than end it and fetch a second time.
-          current.watchers.add(worker);
-          this.send(worker, {
-            pullcache: 'lease',
-            t: 'held',
-            token: m.token,
-            holder: current.token,
-            state: { ...current.state },
-          });
+          this.follow(worker, m.token, current);
           return;
         }
         if (current) {
@@ -71,7 +53,6 @@ export class LeaseTable {
           this.end(current, { type: 'failed', reason: 'the fetch was taken over: it had stalled' });
         }
         this.grant(worker, m.digest, m.token);
-        this.send(worker, { pullcache: 'lease', t: 'granted', token: m.token });
         return;
       }
       case 'unwatch':
@@ -110,6 +91,19 @@ export class LeaseTable {
     }
   }
 
+  /** `worker` (its question `token`) follows the holder of `entry`: told what it said so far. */
+  private follow(worker: number, token: string, entry: Entry): void {
+    entry.watchers.add(worker);
+    this.send(worker, {
+      pullcache: 'lease',
+      t: 'held',
+      token,
+      holder: entry.token,
+      state: { ...entry.state },
+    });
+  }
+
+  /** `worker` holds the digest now, and is told so. */
   private grant(worker: number, digest: Digest, token: string): void {
     const entry: Entry = {
       token,
@@ -120,6 +114,7 @@ export class LeaseTable {
     };
     this.byDigest.set(digest, entry);
     this.byToken.set(token, entry);
+    this.send(worker, { pullcache: 'lease', t: 'granted', token });
   }
 
   private tell(entry: Entry, event: WireEvent): void {

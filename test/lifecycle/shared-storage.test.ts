@@ -29,14 +29,23 @@ afterEach(() => {
   for (const root of roots.splice(0)) rmSync(root, { recursive: true, force: true });
 });
 
-test('an image another process stored while the scan listed blobs is kept whole by the collection', async () => {
-  const root = mkdtempSync(join(tmpdir(), 'pullcache-collect-'));
+const repo = { upstream: 'docker.io', repository: parseRepository('org/app') } as RepositoryKey;
+
+/** A storage directory of its own, and its stores. */
+function storage() {
+  const root = mkdtempSync(join(tmpdir(), 'pullcache-shared-'));
   roots.push(root);
   const driver = new FilesystemDriver(root);
-  const blobs = new DriverBlobStore(driver, { deleteEnabled: true });
-  const repositories = new DriverRepositoryStore(driver);
+  return {
+    driver,
+    blobs: new DriverBlobStore(driver, { deleteEnabled: true }),
+    repositories: new DriverRepositoryStore(driver),
+  };
+}
+
+test('an image another process stored while the scan listed blobs is kept whole by the collection', async () => {
+  const { blobs, repositories } = storage();
   const image = makeImage('org/app', 'v1', 'oci', [3000]);
-  const repo = { upstream: 'docker.io', repository: parseRepository('org/app') } as RepositoryKey;
   const digest = parseDigest(image.digest).digest;
   const tag = parseTag('v1');
 
@@ -96,12 +105,7 @@ test('an image another process stored while the scan listed blobs is kept whole 
 });
 
 test('a last pull that storage did not take is written at the next flush, and the others at once', async () => {
-  const root = mkdtempSync(join(tmpdir(), 'pullcache-pulls-'));
-  roots.push(root);
-  const driver = new FilesystemDriver(root);
-  const blobs = new DriverBlobStore(driver, { deleteEnabled: true });
-  const stored = new DriverRepositoryStore(driver);
-  const repo = { upstream: 'docker.io', repository: parseRepository('org/app') } as RepositoryKey;
+  const { driver, blobs, repositories: stored } = storage();
   const images = [makeImage('org/app', 'a', 'oci', [100]), makeImage('org/app', 'b', 'oci', [200])];
   const digests = images.map((i) => parseDigest(i.digest).digest);
   for (const [i, image] of images.entries()) {
