@@ -4,8 +4,8 @@
  * Why: every process of a fleet writes the pulls it served every few seconds (lifecycle/pulls.ts),
  * and two of them may have served the same image: the one that writes last must not put back an
  * older time over a later one, or the image looks unused for longer than it is and an eviction
- * may pick it (a workers test saw the owner's write of its own earlier pull undo the other
- * worker's).
+ * may pick it. (A stat then a write is not atomic: two writes within the same moment can still
+ * cross, which costs at most one flush interval of recency.)
  */
 import { PathNotFoundError, type StorageDriver } from './types.js';
 
