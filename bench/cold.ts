@@ -10,15 +10,12 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { TestRegistry } from '../test/helpers/registry.js';
 import { curlGet, sameBytes, timed } from './measure.js';
-import { newFileCpu, settledCpu } from './fleet.js';
+import { newFileCpu, settledCpu, statCpu } from './fleet.js';
 import { pushFileBlob, randomBlob } from './seed.js';
 import { startDistributionProxy, startPullcacheProcess } from './servers.js';
 
 /** CPU seconds (user + system) a process has used, threads included. */
-function cpu(pid: number): number {
-  const fields = readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1]!.split(' ');
-  return (Number(fields[11]) + Number(fields[12])) / 100;
-}
+const cpu = (pid: number) => statCpu(`/proc/${pid}/stat`);
 
 /** CPU seconds by thread name (node's main thread, libuv workers, V8 GC helpers...). */
 function threads(pid: number): Map<string, number> {

@@ -86,13 +86,25 @@ export function processTree(pid: number): number[] {
   return tree;
 }
 
+/** User + system CPU seconds in a `/proc` stat file: a process's, or one thread's (`task/`). */
+export function statCpu(path: string): number {
+  const stat = readFileSync(path, 'utf8');
+  const f = stat.slice(stat.lastIndexOf(') ') + 2).split(' ');
+  return (Number(f[11]) + Number(f[12])) / 100;
+}
+
+/** CPU seconds this process has used (user + system). */
+function cpuNow(): number {
+  const u = process.cpuUsage();
+  return (u.user + u.system) / 1e6;
+}
+
 /** CPU seconds (user + system, every thread) of the process and its children now. */
 export function treeCpu(pid: number): number {
   let total = 0;
   for (const p of processTree(pid)) {
     try {
-      const f = readFileSync(`/proc/${p}/stat`, 'utf8').split(') ')[1]!.split(' ');
-      total += (Number(f[11]) + Number(f[12])) / 100;
+      total += statCpu(`/proc/${p}/stat`);
     } catch {
       // gone meanwhile
     }
@@ -105,12 +117,8 @@ export function treeCpuOffMain(pid: number): number {
   let total = 0;
   for (const p of processTree(pid)) {
     try {
-      for (const tid of readdirSync(`/proc/${p}/task`)) {
-        if (tid === String(p)) continue;
-        const stat = readFileSync(`/proc/${p}/task/${tid}/stat`, 'utf8');
-        const f = stat.slice(stat.lastIndexOf(') ') + 2).split(' ');
-        total += (Number(f[11]) + Number(f[12])) / 100;
-      }
+      for (const tid of readdirSync(`/proc/${p}/task`))
+        if (tid !== String(p)) total += statCpu(`/proc/${p}/task/${tid}/stat`);
     } catch {
       // gone meanwhile
     }
@@ -160,10 +168,6 @@ export async function settledCpu(pid: number): Promise<number> {
 export async function machineFloor(dir: string): Promise<MachineFloor> {
   const block = randomBytes(1024 * 1024);
   const blocks = 512;
-  const cpuNow = () => {
-    const u = process.cpuUsage();
-    return (u.user + u.system) / 1e6;
-  };
   const c0 = cpuNow();
   const hash = createHash('sha256');
   for (let i = 0; i < blocks; i++) hash.update(block);
@@ -179,10 +183,6 @@ export async function machineFloor(dir: string): Promise<MachineFloor> {
 export function newFileCpu(dir: string, mib: number): number {
   const block = Buffer.alloc(1024 * 1024, 0x5a);
   const path = join(dir, 'new-file');
-  const cpuNow = () => {
-    const u = process.cpuUsage();
-    return (u.user + u.system) / 1e6;
-  };
   const fd = openSync(path, 'w');
   const start = cpuNow();
   try {
