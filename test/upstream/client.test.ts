@@ -6,7 +6,7 @@ import { upstreamSchema } from '../../src/config/schema.js';
 import { silentLogger } from '../../src/log/logger.js';
 import { parseDigest, type Digest } from '../../src/oci/digest.js';
 import { parseRepository } from '../../src/oci/reference.js';
-import { RegistryClient } from '../../src/upstream/client.js';
+import { RegistryClient, type ClientOptions } from '../../src/upstream/client.js';
 import { ReceiveSlabs } from '../../src/upstream/receive-slabs.js';
 import { deferred } from '../../src/proxy/deferred.js';
 import {
@@ -31,13 +31,19 @@ import { TestRegistry } from '../helpers/registry.js';
 const repo = parseRepository;
 const digest = (d: string) => parseDigest(d).digest;
 
-function client(url: string, extra: Record<string, unknown> = {}, name = 'test') {
+function client(
+  url: string,
+  extra: Record<string, unknown> = {},
+  name = 'test',
+  options: Pick<ClientOptions, 'tokenTimeout'> = {},
+) {
   return new RegistryClient({
     name,
     config: upstreamSchema.parse({ url, ...extra }),
     log: silentLogger(),
     password: typeof extra.password === 'string' ? extra.password : undefined,
     retryDelay: 10,
+    ...options,
   });
 }
 
@@ -564,13 +570,7 @@ describe('faults a real registry cannot produce', () => {
   test('a token request has a deadline of its own, even with the timeouts off', async () => {
     const realm = await fakeServer(() => {}); // takes the request, never answers
     const registry = await bearerRegistry(`realm="${realm.url}/token"`);
-    const c = new RegistryClient({
-      name: 'test',
-      config: upstreamSchema.parse({
-        url: registry.url,
-        timeouts: { headers: 0, bodyIdle: 0 },
-      }),
-      log: silentLogger(),
+    const c = client(registry.url, { timeouts: { headers: 0, bodyIdle: 0 } }, 'test', {
       tokenTimeout: 300,
     });
     const started = performance.now();
