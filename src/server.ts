@@ -54,6 +54,7 @@ import {
 import { RegistryClient } from './upstream/client.js';
 import cluster from 'node:cluster';
 import { processChannel, WorkerLeases } from './fleet/worker-leases.js';
+import { Forgetting, IpcForgetTransport, RedisForgetTransport } from './fleet/forget.js';
 import { PeeredBlobSource, PeerLeases } from './fleet/peers.js';
 import { PeerBlobService } from './fleet/peer-blobs.js';
 import { workerMetrics } from './fleet/cluster-metrics.js';
@@ -107,6 +108,11 @@ export interface Runtime {
   probe(options?: {
     cacheTimeout?: number;
   }): Promise<{ storage: Reachability; cache: Reachability }>;
+  /**
+   * For a serving process: from now on, what another process removes from storage (an eviction,
+   * `rm`) is dropped from this one's memory too (fleet/forget.ts).
+   */
+  followRemovals(): void;
   close(): Promise<void>;
 }
 
@@ -147,10 +153,32 @@ export async function createRuntime(
     deleteEnabled: config.storage.delete.enabled,
   });
   const storedRepositories = new DriverRepositoryStore(driver);
+  // One Redis connection for the leases of this process (the lifecycle's, the fetches') and for
+  // telling the others what left storage.
+  const leaseRedis =
+    config.cache.store === 'redis' ? new LeaseRedis(config.cache.redis.url, log) : undefined;
+  // What this process removes, every other process on the storage drops from memory too.
+  const forgetting = new Forgetting(
+    [
+      ...(cluster.isWorker ? [new IpcForgetTransport(processChannel)] : []),
+      ...(leaseRedis
+        ? [
+            new RedisForgetTransport(
+              leaseRedis,
+              config.cache.redis.url,
+              `pullcache:forget:${storageId(config)}`,
+              log,
+            ),
+          ]
+        : []),
+    ],
+    log,
+  );
   const cache = new KeyvMetadataCache({
     store: config.cache.store,
     redisUrl: config.cache.redis.url,
     log,
+    onDelete: (key) => forgetting.announce(key),
   });
   const inflight = new InflightFetches<UpstreamFetch>();
   metrics.setFetchesInFlight(() => inflight.running());
@@ -164,9 +192,6 @@ export async function createRuntime(
     : undefined;
   // `server.advertise`: replicas sharing a Redis take a lease on each cold digest there, and the
   // others stream the blob from the one fetching it (fleet/peers.ts).
-  // One Redis connection for the leases of this process (the lifecycle's, the fetches').
-  const leaseRedis =
-    config.cache.store === 'redis' ? new LeaseRedis(config.cache.redis.url, log) : undefined;
   // (The configuration's schema requires cache.store: redis with server.advertise.)
   const peerLeases =
     config.server.advertise !== '' && leaseRedis
@@ -309,11 +334,24 @@ export async function createRuntime(
       ]);
       return { storage, cache: reachable };
     },
+    followRemovals() {
+      forgetting.listen({
+        forget(keys) {
+          cache.forgetInMemory(keys);
+          localManifests.forgetKeys(keys);
+        },
+        forgetAll() {
+          cache.forgetAllInMemory();
+          localManifests.forgetAll();
+        },
+      });
+    },
     async close() {
       for (const p of passthrough.values()) p.close();
       for (const source of peerSources) source.close();
       await Promise.all([...clients.values()].map((c) => c.close()));
       await lifecycle.close(); // releases the lifecycle's lease first
+      await forgetting.close(); // what it still has to tell goes out on the lease connection
       await leaseRedis?.close();
       await cache.close();
       await closeDriver(driver);
@@ -443,6 +481,7 @@ export async function startServer(config: Config, log: Logger): Promise<RunningS
   // With `server.workers`, the status page shows the host, whichever worker a poll reaches.
   if (cluster.isWorker) runtime.status.showHost(workerStatus);
   runtime.status.start();
+  runtime.followRemovals();
   // In the background: the first pull should not wait for a connection or an auth challenge.
   for (const client of runtime.clients.values()) void client.warm?.();
   // The commands find this server (and its admin API) through the owner record.

@@ -2,9 +2,10 @@
  * `server.workers`: the primary process of a host serving with several workers (node:cluster).
  * It only supervises: it forks the workers, which all accept connections on the one port (the
  * primary hands connections to them in turn), keeps the host's leases on digests (lease-table.ts)
- * so that a cold blob is fetched by one worker and followed by the others, replaces a worker
- * that dies (its clients are cut, the others' are not), gathers the workers' metrics and status
- * for a scrape or the status page (cluster-metrics.ts, cluster-status.ts), and on SIGTERM or SIGINT stops every
+ * so that a cold blob is fetched by one worker and followed by the others, passes on to the
+ * others what a worker removed from storage (forget.ts), replaces a worker that dies (its clients
+ * are cut, the others' are not), gathers the workers' metrics and status for a scrape or the
+ * status page (cluster-metrics.ts, cluster-status.ts), and on SIGTERM or SIGINT stops every
  * worker gracefully, then itself.
  *
  * A worker that exits before it ever listened (storage that takes no write, a port in use) is
@@ -17,6 +18,7 @@ import type { Logger } from '../log/logger.js';
 import { serveClusterMetrics } from './cluster-metrics.js';
 import { serveClusterStatus } from './cluster-status.js';
 import { LeaseTable } from './lease-table.js';
+import { isForgetMessage } from './forget.js';
 import { isLeaseMessage, type ToPrimary } from './messages.js';
 
 /** Replacements of workers that died within this long of the last one are delayed. */
@@ -50,6 +52,11 @@ export function runPrimary(count: number, log: Logger): Promise<number> {
     const worker = cluster.fork();
     worker.on('message', (message: unknown) => {
       if (isLeaseMessage(message)) leases.receive(worker.id, message as ToPrimary);
+      // A worker removed something from storage: every other worker drops it from memory.
+      else if (isForgetMessage(message))
+        for (const other of Object.values(cluster.workers ?? {}))
+          if (other && other !== worker && other.isConnected())
+            other.send(message, undefined, () => {});
     });
     worker.on('listening', () => {
       listened.add(worker.id);

@@ -26,20 +26,21 @@ export interface Channel {
   onDisconnect(listener: () => void): void;
 }
 
-export const processChannel: Channel = {
+/** `process` in a cluster worker, for the leases and for fleet/forget.ts alike. */
+export const processChannel = {
   get connected() {
     return process.connected;
   },
-  send(message) {
+  send(message: object) {
     process.send?.(message);
   },
-  onMessage(listener) {
+  onMessage(listener: (message: unknown) => void) {
     process.on('message', listener);
   },
-  onDisconnect(listener) {
+  onDisconnect(listener: () => void) {
     process.on('disconnect', listener);
   },
-};
+} satisfies Channel;
 
 export interface WorkerLeasesOptions {
   channel: Channel;

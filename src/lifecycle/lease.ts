@@ -40,6 +40,7 @@ export interface MinimalRedis {
   set(key: string, value: string, options: { NX: true; PX: number }): Promise<string | null>;
   get(key: string): Promise<string | null>;
   eval(script: string, options: { keys: string[]; arguments: string[] }): Promise<unknown>;
+  publish(channel: string, message: string): Promise<number>;
   close?(): Promise<unknown>;
   quit?(): Promise<unknown>;
   destroy?(): void;

@@ -23,6 +23,8 @@ export interface KeyvCacheOptions {
   log: Logger;
   /** Entries of the in-process LRU in front of keyv; 0 turns it off. */
   memoryEntries?: number;
+  /** Told each key deleted, for the other processes' memory (fleet/forget.ts). */
+  onDelete?: (key: string) => void;
 }
 
 export class KeyvMetadataCache implements MetadataCache {
@@ -43,8 +45,10 @@ export class KeyvMetadataCache implements MetadataCache {
   /** Probes under way: their failures are the caller's to report, not `warn`'s. */
   private probing = 0;
   private lastError: unknown;
+  private readonly onDelete: ((key: string) => void) | undefined;
 
   constructor(options: KeyvCacheOptions) {
+    this.onDelete = options.onDelete;
     this.log = options.log.child({ module: 'metadata', store: options.store });
     const entries = options.memoryEntries ?? 10_000;
     this.memory = entries > 0 ? new LRUCache({ max: entries }) : undefined;
@@ -164,6 +168,16 @@ export class KeyvMetadataCache implements MetadataCache {
     await this.delete(keys.manifest(repo, digest));
   }
 
+  /** Drops keys from this process's memory only: another process deleted them. */
+  forgetInMemory(keys: readonly string[]): void {
+    for (const key of keys) this.memory?.delete(key);
+  }
+
+  /** Drops everything this process holds in memory (what was deleted meanwhile is unknown). */
+  forgetAllInMemory(): void {
+    this.memory?.clear();
+  }
+
   async close(): Promise<void> {
     await this.guard((keyv) => keyv.disconnect());
   }
@@ -178,6 +192,7 @@ export class KeyvMetadataCache implements MetadataCache {
 
   private async delete(key: string): Promise<void> {
     this.memory?.delete(key);
+    this.onDelete?.(key);
     await this.guard((keyv) => keyv.delete(key));
   }
 

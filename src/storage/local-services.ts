@@ -144,6 +144,19 @@ export class LocalManifestService implements ManifestService {
     this.hot.delete(keys.manifest(repo, digest));
   }
 
+  /**
+   * Drops manifests from memory by their metadata keys (`keys.manifest`): another process removed
+   * them. Keys of anything else are passed over.
+   */
+  forgetKeys(forgotten: readonly string[]): void {
+    for (const key of forgotten) this.hot.delete(key);
+  }
+
+  /** Drops every manifest held in memory. */
+  forgetAll(): void {
+    this.hot.clear();
+  }
+
   async put(
     repo: RepositoryKey,
     bytes: Buffer,

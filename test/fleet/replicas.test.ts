@@ -8,7 +8,7 @@ import { createServer, type Server } from 'node:http';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { createClient } from '@keyv/redis';
 import { peerSignature, PEER_HEADER, PEER_PATH } from '../../src/fleet/peers.js';
-import { pushRandomBlob, sha256 } from '../helpers/images.js';
+import { makeImage, pushImage, pushRandomBlob, sha256 } from '../helpers/images.js';
 import { freePort, waitFor } from '../helpers/net.js';
 import { startRedis, type TestRedis } from '../helpers/redis.js';
 import { TestRegistry } from '../helpers/registry.js';
@@ -152,6 +152,53 @@ describe('replicas sharing Redis and a bucket', () => {
     } finally {
       await client.close();
       fake.close();
+    }
+  });
+
+  test("an image removed through one replica is no longer served from another's memory", async () => {
+    const image = makeImage('org/removed', 'v1', 'oci', [100_000]);
+    await pushImage(registry, image);
+    const [one, two] = [replicas[0]!, replicas[1]!];
+    const ask = (replica: WorkersServer, path: string) =>
+      fetch(`${replica.url}${path}`, { headers: { accept: image.mediaType } }).then(async (r) => {
+        await r.arrayBuffer();
+        return r.status;
+      });
+    const paths = [
+      `/v2/${image.repository}/manifests/${image.tag}`,
+      `/v2/${image.repository}/manifests/${image.digest}`,
+    ];
+    // Replica one stores it (its graph knows it); replica two then answers from Redis and keeps
+    // the tag and manifest in its memory.
+    for (const path of [
+      ...paths,
+      ...image.blobs.map((b) => `/v2/${image.repository}/blobs/${b.digest}`),
+    ])
+      expect(await ask(one, path)).toBe(200);
+    for (const path of paths) expect(await ask(two, path)).toBe(200);
+    const removed = await fetch(`${one.url}/_pullcache/v1/remove`, {
+      method: 'POST',
+      headers: { 'content-type': 'application/json' },
+      body: JSON.stringify({ references: [`${image.repository}:${image.tag}`] }),
+    });
+    expect(((await removed.json()) as { removed: unknown[] }).removed).toHaveLength(1);
+    // With the upstream down, only memory could still answer for the image.
+    throttle.down = true;
+    try {
+      let answers: number[] = [];
+      await waitFor(
+        async () => {
+          answers = await Promise.all(paths.map((path) => ask(two, path)));
+          return answers.every((status) => status !== 200);
+        },
+        'replica two no longer answering for the removed image',
+        10_000,
+      ).catch((err: Error) => {
+        throw new Error(`${err.message}: ${answers.join(', ')}`);
+      });
+      expect(answers).toEqual([503, 503]);
+    } finally {
+      throttle.down = false;
     }
   });
 

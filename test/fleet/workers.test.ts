@@ -22,6 +22,60 @@ import { get, intact, startWorkers, type Got, type WorkersServer } from '../help
 const MiB = 1024 * 1024;
 const REPO = 'library/fleet';
 
+/** A kept-alive connection to the worker with this pid (a new connection until one is). */
+async function connectionTo(pc: WorkersServer, pid: number): Promise<Agent> {
+  for (let i = 0; i < 20; i++) {
+    const agent = new Agent({ keepAlive: true, maxSockets: 1 });
+    const res = await fetchOn(pc, agent, '/v2/');
+    if (res.worker === pid) return agent;
+    agent.destroy();
+  }
+  throw new Error(`no connection reached worker ${pid}`);
+}
+
+function fetchOn(
+  pc: WorkersServer,
+  agent: Agent,
+  path: string,
+  options: { accept?: string; method?: string; body?: string } = {},
+): Promise<Got> {
+  return new Promise((resolve, reject) => {
+    const headers: Record<string, string> = {};
+    if (options.accept) headers.accept = options.accept;
+    if (options.body !== undefined) headers['content-type'] = 'application/json';
+    const req = request(
+      `${pc.url}${path}`,
+      { agent, headers, method: options.method ?? 'GET' },
+      (res) => {
+        const chunks: Buffer[] = [];
+        res.on('data', (c: Buffer) => chunks.push(c));
+        res.on('end', () =>
+          resolve({
+            status: res.statusCode ?? 0,
+            worker: Number(res.headers['pullcache-worker']),
+            body: Buffer.concat(chunks),
+          }),
+        );
+        res.on('error', reject);
+      },
+    );
+    req.on('error', reject);
+    req.end(options.body);
+  });
+}
+
+/** Pulls the image as a client would (its manifest by tag, then every blob) on `agent`. */
+async function pull(pc: WorkersServer, agent: Agent, image: Image): Promise<void> {
+  const manifest = await fetchOn(pc, agent, `/v2/${image.repository}/manifests/${image.tag}`, {
+    accept: image.mediaType,
+  });
+  expect(manifest.status).toBe(200);
+  for (const blob of image.blobs) {
+    const got = await fetchOn(pc, agent, `/v2/${image.repository}/blobs/${blob.digest}`);
+    expect(sha256(got.body)).toBe(blob.digest);
+  }
+}
+
 describe('workers on one host', () => {
   let registry: TestRegistry;
   let throttle: Throttle;
@@ -342,54 +396,6 @@ describe('workers on one host and the budget', () => {
     await registry?.close();
   });
 
-  /** A kept-alive connection to the worker with this pid (a new connection until one is). */
-  async function connectionTo(pid: number): Promise<Agent> {
-    for (let i = 0; i < 20; i++) {
-      const agent = new Agent({ keepAlive: true, maxSockets: 1 });
-      const res = await fetchOn(agent, '/v2/');
-      if (res.worker === pid) return agent;
-      agent.destroy();
-    }
-    throw new Error(`no connection reached worker ${pid}`);
-  }
-
-  function fetchOn(agent: Agent, path: string, accept?: string): Promise<Got> {
-    return new Promise((resolve, reject) => {
-      const req = request(
-        `${pc.url}${path}`,
-        { agent, headers: accept ? { accept } : {} },
-        (res) => {
-          const chunks: Buffer[] = [];
-          res.on('data', (c: Buffer) => chunks.push(c));
-          res.on('end', () =>
-            resolve({
-              status: res.statusCode ?? 0,
-              worker: Number(res.headers['pullcache-worker']),
-              body: Buffer.concat(chunks),
-            }),
-          );
-          res.on('error', reject);
-        },
-      );
-      req.on('error', reject);
-      req.end();
-    });
-  }
-
-  /** Pulls the image as a client would (its manifest by tag, then every blob) on `agent`. */
-  async function pull(agent: Agent, image: Image): Promise<void> {
-    const manifest = await fetchOn(
-      agent,
-      `/v2/${image.repository}/manifests/${image.tag}`,
-      image.mediaType,
-    );
-    expect(manifest.status).toBe(200);
-    for (const blob of image.blobs) {
-      const got = await fetchOn(agent, `/v2/${image.repository}/blobs/${blob.digest}`);
-      expect(sha256(got.body)).toBe(blob.digest);
-    }
-  }
-
   test('the evicting worker keeps an image another worker pulled since, and evicts the one nobody did', async () => {
     const { x, y, z } = images as Record<string, Image>;
     const ownerFile = join(pc.root, 'data', 'lifecycle', 'owner.json');
@@ -397,16 +403,16 @@ describe('workers on one host and the budget', () => {
     await waitFor(async () => pc.workers().includes(ownerPid()), 'a worker owning the storage');
     const owner = ownerPid();
     const other = pc.workers().find((pid) => pid !== owner)!;
-    const toOwner = await connectionTo(owner);
-    const toOther = await connectionTo(other);
+    const toOwner = await connectionTo(pc, owner);
+    const toOther = await connectionTo(pc, other);
     try {
-      await pull(toOwner, x!);
-      await pull(toOwner, y!);
+      await pull(pc, toOwner, x!);
+      await pull(pc, toOwner, y!);
       // x is pulled again, through the other worker: the owner's graph does not see it, but the
       // other worker writes its last pull to storage (within 5 s).
       await new Promise((r) => setTimeout(r, 50));
       const pulledAt = Date.now();
-      await pull(toOther, x!);
+      await pull(pc, toOther, x!);
       // Written within 5 s, later under load: wait until storage says so.
       const link = join(
         pc.root,
@@ -428,7 +434,7 @@ describe('workers on one host and the budget', () => {
         30_000,
       );
       // z does not fit beside both: the owner evicts one, and x was pulled last.
-      await pull(toOwner, z!);
+      await pull(pc, toOwner, z!);
       await waitFor(async () => !stored(y!) || !stored(x!), 'an eviction');
       expect(stored(x!)).toBe(true);
       expect(stored(y!)).toBe(false);
@@ -436,6 +442,69 @@ describe('workers on one host and the budget', () => {
     } finally {
       toOwner.destroy();
       toOther.destroy();
+    }
+  }, 60_000);
+});
+
+describe('workers on one host and a removal', () => {
+  let registry: TestRegistry;
+  let throttle: Throttle;
+  let pc: WorkersServer;
+
+  beforeAll(async () => {
+    registry = await TestRegistry.start();
+    throttle = await Throttle.start(registry.url);
+    pc = await startWorkers({ upstream: throttle.url, workers: 2 });
+  }, 60_000);
+  afterAll(async () => {
+    await pc?.stop();
+    await throttle?.close();
+    await registry?.close();
+  });
+
+  test("an image removed through one worker is no longer served from the other's memory", async () => {
+    const image = makeImage('org/removed', 'v1', 'oci', [100_000]);
+    await pushImage(registry, image);
+    await pc.waitForWorkers(2, 2);
+    const [one, two] = pc.workers() as [number, number];
+    const toOne = await connectionTo(pc, one);
+    const toTwo = await connectionTo(pc, two);
+    const byTag = `/v2/${image.repository}/manifests/${image.tag}`;
+    const byDigest = `/v2/${image.repository}/manifests/${image.digest}`;
+    try {
+      // Worker one stores it (its graph knows it); worker two then serves it from storage, and
+      // keeps its tag and manifest in memory.
+      await pull(pc, toOne, image);
+      for (const path of [byTag, byDigest])
+        expect((await fetchOn(pc, toTwo, path, { accept: image.mediaType })).status).toBe(200);
+      const removed = await fetchOn(pc, toOne, '/_pullcache/v1/remove', {
+        method: 'POST',
+        body: JSON.stringify({ references: [`${image.repository}:${image.tag}`] }),
+      });
+      expect(removed.status).toBe(200);
+      expect((JSON.parse(removed.body.toString()) as { removed: unknown[] }).removed).toHaveLength(
+        1,
+      );
+      // With the upstream down, only memory could still answer for the image.
+      throttle.down = true;
+      const answers: Record<string, number> = {};
+      await waitFor(
+        async () => {
+          for (const path of [byTag, byDigest])
+            answers[path] = (await fetchOn(pc, toTwo, path, { accept: image.mediaType })).status;
+          return answers[byTag] !== 200 && answers[byDigest] !== 200;
+        },
+        'worker two no longer answering for the removed image',
+        10_000,
+      ).catch((err: Error) => {
+        throw new Error(`${err.message}: ${JSON.stringify(answers)}`);
+      });
+      // Not in storage, and the upstream does not answer.
+      expect(answers).toEqual({ [byTag]: 503, [byDigest]: 503 });
+    } finally {
+      throttle.down = false;
+      toOne.destroy();
+      toTwo.destroy();
     }
   }, 60_000);
 });

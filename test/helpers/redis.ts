@@ -11,10 +11,11 @@ export interface TestRedis {
   stop(): Promise<void>;
 }
 
-export async function startRedis(): Promise<TestRedis> {
+/** `port`: always a server of its own on that port (a test that stops and starts it again). */
+export async function startRedis(options: { port?: number } = {}): Promise<TestRedis> {
   const given = process.env.PULLCACHE_TEST_REDIS_URL;
-  if (given) return { url: given, stop: async () => {} };
-  const port = await freePort();
+  if (given && options.port === undefined) return { url: given, stop: async () => {} };
+  const port = options.port ?? (await freePort());
   const child: ChildProcess = spawn(
     'redis-server',
     ['--port', String(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no'],

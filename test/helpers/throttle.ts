@@ -1,7 +1,8 @@
 /**
  * A forwarder in front of the real test registry that paces blob bodies (a real registry cannot
  * be made slow): every request passes through unchanged, GETs of blobs are counted, and their
- * bodies are sent at `bytesPerSecond` so that a test can act while a fetch is under way.
+ * bodies are sent at `bytesPerSecond` so that a test can act while a fetch is under way; `down`
+ * cuts every connection.
  */
 import { createServer, request, type Server } from 'node:http';
 import type { Socket } from 'node:net';
@@ -13,6 +14,8 @@ export class Throttle {
   /** Blob bytes sent, all requests counted. */
   sentBytes = 0;
   bytesPerSecond = 16 * 1024 * 1024;
+  /** While true, every request's connection is cut at once: an upstream that is down. */
+  down = false;
   private server: Server | undefined;
   private readonly sockets = new Set<Socket>();
 
@@ -21,6 +24,10 @@ export class Throttle {
   static async start(target: string): Promise<Throttle> {
     const t = new Throttle(target);
     t.server = createServer((req, res) => {
+      if (t.down) {
+        req.socket.destroy();
+        return;
+      }
       const digest = /\/blobs\/(sha256:[a-f0-9]{64})$/.exec(req.url ?? '')?.[1];
       const target = new URL(t.target);
       const upstream = request(

@@ -1,0 +1,252 @@
+/**
+ * A removal reaching the memory of every other process on the same storage. Storage is the truth
+ * and Redis is shared, but each process keeps hot entries in memory in front of them (the metadata
+ * cache's LRU, the manifest bytes): when one process removes an entry (an eviction, `rm`, a
+ * collection), every other one must drop it too, or it answers from memory for an image that left
+ * storage, and a pull of it fails at its first blob once the upstream is down.
+ *
+ * The process that removes an entry announces the entry's cache key (metadata/keys.ts), and every
+ * other process drops that key from memory. Two ways, both used where both apply:
+ * - **workers of one host**: over the cluster's IPC channel; the primary passes each message on to
+ *   every other worker (primary.ts);
+ * - **processes sharing a Redis** (replicas, and the commands run beside them): PUBLISH on a
+ *   channel per storage, which every serving process SUBSCRIBEs to. A subscriber that lost its
+ *   connection may have missed messages, so each time it is ready again it drops everything it
+ *   holds in memory (a Redis that restarted costs each process its hot entries, read again from
+ *   Redis or storage).
+ *
+ * Keys are batched and leave on the next turn of the event loop; nobody waits for the others to
+ * act on them (a removal forgets before and after it removes, so a process that read the entry
+ * in between drops it at the second message). A message that could not be sent is sent again
+ * every second; past MAX_PENDING keys waiting, the next message says "everything".
+ */
+import { randomUUID } from 'node:crypto';
+import type { Logger } from '../log/logger.js';
+import type { LeaseRedis } from '../lifecycle/lease.js';
+
+/** What one message names: some keys, or everything in memory. */
+export type Forgotten = string[] | 'all';
+
+/** The IPC message, worker -> primary -> every other worker. */
+export interface ForgetMessage {
+  pullcache: 'forget';
+  keys: Forgotten;
+}
+
+export function isForgetMessage(message: unknown): message is ForgetMessage {
+  return (
+    typeof message === 'object' &&
+    message !== null &&
+    (message as { pullcache?: unknown }).pullcache === 'forget' &&
+    isForgotten((message as { keys?: unknown }).keys)
+  );
+}
+
+/** Keys in memory are short strings; anything else in a message is not ours, and is ignored. */
+function isForgotten(keys: unknown): keys is Forgotten {
+  return (
+    keys === 'all' ||
+    (Array.isArray(keys) && keys.every((k) => typeof k === 'string' && k.length <= 2048))
+  );
+}
+
+/** Where the keys go in this process: the in-memory entries it drops. */
+export interface ForgetTarget {
+  forget(keys: readonly string[]): void;
+  forgetAll(): void;
+}
+
+/** A way to the other processes. */
+export interface ForgetTransport {
+  readonly name: string;
+  /** Sends one message; rejects when it did not leave (it is then sent again). */
+  send(keys: Forgotten): Promise<void>;
+  /** Delivers what the others send, from now on. */
+  listen(receive: (keys: Forgotten) => void): void;
+  close(): Promise<void>;
+}
+
+/** Keys waiting to leave at most: past it, the next message says "everything". */
+const MAX_PENDING = 10_000;
+/** How soon a message that did not leave is tried again. */
+const RETRY_MS = 1000;
+
+/** The keys waiting for one transport. */
+class Outbox {
+  private readonly keys = new Set<string>();
+  private all = false;
+  private timer: NodeJS.Timeout | undefined;
+
+  constructor(
+    private readonly transport: ForgetTransport,
+    private readonly log: Logger,
+  ) {}
+
+  add(keys: Forgotten, delay = 0): void {
+    if (keys === 'all') this.all = true;
+    else if (!this.all) for (const key of keys) this.keys.add(key);
+    if (this.keys.size > MAX_PENDING) this.all = true;
+    if (this.all) this.keys.clear();
+    this.timer ??= setTimeout(() => {
+      this.timer = undefined;
+      void this.flush();
+    }, delay);
+  }
+
+  async flush(): Promise<void> {
+    if (!this.all && this.keys.size === 0) return;
+    const batch: Forgotten = this.all ? 'all' : [...this.keys];
+    this.all = false;
+    this.keys.clear();
+    try {
+      await this.transport.send(batch);
+    } catch (err) {
+      this.log.debug(
+        { err: (err as Error).message, via: this.transport.name },
+        'removal not told to the others yet',
+      );
+      this.add(batch, RETRY_MS);
+    }
+  }
+
+  stop(): void {
+    clearTimeout(this.timer);
+    this.timer = undefined;
+  }
+}
+
+export class Forgetting {
+  private readonly outboxes: Outbox[];
+
+  constructor(
+    private readonly transports: ForgetTransport[],
+    log: Logger,
+  ) {
+    const flog = log.child({ module: 'forget' });
+    this.outboxes = transports.map((t) => new Outbox(t, flog));
+  }
+
+  /** Tells the other processes that `key` left storage (or is about to). */
+  announce(key: string): void {
+    for (const outbox of this.outboxes) outbox.add([key]);
+  }
+
+  /** From now on, what the others announce is dropped from `target`. */
+  listen(target: ForgetTarget): void {
+    for (const transport of this.transports)
+      transport.listen((keys) => (keys === 'all' ? target.forgetAll() : target.forget(keys)));
+  }
+
+  /** Sends what is waiting (once, without retrying), then closes the transports. */
+  async close(): Promise<void> {
+    for (const outbox of this.outboxes) outbox.stop();
+    await Promise.all(this.outboxes.map((outbox) => outbox.flush()));
+    for (const outbox of this.outboxes) outbox.stop();
+    await Promise.all(this.transports.map((t) => t.close()));
+  }
+}
+
+/** The IPC channel of a cluster worker, as this module needs it. */
+export interface WorkerChannel {
+  readonly connected: boolean;
+  send(message: ForgetMessage): void;
+  onMessage(listener: (message: unknown) => void): void;
+}
+
+/** Workers of one host: through the primary, which passes each message on to the others. */
+export class IpcForgetTransport implements ForgetTransport {
+  readonly name = 'ipc';
+
+  constructor(private readonly channel: WorkerChannel) {}
+
+  send(keys: Forgotten): Promise<void> {
+    // A worker whose primary is gone is stopping: nobody is left to tell.
+    if (this.channel.connected) this.channel.send({ pullcache: 'forget', keys });
+    return Promise.resolve();
+  }
+
+  listen(receive: (keys: Forgotten) => void): void {
+    this.channel.onMessage((message) => {
+      if (isForgetMessage(message)) receive(message.keys);
+    });
+  }
+
+  close(): Promise<void> {
+    return Promise.resolve();
+  }
+}
+
+/** The subscriber's side of a node-redis client, as this module needs it. */
+interface Subscriber {
+  connect(): Promise<unknown>;
+  subscribe(channel: string, listener: (message: string) => void): Promise<unknown>;
+  destroy(): void;
+  on(event: 'error', listener: (err: Error) => void): unknown;
+  on(event: 'ready', listener: () => void): unknown;
+}
+
+/** Processes sharing a Redis: one channel per storage. */
+export class RedisForgetTransport implements ForgetTransport {
+  readonly name = 'redis';
+  /** Who we are on the channel: our own messages come back to us, and are passed over. */
+  private readonly from = randomUUID();
+  private subscriber: Subscriber | undefined;
+  private closed = false;
+
+  constructor(
+    /** The process's lease connection publishes (it fails at once while Redis is down). */
+    private readonly redis: LeaseRedis,
+    private readonly url: string,
+    private readonly channel: string,
+    private readonly log: Logger,
+  ) {}
+
+  async send(keys: Forgotten): Promise<void> {
+    const client = await this.redis.connect();
+    await client.publish(this.channel, JSON.stringify({ from: this.from, keys }));
+  }
+
+  listen(receive: (keys: Forgotten) => void): void {
+    const log = this.log.child({ module: 'forget' });
+    void import('@keyv/redis').then(async ({ createClient }) => {
+      if (this.closed) return;
+      // A connection of its own: a subscribed connection takes no other command. It keeps
+      // trying to connect (and resubscribes) for as long as the process runs.
+      const subscriber = createClient({
+        url: this.url,
+        socket: { connectTimeout: 2000, reconnectStrategy: (n: number) => Math.min(n * 200, 5000) },
+      }) as unknown as Subscriber;
+      this.subscriber = subscriber;
+      subscriber.on('error', (err) => log.debug({ err: err.message }, 'forget channel error'));
+      // Connected again after a break (or for the first time): whatever was said meanwhile is
+      // lost, so everything held in memory goes.
+      subscriber.on('ready', () => receive('all'));
+      try {
+        await subscriber.connect();
+        await subscriber.subscribe(this.channel, (text) => {
+          const keys = this.parse(text);
+          if (keys) receive(keys);
+        });
+      } catch (err) {
+        if (!this.closed)
+          log.warn({ err: (err as Error).message }, 'forget channel not subscribed');
+      }
+    });
+  }
+
+  private parse(text: string): Forgotten | undefined {
+    try {
+      const message = JSON.parse(text) as { from?: unknown; keys?: unknown };
+      if (message.from === this.from || !isForgotten(message.keys)) return undefined;
+      return message.keys;
+    } catch {
+      return undefined;
+    }
+  }
+
+  close(): Promise<void> {
+    this.closed = true;
+    this.subscriber?.destroy();
+    return Promise.resolve();
+  }
+}

@@ -1,0 +1,142 @@
+/**
+ * What one process removes from storage, the others drop from memory (fleet/forget.ts): through a
+ * real Redis for processes that share one (here: one transport per "process", each with its own
+ * connections), and the batching and retrying of what could not be sent.
+ */
+import { afterAll, beforeAll, describe, expect, test } from 'vitest';
+import {
+  Forgetting,
+  RedisForgetTransport,
+  type ForgetTransport,
+  type Forgotten,
+} from '../../src/fleet/forget.js';
+import { LeaseRedis } from '../../src/lifecycle/lease.js';
+import { silentLogger } from '../../src/log/logger.js';
+import { freePort, waitFor } from '../helpers/net.js';
+import { startRedis, type TestRedis } from '../helpers/redis.js';
+
+const log = silentLogger();
+
+/** A process's side: its transport on `channel`, and every message it was told. */
+function member(url: string, channel: string) {
+  const redis = new LeaseRedis(url, log);
+  const forgetting = new Forgetting([new RedisForgetTransport(redis, url, channel, log)], log);
+  const heard: Forgotten[] = [];
+  forgetting.listen({
+    forget: (keys) => heard.push([...keys]),
+    forgetAll: () => heard.push('all'),
+  });
+  const keys = () => heard.flatMap((m) => (m === 'all' ? [] : m));
+  const alls = () => heard.filter((m) => m === 'all').length;
+  return {
+    forgetting,
+    heard,
+    keys,
+    alls,
+    /** Subscribed (and so told to drop everything once). */
+    ready: () => waitFor(async () => alls() > 0, 'subscribed'),
+    async close() {
+      await forgetting.close();
+      await redis.close();
+    },
+  };
+}
+
+type M = ReturnType<typeof member>;
+
+describe('through Redis', () => {
+  let redis: TestRedis;
+  let port: number;
+  beforeAll(async () => {
+    port = await freePort();
+    redis = await startRedis({ port });
+  });
+  afterAll(async () => {
+    await redis?.stop();
+  });
+
+  test('a key one process announces reaches every other on its storage, in one message, and not itself', async () => {
+    const channel = `pullcache:forget:test-${Date.now()}`;
+    const [a, b, c] = [1, 2, 3].map(() => member(redis.url, channel)) as [M, M, M];
+    const elsewhere = member(redis.url, `${channel}-another-storage`);
+    const members = [a, b, c, elsewhere];
+    try {
+      await Promise.all(members.map((m) => m.ready()));
+      a.forgetting.announce('manifest-1');
+      a.forgetting.announce('tag-1');
+      a.forgetting.announce('manifest-1');
+      for (const m of [b, c]) {
+        await waitFor(async () => m.keys().length > 0, 'the keys heard');
+        expect(m.heard.filter((h) => h !== 'all')).toEqual([['manifest-1', 'tag-1']]);
+      }
+      await new Promise((r) => setTimeout(r, 100));
+      expect(a.keys()).toEqual([]); // its own message comes back, and is passed over
+      expect(elsewhere.keys()).toEqual([]); // another storage's channel
+    } finally {
+      await Promise.all(members.map((m) => m.close()));
+    }
+  });
+
+  test('Redis restarting: what was announced meanwhile goes out once it is back, and the others drop everything', async () => {
+    const channel = `pullcache:forget:restart-${Date.now()}`;
+    const [a, b] = [member(redis.url, channel), member(redis.url, channel)];
+    try {
+      await Promise.all([a.ready(), b.ready()]);
+      // The publisher's connection is made (it is made at its first use).
+      a.forgetting.announce('before');
+      await waitFor(async () => b.keys().includes('before'), 'the first key');
+      const allsBefore = b.alls();
+      await redis.stop();
+      a.forgetting.announce('while-down');
+      await new Promise((r) => setTimeout(r, 1500));
+      redis = await startRedis({ port });
+      await waitFor(
+        async () => b.keys().includes('while-down'),
+        'the key announced while down',
+        20_000,
+      );
+      // b was disconnected meanwhile: it dropped everything when it was subscribed again.
+      expect(b.alls()).toBe(allsBefore + 1);
+    } finally {
+      await a.close();
+      await b.close();
+    }
+  }, 30_000);
+});
+
+/** A transport that fails until told otherwise, and records what it sent. */
+class FlakyTransport implements ForgetTransport {
+  readonly name = 'flaky';
+  up = false;
+  readonly sent: Forgotten[] = [];
+  send(keys: Forgotten): Promise<void> {
+    if (!this.up) return Promise.reject(new Error('down'));
+    this.sent.push(keys);
+    return Promise.resolve();
+  }
+  listen(): void {}
+  close(): Promise<void> {
+    return Promise.resolve();
+  }
+}
+
+test('keys that could not be sent are sent again; past 10,000 of them, one message says everything', async () => {
+  const few = new FlakyTransport();
+  const many = new FlakyTransport();
+  const [f1, f2] = [new Forgetting([few], log), new Forgetting([many], log)];
+  try {
+    f1.announce('a');
+    f1.announce('b');
+    for (let i = 0; i <= 10_000; i++) f2.announce(`key-${i}`);
+    await new Promise((r) => setTimeout(r, 50));
+    expect(few.sent).toEqual([]);
+    few.up = true;
+    many.up = true;
+    await waitFor(async () => few.sent.length > 0 && many.sent.length > 0, 'a retry');
+    expect(few.sent).toEqual([['a', 'b']]);
+    expect(many.sent).toEqual(['all']);
+  } finally {
+    await f1.close();
+    await f2.close();
+  }
+});
