@@ -1,6 +1,6 @@
 // Where the CPU goes on a cold blob: CPU seconds of pullcache (by thread) and the upstream over
 // three fresh 512 MiB blobs, each then fetched once more cached (or distribution's proxy):
-// node --import tsx bench/cold.ts [pullcache|distribution]; CLIENTS=16 has 16 clients (curl piped
+// node --import tsx bench/cold.ts [pullcache|distribution|nginx]; CLIENTS=16 has 16 clients (curl piped
 // into cmp) on each 256 MiB blob instead of one curl on 512 MiB. RECYCLE=1 writes and deletes a
 // file of the blob's size just before each cold GET, so that the server's new file gets pages the
 // guest has just freed rather than fresh ones its host must hand back (docs/benchmark.md, "Fresh
@@ -12,7 +12,7 @@ import { TestRegistry } from '../test/helpers/registry.js';
 import { curlGet, sameBytes, timed } from './measure.js';
 import { newFileCpu, settledCpu, statCpu } from './fleet.js';
 import { pushFileBlob, randomBlob } from './seed.js';
-import { startDistributionProxy, startPullcacheProcess } from './servers.js';
+import { startDistributionProxy, startNginxCache, startPullcacheProcess } from './servers.js';
 
 /** CPU seconds (user + system) a process has used, threads included. */
 const cpu = (pid: number) => statCpu(`/proc/${pid}/stat`);
@@ -34,8 +34,13 @@ function threads(pid: number): Map<string, number> {
 const which = process.argv[2] ?? 'pullcache';
 const work = mkdtempSync(join(tmpdir(), 'pullcache-bench-'));
 const up = await TestRegistry.start();
-const start = which === 'distribution' ? startDistributionProxy : startPullcacheProcess;
-const server = await start(join(work, which), up.url);
+const server =
+  which === 'nginx'
+    ? await startNginxCache(join(work, which), up, ['bench/c0', 'bench/c1', 'bench/c2'])
+    : await (which === 'distribution' ? startDistributionProxy : startPullcacheProcess)(
+        join(work, which),
+        up.url,
+      );
 const clients = Number(process.env.CLIENTS ?? 1);
 for (let i = 0; i < 3; i++) {
   const blob = await randomBlob(work, `b${i}`, (clients === 1 ? 512 : 256) * 1024 * 1024);

@@ -9,6 +9,8 @@
  * PULLCACHE_BENCH_SCALE=0.1 shrinks every blob for a quick try (figures are then not comparable);
  * PULLCACHE_BENCH_ONLY=pullcache (or distribution) measures one server and prints its figures;
  * PULLCACHE_BENCH_ONLY=fleet runs only the fleet phases (bench/fleet.ts) and prints their table.
+ * Both the full run and the fleet phases also measure nginx's proxy_cache on the cold path: a
+ * plain cache's CPU per GiB on this machine, the yardstick of issue 17.
  */
 import { execFile } from 'node:child_process';
 import { cpus, totalmem, tmpdir } from 'node:os';
@@ -25,12 +27,18 @@ import {
   type FileBlob,
   type PushedImage,
 } from './seed.js';
-import { startDistributionProxy, startPullcacheProcess, type ServerUnderTest } from './servers.js';
+import {
+  startDistributionProxy,
+  startNginxCache,
+  startPullcacheProcess,
+  type ServerUnderTest,
+} from './servers.js';
 import { measureAuthenticated } from './auth.js';
 import {
   fleetTable,
   machineFloor,
   settledCpu,
+  measureColdCpu,
   measureFleet,
   measureWorkers,
   type FleetFigures,
@@ -415,7 +423,16 @@ function reportWarnings(file: string): void {
 }
 
 /** The tools the run starts, checked first: a missing one named at once, not minutes in. */
-const TOOLS = ['docker-registry', 'skopeo', 'wrk', 'curl', 'cmp', 'openssl', 'redis-server'];
+const TOOLS = [
+  'docker-registry',
+  'skopeo',
+  'wrk',
+  'curl',
+  'cmp',
+  'openssl',
+  'redis-server',
+  'nginx',
+];
 
 async function main(): Promise<void> {
   const missing = TOOLS.filter(
@@ -423,7 +440,7 @@ async function main(): Promise<void> {
   );
   if (missing.length > 0) {
     console.error(
-      `the benchmark needs ${missing.join(', ')} on the PATH (Debian: apt-get install docker-registry skopeo wrk curl openssl redis-server)`,
+      `the benchmark needs ${missing.join(', ')} on the PATH (Debian: apt-get install docker-registry skopeo wrk curl openssl redis-server nginx)`,
     );
     process.exit(2);
   }
@@ -442,7 +459,7 @@ async function main(): Promise<void> {
     const fleetOnly = only === 'fleet';
     const refs = fleetOnly ? undefined : await references(upstream, seed, work);
     const results: Partial<Record<ServerUnderTest['name'], Figures>> = {};
-    const fleet: Partial<Record<ServerUnderTest['name'], FleetFigures>> = {};
+    const fleet: Partial<Record<ServerUnderTest['name'], Partial<FleetFigures>>> = {};
     const starts = [startDistributionProxy, startPullcacheProcess].filter(
       (s) =>
         only === undefined || fleetOnly || (s === startPullcacheProcess) === (only === 'pullcache'),
@@ -472,6 +489,15 @@ async function main(): Promise<void> {
       await server.stop();
       if (server.name === 'pullcache') reportWarnings(join(work, server.name, 'pullcache.log'));
       rmSync(join(work, server.name), { recursive: true, force: true });
+    }
+    // A plain cache's cold path on this machine, for the issue's yardstick (nginx's proxy_cache:
+    // about 1.2 CPU-s per GiB in the lab, where pullcache's target is 2.0).
+    if (only === undefined || fleetOnly) {
+      const nginx = await startNginxCache(join(work, 'nginx'), upstream, ['bench/cpu']);
+      servers.push(nginx);
+      fleet.nginx = await measureColdCpu(nginx, upstream, seed, log, work);
+      await nginx.stop();
+      rmSync(join(work, 'nginx'), { recursive: true, force: true });
     }
     const workers: WorkersFigures | undefined = starts.includes(startPullcacheProcess)
       ? await measureWorkers(join(work, 'workers'), upstream, seed.medium, 'bench/medium', log)

@@ -1,11 +1,15 @@
-/** The two servers under test, each a process of its own: pullcache and distribution's proxy. */
+/**
+ * The servers under test, each a process of its own: pullcache and distribution's proxy; and, for
+ * the cold path's CPU only, nginx's proxy_cache (a plain cache: it checks no digest).
+ */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { createWriteStream, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { freePort, waitFor } from '../test/helpers/net.js';
+import type { TestRegistry } from '../test/helpers/registry.js';
 
 export interface ServerUnderTest {
-  name: 'pullcache' | 'distribution';
+  name: 'pullcache' | 'distribution' | 'nginx';
   url: string;
   host: string;
   pid: number;
@@ -168,5 +172,70 @@ export async function startDistributionProxy(
   const child = spawnLogged('docker-registry', ['serve', config], log);
   const server = handle('distribution', child, port);
   await ready(server.url, 'distribution proxy', child, log);
+  return server;
+}
+
+/**
+ * nginx's proxy_cache in front of the upstream, as a plain cache is set up for large files: the
+ * response is kept as it streams (a temporary file in the cache directory, renamed into place),
+ * one fetch per key at a time (`proxy_cache_lock`), 64 KiB buffers, sendfile for hits. It sends
+ * the upstream a pull token of its own (`repositories`), since it cannot answer a challenge. One
+ * process (`master_process off`), so that its CPU is that process's.
+ */
+export async function startNginxCache(
+  dir: string,
+  upstream: TestRegistry,
+  repositories: string[],
+): Promise<ServerUnderTest> {
+  const port = await freePort();
+  for (const sub of ['cache', 'tmp']) mkdirSync(join(dir, sub), { recursive: true });
+  // Good for the token server's default lifetime (5 minutes): the bench asks within that.
+  const token = upstream.tokens.sign(
+    null,
+    repositories.map((r) => `repository:${r}:pull`).join(' '),
+  );
+  const temp = ['client_body', 'proxy', 'fastcgi', 'uwsgi', 'scgi'].map(
+    (kind) => `  ${kind}_temp_path ${join(dir, 'tmp', kind)};`,
+  );
+  const config = join(dir, 'nginx.conf');
+  writeFileSync(
+    config,
+    [
+      'daemon off;',
+      'master_process off;',
+      'worker_processes 1;',
+      `error_log ${join(dir, 'error.log')} warn;`,
+      `pid ${join(dir, 'nginx.pid')};`,
+      'events { worker_connections 1024; }',
+      'http {',
+      '  access_log off;',
+      '  sendfile on;',
+      '  tcp_nopush on;',
+      ...temp,
+      `  proxy_cache_path ${join(dir, 'cache')} levels=1:2 keys_zone=blobs:10m max_size=100g inactive=7d use_temp_path=off;`,
+      '  server {',
+      `    listen 127.0.0.1:${port};`,
+      '    location / {',
+      `      proxy_pass ${upstream.url};`,
+      '      proxy_http_version 1.1;',
+      '      proxy_set_header Connection "";',
+      `      proxy_set_header Authorization "Bearer ${token}";`,
+      '      proxy_buffer_size 64k;',
+      '      proxy_buffers 32 64k;',
+      '      proxy_busy_buffers_size 256k;',
+      '      proxy_cache blobs;',
+      '      proxy_cache_valid 200 7d;',
+      '      proxy_cache_lock on;',
+      '      proxy_ignore_headers Cache-Control Expires Set-Cookie;',
+      '    }',
+      '  }',
+      '}',
+      '',
+    ].join('\n'),
+  );
+  const log = join(dir, 'nginx.log');
+  const child = spawnLogged('nginx', ['-c', config, '-p', dir], log);
+  const server = handle('nginx', child, port);
+  await ready(server.url, 'nginx', child, log);
   return server;
 }
