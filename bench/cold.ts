@@ -5,7 +5,7 @@
 // file of the blob's size just before each cold GET, so that the server's new file gets pages the
 // guest has just freed rather than fresh ones its host must hand back (docs/benchmark.md, "Fresh
 // page-cache pages"); the line then also says what that write cost.
-import { mkdtempSync, readdirSync, readFileSync } from 'node:fs';
+import { mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { TestRegistry } from '../test/helpers/registry.js';
@@ -74,4 +74,6 @@ for (let i = 0; i < 3; i++) {
 }
 await server.stop();
 await up.close();
+// Three blobs and the server's copies: a few GB a run.
+rmSync(work, { recursive: true, force: true });
 process.exit(0);
