@@ -72,6 +72,8 @@ export interface WorkersFigures {
   upstreamRatio: number;
   allCorrect: boolean;
   peakRssMB: number;
+  /** The 32 clients on the warm image (`measureFleet`'s load), over the 2 workers. */
+  load32?: { wallS: number; MBps: number; allCorrect: boolean };
   /** The same 16 clients spread over 3 replicas sharing a storage and a Redis. */
   replicas?: Omit<WorkersFigures, 'replicas'>;
 }
@@ -312,6 +314,24 @@ export async function measureColdCpu(
   };
 }
 
+/** 32 clients (curl) each pulling every layer of `image`, all at once: wall time, every byte right. */
+function load32(
+  server: ServerUnderTest,
+  image: PushedImage,
+): Promise<{ seconds: number; value: boolean[] }> {
+  return timed(() =>
+    Promise.all(
+      Array.from({ length: 32 }, async () => {
+        for (const l of image.layers) {
+          const t = await curlGet(`${server.url}/v2/${image.repository}/blobs/${l.digest}`);
+          if (t.status !== 200 || t.bytes !== l.size) return false;
+        }
+        return true;
+      }),
+    ),
+  );
+}
+
 /** The cold path's CPU (`measureColdCpu`), then the 32 clients on the warm image. */
 export async function measureFleet(
   server: ServerUnderTest,
@@ -329,19 +349,7 @@ export async function measureFleet(
   const manifestUrl = `${server.url}/v2/${image.repository}/manifests/${image.digest}`;
   await curlGet(manifestUrl, { Accept: MANIFEST_ACCEPT });
   const imageBytes = image.layers.reduce((n, l) => n + l.size, 0);
-  const { latencies, loaded } = await manifestLatencies(manifestUrl, () =>
-    timed(() =>
-      Promise.all(
-        Array.from({ length: 32 }, async () => {
-          for (const l of image.layers) {
-            const t = await curlGet(layerUrl(l));
-            if (t.status !== 200 || t.bytes !== l.size) return false;
-          }
-          return true;
-        }),
-      ),
-    ),
-  );
+  const { latencies, loaded } = await manifestLatencies(manifestUrl, () => load32(server, image));
   const sorted = [...latencies].sort((a, b) => a - b);
   const peaks = treePeakRss(server.pid);
   return {
@@ -364,6 +372,7 @@ export async function measureWorkers(
   blob: FileBlob,
   repository: string,
   log: (message: string) => void,
+  image: PushedImage,
 ): Promise<WorkersFigures> {
   const server = await startPullcacheProcess(dir, upstream.url, { workers: 2 });
   try {
@@ -383,11 +392,22 @@ export async function measureWorkers(
       Promise.all(Array.from({ length: 16 }, () => sameBytes(url, blob.path))),
     );
     const upstreamBytes = bytesWritten(upstream.pid!) - before;
+    // Warm throughput over the cores: the same load as on the lone process, layers warm first.
+    log('pullcache: 32 clients pulling every layer of the warm image over 2 workers');
+    for (const l of image.layers)
+      await curlGet(`${server.url}/v2/${image.repository}/blobs/${l.digest}`);
+    const load = await load32(server, image);
+    const imageBytes = image.layers.reduce((n, l) => n + l.size, 0);
     return {
       wallS: t.seconds,
       upstreamRatio: upstreamBytes / blob.size,
       allCorrect: t.value.every(Boolean),
       peakRssMB: Math.max(...treePeakRss(server.pid)) / 1e6,
+      load32: {
+        wallS: load.seconds,
+        MBps: (32 * imageBytes) / load.seconds / 1e6,
+        allCorrect: load.value.every(Boolean),
+      },
       replicas: await measureReplicas(dir, upstream, blob, repository, log),
     };
   } finally {
@@ -522,6 +542,14 @@ export function fleetTable(
       one(`${over}: peak RSS, largest process`, `${fmt(f.peakRssMB)} MB`, '<= 150 MB'),
     ];
     lines.push(...spread('2 workers', workers));
+    if (workers.load32)
+      lines.push(
+        one(
+          '32 clients x 5 warm layers, 2 workers: wall / throughput',
+          `${fmt(workers.load32.wallS)} s / ${fmt(workers.load32.MBps)} MB/s${workers.load32.allCorrect ? '' : ' (**wrong bytes**)'}`,
+          'above one process',
+        ),
+      );
     if (workers.replicas) lines.push(...spread('3 replicas', workers.replicas));
   }
   return lines.join('\n');

@@ -500,7 +500,14 @@ async function main(): Promise<void> {
       rmSync(join(work, 'nginx'), { recursive: true, force: true });
     }
     const workers: WorkersFigures | undefined = starts.includes(startPullcacheProcess)
-      ? await measureWorkers(join(work, 'workers'), upstream, seed.medium, 'bench/medium', log)
+      ? await measureWorkers(
+          join(work, 'workers'),
+          upstream,
+          seed.medium,
+          'bench/medium',
+          log,
+          seed.image,
+        )
       : undefined;
     if (only !== undefined) {
       process.stdout.write(
