@@ -461,17 +461,30 @@ export class Lifecycle {
     return this.pins.remove(refs);
   }
 
-  /** Removes images now, with the blobs no kept image holds. */
+  /**
+   * Removes images now, with the blobs no kept image holds. With several processes on one
+   * storage (workers, replicas), a reference this graph lacks may be an image another process
+   * stored since this one's last count: storage is counted afresh first.
+   */
   async remove(refs: ImageRef[], dryRun: boolean): Promise<RemovalReport> {
     await this.whenReady();
-    return this.serially(() => this.removeNow(refs, dryRun));
+    return this.serially(async () => {
+      if (this.d.replicas && refs.some((ref) => this.matching(ref).length === 0))
+        await this.rescan();
+      return this.removeNow(refs, dryRun);
+    });
+  }
+
+  private matching(ref: ImageRef) {
+    const node = this.graph.repositories.get(`${ref.upstream}/${ref.repository}`);
+    return node ? matchingImages(this.graph, node, ref) : [];
   }
 
   private async removeNow(refs: ImageRef[], dryRun: boolean): Promise<RemovalReport> {
     const report: RemovalReport = { dryRun, removed: [], bytes: 0, problems: [] };
     for (const ref of refs) {
       const node = this.graph.repositories.get(`${ref.upstream}/${ref.repository}`);
-      const matches = node ? matchingImages(this.graph, node, ref) : [];
+      const matches = this.matching(ref);
       if (matches.length === 0) {
         report.problems.push(`${ref.reference}: not cached`);
         continue;

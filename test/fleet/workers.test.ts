@@ -507,6 +507,49 @@ describe('workers on one host and a removal', () => {
       toTwo.destroy();
     }
   }, 60_000);
+
+  test('rm through a worker removes an image another worker stored since its last count', async () => {
+    const image = makeImage('org/stored-elsewhere', 'v1', 'oci', [100_000]);
+    await pushImage(registry, image);
+    await pc.waitForWorkers(2, 2);
+    const [one, two] = pc.workers() as [number, number];
+    const toOne = await connectionTo(pc, one);
+    const toTwo = await connectionTo(pc, two);
+    const link = join(
+      pc.root,
+      'data',
+      paths.manifestRevisionLink(
+        { upstream: 'docker.io', repository: image.repository } as RepositoryKey,
+        parseDigest(image.digest).digest,
+      ),
+    );
+    try {
+      await pull(pc, toOne, image);
+      expect(existsSync(link)).toBe(true);
+      // Worker two's graph has only what it counted at start and what it stored itself.
+      const removed = await fetchOn(pc, toTwo, '/_pullcache/v1/remove', {
+        method: 'POST',
+        body: JSON.stringify({ references: [`${image.repository}:${image.tag}`] }),
+      });
+      expect(removed.worker).toBe(two);
+      const report = JSON.parse(removed.body.toString()) as {
+        removed: { name: string }[];
+        problems: string[];
+      };
+      expect(report.problems).toEqual([]);
+      expect(report.removed.map((r) => r.name)).toEqual([
+        expect.stringContaining(`${image.repository}:${image.tag}`),
+      ]);
+      expect(existsSync(link)).toBe(false);
+      for (const blob of image.blobs)
+        expect(
+          existsSync(join(pc.root, 'data', paths.blobData(parseDigest(blob.digest).digest))),
+        ).toBe(false);
+    } finally {
+      toOne.destroy();
+      toTwo.destroy();
+    }
+  }, 60_000);
 });
 
 describe('workers with the upstream timeouts off', () => {
