@@ -76,6 +76,18 @@ async function pull(pc: WorkersServer, agent: Agent, image: Image): Promise<void
   }
 }
 
+/** Where storage keeps the link of `image`'s manifest in its repository. */
+function manifestLink(pc: WorkersServer, image: Image): string {
+  return join(
+    pc.root,
+    'data',
+    paths.manifestRevisionLink(
+      { upstream: 'docker.io', repository: image.repository } as RepositoryKey,
+      parseDigest(image.digest).digest,
+    ),
+  );
+}
+
 describe('workers on one host', () => {
   let registry: TestRegistry;
   let throttle: Throttle;
@@ -127,6 +139,88 @@ describe('workers on one host', () => {
     }
     throw new Error('no request reached the wanted worker');
   }
+
+  test("an image removed through one worker is no longer served from the other's memory", async () => {
+    const image = makeImage('org/removed', 'v1', 'oci', [100_000]);
+    await pushImage(registry, image);
+    await pc.waitForWorkers(2, 2);
+    const [one, two] = pc.workers() as [number, number];
+    const toOne = await connectionTo(pc, one);
+    const toTwo = await connectionTo(pc, two);
+    const byTag = `/v2/${image.repository}/manifests/${image.tag}`;
+    const byDigest = `/v2/${image.repository}/manifests/${image.digest}`;
+    try {
+      // Worker one stores it (its graph knows it); worker two then serves it from storage, and
+      // keeps its tag and manifest in memory.
+      await pull(pc, toOne, image);
+      for (const path of [byTag, byDigest])
+        expect((await fetchOn(pc, toTwo, path, { accept: image.mediaType })).status).toBe(200);
+      const removed = await fetchOn(pc, toOne, '/_pullcache/v1/remove', {
+        method: 'POST',
+        body: JSON.stringify({ references: [`${image.repository}:${image.tag}`] }),
+      });
+      expect(removed.status).toBe(200);
+      expect((JSON.parse(removed.body.toString()) as { removed: unknown[] }).removed).toHaveLength(
+        1,
+      );
+      // With the upstream down, only memory could still answer for the image.
+      throttle.down = true;
+      const answers: Record<string, number> = {};
+      await waitFor(
+        async () => {
+          for (const path of [byTag, byDigest])
+            answers[path] = (await fetchOn(pc, toTwo, path, { accept: image.mediaType })).status;
+          return answers[byTag] !== 200 && answers[byDigest] !== 200;
+        },
+        'worker two no longer answering for the removed image',
+        10_000,
+      ).catch((err: Error) => {
+        throw new Error(`${err.message}: ${JSON.stringify(answers)}`);
+      });
+      // Not in storage, and the upstream does not answer.
+      expect(answers).toEqual({ [byTag]: 503, [byDigest]: 503 });
+    } finally {
+      throttle.down = false;
+      toOne.destroy();
+      toTwo.destroy();
+    }
+  }, 60_000);
+
+  test('rm through a worker removes an image another worker stored since its last count', async () => {
+    const image = makeImage('org/stored-elsewhere', 'v1', 'oci', [100_000]);
+    await pushImage(registry, image);
+    await pc.waitForWorkers(2, 2);
+    const [one, two] = pc.workers() as [number, number];
+    const toOne = await connectionTo(pc, one);
+    const toTwo = await connectionTo(pc, two);
+    const link = manifestLink(pc, image);
+    try {
+      await pull(pc, toOne, image);
+      expect(existsSync(link)).toBe(true);
+      // Worker two's graph has only what it counted at start and what it stored itself.
+      const removed = await fetchOn(pc, toTwo, '/_pullcache/v1/remove', {
+        method: 'POST',
+        body: JSON.stringify({ references: [`${image.repository}:${image.tag}`] }),
+      });
+      expect(removed.worker).toBe(two);
+      const report = JSON.parse(removed.body.toString()) as {
+        removed: { name: string }[];
+        problems: string[];
+      };
+      expect(report.problems).toEqual([]);
+      expect(report.removed.map((r) => r.name)).toEqual([
+        expect.stringContaining(`${image.repository}:${image.tag}`),
+      ]);
+      expect(existsSync(link)).toBe(false);
+      for (const blob of image.blobs)
+        expect(
+          existsSync(join(pc.root, 'data', paths.blobData(parseDigest(blob.digest).digest))),
+        ).toBe(false);
+    } finally {
+      toOne.destroy();
+      toTwo.destroy();
+    }
+  }, 60_000);
 
   test('a cold blob asked of both workers is fetched from the upstream once, and followed at once', async () => {
     const b = await blob(24 * MiB);
@@ -414,14 +508,7 @@ describe('workers on one host and the budget', () => {
       const pulledAt = Date.now();
       await pull(pc, toOther, x!);
       // Written within 5 s, later under load: wait until storage says so.
-      const link = join(
-        pc.root,
-        'data',
-        paths.manifestRevisionLink(
-          { upstream: 'docker.io', repository: x!.repository } as RepositoryKey,
-          parseDigest(x!.digest).digest,
-        ),
-      );
+      const link = manifestLink(pc, x!);
       await waitFor(
         async () => {
           const at = statSync(link).mtimeMs;
@@ -442,112 +529,6 @@ describe('workers on one host and the budget', () => {
     } finally {
       toOwner.destroy();
       toOther.destroy();
-    }
-  }, 60_000);
-});
-
-describe('workers on one host and a removal', () => {
-  let registry: TestRegistry;
-  let throttle: Throttle;
-  let pc: WorkersServer;
-
-  beforeAll(async () => {
-    registry = await TestRegistry.start();
-    throttle = await Throttle.start(registry.url);
-    pc = await startWorkers({ upstream: throttle.url, workers: 2 });
-  }, 60_000);
-  afterAll(async () => {
-    await pc?.stop();
-    await throttle?.close();
-    await registry?.close();
-  });
-
-  test("an image removed through one worker is no longer served from the other's memory", async () => {
-    const image = makeImage('org/removed', 'v1', 'oci', [100_000]);
-    await pushImage(registry, image);
-    await pc.waitForWorkers(2, 2);
-    const [one, two] = pc.workers() as [number, number];
-    const toOne = await connectionTo(pc, one);
-    const toTwo = await connectionTo(pc, two);
-    const byTag = `/v2/${image.repository}/manifests/${image.tag}`;
-    const byDigest = `/v2/${image.repository}/manifests/${image.digest}`;
-    try {
-      // Worker one stores it (its graph knows it); worker two then serves it from storage, and
-      // keeps its tag and manifest in memory.
-      await pull(pc, toOne, image);
-      for (const path of [byTag, byDigest])
-        expect((await fetchOn(pc, toTwo, path, { accept: image.mediaType })).status).toBe(200);
-      const removed = await fetchOn(pc, toOne, '/_pullcache/v1/remove', {
-        method: 'POST',
-        body: JSON.stringify({ references: [`${image.repository}:${image.tag}`] }),
-      });
-      expect(removed.status).toBe(200);
-      expect((JSON.parse(removed.body.toString()) as { removed: unknown[] }).removed).toHaveLength(
-        1,
-      );
-      // With the upstream down, only memory could still answer for the image.
-      throttle.down = true;
-      const answers: Record<string, number> = {};
-      await waitFor(
-        async () => {
-          for (const path of [byTag, byDigest])
-            answers[path] = (await fetchOn(pc, toTwo, path, { accept: image.mediaType })).status;
-          return answers[byTag] !== 200 && answers[byDigest] !== 200;
-        },
-        'worker two no longer answering for the removed image',
-        10_000,
-      ).catch((err: Error) => {
-        throw new Error(`${err.message}: ${JSON.stringify(answers)}`);
-      });
-      // Not in storage, and the upstream does not answer.
-      expect(answers).toEqual({ [byTag]: 503, [byDigest]: 503 });
-    } finally {
-      throttle.down = false;
-      toOne.destroy();
-      toTwo.destroy();
-    }
-  }, 60_000);
-
-  test('rm through a worker removes an image another worker stored since its last count', async () => {
-    const image = makeImage('org/stored-elsewhere', 'v1', 'oci', [100_000]);
-    await pushImage(registry, image);
-    await pc.waitForWorkers(2, 2);
-    const [one, two] = pc.workers() as [number, number];
-    const toOne = await connectionTo(pc, one);
-    const toTwo = await connectionTo(pc, two);
-    const link = join(
-      pc.root,
-      'data',
-      paths.manifestRevisionLink(
-        { upstream: 'docker.io', repository: image.repository } as RepositoryKey,
-        parseDigest(image.digest).digest,
-      ),
-    );
-    try {
-      await pull(pc, toOne, image);
-      expect(existsSync(link)).toBe(true);
-      // Worker two's graph has only what it counted at start and what it stored itself.
-      const removed = await fetchOn(pc, toTwo, '/_pullcache/v1/remove', {
-        method: 'POST',
-        body: JSON.stringify({ references: [`${image.repository}:${image.tag}`] }),
-      });
-      expect(removed.worker).toBe(two);
-      const report = JSON.parse(removed.body.toString()) as {
-        removed: { name: string }[];
-        problems: string[];
-      };
-      expect(report.problems).toEqual([]);
-      expect(report.removed.map((r) => r.name)).toEqual([
-        expect.stringContaining(`${image.repository}:${image.tag}`),
-      ]);
-      expect(existsSync(link)).toBe(false);
-      for (const blob of image.blobs)
-        expect(
-          existsSync(join(pc.root, 'data', paths.blobData(parseDigest(blob.digest).digest))),
-        ).toBe(false);
-    } finally {
-      toOne.destroy();
-      toTwo.destroy();
     }
   }, 60_000);
 });
