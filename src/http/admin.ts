@@ -73,28 +73,28 @@ export function adminRouter(config: Config, lifecycle: Lifecycle, access: Access
   router.get('/usage', async (_req, res) => {
     res.json(await lifecycle.usage());
   });
-  const pins = (res: Response) =>
-    lifecycle.pinned().filter((pin) => {
+  const pins = async (res: Response) =>
+    (await lifecycle.pinned()).filter((pin) => {
       try {
         return imageRefs(config, [pin]).every((ref) => mayPull(res, ref));
       } catch {
         return false;
       }
     });
-  router.get('/pins', (_req, res) => {
-    res.json({ pins: pins(res) });
+  router.get('/pins', async (_req, res) => {
+    res.json({ pins: await pins(res) });
   });
   router.post('/pins', async (req, res) => {
     const refs = imageRefs(config, body(referencesBody, req).references);
     requireAdmin(res, refs);
     await lifecycle.pin(refs);
-    res.json({ pins: pins(res) });
+    res.json({ pins: await pins(res) });
   });
   router.delete('/pins', async (req, res) => {
     const refs = imageRefs(config, body(referencesBody, req).references);
     requireAdmin(res, refs);
     const notPinned = await lifecycle.unpin(refs);
-    res.json({ pins: pins(res), notPinned });
+    res.json({ pins: await pins(res), notPinned });
   });
   router.post('/remove', async (req, res) => {
     const { references, dryRun } = body(referencesBody, req);

@@ -29,6 +29,11 @@ export interface EvictorDeps {
    * graph is brought up to date. Asked right before each removal.
    */
   pulledElsewhere?: (entry: Entry) => Promise<boolean>;
+  /**
+   * Replicas on one storage: reads again what another process may have changed that the choice
+   * depends on (the pins in storage). Asked before each eviction chooses its victims.
+   */
+  beforeChoosing?: () => Promise<void>;
 }
 
 export class Evictor {
@@ -40,6 +45,7 @@ export class Evictor {
   /** Evicts entries, least recently pulled first, until `need` bytes are free. */
   async evict(reason: EvictionReason, need: number): Promise<RemovalReport> {
     const report: RemovalReport = { dryRun: false, removed: [], bytes: 0, problems: [] };
+    await this.d.beforeChoosing?.();
     // A few at a time: removals wait on the file system more than on anything else. Each batch
     // holds what is planned to cover the rest of `need` (at most EVICTION_BATCH entries).
     const victims = this.candidates();

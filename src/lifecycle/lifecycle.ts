@@ -97,7 +97,12 @@ export class Lifecycle {
       removal: this.removal,
       metrics: d.metrics,
       log: this.log,
-      ...(d.replicas ? { pulledElsewhere: (entry) => this.pulledElsewhere(entry) } : {}),
+      ...(d.replicas
+        ? {
+            pulledElsewhere: (entry) => this.pulledElsewhere(entry),
+            beforeChoosing: () => this.freshPins(),
+          }
+        : {}),
     });
     this.pulls = new PullRecorder({
       change: (apply) => this.change(apply),
@@ -384,6 +389,7 @@ export class Lifecycle {
     const report: RemovalReport = { dryRun, removed: [], bytes: 0, problems: [] };
     const { unusedFor } = this.d.retention;
     if (unusedFor > 0) {
+      await this.freshPins();
       const before = this.now() - unusedFor;
       for (const entry of this.evictor.candidates()) {
         if (entry.pulledAt >= before) break;
@@ -426,6 +432,7 @@ export class Lifecycle {
 
   async images(): Promise<ImageInfo[]> {
     await this.whenReady();
+    await this.freshPins();
     return imageInfos(this.graph, (node, image) => this.pins.covers(node, image));
   }
 
@@ -448,8 +455,19 @@ export class Lifecycle {
     };
   }
 
-  pinned(): string[] {
+  async pinned(): Promise<string[]> {
+    await this.freshPins();
     return this.pins.list();
+  }
+
+  /**
+   * Other processes on this storage may have pinned or unpinned through their own admin API:
+   * the pins are read again from storage (where `pin` keeps them) before they are relied on.
+   * A storage that does not answer leaves the pins last read.
+   */
+  private async freshPins(): Promise<void> {
+    if (!this.d.replicas) return;
+    await this.pins.load().catch((err: unknown) => this.warn(err));
   }
 
   async pin(refs: ImageRef[]): Promise<void> {
@@ -482,6 +500,7 @@ export class Lifecycle {
 
   private async removeNow(refs: ImageRef[], dryRun: boolean): Promise<RemovalReport> {
     const report: RemovalReport = { dryRun, removed: [], bytes: 0, problems: [] };
+    await this.freshPins();
     for (const ref of refs) {
       const node = this.graph.repositories.get(`${ref.upstream}/${ref.repository}`);
       const matches = this.matching(ref);

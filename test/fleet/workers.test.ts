@@ -463,40 +463,60 @@ describe('starting workers', () => {
   }, 60_000);
 });
 
-describe('workers on one host and the budget', () => {
-  let registry: TestRegistry;
-  let pc: WorkersServer;
-  const images: Record<string, Image> = {};
+/**
+ * Two workers on a budget of two images (`names`, one 300 kB layer each, pushed upstream) with
+ * eviction down to the budget itself; `roles()` names the worker that owns the storage (the one
+ * that evicts) and the other.
+ */
+function budgetFleet(names: string[]) {
+  const fleet = {
+    registry: undefined as unknown as TestRegistry,
+    pc: undefined as unknown as WorkersServer,
+    images: {} as Record<string, Image>,
+    /** Whether the image's manifest bytes are still in storage. */
+    stored: (image: Image) =>
+      existsSync(join(fleet.pc.root, 'data', paths.blobData(parseDigest(image.digest).digest))),
+    async roles(): Promise<{ owner: number; other: number }> {
+      const ownerFile = join(fleet.pc.root, 'data', 'lifecycle', 'owner.json');
+      const ownerPid = () => (JSON.parse(readFileSync(ownerFile, 'utf8')) as { pid: number }).pid;
+      await waitFor(
+        async () => fleet.pc.workers().includes(ownerPid()),
+        'a worker owning the storage',
+      );
+      const owner = ownerPid();
+      return { owner, other: fleet.pc.workers().find((pid) => pid !== owner)! };
+    },
+  };
   const bytesOf = (image: Image) =>
     image.manifest.length + image.blobs.reduce((sum, b) => sum + b.bytes.length, 0);
-  const stored = (image: Image) =>
-    existsSync(join(pc.root, 'data', paths.blobData(parseDigest(image.digest).digest)));
-
   beforeAll(async () => {
-    registry = await TestRegistry.start();
-    for (const name of ['x', 'y', 'z']) {
-      images[name] = makeImage(`org/${name}`, 'v1', 'oci', [300_000]);
-      await pushImage(registry, images[name]);
+    fleet.registry = await TestRegistry.start();
+    for (const name of names) {
+      fleet.images[name] = makeImage(`org/${name}`, 'v1', 'oci', [300_000]);
+      await pushImage(fleet.registry, fleet.images[name]);
     }
-    const unit = Math.max(...Object.values(images).map(bytesOf));
-    pc = await startWorkers({
-      upstream: registry.url,
+    const unit = Math.max(...Object.values(fleet.images).map(bytesOf));
+    fleet.pc = await startWorkers({
+      upstream: fleet.registry.url,
       workers: 2,
       yaml: ['retention:', `  maxSize: ${2 * unit + 1000}`, '  lowWater: 100%'],
     });
   }, 60_000);
   afterAll(async () => {
-    await pc?.stop();
-    await registry?.close();
+    await fleet.pc?.stop();
+    await fleet.registry?.close();
   });
+  return fleet;
+}
+
+describe('workers on one host and the budget', () => {
+  const fleet = budgetFleet(['x', 'y', 'z']);
+  const stored = (image: Image) => fleet.stored(image);
 
   test('the evicting worker keeps an image another worker pulled since, and evicts the one nobody did', async () => {
-    const { x, y, z } = images as Record<string, Image>;
-    const ownerFile = join(pc.root, 'data', 'lifecycle', 'owner.json');
-    const ownerPid = () => (JSON.parse(readFileSync(ownerFile, 'utf8')) as { pid: number }).pid;
-    await waitFor(async () => pc.workers().includes(ownerPid()), 'a worker owning the storage');
-    const owner = ownerPid();
-    const other = pc.workers().find((pid) => pid !== owner)!;
+    const { x, y, z } = fleet.images as Record<string, Image>;
+    const { pc } = fleet;
+    const { owner, other } = await fleet.roles();
     const toOwner = await connectionTo(pc, owner);
     const toOther = await connectionTo(pc, other);
     try {
@@ -526,6 +546,43 @@ describe('workers on one host and the budget', () => {
       expect(stored(x!)).toBe(true);
       expect(stored(y!)).toBe(false);
       expect(stored(z!)).toBe(true);
+    } finally {
+      toOwner.destroy();
+      toOther.destroy();
+    }
+  }, 60_000);
+});
+
+describe('workers on one host, the budget and a pin', () => {
+  const fleet = budgetFleet(['a', 'b', 'c']);
+
+  test('the evicting worker keeps an image pinned through the other worker', async () => {
+    const { a, b, c } = fleet.images as Record<string, Image>;
+    const { pc } = fleet;
+    const { owner, other } = await fleet.roles();
+    const toOwner = await connectionTo(pc, owner);
+    const toOther = await connectionTo(pc, other);
+    try {
+      await pull(pc, toOwner, a!);
+      await pull(pc, toOwner, b!);
+      // a, the least recently pulled, is pinned through the worker that does not evict.
+      const pinned = await fetchOn(pc, toOther, '/_pullcache/v1/pins', {
+        method: 'POST',
+        body: JSON.stringify({ references: [`${a!.repository}:${a!.tag}`] }),
+      });
+      expect(pinned.worker).toBe(other);
+      expect(pinned.status).toBe(200);
+      // c does not fit beside both: the owner evicts one, and a is pinned.
+      await pull(pc, toOwner, c!);
+      await waitFor(async () => !fleet.stored(a!) || !fleet.stored(b!), 'an eviction');
+      expect(fleet.stored(a!)).toBe(true);
+      expect(fleet.stored(b!)).toBe(false);
+      expect(fleet.stored(c!)).toBe(true);
+      // The owner lists the pin it did not take itself.
+      const pins = await fetchOn(pc, toOwner, '/_pullcache/v1/pins');
+      expect((JSON.parse(pins.body.toString()) as { pins: string[] }).pins).toEqual([
+        expect.stringContaining(`${a!.repository}:${a!.tag}`),
+      ]);
     } finally {
       toOwner.destroy();
       toOther.destroy();
