@@ -110,7 +110,8 @@ export interface Runtime {
   }): Promise<{ storage: Reachability; cache: Reachability }>;
   /**
    * For a serving process: from now on, what another process removes from storage (an eviction,
-   * `rm`) is dropped from this one's memory too (fleet/forget.ts).
+   * `rm`) is dropped from this one's memory too, and what it stores is counted in this one's
+   * graph (fleet/forget.ts).
    */
   followRemovals(): void;
   close(): Promise<void>;
@@ -218,6 +219,8 @@ export async function createRuntime(
     metrics,
     fetching: (digest) => inflight.has(digest),
     uploadsPurgeAge: config.storage.uploads.purgeAge,
+    // The other processes on the storage count what this one stores at once (fleet/forget.ts).
+    onStored: (event) => forgetting.announceStored(event),
     ...(leaseRedis
       ? {
           replicas: {
@@ -343,6 +346,14 @@ export async function createRuntime(
         forgetAll() {
           cache.forgetAllInMemory();
           localManifests.forgetAll();
+        },
+        stored(events) {
+          for (const event of events)
+            lifecycle
+              .storedElsewhere(event)
+              .catch((err: unknown) =>
+                log.warn({ err: (err as Error).message }, 'stored elsewhere, not counted here'),
+              );
         },
       });
     },

@@ -15,6 +15,10 @@
  *   holds in memory (a Redis that restarted costs each process its hot entries, read again from
  *   Redis or storage).
  *
+ * The same messages carry what a process stored (`+` keys, `encodeStored`): the others count it
+ * in their graphs at once, so the owner's budget holds for what any of them stores, not from its
+ * next sweep on. A message lost meanwhile (a broken subscription) is made up by that sweep.
+ *
  * Keys are batched and leave on the next turn of the event loop; nobody waits for the others to
  * act on them (a removal forgets before and after it removes, so a process that read the entry
  * in between drops it at the second message). A message that could not be sent is sent again
@@ -23,6 +27,9 @@
 import { randomUUID } from 'node:crypto';
 import type { Logger } from '../log/logger.js';
 import type { LeaseRedis } from '../lifecycle/lease.js';
+import type { StoredEvent } from '../lifecycle/types.js';
+import { parseDigest } from '../oci/digest.js';
+import { parseRepository, parseTag } from '../oci/reference.js';
 
 /** What one message names: some keys, or everything in memory. */
 export type Forgotten = string[] | 'all';
@@ -50,10 +57,54 @@ function isForgotten(keys: unknown): keys is Forgotten {
   );
 }
 
-/** Where the keys go in this process: the in-memory entries it drops. */
+/** Where the keys go in this process: the in-memory entries it drops, and what others stored. */
 export interface ForgetTarget {
   forget(keys: readonly string[]): void;
   forgetAll(): void;
+  /** What another process stored (its lifecycle's hooks), each checked like any name. */
+  stored?(events: readonly StoredEvent[]): void;
+}
+
+/**
+ * What another process stored travels in the same messages, as a "key" of its own that no cache
+ * key looks like (those start with a letter, metadata/keys.ts): `+blob <digest> <size>`,
+ * `+link|+manifest <upstream> <repository> <digest>`, `+tag <upstream> <repository> <tag>
+ * <digest>`.
+ */
+export function encodeStored(event: StoredEvent): string {
+  switch (event.kind) {
+    case 'blob':
+      return `+blob ${event.digest} ${event.size}`;
+    case 'link':
+    case 'manifest':
+      return `+${event.kind} ${event.repo.upstream} ${event.repo.repository} ${event.digest}`;
+    case 'tag':
+      return `+tag ${event.repo.upstream} ${event.repo.repository} ${event.tag} ${event.digest}`;
+  }
+}
+
+/** The event a `+` key names; undefined for anything malformed (it is then passed over). */
+export function decodeStored(key: string): StoredEvent | undefined {
+  const [kind, ...parts] = key.split(' ');
+  try {
+    if (kind === '+blob' && parts.length === 2) {
+      const size = Number(parts[1]);
+      if (!Number.isSafeInteger(size) || size < 0) return undefined;
+      return { kind: 'blob', digest: parseDigest(parts[0]!).digest, size };
+    }
+    if ((kind === '+link' || kind === '+manifest') && parts.length === 3) {
+      const repo = { upstream: parts[0]!, repository: parseRepository(parts[1]!) };
+      const digest = parseDigest(parts[2]!).digest;
+      return kind === '+link' ? { kind: 'link', repo, digest } : { kind: 'manifest', repo, digest };
+    }
+    if (kind === '+tag' && parts.length === 4) {
+      const repo = { upstream: parts[0]!, repository: parseRepository(parts[1]!) };
+      return { kind: 'tag', repo, tag: parseTag(parts[2]!), digest: parseDigest(parts[3]!).digest };
+    }
+  } catch {
+    // a name or digest that does not parse
+  }
+  return undefined;
 }
 
 /** A way to the other processes. */
@@ -131,10 +182,28 @@ export class Forgetting {
     for (const outbox of this.outboxes) outbox.add([key]);
   }
 
-  /** From now on, what the others announce is dropped from `target`. */
+  /** Tells the other processes what this one stored. */
+  announceStored(event: StoredEvent): void {
+    this.announce(encodeStored(event));
+  }
+
+  /** From now on, what the others announce is dropped from `target` (or, stored, told to it). */
   listen(target: ForgetTarget): void {
     for (const transport of this.transports)
-      transport.listen((keys) => (keys === 'all' ? target.forgetAll() : target.forget(keys)));
+      transport.listen((keys) => {
+        if (keys === 'all') return target.forgetAll();
+        const events: StoredEvent[] = [];
+        const forgotten: string[] = [];
+        for (const key of keys) {
+          if (!key.startsWith('+')) forgotten.push(key);
+          else {
+            const event = decodeStored(key);
+            if (event) events.push(event);
+          }
+        }
+        if (forgotten.length > 0) target.forget(forgotten);
+        if (events.length > 0) target.stored?.(events);
+      });
   }
 
   /** Sends what is waiting (once, without retrying), then closes the transports. */

@@ -23,7 +23,14 @@ import { PullRecorder } from './pulls.js';
 import { imageInfos, imageReferences, matchingImages } from './inventory.js';
 import { Removal, type ManifestMemory } from './removal.js';
 import { manifestReferences, readReferences, scanStorage } from './scan.js';
-import type { ImageInfo, ImageRef, RemovalReport, RetentionConfig, Usage } from './types.js';
+import type {
+  ImageInfo,
+  ImageRef,
+  RemovalReport,
+  RetentionConfig,
+  StoredEvent,
+  Usage,
+} from './types.js';
 import type { ParsedManifest } from '../oci/manifest.js';
 
 /** How often last-pulled times go to storage: never one write per request. */
@@ -56,6 +63,8 @@ export interface LifecycleDeps {
    * evicted. With a `lease`, the lease decides who evicts; without, the owner record does.
    */
   replicas?: { lease?: Lease };
+  /** Told what this process stored, for the other processes on the storage (`storedElsewhere`). */
+  onStored?: (event: StoredEvent) => void;
   now?: () => number;
 }
 
@@ -246,17 +255,60 @@ export class Lifecycle {
 
   /** A blob was committed to storage. */
   blobAdded(digest: Digest, size: number): void {
+    this.addBlob(digest, size);
+    this.d.onStored?.({ kind: 'blob', digest, size });
+  }
+
+  blobLinked(repo: RepositoryKey, digest: Digest): void {
+    this.change((g) => g.linkBlob(repo, digest));
+    this.d.onStored?.({ kind: 'link', repo, digest });
+  }
+
+  /** A manifest was linked to a repository; `manifest` when the caller parsed it already. */
+  async manifestLinked(
+    repo: RepositoryKey,
+    digest: Digest,
+    manifest?: ParsedManifest,
+  ): Promise<void> {
+    await this.addManifest(repo, digest, manifest);
+    this.d.onStored?.({ kind: 'manifest', repo, digest });
+  }
+
+  tagSet(repo: RepositoryKey, tag: Tag, digest: Digest): void {
+    this.change((g) => g.setTag(repo, tag, digest));
+    this.d.onStored?.({ kind: 'tag', repo, tag, digest });
+  }
+
+  /**
+   * Another process on this storage stored something (fleet/forget.ts): counted here as if this
+   * one had, and told to nobody. A manifest is read from storage for what it references.
+   */
+  async storedElsewhere(event: StoredEvent): Promise<void> {
+    // An upstream this process does not cache (another config) is none of its business.
+    if (event.kind !== 'blob' && !this.d.upstreams.includes(event.repo.upstream)) return;
+    switch (event.kind) {
+      case 'blob':
+        this.addBlob(event.digest, event.size);
+        break;
+      case 'link':
+        this.change((g) => g.linkBlob(event.repo, event.digest));
+        break;
+      case 'manifest':
+        await this.addManifest(event.repo, event.digest);
+        break;
+      case 'tag':
+        this.change((g) => g.setTag(event.repo, event.tag, event.digest));
+        break;
+    }
+  }
+
+  private addBlob(digest: Digest, size: number): void {
     const at = this.now();
     this.change((g) => g.addBlob(digest, size, at));
     this.budget.check();
   }
 
-  blobLinked(repo: RepositoryKey, digest: Digest): void {
-    this.change((g) => g.linkBlob(repo, digest));
-  }
-
-  /** A manifest was linked to a repository; `manifest` when the caller parsed it already. */
-  async manifestLinked(
+  private async addManifest(
     repo: RepositoryKey,
     digest: Digest,
     manifest?: ParsedManifest,
@@ -266,10 +318,6 @@ export class Lifecycle {
       : ((await readReferences(this.d.blobs, digest)) ?? { children: [], blobs: [] });
     const at = this.now();
     this.change((g) => g.addManifest(repo, digest, references, at));
-  }
-
-  tagSet(repo: RepositoryKey, tag: Tag, digest: Digest): void {
-    this.change((g) => g.setTag(repo, tag, digest));
   }
 
   tagDeleted(repo: RepositoryKey, tag: Tag): void {

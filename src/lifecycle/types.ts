@@ -4,6 +4,7 @@
  */
 import type { Digest } from '../oci/digest.js';
 import type { Repository, Tag } from '../oci/reference.js';
+import type { RepositoryKey } from '../storage/types.js';
 
 export interface RetentionConfig {
   /** Most bytes of content kept; 0: no limit. */
@@ -89,3 +90,13 @@ export interface RemovalReport {
   /** References that named nothing cached, or what could not be removed and why. */
   problems: string[];
 }
+
+/**
+ * What this process stored, as the lifecycle's hooks hear it: told to the other processes on the
+ * same storage (fleet/forget.ts), whose graphs (and the owner's budget) then count it at once.
+ */
+export type StoredEvent =
+  | { kind: 'blob'; digest: Digest; size: number }
+  | { kind: 'link'; repo: RepositoryKey; digest: Digest }
+  | { kind: 'manifest'; repo: RepositoryKey; digest: Digest }
+  | { kind: 'tag'; repo: RepositoryKey; tag: Tag; digest: Digest };

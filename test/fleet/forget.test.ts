@@ -5,32 +5,44 @@
  */
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import {
+  decodeStored,
+  encodeStored,
   Forgetting,
   RedisForgetTransport,
   type ForgetTransport,
   type Forgotten,
 } from '../../src/fleet/forget.js';
+import type { StoredEvent } from '../../src/lifecycle/types.js';
+import { parseDigest } from '../../src/oci/digest.js';
+import { parseRepository, parseTag } from '../../src/oci/reference.js';
 import { LeaseRedis } from '../../src/lifecycle/lease.js';
 import { silentLogger } from '../../src/log/logger.js';
 import { freePort, waitFor } from '../helpers/net.js';
 import { startRedis, type TestRedis } from '../helpers/redis.js';
 
 const log = silentLogger();
+const DIGEST = parseDigest(`sha256:${'ab'.repeat(32)}`).digest;
+const REPO = { upstream: 'docker.io', repository: parseRepository('library/alpine') };
+const BLOB: StoredEvent = { kind: 'blob', digest: DIGEST, size: 1234 };
+const TAG: StoredEvent = { kind: 'tag', repo: REPO, tag: parseTag('3.20'), digest: DIGEST };
 
 /** A process's side: its transport on `channel`, and every message it was told. */
 function member(url: string, channel: string) {
   const redis = new LeaseRedis(url, log);
   const forgetting = new Forgetting([new RedisForgetTransport(redis, url, channel, log)], log);
   const heard: Forgotten[] = [];
+  const stored: StoredEvent[] = [];
   forgetting.listen({
     forget: (keys) => heard.push([...keys]),
     forgetAll: () => heard.push('all'),
+    stored: (events) => stored.push(...events),
   });
   const keys = () => heard.flatMap((m) => (m === 'all' ? [] : m));
   const alls = () => heard.filter((m) => m === 'all').length;
   return {
     forgetting,
     heard,
+    stored,
     keys,
     alls,
     /** Subscribed (and so told to drop everything once). */
@@ -74,6 +86,24 @@ describe('through Redis', () => {
       expect(elsewhere.keys()).toEqual([]); // another storage's channel
     } finally {
       await Promise.all(members.map((m) => m.close()));
+    }
+  });
+
+  test('what one process stored reaches the others as events, apart from the keys to forget', async () => {
+    const channel = `pullcache:forget:stored-${Date.now()}`;
+    const [a, b] = [member(redis.url, channel), member(redis.url, channel)];
+    try {
+      await Promise.all([a.ready(), b.ready()]);
+      a.forgetting.announceStored(BLOB);
+      a.forgetting.announceStored(TAG);
+      a.forgetting.announce('manifest-2');
+      await waitFor(async () => b.stored.length === 2 && b.keys().length === 1, 'both heard');
+      expect(b.stored).toEqual([BLOB, TAG]);
+      expect(b.keys()).toEqual(['manifest-2']);
+      expect(a.stored).toEqual([]);
+    } finally {
+      await a.close();
+      await b.close();
     }
   });
 
@@ -139,4 +169,25 @@ test('keys that could not be sent are sent again; past 10,000 of them, one messa
     await f1.close();
     await f2.close();
   }
+});
+
+test('a stored event survives its encoding, and a malformed one is passed over', () => {
+  const events: StoredEvent[] = [
+    BLOB,
+    { kind: 'link', repo: REPO, digest: DIGEST },
+    { kind: 'manifest', repo: REPO, digest: DIGEST },
+    TAG,
+  ];
+  for (const event of events) expect(decodeStored(encodeStored(event))).toEqual(event);
+  for (const bad of [
+    '+blob sha256:nothex 12',
+    `+blob ${DIGEST} -1`,
+    `+blob ${DIGEST} 1.5`,
+    `+link docker.io ../etc ${DIGEST}`,
+    `+manifest docker.io Library/Upper ${DIGEST}`,
+    `+tag docker.io library/alpine bad:tag ${DIGEST}`,
+    `+tag docker.io library/alpine ${DIGEST}`,
+    `+unknown ${DIGEST}`,
+  ])
+    expect(decodeStored(bad)).toBeUndefined();
 });

@@ -590,6 +590,32 @@ describe('workers on one host, the budget and a pin', () => {
   }, 60_000);
 });
 
+describe('workers on one host, the budget and what the other stores', () => {
+  const fleet = budgetFleet(['d', 'e', 'f']);
+
+  test('the evicting worker holds the budget at once for an image the other worker stored', async () => {
+    const { d, e, f } = fleet.images as Record<string, Image>;
+    const { pc } = fleet;
+    const { owner, other } = await fleet.roles();
+    const toOwner = await connectionTo(pc, owner);
+    const toOther = await connectionTo(pc, other);
+    try {
+      await pull(pc, toOwner, d!);
+      await pull(pc, toOwner, e!);
+      // f does not fit beside both, and it is stored by the worker that does not evict: the
+      // owner hears of it and evicts d, the least recently pulled, without waiting for a sweep
+      // (10 min by default).
+      await pull(pc, toOther, f!);
+      await waitFor(async () => !fleet.stored(d!), 'the eviction of d', 10_000);
+      expect(fleet.stored(e!)).toBe(true);
+      expect(fleet.stored(f!)).toBe(true);
+    } finally {
+      toOwner.destroy();
+      toOther.destroy();
+    }
+  }, 60_000);
+});
+
 describe('workers with the upstream timeouts off', () => {
   test('a cold blob asked of both workers is still fetched once: bodyIdle 0 does not make every follower give up', async () => {
     const registry = await TestRegistry.start();
