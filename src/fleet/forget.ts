@@ -182,9 +182,9 @@ export class Forgetting {
     for (const outbox of this.outboxes) outbox.add([key]);
   }
 
-  /** Tells the other processes what this one stored. */
+  /** Tells the other processes what this one stored (nothing to encode for a lone process). */
   announceStored(event: StoredEvent): void {
-    this.announce(encodeStored(event));
+    if (this.outboxes.length > 0) this.announce(encodeStored(event));
   }
 
   /** From now on, what the others announce is dropped from `target` (or, stored, told to it). */
