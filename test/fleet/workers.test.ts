@@ -465,8 +465,8 @@ describe('starting workers', () => {
 
 /**
  * Two workers on a budget of two images (`names`, one 300 kB layer each, pushed upstream) with
- * eviction down to the budget itself; `roles()` names the worker that owns the storage (the one
- * that evicts) and the other.
+ * eviction down to the budget itself; `withWorkers` connects to the worker that owns the storage
+ * (the one that evicts) and to the other.
  */
 function budgetFleet(names: string[]) {
   const fleet = {
@@ -476,7 +476,13 @@ function budgetFleet(names: string[]) {
     /** Whether the image's manifest bytes are still in storage. */
     stored: (image: Image) =>
       existsSync(join(fleet.pc.root, 'data', paths.blobData(parseDigest(image.digest).digest))),
-    async roles(): Promise<{ owner: number; other: number }> {
+    /**
+     * Runs `body` with a kept-alive connection to the worker that owns the storage (the one that
+     * evicts) and one to the other; closes both after.
+     */
+    async withWorkers(
+      body: (w: { owner: number; other: number; toOwner: Agent; toOther: Agent }) => Promise<void>,
+    ): Promise<void> {
       const ownerFile = join(fleet.pc.root, 'data', 'lifecycle', 'owner.json');
       const ownerPid = () => (JSON.parse(readFileSync(ownerFile, 'utf8')) as { pid: number }).pid;
       await waitFor(
@@ -484,7 +490,15 @@ function budgetFleet(names: string[]) {
         'a worker owning the storage',
       );
       const owner = ownerPid();
-      return { owner, other: fleet.pc.workers().find((pid) => pid !== owner)! };
+      const other = fleet.pc.workers().find((pid) => pid !== owner)!;
+      const toOwner = await connectionTo(fleet.pc, owner);
+      const toOther = await connectionTo(fleet.pc, other);
+      try {
+        await body({ owner, other, toOwner, toOther });
+      } finally {
+        toOwner.destroy();
+        toOther.destroy();
+      }
     },
   };
   const bytesOf = (image: Image) =>
@@ -516,10 +530,7 @@ describe('workers on one host and the budget', () => {
   test('the evicting worker keeps an image another worker pulled since, and evicts the one nobody did', async () => {
     const { x, y, z } = fleet.images as Record<string, Image>;
     const { pc } = fleet;
-    const { owner, other } = await fleet.roles();
-    const toOwner = await connectionTo(pc, owner);
-    const toOther = await connectionTo(pc, other);
-    try {
+    await fleet.withWorkers(async ({ toOwner, toOther }) => {
       await pull(pc, toOwner, x!);
       await pull(pc, toOwner, y!);
       // x is pulled again, through the other worker: the owner's graph does not see it, but the
@@ -546,10 +557,7 @@ describe('workers on one host and the budget', () => {
       expect(stored(x!)).toBe(true);
       expect(stored(y!)).toBe(false);
       expect(stored(z!)).toBe(true);
-    } finally {
-      toOwner.destroy();
-      toOther.destroy();
-    }
+    });
   }, 60_000);
 });
 
@@ -559,10 +567,7 @@ describe('workers on one host, the budget and a pin', () => {
   test('the evicting worker keeps an image pinned through the other worker', async () => {
     const { a, b, c } = fleet.images as Record<string, Image>;
     const { pc } = fleet;
-    const { owner, other } = await fleet.roles();
-    const toOwner = await connectionTo(pc, owner);
-    const toOther = await connectionTo(pc, other);
-    try {
+    await fleet.withWorkers(async ({ other, toOwner, toOther }) => {
       await pull(pc, toOwner, a!);
       await pull(pc, toOwner, b!);
       // a, the least recently pulled, is pinned through the worker that does not evict.
@@ -583,10 +588,7 @@ describe('workers on one host, the budget and a pin', () => {
       expect((JSON.parse(pins.body.toString()) as { pins: string[] }).pins).toEqual([
         expect.stringContaining(`${a!.repository}:${a!.tag}`),
       ]);
-    } finally {
-      toOwner.destroy();
-      toOther.destroy();
-    }
+    });
   }, 60_000);
 });
 
@@ -596,10 +598,7 @@ describe('workers on one host, the budget and what the other stores', () => {
   test('the evicting worker holds the budget at once for an image the other worker stored', async () => {
     const { d, e, f } = fleet.images as Record<string, Image>;
     const { pc } = fleet;
-    const { owner, other } = await fleet.roles();
-    const toOwner = await connectionTo(pc, owner);
-    const toOther = await connectionTo(pc, other);
-    try {
+    await fleet.withWorkers(async ({ toOwner, toOther }) => {
       await pull(pc, toOwner, d!);
       await pull(pc, toOwner, e!);
       // f does not fit beside both, and it is stored by the worker that does not evict: the
@@ -609,10 +608,7 @@ describe('workers on one host, the budget and what the other stores', () => {
       await waitFor(async () => !fleet.stored(d!), 'the eviction of d', 10_000);
       expect(fleet.stored(e!)).toBe(true);
       expect(fleet.stored(f!)).toBe(true);
-    } finally {
-      toOwner.destroy();
-      toOther.destroy();
-    }
+    });
   }, 60_000);
 });
 
