@@ -109,11 +109,11 @@ export interface Runtime {
     cacheTimeout?: number;
   }): Promise<{ storage: Reachability; cache: Reachability }>;
   /**
-   * For a serving process: from now on, what another process removes from storage (an eviction,
-   * `rm`) is dropped from this one's memory too, and what it stores is counted in this one's
-   * graph (fleet/forget.ts).
+   * For a serving process: from now on, what another process on the storage removes (an
+   * eviction, `rm`) is dropped from this one's memory and graph too, and what it stores is
+   * counted in this one's graph (fleet/forget.ts).
    */
-  followRemovals(): void;
+  followOthers(): void;
   close(): Promise<void>;
 }
 
@@ -219,8 +219,10 @@ export async function createRuntime(
     metrics,
     fetching: (digest) => inflight.has(digest),
     uploadsPurgeAge: config.storage.uploads.purgeAge,
-    // The other processes on the storage count what this one stores at once (fleet/forget.ts).
-    onStored: (event) => forgetting.announceStored(event),
+    // The other processes on the storage count what this one stores and removes at once
+    // (fleet/forget.ts).
+    onStored: (stored) => forgetting.announceChange({ stored }),
+    onRemoved: (removed) => forgetting.announceChange({ removed }),
     ...(leaseRedis
       ? {
           replicas: {
@@ -337,7 +339,11 @@ export async function createRuntime(
       ]);
       return { storage, cache: reachable };
     },
-    followRemovals() {
+    followOthers() {
+      const counted = (work: Promise<void>, outcome: string) =>
+        work.catch((err: unknown) =>
+          log.warn({ err: (err as Error).message }, `changed elsewhere, ${outcome} here`),
+        );
       forgetting.listen({
         forget(keys) {
           cache.forgetInMemory(keys);
@@ -348,12 +354,10 @@ export async function createRuntime(
           localManifests.forgetAll();
         },
         stored(events) {
-          for (const event of events)
-            lifecycle
-              .storedElsewhere(event)
-              .catch((err: unknown) =>
-                log.warn({ err: (err as Error).message }, 'stored elsewhere, not counted here'),
-              );
+          for (const event of events) counted(lifecycle.storedElsewhere(event), 'not counted');
+        },
+        removed(events) {
+          for (const event of events) counted(lifecycle.removedElsewhere(event), 'still counted');
         },
       });
     },
@@ -492,7 +496,7 @@ export async function startServer(config: Config, log: Logger): Promise<RunningS
   // With `server.workers`, the status page shows the host, whichever worker a poll reaches.
   if (cluster.isWorker) runtime.status.showHost(workerStatus);
   runtime.status.start();
-  runtime.followRemovals();
+  runtime.followOthers();
   // In the background: the first pull should not wait for a connection or an auth challenge.
   for (const client of runtime.clients.values()) void client.warm?.();
   // The commands find this server (and its admin API) through the owner record.

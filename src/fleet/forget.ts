@@ -15,9 +15,10 @@
  *   holds in memory (a Redis that restarted costs each process its hot entries, read again from
  *   Redis or storage).
  *
- * The same messages carry what a process stored (`+` keys, `encodeStored`): the others count it
- * in their graphs at once, so the owner's budget holds for what any of them stores, not from its
- * next sweep on. A message lost meanwhile (a broken subscription) is made up by that sweep.
+ * The same messages carry what a process stored and removed (`+` and `-` keys, `encodeChange`):
+ * the others count it in their graphs at once, so the owner's budget holds for what any of them
+ * stores, and `ls` or `du` through any of them leaves out what another removed, not from its next
+ * sweep on. A message lost meanwhile (a broken subscription) is made up by that sweep.
  *
  * Keys are batched and leave on the next turn of the event loop; nobody waits for the others to
  * act on them (a removal forgets before and after it removes, so a process that read the entry
@@ -27,7 +28,7 @@
 import { randomUUID } from 'node:crypto';
 import type { Logger } from '../log/logger.js';
 import type { LeaseRedis } from '../lifecycle/lease.js';
-import type { StoredEvent } from '../lifecycle/types.js';
+import type { RemovedEvent, StoredEvent } from '../lifecycle/types.js';
 import { parseDigest } from '../oci/digest.js';
 import { parseRepository, parseTag } from '../oci/reference.js';
 
@@ -63,43 +64,56 @@ export interface ForgetTarget {
   forgetAll(): void;
   /** What another process stored (its lifecycle's hooks), each checked like any name. */
   stored?(events: readonly StoredEvent[]): void;
+  /** What another process removed from storage, each checked like any name. */
+  removed?(events: readonly RemovedEvent[]): void;
 }
+
+/** What another process stored or removed, as one of its messages carries it. */
+export type Change = { stored: StoredEvent } | { removed: RemovedEvent };
 
 /**
- * What another process stored travels in the same messages, as a "key" of its own that no cache
- * key looks like (those start with a letter, metadata/keys.ts): `+blob <digest> <size>`,
- * `+link|+manifest <upstream> <repository> <digest>`, `+tag <upstream> <repository> <tag>
- * <digest>`.
+ * What another process stored (`+`) or removed (`-`) travels in the same messages, as a "key" of
+ * its own that no cache key looks like (those start with a letter, metadata/keys.ts): `+blob
+ * <digest> <size>`, `-blob <digest>`, `±link|±manifest <upstream> <repository> <digest>`, `+tag
+ * <upstream> <repository> <tag> <digest>`, `-tag <upstream> <repository> <tag>`.
  */
-export function encodeStored(event: StoredEvent): string {
-  switch (event.kind) {
-    case 'blob':
-      return `+blob ${event.digest} ${event.size}`;
-    case 'link':
-    case 'manifest':
-      return `+${event.kind} ${event.repo.upstream} ${event.repo.repository} ${event.digest}`;
-    case 'tag':
-      return `+tag ${event.repo.upstream} ${event.repo.repository} ${event.tag} ${event.digest}`;
-  }
+export function encodeChange(change: Change): string {
+  const [sign, event] = 'stored' in change ? ['+', change.stored] : ['-', change.removed];
+  const fields = 'repo' in event ? [event.repo.upstream, event.repo.repository] : [];
+  if ('tag' in event) fields.push(event.tag);
+  if ('digest' in event) fields.push(event.digest);
+  if ('size' in event) fields.push(String(event.size));
+  return `${sign}${event.kind} ${fields.join(' ')}`;
 }
 
-/** The event a `+` key names; undefined for anything malformed (it is then passed over). */
-export function decodeStored(key: string): StoredEvent | undefined {
-  const [kind, ...parts] = key.split(' ');
+/** The change a `+` or `-` key names; undefined for anything malformed (it is then passed over). */
+export function decodeChange(key: string): Change | undefined {
+  const stored = key.startsWith('+');
+  if (!stored && !key.startsWith('-')) return undefined;
+  const [kind, ...parts] = key.slice(1).split(' ');
+  const repoOf = () => ({ upstream: parts[0]!, repository: parseRepository(parts[1]!) });
   try {
-    if (kind === '+blob' && parts.length === 2) {
-      const size = Number(parts[1]);
-      if (!Number.isSafeInteger(size) || size < 0) return undefined;
-      return { kind: 'blob', digest: parseDigest(parts[0]!).digest, size };
-    }
-    if ((kind === '+link' || kind === '+manifest') && parts.length === 3) {
-      const repo = { upstream: parts[0]!, repository: parseRepository(parts[1]!) };
-      const digest = parseDigest(parts[2]!).digest;
-      return kind === '+link' ? { kind: 'link', repo, digest } : { kind: 'manifest', repo, digest };
-    }
-    if (kind === '+tag' && parts.length === 4) {
-      const repo = { upstream: parts[0]!, repository: parseRepository(parts[1]!) };
-      return { kind: 'tag', repo, tag: parseTag(parts[2]!), digest: parseDigest(parts[3]!).digest };
+    switch (kind) {
+      case 'blob': {
+        if (parts.length !== (stored ? 2 : 1)) return undefined;
+        const digest = parseDigest(parts[0]!).digest;
+        if (!stored) return { removed: { kind, digest } };
+        const size = Number(parts[1]);
+        if (!Number.isSafeInteger(size) || size < 0) return undefined;
+        return { stored: { kind, digest, size } };
+      }
+      case 'link':
+      case 'manifest': {
+        if (parts.length !== 3) return undefined;
+        const event = { kind, repo: repoOf(), digest: parseDigest(parts[2]!).digest };
+        return stored ? { stored: event } : { removed: event };
+      }
+      case 'tag': {
+        if (parts.length !== (stored ? 4 : 3)) return undefined;
+        const [repo, tag] = [repoOf(), parseTag(parts[2]!)];
+        if (!stored) return { removed: { kind, repo, tag } };
+        return { stored: { kind, repo, tag, digest: parseDigest(parts[3]!).digest } };
+      }
     }
   } catch {
     // a name or digest that does not parse
@@ -182,9 +196,9 @@ export class Forgetting {
     for (const outbox of this.outboxes) outbox.add([key]);
   }
 
-  /** Tells the other processes what this one stored (nothing to encode for a lone process). */
-  announceStored(event: StoredEvent): void {
-    if (this.outboxes.length > 0) this.announce(encodeStored(event));
+  /** Tells the other processes what this one stored or removed (nothing for a lone process). */
+  announceChange(change: Change): void {
+    if (this.outboxes.length > 0) this.announce(encodeChange(change));
   }
 
   /** From now on, what the others announce is dropped from `target` (or, stored, told to it). */
@@ -192,17 +206,20 @@ export class Forgetting {
     for (const transport of this.transports)
       transport.listen((keys) => {
         if (keys === 'all') return target.forgetAll();
-        const events: StoredEvent[] = [];
-        const forgotten: string[] = [];
+        const [stored, removed, forgotten]: [StoredEvent[], RemovedEvent[], string[]] = [
+          [],
+          [],
+          [],
+        ];
         for (const key of keys) {
-          if (!key.startsWith('+')) forgotten.push(key);
-          else {
-            const event = decodeStored(key);
-            if (event) events.push(event);
-          }
+          const change = decodeChange(key);
+          if (change && 'stored' in change) stored.push(change.stored);
+          else if (change) removed.push(change.removed);
+          else if (!key.startsWith('+') && !key.startsWith('-')) forgotten.push(key);
         }
         if (forgotten.length > 0) target.forget(forgotten);
-        if (events.length > 0) target.stored?.(events);
+        if (stored.length > 0) target.stored?.(stored);
+        if (removed.length > 0) target.removed?.(removed);
       });
   }
 

@@ -12,6 +12,7 @@
 import type { Digest } from '../oci/digest.js';
 import type { Tag } from '../oci/reference.js';
 import type { RepositoryKey } from '../storage/types.js';
+import type { RemovedEvent } from './types.js';
 
 export interface BlobNode {
   digest: Digest;
@@ -271,6 +272,20 @@ export class ImageGraph {
   /** The repository key of a repository id, or undefined when the graph does not know it. */
   repositoryKey(id: string): RepositoryKey | undefined {
     return this.repositories.get(id)?.key;
+  }
+
+  /** Drops what left storage (removal.ts here, or another process on the same storage). */
+  drop(event: RemovedEvent): void {
+    switch (event.kind) {
+      case 'blob':
+        return this.removeBlob(event.digest);
+      case 'link':
+        return this.unlinkBlob(event.repo, event.digest);
+      case 'manifest':
+        return this.removeManifest(event.repo, event.digest);
+      case 'tag':
+        return this.removeTag(event.repo, event.tag);
+    }
   }
 
   /** Forgets a repository that holds nothing any more. */

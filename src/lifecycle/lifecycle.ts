@@ -27,6 +27,7 @@ import type {
   ImageInfo,
   ImageRef,
   RemovalReport,
+  RemovedEvent,
   RetentionConfig,
   StoredEvent,
   Usage,
@@ -65,6 +66,8 @@ export interface LifecycleDeps {
   replicas?: { lease?: Lease };
   /** Told what this process stored, for the other processes on the storage (`storedElsewhere`). */
   onStored?: (event: StoredEvent) => void;
+  /** Told what this process removed, for the other processes on it (`removedElsewhere`). */
+  onRemoved?: (event: RemovedEvent) => void;
   now?: () => number;
 }
 
@@ -97,6 +100,7 @@ export class Lifecycle {
       cache: d.cache,
       manifestMemory: d.manifestMemory,
       inUse: (digest) => this.inUse(digest),
+      ...(d.onRemoved ? { onRemoved: d.onRemoved } : {}),
     });
     this.pins = new Pins(d.driver, d.configPins);
     this.evictor = new Evictor({
@@ -322,6 +326,35 @@ export class Lifecycle {
 
   tagDeleted(repo: RepositoryKey, tag: Tag): void {
     this.change((g) => g.removeTag(repo, tag));
+    this.d.onRemoved?.({ kind: 'tag', repo, tag });
+  }
+
+  /**
+   * Another process on this storage removed something (fleet/forget.ts): it leaves this graph
+   * too, once storage agrees. Storage decides, not the order of messages: what was stored again
+   * since (here or by a third process) stays.
+   */
+  async removedElsewhere(event: RemovedEvent): Promise<void> {
+    if (event.kind !== 'blob' && !this.d.upstreams.includes(event.repo.upstream)) return;
+    if (await this.stillStored(event)) return;
+    this.change((g) => {
+      g.drop(event);
+      if (event.kind !== 'blob') g.pruneRepository(event.repo);
+    });
+  }
+
+  private async stillStored(event: RemovedEvent): Promise<boolean> {
+    const { blobs, repositories } = this.d;
+    switch (event.kind) {
+      case 'blob':
+        return (await blobs.stat(event.digest)).found;
+      case 'link':
+        return repositories.hasBlob(event.repo, event.digest);
+      case 'manifest':
+        return (await repositories.getManifest(event.repo, event.digest)) !== undefined;
+      case 'tag':
+        return (await repositories.getTag(event.repo, event.tag)) !== undefined;
+    }
   }
 
   /** Applies a change to the graph, and to the one a rescan is building; returns the graph. */

@@ -16,7 +16,7 @@ import type { MetadataCache } from '../metadata/types.js';
 import type { Digest } from '../oci/digest.js';
 import type { BlobStore, RepositoryKey, RepositoryStore } from '../storage/types.js';
 import { repositoryId, type Image, type ImageGraph, type RepositoryNode } from './image-graph.js';
-import type { RemovalReport } from './types.js';
+import type { RemovalReport, RemovedEvent } from './types.js';
 
 /** What lives in memory in front of storage besides the metadata cache (the manifest LRU). */
 export interface ManifestMemory {
@@ -32,6 +32,8 @@ export interface RemovalDeps {
   manifestMemory: ManifestMemory;
   /** True while a blob is being served or fetched: it stays. */
   inUse: (digest: Digest) => boolean;
+  /** Told what left storage, for the other processes on it (`Lifecycle.removedElsewhere`). */
+  onRemoved?: (event: RemovedEvent) => void;
 }
 
 export class Removal {
@@ -52,7 +54,7 @@ export class Removal {
     await Promise.all(
       image.tags.map(async (tag) => {
         await repositories.deleteTag(repo, tag);
-        graph.removeTag(repo, tag);
+        this.dropped(graph, { kind: 'tag', repo, tag });
       }),
     );
     // A child another kept index of the repository also references stays with that one.
@@ -62,7 +64,7 @@ export class Removal {
     });
     const unlink = async (digest: Digest) => {
       await repositories.unlinkManifest(repo, digest);
-      graph.removeManifest(repo, digest);
+      this.dropped(graph, { kind: 'manifest', repo, digest });
     };
     // Root first: a child manifest left by a crash is then an image of its own, not a part.
     if (root) await unlink(root);
@@ -84,7 +86,7 @@ export class Removal {
       if (!repo) continue;
       await cache.deleteRepositoryDescriptor(repo, digest);
       await repositories.unlinkBlob(repo, digest);
-      graph.unlinkBlob(repo, digest);
+      this.dropped(graph, { kind: 'link', repo, digest });
       await cache.deleteRepositoryDescriptor(repo, digest);
       await this.pruneRepository(repo);
     }
@@ -105,7 +107,7 @@ export class Removal {
         .map(async (digest) => {
           await cache.deleteRepositoryDescriptor(repo, digest);
           await repositories.unlinkBlob(repo, digest);
-          graph.unlinkBlob(repo, digest);
+          this.dropped(graph, { kind: 'link', repo, digest });
           await cache.deleteRepositoryDescriptor(repo, digest);
         }),
     );
@@ -130,12 +132,18 @@ export class Removal {
     try {
       await cache.deleteDescriptor(digest);
       await blobs.remove(digest);
-      graph.removeBlob(digest);
+      this.dropped(graph, { kind: 'blob', digest });
       await cache.deleteDescriptor(digest);
     } finally {
       this.removing.delete(digest);
     }
     return blob.size;
+  }
+
+  /** What left storage leaves the graph, and the other processes on the storage are told. */
+  private dropped(graph: ImageGraph, event: RemovedEvent): void {
+    graph.drop(event);
+    this.d.onRemoved?.(event);
   }
 
   private async forgetImage(repo: RepositoryKey, image: Image): Promise<void> {
@@ -191,7 +199,7 @@ export class Removal {
         if (!dryRun) {
           await cache.deleteTag(repo, tag);
           await repositories.deleteTag(repo, tag);
-          graph.removeTag(repo, tag);
+          this.dropped(graph, { kind: 'tag', repo, tag });
         }
       }
       for (const manifest of [...node.manifests.values()]) {
@@ -206,7 +214,7 @@ export class Removal {
           manifestMemory.forget(repo, manifest.digest);
           await cache.deleteManifest(repo, manifest.digest);
           await repositories.unlinkManifest(repo, manifest.digest);
-          graph.removeManifest(repo, manifest.digest);
+          this.dropped(graph, { kind: 'manifest', repo, digest: manifest.digest });
         }
       }
       for (const digest of [...node.links]) {
@@ -214,7 +222,7 @@ export class Removal {
         if (await this.storedSinceScan(graph, digest)) continue;
         await cache.deleteRepositoryDescriptor(repo, digest);
         await repositories.unlinkBlob(repo, digest);
-        graph.unlinkBlob(repo, digest);
+        this.dropped(graph, { kind: 'link', repo, digest });
       }
       if (!dryRun) await this.pruneRepository(repo);
     }

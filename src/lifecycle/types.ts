@@ -100,3 +100,13 @@ export type StoredEvent =
   | { kind: 'link'; repo: RepositoryKey; digest: Digest }
   | { kind: 'manifest'; repo: RepositoryKey; digest: Digest }
   | { kind: 'tag'; repo: RepositoryKey; tag: Tag; digest: Digest };
+
+/**
+ * What this process removed from storage (removal.ts: `rm`, an eviction, the collection), told to
+ * the other processes the same way: their graphs drop it, each once storage agrees it is gone.
+ */
+export type RemovedEvent =
+  | { kind: 'blob'; digest: Digest }
+  | { kind: 'link'; repo: RepositoryKey; digest: Digest }
+  | { kind: 'manifest'; repo: RepositoryKey; digest: Digest }
+  | { kind: 'tag'; repo: RepositoryKey; tag: Tag };

@@ -5,14 +5,15 @@
  */
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import {
-  decodeStored,
-  encodeStored,
+  decodeChange,
+  encodeChange,
   Forgetting,
+  type Change,
   RedisForgetTransport,
   type ForgetTransport,
   type Forgotten,
 } from '../../src/fleet/forget.js';
-import type { StoredEvent } from '../../src/lifecycle/types.js';
+import type { RemovedEvent, StoredEvent } from '../../src/lifecycle/types.js';
 import { parseDigest } from '../../src/oci/digest.js';
 import { parseRepository, parseTag } from '../../src/oci/reference.js';
 import { LeaseRedis } from '../../src/lifecycle/lease.js';
@@ -25,6 +26,7 @@ const DIGEST = parseDigest(`sha256:${'ab'.repeat(32)}`).digest;
 const REPO = { upstream: 'docker.io', repository: parseRepository('library/alpine') };
 const BLOB: StoredEvent = { kind: 'blob', digest: DIGEST, size: 1234 };
 const TAG: StoredEvent = { kind: 'tag', repo: REPO, tag: parseTag('3.20'), digest: DIGEST };
+const GONE: RemovedEvent = { kind: 'manifest', repo: REPO, digest: DIGEST };
 
 /** A process's side: its transport on `channel`, and every message it was told. */
 function member(url: string, channel: string) {
@@ -32,10 +34,12 @@ function member(url: string, channel: string) {
   const forgetting = new Forgetting([new RedisForgetTransport(redis, url, channel, log)], log);
   const heard: Forgotten[] = [];
   const stored: StoredEvent[] = [];
+  const removed: RemovedEvent[] = [];
   forgetting.listen({
     forget: (keys) => heard.push([...keys]),
     forgetAll: () => heard.push('all'),
     stored: (events) => stored.push(...events),
+    removed: (events) => removed.push(...events),
   });
   const keys = () => heard.flatMap((m) => (m === 'all' ? [] : m));
   const alls = () => heard.filter((m) => m === 'all').length;
@@ -43,6 +47,7 @@ function member(url: string, channel: string) {
     forgetting,
     heard,
     stored,
+    removed,
     keys,
     alls,
     /** Subscribed (and so told to drop everything once). */
@@ -89,18 +94,23 @@ describe('through Redis', () => {
     }
   });
 
-  test('what one process stored reaches the others as events, apart from the keys to forget', async () => {
+  test('what one process stored or removed reaches the others as events, apart from the keys to forget', async () => {
     const channel = `pullcache:forget:stored-${Date.now()}`;
     const [a, b] = [member(redis.url, channel), member(redis.url, channel)];
     try {
       await Promise.all([a.ready(), b.ready()]);
-      a.forgetting.announceStored(BLOB);
-      a.forgetting.announceStored(TAG);
+      a.forgetting.announceChange({ stored: BLOB });
+      a.forgetting.announceChange({ stored: TAG });
+      a.forgetting.announceChange({ removed: GONE });
       a.forgetting.announce('manifest-2');
-      await waitFor(async () => b.stored.length === 2 && b.keys().length === 1, 'both heard');
+      await waitFor(
+        async () => b.stored.length === 2 && b.removed.length === 1 && b.keys().length === 1,
+        'all heard',
+      );
       expect(b.stored).toEqual([BLOB, TAG]);
+      expect(b.removed).toEqual([GONE]);
       expect(b.keys()).toEqual(['manifest-2']);
-      expect(a.stored).toEqual([]);
+      expect([a.stored, a.removed]).toEqual([[], []]);
     } finally {
       await a.close();
       await b.close();
@@ -171,23 +181,35 @@ test('keys that could not be sent are sent again; past 10,000 of them, one messa
   }
 });
 
-test('a stored event survives its encoding, and a malformed one is passed over', () => {
-  const events: StoredEvent[] = [
-    BLOB,
-    { kind: 'link', repo: REPO, digest: DIGEST },
-    { kind: 'manifest', repo: REPO, digest: DIGEST },
-    TAG,
+test('a stored or removed event survives its encoding, and a malformed one is passed over', () => {
+  const changes: Change[] = [
+    { stored: BLOB },
+    { stored: { kind: 'link', repo: REPO, digest: DIGEST } },
+    { stored: { kind: 'manifest', repo: REPO, digest: DIGEST } },
+    { stored: TAG },
+    { removed: { kind: 'blob', digest: DIGEST } },
+    { removed: { kind: 'link', repo: REPO, digest: DIGEST } },
+    { removed: GONE },
+    { removed: { kind: 'tag', repo: REPO, tag: parseTag('3.20') } },
   ];
-  for (const event of events) expect(decodeStored(encodeStored(event))).toEqual(event);
+  for (const change of changes) expect(decodeChange(encodeChange(change))).toEqual(change);
   for (const bad of [
     '+blob sha256:nothex 12',
     `+blob ${DIGEST} -1`,
     `+blob ${DIGEST} 1.5`,
+    `+blob ${DIGEST}`,
+    `-blob ${DIGEST} 12`,
     `+link docker.io ../etc ${DIGEST}`,
+    `-link docker.io ../etc ${DIGEST}`,
     `+manifest docker.io Library/Upper ${DIGEST}`,
+    `-manifest docker.io library/alpine sha256:short`,
     `+tag docker.io library/alpine bad:tag ${DIGEST}`,
     `+tag docker.io library/alpine ${DIGEST}`,
+    `-tag docker.io library/alpine 3.20 ${DIGEST}`,
+    `-tag docker.io library/alpine bad:tag`,
     `+unknown ${DIGEST}`,
+    `*blob ${DIGEST}`,
+    'manifest-key',
   ])
-    expect(decodeStored(bad)).toBeUndefined();
+    expect(decodeChange(bad)).toBeUndefined();
 });

@@ -8,6 +8,7 @@ import { createServer, type Server } from 'node:http';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { createClient } from '@keyv/redis';
 import { peerSignature, PEER_HEADER, PEER_PATH } from '../../src/fleet/peers.js';
+import type { ImageInfo } from '../../src/lifecycle/types.js';
 import { makeImage, pushImage, pushRandomBlob, sha256 } from '../helpers/images.js';
 import { freePort, waitFor } from '../helpers/net.js';
 import { startRedis, type TestRedis } from '../helpers/redis.js';
@@ -176,6 +177,16 @@ describe('replicas sharing Redis and a bucket', () => {
     ])
       expect(await ask(one, path)).toBe(200);
     for (const path of paths) expect(await ask(two, path)).toBe(200);
+    // The others heard what replica one stored, and list it.
+    const listers = replicas.slice(1);
+    const listing = (replica: WorkersServer) =>
+      fetch(`${replica.url}/_pullcache/v1/images`)
+        .then((r) => r.json() as Promise<ImageInfo[]>)
+        .then((images) =>
+          images.some((i) => i.references.some((r) => r.includes(image.repository))),
+        );
+    const listedBy = async () => (await Promise.all(listers.map(listing))).filter(Boolean).length;
+    await waitFor(async () => (await listedBy()) === listers.length, 'the others listing it');
     const removed = await fetch(`${one.url}/_pullcache/v1/remove`, {
       method: 'POST',
       headers: { 'content-type': 'application/json' },
@@ -197,6 +208,8 @@ describe('replicas sharing Redis and a bucket', () => {
         throw new Error(`${err.message}: ${answers.join(', ')}`);
       });
       expect(answers).toEqual([503, 503]);
+      // And they leave it out of their lists (not from their next sweep on).
+      await waitFor(async () => (await listedBy()) === 0, 'the others leaving it out', 10_000);
     } finally {
       throttle.down = false;
     }

@@ -8,6 +8,7 @@ import { Agent, request } from 'node:http';
 import { availableParallelism, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
+import type { ImageInfo, Usage } from '../../src/lifecycle/types.js';
 import { parseDigest } from '../../src/oci/digest.js';
 import type { Status } from '../../src/status/status.js';
 import { paths } from '../../src/storage/paths.js';
@@ -197,7 +198,9 @@ describe('workers on one host', () => {
     try {
       await pull(pc, toOne, image);
       expect(existsSync(link)).toBe(true);
-      // Worker two's graph has only what it counted at start and what it stored itself.
+      // Right after the pull, worker two may not have heard of the image yet (what another
+      // worker stores reaches its graph a moment after): when a reference is not in its graph,
+      // rm counts storage afresh first. Either way, it removes the image.
       const removed = await fetchOn(pc, toTwo, '/_pullcache/v1/remove', {
         method: 'POST',
         body: JSON.stringify({ references: [`${image.repository}:${image.tag}`] }),
@@ -216,6 +219,45 @@ describe('workers on one host', () => {
         expect(
           existsSync(join(pc.root, 'data', paths.blobData(parseDigest(blob.digest).digest))),
         ).toBe(false);
+    } finally {
+      toOne.destroy();
+      toTwo.destroy();
+    }
+  }, 60_000);
+
+  test("an image removed through one worker leaves the other's list and usage", async () => {
+    const image = makeImage('org/listed', 'v1', 'oci', [100_000]);
+    await pushImage(registry, image);
+    await pc.waitForWorkers(2, 2);
+    const [one, two] = pc.workers() as [number, number];
+    const toOne = await connectionTo(pc, one);
+    const toTwo = await connectionTo(pc, two);
+    const listedByTwo = async () => {
+      const got = await fetchOn(pc, toTwo, '/_pullcache/v1/images');
+      expect(got.worker).toBe(two);
+      const images = JSON.parse(got.body.toString()) as ImageInfo[];
+      return images.some((i) => i.references.some((r) => r.includes(image.repository)));
+    };
+    const usageBytes = async (agent: Agent) =>
+      (JSON.parse((await fetchOn(pc, agent, '/_pullcache/v1/usage')).body.toString()) as Usage)
+        .bytes;
+    try {
+      // Worker one stores it; worker two hears of it and lists it.
+      await pull(pc, toOne, image);
+      await waitFor(listedByTwo, 'worker two listing the image');
+      const removed = await fetchOn(pc, toOne, '/_pullcache/v1/remove', {
+        method: 'POST',
+        body: JSON.stringify({ references: [`${image.repository}:${image.tag}`] }),
+      });
+      expect(removed.status).toBe(200);
+      // Without being told, worker two would list it until its next sweep (10 min by default).
+      await waitFor(async () => !(await listedByTwo()), 'worker two leaving it out', 10_000);
+      // Both count the same bytes again.
+      await waitFor(
+        async () => (await usageBytes(toOne)) === (await usageBytes(toTwo)),
+        'both workers counting the same bytes',
+        10_000,
+      );
     } finally {
       toOne.destroy();
       toTwo.destroy();

@@ -10,6 +10,9 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, expect, test } from 'vitest';
 import { ImageGraph } from '../../src/lifecycle/image-graph.js';
+import { Lifecycle } from '../../src/lifecycle/lifecycle.js';
+import type { RemovedEvent } from '../../src/lifecycle/types.js';
+import { Metrics } from '../../src/metrics.js';
 import { PullRecorder } from '../../src/lifecycle/pulls.js';
 import { Removal } from '../../src/lifecycle/removal.js';
 import { scanStorage } from '../../src/lifecycle/scan.js';
@@ -22,7 +25,7 @@ import { FilesystemDriver } from '../../src/storage/filesystem-driver.js';
 import { DriverRepositoryStore } from '../../src/storage/repository-store.js';
 import { paths } from '../../src/storage/paths.js';
 import type { BlobStore, RepositoryKey, RepositoryStore } from '../../src/storage/types.js';
-import { makeImage } from '../helpers/images.js';
+import { makeImage, type Image } from '../helpers/images.js';
 
 const roots: string[] = [];
 afterEach(() => {
@@ -43,27 +46,34 @@ function storage() {
   };
 }
 
+/** Stores an image as another process would, in the order pullcache stores one: blobs, links, tag. */
+async function storeWhole(
+  blobs: BlobStore,
+  repositories: RepositoryStore,
+  image: Image,
+): Promise<void> {
+  for (const b of image.blobs) {
+    const d = parseDigest(b.digest).digest;
+    await blobs.put(b.bytes, d);
+    await repositories.linkBlob(repo, { digest: d, size: b.bytes.length });
+  }
+  const digest = parseDigest(image.digest).digest;
+  await blobs.put(image.manifest, digest, image.mediaType);
+  await repositories.linkManifest(repo, {
+    digest,
+    mediaType: image.mediaType,
+    size: image.manifest.length,
+  });
+  await repositories.setTag(repo, parseTag(image.tag), { digest, confirmedAt: Date.now() });
+}
+
 test('an image another process stored while the scan listed blobs is kept whole by the collection', async () => {
   const { blobs, repositories } = storage();
   const image = makeImage('org/app', 'v1', 'oci', [3000]);
   const digest = parseDigest(image.digest).digest;
   const tag = parseTag('v1');
 
-  // The other process, in the order pullcache stores an image: blobs, links, then the tag.
-  const storeImage = async () => {
-    for (const b of image.blobs) {
-      const d = parseDigest(b.digest).digest;
-      await blobs.put(b.bytes, d);
-      await repositories.linkBlob(repo, { digest: d, size: b.bytes.length });
-    }
-    await blobs.put(image.manifest, digest, image.mediaType);
-    await repositories.linkManifest(repo, {
-      digest,
-      mediaType: image.mediaType,
-      size: image.manifest.length,
-    });
-    await repositories.setTag(repo, tag, { digest, confirmedAt: Date.now() });
-  };
+  const storeImage = () => storeWhole(blobs, repositories, image);
   // It stores the image right after the scan's blob listing has gone by.
   const listing: BlobStore = Object.assign(Object.create(blobs) as BlobStore, {
     async *list() {
@@ -143,4 +153,74 @@ test('a last pull that storage did not take is written at the next flush, and th
   expect(await times()).toEqual({ [digests[0]!]: 1000, [digests[1]!]: at });
   await pulls.flush();
   expect(await times()).toEqual({ [digests[0]!]: at, [digests[1]!]: at });
+});
+
+test('what another process removed leaves the graph once storage agrees, not before', async () => {
+  const { driver, blobs, repositories } = storage();
+  const image = makeImage('org/app', 'v1', 'oci', [3000, 5000]);
+  await storeWhole(blobs, repositories, image);
+  const cache = () => new KeyvMetadataCache({ store: 'memory', log: silentLogger() });
+  const here = new Lifecycle({
+    retention: { maxSize: 0, minFree: 0, lowWater: 1, unusedFor: 0, sweepInterval: 0 },
+    configPins: [],
+    driver,
+    blobs,
+    repositories,
+    cache: cache(),
+    manifestMemory: { forget: () => {} },
+    upstreams: ['docker.io'],
+    log: silentLogger(),
+    metrics: new Metrics(),
+    fetching: () => false,
+    uploadsPurgeAge: 0,
+    replicas: {},
+  });
+  try {
+    await here.whenReady();
+    const counted = async () => [(await here.images()).length, (await here.usage()).bytes];
+    const whole = await counted();
+    expect(whole[0]).toBe(1);
+
+    // The other process removes the image, and says what left storage as it goes.
+    const removeElsewhere = async () => {
+      const graph = new ImageGraph();
+      await scanStorage({
+        graph,
+        blobs,
+        repositories,
+        upstreams: ['docker.io'],
+        log: silentLogger(),
+      });
+      const said: RemovedEvent[] = [];
+      const removal = new Removal({
+        graph: () => graph,
+        blobs,
+        repositories,
+        cache: cache(),
+        manifestMemory: { forget: () => {} },
+        inUse: () => false,
+        onRemoved: (event) => said.push(event),
+      });
+      const node = graph.repositories.get('docker.io/org/app')!;
+      await removal.removeImage(node, graph.image(node, graph.roots(node)[0]!));
+      return said;
+    };
+    const said = await removeElsewhere();
+    expect(said.map((e) => e.kind).sort()).toEqual(
+      ['blob', 'blob', 'blob', 'blob', 'link', 'link', 'link', 'manifest', 'tag'].sort(),
+    );
+
+    // Heard after the image was stored again (by a third process): storage still holds it all,
+    // and the graph keeps it.
+    await storeWhole(blobs, repositories, image);
+    for (const event of said) await here.removedElsewhere(event);
+    expect(await counted()).toEqual(whole);
+
+    // Heard once it is gone from storage: the graph drops it, bytes and all.
+    for (const event of await removeElsewhere()) await here.removedElsewhere(event);
+    expect(await counted()).toEqual([0, 0]);
+    expect(here.graph.repositories.size).toBe(0);
+  } finally {
+    await here.close();
+  }
 });
