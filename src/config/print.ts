@@ -4,13 +4,24 @@
  * config. Which keys carry a unit is read from the schema (shape.ts).
  */
 import { stringify } from 'yaml';
-import { redactConfig } from './redact.js';
+import { redactUserinfo } from './redact.js';
 import type { Config } from './schema.js';
 import { configShape, type KeyTree } from './shape.js';
 import { formatDuration, formatSize } from './units.js';
 
 export function printConfig(config: Config): string {
   return stringify(inUnits(redactConfig(config), configShape()));
+}
+
+/** The config with every secret replaced, for `pullcache config` and logs. */
+export function redactConfig(config: Config): Config {
+  const copy = structuredClone(config);
+  for (const upstream of Object.values(copy.upstreams)) {
+    if (upstream.password !== undefined) upstream.password = '[redacted]';
+  }
+  if (copy.server.peerSecret !== '') copy.server.peerSecret = '[redacted]';
+  copy.cache.redis.url = redactUserinfo(copy.cache.redis.url);
+  return copy;
 }
 
 function inUnits(value: unknown, shape: KeyTree | undefined): unknown {

@@ -1,9 +1,8 @@
 /**
- * Secrets out of everything pullcache shows: `pullcache config`, log fields, and the start-up
- * errors that echo a value given in the config ("got ..."). An error is no excuse to print a
- * password.
+ * Secrets out of everything pullcache shows: `pullcache config` (print.ts), log fields, and the
+ * start-up errors that echo a value given in the config ("got ..."). An error is no excuse to
+ * print a password.
  */
-import type { Config } from './schema.js';
 
 /**
  * The value with everything before its last `@` (a URL's userinfo) replaced by `[redacted]`:
@@ -22,15 +21,4 @@ export function show(value: unknown): string {
   if (value === undefined) return 'nothing';
   if (typeof value === 'number' && !Number.isFinite(value)) return String(value);
   return JSON.stringify(typeof value === 'string' ? redactUserinfo(value) : value);
-}
-
-/** The config with every secret replaced, for `pullcache config` and logs. */
-export function redactConfig(config: Config): Config {
-  const copy = structuredClone(config);
-  for (const upstream of Object.values(copy.upstreams)) {
-    if (upstream.password !== undefined) upstream.password = '[redacted]';
-  }
-  if (copy.server.peerSecret !== '') copy.server.peerSecret = '[redacted]';
-  copy.cache.redis.url = redactUserinfo(copy.cache.redis.url);
-  return copy;
 }

@@ -28,12 +28,11 @@ import {
 import type {
   BlobService,
   ByteRange,
-  ManifestService,
-  ReferrersService,
   RepositoryKey,
   RepositoryStore,
   TagService,
 } from '../storage/types.js';
+import type { UpstreamServices } from './types.js';
 import { isSendable } from '../storage/file-range.js';
 import type { Lifecycle } from '../lifecycle/lifecycle.js';
 import { ADMIN_PREFIX, adminRouter } from './admin.js';
@@ -57,14 +56,6 @@ import { createAccess, TOKEN_PATH } from '../access/access.js';
 import { AuthenticationRequiredError } from '../access/errors.js';
 import { PEER_HEADER, PEER_PATH, verifyPeerSignature } from '../fleet/peers.js';
 import type { AccessControl, Identity } from '../access/types.js';
-
-export interface UpstreamServices {
-  blobs: BlobService;
-  manifests: ManifestService;
-  tags: TagService;
-  /** Absent from the storage-only set that export and import use, which serves no requests. */
-  referrers?: ReferrersService;
-}
 
 export interface AppDeps {
   config: Config;

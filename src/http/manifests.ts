@@ -13,7 +13,7 @@ import type { Logger } from '../log/logger.js';
 import { ManifestUnknownError, NameInvalidError } from '../oci/errors.js';
 import { isTag, parseManifestReference } from '../oci/reference.js';
 import type { RepositoryKey } from '../storage/types.js';
-import type { UpstreamServices } from './app.js';
+import type { UpstreamServices } from './types.js';
 import { sendError } from './errors.js';
 import { routeRequest, type Route } from '../routing.js';
 import type { Metrics } from '../metrics.js';

@@ -12,9 +12,9 @@
  */
 import type { Descriptor } from '../oci/descriptor.js';
 import type { DigestLeases, HeldFetch, LeaseResult } from '../fleet/types.js';
-import { BlobFetch, type BlobFetchOptions, type BlobFollower } from './blob-fetch.js';
+import { BlobFetch, type BlobFetchOptions } from './blob-fetch.js';
 import { HolderFailedError, HolderStalledError, RemoteBlobFetch } from './remote-fetch.js';
-import type { FetchState, UpstreamFetch } from './types.js';
+import type { FetchState, FollowerStream, UpstreamFetch } from './types.js';
 import { deferred } from './deferred.js';
 
 /** Times a holder that failed before saying anything is asked about again. */
@@ -76,7 +76,7 @@ export class FleetFetch implements UpstreamFetch {
     return (this.current as Partial<{ clients: number }> | undefined)?.clients ?? 0;
   }
 
-  follow(start: number, end: number): BlobFollower {
+  follow(start: number, end: number): FollowerStream {
     if (!this.current) throw new Error('follow before the fetch is ready');
     return this.current.follow(start, end);
   }

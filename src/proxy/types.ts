@@ -3,11 +3,14 @@
  * process's fetch followed from here (remote-fetch.ts), and the one that decides between the two
  * by a lease on the digest (fleet-fetch.ts) all look alike to ProxyBlobStore and to followers.
  */
+import type { Readable } from 'node:stream';
 import type { Descriptor } from '../oci/descriptor.js';
 import type { Digest } from '../oci/digest.js';
-import type { RangeStream } from '../storage/file-range.js';
+import type { RangeStream, Sendable } from '../storage/file-range.js';
 import type { RepositoryKey } from '../storage/types.js';
-import type { BlobFollower } from './blob-fetch.js';
+
+/** A stream of a blob that follows its fetch (blob-fetch.ts's BlobFollower). */
+export type FollowerStream = Readable & Sendable;
 
 /**
  * `streamed`: verified and served whole, but not kept (larger than the whole budget).
@@ -31,10 +34,10 @@ export interface UpstreamFetch {
    * A stream of bytes [start, end) of the blob that follows the fetch, its last byte held until
    * the digest is verified, destroyed with the fetch's error when it fails. Call after `ready`.
    */
-  follow(start: number, end: number): BlobFollower;
+  follow(start: number, end: number): FollowerStream;
 }
 
-/** What a BlobFollower reads: a fetch whose bytes are on disk as far as `written`. */
+/** What a follower reads: a fetch whose bytes are on disk as far as `written`. */
 export interface FollowedFetch {
   readonly state: FetchState;
   readonly error: unknown;
@@ -46,5 +49,5 @@ export interface FollowedFetch {
   isCommitted(): boolean;
   /** Reads bytes already on disk: the upload while it runs, the blob once committed. */
   readWritten(offset: number, length: number): Promise<RangeStream>;
-  unfollow(follower: BlobFollower): void;
+  unfollow(follower: FollowerStream): void;
 }

@@ -5,7 +5,7 @@ import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { describe, expect, test } from 'vitest';
 import { ConfigError, loadConfig, parseConfig } from '../../src/config/load.js';
-import { redactConfig } from '../../src/config/redact.js';
+import { redactConfig } from '../../src/config/print.js';
 
 const run = promisify(execFile);
 
