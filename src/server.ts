@@ -236,8 +236,8 @@ export async function createRuntime(
         : {}),
   });
   // Everything above the stores tells the lifecycle what comes and goes.
-  const blobs = new TrackedBlobStore(storedBlobs, lifecycle);
-  const repositories = new TrackedRepositoryStore(storedRepositories, lifecycle);
+  const blobs = new TrackedBlobStore(storedBlobs, lifecycle.keeper);
+  const repositories = new TrackedRepositoryStore(storedRepositories, lifecycle.keeper);
   const localBlobs = new LocalBlobService(blobs, repositories, cache);
   const localManifests = new LocalManifestService(blobs, repositories, cache);
   const localTags = new LocalTagService(repositories, cache);
@@ -355,10 +355,12 @@ export async function createRuntime(
           localManifests.forgetAll();
         },
         stored(events) {
-          for (const event of events) counted(lifecycle.storedElsewhere(event), 'not counted');
+          for (const event of events)
+            counted(lifecycle.keeper.storedElsewhere(event), 'not counted');
         },
         removed(events) {
-          for (const event of events) counted(lifecycle.removedElsewhere(event), 'still counted');
+          for (const event of events)
+            counted(lifecycle.keeper.removedElsewhere(event), 'still counted');
         },
       });
     },

@@ -1,8 +1,8 @@
 /**
- * The cache's lifecycle: keeps the image graph in step with storage, records last-pulled times
- * (in memory at once, in storage every few seconds), holds the budget (budget.ts) by evicting the
- * least recently pulled images in the background, runs the retention sweep and the collection,
- * and answers `ls`, `du`, `pin`, `rm` and `gc`.
+ * The cache's lifecycle: keeps the image graph in step with storage (graph-keeper.ts), records
+ * last-pulled times (in memory at once, in storage every few seconds), holds the budget
+ * (budget.ts) by evicting the least recently pulled images in the background, runs the retention
+ * sweep and the collection, and answers `ls`, `du`, `pin`, `rm` and `gc`.
  *
  * Never evicted: pinned images, and anything being served or fetched at that moment.
  */
@@ -10,10 +10,10 @@ import type { Logger } from '../log/logger.js';
 import type { MetadataCache } from '../metadata/types.js';
 import type { Metrics } from '../metrics.js';
 import type { Digest } from '../oci/digest.js';
-import type { Tag } from '../oci/reference.js';
 import type { BlobStore, RepositoryKey, RepositoryStore, StorageDriver } from '../storage/types.js';
 import { Budget } from './budget.js';
-import { ImageGraph } from './image-graph.js';
+import type { ImageGraph } from './image-graph.js';
+import { GraphKeeper } from './graph-keeper.js';
 import { Evictor, type Entry } from './eviction.js';
 import { Ownership } from './owner.js';
 import type { Lease } from './lease.js';
@@ -22,7 +22,6 @@ import { Pins } from './pins.js';
 import { PullRecorder } from './pulls.js';
 import { imageInfos, imageReferences, matchingImages } from './inventory.js';
 import { Removal, type ManifestMemory } from './removal.js';
-import { manifestReferences, readReferences, scanStorage } from './scan.js';
 import type {
   ImageInfo,
   ImageRef,
@@ -32,7 +31,6 @@ import type {
   StoredEvent,
   Usage,
 } from './types.js';
-import type { ParsedManifest } from '../oci/manifest.js';
 
 /** How often last-pulled times go to storage: never one write per request. */
 const FLUSH_INTERVAL_MS = 5000;
@@ -64,17 +62,16 @@ export interface LifecycleDeps {
    * evicted. With a `lease`, the lease decides who evicts; without, the owner record does.
    */
   replicas?: { lease?: Lease };
-  /** Told what this process stored, for the other processes on the storage (`storedElsewhere`). */
+  /** Told what this process stored, for the other processes on the storage (`GraphKeeper.storedElsewhere`). */
   onStored?: (event: StoredEvent) => void;
-  /** Told what this process removed, for the other processes on it (`removedElsewhere`). */
+  /** Told what this process removed, for the other processes on it (`GraphKeeper.removedElsewhere`). */
   onRemoved?: (event: RemovedEvent) => void;
   now?: () => number;
 }
 
 export class Lifecycle {
-  private current = new ImageGraph();
-  /** While a rescan builds a fresh graph: the changes to apply to it as well. */
-  private replay: ((graph: ImageGraph) => void)[] | undefined;
+  /** The graph, in step with storage: what this process and the others store and remove. */
+  readonly keeper: GraphKeeper;
   /** Evictions, sweeps, removals and rescans run one at a time, in this chain. */
   private work: Promise<unknown> = Promise.resolve();
   private readonly log: Logger;
@@ -93,6 +90,16 @@ export class Lifecycle {
   constructor(private readonly d: LifecycleDeps) {
     this.log = d.log.child({ module: 'lifecycle' });
     this.now = d.now ?? Date.now;
+    this.keeper = new GraphKeeper({
+      blobs: d.blobs,
+      repositories: d.repositories,
+      upstreams: d.upstreams,
+      log: this.log,
+      now: this.now,
+      added: () => this.budget.check(),
+      onStored: d.onStored,
+      onRemoved: d.onRemoved,
+    });
     this.removal = new Removal({
       graph: () => this.graph,
       blobs: d.blobs,
@@ -118,7 +125,7 @@ export class Lifecycle {
         : {}),
     });
     this.pulls = new PullRecorder({
-      change: (apply) => this.change(apply),
+      change: (apply) => this.keeper.change(apply),
       blobs: d.blobs,
       repositories: d.repositories,
     });
@@ -141,9 +148,9 @@ export class Lifecycle {
     }));
   }
 
-  /** The graph as it stands (a rescan replaces it). */
+  /** The graph as it stands (a recount replaces it). */
   get graph(): ImageGraph {
-    return this.current;
+    return this.keeper.graph;
   }
 
   get retention(): RetentionConfig {
@@ -226,7 +233,7 @@ export class Lifecycle {
     const at = (await this.d.driver.stat(path))?.modTime.getTime();
     if (at === undefined || at <= entry.pulledAt) return false;
     if (entry.kind === 'image')
-      this.change((g) => g.markPulled(entry.node.key, entry.image.digest, at));
+      this.keeper.change((g) => g.markPulled(entry.node.key, entry.image.digest, at));
     return true;
   }
 
@@ -234,13 +241,7 @@ export class Lifecycle {
     const started = this.now();
     await this.pins.load();
     await this.ownership.acquire();
-    const counts = await scanStorage({
-      graph: this.current,
-      blobs: this.d.blobs,
-      repositories: this.d.repositories,
-      upstreams: this.d.upstreams,
-      log: this.log,
-    });
+    const counts = await this.keeper.scan();
     this.scanned = true;
     this.pulls.graphReady();
     this.log.info(
@@ -255,114 +256,7 @@ export class Lifecycle {
     this.budget.check();
   }
 
-  // ---- hooks: storage and serving tell the lifecycle what happens --------------------------
-
-  /** A blob was committed to storage. */
-  blobAdded(digest: Digest, size: number): void {
-    this.addBlob(digest, size);
-    this.d.onStored?.({ kind: 'blob', digest, size });
-  }
-
-  blobLinked(repo: RepositoryKey, digest: Digest): void {
-    this.change((g) => g.linkBlob(repo, digest));
-    this.d.onStored?.({ kind: 'link', repo, digest });
-  }
-
-  /** A manifest was linked to a repository; `manifest` when the caller parsed it already. */
-  async manifestLinked(
-    repo: RepositoryKey,
-    digest: Digest,
-    manifest?: ParsedManifest,
-  ): Promise<void> {
-    await this.addManifest(repo, digest, manifest);
-    this.d.onStored?.({ kind: 'manifest', repo, digest });
-  }
-
-  tagSet(repo: RepositoryKey, tag: Tag, digest: Digest): void {
-    this.change((g) => g.setTag(repo, tag, digest));
-    this.d.onStored?.({ kind: 'tag', repo, tag, digest });
-  }
-
-  /**
-   * Another process on this storage stored something (fleet/forget.ts): counted here as if this
-   * one had, and told to nobody. A manifest is read from storage for what it references.
-   */
-  async storedElsewhere(event: StoredEvent): Promise<void> {
-    // An upstream this process does not cache (another config) is none of its business.
-    if (event.kind !== 'blob' && !this.d.upstreams.includes(event.repo.upstream)) return;
-    switch (event.kind) {
-      case 'blob':
-        this.addBlob(event.digest, event.size);
-        break;
-      case 'link':
-        this.change((g) => g.linkBlob(event.repo, event.digest));
-        break;
-      case 'manifest':
-        await this.addManifest(event.repo, event.digest);
-        break;
-      case 'tag':
-        this.change((g) => g.setTag(event.repo, event.tag, event.digest));
-        break;
-    }
-  }
-
-  private addBlob(digest: Digest, size: number): void {
-    const at = this.now();
-    this.change((g) => g.addBlob(digest, size, at));
-    this.budget.check();
-  }
-
-  private async addManifest(
-    repo: RepositoryKey,
-    digest: Digest,
-    manifest?: ParsedManifest,
-  ): Promise<void> {
-    const references = manifest
-      ? manifestReferences(manifest)
-      : ((await readReferences(this.d.blobs, digest)) ?? { children: [], blobs: [] });
-    const at = this.now();
-    this.change((g) => g.addManifest(repo, digest, references, at));
-  }
-
-  tagDeleted(repo: RepositoryKey, tag: Tag): void {
-    this.change((g) => g.removeTag(repo, tag));
-    this.d.onRemoved?.({ kind: 'tag', repo, tag });
-  }
-
-  /**
-   * Another process on this storage removed something (fleet/forget.ts): it leaves this graph
-   * too, once storage agrees. Storage decides, not the order of messages: what was stored again
-   * since (here or by a third process) stays.
-   */
-  async removedElsewhere(event: RemovedEvent): Promise<void> {
-    if (event.kind !== 'blob' && !this.d.upstreams.includes(event.repo.upstream)) return;
-    if (await this.stillStored(event)) return;
-    this.change((g) => {
-      g.drop(event);
-      if (event.kind !== 'blob') g.pruneRepository(event.repo);
-    });
-  }
-
-  private async stillStored(event: RemovedEvent): Promise<boolean> {
-    const { blobs, repositories } = this.d;
-    switch (event.kind) {
-      case 'blob':
-        return (await blobs.stat(event.digest)).found;
-      case 'link':
-        return repositories.hasBlob(event.repo, event.digest);
-      case 'manifest':
-        return (await repositories.getManifest(event.repo, event.digest)) !== undefined;
-      case 'tag':
-        return (await repositories.getTag(event.repo, event.tag)) !== undefined;
-    }
-  }
-
-  /** Applies a change to the graph, and to the one a rescan is building; returns the graph. */
-  private change(apply: (graph: ImageGraph) => unknown): ImageGraph {
-    apply(this.current);
-    this.replay?.push(apply);
-    return this.current;
-  }
+  // ---- serving tells the lifecycle what happens (storage: the keeper) ----------------------
 
   /** Runs lifecycle work after the work before it: never two evictions at once. */
   private serially<T>(work: () => Promise<T>): Promise<T> {
@@ -446,24 +340,10 @@ export class Lifecycle {
     this.budget.check();
   }
 
-  /** Builds a fresh graph from storage while serving goes on, then puts it in place. */
+  /** Counts storage afresh while serving goes on, with the last pulls written first. */
   private async rescan(): Promise<void> {
     await this.flush();
-    const fresh = new ImageGraph();
-    this.replay = [];
-    try {
-      await scanStorage({
-        graph: fresh,
-        blobs: this.d.blobs,
-        repositories: this.d.repositories,
-        upstreams: this.d.upstreams,
-        log: this.log,
-      });
-      for (const apply of this.replay) apply(fresh);
-      this.current = fresh;
-    } finally {
-      this.replay = undefined;
-    }
+    await this.keeper.recount();
   }
 
   private async sweepNow(dryRun = false): Promise<RemovalReport> {

@@ -14,7 +14,7 @@ import type { ImageGraph } from './image-graph.js';
 const MANIFEST_BATCH = 32;
 
 /** What a manifest references, for the graph: child manifests of an index, else config and layers. */
-export function manifestReferences(manifest: ParsedManifest): {
+function manifestReferences(manifest: ParsedManifest): {
   children: Digest[];
   blobs: Digest[];
 } {

@@ -25,13 +25,14 @@ import type {
   TagResult,
   TagService,
 } from '../storage/types.js';
+import type { GraphKeeper } from './graph-keeper.js';
 import type { Lifecycle } from './lifecycle.js';
 
 /** Counts every blob committed to storage. */
 export class TrackedBlobStore implements BlobStore {
   constructor(
     private readonly inner: BlobStore,
-    private readonly lifecycle: Lifecycle,
+    private readonly keeper: GraphKeeper,
   ) {}
 
   stat(digest: Digest): Promise<StatResult> {
@@ -41,17 +42,17 @@ export class TrackedBlobStore implements BlobStore {
     return this.inner.open(digest, range);
   }
   async create(options?: { hash?: boolean }): Promise<BlobWriter> {
-    return new TrackedWriter(await this.inner.create(options), this.lifecycle);
+    return new TrackedWriter(await this.inner.create(options), this.keeper);
   }
   async resume(id: string): Promise<BlobWriter> {
-    return new TrackedWriter(await this.inner.resume(id), this.lifecycle);
+    return new TrackedWriter(await this.inner.resume(id), this.keeper);
   }
   async delete(digest: Digest): Promise<void> {
     await this.inner.delete(digest);
   }
   async put(content: Uint8Array, digest: Digest, mediaType?: string): Promise<Descriptor> {
     const descriptor = await this.inner.put(content, digest, mediaType);
-    this.lifecycle.blobAdded(descriptor.digest, descriptor.size);
+    await this.keeper.stored({ kind: 'blob', digest: descriptor.digest, size: descriptor.size });
     return descriptor;
   }
   purgeUploads(olderThan: Date): Promise<number> {
@@ -71,7 +72,7 @@ export class TrackedBlobStore implements BlobStore {
 class TrackedWriter implements BlobWriter {
   constructor(
     private readonly inner: BlobWriter,
-    private readonly lifecycle: Lifecycle,
+    private readonly keeper: GraphKeeper,
   ) {}
   get id() {
     return this.inner.id;
@@ -93,7 +94,7 @@ class TrackedWriter implements BlobWriter {
   }
   async commit(expected: Parameters<BlobWriter['commit']>[0]): Promise<Descriptor> {
     const descriptor = await this.inner.commit(expected);
-    this.lifecycle.blobAdded(descriptor.digest, descriptor.size);
+    await this.keeper.stored({ kind: 'blob', digest: descriptor.digest, size: descriptor.size });
     return descriptor;
   }
   cancel(): Promise<void> {
@@ -108,33 +109,33 @@ class TrackedWriter implements BlobWriter {
 export class TrackedRepositoryStore implements RepositoryStore {
   constructor(
     private readonly inner: RepositoryStore,
-    private readonly lifecycle: Lifecycle,
+    private readonly keeper: GraphKeeper,
   ) {}
 
   async linkBlob(repo: RepositoryKey, descriptor: Descriptor): Promise<void> {
     await this.inner.linkBlob(repo, descriptor);
-    this.lifecycle.blobLinked(repo, descriptor.digest);
+    await this.keeper.stored({ kind: 'link', repo, digest: descriptor.digest });
   }
   hasBlob(repo: RepositoryKey, digest: Digest): Promise<boolean> {
     return this.inner.hasBlob(repo, digest);
   }
   async linkManifest(repo: RepositoryKey, link: ManifestLink): Promise<void> {
     await this.inner.linkManifest(repo, link);
-    await this.lifecycle.manifestLinked(repo, link.digest);
+    await this.keeper.stored({ kind: 'manifest', repo, digest: link.digest });
   }
   getManifest(repo: RepositoryKey, digest: Digest): Promise<ManifestLink | undefined> {
     return this.inner.getManifest(repo, digest);
   }
   async setTag(repo: RepositoryKey, tag: Tag, link: TagLink): Promise<void> {
     await this.inner.setTag(repo, tag, link);
-    this.lifecycle.tagSet(repo, tag, link.digest);
+    await this.keeper.stored({ kind: 'tag', repo, tag, digest: link.digest });
   }
   getTag(repo: RepositoryKey, tag: Tag): Promise<TagLink | undefined> {
     return this.inner.getTag(repo, tag);
   }
   async deleteTag(repo: RepositoryKey, tag: Tag): Promise<void> {
     await this.inner.deleteTag(repo, tag);
-    this.lifecycle.tagDeleted(repo, tag);
+    this.keeper.tagDeleted({ kind: 'tag', repo, tag });
   }
   listTags(repo: RepositoryKey): Promise<string[]> {
     return this.inner.listTags(repo);

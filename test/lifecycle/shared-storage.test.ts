@@ -213,11 +213,11 @@ test('what another process removed leaves the graph once storage agrees, not bef
     // Heard after the image was stored again (by a third process): storage still holds it all,
     // and the graph keeps it.
     await storeWhole(blobs, repositories, image);
-    for (const event of said) await here.removedElsewhere(event);
+    for (const event of said) await here.keeper.removedElsewhere(event);
     expect(await counted()).toEqual(whole);
 
     // Heard once it is gone from storage: the graph drops it, bytes and all.
-    for (const event of await removeElsewhere()) await here.removedElsewhere(event);
+    for (const event of await removeElsewhere()) await here.keeper.removedElsewhere(event);
     expect(await counted()).toEqual([0, 0]);
     expect(here.graph.repositories.size).toBe(0);
   } finally {
