@@ -31,7 +31,8 @@ import {
 } from './commands/cache.js';
 import { formatBytes } from './config/units.js';
 import { fetchStatus, formatStatus, runningServer } from './commands/status.js';
-import { createRuntime, startServer, type Runtime } from './server.js';
+import { createRuntime, type Runtime } from './runtime.js';
+import { startServer } from './server.js';
 import cluster from 'node:cluster';
 import { runPrimary, workerCount } from './fleet/primary.js';
 

@@ -12,7 +12,7 @@ import { formatLocation, parseLocation, type ImageLocation } from '../routing.js
 import { parseDigest, type Digest } from '../oci/digest.js';
 import { parseManifest } from '../oci/manifest.js';
 import { parseRepository, parseTag } from '../oci/reference.js';
-import type { Runtime } from '../server.js';
+import type { Runtime } from '../runtime.js';
 import type { RepositoryKey } from '../storage/types.js';
 import { indexJson, type BundleImage } from './bundle.js';
 import {

@@ -10,7 +10,7 @@ import { repositoryLists } from '../access/repositories.js';
 import { formatLocation } from '../routing.js';
 import { DigestVerifier, parseDigest, type Digest } from '../oci/digest.js';
 import { parseManifest } from '../oci/manifest.js';
-import type { Runtime } from '../server.js';
+import type { Runtime } from '../runtime.js';
 import type { RepositoryKey } from '../storage/types.js';
 import { parseIndex, readAll, type IndexEntry } from './bundle.js';
 import { BundleError, cannotRead, openSource, type BundleSource } from './bundle-io.js';

@@ -10,7 +10,7 @@ import { ADMIN_PREFIX } from '../http/admin.js';
 import { imageRefs } from '../routing.js';
 import type { Lifecycle } from '../lifecycle/lifecycle.js';
 import type { ImageInfo, RemovalReport, Usage } from '../lifecycle/types.js';
-import type { Runtime } from '../server.js';
+import type { Runtime } from '../runtime.js';
 import { fetchOwnServer, type OwnServerTls } from '../tls/own-server.js';
 import { ownerAuthorization } from '../access/tokens.js';
 

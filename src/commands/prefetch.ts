@@ -12,7 +12,7 @@ import type { Platform } from '../oci/descriptor.js';
 import { ManifestUnknownError, RegistryError } from '../oci/errors.js';
 import { parseManifest } from '../oci/manifest.js';
 import { parseTag } from '../oci/reference.js';
-import type { Runtime } from '../server.js';
+import type { Runtime } from '../runtime.js';
 import type { RepositoryKey } from '../storage/types.js';
 import type { Progress } from './progress.js';
 

@@ -8,7 +8,7 @@ import type { Config } from '../config/schema.js';
 import { formatBytes } from '../config/units.js';
 import { CertificateMismatchError, fetchOwnServer } from '../tls/own-server.js';
 import { ADMIN_PREFIX } from '../http/admin.js';
-import type { Runtime } from '../server.js';
+import type { Runtime } from '../runtime.js';
 import type { Status } from '../status/status.js';
 
 /** Events shown of each kind; the page shows more. */

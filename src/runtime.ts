@@ -1,0 +1,435 @@
+/**
+ * Puts the layers together into a Runtime: storage, metadata cache, one upstream client and one
+ * set of proxy services per upstream, the lifecycle, the fleet's channels. The server
+ * (server.ts) and the CLI commands share it. Nothing here waits for an upstream.
+ */
+import { mkdir } from 'node:fs/promises';
+import { dirname, resolve } from 'node:path';
+import { ConfigError } from './config/load.js';
+import type { Config } from './config/schema.js';
+import type { UpstreamServices } from './http/types.js';
+import { Passthrough } from './http/passthrough.js';
+import type { Logger } from './log/logger.js';
+import { KeyvMetadataCache, type Reachability } from './metadata/keyv-cache.js';
+import type { MetadataCache } from './metadata/types.js';
+import { Metrics } from './metrics.js';
+import { ProxyBlobStore } from './proxy/proxy-blob-store.js';
+import { ProxyManifestStore } from './proxy/proxy-manifest-store.js';
+import { ProxyReferrersService } from './proxy/proxy-referrers.js';
+import { ProxyTagService } from './proxy/proxy-tag-service.js';
+import { DriverBlobStore } from './storage/blob-store.js';
+import { imageRefs } from './routing.js';
+import { Lifecycle } from './lifecycle/lifecycle.js';
+import { TrackedBlobStore, TrackedRepositoryStore } from './lifecycle/tracking.js';
+import type { ImageRef } from './lifecycle/types.js';
+import { closeDriver, createDriver } from './storage/create-driver.js';
+import {
+  LocalBlobService,
+  LocalManifestService,
+  LocalTagService,
+} from './storage/local-services.js';
+import { DriverReferrersStore } from './storage/referrers-store.js';
+import { DriverRepositoryStore } from './storage/repository-store.js';
+import { LeaseRedis, RedisLease } from './lifecycle/lease.js';
+import {
+  StorageUnavailableError,
+  type BlobService,
+  type BlobStore,
+  type RepositoryStore,
+  type StorageDriver,
+} from './storage/types.js';
+import { RegistryClient } from './upstream/client.js';
+import cluster from 'node:cluster';
+import { processChannel, WorkerLeases } from './fleet/worker-leases.js';
+import { Forgetting, IpcForgetTransport, RedisForgetTransport } from './fleet/forget.js';
+import { PeeredBlobSource, PeerLeases } from './fleet/peers.js';
+import { PeerBlobService } from './fleet/peer-blobs.js';
+import { paths } from './storage/paths.js';
+import type { UpstreamFetch } from './proxy/types.js';
+import type { UpstreamClient } from './upstream/types.js';
+import { InflightFetches } from './proxy/inflight.js';
+import { RecentEvents } from './status/events.js';
+import { StatusReporter } from './status/status.js';
+import { UpstreamMonitor } from './status/upstream-monitor.js';
+
+/** Everything a pullcache process holds; the server and the CLI commands share it. */
+export interface Runtime {
+  config: Config;
+  log: Logger;
+  metrics: Metrics;
+  driver: StorageDriver;
+  blobs: BlobStore;
+  repositories: RepositoryStore;
+  cache: MetadataCache;
+  clients: Map<string, UpstreamClient>;
+  services: Map<
+    string,
+    UpstreamServices & { manifests: ProxyManifestStore; tags: ProxyTagService }
+  >;
+  /** Storage only, never an upstream: what export and import work on. */
+  local: UpstreamServices;
+  passthrough: Map<string, Passthrough>;
+  /** The budget, last-pulled times, pins, eviction and collection. */
+  lifecycle: Lifecycle;
+  /** What the status page and `pullcache status` show; its history runs once started. */
+  status: StatusReporter;
+  /** With `server.advertise`: what other replicas are served (fleet/peers.ts). */
+  peer?: { secret: string; blobs: BlobService };
+  /**
+   * Whether storage takes a write and the cache answers, now; never throws. `cacheTimeout` bounds
+   * the wait for a cache that does not answer (by default, its connection timeout and a bit).
+   */
+  probe(options?: {
+    cacheTimeout?: number;
+  }): Promise<{ storage: Reachability; cache: Reachability }>;
+  /**
+   * For a serving process: from now on, what another process on the storage removes (an
+   * eviction, `rm`) is dropped from this one's memory and graph too, and what it stores is
+   * counted in this one's graph (fleet/forget.ts).
+   */
+  followOthers(): void;
+  close(): Promise<void>;
+}
+
+export async function createRuntime(
+  config: Config,
+  log: Logger,
+  options: { defaultMetrics?: boolean } = {},
+): Promise<Runtime> {
+  // Before anything is opened: a missing secret stops start-up with nothing to close.
+  const peerSecret = config.server.peerSecretEnv
+    ? (process.env[config.server.peerSecretEnv] ?? '')
+    : config.server.peerSecret;
+  if (config.server.advertise !== '' && peerSecret === '')
+    throw new ConfigError([
+      `server.peerSecretEnv: the environment variable ${config.server.peerSecretEnv} is not set`,
+    ]);
+  const clients = new Map<string, UpstreamClient>();
+  /** The blob sources that follow other replicas' fetches: their kept connections close with the runtime. */
+  const peerSources: PeeredBlobSource[] = [];
+  const peerSource = (source: PeeredBlobSource) => {
+    peerSources.push(source);
+    return source;
+  };
+  const monitors = new Map<string, UpstreamMonitor>();
+  const events = new RecentEvents();
+  const metrics = new Metrics({
+    defaults: options.defaultMetrics ?? false,
+    status: () =>
+      [...clients].map(([upstream, c]) => ({
+        upstream,
+        down: c.isDown || monitors.get(upstream)?.unreachable === true,
+        rateLimitRemaining: c.rateLimit?.remaining,
+        rateLimitLimit: c.rateLimit?.limit,
+      })),
+  });
+  const driver = await createDriver(config.storage);
+  const storedBlobs = new DriverBlobStore(driver, {
+    deleteEnabled: config.storage.delete.enabled,
+  });
+  const storedRepositories = new DriverRepositoryStore(driver);
+  // One Redis connection for the leases of this process (the lifecycle's, the fetches') and for
+  // telling the others what left storage.
+  const leaseRedis =
+    config.cache.store === 'redis' ? new LeaseRedis(config.cache.redis.url, log) : undefined;
+  // What this process removes, every other process on the storage drops from memory too.
+  const forgetting = new Forgetting(
+    [
+      ...(cluster.isWorker ? [new IpcForgetTransport(processChannel)] : []),
+      ...(leaseRedis
+        ? [
+            new RedisForgetTransport(
+              leaseRedis,
+              config.cache.redis.url,
+              `pullcache:forget:${storageId(config)}`,
+              log,
+            ),
+          ]
+        : []),
+    ],
+    log,
+  );
+  const cache = new KeyvMetadataCache({
+    store: config.cache.store,
+    redisUrl: config.cache.redis.url,
+    log,
+    onDelete: (key) => forgetting.announce(key),
+  });
+  const inflight = new InflightFetches<UpstreamFetch>();
+  metrics.setFetchesInFlight(() => inflight.running());
+  // `server.workers`: a cold blob is fetched by one worker of the host, followed by the others
+  // through its upload file (fleet/).
+  const leases = cluster.isWorker
+    ? new WorkerLeases({
+        channel: processChannel,
+        readUpload: (id, offset, length) => driver.reader(paths.uploadData(id), offset, length),
+      })
+    : undefined;
+  // `server.advertise`: replicas sharing a Redis take a lease on each cold digest there, and the
+  // others stream the blob from the one fetching it (fleet/peers.ts).
+  // (The configuration's schema requires cache.store: redis with server.advertise.)
+  const peerLeases =
+    config.server.advertise !== '' && leaseRedis
+      ? new PeerLeases({
+          redis: leaseRedis,
+          advertise: config.server.advertise,
+          prefix: `pullcache:fetch-lease:${storageId(config)}:`,
+          log,
+        })
+      : undefined;
+  const { pins, ...retention } = config.retention;
+  const lifecycle = new Lifecycle({
+    retention,
+    configPins: configPins(config, pins),
+    driver,
+    blobs: storedBlobs,
+    repositories: storedRepositories,
+    cache,
+    manifestMemory: { forget: (repo, digest) => localManifests.forget(repo, digest) },
+    upstreams: Object.entries(config.upstreams)
+      .filter(([, u]) => u.mode === 'cache')
+      .map(([name]) => name),
+    log,
+    metrics,
+    fetching: (digest) => inflight.has(digest),
+    uploadsPurgeAge: config.storage.uploads.purgeAge,
+    // The other processes on the storage count what this one stores and removes at once
+    // (fleet/forget.ts).
+    onStored: (stored) => forgetting.announceChange({ stored }),
+    onRemoved: (removed) => forgetting.announceChange({ removed }),
+    ...(leaseRedis
+      ? {
+          replicas: {
+            lease: new RedisLease(leaseRedis, `pullcache:lifecycle-lease:${storageId(config)}`),
+          },
+        }
+      : // `server.workers` without Redis: the owner record decides, the pulls in storage count.
+        cluster.isWorker
+        ? { replicas: {} }
+        : {}),
+  });
+  // Everything above the stores tells the lifecycle what comes and goes.
+  const blobs = new TrackedBlobStore(storedBlobs, lifecycle.keeper);
+  const repositories = new TrackedRepositoryStore(storedRepositories, lifecycle.keeper);
+  const localBlobs = new LocalBlobService(blobs, repositories, cache);
+  const localManifests = new LocalManifestService(blobs, repositories, cache);
+  const localTags = new LocalTagService(repositories, cache);
+  const services: Runtime['services'] = new Map();
+  const passthrough = new Map<string, Passthrough>();
+
+  for (const [name, upstream] of Object.entries(config.upstreams)) {
+    if (upstream.mode === 'passthrough') {
+      passthrough.set(name, new Passthrough(name, upstream, log));
+      continue;
+    }
+    const password =
+      upstream.passwordEnv !== undefined ? process.env[upstream.passwordEnv] : upstream.password;
+    if (upstream.passwordEnv !== undefined && password === undefined) {
+      log.warn(
+        { upstream: name, passwordEnv: upstream.passwordEnv },
+        'passwordEnv names an unset variable; pulling anonymously',
+      );
+    }
+    const monitor = new UpstreamMonitor(name, metrics, events);
+    monitors.set(name, monitor);
+    const client = new RegistryClient({ name, config: upstream, log, password, observer: monitor });
+    clients.set(name, client);
+    const manifests = new ProxyManifestStore(localManifests, client, log, metrics, lifecycle);
+    services.set(name, {
+      blobs: new ProxyBlobStore({
+        local: localBlobs,
+        blobs,
+        cache,
+        client,
+        log,
+        metrics,
+        orphanTimeout: config.server.cacheWriteTimeout,
+        inflight,
+        budget: lifecycle,
+        ...(leases ? { leases, idleTimeout: followIdle(upstream.timeouts.bodyIdle) } : {}),
+        ...(peerLeases
+          ? {
+              source: peerSource(
+                new PeeredBlobSource(client, {
+                  leases: peerLeases,
+                  secret: peerSecret,
+                  idleTimeout: followIdle(upstream.timeouts.bodyIdle),
+                  log,
+                }),
+              ),
+            }
+          : {}),
+      }),
+      manifests,
+      tags: new ProxyTagService(localTags, manifests, client, upstream, log, metrics),
+      referrers: new ProxyReferrersService({
+        local: new DriverReferrersStore(driver),
+        client,
+        config: upstream,
+        log,
+        metrics,
+      }),
+    });
+  }
+
+  return {
+    config,
+    log,
+    metrics,
+    driver,
+    ...(peerLeases
+      ? {
+          peer: {
+            secret: peerSecret,
+            blobs: new PeerBlobService(
+              inflight,
+              blobs,
+              leases ? { leases, idleTimeout: peerIdleTimeout(config) } : undefined,
+            ),
+          },
+        }
+      : {}),
+    blobs,
+    repositories,
+    cache,
+    clients,
+    services,
+    local: { blobs: localBlobs, manifests: localManifests, tags: localTags },
+    passthrough,
+    lifecycle,
+    status: new StatusReporter({
+      config,
+      metrics,
+      lifecycle,
+      clients,
+      monitors,
+      inflight,
+      events,
+    }),
+    async probe(options = {}) {
+      const [storage, reachable] = await Promise.all([
+        probeStorage(driver, config.storage.filesystem.root),
+        cache.reachable(options.cacheTimeout),
+      ]);
+      return { storage, cache: reachable };
+    },
+    followOthers() {
+      const counted = (work: Promise<void>, outcome: string) =>
+        work.catch((err: unknown) =>
+          log.warn({ err: (err as Error).message }, `changed elsewhere, ${outcome} here`),
+        );
+      forgetting.listen({
+        forget(keys) {
+          cache.forgetInMemory(keys);
+          localManifests.forgetKeys(keys);
+        },
+        forgetAll() {
+          cache.forgetAllInMemory();
+          localManifests.forgetAll();
+        },
+        stored(events) {
+          for (const event of events)
+            counted(lifecycle.keeper.storedElsewhere(event), 'not counted');
+        },
+        removed(events) {
+          for (const event of events)
+            counted(lifecycle.keeper.removedElsewhere(event), 'still counted');
+        },
+      });
+    },
+    async close() {
+      for (const p of passthrough.values()) p.close();
+      for (const source of peerSources) source.close();
+      await Promise.all([...clients.values()].map((c) => c.close()));
+      await lifecycle.close(); // releases the lifecycle's lease first
+      await forgetting.close(); // what it still has to tell goes out on the lease connection
+      await leaseRedis?.close();
+      await cache.close();
+      await closeDriver(driver);
+    },
+  };
+}
+
+const FS_REASONS: Record<string, string> = {
+  EACCES: 'permission denied',
+  EPERM: 'operation not permitted',
+  EROFS: 'read-only file system',
+  ENOTDIR: 'part of the path is a file, not a directory',
+  ENOSPC: 'no space left on device',
+  EDQUOT: 'disk quota exceeded',
+};
+
+/**
+ * Whether storage takes a write, as every pull needs: its root is a directory (made if missing)
+ * and a file can be written in it, through the driver. The reason names no path, so that
+ * /readyz can show it.
+ */
+async function probeStorage(driver: StorageDriver, root: string): Promise<Reachability> {
+  try {
+    const info = await driver.stat('');
+    if (info && !info.isDirectory) return { ok: false, reason: 'it is a file, not a directory' };
+    if (!info) await makeDirectory(root);
+    await driver.putContent('.readyz', String(Date.now()));
+    return { ok: true };
+  } catch (err) {
+    if (err instanceof StorageUnavailableError) return { ok: false, reason: err.message };
+    const code = (err as NodeJS.ErrnoException).code;
+    const known = code === undefined ? undefined : FS_REASONS[code];
+    return {
+      ok: false,
+      reason: known ? `${known} (${code})` : (code ?? 'unexpected error'),
+    };
+  }
+}
+
+/**
+ * mkdir -p that fails with the real reason: Node's recursive mkdir reports ENOENT where a parent
+ * cannot be made (a read-only file system, no permission), so each missing directory is made
+ * in turn.
+ */
+async function makeDirectory(dir: string): Promise<void> {
+  try {
+    await mkdir(dir);
+  } catch (err) {
+    const code = (err as NodeJS.ErrnoException).code;
+    if (code === 'EEXIST') return;
+    if (code !== 'ENOENT' || dirname(dir) === dir) throw err;
+    await makeDirectory(dirname(dir));
+    await mkdir(dir).catch((again: NodeJS.ErrnoException) => {
+      if (again.code !== 'EEXIST') throw again;
+    });
+  }
+}
+
+/** How long a peer waits on a silent fetch before giving up on it: the longest bodyIdle. */
+function peerIdleTimeout(config: Config): number {
+  return Math.max(...Object.values(config.upstreams).map((u) => followIdle(u.timeouts.bodyIdle)));
+}
+
+/**
+ * How long a process following another's fetch waits for bytes before it fetches for itself:
+ * the upstream's bodyIdle, and its default (30 s) when that is 0 (off). With no limit, one stalled
+ * holder would stall its followers for good; with 0 taken as is, none would follow at all.
+ */
+function followIdle(bodyIdle: number): number {
+  return bodyIdle > 0 ? bodyIdle : 30_000;
+}
+
+/** The storage in Redis keys: replicas of one storage share them, other caches do not. */
+function storageId(config: Config): string {
+  const s = config.storage;
+  return s.driver === 's3'
+    ? `s3:${s.s3.endpoint || 'aws'}/${s.s3.bucket}/${s.s3.prefix}`
+    : `fs:${resolve(s.filesystem.root)}`;
+}
+
+/** `retention.pins` as image references; a bad one stops start-up naming its key. */
+function configPins(config: Config, pins: string[]): ImageRef[] {
+  return pins.flatMap((pin, i) => {
+    try {
+      return imageRefs(config, [pin]);
+    } catch (err) {
+      throw new ConfigError([`retention.pins.${i}: ${(err as Error).message}`]);
+    }
+  });
+}
