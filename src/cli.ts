@@ -160,7 +160,7 @@ withCommonOptions(
   };
   if (process.env.PULLCACHE_TEST_FOLLOWERS) {
     // Diagnosis of stuck transfers: SIGUSR2 logs every client following an upstream fetch.
-    const { liveFollowers } = await import('./proxy/blob-fetch.js');
+    const { liveFollowers } = await import('./proxy/blob-follower.js');
     process.on('SIGUSR2', () => {
       for (const f of liveFollowers) log.warn({ follower: f.describe() }, 'follower');
       log.warn({ count: liveFollowers.size }, 'followers listed');

@@ -9,7 +9,7 @@ import type { Digest } from '../oci/digest.js';
 import type { HeldFetch, HolderEvent } from '../fleet/types.js';
 import type { RangeStream } from '../storage/file-range.js';
 import type { BlobStore, RepositoryKey } from '../storage/types.js';
-import { BlobFollower, readWrittenOrStored } from './blob-fetch.js';
+import { BlobFollower, readWrittenOrStored } from './blob-follower.js';
 import { deferred } from './deferred.js';
 import type { FetchState, FollowedFetch, UpstreamFetch } from './types.js';
 

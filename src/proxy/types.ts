@@ -9,7 +9,7 @@ import type { Digest } from '../oci/digest.js';
 import type { RangeStream, Sendable } from '../storage/file-range.js';
 import type { RepositoryKey } from '../storage/types.js';
 
-/** A stream of a blob that follows its fetch (blob-fetch.ts's BlobFollower). */
+/** A stream of a blob that follows its fetch (blob-follower.ts's BlobFollower). */
 export type FollowerStream = Readable & Sendable;
 
 /**
