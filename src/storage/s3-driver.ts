@@ -3,11 +3,11 @@
  * an S3-compatible store (Ceph RGW, MinIO, R2...). S3 has no directories, no appends, no
  * renames and no settable modification times; how each contract is kept here:
  *
- * - `writer`: the bytes go to a local spool file (so that `reader` can give what is written so
- *   far to the followers of a fetch: S3 cannot read an unfinished upload) and to a multipart
- *   upload of `partSize` parts as they fill; `close` completes it (a write smaller than one part
- *   is one PUT). Until then nothing is visible at the key; `cancel` aborts it. Appending (a
- *   resumed upload session) reads the object back into the spool first.
+ * - `writer` (s3-writer.ts): the bytes go to a local spool file (so that `reader` can give what
+ *   is written so far to the followers of a fetch: S3 cannot read an unfinished upload) and to a
+ *   multipart upload of `partSize` parts as they fill; `close` completes it (a write smaller than
+ *   one part is one PUT). Until then nothing is visible at the key; `cancel` aborts it. Appending
+ *   (a resumed upload session) reads the object back into the spool first.
  * - `move`: a server-side copy, then a delete (a multipart copy past 5 GiB).
  * - `touch`: the time goes into the object's metadata (`x-amz-meta-pulled-at`) by a copy of the
  *   object onto itself, which replaces metadata only; `stat` reports it as the modification time.
@@ -39,7 +39,6 @@ import {
   ListObjectsV2Command,
   PutObjectCommand,
   S3Client,
-  UploadPartCommand,
   UploadPartCopyCommand,
   type CompletedPart,
 } from '@aws-sdk/client-s3';
@@ -49,6 +48,7 @@ import { Agent as UndiciAgent, request, type Dispatcher } from 'undici';
 import { RangeInvalidError } from '../oci/errors.js';
 import { FileRange } from './file-range.js';
 import { ObjectRange } from './object-range.js';
+import { S3Writer } from './s3-writer.js';
 import {
   PathNotFoundError,
   StorageUnavailableError,
@@ -81,8 +81,6 @@ export interface S3DriverOptions {
 
 /** S3's limit for one CopyObject; larger objects are copied part by part. */
 const COPY_MAX = 5 * 1024 ** 3;
-/** Parts of one write uploaded at once. */
-const PART_CONCURRENCY = 2;
 /** Keys a DeleteObjects takes at once. */
 const DELETE_BATCH = 1000;
 
@@ -622,188 +620,6 @@ export class S3Driver implements StorageDriver {
     for (const writer of [...this.writing.values()]) await writer.cancel().catch(() => {});
     this.client.destroy();
     await this.dispatcher.close().catch(() => {});
-  }
-}
-
-/** A write: a local spool file, and a multipart upload of it part by part as parts fill. */
-class S3Writer implements FileWriter {
-  size = 0;
-  uploadId: string | undefined;
-  private handle: fs.FileHandle | undefined;
-  private readonly parts: CompletedPart[] = [];
-  /** Bytes handed to part uploads so far (from the spool's start). */
-  private uploaded = 0;
-  private readonly inflight = new Set<Promise<void>>();
-  private failure: unknown;
-  private closed = false;
-  private readonly key: string;
-
-  constructor(
-    private readonly driver: S3Driver,
-    private readonly p: string,
-    readonly spoolPath: string,
-    private readonly done: () => void,
-  ) {
-    this.key = driver.key(p);
-  }
-
-  async open(append: boolean): Promise<void> {
-    this.handle = await fs.open(this.spoolPath, 'w+');
-    if (!append) return;
-    try {
-      // From the store itself: the spool of this key is the (new, empty) file just opened.
-      const existing = await this.driver.readRange(this.p, 0);
-      if (existing) for await (const chunk of existing.stream) await this.append(chunk as Buffer);
-    } catch (err) {
-      await this.discard();
-      throw err;
-    }
-  }
-
-  private async append(chunk: Uint8Array): Promise<void> {
-    let offset = 0;
-    while (offset < chunk.length) {
-      const { bytesWritten } = await this.handle!.write(
-        chunk,
-        offset,
-        chunk.length - offset,
-        this.size + offset,
-      );
-      offset += bytesWritten;
-    }
-    this.size += chunk.length;
-  }
-
-  async write(chunk: Uint8Array): Promise<void> {
-    await this.writev([chunk]);
-  }
-
-  async writev(chunks: readonly Uint8Array[]): Promise<void> {
-    if (this.closed) throw new Error('write after close');
-    if (this.failure) throw this.failure;
-    for (const chunk of chunks) await this.append(chunk);
-    await this.uploadFullParts();
-  }
-
-  private async uploadFullParts(): Promise<void> {
-    const partSize = this.driver.options.partSize;
-    while (this.size - this.uploaded >= partSize) {
-      // Backpressure: at most PART_CONCURRENCY parts in flight.
-      while (this.inflight.size >= PART_CONCURRENCY) await Promise.race(this.inflight);
-      if (this.failure) throw this.failure;
-      // Once a write has crossed a part, its multipart upload exists (a purge can find it).
-      if (!this.uploadId) await this.createUpload();
-      this.startPart(this.uploaded, partSize);
-      this.uploaded += partSize;
-    }
-  }
-
-  private startPart(start: number, length: number): void {
-    const number = this.parts.length + this.inflight.size + 1;
-    const run = (async () => {
-      this.uploadId ??= await this.createUpload();
-      const body = Buffer.allocUnsafe(length);
-      const { bytesRead } = await this.handle!.read(body, 0, length, start);
-      if (bytesRead !== length) throw new Error('spool file shorter than written');
-      const uploadId = this.uploadId;
-      const res = await this.driver.send('write', () =>
-        this.driver.client.send(
-          new UploadPartCommand({
-            Bucket: this.driver.bucket,
-            Key: this.key,
-            UploadId: uploadId,
-            PartNumber: number,
-            Body: body,
-          }),
-        ),
-      );
-      this.parts.push({ PartNumber: number, ETag: res.ETag });
-    })();
-    const tracked = run.catch((err: unknown) => {
-      this.failure ??= err;
-    });
-    this.inflight.add(tracked);
-    void tracked.finally(() => this.inflight.delete(tracked));
-  }
-
-  private creating: Promise<string> | undefined;
-
-  private createUpload(): Promise<string> {
-    this.creating ??= this.driver
-      .send('write', () =>
-        this.driver.client.send(
-          new CreateMultipartUploadCommand({ Bucket: this.driver.bucket, Key: this.key }),
-        ),
-      )
-      .then((res) => {
-        this.uploadId = res.UploadId!;
-        return res.UploadId!;
-      });
-    return this.creating;
-  }
-
-  async close(): Promise<void> {
-    if (this.closed) return;
-    this.closed = true;
-    try {
-      await Promise.all(this.inflight);
-      if (this.failure) throw this.failure;
-      if (this.parts.length === 0) {
-        // Smaller than one part: a single PUT.
-        const body = Buffer.allocUnsafe(this.size);
-        if (this.size > 0) await this.handle!.read(body, 0, this.size, 0);
-        await this.driver.putContent(this.p, body);
-      } else {
-        if (this.size > this.uploaded) {
-          this.startPart(this.uploaded, this.size - this.uploaded);
-          this.uploaded = this.size;
-          await Promise.all(this.inflight);
-          if (this.failure) throw this.failure;
-        }
-        const parts = [...this.parts].sort((a, b) => a.PartNumber! - b.PartNumber!);
-        const uploadId = this.uploadId;
-        await this.driver.send('write', () =>
-          this.driver.client.send(
-            new CompleteMultipartUploadCommand({
-              Bucket: this.driver.bucket,
-              Key: this.key,
-              UploadId: uploadId,
-              MultipartUpload: { Parts: parts },
-            }),
-          ),
-        );
-        this.uploadId = undefined;
-      }
-    } catch (err) {
-      await this.abort();
-      throw err;
-    } finally {
-      await this.discard();
-    }
-  }
-
-  async cancel(): Promise<void> {
-    if (this.closed && !this.handle) return;
-    this.closed = true;
-    await Promise.all(this.inflight);
-    await this.abort();
-    await this.discard();
-  }
-
-  private async abort(): Promise<void> {
-    await this.creating?.catch(() => {});
-    if (!this.uploadId) return;
-    const uploadId = this.uploadId;
-    this.uploadId = undefined;
-    await this.driver.abortUpload(this.key, uploadId).catch(() => {});
-  }
-
-  private async discard(): Promise<void> {
-    this.done();
-    const handle = this.handle;
-    this.handle = undefined;
-    await handle?.close().catch(() => {});
-    await fs.rm(this.spoolPath, { force: true });
   }
 }
 

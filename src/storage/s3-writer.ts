@@ -1,0 +1,216 @@
+/**
+ * A write to S3 (s3-driver.ts's `writer`): the bytes go to a local spool file, so that what is
+ * written so far can be read back (S3 cannot read an unfinished upload), and to a multipart upload
+ * of `partSize` parts as they fill, PART_CONCURRENCY at a time; `close` completes it (a write
+ * smaller than one part is one PUT), `cancel` aborts it. Nothing is visible at the key before
+ * `close`.
+ */
+import * as fs from 'node:fs/promises';
+import type { Readable } from 'node:stream';
+import {
+  CompleteMultipartUploadCommand,
+  CreateMultipartUploadCommand,
+  UploadPartCommand,
+  type CompletedPart,
+  type S3Client,
+} from '@aws-sdk/client-s3';
+import type { FileWriter } from './types.js';
+
+/** Parts of one write uploaded at once. */
+const PART_CONCURRENCY = 2;
+
+/** What a write needs of its driver (S3Driver). */
+export interface WriteTarget {
+  readonly client: S3Client;
+  readonly bucket: string;
+  readonly options: { partSize: number };
+  /** The object key of a path. */
+  key(p: string): string;
+  /** Sends a request, a failure of the store becoming a StorageUnavailableError. */
+  send<T>(what: string, run: () => Promise<T>): Promise<T>;
+  readRange(p: string, start: number): Promise<{ stream: Readable } | undefined>;
+  putContent(p: string, content: Uint8Array): Promise<void>;
+  abortUpload(key: string, uploadId: string): Promise<void>;
+}
+
+/** A write: a local spool file, and a multipart upload of it part by part as parts fill. */
+export class S3Writer implements FileWriter {
+  size = 0;
+  uploadId: string | undefined;
+  private handle: fs.FileHandle | undefined;
+  private readonly parts: CompletedPart[] = [];
+  /** Bytes handed to part uploads so far (from the spool's start). */
+  private uploaded = 0;
+  private readonly inflight = new Set<Promise<void>>();
+  private failure: unknown;
+  private closed = false;
+  private readonly key: string;
+
+  constructor(
+    private readonly driver: WriteTarget,
+    private readonly p: string,
+    readonly spoolPath: string,
+    private readonly done: () => void,
+  ) {
+    this.key = driver.key(p);
+  }
+
+  async open(append: boolean): Promise<void> {
+    this.handle = await fs.open(this.spoolPath, 'w+');
+    if (!append) return;
+    try {
+      // From the store itself: the spool of this key is the (new, empty) file just opened.
+      const existing = await this.driver.readRange(this.p, 0);
+      if (existing) for await (const chunk of existing.stream) await this.append(chunk as Buffer);
+    } catch (err) {
+      await this.discard();
+      throw err;
+    }
+  }
+
+  private async append(chunk: Uint8Array): Promise<void> {
+    let offset = 0;
+    while (offset < chunk.length) {
+      const { bytesWritten } = await this.handle!.write(
+        chunk,
+        offset,
+        chunk.length - offset,
+        this.size + offset,
+      );
+      offset += bytesWritten;
+    }
+    this.size += chunk.length;
+  }
+
+  async write(chunk: Uint8Array): Promise<void> {
+    await this.writev([chunk]);
+  }
+
+  async writev(chunks: readonly Uint8Array[]): Promise<void> {
+    if (this.closed) throw new Error('write after close');
+    if (this.failure) throw this.failure;
+    for (const chunk of chunks) await this.append(chunk);
+    await this.uploadFullParts();
+  }
+
+  private async uploadFullParts(): Promise<void> {
+    const partSize = this.driver.options.partSize;
+    while (this.size - this.uploaded >= partSize) {
+      // Backpressure: at most PART_CONCURRENCY parts in flight.
+      while (this.inflight.size >= PART_CONCURRENCY) await Promise.race(this.inflight);
+      if (this.failure) throw this.failure;
+      // Once a write has crossed a part, its multipart upload exists (a purge can find it).
+      if (!this.uploadId) await this.createUpload();
+      this.startPart(this.uploaded, partSize);
+      this.uploaded += partSize;
+    }
+  }
+
+  private startPart(start: number, length: number): void {
+    const number = this.parts.length + this.inflight.size + 1;
+    const run = (async () => {
+      this.uploadId ??= await this.createUpload();
+      const body = Buffer.allocUnsafe(length);
+      const { bytesRead } = await this.handle!.read(body, 0, length, start);
+      if (bytesRead !== length) throw new Error('spool file shorter than written');
+      const uploadId = this.uploadId;
+      const res = await this.driver.send('write', () =>
+        this.driver.client.send(
+          new UploadPartCommand({
+            Bucket: this.driver.bucket,
+            Key: this.key,
+            UploadId: uploadId,
+            PartNumber: number,
+            Body: body,
+          }),
+        ),
+      );
+      this.parts.push({ PartNumber: number, ETag: res.ETag });
+    })();
+    const tracked = run.catch((err: unknown) => {
+      this.failure ??= err;
+    });
+    this.inflight.add(tracked);
+    void tracked.finally(() => this.inflight.delete(tracked));
+  }
+
+  private creating: Promise<string> | undefined;
+
+  private createUpload(): Promise<string> {
+    this.creating ??= this.driver
+      .send('write', () =>
+        this.driver.client.send(
+          new CreateMultipartUploadCommand({ Bucket: this.driver.bucket, Key: this.key }),
+        ),
+      )
+      .then((res) => {
+        this.uploadId = res.UploadId!;
+        return res.UploadId!;
+      });
+    return this.creating;
+  }
+
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    try {
+      await Promise.all(this.inflight);
+      if (this.failure) throw this.failure;
+      if (this.parts.length === 0) {
+        // Smaller than one part: a single PUT.
+        const body = Buffer.allocUnsafe(this.size);
+        if (this.size > 0) await this.handle!.read(body, 0, this.size, 0);
+        await this.driver.putContent(this.p, body);
+      } else {
+        if (this.size > this.uploaded) {
+          this.startPart(this.uploaded, this.size - this.uploaded);
+          this.uploaded = this.size;
+          await Promise.all(this.inflight);
+          if (this.failure) throw this.failure;
+        }
+        const parts = [...this.parts].sort((a, b) => a.PartNumber! - b.PartNumber!);
+        const uploadId = this.uploadId;
+        await this.driver.send('write', () =>
+          this.driver.client.send(
+            new CompleteMultipartUploadCommand({
+              Bucket: this.driver.bucket,
+              Key: this.key,
+              UploadId: uploadId,
+              MultipartUpload: { Parts: parts },
+            }),
+          ),
+        );
+        this.uploadId = undefined;
+      }
+    } catch (err) {
+      await this.abort();
+      throw err;
+    } finally {
+      await this.discard();
+    }
+  }
+
+  async cancel(): Promise<void> {
+    if (this.closed && !this.handle) return;
+    this.closed = true;
+    await Promise.all(this.inflight);
+    await this.abort();
+    await this.discard();
+  }
+
+  private async abort(): Promise<void> {
+    await this.creating?.catch(() => {});
+    if (!this.uploadId) return;
+    const uploadId = this.uploadId;
+    this.uploadId = undefined;
+    await this.driver.abortUpload(this.key, uploadId).catch(() => {});
+  }
+
+  private async discard(): Promise<void> {
+    this.done();
+    const handle = this.handle;
+    this.handle = undefined;
+    await handle?.close().catch(() => {});
+    await fs.rm(this.spoolPath, { force: true });
+  }
+}
