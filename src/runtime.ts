@@ -335,6 +335,9 @@ export async function createRuntime(
           for (const event of events)
             counted(lifecycle.keeper.removedElsewhere(event), 'still counted');
         },
+        missed() {
+          counted(lifecycle.recount(), 'not counted again');
+        },
       });
     },
     async close() {

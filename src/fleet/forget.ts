@@ -18,7 +18,10 @@
  * The same messages carry what a process stored and removed (`+` and `-` keys, `encodeChange`):
  * the others count it in their graphs at once, so the owner's budget holds for what any of them
  * stores, and `ls` or `du` through any of them leaves out what another removed, not from its next
- * sweep on. A message lost meanwhile (a broken subscription) is made up by that sweep.
+ * sweep on.
+ *
+ * A process that may have missed some of that (its subscription renewed after a break, or an
+ * "everything" message, which stands for keys and events alike) counts storage afresh at once.
  *
  * Keys are batched and leave on the next turn of the event loop; nobody waits for the others to
  * act on them (a removal forgets before and after it removes, so a process that read the entry
@@ -66,6 +69,8 @@ export interface ForgetTarget {
   stored?(events: readonly StoredEvent[]): void;
   /** What another process removed from storage, each checked like any name. */
   removed?(events: readonly RemovedEvent[]): void;
+  /** Some of what the others stored or removed may have been lost on the way. */
+  missed?(): void;
 }
 
 /** What another process stored or removed, as one of its messages carries it. */
@@ -126,8 +131,12 @@ export interface ForgetTransport {
   readonly name: string;
   /** Sends one message; rejects when it did not leave (it is then sent again). */
   send(keys: Forgotten): Promise<void>;
-  /** Delivers what the others send, from now on. */
-  listen(receive: (keys: Forgotten) => void): void;
+  /**
+   * Delivers what the others send, from now on. `missed`: what they said of what they stored and
+   * removed may not all have arrived (an "everything" message, a subscription renewed after a
+   * break); false only for the "everything" of a first subscription.
+   */
+  listen(receive: (keys: Forgotten, missed?: boolean) => void): void;
   close(): Promise<void>;
 }
 
@@ -204,7 +213,8 @@ export class Forgetting {
   /** From now on, what the others announce is dropped from `target` (or, stored, told to it). */
   listen(target: ForgetTarget): void {
     for (const transport of this.transports)
-      transport.listen((keys) => {
+      transport.listen((keys, missed = keys === 'all') => {
+        if (missed) target.missed?.();
         if (keys === 'all') return target.forgetAll();
         const [stored, removed, forgotten]: [StoredEvent[], RemovedEvent[], string[]] = [
           [],
@@ -251,7 +261,7 @@ export class IpcForgetTransport implements ForgetTransport {
     return Promise.resolve();
   }
 
-  listen(receive: (keys: Forgotten) => void): void {
+  listen(receive: (keys: Forgotten, missed?: boolean) => void): void {
     this.channel.onMessage((message) => {
       if (isForgetMessage(message)) receive(message.keys);
     });
@@ -292,7 +302,7 @@ export class RedisForgetTransport implements ForgetTransport {
     await client.publish(this.channel, JSON.stringify({ from: this.from, keys }));
   }
 
-  listen(receive: (keys: Forgotten) => void): void {
+  listen(receive: (keys: Forgotten, missed?: boolean) => void): void {
     const log = this.log.child({ module: 'forget' });
     void import('@keyv/redis').then(async ({ createClient }) => {
       if (this.closed) return;
@@ -306,7 +316,11 @@ export class RedisForgetTransport implements ForgetTransport {
       subscriber.on('error', (err) => log.debug({ err: err.message }, 'forget channel error'));
       // Connected again after a break (or for the first time): whatever was said meanwhile is
       // lost, so everything held in memory goes.
-      subscriber.on('ready', () => receive('all'));
+      let before = false;
+      subscriber.on('ready', () => {
+        receive('all', before);
+        before = true;
+      });
       try {
         await subscriber.connect();
         await subscriber.subscribe(this.channel, (text) => {

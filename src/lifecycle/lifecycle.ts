@@ -82,6 +82,8 @@ export class Lifecycle {
   readonly ownership: Ownership;
   private scanned = false;
   private scanning: Promise<void> | undefined;
+  /** A recount waiting for its turn: calls meanwhile share it. */
+  private queuedRecount: Promise<void> | undefined;
   private readonly serving = new Map<Digest, number>();
   private readonly pulls: PullRecorder;
   private readonly budget: Budget;
@@ -179,15 +181,12 @@ export class Lifecycle {
       await this.ownership.acquire();
       if (!this.scanning)
         this.startScan(); // the last one failed: try again
-      // A replica that takes over knows only what it saw itself: it counts storage afresh.
+      // A replica that takes over counts storage afresh: it may have missed what the others said.
       else if (this.d.replicas && !was && this.ownership.isOwner) await this.recount();
     });
+    // The sweep counts storage afresh first (what a message lost on the way left out).
     if (options.sweep !== false && this.d.retention.sweepInterval > 0)
-      every(this.d.retention.sweepInterval, async () => {
-        // The other replicas' additions are counted at each sweep (none is told of them).
-        if (this.d.replicas && this.ownership.isOwner) await this.recount();
-        await this.sweep();
-      });
+      every(this.d.retention.sweepInterval, () => this.sweep());
   }
 
   /** Starts the scan in the background; a failure is logged and tried again later. */
@@ -331,13 +330,27 @@ export class Lifecycle {
   }
 
   /**
-   * Counts storage afresh now, for content another process added (a prefetch or an import beside
-   * the server), then holds the budget.
+   * Counts storage afresh, for content another process added (a prefetch or an import beside the
+   * server, what another worker or replica said that may have been lost), then holds the budget.
+   * The count starts after the call; calls made before it starts share it.
    */
-  async recount(): Promise<void> {
-    await this.whenReady();
-    await this.serially(() => this.rescan());
-    this.budget.check();
+  recount(): Promise<void> {
+    if (this.queuedRecount) return this.queuedRecount;
+    const run = (async () => {
+      await this.whenReady();
+      await this.serially(() => {
+        this.queuedRecount = undefined; // a call from now on may be about what this one misses
+        return this.rescan();
+      });
+      this.budget.check();
+    })();
+    this.queuedRecount = run;
+    void run
+      .catch(() => {})
+      .finally(() => {
+        if (this.queuedRecount === run) this.queuedRecount = undefined;
+      });
+    return run;
   }
 
   /** Counts storage afresh while serving goes on, with the last pulls written first. */

@@ -224,3 +224,44 @@ test('what another process removed leaves the graph once storage agrees, not bef
     await here.close();
   }
 });
+
+test('a recount learns what storage holds; calls made before it starts share it', async () => {
+  const { driver, blobs, repositories } = storage();
+  const lifecycle = new Lifecycle({
+    retention: { maxSize: 0, minFree: 0, lowWater: 1, unusedFor: 0, sweepInterval: 0 },
+    configPins: [],
+    driver,
+    blobs,
+    repositories,
+    cache: new KeyvMetadataCache({ store: 'memory', log: silentLogger() }),
+    manifestMemory: { forget: () => {} },
+    upstreams: ['docker.io'],
+    log: silentLogger(),
+    metrics: new Metrics(),
+    fetching: () => false,
+    uploadsPurgeAge: 0,
+    replicas: {},
+  });
+  try {
+    await lifecycle.whenReady();
+    expect(await lifecycle.images()).toEqual([]);
+    // Stored by another process whose messages were lost on the way.
+    await storeWhole(blobs, repositories, makeImage('org/app', 'v1', 'oci', [3000]));
+    const scans: number[] = [];
+    const listed = blobs.list.bind(blobs);
+    blobs.list = () => {
+      scans.push(Date.now());
+      return listed();
+    };
+    const [first, second] = [lifecycle.recount(), lifecycle.recount()];
+    expect(second).toBe(first);
+    await Promise.all([first, second]);
+    expect(scans).toHaveLength(1);
+    expect(await lifecycle.images()).toHaveLength(1);
+    // A call once the count is done gets one of its own.
+    await lifecycle.recount();
+    expect(scans).toHaveLength(2);
+  } finally {
+    await lifecycle.close();
+  }
+});
