@@ -1,9 +1,9 @@
 /**
  * The express app: the OCI pull API (distribution spec "pull" and "content discovery"
- * endpoints), health, metrics, request logs, and the one error middleware.
+ * endpoints, served by manifests.ts, blobs.ts, listing.ts and referrers.ts), health, metrics,
+ * request logs, and the one error middleware.
  */
 import type { RequestListener } from 'node:http';
-import { pipeline } from 'node:stream/promises';
 import express, {
   type ErrorRequestHandler,
   type NextFunction,
@@ -15,30 +15,18 @@ import { pinoHttp } from 'pino-http';
 import type { Config } from '../config/schema.js';
 import type { Logger } from '../log/logger.js';
 import type { Metrics } from '../metrics.js';
-import { parseDigest } from '../oci/digest.js';
 import {
-  BlobUnknownError,
   DeniedError,
   MethodNotAllowedError,
   NotFoundError,
-  RangeInvalidError,
-  RegistryError,
   UnsupportedError,
 } from '../oci/errors.js';
-import type {
-  BlobService,
-  ByteRange,
-  RepositoryKey,
-  RepositoryStore,
-  TagService,
-} from '../storage/types.js';
+import type { BlobService, RepositoryKey, RepositoryStore } from '../storage/types.js';
 import type { UpstreamServices } from './types.js';
-import { isSendable } from '../storage/file-range.js';
 import type { Lifecycle } from '../lifecycle/lifecycle.js';
 import { ADMIN_PREFIX, adminRouter } from './admin.js';
 import { errorMiddleware } from './errors.js';
 import type { Passthrough } from './passthrough.js';
-import { parseRange } from './range.js';
 import {
   createManifestFastPath,
   decodeSegment,
@@ -50,6 +38,8 @@ import { RequestMetrics } from './request-metrics.js';
 import { statusRouter, UI_PREFIX } from './status-page.js';
 import type { StatusReporter } from '../status/status.js';
 import { serveReferrers } from './referrers.js';
+import { serveBlob } from './blobs.js';
+import { listTags, paginate, pagination } from './listing.js';
 import { clientName, routeRequest } from '../routing.js';
 import { repositoryLists } from '../access/repositories.js';
 import { createAccess, TOKEN_PATH } from '../access/access.js';
@@ -93,7 +83,6 @@ const PEER_REPOSITORY = { upstream: '', repository: '' } as unknown as Repositor
 // The name is greedy, so `/v2/a/blobs/b/blobs/sha256:...` names repository `a/blobs/b`.
 const API_PATH =
   /^\/(.+)\/(manifests\/[^/]+|blobs\/uploads(?:\/[^/]*)?|blobs\/[^/]+|tags\/list|referrers\/[^/]+)$/;
-const PAGE_MAX = 10_000;
 /** What a pull-only cache serves on each endpoint it knows. */
 const READ_METHODS = ['GET', 'HEAD'];
 const WRITE_METHODS = ['POST', 'PUT', 'PATCH', 'DELETE'];
@@ -231,7 +220,7 @@ export function createApp(deps: AppDeps): express.Express {
       const signature = req.headers[PEER_HEADER];
       if (!verifyPeerSignature(peer.secret, digest, Array.isArray(signature) ? '' : signature))
         throw new DeniedError('not a peer of this replica');
-      await getBlob(req, res, peer.blobs, PEER_REPOSITORY, digest);
+      await serveBlob(req, res, peer.blobs, PEER_REPOSITORY, digest);
     });
     app.all(`${PEER_PATH}:digest`, methodNotAllowed(['GET']));
   }
@@ -361,7 +350,7 @@ export function createApp(deps: AppDeps): express.Express {
       if (!services.referrers) throw new NotFoundError(req.method, req.originalUrl);
       await serveReferrers(req, res, services.referrers, repo, reference);
     } else {
-      await getBlob(req, res, services.blobs, repo, decodeSegment(reference));
+      await serveBlob(req, res, services.blobs, repo, decodeSegment(reference));
     }
   });
 
@@ -388,132 +377,4 @@ function identityOf(res: Response): Identity {
 /** For a known path asked with another method than it serves: 405 with `Allow`. */
 function methodNotAllowed(allowed: readonly string[]): RequestHandler {
   return (_req, _res, next) => next(new MethodNotAllowedError(allowed));
-}
-
-async function getBlob(
-  req: Request,
-  res: Response,
-  blobs: BlobService,
-  repo: RepositoryKey,
-  reference: string,
-): Promise<void> {
-  const digest = parseDigest(reference).digest;
-  const etag = `"${digest}"`;
-  const blobHeaders = (size: number) => {
-    res.setHeader('Content-Type', 'application/octet-stream');
-    res.setHeader('Docker-Content-Digest', digest);
-    res.setHeader('ETag', etag);
-    res.setHeader('Accept-Ranges', 'bytes');
-    res.setHeader('Cache-Control', 'max-age=31536000');
-    res.setHeader('Content-Length', size);
-  };
-  if (req.method === 'HEAD') {
-    const stat = await blobs.stat(repo, digest);
-    if (!stat.found) throw new BlobUnknownError(digest);
-    blobHeaders(stat.descriptor.size);
-    res.status(200).end();
-    return;
-  }
-  if (req.headers['if-none-match'] === etag) {
-    const stat = await blobs.stat(repo, digest);
-    if (!stat.found) throw new BlobUnknownError(digest);
-    res.setHeader('ETag', etag);
-    res.setHeader('Docker-Content-Digest', digest);
-    res.status(304).end();
-    return;
-  }
-  // Redirect mode: the client fetches a stored blob (and any range of it) from the storage.
-  const location = await blobs.locate?.(repo, digest);
-  if (location) {
-    res.locals.cache = 'hit';
-    res.setHeader('Docker-Content-Digest', digest);
-    res.redirect(307, location);
-    return;
-  }
-  const requested = parseRange(req.headers.range);
-  let range: ByteRange | undefined;
-  if (requested && 'suffix' in requested) {
-    const stat = await blobs.stat(repo, digest);
-    if (!stat.found) throw new BlobUnknownError(digest);
-    if (requested.suffix === 0) throw new RangeInvalidError(stat.descriptor.size);
-    range = { start: Math.max(0, stat.descriptor.size - requested.suffix) };
-  } else if (requested) {
-    range = requested;
-  }
-  const opened = await blobs.open(repo, digest, range);
-  if (!opened.found) throw new BlobUnknownError(digest);
-  const { size } = opened.descriptor;
-  res.locals.cache = opened.fromUpstream ? 'miss' : 'hit';
-  if (opened.range) {
-    blobHeaders(opened.range.end - opened.range.start + 1);
-    res.setHeader('Content-Range', `bytes ${opened.range.start}-${opened.range.end}/${size}`);
-    res.status(206);
-  } else {
-    blobHeaders(size);
-    res.status(200);
-  }
-  res.locals.bytes = Number(res.getHeader('Content-Length'));
-  // From the upstream, the first bytes wait for the upload session to open: let the client see
-  // the response start as soon as the upstream has answered.
-  if (opened.fromUpstream) res.flushHeaders();
-  try {
-    if (isSendable(opened.stream)) {
-      await opened.stream.sendTo(res);
-      res.end();
-    } else {
-      await pipeline(opened.stream, res);
-    }
-  } catch (err) {
-    // Headers are out: a broken source (or a bad digest upstream) must cut the connection so the
-    // client never takes a short body for the blob. A client that went away is no news.
-    const code = (err as NodeJS.ErrnoException).code;
-    if (code !== 'ERR_STREAM_PREMATURE_CLOSE' && code !== 'ECONNRESET' && code !== 'EPIPE') {
-      req.log.warn({ digest, err: (err as Error).message }, 'blob stream broke off');
-    }
-    if (!res.destroyed) res.destroy(err as Error);
-  }
-}
-
-async function listTags(
-  req: Request,
-  res: Response,
-  tags: TagService,
-  repo: RepositoryKey,
-  name: string,
-): Promise<void> {
-  const { n, last } = pagination(req);
-  const all = await tags.list(repo);
-  const page = paginate(all, n, last);
-  if (page.next !== undefined)
-    res.setHeader(
-      'Link',
-      `</v2/${name}/tags/list?last=${encodeURIComponent(page.next)}&n=${n}>; rel="next"`,
-    );
-  res.json({ name, tags: page.items });
-}
-
-function pagination(req: Request): { n: number; last: string | undefined } {
-  const rawN = req.query.n;
-  let n = PAGE_MAX;
-  if (rawN !== undefined) {
-    if (typeof rawN !== 'string' || !/^\d{1,9}$/.test(rawN))
-      throw new RegistryError('PAGINATION_NUMBER_INVALID', 'n must be a whole number');
-    n = Math.min(Number(rawN), PAGE_MAX);
-  }
-  const rawLast = req.query.last;
-  if (rawLast !== undefined && typeof rawLast !== 'string')
-    throw new RegistryError('PAGINATION_NUMBER_INVALID', 'last must be given once');
-  return { n, last: rawLast };
-}
-
-function paginate(
-  sorted: string[],
-  n: number,
-  last: string | undefined,
-): { items: string[]; next?: string } {
-  const from = last === undefined ? sorted : sorted.filter((item) => item > last);
-  const items = from.slice(0, n);
-  return from.length > n && items.length > 0
-    ? { items, next: items[items.length - 1]! }
-    : { items };
 }

@@ -1,0 +1,96 @@
+/**
+ * GET and HEAD of a blob (distribution spec "pull"): from storage, or followed as it is fetched
+ * from the upstream; ranges, ETag revalidation, and a redirect to the object store when
+ * `storage.s3.redirect` is set. A body that breaks off after the headers cuts the connection.
+ */
+import { pipeline } from 'node:stream/promises';
+import type { Request, Response } from 'express';
+import { parseDigest } from '../oci/digest.js';
+import { BlobUnknownError, RangeInvalidError } from '../oci/errors.js';
+import { isSendable } from '../storage/file-range.js';
+import type { BlobService, ByteRange, RepositoryKey } from '../storage/types.js';
+import { parseRange } from './range.js';
+
+export async function serveBlob(
+  req: Request,
+  res: Response,
+  blobs: BlobService,
+  repo: RepositoryKey,
+  reference: string,
+): Promise<void> {
+  const digest = parseDigest(reference).digest;
+  const etag = `"${digest}"`;
+  const blobHeaders = (size: number) => {
+    res.setHeader('Content-Type', 'application/octet-stream');
+    res.setHeader('Docker-Content-Digest', digest);
+    res.setHeader('ETag', etag);
+    res.setHeader('Accept-Ranges', 'bytes');
+    res.setHeader('Cache-Control', 'max-age=31536000');
+    res.setHeader('Content-Length', size);
+  };
+  if (req.method === 'HEAD') {
+    const stat = await blobs.stat(repo, digest);
+    if (!stat.found) throw new BlobUnknownError(digest);
+    blobHeaders(stat.descriptor.size);
+    res.status(200).end();
+    return;
+  }
+  if (req.headers['if-none-match'] === etag) {
+    const stat = await blobs.stat(repo, digest);
+    if (!stat.found) throw new BlobUnknownError(digest);
+    res.setHeader('ETag', etag);
+    res.setHeader('Docker-Content-Digest', digest);
+    res.status(304).end();
+    return;
+  }
+  // Redirect mode: the client fetches a stored blob (and any range of it) from the storage.
+  const location = await blobs.locate?.(repo, digest);
+  if (location) {
+    res.locals.cache = 'hit';
+    res.setHeader('Docker-Content-Digest', digest);
+    res.redirect(307, location);
+    return;
+  }
+  const requested = parseRange(req.headers.range);
+  let range: ByteRange | undefined;
+  if (requested && 'suffix' in requested) {
+    const stat = await blobs.stat(repo, digest);
+    if (!stat.found) throw new BlobUnknownError(digest);
+    if (requested.suffix === 0) throw new RangeInvalidError(stat.descriptor.size);
+    range = { start: Math.max(0, stat.descriptor.size - requested.suffix) };
+  } else if (requested) {
+    range = requested;
+  }
+  const opened = await blobs.open(repo, digest, range);
+  if (!opened.found) throw new BlobUnknownError(digest);
+  const { size } = opened.descriptor;
+  res.locals.cache = opened.fromUpstream ? 'miss' : 'hit';
+  if (opened.range) {
+    blobHeaders(opened.range.end - opened.range.start + 1);
+    res.setHeader('Content-Range', `bytes ${opened.range.start}-${opened.range.end}/${size}`);
+    res.status(206);
+  } else {
+    blobHeaders(size);
+    res.status(200);
+  }
+  res.locals.bytes = Number(res.getHeader('Content-Length'));
+  // From the upstream, the first bytes wait for the upload session to open: let the client see
+  // the response start as soon as the upstream has answered.
+  if (opened.fromUpstream) res.flushHeaders();
+  try {
+    if (isSendable(opened.stream)) {
+      await opened.stream.sendTo(res);
+      res.end();
+    } else {
+      await pipeline(opened.stream, res);
+    }
+  } catch (err) {
+    // Headers are out: a broken source (or a bad digest upstream) must cut the connection so the
+    // client never takes a short body for the blob. A client that went away is no news.
+    const code = (err as NodeJS.ErrnoException).code;
+    if (code !== 'ERR_STREAM_PREMATURE_CLOSE' && code !== 'ECONNRESET' && code !== 'EPIPE') {
+      req.log.warn({ digest, err: (err as Error).message }, 'blob stream broke off');
+    }
+    if (!res.destroyed) res.destroy(err as Error);
+  }
+}
