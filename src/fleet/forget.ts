@@ -213,14 +213,13 @@ export class Forgetting {
   /** From now on, what the others announce is dropped from `target` (or, stored, told to it). */
   listen(target: ForgetTarget): void {
     for (const transport of this.transports)
-      transport.listen((keys, missed = keys === 'all') => {
-        if (missed) target.missed?.();
+      transport.listen((keys, missed) => {
+        // "Everything" from another process stands for events too; so does a renewed subscription.
+        if (missed ?? keys === 'all') target.missed?.();
         if (keys === 'all') return target.forgetAll();
-        const [stored, removed, forgotten]: [StoredEvent[], RemovedEvent[], string[]] = [
-          [],
-          [],
-          [],
-        ];
+        const stored: StoredEvent[] = [];
+        const removed: RemovedEvent[] = [];
+        const forgotten: string[] = [];
         for (const key of keys) {
           const change = decodeChange(key);
           if (change && 'stored' in change) stored.push(change.stored);

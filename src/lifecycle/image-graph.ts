@@ -2,7 +2,7 @@
  * The cache's content as a graph in memory: blobs with their sizes and last-pulled times, and per
  * repository the manifests it links (an index -> its platform manifests -> their config and
  * layers), its layer links and its tags. Eviction and `ls`/`du` read it instead of walking
- * storage; the hooks in tracking.ts keep it in step with storage as content comes and goes.
+ * storage; graph-keeper.ts keeps it in step with storage as content comes and goes.
  *
  * An image is a root manifest of a repository (one no other manifest of that repository
  * references) with everything it reaches. A blob's `refs` counts the manifests, in any

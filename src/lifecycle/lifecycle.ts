@@ -62,9 +62,9 @@ export interface LifecycleDeps {
    * evicted. With a `lease`, the lease decides who evicts; without, the owner record does.
    */
   replicas?: { lease?: Lease };
-  /** Told what this process stored, for the other processes on the storage (`GraphKeeper.storedElsewhere`). */
+  /** Told what this process stored, for the other processes on the storage (graph-keeper.ts). */
   onStored?: (event: StoredEvent) => void;
-  /** Told what this process removed, for the other processes on it (`GraphKeeper.removedElsewhere`). */
+  /** Told what this process removed, for the other processes on the storage. */
   onRemoved?: (event: RemovedEvent) => void;
   now?: () => number;
 }
@@ -255,14 +255,14 @@ export class Lifecycle {
     this.budget.check();
   }
 
-  // ---- serving tells the lifecycle what happens (storage: the keeper) ----------------------
-
   /** Runs lifecycle work after the work before it: never two evictions at once. */
   private serially<T>(work: () => Promise<T>): Promise<T> {
     const run = this.work.then(work);
     this.work = run.catch(() => {});
     return run;
   }
+
+  // ---- serving tells the lifecycle what happens (storage tells the keeper) -----------------
 
   /** A manifest or blob of a repository was served (hits included). */
   pulled(
