@@ -85,7 +85,8 @@ export interface Runtime {
   /**
    * For a serving process: from now on, what another process on the storage removes (an
    * eviction, `rm`) is dropped from this one's memory and graph too, and what it stores is
-   * counted in this one's graph (fleet/forget.ts).
+   * counted in this one's graph; storage is counted afresh when some of that may have been lost
+   * (fleet/forget.ts).
    */
   followOthers(): void;
   close(): Promise<void>;
@@ -129,10 +130,10 @@ export async function createRuntime(
   });
   const storedRepositories = new DriverRepositoryStore(driver);
   // One Redis connection for the leases of this process (the lifecycle's, the fetches') and for
-  // telling the others what left storage.
+  // telling the others what it stored and removed.
   const leaseRedis =
     config.cache.store === 'redis' ? new LeaseRedis(config.cache.redis.url, log) : undefined;
-  // What this process removes, every other process on the storage drops from memory too.
+  // What this process stores and removes, every other process on the storage hears of.
   const forgetting = new Forgetting(
     [
       ...(cluster.isWorker ? [new IpcForgetTransport(processChannel)] : []),
