@@ -106,6 +106,8 @@ export async function createRuntime(
       `server.peerSecretEnv: the environment variable ${config.server.peerSecretEnv} is not set`,
     ]);
   const clients = new Map<string, UpstreamClient>();
+  /** Set once `close` began: no recount is started then. */
+  let closing = false;
   /** The blob sources that follow other replicas' fetches: their kept connections close with the runtime. */
   const peerSources: PeeredBlobSource[] = [];
   const peerSource = (source: PeeredBlobSource) => {
@@ -315,7 +317,7 @@ export async function createRuntime(
       return { storage, cache: reachable };
     },
     followOthers() {
-      const counted = (work: Promise<void>, outcome: string) =>
+      const counted = (work: Promise<unknown>, outcome: string) =>
         work.catch((err: unknown) =>
           log.warn({ err: (err as Error).message }, `changed elsewhere, ${outcome} here`),
         );
@@ -337,11 +339,12 @@ export async function createRuntime(
             counted(lifecycle.keeper.removedElsewhere(event), 'still counted');
         },
         missed() {
-          counted(lifecycle.recount(), 'not counted again');
+          if (!closing) counted(lifecycle.recount(), 'not counted again');
         },
       });
     },
     async close() {
+      closing = true;
       for (const p of passthrough.values()) p.close();
       for (const source of peerSources) source.close();
       await Promise.all([...clients.values()].map((c) => c.close()));

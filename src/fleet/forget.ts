@@ -103,8 +103,8 @@ export function decodeChange(key: string): Change | undefined {
         if (parts.length !== (stored ? 2 : 1)) return undefined;
         const digest = parseDigest(parts[0]!).digest;
         if (!stored) return { removed: { kind, digest } };
-        const size = Number(parts[1]);
-        if (!Number.isSafeInteger(size) || size < 0) return undefined;
+        const size = /^\d{1,15}$/.test(parts[1]!) ? Number(parts[1]) : NaN;
+        if (!Number.isSafeInteger(size)) return undefined;
         return { stored: { kind, digest, size } };
       }
       case 'link':
@@ -177,7 +177,7 @@ class Outbox {
     } catch (err) {
       this.log.debug(
         { err: (err as Error).message, via: this.transport.name },
-        'removal not told to the others yet',
+        'not told to the others yet',
       );
       this.add(batch, RETRY_MS);
     }
@@ -200,7 +200,7 @@ export class Forgetting {
     this.outboxes = transports.map((t) => new Outbox(t, flog));
   }
 
-  /** Tells the other processes that `key` left storage (or is about to). */
+  /** Tells the other processes that `key` left storage (or is about to), or what was stored. */
   announce(key: string): void {
     for (const outbox of this.outboxes) outbox.add([key]);
   }
@@ -210,7 +210,10 @@ export class Forgetting {
     if (this.outboxes.length > 0) this.announce(encodeChange(change));
   }
 
-  /** From now on, what the others announce is dropped from `target` (or, stored, told to it). */
+  /**
+   * From now on, what the others announce reaches `target`: keys to drop from memory, what they
+   * stored and removed, and that some of it may have been missed.
+   */
   listen(target: ForgetTarget): void {
     for (const transport of this.transports)
       transport.listen((keys, missed) => {
@@ -312,13 +315,17 @@ export class RedisForgetTransport implements ForgetTransport {
         socket: { connectTimeout: 2000, reconnectStrategy: (n: number) => Math.min(n * 200, 5000) },
       }) as unknown as Subscriber;
       this.subscriber = subscriber;
-      subscriber.on('error', (err) => log.debug({ err: err.message }, 'forget channel error'));
       // Connected again after a break (or for the first time): whatever was said meanwhile is
-      // lost, so everything held in memory goes.
-      let before = false;
+      // lost, so everything held in memory goes. Events were missed too, unless this is the
+      // first connection and nothing failed before it (Redis down at start loses them as well).
+      let missed = false;
+      subscriber.on('error', (err) => {
+        missed = true;
+        log.debug({ err: err.message }, 'forget channel error');
+      });
       subscriber.on('ready', () => {
-        receive('all', before);
-        before = true;
+        receive('all', missed);
+        missed = true;
       });
       try {
         await subscriber.connect();

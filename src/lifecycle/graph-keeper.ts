@@ -4,6 +4,12 @@
  * what this process stores (tracking.ts's hooks) and removes, and what the other processes on the
  * same storage say they stored or removed (fleet/forget.ts). What this process stores or removes
  * is told to them in turn (`onStored`, `onRemoved`).
+ *
+ * What another process says is not applied as said: messages from several processes (and ones
+ * sent again) arrive in no set order, so each names a thing (a blob, a link, a manifest of a
+ * repository, a tag) whose state is read from storage, and the graph takes that state. One read
+ * at a time per thing; a change this process makes to the thing while it is read (it stored or
+ * removed the thing itself, and knows better) wins over what the read found.
  */
 import type { Logger } from '../log/logger.js';
 import type { BlobStore, RepositoryStore } from '../storage/types.js';
@@ -26,10 +32,23 @@ export interface GraphKeeperDeps {
   onRemoved?: ((event: RemovedEvent) => void) | undefined;
 }
 
+/** A thing of the graph, as an event names it. */
+type Thing = StoredEvent | RemovedEvent;
+
+/** Which thing an event is about, whatever was done to it. */
+function thingOf(event: Thing): string {
+  const where = 'repo' in event ? ` ${event.repo.upstream}/${event.repo.repository}` : '';
+  return `${event.kind}${where} ${event.kind === 'tag' ? event.tag : event.digest}`;
+}
+
 export class GraphKeeper {
   private current = new ImageGraph();
   /** While a recount builds a fresh graph: the changes to apply to it as well. */
   private replay: ((graph: ImageGraph) => unknown)[] | undefined;
+  /** Per thing, the last read of it from storage queued (the next one waits for it). */
+  private readonly queues = new Map<string, Promise<void>>();
+  /** Per thing, the reads under way; a change made here marks them out of date. */
+  private readonly reading = new Map<string, Set<{ outdated: boolean }>>();
 
   constructor(private readonly d: GraphKeeperDeps) {}
 
@@ -38,27 +57,22 @@ export class GraphKeeper {
     return this.current;
   }
 
-  /** Counts storage into the graph: the start-up scan. */
-  scan(): ReturnType<typeof scanStorage> {
-    return scanStorage({ ...this.storage(), graph: this.current });
-  }
-
-  /** Builds a fresh graph from storage while serving goes on, then puts it in place. */
-  async recount(): Promise<void> {
+  /**
+   * Builds a graph from storage while serving goes on, then puts it in place (the start-up scan
+   * and every recount): what changes meanwhile is applied to it as well.
+   */
+  async recount(): ReturnType<typeof scanStorage> {
     const fresh = new ImageGraph();
     this.replay = [];
     try {
-      await scanStorage({ ...this.storage(), graph: fresh });
+      const { blobs, repositories, upstreams, log } = this.d;
+      const counts = await scanStorage({ graph: fresh, blobs, repositories, upstreams, log });
       for (const apply of this.replay) apply(fresh);
       this.current = fresh;
+      return counts;
     } finally {
       this.replay = undefined;
     }
-  }
-
-  private storage() {
-    const { blobs, repositories, upstreams, log } = this.d;
-    return { blobs, repositories, upstreams, log };
   }
 
   /** Applies a change to the graph, and to the one a recount is building; returns the graph. */
@@ -73,76 +87,119 @@ export class GraphKeeper {
    * told to the others. A manifest is read from storage for what it references.
    */
   async stored(event: StoredEvent): Promise<void> {
-    await this.count(event);
-    this.d.onStored?.(event);
-  }
-
-  /** This process removed a tag (the tag service, upstream's word): it leaves the graph. */
-  tagDeleted(event: Extract<RemovedEvent, { kind: 'tag' }>): void {
-    this.change((g) => g.drop(event));
-    this.d.onRemoved?.(event);
-  }
-
-  /** Another process on this storage stored something: counted here too, and told to nobody. */
-  async storedElsewhere(event: StoredEvent): Promise<void> {
-    if (this.othersBusiness(event)) return;
-    await this.count(event);
-  }
-
-  /**
-   * Another process on this storage removed something: it leaves this graph too, once storage
-   * agrees. Storage decides, not the order of messages: what was stored again since (here or by
-   * a third process) stays.
-   */
-  async removedElsewhere(event: RemovedEvent): Promise<void> {
-    if (this.othersBusiness(event) || (await this.stillStored(event))) return;
-    this.change((g) => {
-      g.drop(event);
-      if (event.kind !== 'blob') g.pruneRepository(event.repo);
-    });
-  }
-
-  /** An upstream this process does not cache (another config) is none of its business. */
-  private othersBusiness(event: StoredEvent | RemovedEvent): boolean {
-    return event.kind !== 'blob' && !this.d.upstreams.includes(event.repo.upstream);
-  }
-
-  /** Runs synchronously to its end but for a manifest, whose references are read first. */
-  private async count(event: StoredEvent): Promise<void> {
+    this.changedHere(event);
     const at = this.d.now();
     switch (event.kind) {
       case 'blob':
         this.change((g) => g.addBlob(event.digest, event.size, at));
         this.d.added();
-        return;
+        break;
       case 'link':
         this.change((g) => g.linkBlob(event.repo, event.digest));
-        return;
+        break;
       case 'manifest': {
-        const references = (await readReferences(this.d.blobs, event.digest)) ?? {
-          children: [],
-          blobs: [],
-        };
+        const references = await this.references(event.digest);
         this.change((g) => g.addManifest(event.repo, event.digest, references, at));
-        return;
+        break;
       }
       case 'tag':
         this.change((g) => g.setTag(event.repo, event.tag, event.digest));
-        return;
+        break;
+    }
+    this.d.onStored?.(event);
+  }
+
+  /** This process removed a tag (the tag service, upstream's word): it leaves the graph. */
+  tagDeleted(event: Extract<RemovedEvent, { kind: 'tag' }>): void {
+    this.changedHere(event);
+    this.change((g) => g.drop(event));
+    this.d.onRemoved?.(event);
+  }
+
+  /**
+   * This process changed the thing in storage (removal.ts tells its removals here): what a read
+   * of it under way found is out of date.
+   */
+  changedHere(event: Thing): void {
+    for (const read of this.reading.get(thingOf(event)) ?? []) read.outdated = true;
+  }
+
+  /** Another process on this storage stored something: the graph takes what storage holds of it. */
+  storedElsewhere(event: StoredEvent): Promise<void> {
+    return this.reconcile(event);
+  }
+
+  /** Another process on this storage removed something: the graph takes what storage holds of it. */
+  removedElsewhere(event: RemovedEvent): Promise<void> {
+    return this.reconcile(event);
+  }
+
+  private reconcile(event: Thing): Promise<void> {
+    // An upstream this process does not cache (another config) is none of its business.
+    if (event.kind !== 'blob' && !this.d.upstreams.includes(event.repo.upstream))
+      return Promise.resolve();
+    const thing = thingOf(event);
+    const run = (this.queues.get(thing) ?? Promise.resolve()).then(async () => {
+      const read = { outdated: false };
+      const reads = this.reading.get(thing) ?? new Set();
+      this.reading.set(thing, reads.add(read));
+      try {
+        const apply = await this.inStorage(event);
+        if (read.outdated) return;
+        this.change(apply);
+        if (event.kind === 'blob') this.d.added();
+      } finally {
+        reads.delete(read);
+        if (reads.size === 0) this.reading.delete(thing);
+      }
+    });
+    const settled = run.catch(() => {});
+    this.queues.set(thing, settled);
+    void settled.then(() => {
+      if (this.queues.get(thing) === settled) this.queues.delete(thing);
+    });
+    return run;
+  }
+
+  /** What storage holds of the thing now, as the change that gives the graph the same. */
+  private async inStorage(event: Thing): Promise<(graph: ImageGraph) => void> {
+    const { blobs, repositories } = this.d;
+    const at = this.d.now();
+    switch (event.kind) {
+      case 'blob': {
+        const { digest } = event;
+        const stat = await blobs.stat(digest);
+        if (!stat.found) return (g) => g.drop({ kind: 'blob', digest });
+        return (g) => g.addBlob(digest, stat.descriptor.size, at);
+      }
+      case 'link': {
+        const { repo, digest } = event;
+        if (await repositories.hasBlob(repo, digest)) return (g) => g.linkBlob(repo, digest);
+        return (g) => gone(g, { kind: 'link', repo, digest });
+      }
+      case 'manifest': {
+        const { repo, digest } = event;
+        if (!(await repositories.getManifest(repo, digest)))
+          return (g) => gone(g, { kind: 'manifest', repo, digest });
+        const references = await this.references(digest);
+        return (g) => g.addManifest(repo, digest, references, at);
+      }
+      case 'tag': {
+        const { repo, tag } = event;
+        const link = await repositories.getTag(repo, tag);
+        if (!link) return (g) => gone(g, { kind: 'tag', repo, tag });
+        return (g) => g.setTag(repo, tag, link.digest);
+      }
     }
   }
 
-  private async stillStored(event: RemovedEvent): Promise<boolean> {
-    const { blobs, repositories } = this.d;
-    switch (event.kind) {
-      case 'blob':
-        return (await blobs.stat(event.digest)).found;
-      case 'link':
-        return repositories.hasBlob(event.repo, event.digest);
-      case 'manifest':
-        return (await repositories.getManifest(event.repo, event.digest)) !== undefined;
-      case 'tag':
-        return (await repositories.getTag(event.repo, event.tag)) !== undefined;
-    }
+  private async references(digest: StoredEvent['digest']) {
+    return (await readReferences(this.d.blobs, digest)) ?? { children: [], blobs: [] };
   }
+}
+
+/** Drops a thing of a repository, and the repository when it then holds nothing. */
+function gone(graph: ImageGraph, event: Exclude<RemovedEvent, { kind: 'blob' }>): void {
+  graph.drop(event);
+  graph.pruneRepository(event.repo);
 }

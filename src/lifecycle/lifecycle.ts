@@ -109,7 +109,10 @@ export class Lifecycle {
       cache: d.cache,
       manifestMemory: d.manifestMemory,
       inUse: (digest) => this.inUse(digest),
-      ...(d.onRemoved ? { onRemoved: d.onRemoved } : {}),
+      onRemoved: (event) => {
+        this.keeper.changedHere(event);
+        d.onRemoved?.(event);
+      },
     });
     this.pins = new Pins(d.driver, d.configPins);
     this.evictor = new Evictor({
@@ -240,7 +243,7 @@ export class Lifecycle {
     const started = this.now();
     await this.pins.load();
     await this.ownership.acquire();
-    const counts = await this.keeper.scan();
+    const counts = await this.keeper.recount();
     this.scanned = true;
     this.pulls.graphReady();
     this.log.info(

@@ -102,8 +102,9 @@ export type StoredEvent =
   | { kind: 'tag'; repo: RepositoryKey; tag: Tag; digest: Digest };
 
 /**
- * What this process removed from storage (removal.ts: `rm`, an eviction, the collection), told to
- * the other processes the same way: their graphs drop it, each once storage agrees it is gone.
+ * What this process removed from storage (removal.ts: `rm`, an eviction, the collection; a tag
+ * the tag service deleted), told to the other processes the same way: their graphs drop it, each
+ * once storage agrees that it is gone.
  */
 export type RemovedEvent =
   | { kind: 'blob'; digest: Digest }

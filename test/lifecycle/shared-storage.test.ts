@@ -160,21 +160,7 @@ test('what another process removed leaves the graph once storage agrees, not bef
   const image = makeImage('org/app', 'v1', 'oci', [3000, 5000]);
   await storeWhole(blobs, repositories, image);
   const cache = () => new KeyvMetadataCache({ store: 'memory', log: silentLogger() });
-  const here = new Lifecycle({
-    retention: { maxSize: 0, minFree: 0, lowWater: 1, unusedFor: 0, sweepInterval: 0 },
-    configPins: [],
-    driver,
-    blobs,
-    repositories,
-    cache: cache(),
-    manifestMemory: { forget: () => {} },
-    upstreams: ['docker.io'],
-    log: silentLogger(),
-    metrics: new Metrics(),
-    fetching: () => false,
-    uploadsPurgeAge: 0,
-    replicas: {},
-  });
+  const here = lifecycleOn({ driver, blobs, repositories });
   try {
     await here.whenReady();
     const counted = async () => [(await here.images()).length, (await here.usage()).bytes];
@@ -225,14 +211,14 @@ test('what another process removed leaves the graph once storage agrees, not bef
   }
 });
 
-test('a recount learns what storage holds; calls made before it starts share it', async () => {
-  const { driver, blobs, repositories } = storage();
-  const lifecycle = new Lifecycle({
+/** A process's lifecycle on `stores`, sharing them with others (no budget, no sweep). */
+function lifecycleOn(
+  stores: Pick<ReturnType<typeof storage>, 'driver' | 'blobs' | 'repositories'>,
+) {
+  return new Lifecycle({
+    ...stores,
     retention: { maxSize: 0, minFree: 0, lowWater: 1, unusedFor: 0, sweepInterval: 0 },
     configPins: [],
-    driver,
-    blobs,
-    repositories,
     cache: new KeyvMetadataCache({ store: 'memory', log: silentLogger() }),
     manifestMemory: { forget: () => {} },
     upstreams: ['docker.io'],
@@ -242,26 +228,116 @@ test('a recount learns what storage holds; calls made before it starts share it'
     uploadsPurgeAge: 0,
     replicas: {},
   });
+}
+
+/** Makes the first call of `object[name]` wait, after doing its work, until `release` is called. */
+function holdFirstCall<T extends object, K extends keyof T>(object: T, name: K) {
+  const real = (object[name] as (...args: unknown[]) => Promise<unknown>).bind(object);
+  let release!: () => void;
+  const gate = new Promise<void>((r) => (release = r));
+  let calls = 0;
+  let entered!: () => void;
+  const started = new Promise<void>((r) => (entered = r));
+  (object as Record<K, unknown>)[name] = async (...args: unknown[]) => {
+    const first = calls++ === 0;
+    if (first) entered();
+    const result = await real(...args);
+    if (first) await gate;
+    return result;
+  };
+  return { started, release: () => release(), calls: () => calls };
+}
+
+test('a recount learns what storage holds; calls made before it starts share it', async () => {
+  const stores = storage();
+  const { blobs, repositories } = stores;
+  const lifecycle = lifecycleOn(stores);
   try {
     await lifecycle.whenReady();
     expect(await lifecycle.images()).toEqual([]);
     // Stored by another process whose messages were lost on the way.
     await storeWhole(blobs, repositories, makeImage('org/app', 'v1', 'oci', [3000]));
-    const scans: number[] = [];
+    // The first count's listing of blobs waits, once it has listed them, until released.
     const listed = blobs.list.bind(blobs);
-    blobs.list = () => {
-      scans.push(Date.now());
-      return listed();
+    let release!: () => void;
+    const gate = new Promise<void>((r) => (release = r));
+    let started!: () => void;
+    const listing = {
+      calls: 0,
+      started: new Promise<void>((r) => (started = r)),
+      release: () => release(),
+    };
+    blobs.list = async function* () {
+      const first = listing.calls++ === 0;
+      if (first) started();
+      yield* listed();
+      if (first) await gate;
     };
     const [first, second] = [lifecycle.recount(), lifecycle.recount()];
     expect(second).toBe(first);
-    await Promise.all([first, second]);
-    expect(scans).toHaveLength(1);
+    // Once the count has begun, a call may be about what it has read past: it gets its own.
+    await listing.started;
+    const third = lifecycle.recount();
+    expect(third).not.toBe(first);
+    listing.release();
+    await Promise.all([first, second, third]);
+    expect(listing.calls).toBe(2);
     expect(await lifecycle.images()).toHaveLength(1);
-    // A call once the count is done gets one of its own.
-    await lifecycle.recount();
-    expect(scans).toHaveLength(2);
   } finally {
     await lifecycle.close();
+  }
+});
+
+test('a removal heard while this process links the manifest again leaves it in the graph', async () => {
+  const stores = storage();
+  const { blobs, repositories } = stores;
+  const image = makeImage('org/app', 'v1', 'oci', [3000]);
+  const digest = parseDigest(image.digest).digest;
+  await storeWhole(blobs, repositories, image);
+  const here = lifecycleOn(stores);
+  try {
+    await here.whenReady();
+    expect(await here.images()).toHaveLength(1);
+    // Another process unlinks the manifest and says so; this one reads storage: gone.
+    await repositories.unlinkManifest(repo, digest);
+    const reading = holdFirstCall(repositories, 'getManifest');
+    const heard = here.keeper.removedElsewhere({ kind: 'manifest', repo, digest });
+    await reading.started;
+    // Meanwhile this process links it again (a pull): what it did itself wins over that read.
+    await repositories.linkManifest(repo, {
+      digest,
+      mediaType: image.mediaType,
+      size: image.manifest.length,
+    });
+    await here.keeper.stored({ kind: 'manifest', repo, digest });
+    reading.release();
+    await heard;
+    expect(await here.images()).toHaveLength(1);
+  } finally {
+    await here.close();
+  }
+});
+
+test('a stored message read before a removal, and the removal heard after it, leave nothing', async () => {
+  const stores = storage();
+  const { blobs, repositories } = stores;
+  const here = lifecycleOn(stores);
+  try {
+    await here.whenReady();
+    const image = makeImage('org/app', 'v1', 'oci', [3000]);
+    const digest = parseDigest(image.digest).digest;
+    await storeWhole(blobs, repositories, image);
+    // The stored message's read finds the manifest, and is slow to come back...
+    const reading = holdFirstCall(repositories, 'getManifest');
+    const stored = here.keeper.storedElsewhere({ kind: 'manifest', repo, digest });
+    await reading.started;
+    // ...while the manifest is removed, and that is heard too: it waits for the first read.
+    await repositories.unlinkManifest(repo, digest);
+    const removed = here.keeper.removedElsewhere({ kind: 'manifest', repo, digest });
+    reading.release();
+    await Promise.all([stored, removed]);
+    expect(here.graph.repositories.get('docker.io/org/app')?.manifests.has(digest)).toBeFalsy();
+  } finally {
+    await here.close();
   }
 });
