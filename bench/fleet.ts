@@ -314,22 +314,36 @@ export async function measureColdCpu(
   };
 }
 
-/** 32 clients (curl) each pulling every layer of `image`, all at once: wall time, every byte right. */
-function load32(
-  server: ServerUnderTest,
-  image: PushedImage,
-): Promise<{ seconds: number; value: boolean[] }> {
-  return timed(() =>
+/** 32 clients' warm load: wall time, aggregate throughput, every byte right. */
+type Load32 = NonNullable<WorkersFigures['load32']>;
+
+const layerUrl = (server: ServerUnderTest, image: PushedImage, layer: FileBlob) =>
+  `${server.url}/v2/${image.repository}/blobs/${layer.digest}`;
+
+/** Asks every layer of `image` once, so that the 32 clients find them warm whatever ran before. */
+async function warmLayers(server: ServerUnderTest, image: PushedImage): Promise<void> {
+  for (const l of image.layers) await curlGet(layerUrl(server, image, l));
+}
+
+/** 32 clients (curl) each pulling every layer of `image`, all at once. */
+async function load32(server: ServerUnderTest, image: PushedImage): Promise<Load32> {
+  const t = await timed(() =>
     Promise.all(
       Array.from({ length: 32 }, async () => {
         for (const l of image.layers) {
-          const t = await curlGet(`${server.url}/v2/${image.repository}/blobs/${l.digest}`);
-          if (t.status !== 200 || t.bytes !== l.size) return false;
+          const got = await curlGet(layerUrl(server, image, l));
+          if (got.status !== 200 || got.bytes !== l.size) return false;
         }
         return true;
       }),
     ),
   );
+  const imageBytes = image.layers.reduce((n, l) => n + l.size, 0);
+  return {
+    wallS: t.seconds,
+    MBps: (32 * imageBytes) / t.seconds / 1e6,
+    allCorrect: t.value.every(Boolean),
+  };
 }
 
 /** The cold path's CPU (`measureColdCpu`), then the 32 clients on the warm image. */
@@ -342,21 +356,18 @@ export async function measureFleet(
 ): Promise<FleetFigures> {
   const cold = await measureColdCpu(server, upstream, blobs, log, scratch);
   const { image } = blobs;
-  const blobUrl = (repo: string, digest: string) => `${server.url}/v2/${repo}/blobs/${digest}`;
   log(`${server.name}: 32 clients pulling every layer of the warm image`);
-  const layerUrl = (l: FileBlob) => blobUrl(image.repository, l.digest);
-  for (const l of image.layers) await curlGet(layerUrl(l)); // warm, whatever ran before
+  await warmLayers(server, image);
   const manifestUrl = `${server.url}/v2/${image.repository}/manifests/${image.digest}`;
   await curlGet(manifestUrl, { Accept: MANIFEST_ACCEPT });
-  const imageBytes = image.layers.reduce((n, l) => n + l.size, 0);
   const { latencies, loaded } = await manifestLatencies(manifestUrl, () => load32(server, image));
   const sorted = [...latencies].sort((a, b) => a - b);
   const peaks = treePeakRss(server.pid);
   return {
     ...cold,
-    load32WallS: loaded.seconds,
-    load32MBps: (32 * imageBytes) / loaded.seconds / 1e6,
-    load32AllCorrect: loaded.value.every(Boolean),
+    load32WallS: loaded.wallS,
+    load32MBps: loaded.MBps,
+    load32AllCorrect: loaded.allCorrect,
     manifestP50Ms: percentile(sorted, 50),
     manifestP99Ms: percentile(sorted, 99),
     manifestsDuringLoad: latencies.length,
@@ -394,20 +405,14 @@ export async function measureWorkers(
     const upstreamBytes = bytesWritten(upstream.pid!) - before;
     // Warm throughput over the cores: the same load as on the lone process, layers warm first.
     log('pullcache: 32 clients pulling every layer of the warm image over 2 workers');
-    for (const l of image.layers)
-      await curlGet(`${server.url}/v2/${image.repository}/blobs/${l.digest}`);
+    await warmLayers(server, image);
     const load = await load32(server, image);
-    const imageBytes = image.layers.reduce((n, l) => n + l.size, 0);
     return {
       wallS: t.seconds,
       upstreamRatio: upstreamBytes / blob.size,
       allCorrect: t.value.every(Boolean),
       peakRssMB: Math.max(...treePeakRss(server.pid)) / 1e6,
-      load32: {
-        wallS: load.seconds,
-        MBps: (32 * imageBytes) / load.seconds / 1e6,
-        allCorrect: load.value.every(Boolean),
-      },
+      load32: load,
       replicas: await measureReplicas(dir, upstream, blob, repository, log),
     };
   } finally {
