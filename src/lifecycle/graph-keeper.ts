@@ -88,25 +88,16 @@ export class GraphKeeper {
    */
   async stored(event: StoredEvent): Promise<void> {
     this.changedHere(event);
-    const at = this.d.now();
-    switch (event.kind) {
-      case 'blob':
-        this.change((g) => g.addBlob(event.digest, event.size, at));
-        this.d.added();
-        break;
-      case 'link':
-        this.change((g) => g.linkBlob(event.repo, event.digest));
-        break;
-      case 'manifest': {
-        const references = await this.references(event.digest);
-        this.change((g) => g.addManifest(event.repo, event.digest, references, at));
-        break;
-      }
-      case 'tag':
-        this.change((g) => g.setTag(event.repo, event.tag, event.digest));
-        break;
-    }
+    const references =
+      event.kind === 'manifest' ? await readReferences(this.d.blobs, event.digest) : undefined;
+    this.count(counting(event, this.d.now(), references));
     this.d.onStored?.(event);
+  }
+
+  /** Applies a change; one that may have added a blob has the budget check. */
+  private count(change: Change): void {
+    this.change(change.apply);
+    if (change.blob) this.d.added();
   }
 
   /** This process removed a tag (the tag service, upstream's word): it leaves the graph. */
@@ -144,10 +135,8 @@ export class GraphKeeper {
       const reads = this.reading.get(thing) ?? new Set();
       this.reading.set(thing, reads.add(read));
       try {
-        const apply = await this.inStorage(event);
-        if (read.outdated) return;
-        this.change(apply);
-        if (event.kind === 'blob') this.d.added();
+        const change = await this.inStorage(event);
+        if (!read.outdated) this.count(change);
       } finally {
         reads.delete(read);
         if (reads.size === 0) this.reading.delete(thing);
@@ -162,44 +151,69 @@ export class GraphKeeper {
   }
 
   /** What storage holds of the thing now, as the change that gives the graph the same. */
-  private async inStorage(event: Thing): Promise<(graph: ImageGraph) => void> {
+  private async inStorage(event: Thing): Promise<Change> {
     const { blobs, repositories } = this.d;
     const at = this.d.now();
     switch (event.kind) {
       case 'blob': {
         const { digest } = event;
         const stat = await blobs.stat(digest);
-        if (!stat.found) return (g) => g.drop({ kind: 'blob', digest });
-        return (g) => g.addBlob(digest, stat.descriptor.size, at);
+        if (!stat.found) return { apply: (g) => g.drop({ kind: 'blob', digest }) };
+        return counting({ kind: 'blob', digest, size: stat.descriptor.size }, at);
       }
       case 'link': {
-        const { repo, digest } = event;
-        if (await repositories.hasBlob(repo, digest)) return (g) => g.linkBlob(repo, digest);
-        return (g) => gone(g, { kind: 'link', repo, digest });
+        const { kind, repo, digest } = event;
+        if (await repositories.hasBlob(repo, digest)) return counting({ kind, repo, digest }, at);
+        return gone({ kind, repo, digest });
       }
       case 'manifest': {
-        const { repo, digest } = event;
-        if (!(await repositories.getManifest(repo, digest)))
-          return (g) => gone(g, { kind: 'manifest', repo, digest });
-        const references = await this.references(digest);
-        return (g) => g.addManifest(repo, digest, references, at);
+        const { kind, repo, digest } = event;
+        if (!(await repositories.getManifest(repo, digest))) return gone({ kind, repo, digest });
+        return counting({ kind, repo, digest }, at, await readReferences(blobs, digest));
       }
       case 'tag': {
-        const { repo, tag } = event;
+        const { kind, repo, tag } = event;
         const link = await repositories.getTag(repo, tag);
-        if (!link) return (g) => gone(g, { kind: 'tag', repo, tag });
-        return (g) => g.setTag(repo, tag, link.digest);
+        if (!link) return gone({ kind, repo, tag });
+        return counting({ kind, repo, tag, digest: link.digest }, at);
       }
     }
   }
+}
 
-  private async references(digest: StoredEvent['digest']) {
-    return (await readReferences(this.d.blobs, digest)) ?? { children: [], blobs: [] };
+/** A change to the graph; `blob` when it may add a blob (the budget then checks). */
+interface Change {
+  apply: (graph: ImageGraph) => void;
+  blob?: boolean;
+}
+
+/** What a manifest references (none known when its bytes are not in storage). */
+type References = NonNullable<Awaited<ReturnType<typeof readReferences>>>;
+
+/** How a stored thing is counted in the graph (a manifest with what it references). */
+function counting(
+  event: StoredEvent,
+  at: number,
+  references: References = { children: [], blobs: [] },
+): Change {
+  switch (event.kind) {
+    case 'blob':
+      return { apply: (g) => g.addBlob(event.digest, event.size, at), blob: true };
+    case 'link':
+      return { apply: (g) => g.linkBlob(event.repo, event.digest) };
+    case 'manifest':
+      return { apply: (g) => g.addManifest(event.repo, event.digest, references, at) };
+    case 'tag':
+      return { apply: (g) => g.setTag(event.repo, event.tag, event.digest) };
   }
 }
 
 /** Drops a thing of a repository, and the repository when it then holds nothing. */
-function gone(graph: ImageGraph, event: Exclude<RemovedEvent, { kind: 'blob' }>): void {
-  graph.drop(event);
-  graph.pruneRepository(event.repo);
+function gone(event: Exclude<RemovedEvent, { kind: 'blob' }>): Change {
+  return {
+    apply: (g) => {
+      g.drop(event);
+      g.pruneRepository(event.repo);
+    },
+  };
 }
