@@ -464,30 +464,30 @@ export class Lifecycle {
   async remove(refs: ImageRef[], dryRun: boolean): Promise<RemovalReport> {
     await this.whenReady();
     return this.serially(async () => {
-      if (this.d.replicas && refs.some((ref) => this.matching(ref).length === 0))
+      if (this.d.replicas && refs.some((ref) => this.matching(ref).images.length === 0))
         await this.rescan();
       return this.removeNow(refs, dryRun);
     });
   }
 
+  /** The repository a reference names in the graph, and its images that match it. */
   private matching(ref: ImageRef) {
     const node = this.graph.repositories.get(`${ref.upstream}/${ref.repository}`);
-    return node ? matchingImages(this.graph, node, ref) : [];
+    return { node, images: node ? matchingImages(this.graph, node, ref) : [] };
   }
 
   private async removeNow(refs: ImageRef[], dryRun: boolean): Promise<RemovalReport> {
     const report: RemovalReport = { dryRun, removed: [], bytes: 0, problems: [] };
     await this.freshPins();
     for (const ref of refs) {
-      const node = this.graph.repositories.get(`${ref.upstream}/${ref.repository}`);
-      const matches = this.matching(ref);
-      if (matches.length === 0) {
+      const { node, images } = this.matching(ref);
+      if (!node || images.length === 0) {
         report.problems.push(`${ref.reference}: not cached`);
         continue;
       }
-      for (const image of matches) {
-        const names = imageReferences(node!.key, image).join(', ');
-        if (this.pins.covers(node!, image)) {
+      for (const image of images) {
+        const names = imageReferences(node.key, image).join(', ');
+        if (this.pins.covers(node, image)) {
           report.problems.push(`${names}: pinned (unpin it first)`);
           continue;
         }
@@ -500,7 +500,7 @@ export class Lifecycle {
           report.bytes += image.ownBytes;
         } else {
           await this.evictor.removeEntry(
-            { kind: 'image', node: node!, image, pulledAt: Infinity },
+            { kind: 'image', node, image, pulledAt: Infinity },
             'manual',
             report,
           );
