@@ -330,13 +330,14 @@ export async function createRuntime(
           cache.forgetAllInMemory();
           localManifests.forgetAll();
         },
-        stored(events) {
-          for (const event of events)
-            counted(lifecycle.keeper.storedElsewhere(event), 'not counted');
-        },
-        removed(events) {
-          for (const event of events)
-            counted(lifecycle.keeper.removedElsewhere(event), 'still counted');
+        changed(changes) {
+          for (const change of changes)
+            counted(
+              lifecycle.keeper.changedElsewhere(
+                'stored' in change ? change.stored : change.removed,
+              ),
+              'not counted',
+            );
         },
         missed() {
           if (!closing) counted(lifecycle.recount(), 'not counted again');

@@ -65,10 +65,8 @@ function isForgotten(keys: unknown): keys is Forgotten {
 export interface ForgetTarget {
   forget(keys: readonly string[]): void;
   forgetAll(): void;
-  /** What another process stored (its lifecycle's hooks), each checked like any name. */
-  stored?(events: readonly StoredEvent[]): void;
-  /** What another process removed from storage, each checked like any name. */
-  removed?(events: readonly RemovedEvent[]): void;
+  /** What another process stored or removed, in the order said, each checked like any name. */
+  changed?(changes: readonly Change[]): void;
   /** Some of what the others stored or removed may have been lost on the way. */
   missed?(): void;
 }
@@ -220,18 +218,15 @@ export class Forgetting {
         // "Everything" from another process stands for events too; so does a renewed subscription.
         if (missed ?? keys === 'all') target.missed?.();
         if (keys === 'all') return target.forgetAll();
-        const stored: StoredEvent[] = [];
-        const removed: RemovedEvent[] = [];
+        const changes: Change[] = [];
         const forgotten: string[] = [];
         for (const key of keys) {
           const change = decodeChange(key);
-          if (change && 'stored' in change) stored.push(change.stored);
-          else if (change) removed.push(change.removed);
+          if (change) changes.push(change);
           else if (!key.startsWith('+') && !key.startsWith('-')) forgotten.push(key);
         }
         if (forgotten.length > 0) target.forget(forgotten);
-        if (stored.length > 0) target.stored?.(stored);
-        if (removed.length > 0) target.removed?.(removed);
+        if (changes.length > 0) target.changed?.(changes);
       });
   }
 

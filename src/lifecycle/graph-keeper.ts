@@ -33,7 +33,7 @@ export interface GraphKeeperDeps {
 }
 
 /** A thing of the graph, as an event names it. */
-type Thing = StoredEvent | RemovedEvent;
+export type Thing = StoredEvent | RemovedEvent;
 
 /** Which thing an event is about, whatever was done to it. */
 function thingOf(event: Thing): string {
@@ -115,17 +115,11 @@ export class GraphKeeper {
     for (const read of this.reading.get(thingOf(event)) ?? []) read.outdated = true;
   }
 
-  /** Another process on this storage stored something: the graph takes what storage holds of it. */
-  storedElsewhere(event: StoredEvent): Promise<void> {
-    return this.reconcile(event);
-  }
-
-  /** Another process on this storage removed something: the graph takes what storage holds of it. */
-  removedElsewhere(event: RemovedEvent): Promise<void> {
-    return this.reconcile(event);
-  }
-
-  private reconcile(event: Thing): Promise<void> {
+  /**
+   * Another process on this storage stored or removed a thing: the graph takes what storage holds
+   * of it (whichever the message said).
+   */
+  changedElsewhere(event: Thing): Promise<void> {
     // An upstream this process does not cache (another config) is none of its business.
     if (event.kind !== 'blob' && !this.d.upstreams.includes(event.repo.upstream))
       return Promise.resolve();

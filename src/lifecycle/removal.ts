@@ -32,7 +32,7 @@ export interface RemovalDeps {
   manifestMemory: ManifestMemory;
   /** True while a blob is being served or fetched: it stays. */
   inUse: (digest: Digest) => boolean;
-  /** Told what left storage, for the other processes on it (`GraphKeeper.removedElsewhere`). */
+  /** Told what left storage, for the other processes on it (`GraphKeeper.changedElsewhere`). */
   onRemoved?: (event: RemovedEvent) => void;
 }
 

@@ -39,8 +39,11 @@ function member(url: string, channel: string) {
   forgetting.listen({
     forget: (keys) => heard.push([...keys]),
     forgetAll: () => heard.push('all'),
-    stored: (events) => stored.push(...events),
-    removed: (events) => removed.push(...events),
+    changed: (changes) => {
+      for (const change of changes)
+        if ('stored' in change) stored.push(change.stored);
+        else removed.push(change.removed);
+    },
     missed: () => misses++,
   });
   const keys = () => heard.flatMap((m) => (m === 'all' ? [] : m));

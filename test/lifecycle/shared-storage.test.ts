@@ -199,11 +199,11 @@ test('what another process removed leaves the graph once storage agrees, not bef
     // Heard after the image was stored again (by a third process): storage still holds it all,
     // and the graph keeps it.
     await storeWhole(blobs, repositories, image);
-    for (const event of said) await here.keeper.removedElsewhere(event);
+    for (const event of said) await here.keeper.changedElsewhere(event);
     expect(await counted()).toEqual(whole);
 
     // Heard once it is gone from storage: the graph drops it, bytes and all.
-    for (const event of await removeElsewhere()) await here.keeper.removedElsewhere(event);
+    for (const event of await removeElsewhere()) await here.keeper.changedElsewhere(event);
     expect(await counted()).toEqual([0, 0]);
     expect(here.graph.repositories.size).toBe(0);
   } finally {
@@ -301,7 +301,7 @@ test('a removal heard while this process links the manifest again leaves it in t
     // Another process unlinks the manifest and says so; this one reads storage: gone.
     await repositories.unlinkManifest(repo, digest);
     const reading = holdFirstCall(repositories, 'getManifest');
-    const heard = here.keeper.removedElsewhere({ kind: 'manifest', repo, digest });
+    const heard = here.keeper.changedElsewhere({ kind: 'manifest', repo, digest });
     await reading.started;
     // Meanwhile this process links it again (a pull): what it did itself wins over that read.
     await repositories.linkManifest(repo, {
@@ -329,11 +329,11 @@ test('a stored message read before a removal, and the removal heard after it, le
     await storeWhole(blobs, repositories, image);
     // The stored message's read finds the manifest, and is slow to come back...
     const reading = holdFirstCall(repositories, 'getManifest');
-    const stored = here.keeper.storedElsewhere({ kind: 'manifest', repo, digest });
+    const stored = here.keeper.changedElsewhere({ kind: 'manifest', repo, digest });
     await reading.started;
     // ...while the manifest is removed, and that is heard too: it waits for the first read.
     await repositories.unlinkManifest(repo, digest);
-    const removed = here.keeper.removedElsewhere({ kind: 'manifest', repo, digest });
+    const removed = here.keeper.changedElsewhere({ kind: 'manifest', repo, digest });
     reading.release();
     await Promise.all([stored, removed]);
     expect(here.graph.repositories.get('docker.io/org/app')?.manifests.has(digest)).toBeFalsy();
