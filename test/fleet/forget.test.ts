@@ -78,6 +78,18 @@ describe('through Redis', () => {
   afterAll(async () => {
     await redis?.stop();
   });
+  /** Two processes on one channel of their own, both subscribed; closed after `body`. */
+  async function twoMembers(name: string, body: (a: M, b: M) => Promise<void>): Promise<void> {
+    const channel = `pullcache:forget:${name}-${Date.now()}`;
+    const [a, b] = [member(redis.url, channel), member(redis.url, channel)];
+    try {
+      await Promise.all([a.ready(), b.ready()]);
+      await body(a, b);
+    } finally {
+      await a.close();
+      await b.close();
+    }
+  }
 
   test('a key one process announces reaches every other on its storage, in one message, and not itself', async () => {
     const channel = `pullcache:forget:test-${Date.now()}`;
@@ -102,26 +114,17 @@ describe('through Redis', () => {
   });
 
   test('past 10,000 keys at once, the others are told everything, and that they may have missed events', async () => {
-    const channel = `pullcache:forget:many-${Date.now()}`;
-    const [a, b] = [member(redis.url, channel), member(redis.url, channel)];
-    try {
-      await Promise.all([a.ready(), b.ready()]);
+    await twoMembers('many', async (a, b) => {
       const allsBefore = b.alls();
       for (let i = 0; i <= 10_000; i++) a.forgetting.announce(`key-${i}`);
       await waitFor(async () => b.alls() > allsBefore, 'the message saying everything');
       expect(b.keys()).toEqual([]);
       expect(b.misses()).toBe(1);
-    } finally {
-      await a.close();
-      await b.close();
-    }
+    });
   });
 
   test('what one process stored or removed reaches the others as events, apart from the keys to forget', async () => {
-    const channel = `pullcache:forget:stored-${Date.now()}`;
-    const [a, b] = [member(redis.url, channel), member(redis.url, channel)];
-    try {
-      await Promise.all([a.ready(), b.ready()]);
+    await twoMembers('stored', async (a, b) => {
       a.forgetting.announceChange({ stored: BLOB });
       a.forgetting.announceChange({ stored: TAG });
       a.forgetting.announceChange({ removed: GONE });
@@ -134,17 +137,11 @@ describe('through Redis', () => {
       expect(b.removed).toEqual([GONE]);
       expect(b.keys()).toEqual(['manifest-2']);
       expect([a.stored, a.removed]).toEqual([[], []]);
-    } finally {
-      await a.close();
-      await b.close();
-    }
+    });
   });
 
   test('Redis restarting: the others drop everything once subscribed again, and what is announced reaches them again', async () => {
-    const channel = `pullcache:forget:restart-${Date.now()}`;
-    const [a, b] = [member(redis.url, channel), member(redis.url, channel)];
-    try {
-      await Promise.all([a.ready(), b.ready()]);
+    await twoMembers('restart', async (a, b) => {
       // The publisher's connection is made (it is made at its first use).
       a.forgetting.announce('before');
       await waitFor(async () => b.keys().includes('before'), 'the first key');
@@ -173,10 +170,7 @@ describe('through Redis', () => {
         'a key announced once Redis is back',
         20_000,
       );
-    } finally {
-      await a.close();
-      await b.close();
-    }
+    });
   }, 30_000);
 });
 
