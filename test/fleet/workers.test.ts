@@ -141,61 +141,77 @@ describe('workers on one host', () => {
     throw new Error('no request reached the wanted worker');
   }
 
-  test("an image removed through one worker is no longer served from the other's memory", async () => {
-    const image = makeImage('org/removed', 'v1', 'oci', [100_000]);
+  /**
+   * An image of one 100 kB layer pushed upstream as `repository`, and a kept-alive connection to
+   * each of the two workers, closed after `body`.
+   */
+  async function onBothWorkers(
+    repository: string,
+    body: (w: {
+      image: Image;
+      one: number;
+      two: number;
+      toOne: Agent;
+      toTwo: Agent;
+    }) => Promise<void>,
+  ): Promise<void> {
+    const image = makeImage(repository, 'v1', 'oci', [100_000]);
     await pushImage(registry, image);
     await pc.waitForWorkers(2, 2);
     const [one, two] = pc.workers() as [number, number];
     const toOne = await connectionTo(pc, one);
     const toTwo = await connectionTo(pc, two);
-    const byTag = `/v2/${image.repository}/manifests/${image.tag}`;
-    const byDigest = `/v2/${image.repository}/manifests/${image.digest}`;
     try {
-      // Worker one stores it (its graph knows it); worker two then serves it from storage, and
-      // keeps its tag and manifest in memory.
-      await pull(pc, toOne, image);
-      for (const path of [byTag, byDigest])
-        expect((await fetchOn(pc, toTwo, path, { accept: image.mediaType })).status).toBe(200);
-      const removed = await fetchOn(pc, toOne, '/_pullcache/v1/remove', {
-        method: 'POST',
-        body: JSON.stringify({ references: [`${image.repository}:${image.tag}`] }),
-      });
-      expect(removed.status).toBe(200);
-      expect((JSON.parse(removed.body.toString()) as { removed: unknown[] }).removed).toHaveLength(
-        1,
-      );
-      // With the upstream down, only memory could still answer for the image.
-      throttle.down = true;
-      const answers: Record<string, number> = {};
-      await waitFor(
-        async () => {
-          for (const path of [byTag, byDigest])
-            answers[path] = (await fetchOn(pc, toTwo, path, { accept: image.mediaType })).status;
-          return answers[byTag] !== 200 && answers[byDigest] !== 200;
-        },
-        'worker two no longer answering for the removed image',
-        10_000,
-      ).catch((err: Error) => {
-        throw new Error(`${err.message}: ${JSON.stringify(answers)}`);
-      });
-      // Not in storage, and the upstream does not answer.
-      expect(answers).toEqual({ [byTag]: 503, [byDigest]: 503 });
+      await body({ image, one, two, toOne, toTwo });
     } finally {
-      throttle.down = false;
       toOne.destroy();
       toTwo.destroy();
     }
+  }
+
+  test("an image removed through one worker is no longer served from the other's memory", async () => {
+    await onBothWorkers('org/removed', async ({ image, toOne, toTwo }) => {
+      const byTag = `/v2/${image.repository}/manifests/${image.tag}`;
+      const byDigest = `/v2/${image.repository}/manifests/${image.digest}`;
+      try {
+        // Worker one stores it (its graph knows it); worker two then serves it from storage, and
+        // keeps its tag and manifest in memory.
+        await pull(pc, toOne, image);
+        for (const path of [byTag, byDigest])
+          expect((await fetchOn(pc, toTwo, path, { accept: image.mediaType })).status).toBe(200);
+        const removed = await fetchOn(pc, toOne, '/_pullcache/v1/remove', {
+          method: 'POST',
+          body: JSON.stringify({ references: [`${image.repository}:${image.tag}`] }),
+        });
+        expect(removed.status).toBe(200);
+        expect(
+          (JSON.parse(removed.body.toString()) as { removed: unknown[] }).removed,
+        ).toHaveLength(1);
+        // With the upstream down, only memory could still answer for the image.
+        throttle.down = true;
+        const answers: Record<string, number> = {};
+        await waitFor(
+          async () => {
+            for (const path of [byTag, byDigest])
+              answers[path] = (await fetchOn(pc, toTwo, path, { accept: image.mediaType })).status;
+            return answers[byTag] !== 200 && answers[byDigest] !== 200;
+          },
+          'worker two no longer answering for the removed image',
+          10_000,
+        ).catch((err: Error) => {
+          throw new Error(`${err.message}: ${JSON.stringify(answers)}`);
+        });
+        // Not in storage, and the upstream does not answer.
+        expect(answers).toEqual({ [byTag]: 503, [byDigest]: 503 });
+      } finally {
+        throttle.down = false;
+      }
+    });
   }, 60_000);
 
   test('rm through a worker removes an image another worker stored since its last count', async () => {
-    const image = makeImage('org/stored-elsewhere', 'v1', 'oci', [100_000]);
-    await pushImage(registry, image);
-    await pc.waitForWorkers(2, 2);
-    const [one, two] = pc.workers() as [number, number];
-    const toOne = await connectionTo(pc, one);
-    const toTwo = await connectionTo(pc, two);
-    const link = manifestLink(pc, image);
-    try {
+    await onBothWorkers('org/stored-elsewhere', async ({ image, two, toOne, toTwo }) => {
+      const link = manifestLink(pc, image);
       await pull(pc, toOne, image);
       expect(existsSync(link)).toBe(true);
       // Right after the pull, worker two may not have heard of the image yet (what another
@@ -219,29 +235,20 @@ describe('workers on one host', () => {
         expect(
           existsSync(join(pc.root, 'data', paths.blobData(parseDigest(blob.digest).digest))),
         ).toBe(false);
-    } finally {
-      toOne.destroy();
-      toTwo.destroy();
-    }
+    });
   }, 60_000);
 
   test("an image removed through one worker leaves the other's list and usage", async () => {
-    const image = makeImage('org/listed', 'v1', 'oci', [100_000]);
-    await pushImage(registry, image);
-    await pc.waitForWorkers(2, 2);
-    const [one, two] = pc.workers() as [number, number];
-    const toOne = await connectionTo(pc, one);
-    const toTwo = await connectionTo(pc, two);
-    const listedByTwo = async () => {
-      const got = await fetchOn(pc, toTwo, '/_pullcache/v1/images');
-      expect(got.worker).toBe(two);
-      const images = JSON.parse(got.body.toString()) as ImageInfo[];
-      return images.some((i) => i.references.some((r) => r.includes(image.repository)));
-    };
-    const usageBytes = async (agent: Agent) =>
-      (JSON.parse((await fetchOn(pc, agent, '/_pullcache/v1/usage')).body.toString()) as Usage)
-        .bytes;
-    try {
+    await onBothWorkers('org/listed', async ({ image, two, toOne, toTwo }) => {
+      const listedByTwo = async () => {
+        const got = await fetchOn(pc, toTwo, '/_pullcache/v1/images');
+        expect(got.worker).toBe(two);
+        const images = JSON.parse(got.body.toString()) as ImageInfo[];
+        return images.some((i) => i.references.some((r) => r.includes(image.repository)));
+      };
+      const usageBytes = async (agent: Agent) =>
+        (JSON.parse((await fetchOn(pc, agent, '/_pullcache/v1/usage')).body.toString()) as Usage)
+          .bytes;
       // Worker one stores it; worker two hears of it and lists it.
       await pull(pc, toOne, image);
       await waitFor(listedByTwo, 'worker two listing the image');
@@ -258,10 +265,7 @@ describe('workers on one host', () => {
         'both workers counting the same bytes',
         10_000,
       );
-    } finally {
-      toOne.destroy();
-      toTwo.destroy();
-    }
+    });
   }, 60_000);
 
   test('a cold blob asked of both workers is fetched from the upstream once, and followed at once', async () => {
