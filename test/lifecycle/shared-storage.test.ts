@@ -160,9 +160,7 @@ test('what another process removed leaves the graph once storage agrees, not bef
   const image = makeImage('org/app', 'v1', 'oci', [3000, 5000]);
   await storeWhole(blobs, repositories, image);
   const cache = () => new KeyvMetadataCache({ store: 'memory', log: silentLogger() });
-  const here = lifecycleOn({ driver, blobs, repositories });
-  try {
-    await here.whenReady();
+  await withLifecycle({ driver, blobs, repositories }, async (here) => {
     const counted = async () => [(await here.images()).length, (await here.usage()).bytes];
     const whole = await counted();
     expect(whole[0]).toBe(1);
@@ -206,16 +204,18 @@ test('what another process removed leaves the graph once storage agrees, not bef
     for (const event of await removeElsewhere()) await here.keeper.changedElsewhere(event);
     expect(await counted()).toEqual([0, 0]);
     expect(here.graph.repositories.size).toBe(0);
-  } finally {
-    await here.close();
-  }
+  });
 });
 
-/** A process's lifecycle on `stores`, sharing them with others (no budget, no sweep). */
-function lifecycleOn(
+/**
+ * A process's lifecycle on `stores`, sharing them with others (no budget, no sweep): `body` runs
+ * once its start-up scan is done, and the lifecycle is closed after.
+ */
+async function withLifecycle(
   stores: Pick<ReturnType<typeof storage>, 'driver' | 'blobs' | 'repositories'>,
-) {
-  return new Lifecycle({
+  body: (lifecycle: Lifecycle) => Promise<void>,
+): Promise<void> {
+  const lifecycle = new Lifecycle({
     ...stores,
     retention: { maxSize: 0, minFree: 0, lowWater: 1, unusedFor: 0, sweepInterval: 0 },
     configPins: [],
@@ -228,6 +228,12 @@ function lifecycleOn(
     uploadsPurgeAge: 0,
     replicas: {},
   });
+  try {
+    await lifecycle.whenReady();
+    await body(lifecycle);
+  } finally {
+    await lifecycle.close();
+  }
 }
 
 /** Makes the first call of `object[name]` wait, after doing its work, until `release` is called. */
@@ -251,9 +257,7 @@ function holdFirstCall<T extends object, K extends keyof T>(object: T, name: K) 
 test('a recount learns what storage holds; calls made before it starts share it', async () => {
   const stores = storage();
   const { blobs, repositories } = stores;
-  const lifecycle = lifecycleOn(stores);
-  try {
-    await lifecycle.whenReady();
+  await withLifecycle(stores, async (lifecycle) => {
     expect(await lifecycle.images()).toEqual([]);
     // Stored by another process whose messages were lost on the way.
     await storeWhole(blobs, repositories, makeImage('org/app', 'v1', 'oci', [3000]));
@@ -283,9 +287,7 @@ test('a recount learns what storage holds; calls made before it starts share it'
     await Promise.all([first, second, third]);
     expect(listing.calls).toBe(2);
     expect(await lifecycle.images()).toHaveLength(1);
-  } finally {
-    await lifecycle.close();
-  }
+  });
 });
 
 test('a removal heard while this process links the manifest again leaves it in the graph', async () => {
@@ -294,9 +296,7 @@ test('a removal heard while this process links the manifest again leaves it in t
   const image = makeImage('org/app', 'v1', 'oci', [3000]);
   const digest = parseDigest(image.digest).digest;
   await storeWhole(blobs, repositories, image);
-  const here = lifecycleOn(stores);
-  try {
-    await here.whenReady();
+  await withLifecycle(stores, async (here) => {
     expect(await here.images()).toHaveLength(1);
     // Another process unlinks the manifest and says so; this one reads storage: gone.
     await repositories.unlinkManifest(repo, digest);
@@ -313,17 +313,13 @@ test('a removal heard while this process links the manifest again leaves it in t
     reading.release();
     await heard;
     expect(await here.images()).toHaveLength(1);
-  } finally {
-    await here.close();
-  }
+  });
 });
 
 test('a stored message read before a removal, and the removal heard after it, leave nothing', async () => {
   const stores = storage();
   const { blobs, repositories } = stores;
-  const here = lifecycleOn(stores);
-  try {
-    await here.whenReady();
+  await withLifecycle(stores, async (here) => {
     const image = makeImage('org/app', 'v1', 'oci', [3000]);
     const digest = parseDigest(image.digest).digest;
     await storeWhole(blobs, repositories, image);
@@ -337,7 +333,5 @@ test('a stored message read before a removal, and the removal heard after it, le
     reading.release();
     await Promise.all([stored, removed]);
     expect(here.graph.repositories.get('docker.io/org/app')?.manifests.has(digest)).toBeFalsy();
-  } finally {
-    await here.close();
-  }
+  });
 });
