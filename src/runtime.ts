@@ -4,7 +4,7 @@
  * (server.ts) and the CLI commands share it. Nothing here waits for an upstream.
  */
 import { mkdir } from 'node:fs/promises';
-import { dirname, resolve } from 'node:path';
+import { dirname } from 'node:path';
 import { ConfigError } from './config/load.js';
 import type { Config } from './config/schema.js';
 import type { UpstreamServices } from './http/types.js';
@@ -30,7 +30,6 @@ import {
 } from './storage/local-services.js';
 import { DriverReferrersStore } from './storage/referrers-store.js';
 import { DriverRepositoryStore } from './storage/repository-store.js';
-import { LeaseRedis, RedisLease } from './lifecycle/lease.js';
 import {
   StorageUnavailableError,
   type BlobService,
@@ -39,12 +38,9 @@ import {
   type StorageDriver,
 } from './storage/types.js';
 import { RegistryClient } from './upstream/client.js';
-import cluster from 'node:cluster';
-import { processChannel, WorkerLeases } from './fleet/worker-leases.js';
-import { Forgetting, IpcForgetTransport, RedisForgetTransport } from './fleet/forget.js';
-import { PeeredBlobSource, PeerLeases } from './fleet/peers.js';
+import { openFleetChannels } from './fleet/channels.js';
+import { PeeredBlobSource } from './fleet/peers.js';
 import { PeerBlobService } from './fleet/peer-blobs.js';
-import { paths } from './storage/paths.js';
 import type { UpstreamFetch } from './proxy/types.js';
 import type { UpstreamClient } from './upstream/types.js';
 import { InflightFetches } from './proxy/inflight.js';
@@ -131,27 +127,8 @@ export async function createRuntime(
     deleteEnabled: config.storage.delete.enabled,
   });
   const storedRepositories = new DriverRepositoryStore(driver);
-  // One Redis connection for the leases of this process (the lifecycle's, the fetches') and for
-  // telling the others what it stored and removed.
-  const leaseRedis =
-    config.cache.store === 'redis' ? new LeaseRedis(config.cache.redis.url, log) : undefined;
-  // What this process stores and removes, every other process on the storage hears of.
-  const forgetting = new Forgetting(
-    [
-      ...(cluster.isWorker ? [new IpcForgetTransport(processChannel)] : []),
-      ...(leaseRedis
-        ? [
-            new RedisForgetTransport(
-              leaseRedis,
-              config.cache.redis.url,
-              `pullcache:forget:${storageId(config)}`,
-              log,
-            ),
-          ]
-        : []),
-    ],
-    log,
-  );
+  const fleet = openFleetChannels(config, log, driver);
+  const { forgetting, workerLeases: leases, peerLeases } = fleet;
   const cache = new KeyvMetadataCache({
     store: config.cache.store,
     redisUrl: config.cache.redis.url,
@@ -160,26 +137,6 @@ export async function createRuntime(
   });
   const inflight = new InflightFetches<UpstreamFetch>();
   metrics.setFetchesInFlight(() => inflight.running());
-  // `server.workers`: a cold blob is fetched by one worker of the host, followed by the others
-  // through its upload file (fleet/).
-  const leases = cluster.isWorker
-    ? new WorkerLeases({
-        channel: processChannel,
-        readUpload: (id, offset, length) => driver.reader(paths.uploadData(id), offset, length),
-      })
-    : undefined;
-  // `server.advertise`: replicas sharing a Redis take a lease on each cold digest there, and the
-  // others stream the blob from the one fetching it (fleet/peers.ts).
-  // (The configuration's schema requires cache.store: redis with server.advertise.)
-  const peerLeases =
-    config.server.advertise !== '' && leaseRedis
-      ? new PeerLeases({
-          redis: leaseRedis,
-          advertise: config.server.advertise,
-          prefix: `pullcache:fetch-lease:${storageId(config)}:`,
-          log,
-        })
-      : undefined;
   const { pins, ...retention } = config.retention;
   const lifecycle = new Lifecycle({
     retention,
@@ -200,16 +157,7 @@ export async function createRuntime(
     // (fleet/forget.ts).
     onStored: (stored) => forgetting.announceChange({ stored }),
     onRemoved: (removed) => forgetting.announceChange({ removed }),
-    ...(leaseRedis
-      ? {
-          replicas: {
-            lease: new RedisLease(leaseRedis, `pullcache:lifecycle-lease:${storageId(config)}`),
-          },
-        }
-      : // `server.workers` without Redis: the owner record decides, the pulls in storage count.
-        cluster.isWorker
-        ? { replicas: {} }
-        : {}),
+    ...(fleet.lifecycleReplicas ? { replicas: fleet.lifecycleReplicas } : {}),
   });
   // Everything above the stores tells the lifecycle what comes and goes.
   const blobs = new TrackedBlobStore(storedBlobs, lifecycle.keeper);
@@ -351,7 +299,7 @@ export async function createRuntime(
       await Promise.all([...clients.values()].map((c) => c.close()));
       await lifecycle.close(); // releases the lifecycle's lease first
       await forgetting.close(); // what it still has to tell goes out on the lease connection
-      await leaseRedis?.close();
+      await fleet.redis?.close();
       await cache.close();
       await closeDriver(driver);
     },
@@ -421,14 +369,6 @@ function peerIdleTimeout(config: Config): number {
  */
 function followIdle(bodyIdle: number): number {
   return bodyIdle > 0 ? bodyIdle : 30_000;
-}
-
-/** The storage in Redis keys: replicas of one storage share them, other caches do not. */
-function storageId(config: Config): string {
-  const s = config.storage;
-  return s.driver === 's3'
-    ? `s3:${s.s3.endpoint || 'aws'}/${s.s3.bucket}/${s.s3.prefix}`
-    : `fs:${resolve(s.filesystem.root)}`;
 }
 
 /** `retention.pins` as image references; a bad one stops start-up naming its key. */
