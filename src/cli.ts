@@ -122,7 +122,9 @@ withCommonOptions(
   const log = cluster.isWorker ? base.child({ worker: process.pid }) : base;
   if (cluster.isPrimary && workerCount(config.server.workers) > 1) {
     // `server.workers`: this process supervises; the workers run this same command and serve.
-    const code = await runPrimary(workerCount(config.server.workers), log);
+    const code = await runPrimary(workerCount(config.server.workers), log, {
+      drainTimeout: config.server.drainTimeout,
+    });
     log.flush(() => process.exit(code));
     return;
   }
@@ -144,13 +146,20 @@ withCommonOptions(
   let stopping = false;
   // Logs go out asynchronously: flush them before the process ends, or the last lines are lost.
   const exit = (code: number) => log.flush(() => process.exit(code));
+  const drain = config.server.drainTimeout;
   const stop = (signal: string) => {
-    if (stopping) process.exit(1);
+    if (stopping) {
+      // A second ^C: stop now. A second SIGTERM changes nothing: a service manager may send
+      // one to every process of the group, and a worker hears one from the primary too.
+      if (signal === 'SIGINT') exit(1);
+      return;
+    }
     stopping = true;
-    log.info({ signal }, 'shutting down');
-    const force = setTimeout(() => exit(0), 10_000);
+    log.info({ signal, drainTimeout: drain }, 'shutting down');
+    // The transfers in flight get `drain`; the rest of the closing (storage, Redis) 10 s more.
+    const force = setTimeout(() => exit(0), drain + 10_000);
     force.unref();
-    void running.close().then(
+    void running.close({ drain }).then(
       () => exit(0),
       (err: unknown) => {
         log.error({ err }, 'shutdown failed');

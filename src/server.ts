@@ -45,7 +45,12 @@ export interface RunningServer {
   /** The address it listens on, as host:port. */
   address: string;
   url: string;
-  close(): Promise<void>;
+  /**
+   * Stops serving, then closes the runtime. `drain`: for up to this long (ms), new connections
+   * are refused while the requests in flight finish (`server.drainTimeout`, for a signal); 0,
+   * the default, cuts them at once.
+   */
+  close(options?: { drain?: number }): Promise<void>;
 }
 
 /**
@@ -119,7 +124,13 @@ export async function startServer(config: Config, log: Logger): Promise<RunningS
       };
     },
   });
-  const served = cluster.isWorker ? withWorkerHeader(handler) : handler;
+  let draining = false;
+  const answered = cluster.isWorker ? withWorkerHeader(handler) : handler;
+  const served: typeof handler = (req, res) => {
+    // While draining, a kept-alive client is told to open its next connection elsewhere.
+    if (draining) res.setHeader('Connection', 'close');
+    answered(req, res);
+  };
   const httpsServer = tls ? createHttpsServer(secureContextOptions(tls), served) : undefined;
   const server = httpsServer ?? createServer(served);
   if (httpsServer) {
@@ -183,17 +194,53 @@ export async function startServer(config: Config, log: Logger): Promise<RunningS
     server,
     address: `${shownHost}:${bound.port}`,
     url,
-    async close() {
+    async close({ drain = 0 } = {}) {
       clearInterval(purgeTimer);
-      runtime.status.stop();
       reloader?.stop();
+      draining = true;
+      const closed = new Promise<void>((resolve) => server.close(() => resolve()));
+      if (drain > 0) await drained(server, closed, drain, log);
+      server.closeAllConnections();
+      await closed;
+      runtime.status.stop();
       access.close();
       stopHeapBudget();
-      server.closeAllConnections();
-      await new Promise<void>((resolve) => server.close(() => resolve()));
       await runtime.close();
     },
   };
+}
+
+/**
+ * Waits, for at most `ms`, until the connections of a closing server (`closed`: its close
+ * callback) have ended: each idle one is closed as soon as it is, so a kept-alive client that
+ * is between requests goes at once and one with a response in flight goes after it.
+ */
+async function drained(
+  server: Server | HttpsServer,
+  closed: Promise<void>,
+  ms: number,
+  log: Logger,
+): Promise<void> {
+  const connections = () =>
+    new Promise<number>((resolve) =>
+      server.getConnections((err, count) => resolve(err ? 0 : count)),
+    );
+  const open = await connections();
+  if (open > 0) log.info({ connections: open, drainTimeout: ms }, 'draining connections');
+  const idle = setInterval(() => server.closeIdleConnections(), 200);
+  let timer: NodeJS.Timeout | undefined;
+  const timeUp = new Promise<boolean>((resolve) => (timer = setTimeout(() => resolve(true), ms)));
+  try {
+    if (await Promise.race([closed.then(() => false), timeUp])) {
+      log.warn(
+        { connections: await connections() },
+        'drain timeout: cutting the transfers still in flight',
+      );
+    }
+  } finally {
+    clearInterval(idle);
+    clearTimeout(timer);
+  }
 }
 
 /**

@@ -215,6 +215,11 @@ export const configSchema = z
           .prefault({}),
         /** Extra time a blob fetch may go on after every client has left, to finish the cache write. */
         cacheWriteTimeout: duration('10m'),
+        /**
+         * On SIGTERM or SIGINT: how long the transfers in flight may go on, with new connections
+         * refused, before they are cut and the process stops.
+         */
+        drainTimeout: duration('20s'),
         /** Take the client's address from X-Forwarded-For (behind a load balancer), for the logs. */
         trustProxy: bool(false),
         /** Serving processes on this host, sharing the port and storage; 0: one per core. */

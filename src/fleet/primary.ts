@@ -21,9 +21,11 @@ import { LeaseTable } from './lease-table.js';
 import { isForgetMessage } from './forget.js';
 import { isLeaseMessage, type ToPrimary } from './messages.js';
 
-/** Replacements of workers that died within this long of the last one are delayed. */
-const RESPAWN_WINDOW_MS = 10_000;
-/** How long the primary waits for its workers to stop before it kills them. */
+/** Deaths within this long are counted: the more, the longer a replacement waits. */
+const RESPAWN_WINDOW_MS = 60_000;
+/** From this many deaths within the window, each is an error: something is wrong for good. */
+const CRASH_LOOP = 5;
+/** How long the primary waits for its workers to stop, past their drain, before it kills them. */
 const STOP_TIMEOUT_MS = 15_000;
 
 /** The number of workers `server.workers` asks for (0: one per core). */
@@ -35,7 +37,11 @@ export function workerCount(configured: number): number {
  * Runs the primary until it is told to stop; resolves to the exit code. Call only in the
  * primary (`cluster.isPrimary`); the workers run the same program and serve.
  */
-export function runPrimary(count: number, log: Logger): Promise<number> {
+export function runPrimary(
+  count: number,
+  log: Logger,
+  { drainTimeout = 0 }: { drainTimeout?: number } = {},
+): Promise<number> {
   const plog = log.child({ module: 'primary' });
   const leases = new LeaseTable((id, message) => {
     const worker = cluster.workers?.[id];
@@ -65,14 +71,20 @@ export function runPrimary(count: number, log: Logger): Promise<number> {
     return worker;
   };
 
+  const killAll = (signal: NodeJS.Signals) => {
+    for (const worker of Object.values(cluster.workers ?? {})) worker?.process.kill(signal);
+  };
   const stop = (signal: string, code = 0) => {
-    if (stopping) return;
+    if (stopping) {
+      // A second ^C: the workers stop now, their transfers cut.
+      if (signal === 'SIGINT') killAll('SIGKILL');
+      return;
+    }
     stopping = true;
     plog.info({ signal }, 'stopping the workers');
-    for (const worker of Object.values(cluster.workers ?? {})) worker?.process.kill('SIGTERM');
-    const force = setTimeout(() => {
-      for (const worker of Object.values(cluster.workers ?? {})) worker?.process.kill('SIGKILL');
-    }, STOP_TIMEOUT_MS);
+    // Each drains its transfers in flight (server.drainTimeout), then closes.
+    killAll('SIGTERM');
+    const force = setTimeout(() => killAll('SIGKILL'), drainTimeout + STOP_TIMEOUT_MS);
     force.unref();
     const check = () => {
       if (Object.keys(cluster.workers ?? {}).length === 0) settle(code);
@@ -90,13 +102,16 @@ export function runPrimary(count: number, log: Logger): Promise<number> {
       stop('worker failed', code || 1);
       return;
     }
-    plog.warn(
-      { worker: worker.id, pid: worker.process.pid, code, signal },
-      'worker died: replacing it',
-    );
     const now = Date.now();
     recentDeaths = recentDeaths.filter((t) => now - t < RESPAWN_WINDOW_MS);
     recentDeaths.push(now);
+    const death = { worker: worker.id, pid: worker.process.pid, code, signal };
+    if (recentDeaths.length >= CRASH_LOOP)
+      plog.error(
+        { ...death, deathsInLastMinute: recentDeaths.length },
+        'workers keep dying: replacing it, more slowly (see the worker logs above)',
+      );
+    else plog.warn(death, 'worker died: replacing it');
     // A worker that keeps dying is replaced more and more slowly (up to 5 s), never given up on.
     const delay = Math.min(5000, 100 * 2 ** (recentDeaths.length - 1));
     setTimeout(

@@ -107,11 +107,12 @@ describe('docker-compose.yml', () => {
     expect(stdout).toContain('pullcache-data:/var/lib/pullcache');
   });
 
-  test('publishes the port on loopback only, and warns that there is no client authentication', async () => {
+  test('publishes the port on loopback only, and warns of serving wider without client authentication', async () => {
     const { stdout } = await run('docker-compose', ['-f', 'docker-compose.yml', 'config']);
     const ports = [...stdout.matchAll(/^ {4}- (\S+:\d+\/tcp)$/gm)].map((m) => m[1]);
     expect(ports).toEqual(['127.0.0.1:5000:5000/tcp']);
-    expect(compose).toMatch(/no client authentication/);
+    expect(compose).toMatch(/Without client authentication/);
+    expect(compose).toMatch(/auth\.htpasswd/);
   });
 
   test('its config file example mounts over the file the image reads, and names files that exist', () => {

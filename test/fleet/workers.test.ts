@@ -249,9 +249,11 @@ describe('workers on one host', () => {
       const usageBytes = async (agent: Agent) =>
         (JSON.parse((await fetchOn(pc, agent, '/_pullcache/v1/usage')).body.toString()) as Usage)
           .bytes;
-      // Worker one stores it; worker two hears of it and lists it.
+      const before = await usageBytes(toTwo);
+      // Worker one stores it; worker two hears of it, lists it and counts its bytes.
       await pull(pc, toOne, image);
       await waitFor(listedByTwo, 'worker two listing the image');
+      await waitFor(async () => (await usageBytes(toTwo)) > before, 'worker two counting it');
       const removed = await fetchOn(pc, toOne, '/_pullcache/v1/remove', {
         method: 'POST',
         body: JSON.stringify({ references: [`${image.repository}:${image.tag}`] }),
@@ -259,10 +261,10 @@ describe('workers on one host', () => {
       expect(removed.status).toBe(200);
       // Without being told, worker two would list it until its next sweep (10 min by default).
       await waitFor(async () => !(await listedByTwo()), 'worker two leaving it out', 10_000);
-      // Both count the same bytes again.
+      // Both count what they counted before it came (its blobs were its own, and left storage).
       await waitFor(
-        async () => (await usageBytes(toOne)) === (await usageBytes(toTwo)),
-        'both workers counting the same bytes',
+        async () => (await usageBytes(toOne)) === before && (await usageBytes(toTwo)) === before,
+        'both workers counting the bytes of before',
         10_000,
       );
     });
@@ -416,13 +418,40 @@ describe('workers on one host', () => {
       expect(r.error ?? intact(r, b.digest)).toBeTruthy();
   });
 
-  test('SIGTERM on the primary stops every worker, and it exits 0', async () => {
+  test('SIGTERM on the primary: new connections are refused, a download in flight ends whole, then every worker stops and it exits 0', async () => {
+    const b = await blob(48 * MiB);
+    throttle.bytesPerSecond = 256 * MiB;
+    expect(intact(await get(b.url), b.digest)).toBe(true); // stored now
     const workers = pc.workers();
     expect(workers).toHaveLength(2);
+    // A client that reads a little, then waits: its download is in flight at the signal.
+    let slowRes: import('node:http').IncomingMessage | undefined;
+    let answered!: () => void;
+    const header = new Promise<void>((resolve) => (answered = resolve));
+    const slow = get(b.url, (res) => {
+      slowRes = res;
+      res.once('data', () => res.pause());
+      answered();
+    });
+    await header;
     pc.primary.kill('SIGTERM');
+    // A service manager signals every process of the group: a worker's second SIGTERM (the
+    // primary sends one too) must not cut its transfers.
+    for (const pid of workers) process.kill(pid, 'SIGTERM');
+    await waitFor(
+      () =>
+        get(b.url).then(
+          () => false,
+          (err: NodeJS.ErrnoException) => err.code === 'ECONNREFUSED',
+        ),
+      'new connections refused',
+    );
+    expect(pc.workers()).toHaveLength(2); // still draining
+    slowRes!.resume();
+    expect(intact(await slow, b.digest)).toBe(true);
     expect(await pc.exited()).toBe(0);
     for (const pid of workers) expect(() => process.kill(pid, 0)).toThrow();
-  });
+  }, 60_000);
 });
 
 describe('workers on one host, an upstream that sends corrupt bytes', () => {

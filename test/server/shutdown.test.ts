@@ -1,0 +1,93 @@
+/**
+ * Stopping `pullcache serve` (one process) on a signal: new connections are refused at once, the
+ * transfers in flight go on for `server.drainTimeout`, then are cut; the process exits 0. (The
+ * same with workers: test/fleet/workers.test.ts.)
+ */
+import type { IncomingMessage } from 'node:http';
+import { afterAll, beforeAll, describe, expect, test } from 'vitest';
+import { pushRandomBlob } from '../helpers/images.js';
+import { waitFor } from '../helpers/net.js';
+import { TestRegistry } from '../helpers/registry.js';
+import { get, intact, startWorkers, type Got, type WorkersServer } from '../helpers/workers.js';
+
+const MiB = 1024 * 1024;
+
+/** A download of `url` that reads its first bytes, then waits until `resume` is called. */
+async function pausedDownload(url: string): Promise<{ done: Promise<Got>; resume: () => void }> {
+  let response!: (res: IncomingMessage) => void;
+  const started = new Promise<IncomingMessage>((resolve) => (response = resolve));
+  const done = get(url, (res) => {
+    res.once('data', () => res.pause());
+    response(res);
+  });
+  const res = await started;
+  return { done, resume: () => res.resume() };
+}
+
+const refused = (url: string) =>
+  get(url).then(
+    () => false,
+    (err: NodeJS.ErrnoException) => err.code === 'ECONNREFUSED',
+  );
+
+describe('stopping on a signal', () => {
+  let registry: TestRegistry;
+  let blob: { digest: string };
+  const servers: WorkersServer[] = [];
+
+  /** One process with `drainTimeout`, the test's blob already stored. */
+  async function serve(drainTimeout: string): Promise<WorkersServer> {
+    const pc = await startWorkers({
+      upstream: registry.url,
+      workers: 1,
+      server: [`  drainTimeout: ${drainTimeout}`],
+    });
+    servers.push(pc);
+    const url = `${pc.url}/v2/library/drain/blobs/${blob.digest}`;
+    expect(intact(await get(url), blob.digest)).toBe(true);
+    return pc;
+  }
+
+  beforeAll(async () => {
+    registry = await TestRegistry.start();
+    const { digest } = await pushRandomBlob(registry, 'library/drain', 48 * MiB);
+    blob = { digest };
+  }, 60_000);
+  afterAll(async () => {
+    for (const pc of servers) await pc.stop();
+    await registry?.close();
+  });
+
+  test('SIGTERM: new connections are refused, a download in flight ends whole, then it exits 0', async () => {
+    const pc = await serve('20s');
+    const url = `${pc.url}/v2/library/drain/blobs/${blob.digest}`;
+    const download = await pausedDownload(url);
+    pc.primary.kill('SIGTERM');
+    await waitFor(() => refused(url), 'new connections refused');
+    // A second SIGTERM (a service manager signalling again) changes nothing.
+    pc.primary.kill('SIGTERM');
+    await new Promise((r) => setTimeout(r, 300));
+    expect(pc.primary.exitCode).toBeNull();
+    download.resume();
+    expect(intact(await download.done, blob.digest)).toBe(true);
+    expect(await pc.exited()).toBe(0);
+    expect(pc.lines.some((l) => l.msg === 'draining connections')).toBe(true);
+  }, 60_000);
+
+  test('a download still in flight after drainTimeout is cut, and the process exits 0', async () => {
+    const pc = await serve('1s');
+    const url = `${pc.url}/v2/library/drain/blobs/${blob.digest}`;
+    const download = await pausedDownload(url);
+    const signalled = Date.now();
+    pc.primary.kill('SIGTERM');
+    expect(await pc.exited()).toBe(0);
+    const took = Date.now() - signalled;
+    expect(took).toBeGreaterThanOrEqual(900);
+    expect(took).toBeLessThan(10_000);
+    download.resume();
+    const got = await download.done;
+    expect(got.error).toBeDefined();
+    expect(got.body.length).toBeLessThan(48 * MiB);
+    expect(pc.lines.some((l) => String(l.msg).startsWith('drain timeout'))).toBe(true);
+  }, 60_000);
+});
