@@ -1,5 +1,5 @@
 import { execFile } from 'node:child_process';
-import { mkdtempSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
@@ -361,5 +361,30 @@ upstreams:
     ).catch((e: unknown) => e)) as { code: number; stderr: string };
     expect(err.code).toBe(2);
     expect(err.stderr).toContain('upstreams: expected at least one upstream');
+  });
+});
+
+describe('the configuration examples of the documentation', () => {
+  const documents = ['README.md', 'docs/fleet.md', 'docs/s3.md', 'docs/repositories.md'];
+  const blocks = documents.flatMap((doc) =>
+    [...readFileSync(doc, 'utf8').matchAll(/^```yaml\n([\s\S]*?)^```$/gm)].map((m, i) => ({
+      name: `${doc}, YAML block ${i + 1}`,
+      yaml: m[1]!,
+    })),
+  );
+
+  test('there are some', () => {
+    expect(blocks.length).toBeGreaterThanOrEqual(8);
+  });
+
+  test.each(blocks)('$name loads as a configuration on its own', ({ yaml }) => {
+    const dir = mkdtempSync(join(tmpdir(), 'pullcache-doc-config-'));
+    const file = join(dir, 'pullcache.yaml');
+    writeFileSync(file, yaml);
+    try {
+      expect(() => loadConfig({ file, env: {} })).not.toThrow();
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
   });
 });

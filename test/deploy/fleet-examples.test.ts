@@ -46,12 +46,14 @@ interface Container {
   env?: EnvVar[];
   readinessProbe?: Probe;
   livenessProbe?: Probe;
+  lifecycle?: { preStop?: { exec?: { command: string[] } } };
   resources?: { limits?: { memory?: string } };
   securityContext?: { readOnlyRootFilesystem?: boolean };
   volumeMounts?: { name: string; mountPath: string; subPath?: string }[];
 }
 
 interface PodSpec {
+  terminationGracePeriodSeconds?: number;
   securityContext?: { runAsNonRoot?: boolean; runAsUser?: number };
   containers: Container[];
   volumes?: { name: string; configMap?: { name: string }; emptyDir?: object }[];
@@ -195,6 +197,16 @@ describe(MANIFEST, () => {
     expect(containerPort(container.readinessProbe?.httpGet?.port)).toBe(port);
     expect(container.livenessProbe?.httpGet?.path).toBe('/healthz');
     expect(containerPort(container.livenessProbe?.httpGet?.port)).toBe(port);
+  });
+
+  test('a stopping pod leaves the Service before its SIGTERM, and is not killed while it drains', () => {
+    const preStop = container.lifecycle?.preStop?.exec?.command ?? [];
+    expect(preStop[0]).toBe('sleep');
+    const sleep = Number(preStop[1]);
+    expect(sleep).toBeGreaterThanOrEqual(2);
+    // The kubelet's grace period covers preStop, the drain, and the rest of closing (cli.ts: 10 s).
+    const grace = (pod.terminationGracePeriodSeconds ?? 30) * 1000;
+    expect(grace).toBeGreaterThanOrEqual(sleep * 1000 + podConfig().server.drainTimeout + 10_000);
   });
 
   test("the Service selects the Deployment's pods and reaches their port", () => {
