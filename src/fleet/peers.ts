@@ -33,6 +33,12 @@ const SIGNATURE_WINDOW_MS = 60_000;
 export const PEER_LEASE_TTL_MS = 5_000;
 /** How long a peer that failed a follower mid-stream is passed over for a digest. */
 const AVOID_MS = 60_000;
+/**
+ * How long a peer may take to accept a connection. Replicas are on one network: a peer that has
+ * not answered by then is gone or unreachable (a wrong `server.advertise`, a firewall), and each
+ * cold blob should not wait the body's idle timeout on it.
+ */
+const PEER_CONNECT_MS = 3_000;
 
 /** The header value signing a request for `digest` at `now`. */
 export function peerSignature(secret: string, digest: string, now = Date.now()): string {
@@ -122,8 +128,19 @@ export class PeerLeases {
   }
 }
 
-/** The peer could not be asked, or had nothing to give: the upstream is asked instead. */
-class PeerUnavailableError extends Error {}
+/**
+ * The peer could not be asked, or had nothing to give: the upstream is asked instead. `peerFault`:
+ * the peer itself is wrong for every blob (it does not answer, or refuses this replica's
+ * signature), not just done with this one.
+ */
+class PeerUnavailableError extends Error {
+  constructor(
+    message: string,
+    readonly peerFault = false,
+  ) {
+    super(message);
+  }
+}
 
 /**
  * The blob source of a fetch when replicas share leases: the upstream when this replica holds
@@ -132,6 +149,8 @@ class PeerUnavailableError extends Error {}
 export class PeeredBlobSource implements Pick<UpstreamClient, 'getBlob'> {
   /** Digests whose peer failed a follower mid-stream, until when. */
   private readonly avoid = new Map<string, number>();
+  /** Peers that did not answer or refused this replica, until when: not dialled meanwhile. */
+  private readonly avoidPeers = new Map<string, number>();
   /** Connections to peers, kept per peer. */
   private readonly raw: RawAgent;
 
@@ -146,7 +165,11 @@ export class PeeredBlobSource implements Pick<UpstreamClient, 'getBlob'> {
     },
   ) {
     const wait = o.idleTimeout;
-    this.raw = new RawAgent({ connect: wait, headers: wait, bodyIdle: wait });
+    this.raw = new RawAgent({
+      connect: Math.min(wait, PEER_CONNECT_MS),
+      headers: wait,
+      bodyIdle: wait,
+    });
   }
 
   /** Closes the kept connections to peers (at shutdown). */
@@ -172,15 +195,24 @@ export class PeeredBlobSource implements Pick<UpstreamClient, 'getBlob'> {
         );
       }
     }
-    if (claim && !claim.held) {
+    if (claim && !claim.held && !this.avoiding(claim.holder)) {
       try {
         return await this.fromPeer(claim.holder, digest, options);
       } catch (err) {
         if (!(err instanceof PeerUnavailableError)) throw err;
-        this.o.log.info(
-          { digest, peer: claim.holder, err: err.message },
-          'peer cannot give the blob: fetching from the upstream',
-        );
+        const peer = claim.holder;
+        if (err.peerFault) {
+          // Once per peer and minute: it is wrong for every blob until mended.
+          this.avoidPeers.set(peer, Date.now() + AVOID_MS);
+          this.o.log.warn(
+            { digest, peer, err: err.message },
+            'peer unusable: fetching from the upstream, and not asking it for a minute',
+          );
+        } else
+          this.o.log.info(
+            { digest, peer, err: err.message },
+            'peer cannot give the blob: fetching from the upstream',
+          );
       }
     }
     const release = claim?.held ? claim.release : () => {};
@@ -196,6 +228,15 @@ export class PeeredBlobSource implements Pick<UpstreamClient, 'getBlob'> {
     if (options.settled) options.settled.then(release, release);
     else blob.stream.once('close', release);
     return blob;
+  }
+
+  /** Whether `peer` is passed over for now (it did not answer, or refused this replica). */
+  private avoiding(peer: string): boolean {
+    const until = this.avoidPeers.get(peer);
+    if (until === undefined) return false;
+    if (until > Date.now()) return true;
+    this.avoidPeers.delete(peer);
+    return false;
   }
 
   /** Fetches `digest` from the upstream for a while, whoever holds its lease. */
@@ -220,10 +261,10 @@ export class PeeredBlobSource implements Pick<UpstreamClient, 'getBlob'> {
     try {
       url = new URL(`${PEER_PATH}${digest}`, peer);
     } catch {
-      throw new PeerUnavailableError(`its address ${JSON.stringify(peer)} is no URL`);
+      throw new PeerUnavailableError(`its address ${JSON.stringify(peer)} is no URL`, true);
     }
     if (url.protocol !== 'http:' && url.protocol !== 'https:')
-      throw new PeerUnavailableError(`its address ${JSON.stringify(peer)} is no URL`);
+      throw new PeerUnavailableError(`its address ${JSON.stringify(peer)} is no URL`, true);
     let res: RawResponse;
     try {
       res = await this.raw.get(url, {
@@ -232,11 +273,19 @@ export class PeeredBlobSource implements Pick<UpstreamClient, 'getBlob'> {
         slabs: options.slabs,
       });
     } catch (err) {
-      throw new PeerUnavailableError((err as Error).message);
+      if (options.signal?.aborted) throw err;
+      // No answer (refused, timed out, TLS not trusted): the peer is unusable for now.
+      throw new PeerUnavailableError((err as Error).message, true);
     }
     if (res.statusCode !== 200) {
       res.body.resume();
-      throw new PeerUnavailableError(`it answered ${res.statusCode}`);
+      const refused = res.statusCode === 401 || res.statusCode === 403;
+      throw new PeerUnavailableError(
+        refused
+          ? `it refused this replica (${res.statusCode}): server.peerSecret differs, or the clocks disagree by more than a minute`
+          : `it answered ${res.statusCode}`,
+        refused,
+      );
     }
     const length = Number(res.headers['content-length']);
     const size = Number.isSafeInteger(length) ? length : undefined;

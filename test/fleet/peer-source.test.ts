@@ -10,7 +10,8 @@ import type { AddressInfo } from 'node:net';
 import { afterEach, expect, test } from 'vitest';
 import { PEER_PATH, PeeredBlobSource, verifyPeerSignature } from '../../src/fleet/peers.js';
 import type { PeerLeases } from '../../src/fleet/peers.js';
-import { silentLogger } from '../../src/log/logger.js';
+import { silentLogger, type Logger } from '../../src/log/logger.js';
+import { capturedLog } from '../helpers/pullcache.js';
 import { digestOf, type Digest } from '../../src/oci/digest.js';
 import type { Repository } from '../../src/oci/reference.js';
 import type { BlobStream } from '../../src/upstream/types.js';
@@ -21,16 +22,21 @@ const REPO = 'library/x' as Repository;
 let server: Server | undefined;
 
 afterEach(async () => {
-  await new Promise((r) => server?.close(r));
+  if (server) await new Promise((r) => server!.close(r));
   server = undefined;
 });
 
+/** Requests the stand-in peer received. */
+let asked = 0;
+
 /** A peer endpoint serving `body` for any digest, to requests signed with SECRET. */
-async function peer(body: Buffer, status = 200): Promise<string> {
+async function peer(body: Buffer, status = 200, secret = SECRET): Promise<string> {
+  asked = 0;
   server = createServer((req, res) => {
+    asked++;
     const digest = req.url!.slice(PEER_PATH.length);
-    if (!verifyPeerSignature(SECRET, digest, req.headers['pullcache-peer'] as string)) {
-      res.writeHead(401).end();
+    if (!verifyPeerSignature(secret, digest, req.headers['pullcache-peer'] as string)) {
+      res.writeHead(403).end();
       return;
     }
     res.writeHead(status, { 'content-length': body.length });
@@ -46,7 +52,11 @@ async function peer(body: Buffer, status = 200): Promise<string> {
   return `http://127.0.0.1:${(server.address() as AddressInfo).port}`;
 }
 
-function source(holder: string, upstreamCalls: string[]): PeeredBlobSource {
+function source(
+  holder: string,
+  upstreamCalls: string[],
+  log: Logger = silentLogger(),
+): PeeredBlobSource {
   const leases = { claim: async () => ({ held: false, holder }) } as unknown as PeerLeases;
   const upstream = {
     name: 'upstream',
@@ -59,7 +69,7 @@ function source(holder: string, upstreamCalls: string[]): PeeredBlobSource {
     leases,
     secret: SECRET,
     idleTimeout: 5_000,
-    log: silentLogger(),
+    log,
   });
 }
 
@@ -109,6 +119,41 @@ test('a peer that refuses (its fetch over, the blob not kept) is passed over for
   const peered = source(await peer(blob, 404), calls);
   await expect(peered.getBlob(REPO, digestOf(blob))).rejects.toThrow('the upstream was asked');
   expect(calls).toEqual([digestOf(blob)]);
+});
+
+test('a peer that refuses this replica (another peerSecret) is not asked again for a minute, and is warned of once', async () => {
+  const blobs = [randomBytes(1024), randomBytes(1024)];
+  const calls: string[] = [];
+  const { log, lines } = capturedLog('info');
+  const peered = source(await peer(blobs[0]!, 200, 'another secret'), calls, log);
+  for (const blob of blobs)
+    await expect(peered.getBlob(REPO, digestOf(blob))).rejects.toThrow('the upstream was asked');
+  expect(calls).toEqual(blobs.map((b) => digestOf(b)));
+  expect(asked).toBe(1);
+  const warned = lines.filter((l) => l.level === 40);
+  expect(warned).toHaveLength(1);
+  expect(String(warned[0]!.err)).toMatch(
+    /refused this replica \(403\): server\.peerSecret differs/,
+  );
+});
+
+test('a peer that does not answer is not dialled again for a minute', async () => {
+  // A port nothing listens on: connections are refused.
+  const closed = createServer();
+  await new Promise<void>((r) => closed.listen(0, '127.0.0.1', r));
+  const port = (closed.address() as AddressInfo).port;
+  await new Promise((r) => closed.close(r));
+  const blobs = [randomBytes(1024), randomBytes(1024)];
+  const calls: string[] = [];
+  const { log, lines } = capturedLog('info');
+  const peered = source(`http://127.0.0.1:${port}`, calls, log);
+  for (const blob of blobs)
+    await expect(peered.getBlob(REPO, digestOf(blob))).rejects.toThrow('the upstream was asked');
+  expect(calls).toEqual(blobs.map((b) => digestOf(b)));
+  const warned = lines.filter((l) => l.level === 40);
+  expect(warned).toHaveLength(1);
+  expect(String(warned[0]!.err)).toMatch(/ECONNREFUSED/);
+  expect(warned[0]!.peer).toBe(`http://127.0.0.1:${port}`);
 });
 
 test('close() ends the connections kept to peers', async () => {
