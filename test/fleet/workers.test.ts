@@ -426,27 +426,34 @@ describe('workers on one host', () => {
     expect(workers).toHaveLength(2);
     // A client that reads a little, then waits: its download is in flight at the signal.
     let slowRes: import('node:http').IncomingMessage | undefined;
-    let answered!: () => void;
-    const header = new Promise<void>((resolve) => (answered = resolve));
+    let answered!: (pid: number) => void;
+    const header = new Promise<number>((resolve) => (answered = resolve));
     const slow = get(b.url, (res) => {
       slowRes = res;
       res.once('data', () => res.pause());
-      answered();
+      answered(Number(res.headers['pullcache-worker']));
     });
-    await header;
+    const draining = await header;
     pc.primary.kill('SIGTERM');
     // A service manager signals every process of the group: a worker's second SIGTERM (the
     // primary sends one too) must not cut its transfers.
     for (const pid of workers) process.kill(pid, 'SIGTERM');
+    // (A connection the primary accepts just as the workers close can wait, unanswered, until the
+    // primary exits: node's cluster hands it to a worker that no longer takes any. So each try
+    // gives up after 2 s.)
     await waitFor(
       () =>
-        get(b.url).then(
+        get(b.url, undefined, 2000).then(
           () => false,
           (err: NodeJS.ErrnoException) => err.code === 'ECONNREFUSED',
         ),
       'new connections refused',
     );
-    expect(pc.workers()).toHaveLength(2); // still draining
+    // The worker with nothing in flight has gone; the other drains.
+    await waitFor(
+      async () => pc.workers().join() === String(draining),
+      'the other worker gone, this one draining',
+    );
     slowRes!.resume();
     expect(intact(await slow, b.digest)).toBe(true);
     expect(await pc.exited()).toBe(0);
