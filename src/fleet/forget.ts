@@ -295,8 +295,9 @@ export class RedisForgetTransport implements ForgetTransport {
   ) {}
 
   async send(keys: Forgotten): Promise<void> {
-    const client = await this.redis.connect();
-    await client.publish(this.channel, JSON.stringify({ from: this.from, keys }));
+    await this.redis.run((client) =>
+      client.publish(this.channel, JSON.stringify({ from: this.from, keys })),
+    );
   }
 
   listen(receive: (keys: Forgotten, missed?: boolean) => void): void {

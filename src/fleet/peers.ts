@@ -39,6 +39,8 @@ const AVOID_MS = 60_000;
  * cold blob should not wait the body's idle timeout on it.
  */
 const PEER_CONNECT_MS = 3_000;
+/** At most one warning this often that Redis cannot be asked for fetch leases. */
+const LEASES_WARN_MS = 10_000;
 
 /** The header value signing a request for `digest` at `now`. */
 export function peerSignature(secret: string, digest: string, now = Date.now()): string {
@@ -86,27 +88,28 @@ export class PeerLeases {
   /** Takes the lease on `digest`, or names the replica holding it. Rejects when Redis fails. */
   async claim(digest: Digest): Promise<PeerClaim> {
     // A Redis that did not answer fails at once for a while (LeaseRedis), not after a timeout.
-    const redis = await this.o.redis.connect();
-    const key = `${this.o.prefix}${digest}`;
-    const ttl = this.o.ttlMs ?? PEER_LEASE_TTL_MS;
-    for (let attempt = 0; attempt < 3; attempt++) {
-      if ((await redis.set(key, this.self, { NX: true, PX: ttl })) === 'OK')
-        return { held: true, release: this.keep(redis, key, ttl) };
-      const value = await redis.get(key);
-      if (value === null) continue; // expired or released meanwhile: ask again
-      const holder = value.slice(0, value.indexOf(' '));
-      // Our own address from an earlier life of this replica: nobody is fetching it. Taken
-      // over only if that is still the value (another replica may have taken it meanwhile).
-      if (holder === this.o.advertise && value !== this.self) {
-        const args = { keys: [key], arguments: [value, this.self, String(ttl)] };
-        if ((await redis.eval(REPLACE, args)) === 'OK')
+    return this.o.redis.run(async (redis) => {
+      const key = `${this.o.prefix}${digest}`;
+      const ttl = this.o.ttlMs ?? PEER_LEASE_TTL_MS;
+      for (let attempt = 0; attempt < 3; attempt++) {
+        if ((await redis.set(key, this.self, { NX: true, PX: ttl })) === 'OK')
           return { held: true, release: this.keep(redis, key, ttl) };
-        continue;
+        const value = await redis.get(key);
+        if (value === null) continue; // expired or released meanwhile: ask again
+        const holder = value.slice(0, value.indexOf(' '));
+        // Our own address from an earlier life of this replica: nobody is fetching it. Taken
+        // over only if that is still the value (another replica may have taken it meanwhile).
+        if (holder === this.o.advertise && value !== this.self) {
+          const args = { keys: [key], arguments: [value, this.self, String(ttl)] };
+          if ((await redis.eval(REPLACE, args)) === 'OK')
+            return { held: true, release: this.keep(redis, key, ttl) };
+          continue;
+        }
+        return { held: false, holder };
       }
-      return { held: false, holder };
-    }
-    // A key that keeps coming and going: fetch rather than wait.
-    return { held: true, release: () => {} };
+      // A key that keeps coming and going: fetch rather than wait.
+      return { held: true, release: () => {} };
+    });
   }
 
   /** Renews the lease every third of its lifetime; resolves to its release. */
@@ -149,6 +152,8 @@ class PeerUnavailableError extends Error {
 export class PeeredBlobSource implements Pick<UpstreamClient, 'getBlob'> {
   /** Digests whose peer failed a follower mid-stream, until when. */
   private readonly avoid = new Map<string, number>();
+  /** When the last warning that the leases cannot be asked was logged. */
+  private leasesWarnedAt = -Infinity;
   /** Peers that did not answer or refused this replica, until when: not dialled meanwhile. */
   private readonly avoidPeers = new Map<string, number>();
   /** Connections to peers, kept per peer. */
@@ -189,7 +194,11 @@ export class PeeredBlobSource implements Pick<UpstreamClient, 'getBlob'> {
       try {
         claim = await this.o.leases.claim(digest);
       } catch (err) {
-        this.o.log.warn(
+        // A warning at most every LEASES_WARN_MS: while Redis is away, every cold blob comes here.
+        const now = Date.now();
+        const warn = now - this.leasesWarnedAt >= LEASES_WARN_MS;
+        if (warn) this.leasesWarnedAt = now;
+        this.o.log[warn ? 'warn' : 'debug'](
           { digest, err: (err as Error).message },
           'fetch leases cannot be asked: fetching from the upstream alone',
         );

@@ -17,6 +17,14 @@ export interface Lease {
 
 /** How long a first connection may take before the lease counts as not held. */
 const CONNECT_TIMEOUT_MS = 3000;
+/**
+ * How long the commands of one use of the connection (`LeaseRedis.run`) may wait for their
+ * answers. A Redis that stops answering without closing the connection (a host lost, a failover,
+ * a stopped process) would otherwise hold every claim, and the cold blob waiting on it, until TCP
+ * gives up, minutes later. (node-redis's own command timeout stops counting once a command is
+ * written.)
+ */
+export const COMMAND_TIMEOUT_MS = 2000;
 
 /** Renews the key only while it still holds our token; 1 when renewed. */
 export const RENEW = `if redis.call('get', KEYS[1]) == ARGV[1] then
@@ -56,7 +64,9 @@ const RETRY_MS = 10_000;
  * connection for both, made at first use. A command while disconnected fails at once instead of
  * waiting in a queue (the lease is then not held, or not asked). A Redis that does not answer
  * fails the connection within seconds, and is not asked again for RETRY_MS: a fetch lease is
- * asked for each cold blob, which would otherwise wait out a connection timeout each.
+ * asked for each cold blob, which would otherwise wait out a connection timeout each. Commands
+ * that get no answer fail after COMMAND_TIMEOUT_MS, and the connection is then dropped and taken
+ * for unreachable the same way.
  */
 export class LeaseRedis {
   private client: Promise<MinimalRedis> | undefined;
@@ -79,6 +89,39 @@ export class LeaseRedis {
       });
     }
     return this.client;
+  }
+
+  /**
+   * Runs `work`'s commands on the connection; rejects when they get no answer within
+   * COMMAND_TIMEOUT_MS, and the connection is then dropped (a new one is made after RETRY_MS).
+   */
+  async run<T>(work: (client: MinimalRedis) => Promise<T>): Promise<T> {
+    const connecting = this.connect();
+    const client = await connecting;
+    let timer: NodeJS.Timeout | undefined;
+    let timedOut = false;
+    const silent = new Promise<never>((_, reject) => {
+      timer = setTimeout(() => {
+        timedOut = true;
+        reject(new Error('redis did not answer'));
+      }, COMMAND_TIMEOUT_MS);
+    });
+    try {
+      return await Promise.race([work(client), silent]);
+    } catch (err) {
+      if (timedOut) {
+        // Timed out: this connection gets no answers. Later uses fail at once until RETRY_MS.
+        if (this.client === connecting) {
+          this.client = undefined;
+          this.downUntil = Date.now() + RETRY_MS;
+          this.log.warn({ timeoutMs: COMMAND_TIMEOUT_MS }, 'redis stopped answering: reconnecting');
+        }
+        (client.destroy ?? client.disconnect)?.call(client);
+      }
+      throw err;
+    } finally {
+      clearTimeout(timer);
+    }
   }
 
   /** Whether a connection was ever asked for (and not given up since). */
@@ -134,18 +177,20 @@ export class RedisLease implements Lease {
   async acquire(ttlMs: number): Promise<boolean> {
     // The lifecycle's scan asks for the lease first: a Redis that is not there fails it within
     // seconds (LeaseRedis), and the lease is then not held.
-    const client = await this.redis.connect();
-    if ((await client.set(this.key, this.token, { NX: true, PX: ttlMs })) === 'OK') return true;
-    const renewed = await client.eval(RENEW, {
-      keys: [this.key],
-      arguments: [this.token, String(ttlMs)],
+    return this.redis.run(async (client) => {
+      if ((await client.set(this.key, this.token, { NX: true, PX: ttlMs })) === 'OK') return true;
+      const renewed = await client.eval(RENEW, {
+        keys: [this.key],
+        arguments: [this.token, String(ttlMs)],
+      });
+      return Number(renewed) === 1;
     });
-    return Number(renewed) === 1;
   }
 
   async release(): Promise<void> {
     if (!this.redis.started) return;
-    const client = await this.redis.connect();
-    await client.eval(RELEASE, { keys: [this.key], arguments: [this.token] });
+    await this.redis.run((client) =>
+      client.eval(RELEASE, { keys: [this.key], arguments: [this.token] }),
+    );
   }
 }

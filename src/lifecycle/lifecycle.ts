@@ -134,7 +134,7 @@ export class Lifecycle {
       blobs: d.blobs,
       repositories: d.repositories,
     });
-    this.ownership = new Ownership(d.driver, d.replicas?.lease);
+    this.ownership = new Ownership(d.driver, d.replicas?.lease, this.log);
     this.budget = new Budget({
       retention: d.retention,
       driver: d.driver,

@@ -4,6 +4,7 @@
  * its expiry (a process killed without cleaning up) is taken over. A running server records its
  * URL there, so that the commands can use its admin API and its caches see every removal.
  */
+import type { Logger } from '../log/logger.js';
 import { hostname } from 'node:os';
 import { paths } from '../storage/paths.js';
 import { PathNotFoundError, type StorageDriver } from '../storage/types.js';
@@ -49,6 +50,8 @@ export function isLive(record: OwnerRecord, now = Date.now()): boolean {
 
 export class Ownership {
   private held = false;
+  /** The lease could not be asked last time (told once, and once more when it can again). */
+  private leaseAway = false;
 
   private url: string | undefined;
 
@@ -59,6 +62,7 @@ export class Ownership {
   constructor(
     private readonly driver: StorageDriver,
     private readonly lease?: Lease,
+    private readonly log?: Logger,
   ) {}
 
   /** Where this process's admin API answers, recorded for the commands. */
@@ -114,9 +118,17 @@ export class Ownership {
   private async acquireLease(lease: Lease): Promise<boolean> {
     try {
       this.held = await lease.acquire(OWNER_TTL_MS);
-    } catch {
+      if (this.leaseAway) this.log?.info('the lifecycle lease can be asked again');
+      this.leaseAway = false;
+    } catch (err) {
       // Redis cannot be asked: nobody can be sure to own, so nobody evicts meanwhile (the
       // metadata cache reports Redis as degraded); serving and the scan go on.
+      if (!this.leaseAway)
+        this.log?.warn(
+          { err: (err as Error).message },
+          'the lifecycle lease cannot be asked: no replica evicts or collects until it can',
+        );
+      this.leaseAway = true;
       this.held = false;
     }
     if (this.held) await this.driver.putContent(paths.owner(), this.record());

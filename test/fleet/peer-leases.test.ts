@@ -6,7 +6,7 @@
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { Readable } from 'node:stream';
 import { PeerLeases, PeeredBlobSource } from '../../src/fleet/peers.js';
-import { LeaseRedis } from '../../src/lifecycle/lease.js';
+import { COMMAND_TIMEOUT_MS, LeaseRedis } from '../../src/lifecycle/lease.js';
 import { silentLogger } from '../../src/log/logger.js';
 import type { Digest } from '../../src/oci/digest.js';
 import type { Repository } from '../../src/oci/reference.js';
@@ -38,6 +38,48 @@ test('a Redis that did not answer is not waited for again by the next claims', a
     await redis.close();
   }
 });
+
+test('a Redis that stops answering mid-run fails a claim within the command timeout, the next ones at once, and is used again once back', async () => {
+  // A server of its own, stopped (SIGSTOP) as a lost host or a failover looks: the connection
+  // stays open, nothing answers.
+  const server = await startRedis({ port: await freePort() });
+  const redis = new LeaseRedis(server.url, silentLogger());
+  const leases = new PeerLeases({
+    redis,
+    advertise: 'http://127.0.0.1:1',
+    prefix: `pullcache:fetch-lease:stopped-${Date.now()}:`,
+    log: silentLogger(),
+  });
+  try {
+    expect((await leases.claim(DIGEST)).held).toBe(true);
+    process.kill(server.pid!, 'SIGSTOP');
+    try {
+      const started = performance.now();
+      await expect(leases.claim(`sha256:${'c'.repeat(64)}` as Digest)).rejects.toThrow();
+      const waited = performance.now() - started;
+      expect(waited).toBeGreaterThanOrEqual(COMMAND_TIMEOUT_MS - 100);
+      expect(waited).toBeLessThan(COMMAND_TIMEOUT_MS + 1500);
+      // Taken for unreachable: the next cold blob does not wait again.
+      const next = performance.now();
+      await expect(leases.claim(`sha256:${'e'.repeat(64)}` as Digest)).rejects.toThrow();
+      expect(performance.now() - next).toBeLessThan(200);
+    } finally {
+      process.kill(server.pid!, 'SIGCONT');
+    }
+    await waitFor(
+      () =>
+        leases.claim(`sha256:${'d'.repeat(64)}` as Digest).then(
+          (c) => c.held,
+          () => false,
+        ),
+      'claims answered again',
+      20_000,
+    );
+  } finally {
+    await redis.close();
+    await server.stop();
+  }
+}, 40_000);
 
 describe('in a real Redis', () => {
   let redis: TestRedis;

@@ -8,6 +8,8 @@ import { freePort, waitFor } from './net.js';
 
 export interface TestRedis {
   url: string;
+  /** The server's process, when started here (not PULLCACHE_TEST_REDIS_URL's). */
+  pid?: number;
   stop(): Promise<void>;
 }
 
@@ -44,6 +46,7 @@ export async function startRedis(options: { port?: number } = {}): Promise<TestR
   ]);
   return {
     url: `redis://127.0.0.1:${port}`,
+    ...(child.pid !== undefined ? { pid: child.pid } : {}),
     stop: () =>
       new Promise<void>((resolve) => {
         if (child.exitCode !== null || child.signalCode !== null) return resolve();
