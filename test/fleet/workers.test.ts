@@ -18,7 +18,14 @@ import { makeImage, pushImage, pushRandomBlob, sha256, type Image } from '../hel
 import { waitFor } from '../helpers/net.js';
 import { TestRegistry } from '../helpers/registry.js';
 import { Throttle } from '../helpers/throttle.js';
-import { get, intact, startWorkers, type Got, type WorkersServer } from '../helpers/workers.js';
+import {
+  get,
+  intact,
+  pausedDownload,
+  startWorkers,
+  type Got,
+  type WorkersServer,
+} from '../helpers/workers.js';
 
 const MiB = 1024 * 1024;
 const REPO = 'library/fleet';
@@ -376,21 +383,14 @@ describe('workers on one host', () => {
     throttle.bytesPerSecond = 256 * MiB;
     expect(intact(await get(b.url), b.digest)).toBe(true); // stored now
     // A slow client of one worker: it reads a little, then waits.
-    let slowRes: import('node:http').IncomingMessage | undefined;
-    let answered!: (pid: number) => void;
-    const header = new Promise<number>((resolve) => (answered = resolve));
-    const slow = get(b.url, (res) => {
-      slowRes = res;
-      res.once('data', () => res.pause());
-      answered(Number(res.headers['pullcache-worker']));
-    });
-    const servingPid = await header;
+    const slow = await pausedDownload(b.url);
+    const servingPid = slow.worker;
     const other = pc.workers().find((pid) => pid !== servingPid)!;
     process.kill(other, 'SIGKILL');
     await waitFor(async () => !pc.workers().includes(other), 'the worker gone');
     expect(intact(await get(b.url), b.digest)).toBe(true);
-    slowRes!.resume();
-    expect(intact(await slow, b.digest)).toBe(true);
+    slow.resume();
+    expect(intact(await slow.done, b.digest)).toBe(true);
     await pc.waitForWorkers(2, 4);
   }, 150_000);
 
@@ -425,15 +425,8 @@ describe('workers on one host', () => {
     const workers = pc.workers();
     expect(workers).toHaveLength(2);
     // A client that reads a little, then waits: its download is in flight at the signal.
-    let slowRes: import('node:http').IncomingMessage | undefined;
-    let answered!: (pid: number) => void;
-    const header = new Promise<number>((resolve) => (answered = resolve));
-    const slow = get(b.url, (res) => {
-      slowRes = res;
-      res.once('data', () => res.pause());
-      answered(Number(res.headers['pullcache-worker']));
-    });
-    const draining = await header;
+    const slow = await pausedDownload(b.url);
+    const draining = slow.worker;
     pc.primary.kill('SIGTERM');
     // A service manager signals every process of the group: a worker's second SIGTERM (the
     // primary sends one too) must not cut its transfers.
@@ -454,8 +447,8 @@ describe('workers on one host', () => {
       async () => pc.workers().join() === String(draining),
       'the other worker gone, this one draining',
     );
-    slowRes!.resume();
-    expect(intact(await slow, b.digest)).toBe(true);
+    slow.resume();
+    expect(intact(await slow.done, b.digest)).toBe(true);
     expect(await pc.exited()).toBe(0);
     for (const pid of workers) expect(() => process.kill(pid, 0)).toThrow();
   }, 60_000);

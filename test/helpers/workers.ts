@@ -250,3 +250,24 @@ export function get(
     req.end();
   });
 }
+
+/**
+ * A download of `url` that reads its first bytes, then waits until `resume`: a transfer in
+ * flight. `worker`: the pid that answered it (its Pullcache-Worker header).
+ */
+export async function pausedDownload(
+  url: string,
+): Promise<{ done: Promise<Got>; resume: () => void; worker: number }> {
+  let response!: (res: IncomingMessage) => void;
+  const started = new Promise<IncomingMessage>((resolve) => (response = resolve));
+  const done = get(url, (res) => {
+    res.once('data', () => res.pause());
+    response(res);
+  });
+  const res = await started;
+  return {
+    done,
+    resume: () => res.resume(),
+    worker: Number(res.headers['pullcache-worker']),
+  };
+}

@@ -3,26 +3,19 @@
  * transfers in flight go on for `server.drainTimeout`, then are cut; the process exits 0. (The
  * same with workers: test/fleet/workers.test.ts.)
  */
-import type { IncomingMessage } from 'node:http';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { pushRandomBlob } from '../helpers/images.js';
 import { waitFor } from '../helpers/net.js';
 import { TestRegistry } from '../helpers/registry.js';
-import { get, intact, startWorkers, type Got, type WorkersServer } from '../helpers/workers.js';
+import {
+  get,
+  intact,
+  pausedDownload,
+  startWorkers,
+  type WorkersServer,
+} from '../helpers/workers.js';
 
 const MiB = 1024 * 1024;
-
-/** A download of `url` that reads its first bytes, then waits until `resume` is called. */
-async function pausedDownload(url: string): Promise<{ done: Promise<Got>; resume: () => void }> {
-  let response!: (res: IncomingMessage) => void;
-  const started = new Promise<IncomingMessage>((resolve) => (response = resolve));
-  const done = get(url, (res) => {
-    res.once('data', () => res.pause());
-    response(res);
-  });
-  const res = await started;
-  return { done, resume: () => res.resume() };
-}
 
 const refused = (url: string) =>
   get(url).then(
