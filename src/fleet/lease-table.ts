@@ -73,6 +73,10 @@ export class LeaseTable {
         entry.state.written = m.written;
         this.tell(entry, { type: 'progress', written: m.written });
         return;
+      case 'committing':
+        entry.state.committing = true;
+        this.tell(entry, { type: 'committing' });
+        return;
       case 'committed':
         this.end(entry, { type: 'committed', size: m.size, kept: m.kept });
         return;

@@ -5,7 +5,7 @@
  *
  * worker -> primary: `acquire` (answered by `granted` or `held`), `watch` (answered by `held` or
  * `none`: a follower only, for a peer's request), and, from a holder, `started`,
- * `progress`, `committed`, `failed`; from a follower, `unwatch`, and `takeOver` of the holder it
+ * `progress`, `committing`, `committed`, `failed`; from a follower, `unwatch`, and `takeOver` of the holder it
  * found stalled (answered by `granted`, or by `held` when another follower took it over first).
  * primary -> worker: `granted`, `held` (with what the holder said so far), and `event` to each
  * follower, as the holder tells its progress or fails (or dies: `failed`).
@@ -18,6 +18,7 @@ export type ToPrimary =
   | { pullcache: 'lease'; t: 'watch'; digest: Digest; token: string }
   | { pullcache: 'lease'; t: 'started'; token: string; upload: string; size: number | null }
   | { pullcache: 'lease'; t: 'progress'; token: string; written: number }
+  | { pullcache: 'lease'; t: 'committing'; token: string }
   | { pullcache: 'lease'; t: 'committed'; token: string; size: number; kept: boolean }
   | { pullcache: 'lease'; t: 'failed'; token: string; reason: string }
   | { pullcache: 'lease'; t: 'unwatch'; token: string };
@@ -27,6 +28,8 @@ export interface HolderState {
   upload: string | null;
   size: number | null;
   written: number;
+  /** Every byte written and verified: the holder is committing the blob. */
+  committing?: boolean;
 }
 
 export type ToWorker =
@@ -38,6 +41,7 @@ export type ToWorker =
 export type WireEvent =
   | { type: 'started'; upload: string; size: number | null }
   | { type: 'progress'; written: number }
+  | { type: 'committing' }
   | { type: 'committed'; size: number; kept: boolean }
   | { type: 'failed'; reason: string };
 

@@ -24,6 +24,7 @@ import { RELEASE, RENEW, REPLACE, type LeaseRedis, type MinimalRedis } from '../
 import type { Repository } from '../oci/reference.js';
 import { RawAgent, type RawBody, type RawResponse } from '../upstream/raw-get.js';
 import type { BlobRequestOptions, BlobStream, UpstreamClient } from '../upstream/types.js';
+import { COMMIT_WAIT_MS } from './types.js';
 
 export const PEER_HEADER = 'pullcache-peer';
 export const PEER_PATH = '/_pullcache/v1/peer/blobs/';
@@ -174,6 +175,9 @@ export class PeeredBlobSource implements Pick<UpstreamClient, 'getBlob'> {
       connect: Math.min(wait, PEER_CONNECT_MS),
       headers: wait,
       bodyIdle: wait,
+      // The holder sends the last byte once its blob is stored: on S3 a server-side copy, which
+      // for a layer of several GB can outlast bodyIdle.
+      lastByteIdle: Math.max(wait, COMMIT_WAIT_MS),
     });
   }
 

@@ -38,6 +38,11 @@ export interface Lease {
   started(upload: { id: string; size: number | undefined }): void;
   /** Bytes of the upload on disk (readable by a follower) so far. */
   progress(written: number): void;
+  /**
+   * Every byte is written and the digest verified; the commit is under way (on S3 a server-side
+   * copy, which for a blob of several GB can outlast a follower's idle timeout).
+   */
+  committing(): void;
   /** The digest is verified and the blob committed (or, `kept: false`, verified only). */
   committed(size: number, kept: boolean): void;
   /** The fetch failed: every follower is cut. Ends the lease, so the next ask fetches afresh. */
@@ -58,8 +63,17 @@ export interface HeldFetch {
   close(): void;
 }
 
+/**
+ * How long a follower waits on a holder that is committing (every byte written and verified) before
+ * it gives up on it: a commit to S3 copies the object server-side, minutes for a blob of several
+ * GB. A holder that dies meanwhile is known at once (its worker's exit, its connection closing);
+ * this bounds one that hangs.
+ */
+export const COMMIT_WAIT_MS = 5 * 60_000;
+
 export type HolderEvent =
   | { type: 'started'; size: number | undefined }
   | { type: 'progress'; written: number }
+  | { type: 'committing' }
   | { type: 'committed'; size: number; kept: boolean }
   | { type: 'failed'; reason: string };

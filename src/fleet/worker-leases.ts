@@ -192,6 +192,12 @@ class IpcLease implements Lease {
     this.send({ pullcache: 'lease', t: 'progress', token: this.token, written: this.latest });
   }
 
+  committing(): void {
+    if (this.ended) return;
+    this.flush();
+    this.send({ pullcache: 'lease', t: 'committing', token: this.token });
+  }
+
   committed(size: number, kept: boolean): void {
     if (this.ended) return;
     this.flush();
@@ -226,6 +232,7 @@ class IpcHeldFetch implements HeldFetch {
     if (state.upload !== null) {
       this.early.push({ type: 'started', size: state.size ?? undefined });
       if (state.written > 0) this.early.push({ type: 'progress', written: state.written });
+      if (state.committing) this.early.push({ type: 'committing' });
     }
   }
 

@@ -164,6 +164,7 @@ export class BlobFetch implements UpstreamFetch, FollowedFetch {
       // The stream ended without an error, so the upstream client has checked every byte
       // against the digest (and the pump wrote exactly those bytes): commit need not read the
       // upload back to hash it again.
+      this.options.lease?.committing();
       const descriptor = await this.writer.commit({
         digest,
         ...(size !== undefined ? { size } : {}),

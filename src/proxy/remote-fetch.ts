@@ -6,7 +6,7 @@
  */
 import type { Descriptor } from '../oci/descriptor.js';
 import type { Digest } from '../oci/digest.js';
-import type { HeldFetch, HolderEvent } from '../fleet/types.js';
+import { COMMIT_WAIT_MS, type HeldFetch, type HolderEvent } from '../fleet/types.js';
 import type { RangeStream } from '../storage/file-range.js';
 import type { BlobStore, RepositoryKey } from '../storage/types.js';
 import { BlobFollower, readWrittenOrStored } from './blob-follower.js';
@@ -78,8 +78,12 @@ export class RemoteBlobFetch implements UpstreamFetch, FollowedFetch {
 
   private on(event: HolderEvent): void {
     if (this.state === 'failed' || this.state === 'committed') return;
-    this.armIdle();
+    this.armIdle(
+      event.type === 'committing' ? Math.max(this.o.idleTimeout, COMMIT_WAIT_MS) : undefined,
+    );
     switch (event.type) {
+      case 'committing':
+        return;
       case 'started':
         this.size = event.size;
         this.state = 'running';
@@ -123,12 +127,9 @@ export class RemoteBlobFetch implements UpstreamFetch, FollowedFetch {
     this.o.holder.close();
   }
 
-  private armIdle(): void {
+  private armIdle(ms = this.o.idleTimeout): void {
     clearTimeout(this.idleTimer);
-    this.idleTimer = setTimeout(
-      () => this.fail(new HolderStalledError(this.digest, this.o.idleTimeout)),
-      this.o.idleTimeout,
-    );
+    this.idleTimer = setTimeout(() => this.fail(new HolderStalledError(this.digest, ms)), ms);
     this.idleTimer.unref();
   }
 

@@ -32,6 +32,11 @@ export interface RawTimeouts {
   headers: number;
   /** Longest silence while the body is expected, ms. */
   bodyIdle: number;
+  /**
+   * Longest silence before the last byte of a body of known length, once every other byte came,
+   * ms (bodyIdle when unset): a peer holds that byte back until its blob is stored (fleet/).
+   */
+  lastByteIdle?: number;
 }
 
 export interface RawGetOptions {
@@ -137,6 +142,8 @@ interface Exchange {
   headersTimer: NodeJS.Timeout | undefined;
   onAbort: () => void;
   signal: AbortSignal | null | undefined;
+  /** Body bytes still to come, when the response gave its length. */
+  remaining?: number;
 }
 
 class Connection {
@@ -318,7 +325,10 @@ class Connection {
     }
     const body = new RawBody(this, exchange, info.shouldKeepAlive);
     exchange.body = body;
-    this.socket.setTimeout(this.timeouts.bodyIdle);
+    const length = Number(headers['content-length']);
+    if (typeof headers['content-length'] === 'string' && Number.isSafeInteger(length))
+      exchange.remaining = length;
+    this.socket.setTimeout(this.bodyIdle(exchange));
     exchange.resolve({ statusCode: info.statusCode, headers, body });
   }
 
@@ -326,6 +336,18 @@ class Connection {
     const exchange = this.exchange;
     if (!exchange?.body) return;
     exchange.body.push(this.copyBody ? Buffer.from(chunk) : exchange.slabs.lend(chunk));
+    if (exchange.remaining !== undefined) {
+      exchange.remaining -= chunk.length;
+      if (exchange.remaining === 1 && this.timeouts.lastByteIdle !== undefined)
+        this.socket.setTimeout(this.bodyIdle(exchange));
+    }
+  }
+
+  /** The silence allowed now while `exchange`'s body is expected. */
+  private bodyIdle(exchange: Exchange): number {
+    return exchange.remaining === 1
+      ? (this.timeouts.lastByteIdle ?? this.timeouts.bodyIdle)
+      : this.timeouts.bodyIdle;
   }
 
   private onComplete(): void {
@@ -393,7 +415,7 @@ class Connection {
   /** Reads again for `exchange`'s consumer, if the connection is still on it. */
   resumeFor(exchange: Exchange): void {
     if (this.dead || this.exchange !== exchange) return;
-    this.socket.setTimeout(this.timeouts.bodyIdle);
+    this.socket.setTimeout(this.bodyIdle(exchange));
     this.socket.resume();
   }
 }

@@ -47,6 +47,31 @@ describe('the leases of one host', () => {
     expect(to(2).at(-1)).toEqual({ pullcache: 'lease', t: 'granted', token: '2.2' });
   });
 
+  test('a holder committing tells its followers, and a follower that comes later learns it', () => {
+    const { leases, to } = table();
+    leases.receive(1, { pullcache: 'lease', t: 'acquire', digest, token: '1.1' });
+    leases.receive(2, { pullcache: 'lease', t: 'acquire', digest, token: '2.1' });
+    leases.receive(1, { pullcache: 'lease', t: 'started', token: '1.1', upload: 'u1', size: 100 });
+    leases.receive(1, { pullcache: 'lease', t: 'progress', token: '1.1', written: 100 });
+    leases.receive(1, { pullcache: 'lease', t: 'committing', token: '1.1' });
+    expect(to(2).at(-1)).toEqual({
+      pullcache: 'lease',
+      t: 'event',
+      holder: '1.1',
+      event: { type: 'committing' },
+    });
+    leases.receive(3, { pullcache: 'lease', t: 'acquire', digest, token: '3.1' });
+    expect(to(3)).toEqual([
+      {
+        pullcache: 'lease',
+        t: 'held',
+        token: '3.1',
+        holder: '1.1',
+        state: { upload: 'u1', size: 100, written: 100, committing: true },
+      },
+    ]);
+  });
+
   test('a watch (for a peer) follows the holder, and takes no lease when nobody holds one', () => {
     const { leases, to } = table();
     leases.receive(2, { pullcache: 'lease', t: 'watch', digest, token: '2.1' });

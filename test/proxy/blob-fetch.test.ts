@@ -15,6 +15,7 @@ import { BlobFetch } from '../../src/proxy/blob-fetch.js';
 import { DriverBlobStore } from '../../src/storage/blob-store.js';
 import { FilesystemDriver } from '../../src/storage/filesystem-driver.js';
 import type { UpstreamClient } from '../../src/upstream/types.js';
+import type { Lease } from '../../src/fleet/types.js';
 
 const roots: string[] = [];
 afterEach(() => roots.splice(0).forEach((r) => rmSync(r, { recursive: true, force: true })));
@@ -35,6 +36,7 @@ function fetchFrom(
   bytes: Buffer,
   onCommitted: () => Promise<void> = async () => {},
   driverAt: (root: string) => FilesystemDriver = (root) => new FilesystemDriver(root),
+  lease?: Lease,
 ): BlobFetch {
   const root = mkdtempSync(join(tmpdir(), 'pullcache-fetch-'));
   roots.push(root);
@@ -46,6 +48,7 @@ function fetchFrom(
     log: silentLogger(),
     orphanTimeout: 60_000,
     onCommitted,
+    ...(lease ? { lease } : {}),
   });
 }
 
@@ -255,4 +258,35 @@ test('a client that pushes back is sent the rest from the disk, and the chunks a
   // One open upload for the whole response, read on from wherever the live chunks ended.
   expect(reads.length).toBe(1);
   await fetch.done;
+});
+
+test('the lease tells the other processes that the fetch is committing once every byte is written, before the commit', async () => {
+  const bytes = randomBytes(300_000);
+  const told: string[] = [];
+  let written = 0;
+  const lease: Lease = {
+    started: () => told.push('started'),
+    progress: (n) => void (written = n),
+    committing: () => told.push(`committing, ${written} written`),
+    committed: (size) => told.push(`committed ${size}`),
+    failed: (reason) => told.push(`failed: ${reason}`),
+  };
+  let commits = 0;
+  const fetch = fetchFrom(
+    upstreamServing(bytes),
+    bytes,
+    async () => {
+      commits++;
+      expect(told.at(-1)).toBe(`committing, ${bytes.length} written`);
+    },
+    undefined,
+    lease,
+  );
+  await fetch.done;
+  expect(commits).toBe(1);
+  expect(told).toEqual([
+    'started',
+    `committing, ${bytes.length} written`,
+    `committed ${bytes.length}`,
+  ]);
 });

@@ -7,6 +7,7 @@ import type { DigestLeases, HeldFetch, HolderEvent } from '../../src/fleet/types
 import { silentLogger } from '../../src/log/logger.js';
 import type { Digest } from '../../src/oci/digest.js';
 import { FleetFetch } from '../../src/proxy/fleet-fetch.js';
+import { HolderStalledError, RemoteBlobFetch } from '../../src/proxy/remote-fetch.js';
 import type { BlobStore, RepositoryKey } from '../../src/storage/types.js';
 import type { UpstreamClient } from '../../src/upstream/types.js';
 
@@ -47,4 +48,38 @@ test('a fetch followed from another process shows the bytes that process wrote a
   expect(fetch.clients).toBe(0);
   tell({ type: 'failed', reason: 'the holder gave up' });
   await expect(fetch.done).rejects.toThrow('the holder gave up');
+});
+
+test('a holder that is committing (every byte written) is waited for past the idle timeout; one that says nothing before is not', async () => {
+  const follow = (idleTimeout: number) => {
+    let tell!: (event: HolderEvent) => void;
+    const holder: HeldFetch = {
+      watch: (listener) => (tell = listener),
+      readWritten: () => Promise.reject(new Error('not read here')),
+      close: () => {},
+    };
+    const fetch = new RemoteBlobFetch({
+      digest: `sha256:${'c'.repeat(64)}` as Digest,
+      repo: { upstream: 'docker.io', repository: 'library/x' } as RepositoryKey,
+      holder,
+      blobs: {} as BlobStore,
+      idleTimeout,
+    });
+    fetch.done.catch(() => {});
+    return { fetch, tell };
+  };
+  // Its commit (on S3 a server-side copy) outlasts the idle timeout: followed to the end.
+  const slowCommit = follow(200);
+  slowCommit.tell({ type: 'started', size: 1000 });
+  slowCommit.tell({ type: 'progress', written: 1000 });
+  slowCommit.tell({ type: 'committing' });
+  await new Promise((r) => setTimeout(r, 600));
+  expect(slowCommit.fetch.state).toBe('running');
+  slowCommit.tell({ type: 'committed', size: 1000, kept: true });
+  await expect(slowCommit.fetch.done).resolves.toMatchObject({ size: 1000 });
+  // Silent before it said it was committing: a stalled holder, given up on.
+  const stalled = follow(200);
+  stalled.tell({ type: 'started', size: 1000 });
+  stalled.tell({ type: 'progress', written: 1000 });
+  await expect(stalled.fetch.done).rejects.toBeInstanceOf(HolderStalledError);
 });

@@ -295,6 +295,38 @@ describe('timeouts and aborts', () => {
     expect(whole.bytes.equals(big)).toBe(true);
   });
 
+  test('the last byte may be waited for longer than the rest (lastByteIdle), and only the last', async () => {
+    const blob = randomBytes(4 * 1024 * 1024);
+    const server = started(
+      await fakeServer((req, res) => {
+        res.writeHead(200, { 'content-length': blob.length });
+        // As a peer does: all but the last byte, then the last once its blob is stored.
+        if (req.url === '/last-late') {
+          res.write(blob.subarray(0, blob.length - 1));
+          setTimeout(() => res.end(blob.subarray(blob.length - 1)), 900);
+        } else res.write(blob.subarray(0, blob.length - 2)); // then nothing: two bytes short
+      }),
+    );
+    const agent = started(new RawAgent({ ...TIMEOUTS, bodyIdle: 300, lastByteIdle: 3000 }));
+    const late = await read(
+      (await agent.get(new URL(`${server.url}/last-late`), { headers: {} })).body,
+    );
+    expect(late.end.kind).toBe('end');
+    expect(late.bytes.equals(blob)).toBe(true);
+    const asked = performance.now();
+    const short = await read(
+      (await agent.get(new URL(`${server.url}/two-short`), { headers: {} })).body,
+    );
+    expect((short.end.error as { code?: string }).code).toBe('UND_ERR_BODY_TIMEOUT');
+    expect(performance.now() - asked).toBeLessThan(2000);
+    // Without it, the last byte gets bodyIdle like any other.
+    const plain = started(new RawAgent({ ...TIMEOUTS, bodyIdle: 300 }));
+    const cut = await read(
+      (await plain.get(new URL(`${server.url}/last-late`), { headers: {} })).body,
+    );
+    expect((cut.end.error as { code?: string }).code).toBe('UND_ERR_BODY_TIMEOUT');
+  });
+
   test('an abort before the headers rejects with its reason and closes the connection', async () => {
     let closed!: () => void;
     const gone = new Promise<void>((resolve) => (closed = resolve));
