@@ -1,7 +1,7 @@
 /** The primary's leases on digests (fleet/lease-table.ts), as the workers see them over IPC. */
 import { describe, expect, test } from 'vitest';
 import { LeaseTable } from '../../src/fleet/lease-table.js';
-import type { ToWorker } from '../../src/fleet/messages.js';
+import type { HolderState, ToWorker } from '../../src/fleet/messages.js';
 import type { Digest } from '../../src/oci/digest.js';
 
 const digest = `sha256:${'a'.repeat(64)}` as Digest;
@@ -13,6 +13,15 @@ function table() {
   return { leases, sent, to };
 }
 
+/** What the primary answers a follower's `token`: the holder 1.1, and what it said so far. */
+const held = (token: string, state: HolderState): ToWorker => ({
+  pullcache: 'lease',
+  t: 'held',
+  token,
+  holder: '1.1',
+  state,
+});
+
 describe('the leases of one host', () => {
   test('the first to ask holds the digest; a later one is told the holder and what it said so far, then its progress', () => {
     const { leases, to } = table();
@@ -21,15 +30,7 @@ describe('the leases of one host', () => {
     leases.receive(1, { pullcache: 'lease', t: 'started', token: '1.1', upload: 'u1', size: 100 });
     leases.receive(1, { pullcache: 'lease', t: 'progress', token: '1.1', written: 40 });
     leases.receive(2, { pullcache: 'lease', t: 'acquire', digest, token: '2.1' });
-    expect(to(2)).toEqual([
-      {
-        pullcache: 'lease',
-        t: 'held',
-        token: '2.1',
-        holder: '1.1',
-        state: { upload: 'u1', size: 100, written: 40 },
-      },
-    ]);
+    expect(to(2)).toEqual([held('2.1', { upload: 'u1', size: 100, written: 40 })]);
     leases.receive(1, { pullcache: 'lease', t: 'progress', token: '1.1', written: 90 });
     leases.receive(1, { pullcache: 'lease', t: 'committed', token: '1.1', size: 100, kept: true });
     expect(to(2).slice(1)).toEqual([
@@ -62,13 +63,7 @@ describe('the leases of one host', () => {
     });
     leases.receive(3, { pullcache: 'lease', t: 'acquire', digest, token: '3.1' });
     expect(to(3)).toEqual([
-      {
-        pullcache: 'lease',
-        t: 'held',
-        token: '3.1',
-        holder: '1.1',
-        state: { upload: 'u1', size: 100, written: 100, committing: true },
-      },
+      held('3.1', { upload: 'u1', size: 100, written: 100, committing: true }),
     ]);
   });
 
