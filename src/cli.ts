@@ -157,7 +157,10 @@ withCommonOptions(
     stopping = true;
     log.info({ signal, drainTimeout: drain }, 'shutting down');
     // The transfers in flight get `drain`; the rest of the closing (storage, Redis) 10 s more.
-    const force = setTimeout(() => exit(0), drain + 10_000);
+    const force = setTimeout(() => {
+      log.error({ signal }, 'shutdown did not finish in time: exiting anyway');
+      exit(1);
+    }, drain + 10_000);
     force.unref();
     void running.close({ drain }).then(
       () => exit(0),

@@ -6,6 +6,7 @@
  * answer is a warning: storage is the truth).
  */
 import { createServer, type Server } from 'node:http';
+import type { Socket } from 'node:net';
 import { createServer as createHttpsServer, type Server as HttpsServer } from 'node:https';
 import { ConfigError } from './config/load.js';
 import { redactUserinfo } from './config/redact.js';
@@ -143,6 +144,13 @@ export async function startServer(config: Config, log: Logger): Promise<RunningS
     );
   }
   server.keepAliveTimeout = 65_000;
+  // Every socket, from its connection on: one still in its TLS handshake is no HTTP connection
+  // yet, and closeAllConnections() would leave it to its handshake timeout (2 min) at a stop.
+  const sockets = new Set<Socket>();
+  server.on('connection', (socket: Socket) => {
+    sockets.add(socket);
+    socket.once('close', () => sockets.delete(socket));
+  });
   const [host, port] = splitHostPort(config.server.listen);
   await new Promise<void>((resolve, reject) => {
     server.once('error', reject);
@@ -201,6 +209,7 @@ export async function startServer(config: Config, log: Logger): Promise<RunningS
       const closed = new Promise<void>((resolve) => server.close(() => resolve()));
       if (drain > 0) await drained(server, closed, drain, log);
       server.closeAllConnections();
+      for (const socket of sockets) socket.destroy();
       await closed;
       runtime.status.stop();
       access.close();

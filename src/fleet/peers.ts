@@ -20,7 +20,7 @@ import { createHmac, randomUUID, timingSafeEqual } from 'node:crypto';
 import { Readable } from 'node:stream';
 import type { Logger } from '../log/logger.js';
 import { DigestVerifier, parseDigest, type Digest } from '../oci/digest.js';
-import { RELEASE, RENEW, REPLACE, type LeaseRedis, type MinimalRedis } from '../lifecycle/lease.js';
+import { RELEASE, RENEW, REPLACE, type LeaseRedis } from '../lifecycle/lease.js';
 import type { Repository } from '../oci/reference.js';
 import { RawAgent, type RawBody, type RawResponse } from '../upstream/raw-get.js';
 import type { BlobRequestOptions, BlobStream, UpstreamClient } from '../upstream/types.js';
@@ -94,7 +94,7 @@ export class PeerLeases {
       const ttl = this.o.ttlMs ?? PEER_LEASE_TTL_MS;
       for (let attempt = 0; attempt < 3; attempt++) {
         if ((await redis.set(key, this.self, { NX: true, PX: ttl })) === 'OK')
-          return { held: true, release: this.keep(redis, key, ttl) };
+          return { held: true, release: this.keep(key, ttl) };
         const value = await redis.get(key);
         if (value === null) continue; // expired or released meanwhile: ask again
         const holder = value.slice(0, value.indexOf(' '));
@@ -103,7 +103,7 @@ export class PeerLeases {
         if (holder === this.o.advertise && value !== this.self) {
           const args = { keys: [key], arguments: [value, this.self, String(ttl)] };
           if ((await redis.eval(REPLACE, args)) === 'OK')
-            return { held: true, release: this.keep(redis, key, ttl) };
+            return { held: true, release: this.keep(key, ttl) };
           continue;
         }
         return { held: false, holder };
@@ -113,13 +113,18 @@ export class PeerLeases {
     });
   }
 
-  /** Renews the lease every third of its lifetime; resolves to its release. */
-  private keep(redis: MinimalRedis, key: string, ttl: number): () => void {
+  /**
+   * Renews the lease every third of its lifetime; resolves to its release. Each through the
+   * connection of the moment: one dropped meanwhile (LeaseRedis.run) is replaced, not kept.
+   */
+  private keep(key: string, ttl: number): () => void {
     const args = { keys: [key], arguments: [this.self, String(ttl)] };
     const timer = setInterval(() => {
-      redis.eval(RENEW, args).catch((err: Error) => {
-        this.o.log.debug({ key, err: err.message }, 'fetch lease not renewed');
-      });
+      this.o.redis
+        .run((redis) => redis.eval(RENEW, args))
+        .catch((err: Error) => {
+          this.o.log.debug({ key, err: err.message }, 'fetch lease not renewed');
+        });
     }, ttl / 3);
     timer.unref();
     let released = false;
@@ -127,7 +132,9 @@ export class PeerLeases {
       if (released) return;
       released = true;
       clearInterval(timer);
-      redis.eval(RELEASE, { keys: [key], arguments: [this.self] }).catch(() => {});
+      this.o.redis
+        .run((redis) => redis.eval(RELEASE, { keys: [key], arguments: [this.self] }))
+        .catch(() => {});
     };
   }
 }
@@ -287,8 +294,10 @@ export class PeeredBlobSource implements Pick<UpstreamClient, 'getBlob'> {
       });
     } catch (err) {
       if (options.signal?.aborted) throw err;
-      // No answer (refused, timed out, TLS not trusted): the peer is unusable for now.
-      throw new PeerUnavailableError((err as Error).message, true);
+      // No connection (refused, none within the connect timeout, TLS not trusted): the peer is
+      // unusable for now. Later errors (its headers late, while its own upstream is slow) are
+      // about this blob only.
+      throw new PeerUnavailableError((err as Error).message, !connectionMade(err));
     }
     if (res.statusCode !== 200) {
       res.body.resume();
@@ -341,6 +350,19 @@ export class PeeredBlobSource implements Pick<UpstreamClient, 'getBlob'> {
       throw err;
     }
   }
+}
+
+/** Whether a request failed after its connection was made (the peer answered, or began to). */
+function connectionMade(err: unknown): boolean {
+  const code = (err as { code?: unknown }).code;
+  return (
+    code === 'UND_ERR_HEADERS_TIMEOUT' ||
+    code === 'UND_ERR_SOCKET' ||
+    code === 'UND_ERR_BODY_TIMEOUT' ||
+    code === 'HPE_INVALID' ||
+    code === 'ECONNRESET' ||
+    code === 'EPIPE'
+  );
 }
 
 const errorText = (err: unknown) => (err instanceof Error ? err.message : String(err));

@@ -74,20 +74,29 @@ export function runPrimary(
   const killAll = (signal: NodeJS.Signals) => {
     for (const worker of Object.values(cluster.workers ?? {})) worker?.process.kill(signal);
   };
+  /** Set when the workers had to be killed: the stop did not end cleanly. */
+  let forced = false;
   const stop = (signal: string, code = 0) => {
     if (stopping) {
       // A second ^C: the workers stop now, their transfers cut.
-      if (signal === 'SIGINT') killAll('SIGKILL');
+      if (signal === 'SIGINT') {
+        forced = true;
+        killAll('SIGKILL');
+      }
       return;
     }
     stopping = true;
     plog.info({ signal }, 'stopping the workers');
     // Each drains its transfers in flight (server.drainTimeout), then closes.
     killAll('SIGTERM');
-    const force = setTimeout(() => killAll('SIGKILL'), drainTimeout + STOP_TIMEOUT_MS);
+    const force = setTimeout(() => {
+      plog.error('workers did not stop in time: killing them');
+      forced = true;
+      killAll('SIGKILL');
+    }, drainTimeout + STOP_TIMEOUT_MS);
     force.unref();
     const check = () => {
-      if (Object.keys(cluster.workers ?? {}).length === 0) settle(code);
+      if (Object.keys(cluster.workers ?? {}).length === 0) settle(forced && code === 0 ? 1 : code);
     };
     cluster.on('exit', check);
     check();

@@ -73,10 +73,18 @@ export class LeaseRedis {
   /** Until when Redis is taken for unreachable (its last connection attempt failed). */
   private downUntil = 0;
 
+  private readonly commandTimeoutMs: number;
+  private readonly retryMs: number;
+
   constructor(
     private readonly url: string,
     private readonly log: Logger,
-  ) {}
+    /** The waits, for tests: COMMAND_TIMEOUT_MS and RETRY_MS otherwise. */
+    timing: { commandTimeoutMs?: number; retryMs?: number } = {},
+  ) {
+    this.commandTimeoutMs = timing.commandTimeoutMs ?? COMMAND_TIMEOUT_MS;
+    this.retryMs = timing.retryMs ?? RETRY_MS;
+  }
 
   connect(): Promise<MinimalRedis> {
     if (Date.now() < this.downUntil)
@@ -85,7 +93,7 @@ export class LeaseRedis {
       this.client = connectRedis(this.url, this.log);
       this.client.catch(() => {
         this.client = undefined;
-        this.downUntil = Date.now() + RETRY_MS;
+        this.downUntil = Date.now() + this.retryMs;
       });
     }
     return this.client;
@@ -104,7 +112,7 @@ export class LeaseRedis {
       timer = setTimeout(() => {
         timedOut = true;
         reject(new Error('redis did not answer'));
-      }, COMMAND_TIMEOUT_MS);
+      }, this.commandTimeoutMs);
     });
     try {
       return await Promise.race([work(client), silent]);
@@ -113,8 +121,11 @@ export class LeaseRedis {
         // Timed out: this connection gets no answers. Later uses fail at once until RETRY_MS.
         if (this.client === connecting) {
           this.client = undefined;
-          this.downUntil = Date.now() + RETRY_MS;
-          this.log.warn({ timeoutMs: COMMAND_TIMEOUT_MS }, 'redis stopped answering: reconnecting');
+          this.downUntil = Date.now() + this.retryMs;
+          this.log.warn(
+            { timeoutMs: this.commandTimeoutMs },
+            'redis stopped answering: reconnecting',
+          );
         }
         (client.destroy ?? client.disconnect)?.call(client);
       }

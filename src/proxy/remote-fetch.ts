@@ -79,7 +79,7 @@ export class RemoteBlobFetch implements UpstreamFetch, FollowedFetch {
   private on(event: HolderEvent): void {
     if (this.state === 'failed' || this.state === 'committed') return;
     this.armIdle(
-      event.type === 'committing' ? Math.max(this.o.idleTimeout, COMMIT_WAIT_MS) : undefined,
+      this.waitingOnCommit(event) ? Math.max(this.o.idleTimeout, COMMIT_WAIT_MS) : undefined,
     );
     switch (event.type) {
       case 'committing':
@@ -125,6 +125,18 @@ export class RemoteBlobFetch implements UpstreamFetch, FollowedFetch {
     clearTimeout(this.idleTimer);
     clearTimeout(this.unfollowedTimer);
     this.o.holder.close();
+  }
+
+  /**
+   * Whether the holder has nothing left to do but commit: it says so, or it has written every
+   * byte but the last (a holder following another replica gets that byte only once the other
+   * has committed the blob).
+   */
+  private waitingOnCommit(event: HolderEvent): boolean {
+    if (event.type === 'committing') return true;
+    const size = event.type === 'started' ? event.size : this.size;
+    const written = event.type === 'progress' ? event.written : this.written;
+    return size !== undefined && size > 0 && written >= size - 1;
   }
 
   private armIdle(ms = this.o.idleTimeout): void {

@@ -81,6 +81,48 @@ test('a Redis that stops answering mid-run fails a claim within the command time
   }
 }, 40_000);
 
+test('a held lease is renewed through the new connection once a silent one was dropped', async () => {
+  const server = await startRedis();
+  const redis = new LeaseRedis(server.url, silentLogger(), { commandTimeoutMs: 300, retryMs: 300 });
+  const prefix = `pullcache:fetch-lease:renewed-${Date.now()}:`;
+  const leases = new PeerLeases({
+    redis,
+    advertise: 'http://127.0.0.1:1',
+    prefix,
+    log: silentLogger(),
+    ttlMs: 3000, // renewed every second
+  });
+  try {
+    const claim = await leases.claim(DIGEST);
+    expect(claim.held).toBe(true);
+    // A use of the connection that gets no answer in time (a blocking pop stands in for a silent
+    // Redis): the connection is dropped, and made again 300 ms later.
+    await expect(
+      redis.run((c) =>
+        (c as unknown as { sendCommand(args: string[]): Promise<unknown> }).sendCommand([
+          'BLPOP',
+          `${prefix}nothing`,
+          '5',
+        ]),
+      ),
+    ).rejects.toThrow(/did not answer/);
+    // The renewal after it (within a second) goes through the new connection.
+    await new Promise((r) => setTimeout(r, 1500));
+    const client = await redis.connect();
+    const pttl = Number(
+      await (client as unknown as { sendCommand(args: string[]): Promise<unknown> }).sendCommand([
+        'PTTL',
+        `${prefix}${DIGEST}`,
+      ]),
+    );
+    expect(pttl).toBeGreaterThan(2000);
+    if (claim.held) claim.release();
+  } finally {
+    await redis.close();
+    await server.stop();
+  }
+});
+
 describe('in a real Redis', () => {
   let redis: TestRedis;
   let conn: LeaseRedis;

@@ -56,6 +56,7 @@ function source(
   holder: string,
   upstreamCalls: string[],
   log: Logger = silentLogger(),
+  idleTimeout = 5_000,
 ): PeeredBlobSource {
   const leases = { claim: async () => ({ held: false, holder }) } as unknown as PeerLeases;
   const upstream = {
@@ -68,7 +69,7 @@ function source(
   return new PeeredBlobSource(upstream, {
     leases,
     secret: SECRET,
-    idleTimeout: 5_000,
+    idleTimeout,
     log,
   });
 }
@@ -154,6 +155,25 @@ test('a peer that does not answer is not dialled again for a minute', async () =
   expect(warned).toHaveLength(1);
   expect(String(warned[0]!.err)).toMatch(/ECONNREFUSED/);
   expect(warned[0]!.peer).toBe(`http://127.0.0.1:${port}`);
+});
+
+test('a peer whose answer is late (its own upstream slow) is passed over for that blob only', async () => {
+  const blobs = [randomBytes(1024), randomBytes(1024)];
+  let askedLate = 0;
+  server = createServer((_req, res) => {
+    askedLate++;
+    setTimeout(() => res.writeHead(404).end(), 1000); // later than the headers timeout
+  });
+  await new Promise<void>((r) => server!.listen(0, '127.0.0.1', r));
+  const holder = `http://127.0.0.1:${(server.address() as AddressInfo).port}`;
+  const calls: string[] = [];
+  const { log, lines } = capturedLog('info');
+  const peered = source(holder, calls, log, 300);
+  for (const blob of blobs)
+    await expect(peered.getBlob(REPO, digestOf(blob))).rejects.toThrow('the upstream was asked');
+  expect(calls).toEqual(blobs.map((b) => digestOf(b)));
+  expect(askedLate).toBe(2);
+  expect(lines.filter((l) => l.level === 40)).toEqual([]);
 });
 
 test('close() ends the connections kept to peers', async () => {

@@ -77,9 +77,17 @@ test('a holder that is committing (every byte written) is waited for past the id
   expect(slowCommit.fetch.state).toBe('running');
   slowCommit.tell({ type: 'committed', size: 1000, kept: true });
   await expect(slowCommit.fetch.done).resolves.toMatchObject({ size: 1000 });
+  // A holder that has written every byte but the last is waiting for it (another replica sends
+  // it once that one has committed the blob): waited for the same way.
+  const lastByte = follow(200);
+  lastByte.tell({ type: 'started', size: 1000 });
+  lastByte.tell({ type: 'progress', written: 999 });
+  await new Promise((r) => setTimeout(r, 600));
+  expect(lastByte.fetch.state).toBe('running');
+  lastByte.fetch.fail(new Error('test over'));
   // Silent before it said it was committing: a stalled holder, given up on.
   const stalled = follow(200);
   stalled.tell({ type: 'started', size: 1000 });
-  stalled.tell({ type: 'progress', written: 1000 });
+  stalled.tell({ type: 'progress', written: 998 });
   await expect(stalled.fetch.done).rejects.toBeInstanceOf(HolderStalledError);
 });

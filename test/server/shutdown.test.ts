@@ -5,7 +5,9 @@
  */
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { pushRandomBlob } from '../helpers/images.js';
+import { connect } from 'node:net';
 import { waitFor } from '../helpers/net.js';
+import { TestCa } from '../helpers/tls.js';
 import { TestRegistry } from '../helpers/registry.js';
 import {
   get,
@@ -65,6 +67,45 @@ describe('stopping on a signal', () => {
     expect(intact(await download.done, blob.digest)).toBe(true);
     expect(await pc.exited()).toBe(0);
     expect(pc.lines.some((l) => l.msg === 'draining connections')).toBe(true);
+  }, 60_000);
+
+  test('a second ^C stops at once, with exit code 1', async () => {
+    const pc = await serve('20s');
+    const download = await pausedDownload(`${pc.url}/v2/library/drain/blobs/${blob.digest}`);
+    pc.primary.kill('SIGINT');
+    await new Promise((r) => setTimeout(r, 300));
+    expect(pc.primary.exitCode).toBeNull(); // draining
+    const signalled = Date.now();
+    pc.primary.kill('SIGINT');
+    expect(await pc.exited()).toBe(1);
+    expect(Date.now() - signalled).toBeLessThan(3000);
+    download.resume();
+    expect((await download.done).error).toBeDefined();
+  }, 60_000);
+
+  test('over HTTPS, a connection still in its TLS handshake does not hold the stop', async () => {
+    const ca = TestCa.create();
+    const cert = ca.issue();
+    const pc = await startWorkers({
+      upstream: registry.url,
+      workers: 1,
+      server: [
+        '  drainTimeout: 1s',
+        '  tls:',
+        `    cert: ${cert.certPath}`,
+        `    key: ${cert.keyPath}`,
+      ],
+    });
+    servers.push(pc);
+    // Connected, and silent: no ClientHello.
+    const silent = connect(pc.port, '127.0.0.1');
+    await new Promise((resolve) => silent.once('connect', resolve));
+    silent.on('error', () => {});
+    const signalled = Date.now();
+    pc.primary.kill('SIGTERM');
+    expect(await pc.exited()).toBe(0);
+    expect(Date.now() - signalled).toBeLessThan(5000);
+    silent.destroy();
   }, 60_000);
 
   test('a download still in flight after drainTimeout is cut, and the process exits 0', async () => {
