@@ -13,7 +13,8 @@
  *   channel per storage, which every serving process SUBSCRIBEs to. A subscriber that lost its
  *   connection may have missed messages, so each time it is ready again it drops everything it
  *   holds in memory (a Redis that restarted costs each process its hot entries, read again from
- *   Redis or storage).
+ *   Redis or storage). A subscription that does not answer a ping (every 10 s) is made anew,
+ *   as one whose connection broke.
  *
  * The same messages carry what a process stored and removed (`+` and `-` keys, `encodeChange`):
  * the others count it in their graphs at once, so the owner's budget holds for what any of them
@@ -30,7 +31,7 @@
  */
 import { randomUUID } from 'node:crypto';
 import type { Logger } from '../log/logger.js';
-import type { LeaseRedis } from '../lifecycle/lease.js';
+import { COMMAND_TIMEOUT_MS, type LeaseRedis } from '../lifecycle/lease.js';
 import type { RemovedEvent, StoredEvent } from '../lifecycle/types.js';
 import { parseDigest } from '../oci/digest.js';
 import { parseRepository, parseTag } from '../oci/reference.js';
@@ -140,6 +141,8 @@ export interface ForgetTransport {
 
 /** Keys waiting to leave at most: past it, the next message says "everything". */
 const MAX_PENDING = 10_000;
+/** How often the subscription is pinged, to find a connection that no longer answers. */
+const SUBSCRIBER_PING_MS = 10_000;
 /** How soon a message that did not leave is tried again. */
 const RETRY_MS = 1000;
 
@@ -272,6 +275,7 @@ export class IpcForgetTransport implements ForgetTransport {
 /** The subscriber's side of a node-redis client, as this module needs it. */
 interface Subscriber {
   connect(): Promise<unknown>;
+  sendCommand(args: string[]): Promise<unknown>;
   subscribe(channel: string, listener: (message: string) => void): Promise<unknown>;
   destroy(): void;
   on(event: 'error', listener: (err: Error) => void): unknown;
@@ -285,6 +289,7 @@ export class RedisForgetTransport implements ForgetTransport {
   private readonly from = randomUUID();
   private subscriber: Subscriber | undefined;
   private closed = false;
+  private watchdog: NodeJS.Timeout | undefined;
 
   constructor(
     /** The process's lease connection publishes (it fails at once while Redis is down). */
@@ -292,6 +297,8 @@ export class RedisForgetTransport implements ForgetTransport {
     private readonly url: string,
     private readonly channel: string,
     private readonly log: Logger,
+    /** How often the subscription is pinged, and how long an answer may take (ms). */
+    private readonly ping = { everyMs: SUBSCRIBER_PING_MS, timeoutMs: COMMAND_TIMEOUT_MS },
   ) {}
 
   async send(keys: Forgotten): Promise<void> {
@@ -302,37 +309,74 @@ export class RedisForgetTransport implements ForgetTransport {
 
   listen(receive: (keys: Forgotten, missed?: boolean) => void): void {
     const log = this.log.child({ module: 'forget' });
-    void import('@keyv/redis').then(async ({ createClient }) => {
-      if (this.closed) return;
-      // A connection of its own: a subscribed connection takes no other command. It keeps
-      // trying to connect (and resubscribes) for as long as the process runs.
-      const subscriber = createClient({
-        url: this.url,
-        socket: { connectTimeout: 2000, reconnectStrategy: (n: number) => Math.min(n * 200, 5000) },
-      }) as unknown as Subscriber;
-      this.subscriber = subscriber;
-      // Connected again after a break (or for the first time): whatever was said meanwhile is
-      // lost, so everything held in memory goes. Events were missed too, unless this is the
-      // first connection and nothing failed before it (Redis down at start loses them as well).
-      let missed = false;
-      subscriber.on('error', (err) => {
-        missed = true;
-        log.debug({ err: err.message }, 'forget channel error');
-      });
-      subscriber.on('ready', () => {
-        receive('all', missed);
-        missed = true;
-      });
-      try {
-        await subscriber.connect();
-        await subscriber.subscribe(this.channel, (text) => {
-          const keys = this.parse(text);
-          if (keys) receive(keys);
+    void import('@keyv/redis').then(({ createClient }) => {
+      /**
+       * A connection of its own: a subscribed connection takes no other command. It keeps trying
+       * to connect (and resubscribes) for as long as the process runs. `missed`: events were
+       * lost before it (a connection given up on), not only if one fails later.
+       */
+      const subscribe = (missedBefore: boolean) => {
+        if (this.closed) return;
+        const subscriber = createClient({
+          url: this.url,
+          socket: {
+            connectTimeout: 2000,
+            reconnectStrategy: (n: number) => Math.min(n * 200, 5000),
+          },
+        }) as unknown as Subscriber;
+        this.subscriber = subscriber;
+        // Connected again after a break (or for the first time): whatever was said meanwhile is
+        // lost, so everything held in memory goes. Events were missed too, unless this is the
+        // first connection and nothing failed before it (Redis down at start loses them as well).
+        let missed = missedBefore;
+        subscriber.on('error', (err) => {
+          missed = true;
+          log.debug({ err: err.message }, 'forget channel error');
         });
-      } catch (err) {
-        if (!this.closed)
-          log.warn({ err: (err as Error).message }, 'forget channel not subscribed');
-      }
+        subscriber.on('ready', () => {
+          receive('all', missed);
+          missed = true;
+        });
+        void (async () => {
+          try {
+            await subscriber.connect();
+            await subscriber.subscribe(this.channel, (text) => {
+              const keys = this.parse(text);
+              if (keys) receive(keys);
+            });
+          } catch (err) {
+            if (!this.closed && this.subscriber === subscriber)
+              log.warn({ err: (err as Error).message }, 'forget channel not subscribed');
+          }
+        })();
+      };
+      subscribe(false);
+      // A Redis that stops answering on an open connection (a lost host, a failover) would leave
+      // the subscription silent for good: one that does not answer a ping is made anew.
+      this.watchdog = setInterval(() => {
+        const subscriber = this.subscriber;
+        if (!subscriber || this.closed) return;
+        let timer: NodeJS.Timeout | undefined;
+        void Promise.race([
+          subscriber.sendCommand(['PING']).then(
+            () => true,
+            () => true, // not connected: its own reconnection goes on
+          ),
+          new Promise<boolean>(
+            (resolve) => (timer = setTimeout(() => resolve(false), this.ping.timeoutMs)),
+          ),
+        ]).then((answered) => {
+          clearTimeout(timer);
+          if (answered || this.closed || this.subscriber !== subscriber) return;
+          log.warn(
+            { timeoutMs: this.ping.timeoutMs },
+            'forget channel stopped answering: reconnecting',
+          );
+          subscriber.destroy();
+          subscribe(true);
+        });
+      }, this.ping.everyMs);
+      this.watchdog.unref();
     });
   }
 
@@ -348,6 +392,7 @@ export class RedisForgetTransport implements ForgetTransport {
 
   close(): Promise<void> {
     this.closed = true;
+    clearInterval(this.watchdog);
     this.subscriber?.destroy();
     return Promise.resolve();
   }

@@ -29,9 +29,12 @@ const TAG: StoredEvent = { kind: 'tag', repo: REPO, tag: parseTag('3.20'), diges
 const GONE: RemovedEvent = { kind: 'manifest', repo: REPO, digest: DIGEST };
 
 /** A process's side: its transport on `channel`, and every message it was told. */
-function member(url: string, channel: string) {
+function member(url: string, channel: string, ping?: { everyMs: number; timeoutMs: number }) {
   const redis = new LeaseRedis(url, log);
-  const forgetting = new Forgetting([new RedisForgetTransport(redis, url, channel, log)], log);
+  const forgetting = new Forgetting(
+    [new RedisForgetTransport(redis, url, channel, log, ping)],
+    log,
+  );
   const heard: Forgotten[] = [];
   const stored: StoredEvent[] = [];
   const removed: RemovedEvent[] = [];
@@ -173,6 +176,40 @@ describe('through Redis', () => {
     });
   }, 30_000);
 });
+
+test('a Redis that stops answering on the open connection: the subscriber is made anew, told it may have missed events, and hears keys again', async () => {
+  const server = await startRedis({ port: await freePort() });
+  const channel = `pullcache:forget:silent-${Date.now()}`;
+  const [a, b] = [
+    member(server.url, channel),
+    member(server.url, channel, { everyMs: 200, timeoutMs: 300 }),
+  ];
+  try {
+    await Promise.all([a.ready(), b.ready()]);
+    a.forgetting.announce('before');
+    await waitFor(async () => b.keys().includes('before'), 'the first key');
+    const allsBefore = b.alls();
+    // A stopped process stands in for a lost host: the connection stays open, nothing answers.
+    process.kill(server.pid!, 'SIGSTOP');
+    await new Promise((r) => setTimeout(r, 1000));
+    process.kill(server.pid!, 'SIGCONT');
+    await waitFor(async () => b.alls() > allsBefore, 'b subscribed anew', 20_000);
+    expect(b.misses()).toBe(1);
+    await waitFor(
+      async () => {
+        a.forgetting.announce('after');
+        await new Promise((r) => setTimeout(r, 100));
+        return b.keys().includes('after');
+      },
+      'a key announced once Redis answers again',
+      20_000,
+    );
+  } finally {
+    await a.close();
+    await b.close();
+    await server.stop();
+  }
+}, 40_000);
 
 /** A transport that fails until told otherwise, and records what it sent. */
 class FlakyTransport implements ForgetTransport {
