@@ -32,7 +32,7 @@ import {
 import { formatBytes } from './config/units.js';
 import { fetchStatus, formatStatus, runningServer } from './commands/status.js';
 import { createRuntime, type Runtime } from './runtime.js';
-import { startServer } from './server.js';
+import { startServer, type RunningServer } from './server.js';
 import cluster from 'node:cluster';
 import { runPrimary, workerCount } from './fleet/primary.js';
 
@@ -128,25 +128,19 @@ withCommonOptions(
     log.flush(() => process.exit(code));
     return;
   }
-  let running;
-  try {
-    running = await startServer(config, log);
-  } catch (err) {
-    if (err instanceof ConfigError) {
-      // What start-up found (storage that takes no write): a config problem, one line.
-      console.error(`pullcache: cannot start: ${err.problems.join('; ')}`);
-      process.exit(2);
-    }
-    const e = err as NodeJS.ErrnoException;
-    console.error(
-      `pullcache: cannot start: ${e.code === 'EADDRINUSE' ? `${config.server.listen} is already in use` : e.code === 'EACCES' ? `no permission to listen on ${config.server.listen} or to use ${config.storage.filesystem.root}` : e.message}`,
-    );
-    process.exit(1);
-  }
+  let running: RunningServer | undefined;
   let stopping = false;
   // Logs go out asynchronously: flush them before the process ends, or the last lines are lost.
   const exit = (code: number) => log.flush(() => process.exit(code));
   const drain = config.server.drainTimeout;
+  const close = (server: RunningServer) =>
+    void server.close({ drain }).then(
+      () => exit(0),
+      (err: unknown) => {
+        log.error({ err }, 'shutdown failed');
+        exit(1);
+      },
+    );
   const stop = (signal: string) => {
     if (stopping) {
       // A second ^C: stop now. A second SIGTERM changes nothing: a service manager may send
@@ -162,14 +156,32 @@ withCommonOptions(
       exit(1);
     }, drain + 10_000);
     force.unref();
-    void running.close({ drain }).then(
-      () => exit(0),
-      (err: unknown) => {
-        log.error({ err }, 'shutdown failed');
-        exit(1);
-      },
-    );
+    // Still starting: it stops as soon as it has started (below).
+    if (running) close(running);
   };
+  // From the start: a signal while it starts (a pod stopped as it comes up) stops it cleanly too.
+  if (cluster.isWorker) {
+    // The primary stops the workers (SIGTERM); a terminal's ^C reaches them through it. A
+    // worker whose primary is gone stops too.
+    process.on('SIGINT', () => {});
+    process.on('disconnect', () => stop('disconnect'));
+  } else process.on('SIGINT', () => stop('SIGINT'));
+  process.on('SIGTERM', () => stop('SIGTERM'));
+  try {
+    running = await startServer(config, log);
+  } catch (err) {
+    if (err instanceof ConfigError) {
+      // What start-up found (storage that takes no write): a config problem, one line.
+      console.error(`pullcache: cannot start: ${err.problems.join('; ')}`);
+      process.exit(2);
+    }
+    const e = err as NodeJS.ErrnoException;
+    console.error(
+      `pullcache: cannot start: ${e.code === 'EADDRINUSE' ? `${config.server.listen} is already in use` : e.code === 'EACCES' ? `no permission to listen on ${config.server.listen} or to use ${config.storage.filesystem.root}` : e.message}`,
+    );
+    process.exit(1);
+  }
+  if (stopping) close(running);
   if (process.env.PULLCACHE_TEST_FOLLOWERS) {
     // Diagnosis of stuck transfers: SIGUSR2 logs every client following an upstream fetch.
     const { liveFollowers } = await import('./proxy/blob-follower.js');
@@ -178,13 +190,6 @@ withCommonOptions(
       log.warn({ count: liveFollowers.size }, 'followers listed');
     });
   }
-  if (cluster.isWorker) {
-    // The primary stops the workers (SIGTERM); a terminal's ^C reaches them through it. A
-    // worker whose primary is gone stops too.
-    process.on('SIGINT', () => {});
-    process.on('disconnect', () => stop('disconnect'));
-  } else process.on('SIGINT', () => stop('SIGINT'));
-  process.on('SIGTERM', () => stop('SIGTERM'));
 });
 
 withCommonOptions(

@@ -71,6 +71,22 @@ function member(url: string, channel: string, ping?: { everyMs: number; timeoutM
 
 type M = ReturnType<typeof member>;
 
+/**
+ * Once Redis answers again, a key `a` announces reaches `b`: announced again until it does, since
+ * b's subscription may be renewed a moment after its connection is ready.
+ */
+function reachesAgain(a: M, b: M): Promise<void> {
+  return waitFor(
+    async () => {
+      a.forgetting.announce('after');
+      await new Promise((r) => setTimeout(r, 100));
+      return b.keys().includes('after');
+    },
+    'a key announced once Redis answers again',
+    20_000,
+  );
+}
+
 describe('through Redis', () => {
   let redis: TestRedis;
   let port: number;
@@ -162,17 +178,8 @@ describe('through Redis', () => {
       expect(b.alls()).toBe(allsBefore + 1);
       // It may have missed what a stored and removed meanwhile: told so (it then counts storage).
       expect(b.misses()).toBe(1);
-      // Both connections are back: a key announced now reaches b (announced again until it does,
-      // since b's subscription may be renewed a moment after its connection is ready).
-      await waitFor(
-        async () => {
-          a.forgetting.announce('after');
-          await new Promise((r) => setTimeout(r, 100));
-          return b.keys().includes('after');
-        },
-        'a key announced once Redis is back',
-        20_000,
-      );
+      // Both connections are back: a key announced now reaches b.
+      await reachesAgain(a, b);
     });
   }, 30_000);
 });
@@ -195,15 +202,7 @@ test('a Redis that stops answering on the open connection: the subscriber is mad
     process.kill(server.pid!, 'SIGCONT');
     await waitFor(async () => b.alls() > allsBefore, 'b subscribed anew', 20_000);
     expect(b.misses()).toBe(1);
-    await waitFor(
-      async () => {
-        a.forgetting.announce('after');
-        await new Promise((r) => setTimeout(r, 100));
-        return b.keys().includes('after');
-      },
-      'a key announced once Redis answers again',
-      20_000,
-    );
+    await reachesAgain(a, b);
   } finally {
     await a.close();
     await b.close();
