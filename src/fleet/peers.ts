@@ -32,7 +32,7 @@ export const PEER_PATH = '/_pullcache/v1/peer/blobs/';
 const SIGNATURE_WINDOW_MS = 60_000;
 /** A lease's lifetime; renewed every third of it while the fetch runs. */
 export const PEER_LEASE_TTL_MS = 5_000;
-/** How long a peer that failed a follower mid-stream is passed over for a digest. */
+/** How long a digest whose peer failed mid-stream, or an unusable peer, is passed over. */
 const AVOID_MS = 60_000;
 /**
  * How long a peer may take to accept a connection. Replicas are on one network: a peer that has
@@ -158,12 +158,12 @@ class PeerUnavailableError extends Error {
  * the digest's lease (or Redis cannot be asked), else the replica that holds it.
  */
 export class PeeredBlobSource implements Pick<UpstreamClient, 'getBlob'> {
-  /** Digests whose peer failed a follower mid-stream, until when. */
-  private readonly avoid = new Map<string, number>();
+  /** Digests whose peer failed a follower mid-stream: fetched from the upstream meanwhile. */
+  private readonly avoid = new PassedOver();
   /** When the last warning that the leases cannot be asked was logged. */
   private leasesWarnedAt = -Infinity;
-  /** Peers that did not answer or refused this replica, until when: not dialled meanwhile. */
-  private readonly avoidPeers = new Map<string, number>();
+  /** Peers that did not answer or refused this replica: not dialled meanwhile. */
+  private readonly avoidPeers = new PassedOver();
   /** Connections to peers, kept per peer. */
   private readonly raw: RawAgent;
 
@@ -198,8 +198,6 @@ export class PeeredBlobSource implements Pick<UpstreamClient, 'getBlob'> {
     digest: Digest,
     options: BlobRequestOptions = {},
   ): Promise<BlobStream> {
-    const avoidUntil = this.avoid.get(digest);
-    if (avoidUntil !== undefined && avoidUntil < Date.now()) this.avoid.delete(digest);
     let claim: PeerClaim | undefined;
     if (!this.avoid.has(digest)) {
       try {
@@ -215,7 +213,7 @@ export class PeeredBlobSource implements Pick<UpstreamClient, 'getBlob'> {
         );
       }
     }
-    if (claim && !claim.held && !this.avoiding(claim.holder)) {
+    if (claim && !claim.held && !this.avoidPeers.has(claim.holder)) {
       try {
         return await this.fromPeer(claim.holder, digest, options);
       } catch (err) {
@@ -223,7 +221,7 @@ export class PeeredBlobSource implements Pick<UpstreamClient, 'getBlob'> {
         const peer = claim.holder;
         if (err.peerFault) {
           // Once per peer and minute: it is wrong for every blob until mended.
-          this.avoidPeers.set(peer, Date.now() + AVOID_MS);
+          this.avoidPeers.add(peer);
           this.o.log.warn(
             { digest, peer, err: err.message },
             'peer unusable: fetching from the upstream, and not asking it for a minute',
@@ -248,23 +246,6 @@ export class PeeredBlobSource implements Pick<UpstreamClient, 'getBlob'> {
     if (options.settled) options.settled.then(release, release);
     else blob.stream.once('close', release);
     return blob;
-  }
-
-  /** Whether `peer` is passed over for now (it did not answer, or refused this replica). */
-  private avoiding(peer: string): boolean {
-    const until = this.avoidPeers.get(peer);
-    if (until === undefined) return false;
-    if (until > Date.now()) return true;
-    this.avoidPeers.delete(peer);
-    return false;
-  }
-
-  /** Fetches `digest` from the upstream for a while, whoever holds its lease. */
-  private passOver(digest: Digest): void {
-    const now = Date.now();
-    if (this.avoid.size >= 1024)
-      for (const [d, until] of this.avoid) if (until < now) this.avoid.delete(d);
-    this.avoid.set(digest, now + AVOID_MS);
   }
 
   /**
@@ -342,13 +323,33 @@ export class PeeredBlobSource implements Pick<UpstreamClient, 'getBlob'> {
         throw new Error(`the peer sent ${verifier.bytes} of ${size} bytes`);
       verifier.verify();
     } catch (err) {
-      this.passOver(digest);
+      this.avoid.add(digest);
       this.o.log.warn(
         { digest, peer, err: (err as Error).message },
         'following a peer failed: the next request fetches from the upstream',
       );
       throw err;
     }
+  }
+}
+
+/** Names (digests, peers) passed over for AVOID_MS from when they are added. */
+class PassedOver {
+  private readonly until = new Map<string, number>();
+
+  add(name: string): void {
+    const now = Date.now();
+    if (this.until.size >= 1024)
+      for (const [n, until] of this.until) if (until < now) this.until.delete(n);
+    this.until.set(name, now + AVOID_MS);
+  }
+
+  has(name: string): boolean {
+    const until = this.until.get(name);
+    if (until === undefined) return false;
+    if (until > Date.now()) return true;
+    this.until.delete(name);
+    return false;
   }
 }
 
