@@ -34,3 +34,17 @@ export function unlessAborted<T>(promise: Promise<T>, signal: AbortSignal): Prom
     );
   });
 }
+
+/** What `within` rejects with when the time is up. */
+export class TimedOutError extends Error {}
+
+/**
+ * `promise`, unless `ms` pass first: then a TimedOutError with `message` (and `promise` is still
+ * observed, as by `unlessAborted`).
+ */
+export function within<T>(promise: Promise<T>, ms: number, message: string): Promise<T> {
+  const signal = AbortSignal.timeout(ms);
+  return unlessAborted(promise, signal).catch((err: unknown) => {
+    throw signal.aborted && err === signal.reason ? new TimedOutError(message) : err;
+  });
+}

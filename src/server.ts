@@ -35,6 +35,7 @@ import {
   type TlsCredentials,
 } from './tls/credentials.js';
 import { CertificateReloader } from './tls/reload.js';
+import { within } from './abort.js';
 import { createAccess } from './access/access.js';
 import { logStartup } from './status/startup.js';
 import { createRuntime, type Runtime } from './runtime.js';
@@ -237,18 +238,15 @@ async function drained(
   const open = await connections();
   if (open > 0) log.info({ connections: open, drainTimeout: ms }, 'draining connections');
   const idle = setInterval(() => server.closeIdleConnections(), 200);
-  let timer: NodeJS.Timeout | undefined;
-  const timeUp = new Promise<boolean>((resolve) => (timer = setTimeout(() => resolve(true), ms)));
   try {
-    if (await Promise.race([closed.then(() => false), timeUp])) {
-      log.warn(
-        { connections: await connections() },
-        'drain timeout: cutting the transfers still in flight',
-      );
-    }
+    await within(closed, ms, 'drain timeout');
+  } catch {
+    log.warn(
+      { connections: await connections() },
+      'drain timeout: cutting the transfers still in flight',
+    );
   } finally {
     clearInterval(idle);
-    clearTimeout(timer);
   }
 }
 

@@ -31,6 +31,7 @@
  */
 import { randomUUID } from 'node:crypto';
 import type { Logger } from '../log/logger.js';
+import { within } from '../abort.js';
 import { COMMAND_TIMEOUT_MS, type LeaseRedis } from '../lifecycle/lease.js';
 import type { RemovedEvent, StoredEvent } from '../lifecycle/types.js';
 import { parseDigest } from '../oci/digest.js';
@@ -356,18 +357,10 @@ export class RedisForgetTransport implements ForgetTransport {
       this.watchdog = setInterval(() => {
         const subscriber = this.subscriber;
         if (!subscriber || this.closed) return;
-        let timer: NodeJS.Timeout | undefined;
-        void Promise.race([
-          subscriber.sendCommand(['PING']).then(
-            () => true,
-            () => true, // not connected: its own reconnection goes on
-          ),
-          new Promise<boolean>(
-            (resolve) => (timer = setTimeout(() => resolve(false), this.ping.timeoutMs)),
-          ),
-        ]).then((answered) => {
-          clearTimeout(timer);
-          if (answered || this.closed || this.subscriber !== subscriber) return;
+        // A ping that fails (not connected) is answered too: its own reconnection goes on.
+        const answer = subscriber.sendCommand(['PING']).catch(() => {});
+        void within(answer, this.ping.timeoutMs, 'no answer').catch(() => {
+          if (this.closed || this.subscriber !== subscriber) return;
           log.warn(
             { timeoutMs: this.ping.timeoutMs },
             'forget channel stopped answering: reconnecting',

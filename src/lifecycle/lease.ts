@@ -6,6 +6,7 @@
  */
 import { randomUUID } from 'node:crypto';
 import { hostname } from 'node:os';
+import { TimedOutError, within } from '../abort.js';
 import type { Logger } from '../log/logger.js';
 
 export interface Lease {
@@ -106,18 +107,10 @@ export class LeaseRedis {
   async run<T>(work: (client: MinimalRedis) => Promise<T>): Promise<T> {
     const connecting = this.connect();
     const client = await connecting;
-    let timer: NodeJS.Timeout | undefined;
-    let timedOut = false;
-    const silent = new Promise<never>((_, reject) => {
-      timer = setTimeout(() => {
-        timedOut = true;
-        reject(new Error('redis did not answer'));
-      }, this.commandTimeoutMs);
-    });
     try {
-      return await Promise.race([work(client), silent]);
+      return await within(work(client), this.commandTimeoutMs, 'redis did not answer');
     } catch (err) {
-      if (timedOut) {
+      if (err instanceof TimedOutError) {
         // Timed out: this connection gets no answers. Later uses fail at once until RETRY_MS.
         if (this.client === connecting) {
           this.client = undefined;
@@ -130,8 +123,6 @@ export class LeaseRedis {
         (client.destroy ?? client.disconnect)?.call(client);
       }
       throw err;
-    } finally {
-      clearTimeout(timer);
     }
   }
 
@@ -156,19 +147,11 @@ function connectRedis(url: string, log: Logger): Promise<MinimalRedis> {
     }) as unknown as MinimalRedis;
     client.on('error', (err) => log.debug({ err: err.message }, 'lease redis error'));
     // connect() waits through reconnections: bound it.
-    let timer: NodeJS.Timeout | undefined;
     try {
-      await Promise.race([
-        client.connect(),
-        new Promise((_, reject) => {
-          timer = setTimeout(() => reject(new Error('redis did not answer')), CONNECT_TIMEOUT_MS);
-        }),
-      ]);
+      await within(client.connect(), CONNECT_TIMEOUT_MS, 'redis did not answer');
     } catch (err) {
       (client.destroy ?? client.disconnect)?.call(client);
       throw err;
-    } finally {
-      clearTimeout(timer);
     }
     return client;
   });
