@@ -1,4 +1,5 @@
 /** The MetadataCache on keyv: in-memory (default) or Redis through @keyv/redis. */
+import { TimedOutError, within } from '../abort.js';
 import type { RedisConnectionClientType } from '@keyv/redis';
 import type KeyvRedis from '@keyv/redis';
 import { Keyv } from 'keyv';
@@ -94,21 +95,17 @@ export class KeyvMetadataCache implements MetadataCache {
       return { ok: false, reason: this.errorReason() ?? 'not connected' };
     this.probing++;
     this.lastError = undefined;
-    let timer: NodeJS.Timeout | undefined;
     try {
-      const answer = await Promise.race([
-        this.ping(redis),
-        new Promise<Reachability>((resolve) => {
-          timer = setTimeout(
-            () => resolve({ ok: false, reason: `no answer within ${timeoutMs} ms` }),
-            timeoutMs,
-          );
-        }),
-      ]);
+      const answer = await within(this.ping(redis), timeoutMs, 'no answer').catch(
+        (err: unknown): Reachability => {
+          if (err instanceof TimedOutError)
+            return { ok: false, reason: `no answer within ${timeoutMs} ms` };
+          throw err;
+        },
+      );
       if (answer.ok) this.skipUntil = 0;
       return answer;
     } finally {
-      clearTimeout(timer);
       this.probing--;
     }
   }
