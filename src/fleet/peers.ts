@@ -295,6 +295,7 @@ export class PeeredBlobSource implements Pick<UpstreamClient, 'getBlob'> {
     this.o.log.info({ digest, peer }, 'following the fetch of another replica');
     return {
       size,
+      fromPeer: true,
       // Each chunk as it was read, so the fetch can hand the slabs' views back (client.ts).
       stream: Readable.from(this.peerChunks(peer, digest, size, res.body), {
         objectMode: true,

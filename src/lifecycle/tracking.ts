@@ -100,6 +100,9 @@ class TrackedWriter implements BlobWriter {
   cancel(): Promise<void> {
     return this.inner.cancel();
   }
+  expectStoredElsewhere(): void {
+    this.inner.expectStoredElsewhere();
+  }
   readWritten(offset: number, length: number): Promise<RangeStream> {
     return this.inner.readWritten(offset, length);
   }

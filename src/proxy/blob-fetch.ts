@@ -118,12 +118,20 @@ export class BlobFetch implements UpstreamFetch, FollowedFetch {
     this.session = blobs.create({ hash: false });
     this.session.catch(() => {}); // its error, if any, is met by the pump or below
     try {
-      const { size, stream } = await client.getBlob(repo.repository, digest, {
+      const { size, stream, fromPeer } = await client.getBlob(repo.repository, digest, {
         signal: this.abort.signal,
         slabs: this.slabs,
         settled: this.settled.promise,
       });
       this.size = size;
+      // The replica followed stores the blob in this storage before it sends the last byte: the
+      // upload here is a spare, kept where the clients that fall behind read it (before the first
+      // write, which waits for the same session).
+      if (fromPeer)
+        void this.session.then(
+          (w) => w.expectStoredElsewhere(),
+          () => {},
+        );
       this.state = 'running';
       const keep = this.options.budget?.accepts(digest, size) ?? true;
       const lease = this.options.lease;

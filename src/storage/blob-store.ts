@@ -255,32 +255,47 @@ class DriverBlobWriter implements BlobWriter {
     const file = this.openFile();
     const parsed = parseDigest(expected.digest);
     const size = file.size;
+    const target = paths.blobData(expected.digest);
     this.done = true;
     try {
-      await file.close();
-      this.file = undefined;
-      if (expected.size !== undefined && expected.size !== size)
-        throw new SizeInvalidError(expected.size, size);
-      const actual = expected.verified
-        ? expected.digest
-        : this.hash && parsed.algorithm === 'sha256'
-          ? `sha256:${this.hash.digest('hex')}`
-          : await this.rehash(parsed.algorithm);
-      if (actual !== expected.digest) throw new DigestMismatchError(expected.digest, actual);
-      const target = paths.blobData(expected.digest);
-      const existing = await this.driver.stat(target);
-      // Where a copy and a delete are separate requests (S3), the upload's delete goes with the
-      // session's own below, in one.
-      if (!existing)
-        await (this.driver.copy
-          ? this.driver.copy(paths.uploadData(this.id), target)
-          : this.driver.move(paths.uploadData(this.id), target));
+      // Bytes the caller verified, of the right size: a blob already stored (another process
+      // fetched it too) makes this upload needless, so it is dropped before it is completed (on
+      // S3, before a held-back upload is sent at all).
+      const early = expected.verified && (expected.size === undefined || expected.size === size);
+      if (early && (await this.driver.stat(target))) {
+        await file.cancel();
+        this.file = undefined;
+      } else {
+        await file.close();
+        this.file = undefined;
+        if (expected.size !== undefined && expected.size !== size)
+          throw new SizeInvalidError(expected.size, size);
+        const actual = expected.verified
+          ? expected.digest
+          : this.hash && parsed.algorithm === 'sha256'
+            ? `sha256:${this.hash.digest('hex')}`
+            : await this.rehash(parsed.algorithm);
+        if (actual !== expected.digest) throw new DigestMismatchError(expected.digest, actual);
+        // Where a copy and a delete are separate requests (S3), the upload's delete goes with
+        // the session's own below, in one.
+        if (early || !(await this.driver.stat(target)))
+          await (this.driver.copy
+            ? this.driver.copy(paths.uploadData(this.id), target)
+            : this.driver.move(paths.uploadData(this.id), target));
+      }
     } finally {
+      // A file left open by a failure above (the store unreachable) goes with its session.
+      await this.file?.cancel().catch(() => {});
+      this.file = undefined;
       await this.removeSession();
     }
     const descriptor: Descriptor = { digest: expected.digest, size };
     if (expected.mediaType) descriptor.mediaType = expected.mediaType;
     return descriptor;
+  }
+
+  expectStoredElsewhere(): void {
+    this.file?.holdBack?.();
   }
 
   async cancel(): Promise<void> {

@@ -3,7 +3,8 @@
  * written so far can be read back (S3 cannot read an unfinished upload), and to a multipart upload
  * of `partSize` parts as they fill, PART_CONCURRENCY at a time; `close` completes it (a write
  * smaller than one part is one PUT), `cancel` aborts it. Nothing is visible at the key before
- * `close`.
+ * `close`. A write held back (`holdBack`: another replica is storing the same blob) fills only
+ * the spool file, and `close` uploads it then, if it is called at all.
  */
 import * as fs from 'node:fs/promises';
 import type { Readable } from 'node:stream';
@@ -44,6 +45,8 @@ export class S3Writer implements FileWriter {
   private readonly inflight = new Set<Promise<void>>();
   private failure: unknown;
   private closed = false;
+  /** Parts are not uploaded as they fill, but by `close`. */
+  private held = false;
   private readonly key: string;
 
   constructor(
@@ -93,7 +96,12 @@ export class S3Writer implements FileWriter {
     await this.uploadFullParts();
   }
 
+  holdBack(): void {
+    this.held = true;
+  }
+
   private async uploadFullParts(): Promise<void> {
+    if (this.held) return;
     const partSize = this.driver.options.partSize;
     while (this.size - this.uploaded >= partSize) {
       // Backpressure: at most PART_CONCURRENCY parts in flight.
@@ -154,6 +162,8 @@ export class S3Writer implements FileWriter {
     if (this.closed) return;
     this.closed = true;
     try {
+      this.held = false;
+      await this.uploadFullParts();
       await Promise.all(this.inflight);
       if (this.failure) throw this.failure;
       if (this.parts.length === 0) {

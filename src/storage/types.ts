@@ -28,6 +28,12 @@ export interface FileWriter {
   close(): Promise<void>;
   /** Closes and removes the file. */
   cancel(): Promise<void>;
+  /**
+   * Where writing is more than keeping a local copy (S3: a multipart upload), holds that back
+   * until `close`: what is written stays readable here meanwhile. For a file that may never need
+   * to reach the store.
+   */
+  holdBack?(): void;
 }
 
 export interface StorageDriver {
@@ -187,6 +193,11 @@ export interface BlobWriter {
   }): Promise<Descriptor>;
   /** Removes the session; afterwards `resume(id)` reports an unknown upload. */
   cancel(): Promise<void>;
+  /**
+   * Says that another process is storing the same blob: the bytes are sent to the store (S3)
+   * only at the commit, and only if the blob is not there by then. Call before the first write.
+   */
+  expectStoredElsewhere(): void;
   /** Reads what is written so far, from `offset`, `length` bytes; for followers of a fetch. */
   readWritten(offset: number, length: number): Promise<RangeStream>;
 }

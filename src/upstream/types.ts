@@ -30,6 +30,12 @@ export interface BlobStream {
    * digest is checked at the end (the stream errors with UpstreamInvalidError on a mismatch).
    */
   stream: Readable;
+  /**
+   * The blob comes from another replica that is fetching it into this replica's own storage
+   * (they share the fetch leases, so the storage): the copy kept here is a spare, needed only if
+   * the blob is not stored by the time this fetch commits.
+   */
+  fromPeer?: boolean;
 }
 
 export interface FetchedReferrers {

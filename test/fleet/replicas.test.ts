@@ -2,7 +2,9 @@
  * Replicas on several hosts (here: three processes on loopback, each with its own port and
  * `server.advertise`), sharing a real Redis and one bucket of a real S3 server, in front of the
  * real upstream registry (paced by a forwarder, so that tests can act while a fetch is under
- * way): a cold blob is fetched once for all of them, and the peer endpoint answers only peers.
+ * way): a cold blob is fetched once for all of them and uploaded to the bucket once, and the peer
+ * endpoint answers only peers. The replicas reach the bucket through a recorder, which counts
+ * what they upload (one for all: the endpoint is part of what names the shared storage).
  */
 import { createServer, type Server } from 'node:http';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
@@ -11,6 +13,7 @@ import { peerSignature, PEER_HEADER, PEER_PATH } from '../../src/fleet/peers.js'
 import type { ImageInfo } from '../../src/lifecycle/types.js';
 import { makeImage, pushImage, pushRandomBlob, sha256 } from '../helpers/images.js';
 import { freePort, waitFor } from '../helpers/net.js';
+import { Recorder } from '../helpers/recorder.js';
 import { startRedis, type TestRedis } from '../helpers/redis.js';
 import { TestRegistry } from '../helpers/registry.js';
 import { startS3, type TestS3 } from '../helpers/s3.js';
@@ -27,6 +30,7 @@ describe('replicas sharing Redis and a bucket', () => {
   let redis: TestRedis;
   let s3: TestS3;
   let bucket: string;
+  let toBucket: Recorder;
   const replicas: WorkersServer[] = [];
 
   async function startReplica(secretEnv = 'REPLICAS_TEST_PEER_SECRET'): Promise<WorkersServer> {
@@ -40,7 +44,7 @@ describe('replicas sharing Redis and a bucket', () => {
         '  driver: s3',
         '  s3:',
         `    bucket: ${bucket}`,
-        `    endpoint: ${s3.endpoint}`,
+        `    endpoint: ${toBucket.url}`,
         '    forcePathStyle: true',
         '    accessKeyEnv: REPLICAS_TEST_S3_KEY',
         '    secretKeyEnv: REPLICAS_TEST_S3_SECRET',
@@ -58,6 +62,7 @@ describe('replicas sharing Redis and a bucket', () => {
     redis = await startRedis();
     s3 = await startS3();
     bucket = await s3.bucket();
+    toBucket = await Recorder.start(s3.endpoint);
     // startWorkers passes no PULLCACHE_* variable on: these names are the replicas' own.
     process.env.REPLICAS_TEST_PEER_SECRET = SECRET;
     process.env.REPLICAS_TEST_S3_KEY = s3.accessKey;
@@ -66,6 +71,7 @@ describe('replicas sharing Redis and a bucket', () => {
   }, 120_000);
   afterAll(async () => {
     await Promise.all(replicas.map((r) => r.stop()));
+    await toBucket?.close();
     await throttle?.close();
     await registry?.close();
     await redis?.stop();
@@ -80,9 +86,10 @@ describe('replicas sharing Redis and a bucket', () => {
   const logged = (replica: WorkersServer, msg: string) =>
     replica.lines.filter((l) => l.msg === msg).length;
 
-  test('16 clients spread over three replicas fetch a cold blob from the upstream once', async () => {
-    const b = await blob(16 * MiB);
-    throttle.bytesPerSecond = 8 * MiB;
+  test('16 clients spread over three replicas fetch a cold blob from the upstream once, and upload it once', async () => {
+    const b = await blob(40 * MiB);
+    toBucket.reset();
+    throttle.bytesPerSecond = 20 * MiB;
     const results = await Promise.all(
       Array.from({ length: 16 }, (_, i) => get(`${replicas[i % 3]!.url}${b.path}`)),
     );
@@ -93,6 +100,16 @@ describe('replicas sharing Redis and a bucket', () => {
       (r) => logged(r, 'following the fetch of another replica') > 0,
     );
     expect(following.length).toBe(2);
+    // The holder uploaded the blob (in parts of 16 MiB); the followers kept only their spool
+    // files, found the blob stored when they committed, and sent nothing.
+    const puts = toBucket.requests.filter((r) => r.method === 'PUT');
+    const sent = puts.reduce((n, r) => n + r.sent, 0);
+    expect(sent).toBeGreaterThanOrEqual(b.bytes.length);
+    expect(sent).toBeLessThan(b.bytes.length + 4096);
+    // The followers serve the blob from the bucket now.
+    for (const follower of following)
+      expect(intact(await get(`${follower.url}${b.path}`), b.digest)).toBe(true);
+    expect(throttle.gets.get(b.digest)).toBe(1);
   }, 120_000);
 
   test('the peer endpoint answers a signed request, and refuses a missing, forged or stale signature', async () => {
@@ -138,7 +155,7 @@ describe('replicas sharing Redis and a bucket', () => {
     const client = createClient({ url: redis.url });
     await client.connect();
     try {
-      const key = `pullcache:fetch-lease:s3:${s3.endpoint}/${bucket}/:${b.digest}`;
+      const key = `pullcache:fetch-lease:s3:${toBucket.url}/${bucket}/:${b.digest}`;
       await client.set(key, `${fakeUrl} someone-else`, { PX: 60_000 });
       const replica = replicas[2]!;
       const first = await get(`${replica.url}${b.path}`);

@@ -1,8 +1,8 @@
 /**
- * A recording forwarder in front of the real test registry: every request pullcache makes to
- * its upstream passes through here unchanged and is counted, so tests can assert what did (and
- * did not) reach the upstream. It can also be switched to refuse connections (upstream down), or
- * to drop the Content-Length of HEAD answers.
+ * A recording forwarder in front of the real test registry (or the real S3 server): every
+ * request pullcache makes to it passes through here unchanged and is counted, so tests can
+ * assert what did (and did not) reach the upstream or the bucket. It can also be switched to
+ * refuse connections (upstream down), or to drop the Content-Length of HEAD answers.
  */
 import { Agent, createServer, type IncomingHttpHeaders, type Server } from 'node:http';
 import type { Socket } from 'node:net';
@@ -12,7 +12,10 @@ export interface Recorded {
   method: string;
   path: string;
   status: number;
+  /** Bytes of the answer's body. */
   bytes: number;
+  /** Bytes of the request's body, as its headers said (an S3 client's decoded length). */
+  sent: number;
 }
 
 export class Recorder {
@@ -42,6 +45,9 @@ export class Recorder {
         path: (req.url ?? '').split('?')[0]!,
         status: proxyRes.statusCode ?? 0,
         bytes: 0,
+        sent: Number(
+          req.headers['x-amz-decoded-content-length'] ?? req.headers['content-length'] ?? 0,
+        ),
       };
       this.requests.push(entry);
       proxyRes.on('data', (chunk: Buffer) => (entry.bytes += chunk.length));

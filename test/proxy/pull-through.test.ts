@@ -387,7 +387,7 @@ describe.each(DRIVERS)('pulling through pullcache from a real registry (%s stora
       expect(greeting('dead.test')!.msg).toMatch(/does not answer/);
       expect(greeting('air.test')).toBeUndefined(); // offline: never dialled
       expect(recorder.requests).toEqual([
-        { method: 'GET', path: '/v2/', status: 401, bytes: expect.any(Number) },
+        { method: 'GET', path: '/v2/', status: 401, bytes: expect.any(Number), sent: 0 },
       ]);
       expect(JSON.stringify(lines)).not.toMatch(/read-secret|Bearer /);
 

@@ -200,6 +200,55 @@ describe.each(DRIVERS)('storage contract on %s', (kind) => {
       ).toBe(true);
     });
 
+    test('a spare upload (the blob expected from another process): sent nowhere while held, dropped at a commit that finds the blob, stored whole by one that does not', async () => {
+      const multipartUploads = async () =>
+        storage.s3
+          ? ((
+              await storage.s3.client.send(
+                new ListMultipartUploadsCommand({
+                  Bucket: storage.bucket!,
+                  Prefix: storage.prefix!,
+                }),
+              )
+            ).Uploads ?? [])
+          : [];
+      const data = randomBytes(11 * 1024 * 1024 + 5);
+      const digest = digestOf(data);
+      const spare = await store.create({ hash: false });
+      spare.expectStoredElsewhere();
+      for (let i = 0; i < data.length; i += 1024 * 1024)
+        await spare.writev([data.subarray(i, Math.min(i + 1024 * 1024, data.length))]);
+      // Two parts' worth written, none sent; still readable here for the clients behind.
+      expect(await multipartUploads()).toEqual([]);
+      const tail = await read({
+        found: true,
+        descriptor: { digest, size: data.length },
+        stream: await spare.readWritten(data.length - 100, 100),
+      });
+      expect(tail.equals(data.subarray(data.length - 100))).toBe(true);
+      // Another process stores the blob meanwhile.
+      const other = await store.create();
+      await other.writev([data]);
+      await other.commit({ digest, size: data.length });
+      expect(await spare.commit({ digest, size: data.length, verified: true })).toEqual({
+        digest,
+        size: data.length,
+      });
+      expect(await driver.stat(paths.uploadData(spare.id))).toBeUndefined();
+      expect(await multipartUploads()).toEqual([]);
+      expect(digestOf(await read(await store.open(digest)))).toBe(digest);
+
+      // Nobody stored this one: the spare is sent at its commit, and is the blob.
+      const lone = randomBytes(11 * 1024 * 1024 + 7);
+      const held = await store.create({ hash: false });
+      held.expectStoredElsewhere();
+      await held.writev([lone]);
+      expect(await multipartUploads()).toEqual([]);
+      await held.commit({ digest: digestOf(lone), size: lone.length, verified: true });
+      expect((await read(await store.open(digestOf(lone)))).equals(lone)).toBe(true);
+      expect(await driver.list(paths.uploadsRoot())).toEqual([]);
+    });
+
     test('what is written so far is readable by followers before the commit', async () => {
       const data = randomBytes(7 * 1024 * 1024);
       const w = await store.create();
