@@ -41,6 +41,15 @@ export interface ServedCells {
   proxyPushed: CounterCell;
 }
 
+/** What following other replicas' fetches adds to (`pullcache_peer_*`). */
+export interface PeerCells {
+  bytes: CounterCell;
+  /** Followed fetches by result. */
+  whole: CounterCell;
+  cut: CounterCell;
+  unavailable: CounterCell;
+}
+
 /** The cells of one kind of client request with one method; `status` cells made as they come. */
 export class HttpCells {
   private readonly statuses = new Map<number, CounterCell>();
@@ -130,6 +139,19 @@ export class Metrics {
     help: "Time from a request to an upstream to its answer's headers",
     labelNames: ['upstream', 'kind'] as const,
     buckets: DURATION_BUCKETS,
+    registry: this.registry,
+  });
+
+  readonly peerBytes = new CellCounter({
+    name: 'pullcache_peer_bytes_total',
+    help: 'Blob bytes received from other replicas, following their upstream fetches',
+    labelNames: ['upstream'] as const,
+    registry: this.registry,
+  });
+  readonly peerFollows = new CellCounter({
+    name: 'pullcache_peer_follows_total',
+    help: 'Blob fetches that asked the replica fetching the blob, by result: whole (streamed and verified), cut (the peer failed mid-stream), unavailable (fetched from the upstream instead)',
+    labelNames: ['upstream', 'result'] as const,
     registry: this.registry,
   });
 
@@ -301,6 +323,16 @@ export class Metrics {
       this.served.set(key, cells);
     }
     return cells;
+  }
+
+  /** The cells a blob source that follows other replicas adds to, for `upstream`. */
+  peerCells(upstream: string): PeerCells {
+    return {
+      bytes: this.peerBytes.cell(upstream),
+      whole: this.peerFollows.cell(upstream, 'whole'),
+      cut: this.peerFollows.cell(upstream, 'cut'),
+      unavailable: this.peerFollows.cell(upstream, 'unavailable'),
+    };
   }
 
   /** The cell of bytes pulled from upstreams, by distribution's type. */

@@ -206,6 +206,7 @@ export async function createRuntime(
                   secret: peerSecret,
                   idleTimeout: followIdle(upstream.timeouts.bodyIdle),
                   log,
+                  cells: metrics.peerCells(name),
                 }),
               ),
             }

@@ -19,6 +19,7 @@
 import { createHmac, randomUUID, timingSafeEqual } from 'node:crypto';
 import { Readable } from 'node:stream';
 import type { Logger } from '../log/logger.js';
+import type { PeerCells } from '../metrics.js';
 import { DigestVerifier, parseDigest, type Digest } from '../oci/digest.js';
 import { RELEASE, RENEW, REPLACE, type LeaseRedis } from '../lifecycle/lease.js';
 import type { Repository } from '../oci/reference.js';
@@ -175,6 +176,8 @@ export class PeeredBlobSource implements Pick<UpstreamClient, 'getBlob'> {
       /** How long a peer may send nothing before it is given up (the upstream's bodyIdle). */
       idleTimeout: number;
       log: Logger;
+      /** Where the bytes and results of following peers are counted. */
+      cells?: PeerCells;
     },
   ) {
     const wait = o.idleTimeout;
@@ -218,6 +221,7 @@ export class PeeredBlobSource implements Pick<UpstreamClient, 'getBlob'> {
         return await this.fromPeer(claim.holder, digest, options);
       } catch (err) {
         if (!(err instanceof PeerUnavailableError)) throw err;
+        if (this.o.cells) this.o.cells.unavailable.value++;
         const peer = claim.holder;
         if (err.peerFault) {
           // Once per peer and minute: it is wrong for every blob until mended.
@@ -312,9 +316,11 @@ export class PeeredBlobSource implements Pick<UpstreamClient, 'getBlob'> {
     body: RawBody,
   ): AsyncGenerator<Buffer> {
     const verifier = new DigestVerifier(parseDigest(digest));
+    const cells = this.o.cells;
     // A consumer that stops early returns the body's generator too: the connection is cut.
     for await (const view of body.drain()) {
       verifier.update(view);
+      if (cells) cells.bytes.value += view.length;
       yield view;
     }
     const end = body.ended!;
@@ -323,7 +329,9 @@ export class PeeredBlobSource implements Pick<UpstreamClient, 'getBlob'> {
       if (size !== undefined && verifier.bytes !== size)
         throw new Error(`the peer sent ${verifier.bytes} of ${size} bytes`);
       verifier.verify();
+      if (cells) cells.whole.value++;
     } catch (err) {
+      if (cells) cells.cut.value++;
       this.avoid.add(digest);
       this.o.log.warn(
         { digest, peer, err: (err as Error).message },

@@ -16,6 +16,7 @@ import { digestOf, type Digest } from '../../src/oci/digest.js';
 import type { Repository } from '../../src/oci/reference.js';
 import type { BlobStream } from '../../src/upstream/types.js';
 import { ReceiveSlabs } from '../../src/upstream/receive-slabs.js';
+import { Metrics, type PeerCells } from '../../src/metrics.js';
 
 const SECRET = 'peer-secret';
 const REPO = 'library/x' as Repository;
@@ -28,6 +29,8 @@ afterEach(async () => {
 
 /** Requests the stand-in peer received. */
 let asked = 0;
+/** What the last source made counted (`pullcache_peer_*`). */
+let cells: PeerCells;
 
 /** A peer endpoint serving `body` for any digest, to requests signed with SECRET. */
 async function peer(body: Buffer, status = 200, secret = SECRET): Promise<string> {
@@ -66,11 +69,13 @@ function source(
       throw new Error('the upstream was asked');
     },
   };
+  cells = new Metrics().peerCells('upstream');
   return new PeeredBlobSource(upstream, {
     leases,
     secret: SECRET,
     idleTimeout,
     log,
+    cells,
   });
 }
 
@@ -97,6 +102,7 @@ test("a peer's blob comes in views of the fetch's slabs, read into again once ha
   expect(slabs.taken).toBeLessThan(10);
   expect(slabs.outstanding).toBe(0);
   expect(calls).toEqual([]);
+  expect([cells.bytes.value, cells.whole.value, cells.cut.value]).toEqual([blob.length, 1, 0]);
 });
 
 test('bytes that do not match the digest fail the stream, and the digest goes to the upstream next', async () => {
@@ -110,6 +116,7 @@ test('bytes that do not match the digest fail the stream, and the digest goes to
       for await (const chunk of stream) void chunk;
     })(),
   ).rejects.toThrow(/digest/i);
+  expect([cells.whole.value, cells.cut.value]).toEqual([0, 1]);
   await expect(peered.getBlob(REPO, digest)).rejects.toThrow('the upstream was asked');
   expect(calls).toEqual([digest]);
 });
@@ -120,6 +127,7 @@ test('a peer that refuses (its fetch over, the blob not kept) is passed over for
   const peered = source(await peer(blob, 404), calls);
   await expect(peered.getBlob(REPO, digestOf(blob))).rejects.toThrow('the upstream was asked');
   expect(calls).toEqual([digestOf(blob)]);
+  expect(cells.unavailable.value).toBe(1);
 });
 
 test('a peer that refuses this replica (another peerSecret) is not asked again for a minute, and is warned of once', async () => {
@@ -131,6 +139,8 @@ test('a peer that refuses this replica (another peerSecret) is not asked again f
     await expect(peered.getBlob(REPO, digestOf(blob))).rejects.toThrow('the upstream was asked');
   expect(calls).toEqual(blobs.map((b) => digestOf(b)));
   expect(asked).toBe(1);
+  // Asked once; the second blob went to the upstream without asking.
+  expect(cells.unavailable.value).toBe(1);
   const warned = lines.filter((l) => l.level === 40);
   expect(warned).toHaveLength(1);
   expect(String(warned[0]!.err)).toMatch(

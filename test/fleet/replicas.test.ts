@@ -13,6 +13,7 @@ import { peerSignature, PEER_HEADER, PEER_PATH } from '../../src/fleet/peers.js'
 import type { ImageInfo } from '../../src/lifecycle/types.js';
 import { makeImage, pushImage, pushRandomBlob, sha256 } from '../helpers/images.js';
 import { freePort, waitFor } from '../helpers/net.js';
+import { scrape, sum } from '../helpers/prometheus.js';
 import { Recorder } from '../helpers/recorder.js';
 import { startRedis, type TestRedis } from '../helpers/redis.js';
 import { TestRegistry } from '../helpers/registry.js';
@@ -83,12 +84,26 @@ describe('replicas sharing Redis and a bucket', () => {
     return { digest, bytes, path: `/v2/${REPO}/blobs/${digest}` };
   }
 
+  /** The fleet's counters, summed over the replicas. */
+  async function fleetMetrics(only = replicas) {
+    const all = await Promise.all(only.map((r) => scrape(r.url)));
+    const total = (name: string, match: Record<string, string> = {}) =>
+      all.reduce((n, { samples }) => n + sum(samples, name, match), 0);
+    return {
+      upstreamBytes: total('pullcache_upstream_bytes_total'),
+      peerBytes: total('pullcache_peer_bytes_total'),
+      whole: total('pullcache_peer_follows_total', { result: 'whole' }),
+      cut: total('pullcache_peer_follows_total', { result: 'cut' }),
+    };
+  }
+
   const logged = (replica: WorkersServer, msg: string) =>
     replica.lines.filter((l) => l.msg === msg).length;
 
   test('16 clients spread over three replicas fetch a cold blob from the upstream once, and upload it once', async () => {
     const b = await blob(40 * MiB);
     toBucket.reset();
+    const before = await fleetMetrics();
     throttle.bytesPerSecond = 20 * MiB;
     const results = await Promise.all(
       Array.from({ length: 16 }, (_, i) => get(`${replicas[i % 3]!.url}${b.path}`)),
@@ -106,6 +121,12 @@ describe('replicas sharing Redis and a bucket', () => {
     const sent = puts.reduce((n, r) => n + r.sent, 0);
     expect(sent).toBeGreaterThanOrEqual(b.bytes.length);
     expect(sent).toBeLessThan(b.bytes.length + 4096);
+    // What the metrics tell an operator: the fleet received the blob once from the upstream,
+    // and each follower once from its peer.
+    const after = await fleetMetrics();
+    expect(after.upstreamBytes - before.upstreamBytes).toBe(b.bytes.length);
+    expect(after.peerBytes - before.peerBytes).toBe(2 * b.bytes.length);
+    expect(after.whole - before.whole).toBe(2);
     // The followers serve the blob from the bucket now.
     for (const follower of following)
       expect(intact(await get(`${follower.url}${b.path}`), b.digest)).toBe(true);
@@ -158,12 +179,14 @@ describe('replicas sharing Redis and a bucket', () => {
       const key = `pullcache:fetch-lease:s3:${toBucket.url}/${bucket}/:${b.digest}`;
       await client.set(key, `${fakeUrl} someone-else`, { PX: 60_000 });
       const replica = replicas[2]!;
+      const cutBefore = (await fleetMetrics([replica])).cut;
       const first = await get(`${replica.url}${b.path}`);
       // Cut before its last byte (held back until the digest is checked): never the corrupt
       // bytes as the blob.
       expect(intact(first, b.digest)).toBe(false);
       expect(first.body.length).toBeLessThan(corrupt.length);
       expect(throttle.gets.get(b.digest)).toBeUndefined();
+      expect((await fleetMetrics([replica])).cut).toBe(cutBefore + 1);
       const retry = await get(`${replica.url}${b.path}`);
       expect(intact(retry, b.digest)).toBe(true);
       expect(throttle.gets.get(b.digest)).toBe(1);
