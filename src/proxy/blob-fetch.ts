@@ -72,6 +72,8 @@ export class BlobFetch implements UpstreamFetch, FollowedFetch {
    */
   state: FetchState = 'starting';
   error: unknown;
+  /** The bytes come from the replica fetching the blob (fleet/peers.ts), not the upstream. */
+  private fromPeer = false;
   /** Resolves once the upstream answered with the blob's headers; rejects with its error. */
   readonly ready: Promise<void>;
   /** Resolves when the blob is committed; rejects when the fetch failed. */
@@ -124,6 +126,7 @@ export class BlobFetch implements UpstreamFetch, FollowedFetch {
         settled: this.settled.promise,
       });
       this.size = size;
+      this.fromPeer = fromPeer === true;
       // The replica followed stores the blob in this storage before it sends the last byte: the
       // upload here is a spare, kept where the clients that fall behind read it (before the first
       // write, which waits for the same session).
@@ -296,6 +299,14 @@ export class BlobFetch implements UpstreamFetch, FollowedFetch {
       }, this.options.orphanTimeout);
       this.orphanTimer.unref();
     }
+  }
+
+  /**
+   * Whether this process fetches the blob from the upstream: not while it follows another
+   * replica's fetch, which that replica counts (`pullcache_fetches_in_flight`).
+   */
+  get local(): boolean {
+    return !this.fromPeer;
   }
 
   /** When the fetch started, ms since epoch. */

@@ -54,9 +54,12 @@ export class FleetFetch implements UpstreamFetch {
     return this.current?.error;
   }
 
-  /** Whether this process is the one fetching from the upstream (for the log and the tests). */
+  /**
+   * Whether this process is the one fetching from the upstream: not while it follows another
+   * worker's fetch, or another replica's through its BlobFetch.
+   */
   get local(): boolean {
-    return this.current instanceof BlobFetch;
+    return this.current instanceof BlobFetch && this.current.local;
   }
 
   // What the status page shows of a fetch (proxy/inflight.ts): one followed from another

@@ -28,8 +28,8 @@ export interface TrackedFetch {
   readonly size: number | undefined;
   readonly state: string;
   /**
-   * False while the fetch follows another process's (a worker of the host); absent on a fetch
-   * that is always this process's own.
+   * False while the fetch follows another process's (a worker of the host, or another replica);
+   * absent on a fetch that is always this process's own.
    */
   readonly local?: boolean;
 }
@@ -58,8 +58,8 @@ export class InflightFetches<F extends TrackedFetch = TrackedFetch> extends Map<
 
   /**
    * Fetches this process is making and still running (settled ones leave the map a moment
-   * after). One that follows another worker's is that worker's to count: `/metrics` with
-   * `server.workers` adds the workers' counts up.
+   * after). One that follows another worker's or replica's is that one's to count: `/metrics`
+   * with `server.workers` adds the workers' counts up, and a dashboard the replicas'.
    */
   running(): number {
     let n = 0;

@@ -94,6 +94,7 @@ describe('replicas sharing Redis and a bucket', () => {
       peerBytes: total('pullcache_peer_bytes_total'),
       whole: total('pullcache_peer_follows_total', { result: 'whole' }),
       cut: total('pullcache_peer_follows_total', { result: 'cut' }),
+      inFlight: total('pullcache_fetches_in_flight'),
     };
   }
 
@@ -105,15 +106,19 @@ describe('replicas sharing Redis and a bucket', () => {
     toBucket.reset();
     const before = await fleetMetrics();
     throttle.bytesPerSecond = 20 * MiB;
-    const results = await Promise.all(
+    const gets = Promise.all(
       Array.from({ length: 16 }, (_, i) => get(`${replicas[i % 3]!.url}${b.path}`)),
     );
+    // Two replicas follow the third.
+    const followers = () =>
+      replicas.filter((r) => logged(r, 'following the fetch of another replica') > 0);
+    await waitFor(async () => followers().length === 2, 'two replicas following the third');
+    // Under way, the fleet counts one fetch in flight: the followers' are the holder's.
+    expect((await fleetMetrics()).inFlight).toBe(1);
+    const results = await gets;
     for (const r of results) expect(intact(r, b.digest)).toBe(true);
     expect(throttle.gets.get(b.digest)).toBe(1);
-    // Two replicas followed the third.
-    const following = replicas.filter(
-      (r) => logged(r, 'following the fetch of another replica') > 0,
-    );
+    const following = followers();
     expect(following.length).toBe(2);
     // The holder uploaded the blob (in parts of 16 MiB); the followers kept only their spool
     // files, found the blob stored when they committed, and sent nothing.
