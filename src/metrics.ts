@@ -150,7 +150,7 @@ export class Metrics {
   });
   readonly peerFollows = new CellCounter({
     name: 'pullcache_peer_follows_total',
-    help: 'Blob fetches that asked the replica fetching the blob, by result: whole (streamed and verified), cut (the peer failed mid-stream), unavailable (fetched from the upstream instead)',
+    help: 'Blob fetches that asked the replica fetching the blob, by result: whole (streamed and verified), cut (ended before it was whole: the peer failed, or this replica stopped), unavailable (fetched from the upstream instead)',
     labelNames: ['upstream', 'result'] as const,
     registry: this.registry,
   });

@@ -185,8 +185,8 @@ export class PeeredBlobSource implements Pick<UpstreamClient, 'getBlob'> {
       connect: Math.min(wait, PEER_CONNECT_MS),
       headers: wait,
       bodyIdle: wait,
-      // The holder sends the last byte once its blob is stored: on S3 a server-side copy, which
-      // for a layer of several GB can outlast bodyIdle.
+      // The holder sends the last byte once its blob is stored: on S3 the completion of its
+      // multipart upload, which for a layer of several GB can outlast bodyIdle.
       lastByteIdle: Math.max(wait, COMMIT_WAIT_MS),
     });
   }
@@ -301,7 +301,7 @@ export class PeeredBlobSource implements Pick<UpstreamClient, 'getBlob'> {
       size,
       fromPeer: true,
       // Each chunk as it was read, so the fetch can hand the slabs' views back (client.ts).
-      stream: Readable.from(this.peerChunks(peer, digest, size, res.body), {
+      stream: Readable.from(this.peerChunks(peer, digest, size, res.body, options.signal), {
         objectMode: true,
         highWaterMark: 1,
       }),
@@ -314,30 +314,41 @@ export class PeeredBlobSource implements Pick<UpstreamClient, 'getBlob'> {
     digest: Digest,
     size: number | undefined,
     body: RawBody,
+    signal: AbortSignal | undefined,
   ): AsyncGenerator<Buffer> {
     const verifier = new DigestVerifier(parseDigest(digest));
     const cells = this.o.cells;
-    // A consumer that stops early returns the body's generator too: the connection is cut.
-    for await (const view of body.drain()) {
-      verifier.update(view);
-      if (cells) cells.bytes.value += view.length;
-      yield view;
-    }
-    const end = body.ended!;
+    let whole = false;
     try {
-      if (end.kind === 'error') throw new Error(`the peer cut the blob: ${errorText(end.error)}`);
-      if (size !== undefined && verifier.bytes !== size)
-        throw new Error(`the peer sent ${verifier.bytes} of ${size} bytes`);
-      verifier.verify();
-      if (cells) cells.whole.value++;
-    } catch (err) {
-      if (cells) cells.cut.value++;
-      this.avoid.add(digest);
-      this.o.log.warn(
-        { digest, peer, err: (err as Error).message },
-        'following a peer failed: the next request fetches from the upstream',
-      );
-      throw err;
+      // A consumer that stops early returns the body's generator too: the connection is cut.
+      for await (const view of body.drain()) {
+        verifier.update(view);
+        if (cells) cells.bytes.value += view.length;
+        yield view;
+      }
+      const end = body.ended!;
+      try {
+        if (end.kind === 'error') throw new Error(`the peer cut the blob: ${errorText(end.error)}`);
+        if (size !== undefined && verifier.bytes !== size)
+          throw new Error(`the peer sent ${verifier.bytes} of ${size} bytes`);
+        verifier.verify();
+        whole = true;
+      } catch (err) {
+        // Unless this replica gave the fetch up itself (no client left past the cache write
+        // timeout): then the peer did nothing wrong.
+        if (!signal?.aborted) {
+          this.avoid.add(digest);
+          this.o.log.warn(
+            { digest, peer, err: (err as Error).message },
+            'following a peer failed: the next request fetches from the upstream',
+          );
+        }
+        throw err;
+      }
+    } finally {
+      // Every follow that got the peer's answer ends whole or cut (also when this replica
+      // stopped reading: its storage failed, or it gave the fetch up).
+      if (cells) (whole ? cells.whole : cells.cut).value++;
     }
   }
 }

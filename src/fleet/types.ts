@@ -65,8 +65,8 @@ export interface HeldFetch {
 
 /**
  * How long a follower waits on a holder that is committing (every byte written and verified) before
- * it gives up on it: a commit to S3 copies the object server-side, minutes for a blob of several
- * GB. A holder that dies meanwhile is known at once (its worker's exit, its connection closing);
+ * it gives up on it: a commit to S3 sends the last parts and completes the multipart upload,
+ * which S3 says may take minutes for a large object. A holder that dies meanwhile is known at once (its worker's exit, its connection closing);
  * this bounds one that hangs.
  */
 export const COMMIT_WAIT_MS = 5 * 60_000;

@@ -41,7 +41,7 @@ export class TrackedBlobStore implements BlobStore {
   open(digest: Digest, range?: ByteRange): Promise<OpenResult> {
     return this.inner.open(digest, range);
   }
-  async create(options?: { hash?: boolean }): Promise<BlobWriter> {
+  async create(options?: Parameters<BlobStore['create']>[0]): Promise<BlobWriter> {
     return new TrackedWriter(await this.inner.create(options), this.keeper);
   }
   async resume(id: string): Promise<BlobWriter> {

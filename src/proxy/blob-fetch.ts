@@ -117,7 +117,7 @@ export class BlobFetch implements UpstreamFetch, FollowedFetch {
     // write queue at once, before the session is ready: the fetch need not wait for it. The
     // upstream client verifies the digest as the bytes stream (its stream errors on a
     // mismatch), so the session need not hash them a second time (see the commit below).
-    this.session = blobs.create({ hash: false });
+    this.session = blobs.create({ hash: false, digest });
     this.session.catch(() => {}); // its error, if any, is met by the pump or below
     try {
       const { size, stream, fromPeer } = await client.getBlob(repo.repository, digest, {
@@ -303,7 +303,8 @@ export class BlobFetch implements UpstreamFetch, FollowedFetch {
 
   /**
    * Whether this process fetches the blob from the upstream: not while it follows another
-   * replica's fetch, which that replica counts (`pullcache_fetches_in_flight`).
+   * replica's fetch, which that replica counts (`pullcache_fetches_in_flight`). Known once the
+   * peer answered: until then (the holder's upstream answering it) a follower counts too.
    */
   get local(): boolean {
     return !this.fromPeer;

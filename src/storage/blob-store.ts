@@ -78,11 +78,15 @@ export class DriverBlobStore implements BlobStore {
     return { found: true, descriptor, stream: opened.stream, range: { start, end } };
   }
 
-  async create(options: { hash?: boolean } = {}): Promise<BlobWriter> {
+  async create(options: { hash?: boolean; digest?: Digest } = {}): Promise<BlobWriter> {
     const id = randomUUID();
     const startedAt = new Date();
     await this.driver.putContent(paths.uploadStartedAt(id), startedAt.toISOString());
-    const file = await this.driver.writer(paths.uploadData(id), false);
+    const file = await this.driver.writer(
+      paths.uploadData(id),
+      false,
+      options.digest ? { finalPath: paths.blobData(options.digest) } : undefined,
+    );
     // Without a running hash, commit re-reads the data unless the caller verified it itself.
     return new DriverBlobWriter(
       this.driver,
@@ -90,6 +94,7 @@ export class DriverBlobStore implements BlobStore {
       startedAt,
       file,
       options.hash === false ? undefined : createHash('sha256'),
+      options.digest,
     );
   }
 
@@ -202,9 +207,13 @@ export class DriverBlobStore implements BlobStore {
         purged++;
       }
     }
-    // Writes a dead process left unfinished (S3 multipart uploads): invisible, but they cost.
+    // Writes a dead process left unfinished (S3 multipart uploads, of a session or at a blob's
+    // own key): invisible, but they cost.
     if (this.driver.abortIncomplete)
-      purged += await this.driver.abortIncomplete(paths.uploadsRoot(), olderThan);
+      purged += await this.driver.abortIncomplete(
+        [paths.uploadsRoot(), paths.blobsRoot()],
+        olderThan,
+      );
     return purged;
   }
 }
@@ -220,6 +229,8 @@ class DriverBlobWriter implements BlobWriter {
     file: FileWriter,
     /** Hash of every byte from 0 when this process saw them all; else undefined. */
     private hash: Hash | undefined,
+    /** The blob the session was opened for: it commits as that one only. */
+    private readonly openedFor?: Digest,
   ) {
     this.file = file;
   }
@@ -241,6 +252,10 @@ class DriverBlobWriter implements BlobWriter {
   }
 
   async close(): Promise<void> {
+    // Where the file is written at the blob's own place (S3), closing would make unverified
+    // bytes the blob: such a session is made whole in one go.
+    if (this.openedFor)
+      throw new Error('an upload opened for its blob cannot be kept for a resume');
     await this.file?.close();
     this.file = undefined;
     this.done = true;
@@ -258,27 +273,32 @@ class DriverBlobWriter implements BlobWriter {
     const target = paths.blobData(expected.digest);
     this.done = true;
     try {
-      // Bytes the caller verified, of the right size: a blob already stored (another process
-      // fetched it too) makes this upload needless, so it is dropped before it is completed (on
-      // S3, before a held-back upload is sent at all).
-      const early = expected.verified && (expected.size === undefined || expected.size === size);
-      if (early && (await this.driver.stat(target))) {
+      if (this.openedFor !== undefined && this.openedFor !== expected.digest)
+        throw new Error(`this upload was opened for another blob than ${expected.digest}`);
+      // Known before anything is sent: a wrong size costs no upload.
+      if (expected.size !== undefined && expected.size !== size)
+        throw new SizeInvalidError(expected.size, size);
+      if (expected.verified && (await this.driver.stat(target))) {
+        // A blob already stored (another process fetched it too) makes bytes the caller
+        // verified needless: the upload is dropped before it is completed (on S3, before a
+        // held-back upload is sent at all).
         await file.cancel();
+        this.file = undefined;
+      } else if (file.completesAt) {
+        // Closing makes the bytes the blob: they are checked before (read back from the spool
+        // file to hash, if the caller did not verify them).
+        const actual = await this.digestOf(expected, parsed.algorithm);
+        if (actual !== expected.digest) throw new DigestMismatchError(expected.digest, actual);
+        await file.close();
         this.file = undefined;
       } else {
         await file.close();
         this.file = undefined;
-        if (expected.size !== undefined && expected.size !== size)
-          throw new SizeInvalidError(expected.size, size);
-        const actual = expected.verified
-          ? expected.digest
-          : this.hash && parsed.algorithm === 'sha256'
-            ? `sha256:${this.hash.digest('hex')}`
-            : await this.rehash(parsed.algorithm);
+        const actual = await this.digestOf(expected, parsed.algorithm);
         if (actual !== expected.digest) throw new DigestMismatchError(expected.digest, actual);
         // Where a copy and a delete are separate requests (S3), the upload's delete goes with
         // the session's own below, in one.
-        if (early || !(await this.driver.stat(target)))
+        if (expected.verified || !(await this.driver.stat(target)))
           await (this.driver.copy
             ? this.driver.copy(paths.uploadData(this.id), target)
             : this.driver.move(paths.uploadData(this.id), target));
@@ -300,9 +320,18 @@ class DriverBlobWriter implements BlobWriter {
 
   async cancel(): Promise<void> {
     this.done = true;
-    await this.file?.close().catch(() => {});
+    // Not `close`: on S3 that would send what is held back, or complete a write at the blob's
+    // own key.
+    await this.file?.cancel().catch(() => {});
     this.file = undefined;
     await this.removeSession();
+  }
+
+  /** The digest of what was written: the caller's word, the running hash, or a read-back. */
+  private async digestOf(expected: { digest: Digest; verified?: boolean }, algorithm: string) {
+    if (expected.verified) return expected.digest;
+    if (this.hash && algorithm === 'sha256') return `sha256:${this.hash.digest('hex')}`;
+    return this.rehash(algorithm);
   }
 
   /** The session's two files and its directory: no listing needed (S3 would LIST for it). */

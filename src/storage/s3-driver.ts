@@ -7,7 +7,8 @@
  *   is written so far to the followers of a fetch: S3 cannot read an unfinished upload) and to a
  *   multipart upload of `partSize` parts as they fill; `close` completes it (a write smaller than
  *   one part is one PUT). Until then nothing is visible at the key; `cancel` aborts it. Appending
- *   (a resumed upload session) reads the object back into the spool first.
+ *   (a resumed upload session) reads the object back into the spool first. A new write with a
+ *   `finalPath` (a fetched blob's own key) uploads there, so that its commit copies nothing.
  * - `move`: a server-side copy, then a delete (a multipart copy past 5 GiB).
  * - `touch`: the time goes into the object's metadata (`x-amz-meta-pulled-at`) by a copy of the
  *   object onto itself, which replaces metadata only; `stat` reports it as the modification time.
@@ -303,9 +304,15 @@ export class S3Driver implements StorageDriver {
     return url;
   }
 
-  async writer(p: string, append: boolean): Promise<FileWriter> {
+  async writer(
+    p: string,
+    append: boolean,
+    options: { finalPath?: string } = {},
+  ): Promise<FileWriter> {
     await fs.mkdir(this.spoolDir, { recursive: true });
-    const writer = new S3Writer(this, p, this.spoolPath(p), () => {
+    // A new write with a final path uploads to that key: completed there, nothing is copied.
+    const finalPath = append ? undefined : options.finalPath;
+    const writer = new S3Writer(this, p, this.spoolPath(p), finalPath, () => {
       if (this.writing.get(p) === writer) this.writing.delete(p);
     });
     await writer.open(append);
@@ -546,8 +553,14 @@ export class S3Driver implements StorageDriver {
    * Aborts the multipart uploads under a path started before `olderThan` (left by a process
    * that died mid-write); resolves to how many.
    */
-  async abortIncomplete(p: string, olderThan: Date): Promise<number> {
+  async abortIncomplete(under: readonly string[], olderThan: Date): Promise<number> {
     await this.purgeSpool(olderThan);
+    let aborted = 0;
+    for (const p of under) aborted += await this.abortIncompleteUnder(p, olderThan);
+    return aborted;
+  }
+
+  private async abortIncompleteUnder(p: string, olderThan: Date): Promise<number> {
     const prefix = this.dirKey(p);
     let aborted = 0;
     let keyMarker: string | undefined;

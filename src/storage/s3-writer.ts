@@ -3,8 +3,10 @@
  * written so far can be read back (S3 cannot read an unfinished upload), and to a multipart upload
  * of `partSize` parts as they fill, PART_CONCURRENCY at a time; `close` completes it (a write
  * smaller than one part is one PUT), `cancel` aborts it. Nothing is visible at the key before
- * `close`. A write held back (`holdBack`: another replica is storing the same blob) fills only
- * the spool file, and `close` uploads it then, if it is called at all.
+ * `close`. A write with a final path (`completesAt`, the blob's own key: a fetch knows its
+ * digest) uploads to that key, so that its commit is the completion, not a copy. A write held
+ * back (`holdBack`: another replica is storing the same blob) fills only the spool file, and
+ * `close` uploads it then, if it is called at all.
  */
 import * as fs from 'node:fs/promises';
 import type { Readable } from 'node:stream';
@@ -53,9 +55,11 @@ export class S3Writer implements FileWriter {
     private readonly driver: WriteTarget,
     private readonly p: string,
     readonly spoolPath: string,
+    /** Where the upload goes and `close` completes it, when not at `p` (FileWriter). */
+    readonly completesAt: string | undefined,
     private readonly done: () => void,
   ) {
-    this.key = driver.key(p);
+    this.key = driver.key(completesAt ?? p);
   }
 
   async open(append: boolean): Promise<void> {
@@ -170,7 +174,7 @@ export class S3Writer implements FileWriter {
         // Smaller than one part: a single PUT.
         const body = Buffer.allocUnsafe(this.size);
         if (this.size > 0) await this.handle!.read(body, 0, this.size, 0);
-        await this.driver.putContent(this.p, body);
+        await this.driver.putContent(this.completesAt ?? this.p, body);
       } else {
         if (this.size > this.uploaded) {
           this.startPart(this.uploaded, this.size - this.uploaded);

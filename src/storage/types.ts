@@ -34,6 +34,8 @@ export interface FileWriter {
    * to reach the store.
    */
   holdBack?(): void;
+  /** Set when `close` completes the write at the writer's `finalPath` instead of its path. */
+  readonly completesAt?: string | undefined;
 }
 
 export interface StorageDriver {
@@ -44,8 +46,13 @@ export interface StorageDriver {
   putContent(path: string, content: Uint8Array | string): Promise<void>;
   /** Streams `length` bytes (or to the end) from `offset`; throws PathNotFoundError. */
   reader(path: string, offset?: number, length?: number): Promise<RangeStream>;
-  /** Opens a file for writing, appending to what is there when `append`. */
-  writer(path: string, append: boolean): Promise<FileWriter>;
+  /**
+   * Opens a file for writing, appending to what is there when `append`. `finalPath`: where the
+   * bytes are to end up once verified, for a driver that can complete a write there directly (S3:
+   * the multipart upload goes to that key, so no copy follows); such a writer says so in
+   * `completesAt`, and its `close` makes the bytes visible there, not at `path`.
+   */
+  writer(path: string, append: boolean, options?: { finalPath?: string }): Promise<FileWriter>;
   /**
    * Resolves to undefined when nothing is at the path. A directory is reported by the
    * filesystem driver only: an object store has none (undefined), except the root (''), which
@@ -88,9 +95,9 @@ export interface StorageDriver {
   space(): Promise<{ free: number; total: number } | undefined>;
   /**
    * Where writes can be left unfinished and invisible by a process that died (S3's multipart
-   * uploads): removes those under a path started before `olderThan`; resolves to how many.
+   * uploads): removes those under the paths started before `olderThan`; resolves to how many.
    */
-  abortIncomplete?(path: string, olderThan: Date): Promise<number>;
+  abortIncomplete?(paths: readonly string[], olderThan: Date): Promise<number>;
   /**
    * Where clients can fetch a file from the store itself: a URL valid for `ttlSeconds` that
    * carries no credential other than its signature (S3: a presigned GET).
@@ -212,9 +219,11 @@ export interface BlobStore {
   open(digest: Digest, range?: ByteRange): Promise<OpenResult>;
   /**
    * Opens a new upload session. `hash: false` skips the running hash, for a caller that verifies
-   * what it writes itself and commits with `verified: true`.
+   * what it writes itself and commits with `verified: true`. `digest`: the blob it must be (a
+   * fetch knows it), so that a store that can write to the blob's own place does (S3: no copy at
+   * the commit); such a session commits only as that digest and cannot be closed for a resume.
    */
-  create(options?: { hash?: boolean }): Promise<BlobWriter>;
+  create(options?: { hash?: boolean; digest?: Digest }): Promise<BlobWriter>;
   /** Continues a closed session at its stored size; throws BlobUploadUnknownError. */
   resume(id: string): Promise<BlobWriter>;
   /** Throws UnsupportedError when deletes are disabled, BlobUnknownError when not stored. */

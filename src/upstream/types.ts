@@ -31,9 +31,10 @@ export interface BlobStream {
    */
   stream: Readable;
   /**
-   * The blob comes from another replica that is fetching it into this replica's own storage
-   * (they share the fetch leases, so the storage): the copy kept here is a spare, needed only if
-   * the blob is not stored by the time this fetch commits.
+   * The blob comes from another replica, which stores it (in its storage) before it sends the
+   * last byte. Where the two share a storage (a bucket), the copy kept here is a spare, needed
+   * only if the blob is not there by the time this fetch commits; replicas on disks of their own
+   * (the same root on each) share the leases but not the storage, and each keeps its copy.
    */
   fromPeer?: boolean;
 }

@@ -247,6 +247,66 @@ describe.each(DRIVERS)('storage contract on %s', (kind) => {
       await held.commit({ digest: digestOf(lone), size: lone.length, verified: true });
       expect((await read(await store.open(digestOf(lone)))).equals(lone)).toBe(true);
       expect(await driver.list(paths.uploadsRoot())).toEqual([]);
+
+      // One given up (the peer failed, no client left) sends nothing either, and leaves nothing.
+      const dropped = randomBytes(11 * 1024 * 1024 + 9);
+      const given = await store.create({ hash: false, digest: digestOf(dropped) });
+      given.expectStoredElsewhere();
+      await given.writev([dropped]);
+      await given.cancel();
+      expect(await multipartUploads()).toEqual([]);
+      expect(await store.stat(digestOf(dropped))).toEqual({ found: false });
+      expect(await driver.list(paths.uploadsRoot())).toEqual([]);
+    });
+
+    test('a session opened for its digest: nothing visible before a checked commit; a wrong size, digest or a close never makes it the blob', async () => {
+      const data = randomBytes(11 * 1024 * 1024 + 3);
+      const digest = digestOf(data);
+      const open = async () => {
+        const w = await store.create({ hash: false, digest });
+        await w.writev([data]);
+        return w;
+      };
+      // On S3 the parts go to the blob's own key, and stay invisible until the commit.
+      const w = await open();
+      if (storage.s3) {
+        const { Uploads } = await storage.s3.client.send(
+          new ListMultipartUploadsCommand({ Bucket: storage.bucket!, Prefix: storage.prefix! }),
+        );
+        expect((Uploads ?? []).map((u) => u.Key)).toEqual([
+          storage.prefix! + paths.blobData(digest),
+        ]);
+      }
+      expect(await store.stat(digest)).toEqual({ found: false });
+      await expect(w.close()).rejects.toThrow(/cannot be kept for a resume/);
+      await expect(w.commit({ digest, size: data.length + 1, verified: true })).rejects.toThrow(
+        SizeInvalidError,
+      );
+      expect(await store.stat(digest)).toEqual({ found: false });
+      // Another digest than the session's, and bytes that do not match when not verified.
+      const other = digestOf(Buffer.from('other'));
+      await expect((await open()).commit({ digest: other, verified: true })).rejects.toThrow(
+        /opened for another blob/,
+      );
+      const bad = await store.create({ digest });
+      await bad.writev([data.subarray(1)]);
+      await expect(bad.commit({ digest })).rejects.toThrow(DigestMismatchError);
+      expect(await store.stat(digest)).toEqual({ found: false });
+      expect(await store.stat(other)).toEqual({ found: false });
+      // A verified commit is the blob, whole; and its session is gone.
+      const good = await open();
+      expect(await good.commit({ digest, size: data.length, verified: true })).toEqual({
+        digest,
+        size: data.length,
+      });
+      expect((await read(await store.open(digest))).equals(data)).toBe(true);
+      expect(await driver.list(paths.uploadsRoot())).toEqual([]);
+      if (storage.s3) {
+        const { Uploads } = await storage.s3.client.send(
+          new ListMultipartUploadsCommand({ Bucket: storage.bucket!, Prefix: storage.prefix! }),
+        );
+        expect(Uploads ?? []).toEqual([]);
+      }
     });
 
     test('what is written so far is readable by followers before the commit', async () => {
