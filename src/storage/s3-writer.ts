@@ -204,6 +204,10 @@ export class S3Writer implements FileWriter {
     }
   }
 
+  /**
+   * Aborts the upload. One cancelled while its `close` completes it (a shutdown, a purge) may
+   * be completed anyway: at a blob's own key that is after its commit verified it.
+   */
   async cancel(): Promise<void> {
     if (this.closed && !this.handle) return;
     this.closed = true;

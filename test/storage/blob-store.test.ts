@@ -293,6 +293,22 @@ describe.each(DRIVERS)('storage contract on %s', (kind) => {
       await expect(bad.commit({ digest })).rejects.toThrow(DigestMismatchError);
       expect(await store.stat(digest)).toEqual({ found: false });
       expect(await store.stat(other)).toEqual({ found: false });
+      // The same for a blob smaller than one part (one PUT at the commit on S3).
+      const small = randomBytes(100_000);
+      const smallDigest = digestOf(small);
+      const wrong = await store.create({ digest: smallDigest });
+      await wrong.writev([small.subarray(1)]);
+      await expect(wrong.commit({ digest: smallDigest })).rejects.toThrow(DigestMismatchError);
+      const short = await store.create({ hash: false, digest: smallDigest });
+      await short.writev([small]);
+      await expect(
+        short.commit({ digest: smallDigest, size: small.length - 1, verified: true }),
+      ).rejects.toThrow(SizeInvalidError);
+      expect(await store.stat(smallDigest)).toEqual({ found: false });
+      const right = await store.create({ digest: smallDigest });
+      await right.writev([small]);
+      await right.commit({ digest: smallDigest });
+      expect((await read(await store.open(smallDigest))).equals(small)).toBe(true);
       // A verified commit is the blob, whole; and its session is gone.
       const good = await open();
       expect(await good.commit({ digest, size: data.length, verified: true })).toEqual({

@@ -163,7 +163,7 @@ async function redirectCount(pc: TestPullcache): Promise<number> {
 }
 
 describe('S3 requests per pull', () => {
-  test('a warm pull sends no LIST and no HEAD, and one GET per blob; a cold one no LIST', async () => {
+  test('a warm pull sends no LIST and no HEAD, and one GET per blob; a cold one no LIST, and copies no upload', async () => {
     const pc = await start();
     try {
       const driver = driverOf(pc);
@@ -176,6 +176,17 @@ describe('S3 requests per pull', () => {
         }
         return out;
       };
+      // What each copy copies: a blob's commit copies nothing (its upload was at its key);
+      // copies of an object onto itself (last-pulled times) may come at any flush.
+      const copied: string[] = [];
+      driver.client.middlewareStack.add(
+        (next, context) => (args) => {
+          if (context.commandName === 'CopyObjectCommand')
+            copied.push(String((args.input as { CopySource?: string }).CopySource));
+          return next(args);
+        },
+        { step: 'initialize', name: 'testCopySources' },
+      );
       // Let the start-up work (purge, scan, owner record) settle first.
       await waitFor(async () => pc.runtime.lifecycle.ready, 'the scan');
       let before = snapshot();
@@ -194,6 +205,8 @@ describe('S3 requests per pull', () => {
         ),
       );
       expect(cold.ListObjectsV2 ?? 0).toBe(0);
+      expect(copied.filter((source) => source.includes('/uploads/'))).toEqual([]);
+      expect(cold.CompleteMultipartUpload).toBe(1);
       expect(warm.ListObjectsV2 ?? 0).toBe(0);
       expect(warm.HeadObject ?? 0).toBe(0);
       // skopeo reads the config and both layers: one GET each, nothing else.
