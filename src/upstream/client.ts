@@ -14,7 +14,7 @@ import { MANIFEST_ACCEPT, MediaType, baseMediaType } from '../oci/media-types.js
 import { parseReferrersIndex, type ReferrerDescriptor } from '../oci/referrers.js';
 import type { Repository } from '../oci/reference.js';
 import { errMessage, UpstreamInvalidError } from './errors.js';
-import type { RawBody } from './raw-get.js';
+import type { RawBody } from './raw-body.js';
 import type { HealthOptions } from './health.js';
 import { PageLinks } from './pages.js';
 import {

@@ -75,3 +75,12 @@ export function errMessage(err: unknown): string {
   const e = err as { code?: string; message?: string };
   return e?.code ? `${e.code}${e.message ? `: ${e.message}` : ''}` : String(e?.message ?? err);
 }
+
+/**
+ * A failure of the blob path's own sockets (raw-connection.ts) with the code undici's would
+ * carry (`UND_ERR_*`), so that the transport tells a broken connection from a refusal the same
+ * way for both.
+ */
+export function codedError(code: string, message: string): Error {
+  return Object.assign(new Error(message), { code });
+}

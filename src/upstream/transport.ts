@@ -22,7 +22,8 @@ import {
   UpstreamUnavailableError,
   type RateLimitInfo,
 } from './errors.js';
-import { RawAgent, type RawBody } from './raw-get.js';
+import type { RawBody } from './raw-body.js';
+import { RawAgent } from './raw-get.js';
 import { UpstreamHealth, type HealthOptions } from './health.js';
 import type {
   BlobRequestOptions,

@@ -94,7 +94,8 @@ test("a peer's blob comes in views of the fetch's slabs, read into again once ha
     got.push(Buffer.from(chunk));
     slabs.release(chunk);
   }
-  // Only the body bytes of the read that carried the headers are copied (raw-get.ts, SCRATCH).
+  // Only the body bytes of the read that carried the headers are copied (raw-connection.ts,
+  // SCRATCH).
   expect(notLent).toBeLessThanOrEqual(1);
   expect(got.length).toBeGreaterThan(4);
   expect(Buffer.concat(got).equals(blob)).toBe(true);

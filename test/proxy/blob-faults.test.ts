@@ -112,7 +112,7 @@ describe('blob fetch faults', () => {
   test('an upload session made slowly costs no second upstream GET and no byte', async () => {
     // The session is made only after the upstream has sent 3 MiB and half a second has passed.
     // Meanwhile the fetch takes the body up to its write queue, then pauses it (src/upstream/
-    // raw-get.ts); it used to cut a body it could not queue and ask for the rest again.
+    // raw-body.ts); it used to cut a body it could not queue and ask for the rest again.
     const digest = add(24 * 1024 * 1024);
     const served = blobs.get(digest)!;
     const store = pc.runtime.blobs;

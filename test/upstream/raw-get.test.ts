@@ -1,7 +1,8 @@
 /**
- * The blob path's own HTTP/1.1 GETs (src/upstream/raw-get.ts): framing, kept connections,
- * timeouts, reused receive buffers and TLS. The registry tests (client.test.ts and the proxy
- * tests) take every blob through it too; these are the faults a registry does not make.
+ * The blob path's own HTTP/1.1 GETs (src/upstream/raw-get.ts, raw-connection.ts, raw-body.ts):
+ * framing, kept connections, timeouts, reused receive buffers and TLS. The registry tests
+ * (client.test.ts and the proxy tests) take every blob through it too; these are the faults a
+ * registry does not make.
  */
 import { execFile } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
@@ -13,7 +14,8 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterEach, describe, expect, test } from 'vitest';
-import { RawAgent, type RawBody } from '../../src/upstream/raw-get.js';
+import type { RawBody } from '../../src/upstream/raw-body.js';
+import { RawAgent } from '../../src/upstream/raw-get.js';
 import { ReceiveSlabs } from '../../src/upstream/receive-slabs.js';
 import { fakeServer } from '../helpers/fake-server.js';
 import { TestCa } from '../helpers/tls.js';
