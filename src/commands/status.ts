@@ -131,7 +131,7 @@ export function formatStatus(s: Status, base: string): string {
       ? `${formatBytes(f.received)} of ${formatBytes(f.size)}`
       : formatBytes(f.received);
     out.push(
-      `  ${f.upstream}/${f.repository}@${f.digest.slice(0, 19)}${share}  ${amount}  ${formatBytes(f.bytesPerSecond)}/s  ${f.clients} ${f.clients === 1 ? 'client' : 'clients'}`,
+      `  ${f.upstream}/${f.repository}@${f.digest.slice(0, 19)}${share}  ${amount}  ${formatBytes(f.bytesPerSecond)}/s  ${f.clients} ${f.clients === 1 ? 'client' : 'clients'}${f.from === 'replica' ? '  from another replica' : ''}`,
     );
   }
   const times = (n: number) => (n > 1 ? ` (x${n})` : '');

@@ -205,6 +205,8 @@ function mergeFetches(fetches: FetchProgress[]): FetchProgress[] {
     }
     seen.clients += f.clients;
     seen.size ??= f.size;
+    // A worker following another's fetch says `replica`; the one fetching says where from.
+    if (f.from === 'upstream') seen.from = 'upstream';
     if (f.received > seen.received) {
       seen.received = f.received;
       seen.bytesPerSecond = f.bytesPerSecond;

@@ -17,6 +17,11 @@ export interface FetchProgress {
   bytesPerSecond: number;
   /** Clients following it now. */
   clients: number;
+  /**
+   * Where the bytes come from: the upstream, or another replica fetching the blob (a worker
+   * following another worker of its host shows as that one's fetch, in the host's status).
+   */
+  from: 'upstream' | 'replica';
   /** ms since epoch. */
   startedAt: number;
 }
@@ -83,6 +88,7 @@ export class InflightFetches<F extends TrackedFetch = TrackedFetch> extends Map<
         received: p?.received ?? 0,
         bytesPerSecond: p ? this.rate(fetch, p, now) : 0,
         clients: p?.clients ?? 0,
+        from: fetch.local === false ? 'replica' : 'upstream',
         startedAt,
       });
     }

@@ -216,7 +216,7 @@ function renderFetches(fetches) {
           el(
             'span',
             'small',
-            `${amount} · ${bytes(f.bytesPerSecond)}/s · ${f.clients} ${f.clients === 1 ? 'client' : 'clients'}`,
+            `${amount} · ${bytes(f.bytesPerSecond)}/s · ${f.clients} ${f.clients === 1 ? 'client' : 'clients'}${f.from === 'replica' ? ' · from another replica' : ''}`,
           ),
         ),
         bar,

@@ -64,6 +64,8 @@ test('traffic and its history are summed, point by point from now back; a younge
     bytesPerSecond: 4,
     clients: 2,
     startedAt: 5,
+    // This worker follows the other's fetch.
+    from: 'replica' as const,
   };
   const old = status({
     points: [point(0, 1), point(10_000, 3), point(20_000, 5, 50)],
@@ -85,7 +87,7 @@ test('traffic and its history are summed, point by point from now back; a younge
         at: '2026-12-02T10:00:09.000Z',
       },
     }),
-    fetches: [{ ...fetch, received: 70, clients: 1, startedAt: 7 }],
+    fetches: [{ ...fetch, received: 70, clients: 1, startedAt: 7, from: 'upstream' }],
   });
   const host = mergeStatuses(young, [old, young]);
   expect(host.traffic.hits).toBe(12);
@@ -103,6 +105,9 @@ test('traffic and its history are summed, point by point from now back; a younge
     lastAnswer: '2026-12-02T10:00:09.000Z',
     rateLimit: { remaining: 42 },
   });
-  // One fetch followed by two workers: once, with every client and the most bytes seen.
-  expect(host.fetches).toEqual([{ ...fetch, received: 70, clients: 3, startedAt: 5 }]);
+  // One fetch followed by two workers: once, with every client and the most bytes seen, from
+  // where the worker fetching it gets it.
+  expect(host.fetches).toEqual([
+    { ...fetch, received: 70, clients: 3, startedAt: 5, from: 'upstream' },
+  ]);
 });

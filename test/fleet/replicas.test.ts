@@ -13,6 +13,7 @@ import { peerSignature, PEER_HEADER, PEER_PATH } from '../../src/fleet/peers.js'
 import type { ImageInfo } from '../../src/lifecycle/types.js';
 import { makeImage, pushImage, pushRandomBlob, sha256 } from '../helpers/images.js';
 import { freePort, waitFor } from '../helpers/net.js';
+import { cli } from '../helpers/cli.js';
 import { scrape, sum } from '../helpers/prometheus.js';
 import { Recorder } from '../helpers/recorder.js';
 import { startRedis, type TestRedis } from '../helpers/redis.js';
@@ -105,7 +106,7 @@ describe('replicas sharing Redis and a bucket', () => {
     const b = await blob(40 * MiB);
     toBucket.reset();
     const before = await fleetMetrics();
-    throttle.bytesPerSecond = 20 * MiB;
+    throttle.bytesPerSecond = 10 * MiB;
     const gets = Promise.all(
       Array.from({ length: 16 }, (_, i) => get(`${replicas[i % 3]!.url}${b.path}`)),
     );
@@ -115,6 +116,20 @@ describe('replicas sharing Redis and a bucket', () => {
     await waitFor(async () => followers().length === 2, 'two replicas following the third');
     // Under way, the fleet counts one fetch in flight: the followers' are the holder's.
     expect((await fleetMetrics()).inFlight).toBe(1);
+    // Each replica's status says where its fetch of the blob gets the bytes from.
+    const from = await Promise.all(
+      replicas.map(async (r) => {
+        const res = await fetch(`${r.url}/_pullcache/v1/status`);
+        const status = (await res.json()) as { fetches: { digest: string; from: string }[] };
+        return status.fetches.find((f) => f.digest === b.digest)?.from;
+      }),
+    );
+    expect([...from].sort()).toEqual(['replica', 'replica', 'upstream']);
+    const follower = replicas[from.indexOf('replica')]!;
+    const shown = await cli('status', '--url', follower.url);
+    expect(shown.stdout.toString()).toMatch(
+      /fetching now \(1\)\n.* \d+ clients? {2}from another replica\n/,
+    );
     const results = await gets;
     for (const r of results) expect(intact(r, b.digest)).toBe(true);
     expect(throttle.gets.get(b.digest)).toBe(1);
