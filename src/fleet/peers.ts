@@ -24,7 +24,8 @@ import { DigestVerifier, parseDigest, type Digest } from '../oci/digest.js';
 import { RELEASE, RENEW, REPLACE, type LeaseRedis } from '../lifecycle/lease.js';
 import type { Repository } from '../oci/reference.js';
 import type { RawBody } from '../upstream/raw-body.js';
-import { RawAgent, type RawResponse } from '../upstream/raw-get.js';
+import { RawAgent } from '../upstream/raw-get.js';
+import type { RawResponse } from '../upstream/raw-connection.js';
 import type { BlobRequestOptions, BlobStream, UpstreamClient } from '../upstream/types.js';
 import { COMMIT_WAIT_MS } from './types.js';
 

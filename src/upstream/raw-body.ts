@@ -5,13 +5,27 @@
  * BODY_PAUSE bytes queued, the connection stops reading until the consumer has taken some.
  */
 import { codedError } from './errors.js';
-import type { Connection, Exchange } from './raw-connection.js';
+import type { ReceiveSlabs } from './receive-slabs.js';
 
 /** How a body ended: an error is returned, not thrown. */
 export type QueueEnd = { kind: 'end' } | { kind: 'error'; error: unknown };
 
 /** How far the body's consumer may fall behind before the socket is paused. */
 const BODY_PAUSE = 2 * 1024 * 1024;
+
+/** The request a body answers, as its connection knows it (raw-connection.ts's Exchange). */
+export interface BodyExchange {
+  /** Where the body is read into. */
+  readonly slabs: ReceiveSlabs;
+}
+
+/** What a body asks of its connection (raw-connection.ts's Connection). */
+export interface BodyConnection {
+  /** Reads again after a pause, if `exchange` is still the connection's request. */
+  resumeFor(exchange: BodyExchange): void;
+  /** Ends the connection, and the body with it, with `err`. */
+  fail(err: Error): void;
+}
 
 /**
  * A response body as views of the receive slabs, in order. The consumer releases each view to
@@ -27,8 +41,8 @@ export class RawBody {
   private waking: NodeJS.Immediate | undefined;
 
   constructor(
-    private readonly connection: Connection,
-    private readonly exchange: Exchange,
+    private readonly connection: BodyConnection,
+    private readonly exchange: BodyExchange,
     readonly keepAlive: boolean,
   ) {}
 

@@ -14,8 +14,35 @@ import tls from 'node:tls';
 import { HTTPParser } from 'http-parser-js';
 import { codedError } from './errors.js';
 import { RawBody } from './raw-body.js';
-import type { RawGetOptions, RawResponse, RawTimeouts } from './raw-get.js';
 import { ReceiveSlabs } from './receive-slabs.js';
+
+export interface RawTimeouts {
+  /** Until the connection is made (and TLS set up), ms. */
+  connect: number;
+  /** From the request written to the response's headers, ms. */
+  headers: number;
+  /** Longest silence while the body is expected, ms. */
+  bodyIdle: number;
+  /**
+   * Longest silence before the last byte of a body of known length, once every other byte came,
+   * ms (bodyIdle when unset): a peer holds that byte back until its blob is stored (fleet/).
+   */
+  lastByteIdle?: number;
+}
+
+export interface RawGetOptions {
+  headers: Record<string, string>;
+  signal?: AbortSignal | null | undefined;
+  /** Where the body is read into; a pool of its own otherwise (never reused then). */
+  slabs?: ReceiveSlabs | undefined;
+}
+
+export interface RawResponse {
+  statusCode: number;
+  /** Lower-case names; a repeated header is an array. */
+  headers: Record<string, string | string[] | undefined>;
+  body: RawBody;
+}
 
 /** Reads with no request to take them (a connection between requests) land here. */
 const SCRATCH = Buffer.allocUnsafeSlow(64 * 1024);

@@ -17,37 +17,12 @@
  * `assert(!this.paused)` when a `Connection: close` response ends while its parser is paused,
  * nodejs/undici#5360.)
  */
-import type { RawBody } from './raw-body.js';
-import { Connection } from './raw-connection.js';
-import type { ReceiveSlabs } from './receive-slabs.js';
-
-export interface RawTimeouts {
-  /** Until the connection is made (and TLS set up), ms. */
-  connect: number;
-  /** From the request written to the response's headers, ms. */
-  headers: number;
-  /** Longest silence while the body is expected, ms. */
-  bodyIdle: number;
-  /**
-   * Longest silence before the last byte of a body of known length, once every other byte came,
-   * ms (bodyIdle when unset): a peer holds that byte back until its blob is stored (fleet/).
-   */
-  lastByteIdle?: number;
-}
-
-export interface RawGetOptions {
-  headers: Record<string, string>;
-  signal?: AbortSignal | null | undefined;
-  /** Where the body is read into; a pool of its own otherwise (never reused then). */
-  slabs?: ReceiveSlabs | undefined;
-}
-
-export interface RawResponse {
-  statusCode: number;
-  /** Lower-case names; a repeated header is an array. */
-  headers: Record<string, string | string[] | undefined>;
-  body: RawBody;
-}
+import {
+  Connection,
+  type RawGetOptions,
+  type RawResponse,
+  type RawTimeouts,
+} from './raw-connection.js';
 
 /** Idle connections kept per origin, and for how long. */
 const IDLE_PER_ORIGIN = 8;
