@@ -2,7 +2,8 @@
  * The cache's lifecycle: keeps the image graph in step with storage (graph-keeper.ts), records
  * last-pulled times (in memory at once, in storage every few seconds), holds the budget
  * (budget.ts) by evicting the least recently pulled images in the background, runs the retention
- * sweep and the collection, and answers `ls`, `du`, `pin`, `rm` and `gc`.
+ * sweep, the collection and `rm` in the same chain of work (sweep.ts), and answers `ls`, `du`,
+ * `pin`, `rm` and `gc`.
  *
  * Never evicted: pinned images, and anything being served or fetched at that moment.
  */
@@ -20,8 +21,9 @@ import type { Lease } from './lease.js';
 import { paths } from '../storage/paths.js';
 import { Pins } from './pins.js';
 import { PullRecorder } from './pulls.js';
-import { imageInfos, imageReferences, matchingImages } from './inventory.js';
+import { imageInfos } from './inventory.js';
 import { Removal, type ManifestMemory } from './removal.js';
+import { Sweeper } from './sweep.js';
 import type {
   ImageInfo,
   ImageRef,
@@ -36,9 +38,6 @@ import type {
 const FLUSH_INTERVAL_MS = 5000;
 /** How often the owner record is renewed (its TTL is 30 s). */
 const OWNER_RENEW_MS = 10_000;
-/** A blob no repository links is collected only this long after its last use: it may be a
- * fetch between its commit and its link. */
-const UNLINKED_GRACE_MS = 10 * 60_000;
 
 export interface LifecycleDeps {
   retention: RetentionConfig;
@@ -87,6 +86,7 @@ export class Lifecycle {
   private readonly serving = new Map<Digest, number>();
   private readonly pulls: PullRecorder;
   private readonly budget: Budget;
+  private readonly sweeper: Sweeper;
   private readonly timers: NodeJS.Timeout[] = [];
 
   constructor(private readonly d: LifecycleDeps) {
@@ -145,6 +145,24 @@ export class Lifecycle {
       evictor: this.evictor,
       log: this.log,
       warn: (err) => this.warn(err),
+      now: this.now,
+    });
+    this.sweeper = new Sweeper({
+      retention: d.retention,
+      graph: () => this.graph,
+      pinned: (node, image) => this.pins.covers(node, image),
+      freshPins: () => this.freshPins(),
+      inUse: (digest) => this.inUse(digest),
+      evictor: this.evictor,
+      removal: this.removal,
+      metrics: d.metrics,
+      uploadsPurgeAge: d.uploadsPurgeAge,
+      replicas: Boolean(d.replicas),
+      whenReady: () => this.whenReady(),
+      isOwner: () => this.ownership.isOwner,
+      serially: (work) => this.serially(work),
+      rescan: () => this.rescan(),
+      checkBudget: () => this.budget.check(),
       now: this.now,
     });
     d.metrics.setStorageStatus(() => ({
@@ -315,21 +333,11 @@ export class Lifecycle {
     return this.pulls.flush();
   }
 
-  // ---- the sweep: retention and collection ------------------------------------------------
+  // ---- the sweep: retention and collection (sweep.ts) -------------------------------------
 
-  /**
-   * Counts storage afresh (another process, a prefetch or an import, may have added to it),
-   * removes images not pulled for `unusedFor`, collects garbage, and holds the budget.
-   */
-  async sweep(): Promise<RemovalReport> {
-    await this.whenReady();
-    if (!this.ownership.isOwner) return { dryRun: false, removed: [], bytes: 0, problems: [] };
-    const report = await this.serially(async () => {
-      await this.rescan();
-      return this.sweepNow();
-    });
-    this.budget.check();
-    return report;
+  /** The sweep, now (sweep.ts): `unusedFor`, then the collection, on the owner only. */
+  sweep(): Promise<RemovalReport> {
+    return this.sweeper.sweep();
   }
 
   /**
@@ -362,47 +370,9 @@ export class Lifecycle {
     await this.keeper.recount();
   }
 
-  private async sweepNow(dryRun = false): Promise<RemovalReport> {
-    const report: RemovalReport = { dryRun, removed: [], bytes: 0, problems: [] };
-    const { unusedFor } = this.d.retention;
-    if (unusedFor > 0) {
-      await this.freshPins();
-      const before = this.now() - unusedFor;
-      for (const entry of this.evictor.candidates()) {
-        if (entry.pulledAt >= before) break;
-        if (!dryRun) await this.evictor.removeEntry(entry, 'unused', report);
-        else if (entry.kind === 'image') {
-          const name = imageReferences(entry.node.key, entry.image).join(', ');
-          report.removed.push({ kind: 'image', name, bytes: entry.image.ownBytes });
-          report.bytes += entry.image.ownBytes;
-        }
-      }
-    }
-    const collected = await this.collectNow(dryRun);
-    report.removed.push(...collected.removed);
-    report.bytes += collected.bytes;
-    return report;
-  }
-
-  /**
-   * `pullcache gc`: the retention sweep and the collection, now; with `dryRun`, what they would
-   * remove. The caller makes sure this process is the owner (owner.ts).
-   */
-  async gc(dryRun: boolean): Promise<RemovalReport> {
-    await this.whenReady();
-    return this.serially(async () => {
-      if (!dryRun) await this.rescan();
-      return this.sweepNow(dryRun);
-    });
-  }
-
-  private async collectNow(dryRun: boolean): Promise<RemovalReport> {
-    const report = await this.removal.collect(dryRun, {
-      unlinkedBefore: this.now() - UNLINKED_GRACE_MS,
-      uploadsBefore: new Date(this.now() - this.d.uploadsPurgeAge),
-    });
-    if (!dryRun) this.d.metrics.gcRuns.inc();
-    return report;
+  /** `pullcache gc` (sweep.ts). */
+  gc(dryRun: boolean): Promise<RemovalReport> {
+    return this.sweeper.gc(dryRun);
   }
 
   // ---- what the commands and the admin API ask -------------------------------------------
@@ -456,58 +426,9 @@ export class Lifecycle {
     return this.pins.remove(refs);
   }
 
-  /**
-   * Removes images now, with the blobs no kept image holds. With several processes on one
-   * storage (workers, replicas), a reference this graph lacks may be an image another process
-   * stored since this one's last count: storage is counted afresh first.
-   */
-  async remove(refs: ImageRef[], dryRun: boolean): Promise<RemovalReport> {
-    await this.whenReady();
-    return this.serially(async () => {
-      if (this.d.replicas && refs.some((ref) => this.matching(ref).images.length === 0))
-        await this.rescan();
-      return this.removeNow(refs, dryRun);
-    });
-  }
-
-  /** The repository a reference names in the graph, and its images that match it. */
-  private matching(ref: ImageRef) {
-    const node = this.graph.repositories.get(`${ref.upstream}/${ref.repository}`);
-    return { node, images: node ? matchingImages(this.graph, node, ref) : [] };
-  }
-
-  private async removeNow(refs: ImageRef[], dryRun: boolean): Promise<RemovalReport> {
-    const report: RemovalReport = { dryRun, removed: [], bytes: 0, problems: [] };
-    await this.freshPins();
-    for (const ref of refs) {
-      const { node, images } = this.matching(ref);
-      if (!node || images.length === 0) {
-        report.problems.push(`${ref.reference}: not cached`);
-        continue;
-      }
-      for (const image of images) {
-        const names = imageReferences(node.key, image).join(', ');
-        if (this.pins.covers(node, image)) {
-          report.problems.push(`${names}: pinned (unpin it first)`);
-          continue;
-        }
-        if (image.blobs.some((d) => this.inUse(d))) {
-          report.problems.push(`${names}: being served now; try again`);
-          continue;
-        }
-        if (dryRun) {
-          report.removed.push({ kind: 'image', name: names, bytes: image.ownBytes });
-          report.bytes += image.ownBytes;
-        } else {
-          await this.evictor.removeEntry(
-            { kind: 'image', node, image, pulledAt: Infinity },
-            'manual',
-            report,
-          );
-        }
-      }
-    }
-    return report;
+  /** `pullcache rm` (sweep.ts). */
+  remove(refs: ImageRef[], dryRun: boolean): Promise<RemovalReport> {
+    return this.sweeper.remove(refs, dryRun);
   }
 
   private warn(err: unknown): void {
