@@ -302,7 +302,7 @@ export class PeeredBlobSource implements Pick<UpstreamClient, 'getBlob'> {
     return {
       size,
       fromPeer: true,
-      // Each chunk as it was read, so the fetch can hand the slabs' views back (client.ts).
+      // Each chunk as it was read, so the fetch can hand the slabs' views back (blob-get.ts).
       stream: Readable.from(this.peerChunks(peer, digest, size, res.body, options.signal), {
         objectMode: true,
         highWaterMark: 1,

@@ -2,28 +2,21 @@
  * The registry client of one upstream: the registry operations (manifests, blobs, tags,
  * referrers) on top of its transport (transport.ts: send, redirects, error mapping, the
  * circuit breaker) and auth (auth.ts: challenges, the token cache), as in distribution's
- * registry/client. Manifests are capped and verified against their digest; blob streams are
- * resumed with Range after a break and checked against their digest at the end.
+ * registry/client. Manifests are capped and verified against their digest; the blob GET, resumed
+ * with Range after a break and checked against its digest at the end, is blob-get.ts.
  */
-import { Readable } from 'node:stream';
 import type { UpstreamConfig } from '../config/schema.js';
 import type { Logger } from '../log/logger.js';
-import { DigestVerifier, digestOf, parseDigest, type Digest } from '../oci/digest.js';
+import { digestOf, parseDigest, type Digest } from '../oci/digest.js';
 import { ManifestInvalidError } from '../oci/errors.js';
 import { MANIFEST_ACCEPT, MediaType, baseMediaType } from '../oci/media-types.js';
 import { parseReferrersIndex, type ReferrerDescriptor } from '../oci/referrers.js';
 import type { Repository } from '../oci/reference.js';
+import { BlobGetter } from './blob-get.js';
 import { errMessage, UpstreamInvalidError } from './errors.js';
-import type { RawBody } from './raw-body.js';
 import type { HealthOptions } from './health.js';
 import { PageLinks } from './pages.js';
-import {
-  contentLength,
-  header,
-  isConnectionError,
-  UpstreamTransport,
-  type Hop,
-} from './transport.js';
+import { contentLength, header, UpstreamTransport } from './transport.js';
 import type {
   BlobHead,
   BlobRequestOptions,
@@ -72,8 +65,9 @@ export class RegistryClient implements UpstreamClient {
   private readonly config: UpstreamConfig;
   private readonly transport: UpstreamTransport;
   private readonly log: Logger;
-  private readonly retryDelay: number;
   private readonly observer: UpstreamObserver;
+  /** Blob GETs, resumed with Range after a break (blob-get.ts). */
+  private readonly blobs: BlobGetter;
   /** Aborted by `close`: stops a `warm` still waiting. */
   private readonly closing = new AbortController();
 
@@ -81,7 +75,6 @@ export class RegistryClient implements UpstreamClient {
     this.name = options.name;
     this.config = options.config;
     this.log = options.log.child({ module: 'upstream', upstream: options.name });
-    this.retryDelay = options.retryDelay ?? 250;
     this.observer = options.observer ?? UNOBSERVED;
     this.transport = new UpstreamTransport({
       name: options.name,
@@ -91,6 +84,14 @@ export class RegistryClient implements UpstreamClient {
       health: options.health,
       observer: this.observer,
       ...(options.tokenTimeout !== undefined ? { tokenTimeout: options.tokenTimeout } : {}),
+    });
+    this.blobs = new BlobGetter({
+      name: options.name,
+      config: options.config,
+      transport: this.transport,
+      log: this.log,
+      retryDelay: options.retryDelay ?? 250,
+      observer: this.observer,
     });
   }
 
@@ -275,125 +276,7 @@ export class RegistryClient implements UpstreamClient {
     digest: Digest,
     options: BlobRequestOptions = {},
   ): Promise<BlobStream> {
-    const what = `blob ${digest}`;
-    const hop = this.transport.rawHop(options);
-    const first = await this.transport.sendVia(
-      hop,
-      'GET',
-      repository,
-      `blobs/${digest}`,
-      what,
-      {},
-      options,
-    );
-    const size = contentLength(first.headers);
-    const verifier = new DigestVerifier(parseDigest(digest));
-    return {
-      size,
-      stream: Readable.from(
-        this.blobChunks(hop, repository, digest, first.body, size, verifier, options),
-        // Each chunk as it was yielded: a byte stream would join buffered chunks into a copy,
-        // and the consumer could not hand the slabs' views back.
-        { objectMode: true, highWaterMark: 1 },
-      ),
-    };
-  }
-
-  /**
-   * Yields the blob's bytes (views of `options.slabs`, see receive-slabs.ts); on a break asks
-   * again with Range from where it is, then checks the digest.
-   */
-  private async *blobChunks(
-    hop: Hop<RawBody>,
-    repository: Repository,
-    digest: Digest,
-    firstBody: RawBody,
-    size: number | undefined,
-    verifier: DigestVerifier,
-    options: BlobRequestOptions,
-  ): AsyncGenerator<Buffer> {
-    const what = `blob ${digest}`;
-    let queue = firstBody;
-    let skip = 0;
-    let attempt = 0;
-    for (;;) {
-      // A consumer that stops early (its stream destroyed, a failed write) returns this
-      // generator, and the loop returns the body's: it lets go of the connection, which would
-      // otherwise wait, paused, for ever.
-      for await (const view of queue.drain()) {
-        let chunk = view;
-        if (skip > 0) {
-          // The upstream ignored Range: drop what we already passed on.
-          if (chunk.length <= skip) {
-            skip -= chunk.length;
-            options.slabs?.release(chunk);
-            continue;
-          }
-          chunk = chunk.subarray(skip);
-          skip = 0;
-        }
-        verifier.update(chunk);
-        this.observer.received('blob', chunk.length);
-        yield chunk;
-      }
-      let end = queue.ended!;
-      if (end.kind === 'end') {
-        if (size === undefined || verifier.bytes === size) break;
-        end = {
-          kind: 'error',
-          error: Object.assign(new Error(`body ended at ${verifier.bytes} of ${size} bytes`), {
-            code: 'UND_ERR_SOCKET',
-          }),
-        };
-      }
-      if (end.kind === 'error') {
-        if (
-          options.signal?.aborted ||
-          !isConnectionError(end.error) ||
-          attempt >= this.config.retries
-        ) {
-          if (!options.signal?.aborted)
-            this.observer.failed(
-              `${what} of ${repository}`,
-              `body broke off at ${verifier.bytes} bytes: ${errMessage(end.error)}`,
-            );
-          throw this.transport.bodyError(end.error, what);
-        }
-        attempt++;
-        this.log.warn(
-          { repository, digest, offset: verifier.bytes, attempt, err: errMessage(end.error) },
-          'blob body broke off, resuming',
-        );
-        await sleep(this.retryDelay * 2 ** (attempt - 1), options.signal);
-      }
-      const offset = verifier.bytes;
-      const res = await this.transport.sendVia(
-        hop,
-        'GET',
-        repository,
-        `blobs/${digest}`,
-        what,
-        { range: `bytes=${offset}-` },
-        options,
-      );
-      if (res.status === 206) {
-        const start = /^bytes (\d+)-/.exec(header(res.headers, 'content-range') ?? '')?.[1];
-        if (Number(start) !== offset) {
-          res.body.destroy();
-          throw new UpstreamInvalidError(
-            this.name,
-            `${what}: resumed at ${String(start)}, asked for ${offset}`,
-          );
-        }
-      } else {
-        skip = offset;
-      }
-      queue = res.body;
-    }
-    if (!verifier.matches()) {
-      this.observer.failed(`${what} of ${repository}`, `content is ${verifier.actual()}`);
-      throw new UpstreamInvalidError(this.name, `${what}: content is ${verifier.actual()}`);
-    }
+    return this.blobs.get(repository, digest, options);
   }
 
   // ---- tags -----------------------------------------------------------------------------
@@ -483,18 +366,4 @@ export class RegistryClient implements UpstreamClient {
     }
     return { manifests, filtersApplied: filtersApplied ?? [] };
   }
-}
-
-function sleep(ms: number, signal?: AbortSignal): Promise<void> {
-  return new Promise((resolve, reject) => {
-    const timer = setTimeout(resolve, ms);
-    signal?.addEventListener(
-      'abort',
-      () => {
-        clearTimeout(timer);
-        reject(signal.reason);
-      },
-      { once: true },
-    );
-  });
 }

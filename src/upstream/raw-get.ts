@@ -8,9 +8,9 @@
  * sent once more on a new one. One connection's HTTP/1.1 (the request, the response's head and
  * framing, the timeouts) is raw-connection.ts; the body as its consumer reads it, views of the
  * receive buffers, is raw-body.ts. Redirects and auth are the transport's (transport.ts,
- * auth.ts), retries the client's (client.ts); the errors carry the codes undici's would
- * (`UND_ERR_*`), so that the transport tells a broken connection from a refusal the same way
- * for both.
+ * auth.ts), resuming a broken body the client's (blob-get.ts); the errors carry the codes
+ * undici's would (`UND_ERR_*`), so that the transport tells a broken connection from a refusal
+ * the same way for both.
  *
  * The body is paused, not cut, when its consumer falls behind (raw-body.ts). (Blob bodies on
  * undici 7 had to flow all the time: it crashes the process with an uncatchable
