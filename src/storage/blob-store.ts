@@ -275,32 +275,24 @@ class DriverBlobWriter implements BlobWriter {
     try {
       if (this.openedFor !== undefined && this.openedFor !== expected.digest)
         throw new Error(`this upload was opened for another blob than ${expected.digest}`);
-      // Known before anything is sent: a wrong size costs no upload.
+      // Both checked before anything is sent or completed (the upload read back from where it
+      // is written, if the caller did not verify it): a wrong blob costs no upload, and one
+      // written at its own key (S3) is never completed unchecked.
       if (expected.size !== undefined && expected.size !== size)
         throw new SizeInvalidError(expected.size, size);
-      if (expected.verified && (await this.driver.stat(target))) {
-        // A blob already stored (another process fetched it too) makes bytes the caller
-        // verified needless: the upload is dropped before it is completed (on S3, before a
-        // held-back upload is sent at all).
+      const actual = await this.digestOf(expected, parsed.algorithm);
+      if (actual !== expected.digest) throw new DigestMismatchError(expected.digest, actual);
+      if (await this.driver.stat(target)) {
+        // Stored already (another process fetched it too): the upload is needless, and is
+        // dropped before it is completed (on S3, before a held-back upload is sent at all).
         await file.cancel();
-        this.file = undefined;
-      } else if (file.completesAt) {
-        // Closing makes the bytes the blob: they are checked before (read back from the spool
-        // file to hash, if the caller did not verify them).
-        const actual = await this.digestOf(expected, parsed.algorithm);
-        if (actual !== expected.digest) throw new DigestMismatchError(expected.digest, actual);
-        // Bytes checked only now: a blob stored meanwhile is not written over either.
-        if (!expected.verified && (await this.driver.stat(target))) await file.cancel();
-        else await file.close();
         this.file = undefined;
       } else {
         await file.close();
         this.file = undefined;
-        const actual = await this.digestOf(expected, parsed.algorithm);
-        if (actual !== expected.digest) throw new DigestMismatchError(expected.digest, actual);
         // Where a copy and a delete are separate requests (S3), the upload's delete goes with
-        // the session's own below, in one.
-        if (expected.verified || !(await this.driver.stat(target)))
+        // the session's own below, in one. A write completed at the blob's key needs neither.
+        if (!file.completesAt)
           await (this.driver.copy
             ? this.driver.copy(paths.uploadData(this.id), target)
             : this.driver.move(paths.uploadData(this.id), target));
