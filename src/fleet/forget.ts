@@ -32,7 +32,7 @@
 import { randomUUID } from 'node:crypto';
 import type { Logger } from '../log/logger.js';
 import { within } from '../abort.js';
-import { COMMAND_TIMEOUT_MS, type LeaseRedis } from '../lifecycle/lease.js';
+import { COMMAND_TIMEOUT_MS, REDIS_SOCKET, type LeaseRedis } from '../lifecycle/lease.js';
 import type { RemovedEvent, StoredEvent } from '../lifecycle/types.js';
 import { parseDigest } from '../oci/digest.js';
 import { parseRepository, parseTag } from '../oci/reference.js';
@@ -320,10 +320,7 @@ export class RedisForgetTransport implements ForgetTransport {
         if (this.closed) return;
         const subscriber = createClient({
           url: this.url,
-          socket: {
-            connectTimeout: 2000,
-            reconnectStrategy: (n: number) => Math.min(n * 200, 5000),
-          },
+          socket: REDIS_SOCKET,
         }) as unknown as Subscriber;
         this.subscriber = subscriber;
         // Connected again after a break (or for the first time): whatever was said meanwhile is

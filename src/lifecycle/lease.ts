@@ -57,6 +57,20 @@ export interface MinimalRedis {
   on(event: 'error', listener: (err: Error) => void): unknown;
 }
 
+/**
+ * The socket of every connection of the fleet's own to Redis (this one and the forget channel's
+ * subscriber): a connection attempt bounded, and reconnections backing off up to 5 s.
+ */
+export const REDIS_SOCKET = {
+  connectTimeout: 2000,
+  reconnectStrategy: (n: number) => Math.min(n * 200, 5000),
+};
+
+/** Drops a connection at once, whatever it was waiting for. */
+function drop(client: MinimalRedis): void {
+  (client.destroy ?? client.disconnect)?.call(client);
+}
+
 /** How long a Redis that did not answer is taken for unreachable before it is tried again. */
 const RETRY_MS = 10_000;
 
@@ -120,7 +134,7 @@ export class LeaseRedis {
             'redis stopped answering: reconnecting',
           );
         }
-        (client.destroy ?? client.disconnect)?.call(client);
+        drop(client);
       }
       throw err;
     }
@@ -143,14 +157,14 @@ function connectRedis(url: string, log: Logger): Promise<MinimalRedis> {
     const client = createClient({
       url,
       disableOfflineQueue: true,
-      socket: { connectTimeout: 2000, reconnectStrategy: (n: number) => Math.min(n * 200, 5000) },
+      socket: REDIS_SOCKET,
     }) as unknown as MinimalRedis;
     client.on('error', (err) => log.debug({ err: err.message }, 'lease redis error'));
     // connect() waits through reconnections: bound it.
     try {
       await within(client.connect(), CONNECT_TIMEOUT_MS, 'redis did not answer');
     } catch (err) {
-      (client.destroy ?? client.disconnect)?.call(client);
+      drop(client);
       throw err;
     }
     return client;
