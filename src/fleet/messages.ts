@@ -4,8 +4,8 @@
  * that asks for it makes (unique on the host: its pid and a counter).
  *
  * worker -> primary: `acquire` (answered by `granted` or `held`), `watch` (answered by `held` or
- * `none`: a follower only, for a peer's request), and, from a holder, `started`,
- * `progress`, `committing`, `committed`, `failed`; from a follower, `unwatch`, and `takeOver` of the holder it
+ * `none`: a follower only, for a peer's request), and, from a holder, `started`, `progress`,
+ * `committing`, `committed`, `failed`; from a follower, `unwatch`, and `takeOver` of the holder it
  * found stalled (answered by `granted`, or by `held` when another follower took it over first).
  * primary -> worker: `granted`, `held` (with what the holder said so far), and `event` to each
  * follower, as the holder tells its progress or fails (or dies: `failed`).

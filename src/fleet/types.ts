@@ -39,8 +39,9 @@ export interface Lease {
   /** Bytes of the upload on disk (readable by a follower) so far. */
   progress(written: number): void;
   /**
-   * Every byte is written and the digest verified; the commit is under way (on S3 a server-side
-   * copy, which for a blob of several GB can outlast a follower's idle timeout).
+   * Every byte is written and the digest verified; the commit is under way (on S3 the
+   * completion of the upload, which for a blob of several GB can outlast a follower's idle
+   * timeout).
    */
   committing(): void;
   /** The digest is verified and the blob committed (or, `kept: false`, verified only). */
@@ -64,10 +65,10 @@ export interface HeldFetch {
 }
 
 /**
- * How long a follower waits on a holder that is committing (every byte written and verified) before
- * it gives up on it: a commit to S3 sends the last parts and completes the multipart upload,
- * which S3 says may take minutes for a large object. A holder that dies meanwhile is known at once (its worker's exit, its connection closing);
- * this bounds one that hangs.
+ * How long a follower waits on a holder that is committing (every byte written and verified)
+ * before it gives up on it: a commit to S3 sends the last parts and completes the multipart
+ * upload, which S3 says may take minutes for a large object. A holder that dies meanwhile is
+ * known at once (its worker's exit, its connection closing); this bounds one that hangs.
  */
 export const COMMIT_WAIT_MS = 5 * 60_000;
 

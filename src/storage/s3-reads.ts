@@ -50,7 +50,10 @@ export class S3Reads {
     });
   }
 
-  /** Streams `length` bytes (or to the end) of the object from `offset`; throws PathNotFoundError. */
+  /**
+   * Streams `length` bytes (or to the end) of the object from `offset`; throws
+   * PathNotFoundError.
+   */
   async objectReader(p: string, offset: number, length?: number): Promise<ObjectRange> {
     if (length === 0) {
       // No empty range in HTTP: make sure the object is there, and give nothing.

@@ -295,7 +295,10 @@ export class Connection {
     if (this.exchange === exchange) this.exchange = undefined;
   }
 
-  /** The exchange fails with `err` (before its headers: its request rejects), and the connection goes. */
+  /**
+   * The exchange fails with `err` (before its headers: its request rejects), and the
+   * connection goes.
+   */
   fail(err: unknown): void {
     const exchange = this.exchange;
     this.destroy();
