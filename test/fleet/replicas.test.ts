@@ -7,6 +7,7 @@
  * what they upload (one for all: the endpoint is part of what names the shared storage).
  */
 import { createServer, type Server } from 'node:http';
+import { chromium } from 'playwright-core';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { createClient } from '@keyv/redis';
 import { peerSignature, PEER_HEADER, PEER_PATH } from '../../src/fleet/peers.js';
@@ -106,7 +107,7 @@ describe('replicas sharing Redis and a bucket', () => {
     const b = await blob(40 * MiB);
     toBucket.reset();
     const before = await fleetMetrics();
-    throttle.bytesPerSecond = 10 * MiB;
+    throttle.bytesPerSecond = 6 * MiB;
     const gets = Promise.all(
       Array.from({ length: 16 }, (_, i) => get(`${replicas[i % 3]!.url}${b.path}`)),
     );
@@ -130,6 +131,21 @@ describe('replicas sharing Redis and a bucket', () => {
     expect(shown.stdout.toString()).toMatch(
       /fetching now \(1\)\n.* \d+ clients? {2}from another replica\n/,
     );
+    // So does its status page, in a real browser.
+    const browser = await chromium.launch({
+      executablePath: '/usr/bin/chromium',
+      args: ['--no-sandbox', '--disable-background-networking'],
+    });
+    try {
+      const page = await browser.newPage();
+      await page.goto(`${follower.url}/`);
+      const row = page.locator(`.fetch[data-digest="${b.digest}"] .small`);
+      await expect
+        .poll(() => row.textContent(), { timeout: 10_000 })
+        .toMatch(/ · \d+ clients? · from another replica$/);
+    } finally {
+      await browser.close();
+    }
     const results = await gets;
     for (const r of results) expect(intact(r, b.digest)).toBe(true);
     expect(throttle.gets.get(b.digest)).toBe(1);
