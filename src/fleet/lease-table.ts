@@ -11,6 +11,8 @@ interface Entry {
   token: string;
   digest: Digest;
   holder: number;
+  /** The upstream and repository the holder fetches for. */
+  scope: string;
   state: HolderState;
   watchers: Set<number>;
 }
@@ -37,7 +39,7 @@ export class LeaseTable {
           return;
         }
         if (entry) this.follow(worker, m.token, entry);
-        else this.grant(worker, m.digest, m.token);
+        else if (m.t === 'acquire') this.grant(worker, m.digest, m.token, m.scope);
         return;
       }
       case 'takeOver': {
@@ -52,7 +54,7 @@ export class LeaseTable {
           current.watchers.delete(worker);
           this.end(current, { type: 'failed', reason: 'the fetch was taken over: it had stalled' });
         }
-        this.grant(worker, m.digest, m.token);
+        this.grant(worker, m.digest, m.token, m.scope);
         return;
       }
       case 'unwatch':
@@ -103,16 +105,18 @@ export class LeaseTable {
       t: 'held',
       token,
       holder: entry.token,
+      scope: entry.scope,
       state: { ...entry.state },
     });
   }
 
   /** `worker` holds the digest now, and is told so. */
-  private grant(worker: number, digest: Digest, token: string): void {
+  private grant(worker: number, digest: Digest, token: string, scope: string): void {
     const entry: Entry = {
       token,
       digest,
       holder: worker,
+      scope,
       state: { upload: null, size: null, written: 0 },
       watchers: new Set(),
     };

@@ -3,7 +3,8 @@
  * channel. Every message carries `pullcache: 'lease'`; a lease is named by a token the worker
  * that asks for it makes (unique on the host: its pid and a counter).
  *
- * worker -> primary: `acquire` (answered by `granted` or `held`), `watch` (answered by `held` or
+ * worker -> primary: `acquire` for a repository's request (answered by `granted` or `held`, which
+ * names the repository the holder fetches for), `watch` (answered by `held` or
  * `none`: a follower only, for a peer's request), and, from a holder, `started`, `progress`,
  * `committing`, `committed`, `failed`; from a follower, `unwatch`, and `takeOver` of the holder it
  * found stalled (answered by `granted`, or by `held` when another follower took it over first).
@@ -13,8 +14,15 @@
 import type { Digest } from '../oci/digest.js';
 
 export type ToPrimary =
-  | { pullcache: 'lease'; t: 'acquire'; digest: Digest; token: string }
-  | { pullcache: 'lease'; t: 'takeOver'; digest: Digest; token: string; stalled: string }
+  | { pullcache: 'lease'; t: 'acquire'; digest: Digest; token: string; scope: string }
+  | {
+      pullcache: 'lease';
+      t: 'takeOver';
+      digest: Digest;
+      token: string;
+      stalled: string;
+      scope: string;
+    }
   | { pullcache: 'lease'; t: 'watch'; digest: Digest; token: string }
   | { pullcache: 'lease'; t: 'started'; token: string; upload: string; size: number | null }
   | { pullcache: 'lease'; t: 'progress'; token: string; written: number }
@@ -35,7 +43,15 @@ export interface HolderState {
 export type ToWorker =
   | { pullcache: 'lease'; t: 'granted'; token: string }
   | { pullcache: 'lease'; t: 'none'; token: string }
-  | { pullcache: 'lease'; t: 'held'; token: string; holder: string; state: HolderState }
+  | {
+      pullcache: 'lease';
+      t: 'held';
+      token: string;
+      holder: string;
+      /** What the holder fetches for (`upstream/repository`). */
+      scope: string;
+      state: HolderState;
+    }
   | { pullcache: 'lease'; t: 'event'; holder: string; event: WireEvent };
 
 export type WireEvent =

@@ -27,7 +27,8 @@ import type { RawBody } from '../upstream/raw-body.js';
 import { RawAgent } from '../upstream/raw-get.js';
 import type { RawResponse } from '../upstream/raw-connection.js';
 import type { BlobRequestOptions, BlobStream, UpstreamClient } from '../upstream/types.js';
-import { COMMIT_WAIT_MS } from './types.js';
+import { UpstreamNotFoundError } from '../upstream/errors.js';
+import { COMMIT_WAIT_MS, fetchScope } from './types.js';
 
 export const PEER_HEADER = 'pullcache-peer';
 export const PEER_PATH = '/_pullcache/v1/peer/blobs/';
@@ -67,7 +68,12 @@ export function verifyPeerSignature(
   return timingSafeEqual(expected, Buffer.from(m[2]!, 'hex'));
 }
 
-export type PeerClaim = { held: true; release(): void } | { held: false; holder: string };
+/**
+ * A claim's answer: held by this replica, or by `holder` (its address), fetching for `scope`
+ * (`upstream/repository`; undefined from a replica that does not say).
+ */
+export type PeerClaim =
+  { held: true; release(): void } | { held: false; holder: string; scope: string | undefined };
 
 /** Leases on digests among the replicas, in Redis. */
 export class PeerLeases {
@@ -89,27 +95,33 @@ export class PeerLeases {
     this.self = `${o.advertise} ${randomUUID()}`;
   }
 
-  /** Takes the lease on `digest`, or names the replica holding it. Rejects when Redis fails. */
-  async claim(digest: Digest): Promise<PeerClaim> {
+  /**
+   * Takes the lease on `digest` for a fetch for `scope` (`upstream/repository`), or names the
+   * replica holding it and what it fetches for. Rejects when Redis fails.
+   */
+  async claim(digest: Digest, scope: string): Promise<PeerClaim> {
+    // The value: this process (address and id), then the scope. Replicas before the scope was
+    // kept wrote the first two only.
+    const mine = `${this.self} ${scope}`;
     // A Redis that did not answer fails at once for a while (LeaseRedis), not after a timeout.
     return this.o.redis.run(async (redis) => {
       const key = `${this.o.prefix}${digest}`;
       const ttl = this.o.ttlMs ?? PEER_LEASE_TTL_MS;
       for (let attempt = 0; attempt < 3; attempt++) {
-        if ((await redis.set(key, this.self, { NX: true, PX: ttl })) === 'OK')
-          return { held: true, release: this.keep(key, ttl) };
+        if ((await redis.set(key, mine, { NX: true, PX: ttl })) === 'OK')
+          return { held: true, release: this.keep(key, mine, ttl) };
         const value = await redis.get(key);
         if (value === null) continue; // expired or released meanwhile: ask again
-        const holder = value.slice(0, value.indexOf(' '));
+        const [holder = '', id, ...rest] = value.split(' ');
         // Our own address from an earlier life of this replica: nobody is fetching it. Taken
         // over only if that is still the value (another replica may have taken it meanwhile).
-        if (holder === this.o.advertise && value !== this.self) {
-          const args = { keys: [key], arguments: [value, this.self, String(ttl)] };
+        if (holder === this.o.advertise && `${holder} ${id}` !== this.self) {
+          const args = { keys: [key], arguments: [value, mine, String(ttl)] };
           if ((await redis.eval(REPLACE, args)) === 'OK')
-            return { held: true, release: this.keep(key, ttl) };
+            return { held: true, release: this.keep(key, mine, ttl) };
           continue;
         }
-        return { held: false, holder };
+        return { held: false, holder, scope: rest.length > 0 ? rest.join(' ') : undefined };
       }
       // A key that keeps coming and going: fetch rather than wait.
       return { held: true, release: () => {} };
@@ -120,8 +132,8 @@ export class PeerLeases {
    * Renews the lease every third of its lifetime; resolves to its release. Each through the
    * connection of the moment: one dropped meanwhile (LeaseRedis.run) is replaced, not kept.
    */
-  private keep(key: string, ttl: number): () => void {
-    const args = { keys: [key], arguments: [this.self, String(ttl)] };
+  private keep(key: string, value: string, ttl: number): () => void {
+    const args = { keys: [key], arguments: [value, String(ttl)] };
     const timer = setInterval(() => {
       this.o.redis
         .run((redis) => redis.eval(RENEW, args))
@@ -136,7 +148,7 @@ export class PeerLeases {
       released = true;
       clearInterval(timer);
       this.o.redis
-        .run((redis) => redis.eval(RELEASE, { keys: [key], arguments: [this.self] }))
+        .run((redis) => redis.eval(RELEASE, { keys: [key], arguments: [value] }))
         .catch(() => {});
     };
   }
@@ -171,7 +183,7 @@ export class PeeredBlobSource implements Pick<UpstreamClient, 'getBlob'> {
   private readonly raw: RawAgent;
 
   constructor(
-    private readonly upstream: Pick<UpstreamClient, 'getBlob' | 'name'>,
+    private readonly upstream: Pick<UpstreamClient, 'getBlob' | 'headBlob' | 'name'>,
     private readonly o: {
       leases: PeerLeases;
       secret: string;
@@ -206,7 +218,10 @@ export class PeeredBlobSource implements Pick<UpstreamClient, 'getBlob'> {
     let claim: PeerClaim | undefined;
     if (!this.avoid.has(digest)) {
       try {
-        claim = await this.o.leases.claim(digest);
+        claim = await this.o.leases.claim(
+          digest,
+          fetchScope({ upstream: this.upstream.name, repository }),
+        );
       } catch (err) {
         // A warning at most every LEASES_WARN_MS: while Redis is away, every cold blob comes here.
         const now = Date.now();
@@ -218,7 +233,12 @@ export class PeeredBlobSource implements Pick<UpstreamClient, 'getBlob'> {
         );
       }
     }
-    if (claim && !claim.held && !this.avoidPeers.has(claim.holder)) {
+    if (
+      claim &&
+      !claim.held &&
+      !this.avoidPeers.has(claim.holder) &&
+      (await this.confirmed(claim, repository, digest))
+    ) {
       try {
         return await this.fromPeer(claim.holder, digest, options);
       } catch (err) {
@@ -252,6 +272,33 @@ export class PeeredBlobSource implements Pick<UpstreamClient, 'getBlob'> {
     if (options.settled) options.settled.then(release, release);
     else blob.stream.once('close', release);
     return blob;
+  }
+
+  /**
+   * Whether this repository may have the bytes of a peer that fetches them for `claim.scope`:
+   * at once for the same repository, else once the upstream confirms (HEAD, with this
+   * repository's scope) that this one has the blob too. A no is thrown (UpstreamNotFoundError:
+   * the blob is not this repository's); an upstream that cannot be asked leaves it to the GET.
+   */
+  private async confirmed(
+    claim: { scope: string | undefined },
+    repository: Repository,
+    digest: Digest,
+  ): Promise<boolean> {
+    if (claim.scope === fetchScope({ upstream: this.upstream.name, repository })) return true;
+    try {
+      await this.upstream.headBlob(repository, digest);
+      return true;
+    } catch (err) {
+      if (err instanceof UpstreamNotFoundError) {
+        this.o.log.info(
+          { repository, digest },
+          'blob of another repository not followed: the upstream did not confirm this one has it',
+        );
+        throw err;
+      }
+      return false;
+    }
   }
 
   /**

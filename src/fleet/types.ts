@@ -17,18 +17,23 @@ import type { RangeStream } from '../storage/file-range.js';
 export interface DigestLeases {
   /**
    * Takes the lease on `digest` when nobody holds it; otherwise resolves to the holder's fetch,
-   * to be followed. Rejects only when the leases cannot be asked at all (the primary is gone):
-   * the caller then fetches alone.
+   * to be followed. `scope` names what the caller fetches for (`upstream/repository`): a holder
+   * tells its followers. Rejects only when the leases cannot be asked at all (the primary is
+   * gone): the caller then fetches alone.
    */
-  acquire(digest: Digest): Promise<LeaseResult>;
+  acquire(digest: Digest, scope: string): Promise<LeaseResult>;
   /**
    * Takes the lease from `stalled`, a holder followed here that sent nothing for too long: its
    * other followers are cut, and what it says from now on is ignored. When another follower
    * took it over first, resolves to that one's fetch, to be followed instead (one fetch, not
    * one per follower that timed out). Rejects like `acquire`.
    */
-  takeOver(digest: Digest, stalled: HeldFetch): Promise<LeaseResult>;
+  takeOver(digest: Digest, stalled: HeldFetch, scope: string): Promise<LeaseResult>;
 }
+
+/** What a fetch is for, as leases name it: `upstream/repository`. */
+export const fetchScope = (repo: { upstream: string; repository: string }): string =>
+  `${repo.upstream}/${repo.repository}`;
 
 export type LeaseResult = { held: true; lease: Lease } | { held: false; holder: HeldFetch };
 
@@ -52,6 +57,12 @@ export interface Lease {
 
 /** Another process's fetch as one follower process sees it. */
 export interface HeldFetch {
+  /**
+   * The upstream and repository the holder fetches for (`upstream/repository`, the `scope` it
+   * asked with). Its bytes are another repository's only once the upstream confirms that one
+   * has the blob too: a process following it for another repository asks first.
+   */
+  readonly scope: string;
   /** Called with each change of the holder's state, in order, until `failed` or `committed`. */
   watch(listener: (event: HolderEvent) => void): void;
   /**

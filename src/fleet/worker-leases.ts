@@ -66,8 +66,8 @@ export class WorkerLeases implements DigestLeases {
     o.channel.onDisconnect(() => this.disconnected());
   }
 
-  acquire(digest: Digest): Promise<LeaseResult> {
-    return this.ask('acquire', digest) as Promise<LeaseResult>;
+  acquire(digest: Digest, scope: string): Promise<LeaseResult> {
+    return this.ask('acquire', digest, scope) as Promise<LeaseResult>;
   }
 
   /** The fetch of `digest` another worker holds, to follow; undefined when none does. */
@@ -79,6 +79,7 @@ export class WorkerLeases implements DigestLeases {
   private ask(
     t: 'acquire' | 'watch' | 'takeOver',
     digest: Digest,
+    scope = '',
     stalled = '',
   ): Promise<LeaseResult | undefined> {
     if (this.gone || !this.o.channel.connected)
@@ -88,15 +89,17 @@ export class WorkerLeases implements DigestLeases {
       this.asked.set(token, { resolve, reject });
       this.send(
         t === 'takeOver'
-          ? { pullcache: 'lease', t, digest, token, stalled }
-          : { pullcache: 'lease', t, digest, token },
+          ? { pullcache: 'lease', t, digest, token, stalled, scope }
+          : t === 'acquire'
+            ? { pullcache: 'lease', t, digest, token, scope }
+            : { pullcache: 'lease', t, digest, token },
       );
     });
   }
 
-  takeOver(digest: Digest, stalled: HeldFetch): Promise<LeaseResult> {
+  takeOver(digest: Digest, stalled: HeldFetch, scope: string): Promise<LeaseResult> {
     const holder = stalled instanceof IpcHeldFetch ? stalled.holder : '';
-    return this.ask('takeOver', digest, holder) as Promise<LeaseResult>;
+    return this.ask('takeOver', digest, scope, holder) as Promise<LeaseResult>;
   }
 
   private token(): string {
@@ -128,7 +131,7 @@ export class WorkerLeases implements DigestLeases {
       asked.resolve({ held: true, lease: new IpcLease(m.token, (x) => this.send(x)) });
       return;
     }
-    const held = new IpcHeldFetch(m.holder, m.state, {
+    const held = new IpcHeldFetch(m.holder, m.scope, m.state, {
       read: (id, offset, length) => this.o.readUpload(id, offset, length),
       close: () => this.unwatch(m.holder, held),
     });
@@ -222,6 +225,7 @@ class IpcHeldFetch implements HeldFetch {
   constructor(
     /** The holder's lease token. */
     readonly holder: string,
+    readonly scope: string,
     state: HolderState,
     private readonly io: {
       read(id: string, offset: number, length: number): Promise<RangeStream>;

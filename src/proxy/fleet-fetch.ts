@@ -11,7 +11,7 @@
  * request fetches afresh.
  */
 import type { Descriptor } from '../oci/descriptor.js';
-import type { DigestLeases, HeldFetch, LeaseResult } from '../fleet/types.js';
+import { fetchScope, type DigestLeases, type HeldFetch, type LeaseResult } from '../fleet/types.js';
 import { BlobFetch, type BlobFetchOptions } from './blob-fetch.js';
 import { HolderFailedError, HolderStalledError, RemoteBlobFetch } from './remote-fetch.js';
 import type { FetchState, FollowerStream, UpstreamFetch } from './types.js';
@@ -24,6 +24,12 @@ export interface FleetFetchOptions extends BlobFetchOptions {
   leases: DigestLeases;
   /** How long a holder may say nothing before this process fetches for itself (ms). */
   idleTimeout: number;
+  /**
+   * Asks the upstream whether this fetch's repository has the blob; rejects when it does not
+   * (UpstreamNotFoundError). Called before following a holder that fetches it for another
+   * repository: its bytes are not this repository's to serve on the holder's word.
+   */
+  confirm(): Promise<void>;
 }
 
 export class FleetFetch implements UpstreamFetch {
@@ -89,11 +95,13 @@ export class FleetFetch implements UpstreamFetch {
     let result: LeaseResult | undefined;
     /** A holder followed here that sent nothing for the idle timeout: taken over next. */
     let stalled: HeldFetch | undefined;
+    const scope = fetchScope(this.repo);
+    let confirmed = false;
     for (let ask = 0; ; ask++) {
       try {
         result = stalled
-          ? await this.o.leases.takeOver(this.digest, stalled)
-          : await this.o.leases.acquire(this.digest);
+          ? await this.o.leases.takeOver(this.digest, stalled, scope)
+          : await this.o.leases.acquire(this.digest, scope);
       } catch (err) {
         // The leases cannot be asked (the primary is gone): fetch alone rather than not at all.
         log.warn({ digest: this.digest, err: (err as Error).message }, 'no lease: fetching alone');
@@ -102,6 +110,16 @@ export class FleetFetch implements UpstreamFetch {
       stalled = undefined;
       if (!result || result.held) break;
       const holder = result.holder;
+      if (holder.scope !== scope && !confirmed) {
+        try {
+          await this.o.confirm();
+        } catch (err) {
+          holder.close();
+          notReady(err);
+          throw err;
+        }
+        confirmed = true;
+      }
       const remote = new RemoteBlobFetch({
         digest: this.digest,
         repo: this.repo,
@@ -142,7 +160,7 @@ export class FleetFetch implements UpstreamFetch {
     ready: () => void,
     notReady: (err: unknown) => void,
   ): Promise<Descriptor> {
-    const { leases: _leases, idleTimeout: _idle, ...options } = this.o;
+    const { leases: _leases, idleTimeout: _idle, confirm: _confirm, ...options } = this.o;
     const fetch = new BlobFetch({ ...options, ...(lease ? { lease } : {}) });
     this.current = fetch;
     fetch.ready.then(ready, notReady);

@@ -168,6 +168,24 @@ export class ProxyBlobStore implements BlobService {
     });
   }
 
+  /**
+   * Before this process follows another's fetch of the digest made for another repository: the
+   * upstream's word that this one has it (HEAD, with this repository's scope), as in `open` for
+   * a fetch of this process. Throws UpstreamNotFoundError when it says no.
+   */
+  private async confirmFollowing(repo: RepositoryKey, digest: Digest): Promise<void> {
+    try {
+      await this.o.client.headBlob(repo.repository, digest);
+    } catch (err) {
+      if (err instanceof UpstreamNotFoundError)
+        this.log.info(
+          { repository: repo.repository, digest },
+          'blob of another repository not served: the upstream did not confirm this one has it',
+        );
+      throw err;
+    }
+  }
+
   private async refused(repo: RepositoryKey, digest: Digest, reason: string): Promise<StatResult> {
     if ((await this.o.local.stored(digest)).found || this.active(digest))
       this.log.info(
@@ -211,7 +229,12 @@ export class ProxyBlobStore implements BlobService {
     };
     const { leases, idleTimeout } = this.o;
     const fetch = leases
-      ? new FleetFetch({ ...options, leases, idleTimeout: idleTimeout ?? 30_000 })
+      ? new FleetFetch({
+          ...options,
+          leases,
+          idleTimeout: idleTimeout ?? 30_000,
+          confirm: () => this.confirmFollowing(repo, digest),
+        })
       : new BlobFetch(options);
     this.o.inflight.set(digest, fetch);
     const forget = () => {

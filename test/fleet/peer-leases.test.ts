@@ -16,6 +16,8 @@ import { freePort, waitFor } from '../helpers/net.js';
 import { startRedis, type TestRedis } from '../helpers/redis.js';
 
 const DIGEST = `sha256:${'b'.repeat(64)}` as Digest;
+/** What the fetches here are for. */
+const SCOPE = 'upstream/library/x';
 
 test('a Redis that did not answer is not waited for again by the next claims', async () => {
   const redis = new LeaseRedis(`redis://127.0.0.1:${await freePort()}`, silentLogger());
@@ -27,11 +29,11 @@ test('a Redis that did not answer is not waited for again by the next claims', a
   });
   try {
     let started = performance.now();
-    await expect(leases.claim(DIGEST)).rejects.toThrow(/redis did not answer/);
+    await expect(leases.claim(DIGEST, SCOPE)).rejects.toThrow(/redis did not answer/);
     expect(performance.now() - started).toBeGreaterThan(1000);
     for (let i = 0; i < 3; i++) {
       started = performance.now();
-      await expect(leases.claim(DIGEST)).rejects.toThrow(/redis did not answer/);
+      await expect(leases.claim(DIGEST, SCOPE)).rejects.toThrow(/redis did not answer/);
       expect(performance.now() - started).toBeLessThan(200);
     }
   } finally {
@@ -51,24 +53,24 @@ test('a Redis that stops answering mid-run fails a claim within the command time
     log: silentLogger(),
   });
   try {
-    expect((await leases.claim(DIGEST)).held).toBe(true);
+    expect((await leases.claim(DIGEST, SCOPE)).held).toBe(true);
     process.kill(server.pid!, 'SIGSTOP');
     try {
       const started = performance.now();
-      await expect(leases.claim(`sha256:${'c'.repeat(64)}` as Digest)).rejects.toThrow();
+      await expect(leases.claim(`sha256:${'c'.repeat(64)}` as Digest, SCOPE)).rejects.toThrow();
       const waited = performance.now() - started;
       expect(waited).toBeGreaterThanOrEqual(COMMAND_TIMEOUT_MS - 100);
       expect(waited).toBeLessThan(COMMAND_TIMEOUT_MS + 1500);
       // Taken for unreachable: the next cold blob does not wait again.
       const next = performance.now();
-      await expect(leases.claim(`sha256:${'e'.repeat(64)}` as Digest)).rejects.toThrow();
+      await expect(leases.claim(`sha256:${'e'.repeat(64)}` as Digest, SCOPE)).rejects.toThrow();
       expect(performance.now() - next).toBeLessThan(200);
     } finally {
       process.kill(server.pid!, 'SIGCONT');
     }
     await waitFor(
       () =>
-        leases.claim(`sha256:${'d'.repeat(64)}` as Digest).then(
+        leases.claim(`sha256:${'d'.repeat(64)}` as Digest, SCOPE).then(
           (c) => c.held,
           () => false,
         ),
@@ -93,7 +95,7 @@ test('a held lease is renewed through the new connection once a silent one was d
     ttlMs: 3000, // renewed every second
   });
   try {
-    const claim = await leases.claim(DIGEST);
+    const claim = await leases.claim(DIGEST, SCOPE);
     expect(claim.held).toBe(true);
     // A use of the connection that gets no answer in time (a blocking pop stands in for a silent
     // Redis): the connection is dropped, and made again 300 ms later.
@@ -145,17 +147,26 @@ describe('in a real Redis', () => {
     // An earlier life of http://a:1 (another random part) left its lease behind.
     await client.set(key, 'http://a:1 earlier', { NX: true, PX: 30_000 });
     const a = leasesOf('http://a:1', prefix);
-    const claim = await a.claim(DIGEST);
+    const claim = await a.claim(DIGEST, SCOPE);
     expect(claim.held).toBe(true);
     const value = await client.get(key);
     expect(value).toMatch(/^http:\/\/a:1 /);
     expect(value).not.toBe('http://a:1 earlier');
-    // Another replica asking now follows this one.
-    expect(await leasesOf('http://b:1', prefix).claim(DIGEST)).toEqual({
+    // Another replica asking now follows this one, and is told what it fetches for.
+    expect(await leasesOf('http://b:1', prefix).claim(DIGEST, 'upstream/other')).toEqual({
       held: false,
       holder: 'http://a:1',
+      scope: SCOPE,
     });
     if (claim.held) claim.release();
+    await waitFor(async () => (await client.get(key)) === null, 'the lease released');
+    // A replica that does not say what it fetches for (an older version): the scope is unknown.
+    await client.set(key, 'http://c:1 older', { NX: true, PX: 30_000 });
+    expect(await a.claim(DIGEST, SCOPE)).toEqual({
+      held: false,
+      holder: 'http://c:1',
+      scope: undefined,
+    });
   });
 
   test('a fetch holds its lease until it is stored, not only until its body ends', async () => {
@@ -168,6 +179,7 @@ describe('in a real Redis', () => {
         size: 3,
         stream: Readable.from([Buffer.from('abc')]),
       }),
+      headBlob: () => Promise.reject(new Error('not asked: the same repository')),
     };
     const source = new PeeredBlobSource(upstream, {
       leases: leasesOf('http://a:1', prefix),
@@ -183,9 +195,10 @@ describe('in a real Redis', () => {
       for await (const chunk of blob.stream) expect(chunk).toBeDefined();
       await new Promise((r) => setTimeout(r, 100)); // the body is over: its stream closed
       // Not stored yet (a commit under way): another replica asking follows this one.
-      expect(await leasesOf('http://b:1', prefix).claim(DIGEST)).toEqual({
+      expect(await leasesOf('http://b:1', prefix).claim(DIGEST, SCOPE)).toEqual({
         held: false,
         holder: 'http://a:1',
+        scope: SCOPE,
       });
       stored.resolve();
       await waitFor(async () => (await client.get(key)) === null, 'the lease released');

@@ -14,6 +14,7 @@ import { silentLogger, type Logger } from '../../src/log/logger.js';
 import { capturedLog } from '../helpers/pullcache.js';
 import { digestOf, type Digest } from '../../src/oci/digest.js';
 import type { Repository } from '../../src/oci/reference.js';
+import { UpstreamNotFoundError } from '../../src/upstream/errors.js';
 import type { BlobStream } from '../../src/upstream/types.js';
 import { ReceiveSlabs } from '../../src/upstream/receive-slabs.js';
 import { Metrics, type PeerCells } from '../../src/metrics.js';
@@ -61,12 +62,18 @@ function source(
   log: Logger = silentLogger(),
   idleTimeout = 5_000,
 ): PeeredBlobSource {
-  const leases = { claim: async () => ({ held: false, holder }) } as unknown as PeerLeases;
+  // The peer fetches for the same repository: the upstream is not asked to confirm it.
+  const leases = {
+    claim: async () => ({ held: false, holder, scope: `upstream/${REPO}` }),
+  } as unknown as PeerLeases;
   const upstream = {
     name: 'upstream',
     getBlob: async (_repo: Repository, digest: Digest): Promise<BlobStream> => {
       upstreamCalls.push(digest);
       throw new Error('the upstream was asked');
+    },
+    headBlob: async () => {
+      throw new Error('the upstream was asked to confirm');
     },
   };
   cells = new Metrics().peerCells('upstream');
@@ -104,6 +111,45 @@ test("a peer's blob comes in views of the fetch's slabs, read into again once ha
   expect(slabs.outstanding).toBe(0);
   expect(calls).toEqual([]);
   expect([cells.bytes.value, cells.whole.value, cells.cut.value]).toEqual([blob.length, 1, 0]);
+});
+
+test('a peer fetching for another repository is followed only once the upstream confirms this one has the blob', async () => {
+  const blob = randomBytes(300 * 1024);
+  const peerAt = await peer(blob);
+  const heads: string[] = [];
+  const peered = (has: boolean) =>
+    new PeeredBlobSource(
+      {
+        name: 'upstream',
+        getBlob: () => Promise.reject(new Error('the upstream was asked')),
+        headBlob: async (repository: Repository, digest: Digest) => {
+          heads.push(repository);
+          if (!has) throw new UpstreamNotFoundError('upstream', `blob ${digest}`);
+          return { size: blob.length };
+        },
+      },
+      {
+        leases: {
+          claim: async () => ({ held: false, holder: peerAt, scope: 'upstream/private/app' }),
+        } as unknown as PeerLeases,
+        secret: SECRET,
+        idleTimeout: 5_000,
+        log: silentLogger(),
+      },
+    );
+  const repo = 'public/app' as Repository;
+  // The upstream says public/app has no such blob: refused, and the peer is not asked.
+  await expect(peered(false).getBlob(repo, digestOf(blob))).rejects.toBeInstanceOf(
+    UpstreamNotFoundError,
+  );
+  expect(asked).toBe(0);
+  // It says yes: the peer's bytes.
+  const { stream } = await peered(true).getBlob(repo, digestOf(blob));
+  const got: Buffer[] = [];
+  for await (const chunk of stream) got.push(Buffer.from(chunk as Buffer));
+  expect(Buffer.concat(got).equals(blob)).toBe(true);
+  expect(heads).toEqual(['public/app', 'public/app']);
+  expect(asked).toBe(1);
 });
 
 test('bytes that do not match the digest fail the stream, and the digest goes to the upstream next', async () => {

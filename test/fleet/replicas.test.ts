@@ -8,11 +8,11 @@
  */
 import { createServer, type Server } from 'node:http';
 import { chromium } from 'playwright-core';
-import { afterAll, beforeAll, describe, expect, test } from 'vitest';
+import { afterAll, beforeAll, describe, expect, onTestFinished, test } from 'vitest';
 import { createClient } from '@keyv/redis';
 import { peerSignature, PEER_HEADER, PEER_PATH } from '../../src/fleet/peers.js';
 import type { ImageInfo } from '../../src/lifecycle/types.js';
-import { makeImage, pushImage, pushRandomBlob, sha256 } from '../helpers/images.js';
+import { makeImage, pushBlob, pushImage, pushRandomBlob, sha256 } from '../helpers/images.js';
 import { freePort, waitFor } from '../helpers/net.js';
 import { cli } from '../helpers/cli.js';
 import { scrape, sum } from '../helpers/prometheus.js';
@@ -105,6 +105,12 @@ describe('replicas sharing Redis and a bucket', () => {
 
   test('16 clients spread over three replicas fetch a cold blob from the upstream once, and upload it once', async () => {
     const b = await blob(40 * MiB);
+    const browser = await chromium.launch({
+      executablePath: '/usr/bin/chromium',
+      args: ['--no-sandbox', '--disable-background-networking'],
+    });
+    onTestFinished(() => browser.close());
+    const page = await browser.newPage();
     toBucket.reset();
     const before = await fleetMetrics();
     throttle.bytesPerSecond = 6 * MiB;
@@ -127,25 +133,16 @@ describe('replicas sharing Redis and a bucket', () => {
     );
     expect([...from].sort()).toEqual(['replica', 'replica', 'upstream']);
     const follower = replicas[from.indexOf('replica')]!;
+    // So does its status page, in a real browser (started before the fetch: it takes a while).
+    await page.goto(`${follower.url}/`);
+    const row = page.locator(`.fetch[data-digest="${b.digest}"] .small`);
+    await expect
+      .poll(() => row.textContent(), { timeout: 10_000 })
+      .toMatch(/ · \d+ clients? · from another replica$/);
     const shown = await cli('status', '--url', follower.url);
     expect(shown.stdout.toString()).toMatch(
       /fetching now \(1\)\n.* \d+ clients? {2}from another replica\n/,
     );
-    // So does its status page, in a real browser.
-    const browser = await chromium.launch({
-      executablePath: '/usr/bin/chromium',
-      args: ['--no-sandbox', '--disable-background-networking'],
-    });
-    try {
-      const page = await browser.newPage();
-      await page.goto(`${follower.url}/`);
-      const row = page.locator(`.fetch[data-digest="${b.digest}"] .small`);
-      await expect
-        .poll(() => row.textContent(), { timeout: 10_000 })
-        .toMatch(/ · \d+ clients? · from another replica$/);
-    } finally {
-      await browser.close();
-    }
     const results = await gets;
     for (const r of results) expect(intact(r, b.digest)).toBe(true);
     expect(throttle.gets.get(b.digest)).toBe(1);
@@ -168,6 +165,31 @@ describe('replicas sharing Redis and a bucket', () => {
       expect(intact(await get(`${follower.url}${b.path}`), b.digest)).toBe(true);
     expect(throttle.gets.get(b.digest)).toBe(1);
   }, 120_000);
+
+  test('a blob another replica fetches for one repository is served for another only once the upstream confirms that one has it', async () => {
+    const b = await pushRandomBlob(registry, 'team-a/app', 16 * MiB);
+    await pushBlob(registry, 'team-c/app', b); // the same layer in a third repository
+    throttle.bytesPerSecond = 4 * MiB;
+    const [holder, second, third] = replicas as [WorkersServer, WorkersServer, WorkersServer];
+    const before = logged(second, 'following the fetch of another replica');
+    const fetching = get(`${holder.url}/v2/team-a/app/blobs/${b.digest}`);
+    await waitFor(
+      async () => (await fleetMetrics([holder])).upstreamBytes > 0,
+      'the fetch under way',
+    );
+    // team-b/app does not have it upstream: refused by the replicas that would follow.
+    for (const r of [second, third])
+      expect((await get(`${r.url}/v2/team-b/app/blobs/${b.digest}`)).status).toBe(404);
+    // team-c/app does: followed, not fetched a second time.
+    const confirmed = await get(`${second.url}/v2/team-c/app/blobs/${b.digest}`);
+    expect(intact(confirmed, b.digest)).toBe(true);
+    expect(logged(second, 'following the fetch of another replica')).toBe(before + 1);
+    expect(intact(await fetching, b.digest)).toBe(true);
+    expect(throttle.gets.get(b.digest)).toBe(1);
+    // Nothing was linked to team-b/app.
+    for (const r of replicas)
+      expect((await get(`${r.url}/v2/team-b/app/blobs/${b.digest}`)).status).toBe(404);
+  }, 60_000);
 
   test('the peer endpoint answers a signed request, and refuses a missing, forged or stale signature', async () => {
     const b = await blob(1 * MiB);

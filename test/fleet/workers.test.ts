@@ -299,6 +299,27 @@ describe('workers on one host', () => {
     expect(throttle.gets.get(b.digest)).toBe(1);
   });
 
+  test('a blob another worker fetches for a repository is not served for another that the upstream says lacks it', async () => {
+    const { digest, bytes } = await pushRandomBlob(registry, 'team-a/app', 16 * MiB);
+    throttle.bytesPerSecond = 8 * MiB;
+    const sent = throttle.sentBytes;
+    const fetching = get(`${pc.url}/v2/team-a/app/blobs/${digest}`);
+    await waitFor(async () => throttle.sentBytes - sent >= 2 * MiB, 'the fetch under way');
+    // Asked of both workers (new connections) while the fetch for team-a/app is under way.
+    const others = await Promise.all(
+      Array.from({ length: 6 }, () => get(`${pc.url}/v2/team-b/app/blobs/${digest}`)),
+    );
+    expect(new Set(others.map((r) => r.worker)).size).toBe(2);
+    for (const r of others) expect(r.status).toBe(404);
+    const own = await fetching;
+    expect(own.status).toBe(200);
+    expect(sha256(own.body)).toBe(sha256(bytes));
+    // Nothing of it was linked to team-b/app meanwhile.
+    for (let i = 0; i < 4; i++)
+      expect((await get(`${pc.url}/v2/team-b/app/blobs/${digest}`)).status).toBe(404);
+    expect(throttle.gets.get(digest)).toBe(1);
+  });
+
   test('/metrics shows every worker of the host, whichever answers the scrape', async () => {
     const count = async () => {
       const text = (await get(`${pc.url}/metrics`)).body.toString();

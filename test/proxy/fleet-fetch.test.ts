@@ -9,11 +9,13 @@ import type { Digest } from '../../src/oci/digest.js';
 import { FleetFetch } from '../../src/proxy/fleet-fetch.js';
 import { HolderStalledError, RemoteBlobFetch } from '../../src/proxy/remote-fetch.js';
 import type { BlobStore, RepositoryKey } from '../../src/storage/types.js';
+import { UpstreamNotFoundError } from '../../src/upstream/errors.js';
 import type { UpstreamClient } from '../../src/upstream/types.js';
 
 test('a fetch followed from another process shows the bytes that process wrote and its own clients', async () => {
   let tell!: (event: HolderEvent) => void;
   const holder: HeldFetch = {
+    scope: 'docker.io/library/x',
     watch: (listener) => (tell = listener),
     readWritten: () => Promise.reject(new Error('not read here')),
     close: () => {},
@@ -34,6 +36,8 @@ test('a fetch followed from another process shows the bytes that process wrote a
     log: silentLogger(),
     orphanTimeout: 60_000,
     onCommitted: async () => {},
+    // The holder fetches for this repository: the upstream is not asked.
+    confirm: () => Promise.reject(new Error('not asked for the same repository')),
   });
   await new Promise((r) => setImmediate(r));
   tell({ type: 'started', size: 1000 });
@@ -50,10 +54,56 @@ test('a fetch followed from another process shows the bytes that process wrote a
   await expect(fetch.done).rejects.toThrow('the holder gave up');
 });
 
+test('a holder fetching for another repository is followed only once the upstream confirms this one has the blob', async () => {
+  const start = (confirm: () => Promise<void>) => {
+    let closed = false;
+    let tell!: (event: HolderEvent) => void;
+    const holder: HeldFetch = {
+      scope: 'docker.io/private/app',
+      watch: (listener) => (tell = listener),
+      readWritten: () => Promise.reject(new Error('not read here')),
+      close: () => (closed = true),
+    };
+    const fetch = new FleetFetch({
+      leases: {
+        acquire: () => Promise.resolve({ held: false, holder }),
+        takeOver: () => {
+          throw new Error('no take-over here');
+        },
+      },
+      idleTimeout: 60_000,
+      blobs: {} as BlobStore,
+      client: {} as UpstreamClient,
+      repo: { upstream: 'docker.io', repository: 'public/app' } as RepositoryKey,
+      digest: `sha256:${'d'.repeat(64)}` as Digest,
+      log: silentLogger(),
+      orphanTimeout: 60_000,
+      onCommitted: async () => {},
+      confirm,
+    });
+    fetch.done.catch(() => {});
+    return { fetch, tell: (e: HolderEvent) => tell(e), closed: () => closed };
+  };
+  // The upstream says no: nothing of the holder's is followed, and the request fails with it.
+  const refused = start(() => Promise.reject(new UpstreamNotFoundError('docker.io', 'blob')));
+  await expect(refused.fetch.ready).rejects.toBeInstanceOf(UpstreamNotFoundError);
+  expect(refused.closed()).toBe(true);
+  // It says yes: followed.
+  let asked = 0;
+  const confirmed = start(async () => void asked++);
+  await new Promise((r) => setImmediate(r));
+  confirmed.tell({ type: 'started', size: 10 });
+  await confirmed.fetch.ready;
+  expect(asked).toBe(1);
+  expect(confirmed.fetch.local).toBe(false);
+  confirmed.tell({ type: 'failed', reason: 'test over' });
+});
+
 test('a holder that is committing (every byte written) is waited for past the idle timeout; one that says nothing before is not', async () => {
   const follow = (idleTimeout: number) => {
     let tell!: (event: HolderEvent) => void;
     const holder: HeldFetch = {
+      scope: 'docker.io/library/x',
       watch: (listener) => (tell = listener),
       readWritten: () => Promise.reject(new Error('not read here')),
       close: () => {},
