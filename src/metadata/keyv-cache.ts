@@ -14,6 +14,12 @@ import type { MetadataCache } from './types.js';
 
 const SKIP_AFTER_ERROR_MS = 5000;
 const CONNECTION_TIMEOUT_MS = 1000;
+/**
+ * How long one command may go unanswered. A Redis that stops answering without closing its
+ * connections (a paused VM, a lost host, a partition) emits no error: its commands would wait
+ * in the client's queue for as long as it is away, and every request with them.
+ */
+const COMMAND_TIMEOUT_MS = 1000;
 
 /** Whether the cache's store answers: see `KeyvMetadataCache.reachable`. */
 export type Reachability = { ok: true } | { ok: false; reason: string };
@@ -201,7 +207,12 @@ export class KeyvMetadataCache implements MetadataCache {
   private async guard<T>(op: (keyv: Keyv) => Promise<T>): Promise<T | undefined> {
     if (Date.now() < this.skipUntil) return undefined;
     try {
-      return await op(await this.keyv);
+      const keyv = await this.keyv;
+      return await within(
+        op(keyv),
+        COMMAND_TIMEOUT_MS,
+        `no answer within ${COMMAND_TIMEOUT_MS} ms`,
+      );
     } catch (err) {
       this.skipUntil = Date.now() + SKIP_AFTER_ERROR_MS;
       this.warn(err);

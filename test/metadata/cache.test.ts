@@ -5,6 +5,8 @@ import { KeyvMetadataCache } from '../../src/metadata/keyv-cache.js';
 import { silentLogger } from '../../src/log/logger.js';
 import { digestOf } from '../../src/oci/digest.js';
 import { parseRepository, parseTag } from '../../src/oci/reference.js';
+import { within } from '../../src/abort.js';
+import { freePort } from '../helpers/net.js';
 import { startRedis, type TestRedis } from '../helpers/redis.js';
 
 let redis: TestRedis;
@@ -122,3 +124,35 @@ test('an unreachable Redis is a miss, not a failure', async () => {
   expect(await cache.getDescriptor(digest)).toBeUndefined();
   await cache.close();
 });
+
+test('a Redis that stops answering (its connection kept open) is a miss within a second or so, and used again once it answers', async () => {
+  const own = await startRedis({ port: await freePort() });
+  const cache = new KeyvMetadataCache({
+    store: 'redis',
+    redisUrl: own.url,
+    log: silentLogger(),
+    memoryEntries: 0,
+  });
+  try {
+    const digest = digestOf('paused');
+    await cache.setDescriptor({ digest, size: 7 });
+    expect(await cache.getDescriptor(digest)).toEqual({ digest, size: 7 });
+    process.kill(own.pid!, 'SIGSTOP');
+    try {
+      // Without a timeout of its own this waited for as long as Redis was stopped.
+      const got = await within(cache.getDescriptor(digest), 10_000, 'the cache never answered');
+      expect(got).toBeUndefined();
+      // Skipped meanwhile: a miss at once, not another wait.
+      const started = Date.now();
+      expect(await cache.getDescriptor(digest)).toBeUndefined();
+      expect(Date.now() - started).toBeLessThan(500);
+    } finally {
+      process.kill(own.pid!, 'SIGCONT');
+    }
+    expect((await cache.reachable()).ok).toBe(true);
+    expect(await cache.getDescriptor(digest)).toEqual({ digest, size: 7 });
+  } finally {
+    await cache.close();
+    await own.stop();
+  }
+}, 30_000);
