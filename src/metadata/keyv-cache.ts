@@ -20,6 +20,11 @@ const CONNECTION_TIMEOUT_MS = 1000;
  * in the client's queue for as long as it is away, and every request with them.
  */
 const COMMAND_TIMEOUT_MS = 1000;
+/**
+ * Deletes that could not reach Redis, kept to be made once it answers again. Past this many,
+ * the whole namespace is cleared then instead (it is a cache: storage answers what it lacks).
+ */
+const MAX_PENDING_DELETES = 10_000;
 
 /** Whether the cache's store answers: see `KeyvMetadataCache.reachable`. */
 export type Reachability = { ok: true } | { ok: false; reason: string };
@@ -52,7 +57,16 @@ export class KeyvMetadataCache implements MetadataCache {
   /** Probes under way: their failures are the caller's to report, not `warn`'s. */
   private probing = 0;
   private lastError: unknown;
+  /** Failures so far, thrown or only emitted (the store reports some without throwing). */
+  private errors = 0;
   private readonly onDelete: ((key: string) => void) | undefined;
+  /**
+   * Keys deleted while Redis could not be told: read as absent here, and deleted there once it
+   * answers (else an entry removed meanwhile, say a manifest `rm`, would come back from Redis,
+   * with no expiry). `'all'`: too many to keep; the namespace is cleared instead.
+   */
+  private pendingDeletes: Set<string> | 'all' = new Set();
+  private flushing: Promise<void> | undefined;
 
   constructor(options: KeyvCacheOptions) {
     this.onDelete = options.onDelete;
@@ -77,6 +91,7 @@ export class KeyvMetadataCache implements MetadataCache {
         ? new Keyv({ store: redis, namespace: NAMESPACE, useKeyPrefix: false })
         : new Keyv({ namespace: NAMESPACE });
       keyv.on('error', (err: unknown) => {
+        this.errors++;
         this.skipUntil = Date.now() + SKIP_AFTER_ERROR_MS;
         this.lastError = err;
         this.warn(err);
@@ -109,7 +124,10 @@ export class KeyvMetadataCache implements MetadataCache {
           throw err;
         },
       );
-      if (answer.ok) this.skipUntil = 0;
+      if (answer.ok) {
+        this.skipUntil = 0;
+        void this.flushDeletes();
+      }
       return answer;
     } finally {
       this.probing--;
@@ -188,6 +206,11 @@ export class KeyvMetadataCache implements MetadataCache {
   private async get<T>(key: string): Promise<T | undefined> {
     const hot = this.memory?.get(key);
     if (hot !== undefined) return hot as T;
+    if (this.pendingDeletes === 'all' || this.pendingDeletes.has(key)) {
+      // Not known whether Redis still holds it: asked only once the deletes went through.
+      await this.flushDeletes();
+      if (this.pendingDeletes === 'all' || this.pendingDeletes.has(key)) return undefined;
+    }
     const value = (await this.guard((keyv) => keyv.get<T>(key))) ?? undefined;
     if (value !== undefined) this.memory?.set(key, value as object);
     return value;
@@ -196,24 +219,63 @@ export class KeyvMetadataCache implements MetadataCache {
   private async delete(key: string): Promise<void> {
     this.memory?.delete(key);
     this.onDelete?.(key);
-    await this.guard((keyv) => keyv.delete(key));
+    const done = await this.guard((keyv) => keyv.delete(key).then(() => true));
+    if (done) {
+      if (this.pendingDeletes !== 'all') this.pendingDeletes.delete(key);
+      return;
+    }
+    if (this.pendingDeletes === 'all') return;
+    this.pendingDeletes.add(key);
+    if (this.pendingDeletes.size > MAX_PENDING_DELETES) this.pendingDeletes = 'all';
   }
 
   private async set(key: string, value: object): Promise<void> {
     this.memory?.set(key, value);
-    await this.guard((keyv) => keyv.set(key, value));
+    const done = await this.guard((keyv) => keyv.set(key, value).then(() => true));
+    if (done && this.pendingDeletes !== 'all') this.pendingDeletes.delete(key);
+  }
+
+  /** Makes the deletes Redis missed, once it answers (one attempt at a time). */
+  private flushDeletes(): Promise<void> {
+    const pending = this.pendingDeletes;
+    if (pending !== 'all' && pending.size === 0) return Promise.resolve();
+    this.flushing ??= (async () => {
+      const sent = pending === 'all' ? 'all' : [...pending];
+      const done = await this.guard((keyv) =>
+        (sent === 'all' ? keyv.clear() : keyv.deleteMany(sent)).then(() => true),
+      );
+      if (!done) return;
+      // Only what was sent: a delete that failed since is pending anew.
+      if (sent === 'all') {
+        if (this.pendingDeletes === 'all') this.pendingDeletes = new Set();
+      } else if (this.pendingDeletes !== 'all')
+        for (const key of sent) this.pendingDeletes.delete(key);
+      this.log.info(
+        { keys: sent === 'all' ? 'all' : sent.length },
+        'metadata cache: the deletes made while Redis was away are sent',
+      );
+    })().finally(() => (this.flushing = undefined));
+    return this.flushing;
   }
 
   private async guard<T>(op: (keyv: Keyv) => Promise<T>): Promise<T | undefined> {
     if (Date.now() < this.skipUntil) return undefined;
+    const errors = this.errors;
     try {
       const keyv = await this.keyv;
-      return await within(
+      const result = await within(
         op(keyv),
         COMMAND_TIMEOUT_MS,
         `no answer within ${COMMAND_TIMEOUT_MS} ms`,
       );
+      // A failure the store only emitted (it resolved anyway): no answer to rely on.
+      if (this.errors !== errors) return undefined;
+      // Redis answers again: the deletes it missed go first thing.
+      const pending = this.pendingDeletes;
+      if (pending === 'all' || pending.size > 0) void this.flushDeletes();
+      return result;
     } catch (err) {
+      this.errors++;
       this.skipUntil = Date.now() + SKIP_AFTER_ERROR_MS;
       this.warn(err);
       return undefined;

@@ -1,12 +1,17 @@
 /** One contract, run against both metadata cache backends: memory and a real redis-server. */
+import { spawn, type ChildProcess } from 'node:child_process';
 import { randomUUID } from 'node:crypto';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { connect } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { KeyvMetadataCache } from '../../src/metadata/keyv-cache.js';
 import { silentLogger } from '../../src/log/logger.js';
 import { digestOf } from '../../src/oci/digest.js';
 import { parseRepository, parseTag } from '../../src/oci/reference.js';
 import { within } from '../../src/abort.js';
-import { freePort } from '../helpers/net.js';
+import { freePort, waitFor } from '../helpers/net.js';
 import { startRedis, type TestRedis } from '../helpers/redis.js';
 
 let redis: TestRedis;
@@ -156,3 +161,61 @@ test('a Redis that stops answering (its connection kept open) is a miss within a
     await own.stop();
   }
 }, 30_000);
+
+test('a delete made while Redis is away is made once it is back, and meanwhile reads as deleted', async () => {
+  // A Redis that keeps its data on disk, restarted: what was deleted meanwhile would be back.
+  const dir = mkdtempSync(join(tmpdir(), 'pullcache-redis-'));
+  const port = await freePort();
+  const start = async () => {
+    const child = spawn(
+      'redis-server',
+      ['--port', String(port), '--bind', '127.0.0.1', '--dir', dir, '--appendonly', 'yes'],
+      { stdio: 'ignore' },
+    );
+    await waitFor(async () => (await probe(port)) === true, 'redis-server');
+    return child;
+  };
+  let server = await start();
+  const url = `redis://127.0.0.1:${port}`;
+  const make = () =>
+    new KeyvMetadataCache({ store: 'redis', redisUrl: url, log: silentLogger(), memoryEntries: 0 });
+  const [here, there] = [make(), make()]; // two processes sharing the Redis
+  const repo = { upstream: 'docker.io', repository: parseRepository('team/removed') };
+  const digest = digestOf('removed manifest');
+  const link = { digest, mediaType: 'application/vnd.oci.image.manifest.v1+json', size: 10 };
+  try {
+    await here.setManifest(repo, link);
+    expect(await there.getManifest(repo, digest)).toEqual(link);
+    await stop(server);
+    await here.deleteManifest(repo, digest); // an `rm` while Redis is away
+    expect(await here.getManifest(repo, digest)).toBeUndefined();
+    server = await start();
+    await waitFor(async () => (await here.reachable()).ok, 'Redis reachable again');
+    // Sent once Redis is back: the other process no longer reads the removed manifest.
+    await waitFor(async () => (await there.getManifest(repo, digest)) === undefined, 'the delete');
+    expect(await here.getManifest(repo, digest)).toBeUndefined();
+  } finally {
+    await here.close();
+    await there.close();
+    await stop(server);
+    rmSync(dir, { recursive: true, force: true });
+  }
+}, 60_000);
+
+function probe(port: number): Promise<boolean> {
+  return new Promise((resolve) => {
+    const s = connect(port, '127.0.0.1', () => {
+      s.end();
+      resolve(true);
+    });
+    s.on('error', () => resolve(false));
+  });
+}
+
+function stop(child: ChildProcess): Promise<void> {
+  return new Promise((resolve) => {
+    if (child.exitCode !== null || child.signalCode !== null) return resolve();
+    child.once('exit', () => resolve());
+    child.kill('SIGTERM');
+  });
+}
