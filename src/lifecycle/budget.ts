@@ -42,6 +42,13 @@ export class Budget {
   private lastShortfallLog = 0;
   private tooLargeLogged = new Set<Digest>();
   private closed = false;
+  /**
+   * Bytes of blobs being fetched to be kept (`reserve`), counted with the stored ones: a burst
+   * of cold fetches makes room as it starts, so storage is held near `maxSize` plus what is
+   * still in flight of the one process, not plus every fetch's bytes. Only this process's
+   * fetches are known here (another worker's or replica's are not).
+   */
+  private reserved = 0;
 
   constructor(private readonly d: BudgetDeps) {}
 
@@ -62,6 +69,22 @@ export class Budget {
     return false;
   }
 
+  reserve(bytes: number): () => void {
+    this.reserved += bytes;
+    this.check();
+    let ended = false;
+    return () => {
+      if (ended) return;
+      ended = true;
+      this.reserved -= bytes;
+    };
+  }
+
+  /** Bytes held against `maxSize`: those stored, and those being fetched to be kept. */
+  private get held(): number {
+    return this.d.graph().bytes + this.reserved;
+  }
+
   /** Storage ran out of space: evict at least `bytes` more than the budget asks. */
   diskFull(bytes: number): void {
     this.extraToFree = Math.max(this.extraToFree, bytes);
@@ -77,7 +100,7 @@ export class Budget {
   check(now = false): void {
     if (this.closed || !this.d.ready() || this.evicting) return;
     const { maxSize, minFree } = this.d.retention;
-    if (maxSize > 0 && this.d.graph().bytes > maxSize) {
+    if (maxSize > 0 && this.held > maxSize) {
       this.startEviction();
       return;
     }
@@ -139,8 +162,7 @@ export class Budget {
   private async bytesToFree(extra: number): Promise<number> {
     const { maxSize, minFree, lowWater } = this.d.retention;
     let need = 0;
-    if (maxSize > 0 && this.d.graph().bytes > maxSize)
-      need = this.d.graph().bytes - maxSize * lowWater;
+    if (maxSize > 0 && this.held > maxSize) need = this.held - maxSize * lowWater;
     if (minFree > 0) {
       const space = await this.d.driver.space();
       if (space && space.free < minFree)

@@ -324,6 +324,10 @@ export class Lifecycle {
   }
 
   /** Storage ran out of space: evict at least `bytes` more than the budget asks. */
+  reserve(bytes: number): () => void {
+    return this.budget.reserve(bytes);
+  }
+
   diskFull(bytes: number): void {
     this.budget.diskFull(bytes);
   }

@@ -35,6 +35,12 @@ export interface StorageBudget {
   accepts(digest: Digest, size: number | undefined): boolean;
   /** Storage ran out of space while `bytes` were being written: make room. */
   diskFull(bytes: number): void;
+  /**
+   * A blob of `bytes` is being fetched to be kept: counted against the budget from now, so
+   * that room is made while it comes rather than after it is stored. The returned function
+   * ends the count (once the blob is stored and counted, or given up).
+   */
+  reserve(bytes: number): () => void;
 }
 
 export type EvictionReason = 'size' | 'unused' | 'manual';

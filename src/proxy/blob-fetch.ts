@@ -89,6 +89,8 @@ export class BlobFetch implements UpstreamFetch, FollowedFetch {
    */
   private readonly slabs = new ReceiveSlabs();
   private orphanTimer: NodeJS.Timeout | undefined;
+  /** Ends this fetch's count against the budget (StorageBudget.reserve). */
+  private unreserve: (() => void) | undefined;
   private readonly started = Date.now();
   // The write pump.
   private queue: Buffer[] = [];
@@ -137,6 +139,9 @@ export class BlobFetch implements UpstreamFetch, FollowedFetch {
         );
       this.state = 'running';
       const keep = this.options.budget?.accepts(digest, size) ?? true;
+      // Counted against the budget while it comes (a peer's blob is the holder's to count).
+      if (keep && size !== undefined && !fromPeer)
+        this.unreserve = this.options.budget?.reserve(size);
       const lease = this.options.lease;
       // Before the first write (the pump waits for the same session), so progress comes after.
       if (lease)
@@ -182,6 +187,8 @@ export class BlobFetch implements UpstreamFetch, FollowedFetch {
         verified: true,
       });
       this.size = descriptor.size;
+      // Counted as stored from here (onCommitted): no longer as being fetched.
+      this.unreserve?.();
       await this.options.onCommitted(descriptor);
       this.state = 'committed';
       log.info(
@@ -218,6 +225,7 @@ export class BlobFetch implements UpstreamFetch, FollowedFetch {
       for (const follower of [...this.followers]) follower.destroy(err as Error);
       throw err;
     } finally {
+      this.unreserve?.(); // given up (or ended above)
       clearTimeout(this.orphanTimer);
       this.settled.resolve();
     }

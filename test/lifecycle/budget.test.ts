@@ -14,10 +14,12 @@ import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { storedBlobPath } from '../helpers/files.js';
 import { makeImage, pushImage, type Image } from '../helpers/images.js';
 import { capturedLog, startPullcache, type TestPullcache } from '../helpers/pullcache.js';
+import { waitFor } from '../helpers/net.js';
 import { Recorder } from '../helpers/recorder.js';
 import { startRedis, type TestRedis } from '../helpers/redis.js';
 import { TestRegistry } from '../helpers/registry.js';
 import { expectDirHolds, skopeoCopy } from '../helpers/skopeo.js';
+import { Throttle } from '../helpers/throttle.js';
 
 const run = promisify(execFile);
 const tmp = () => mkdtempSync(join(tmpdir(), 'pullcache-budget-'));
@@ -193,6 +195,47 @@ describe('the budget', () => {
       expect((await pc.runtime.lifecycle.usage()).bytes).toBeLessThanOrEqual(bytesOf(big!) + 1000);
     } finally {
       await pc.stop();
+    }
+  });
+
+  test('a blob being fetched to be kept makes room while it comes, not only once it is stored', async () => {
+    const { a, b, c } = images as Record<string, Image>;
+    const mid = makeImage('org/mid', 'v1', 'oci', [2 * unit]);
+    await pushImage(registry, mid);
+    const throttle = await Throttle.start(registry.url);
+    const pc = await startPullcache({
+      upstreams: { 'docker.io': { url: throttle.url } },
+      retention: { maxSize: 3 * unit + 1000, lowWater: '100%' },
+    });
+    try {
+      for (const image of [a!, b!, c!]) await pull(pc, image);
+      const manifest = await fetch(`${pc.url}/v2/org/mid/manifests/v1`, {
+        headers: { accept: mid.mediaType },
+      });
+      expect(manifest.status).toBe(200);
+      await manifest.arrayBuffer();
+      // The layer comes slowly (about 3 s); a and b make room for it meanwhile.
+      const layer = mid.blobs[1]!;
+      throttle.bytesPerSecond = Math.ceil(layer.bytes.length / 3);
+      let done = false;
+      const download = fetch(`${pc.url}/v2/org/mid/blobs/${layer.digest}`)
+        .then(async (r) => Buffer.from(await r.arrayBuffer()))
+        .finally(() => (done = true));
+      await waitFor(async () => {
+        const held = (await pc.runtime.lifecycle.images()).map((i) => i.repository);
+        return !held.includes('org/a') && !held.includes('org/b');
+      }, 'a and b evicted');
+      expect(done).toBe(false);
+      expect(
+        createHash('sha256')
+          .update(await download)
+          .digest('hex'),
+      ).toBe(layer.digest.slice('sha256:'.length));
+      expect(await held(pc)).toEqual(['org/c', 'org/mid']);
+      expect((await pc.runtime.lifecycle.usage()).bytes).toBeLessThanOrEqual(3 * unit + 1000);
+    } finally {
+      await pc.stop();
+      await throttle.close();
     }
   });
 
