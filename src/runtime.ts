@@ -263,6 +263,10 @@ export async function createRuntime(
         probeStorage(driver, config.storage.filesystem.root),
         cache.reachable(options.cacheTimeout),
       ]);
+      // A disk that filled up (something else wrote to it, or a link write met it) is made room
+      // on as a fetch that met it would: with no fetch under way, nothing else would, and a
+      // probe that keeps failing takes this replica out of its load balancer for good.
+      if (storage.full) lifecycle.diskFull(FULL_DISK_ROOM);
       return { storage, cache: reachable };
     },
     followOthers() {
@@ -321,7 +325,13 @@ const FS_REASONS: Record<string, string> = {
  * and a file can be written in it, through the driver. The reason names no path, so that
  * /readyz can show it.
  */
-async function probeStorage(driver: StorageDriver, root: string): Promise<Reachability> {
+/** Bytes asked of an eviction when the readiness probe finds the disk full. */
+const FULL_DISK_ROOM = 64 * 1024 * 1024;
+
+async function probeStorage(
+  driver: StorageDriver,
+  root: string,
+): Promise<Reachability & { full?: boolean }> {
   try {
     const info = await driver.stat('');
     if (info && !info.isDirectory) return { ok: false, reason: 'it is a file, not a directory' };
@@ -335,6 +345,7 @@ async function probeStorage(driver: StorageDriver, root: string): Promise<Reacha
     return {
       ok: false,
       reason: known ? `${known} (${code})` : (code ?? 'unexpected error'),
+      ...(code === 'ENOSPC' || code === 'EDQUOT' ? { full: true } : {}),
     };
   }
 }

@@ -93,21 +93,7 @@ test('a manifest fetched while the disk is full is served, not kept, and an evic
   );
   const filler = join(mount, 'filler');
   try {
-    // Take every byte left on the disk.
-    const fd = openSync(filler, 'w');
-    const chunk = Buffer.alloc(1024 * 1024);
-    try {
-      for (;;) writeSync(fd, chunk);
-    } catch (err) {
-      expect((err as NodeJS.ErrnoException).code).toBe('ENOSPC');
-    }
-    try {
-      for (;;) writeSync(fd, chunk, 0, 4096);
-    } catch {
-      // full to the last block
-    } finally {
-      closeSync(fd);
-    }
+    fill(filler); // every byte left on the disk
     const res = await fetch(`${pc.url}/v2/org/first/manifests/v1`, {
       headers: { accept: first.mediaType },
     });
@@ -121,6 +107,56 @@ test('a manifest fetched while the disk is full is served, not kept, and an evic
     await pc.stop();
   }
 });
+
+test('a disk filled by something else, no fetch under way: the readiness probe makes room, and readiness comes back', async () => {
+  const own = mkdtempSync(join(tmpdir(), 'pullcache-probe-'));
+  execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=24m', 'tmpfs', own]);
+  const { log, lines } = capturedLog('info');
+  const pc = await startPullcache(
+    { upstreams: { 'docker.io': { url: registry.url } } },
+    join(own, 'data'),
+    { log },
+  );
+  const filler = join(own, 'filler');
+  const d1 = mkdtempSync(join(tmpdir(), 'pullcache-enospc-'));
+  try {
+    await skopeoCopy(pc.host, 'org/first:v1', d1);
+    await pc.runtime.lifecycle.settle();
+    fill(filler);
+    // Not ready while the disk is full; the probe that says so starts an eviction.
+    const first503 = await fetch(`${pc.url}/readyz`);
+    expect(first503.status).toBe(503);
+    await vi.waitFor(async () => expect((await fetch(`${pc.url}/readyz`)).status).toBe(200), {
+      timeout: 10_000,
+      interval: 200,
+    });
+    expect(lines.some((l) => l.msg === 'storage is full: evicting')).toBe(true);
+    expect(first.blobs.some((b) => stored(pc, b.digest))).toBe(false);
+  } finally {
+    await pc.stop();
+    execFileSync('umount', [own]);
+    rmSync(own, { recursive: true, force: true });
+    rmSync(d1, { recursive: true, force: true });
+  }
+});
+
+/** Takes every byte left on the tmpfs, into `path`. */
+function fill(path: string): void {
+  const fd = openSync(path, 'w');
+  const chunk = Buffer.alloc(1024 * 1024);
+  try {
+    for (;;) writeSync(fd, chunk);
+  } catch (err) {
+    expect((err as NodeJS.ErrnoException).code).toBe('ENOSPC');
+  }
+  try {
+    for (;;) writeSync(fd, chunk, 0, 4096);
+  } catch {
+    // full to the last block
+  } finally {
+    closeSync(fd);
+  }
+}
 
 test('minFree: below it, the least recently pulled images go until the disk has room again', async () => {
   const small = mkdtempSync(join(tmpdir(), 'pullcache-minfree-'));
