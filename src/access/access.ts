@@ -44,20 +44,24 @@ export function createAccess(
   return new AuthenticatedAccess(file, rules, config.auth.anonymous, trustProxy, log);
 }
 
-/** The client's address: the socket's, or behind a trusted proxy the last X-Forwarded-For entry. */
-function clientAddress(req: IncomingMessage, trustProxy: boolean): string | undefined {
-  if (trustProxy) {
-    const header = req.headers['x-forwarded-for'];
-    const value = Array.isArray(header) ? header[header.length - 1] : header;
-    if (value !== undefined) {
-      const last = value.slice(value.lastIndexOf(',') + 1).trim();
-      if (isIP(last) !== 0) return last;
-    }
-  }
-  return req.socket.remoteAddress;
+/** The last X-Forwarded-For entry (the address the proxy saw) when it is an IP address. */
+function forwardedFor(req: IncomingMessage): string | undefined {
+  const header = req.headers['x-forwarded-for'];
+  const value = Array.isArray(header) ? header[header.length - 1] : header;
+  if (value === undefined) return undefined;
+  const last = value.slice(value.lastIndexOf(',') + 1).trim();
+  return isIP(last) !== 0 ? last : undefined;
 }
 
-/** The path of the token realm (a GET, answered by the HTTP layer with AccessControl.issueToken). */
+/** The client's address: the socket's, or behind a trusted proxy the last X-Forwarded-For entry. */
+function clientAddress(req: IncomingMessage, trustProxy: boolean): string | undefined {
+  return (trustProxy ? forwardedFor(req) : undefined) ?? req.socket.remoteAddress;
+}
+
+/**
+ * The path of the token realm (a GET, answered by the HTTP layer with
+ * AccessControl.issueToken).
+ */
 export const TOKEN_PATH = '/_pullcache/token';
 export const SERVICE = 'pullcache';
 const BASIC_CHALLENGE = 'Basic realm="pullcache", charset="UTF-8"';
@@ -95,6 +99,18 @@ function isLoopback(address: string | undefined): boolean {
   );
 }
 
+/**
+ * Whether the client is on this host. Behind a trusted proxy (`server.trustProxy`) that
+ * forwarded the request (X-Forwarded-For present), the client is the address the proxy saw, not
+ * the proxy's connection: nginx on this host or a sidecar connects from loopback whoever the
+ * client is. A forwarded entry that is not an IP address is no client of this host.
+ */
+function isLocal(req: IncomingMessage, trustProxy: boolean): boolean {
+  if (trustProxy && req.headers['x-forwarded-for'] !== undefined)
+    return isLoopback(forwardedFor(req));
+  return isLoopback(req.socket.remoteAddress);
+}
+
 /** No client authentication: everyone may pull; changing the cache from this host only. */
 class OpenAccess implements AccessControl {
   readonly enabled = false;
@@ -103,7 +119,7 @@ class OpenAccess implements AccessControl {
   constructor(private readonly trustProxy: boolean) {}
 
   identify(req: IncomingMessage): Identity {
-    return { user: undefined, credentialed: false, local: isLoopback(req.socket.remoteAddress) };
+    return { user: undefined, credentialed: false, local: isLocal(req, this.trustProxy) };
   }
 
   allows(identity: Identity, action: Action): boolean {
@@ -153,7 +169,7 @@ class AuthenticatedAccess implements AccessControl {
   }
 
   identify(req: IncomingMessage): Identity | Promise<Identity> {
-    const local = isLoopback(req.socket.remoteAddress);
+    const local = isLocal(req, this.trustProxy);
     const caller = this.authenticator.authenticate(req.headers.authorization);
     const identity = (c: Caller): Identity =>
       c.owner

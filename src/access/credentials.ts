@@ -20,10 +20,11 @@ const VERIFIED_TTL_MS = 5 * 60_000;
 /** Wrong ones are refused this long without bcrypt. */
 const REFUSED_TTL_MS = 60_000;
 const MAX_REMEMBERED = 10_000;
-/** Longer Authorization headers are refused unread (Basic of a 255-byte name and 1 KiB password). */
+/**
+ * Longer Authorization headers are refused unread (Basic of a 255-byte name and 1 KiB
+ * password).
+ */
 const MAX_HEADER_LENGTH = 2048;
-/** Compared against when the user is unknown, so that a wrong name takes as long as a wrong password. */
-const UNKNOWN_USER_HASH = '$2y$10$OP7X0ympMD0ssVHSzFgpqucXk.sBDZV00k3krrEREU0JP8kgBUJy6';
 
 /** Who a request's credentials say it is. */
 export interface Caller {
@@ -113,7 +114,9 @@ export class Authenticator {
       outcome = NOBODY;
     } else {
       const stored = this.file.hash(user);
-      const ok = await bcrypt.compare(password, stored ?? UNKNOWN_USER_HASH);
+      // An unknown user is checked against a hash of the file's cost: a wrong name takes as
+      // long as a wrong password, and does not tell that the name is unknown.
+      const ok = await bcrypt.compare(password, stored ?? this.file.unknownUserHash);
       outcome =
         ok && stored !== undefined
           ? { user, credentialed: true }

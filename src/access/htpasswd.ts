@@ -9,8 +9,10 @@
  * missing, unreadable or without a single valid entry later on (say, read between the truncation
  * and the write of `htpasswd`) is logged and the last good version kept.
  */
+import { randomInt } from 'node:crypto';
 import { readFile, stat } from 'node:fs/promises';
 import { readFileSync, statSync } from 'node:fs';
+import bcrypt from 'bcryptjs';
 import type { Logger } from '../log/logger.js';
 
 /** A bcrypt hash as htpasswd -B (and other bcrypt writers) print it: 60 characters. */
@@ -56,6 +58,30 @@ export function parseHtpasswd(text: string): ParsedHtpasswd {
   return { users, problems };
 }
 
+/** The bcrypt cost of a hash the BCRYPT pattern took: `$2y$05$...` is 5. */
+const costOf = (hash: string) => Number(hash.slice(4, 6));
+
+/**
+ * A bcrypt hash of no password, at the cost most of `users` have (the higher of equals; 10
+ * for none), within what bcrypt takes (4 to 31). Checking a password against it costs what
+ * checking a user's does: an unknown name takes as long to refuse as a wrong password. Made
+ * with a random salt and digest, not by hashing (which would take that cost once more).
+ */
+export function standInHash(users: ReadonlyMap<string, string>): string {
+  const counts = new Map<number, number>();
+  for (const hash of users.values()) {
+    const cost = costOf(hash);
+    counts.set(cost, (counts.get(cost) ?? 0) + 1);
+  }
+  let cost = 10;
+  let most = 0;
+  for (const [c, n] of counts) if (n > most || (n === most && c > cost)) [cost, most] = [c, n];
+  cost = Math.min(31, Math.max(4, cost));
+  const alphabet = './ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789';
+  const digest = Array.from({ length: 31 }, () => alphabet[randomInt(alphabet.length)]).join('');
+  return `${bcrypt.genSaltSync(cost)}${digest}`;
+}
+
 /** The identity of a version of the file, to tell a change without reading it. */
 function signature(s: { mtimeMs: number; ctimeMs: number; size: number; ino: number }): string {
   return `${s.mtimeMs}/${s.ctimeMs}/${s.size}/${s.ino}`;
@@ -68,6 +94,8 @@ export interface HtpasswdOptions {
 
 export class HtpasswdFile {
   private current: Map<string, string>;
+  /** What a password of an unknown user is checked against (standInHash of `current`). */
+  private standIn: string;
   /** The text of the version in use. */
   private text: string;
   private seen: string;
@@ -98,6 +126,7 @@ export class HtpasswdFile {
     if (parsed.users.size === 0)
       log.warn({ htpasswd: path }, 'htpasswd file has no valid entry; nobody can log in');
     this.current = parsed.users;
+    this.standIn = standInHash(parsed.users);
     this.text = text;
     log.info({ htpasswd: path, users: parsed.users.size }, 'htpasswd file loaded');
     this.timer = setInterval(() => void this.poll(), options.pollInterval ?? 1000);
@@ -107,6 +136,14 @@ export class HtpasswdFile {
   /** The bcrypt hash of `user`, if the file has one. */
   hash(user: string): string | undefined {
     return this.current.get(user);
+  }
+
+  /**
+   * A hash that no password matches, at the cost of the file's hashes (`standInHash`): what an
+   * unknown user's password is checked against, so that it costs what a known user's does.
+   */
+  get unknownUserHash(): string {
+    return this.standIn;
   }
 
   /** The text of the version in use (the key of the local owner's tokens is derived from it). */
@@ -152,6 +189,7 @@ export class HtpasswdFile {
       const parsed = this.parsed(text);
       if (parsed.users.size === 0) return this.keep(NO_ENTRY);
       this.current = parsed.users;
+      this.standIn = standInHash(parsed.users);
       this.text = text;
       this.trouble = undefined;
       this.log.info({ htpasswd: this.path, users: parsed.users.size }, 'htpasswd file reloaded');

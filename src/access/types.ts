@@ -22,8 +22,10 @@ export interface Identity {
    */
   readonly owner?: boolean;
   /**
-   * The connection comes from this host (loopback), by its socket address, never a header. Only
-   * consulted when client authentication is off: then `admin` is granted from this host only.
+   * The client is on this host (loopback): the socket's address, or behind a trusted proxy
+   * (`server.trustProxy`) that forwarded the request, the last X-Forwarded-For entry, as the
+   * proxy saw it. Only consulted when client authentication is off: then `admin` is granted
+   * from this host only.
    */
   readonly local: boolean;
 }

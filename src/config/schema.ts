@@ -138,7 +138,10 @@ export const upstreamSchema = z.strictObject({
   staleOnNotFound: bool(false),
   /** Never dial this upstream: serve only what is cached. */
   offline: bool(false),
-  /** Token realms (URL prefixes) that may receive credentials besides the upstream's own domain. */
+  /**
+   * Token realms that may receive credentials besides the upstream's own host: an origin and a
+   * path each, matched by origin and whole path segments (upstream/auth.ts).
+   */
   authRealms: z.array(httpUrl).default([]),
   /** The largest manifest taken from the upstream; a referrers answer and a tags page too. */
   maxManifestSize: size('4MiB'),

@@ -10,7 +10,9 @@
  *
  * With client authentication on and anonymous callers refused, all of it needs a user (the
  * browser asks for one). The page offers pin, unpin and remove to a viewer with the `admin`
- * action; the admin API checks that action again on every change.
+ * action; the admin API checks that action again on every change. The status shows a viewer
+ * the fetches and upstream failures of repositories it may pull, and refused requests (with
+ * other clients' addresses) only to an admin.
  */
 import { readFileSync } from 'node:fs';
 import express, { type Response, type Router } from 'express';
@@ -66,7 +68,15 @@ export function statusRouter(reporter: StatusReporter, access: AccessControl): R
   router.get(`${ADMIN_PREFIX}/status`, async (_req, res) => {
     served(res);
     res.setHeader('Cache-Control', 'no-store');
-    res.json(await reporter.status({ admin: access.allows(identity(res), 'admin') }));
+    const caller = identity(res);
+    // Narrowed to what the caller may see: fetches and failures of what it may pull, refused
+    // requests (other clients' addresses) for admins only (status/status.ts, visibleTo).
+    res.json(
+      await reporter.status({
+        admin: access.allows(caller, 'admin'),
+        mayPull: (target) => access.allows(caller, 'pull', target),
+      }),
+    );
   });
   return router;
 }

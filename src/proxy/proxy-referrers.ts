@@ -4,7 +4,14 @@
  * tag: fresh for the upstream's `tagTTL`, asked again after it, and served stale when the
  * upstream cannot answer. An upstream without the referrers API answers 404; that is served as
  * an empty index, as the spec lets a registry answer, so that clients need no fallback.
+ *
+ * Only answers that list referrers are written to storage (and an empty one that replaces such
+ * an answer kept before): anyone may ask for any repository name, subject digest and set of
+ * artifact types, and an empty answer to each would be a file that stays, since garbage
+ * collection removes the answers of a subject only with the subject's manifest. Empty answers
+ * are remembered in memory instead, a bounded number of them, fresh and stale alike.
  */
+import { LRUCache } from 'lru-cache';
 import type { UpstreamConfig } from '../config/schema.js';
 import type { Logger } from '../log/logger.js';
 import type { Digest } from '../oci/digest.js';
@@ -37,8 +44,13 @@ export interface ProxyReferrersOptions {
   now?: () => number;
 }
 
+/** Empty answers remembered in memory (they are never stored), a few hundred bytes each. */
+const EMPTY_ANSWERS_KEPT = 4096;
+
 export class ProxyReferrersService implements ReferrersService {
   private readonly flights = new SingleFlight<ReferrersAnswer>();
+  /** Empty answers, by `key`: kept here rather than in storage. */
+  private readonly empty = new LRUCache<string, ReferrersRecord>({ max: EMPTY_ANSWERS_KEPT });
   private readonly local: ReferrersStore;
   private readonly client: UpstreamClient;
   private readonly config: UpstreamConfig;
@@ -66,7 +78,9 @@ export class ProxyReferrersService implements ReferrersService {
     if (requested.length > 0 && types.length === 0)
       return { index: referrersIndex([]), filtersApplied: [ARTIFACT_TYPE_FILTER] };
 
-    const known = await this.local.get(repo, subject, types);
+    const key = `${repo.upstream}/${repo.repository}@${subject}?${types.join()}`;
+    const stored = await this.local.get(repo, subject, types);
+    const known = stored ?? this.empty.get(key);
     if (known && this.now() - known.confirmedAt < this.config.tagTTL) {
       this.metrics.requests.inc({ upstream: repo.upstream, kind: 'referrers', cache: 'hit' });
       return answer(known);
@@ -77,16 +91,19 @@ export class ProxyReferrersService implements ReferrersService {
       kind: 'referrers',
       cache: known ? 'revalidate' : 'miss',
     });
-    return this.flights.run(`${repo.upstream}/${repo.repository}@${subject}?${types.join()}`, () =>
-      this.ask(repo, subject, types, known),
+    return this.flights.run(key, () =>
+      this.ask(repo, subject, types, known, stored !== undefined, key),
     );
   }
 
+  /** `kept`: `known` is in storage; `key`: the answer's in `empty`. */
   private async ask(
     repo: RepositoryKey,
     subject: Digest,
     types: string[],
     known: ReferrersRecord | undefined,
+    kept: boolean,
+    key: string,
   ): Promise<ReferrersAnswer> {
     let manifests: ReferrerDescriptor[];
     try {
@@ -112,12 +129,18 @@ export class ProxyReferrersService implements ReferrersService {
     }
     // Filtered here whatever the upstream did: filtering twice changes nothing, and the answer
     // can then always say the filter was applied.
+    const listed = types.length > 0 ? withArtifactType(manifests, types) : manifests;
     const record: ReferrersRecord = {
-      index: referrersIndex(types.length > 0 ? withArtifactType(manifests, types) : manifests),
+      index: referrersIndex(listed),
       filtersApplied: types.length > 0 ? [ARTIFACT_TYPE_FILTER] : [],
       confirmedAt: this.now(),
     };
-    await this.local.set(repo, subject, types, record);
+    if (listed.length > 0 || kept) {
+      await this.local.set(repo, subject, types, record);
+      this.empty.delete(key);
+    } else {
+      this.empty.set(key, record);
+    }
     return answer(record);
   }
 

@@ -52,34 +52,54 @@ export function parseChallenge(header: string | string[] | undefined): Challenge
 }
 
 /**
- * May credentials for `upstreamUrl` go to `realmUrl`? Only to the upstream's own host or a host
- * of its registrable domain (auth.docker.io for registry-1.docker.io), never over a weaker
- * scheme, or to a realm allowed by prefix in the upstream's config.
+ * Token realms that receive an upstream's credentials without configuration, beside the
+ * upstream's own host, each run by the registry's own operator: Docker Hub's registry hosts
+ * send clients to auth.docker.io, GitLab.com's registry to gitlab.com (`/jwt/auth`), NVIDIA's
+ * NGC registry to authn.nvidia.com.
+ */
+const KNOWN_REALM_HOSTS: ReadonlyMap<string, string> = new Map([
+  ['registry-1.docker.io', 'auth.docker.io'],
+  ['index.docker.io', 'auth.docker.io'],
+  ['registry.gitlab.com', 'gitlab.com'],
+  ['nvcr.io', 'authn.nvidia.com'],
+]);
+
+/**
+ * May credentials for `upstreamUrl` go to `realmUrl`? Never to a realm with user information
+ * in it. Otherwise to one that `allowed` (the upstream's `authRealms`) names: the same origin
+ * (scheme, host, port) and a path under the entry's, segment by segment (`https://a.example/auth`
+ * takes `/auth` and `/auth/token`, not `/authx`). Else only over https when the upstream is
+ * https, and only to the upstream's own host or its KNOWN_REALM_HOSTS entry. Not to
+ * other hosts of the upstream's domain: under a shared domain (`*.azurecr.io`, ECR's
+ * `*.amazonaws.com`), another host is another tenant's, and the public suffix list names few
+ * of those (not azurecr.io): such a realm is named in `authRealms`.
  */
 export function realmMayReceiveCredentials(
   upstreamUrl: URL,
   realmUrl: URL,
   allowed: readonly string[],
 ): boolean {
-  if (allowed.some((prefix) => realmUrl.href.startsWith(prefix))) return true;
+  if (realmUrl.username !== '' || realmUrl.password !== '') return false;
+  if (allowed.some((entry) => realmListed(realmUrl, entry))) return true;
   if (upstreamUrl.protocol === 'https:' && realmUrl.protocol !== 'https:') return false;
   const upstreamHost = upstreamUrl.hostname.toLowerCase();
   const realmHost = realmUrl.hostname.toLowerCase();
-  if (upstreamHost === realmHost) return true;
-  const domain = registrableDomain(upstreamHost);
-  return domain !== undefined && (realmHost === domain || realmHost.endsWith(`.${domain}`));
+  return realmHost === upstreamHost || KNOWN_REALM_HOSTS.get(upstreamHost) === realmHost;
 }
 
-/**
- * The last two labels of a DNS name (docker.io for registry-1.docker.io); undefined for an IP
- * address or a single label. A public-suffix list would do better for names under co.uk and the
- * like; for those, configure `authRealms`.
- */
-function registrableDomain(host: string): string | undefined {
-  if (/^[\d.]+$/.test(host) || host.includes(':') || host.startsWith('[')) return undefined;
-  const labels = host.split('.');
-  if (labels.length < 2) return undefined;
-  return labels.slice(-2).join('.');
+/** Whether an `authRealms` entry names `realm`: same origin, path under the entry's. */
+function realmListed(realm: URL, entry: string): boolean {
+  let listed: URL;
+  try {
+    listed = new URL(entry);
+  } catch {
+    return false;
+  }
+  if (listed.username !== '' || listed.password !== '') return false;
+  if (listed.origin === 'null' || listed.origin !== realm.origin) return false;
+  const base = listed.pathname;
+  const path = realm.pathname;
+  return path === base || path.startsWith(base.endsWith('/') ? base : `${base}/`);
 }
 
 export interface Token {
@@ -209,7 +229,10 @@ export class UpstreamAuth {
     if (token?.cached) this.tokens.invalidate(scope, token.token);
   }
 
-  /** The Authorization header for a scope, from the token cache or a new token; none when anonymous access is all we know. */
+  /**
+   * The Authorization header for a scope, from the token cache or a new token; none when
+   * anonymous access is all we know.
+   */
   async authorization(scope: string, options: RequestOptions): Promise<Authorization | undefined> {
     const challenge = this.challenge;
     if (!challenge) return undefined;
@@ -256,7 +279,7 @@ export class UpstreamAuth {
       } else {
         this.log.warn(
           { realm: realm.origin },
-          'token realm is outside the upstream domain; asking anonymously',
+          "token realm is not the upstream's host nor in its authRealms; asking anonymously",
         );
       }
     }

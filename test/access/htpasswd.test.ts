@@ -4,7 +4,9 @@
  * missing file at start-up. Plus what the request logs say of who asked.
  */
 import { renameSync, rmSync, writeFileSync, readFileSync, appendFileSync } from 'node:fs';
-import { afterAll, beforeAll, describe, expect, test } from 'vitest';
+import bcrypt from 'bcryptjs';
+import { afterAll, beforeAll, describe, expect, test, vi } from 'vitest';
+import { standInHash } from '../../src/access/htpasswd.js';
 import { cli, tmp } from '../helpers/cli.js';
 import { basic, htpasswdDelete, htpasswdFile, htpasswdSet } from '../helpers/htpasswd.js';
 import { rawRequest } from '../helpers/http.js';
@@ -139,6 +141,50 @@ describe('the htpasswd file', () => {
     } finally {
       await pc.stop();
     }
+  });
+
+  test("an unknown user's password is checked against a hash of the file's cost, as a known user's is", async () => {
+    // htpasswd -B writes cost 5: a fixed cost-10 stand-in took 32 times the work to refuse an
+    // unknown name as a wrong password, which told the names that exist.
+    const file = htpasswdFile({ alice: 'alice-pw', bob: 'bob-pw' }, 5);
+    const pc = await startPullcache({
+      upstreams: { 'docker.io': { url: registry.url } },
+      auth: { htpasswd: file },
+    });
+    const compare = vi.spyOn(bcrypt, 'compare');
+    try {
+      expect(await status(pc, basic('alice', 'wrong-pw'))).toBe(401);
+      expect(await status(pc, basic('mallory', 'alice-pw'))).toBe(401);
+      const hashes = compare.mock.calls.map((call) => String(call[1]));
+      expect(hashes).toHaveLength(2);
+      expect(hashes[0]).toMatch(/^\$2y\$05\$/);
+      expect(hashes[1]).toMatch(/^\$2[aby]\$05\$.{53}$/);
+      // The file at another cost: the stand-in follows it.
+      htpasswdSet(file, 'alice', 'alice-pw', 7);
+      htpasswdSet(file, 'bob', 'new-pw', 7);
+      await waitFor(async () => (await status(pc, basic('bob', 'new-pw'))) === 200, 'cost 7');
+      compare.mockClear();
+      expect(await status(pc, basic('mallory', 'other-pw'))).toBe(401);
+      expect(String(compare.mock.calls[0]![1])).toMatch(/^\$2[aby]\$07\$/);
+    } finally {
+      compare.mockRestore();
+      await pc.stop();
+    }
+  });
+
+  test('the stand-in hash has the cost most of the users have, and matches no password', async () => {
+    const hash = (cost: number) => `$2y$${String(cost).padStart(2, '0')}$${'a'.repeat(53)}`;
+    const users = (...costs: number[]) => new Map(costs.map((c, i) => [`u${i}`, hash(c)]));
+    const cost = (h: string) => /^\$2[aby]\$(\d\d)\$[./A-Za-z0-9]{53}$/.exec(h)?.[1];
+    expect(cost(standInHash(users(5)))).toBe('05');
+    expect(cost(standInHash(users(5, 12, 5)))).toBe('05');
+    expect(cost(standInHash(users(5, 12)))).toBe('12'); // equals: the higher
+    expect(cost(standInHash(users()))).toBe('10');
+    expect(cost(standInHash(users(2)))).toBe('04'); // bcrypt's least
+    const standIn = standInHash(users(4));
+    expect(standIn).not.toBe(standInHash(users(4)));
+    for (const password of ['', 'alice-pw', 'a'.repeat(72)])
+      expect(await bcrypt.compare(password, standIn)).toBe(false);
   });
 
   test('a missing htpasswd file stops start-up with exit code 2 naming auth.htpasswd', async () => {

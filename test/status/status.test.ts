@@ -6,15 +6,25 @@ import { mkdtempSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
-import type { Status } from '../../src/status/status.js';
+import { mergeStatuses } from '../../src/fleet/cluster-status.js';
+import type { Digest } from '../../src/oci/digest.js';
+import { RecentEvents } from '../../src/status/events.js';
+import {
+  failureRepositories,
+  StatusReporter,
+  type Status,
+  type StatusDeps,
+} from '../../src/status/status.js';
 import { cli, configFile, hasStackTrace } from '../helpers/cli.js';
+import { basic, htpasswdFile } from '../helpers/htpasswd.js';
 import { HubLike } from '../helpers/hub-like.js';
 import { makeImage, pushImage, type Image } from '../helpers/images.js';
-import { freePort } from '../helpers/net.js';
+import { freePort, waitFor } from '../helpers/net.js';
 import { scrape, sum } from '../helpers/prometheus.js';
 import { capturedLog, startPullcache, type TestPullcache } from '../helpers/pullcache.js';
 import { TestRegistry } from '../helpers/registry.js';
 import { skopeoCopy } from '../helpers/skopeo.js';
+import { Throttle } from '../helpers/throttle.js';
 
 const tmp = () => mkdtempSync(join(tmpdir(), 'pullcache-status-'));
 
@@ -215,5 +225,167 @@ describe('the status of a running server', () => {
       level: 40,
       msg: 'upstream offline: only what is cached is served',
     });
+  });
+});
+
+describe('the status with client authentication: each caller sees what it may pull', () => {
+  let registry: TestRegistry;
+  let throttle: Throttle;
+  let pc: TestPullcache;
+  let open: Image;
+  let secret: Image;
+  const root = basic('root', 'root-pw'); // pulls and administers everything
+  const alice = basic('alice', 'alice-pw'); // pulls public/** only
+
+  beforeAll(async () => {
+    registry = await TestRegistry.start();
+    open = makeImage('public/app', 'v1', 'oci', [1000]);
+    secret = makeImage('secret/app', 'v1', 'oci', [1_000_000]);
+    for (const image of [open, secret]) await pushImage(registry, image);
+    // A slow upstream: the secret layer takes about a minute, so its fetch is seen under way.
+    throttle = await Throttle.start(registry.url);
+    throttle.bytesPerSecond = 16 * 1024;
+    pc = await startPullcache({
+      // No retries: one failure each, and the upstream is not taken for down.
+      upstreams: { 'docker.io': { url: throttle.url, retries: 0 } },
+      auth: {
+        htpasswd: htpasswdFile({ root: 'root-pw', alice: 'alice-pw' }),
+        rules: [
+          { users: ['root'], actions: ['pull', 'admin'] },
+          { users: ['alice'], repositories: ['public/**'], actions: ['pull'] },
+        ],
+      },
+    });
+  });
+  afterAll(async () => {
+    await pc?.stop();
+    await throttle?.close();
+    await registry?.close();
+  });
+
+  const status = async (headers: Record<string, string>) => {
+    const res = await fetch(`${pc.url}/_pullcache/v1/status`, { headers });
+    expect(res.status).toBe(200);
+    return (await res.json()) as Status;
+  };
+
+  test('fetches and upstream failures of repositories it may not pull, and refused requests, are not shown; an admin sees them all', async () => {
+    const layer = secret.blobs[1]!;
+    const manifest = (repository: string, tag: string, headers: Record<string, string>) =>
+      fetch(`${pc.url}/v2/${repository}/manifests/${tag}`, {
+        headers: { ...headers, accept: secret.mediaType },
+      });
+    // alice is refused secret/app: a refused request, with her address and the path.
+    expect((await manifest('secret/app', 'v1', alice)).status).toBe(403);
+    // root fetches the secret layer from the slow upstream.
+    const pulling = new AbortController();
+    void fetch(`${pc.url}/v2/secret/app/blobs/${layer.digest}`, {
+      headers: root,
+      signal: pulling.signal,
+    })
+      .then((res) => res.arrayBuffer())
+      .catch(() => {});
+    try {
+      await waitFor(
+        async () =>
+          (await status(root)).fetches.some((f) => f.digest === layer.digest && f.received > 0),
+        'the fetch under way',
+      );
+      // The upstream cuts connections: a failure of each repository, the secret one last.
+      throttle.down = true;
+      expect((await manifest('public/app', 'v2', alice)).status).toBe(503);
+      expect((await manifest('secret/app', 'v2', root)).status).toBe(503);
+      throttle.down = false;
+
+      const admin = await status(root);
+      expect(admin.viewer).toEqual({ admin: true });
+      expect(admin.fetches).toMatchObject([
+        { digest: layer.digest, upstream: 'docker.io', repository: 'secret/app' },
+      ]);
+      expect(admin.recent.upstreamFailures.map((f) => f.what)).toEqual([
+        'GET /v2/secret/app/manifests/v2',
+        'GET /v2/public/app/manifests/v2',
+      ]);
+      expect(admin.upstreams[0]!.lastFailure!.what).toBe('GET /v2/secret/app/manifests/v2');
+      expect(admin.recent.refused).toMatchObject([
+        { client: '127.0.0.1', path: '/v2/secret/app/manifests/v1', status: 403, code: 'DENIED' },
+      ]);
+
+      const shown = await status(alice);
+      expect(shown.viewer).toEqual({ admin: false });
+      expect(shown.fetches).toEqual([]);
+      expect(shown.recent.refused).toEqual([]);
+      expect(shown.recent.upstreamFailures.map((f) => f.what)).toEqual([
+        'GET /v2/public/app/manifests/v2',
+      ]);
+      // The upstream's last failure: when and why, not what was asked.
+      expect(shown.upstreams[0]!.lastFailure).toMatchObject({
+        what: 'a request',
+        reason: admin.upstreams[0]!.lastFailure!.reason,
+      });
+      const text = JSON.stringify(shown);
+      expect(text).not.toContain('secret');
+      expect(text).not.toContain(layer.digest);
+      expect(text).not.toContain('127.0.0.1');
+      // The rest is the same as the admin's (free space aside: other tests write meanwhile).
+      expect({ ...shown.storage, free: 0 }).toEqual({ ...admin.storage, free: 0 });
+      expect(shown.upstreams[0]!.state).toBe(admin.upstreams[0]!.state);
+
+      // With server.workers, each worker gives its whole status and the one asked merges them
+      // (fleet/cluster-status.ts): the host's is narrowed once merged, the same way.
+      const reporter = new StatusReporter({
+        config: { upstreams: { 'docker.io': { url: throttle.url } } },
+        events: new RecentEvents(),
+      } as unknown as StatusDeps);
+      // Another worker fetches a public layer.
+      const other = {
+        ...admin.fetches[0]!,
+        digest: open.blobs[1]!.digest as Digest,
+        repository: 'public/app',
+      };
+      reporter.showHost(
+        () => async (viewer) =>
+          mergeStatuses({ ...admin, viewer }, [
+            admin,
+            { ...admin, fetches: [other], recent: { upstreamFailures: [], refused: [] } },
+          ]),
+      );
+      const host = await reporter.status({
+        admin: false,
+        mayPull: (t) => t.upstream === 'docker.io' && t.repository.startsWith('public/'),
+      });
+      expect(host.fetches).toEqual([other]);
+      expect(host.recent).toEqual(shown.recent);
+      expect(host.viewer).toEqual({ admin: false });
+      expect(JSON.stringify(host)).not.toContain('secret');
+    } finally {
+      pulling.abort();
+    }
+  });
+
+  test('the repositories an upstream failure names, under the upstream URL path too', () => {
+    const url = 'https://registry.example/mirror';
+    const cases: [string, string[] | undefined][] = [
+      ['GET /v2/ at start-up', []],
+      ['GET /mirror/v2/', []],
+      ['a token for the upstream', []],
+      ['GET /mirror/v2/library/alpine/manifests/3.20', ['library/alpine']],
+      ['GET /mirror/v2/library/alpine/manifests/v2', ['library/alpine']],
+      ['HEAD /mirror/v2/a/manifests/b/manifests/latest', ['a/manifests/b']],
+      ['GET /mirror/v2/team/app/tags/list', ['team/app']],
+      [`GET /mirror/v2/team/app/referrers/${'sha256:' + '0'.repeat(64)}`, ['team/app']],
+      [`blob sha256:${'0'.repeat(64)} of team/app`, ['team/app']],
+      ['a token for repository:team/app:pull', ['team/app']],
+      // Under /v2/ but none of the API's paths: it may hold a name, so only admins see it.
+      ['GET /mirror/v2/team/app', undefined],
+      ['GET /v2/team/app/manifests/v1', undefined],
+      // An object store's path (a redirect's): no repository.
+      ['GET /bucket/docker/registry/blobs/data', []],
+    ];
+    for (const [what, repositories] of cases)
+      expect({ what, repositories: failureRepositories(what, url) }).toEqual({
+        what,
+        repositories,
+      });
   });
 });

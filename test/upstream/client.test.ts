@@ -6,6 +6,7 @@ import { upstreamSchema } from '../../src/config/schema.js';
 import { silentLogger } from '../../src/log/logger.js';
 import { parseDigest, type Digest } from '../../src/oci/digest.js';
 import { parseRepository } from '../../src/oci/reference.js';
+import { realmMayReceiveCredentials } from '../../src/upstream/auth.js';
 import { RegistryClient, type ClientOptions } from '../../src/upstream/client.js';
 import { ReceiveSlabs } from '../../src/upstream/receive-slabs.js';
 import { deferred } from '../../src/proxy/deferred.js';
@@ -656,6 +657,65 @@ describe('faults a real registry cannot produce', () => {
     );
     await allowed.close();
     await Promise.all([realm.close(), registry.close()]);
+  });
+});
+
+describe('which token realms receive the upstream credentials', () => {
+  const may = (upstream: string, realm: string, allowed: string[] = []) =>
+    realmMayReceiveCredentials(new URL(upstream), new URL(realm), allowed);
+
+  test("the upstream's own host, and auth.docker.io for Docker Hub; not another host of its domain", () => {
+    const cases: [string, string, boolean][] = [
+      ['https://ghcr.io', 'https://ghcr.io/token', true],
+      ['https://registry-1.docker.io', 'https://auth.docker.io/token', true],
+      ['https://registry.gitlab.com', 'https://gitlab.com/jwt/auth', true],
+      ['https://myreg.azurecr.io', 'https://myreg.azurecr.io/oauth2/token', true],
+      // Another tenant of a shared domain.
+      ['https://myreg.azurecr.io', 'https://attacker.azurecr.io/token', false],
+      [
+        'https://1234.dkr.ecr.us-east-1.amazonaws.com',
+        'https://5678.dkr.ecr.us-east-1.amazonaws.com/',
+        false,
+      ],
+      ['https://registry.example.co.uk', 'https://auth.other.co.uk/token', false],
+      ['https://registry.example.com', 'https://auth.example.com/token', false],
+      ['https://registry-1.docker.io', 'https://evil.docker.io/token', false],
+      // Never over a weaker scheme, never with user information.
+      ['https://ghcr.io', 'http://ghcr.io/token', false],
+      ['https://ghcr.io', 'https://user:pw@ghcr.io/token', false],
+    ];
+    for (const [upstream, realm, expected] of cases)
+      expect({ upstream, realm, may: may(upstream, realm) }).toEqual({
+        upstream,
+        realm,
+        may: expected,
+      });
+  });
+
+  test('authRealms entries are matched by origin and by path segment, not as string prefixes', () => {
+    const upstream = 'https://registry.example.com';
+    const cases: [string[], string, boolean][] = [
+      [['http://auth.good.example'], 'http://auth.good.example/token?scope=x', true],
+      [['https://auth.good.example/auth'], 'https://auth.good.example/auth', true],
+      [['https://auth.good.example/auth'], 'https://auth.good.example/auth/token', true],
+      [['https://auth.good.example/auth/'], 'https://auth.good.example/auth/token', true],
+      [['https://auth.good.example:8443'], 'https://auth.good.example:8443/token', true],
+      // What a string prefix let through: user information naming the good host, a longer
+      // host name, a longer path segment; and another scheme or port.
+      [['http://auth.good.example'], 'http://auth.good.example@evil:8080/token', false],
+      [['https://auth.good.example'], 'https://auth.good.example.evil.net/', false],
+      [['https://auth.good.example/auth'], 'https://auth.good.example/authx', false],
+      [['https://auth.good.example/auth'], 'https://auth.good.example/auth/../evil', false],
+      [['https://auth.good.example'], 'http://auth.good.example/token', false],
+      [['https://auth.good.example'], 'https://auth.good.example:8443/token', false],
+      [['https://auth.good.example'], 'https://u:p@auth.good.example/token', false],
+    ];
+    for (const [allowed, realm, expected] of cases)
+      expect({ allowed, realm, may: may(upstream, realm, allowed) }).toEqual({
+        allowed,
+        realm,
+        may: expected,
+      });
   });
 });
 

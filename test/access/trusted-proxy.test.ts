@@ -1,0 +1,66 @@
+/**
+ * Without client authentication, changing the cache is for this host's clients only. Behind a
+ * trusted proxy on this host (nginx on localhost, a sidecar on 127.0.0.6), every connection comes
+ * from loopback: the client is then the address the proxy forwarded, not the connection's.
+ */
+import { afterAll, beforeAll, describe, expect, test } from 'vitest';
+import { ociError } from '../helpers/http.js';
+import { startPullcache, type TestPullcache } from '../helpers/pullcache.js';
+import { TestRegistry } from '../helpers/registry.js';
+
+describe('the admin action without client authentication, behind a trusted proxy', () => {
+  let registry: TestRegistry;
+  let behind: TestPullcache;
+  let direct: TestPullcache;
+
+  beforeAll(async () => {
+    registry = await TestRegistry.start();
+    const upstreams = { 'docker.io': { url: registry.url } };
+    behind = await startPullcache({ upstreams, server: { trustProxy: true } });
+    direct = await startPullcache({ upstreams });
+  });
+  afterAll(async () => {
+    await behind?.stop();
+    await direct?.stop();
+    await registry?.close();
+  });
+
+  /** A dry-run gc (the admin action over the whole cache) over a loopback connection. */
+  const gc = async (pc: TestPullcache, headers: Record<string, string> = {}) => {
+    const res = await fetch(`${pc.url}/_pullcache/v1/gc`, {
+      method: 'POST',
+      headers: { ...headers, 'content-type': 'application/json' },
+      body: '{"dryRun":true}',
+    });
+    return { status: res.status, code: res.status === 200 ? undefined : await ociError(res) };
+  };
+  const status = async (pc: TestPullcache, headers: Record<string, string>) =>
+    (
+      (await (await fetch(`${pc.url}/_pullcache/v1/status`, { headers })).json()) as {
+        viewer: { admin: boolean };
+      }
+    ).viewer;
+
+  test('a client the proxy forwarded from elsewhere is refused, though the proxy connects from loopback', async () => {
+    expect(await gc(behind, { 'x-forwarded-for': '203.0.113.9' })).toEqual({
+      status: 403,
+      code: 'DENIED',
+    });
+    // The address the proxy saw is the last entry: what a client writes before it counts not.
+    expect(await gc(behind, { 'x-forwarded-for': '127.0.0.1, 203.0.113.9' })).toMatchObject({
+      status: 403,
+    });
+    expect(await gc(behind, { 'x-forwarded-for': 'unknown' })).toMatchObject({ status: 403 });
+    expect(await status(behind, { 'x-forwarded-for': '203.0.113.9' })).toEqual({ admin: false });
+  });
+
+  test('a client of this host is served: through the proxy, or connecting itself', async () => {
+    expect(await gc(behind, { 'x-forwarded-for': '127.0.0.1' })).toEqual({ status: 200 });
+    expect(await gc(behind, { 'x-forwarded-for': '203.0.113.9, ::1' })).toEqual({ status: 200 });
+    // No proxy in between (the commands beside the server): the connection's address.
+    expect(await gc(behind)).toEqual({ status: 200 });
+    expect(await status(behind, {})).toEqual({ admin: true });
+    // Without trustProxy the header is nobody's word: the connection is from this host.
+    expect(await gc(direct, { 'x-forwarded-for': '203.0.113.9' })).toEqual({ status: 200 });
+  });
+});
