@@ -65,7 +65,11 @@ export async function tellServer(runtime: Runtime): Promise<void> {
     `${other.url}${ADMIN_PREFIX}/recount`,
     {
       method: 'POST',
-      headers: ownerHeaders(runtime.config.auth.htpasswd),
+      // The admin API takes a change only as JSON (a page of another site cannot send that).
+      headers: {
+        ...ownerHeaders(runtime.config.auth.htpasswd),
+        'content-type': 'application/json',
+      },
       signal: AbortSignal.timeout(60_000),
     },
     runtime.config.server.tls,

@@ -8,7 +8,6 @@ import express, {
   type ErrorRequestHandler,
   type NextFunction,
   type Request,
-  type RequestHandler,
   type Response,
 } from 'express';
 import { pinoHttp } from 'pino-http';
@@ -16,16 +15,22 @@ import type { Config } from '../config/schema.js';
 import type { Logger } from '../log/logger.js';
 import type { Metrics } from '../metrics.js';
 import {
+  BlobUploadUnknownError,
   DeniedError,
+  DigestInvalidError,
+  ManifestUnknownError,
   MethodNotAllowedError,
+  NameInvalidError,
   NotFoundError,
   UnsupportedError,
 } from '../oci/errors.js';
+import { parseDigest } from '../oci/digest.js';
+import { isTag, parseManifestReference } from '../oci/reference.js';
 import type { BlobService, RepositoryKey, RepositoryStore } from '../storage/types.js';
 import type { UpstreamServices } from './types.js';
 import type { Lifecycle } from '../lifecycle/lifecycle.js';
 import { ADMIN_PREFIX, adminRouter } from './admin.js';
-import { errorMiddleware } from './errors.js';
+import { errorMiddleware, methodNotAllowed } from './errors.js';
 import type { Passthrough } from './passthrough.js';
 import {
   createManifestFastPath,
@@ -33,6 +38,7 @@ import {
   loggedUrl,
   requestId,
   serveManifest,
+  undecodableDigest,
 } from './manifests.js';
 import { RequestMetrics } from './request-metrics.js';
 import { statusRouter, UI_PREFIX } from './status-page.js';
@@ -40,7 +46,7 @@ import type { StatusReporter } from '../status/status.js';
 import { serveReferrers } from './referrers.js';
 import { serveBlob } from './blobs.js';
 import { listTags, paginate, pagination } from './listing.js';
-import { clientName, routeRequest } from '../routing.js';
+import { clientName, routeRequest, type Route } from '../routing.js';
 import { repositoryLists } from '../access/repositories.js';
 import { createAccess, TOKEN_PATH } from '../access/access.js';
 import { AuthenticationRequiredError } from '../access/errors.js';
@@ -294,6 +300,38 @@ export function createApp(deps: AppDeps): express.Express {
   });
   app.all('/v2/_catalog', methodNotAllowed(READ_METHODS));
 
+  /**
+   * A cross-repository mount's source (`?mount=<digest>&from=<name>` on a passthrough upload):
+   * routed like the name, refused as a pull of it would be (lists, `pull`), and named to the
+   * upstream as the upstream knows it. The query as the client sent it when there is none.
+   */
+  const passthroughQuery = (req: Request, res: Response, route: Route, action: string): string => {
+    const at = req.originalUrl.indexOf('?');
+    const search = at >= 0 ? req.originalUrl.slice(at) : '';
+    if (!action.startsWith('blobs/uploads')) return search;
+    const params = new URLSearchParams(search);
+    if (!params.has('mount') && !params.has('from')) return search;
+    const [mount, ...moreMounts] = params.getAll('mount');
+    const [from, ...moreFroms] = params.getAll('from');
+    if (moreMounts.length > 0) throw new DigestInvalidError('mount must be given once');
+    if (moreFroms.length > 0) throw new NameInvalidError('from must be given once');
+    if (mount !== undefined) parseDigest(mount);
+    const source = from === undefined ? undefined : routeRequest(config, from, req.query.ns);
+    if (source === undefined || source.upstream !== route.upstream) {
+      // Nothing to check the upstream's choice against (a mount from wherever the credentials
+      // reach), or another upstream's repository: an upload instead, as a registry that does
+      // not mount answers.
+      params.delete('mount');
+      params.delete('from');
+    } else {
+      lists.check(source.upstream, source.repository);
+      access.authorize(identityOf(res), 'pull', source);
+      params.set('from', source.repository);
+    }
+    const rest = params.toString();
+    return rest === '' ? '' : `?${rest}`;
+  };
+
   app.use('/v2', async (req: Request, res: Response, next: NextFunction) => {
     const m = API_PATH.exec(req.path);
     if (!m) {
@@ -316,11 +354,11 @@ export function createApp(deps: AppDeps): express.Express {
       route,
     );
     if (passthrough) {
+      const path = `/v2/${route.repository}/${passthroughAction(route, action)}`;
+      const query = passthroughQuery(req, res, route, action);
       // The client's credentials are pullcache's own then: never the upstream's to see.
       if (access.enabled) delete req.headers.authorization;
-      const query = req.originalUrl.indexOf('?');
-      const path = `/v2/${route.repository}/${action}${query >= 0 ? req.originalUrl.slice(query) : ''}`;
-      passthrough.forward(req, res, path, route.prefix, next);
+      passthrough.forward(req, res, `${path}${query}`, route.prefix, next);
       return;
     }
     const services = deps.services.get(route.upstream);
@@ -350,12 +388,15 @@ export function createApp(deps: AppDeps): express.Express {
       if (!services.referrers) throw new NotFoundError(req.method, req.originalUrl);
       await serveReferrers(req, res, services.referrers, repo, reference);
     } else {
-      await serveBlob(req, res, services.blobs, repo, decodeSegment(reference));
+      await serveBlob(req, res, services.blobs, repo, decodeSegment(reference, undecodableDigest));
     }
   });
 
   // Last: no route above took the request. (A status page or an admin API goes above this.)
-  if (deps.status) app.use(statusRouter(deps.status, access));
+  if (deps.status) {
+    app.use(statusRouter(deps.status, access));
+    app.all(`${ADMIN_PREFIX}/status`, methodNotAllowed(READ_METHODS));
+  }
   if (deps.lifecycle) app.use(ADMIN_PREFIX, adminRouter(config, deps.lifecycle, access));
 
   app.use((req, _res, next) => next(new NotFoundError(req.method, req.path)));
@@ -374,7 +415,39 @@ function identityOf(res: Response): Identity {
   return res.locals.identity as Identity;
 }
 
-/** For a known path asked with another method than it serves: 405 with `Allow`. */
-function methodNotAllowed(allowed: readonly string[]): RequestHandler {
-  return (_req, _res, next) => next(new MethodNotAllowedError(allowed));
+/** An upload session's id as registries make them (distribution's route takes these). */
+const UPLOAD_ID = /^[A-Za-z0-9_.=~+-]{1,1024}$/;
+
+/**
+ * What follows the name on a passthrough request, each segment validated and sent decoded: the
+ * upstream decodes them too, and a `..%2F` there would leave the repository that was checked
+ * (`/v2/public/app/manifests/..%2F..%2Fsecret%2Fapp%2Fmanifests%2Flatest`). A reference that is
+ * neither a tag nor a digest is 404 MANIFEST_UNKNOWN, as on a cache upstream; a bad digest 400
+ * DIGEST_INVALID; a bad upload id 404 BLOB_UPLOAD_UNKNOWN.
+ */
+function passthroughAction(route: Route, action: string): string {
+  const slash = action.indexOf('/');
+  const kind = action.slice(0, slash);
+  const rest = action.slice(slash + 1);
+  if (kind === 'tags') return action; // tags/list
+  if (kind === 'manifests') {
+    const unknown = (value: string) =>
+      new ManifestUnknownError(`${route.repository}:${value.slice(0, 140)}`);
+    const value = decodeSegment(rest, () => unknown(rest));
+    if (!value.includes(':') && !isTag(value)) throw unknown(value);
+    parseManifestReference(value); // a malformed digest: 400
+    return `manifests/${value}`;
+  }
+  if (kind === 'referrers') {
+    return `referrers/${parseDigest(decodeSegment(rest, undecodableDigest)).digest}`;
+  }
+  if (rest === 'uploads' || rest === 'uploads/') return action;
+  if (rest.startsWith('uploads/')) {
+    const raw = rest.slice('uploads/'.length);
+    const unknown = (value: string) => new BlobUploadUnknownError(value.slice(0, 140));
+    const id = decodeSegment(raw, () => unknown(raw));
+    if (!UPLOAD_ID.test(id) || /^\.+$/.test(id)) throw unknown(id);
+    return `blobs/uploads/${id}`;
+  }
+  return `blobs/${parseDigest(decodeSegment(rest, undecodableDigest)).digest}`;
 }

@@ -9,6 +9,7 @@ import { parseDigest } from '../oci/digest.js';
 import { BlobUnknownError, RangeInvalidError } from '../oci/errors.js';
 import { isSendable } from '../storage/file-range.js';
 import type { BlobService, ByteRange, RepositoryKey } from '../storage/types.js';
+import { ifRangeHolds, noneMatchHolds } from './manifests.js';
 import { parseRange } from './range.js';
 
 export async function serveBlob(
@@ -28,19 +29,20 @@ export async function serveBlob(
     res.setHeader('Cache-Control', 'max-age=31536000');
     res.setHeader('Content-Length', size);
   };
-  if (req.method === 'HEAD') {
-    const stat = await blobs.stat(repo, digest);
-    if (!stat.found) throw new BlobUnknownError(digest);
-    blobHeaders(stat.descriptor.size);
-    res.status(200).end();
-    return;
-  }
-  if (req.headers['if-none-match'] === etag) {
+  // A client that has the blob (GET or HEAD) learns it still exists, without its bytes.
+  if (noneMatchHolds(req.headers['if-none-match'], etag)) {
     const stat = await blobs.stat(repo, digest);
     if (!stat.found) throw new BlobUnknownError(digest);
     res.setHeader('ETag', etag);
     res.setHeader('Docker-Content-Digest', digest);
     res.status(304).end();
+    return;
+  }
+  if (req.method === 'HEAD') {
+    const stat = await blobs.stat(repo, digest);
+    if (!stat.found) throw new BlobUnknownError(digest);
+    blobHeaders(stat.descriptor.size);
+    res.status(200).end();
     return;
   }
   // Redirect mode: the client fetches a stored blob (and any range of it) from the storage.
@@ -51,7 +53,10 @@ export async function serveBlob(
     res.redirect(307, location);
     return;
   }
-  const requested = parseRange(req.headers.range);
+  // Under an If-Range that is not this blob's ETag, the client wants it whole (RFC 9110).
+  const requested = ifRangeHolds(req.headers['if-range'], etag)
+    ? parseRange(req.headers.range)
+    : undefined;
   let range: ByteRange | undefined;
   if (requested && 'suffix' in requested) {
     const stat = await blobs.stat(repo, digest);

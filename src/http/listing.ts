@@ -19,10 +19,12 @@ export async function listTags(
   const { n, last } = pagination(req);
   const all = await tags.list(repo);
   const page = paginate(all, n, last);
+  // The next page is of the same upstream: `ns` (which chose it, when given) goes along.
+  const ns = typeof req.query.ns === 'string' ? `&ns=${encodeURIComponent(req.query.ns)}` : '';
   if (page.next !== undefined)
     res.setHeader(
       'Link',
-      `</v2/${name}/tags/list?last=${encodeURIComponent(page.next)}&n=${n}>; rel="next"`,
+      `</v2/${name}/tags/list?last=${encodeURIComponent(page.next)}&n=${n}${ns}>; rel="next"`,
     );
   res.json({ name, tags: page.items });
 }

@@ -10,7 +10,7 @@ import { randomUUID } from 'node:crypto';
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import type { Config } from '../config/schema.js';
 import type { Logger } from '../log/logger.js';
-import { ManifestUnknownError, NameInvalidError } from '../oci/errors.js';
+import { DigestInvalidError, ManifestUnknownError, type RegistryError } from '../oci/errors.js';
 import { isTag, parseManifestReference } from '../oci/reference.js';
 import type { RepositoryKey } from '../storage/types.js';
 import type { UpstreamServices } from './types.js';
@@ -37,14 +37,48 @@ export interface RequestNotes {
 /** Said of an answer served past its freshness window because the upstream could not confirm it. */
 export const STALE_WARNING = '110 pullcache "stale: upstream not confirmed"';
 
-/** Path segments may be percent-encoded (`sha256%3A...`); a bad encoding is a client error. */
-export function decodeSegment(segment: string): string {
+/**
+ * Path segments may be percent-encoded (`sha256%3A...`); a bad encoding is the client's mistake,
+ * told as `invalid` makes it: what the segment could not be (a digest: DIGEST_INVALID, a tag:
+ * MANIFEST_UNKNOWN...).
+ */
+export function decodeSegment(segment: string, invalid: () => RegistryError): string {
   try {
     return decodeURIComponent(segment);
   } catch {
-    throw new NameInvalidError('malformed percent-encoding in the path');
+    throw invalid();
   }
 }
+
+/** What a segment that should be a digest is, when it does not decode. */
+export const undecodableDigest = () =>
+  new DigestInvalidError('malformed percent-encoding in the digest');
+
+/**
+ * Whether `If-None-Match` names `etag` (RFC 9110 section 13.1.2): `*`, or a list of entity
+ * tags compared weakly (`W/"x"` matches `"x"`). A bare digest, as distribution takes it, too.
+ */
+export function noneMatchHolds(header: string | undefined, etag: string): boolean {
+  if (header === undefined) return false;
+  const opaque = etag.slice(1, -1);
+  for (const m of header.matchAll(ENTITY_TAGS)) {
+    const [, , quoted, bare] = m;
+    if (bare === '*' || quoted === opaque || bare === opaque) return true;
+  }
+  return false;
+}
+
+/**
+ * Whether a Range may be served under `If-Range` (RFC 9110 section 13.1.5): without one, or
+ * when it is the resource's own entity tag, compared strongly. A weak tag or a date (there is
+ * no Last-Modified to compare it with) asks for the whole content instead.
+ */
+export function ifRangeHolds(header: string | string[] | undefined, etag: string): boolean {
+  return header === undefined || (typeof header === 'string' && header.trim() === etag);
+}
+
+/** One element of an If-None-Match list: `W/"..."` or `"..."` (2, 3), or bare (`*`, 4). */
+const ENTITY_TAGS = /\s*(?:(W\/)?"([^"]*)"|([^\s,]+))\s*(?:,|$)/g;
 
 export async function serveManifest(
   req: IncomingMessage,
@@ -55,7 +89,10 @@ export async function serveManifest(
   reference: string,
   notes: RequestNotes,
 ): Promise<void> {
-  const value = decodeSegment(reference);
+  const value = decodeSegment(
+    reference,
+    () => new ManifestUnknownError(`${repo.repository}:${reference.slice(0, 140)}`),
+  );
   // A reference that can be neither a tag nor a digest names no manifest: 404, as the
   // conformance suite expects (a malformed digest stays 400 DIGEST_INVALID).
   if (!value.includes(':') && !isTag(value))
@@ -95,10 +132,10 @@ export async function serveManifest(
   res.setHeader('Docker-Content-Digest', digest);
   res.setHeader('Content-Length', size);
   res.setHeader('ETag', etag);
-  if (body === undefined) {
-    res.end();
-  } else if (req.headers['if-none-match'] === etag) {
+  if (noneMatchHolds(req.headers['if-none-match'], etag)) {
     res.statusCode = 304;
+    res.end();
+  } else if (body === undefined) {
     res.end();
   } else {
     notes.bytes = size;

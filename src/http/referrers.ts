@@ -7,7 +7,7 @@ import type { Request, Response } from 'express';
 import { parseDigest } from '../oci/digest.js';
 import { MediaType } from '../oci/media-types.js';
 import type { ReferrersService, RepositoryKey } from '../storage/types.js';
-import { decodeSegment, STALE_WARNING } from './manifests.js';
+import { decodeSegment, STALE_WARNING, undecodableDigest } from './manifests.js';
 
 export async function serveReferrers(
   req: Request,
@@ -17,7 +17,7 @@ export async function serveReferrers(
   /** As it appears in the path, maybe percent-encoded. */
   reference: string,
 ): Promise<void> {
-  const subject = parseDigest(decodeSegment(reference)).digest;
+  const subject = parseDigest(decodeSegment(reference, undecodableDigest)).digest;
   const answer = await referrers.list(repo, subject, artifactTypes(req.query.artifactType));
   res.setHeader('Content-Type', MediaType.OciIndex);
   res.setHeader('Content-Length', answer.index.length);

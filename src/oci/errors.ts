@@ -140,6 +140,23 @@ export class MethodNotAllowedError extends RegistryError {
     super('UNSUPPORTED', message, undefined, { Allow: allowed.join(', ') });
   }
 }
+/**
+ * A request the HTTP layer cannot take as sent: a body over the limit (413), in a content type,
+ * charset or encoding it does not read (415), malformed JSON or a path that does not decode
+ * (400). INVALID_REQUEST, with the 4xx status that says which.
+ */
+export class InvalidRequestError extends RegistryError {
+  constructor(
+    message: string,
+    private readonly httpStatus = 400,
+  ) {
+    super('INVALID_REQUEST', message);
+  }
+
+  override get status(): number {
+    return this.httpStatus;
+  }
+}
 /** No endpoint at this path (with any method). */
 export class NotFoundError extends RegistryError {
   constructor(method: string, path: string) {

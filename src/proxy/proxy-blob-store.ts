@@ -94,6 +94,21 @@ export class ProxyBlobStore implements BlobService {
       }
       // Removed meanwhile (an eviction): a miss like any other, below.
     }
+    // A range of a blob nobody fetches yet: its size first (HEAD), so that a range past its
+    // end is refused without downloading the blob.
+    let confirmed = false;
+    if (range && !this.active(digest)) {
+      const size = await this.upstreamSize(repo, digest);
+      if (size === null) return { found: false };
+      if (size !== undefined) resolveRange(size, range); // throws RangeInvalidError
+      confirmed = true;
+      // Fetched and kept for this repository meanwhile, by another client.
+      const kept = await this.o.local.open(repo, digest, range);
+      if (kept.found) {
+        this.o.metrics.requests.inc({ upstream: repo.upstream, kind: 'blob', cache: 'hit' });
+        return kept;
+      }
+    }
     // Looked up again after the awaits above, and started without one in between: concurrent
     // clients of a digest find each other's fetch.
     let fetch = this.active(digest);
@@ -101,7 +116,7 @@ export class ProxyBlobStore implements BlobService {
     if (fetch && !isFor(fetch, repo)) {
       // Being fetched for another repository: followed only once the upstream confirms this one
       // has it too (and linked to it when the fetch is kept).
-      if (!(await this.confirm(repo, digest)).found) return { found: false };
+      if (!confirmed && !(await this.confirm(repo, digest)).found) return { found: false };
       joined = true;
     }
     this.o.metrics.requests.inc({ upstream: repo.upstream, kind: 'blob', cache: 'miss' });
@@ -166,6 +181,22 @@ export class ProxyBlobStore implements BlobService {
       );
       return stored;
     });
+  }
+
+  /**
+   * The blob's size as the upstream tells it (HEAD, with this repository's scope): null when it
+   * does not have it, undefined when it says so without a Content-Length.
+   */
+  private async upstreamSize(
+    repo: RepositoryKey,
+    digest: Digest,
+  ): Promise<number | null | undefined> {
+    try {
+      return (await this.o.client.headBlob(repo.repository, digest)).size;
+    } catch (err) {
+      if (err instanceof UpstreamNotFoundError) return null;
+      throw err;
+    }
   }
 
   /**

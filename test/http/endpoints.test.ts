@@ -2,7 +2,7 @@ import { createServer, type Server } from 'node:http';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { createApp } from '../../src/http/app.js';
 import { rawRequest, ociError, type RawResponse } from '../helpers/http.js';
-import { makeImage, pushImage, type Image } from '../helpers/images.js';
+import { makeImage, pushImage, pushManifest, type Image } from '../helpers/images.js';
 import { startPullcache, type TestPullcache } from '../helpers/pullcache.js';
 import { TestRegistry } from '../helpers/registry.js';
 
@@ -27,9 +27,16 @@ describe('what each path and method answers', () => {
     registry = await TestRegistry.start();
     image = makeImage('org/app', 'v1', 'oci', [1000]);
     await pushImage(registry, image);
+    // `alpine` of ghcr.test (docker.io's is library/alpine, which the registry has not), tagged
+    // three times.
+    const alpine = makeImage('alpine', 'v1', 'oci', [500]);
+    await pushImage(registry, alpine);
+    for (const tag of ['v2', 'v3'])
+      await pushManifest(registry, 'alpine', tag, alpine.manifest, alpine.mediaType);
     pc = await startPullcache({
       upstreams: {
         'docker.io': { url: registry.url },
+        'ghcr.test': { url: registry.url },
         'passthru.test': { url: registry.url, mode: 'passthrough' },
       },
     });
@@ -81,6 +88,51 @@ describe('what each path and method answers', () => {
     }
   });
 
+  test('a reference that does not percent-decode is what it could not be: an unknown manifest, an invalid digest', async () => {
+    const cases: [string, string, number, string][] = [
+      [pc.url, '/v2/org/app/manifests/doc%ker', 404, 'MANIFEST_UNKNOWN'],
+      [expressUrl, '/v2/org/app/manifests/doc%ker', 404, 'MANIFEST_UNKNOWN'],
+      [pc.url, '/v2/org/app/manifests/sha256%zz', 404, 'MANIFEST_UNKNOWN'],
+      [pc.url, '/v2/org/app/blobs/sha256:%zz', 400, 'DIGEST_INVALID'],
+      [pc.url, `/v2/org/app/blobs/${image.blobs[0]!.digest}%zz`, 400, 'DIGEST_INVALID'],
+      [pc.url, '/v2/org/app/referrers/sha256%zz', 400, 'DIGEST_INVALID'],
+    ];
+    for (const [base, path, status, code] of cases) {
+      const res = await rawRequest(base, 'GET', path);
+      expect({ base, path, ...(await answer(res)) }).toEqual({
+        base,
+        path,
+        status,
+        code,
+        allow: undefined,
+      });
+      const head = await rawRequest(base, 'HEAD', path);
+      expect({ base, path, status: head.status }).toEqual({ base, path, status });
+    }
+  });
+
+  test('a tag list asked with ns links its next page with the same ns', async () => {
+    const page = async (path: string) => {
+      const res = await rawRequest(pc.url, 'GET', path);
+      expect({ path, status: res.status }).toEqual({ path, status: 200 });
+      const link = res.headers.link as string | undefined;
+      return {
+        tags: (JSON.parse(res.body.toString()) as { tags: string[] }).tags,
+        next: link === undefined ? undefined : /^<([^>]+)>; rel="next"$/.exec(link)?.[1],
+      };
+    };
+    const first = await page('/v2/alpine/tags/list?ns=ghcr.test&n=1');
+    expect(first).toEqual({ tags: ['v1'], next: '/v2/alpine/tags/list?last=v1&n=1&ns=ghcr.test' });
+    const second = await page(first.next!);
+    expect(second).toEqual({ tags: ['v2'], next: '/v2/alpine/tags/list?last=v2&n=1&ns=ghcr.test' });
+    expect(await page(second.next!)).toEqual({ tags: ['v3'], next: undefined });
+    // Named by its prefix, the Link has it in the path already.
+    expect(await page('/v2/ghcr.test/alpine/tags/list?n=2')).toEqual({
+      tags: ['v1', 'v2'],
+      next: '/v2/ghcr.test/alpine/tags/list?last=v2&n=2',
+    });
+  });
+
   test('unknown paths are 404 with a JSON error body, whatever the method', async () => {
     const cases: [string, string][] = [
       ['POST', '/'], // GET / is the status page
@@ -130,6 +182,19 @@ describe('what each path and method answers', () => {
       ['POST', '/healthz', 'GET, HEAD'],
       ['POST', '/readyz', 'GET, HEAD'],
       ['PUT', '/metrics', 'GET, HEAD'],
+      // The admin API.
+      ['GET', '/_pullcache/v1/gc', 'POST'],
+      ['PUT', '/_pullcache/v1/gc', 'POST'],
+      ['GET', '/_pullcache/v1/remove', 'POST'],
+      ['DELETE', '/_pullcache/v1/remove', 'POST'],
+      ['GET', '/_pullcache/v1/recount', 'POST'],
+      ['PUT', '/_pullcache/v1/pins', 'GET, HEAD, POST, DELETE'],
+      ['PATCH', '/_pullcache/v1/pins', 'GET, HEAD, POST, DELETE'],
+      ['POST', '/_pullcache/v1/images', 'GET, HEAD'],
+      ['DELETE', '/_pullcache/v1/images', 'GET, HEAD'],
+      ['POST', '/_pullcache/v1/usage', 'GET, HEAD'],
+      ['POST', '/_pullcache/v1/status', 'GET, HEAD'],
+      ['DELETE', '/_pullcache/v1/status', 'GET, HEAD'],
     ];
     for (const [method, path, allow] of cases) {
       const res = await rawRequest(pc.url, method, path);
@@ -141,6 +206,27 @@ describe('what each path and method answers', () => {
         allow,
       });
     }
+    // HEAD too, without a body.
+    for (const [path, allow] of [
+      ['/_pullcache/v1/gc', 'POST'],
+      ['/_pullcache/v1/remove', 'POST'],
+      ['/_pullcache/v1/recount', 'POST'],
+    ]) {
+      const res = await rawRequest(pc.url, 'HEAD', path!);
+      expect({ path, status: res.status, allow: res.headers.allow }).toEqual({
+        path,
+        status: 405,
+        allow,
+      });
+    }
+    // The endpoints themselves still answer their own methods; an unknown one is still 404.
+    expect((await rawRequest(pc.url, 'GET', '/_pullcache/v1/pins')).status).toBe(200);
+    expect((await rawRequest(pc.url, 'HEAD', '/_pullcache/v1/status')).status).toBe(200);
+    expect(await answer(await rawRequest(pc.url, 'POST', '/_pullcache/v1/nothing'))).toEqual({
+      status: 404,
+      code: 'NOT_FOUND',
+      allow: undefined,
+    });
   });
 
   test('a passthrough upstream still takes pushes on its known endpoints', async () => {

@@ -68,7 +68,7 @@ describe('referrers from an upstream without the referrers API (distribution 2.8
       ['/v2/org/app/referrers/sha256:xyz', 400, 'DIGEST_INVALID'],
       ['/v2/org/app/referrers/v1', 400, 'DIGEST_INVALID'],
       [`/v2/org/app/referrers/md5:${'0'.repeat(32)}`, 400, 'DIGEST_INVALID'],
-      ['/v2/org/app/referrers/sha256:%zz', 400, 'NAME_INVALID'],
+      ['/v2/org/app/referrers/sha256:%zz', 400, 'DIGEST_INVALID'],
       [`/v2/Org/app/referrers/${image.digest}`, 400, 'NAME_INVALID'],
     ];
     for (const [path, status, code] of cases) {

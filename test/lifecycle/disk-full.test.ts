@@ -17,7 +17,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, expect, test, vi } from 'vitest';
 import { storedBlobPath } from '../helpers/files.js';
-import { makeImage, pushImage, type Image } from '../helpers/images.js';
+import { makeImage, pushBlob, pushImage, type Image } from '../helpers/images.js';
 import { capturedLog, startPullcache, type TestPullcache } from '../helpers/pullcache.js';
 import { TestRegistry } from '../helpers/registry.js';
 import { expectDirHolds, skopeoCopy } from '../helpers/skopeo.js';
@@ -123,6 +123,15 @@ test('a disk filled by something else, no fetch under way: the readiness probe m
     await skopeoCopy(pc.host, 'org/first:v1', d1);
     await pc.runtime.lifecycle.settle();
     fill(filler);
+    // A stored layer asked for another repository needs only a link, which finds no room: a
+    // 503 to retry, not a 500.
+    const layer = first.blobs[1]!;
+    await pushBlob(registry, 'org/also-first', layer);
+    const linked = await fetch(`${pc.url}/v2/org/also-first/blobs/${layer.digest}`);
+    expect([linked.status, linked.headers.get('retry-after')]).toEqual([503, '10']);
+    expect(((await linked.json()) as { errors: { code: string }[] }).errors[0]!.code).toBe(
+      'UNAVAILABLE',
+    );
     // Not ready while the disk is full; the probe that says so starts an eviction.
     const first503 = await fetch(`${pc.url}/readyz`);
     expect(first503.status).toBe(503);

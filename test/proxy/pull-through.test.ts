@@ -334,7 +334,7 @@ describe.each(DRIVERS)('pulling through pullcache from a real registry (%s stora
         400,
         'DIGEST_INVALID',
       ],
-      ['GET', '/v2/library/alpine/blobs/sha256:%zz', 400, 'NAME_INVALID'],
+      ['GET', '/v2/library/alpine/blobs/sha256:%zz', 400, 'DIGEST_INVALID'],
       ['GET', '/v2/library/alpine/manifests/nope', 404, 'MANIFEST_UNKNOWN'],
       ['GET', `/v2/library/alpine/manifests/${unknown}`, 404, 'MANIFEST_UNKNOWN'],
       ['GET', `/v2/library/alpine/blobs/${unknown}`, 404, 'BLOB_UNKNOWN'],

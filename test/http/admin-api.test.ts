@@ -1,0 +1,305 @@
+/**
+ * The admin API's requests as a browser, a script or a confused client may send them: a change
+ * only as JSON and never from a page of another site (a form, text/plain, another Origin, a name
+ * rebound to 127.0.0.1), bodies it cannot read as 4xx INVALID_REQUEST (never a 500), a GET's
+ * body never read, and the images' upstream filter checked.
+ */
+import { request } from 'node:http';
+import { afterAll, beforeAll, describe, expect, test } from 'vitest';
+import { basic, htpasswdFile } from '../helpers/htpasswd.js';
+import { ociError, type RawResponse } from '../helpers/http.js';
+import { makeImage, pushImage, type Image } from '../helpers/images.js';
+import { capturedLog, startPullcache, type TestPullcache } from '../helpers/pullcache.js';
+import { TestRegistry } from '../helpers/registry.js';
+
+/** A request with exactly these headers (Host and Origin included) and this body. */
+function send(
+  base: string,
+  method: string,
+  path: string,
+  headers: Record<string, string> = {},
+  body?: string | Buffer,
+): Promise<RawResponse> {
+  const url = new URL(base);
+  if (body !== undefined)
+    headers = { 'content-length': String(Buffer.byteLength(body)), ...headers };
+  return new Promise((resolve, reject) => {
+    const req = request({ host: url.hostname, port: url.port, method, path, headers }, (res) => {
+      const chunks: Buffer[] = [];
+      res.on('data', (c: Buffer) => chunks.push(c));
+      res.on('end', () =>
+        resolve({ status: res.statusCode ?? 0, headers: res.headers, body: Buffer.concat(chunks) }),
+      );
+      res.on('error', reject);
+    });
+    req.on('error', reject);
+    req.end(body);
+  });
+}
+
+/** The status and OCI error code of a response (no code for a 2xx). */
+async function answer(res: RawResponse) {
+  return {
+    status: res.status,
+    code: res.status < 300 ? undefined : await ociError(res),
+  };
+}
+
+const JSON_TYPE = { 'content-type': 'application/json' };
+
+describe('the admin API without client authentication', () => {
+  let registry: TestRegistry;
+  let image: Image;
+  let pc: TestPullcache;
+  let log: ReturnType<typeof capturedLog>;
+  /** The port of pc, for Host and Origin headers. */
+  let port: string;
+
+  beforeAll(async () => {
+    registry = await TestRegistry.start();
+    image = makeImage('org/app', 'v1', 'oci', [1000]);
+    await pushImage(registry, image);
+    log = capturedLog('info');
+    pc = await startPullcache(
+      { upstreams: { 'docker.io': { url: registry.url }, 'ghcr.test': { url: registry.url } } },
+      undefined,
+      { log: log.log },
+    );
+    port = new URL(pc.url).port;
+    // One image cached, for the changes to find.
+    for (const path of [
+      '/v2/org/app/manifests/v1',
+      ...image.blobs.map((b) => `/v2/org/app/blobs/${b.digest}`),
+    ])
+      expect((await send(pc.url, 'GET', path)).status).toBe(200);
+  });
+  afterAll(async () => {
+    await pc?.stop();
+    await registry?.close();
+  });
+
+  const images = async () =>
+    JSON.parse((await send(pc.url, 'GET', '/_pullcache/v1/images')).body.toString()) as {
+      repository: string;
+      upstream: string;
+    }[];
+  /** Error-level lines logged since `from`. */
+  const errorsLogged = (from: number) =>
+    log.lines.slice(from).filter((l) => (l.level as number) >= 50);
+
+  test('a change without a JSON content type is 415 INVALID_REQUEST and changes nothing', async () => {
+    const cases: [string, string, Record<string, string>, string | undefined][] = [
+      // What `curl -d` sends: a form.
+      ['POST', '/gc', { 'content-type': 'application/x-www-form-urlencoded' }, '{"dryRun":true}'],
+      // What a page of another site may send without asking.
+      ['POST', '/gc', { 'content-type': 'text/plain' }, '{"dryRun":false}'],
+      ['POST', '/gc', {}, undefined],
+      ['POST', '/recount', {}, undefined],
+      ['POST', '/remove', { 'content-type': 'text/plain' }, '{"references":["org/app"]}'],
+      ['POST', '/pins', { 'content-type': 'multipart/form-data; boundary=x' }, '--x--'],
+      ['DELETE', '/pins', { 'content-type': 'text/plain' }, '{"references":["org/app"]}'],
+      ['POST', '/gc', { 'content-type': 'application/json-patch+json' }, '{}'],
+    ];
+    for (const [method, path, headers, body] of cases) {
+      const res = await send(pc.url, method, `/_pullcache/v1${path}`, headers, body);
+      expect({ method, path, headers, ...(await answer(res)) }).toEqual({
+        method,
+        path,
+        headers,
+        status: 415,
+        code: 'INVALID_REQUEST',
+      });
+      expect(res.body.toString()).toContain('Content-Type: application/json');
+    }
+    expect((await images()).map((i) => i.repository)).toEqual(['org/app']);
+    const usage = await send(pc.url, 'GET', '/_pullcache/v1/usage');
+    expect(JSON.parse(usage.body.toString())).toMatchObject({ images: 1 });
+
+    // As JSON, the same changes are taken.
+    const gc = await send(pc.url, 'POST', '/_pullcache/v1/gc', JSON_TYPE, '{"dryRun":true}');
+    expect(gc.status).toBe(200);
+    expect(JSON.parse(gc.body.toString())).toMatchObject({ dryRun: true });
+    const charset = { 'content-type': 'application/json; charset=utf-8' };
+    expect((await send(pc.url, 'POST', '/_pullcache/v1/recount', charset)).status).toBe(200);
+    expect((await send(pc.url, 'POST', '/_pullcache/v1/recount', JSON_TYPE, '{}')).status).toBe(
+      200,
+    );
+  });
+
+  test('a change with an Origin of another host is 403 DENIED; one from its own page is taken', async () => {
+    const gc = (headers: Record<string, string>) =>
+      send(pc.url, 'POST', '/_pullcache/v1/gc', { ...JSON_TYPE, ...headers }, '{"dryRun":true}');
+    for (const origin of [
+      'http://evil.example',
+      `http://evil.example:${port}`,
+      `http://localhost:${port}`, // not the host asked (127.0.0.1)
+      `http://127.0.0.1:${Number(port) + 1}`,
+      'null',
+      'not a url',
+    ]) {
+      expect({ origin, ...(await answer(await gc({ origin }))) }).toEqual({
+        origin,
+        status: 403,
+        code: 'DENIED',
+      });
+    }
+    const pins = await send(
+      pc.url,
+      'DELETE',
+      '/_pullcache/v1/pins',
+      { ...JSON_TYPE, origin: 'http://evil.example' },
+      '{"references":["org/app"]}',
+    );
+    expect(await answer(pins)).toEqual({ status: 403, code: 'DENIED' });
+
+    // The status page's own requests carry its origin: the host asked.
+    expect((await gc({ origin: `http://127.0.0.1:${port}` })).status).toBe(200);
+    expect((await gc({ origin: `https://127.0.0.1:${port}` })).status).toBe(200);
+    expect(
+      (await gc({ origin: `http://localhost:${port}`, host: `localhost:${port}` })).status,
+    ).toBe(200);
+  });
+
+  test('without client authentication a change must name the server by a loopback name (DNS rebinding)', async () => {
+    const gc = (host: string) =>
+      send(pc.url, 'POST', '/_pullcache/v1/gc', { ...JSON_TYPE, host }, '{"dryRun":true}');
+    // A page of evil.example whose name now resolves to 127.0.0.1: its own origin, its own Host.
+    const rebound = await send(
+      pc.url,
+      'POST',
+      '/_pullcache/v1/gc',
+      { ...JSON_TYPE, host: `evil.example:${port}`, origin: `http://evil.example:${port}` },
+      '{"dryRun":true}',
+    );
+    expect(await answer(rebound)).toEqual({ status: 403, code: 'DENIED' });
+    expect(rebound.body.toString()).toContain('loopback name');
+    for (const host of [
+      'evil.example',
+      `registry.example.com:${port}`,
+      '10.0.0.1',
+      '127.0.0.1.nip.io',
+    ])
+      expect({ host, ...(await answer(await gc(host))) }).toEqual({
+        host,
+        status: 403,
+        code: 'DENIED',
+      });
+    for (const host of [`127.0.0.1:${port}`, `localhost:${port}`, 'LOCALHOST', `[::1]:${port}`])
+      expect({ host, status: (await gc(host)).status }).toEqual({ host, status: 200 });
+    // Reads are anyone's without client authentication, by any name.
+    const read = await send(pc.url, 'GET', '/_pullcache/v1/images', { host: 'evil.example' });
+    expect(read.status).toBe(200);
+  });
+
+  test('bodies it cannot read are 4xx INVALID_REQUEST with their own status, logged below error', async () => {
+    const from = log.lines.length;
+    const gc = (headers: Record<string, string>, body: string | Buffer) =>
+      send(pc.url, 'POST', '/_pullcache/v1/gc', headers, body);
+    const cases: [string, RawResponse, number][] = [
+      ['over the limit', await gc(JSON_TYPE, `{"dryRun":true,"x":"${'x'.repeat(1 << 20)}"}`), 413],
+      [
+        'charset latin-9',
+        await gc({ 'content-type': 'application/json; charset=latin-9' }, '{}'),
+        415,
+      ],
+      [
+        'Content-Encoding compress',
+        await gc({ ...JSON_TYPE, 'content-encoding': 'compress' }, '{}'),
+        415,
+      ],
+      ['malformed JSON', await gc(JSON_TYPE, '{bad json'), 400],
+      ['not an object', await gc(JSON_TYPE, '"dryRun"'), 400],
+      ['a path that does not decode', await send(pc.url, 'GET', '/_pullcache/ui/%zz'), 400],
+    ];
+    for (const [what, res, status] of cases) {
+      expect({ what, ...(await answer(res)) }).toEqual({ what, status, code: 'INVALID_REQUEST' });
+      const message = (JSON.parse(res.body.toString()) as { errors: { message: string }[] })
+        .errors[0]!.message;
+      expect(message).not.toMatch(/internal error|malformed request/);
+    }
+    expect(errorsLogged(from)).toEqual([]);
+    // A body that fits is still read (the wrong field named).
+    const wrong = await gc(JSON_TYPE, '{"dryrun":true}');
+    expect(await answer(wrong)).toEqual({ status: 400, code: 'INVALID_REQUEST' });
+  });
+
+  test('a GET with a body answers as without one: the body is never read', async () => {
+    const from = log.lines.length;
+    for (const path of ['/images', '/usage', '/pins']) {
+      for (const body of ['{bad json', `{"x":"${'x'.repeat(2 << 20)}"}`]) {
+        const res = await send(pc.url, 'GET', `/_pullcache/v1${path}`, JSON_TYPE, body);
+        expect({ path, size: body.length, status: res.status }).toEqual({
+          path,
+          size: body.length,
+          status: 200,
+        });
+      }
+    }
+    expect(errorsLogged(from)).toEqual([]);
+  });
+
+  test('images?upstream= names one configured upstream: repeated is 400, unknown UPSTREAM_UNKNOWN', async () => {
+    const get = (query: string) => send(pc.url, 'GET', `/_pullcache/v1/images${query}`);
+    expect(await answer(await get('?upstream=nosuch&upstream=docker.io'))).toEqual({
+      status: 400,
+      code: 'INVALID_REQUEST',
+    });
+    expect(await answer(await get('?upstream=docker.io&upstream=docker.io'))).toEqual({
+      status: 400,
+      code: 'INVALID_REQUEST',
+    });
+    const unknown = await get('?upstream=nosuch');
+    expect(await answer(unknown)).toEqual({ status: 400, code: 'UPSTREAM_UNKNOWN' });
+    expect(unknown.body.toString()).toContain('nosuch');
+    expect(await answer(await get('?upstream='))).toEqual({
+      status: 400,
+      code: 'UPSTREAM_UNKNOWN',
+    });
+    // A configured one filters; none lists everything.
+    const listed = async (query: string) =>
+      (JSON.parse((await get(query)).body.toString()) as { upstream: string }[]).map(
+        (i) => i.upstream,
+      );
+    expect(await listed('?upstream=docker.io')).toEqual(['docker.io']);
+    expect(await listed('?upstream=ghcr.test')).toEqual([]);
+    expect(await listed('')).toEqual(['docker.io']);
+  });
+});
+
+describe('the admin API with client authentication', () => {
+  let registry: TestRegistry;
+  let pc: TestPullcache;
+  const alice = basic('alice', 'alice-pw');
+
+  beforeAll(async () => {
+    registry = await TestRegistry.start();
+    pc = await startPullcache({
+      upstreams: { 'docker.io': { url: registry.url } },
+      auth: {
+        htpasswd: htpasswdFile({ alice: 'alice-pw' }, 4),
+        rules: [{ users: ['alice'], actions: ['pull', 'admin'] }],
+      },
+    });
+  });
+  afterAll(async () => {
+    await pc?.stop();
+    await registry?.close();
+  });
+
+  test('a user may change the cache by any name, but not from a page of another site, nor as a form', async () => {
+    const port = new URL(pc.url).port;
+    const gc = (headers: Record<string, string>) =>
+      send(pc.url, 'POST', '/_pullcache/v1/gc', { ...alice, ...headers }, '{"dryRun":true}');
+    const host = `registry.example.com:${port}`;
+    expect((await gc({ ...JSON_TYPE, host })).status).toBe(200);
+    expect((await gc({ ...JSON_TYPE, host, origin: `https://${host}` })).status).toBe(200);
+    expect(await answer(await gc({ ...JSON_TYPE, host, origin: 'https://evil.example' }))).toEqual({
+      status: 403,
+      code: 'DENIED',
+    });
+    expect(await answer(await gc({ 'content-type': 'text/plain', host }))).toEqual({
+      status: 415,
+      code: 'INVALID_REQUEST',
+    });
+  });
+});

@@ -1,0 +1,203 @@
+/**
+ * What a passthrough upstream is sent after the name: each segment checked (a reference, a
+ * digest, an upload id) and sent decoded, so that no `..%2F` leaves the repository the lists and
+ * rules were asked about; and a cross-repository mount's `from` checked as a pull of it would be,
+ * and named as the upstream knows it.
+ */
+import { afterAll, beforeAll, describe, expect, test } from 'vitest';
+import { basic, htpasswdFile } from '../helpers/htpasswd.js';
+import { ociError, rawRequest } from '../helpers/http.js';
+import { makeImage, pushBlob, pushImage, type Image } from '../helpers/images.js';
+import { startPullcache, type TestPullcache } from '../helpers/pullcache.js';
+import { Recorder } from '../helpers/recorder.js';
+import { TestRegistry } from '../helpers/registry.js';
+
+describe('passthrough requests', () => {
+  let registry: TestRegistry;
+  let recorder: Recorder;
+  let app: Image;
+  let secret: Image;
+  /** No client authentication; passthru.test (denying secret/**) is the default upstream. */
+  let open: TestPullcache;
+  /** Client authentication: bob pushes to passthru.test's public/*, and may pull nothing else. */
+  let ruled: TestPullcache;
+  const bob = basic('bob', 'bob-pw');
+  /** What the upstream's token gives the client: a push to public/app, pulls everywhere. */
+  let pusher: Record<string, string>;
+
+  beforeAll(async () => {
+    registry = await TestRegistry.start();
+    recorder = await Recorder.start(registry.url);
+    app = makeImage('public/app', 'v1', 'oci', [1000]);
+    secret = makeImage('secret/app', 'latest', 'oci', [1500]);
+    for (const image of [app, secret]) await pushImage(registry, image);
+    // public/lib has the secret layer too (a mount from there is allowed).
+    await pushBlob(registry, 'public/lib', secret.blobs[1]!);
+    pusher = {
+      authorization: `Bearer ${registry.tokens.sign(
+        'pusher',
+        [
+          'repository:public/app:pull,push',
+          'repository:public/lib:pull',
+          'repository:secret/app:pull',
+          'repository:other/app:pull',
+        ].join(' '),
+      )}`,
+    };
+    const upstreams = {
+      'docker.io': { url: registry.url },
+      'passthru.test': {
+        url: recorder.url,
+        mode: 'passthrough',
+        repositories: { deny: ['secret/**'] },
+      },
+    };
+    open = await startPullcache({ upstreams, routing: { default: 'passthru.test' } });
+    ruled = await startPullcache({
+      upstreams,
+      auth: {
+        htpasswd: htpasswdFile({ bob: 'bob-pw' }, 4),
+        rules: [
+          {
+            users: ['bob'],
+            upstreams: ['passthru.test'],
+            repositories: ['public/*'],
+            actions: ['pull', 'admin'],
+          },
+        ],
+      },
+    });
+  });
+  afterAll(async () => {
+    await open?.stop();
+    await ruled?.stop();
+    await recorder?.close();
+    await registry?.close();
+  });
+
+  const answer = async (
+    pc: TestPullcache,
+    method: string,
+    path: string,
+    headers: Record<string, string> = {},
+  ) => {
+    const res = await rawRequest(pc.url, method, path, headers);
+    return { path, status: res.status, code: res.status >= 400 ? await ociError(res) : undefined };
+  };
+
+  test('a reference, digest or upload id that is not one is refused before the upstream is asked', async () => {
+    const blob = secret.blobs[1]!.digest;
+    const climb = (rest: string) => `..%2F..%2Fsecret%2Fapp%2F${rest.replaceAll('/', '%2F')}`;
+    const cases: [string, string, number, string][] = [
+      ['GET', `/v2/public/app/manifests/${climb('manifests/latest')}`, 404, 'MANIFEST_UNKNOWN'],
+      ['HEAD', `/v2/public/app/manifests/${climb('manifests/latest')}`, 404, ''],
+      ['PUT', `/v2/public/app/manifests/${climb('manifests/latest')}`, 404, 'MANIFEST_UNKNOWN'],
+      ['GET', '/v2/public/app/manifests/%2e%2e', 404, 'MANIFEST_UNKNOWN'],
+      ['GET', '/v2/public/app/manifests/doc%ker', 404, 'MANIFEST_UNKNOWN'],
+      ['GET', '/v2/public/app/manifests/sha256:..%2F..', 400, 'DIGEST_INVALID'],
+      ['GET', `/v2/public/app/blobs/${climb(`blobs/${blob}`)}`, 400, 'DIGEST_INVALID'],
+      ['GET', '/v2/public/app/blobs/sha256%zz', 400, 'DIGEST_INVALID'],
+      ['GET', `/v2/public/app/referrers/${climb(blob)}`, 400, 'DIGEST_INVALID'],
+      [
+        'PATCH',
+        `/v2/public/app/blobs/uploads/${climb('blobs/uploads/x')}`,
+        404,
+        'BLOB_UPLOAD_UNKNOWN',
+      ],
+      ['PUT', '/v2/public/app/blobs/uploads/..', 404, 'BLOB_UPLOAD_UNKNOWN'],
+      ['PUT', '/v2/public/app/blobs/uploads/%2e%2e', 404, 'BLOB_UPLOAD_UNKNOWN'],
+      ['GET', '/v2/public/app/blobs/uploads/a%zz', 404, 'BLOB_UPLOAD_UNKNOWN'],
+    ];
+    recorder.reset();
+    for (const [method, path, status, code] of cases) {
+      const got = await answer(open, method, path);
+      expect({ method, ...got }).toEqual({
+        method,
+        path,
+        status,
+        code: method === 'HEAD' ? 'not OCI JSON: ' : code,
+      });
+    }
+    expect(recorder.requests).toEqual([]);
+
+    // What is one goes on, decoded.
+    const valid: [string, string, string][] = [
+      ['GET', '/v2/public/app/manifests/v1', '/v2/public/app/manifests/v1'],
+      [
+        'GET',
+        `/v2/public/app/manifests/${app.digest.replace(':', '%3A')}`,
+        `/v2/public/app/manifests/${app.digest}`,
+      ],
+      [
+        'HEAD',
+        `/v2/public/app/blobs/${app.blobs[1]!.digest}`,
+        `/v2/public/app/blobs/${app.blobs[1]!.digest}`,
+      ],
+      ['GET', '/v2/public/app/tags/list', '/v2/public/app/tags/list'],
+      [
+        'PATCH',
+        '/v2/public/app/blobs/uploads/3f2504e0-4f89-11d3-9a0c-0305e82c3301',
+        '/v2/public/app/blobs/uploads/3f2504e0-4f89-11d3-9a0c-0305e82c3301',
+      ],
+    ];
+    for (const [method, path, sent] of valid) {
+      recorder.reset();
+      await rawRequest(open.url, method, path, pusher);
+      expect(recorder.requests.map((r) => `${r.method} ${r.path}`)).toEqual([`${method} ${sent}`]);
+    }
+  });
+
+  test("a mount's `from` is refused where a pull of it would be, and sent as the upstream names it", async () => {
+    const digest = secret.blobs[1]!.digest;
+    const mount = (pc: TestPullcache, query: string, headers: Record<string, string>) =>
+      answer(pc, 'POST', `/v2/public/app/blobs/uploads/?${query}`, headers);
+    recorder.reset();
+    // Denied by the lists, however it is named.
+    for (const from of ['secret/app', 'passthru.test/secret/app', 'secret%2Fapp'])
+      expect(await mount(open, `mount=${digest}&from=${from}`, pusher)).toMatchObject({
+        status: 403,
+        code: 'DENIED',
+      });
+    expect(await mount(open, `from=secret/app&mount=${digest}`, pusher)).toMatchObject({
+      status: 403,
+    });
+    // Malformed.
+    expect(await mount(open, `mount=${digest}&from=Secret/App`, pusher)).toMatchObject({
+      status: 400,
+      code: 'NAME_INVALID',
+    });
+    expect(await mount(open, `mount=${digest}&from=public/lib&from=x`, pusher)).toMatchObject({
+      status: 400,
+      code: 'NAME_INVALID',
+    });
+    expect(await mount(open, 'mount=sha256:nope&from=public/lib', pusher)).toMatchObject({
+      status: 400,
+      code: 'DIGEST_INVALID',
+    });
+    expect(recorder.requests).toEqual([]);
+
+    // Refused by the rules: bob may pull (and push to) public/* only.
+    const prefixed = (query: string) =>
+      answer(ruled, 'POST', `/v2/passthru.test/public/app/blobs/uploads/?${query}`, bob);
+    expect(await prefixed(`mount=${digest}&from=passthru.test/other/app`)).toEqual({
+      path: expect.any(String),
+      status: 403,
+      code: 'DENIED',
+    });
+    expect(recorder.requests).toEqual([]);
+
+    // Allowed: the upstream mounts it from public/lib (201), named as it knows it.
+    expect(await mount(open, `mount=${digest}&from=public/lib`, pusher)).toMatchObject({
+      status: 201,
+    });
+    expect(
+      await mount(open, `mount=${digest}&from=passthru.test/public/lib`, pusher),
+    ).toMatchObject({ status: 201 });
+    // From another upstream's repository, or from nowhere named: an upload instead (202).
+    expect(await mount(open, `mount=${digest}&from=docker.io/secret/app`, pusher)).toMatchObject({
+      status: 202,
+    });
+    expect(await mount(open, `mount=${digest}`, pusher)).toMatchObject({ status: 202 });
+    expect(recorder.count('POST', /^\/v2\/public\/app\/blobs\/uploads\/$/)).toBe(4);
+  });
+});
