@@ -163,7 +163,7 @@ export async function createRuntime(
   const blobs = new TrackedBlobStore(storedBlobs, lifecycle.keeper);
   const repositories = new TrackedRepositoryStore(storedRepositories, lifecycle.keeper);
   const localBlobs = new LocalBlobService(blobs, repositories, cache);
-  const localManifests = new LocalManifestService(blobs, repositories, cache);
+  const localManifests = new LocalManifestService(blobs, repositories, cache, log);
   const localTags = new LocalTagService(repositories, cache);
   const services: Runtime['services'] = new Map();
   const passthrough = new Map<string, Passthrough>();

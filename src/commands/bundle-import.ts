@@ -225,14 +225,34 @@ export async function importBundle(
       await visit(image.digest, image.mediaType, true);
     }
 
-    // All verified: make it visible. Each commit is an atomic rename.
+    // All verified: make it visible, an image at a time: the blobs it needs committed (each an
+    // atomic rename or copy), then its manifest and its layer links. The server's sweep collects
+    // a blob no repository links once its last use is 10 minutes old (lifecycle/sweep.ts), and
+    // a commit is a use (blob-store.ts): committing every blob of a large bundle before linking
+    // any would leave the first ones unlinked for as long as the rest take.
     const blobsAdded = staged.size;
-    for (const [digest, { id, size }] of staged) {
-      const writer = await runtime.blobs.resume(id);
-      await writer.commit({ digest, size, verified: true });
-    }
-    staged.clear();
+    const commit = async (digest: Digest) => {
+      const session = staged.get(digest)!;
+      const writer = await runtime.blobs.resume(session.id);
+      staged.delete(digest); // committed or failed, the session is gone
+      await writer.commit({ digest, size: session.size, verified: true });
+    };
+    const committed = new Set<Digest>();
     for (const link of links) {
+      for (const digest of [link.digest, ...link.blobs]) {
+        if (staged.has(digest)) {
+          await commit(digest);
+          committed.add(digest);
+        } else if (!committed.has(digest) && digest !== link.digest) {
+          // Stored before the import, and maybe by nothing linked (the sweep's to collect):
+          // used now, so that it stays until its link below; and still there.
+          await runtime.blobs.markPulled(digest, Date.now());
+          if (!(await runtime.blobs.stat(digest)).found)
+            throw new BundleError(
+              `${file}: blob ${digest} was removed from the cache while the bundle was read; import it again`,
+            );
+        }
+      }
       await runtime.local.manifests.put(
         link.repo,
         (await manifestBytes(link.digest))!,
@@ -244,6 +264,8 @@ export async function importBundle(
         if (stat.found) await runtime.repositories.linkBlob(link.repo, stat.descriptor);
       }
     }
+    // Blobs of the bundle no image here needs: stored all the same, as before.
+    for (const digest of [...staged.keys()]) await commit(digest);
     let tagsChanged = 0;
     for (const image of images) {
       if (!image.tag) continue;

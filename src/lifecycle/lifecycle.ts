@@ -109,12 +109,14 @@ export class Lifecycle {
       cache: d.cache,
       manifestMemory: d.manifestMemory,
       inUse: (digest) => this.inUse(digest),
+      lastPulled: async (digest) =>
+        (await d.driver.stat(paths.blobData(digest)))?.modTime.getTime(),
       onRemoved: (event) => {
         this.keeper.changedHere(event);
         d.onRemoved?.(event);
       },
     });
-    this.pins = new Pins(d.driver, d.configPins);
+    this.pins = new Pins(d.driver, d.configPins, this.log);
     this.evictor = new Evictor({
       graph: () => this.graph,
       pinned: (node, image) => this.pins.covers(node, image),

@@ -4,6 +4,8 @@
  * names a tag (the image it points at now), a digest, or with neither every image of the
  * repository.
  */
+import { createHash } from 'node:crypto';
+import type { Logger } from '../log/logger.js';
 import { parseDigest } from '../oci/digest.js';
 import { parseRepository, parseTag } from '../oci/reference.js';
 import { paths } from '../storage/paths.js';
@@ -11,24 +13,65 @@ import { PathNotFoundError, type StorageDriver } from '../storage/types.js';
 import type { Image, RepositoryNode } from './image-graph.js';
 import type { ImageRef } from './types.js';
 
+/**
+ * A pins file that cannot be read (torn, hand-edited into something that is not a JSON list) is
+ * kept as it is: its pins are the operator's to recover, so nothing is saved over it. Until it
+ * is fixed (or removed), `pin` and `unpin` fail naming it, and the pins last read from it stay in
+ * force (none in a process that never read it whole: those images are then not protected, which
+ * the error in the log says). Moving it aside instead would let the next `pin` write a file that
+ * silently lacks every other pin.
+ */
+export class PinsUnreadableError extends Error {
+  constructor(reason: string) {
+    super(
+      `the pins file (${paths.pins()} in storage) cannot be read (${reason}): fix it or remove it, then try again`,
+    );
+    this.name = 'PinsUnreadableError';
+  }
+}
+
 export class Pins {
   private stored: ImageRef[] = [];
+  /** Why the pins file could not be read at the last load; undefined when it could. */
+  private unreadable: string | undefined;
+  /** The content last logged as unreadable: logged once per content, not at every load. */
+  private loggedUnreadable: string | undefined;
 
   constructor(
     private readonly driver: StorageDriver,
     private readonly configured: ImageRef[],
+    private readonly log?: Logger,
   ) {}
 
   async load(): Promise<void> {
+    let raw: Buffer;
     try {
-      const value = JSON.parse(
-        (await this.driver.getContent(paths.pins())).toString('utf8'),
-      ) as unknown;
-      this.stored = Array.isArray(value) ? value.flatMap((v) => validRef(v)) : [];
+      raw = await this.driver.getContent(paths.pins());
     } catch (err) {
-      if (!(err instanceof PathNotFoundError) && !(err instanceof SyntaxError)) throw err;
+      if (!(err instanceof PathNotFoundError)) throw err;
       this.stored = [];
+      this.unreadable = undefined;
+      return;
     }
+    let value: unknown;
+    try {
+      value = JSON.parse(raw.toString('utf8'));
+      if (!Array.isArray(value)) throw new Error('not a list');
+    } catch (err) {
+      // Kept, and not saved over (see PinsUnreadableError); the pins last read stay.
+      this.unreadable = raw.length === 0 ? 'it is empty' : (err as Error).message;
+      const hash = createHash('sha256').update(raw).digest('hex');
+      if (this.loggedUnreadable !== hash)
+        this.log?.error(
+          { file: paths.pins(), reason: this.unreadable, pinsInForce: this.list() },
+          'the pins file cannot be read: it is kept as it is, and pin and unpin are refused until it is fixed or removed; meanwhile only the pins in force protect images',
+        );
+      this.loggedUnreadable = hash;
+      return;
+    }
+    this.stored = value.flatMap((v) => validRef(v));
+    this.unreadable = undefined;
+    this.loggedUnreadable = undefined;
   }
 
   list(): string[] {
@@ -52,20 +95,22 @@ export class Pins {
 
   async add(refs: ImageRef[]): Promise<void> {
     await this.load();
-    for (const ref of refs) if (!this.stored.some((p) => same(p, ref))) this.stored.push(ref);
-    await this.save();
+    const pins = [...this.stored];
+    for (const ref of refs) if (!pins.some((p) => same(p, ref))) pins.push(ref);
+    await this.save(pins);
   }
 
   /** Resolves to the references that no `pin` had pinned. */
   async remove(refs: ImageRef[]): Promise<string[]> {
     await this.load();
+    let pins = this.stored;
     const missing: string[] = [];
     for (const ref of refs) {
-      const before = this.stored.length;
-      this.stored = this.stored.filter((p) => !same(p, ref));
-      if (this.stored.length === before) missing.push(ref.reference);
+      const before = pins.length;
+      pins = pins.filter((p) => !same(p, ref));
+      if (pins.length === before) missing.push(ref.reference);
     }
-    await this.save();
+    await this.save(pins);
     return missing;
   }
 
@@ -73,8 +118,11 @@ export class Pins {
     return [...this.configured, ...this.stored];
   }
 
-  private async save(): Promise<void> {
-    await this.driver.putContent(paths.pins(), `${JSON.stringify(this.stored, null, 2)}\n`);
+  /** Stores `pins` and then holds them; nothing changes when they cannot be stored. */
+  private async save(pins: ImageRef[]): Promise<void> {
+    if (this.unreadable !== undefined) throw new PinsUnreadableError(this.unreadable);
+    await this.driver.putContent(paths.pins(), `${JSON.stringify(pins, null, 2)}\n`);
+    this.stored = pins;
   }
 }
 

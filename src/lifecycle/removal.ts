@@ -32,6 +32,11 @@ export interface RemovalDeps {
   manifestMemory: ManifestMemory;
   /** True while a blob is being served or fetched: it stays. */
   inUse: (digest: Digest) => boolean;
+  /**
+   * A blob's last pull as storage has it now (its modification time; undefined when it is not
+   * stored): read again before an unlinked blob is collected.
+   */
+  lastPulled?: (digest: Digest) => Promise<number | undefined>;
   /** Told what left storage, for the other processes on it (`GraphKeeper.changedElsewhere`). */
   onRemoved?: (event: RemovedEvent) => void;
 }
@@ -229,6 +234,13 @@ export class Removal {
     for (const blob of [...graph.orphans()]) {
       if (blob.links.size > 0 || blob.pulledAt >= before.unlinkedBefore || inUse(blob.digest))
         continue;
+      // Storage, not this graph, has the last word: another process (an import, a fetch) may
+      // have committed or used the blob since the count, and is about to link it.
+      const stored = await this.d.lastPulled?.(blob.digest);
+      if (stored !== undefined && stored >= before.unlinkedBefore) {
+        graph.addBlob(blob.digest, blob.size, stored);
+        continue;
+      }
       const bytes = dryRun ? blob.size : await this.removeOrphan(blob.digest);
       report.removed.push({ kind: 'blob', name: blob.digest, bytes });
       report.bytes += bytes;

@@ -13,7 +13,7 @@ import type { Removal } from './removal.js';
 import type { ImageRef, RemovalReport, RetentionConfig } from './types.js';
 
 /** A blob no repository links is collected only this long after its last use: it may be a
- * fetch between its commit and its link. */
+ * fetch's or an import's between its commit (a use: storage/blob-store.ts) and its link. */
 const UNLINKED_GRACE_MS = 10 * 60_000;
 
 export interface SweeperDeps {

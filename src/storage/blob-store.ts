@@ -124,7 +124,9 @@ export class DriverBlobStore implements BlobStore {
 
   async put(content: Uint8Array, digest: Digest, mediaType?: string): Promise<Descriptor> {
     const existing = await this.stat(digest);
-    if (existing.found) {
+    // Stored already, unless torn (a power loss can leave a file of the wrong size at its
+    // name, where the filesystem does not flush blobs): then it is written again.
+    if (existing.found && existing.descriptor.size === content.length) {
       return mediaType ? { ...existing.descriptor, mediaType } : existing.descriptor;
     }
     // Verified in memory, then written whole in one atomic replace: no upload session needed.
@@ -282,9 +284,11 @@ class DriverBlobWriter implements BlobWriter {
         throw new SizeInvalidError(expected.size, size);
       const actual = await this.digestOf(expected, parsed.algorithm);
       if (actual !== expected.digest) throw new DigestMismatchError(expected.digest, actual);
-      if (await this.driver.stat(target)) {
-        // Stored already (another process fetched it too): the upload is needless, and is
-        // dropped before it is completed (on S3, before a held-back upload is sent at all).
+      // Stored already (another process fetched it too): the upload is needless, and is
+      // dropped before it is completed (on S3, before a held-back upload is sent at all). Not
+      // when what is there has another size than these verified bytes: a file torn by a power
+      // loss (the filesystem does not flush blob data), which this commit replaces.
+      if ((await this.driver.stat(target))?.size === size) {
         await file.cancel();
         this.file = undefined;
       } else {
@@ -296,6 +300,17 @@ class DriverBlobWriter implements BlobWriter {
           await (this.driver.copy
             ? this.driver.copy(paths.uploadData(this.id), target)
             : this.driver.move(paths.uploadData(this.id), target));
+        // A blob's last pull is its modification time, and a commit is its first use. A move
+        // keeps the time of the session's last write, which may be long past (an import stages
+        // every blob of a bundle before it commits them, for as long as reading it takes), and
+        // a sweep collects an unlinked blob whose last use is 10 minutes old: the blob must
+        // start now, or it may be collected before its link is written. A copy (S3) or a
+        // completed upload is a new object, of the current time already. (A completed
+        // multipart upload on AWS may carry the time it began; RGW's is its completion.)
+        if (!this.driver.copy && !file.completesAt)
+          await this.driver.touch(target, new Date()).catch((err: unknown) => {
+            if (!(err instanceof PathNotFoundError)) throw err; // removed at once: no matter
+          });
       }
     } finally {
       // A file left open by a failure above (the store unreachable) goes with its session.

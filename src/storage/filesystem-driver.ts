@@ -1,10 +1,30 @@
-/** The filesystem StorageDriver: one directory tree under `root`. */
+/**
+ * The filesystem StorageDriver: one directory tree under `root`.
+ *
+ * Small files (`putContent`, `createExclusive`: links, tags, manifests, the lifecycle's records)
+ * are written whole under a temporary name in `<root>/.tmp/`, flushed to the disk (fsync), then
+ * renamed or linked into place: after a power loss such a file holds its old or its new
+ * content, never a torn one. (Blob data is not flushed: an fsync per blob costs too much; a blob
+ * torn by a power loss is replaced by its next verified commit, and a torn manifest is caught by
+ * its digest when read, see blob-store.ts and local-services.ts.) A process killed between the
+ * write and the rename leaves its temporary file there, where nothing lists it and no directory
+ * is kept by it; `abortIncomplete` (the upload purge) removes those.
+ */
 import { randomUUID } from 'node:crypto';
 import { constants } from 'node:fs';
 import * as fs from 'node:fs/promises';
 import * as path from 'node:path';
 import { FileRange } from './file-range.js';
 import { PathNotFoundError, type FileInfo, type FileWriter, type StorageDriver } from './types.js';
+
+/** Where small files are written before they are renamed into place (see above). */
+const TMP_DIR = '.tmp';
+/**
+ * A temporary file untouched this long was left by a process that died (a write takes
+ * milliseconds): the purge removes it, and so does a removal of the directory it is in (files
+ * `<name>.tmp-<uuid>` beside their target, as versions before `.tmp/` wrote them).
+ */
+const STALE_TMP_MS = 60 * 60_000;
 
 export class FilesystemDriver implements StorageDriver {
   readonly name = 'filesystem';
@@ -36,19 +56,61 @@ export class FilesystemDriver implements StorageDriver {
 
   async putContent(p: string, content: Uint8Array | string): Promise<void> {
     const full = this.resolve(p);
-    const tmp = `${full}.tmp-${randomUUID()}`;
-    // Twice at most: an eviction may prune the (empty) directory between mkdir and the write.
-    for (let attempt = 1; ; attempt++) {
-      await fs.mkdir(path.dirname(full), { recursive: true });
-      try {
-        await fs.writeFile(tmp, content);
-        await fs.rename(tmp, full);
-        return;
-      } catch (err) {
-        await fs.rm(tmp, { force: true });
-        if (attempt === 2 || !isNotFound(err)) throw err;
+    // An upload session's start time is scratch (a crash's sessions are purged, never trusted):
+    // no flush for it, the one small write of every fetched blob.
+    const durable = !p.startsWith('uploads/');
+    let tmp = await this.writeTemporary(this.temporaryPath(full), content, durable);
+    try {
+      // Three times at most: an eviction may prune the (empty) directory between mkdir and the
+      // rename, and `.tmp/` may be on another file system than the target.
+      for (let attempt = 1; ; attempt++) {
+        await fs.mkdir(path.dirname(full), { recursive: true });
+        try {
+          await fs.rename(tmp, full);
+          return;
+        } catch (err) {
+          const code = (err as NodeJS.ErrnoException).code;
+          if (attempt === 3 || (code !== 'ENOENT' && code !== 'EXDEV')) throw err;
+          if (code === 'EXDEV') {
+            await fs.rm(tmp, { force: true });
+            tmp = `${full}.tmp-${randomUUID()}`;
+          }
+          // Gone with the cross-device rename, or removed by a purge whose cutoff is ahead.
+          if (!(await exists(tmp))) await this.writeTemporary(tmp, content, durable);
+        }
       }
+    } catch (err) {
+      await fs.rm(tmp, { force: true });
+      throw err;
     }
+  }
+
+  /** A new temporary name for a file to be renamed or linked to `full` (see above). */
+  private temporaryPath(full: string): string {
+    return path.join(this.root, TMP_DIR, `${path.basename(full)}.tmp-${randomUUID()}`);
+  }
+
+  /** Writes `content` to `tmp` whole, flushed to the disk when `durable`; resolves to `tmp`. */
+  private async writeTemporary(
+    tmp: string,
+    content: Uint8Array | string,
+    durable: boolean,
+  ): Promise<string> {
+    const handle = await fs.open(tmp, 'w').catch(async (err: unknown) => {
+      if (!isNotFound(err)) throw err;
+      await fs.mkdir(path.dirname(tmp), { recursive: true });
+      return fs.open(tmp, 'w');
+    });
+    try {
+      await handle.writeFile(content);
+      if (durable) await handle.sync();
+    } catch (err) {
+      await handle.close().catch(() => {});
+      await fs.rm(tmp, { force: true });
+      throw err;
+    }
+    await handle.close();
+    return tmp;
   }
 
   async reader(p: string, offset = 0, length?: number): Promise<FileRange> {
@@ -121,7 +183,12 @@ export class FilesystemDriver implements StorageDriver {
           if (entry.isDirectory()) await prune(path.join(full, entry.name));
       }
       // rmdir refuses a directory that is not empty: a file written meanwhile keeps its place.
-      await fs.rmdir(full).catch(() => {});
+      // Temporary files that a killed process left beside their target (versions before
+      // `.tmp/`) would keep it forever: those untouched for STALE_TMP_MS go with it.
+      await fs.rmdir(full).catch(async (err: NodeJS.ErrnoException) => {
+        if (err.code === 'ENOTEMPTY' && (await removeStaleTemporaries(full)))
+          await fs.rmdir(full).catch(() => {});
+      });
     };
     await prune(this.resolve(p));
   }
@@ -137,19 +204,45 @@ export class FilesystemDriver implements StorageDriver {
   async createExclusive(p: string, content: string): Promise<boolean> {
     const full = this.resolve(p);
     await fs.mkdir(path.dirname(full), { recursive: true });
-    // Written whole under a temporary name, then linked into place: link() fails when the name
-    // exists, so no reader ever sees a half-written file and only one creator wins.
-    const tmp = `${full}.tmp-${randomUUID()}`;
-    await fs.writeFile(tmp, content);
+    // Written whole (and flushed) under a temporary name, then linked into place: link() fails
+    // when the name exists, so no reader ever sees a half-written file and only one creator wins.
+    let tmp = await this.writeTemporary(this.temporaryPath(full), content, true);
     try {
-      await fs.link(tmp, full);
-      return true;
-    } catch (err) {
-      if ((err as NodeJS.ErrnoException).code === 'EEXIST') return false;
-      throw err;
+      for (let attempt = 1; ; attempt++) {
+        try {
+          await fs.link(tmp, full);
+          return true;
+        } catch (err) {
+          const code = (err as NodeJS.ErrnoException).code;
+          if (code === 'EEXIST') return false;
+          if (attempt === 2 || code !== 'EXDEV') throw err;
+        }
+        // `.tmp/` is on another file system than the target: beside it, then.
+        await fs.rm(tmp, { force: true });
+        tmp = await this.writeTemporary(`${full}.tmp-${randomUUID()}`, content, true);
+      }
     } finally {
       await fs.rm(tmp, { force: true });
     }
+  }
+
+  /**
+   * The filesystem's unfinished writes: temporary files of small writes (`.tmp/`) that a killed
+   * process left, untouched since `olderThan` or for STALE_TMP_MS, whichever is sooner; resolves
+   * to how many were removed. (Upload sessions are the blob store's to purge.)
+   */
+  async abortIncomplete(_paths: readonly string[], olderThan: Date): Promise<number> {
+    const cutoff = Math.max(olderThan.getTime(), Date.now() - STALE_TMP_MS);
+    const dir = path.join(this.root, TMP_DIR);
+    let removed = 0;
+    for (const name of await fs.readdir(dir).catch(() => [] as string[])) {
+      const file = path.join(dir, name);
+      const info = await fs.stat(file).catch(() => undefined);
+      if (!info || info.mtimeMs >= cutoff) continue;
+      await fs.rm(file, { recursive: true, force: true });
+      removed++;
+    }
+    return removed;
   }
 
   async space(): Promise<{ free: number; total: number }> {
@@ -205,6 +298,30 @@ class FilesystemWriter implements FileWriter {
     await this.close();
     await fs.rm(this.full, { force: true });
   }
+}
+
+/**
+ * Removes the temporary files (`*.tmp-<uuid>`) in a directory untouched for STALE_TMP_MS;
+ * resolves to true when the directory held nothing else (it may be empty now).
+ */
+async function removeStaleTemporaries(dir: string): Promise<boolean> {
+  const entries = await fs.readdir(dir).catch(() => [] as string[]);
+  const cutoff = Date.now() - STALE_TMP_MS;
+  let onlyStale = true;
+  for (const name of entries) {
+    const file = path.join(dir, name);
+    const info = name.includes('.tmp-') ? await fs.stat(file).catch(() => undefined) : undefined;
+    if (info?.isFile() && info.mtimeMs < cutoff) await fs.rm(file, { force: true });
+    else onlyStale = false;
+  }
+  return onlyStale;
+}
+
+async function exists(p: string): Promise<boolean> {
+  return fs.access(p).then(
+    () => true,
+    () => false,
+  );
 }
 
 function isNotFound(err: unknown): boolean {

@@ -4,7 +4,8 @@
  */
 import { LRUCache } from 'lru-cache';
 import { keys } from '../metadata/keys.js';
-import type { Digest } from '../oci/digest.js';
+import type { Logger } from '../log/logger.js';
+import { digestOf, parseDigest, type Digest } from '../oci/digest.js';
 import type { Descriptor } from '../oci/descriptor.js';
 import type { Tag } from '../oci/reference.js';
 import type { MetadataCache } from '../metadata/types.js';
@@ -113,6 +114,7 @@ export class LocalManifestService implements ManifestService {
     private readonly blobs: BlobStore,
     private readonly repositories: RepositoryStore,
     private readonly cache: MetadataCache,
+    private readonly log?: Logger,
   ) {}
 
   async stat(repo: RepositoryKey, digest: Digest): Promise<ManifestStat> {
@@ -134,7 +136,21 @@ export class LocalManifestService implements ManifestService {
     if (!opened.found) return { found: false };
     const chunks: Buffer[] = [];
     for await (const chunk of opened.stream) chunks.push(chunk as Buffer);
-    const entry = { link: stat.link, bytes: Buffer.concat(chunks) };
+    const bytes = Buffer.concat(chunks);
+    // Read whole, so checked whole: a power loss can leave a manifest's file torn at its name
+    // (empty, or zeros; blob data is not flushed). Such bytes are never served: they leave
+    // storage, and the manifest is fetched again (missing while offline) and stored whole.
+    const actual = digestOf(bytes, parseDigest(digest).algorithm);
+    if (actual !== digest) {
+      this.log?.error(
+        { repository: repo.repository, digest, actual, size: bytes.length },
+        'a stored manifest does not match its digest (torn by a crash?): removed, not served',
+      );
+      await this.cache.deleteDescriptor(digest);
+      await this.blobs.remove(digest);
+      return { found: false };
+    }
+    const entry = { link: stat.link, bytes };
     this.hot.set(key, entry);
     return { found: true, ...entry };
   }

@@ -6,9 +6,12 @@
  * <root>/
  * ├── blobs/                                  content, shared by every upstream and repository
  * │   └── <algorithm>/<hex[0:2]>/<hex>/data
+ * ├── .tmp/                                   small files being written (filesystem only),
+ * │                                           renamed into place once flushed
  * ├── lifecycle/                              the cache's own records (see src/lifecycle/)
  * │   ├── pins.json                           images pinned with `pullcache pin`
- * │   └── owner.json                          the process that evicts: {pid, host, url, expiresAt}
+ * │   ├── owner.json                          the process that evicts: {pid, host, url, expiresAt}
+ * │   └── owner.json.takeover-<sha256>-<n>    a claim to take over a stale record (owner.ts)
  * ├── uploads/                                upload sessions; never visible as blobs
  * │   └── <uuid>/
  * │       ├── data

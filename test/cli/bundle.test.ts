@@ -4,15 +4,47 @@
  * a real upstream registry for the prefetch, the real command in a child process, real storage,
  * and skopeo pulling what was imported.
  */
-import { readFileSync, readdirSync, statSync, truncateSync, writeFileSync } from 'node:fs';
+import { spawn } from 'node:child_process';
+import {
+  readFileSync,
+  readdirSync,
+  rmSync,
+  statSync,
+  truncateSync,
+  utimesSync,
+  writeFileSync,
+} from 'node:fs';
 import { join } from 'node:path';
-import { afterAll, beforeAll, describe, expect, test } from 'vitest';
+import { afterAll, beforeAll, describe, expect, test, vi } from 'vitest';
 import { makeImage, pushImage, type Image } from '../helpers/images.js';
 import { startPullcache } from '../helpers/pullcache.js';
 import { TestRegistry } from '../helpers/registry.js';
 import { expectDirHolds, skopeoCopy } from '../helpers/skopeo.js';
-import { cli, cliIn, configFile, hasStackTrace, quote, sh, tmp } from '../helpers/cli.js';
-import { snapshot } from '../helpers/files.js';
+import {
+  PULLCACHE,
+  cli,
+  cliIn,
+  configFile,
+  hasStackTrace,
+  quote,
+  sh,
+  tmp,
+} from '../helpers/cli.js';
+import { snapshot, storedBlobPath } from '../helpers/files.js';
+
+/** A tar archive's entries, with their sizes, in order. */
+function tarFiles(bytes: Buffer): { name: string; size: number }[] {
+  const files: { name: string; size: number }[] = [];
+  for (let at = 0; at + 512 <= bytes.length;) {
+    const header = bytes.subarray(at, at + 512);
+    if (header.every((b) => b === 0)) break;
+    const name = header.subarray(0, 100).toString('utf8').replace(/\0.*$/s, '');
+    const size = parseInt(header.subarray(124, 136).toString('utf8').replace(/\0.*$/s, ''), 8);
+    files.push({ name, size });
+    at += 512 + Math.ceil(size / 512) * 512;
+  }
+  return files;
+}
 
 /** The names of a tar archive's entries, in order. */
 function tarEntries(bytes: Buffer): string[] {
@@ -347,6 +379,78 @@ describe('export and import', () => {
         `imported ${bundle}: 2 images, 8 blobs (${done}): 0 added (0 B), 8 already present; 0 tags set`,
       );
       expect(again.stderr).toMatch(/^ {2}present sha256:/m);
+    });
+
+    test('of a bundle read slowly: blobs staged long before its end are committed as used now, so that no sweep takes them before their links', async () => {
+      // A blob's last use is its data's modification time, and the sweep of a server beside the
+      // import collects a blob no repository links once that is 10 minutes old: reading a large
+      // bundle takes longer than that, and every blob is staged before any is committed.
+      const root = tmp('root');
+      const target = configFile(root, { 'lab.local': offline });
+      const bytes = readFileSync(labBundle);
+      const blobs = tarFiles(bytes).filter((f) => f.name.startsWith('blobs/'));
+      const child = spawn('sh', ['-c', `exec $PULLCACHE import -c ${quote(target)} -`], {
+        cwd: tmp('cwd'),
+        env: { ...process.env, PULLCACHE },
+        stdio: ['pipe', 'ignore', 'pipe'],
+      });
+      let stderr = '';
+      child.stderr.on('data', (chunk: Buffer) => (stderr += chunk.toString()));
+      const exited = new Promise<number | null>((resolve) => child.on('close', resolve));
+      // Everything but the archive's end: every blob is read, verified and staged.
+      child.stdin.write(bytes.subarray(0, bytes.length - 1024));
+      const uploads = join(root, 'uploads');
+      const staged = () =>
+        readdirSync(uploads)
+          .filter((id) => /^[0-9a-f-]{36}$/.test(id))
+          .map((id) => join(uploads, id, 'data'));
+      await vi.waitFor(
+        () =>
+          expect(
+            staged()
+              .map((f) => statSync(f).size)
+              .sort(),
+          ).toEqual(blobs.map((b) => b.size).sort()),
+        { timeout: 30_000, interval: 50 },
+      );
+      // The bundle took an hour to read so far.
+      const hourAgo = new Date(Date.now() - 3_600_000);
+      for (const file of staged()) utimesSync(file, hourAgo, hourAgo);
+      const committing = Date.now();
+      child.stdin.end(bytes.subarray(bytes.length - 1024));
+      expect(await exited, stderr).toBe(0);
+      for (const blob of blobs) {
+        const digest = blob.name.replace('blobs/sha256/', 'sha256:');
+        expect(statSync(storedBlobPath(root, digest)).mtimeMs, digest).toBeGreaterThanOrEqual(
+          committing - 1000,
+        );
+      }
+    });
+
+    test('of blobs the cache holds unlinked and unused for long: they are used now, so that no sweep takes them before their links', async () => {
+      const root = tmp('root');
+      const target = configFile(root, { 'lab.local': offline });
+      expect((await cli('import', '-c', target, labBundle)).code).toBe(0);
+      // What a pull interrupted long ago leaves: blobs, and no repository linking them.
+      rmSync(join(root, 'repositories'), { recursive: true });
+      const blobs = tarEntries(readFileSync(labBundle))
+        .filter((name) => name.startsWith('blobs/'))
+        .map((name) => name.replace('blobs/sha256/', 'sha256:'));
+      const hourAgo = new Date(Date.now() - 3_600_000);
+      for (const digest of blobs) utimesSync(storedBlobPath(root, digest), hourAgo, hourAgo);
+      const importing = Date.now();
+      const again = await cli('import', '-c', target, labBundle);
+      expect(again.code).toBe(0);
+      expect(again.stderr).toMatch(/0 added \(0 B\), \d+ already present/);
+      // Every layer and config is fresh (the manifests are held by their links at once).
+      const manifest = JSON.parse(readFileSync(storedBlobPath(root, app.digest), 'utf8')) as {
+        config: { digest: string };
+        layers: { digest: string }[];
+      };
+      for (const digest of [manifest.config.digest, ...manifest.layers.map((l) => l.digest)])
+        expect(statSync(storedBlobPath(root, digest)).mtimeMs, digest).toBeGreaterThanOrEqual(
+          importing - 1000,
+        );
     });
   });
 });

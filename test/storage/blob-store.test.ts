@@ -2,9 +2,12 @@
  * The storage contract, on every driver: the same tests on the filesystem and on S3 (a real
  * Ceph radosgw, see test/helpers/s3.ts).
  */
-import { randomBytes } from 'node:crypto';
+import { randomBytes, randomUUID } from 'node:crypto';
+import { existsSync, readdirSync, utimesSync, writeFileSync } from 'node:fs';
+import { basename, join } from 'node:path';
 import { ListMultipartUploadsCommand } from '@aws-sdk/client-s3';
-import { beforeEach, describe, expect, test } from 'vitest';
+import { open } from 'node:fs/promises';
+import { beforeEach, describe, expect, test, vi } from 'vitest';
 import { EMPTY_BLOB_DIGEST, digestOf, type Digest } from '../../src/oci/digest.js';
 import {
   BlobUnknownError,
@@ -384,6 +387,61 @@ describe.each(DRIVERS)('storage contract on %s', (kind) => {
       expect((await driver.stat(''))?.isDirectory).toBe(true);
     });
 
+    test("a commit is the blob's first use: its last pull is the commit, however long ago its session was written", async () => {
+      // An import stages every blob of a bundle, then commits them all: a session may have been
+      // written long before its commit, and a sweep collects an unlinked blob not used for 10
+      // minutes. Here the session was written an hour ago (on S3 a copy makes a new object: its
+      // time is the commit's whatever the session's).
+      const data = randomBytes(70_000);
+      const digest = digestOf(data);
+      const w = await store.create({ hash: false });
+      await w.write(data);
+      await w.close();
+      if (!storage.s3) await driver.touch(paths.uploadData(w.id), new Date(Date.now() - 3_600_000));
+      const before = Date.now();
+      await (await store.resume(w.id)).commit({ digest, size: data.length, verified: true });
+      // To the second: S3 keeps times in whole seconds.
+      const modTime = (await storage.open().stat(paths.blobData(digest)))!.modTime.getTime();
+      expect(modTime).toBeGreaterThanOrEqual(before - 1000);
+      const listed = [];
+      for await (const blob of new DriverBlobStore(storage.open()).list()) listed.push(blob);
+      expect(listed).toEqual([{ digest, size: data.length, pulledAt: expect.any(Number) }]);
+      expect(listed[0]!.pulledAt).toBeGreaterThanOrEqual(before - 1000);
+    });
+
+    test('a blob torn at its name (another size: a power loss) is replaced by the next verified commit or put', async () => {
+      const data = randomBytes(80_000);
+      const digest = digestOf(data);
+      // What a power loss leaves where the data was never flushed: the name, with no bytes.
+      await driver.putContent(paths.blobData(digest), '');
+      expect(await store.stat(digest)).toEqual({ found: true, descriptor: { digest, size: 0 } });
+      const w = await store.create();
+      await w.write(data);
+      expect(await w.commit({ digest, size: data.length })).toEqual({ digest, size: data.length });
+      expect((await read(await store.open(digest))).equals(data)).toBe(true);
+      expect(await driver.list(paths.uploadsRoot())).toEqual([]);
+      // Torn halfway, written again by a session opened for its digest (S3: at its own key).
+      await driver.putContent(paths.blobData(digest), data.subarray(0, 1000));
+      const again = await store.create({ hash: false, digest });
+      await again.writev([data]);
+      await again.commit({ digest, size: data.length, verified: true });
+      expect((await read(await store.open(digest))).equals(data)).toBe(true);
+      // A manifest's bytes (put whole from memory) the same.
+      const manifest = Buffer.from('{"schemaVersion":2}');
+      await driver.putContent(paths.blobData(digestOf(manifest)), '');
+      expect(await store.put(manifest, digestOf(manifest))).toEqual({
+        digest: digestOf(manifest),
+        size: manifest.length,
+      });
+      expect((await read(await store.open(digestOf(manifest)))).equals(manifest)).toBe(true);
+      // One whole is kept as it is: a commit that finds it drops its own upload.
+      const kept = await store.create();
+      await kept.write(data);
+      await kept.commit({ digest, size: data.length });
+      expect((await read(await store.open(digest))).equals(data)).toBe(true);
+      expect(await driver.list(paths.uploadsRoot())).toEqual([]);
+    });
+
     test('invalid upload ids are unknown uploads, never paths', async () => {
       await expect(store.resume('../../etc')).rejects.toBeInstanceOf(BlobUploadUnknownError);
     });
@@ -481,5 +539,79 @@ describe.each(DRIVERS)('storage contract on %s', (kind) => {
         'other',
       ]);
     });
+  });
+});
+
+describe('filesystem driver: power losses and crash leftovers', () => {
+  const storage = useStorage('filesystem');
+  const hourAgo = () => new Date(Date.now() - 2 * 3_600_000);
+
+  test('small files are written in .tmp/ and renamed into place; what a killed write left there is purged once stale', async () => {
+    const driver = storage.open() as FilesystemDriver;
+    const store = new DriverBlobStore(driver);
+    await driver.putContent('lifecycle/pins.json', '[]\n');
+    expect(await driver.createExclusive('lifecycle/owner.json', '{}')).toBe(true);
+    expect(readdirSync(join(storage.root!, 'lifecycle')).sort()).toEqual([
+      'owner.json',
+      'pins.json',
+    ]);
+    // A process killed between the write and the rename leaves its temporary file; a live
+    // write's is young.
+    const tmpDir = join(storage.root!, '.tmp');
+    expect(readdirSync(tmpDir)).toEqual([]);
+    const dead = join(tmpDir, `link.tmp-${randomUUID()}`);
+    const live = join(tmpDir, `link.tmp-${randomUUID()}`);
+    writeFileSync(dead, 'sha256:0');
+    utimesSync(dead, hourAgo(), hourAgo());
+    writeFileSync(live, 'sha256:1');
+    // The purge of upload sessions (at start and every purgeInterval, and `gc`) takes it, even
+    // with the default purgeAge of a day: a write takes milliseconds, not an hour.
+    expect(await store.purgeUploads(new Date(Date.now() - 86_400_000))).toBe(1);
+    expect(readdirSync(tmpDir)).toEqual([basename(live)]);
+  });
+
+  test("small files are flushed to the disk before they are renamed into place (but for an upload session's start time)", async () => {
+    const driver = storage.open();
+    const probe = await open(join(storage.root!, 'probe'), 'w');
+    const FileHandle = Object.getPrototypeOf(probe) as { sync: () => Promise<void> };
+    await probe.close();
+    const sync = vi.spyOn(FileHandle, 'sync');
+    try {
+      const repo = { upstream: 'docker.io', repository: parseRepository('org/flushed') };
+      await new DriverRepositoryStore(driver).setTag(repo, parseTag('v1'), {
+        digest: digestOf('m'),
+        confirmedAt: 1,
+      });
+      expect(sync).toHaveBeenCalledTimes(1);
+      expect(await driver.createExclusive('lifecycle/owner.json', '{}')).toBe(true);
+      expect(sync).toHaveBeenCalledTimes(2);
+      // One per fetched blob, of no worth after a crash (its session is purged): not flushed.
+      await new DriverBlobStore(driver).create();
+      expect(sync).toHaveBeenCalledTimes(2);
+    } finally {
+      sync.mockRestore();
+    }
+  });
+
+  test('a blob whose directory holds a stale temporary file (left beside it by an older version) is removed whole', async () => {
+    const driver = storage.open();
+    const store = new DriverBlobStore(driver);
+    const data = Buffer.from('{"schemaVersion":2,"left":"behind"}');
+    const digest = digestOf(data);
+    await store.put(data, digest);
+    const dir = join(storage.root!, paths.blobData(digest), '..');
+    const leftover = join(dir, `data.tmp-${randomUUID()}`);
+    writeFileSync(leftover, data.subarray(0, 5));
+    utimesSync(leftover, hourAgo(), hourAgo());
+    // Hidden from listings, as before.
+    expect(await driver.list(dir.slice(storage.root!.length + 1))).toEqual(['data']);
+    await store.remove(digest);
+    expect(existsSync(dir)).toBe(false);
+    // A young one may be a write under way: it keeps its directory.
+    await store.put(data, digest);
+    const young = join(dir, `data.tmp-${randomUUID()}`);
+    writeFileSync(young, '');
+    await store.remove(digest);
+    expect(readdirSync(dir)).toEqual([basename(young)]);
   });
 });
