@@ -98,7 +98,14 @@ export class FilesystemDriver implements StorageDriver {
   ): Promise<string> {
     const handle = await fs.open(tmp, 'w').catch(async (err: unknown) => {
       if (!isNotFound(err)) throw err;
-      await fs.mkdir(path.dirname(tmp), { recursive: true });
+      // Not recursive first: a recursive mkdir says ENOENT where the real reason is another (a
+      // read-only file system), which start-up's probe must name.
+      const dir = path.dirname(tmp);
+      await fs.mkdir(dir).catch(async (e: NodeJS.ErrnoException) => {
+        if (e.code === 'EEXIST') return;
+        if (e.code !== 'ENOENT') throw e;
+        await fs.mkdir(dir, { recursive: true });
+      });
       return fs.open(tmp, 'w');
     });
     try {
