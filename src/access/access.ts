@@ -100,15 +100,18 @@ function isLoopback(address: string | undefined): boolean {
 }
 
 /**
- * Whether the client is on this host. Behind a trusted proxy (`server.trustProxy`) that
- * forwarded the request (X-Forwarded-For present), the client is the address the proxy saw, not
- * the proxy's connection: nginx on this host or a sidecar connects from loopback whoever the
- * client is. A forwarded entry that is not an IP address is no client of this host.
+ * Whether the client is on this host: its connection comes from loopback, and behind a trusted
+ * proxy (`server.trustProxy`) that forwarded the request (X-Forwarded-For present), the address
+ * the proxy saw is loopback too: nginx on this host or a sidecar connects from loopback whoever
+ * the client is. A forwarded entry that is not an IP address is no client of this host.
  */
 function isLocal(req: IncomingMessage, trustProxy: boolean): boolean {
+  // The header only ever takes "local" away: a client that connects from elsewhere and sends
+  // X-Forwarded-For: 127.0.0.1 is no more local for it.
+  if (!isLoopback(req.socket.remoteAddress)) return false;
   if (trustProxy && req.headers['x-forwarded-for'] !== undefined)
     return isLoopback(forwardedFor(req));
-  return isLoopback(req.socket.remoteAddress);
+  return true;
 }
 
 /** No client authentication: everyone may pull; changing the cache from this host only. */

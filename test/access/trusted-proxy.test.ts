@@ -3,7 +3,11 @@
  * trusted proxy on this host (nginx on localhost, a sidecar on 127.0.0.6), every connection comes
  * from loopback: the client is then the address the proxy forwarded, not the connection's.
  */
+import type { IncomingMessage } from 'node:http';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
+import { createAccess } from '../../src/access/access.js';
+import { parseConfig } from '../../src/config/load.js';
+import { silentLogger } from '../../src/log/logger.js';
 import { ociError } from '../helpers/http.js';
 import { startPullcache, type TestPullcache } from '../helpers/pullcache.js';
 import { TestRegistry } from '../helpers/registry.js';
@@ -63,4 +67,20 @@ describe('the admin action without client authentication, behind a trusted proxy
     // Without trustProxy the header is nobody's word: the connection is from this host.
     expect(await gc(direct, { 'x-forwarded-for': '203.0.113.9' })).toEqual({ status: 200 });
   });
+});
+
+test('a client connecting from elsewhere is not made local by an X-Forwarded-For it writes', () => {
+  const access = createAccess(parseConfig({ server: { trustProxy: true } }), silentLogger());
+  const from = (remoteAddress: string, forwarded?: string) =>
+    ({
+      socket: { remoteAddress },
+      headers: forwarded === undefined ? {} : { 'x-forwarded-for': forwarded },
+    }) as unknown as IncomingMessage;
+  const local = (req: IncomingMessage) => (access.identify(req) as { local: boolean }).local;
+  expect(local(from('192.0.2.7', '127.0.0.1'))).toBe(false);
+  expect(local(from('192.0.2.7', '::1'))).toBe(false);
+  expect(local(from('192.0.2.7'))).toBe(false);
+  // Through a proxy on this host, from this host: local.
+  expect(local(from('127.0.0.1', '127.0.0.1'))).toBe(true);
+  expect(local(from('127.0.0.1', '192.0.2.7'))).toBe(false);
 });
