@@ -2,11 +2,11 @@
  * The filesystem StorageDriver: one directory tree under `root`.
  *
  * Small files (`putContent`, `createExclusive`: links, tags, manifests, the lifecycle's records)
- * are written whole under a temporary name in `<root>/.tmp/`, flushed to the disk (fsync), then
- * renamed or linked into place: after a power loss such a file holds its old or its new
- * content, never a torn one. (Blob data is not flushed: an fsync per blob costs too much; a blob
- * torn by a power loss is replaced by its next verified commit, and a torn manifest is caught by
- * its digest when read, see blob-store.ts and local-services.ts.) A process killed between the
+ * are written whole under a temporary name in `<root>/.tmp/`, then renamed or linked into place;
+ * the lifecycle's records (pins, the owner) are flushed to the disk (fsync) first, so that after
+ * a power loss they hold their old or their new content. The others are not (they are on the
+ * pull path): a torn link or tag reads as absent, a torn manifest is caught by its digest when
+ * read (local-services.ts). Blob data is not flushed either: see docs/design.md. A process killed between the
  * write and the rename leaves its temporary file there, where nothing lists it and no directory
  * is kept by it; `abortIncomplete` (the upload purge) removes those.
  */
@@ -56,9 +56,11 @@ export class FilesystemDriver implements StorageDriver {
 
   async putContent(p: string, content: Uint8Array | string): Promise<void> {
     const full = this.resolve(p);
-    // An upload session's start time is scratch (a crash's sessions are purged, never trusted):
-    // no flush for it, the one small write of every fetched blob.
-    const durable = !p.startsWith('uploads/');
+    // Only the lifecycle's records are flushed (pins: nothing else holds them). The other small
+    // files are on the pull path (links, tags, manifests, the readiness probe), where a flush
+    // costs latency, and one that a power loss tears reads as absent: a link or tag that does
+    // not parse is none (fetched again), a manifest is checked against its digest when read.
+    const durable = p.startsWith('lifecycle/');
     let tmp = await this.writeTemporary(this.temporaryPath(full), content, durable);
     try {
       // Three times at most: an eviction may prune the (empty) directory between mkdir and the
