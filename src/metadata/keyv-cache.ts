@@ -25,6 +25,8 @@ const COMMAND_TIMEOUT_MS = 1000;
  * the whole namespace is cleared then instead (it is a cache: storage answers what it lacks).
  */
 const MAX_PENDING_DELETES = 10_000;
+/** How long clearing the cache's keys may take (a scan of the whole Redis database). */
+const CLEAR_TIMEOUT_MS = 60_000;
 
 /** Whether the cache's store answers: see `KeyvMetadataCache.reachable`. */
 export type Reachability = { ok: true } | { ok: false; reason: string };
@@ -60,6 +62,8 @@ export class KeyvMetadataCache implements MetadataCache {
   /** Failures so far, thrown or only emitted (the store reports some without throwing). */
   private errors = 0;
   private readonly onDelete: ((key: string) => void) | undefined;
+  /** Commands have COMMAND_TIMEOUT_MS to answer (Redis; memory always answers). */
+  private readonly timed: boolean;
   /**
    * Keys deleted while Redis could not be told: read as absent here, and deleted there once it
    * answers (else an entry removed meanwhile, say a manifest `rm`, would come back from Redis,
@@ -70,6 +74,7 @@ export class KeyvMetadataCache implements MetadataCache {
 
   constructor(options: KeyvCacheOptions) {
     this.onDelete = options.onDelete;
+    this.timed = options.store === 'redis';
     this.log = options.log.child({ module: 'metadata', store: options.store });
     const entries = options.memoryEntries ?? 10_000;
     this.memory = entries > 0 ? new LRUCache({ max: entries }) : undefined;
@@ -206,10 +211,17 @@ export class KeyvMetadataCache implements MetadataCache {
   private async get<T>(key: string): Promise<T | undefined> {
     const hot = this.memory?.get(key);
     if (hot !== undefined) return hot as T;
-    if (this.pendingDeletes === 'all' || this.pendingDeletes.has(key)) {
+    if (this.pendingDeletes === 'all') {
+      // Redis may hold anything deleted meanwhile: not asked until its keys are cleared (in the
+      // background: a clear scans the whole database).
+      void this.flushDeletes();
+      return undefined;
+    }
+    if (this.pendingDeletes.has(key)) {
       // Not known whether Redis still holds it: asked only once the deletes went through.
       await this.flushDeletes();
-      if (this.pendingDeletes === 'all' || this.pendingDeletes.has(key)) return undefined;
+      const pending = this.pendingDeletes as Set<string> | 'all'; // may have changed meanwhile
+      if (pending === 'all' || pending.has(key)) return undefined;
     }
     const value = (await this.guard((keyv) => keyv.get<T>(key))) ?? undefined;
     if (value !== undefined) this.memory?.set(key, value as object);
@@ -241,9 +253,10 @@ export class KeyvMetadataCache implements MetadataCache {
     if (pending !== 'all' && pending.size === 0) return Promise.resolve();
     this.flushing ??= (async () => {
       const sent = pending === 'all' ? 'all' : [...pending];
-      const done = await this.guard((keyv) =>
-        (sent === 'all' ? keyv.clear() : keyv.deleteMany(sent)).then(() => true),
-      );
+      const done =
+        sent === 'all'
+          ? await this.guard((keyv) => keyv.clear().then(() => true), CLEAR_TIMEOUT_MS)
+          : await this.guard((keyv) => keyv.deleteMany(sent).then(() => true));
       if (!done) return;
       // Only what was sent: a delete that failed since is pending anew.
       if (sent === 'all') {
@@ -258,16 +271,18 @@ export class KeyvMetadataCache implements MetadataCache {
     return this.flushing;
   }
 
-  private async guard<T>(op: (keyv: Keyv) => Promise<T>): Promise<T | undefined> {
+  private async guard<T>(
+    op: (keyv: Keyv) => Promise<T>,
+    timeoutMs = COMMAND_TIMEOUT_MS,
+  ): Promise<T | undefined> {
     if (Date.now() < this.skipUntil) return undefined;
     const errors = this.errors;
     try {
       const keyv = await this.keyv;
-      const result = await within(
-        op(keyv),
-        COMMAND_TIMEOUT_MS,
-        `no answer within ${COMMAND_TIMEOUT_MS} ms`,
-      );
+      // In memory nothing can stall: no timer per call.
+      const result = this.timed
+        ? await within(op(keyv), timeoutMs, `no answer within ${timeoutMs} ms`)
+        : await op(keyv);
       // A failure the store only emitted (it resolved anyway): no answer to rely on.
       if (this.errors !== errors) return undefined;
       // Redis answers again: the deletes it missed go first thing.

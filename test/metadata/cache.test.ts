@@ -194,6 +194,23 @@ test('a delete made while Redis is away is made once it is back, and meanwhile r
     // Sent once Redis is back: the other process no longer reads the removed manifest.
     await waitFor(async () => (await there.getManifest(repo, digest)) === undefined, 'the delete');
     expect(await here.getManifest(repo, digest)).toBeUndefined();
+
+    // More deletes than are kept one by one (a large gc while Redis is away): the cache's keys
+    // are cleared once it is back, and until then nothing is read from Redis.
+    const kept = digestOf('kept before');
+    await here.setManifest(repo, { ...link, digest: kept });
+    await stop(server);
+    for (let i = 0; i < 10_001; i++) await here.deleteDescriptor(digestOf(`gone ${i}`));
+    server = await start();
+    await waitFor(async () => (await there.reachable()).ok, 'Redis reachable again');
+    expect(await there.getManifest(repo, kept)).toEqual({ ...link, digest: kept });
+    await waitFor(async () => (await here.reachable()).ok, 'Redis reachable again');
+    await waitFor(async () => (await there.getManifest(repo, kept)) === undefined, 'the clear');
+    await waitFor(async () => {
+      await here.setManifest(repo, link);
+      return (await here.getManifest(repo, digest)) !== undefined;
+    }, 'Redis used again');
+    expect(await there.getManifest(repo, digest)).toEqual(link);
   } finally {
     await here.close();
     await there.close();
