@@ -49,6 +49,7 @@ export class Budget {
    * fetches are known here (another worker's or replica's are not).
    */
   private reserved = 0;
+  private reservedDuringEviction = false;
 
   constructor(private readonly d: BudgetDeps) {}
 
@@ -71,6 +72,8 @@ export class Budget {
 
   reserve(bytes: number): () => void {
     this.reserved += bytes;
+    // An eviction running now measured before this: looked at again once it ends.
+    if (this.evicting) this.reservedDuringEviction = true;
     this.check();
     let ended = false;
     return () => {
@@ -153,8 +156,10 @@ export class Budget {
         // A disk that filled up while it ran asks for another at once (only the owner evicts:
         // another process keeps the request for when it owns the storage, and does not spin);
         // blobs added meanwhile may have crossed the budget again.
+        const reserved = this.reservedDuringEviction;
+        this.reservedDuringEviction = false;
         if (this.extraToFree > 0 && this.d.isOwner()) this.startEviction();
-        else if (freed > 0) this.check();
+        else if (freed > 0 || reserved) this.check();
       });
   }
 

@@ -4,6 +4,7 @@
  * names a tag (the image it points at now), a digest, or with neither every image of the
  * repository.
  */
+import { UnavailableError } from '../oci/errors.js';
 import { createHash } from 'node:crypto';
 import type { Logger } from '../log/logger.js';
 import { parseDigest } from '../oci/digest.js';
@@ -21,7 +22,8 @@ import type { ImageRef } from './types.js';
  * the error in the log says). Moving it aside instead would let the next `pin` write a file that
  * silently lacks every other pin.
  */
-export class PinsUnreadableError extends Error {
+/** A 503 through the admin API: the server cannot pin now, and says why (not a 500). */
+export class PinsUnreadableError extends UnavailableError {
   constructor(reason: string) {
     super(
       `the pins file (${paths.pins()} in storage) cannot be read (${reason}): fix it or remove it, then try again`,

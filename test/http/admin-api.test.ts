@@ -4,7 +4,9 @@
  * rebound to 127.0.0.1), bodies it cannot read as 4xx INVALID_REQUEST (never a 500), a GET's
  * body never read, and the images' upstream filter checked.
  */
+import { mkdirSync, rmSync, writeFileSync } from 'node:fs';
 import { request } from 'node:http';
+import { dirname, join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { basic, htpasswdFile } from '../helpers/htpasswd.js';
 import { ociError, type RawResponse } from '../helpers/http.js';
@@ -236,6 +238,31 @@ describe('the admin API without client authentication', () => {
       }
     }
     expect(errorsLogged(from)).toEqual([]);
+  });
+
+  test('a pin while the pins file cannot be read is 503 UNAVAILABLE naming the file, not a 500', async () => {
+    const file = join(pc.root, 'lifecycle', 'pins.json');
+    mkdirSync(dirname(file), { recursive: true });
+    writeFileSync(file, '{"pins": [');
+    try {
+      const from = log.lines.length;
+      const res = await send(
+        pc.url,
+        'POST',
+        '/_pullcache/v1/pins',
+        { ...JSON_TYPE, host: `localhost:${port}` },
+        JSON.stringify({ references: ['org/app:v1'] }),
+      );
+      expect(res.status).toBe(503);
+      const body = JSON.parse(res.body.toString()) as {
+        errors: { code: string; message: string }[];
+      };
+      expect(body.errors[0]!.code).toBe('UNAVAILABLE');
+      expect(body.errors[0]!.message).toMatch(/pins file .*cannot be read/);
+      expect(log.lines.slice(from).some((l) => l.msg === 'internal error')).toBe(false);
+    } finally {
+      rmSync(file, { force: true });
+    }
   });
 
   test('images?upstream= names one configured upstream: repeated is 400, unknown UPSTREAM_UNKNOWN', async () => {

@@ -16,7 +16,7 @@ import type { StorageDriver } from '../../src/storage/types.js';
 const NOTHING: RemovalReport = { dryRun: false, removed: [], bytes: 0, problems: [] };
 
 /** A budget with no size limit and no minFree (only ENOSPC asks for room), and its evictor. */
-function budgetWith(isOwner: () => boolean) {
+function budgetWith(isOwner: () => boolean, maxSize = 0) {
   const asked: number[] = [];
   const running: ReturnType<typeof deferred<RemovalReport>>[] = [];
   let rounds = 0;
@@ -28,7 +28,7 @@ function budgetWith(isOwner: () => boolean) {
     },
   } as unknown as Evictor;
   const budget = new Budget({
-    retention: { maxSize: 0, minFree: 0, lowWater: 0.8, unusedFor: 0, sweepInterval: 0 },
+    retention: { maxSize, minFree: 0, lowWater: 1, unusedFor: 0, sweepInterval: 0 },
     driver: { space: async () => ({ free: 0, size: 1 }) } as unknown as StorageDriver,
     graph: () => ({ bytes: 0 }) as ImageGraph,
     ready: () => true,
@@ -87,4 +87,19 @@ test('no eviction starts after close, even for a disk that filled up during the 
   await turns(20);
   expect(rounds()).toBe(1);
   expect(asked).toEqual([1000]);
+});
+
+test('a blob reserved while an eviction runs is measured again once it ends, even if it freed nothing', async () => {
+  const { budget, asked, running } = budgetWith(() => true, 1000);
+  const first = budget.reserve(1500); // over the budget: an eviction
+  await until(() => asked.length === 1);
+  expect(asked).toEqual([500]);
+  const second = budget.reserve(700); // while it runs
+  running[0]!.resolve(NOTHING);
+  await until(() => asked.length === 2);
+  expect(asked).toEqual([500, 1200]);
+  running[1]!.resolve(NOTHING);
+  first();
+  second();
+  await budget.close();
 });
