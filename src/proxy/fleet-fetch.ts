@@ -16,6 +16,7 @@ import { BlobFetch, type BlobFetchOptions } from './blob-fetch.js';
 import { HolderFailedError, HolderStalledError, RemoteBlobFetch } from './remote-fetch.js';
 import type { FetchState, FollowerStream, UpstreamFetch } from './types.js';
 import { deferred } from './deferred.js';
+import { UpstreamNotFoundError } from '../upstream/errors.js';
 
 /** Times a holder that failed before saying anything is asked about again. */
 const REASKS = 3;
@@ -115,6 +116,16 @@ export class FleetFetch implements UpstreamFetch {
           await this.o.confirm();
         } catch (err) {
           holder.close();
+          if (!(err instanceof UpstreamNotFoundError)) {
+            // The upstream could not be asked (a 5xx, a timeout): its GET answers instead, from
+            // here, without the lease (as a replica does whose peer cannot be confirmed).
+            log.warn(
+              { digest: this.digest, err: (err as Error).message },
+              'the repository could not be confirmed for the fetch of another: fetching alone',
+            );
+            result = undefined;
+            break;
+          }
           notReady(err);
           throw err;
         }

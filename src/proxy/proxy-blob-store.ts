@@ -121,12 +121,22 @@ export class ProxyBlobStore implements BlobService {
     }
     this.o.metrics.requests.inc({ upstream: repo.upstream, kind: 'blob', cache: 'miss' });
     fetch ??= this.start(repo, digest);
-    const linking = joined ? this.linkWhenKept(repo, fetch) : undefined;
+    let linking = joined ? this.linkWhenKept(repo, fetch) : undefined;
     try {
       await fetch.ready;
     } catch (err) {
-      if (err instanceof UpstreamNotFoundError) return { found: false };
-      throw err;
+      if (!(err instanceof UpstreamNotFoundError)) throw err;
+      if (!joined || this.active(digest)) return { found: false };
+      // Another repository's fetch, refused for that one (another process's fetch it was to
+      // follow is not that repository's): not this one's answer, which fetches for itself.
+      fetch = this.start(repo, digest);
+      linking = undefined;
+      try {
+        await fetch.ready;
+      } catch (again) {
+        if (again instanceof UpstreamNotFoundError) return { found: false };
+        throw again;
+      }
     }
     if (fetch.state === 'failed') throw fetch.error;
     if (fetch.size === undefined) {

@@ -72,8 +72,12 @@ test('a holder fetching for another repository is followed only once the upstrea
         },
       },
       idleTimeout: 60_000,
-      blobs: {} as BlobStore,
-      client: {} as UpstreamClient,
+      blobs: {
+        create: () => Promise.reject(new Error('nothing stored here')),
+      } as unknown as BlobStore,
+      client: {
+        getBlob: () => Promise.reject(new Error('the upstream was asked for the blob')),
+      } as unknown as UpstreamClient,
       repo: { upstream: 'docker.io', repository: 'public/app' } as RepositoryKey,
       digest: `sha256:${'d'.repeat(64)}` as Digest,
       log: silentLogger(),
@@ -88,6 +92,10 @@ test('a holder fetching for another repository is followed only once the upstrea
   const refused = start(() => Promise.reject(new UpstreamNotFoundError('docker.io', 'blob')));
   await expect(refused.fetch.ready).rejects.toBeInstanceOf(UpstreamNotFoundError);
   expect(refused.closed()).toBe(true);
+  // It cannot be asked (a 5xx): not followed, fetched from here instead, whose GET answers.
+  const unconfirmed = start(() => Promise.reject(new Error('HTTP 502 from the upstream')));
+  await expect(unconfirmed.fetch.ready).rejects.toThrow('the upstream was asked for the blob');
+  expect(unconfirmed.closed()).toBe(true);
   // It says yes: followed.
   let asked = 0;
   const confirmed = start(async () => void asked++);
