@@ -211,6 +211,11 @@ export async function importBundle(
             );
           }
         }
+        // Children first: an index is made visible once every manifest it names is (a pull
+        // that gets the index finds its platforms).
+        if (parsed.kind === 'index')
+          for (const child of parsed.manifests)
+            await visit(child.digest, child.mediaType ?? '', false);
         links.push({
           repo,
           digest,
@@ -218,9 +223,6 @@ export async function importBundle(
           size: bytes.length,
           blobs: needed.map((d) => d.digest),
         });
-        if (parsed.kind === 'index')
-          for (const child of parsed.manifests)
-            await visit(child.digest, child.mediaType ?? '', false);
       };
       await visit(image.digest, image.mediaType, true);
     }

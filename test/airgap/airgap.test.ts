@@ -17,6 +17,8 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { parseDigest } from '../../src/oci/digest.js';
+import { paths } from '../../src/storage/paths.js';
+import type { RepositoryKey } from '../../src/storage/types.js';
 import { makeImage, makeIndex, pushImage, type Image } from '../helpers/images.js';
 import { ociError } from '../helpers/http.js';
 import { startPullcache } from '../helpers/pullcache.js';
@@ -153,6 +155,19 @@ describe('prefetch, export, import, serve offline', () => {
     const r = await cli('import', '--config', configFile(offline, upstreams), bundle);
     expect(r.code).toBe(0);
     expect(r.stderr).toMatch(/imported .*: 4 images, (\d+) blobs \(.*\): \1 added/);
+    // An index is made visible after the manifests it names: its revision link is the last.
+    const written = (digest: string) =>
+      statSync(
+        join(
+          offline,
+          paths.manifestRevisionLink(
+            { upstream: 'docker.io', repository: 'org/multi' } as RepositoryKey,
+            parseDigest(digest).digest,
+          ),
+        ),
+      ).mtimeMs;
+    for (const child of multi.children!)
+      expect(written(multi.digest)).toBeGreaterThanOrEqual(written(child.digest));
 
     const pc = await startPullcache({ upstreams }, offline);
     try {
