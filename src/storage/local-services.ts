@@ -132,27 +132,43 @@ export class LocalManifestService implements ManifestService {
     if (hot) return { found: true, ...hot };
     const stat = await this.stat(repo, digest);
     if (!stat.found) return stat;
-    const opened = await this.blobs.open(digest);
-    if (!opened.found) return { found: false };
-    const chunks: Buffer[] = [];
-    for await (const chunk of opened.stream) chunks.push(chunk as Buffer);
-    const bytes = Buffer.concat(chunks);
+    const bytes = await this.read(digest);
+    if (bytes === undefined) return { found: false };
     // Read whole, so checked whole: a power loss can leave a manifest's file torn at its name
     // (empty, or zeros; blob data is not flushed). Such bytes are never served: they leave
     // storage, and the manifest is fetched again (missing while offline) and stored whole.
-    const actual = digestOf(bytes, parseDigest(digest).algorithm);
+    const algorithm = parseDigest(digest).algorithm;
+    const actual = digestOf(bytes, algorithm);
     if (actual !== digest) {
-      this.log?.error(
-        { repository: repo.repository, digest, actual, size: bytes.length },
-        'a stored manifest does not match its digest (torn by a crash?): removed, not served',
-      );
-      await this.cache.deleteDescriptor(digest);
-      await this.blobs.remove(digest);
-      return { found: false };
+      // Read once more first: another request may have fetched and stored it whole meanwhile,
+      // which is not to be removed.
+      const again = await this.read(digest);
+      const whole = again !== undefined && digestOf(again, algorithm) === digest;
+      if (again !== undefined && !whole) {
+        this.log?.error(
+          { repository: repo.repository, digest, actual, size: bytes.length },
+          'a stored manifest does not match its digest (torn by a crash?): removed, not served',
+        );
+        await this.cache.deleteDescriptor(digest);
+        await this.blobs.remove(digest);
+      }
+      if (!whole) return { found: false };
+      const entry = { link: stat.link, bytes: again };
+      this.hot.set(key, entry);
+      return { found: true, ...entry };
     }
     const entry = { link: stat.link, bytes };
     this.hot.set(key, entry);
     return { found: true, ...entry };
+  }
+
+  /** A stored manifest's bytes, whole; undefined when it is not stored. */
+  private async read(digest: Digest): Promise<Buffer | undefined> {
+    const opened = await this.blobs.open(digest);
+    if (!opened.found) return undefined;
+    const chunks: Buffer[] = [];
+    for await (const chunk of opened.stream) chunks.push(chunk as Buffer);
+    return Buffer.concat(chunks);
   }
 
   /** Drops a manifest from memory (after it left storage). */

@@ -8,7 +8,13 @@ import { createHash } from 'node:crypto';
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { Readable } from 'node:stream';
 import { afterAll, beforeAll, expect, test } from 'vitest';
+import type { MetadataCache } from '../../src/metadata/types.js';
+import type { Digest } from '../../src/oci/digest.js';
+import { parseRepository } from '../../src/oci/reference.js';
+import { LocalManifestService } from '../../src/storage/local-services.js';
+import type { BlobStore, RepositoryStore } from '../../src/storage/types.js';
 import { storedBlobPath } from '../helpers/files.js';
 import { makeImage, pushImage, type Image } from '../helpers/images.js';
 import { startPullcache } from '../helpers/pullcache.js';
@@ -99,4 +105,29 @@ test('a manifest torn at its name (zeros, or nothing) is never served: fetched a
     }[];
     expect(error!.errors[0]!.code).toBe(neverError!.errors[0]!.code);
   });
+});
+
+test('torn bytes read while another request stores the manifest whole: the whole copy is served, not removed', async () => {
+  const manifest = Buffer.from(
+    '{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json"}',
+  );
+  const digest = sha(manifest) as Digest;
+  const reads = [Buffer.alloc(manifest.length), manifest]; // torn, then stored whole meanwhile
+  let removed = 0;
+  const blobs = {
+    open: async () => ({ found: true, stream: Readable.from([reads.shift() ?? manifest]) }),
+    remove: async () => void removed++,
+  } as unknown as BlobStore;
+  const link = { digest, mediaType: 'application/vnd.oci.image.manifest.v1+json', size: 10 };
+  const cache = {
+    getManifest: async () => link,
+    deleteDescriptor: async () => {},
+  } as unknown as MetadataCache;
+  const service = new LocalManifestService(blobs, {} as RepositoryStore, cache);
+  const got = await service.get(
+    { upstream: 'docker.io', repository: parseRepository('a/b') },
+    digest,
+  );
+  expect(got.found && got.bytes.equals(manifest)).toBe(true);
+  expect(removed).toBe(0);
 });
