@@ -12,8 +12,11 @@ export function rawRequest(
   method: string,
   path: string,
   headers: Record<string, string> = {},
+  body?: string | Buffer,
 ): Promise<RawResponse> {
   const url = new URL(base);
+  if (body !== undefined)
+    headers = { 'content-length': String(Buffer.byteLength(body)), ...headers };
   return new Promise((resolve, reject) => {
     const req = request({ host: url.hostname, port: url.port, method, path, headers }, (res) => {
       const chunks: Buffer[] = [];
@@ -24,7 +27,7 @@ export function rawRequest(
       res.on('error', reject);
     });
     req.on('error', reject);
-    req.end();
+    req.end(body);
   });
 }
 

@@ -5,39 +5,16 @@
  * body never read, and the images' upstream filter checked.
  */
 import { mkdirSync, rmSync, writeFileSync } from 'node:fs';
-import { request } from 'node:http';
 import { dirname, join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { basic, htpasswdFile } from '../helpers/htpasswd.js';
-import { ociError, type RawResponse } from '../helpers/http.js';
+import { ociError, rawRequest, type RawResponse } from '../helpers/http.js';
 import { makeImage, pushImage, type Image } from '../helpers/images.js';
 import { capturedLog, startPullcache, type TestPullcache } from '../helpers/pullcache.js';
 import { TestRegistry } from '../helpers/registry.js';
 
 /** A request with exactly these headers (Host and Origin included) and this body. */
-function send(
-  base: string,
-  method: string,
-  path: string,
-  headers: Record<string, string> = {},
-  body?: string | Buffer,
-): Promise<RawResponse> {
-  const url = new URL(base);
-  if (body !== undefined)
-    headers = { 'content-length': String(Buffer.byteLength(body)), ...headers };
-  return new Promise((resolve, reject) => {
-    const req = request({ host: url.hostname, port: url.port, method, path, headers }, (res) => {
-      const chunks: Buffer[] = [];
-      res.on('data', (c: Buffer) => chunks.push(c));
-      res.on('end', () =>
-        resolve({ status: res.statusCode ?? 0, headers: res.headers, body: Buffer.concat(chunks) }),
-      );
-      res.on('error', reject);
-    });
-    req.on('error', reject);
-    req.end(body);
-  });
-}
+const send = rawRequest;
 
 /** The status and OCI error code of a response (no code for a 2xx). */
 async function answer(res: RawResponse) {
