@@ -20,9 +20,8 @@ import type { ImageRef } from './types.js';
  * is fixed (or removed), `pin` and `unpin` fail naming it, and the pins last read from it stay in
  * force (none in a process that never read it whole: those images are then not protected, which
  * the error in the log says). Moving it aside instead would let the next `pin` write a file that
- * silently lacks every other pin.
+ * silently lacks every other pin. Through the admin API it is a 503 that says why (not a 500).
  */
-/** A 503 through the admin API: the server cannot pin now, and says why (not a 500). */
 export class PinsUnreadableError extends UnavailableError {
   constructor(reason: string) {
     super(
