@@ -197,6 +197,7 @@ export async function createRuntime(
         orphanTimeout: config.server.cacheWriteTimeout,
         inflight,
         budget: lifecycle,
+        manifestHolds: (repo, digest) => lifecycle.graph.manifestHolds(repo, digest),
         ...(leases ? { leases, idleTimeout: followIdle(upstream.timeouts.bodyIdle) } : {}),
         ...(peerLeases
           ? {

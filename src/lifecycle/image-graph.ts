@@ -112,6 +112,11 @@ export class ImageGraph {
     return node;
   }
 
+  /** Whether a manifest of the repository holds the blob (its config, a layer, its own bytes). */
+  manifestHolds(repo: RepositoryKey, digest: Digest): boolean {
+    return (this.repositories.get(repositoryId(repo))?.blobHolders.get(digest)?.size ?? 0) > 0;
+  }
+
   /** Records a layer link; a link to a blob not (yet) in the graph is kept on the repository. */
   linkBlob(repo: RepositoryKey, digest: Digest): void {
     this.repository(repo).links.add(digest);

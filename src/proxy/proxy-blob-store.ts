@@ -52,6 +52,12 @@ export interface ProxyBlobStoreOptions {
   /** The storage budget (the lifecycle); without one every blob is kept. */
   budget?: StorageBudget;
   /**
+   * Whether a manifest this repository holds names the blob (the lifecycle's count of storage):
+   * while the upstream cannot be asked, that is the repository's word that it has it (a process
+   * killed between a blob's commit and its link left it unlinked).
+   */
+  manifestHolds?: (repo: RepositoryKey, digest: Digest) => boolean;
+  /**
    * Where a fetch takes the blob's bytes from, when not straight from `client`: with replicas,
    * the replica holding the digest's lease (fleet/peers.ts).
    */
@@ -168,8 +174,18 @@ export class ProxyBlobStore implements BlobService {
         ({ size } = await this.o.client.headBlob(repo.repository, digest));
       } catch (err) {
         if (err instanceof UpstreamNotFoundError) return this.refused(repo, digest, 'not found');
-        if (err instanceof UpstreamUnavailableError && (await this.o.local.stored(digest)).found)
-          return this.refused(repo, digest, 'upstream unavailable');
+        if (err instanceof UpstreamUnavailableError) {
+          const stored = await this.o.local.stored(digest);
+          if (stored.found && this.o.manifestHolds?.(repo, digest)) {
+            await this.o.local.link(repo, stored.descriptor);
+            this.log.info(
+              { repository: repo.repository, digest },
+              'stored blob linked: a manifest of the repository names it (the upstream cannot be asked)',
+            );
+            return stored;
+          }
+          if (stored.found) return this.refused(repo, digest, 'upstream unavailable');
+        }
         throw err;
       }
       const stored = await this.o.local.stored(digest);

@@ -163,3 +163,50 @@ test('SIGKILL in the middle of an eviction, then a restart with the upstream off
   // The kills landed during evictions: something was removed, and not everything at once.
   expect(listedBefore).toBeLessThan(IMAGES);
 });
+
+test('a process killed between a blob commit and its layer link: served offline after a restart, for a manifest of the repository names it', async () => {
+  const image = makeImage('org/unlinked', 'v1', 'oci', [3000]);
+  await pushImage(registry, image);
+  const data = mkdtempSync(join(tmpdir(), 'pullcache-unlinked-'));
+  try {
+    const online = await startPullcache(
+      { upstreams: { 'docker.io': { url: registry.url } } },
+      data,
+    );
+    const get = (pc: { url: string }, path: string, accept?: string) =>
+      fetch(`${pc.url}/v2/org/unlinked/${path}`, accept ? { headers: { accept } } : {});
+    expect((await get(online, 'manifests/v1', image.mediaType)).status).toBe(200);
+    for (const blob of image.blobs)
+      expect((await (await get(online, `blobs/${blob.digest}`)).arrayBuffer()).byteLength).toBe(
+        blob.bytes.length,
+      );
+    // A blob of another repository, stored too.
+    const other = images[1]!.blobs[1]!;
+    const res = await fetch(`${online.url}/v2/${images[1]!.repository}/blobs/${other.digest}`);
+    expect((await res.arrayBuffer()).byteLength).toBe(other.bytes.length);
+    await online.stop();
+    // What the kill leaves: the layer committed, its link not written.
+    const layer = image.blobs[1]!;
+    const hex = layer.digest.slice('sha256:'.length);
+    rmSync(join(data, 'repositories/docker.io/org/unlinked/_layers/sha256', hex), {
+      recursive: true,
+    });
+    const offline = await startPullcache(
+      { upstreams: { 'docker.io': { url: registry.url, offline: true } } },
+      data,
+    );
+    try {
+      await offline.runtime.lifecycle.settle(); // the count that knows the manifest's blobs
+      const res = await get(offline, `blobs/${layer.digest}`);
+      expect(res.status).toBe(200);
+      const bytes = Buffer.from(await res.arrayBuffer());
+      expect(`sha256:${createHash('sha256').update(bytes).digest('hex')}`).toBe(layer.digest);
+      // A stored blob no manifest of the repository names stays refused offline.
+      expect((await get(offline, `blobs/${other.digest}`)).status).toBe(404);
+    } finally {
+      await offline.stop();
+    }
+  } finally {
+    rmSync(data, { recursive: true, force: true });
+  }
+});
