@@ -67,9 +67,11 @@ export class KeyvMetadataCache implements MetadataCache {
   /**
    * Keys deleted while Redis could not be told: read as absent here, and deleted there once it
    * answers (else an entry removed meanwhile, say a manifest `rm`, would come back from Redis,
-   * with no expiry). `'all'`: too many to keep; the namespace is cleared instead.
+   * with no expiry).
    */
-  private pendingDeletes: Set<string> | 'all' = new Set();
+  private readonly pendingDeletes = new Set<string>();
+  /** Too many deletes missed to keep (MAX_PENDING_DELETES): the namespace is cleared instead. */
+  private clearPending = false;
   private flushing: Promise<void> | undefined;
 
   constructor(options: KeyvCacheOptions) {
@@ -211,7 +213,7 @@ export class KeyvMetadataCache implements MetadataCache {
   private async get<T>(key: string): Promise<T | undefined> {
     const hot = this.memory?.get(key);
     if (hot !== undefined) return hot as T;
-    if (this.pendingDeletes === 'all') {
+    if (this.clearPending) {
       // Redis may hold anything deleted meanwhile: not asked until its keys are cleared (in the
       // background: a clear scans the whole database).
       void this.flushDeletes();
@@ -220,8 +222,7 @@ export class KeyvMetadataCache implements MetadataCache {
     if (this.pendingDeletes.has(key)) {
       // Not known whether Redis still holds it: asked only once the deletes went through.
       await this.flushDeletes();
-      const pending = this.pendingDeletes as Set<string> | 'all'; // may have changed meanwhile
-      if (pending === 'all' || pending.has(key)) return undefined;
+      if (this.clearPending || this.pendingDeletes.has(key)) return undefined;
     }
     const value = (await this.guard((keyv) => keyv.get<T>(key))) ?? undefined;
     if (value !== undefined) this.memory?.set(key, value as object);
@@ -233,36 +234,41 @@ export class KeyvMetadataCache implements MetadataCache {
     this.onDelete?.(key);
     const done = await this.guard((keyv) => keyv.delete(key).then(() => true));
     if (done) {
-      if (this.pendingDeletes !== 'all') this.pendingDeletes.delete(key);
+      this.pendingDeletes.delete(key);
       return;
     }
-    if (this.pendingDeletes === 'all') return;
+    if (this.clearPending) return;
     this.pendingDeletes.add(key);
-    if (this.pendingDeletes.size > MAX_PENDING_DELETES) this.pendingDeletes = 'all';
+    if (this.pendingDeletes.size > MAX_PENDING_DELETES) {
+      this.clearPending = true;
+      this.pendingDeletes.clear();
+    }
   }
 
   private async set(key: string, value: object): Promise<void> {
     this.memory?.set(key, value);
     const done = await this.guard((keyv) => keyv.set(key, value).then(() => true));
-    if (done && this.pendingDeletes !== 'all') this.pendingDeletes.delete(key);
+    if (done) this.pendingDeletes.delete(key);
+  }
+
+  /** Whether deletes Redis missed wait to be sent. */
+  private get deletesPending(): boolean {
+    return this.clearPending || this.pendingDeletes.size > 0;
   }
 
   /** Makes the deletes Redis missed, once it answers (one attempt at a time). */
   private flushDeletes(): Promise<void> {
-    const pending = this.pendingDeletes;
-    if (pending !== 'all' && pending.size === 0) return Promise.resolve();
+    if (!this.deletesPending) return Promise.resolve();
     this.flushing ??= (async () => {
-      const sent = pending === 'all' ? 'all' : [...pending];
+      const sent = this.clearPending ? 'all' : [...this.pendingDeletes];
       const done =
         sent === 'all'
           ? await this.guard((keyv) => keyv.clear().then(() => true), CLEAR_TIMEOUT_MS)
           : await this.guard((keyv) => keyv.deleteMany(sent).then(() => true));
       if (!done) return;
       // Only what was sent: a delete that failed since is pending anew.
-      if (sent === 'all') {
-        if (this.pendingDeletes === 'all') this.pendingDeletes = new Set();
-      } else if (this.pendingDeletes !== 'all')
-        for (const key of sent) this.pendingDeletes.delete(key);
+      if (sent === 'all') this.clearPending = false;
+      else for (const key of sent) this.pendingDeletes.delete(key);
       this.log.info(
         { keys: sent === 'all' ? 'all' : sent.length },
         'metadata cache: the deletes made while Redis was away are sent',
@@ -286,8 +292,7 @@ export class KeyvMetadataCache implements MetadataCache {
       // A failure the store only emitted (it resolved anyway): no answer to rely on.
       if (this.errors !== errors) return undefined;
       // Redis answers again: the deletes it missed go first thing.
-      const pending = this.pendingDeletes;
-      if (pending === 'all' || pending.size > 0) void this.flushDeletes();
+      if (this.deletesPending) void this.flushDeletes();
       return result;
     } catch (err) {
       this.errors++;
