@@ -234,11 +234,7 @@ export class ProxyBlobStore implements BlobService {
     try {
       await this.o.client.headBlob(repo.repository, digest);
     } catch (err) {
-      if (err instanceof UpstreamNotFoundError)
-        this.log.info(
-          { repository: repo.repository, digest },
-          'blob of another repository not served: the upstream did not confirm this one has it',
-        );
+      if (err instanceof UpstreamNotFoundError) await this.refused(repo, digest, 'not found');
       throw err;
     }
   }
