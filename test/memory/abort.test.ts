@@ -1,6 +1,6 @@
 import { getEventListeners } from 'node:events';
-import { describe, expect, test } from 'vitest';
-import { unlessAborted } from '../../src/abort.js';
+import { describe, expect, test, vi } from 'vitest';
+import { TimedOutError, unlessAborted, within } from '../../src/abort.js';
 
 describe('unlessAborted', () => {
   test('leaves nothing on the signal once a wait settles, however many waits there were', async () => {
@@ -42,6 +42,27 @@ describe('unlessAborted', () => {
       expect(unhandled).toEqual([]);
     } finally {
       process.off('unhandledRejection', onUnhandled);
+    }
+  });
+});
+
+describe('within', () => {
+  test('leaves no timer behind once a wait settles, and times out one that does not', async () => {
+    vi.useFakeTimers();
+    try {
+      for (let i = 0; i < 1000; i++) {
+        expect(await within(Promise.resolve(i), 60_000, 'late')).toBe(i);
+        await expect(within(Promise.reject(new Error(`no ${i}`)), 60_000, 'late')).rejects.toThrow(
+          `no ${i}`,
+        );
+      }
+      // A timer kept for the full minute after each wait would be 2000 here.
+      expect(vi.getTimerCount()).toBe(0);
+      const late = within(new Promise(() => {}), 20, 'no answer');
+      vi.advanceTimersByTime(20);
+      await expect(late).rejects.toBeInstanceOf(TimedOutError);
+    } finally {
+      vi.useRealTimers();
     }
   });
 });
