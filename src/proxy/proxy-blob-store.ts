@@ -128,20 +128,18 @@ export class ProxyBlobStore implements BlobService {
     this.o.metrics.requests.inc({ upstream: repo.upstream, kind: 'blob', cache: 'miss' });
     fetch ??= this.start(repo, digest);
     let linking = joined ? this.linkWhenKept(repo, fetch) : undefined;
-    try {
-      await fetch.ready;
-    } catch (err) {
-      if (!(err instanceof UpstreamNotFoundError)) throw err;
-      if (!joined || this.active(digest)) return { found: false };
-      // Another repository's fetch, refused for that one (another process's fetch it was to
-      // follow is not that repository's): not this one's answer, which fetches for itself.
-      fetch = this.start(repo, digest);
-      linking = undefined;
+    for (;;) {
       try {
         await fetch.ready;
-      } catch (again) {
-        if (again instanceof UpstreamNotFoundError) return { found: false };
-        throw again;
+        break;
+      } catch (err) {
+        if (!(err instanceof UpstreamNotFoundError)) throw err;
+        if (!joined || this.active(digest)) return { found: false };
+        // Another repository's fetch, refused for that one (another process's fetch it was to
+        // follow is not that repository's): not this one's answer, which fetches for itself.
+        fetch = this.start(repo, digest);
+        joined = false;
+        linking = undefined;
       }
     }
     if (fetch.state === 'failed') throw fetch.error;
