@@ -11,6 +11,8 @@ export interface UpstreamFailure {
   /** What was asked: `GET /v2/library/alpine/manifests/3.20`, `a token for repository:...`. */
   what: string;
   reason: string;
+  /** The repositories it was asked for: who may pull them may see it (status.ts, visibleTo). */
+  repositories: string[];
   /** Occurrences in a row. */
   count: number;
 }
@@ -36,14 +38,27 @@ export class RecentEvents {
   private readonly failures: UpstreamFailure[] = [];
   private readonly refusals: RefusedRequest[] = [];
 
-  upstreamFailed(upstream: string, what: string, reason: string, now = new Date()): void {
+  upstreamFailed(
+    upstream: string,
+    what: string,
+    reason: string,
+    repositories: readonly string[],
+    now = new Date(),
+  ): void {
     const last = this.failures.at(-1);
     if (last && last.upstream === upstream && last.what === what && last.reason === reason) {
       last.count++;
       last.at = now.toISOString();
       return;
     }
-    push(this.failures, { at: now.toISOString(), upstream, what, reason, count: 1 });
+    push(this.failures, {
+      at: now.toISOString(),
+      upstream,
+      what,
+      reason,
+      repositories: [...repositories],
+      count: 1,
+    });
   }
 
   refused(entry: Omit<RefusedRequest, 'at' | 'count'>, now = new Date()): void {

@@ -34,7 +34,7 @@ export interface UpstreamState {
     windowSeconds: number | null;
     at: string;
   } | null;
-  lastFailure: { at: string; what: string; reason: string } | null;
+  lastFailure: { at: string; what: string; reason: string; repositories: string[] } | null;
 }
 
 export interface Status {
@@ -135,7 +135,7 @@ export class StatusReporter {
   async status(viewer: StatusViewer): Promise<Status> {
     const shown = { admin: viewer.admin };
     const whole = await (this.host ? this.host(shown) : this.own(shown));
-    return visibleTo(whole, viewer, this.d.config);
+    return visibleTo(whole, viewer);
   }
 
   /** This process's status. */
@@ -207,7 +207,12 @@ export class StatusReporter {
           }
         : null,
       lastFailure: failure
-        ? { at: new Date(failure.at).toISOString(), what: failure.what, reason: failure.reason }
+        ? {
+            at: new Date(failure.at).toISOString(),
+            what: failure.what,
+            reason: failure.reason,
+            repositories: [...failure.repositories],
+          }
         : null,
     };
   }
@@ -219,61 +224,23 @@ export class StatusReporter {
  * (other clients' addresses and paths) only when it is an admin. An upstream's `lastFailure` of
  * a repository it may not pull keeps its time and reason, not what was asked.
  */
-export function visibleTo(status: Status, viewer: StatusViewer, config: Config): Status {
-  const visible = (upstream: string, what: string) => {
-    const repositories = failureRepositories(what, config.upstreams[upstream]?.url);
-    if (repositories === undefined) return viewer.admin;
-    return repositories.every((repository) => viewer.mayPull({ upstream, repository }));
-  };
+export function visibleTo(status: Status, viewer: StatusViewer): Status {
+  const visible = (upstream: string, repositories: readonly string[]) =>
+    repositories.every((repository) => viewer.mayPull({ upstream, repository }));
   return {
     ...status,
     upstreams: status.upstreams.map((u) =>
-      u.lastFailure && !visible(u.name, u.lastFailure.what)
-        ? { ...u, lastFailure: { ...u.lastFailure, what: 'a request' } }
+      u.lastFailure && !visible(u.name, u.lastFailure.repositories)
+        ? { ...u, lastFailure: { ...u.lastFailure, what: 'a request', repositories: [] } }
         : u,
     ),
     fetches: status.fetches.filter((f) => viewer.mayPull(f)),
     recent: {
-      upstreamFailures: status.recent.upstreamFailures.filter((f) => visible(f.upstream, f.what)),
+      upstreamFailures: status.recent.upstreamFailures.filter((f) =>
+        visible(f.upstream, f.repositories),
+      ),
       refused: viewer.admin ? status.recent.refused : [],
     },
     viewer: { admin: viewer.admin },
   };
 }
-
-/**
- * The repositories an upstream failure's `what` names: a request's path
- * (`GET /v2/library/alpine/manifests/3.20`, under the upstream URL's path), a token's scope
- * (`a token for repository:library/alpine:pull`), a blob's body (`blob sha256:... of NAME`).
- * [] when it names none (`GET /v2/ at start-up`); undefined for a path under `/v2/` that is
- * none of the registry API's, which may hold a name.
- */
-export function failureRepositories(
-  what: string,
-  upstreamUrl: string | undefined,
-): string[] | undefined {
-  const scopes = [...what.matchAll(/repository:([^:\s]+):/g)].map((m) => m[1]!);
-  if (scopes.length > 0) return scopes;
-  const blob = /^blob \S+ of (\S+)$/.exec(what);
-  if (blob) return [blob[1]!];
-  const request = /^[A-Z]+ (\/\S*)/.exec(what);
-  if (!request) return [];
-  const path = request[1]!;
-  let base = '';
-  try {
-    if (upstreamUrl !== undefined) base = new URL(upstreamUrl).pathname.replace(/\/$/, '');
-  } catch {
-    // not a URL (the config says it is): taken as no path
-  }
-  const prefix = `${base}/v2/`;
-  // The API's root (the greeting, which names it /v2/ whatever the upstream's path).
-  if ([prefix, `${base}/v2`, '/v2/', '/v2'].includes(path)) return [];
-  if (!path.startsWith(prefix)) return path.includes('/v2/') ? undefined : [];
-  // <name>/manifests/<ref>, /blobs/<digest>, /referrers/<digest>, /tags/list: a repository
-  // name may hold any of those words, so the name is all but the last two segments.
-  const segments = path.slice(prefix.length).split('/');
-  if (segments.length < 3 || !API_PARTS.has(segments.at(-2)!)) return undefined;
-  return [segments.slice(0, -2).join('/')];
-}
-
-const API_PARTS = new Set(['manifests', 'blobs', 'referrers', 'tags']);

@@ -16,7 +16,8 @@ export class UpstreamMonitor implements UpstreamObserver {
   latency: number | undefined;
   /** ms since epoch of the last answer (any status), and of the last failure. */
   lastAnswerAt: number | undefined;
-  lastFailure: { at: number; what: string; reason: string } | undefined;
+  lastFailure:
+    { at: number; what: string; reason: string; repositories: readonly string[] } | undefined;
   /** The start-up greeting; undefined until it ends (or for an offline upstream). */
   greeting: { ok: true; status: number; auth: string } | { ok: false; reason: string } | undefined;
   private unansweredSinceGreeting = false;
@@ -67,16 +68,16 @@ export class UpstreamMonitor implements UpstreamObserver {
     if (kind === 'blob' || kind === 'manifest') this.pulled[kind].value += bytes;
   }
 
-  failed(what: string, reason: string): void {
-    this.lastFailure = { at: Date.now(), what, reason };
-    this.events.upstreamFailed(this.upstream, what, reason);
+  failed(what: string, reason: string, repositories: readonly string[]): void {
+    this.lastFailure = { at: Date.now(), what, reason, repositories };
+    this.events.upstreamFailed(this.upstream, what, reason, repositories);
   }
 
   greeted(result: UpstreamMonitor['greeting'] & object): void {
     this.greeting = result;
     if (!result.ok) {
       this.unansweredSinceGreeting = true;
-      this.failed('GET /v2/ at start-up', result.reason);
+      this.failed('GET /v2/ at start-up', result.reason, []);
     }
   }
 }

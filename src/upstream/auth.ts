@@ -302,11 +302,15 @@ export class UpstreamAuth {
       );
     } catch (err) {
       const failure = deadline.aborted ? late() : err;
-      this.observer.failed(`a token for ${scope}`, errMessage(failure));
+      this.observer.failed(`a token for ${scope}`, errMessage(failure), scopeRepositories(scope));
       throw failure;
     }
     if (res.statusCode !== 200)
-      this.observer.failed(`a token for ${scope}`, `HTTP ${res.statusCode}`);
+      this.observer.failed(
+        `a token for ${scope}`,
+        `HTTP ${res.statusCode}`,
+        scopeRepositories(scope),
+      );
     if (res.statusCode === 401 || res.statusCode === 403) {
       res.body.resume();
       throw new UpstreamDeniedError(this.name, `a token for ${scope}`);
@@ -347,4 +351,15 @@ export class UpstreamAuth {
     this.log.debug({ scope, expiresIn }, 'token obtained');
     return { value, refreshAt: refreshTime(issued, expiresIn) };
   }
+}
+
+/**
+ * The repositories a token scope names (`repository:library/alpine:pull`; several are separated
+ * by spaces): the grammar of distribution's token spec, where a name holds no `:` and no space.
+ */
+function scopeRepositories(scope: string): string[] {
+  return scope
+    .split(' ')
+    .map((part) => /^repository:([^:]+):[^:]*$/.exec(part)?.[1])
+    .filter((name): name is string => name !== undefined);
 }

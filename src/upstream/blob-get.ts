@@ -136,6 +136,7 @@ export class BlobGetter {
             this.observer.failed(
               `${what} of ${repository}`,
               `body broke off at ${verifier.bytes} bytes: ${errMessage(end.error)}`,
+              [repository],
             );
           throw this.transport.bodyError(end.error, what);
         }
@@ -171,7 +172,9 @@ export class BlobGetter {
       queue = res.body;
     }
     if (!verifier.matches()) {
-      this.observer.failed(`${what} of ${repository}`, `content is ${verifier.actual()}`);
+      this.observer.failed(`${what} of ${repository}`, `content is ${verifier.actual()}`, [
+        repository,
+      ]);
       throw new UpstreamInvalidError(this.name, `${what}: content is ${verifier.actual()}`);
     }
   }

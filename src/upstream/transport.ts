@@ -283,7 +283,7 @@ export class UpstreamTransport {
     } catch (err) {
       if (isConnectionError(err)) {
         this.health.failure();
-        this.observer.failed(`${method} ${url.pathname}`, errMessage(err));
+        this.observer.failed(`${method} ${url.pathname}`, errMessage(err), [repository]);
         this.log.warn(
           { method, path: url.pathname, err: errMessage(err), durationMs: Date.now() - started },
           'upstream unreachable',
@@ -306,7 +306,8 @@ export class UpstreamTransport {
       return res;
     }
     res.body.resume();
-    if (res.status !== 404) this.observer.failed(`${method} ${url.pathname}`, `HTTP ${res.status}`);
+    if (res.status !== 404)
+      this.observer.failed(`${method} ${url.pathname}`, `HTTP ${res.status}`, [repository]);
     switch (res.status) {
       case 401:
       case 403:

@@ -58,8 +58,12 @@ export interface UpstreamObserver {
   request(kind: UpstreamRequestKind, status: number | 'error', seconds: number): void;
   /** Body bytes received. */
   received(kind: UpstreamRequestKind, bytes: number): void;
-  /** A failure worth an operator's eye (not a 404): what was asked, and why it failed. */
-  failed(what: string, reason: string): void;
+  /**
+   * A failure worth an operator's eye (not a 404): what was asked, why it failed, and the
+   * repositories it was asked for ([] for none, such as the start-up greeting), which say who
+   * may see it on the status page.
+   */
+  failed(what: string, reason: string, repositories: readonly string[]): void;
   /** The start-up greeting (`GET /v2/`): its answer and auth scheme, or why there was none. */
   greeted(result: { ok: true; status: number; auth: string } | { ok: false; reason: string }): void;
 }

@@ -10,8 +10,8 @@ import { mergeStatuses } from '../../src/fleet/cluster-status.js';
 import type { Digest } from '../../src/oci/digest.js';
 import { RecentEvents } from '../../src/status/events.js';
 import {
-  failureRepositories,
   StatusReporter,
+  visibleTo,
   type Status,
   type StatusDeps,
 } from '../../src/status/status.js';
@@ -306,7 +306,10 @@ describe('the status with client authentication: each caller sees what it may pu
         'GET /v2/secret/app/manifests/v2',
         'GET /v2/public/app/manifests/v2',
       ]);
-      expect(admin.upstreams[0]!.lastFailure!.what).toBe('GET /v2/secret/app/manifests/v2');
+      expect(admin.upstreams[0]!.lastFailure).toMatchObject({
+        what: 'GET /v2/secret/app/manifests/v2',
+        repositories: ['secret/app'],
+      });
       expect(admin.recent.refused).toMatchObject([
         { client: '127.0.0.1', path: '/v2/secret/app/manifests/v1', status: 403, code: 'DENIED' },
       ]);
@@ -363,29 +366,41 @@ describe('the status with client authentication: each caller sees what it may pu
     }
   });
 
-  test('the repositories an upstream failure names, under the upstream URL path too', () => {
-    const url = 'https://registry.example/mirror';
-    const cases: [string, string[] | undefined][] = [
-      ['GET /v2/ at start-up', []],
-      ['GET /mirror/v2/', []],
-      ['a token for the upstream', []],
-      ['GET /mirror/v2/library/alpine/manifests/3.20', ['library/alpine']],
-      ['GET /mirror/v2/library/alpine/manifests/v2', ['library/alpine']],
-      ['HEAD /mirror/v2/a/manifests/b/manifests/latest', ['a/manifests/b']],
-      ['GET /mirror/v2/team/app/tags/list', ['team/app']],
-      [`GET /mirror/v2/team/app/referrers/${'sha256:' + '0'.repeat(64)}`, ['team/app']],
-      [`blob sha256:${'0'.repeat(64)} of team/app`, ['team/app']],
-      ['a token for repository:team/app:pull', ['team/app']],
-      // Under /v2/ but none of the API's paths: it may hold a name, so only admins see it.
-      ['GET /mirror/v2/team/app', undefined],
-      ['GET /v2/team/app/manifests/v1', undefined],
-      // An object store's path (a redirect's): no repository.
-      ['GET /bucket/docker/registry/blobs/data', []],
-    ];
-    for (const [what, repositories] of cases)
-      expect({ what, repositories: failureRepositories(what, url) }).toEqual({
-        what,
-        repositories,
-      });
+  test('an upstream failure is shown to who may pull every repository it was asked for', () => {
+    const events = new RecentEvents();
+    events.upstreamFailed('docker.io', 'GET /v2/ at start-up', 'HTTP 502', []);
+    events.upstreamFailed('docker.io', 'a token for repository:public/app:pull', 'HTTP 500', [
+      'public/app',
+    ]);
+    events.upstreamFailed('docker.io', 'GET /v2/secret/app/manifests/v1', 'HTTP 500', [
+      'secret/app',
+    ]);
+    events.upstreamFailed('docker.io', 'a token for two', 'HTTP 500', ['public/app', 'secret/a']);
+    events.upstreamFailed('ghcr.io', 'GET /v2/public/app/tags/list', 'HTTP 500', ['public/app']);
+    const failures = events.upstreamFailures();
+    const whole = {
+      upstreams: [
+        {
+          name: 'docker.io',
+          lastFailure: { ...failures[1]!, repositories: ['secret/app'] },
+        },
+      ],
+      fetches: [],
+      recent: { upstreamFailures: failures, refused: [] },
+    } as unknown as Status;
+    const viewer = {
+      admin: false,
+      mayPull: (t: { upstream: string; repository: string }) =>
+        t.upstream === 'docker.io' && t.repository.startsWith('public/'),
+    };
+    const shown = visibleTo(whole, viewer);
+    expect(shown.recent.upstreamFailures.map((f) => f.what)).toEqual([
+      'a token for repository:public/app:pull',
+      'GET /v2/ at start-up',
+    ]);
+    expect(shown.upstreams[0]!.lastFailure).toMatchObject({ what: 'a request', repositories: [] });
+    expect(visibleTo(whole, { ...viewer, admin: true, mayPull: () => true })).toMatchObject({
+      recent: { upstreamFailures: failures },
+    });
   });
 });
