@@ -157,6 +157,7 @@ export async function createRuntime(
     // (fleet/forget.ts).
     onStored: (stored) => forgetting.announceChange({ stored }),
     onRemoved: (removed) => forgetting.announceChange({ removed }),
+    onFull: (bytes) => forgetting.announceChange({ full: bytes }),
     ...(fleet.lifecycleReplicas ? { replicas: fleet.lifecycleReplicas } : {}),
   });
   // Everything above the stores tells the lifecycle what comes and goes.
@@ -286,12 +287,14 @@ export async function createRuntime(
         },
         changed(changes) {
           for (const change of changes)
-            counted(
-              lifecycle.keeper.changedElsewhere(
-                'stored' in change ? change.stored : change.removed,
-              ),
-              'not counted',
-            );
+            if ('full' in change) lifecycle.diskFullElsewhere(change.full);
+            else
+              counted(
+                lifecycle.keeper.changedElsewhere(
+                  'stored' in change ? change.stored : change.removed,
+                ),
+                'not counted',
+              );
         },
         missed() {
           if (!closing) counted(lifecycle.recount(), 'not counted again');

@@ -73,16 +73,20 @@ export interface ForgetTarget {
   missed?(): void;
 }
 
-/** What another process stored or removed, as one of its messages carries it. */
-export type Change = { stored: StoredEvent } | { removed: RemovedEvent };
+/**
+ * What another process stored or removed, as one of its messages carries it; or that it found
+ * storage full (`bytes` it could not write), for the owner to make room.
+ */
+export type Change = { stored: StoredEvent } | { removed: RemovedEvent } | { full: number };
 
 /**
  * What another process stored (`+`) or removed (`-`) travels in the same messages, as a "key" of
  * its own that no cache key looks like (those start with a letter, metadata/keys.ts): `+blob
  * <digest> <size>`, `-blob <digest>`, `±link|±manifest <upstream> <repository> <digest>`, `+tag
- * <upstream> <repository> <tag> <digest>`, `-tag <upstream> <repository> <tag>`.
+ * <upstream> <repository> <tag> <digest>`, `-tag <upstream> <repository> <tag>`; `+full <bytes>`.
  */
 export function encodeChange(change: Change): string {
+  if ('full' in change) return `+full ${change.full}`;
   const [sign, event] = 'stored' in change ? ['+', change.stored] : ['-', change.removed];
   const fields = 'repo' in event ? [event.repo.upstream, event.repo.repository] : [];
   if ('tag' in event) fields.push(event.tag);
@@ -97,15 +101,21 @@ export function decodeChange(key: string): Change | undefined {
   if (!stored && !key.startsWith('-')) return undefined;
   const [kind, ...parts] = key.slice(1).split(' ');
   const repoOf = () => ({ upstream: parts[0]!, repository: parseRepository(parts[1]!) });
+  const size = (field: string | undefined) =>
+    field !== undefined && /^\d{1,15}$/.test(field) ? Number(field) : undefined;
   try {
     switch (kind) {
+      case 'full': {
+        const bytes = size(parts[0]);
+        return stored && parts.length === 1 && bytes !== undefined ? { full: bytes } : undefined;
+      }
       case 'blob': {
         if (parts.length !== (stored ? 2 : 1)) return undefined;
         const digest = parseDigest(parts[0]!).digest;
         if (!stored) return { removed: { kind, digest } };
-        const size = /^\d{1,15}$/.test(parts[1]!) ? Number(parts[1]) : NaN;
-        if (!Number.isSafeInteger(size)) return undefined;
-        return { stored: { kind, digest, size } };
+        const bytes = size(parts[1]);
+        if (bytes === undefined) return undefined;
+        return { stored: { kind, digest, size: bytes } };
       }
       case 'link':
       case 'manifest': {

@@ -91,7 +91,10 @@ export class Budget {
   /** Storage ran out of space: evict at least `bytes` more than the budget asks. */
   diskFull(bytes: number): void {
     this.extraToFree = Math.max(this.extraToFree, bytes);
-    this.d.log.warn({ bytes }, 'storage is full: evicting');
+    this.d.log.warn(
+      { bytes },
+      this.d.isOwner() ? 'storage is full: evicting' : 'storage is full: the owner evicts',
+    );
     this.startEviction();
   }
 

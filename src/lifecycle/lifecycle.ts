@@ -36,6 +36,8 @@ import type {
 
 /** How often last-pulled times go to storage: never one write per request. */
 const FLUSH_INTERVAL_MS = 5000;
+/** A non-owner tells the owner that storage is full once per this long at most. */
+const FULL_TOLD_MS = 1000;
 /** How often the owner record is renewed (its TTL is 30 s). */
 const OWNER_RENEW_MS = 10_000;
 
@@ -65,6 +67,11 @@ export interface LifecycleDeps {
   onStored?: (event: StoredEvent) => void;
   /** Told what this process removed, for the other processes on the storage. */
   onRemoved?: (event: RemovedEvent) => void;
+  /**
+   * Told that this process found storage full while another owns the budget: the owner makes
+   * room (it hears it through `diskFullElsewhere`).
+   */
+  onFull?: (bytes: number) => void;
   now?: () => number;
 }
 
@@ -80,6 +87,7 @@ export class Lifecycle {
   private readonly pins: Pins;
   readonly ownership: Ownership;
   private scanned = false;
+  private fullToldAt = -Infinity;
   private scanning: Promise<void> | undefined;
   /** A recount waiting for its turn: calls meanwhile share it. */
   private queuedRecount: Promise<void> | undefined;
@@ -332,6 +340,17 @@ export class Lifecycle {
 
   diskFull(bytes: number): void {
     this.budget.diskFull(bytes);
+    if (this.ownership.isOwner || !this.d.onFull) return;
+    // Only the owner evicts: it is told, once a second at most (a full disk fails every write).
+    const now = this.now();
+    if (now - this.fullToldAt < FULL_TOLD_MS) return;
+    this.fullToldAt = now;
+    this.d.onFull(bytes);
+  }
+
+  /** Another process on the storage found it full (`onFull` there): the owner makes room. */
+  diskFullElsewhere(bytes: number): void {
+    if (this.ownership.isOwner) this.budget.diskFull(bytes);
   }
 
   /** Writes the last-pulled times recorded since the last flush. */

@@ -45,7 +45,7 @@ function member(url: string, channel: string, ping?: { everyMs: number; timeoutM
     changed: (changes) => {
       for (const change of changes)
         if ('stored' in change) stored.push(change.stored);
-        else removed.push(change.removed);
+        else if ('removed' in change) removed.push(change.removed);
     },
     missed: () => misses++,
   });
@@ -247,7 +247,7 @@ test('keys that could not be sent are sent again; past 10,000 of them, one messa
   }
 });
 
-test('a stored or removed event survives its encoding, and a malformed one is passed over', () => {
+test('a stored or removed event (or a full disk) survives its encoding, and a malformed one is passed over', () => {
   const changes: Change[] = [
     { stored: BLOB },
     { stored: { kind: 'link', repo: REPO, digest: DIGEST } },
@@ -257,6 +257,7 @@ test('a stored or removed event survives its encoding, and a malformed one is pa
     { removed: { kind: 'link', repo: REPO, digest: DIGEST } },
     { removed: GONE },
     { removed: { kind: 'tag', repo: REPO, tag: parseTag('3.20') } },
+    { full: 67_108_864 },
   ];
   for (const change of changes) expect(decodeChange(encodeChange(change))).toEqual(change);
   for (const bad of [
@@ -277,6 +278,10 @@ test('a stored or removed event survives its encoding, and a malformed one is pa
     `-tag docker.io library/alpine 3.20 ${DIGEST}`,
     `-tag docker.io library/alpine bad:tag`,
     `+unknown ${DIGEST}`,
+    '+full',
+    '+full -1',
+    '+full 1 2',
+    '-full 1',
     `*blob ${DIGEST}`,
     'manifest-key',
   ])

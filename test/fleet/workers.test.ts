@@ -2,6 +2,7 @@
  * `server.workers`: several serving processes on one port, against the real upstream registry
  * (paced by a forwarder so that tests can act while a fetch is under way), run with the real CLI.
  */
+import { execFileSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { existsSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { Agent, request } from 'node:http';
@@ -14,6 +15,7 @@ import type { Status } from '../../src/status/status.js';
 import { paths } from '../../src/storage/paths.js';
 import type { RepositoryKey } from '../../src/storage/types.js';
 import { fakeServer, type FakeServer } from '../helpers/fake-server.js';
+import { fillDisk } from '../helpers/files.js';
 import { makeImage, pushImage, pushRandomBlob, sha256, type Image } from '../helpers/images.js';
 import { waitFor } from '../helpers/net.js';
 import { TestRegistry } from '../helpers/registry.js';
@@ -564,7 +566,7 @@ describe('starting workers', () => {
  * eviction down to the budget itself; `withWorkers` connects to the worker that owns the storage
  * (the one that evicts) and to the other.
  */
-function budgetFleet(names: string[]) {
+function budgetFleet(names: string[], setup: { root?: () => string; retention?: string[] } = {}) {
   const fleet = {
     registry: undefined as unknown as TestRegistry,
     pc: undefined as unknown as WorkersServer,
@@ -609,7 +611,8 @@ function budgetFleet(names: string[]) {
     fleet.pc = await startWorkers({
       upstream: fleet.registry.url,
       workers: 2,
-      yaml: ['retention:', `  maxSize: ${2 * unit + 1000}`, '  lowWater: 100%'],
+      ...(setup.root ? { root: setup.root() } : {}),
+      yaml: setup.retention ?? ['retention:', `  maxSize: ${2 * unit + 1000}`, '  lowWater: 100%'],
     });
   }, 60_000);
   afterAll(async () => {
@@ -704,6 +707,45 @@ describe('workers on one host, the budget and what the other stores', () => {
       await waitFor(async () => !fleet.stored(d!), 'the eviction of d', 10_000);
       expect(fleet.stored(e!)).toBe(true);
       expect(fleet.stored(f!)).toBe(true);
+    });
+  }, 60_000);
+});
+
+describe('workers on one host and a full disk', () => {
+  let mount = '';
+  const fleet = budgetFleet(['g', 'h'], {
+    root: () => {
+      mount = mkdtempSync(join(tmpdir(), 'pullcache-workers-tmpfs-'));
+      execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=24m', 'tmpfs', mount]);
+      return mount;
+    },
+    retention: [],
+  });
+  afterAll(() => {
+    if (!mount) return;
+    execFileSync('umount', [mount]);
+    rmSync(mount, { recursive: true, force: true });
+  });
+
+  test('the worker that finds the disk full has the owner make room', async () => {
+    const { g, h } = fleet.images as Record<string, Image>;
+    const { pc } = fleet;
+    await fleet.withWorkers(async ({ owner, other, toOwner, toOther }) => {
+      await pull(pc, toOwner, g!);
+      await pull(pc, toOwner, h!);
+      fillDisk(join(mount, 'filler'));
+      // Only the worker that does not evict finds the disk full (its readiness probe writes).
+      const probe = await fetchOn(pc, toOther, '/readyz');
+      expect([probe.worker, probe.status]).toEqual([other, 503]);
+      await waitFor(
+        async () => (await fetchOn(pc, toOther, '/readyz')).status === 200,
+        'room made by the owner',
+        10_000,
+      );
+      expect(fleet.stored(g!) || fleet.stored(h!)).toBe(false);
+      const said = (msg: string) => pc.lines.filter((l) => l.msg === msg).map((l) => l.worker);
+      expect(said('storage is full: the owner evicts')).toContain(other);
+      expect(said('storage is full: evicting')).toContain(owner);
     });
   }, 60_000);
 });

@@ -1,6 +1,14 @@
 /** Files of a test's storage, as the tests look at them. */
 import { createHash } from 'node:crypto';
-import { existsSync, readdirSync, readFileSync, statSync } from 'node:fs';
+import {
+  closeSync,
+  existsSync,
+  openSync,
+  readdirSync,
+  readFileSync,
+  statSync,
+  writeSync,
+} from 'node:fs';
 import { join, relative } from 'node:path';
 import { parseDigest } from '../../src/oci/digest.js';
 
@@ -23,4 +31,22 @@ export function snapshot(dir: string): Record<string, string> {
 export function storedBlobPath(root: string, digest: string): string {
   const { hex } = parseDigest(digest);
   return join(root, 'blobs', 'sha256', hex.slice(0, 2), hex, 'data');
+}
+
+/** Takes every byte left on the file system holding `path` (a small tmpfs), into that file. */
+export function fillDisk(path: string): void {
+  const fd = openSync(path, 'w');
+  const chunk = Buffer.alloc(1024 * 1024);
+  try {
+    for (;;) writeSync(fd, chunk);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code !== 'ENOSPC') throw err;
+  }
+  try {
+    for (;;) writeSync(fd, chunk, 0, 4096);
+  } catch {
+    // full to the last block
+  } finally {
+    closeSync(fd);
+  }
 }

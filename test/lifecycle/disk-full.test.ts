@@ -4,19 +4,11 @@
  * eviction, and the server goes on serving; the same pull then succeeds. Needs root (mount).
  */
 import { execFileSync } from 'node:child_process';
-import {
-  closeSync,
-  existsSync,
-  mkdtempSync,
-  openSync,
-  readdirSync,
-  rmSync,
-  writeSync,
-} from 'node:fs';
+import { existsSync, mkdtempSync, readdirSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, expect, test, vi } from 'vitest';
-import { storedBlobPath } from '../helpers/files.js';
+import { fillDisk, storedBlobPath } from '../helpers/files.js';
 import { makeImage, pushBlob, pushImage, type Image } from '../helpers/images.js';
 import { capturedLog, startPullcache, type TestPullcache } from '../helpers/pullcache.js';
 import { TestRegistry } from '../helpers/registry.js';
@@ -93,7 +85,7 @@ test('a manifest fetched while the disk is full is served, not kept, and an evic
   );
   const filler = join(mount, 'filler');
   try {
-    fill(filler); // every byte left on the disk
+    fillDisk(filler); // every byte left on the disk
     const res = await fetch(`${pc.url}/v2/org/first/manifests/v1`, {
       headers: { accept: first.mediaType },
     });
@@ -122,7 +114,7 @@ test('a disk filled by something else, no fetch under way: the readiness probe m
   try {
     await skopeoCopy(pc.host, 'org/first:v1', d1);
     await pc.runtime.lifecycle.settle();
-    fill(filler);
+    fillDisk(filler);
     // A stored layer asked for another repository needs only a link, which finds no room: a
     // 503 to retry, not a 500.
     const layer = first.blobs[1]!;
@@ -148,24 +140,6 @@ test('a disk filled by something else, no fetch under way: the readiness probe m
     rmSync(d1, { recursive: true, force: true });
   }
 });
-
-/** Takes every byte left on the tmpfs, into `path`. */
-function fill(path: string): void {
-  const fd = openSync(path, 'w');
-  const chunk = Buffer.alloc(1024 * 1024);
-  try {
-    for (;;) writeSync(fd, chunk);
-  } catch (err) {
-    expect((err as NodeJS.ErrnoException).code).toBe('ENOSPC');
-  }
-  try {
-    for (;;) writeSync(fd, chunk, 0, 4096);
-  } catch {
-    // full to the last block
-  } finally {
-    closeSync(fd);
-  }
-}
 
 test('minFree: below it, the least recently pulled images go until the disk has room again', async () => {
   const small = mkdtempSync(join(tmpdir(), 'pullcache-minfree-'));
