@@ -12,6 +12,7 @@
  * removed the thing itself, and knows better) wins over what the read found.
  */
 import type { Logger } from '../log/logger.js';
+import type { Digest } from '../oci/digest.js';
 import type { BlobStore, RepositoryStore } from '../storage/types.js';
 import { ImageGraph } from './image-graph.js';
 import { readReferences, scanStorage } from './scan.js';
@@ -66,13 +67,28 @@ export class GraphKeeper {
     this.replay = [];
     try {
       const { blobs, repositories, upstreams, log } = this.d;
-      const counts = await scanStorage({ graph: fresh, blobs, repositories, upstreams, log });
+      const counts = await scanStorage({
+        graph: fresh,
+        blobs,
+        repositories,
+        upstreams,
+        log,
+        removed: (digest) => this.removedBlob(digest),
+      });
       for (const apply of this.replay) apply(fresh);
       this.current = fresh;
       return counts;
     } finally {
       this.replay = undefined;
     }
+  }
+
+  /** The scan removed a torn blob: out of the graph as it stands too, and told to the others. */
+  private removedBlob(digest: Digest): void {
+    const event = { kind: 'blob', digest } as const;
+    this.changedHere(event);
+    this.current.removeBlob(digest);
+    this.d.onRemoved?.(event);
   }
 
   /** Applies a change to the graph, and to the one a recount is building; returns the graph. */

@@ -3,6 +3,7 @@
  * repository's manifests (parsed for what they reference), layer links and tags. It runs in the
  * background after the server listens: serving never waits for it, eviction does.
  */
+import { createHash } from 'node:crypto';
 import type { Logger } from '../log/logger.js';
 import type { Digest } from '../oci/digest.js';
 import { parseManifest, type ParsedManifest } from '../oci/manifest.js';
@@ -13,21 +14,33 @@ import type { ImageGraph } from './image-graph.js';
 /** Manifests read at once during the scan. */
 const MANIFEST_BATCH = 32;
 
-/** What a manifest references, for the graph: child manifests of an index, else config and layers. */
-function manifestReferences(manifest: ParsedManifest): {
+/**
+ * What a manifest references, for the graph: child manifests of an index, else config and layers
+ * (and the sizes the manifest gives them).
+ */
+export interface References {
   children: Digest[];
   blobs: Digest[];
-} {
-  return manifest.kind === 'index'
-    ? { children: manifest.manifests.map((d) => d.digest), blobs: [] }
-    : { children: [], blobs: [manifest.config.digest, ...manifest.layers.map((d) => d.digest)] };
+  /** The size of each of `blobs`, as the manifest's descriptors give it. */
+  sizes?: Map<Digest, number>;
+}
+
+function manifestReferences(manifest: ParsedManifest): References {
+  if (manifest.kind === 'index')
+    return { children: manifest.manifests.map((d) => d.digest), blobs: [] };
+  const descriptors = [manifest.config, ...manifest.layers];
+  return {
+    children: [],
+    blobs: descriptors.map((d) => d.digest),
+    sizes: new Map(descriptors.map((d) => [d.digest, d.size])),
+  };
 }
 
 /** Reads a stored manifest's references; undefined when its bytes are missing or unreadable. */
 export async function readReferences(
   blobs: BlobStore,
   digest: Digest,
-): Promise<{ children: Digest[]; blobs: Digest[] } | undefined> {
+): Promise<References | undefined> {
   const opened = await blobs.open(digest);
   if (!opened.found) return undefined;
   const chunks: Buffer[] = [];
@@ -45,8 +58,12 @@ export async function scanStorage(deps: {
   repositories: RepositoryStore;
   upstreams: string[];
   log: Logger;
+  /** A torn blob was removed (see `removeTorn`). */
+  removed?: (digest: Digest) => void;
 }): Promise<{ blobs: number; manifests: number; repositories: number }> {
   const { graph, blobs, repositories } = deps;
+  /** The size each manifest read gives its blobs: a stored blob of another size may be torn. */
+  const expected = new Map<Digest, number>();
   let blobCount = 0;
   for await (const blob of blobs.list()) {
     graph.addBlob(blob.digest, blob.size, blob.pulledAt);
@@ -65,6 +82,7 @@ export async function scanStorage(deps: {
           manifests.slice(i, i + MANIFEST_BATCH).map(async ({ digest, pulledAt }) => {
             // A link whose bytes are gone (a crash mid-removal) holds nothing: the sweep drops it.
             const references = (await readReferences(blobs, digest)) ?? { children: [], blobs: [] };
+            for (const [blob, size] of references.sizes ?? []) expected.set(blob, size);
             graph.addManifest(repo, digest, references, pulledAt);
             manifestCount++;
           }),
@@ -77,5 +95,41 @@ export async function scanStorage(deps: {
       }
     }
   }
+  for (const [digest, size] of expected) {
+    const stored = graph.blobs.get(digest);
+    if (stored && stored.size !== size && (await removeTorn(blobs, digest, size, deps.log))) {
+      graph.removeBlob(digest);
+      deps.removed?.(digest);
+      blobCount--;
+    }
+  }
   return { blobs: blobCount, manifests: manifestCount, repositories: repositoryCount };
+}
+
+/**
+ * A stored blob of another size than a manifest gives it: a power loss can leave a blob's file
+ * short at its name (the filesystem driver does not flush blob data; docs/design.md), and every
+ * pull would get it. It is read and hashed (a manifest may also give a wrong size for a good
+ * blob: that one is kept), and removed when its bytes are not its digest's and its size is still
+ * the wrong one (not replaced meanwhile by a fetch that found it torn). True when removed.
+ */
+async function removeTorn(
+  blobs: BlobStore,
+  digest: Digest,
+  size: number,
+  log: Logger,
+): Promise<boolean> {
+  const opened = await blobs.open(digest);
+  if (!opened.found) return false;
+  const hash = createHash('sha256');
+  for await (const chunk of opened.stream) hash.update(chunk as Buffer);
+  if (`sha256:${hash.digest('hex')}` === digest) return false;
+  const now = await blobs.stat(digest);
+  if (!now.found || now.descriptor.size === size) return false;
+  await blobs.remove(digest);
+  log.warn(
+    { digest, bytes: opened.descriptor.size, manifestSays: size },
+    'a stored blob does not match its digest (torn by a crash?): removed',
+  );
+  return true;
 }

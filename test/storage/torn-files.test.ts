@@ -1,11 +1,12 @@
 /**
  * What a power loss can leave on the filesystem, which does not flush blob data: a manifest at
  * its final name with the wrong bytes (none, or zeros). It is never served: its bytes are checked
- * against its digest when read from the disk, and it is fetched again (missing while offline).
- * (A torn blob is replaced by its next verified commit: blob-store.test.ts.)
+ * against its digest when read from the disk, and it is fetched again (missing while offline). A
+ * layer torn short is found by the count at start, which compares stored sizes with the sizes the
+ * manifests give (and is replaced by its next verified commit: blob-store.test.ts).
  */
 import { createHash } from 'node:crypto';
-import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Readable } from 'node:stream';
@@ -17,7 +18,7 @@ import { LocalManifestService } from '../../src/storage/local-services.js';
 import type { BlobStore, RepositoryStore } from '../../src/storage/types.js';
 import { storedBlobPath } from '../helpers/files.js';
 import { makeImage, pushImage, type Image } from '../helpers/images.js';
-import { startPullcache } from '../helpers/pullcache.js';
+import { capturedLog, startPullcache } from '../helpers/pullcache.js';
 import { Recorder } from '../helpers/recorder.js';
 import { TestRegistry } from '../helpers/registry.js';
 
@@ -130,4 +131,66 @@ test('torn bytes read while another request stores the manifest whole: the whole
   );
   expect(got.found && got.bytes.equals(manifest)).toBe(true);
   expect(removed).toBe(0);
+});
+
+test('a layer torn short at its name is found by the count at start: removed, and fetched again whole; a layer a manifest gives a wrong size is kept', async () => {
+  const torn = makeImage('org/torn-layer', 'v1', 'oci', [200_000]);
+  await pushImage(registry, torn);
+  // A manifest that gives its layer one byte more than it has (the registry checks only that
+  // the blob exists): the layer is whole, only the manifest is wrong.
+  const lying = makeImage('org/lying-size', 'v1', 'oci', [150_000]);
+  const json = JSON.parse(lying.manifest.toString()) as { layers: { size: number }[] };
+  json.layers[0]!.size += 1;
+  lying.manifest = Buffer.from(JSON.stringify(json));
+  lying.digest = sha(lying.manifest);
+  await pushImage(registry, lying);
+  const data = mkdtempSync(join(tmpdir(), 'pullcache-torn-layer-'));
+  const start = async () => {
+    const { log, lines } = capturedLog('info');
+    const pc = await startPullcache({ upstreams: { 'docker.io': { url: recorder.url } } }, data, {
+      log,
+    });
+    return { pc, lines };
+  };
+  const pull = async (url: string, img: Image) => {
+    const res = await fetch(`${url}/v2/${img.repository}/manifests/${img.tag}`, {
+      headers: { accept: img.mediaType },
+    });
+    expect(res.status).toBe(200);
+    await res.arrayBuffer();
+    for (const blob of img.blobs) {
+      const got = await fetch(`${url}/v2/${img.repository}/blobs/${blob.digest}`);
+      expect(sha(Buffer.from(await got.arrayBuffer()))).toBe(blob.digest);
+    }
+  };
+  try {
+    const first = await start();
+    await pull(first.pc.url, torn);
+    await pull(first.pc.url, lying);
+    await first.pc.stop();
+    // Power lost: the layer's last blocks were never written.
+    const layer = torn.blobs.at(-1)!;
+    const layerFile = storedBlobPath(data, layer.digest);
+    writeFileSync(layerFile, layer.bytes.subarray(0, 100_000));
+
+    const { pc, lines } = await start();
+    try {
+      await pc.runtime.lifecycle.settle(); // the count at start
+      expect(existsSync(layerFile)).toBe(false);
+      expect(lines.filter((l) => String(l.msg).startsWith('a stored blob does not match'))).toEqual(
+        [expect.objectContaining({ digest: layer.digest, bytes: 100_000 })],
+      );
+      expect(existsSync(storedBlobPath(data, lying.blobs.at(-1)!.digest))).toBe(true);
+      const before = recorder.requests.length;
+      await pull(pc.url, torn);
+      expect(
+        recorder.requests.slice(before).filter((r) => r.path.endsWith(`/blobs/${layer.digest}`)),
+      ).not.toEqual([]);
+      expect(readFileSync(layerFile).equals(layer.bytes)).toBe(true);
+    } finally {
+      await pc.stop();
+    }
+  } finally {
+    rmSync(data, { recursive: true, force: true });
+  }
 });
