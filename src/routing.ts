@@ -4,7 +4,7 @@
  *
  * Which upstream a request is for, and the repository name there. In order:
  *  1. the `ns` query parameter containerd adds when it uses a mirror (`?ns=docker.io`), which must
- *     name a configured upstream;
+ *     name a configured upstream (a first path component equal to it is that upstream too);
  *  2. a first path component equal to an upstream name (`/v2/ghcr.io/org/image/...`);
  *  3. `routing.default`.
  * On an upstream named `docker.io`, a one-component name gets Docker Hub's `library/` prefix.
@@ -38,6 +38,12 @@ export function routeRequest(config: Config, name: string, ns: unknown): Route {
     if (typeof ns !== 'string' || !Object.hasOwn(config.upstreams, ns))
       throw new UpstreamUnknownError(String(ns));
     upstream = ns;
+    // A hosts.toml entry that addresses the upstream by path (`.../v2/ghcr.io`, override_path)
+    // gets `ns` too: the path's upstream is the same one, not part of the name.
+    if (name.startsWith(`${ns}/`)) {
+      rest = name.slice(ns.length + 1);
+      prefix = `${ns}/`;
+    }
   } else {
     const slash = name.indexOf('/');
     const first = slash > 0 ? name.slice(0, slash) : undefined;

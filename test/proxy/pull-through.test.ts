@@ -249,7 +249,7 @@ describe.each(DRIVERS)('pulling through pullcache from a real registry (%s stora
     expect((await pc.runtime.blobs.stat(parseDigest(layer.digest).digest)).found).toBe(true);
   });
 
-  test('routing: ns, an upstream-name prefix, the default, and library/ on docker.io', async () => {
+  test('routing: ns, an upstream-name prefix (with or without ns), the default, and library/ on docker.io', async () => {
     const byNs = await fetch(`${pc.url}/v2/library/alpine/manifests/3.20?ns=docker.io`);
     expect(byNs.headers.get('docker-content-digest')).toBe(alpine.digest);
     const bare = await fetch(`${pc.url}/v2/alpine/manifests/3.20`);
@@ -258,6 +258,11 @@ describe.each(DRIVERS)('pulling through pullcache from a real registry (%s stora
     expect(byNs2.headers.get('docker-content-digest')).toBe(oci.digest);
     const byPrefix = await fetch(`${pc.url}/v2/registry.test/org/oci-app/manifests/v1`);
     expect(byPrefix.headers.get('docker-content-digest')).toBe(oci.digest);
+    // containerd's hosts.toml with the upstream in the host's path (override_path) sends ns too.
+    const byBoth = await fetch(
+      `${pc.url}/v2/registry.test/org/oci-app/manifests/v1?ns=registry.test`,
+    );
+    expect(byBoth.headers.get('docker-content-digest')).toBe(oci.digest);
     const unknownNs = await fetch(`${pc.url}/v2/library/alpine/manifests/3.20?ns=evil.example.com`);
     expect(unknownNs.status).toBe(400);
     expect(await ociError(unknownNs)).toBe('UPSTREAM_UNKNOWN');
