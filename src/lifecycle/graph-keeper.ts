@@ -48,6 +48,8 @@ export class GraphKeeper {
   private replay: ((graph: ImageGraph) => unknown)[] | undefined;
   /** Per thing, the last read of it from storage queued (the next one waits for it). */
   private readonly queues = new Map<string, Promise<void>>();
+  /** Blobs found whole although a manifest gives them another size (scan.ts). */
+  private readonly whole = new Set<Digest>();
   /** Per thing, the reads under way; a change made here marks them out of date. */
   private readonly reading = new Map<string, Set<{ outdated: boolean }>>();
 
@@ -74,6 +76,7 @@ export class GraphKeeper {
         upstreams,
         log,
         removed: (digest) => this.removedBlob(digest),
+        whole: this.whole,
       });
       for (const apply of this.replay) apply(fresh);
       this.current = fresh;

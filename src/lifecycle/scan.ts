@@ -60,6 +60,11 @@ export async function scanStorage(deps: {
   log: Logger;
   /** A torn blob was removed (see `removeTorn`). */
   removed?: (digest: Digest) => void;
+  /**
+   * Blobs hashed whole although a manifest gives them another size: not hashed again (a count
+   * runs at each sweep). Kept by the caller across counts.
+   */
+  whole?: Set<Digest>;
 }): Promise<{ blobs: number; manifests: number; repositories: number }> {
   const { graph, blobs, repositories } = deps;
   /** The size each manifest read gives its blobs: a stored blob of another size may be torn. */
@@ -97,11 +102,12 @@ export async function scanStorage(deps: {
   }
   for (const [digest, size] of expected) {
     const stored = graph.blobs.get(digest);
-    if (stored && stored.size !== size && (await removeTorn(blobs, digest, size, deps.log))) {
+    if (!stored || stored.size === size || deps.whole?.has(digest)) continue;
+    if (await removeTorn(blobs, digest, size, deps.log)) {
       graph.removeBlob(digest);
       deps.removed?.(digest);
       blobCount--;
-    }
+    } else deps.whole?.add(digest);
   }
   return { blobs: blobCount, manifests: manifestCount, repositories: repositoryCount };
 }
