@@ -115,6 +115,13 @@ export function formatIssues(issues: readonly z.core.$ZodIssue[]): string[] {
       for (const key of issue.keys) lines.push(`${path ? `${path}.` : ''}${key}: unknown key`);
       continue;
     }
+    // A map key that fails its schema (an upstream name): zod wraps what that schema says in
+    // a bare "Invalid key in record", so its own issues are shown, at the key's path.
+    if (issue.code === 'invalid_key') {
+      const inner = issue.issues.map((i) => ({ ...i, path: [...issue.path, ...i.path] }));
+      lines.push(...formatIssues(inner));
+      continue;
+    }
     // A secret is never echoed, not even when it is the wrong type.
     const leaf = shapeAt(issue.path);
     const secret = leaf?.kind === 'leaf' && leaf.meta.secret === true;

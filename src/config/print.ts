@@ -7,7 +7,7 @@ import { stringify } from 'yaml';
 import { redactUserinfo } from './redact.js';
 import type { Config } from './schema.js';
 import { configShape, type KeyTree } from './shape.js';
-import { formatDuration, formatSize } from './units.js';
+import { formatDuration, formatShare, formatSize } from './units.js';
 
 export function printConfig(config: Config): string {
   return stringify(inUnits(redactConfig(config), configShape()));
@@ -43,6 +43,6 @@ function inUnits(value: unknown, shape: KeyTree | undefined): unknown {
   if (typeof value !== 'number' || shape?.kind !== 'leaf') return value;
   if (shape.meta.unit === 'duration') return formatDuration(value);
   if (shape.meta.unit === 'size') return formatSize(value);
-  if (shape.meta.unit === 'share') return `${Math.round(value * 1000) / 10}%`;
+  if (shape.meta.unit === 'share') return formatShare(value);
   return value;
 }

@@ -6,7 +6,7 @@
  */
 import { z } from 'zod';
 import { show } from './redact.js';
-import { parseDuration, parseSize } from './units.js';
+import { formatDuration, parseDuration, parseShare, parseSize } from './units.js';
 
 export interface KeyMeta {
   /** Parsed from human units to a number (ms, bytes, a share of 1); printed back in them. */
@@ -16,7 +16,23 @@ export interface KeyMeta {
 }
 export const configMeta = z.registry<KeyMeta>();
 
-const duration = (fallback: string) =>
+const SECOND = 1000;
+const DAY = 86_400_000;
+/**
+ * The longest duration that becomes a timer. Node fires a setTimeout or setInterval of more than
+ * 2^31-1 ms (24.8 days) after 1 ms: a sweepInterval of "25d" swept without pause. 24d leaves room
+ * for what the code adds to one (fleet/primary.ts waits drainTimeout and 15 s more).
+ */
+const TIMER_MAX = 24 * DAY;
+/** Any other duration: past a century it is a typo, and `now - unusedFor` is still a date. */
+const DURATION_MAX = 36_500 * DAY;
+
+/**
+ * A duration in ms, `min` to `max` both included. One that becomes a timer has `max: TIMER_MAX`;
+ * an interval also `min: 1`, as 0 would run its work without pause, unless 0 is documented as
+ * "off" (and the code does not start the timer then).
+ */
+const duration = (fallback: string, { min = 0, max = DURATION_MAX } = {}) =>
   z
     .union([z.string(), z.number()])
     .default(fallback)
@@ -26,6 +42,17 @@ const duration = (fallback: string) =>
         ctx.addIssue({
           code: 'custom',
           message: `expected a duration like "30s" or "5m", got ${show(value)}`,
+        });
+        return z.NEVER;
+      }
+      if (ms < min || ms > max) {
+        const range =
+          min === 0
+            ? `of at most ${formatDuration(max)}`
+            : `from ${formatDuration(min)} to ${formatDuration(max)}`;
+        ctx.addIssue({
+          code: 'custom',
+          message: `expected a duration ${range}, got ${show(value)}`,
         });
         return z.NEVER;
       }
@@ -46,6 +73,15 @@ const size = (fallback: string) =>
         });
         return z.NEVER;
       }
+      // Past Number.MAX_SAFE_INTEGER (8192TiB less a byte), bytes no longer count one by one,
+      // and `pullcache config` would print something that does not load back as the same.
+      if (!Number.isSafeInteger(bytes)) {
+        ctx.addIssue({
+          code: 'custom',
+          message: `expected a size below 8192TiB, got ${show(value)}`,
+        });
+        return z.NEVER;
+      }
       return bytes;
     })
     .register(configMeta, { unit: 'size' });
@@ -56,8 +92,7 @@ const share = (fallback: string) =>
     .union([z.string(), z.number()])
     .default(fallback)
     .transform((value, ctx) => {
-      const m = typeof value === 'string' ? /^\s*(\d+(?:\.\d+)?)\s*%\s*$/.exec(value) : null;
-      const n = typeof value === 'number' ? value : m ? Number(m[1]) / 100 : NaN;
+      const n = parseShare(value) ?? NaN;
       if (!(n > 0 && n <= 1)) {
         ctx.addIssue({
           code: 'custom',
@@ -95,27 +130,35 @@ const hostPort = z.string().refine(
   { error: (issue) => `expected host:port, got ${show(issue.input)}` },
 );
 
-const httpUrl = z.string().superRefine((v, ctx) => {
-  let u: URL | undefined;
-  try {
-    u = new URL(v);
-  } catch {
-    // not a URL: the message below says what is expected
-  }
-  const credentials = u ? u.username !== '' || u.password !== '' : /@/.test(v);
-  if (u && (u.protocol === 'http:' || u.protocol === 'https:') && !credentials && u.search === '')
-    return;
-  ctx.addIssue({
-    code: 'custom',
-    message: `expected an http(s) URL without credentials or query${credentials ? ' (credentials go in username and passwordEnv)' : ''}, got ${show(v)}`,
+/**
+ * An http(s) URL without credentials, which `pullcache config` and the start-up log would show
+ * in clear: they go in the keys named by `credentialsIn`. `orEmpty`: "" is taken too.
+ */
+const httpUrl = (credentialsIn: string, { orEmpty = false } = {}) =>
+  z.string().superRefine((v, ctx) => {
+    if (orEmpty && v === '') return;
+    let u: URL | undefined;
+    try {
+      u = new URL(v);
+    } catch {
+      // not a URL: the message below says what is expected
+    }
+    const credentials = u ? u.username !== '' || u.password !== '' : /@/.test(v);
+    const http = u?.protocol === 'http:' || u?.protocol === 'https:';
+    if (u && http && !credentials && u.search === '') return;
+    ctx.addIssue({
+      code: 'custom',
+      message: `expected ${orEmpty ? '"" or ' : ''}an http(s) URL without credentials or query${credentials ? ` (credentials go in ${credentialsIn})` : ''}, got ${show(v)}`,
+    });
   });
-});
+
+const registryUrl = httpUrl('username and passwordEnv');
 
 /**
  * An upstream's base URL. A trailing `/v2` or `/v2/` is dropped: it is the API root, which the
  * client adds itself, and registries' own docs often show it as "the registry URL".
  */
-const upstreamUrl = httpUrl.transform((v) => v.replace(/\/v2\/?$/, ''));
+const upstreamUrl = registryUrl.transform((v) => v.replace(/\/v2\/?$/, ''));
 
 /** A glob on repository names (`library/*`, `team/**`); names are lower case, without spaces. */
 const repositoryGlob = z.string().refine((v) => /^[^\sA-Z]+$/.test(v), {
@@ -133,6 +176,7 @@ export const upstreamSchema = z.strictObject({
   username: z.string().optional(),
   password: secret().optional(),
   passwordEnv: z.string().optional(),
+  /** 0: a tag is asked again at every pull. Not a timer (proxy-tag-service.ts compares it). */
   tagTTL: duration('5m'),
   /** Serve a cached tag when the upstream answers 404 for it. */
   staleOnNotFound: bool(false),
@@ -142,14 +186,18 @@ export const upstreamSchema = z.strictObject({
    * Token realms that may receive credentials besides the upstream's own host: an origin and a
    * path each, matched by origin and whole path segments (upstream/auth.ts).
    */
-  authRealms: z.array(httpUrl).default([]),
+  authRealms: z.array(registryUrl).default([]),
   /** The largest manifest taken from the upstream; a referrers answer and a tags page too. */
   maxManifestSize: size('4MiB'),
+  /**
+   * 0: off. Each is a timer, and a token request's deadline is the three added up (at least a
+   * minute, upstream/auth.ts), a timer too: 8d each keeps that within TIMER_MAX.
+   */
   timeouts: z
     .strictObject({
-      connect: duration('10s'),
-      headers: duration('30s'),
-      bodyIdle: duration('30s'),
+      connect: duration('10s', { max: 8 * DAY }),
+      headers: duration('30s', { max: 8 * DAY }),
+      bodyIdle: duration('30s', { max: 8 * DAY }),
     })
     .prefault({}),
   retries: integer(3, 0, 10),
@@ -188,6 +236,34 @@ export const authSchema = z
 
 export const DEFAULT_UPSTREAMS = { 'docker.io': { url: 'https://registry-1.docker.io' } };
 
+/**
+ * The keys that the checks across keys (configSchema's superRefine) read. Those checks run unless
+ * one of these failed, or a section holding one, so that a mistake elsewhere (log.level) does not
+ * hold them back for a second round; a value that failed cannot be checked against another.
+ */
+const CROSS_CHECKED: readonly (readonly string[])[] = [
+  ['upstreams'],
+  ['routing'],
+  ['auth'],
+  ['server', 'advertise'],
+  ['server', 'peerSecret'],
+  ['server', 'peerSecretEnv'],
+  ['cache', 'store'],
+];
+
+function crossCheckable(payload: z.core.ParsePayload): boolean {
+  return payload.issues.every(
+    (issue) =>
+      // An unknown key leaves the values of its section as they are.
+      issue.code === 'unrecognized_keys' ||
+      !CROSS_CHECKED.some((keys) => {
+        const path = issue.path ?? [];
+        // Either holds the other: the issue is at one of the keys, above it or beneath it.
+        return keys.every((key, i) => i >= path.length || path[i] === key);
+      }),
+  );
+}
+
 export const configSchema = z
   .strictObject({
     server: z
@@ -199,7 +275,7 @@ export const configSchema = z
             cert: z.string().default(''),
             key: z.string().default(''),
             /** How often the two files are looked at for a renewed certificate. */
-            reloadInterval: duration('10s'),
+            reloadInterval: duration('10s', { max: TIMER_MAX }),
           })
           .superRefine((tls, ctx) => {
             if ((tls.cert === '') !== (tls.key === ''))
@@ -217,12 +293,12 @@ export const configSchema = z
           })
           .prefault({}),
         /** Extra time a blob fetch may go on after every client has left, to finish the cache write. */
-        cacheWriteTimeout: duration('10m'),
+        cacheWriteTimeout: duration('10m', { max: TIMER_MAX }), // 0: abandoned at once
         /**
          * On SIGTERM or SIGINT: how long the transfers in flight may go on, with new connections
          * refused, before they are cut and the process stops.
          */
-        drainTimeout: duration('20s'),
+        drainTimeout: duration('20s', { max: TIMER_MAX }), // 0: cut at once
         /** Take the client's address from X-Forwarded-For (behind a load balancer), for the logs. */
         trustProxy: bool(false),
         /** Serving processes on this host, sharing the port and storage; 0: one per core. */
@@ -250,10 +326,7 @@ export const configSchema = z
             bucket: z.string().default('pullcache'),
             region: z.string().min(1).default('us-east-1'),
             /** Empty: AWS; else the S3 endpoint's URL. */
-            endpoint: z
-              .string()
-              .regex(/^(https?:\/\/.+)?$/, 'expected an http:// or https:// URL, or ""')
-              .default(''),
+            endpoint: httpUrl('accessKeyEnv and secretKeyEnv', { orEmpty: true }).default(''),
             forcePathStyle: bool(false),
             /** Key prefix inside the bucket. */
             prefix: z
@@ -267,14 +340,18 @@ export const configSchema = z
             partSize: size('16MiB').refine((n) => n >= 5 * 1024 * 1024, 'expected at least 5MiB'),
             /** Blob GETs answer 307 to a presigned URL of the object instead of streaming it. */
             redirect: bool(false),
-            redirectTTL: duration('20m'),
+            /**
+             * A presigned URL's validity, in whole seconds (server.ts): the AWS presigner
+             * refuses more than 7 days.
+             */
+            redirectTTL: duration('20m', { min: SECOND, max: 7 * DAY }),
           })
           .prefault({}),
         delete: z.strictObject({ enabled: bool(false) }).prefault({}),
         uploads: z
           .strictObject({
             purgeAge: duration('24h'),
-            purgeInterval: duration('1h'),
+            purgeInterval: duration('1h', { min: 1, max: TIMER_MAX }),
           })
           .prefault({}),
       })
@@ -304,7 +381,7 @@ export const configSchema = z
         lowWater: share('90%'),
         /** Images not pulled for this long are removed by the sweep; 0: never. */
         unusedFor: duration('0'),
-        sweepInterval: duration('10m'),
+        sweepInterval: duration('10m', { min: 1, max: TIMER_MAX }),
         /** Images never evicted, as references (docker.io/library/node:20). */
         pins: z.array(z.string()).default([]),
       })
@@ -313,10 +390,11 @@ export const configSchema = z
       .record(
         z
           .string()
-          .regex(
-            UPSTREAM_NAME,
-            'expected an upstream name like "docker.io" or "registry.local:5000"',
-          ),
+          // load.ts shows this message, not zod's "Invalid key in record" around it.
+          .regex(UPSTREAM_NAME, {
+            error: (issue) =>
+              `expected an upstream name like "docker.io" or "registry.local:5000", got ${show(issue.input)}`,
+          }),
         upstreamSchema,
       )
       .refine((upstreams) => Object.keys(upstreams).length > 0, {
@@ -335,71 +413,75 @@ export const configSchema = z
       })
       .prefault({}),
   })
-  .superRefine((config, ctx) => {
-    const names = Object.keys(config.upstreams);
-    if (config.routing.default !== undefined && !names.includes(config.routing.default)) {
-      ctx.addIssue({
-        code: 'custom',
-        path: ['routing', 'default'],
-        message: `expected one of the configured upstreams (${names.join(', ') || 'none'}), got ${show(config.routing.default)}`,
-      });
-    }
-    if (config.auth.htpasswd === '' && (config.auth.anonymous || config.auth.rules.length > 0)) {
-      ctx.addIssue({
-        code: 'custom',
-        path: ['auth', 'htpasswd'],
-        message: 'auth.anonymous and auth.rules need an htpasswd file (client authentication)',
-      });
-    }
-    config.auth.rules.forEach((rule, i) =>
-      rule.upstreams?.forEach((name, j) => {
-        if (!names.includes(name))
+  .superRefine(
+    (config, ctx) => {
+      const names = Object.keys(config.upstreams);
+      if (config.routing.default !== undefined && !names.includes(config.routing.default)) {
+        ctx.addIssue({
+          code: 'custom',
+          path: ['routing', 'default'],
+          message: `expected one of the configured upstreams (${names.join(', ') || 'none'}), got ${show(config.routing.default)}`,
+        });
+      }
+      if (config.auth.htpasswd === '' && (config.auth.anonymous || config.auth.rules.length > 0)) {
+        ctx.addIssue({
+          code: 'custom',
+          path: ['auth', 'htpasswd'],
+          message: 'auth.anonymous and auth.rules need an htpasswd file (client authentication)',
+        });
+      }
+      config.auth.rules.forEach((rule, i) =>
+        rule.upstreams?.forEach((name, j) => {
+          if (!names.includes(name))
+            ctx.addIssue({
+              code: 'custom',
+              path: ['auth', 'rules', i, 'upstreams', j],
+              message: `expected one of the configured upstreams (${names.join(', ')}), got ${show(name)}`,
+            });
+        }),
+      );
+      const { advertise, peerSecret, peerSecretEnv } = config.server;
+      if (peerSecret !== '' && peerSecretEnv !== '')
+        ctx.addIssue({
+          code: 'custom',
+          path: ['server', 'peerSecret'],
+          message: 'give peerSecret or peerSecretEnv, not both',
+        });
+      if (advertise !== '' && peerSecret === '' && peerSecretEnv === '')
+        ctx.addIssue({
+          code: 'custom',
+          path: ['server', 'peerSecret'],
+          message: 'server.advertise needs a peerSecret (or peerSecretEnv) shared by the replicas',
+        });
+      if (advertise !== '' && config.cache.store !== 'redis')
+        ctx.addIssue({
+          code: 'custom',
+          path: ['server', 'advertise'],
+          message:
+            'server.advertise needs cache.store: redis (the replicas take their leases there)',
+        });
+      for (const [name, upstream] of Object.entries(config.upstreams)) {
+        if (upstream.password !== undefined && upstream.passwordEnv !== undefined) {
           ctx.addIssue({
             code: 'custom',
-            path: ['auth', 'rules', i, 'upstreams', j],
-            message: `expected one of the configured upstreams (${names.join(', ')}), got ${show(name)}`,
+            path: ['upstreams', name, 'password'],
+            message: 'give password or passwordEnv, not both',
           });
-      }),
-    );
-    const { advertise, peerSecret, peerSecretEnv } = config.server;
-    if (peerSecret !== '' && peerSecretEnv !== '')
-      ctx.addIssue({
-        code: 'custom',
-        path: ['server', 'peerSecret'],
-        message: 'give peerSecret or peerSecretEnv, not both',
-      });
-    if (advertise !== '' && peerSecret === '' && peerSecretEnv === '')
-      ctx.addIssue({
-        code: 'custom',
-        path: ['server', 'peerSecret'],
-        message: 'server.advertise needs a peerSecret (or peerSecretEnv) shared by the replicas',
-      });
-    if (advertise !== '' && config.cache.store !== 'redis')
-      ctx.addIssue({
-        code: 'custom',
-        path: ['server', 'advertise'],
-        message: 'server.advertise needs cache.store: redis (the replicas take their leases there)',
-      });
-    for (const [name, upstream] of Object.entries(config.upstreams)) {
-      if (upstream.password !== undefined && upstream.passwordEnv !== undefined) {
-        ctx.addIssue({
-          code: 'custom',
-          path: ['upstreams', name, 'password'],
-          message: 'give password or passwordEnv, not both',
-        });
+        }
+        if (
+          (upstream.password !== undefined || upstream.passwordEnv !== undefined) &&
+          upstream.username === undefined
+        ) {
+          ctx.addIssue({
+            code: 'custom',
+            path: ['upstreams', name, 'username'],
+            message: 'a password needs a username',
+          });
+        }
       }
-      if (
-        (upstream.password !== undefined || upstream.passwordEnv !== undefined) &&
-        upstream.username === undefined
-      ) {
-        ctx.addIssue({
-          code: 'custom',
-          path: ['upstreams', name, 'username'],
-          message: 'a password needs a username',
-        });
-      }
-    }
-  });
+    },
+    { when: crossCheckable },
+  );
 
 export type Config = z.output<typeof configSchema>;
 export type UpstreamConfig = z.output<typeof upstreamSchema>;

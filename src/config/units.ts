@@ -21,20 +21,45 @@ const SIZE_UNITS: Record<string, number> = {
 
 /** Milliseconds from "5m" or a bare number of milliseconds; undefined if not a duration. */
 export function parseDuration(value: string | number): number | undefined {
-  if (typeof value === 'number') return Number.isFinite(value) && value >= 0 ? value : undefined;
+  // Whole milliseconds, as "1.5ms" is read: 1.5 would print as "1.5ms" and load back as 2.
+  if (typeof value === 'number')
+    return Number.isFinite(value) && value >= 0 ? Math.round(value) : undefined;
   // A bare number is milliseconds, from a file or the environment alike.
   const m = /^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$/.exec(value);
   if (!m) return undefined;
   return Math.round(Number(m[1]) * DURATION_UNITS[m[2] ?? 'ms']!);
 }
 
-/** Bytes from "4MiB" or a bare number of bytes; undefined if not a size. */
+/**
+ * Bytes from "4MiB" or a bare number of bytes; undefined if not a size. It may be beyond
+ * Number.MAX_SAFE_INTEGER ("99999999999TiB"), where bytes no longer count exactly: the schema
+ * refuses that with its own message.
+ */
 export function parseSize(value: string | number): number | undefined {
-  if (typeof value === 'number')
-    return Number.isSafeInteger(value) && value >= 0 ? value : undefined;
+  if (typeof value === 'number') return Number.isInteger(value) && value >= 0 ? value : undefined;
   const m = /^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b|b)?\s*$/i.exec(value);
   if (!m) return undefined;
   return Math.round(Number(m[1]) * SIZE_UNITS[(m[2] ?? 'b').toLowerCase()]!);
+}
+
+/** A share of a whole from "90%" or a bare number (0.9); undefined if not one. */
+export function parseShare(value: string | number): number | undefined {
+  if (typeof value === 'number') return Number.isFinite(value) ? value : undefined;
+  const m = /^\s*(\d+(?:\.\d+)?)\s*%\s*$/.exec(value);
+  return m ? Number(m[1]) / 100 : undefined;
+}
+
+/**
+ * "90%" for 0.9: the shortest percentage that parseShare reads back as the very same number,
+ * else the number itself (which it takes as is): 0.3333 is "33.33%", never a rounded "33.3%".
+ */
+export function formatShare(share: number): string | number {
+  for (let digits = 0; digits <= 16; digits++) {
+    const percent = String(Number((share * 100).toFixed(digits)));
+    // An exponent ("1e-7") is no percentage parseShare takes.
+    if (/^\d+(\.\d+)?$/.test(percent) && parseShare(`${percent}%`) === share) return `${percent}%`;
+  }
+  return share;
 }
 
 export function formatBytes(bytes: number): string {
