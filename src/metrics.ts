@@ -78,7 +78,7 @@ export interface TrafficTotals {
   /** Their bytes. */
   hitBytes: number;
   missBytes: number;
-  /** Every byte received from the upstreams (manifests, blobs, tags, tokens...). */
+  /** Every byte received from the upstreams (manifests, blobs, tag lists, referrers; no tokens). */
   upstreamBytes: number;
 }
 

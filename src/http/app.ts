@@ -1,7 +1,7 @@
 /**
  * The express app: the OCI pull API (distribution spec "pull" and "content discovery"
  * endpoints, served by manifests.ts, blobs.ts, listing.ts and referrers.ts), health, metrics,
- * request logs, and the one error middleware.
+ * request logs (request-log.ts), and the one error middleware.
  */
 import type { RequestListener } from 'node:http';
 import express, {
@@ -10,7 +10,6 @@ import express, {
   type Request,
   type Response,
 } from 'express';
-import { pinoHttp } from 'pino-http';
 import type { Config } from '../config/schema.js';
 import type { Logger } from '../log/logger.js';
 import type { Metrics } from '../metrics.js';
@@ -35,13 +34,12 @@ import type { Passthrough } from './passthrough.js';
 import {
   createManifestFastPath,
   decodeSegment,
-  loggedUrl,
-  requestId,
   serveManifest,
   undecodableDigest,
 } from './manifests.js';
+import { requestLog } from './request-log.js';
 import { RequestMetrics } from './request-metrics.js';
-import { statusRouter, UI_PREFIX } from './status-page.js';
+import { statusRouter } from './status-page.js';
 import type { StatusReporter } from '../status/status.js';
 import { serveReferrers } from './referrers.js';
 import { serveBlob } from './blobs.js';
@@ -120,62 +118,7 @@ export function createApp(deps: AppDeps): express.Express {
   );
 
   const httpLog = log.child({ module: 'http' });
-  if (httpLog.isLevelEnabled('info')) {
-    app.use(
-      pinoHttp({
-        logger: httpLog,
-        genReqId: requestId,
-        autoLogging: {
-          ignore: (req) =>
-            req.url === '/healthz' ||
-            req.url === '/readyz' ||
-            req.url === '/metrics' ||
-            // The status page's polls and files: a line every few seconds per open page.
-            req.url === `${ADMIN_PREFIX}/status` ||
-            req.url?.startsWith(`${UI_PREFIX}/`) === true,
-        },
-        customLogLevel: (_req, res, err) => (err || res.statusCode >= 500 ? 'error' : 'info'),
-        customSuccessMessage: () => 'request',
-        customErrorMessage: () => 'request failed',
-        // A 5xx is described by its errorCode; pino-http's synthetic "failed with status code" error
-        // (with its stack) says nothing more.
-        customErrorObject: (_req, _res, err, value: Record<string, unknown>) =>
-          err instanceof Error && err.message.startsWith('failed with status code')
-            ? { ...value, err: undefined }
-            : value,
-        // Called when the request comes (its fields go on every line the request logs) and again
-        // for the request line, which has the first call's fields already: each once.
-        customProps: (req, res) => {
-          if (!res.writableEnded && !res.destroyed)
-            return { client: access.clientAddress(req), userAgent: req.headers['user-agent'] };
-          const l = (res as unknown as Response).locals ?? {};
-          return {
-            user: l.user,
-            upstream: l.upstream,
-            repository: l.repository,
-            cache: l.cache,
-            bytes: l.bytes,
-            errorCode: l.errorCode,
-          };
-        },
-        serializers: {
-          req: (req: { method: string; url: string; id: unknown }) => ({
-            id: req.id,
-            method: req.method,
-            url: loggedUrl(req.url),
-          }),
-          res: (res: { statusCode: number }) => ({ statusCode: res.statusCode }),
-        },
-      }),
-    );
-  } else {
-    // Request lines are not written at this level: a child logger per request would cost a fifth
-    // of the CPU of a manifest request for nothing. Errors are still logged by the layers below.
-    app.use((req, _res, next) => {
-      (req as unknown as { log: Logger }).log = httpLog;
-      next();
-    });
-  }
+  app.use(requestLog(httpLog, access));
 
   app.use((_req, res, next) => {
     res.setHeader('Docker-Distribution-API-Version', 'registry/2.0');
@@ -263,16 +206,19 @@ export function createApp(deps: AppDeps): express.Express {
     // `docker login` checks its credentials here, and every client learns the challenge from
     // it: without credentials this is 401 whenever authentication is on, even for a cache that
     // serves anonymous callers (they come back with an anonymous token, as on Docker Hub).
+    const answer = () => {
+      res.setHeader('Content-Type', 'application/json');
+      res.send('{}');
+    };
     if (access.enabled) {
       const identity = identityOf(res);
       if (!identity.credentialed || !access.served(identity))
         throw new AuthenticationRequiredError('authentication required');
     } else if (defaultPassthrough) {
-      defaultPassthrough.forward(req, res, '/v2/', '', next);
+      defaultPassthrough.ping(req, res, answer, next);
       return;
     }
-    res.setHeader('Content-Type', 'application/json');
-    res.send('{}');
+    answer();
   });
   app.all(['/v2', '/v2/'], methodNotAllowed(READ_METHODS));
 

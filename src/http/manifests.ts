@@ -6,7 +6,6 @@
  * machine, 65,000 for a bare handler). Anything that is not such a request, or whose name does
  * not route to a cache-mode upstream, goes on to express unchanged, errors included.
  */
-import { randomUUID } from 'node:crypto';
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import type { Config } from '../config/schema.js';
 import type { Logger } from '../log/logger.js';
@@ -15,6 +14,7 @@ import { isTag, parseManifestReference } from '../oci/reference.js';
 import type { RepositoryKey } from '../storage/types.js';
 import type { UpstreamServices } from './types.js';
 import { sendError } from './errors.js';
+import { logRequest, type RequestNotes } from './request-log.js';
 import { routeRequest, type Route } from '../routing.js';
 import type { Metrics } from '../metrics.js';
 import type { RecentEvents } from '../status/events.js';
@@ -22,17 +22,6 @@ import { RequestMetrics } from './request-metrics.js';
 import { repositoryLists } from '../access/repositories.js';
 import type { AccessControl } from '../access/types.js';
 import { AuthenticationRequiredError } from '../access/errors.js';
-
-/** What the request log says of a request besides its line. */
-export interface RequestNotes {
-  /** The authenticated user; absent for anonymous callers. */
-  user?: string;
-  upstream?: string;
-  repository?: string;
-  cache?: string;
-  bytes?: number;
-  errorCode?: string;
-}
 
 /** Said of an answer served past its freshness window because the upstream could not confirm it. */
 export const STALE_WARNING = '110 pullcache "stale: upstream not confirmed"';
@@ -226,48 +215,4 @@ function nsParameter(search: string): string | string[] | undefined {
   if (!search.includes('ns=')) return undefined;
   const all = new URLSearchParams(search).getAll('ns');
   return all.length === 0 ? undefined : all.length === 1 ? all[0] : all;
-}
-
-/**
- * The request's id for its log line, also sent back as X-Request-Id: the client's own when it
- * sent a sane one, else a new UUID. Both paths use it (express through pino-http's genReqId).
- */
-export function requestId(req: IncomingMessage, res: ServerResponse): string {
-  const incoming = req.headers['x-request-id'];
-  const id =
-    typeof incoming === 'string' && /^[\w.-]{1,64}$/.test(incoming) ? incoming : randomUUID();
-  res.setHeader('X-Request-Id', id);
-  return id;
-}
-
-/** Most characters of a request's path and query in its log line. */
-const LOGGED_URL = 1024;
-
-/** The URL as the request log shows it: cut at 1 KiB (a path may be as long as a client likes). */
-export function loggedUrl(url: string | undefined): string | undefined {
-  return url !== undefined && url.length > LOGGED_URL ? `${url.slice(0, LOGGED_URL)}...` : url;
-}
-
-/** The same request line pino-http writes for the express routes. */
-function logRequest(
-  log: Logger,
-  req: IncomingMessage,
-  res: ServerResponse,
-  notes: RequestNotes,
-  access: AccessControl,
-): void {
-  const start = performance.now();
-  const id = requestId(req, res);
-  res.once('close', () => {
-    const line = {
-      req: { id, method: req.method, url: loggedUrl(req.url) },
-      res: { statusCode: res.statusCode },
-      responseTime: Math.round(performance.now() - start),
-      ...notes,
-      client: access.clientAddress(req),
-      userAgent: req.headers['user-agent'],
-    };
-    if (res.statusCode >= 500 || !res.writableFinished) log.error(line, 'request failed');
-    else log.info(line, 'request');
-  });
 }

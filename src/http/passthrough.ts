@@ -1,7 +1,8 @@
 /**
  * Passthrough upstreams: requests, pushes included, go to the upstream unchanged through
  * http-proxy. Nothing is cached; the client's own Authorization is forwarded; Location headers
- * that point into the upstream's /v2/ are rewritten to point at pullcache.
+ * that point into the upstream's /v2/ are rewritten to point at pullcache. The default upstream's
+ * `/v2/` ping goes there too, unless it cannot be reached.
  */
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import httpProxy from 'http-proxy';
@@ -49,12 +50,52 @@ export class Passthrough {
     prefix: string,
     onError: (err: unknown) => void,
   ): void {
+    this.send(req, res, path, prefix, (err) => {
+      this.log.warn({ upstream: this.name, err: err.message }, 'passthrough request failed');
+      onError(this.unavailable(err));
+    });
+  }
+
+  /**
+   * Forwards the `/v2/` ping, whose answer (any status: a 401's challenge above all) tells clients
+   * how to authenticate. When the upstream cannot be reached, `local` answers it instead: clients
+   * give up on a failed ping, before asking for what the other upstreams could serve them.
+   */
+  ping(
+    req: IncomingMessage,
+    res: ServerResponse,
+    local: () => void,
+    onError: (err: unknown) => void,
+  ): void {
+    this.send(req, res, '/v2/', '', (err) => {
+      if (res.headersSent) {
+        // Cut while the upstream's answer went out: nothing else can be said.
+        this.log.warn({ upstream: this.name, err: err.message }, 'passthrough request failed');
+        onError(this.unavailable(err));
+        return;
+      }
+      this.log.warn(
+        { upstream: this.name, err: err.message },
+        'passthrough upstream unreachable: /v2/ answered by pullcache',
+      );
+      local();
+    });
+  }
+
+  private send(
+    req: IncomingMessage,
+    res: ServerResponse,
+    path: string,
+    prefix: string,
+    onError: (err: Error) => void,
+  ): void {
     req.url = path;
     this.prefixes.set(req, prefix);
-    this.proxy.web(req, res, {}, (err) => {
-      this.log.warn({ upstream: this.name, err: err.message }, 'passthrough request failed');
-      onError(new UnavailableError(`upstream ${this.name} is unavailable: ${err.message}`));
-    });
+    this.proxy.web(req, res, {}, onError);
+  }
+
+  private unavailable(err: Error): UnavailableError {
+    return new UnavailableError(`upstream ${this.name} is unavailable: ${err.message}`);
   }
 
   close(): void {

@@ -2,7 +2,8 @@
  * What every client request adds to the metrics when its answer ends (or is cut): its kind,
  * method, status and duration; for a GET of a manifest or blob answered with its content, the
  * bytes served from the cache or the upstream (and distribution's proxy counters); for a request
- * pullcache refused (a 4xx other than 404), an entry in the recent events with its reason.
+ * pullcache refused (a 4xx other than 404, and other than a 401 challenge to a request that sent
+ * no credentials), an entry in the recent events with its reason.
  * Both paths use it: express through `middleware`, the manifest fast path through `record`.
  */
 import type { IncomingMessage, ServerResponse } from 'node:http';
@@ -56,25 +57,27 @@ export class RequestMetrics {
       const started = performance.now();
       const socket = req.socket;
       const sentBefore = socket.bytesWritten;
+      // As it came: a passthrough upstream is not sent pullcache's own credentials.
+      const credentialed = req.headers.authorization !== undefined;
       res.once('close', () => {
         const url = req.originalUrl;
         const query = url.indexOf('?');
         const kind = requestKind(query < 0 ? url : url.slice(0, query));
         const notes = res.locals as AnswerNotes;
-        let bytes = notes.bytes;
-        // Cut short (the client left): what went out, headers included, at most the body.
-        if (bytes !== undefined && !res.writableFinished)
-          bytes = Math.max(0, Math.min(bytes, socket.bytesWritten - sentBefore));
-        this.record(req, res, this.cells(kind, req.method), kind, started, {
-          ...notes,
-          ...(bytes !== undefined ? { bytes } : {}),
-        });
+        // Cut short (the client left, the source broke off): what went out, headers included, at
+        // most the body. The request line (pino-http's listener comes after this one) logs it too.
+        if (notes.bytes !== undefined && !res.writableFinished)
+          notes.bytes = Math.max(0, Math.min(notes.bytes, socket.bytesWritten - sentBefore));
+        this.record(req, res, this.cells(kind, req.method), kind, started, notes, credentialed);
       });
       next();
     };
   }
 
-  /** Adds one ended request; `started` is its performance.now() at arrival. */
+  /**
+   * Adds one ended request; `started` is its performance.now() at arrival, `credentialed` whether
+   * it came with an Authorization header.
+   */
   record(
     req: IncomingMessage,
     res: ServerResponse,
@@ -82,6 +85,7 @@ export class RequestMetrics {
     kind: HttpKind,
     started: number,
     notes: AnswerNotes,
+    credentialed = req.headers.authorization !== undefined,
   ): void {
     const status = res.statusCode;
     cells.status(status).value++;
@@ -91,11 +95,20 @@ export class RequestMetrics {
       notes.upstream !== undefined &&
       (kind === 'manifest' || kind === 'blob') &&
       req.method === 'GET' &&
-      (status === 200 || status === 206 || status === 304)
+      // With its content: a 304 sends none, and is neither served nor a hit.
+      (status === 200 || status === 206)
     ) {
       countServed(this.servedCells(notes.upstream, kind), notes.cache === 'hit', notes.bytes ?? 0);
     }
-    if (this.events && status >= 400 && status < 500 && status !== 404) {
+    if (
+      this.events &&
+      status >= 400 &&
+      status < 500 &&
+      status !== 404 &&
+      // A 401 to a request without credentials is the authentication handshake (every client's
+      // first ping gets one), not a refusal: it would push the real ones out of the few kept.
+      (status !== 401 || credentialed)
+    ) {
       this.events.refused({
         client: this.clientAddress(req) ?? 'unknown',
         method: req.method ?? '',

@@ -1,16 +1,23 @@
 /**
  * What a passthrough upstream is sent after the name: each segment checked (a reference, a
  * digest, an upload id) and sent decoded, so that no `..%2F` leaves the repository the lists and
- * rules were asked about; and a cross-repository mount's `from` checked as a pull of it would be,
- * and named as the upstream knows it.
+ * rules were asked about; a cross-repository mount's `from` checked as a pull of it would be,
+ * and named as the upstream knows it; and the `/v2/` ping of a default passthrough upstream.
  */
+import { mkdtempSync } from 'node:fs';
+import { createServer } from 'node:http';
+import type { AddressInfo } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { basic, htpasswdFile } from '../helpers/htpasswd.js';
 import { ociError, rawRequest } from '../helpers/http.js';
 import { makeImage, pushBlob, pushImage, type Image } from '../helpers/images.js';
-import { startPullcache, type TestPullcache } from '../helpers/pullcache.js';
+import { freePort } from '../helpers/net.js';
+import { capturedLog, startPullcache, type TestPullcache } from '../helpers/pullcache.js';
 import { Recorder } from '../helpers/recorder.js';
 import { TestRegistry } from '../helpers/registry.js';
+import { expectDirHolds, skopeoCopy } from '../helpers/skopeo.js';
 
 describe('passthrough requests', () => {
   let registry: TestRegistry;
@@ -199,5 +206,60 @@ describe('passthrough requests', () => {
     });
     expect(await mount(open, `mount=${digest}`, pusher)).toMatchObject({ status: 202 });
     expect(recorder.count('POST', /^\/v2\/public\/app\/blobs\/uploads\/$/)).toBe(4);
+  });
+
+  test('the ping goes to a default passthrough upstream that answers, and is answered here when it cannot be reached', async () => {
+    // It answers (401, its challenge): the client learns the upstream's auth from it.
+    const ping = await fetch(`${open.url}/v2/`);
+    expect(ping.status).toBe(401);
+    expect(ping.headers.get('www-authenticate')).toMatch(/^Bearer realm=/);
+
+    // Down (a closed port) or silent (a timeout): the ping is answered here, with a warning, and
+    // the cached upstream still serves.
+    const silent = createServer(() => {}); // takes connections, never answers
+    await new Promise<void>((resolve) => silent.listen(0, '127.0.0.1', resolve));
+    const cases = [
+      [`http://127.0.0.1:${await freePort()}`, /ECONNREFUSED/],
+      [`http://127.0.0.1:${(silent.address() as AddressInfo).port}`, /socket hang up/],
+    ] as const;
+    try {
+      for (const [url, reason] of cases) {
+        const captured = capturedLog('info');
+        const down = await startPullcache(
+          {
+            upstreams: {
+              'docker.io': { url: registry.url },
+              'passthru.test': { url, mode: 'passthrough', timeouts: { headers: '500ms' } },
+            },
+            routing: { default: 'passthru.test' },
+          },
+          undefined,
+          { log: captured.log },
+        );
+        try {
+          const local = await fetch(`${down.url}/v2/`);
+          expect({ url, status: local.status, body: await local.text() }).toEqual({
+            url,
+            status: 200,
+            body: '{}',
+          });
+          expect(
+            captured.lines.find((l) => /\/v2\/ answered by pullcache/.test(String(l.msg))),
+          ).toMatchObject({
+            level: 40,
+            upstream: 'passthru.test',
+            err: expect.stringMatching(reason),
+          });
+          const dir = mkdtempSync(join(tmpdir(), 'pullcache-passthrough-'));
+          await skopeoCopy(down.host, 'docker.io/public/app:v1', dir);
+          expectDirHolds(dir, app);
+        } finally {
+          await down.stop();
+        }
+      }
+    } finally {
+      silent.closeAllConnections();
+      silent.close();
+    }
   });
 });

@@ -9,6 +9,7 @@ import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { Registry } from 'prom-client';
 import { CellCounter, CellHistogram } from '../../src/metric-cells.js';
+import type { Status } from '../../src/status/status.js';
 import { HubLike } from '../helpers/hub-like.js';
 import { makeImage, pushImage, type Image } from '../helpers/images.js';
 import { freePort, waitFor } from '../helpers/net.js';
@@ -123,6 +124,36 @@ describe('metrics after real pulls', () => {
     ).toBe(1);
     // A 404 from the upstream is an answer, not a failure; HEAD and the 405 add no served bytes.
     expect(sum(samples, 'registry_proxy_requests_total', { type: 'manifest' })).toBe(2);
+  });
+
+  test('a 304 (the client has it already) is no GET served and no hit, in the metrics and the status', async () => {
+    const hits = async () =>
+      ((await (await fetch(`${pc.url}/_pullcache/v1/status`)).json()) as Status).traffic.hits;
+    const before = (await scrape(pc.url)).samples;
+    const hitsBefore = await hits();
+    for (const [path, digest] of [
+      ['/v2/library/alpine/manifests/3.20', alpine.digest],
+      [`/v2/library/alpine/blobs/${alpine.blobs[1]!.digest}`, alpine.blobs[1]!.digest],
+    ] as const) {
+      const res = await fetch(`${pc.url}${path}`, {
+        headers: { accept: alpine.mediaType, 'if-none-match': `"${digest}"` },
+      });
+      expect({ path, status: res.status }).toEqual({ path, status: 304 });
+    }
+    const after = (await scrape(pc.url)).samples;
+    for (const name of [
+      'registry_proxy_requests_total',
+      'registry_proxy_hits_total',
+      'registry_proxy_misses_total',
+      'pullcache_served_bytes_total',
+    ])
+      expect({ name, value: sum(after, name) }).toEqual({ name, value: sum(before, name) });
+    expect(await hits()).toBe(hitsBefore);
+    // Still an answered request.
+    for (const kind of ['manifest', 'blob'])
+      expect(
+        sum(after, 'pullcache_http_requests_total', { kind, method: 'GET', status: '304' }),
+      ).toBe(1);
   });
 });
 

@@ -1,0 +1,145 @@
+/**
+ * The request log: a line per request when its answer ends or is cut, at info (`request`), or
+ * at error (`request failed`) for a 5xx or an answer that did not finish, with why. Express's
+ * routes get theirs from pino-http (`requestLog`), the manifest fast path from `logRequest`;
+ * both write the same fields.
+ */
+import { randomUUID } from 'node:crypto';
+import type { IncomingMessage, ServerResponse } from 'node:http';
+import type { RequestHandler, Response } from 'express';
+import { pinoHttp } from 'pino-http';
+import type { AccessControl } from '../access/types.js';
+import type { Logger } from '../log/logger.js';
+import { ADMIN_PREFIX } from './admin.js';
+import { sentErrorMessage } from './errors.js';
+import { UI_PREFIX } from './status-page.js';
+
+/** What the request log says of a request besides its line. */
+export interface RequestNotes {
+  /** The authenticated user; absent for anonymous callers. */
+  user?: string;
+  upstream?: string;
+  repository?: string;
+  cache?: string;
+  bytes?: number;
+  errorCode?: string;
+}
+
+/** Express's request lines, or at a level that writes none, `req.log` for the layers below. */
+export function requestLog(httpLog: Logger, access: AccessControl): RequestHandler {
+  if (!httpLog.isLevelEnabled('info')) {
+    // Request lines are not written at this level: a child logger per request would cost a fifth
+    // of the CPU of a manifest request for nothing. Errors are still logged by the layers below.
+    return (req, _res, next) => {
+      (req as unknown as { log: Logger }).log = httpLog;
+      next();
+    };
+  }
+  return pinoHttp({
+    logger: httpLog,
+    genReqId: requestId,
+    autoLogging: {
+      ignore: (req) =>
+        req.url === '/healthz' ||
+        req.url === '/readyz' ||
+        req.url === '/metrics' ||
+        // The status page's polls and files: a line every few seconds per open page.
+        req.url === `${ADMIN_PREFIX}/status` ||
+        req.url?.startsWith(`${UI_PREFIX}/`) === true,
+    },
+    // An answer cut short (the client left, the upstream broke off) failed, whatever its
+    // status said when the headers went out.
+    customLogLevel: (_req, res, err) => (err || answerFailed(res) ? 'error' : 'info'),
+    customSuccessMessage: (_req, res) => (answerFailed(res) ? 'request failed' : 'request'),
+    customErrorMessage: () => 'request failed',
+    customSuccessObject: (_req, res, value: Record<string, unknown>) =>
+      answerFailed(res) ? { ...value, err: failureCause(res) } : value,
+    // A 5xx says why with the error it was answered with; pino-http's synthetic "failed with
+    // status code" error (with its stack) says nothing more.
+    customErrorObject: (_req, res, err, value: Record<string, unknown>) =>
+      err instanceof Error && err.message.startsWith('failed with status code')
+        ? { ...value, err: failureCause(res) }
+        : value,
+    // Called when the request comes (its fields go on every line the request logs) and again
+    // for the request line, which has the first call's fields already: each once.
+    customProps: (req, res) => {
+      if (!res.writableEnded && !res.destroyed)
+        return { client: access.clientAddress(req), userAgent: req.headers['user-agent'] };
+      const l = (res as unknown as Response).locals ?? {};
+      return {
+        user: l.user,
+        upstream: l.upstream,
+        repository: l.repository,
+        cache: l.cache,
+        bytes: l.bytes,
+        errorCode: l.errorCode,
+      };
+    },
+    serializers: {
+      req: (req: { method: string; url: string; id: unknown }) => ({
+        id: req.id,
+        method: req.method,
+        url: loggedUrl(req.url),
+      }),
+      res: (res: { statusCode: number }) => ({ statusCode: res.statusCode }),
+    },
+  });
+}
+
+/**
+ * The request's id for its log line, also sent back as X-Request-Id: the client's own when it
+ * sent a sane one, else a new UUID. Both paths use it (express through pino-http's genReqId).
+ */
+export function requestId(req: IncomingMessage, res: ServerResponse): string {
+  const incoming = req.headers['x-request-id'];
+  const id =
+    typeof incoming === 'string' && /^[\w.-]{1,64}$/.test(incoming) ? incoming : randomUUID();
+  res.setHeader('X-Request-Id', id);
+  return id;
+}
+
+/** Most characters of a request's path and query in its log line. */
+const LOGGED_URL = 1024;
+
+/** The URL as the request log shows it: cut at 1 KiB (a path may be as long as a client likes). */
+export function loggedUrl(url: string | undefined): string | undefined {
+  return url !== undefined && url.length > LOGGED_URL ? `${url.slice(0, LOGGED_URL)}...` : url;
+}
+
+/** The manifest fast path's request line: the same one `requestLog` writes for express. */
+export function logRequest(
+  log: Logger,
+  req: IncomingMessage,
+  res: ServerResponse,
+  notes: RequestNotes,
+  access: AccessControl,
+): void {
+  const start = performance.now();
+  const id = requestId(req, res);
+  res.once('close', () => {
+    const line = {
+      req: { id, method: req.method, url: loggedUrl(req.url) },
+      res: { statusCode: res.statusCode },
+      responseTime: Math.round(performance.now() - start),
+      ...notes,
+      client: access.clientAddress(req),
+      userAgent: req.headers['user-agent'],
+    };
+    if (answerFailed(res)) log.error({ ...line, err: failureCause(res) }, 'request failed');
+    else log.info(line, 'request');
+  });
+}
+
+/** Whether a request's line says "request failed": a 5xx, or an answer cut before its end. */
+function answerFailed(res: ServerResponse): boolean {
+  return res.statusCode >= 500 || !res.writableFinished;
+}
+
+/**
+ * Why an answer failed, for its request line: the error it was answered with, or the one that
+ * cut it. The cause may be on a line of its own (an upstream's warning): this one ties it to the
+ * request.
+ */
+function failureCause(res: ServerResponse): string | undefined {
+  return sentErrorMessage(res) ?? res.errored?.message;
+}
