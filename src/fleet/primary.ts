@@ -5,8 +5,9 @@
  * so that a cold blob is fetched by one worker and followed by the others, passes on to the
  * others what a worker removed from storage (forget.ts), replaces a worker that dies (its clients
  * are cut, the others' are not), gathers the workers' metrics and status for a scrape or the
- * status page (cluster-metrics.ts, cluster-status.ts), and on SIGTERM or SIGINT stops every
- * worker gracefully, then itself.
+ * status page (cluster-metrics.ts, cluster-status.ts) and keeps the counts of the workers that
+ * died in them (kept-counts.ts: the host's counters never go down while it lives), and on
+ * SIGTERM or SIGINT stops every worker gracefully, then itself.
  *
  * A worker that exits before it ever listened (storage that takes no write, a port in use) is
  * not replaced: every worker would fail the same way, so the primary stops them all and exits

@@ -529,6 +529,92 @@ describe('workers on one host, an upstream that sends corrupt bytes', () => {
   });
 });
 
+/**
+ * Every sample of the counters and histograms (buckets, sums, counts) in a scrape, by series:
+ * its name and its labels in order.
+ */
+function countedSeries(text: string): Map<string, number> {
+  const types = new Map<string, string>();
+  const series = new Map<string, number>();
+  for (const line of text.split('\n')) {
+    const type = /^# TYPE (\S+) (\S+)$/.exec(line);
+    if (type) types.set(type[1]!, type[2]!);
+    const sample = /^([\w:]+)(?:\{(.*)\})? (\S+)$/.exec(line);
+    if (!sample) continue;
+    const [, name, labels, value] = sample as unknown as [
+      string,
+      string,
+      string | undefined,
+      string,
+    ];
+    const family = types.has(name) ? name : name.replace(/_(bucket|sum|count)$/, '');
+    if (!['counter', 'histogram'].includes(types.get(family) ?? '')) continue;
+    const sorted = [...(labels ?? '').matchAll(/(\w+)="((?:[^"\\]|\\.)*)"/g)]
+      .map((m) => m[0])
+      .sort();
+    series.set(`${name}{${sorted.join(',')}}`, Number(value));
+  }
+  return series;
+}
+
+describe('workers on one host, a worker killed', () => {
+  let registry: TestRegistry;
+  let pc: WorkersServer;
+
+  beforeAll(async () => {
+    registry = await TestRegistry.start();
+    pc = await startWorkers({ upstream: registry.url, workers: 2 });
+  }, 60_000);
+  afterAll(async () => {
+    await pc?.stop();
+    await registry?.close();
+  });
+
+  test("the host's counters and traffic keep a killed worker's counts: none goes down", async () => {
+    const image = makeImage('org/counted', 'v1', 'oci', [300_000, 200_000]);
+    await pushImage(registry, image);
+    const [one, two] = pc.workers() as [number, number];
+    // Worker one fetches the image (misses), worker two serves it from storage (hits).
+    for (const pid of [one, two]) {
+      const agent = await connectionTo(pc, pid);
+      try {
+        await pull(pc, agent, image);
+      } finally {
+        agent.destroy();
+      }
+    }
+    const read = async () => {
+      const metrics = countedSeries((await get(`${pc.url}/metrics`)).body.toString());
+      const s = JSON.parse((await get(`${pc.url}/_pullcache/v1/status`)).body.toString()) as Status;
+      return { metrics, s };
+    };
+    const before = await read();
+    // Both workers' counts are in: every blob served by each, fetched by one.
+    const blobs = 'pullcache_http_requests_total{kind="blob",method="GET",status="200"}';
+    expect(before.metrics.get(blobs)).toBe(2 * image.blobs.length);
+    const served = image.blobs.length + 1;
+    expect([before.s.traffic.hits, before.s.traffic.misses]).toEqual([served, served]);
+    const listened = pc.lines.filter((l) => l.msg === 'pullcache listening').length;
+    process.kill(one, 'SIGKILL');
+    await pc.waitForWorkers(2, listened + 1);
+    expect(pc.workers()).not.toContain(one);
+    const after = await read();
+    const dropped = [...before.metrics]
+      .filter(([series, n]) => (after.metrics.get(series) ?? 0) < n)
+      .map(([series, n]) => `${series}: ${n} -> ${after.metrics.get(series)}`);
+    expect(dropped).toEqual([]);
+    expect(after.metrics.get(blobs)).toBe(2 * image.blobs.length);
+    const keys = ['hits', 'misses', 'hitBytes', 'missBytes', 'upstreamBytes'] as const;
+    for (const key of keys) {
+      expect(after.s.traffic[key], key).toBeGreaterThanOrEqual(before.s.traffic[key]);
+      // The chart's last point is the totals of now.
+      expect(after.s.history.points.at(-1)![key], key).toBe(after.s.traffic[key]);
+    }
+    expect([after.s.traffic.hits, after.s.traffic.misses]).toEqual([served, served]);
+    expect(after.s.startedAt <= before.s.startedAt).toBe(true);
+  }, 150_000);
+});
+
 describe('starting workers', () => {
   test('server.workers: 0 serves with one worker per core', async () => {
     const pc = await startWorkers({
