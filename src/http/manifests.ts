@@ -109,7 +109,9 @@ export async function serveManifest(
     ({ mediaType, size } = stat.link);
     fromUpstream ||= stat.fromUpstream === true;
   } else {
-    const manifest = await services.manifests.get(repo, digest);
+    // After a tag the upstream was asked for, the manifest is what that answer brought (or the
+    // tag service fetched): counted with the tag's miss, not as a hit of its own.
+    const manifest = await services.manifests.get(repo, digest, { counted: !fromUpstream });
     if (!manifest.found) throw new ManifestUnknownError(`${repo.repository}@${digest}`);
     mediaType = manifest.link.mediaType;
     body = manifest.bytes;

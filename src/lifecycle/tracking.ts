@@ -217,8 +217,12 @@ export class TrackedManifestService implements ManifestService {
     if (result.found) this.lifecycle.pulled(repo, digest, { manifest: true });
     return result;
   }
-  async get(repo: RepositoryKey, digest: Digest): Promise<ManifestResult> {
-    const result = await this.inner.get(repo, digest);
+  async get(
+    repo: RepositoryKey,
+    digest: Digest,
+    options?: { counted?: boolean },
+  ): Promise<ManifestResult> {
+    const result = await this.inner.get(repo, digest, options);
     if (result.found) this.lifecycle.pulled(repo, digest, { manifest: true });
     return result;
   }

@@ -42,25 +42,33 @@ export class ProxyManifestStore implements ManifestService {
     return fetched.found ? { found: true, link: fetched.link, fromUpstream: true } : fetched;
   }
 
-  async get(repo: RepositoryKey, digest: Digest): Promise<ManifestResult> {
+  async get(
+    repo: RepositoryKey,
+    digest: Digest,
+    { counted = true }: { counted?: boolean } = {},
+  ): Promise<ManifestResult> {
     const local = await this.local.get(repo, digest);
+    const count = (cache: 'hit' | 'miss') => {
+      if (counted) this.metrics.requests.inc({ upstream: repo.upstream, kind: 'manifest', cache });
+    };
     if (local.found) {
-      this.metrics.requests.inc({ upstream: repo.upstream, kind: 'manifest', cache: 'hit' });
+      count('hit');
       return local;
     }
-    this.metrics.requests.inc({ upstream: repo.upstream, kind: 'manifest', cache: 'miss' });
+    count('miss');
     return this.flights.run(`${repo.upstream}/${repo.repository}@${digest}`, async () => {
       // A flight for this digest may have ended between the read above and this one starting.
       const again = await this.local.get(repo, digest);
       if (again.found) return again;
       let fetched: FetchedManifest;
+      const started = Date.now();
       try {
         fetched = await this.client.getManifest(repo.repository, digest);
       } catch (err) {
         if (err instanceof UpstreamNotFoundError) return { found: false };
         throw err;
       }
-      const link = await this.keep(repo, fetched);
+      const link = await this.keep(repo, fetched, started);
       return { found: true, link, bytes: fetched.bytes, fromUpstream: true };
     });
   }
@@ -74,8 +82,12 @@ export class ProxyManifestStore implements ManifestService {
     return this.local.put(repo, bytes, digest, mediaType);
   }
 
-  /** Stores a manifest fetched from the upstream (by digest or by tag). */
-  async keep(repo: RepositoryKey, fetched: FetchedManifest): Promise<ManifestLink> {
+  /** Stores a manifest fetched from the upstream (by digest or by tag) since `started` (ms). */
+  async keep(
+    repo: RepositoryKey,
+    fetched: FetchedManifest,
+    started: number,
+  ): Promise<ManifestLink> {
     let mediaType: string;
     try {
       mediaType = parseManifest(fetched.bytes, fetched.mediaType).mediaType;
@@ -110,6 +122,7 @@ export class ProxyManifestStore implements ManifestService {
         digest: fetched.digest,
         mediaType: stored,
         bytes: fetched.size,
+        durationMs: Date.now() - started,
       },
       'manifest fetched',
     );

@@ -99,7 +99,7 @@ export class ProxyTagService implements TagService {
         let fromUpstream = false;
         if (head.digest !== known.digest) {
           // The tag moved: fetch the new manifest by digest (stored if new), then record the tag.
-          const fetched = await this.manifests.get(repo, head.digest);
+          const fetched = await this.manifests.get(repo, head.digest, { counted: false });
           if (!fetched.found)
             throw new UpstreamNotFoundError(this.client.name, `manifest ${head.digest}`);
           fromUpstream = fetched.fromUpstream === true;
@@ -111,8 +111,9 @@ export class ProxyTagService implements TagService {
         await this.record(repo, tag, head.digest);
         return { found: true, digest: head.digest, confirmedAt: this.now(), fromUpstream };
       }
+      const started = Date.now();
       const fetched = await this.client.getManifest(repo.repository, tag);
-      await this.manifests.keep(repo, fetched);
+      await this.manifests.keep(repo, fetched, started);
       await this.record(repo, tag, fetched.digest);
       return { found: true, digest: fetched.digest, confirmedAt: this.now(), fromUpstream: true };
     } catch (err) {

@@ -365,8 +365,15 @@ export interface BlobService {
 export interface ManifestService {
   /** `{found:false}` when the repository holds no such manifest. */
   stat(repo: RepositoryKey, digest: Digest): Promise<ManifestStat>;
-  /** The bytes as they were stored, with their media type. */
-  get(repo: RepositoryKey, digest: Digest): Promise<ManifestResult>;
+  /**
+   * The bytes as they were stored, with their media type. `counted: false`: not a lookup of its
+   * own in the metrics (the manifest a tag lookup has just fetched, or fetches for itself).
+   */
+  get(
+    repo: RepositoryKey,
+    digest: Digest,
+    options?: { counted?: boolean },
+  ): Promise<ManifestResult>;
   /** Stores verified manifest bytes and links them to the repository. */
   put(repo: RepositoryKey, bytes: Buffer, digest: Digest, mediaType: string): Promise<ManifestLink>;
 }

@@ -51,6 +51,10 @@ describe('metrics after real pulls', () => {
     expect(sum(cold, 'registry_proxy_pulled_bytes_total', { type: 'blob' })).toBe(blobBytes);
     expect(sum(cold, 'registry_proxy_pushed_bytes_total', { type: 'blob' })).toBe(blobBytes);
     expect(sum(cold, 'registry_proxy_misses_total', { type: 'manifest' })).toBe(1);
+    // The proxy layer's lookups: the tag was a miss, and the manifest it brought is no lookup of
+    // its own (it was counted a hit of a cold cache).
+    expect(sum(cold, 'pullcache_requests_total', { kind: 'tag', cache: 'miss' })).toBe(1);
+    expect(sum(cold, 'pullcache_requests_total', { kind: 'manifest' })).toBe(0);
     expect(
       sum(cold, 'pullcache_served_bytes_total', {
         upstream: 'docker.io',
@@ -84,6 +88,8 @@ describe('metrics after real pulls', () => {
     expect(sum(warm, 'registry_proxy_requests_total', { type: 'blob' })).toBe(2 * blobs);
     // The tag is fresh: its manifest is a hit too, and nothing more was fetched.
     expect(sum(warm, 'registry_proxy_hits_total', { type: 'manifest' })).toBe(1);
+    expect(sum(warm, 'pullcache_requests_total', { kind: 'tag', cache: 'hit' })).toBe(1);
+    expect(sum(warm, 'pullcache_requests_total', { kind: 'manifest', cache: 'hit' })).toBe(1);
     expect(sum(warm, 'registry_proxy_pulled_bytes_total', { type: 'blob' })).toBe(blobBytes);
     expect(sum(warm, 'pullcache_served_bytes_total', { kind: 'blob', cache: 'hit' })).toBe(
       blobBytes,

@@ -171,6 +171,9 @@ describe('the status of a running server', () => {
       ...image.blobs.map(() => 'hit'),
       ...image.blobs.map(() => 'miss'),
     ]);
+    // Each fetch says how long it took, a manifest's as a blob's.
+    for (const msg of ['manifest fetched', 'blob fetched'])
+      expect(lines.find((l) => l.msg === msg)).toMatchObject({ durationMs: expect.any(Number) });
     const get = manifests.find((l) => (l.req as { method: string }).method === 'GET')!;
     expect(get).toMatchObject({
       req: { id: expect.any(String), method: 'GET', url: '/v2/org/app/manifests/v1' },
