@@ -1,15 +1,17 @@
 #!/usr/bin/env node
 /**
  * The `pullcache` command: one verb per command. Exit codes: 0 done, 1 failed, 2 used wrongly (an
- * unknown option or command, a missing argument, no command at all; an invalid configuration).
+ * unknown option or command, a missing argument, no command at all; an invalid configuration; an
+ * image reference or upstream name that the config cannot use).
  * A failure is one line on stderr, `pullcache: <what went wrong>`, never a stack trace.
  *
  * A new command: `program.command(...)` through `withCommonOptions` (and `withListenOption` only if
  * it serves), and an action that throws what goes wrong, or `command.error(...)` for a usage
- * error; a command that works on the cache without serving does it in `withRuntime`. Every error
- * ends in `main`'s one error path.
+ * error; a command that works on the cache without serving does it in `withRuntime`, whose
+ * `check` refuses what the config makes a usage error. Every error ends in `main`'s one error
+ * path.
  */
-import { Command, CommanderError, InvalidArgumentError, Option } from 'commander';
+import { Command, CommanderError, Help, InvalidArgumentError, Option } from 'commander';
 import { ConfigError, loadConfig } from './config/load.js';
 import { printConfig } from './config/print.js';
 import type { Config } from './config/schema.js';
@@ -30,6 +32,7 @@ import {
   type SortKey,
 } from './commands/cache.js';
 import { formatBytes } from './config/units.js';
+import { referenceProblems, upstreamProblem } from './commands/references.js';
 import { fetchStatus, formatStatus, runningServer } from './commands/status.js';
 import { createRuntime, type Runtime } from './runtime.js';
 import { serve } from './commands/serve.js';
@@ -63,7 +66,21 @@ function withCommonOptions(command: Command): Command {
     new Option('--log-format <format>', 'log format (log.format)').choices(['json', 'pretty']),
   ];
   for (const option of common) command.addOption(option.helpGroup('Common options:'));
-  return command;
+  // The command's own options (the help option at least) come first in every help: commander
+  // orders the groups by their first option, and the help option is none of them, so a command
+  // with no option of its own listed the common ones first.
+  return command.configureHelp({
+    groupItems<T extends Command | Option>(
+      unsorted: T[],
+      visible: T[],
+      group: (item: T) => string,
+    ): Map<string, T[]> {
+      const groups = new Help().groupItems(unsorted, visible, group);
+      const own = groups.get('Options:');
+      if (own === undefined) return groups;
+      return new Map([['Options:', own], ...[...groups].filter(([name]) => name !== 'Options:')]);
+    },
+  });
 }
 
 /** `--listen`: only for the commands that serve, or show what a server would use. */
@@ -99,6 +116,21 @@ function configFrom(o: CommonOptions): Config {
   }
 }
 
+/**
+ * The command used wrongly in a way commander cannot see (a reference that cannot be used, an
+ * upstream not configured): exit 2, one line per problem, before any work.
+ */
+class UsageError extends Error {
+  constructor(readonly problems: string[]) {
+    super(problems.join('; '));
+  }
+}
+
+/** Throws UsageError when there are problems. */
+function refuse(problems: string[]): void {
+  if (problems.length > 0) throw new UsageError(problems);
+}
+
 const program = new Command()
   .name('pullcache')
   .description('A pull-through caching proxy for OCI/Docker container registries')
@@ -131,14 +163,18 @@ withCommonOptions(
  * Runs a command on the runtime (storage, cache, clients) without serving; closes it after, and
  * exits with the code `work` gives. What `work` throws goes on to `main`, after the runtime is
  * closed; so does any error that escapes it (a stream error, a promise no one waited for).
+ * `check` comes first, before the runtime opens anything: its problems are usage errors.
  */
 async function withRuntime(
   o: CommonOptions,
   work: (runtime: Runtime, config: Config) => Promise<number>,
+  /** What is wrong with the command line given the config: refused before any work. */
+  check: (config: Config) => string[] = () => [],
 ): Promise<void> {
   process.on('uncaughtException', fail);
   process.on('unhandledRejection', fail);
   const config = configFrom(o);
+  refuse(check(config));
   // The command talks to people on stderr; the logger only says what goes wrong.
   const log = createLogger({ level: o.logLevel ?? 'error', format: config.log.format });
   const runtime = await createRuntime(config, log);
@@ -173,28 +209,33 @@ withCommonOptions(
   ) => {
     if (references.length === 0 && !o.file)
       command.error('error: nothing to prefetch: give references or --file');
-    await withRuntime(o, async (runtime, config) => {
-      const refs = [...references];
-      if (o.file) {
-        for (const line of readFileSync(o.file, 'utf8').split('\n')) {
-          const ref = line.replace(/#.*/, '').trim();
-          if (ref) refs.push(ref);
-        }
+    // The file's references are checked with the others, before any image is fetched.
+    const refs = [...references];
+    if (o.file) {
+      for (const line of readFileSync(o.file, 'utf8').split('\n')) {
+        const ref = line.replace(/#.*/, '').trim();
+        if (ref) refs.push(ref);
       }
-      if (refs.length === 0) throw new Error(`nothing to prefetch: ${o.file} names no image`);
-      let platforms: PlatformFilter[] = [];
-      if (o.platform) platforms = parsePlatforms(o.platform);
-      const progress = new Progress();
-      const results = await prefetch(runtime, config, refs, platforms, progress);
-      progress.stop();
-      await tellServer(runtime);
-      const failed = results.filter((r) => !r.ok);
-      console.error(
-        `\n${results.length - failed.length} of ${results.length} images complete; fetched ${formatBytes(progress.bytes('fetched'))}, already cached ${formatBytes(progress.bytes('cached'))}`,
-      );
-      for (const f of failed) console.error(`  failed: ${f.reference}: ${f.error}`);
-      return failed.length === 0 ? 0 : 1;
-    });
+    }
+    if (refs.length === 0) throw new Error(`nothing to prefetch: ${o.file} names no image`);
+    await withRuntime(
+      o,
+      async (runtime, config) => {
+        let platforms: PlatformFilter[] = [];
+        if (o.platform) platforms = parsePlatforms(o.platform);
+        const progress = new Progress();
+        const results = await prefetch(runtime, config, refs, platforms, progress);
+        progress.stop();
+        await tellServer(runtime);
+        const failed = results.filter((r) => !r.ok);
+        console.error(
+          `\n${results.length - failed.length} of ${results.length} images complete; fetched ${formatBytes(progress.bytes('fetched'))}, already cached ${formatBytes(progress.bytes('cached'))}`,
+        );
+        for (const f of failed) console.error(`  failed: ${f.reference}: ${f.error}`);
+        return failed.length === 0 ? 0 : 1;
+      },
+      (config) => referenceProblems(config, refs),
+    );
   },
 );
 
@@ -221,31 +262,35 @@ withCommonOptions(
       throw new Error(
         'refusing to write a bundle to a terminal: redirect standard output, or give -o FILE',
       );
-    await withRuntime(o, async (runtime, config) => {
-      const progress = new Progress();
-      try {
-        const result = await exportBundle(
-          runtime,
-          config,
-          {
-            references,
-            all: Boolean(o.all),
-            output: toStdout
-              ? { stream: process.stdout, name: 'standard output' }
-              : { path: o.output },
-          },
-          progress,
-        );
-        progress.stop();
-        for (const warning of result.warnings) console.error(`  note: ${warning}`);
-        console.error(
-          `\nwrote ${toStdout ? 'the bundle to standard output' : o.output}: ${result.images} images, ${result.blobs} blobs, ${formatBytes(result.bytes)}`,
-        );
-        return 0;
-      } finally {
-        progress.stop();
-      }
-    });
+    await withRuntime(
+      o,
+      async (runtime, config) => {
+        const progress = new Progress();
+        try {
+          const result = await exportBundle(
+            runtime,
+            config,
+            {
+              references,
+              all: Boolean(o.all),
+              output: toStdout
+                ? { stream: process.stdout, name: 'standard output' }
+                : { path: o.output },
+            },
+            progress,
+          );
+          progress.stop();
+          for (const warning of result.warnings) console.error(`  note: ${warning}`);
+          console.error(
+            `\nwrote ${toStdout ? 'the bundle to standard output' : o.output}: ${result.images} images, ${result.blobs} blobs, ${formatBytes(result.bytes)}`,
+          );
+          return 0;
+        } finally {
+          progress.stop();
+        }
+      },
+      (config) => referenceProblems(config, references),
+    );
   },
 );
 
@@ -324,15 +369,23 @@ withCommonOptions(
     )
     .option('--json', 'print a JSON array (references, digest, size, lastPulled, pinned...)'),
 ).action(async (o: CommonOptions & { upstream?: string; sort: SortKey; json?: boolean }) => {
-  await withRuntime(o, async (runtime, config) => {
-    const admin = await openCacheAdmin(runtime, config);
-    const images = sortImages(
-      (await admin.images()).filter((i) => o.upstream === undefined || i.upstream === o.upstream),
-      o.sort,
-    );
-    process.stdout.write(o.json ? `${JSON.stringify(images, null, 2)}\n` : formatImages(images));
-    return 0;
-  });
+  await withRuntime(
+    o,
+    async (runtime, config) => {
+      const admin = await openCacheAdmin(runtime, config);
+      const images = sortImages(
+        (await admin.images()).filter((i) => o.upstream === undefined || i.upstream === o.upstream),
+        o.sort,
+      );
+      process.stdout.write(o.json ? `${JSON.stringify(images, null, 2)}\n` : formatImages(images));
+      return 0;
+    },
+    // A name not configured would list nothing, like an empty cache: a typo, told as one.
+    (config) => {
+      const problem = o.upstream === undefined ? undefined : upstreamProblem(config, o.upstream);
+      return problem === undefined ? [] : [problem];
+    },
+  );
 });
 
 withCommonOptions(
@@ -354,11 +407,15 @@ withCommonOptions(
     .description('never evict these images (kept in storage; retention.pins lists more)')
     .argument(...REFERENCES_ARGUMENT),
 ).action(async (references: string[], o: CommonOptions) => {
-  await withRuntime(o, async (runtime, config) => {
-    const pins = await (await openCacheAdmin(runtime, config)).pin(references);
-    process.stdout.write(`pinned: ${pins.join(', ')}\n`);
-    return 0;
-  });
+  await withRuntime(
+    o,
+    async (runtime, config) => {
+      const pins = await (await openCacheAdmin(runtime, config)).pin(references);
+      process.stdout.write(`pinned: ${pins.join(', ')}\n`);
+      return 0;
+    },
+    (config) => referenceProblems(config, references),
+  );
 });
 
 withCommonOptions(
@@ -367,12 +424,21 @@ withCommonOptions(
     .description('let these images be evicted again (pins of the config file stay)')
     .argument(...REFERENCES_ARGUMENT),
 ).action(async (references: string[], o: CommonOptions) => {
-  await withRuntime(o, async (runtime, config) => {
-    const notPinned = await (await openCacheAdmin(runtime, config)).unpin(references);
-    for (const reference of notPinned)
-      console.error(`pullcache: ${reference} was not pinned with pullcache pin`);
-    return notPinned.length === 0 ? 0 : 1;
-  });
+  // Each once: a second `unpin a a` would find `a` gone, and call it not pinned.
+  const unique = [...new Set(references)];
+  await withRuntime(
+    o,
+    async (runtime, config) => {
+      const notPinned = await (await openCacheAdmin(runtime, config)).unpin(unique);
+      const unpinned = unique.filter((reference) => !notPinned.includes(reference));
+      // As `pin` says what it did: silence after a change reads as nothing done.
+      if (unpinned.length > 0) process.stdout.write(`unpinned: ${unpinned.join(', ')}\n`);
+      for (const reference of notPinned)
+        console.error(`pullcache: ${reference} was not pinned with pullcache pin`);
+      return notPinned.length === 0 ? 0 : 1;
+    },
+    (config) => referenceProblems(config, unique),
+  );
 });
 
 withCommonOptions(
@@ -382,14 +448,18 @@ withCommonOptions(
     .argument(...REFERENCES_ARGUMENT)
     .option('--dry-run', 'say what would be removed, and remove nothing'),
 ).action(async (references: string[], o: CommonOptions & { dryRun?: boolean }) => {
-  await withRuntime(o, async (runtime, config) => {
-    const report = await (
-      await openCacheAdmin(runtime, config)
-    ).remove(references, Boolean(o.dryRun));
-    process.stdout.write(formatReport(report, 'rm'));
-    for (const problem of report.problems) console.error(`pullcache: ${problem}`);
-    return report.problems.length === 0 ? 0 : 1;
-  });
+  await withRuntime(
+    o,
+    async (runtime, config) => {
+      const report = await (
+        await openCacheAdmin(runtime, config)
+      ).remove(references, Boolean(o.dryRun));
+      process.stdout.write(formatReport(report, 'rm'));
+      for (const problem of report.problems) console.error(`pullcache: ${problem}`);
+      return report.problems.length === 0 ? 0 : 1;
+    },
+    (config) => referenceProblems(config, references),
+  );
 });
 
 withCommonOptions(
@@ -431,6 +501,10 @@ function fail(err: unknown): never {
   if (err instanceof CommanderError) {
     // Commander has said what it had to say; a usage error exits 2, help and version 0.
     process.exit(err.exitCode === 0 ? 0 : 2);
+  }
+  if (err instanceof UsageError) {
+    for (const problem of err.problems) console.error(`pullcache: ${problem}`);
+    process.exit(2);
   }
   const message = err instanceof Error ? err.message : String(err);
   console.error(`pullcache: ${message.split('\n')[0]}`);

@@ -237,11 +237,12 @@ export function formatUsage(u: Usage): string {
 
 export function formatReport(report: RemovalReport, what: string): string {
   const verb = report.dryRun ? 'would remove' : 'removed';
+  const count = report.removed.length;
   const lines = report.removed.map(
     (r) => `${verb} ${r.kind} ${r.name}${r.bytes > 0 ? ` (${formatBytes(r.bytes)})` : ''}`,
   );
   lines.push(
-    `${what}: ${report.removed.length === 0 ? 'nothing to remove' : `${verb} ${report.removed.length} entries, ${formatBytes(report.bytes)}`}`,
+    `${what}: ${count === 0 ? 'nothing to remove' : `${verb} ${count} ${count === 1 ? 'entry' : 'entries'}, ${formatBytes(report.bytes)}`}`,
   );
   return `${lines.join('\n')}\n`;
 }

@@ -9,6 +9,7 @@
 import cluster from 'node:cluster';
 import { ConfigError } from '../config/load.js';
 import type { Config } from '../config/schema.js';
+import { formatDuration } from '../config/units.js';
 import { runPrimary, workerCount } from '../fleet/primary.js';
 import { createLogger } from '../log/logger.js';
 import { startServer, type RunningServer } from '../server.js';
@@ -22,6 +23,8 @@ export async function serve(config: Config): Promise<void> {
     const code = await runPrimary(workerCount(config.server.workers), log, {
       drainTimeout: config.server.drainTimeout,
     });
+    // The last line of a stop: the supervisor knows the whole fleet has gone.
+    if (code === 0) log.info('stopped');
     log.flush(() => process.exit(code));
     return;
   }
@@ -32,7 +35,11 @@ export async function serve(config: Config): Promise<void> {
   const drain = config.server.drainTimeout;
   const close = (server: RunningServer) =>
     void server.close({ drain }).then(
-      () => exit(0),
+      () => {
+        // The last line of a stop, so that a log says the server is gone, not only going.
+        log.info('stopped');
+        exit(0);
+      },
       (err: unknown) => {
         log.error({ err }, 'shutdown failed');
         exit(1);
@@ -46,7 +53,8 @@ export async function serve(config: Config): Promise<void> {
       return;
     }
     stopping = true;
-    log.info({ signal, drainTimeout: drain }, 'shutting down');
+    // In the config's own form ("20s"), not milliseconds under the config's name.
+    log.info({ signal, drainTimeout: formatDuration(drain) }, 'shutting down');
     // The transfers in flight get `drain`; the rest of the closing (storage, Redis) 10 s more.
     const force = setTimeout(() => {
       log.error({ signal }, 'shutdown did not finish in time: exiting anyway');
