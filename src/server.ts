@@ -236,7 +236,7 @@ async function drained(
       server.getConnections((err, count) => resolve(err ? 0 : count)),
     );
   const open = await connections();
-  if (open > 0) log.info({ connections: open, drainTimeout: ms }, 'draining connections');
+  if (open > 0) log.info({ connections: open, drainTimeoutMs: ms }, 'draining connections');
   const idle = setInterval(() => server.closeIdleConnections(), 200);
   try {
     await within(closed, ms, 'drain timeout');
