@@ -3,36 +3,19 @@
  * bytes, credentials in the S3 endpoint; and what it must keep: `pullcache config` loading back
  * as the same config, config/default.yaml usable as a starting point, every problem in one round.
  */
-import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { readFileSync } from 'node:fs';
 import { parse as parseYaml } from 'yaml';
 import { describe, expect, test } from 'vitest';
-import { ConfigError, loadConfig, parseConfig } from '../../src/config/load.js';
+import { loadConfig, parseConfig } from '../../src/config/load.js';
 import { printConfig } from '../../src/config/print.js';
+import { problems, yamlFile } from '../helpers/config.js';
 
 const up = { 'docker.io': { url: 'https://registry-1.docker.io' } };
 /** Node's longest timer: a longer delay fires after 1 ms. */
 const TIMER_LIMIT = 2 ** 31 - 1;
 
-function problems(fn: () => unknown): string[] {
-  try {
-    fn();
-  } catch (err) {
-    if (err instanceof ConfigError) return err.problems;
-    throw err;
-  }
-  return [];
-}
-
 const parsed = (raw: Record<string, unknown>) => parseConfig({ upstreams: up, ...raw });
 const refused = (raw: Record<string, unknown>) => problems(() => parsed(raw));
-
-function yamlFile(text: string): string {
-  const file = join(mkdtempSync(join(tmpdir(), 'pullcache-config-')), 'config.yaml');
-  writeFileSync(file, text);
-  return file;
-}
 
 describe('durations', () => {
   test('one that becomes a timer is at most 24d, an interval more than 0', () => {

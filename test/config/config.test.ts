@@ -4,26 +4,11 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { describe, expect, test } from 'vitest';
-import { ConfigError, loadConfig, parseConfig } from '../../src/config/load.js';
+import { loadConfig, parseConfig } from '../../src/config/load.js';
 import { redactConfig } from '../../src/config/print.js';
+import { problems, yamlFile } from '../helpers/config.js';
 
 const run = promisify(execFile);
-
-function problems(fn: () => unknown): string[] {
-  try {
-    fn();
-  } catch (err) {
-    if (err instanceof ConfigError) return err.problems;
-    throw err;
-  }
-  return [];
-}
-
-function yamlFile(text: string): string {
-  const file = join(mkdtempSync(join(tmpdir(), 'pullcache-config-')), 'config.yaml');
-  writeFileSync(file, text);
-  return file;
-}
 
 describe('config', () => {
   test('config/default.yaml is valid and says exactly what the schema defaults are', () => {
