@@ -10,11 +10,17 @@ import type { UpstreamConfig } from '../config/schema.js';
 import type { Logger } from '../log/logger.js';
 import { UnavailableError } from '../oci/errors.js';
 
+/** While the upstream stays unreachable, the local ping answer is logged once per this long. */
+const PING_WARN_MS = 60_000;
+
 export class Passthrough {
   private readonly proxy: httpProxy;
   private readonly target: URL;
   /** What each client put before the repository name, to put back into Location headers. */
   private readonly prefixes = new WeakMap<IncomingMessage, string>();
+  /** When the last local ping answer was logged, and how many went unlogged since. */
+  private pingWarned = -Infinity;
+  private pingsUnlogged = 0;
 
   constructor(
     readonly name: string,
@@ -74,10 +80,16 @@ export class Passthrough {
         onError(this.unavailable(err));
         return;
       }
-      this.log.warn(
-        { upstream: this.name, err: err.message },
-        'passthrough upstream unreachable: /v2/ answered by pullcache',
-      );
+      // Clients ping before every pull: one line a minute while it stays down, not one per pull.
+      const now = Date.now();
+      if (now - this.pingWarned >= PING_WARN_MS) {
+        this.log.warn(
+          { upstream: this.name, err: err.message, unlogged: this.pingsUnlogged },
+          'passthrough upstream unreachable: /v2/ answered by pullcache',
+        );
+        this.pingWarned = now;
+        this.pingsUnlogged = 0;
+      } else this.pingsUnlogged++;
       local();
     });
   }

@@ -12,6 +12,8 @@ import type { RetentionConfig } from './types.js';
 
 /** How often free space is looked at when blobs are added (it is a system call). */
 const SPACE_CHECK_MS = 1000;
+/** A process that does not own storage tells the owner it is full once per this long at most. */
+const FULL_TOLD_MS = 1000;
 
 export interface BudgetDeps {
   retention: RetentionConfig;
@@ -29,6 +31,8 @@ export interface BudgetDeps {
   /** Logs a failure of background work. */
   warn: (err: unknown) => void;
   now: () => number;
+  /** A process that does not own storage found it full: tells the owner, which evicts. */
+  onFull?: ((bytes: number) => void) | undefined;
 }
 
 export class Budget {
@@ -42,6 +46,10 @@ export class Budget {
   private lastShortfallLog = 0;
   private tooLargeLogged = new Set<Digest>();
   private closed = false;
+  /** The most a full disk asked for since the owner was last told (`onFull`), and when that was. */
+  private untold = 0;
+  private fullToldAt = -Infinity;
+  private fullTimer: NodeJS.Timeout | undefined;
   /**
    * Bytes of blobs being fetched to be kept (`reserve`), counted with the stored ones: a burst
    * of cold fetches makes room as it starts, so storage is held near `maxSize` plus what is
@@ -91,11 +99,30 @@ export class Budget {
   /** Storage ran out of space: evict at least `bytes` more than the budget asks. */
   diskFull(bytes: number): void {
     this.extraToFree = Math.max(this.extraToFree, bytes);
-    this.d.log.warn(
-      { bytes },
-      this.d.isOwner() ? 'storage is full: evicting' : 'storage is full: the owner evicts',
-    );
     this.startEviction();
+    if (this.d.isOwner()) {
+      this.d.log.warn({ bytes }, 'storage is full: evicting');
+      return;
+    }
+    // Only the owner evicts. A full disk fails every write: it is told once a second at most,
+    // and what a second asked for at its end (the most of it: a larger blob may come last).
+    this.untold = Math.max(this.untold, bytes);
+    if (this.fullTimer || this.closed) return;
+    const wait = this.fullToldAt + FULL_TOLD_MS - this.d.now();
+    if (wait <= 0) return this.tellFull();
+    this.fullTimer = setTimeout(() => {
+      this.fullTimer = undefined;
+      this.tellFull();
+    }, wait);
+    this.fullTimer.unref();
+  }
+
+  private tellFull(): void {
+    const bytes = this.untold;
+    this.untold = 0;
+    this.fullToldAt = this.d.now();
+    this.d.log.warn({ bytes }, 'storage is full: the owner evicts');
+    this.d.onFull?.(bytes);
   }
 
   /**
@@ -140,6 +167,7 @@ export class Budget {
   async close(): Promise<void> {
     this.closed = true;
     clearTimeout(this.spaceTimer);
+    clearTimeout(this.fullTimer);
     await this.evicting?.catch(() => {});
   }
 

@@ -36,8 +36,6 @@ import type {
 
 /** How often last-pulled times go to storage: never one write per request. */
 const FLUSH_INTERVAL_MS = 5000;
-/** A non-owner tells the owner that storage is full once per this long at most. */
-const FULL_TOLD_MS = 1000;
 /** How often the owner record is renewed (its TTL is 30 s). */
 const OWNER_RENEW_MS = 10_000;
 
@@ -87,7 +85,6 @@ export class Lifecycle {
   private readonly pins: Pins;
   readonly ownership: Ownership;
   private scanned = false;
-  private fullToldAt = -Infinity;
   private scanning: Promise<void> | undefined;
   /** A recount waiting for its turn: calls meanwhile share it. */
   private queuedRecount: Promise<void> | undefined;
@@ -156,6 +153,7 @@ export class Lifecycle {
       log: this.log,
       warn: (err) => this.warn(err),
       now: this.now,
+      onFull: d.onFull,
     });
     this.sweeper = new Sweeper({
       retention: d.retention,
@@ -338,14 +336,9 @@ export class Lifecycle {
     return this.budget.reserve(bytes);
   }
 
+  /** Storage ran out of space (budget.ts: the owner evicts, another process tells it). */
   diskFull(bytes: number): void {
     this.budget.diskFull(bytes);
-    if (this.ownership.isOwner || !this.d.onFull) return;
-    // Only the owner evicts: it is told, once a second at most (a full disk fails every write).
-    const now = this.now();
-    if (now - this.fullToldAt < FULL_TOLD_MS) return;
-    this.fullToldAt = now;
-    this.d.onFull(bytes);
   }
 
   /** Another process on the storage found it full (`onFull` there): the owner makes room. */

@@ -15,7 +15,10 @@ export interface RetentionConfig {
   lowWater: number;
   /** Images not pulled for this long (ms) are removed by the sweep; 0: never. */
   unusedFor: number;
-  /** How often (ms) the sweep (unusedFor and the collection) runs. */
+  /**
+   * How often (ms) the sweep (unusedFor and the collection) runs; 0 (tests only: the config
+   * refuses it): never on its own.
+   */
   sweepInterval: number;
 }
 

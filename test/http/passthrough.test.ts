@@ -214,7 +214,7 @@ describe('passthrough requests', () => {
     expect(ping.status).toBe(401);
     expect(ping.headers.get('www-authenticate')).toMatch(/^Bearer realm=/);
 
-    // Down (a closed port) or silent (a timeout): the ping is answered here, with a warning, and
+    // Down (a closed port) or silent (a timeout): the ping is answered here, with a warning (once a minute), and
     // the cached upstream still serves.
     const silent = createServer(() => {}); // takes connections, never answers
     await new Promise<void>((resolve) => silent.listen(0, '127.0.0.1', resolve));
@@ -253,6 +253,11 @@ describe('passthrough requests', () => {
           const dir = mkdtempSync(join(tmpdir(), 'pullcache-passthrough-'));
           await skopeoCopy(down.host, 'docker.io/public/app:v1', dir);
           expectDirHolds(dir, app);
+          // Every pull pings first: the warning is not repeated per ping while it stays down.
+          expect((await fetch(`${down.url}/v2/`)).status).toBe(200);
+          expect(
+            captured.lines.filter((l) => /\/v2\/ answered by pullcache/.test(String(l.msg))),
+          ).toHaveLength(1);
         } finally {
           await down.stop();
         }

@@ -16,7 +16,7 @@ import type { StorageDriver } from '../../src/storage/types.js';
 const NOTHING: RemovalReport = { dryRun: false, removed: [], bytes: 0, problems: [] };
 
 /** A budget with no size limit and no minFree (only ENOSPC asks for room), and its evictor. */
-function budgetWith(isOwner: () => boolean, maxSize = 0) {
+function budgetWith(isOwner: () => boolean, maxSize = 0, onFull?: (bytes: number) => void) {
   const asked: number[] = [];
   const running: ReturnType<typeof deferred<RemovalReport>>[] = [];
   let rounds = 0;
@@ -43,6 +43,7 @@ function budgetWith(isOwner: () => boolean, maxSize = 0) {
       throw err;
     },
     now: Date.now,
+    onFull,
   });
   return { budget, asked, running, rounds: () => rounds };
 }
@@ -102,4 +103,24 @@ test('a blob reserved while an eviction runs is measured again once it ends, eve
   first();
   second();
   await budget.close();
+});
+
+test('a process that does not own the storage tells the owner once a second, the most it was asked for', async () => {
+  const told: number[] = [];
+  const { budget } = budgetWith(
+    () => false,
+    0,
+    (bytes) => told.push(bytes),
+  );
+  budget.diskFull(1000);
+  expect(told).toEqual([1000]); // at once
+  budget.diskFull(3000); // within the second: held, the largest kept
+  budget.diskFull(2000);
+  expect(told).toEqual([1000]);
+  await until(() => told.length === 2);
+  expect(told).toEqual([1000, 3000]);
+  budget.diskFull(500);
+  await budget.close(); // nothing told after close
+  await new Promise((r) => setTimeout(r, 1100));
+  expect(told).toEqual([1000, 3000]);
 });
