@@ -79,14 +79,26 @@ export interface ImageLocation {
 }
 
 /**
+ * docker's reference grammar reads a first component with a `.` or a `:`, or `localhost`, as a
+ * registry host: whoever types `quay.io/org/app` means that registry, never a repository
+ * `quay.io/org/app` of the default upstream. (A request's path is read as distribution reads it:
+ * a name is a name there.)
+ */
+export function looksLikeHost(component: string): boolean {
+  return component.includes('.') || component.includes(':') || component === 'localhost';
+}
+
+/**
  * A reference as people write it on a command line, `[upstream/]repository[:tag|@digest]`, with
  * the routing rules of requests: a first component naming a configured upstream selects it,
- * else `routing.default` (so `alpine:3.20` is docker.io's `library/alpine:3.20`).
+ * else `routing.default` (so `alpine:3.20` is docker.io's `library/alpine:3.20`); a first
+ * component that looks like a host and names no configured upstream is UpstreamUnknownError.
  */
 export function parseLocation(config: Config, value: string): ImageLocation {
   const slash = value.indexOf('/');
   const first = slash > 0 ? value.slice(0, slash) : undefined;
   const named = first !== undefined && Object.hasOwn(config.upstreams, first);
+  if (first !== undefined && !named && looksLikeHost(first)) throw new UpstreamUnknownError(first);
   const ref = parseImageReference(named ? value.slice(slash + 1) : value);
   let location: ImageLocation;
   if (named) {

@@ -4,7 +4,7 @@
  * once, rather than a failure found halfway (exit 1) or an image of another upstream.
  */
 import type { Config } from '../config/schema.js';
-import { parseLocation } from '../routing.js';
+import { looksLikeHost, parseLocation } from '../routing.js';
 
 /** The configured upstreams, as the problems below list them. */
 export function configuredUpstreams(config: Config): string {
@@ -18,15 +18,6 @@ const show = (name: string) => (/^[\x21-\x7e]+$/.test(name) ? name : JSON.string
 export function upstreamProblem(config: Config, name: string): string | undefined {
   if (Object.hasOwn(config.upstreams, name)) return undefined;
   return `no upstream ${show(name)} is configured (configured: ${configuredUpstreams(config)})`;
-}
-
-/**
- * docker's reference grammar reads a first component with a `.` or a `:`, or `localhost`, as a
- * registry host: whoever types `quay.io/org/app` means that registry, never a repository
- * `quay.io/org/app` of the default upstream.
- */
-function looksLikeHost(component: string): boolean {
-  return component.includes('.') || component.includes(':') || component === 'localhost';
 }
 
 /** What is wrong with each reference that cannot be used, one line each; empty when none. */

@@ -268,6 +268,36 @@ describe('the admin API without client authentication', () => {
     expect(await listed('?upstream=ghcr.test')).toEqual([]);
     expect(await listed('')).toEqual(['docker.io']);
   });
+
+  test('a reference whose first part looks like a host names that upstream: unconfigured, 400 UPSTREAM_UNKNOWN', async () => {
+    const change = (method: string, path: string, references: string[]) =>
+      send(pc.url, method, `/_pullcache/v1${path}`, JSON_TYPE, JSON.stringify({ references }));
+    for (const [method, path] of [
+      ['POST', '/pins'],
+      ['DELETE', '/pins'],
+      ['POST', '/remove'],
+    ] as const) {
+      // quay.io is not configured: never docker.io's repository "quay.io/org/app".
+      const res = await change(method, path, ['quay.io/org/app:v1']);
+      expect({ method, path, ...(await answer(res)) }).toEqual({
+        method,
+        path,
+        status: 400,
+        code: 'UPSTREAM_UNKNOWN',
+      });
+      expect(res.body.toString()).toContain('quay.io');
+    }
+    const pins = await send(pc.url, 'GET', '/_pullcache/v1/pins');
+    expect(JSON.parse(pins.body.toString())).toEqual({ pins: [] });
+    // A configured upstream's, or the default upstream's (pins are kept as written).
+    const pinned = await change('POST', '/pins', ['ghcr.test/org/app:v1', 'org/app:v1']);
+    expect(JSON.parse(pinned.body.toString())).toMatchObject({
+      pins: ['ghcr.test/org/app:v1', 'org/app:v1'],
+    });
+    expect((await change('DELETE', '/pins', ['ghcr.test/org/app:v1', 'org/app:v1'])).status).toBe(
+      200,
+    );
+  });
 });
 
 describe('the admin API with client authentication', () => {
