@@ -222,6 +222,8 @@ export async function createRuntime(
         config: upstream,
         log,
         metrics,
+        holds: async (repo, subject) =>
+          (await storedRepositories.getManifest(repo, subject)) !== undefined,
       }),
     });
   }

@@ -5,11 +5,13 @@
  * upstream cannot answer. An upstream without the referrers API answers 404; that is served as
  * an empty index, as the spec lets a registry answer, so that clients need no fallback.
  *
- * Only answers that list referrers are written to storage (and an empty one that replaces such
- * an answer kept before): anyone may ask for any repository name, subject digest and set of
- * artifact types, and an empty answer to each would be a file that stays, since garbage
- * collection removes the answers of a subject only with the subject's manifest. Empty answers
- * are remembered in memory instead, a bounded number of them, fresh and stale alike.
+ * Anyone may ask for any repository name, subject digest and set of artifact types, and garbage
+ * collection removes the answers of a subject only with the subject's manifest: an answer kept
+ * for anything else would be a file that stays. So an answer is written to storage only when it
+ * lists referrers, the repository holds the subject's manifest, and each artifact type asked for
+ * is one a referrer listed has (the sets a client can make up are bounded by what the upstream
+ * holds); an answer that replaces one kept before is written too. Every other answer is
+ * remembered in memory, a bounded number of them, fresh and stale alike.
  */
 import { LRUCache } from 'lru-cache';
 import type { UpstreamConfig } from '../config/schema.js';
@@ -41,17 +43,25 @@ export interface ProxyReferrersOptions {
   config: UpstreamConfig;
   log: Logger;
   metrics: Metrics;
+  /** Whether the repository holds the subject's manifest: only then is an answer stored. */
+  holds: (repo: RepositoryKey, subject: Digest) => Promise<boolean>;
   now?: () => number;
 }
 
-/** Empty answers remembered in memory (they are never stored), a few hundred bytes each. */
-const EMPTY_ANSWERS_KEPT = 4096;
+/** Answers remembered in memory (they are not stored): at most so many, and so many bytes. */
+const MEMORY_ANSWERS = 4096;
+const MEMORY_ANSWER_BYTES = 16 * 1024 * 1024;
 
 export class ProxyReferrersService implements ReferrersService {
   private readonly flights = new SingleFlight<ReferrersAnswer>();
-  /** Empty answers, by `key`: kept here rather than in storage. */
-  private readonly empty = new LRUCache<string, ReferrersRecord>({ max: EMPTY_ANSWERS_KEPT });
+  /** Answers not stored, by `key`: remembered here instead. */
+  private readonly memory = new LRUCache<string, ReferrersRecord>({
+    max: MEMORY_ANSWERS,
+    maxSize: MEMORY_ANSWER_BYTES,
+    sizeCalculation: (record, key) => record.index.length + key.length + 64,
+  });
   private readonly local: ReferrersStore;
+  private readonly holds: ProxyReferrersOptions['holds'];
   private readonly client: UpstreamClient;
   private readonly config: UpstreamConfig;
   private readonly log: Logger;
@@ -60,6 +70,7 @@ export class ProxyReferrersService implements ReferrersService {
 
   constructor(options: ProxyReferrersOptions) {
     this.local = options.local;
+    this.holds = options.holds;
     this.client = options.client;
     this.config = options.config;
     this.log = options.log.child({ module: 'proxy-referrers', upstream: options.client.name });
@@ -80,7 +91,7 @@ export class ProxyReferrersService implements ReferrersService {
 
     const key = `${repo.upstream}/${repo.repository}@${subject}?${types.join()}`;
     const stored = await this.local.get(repo, subject, types);
-    const known = stored ?? this.empty.get(key);
+    const known = stored ?? this.memory.get(key);
     if (known && this.now() - known.confirmedAt < this.config.tagTTL) {
       this.metrics.requests.inc({ upstream: repo.upstream, kind: 'referrers', cache: 'hit' });
       return answer(known);
@@ -96,7 +107,7 @@ export class ProxyReferrersService implements ReferrersService {
     );
   }
 
-  /** `kept`: `known` is in storage; `key`: the answer's in `empty`. */
+  /** `kept`: `known` is in storage; `key`: the answer's in `memory`. */
   private async ask(
     repo: RepositoryKey,
     subject: Digest,
@@ -135,13 +146,26 @@ export class ProxyReferrersService implements ReferrersService {
       filtersApplied: types.length > 0 ? [ARTIFACT_TYPE_FILTER] : [],
       confirmedAt: this.now(),
     };
-    if (listed.length > 0 || kept) {
+    if (kept || (await this.mayStore(repo, subject, types, listed))) {
       await this.local.set(repo, subject, types, record);
-      this.empty.delete(key);
+      this.memory.delete(key);
     } else {
-      this.empty.set(key, record);
+      this.memory.set(key, record);
     }
     return answer(record);
+  }
+
+  /** Whether a new answer goes to storage (see the top of this file). */
+  private async mayStore(
+    repo: RepositoryKey,
+    subject: Digest,
+    types: readonly string[],
+    listed: readonly ReferrerDescriptor[],
+  ): Promise<boolean> {
+    if (listed.length === 0) return false;
+    const listedTypes = new Set(listed.map((d) => d.artifactType));
+    if (!types.every((type) => listedTypes.has(type))) return false;
+    return this.holds(repo, subject);
   }
 
   private stale(

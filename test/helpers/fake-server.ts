@@ -1,4 +1,5 @@
 /** In-process HTTP servers, only for faults a real registry cannot be made to produce. */
+import { createHash } from 'node:crypto';
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
 
 export interface FakeServer {
@@ -30,4 +31,37 @@ export async function fakeServer(
         server.close(() => resolve());
       }),
   };
+}
+
+/**
+ * A manifest a fake upstream serves by digest (a referrers subject: an answer is stored only for
+ * a subject the repository holds). `serve` answers its GET or HEAD and says whether it did.
+ */
+export function servedManifest(repository: string, seed: string) {
+  const mediaType = 'application/vnd.oci.image.manifest.v1+json';
+  const bytes = Buffer.from(
+    JSON.stringify({
+      schemaVersion: 2,
+      mediaType,
+      config: {
+        mediaType: 'application/vnd.oci.image.config.v1+json',
+        digest: `sha256:${createHash('sha256').update(seed).digest('hex')}`,
+        size: Buffer.byteLength(seed),
+      },
+      layers: [],
+    }),
+  );
+  const digest = `sha256:${createHash('sha256').update(bytes).digest('hex')}`;
+  const serve = (req: IncomingMessage, res: ServerResponse): boolean => {
+    if (new URL(req.url ?? '/', 'http://fake').pathname !== `/v2/${repository}/manifests/${digest}`)
+      return false;
+    res.writeHead(200, {
+      'content-type': mediaType,
+      'content-length': bytes.length,
+      'docker-content-digest': digest,
+    });
+    res.end(req.method === 'HEAD' ? undefined : bytes);
+    return true;
+  };
+  return { bytes, digest, mediaType, serve };
 }

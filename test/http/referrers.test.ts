@@ -1,6 +1,6 @@
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
-import { fakeServer, type FakeServer } from '../helpers/fake-server.js';
+import { fakeServer, servedManifest, type FakeServer } from '../helpers/fake-server.js';
 import { ociError, rawRequest } from '../helpers/http.js';
 import { makeImage, pushImage, sha256, type Image } from '../helpers/images.js';
 import { startPullcache, type TestPullcache } from '../helpers/pullcache.js';
@@ -103,7 +103,9 @@ function referrer(artifactType: string, n: number): Record<string, unknown> {
 }
 
 describe('referrers from an upstream with the referrers API (in-process fake)', () => {
-  const subject = sha256('the subject manifest');
+  /** Held by the cache (pulled first): only a held subject's answers are stored. */
+  const held = servedManifest('org/signed', 'the subject manifest');
+  const subject = held.digest;
   const signature = referrer(SIGNATURE, 1);
   const sbom = referrer(SBOM, 2);
   let upstream: FakeServer;
@@ -112,6 +114,7 @@ describe('referrers from an upstream with the referrers API (in-process fake)', 
   let ignoresFilter = false;
 
   const handler = (req: IncomingMessage, res: ServerResponse) => {
+    if (held.serve(req, res)) return;
     const url = new URL(req.url ?? '/', 'http://fake');
     const m = /^\/v2\/org\/signed\/referrers\/(sha256:[0-9a-f]{64})$/.exec(url.pathname);
     if (!m || m[1] !== subject) {
@@ -140,6 +143,9 @@ describe('referrers from an upstream with the referrers API (in-process fake)', 
     pc = await startPullcache({
       upstreams: { 'docker.io': { url: upstream.url, tagTTL: '1s' } },
     });
+    const pulled = await fetch(`${pc.url}/v2/org/signed/manifests/${subject}`);
+    expect(pulled.status).toBe(200);
+    await pulled.arrayBuffer();
   });
   afterAll(async () => {
     await pc?.stop();

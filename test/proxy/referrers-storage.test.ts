@@ -2,15 +2,17 @@
  * Referrers answers and storage. Anyone may ask for the referrers of any repository name,
  * subject digest and set of artifact types, so an empty answer (404 from an upstream without the
  * referrers API, an empty index from one with it) is not written to storage, where nothing would
- * ever remove it: it is remembered in memory. An answer that lists referrers is stored (and
- * served across a restart: test/http/referrers.test.ts). Real parts: Debian's docker-registry
- * (distribution 2.8, no referrers API); an in-process fake for a registry with the API.
+ * ever remove it: it is remembered in memory. Nor is one for a subject the repository does not
+ * hold, or for artifact types no referrer listed has. An answer that lists referrers of a held
+ * subject is stored (and served across a restart: test/http/referrers.test.ts). Real parts:
+ * Debian's docker-registry (distribution 2.8, no referrers API); an in-process fake for a
+ * registry with the API.
  */
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
-import { fakeServer, type FakeServer } from '../helpers/fake-server.js';
+import { fakeServer, servedManifest, type FakeServer } from '../helpers/fake-server.js';
 import { snapshot } from '../helpers/files.js';
 import { makeImage, pushImage, sha256, type Image } from '../helpers/images.js';
 import { startPullcache, type TestPullcache } from '../helpers/pullcache.js';
@@ -28,7 +30,8 @@ describe('referrers answers in storage', () => {
   let pc: TestPullcache;
   let image: Image;
   /** The one subject the fake registry lists a referrer of (in org/signed), until emptied. */
-  const subject = sha256('a signed manifest');
+  const signed = servedManifest('org/signed', 'a signed manifest');
+  const subject = signed.digest;
   const signature = {
     mediaType: 'application/vnd.oci.image.manifest.v1+json',
     digest: sha256('{"signature":1}'),
@@ -39,6 +42,7 @@ describe('referrers answers in storage', () => {
 
   /** A registry with the referrers API: an empty index for every subject but one. */
   const handler = (req: IncomingMessage, res: ServerResponse) => {
+    if (signed.serve(req, res)) return;
     const url = new URL(req.url ?? '/', 'http://fake');
     const m = /^\/v2\/(.+)\/referrers\/(sha256:[0-9a-f]{64})$/.exec(url.pathname);
     if (!m) {
@@ -113,11 +117,28 @@ describe('referrers answers in storage', () => {
     expect(recorder.requests.filter((r) => r.path.includes('/referrers/')).length).toBe(asked);
   });
 
-  test('an answer that lists referrers is stored, and an empty one that replaces it too', async () => {
+  test('an answer that lists referrers of a held subject is stored, and an empty one that replaces it too', async () => {
     const path = `api.test/org/signed/referrers/${subject}`;
+    const signatureType = `?artifactType=${encodeURIComponent(SIGNATURE)}`;
+    const madeUp = `${signatureType}&artifactType=${encodeURIComponent('application/x-made-up')}`;
     const before = repositories();
+    // The subject's manifest is not held yet: remembered in memory only.
     expect(await referrers(path)).toEqual([signature]);
-    const added = Object.keys(repositories()).filter((f) => !(f in before));
+    // Nor is an answer filtered by a type no referrer has (any client could make up such sets).
+    expect(await referrers(`${path}${madeUp}`)).toEqual([signature]);
+    expect(repositories()).toEqual(before);
+
+    const pulled = await fetch(`${pc.url}/v2/api.test/org/signed/manifests/${subject}`, {
+      headers: { accept: signed.mediaType },
+    });
+    expect(pulled.status).toBe(200);
+    await pulled.arrayBuffer();
+    const held = repositories();
+    await new Promise((r) => setTimeout(r, 1100)); // past tagTTL: asked again
+    expect(await referrers(`${path}${madeUp}`)).toEqual([signature]);
+    expect(repositories()).toEqual(held);
+    expect(await referrers(path)).toEqual([signature]);
+    const added = Object.keys(repositories()).filter((f) => !(f in held));
     expect(added).toHaveLength(1);
     expect(added[0]).toMatch(/^api\.test\/org\/signed\/_referrers\/sha256\/[0-9a-f]{64}\/all$/);
     const kept = () =>
@@ -131,6 +152,6 @@ describe('referrers answers in storage', () => {
     await new Promise((r) => setTimeout(r, 1100));
     expect(await referrers(path)).toEqual([]);
     expect(kept().manifests).toEqual([]);
-    expect(Object.keys(repositories()).filter((f) => !(f in before))).toEqual(added);
+    expect(Object.keys(repositories()).filter((f) => !(f in held))).toEqual(added);
   });
 });
