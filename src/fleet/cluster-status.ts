@@ -7,9 +7,13 @@
  *
  * The primary holds no status of its own, only each worker's traffic as it last heard of it: the
  * host's traffic and its history must not go down when a worker dies (kept-counts.ts). It hears
- * of it in each `own`, and in a `traffic` report every worker sends every few seconds unasked (a
- * worker killed with SIGKILL says nothing as it dies). It hands back, with the set, the traffic
- * of the workers gone and of those that did not answer in time (`kept`).
+ * of it in each `own`, in a `traffic` report every worker sends every few seconds unasked (a
+ * worker killed with SIGKILL says nothing as it dies), and in the one the worker asked sends
+ * right before its `collect`, with the traffic it then shows: the primary's figures for a worker
+ * are never older than those a client was shown (the asker's own answer is not asked for, and a
+ * worker killed right after it showed the host's totals would have taken the counts since its
+ * last report with it). It hands back, with the set, the traffic of the workers gone and of those
+ * that did not answer in time (`kept`).
  */
 import cluster, { type Worker } from 'node:cluster';
 import type { Status, UpstreamState } from '../status/status.js';
@@ -144,11 +148,13 @@ export function serveClusterStatus(): void {
 }
 
 /**
- * In a worker: answers the primary's asks with `own()`, reports its traffic every few seconds,
- * and gives the host's status (this worker's own when the primary does not answer in time).
+ * In a worker: answers the primary's asks with `own()`, reports its traffic (`traffic()`, which
+ * counts no storage) every few seconds, and gives the host's status (this worker's own when the
+ * primary does not answer in time).
  */
 export function workerStatus(
-  own: (viewer: { admin: boolean }) => Promise<Status>,
+  own: (viewer: { admin: boolean }, traffic?: WorkerTraffic) => Promise<Status>,
+  traffic: () => WorkerTraffic,
 ): (viewer: { admin: boolean }) => Promise<Status> {
   const send = (message: Message) => {
     if (process.connected) process.send?.(message, undefined, {}, () => {});
@@ -162,26 +168,27 @@ export function workerStatus(
   });
   // The samples told so far: each report tells those after, and now.
   let told = -Infinity;
-  const report = setInterval(() => {
+  const report = ({ startedAt, points }: WorkerTraffic) => {
     if (!process.connected) return;
-    void own({ admin: false }).then(
-      ({ startedAt, history: { points } }) => {
-        send({
-          pullcache: 'status',
-          t: 'traffic',
-          startedAt,
-          points: points.filter((p) => p.t > told),
-        });
-        told = points.at(-2)?.t ?? told;
-      },
-      () => {},
-    );
-  }, REPORT_INTERVAL_MS);
-  report.unref();
+    send({
+      pullcache: 'status',
+      t: 'traffic',
+      startedAt,
+      points: points.filter((p) => p.t > told),
+    });
+    told = points.at(-2)?.t ?? told;
+  };
+  const reports = setInterval(() => report(traffic()), REPORT_INTERVAL_MS);
+  reports.unref();
   const ask = askPrimary<Extract<Message, { t: 'all' }>>('status', 'all', COLLECT_TIMEOUT_MS);
   return async (viewer) => {
+    // The traffic shown is told first (the channel keeps the order: the primary hears it before
+    // the collect), so the primary never holds less of this worker than a client was shown: a
+    // worker killed right after it showed the host's totals leaves them whole.
+    const now = traffic();
+    report(now);
     // The primary's answer holds the others' statuses: this worker's is made here, meanwhile.
-    const [mine, all] = await Promise.all([own(viewer), ask()]);
+    const [mine, all] = await Promise.all([own(viewer, now), ask()]);
     return all ? mergeStatuses(mine, [mine, ...all.statuses], all.kept) : mine;
   };
 }

@@ -12,7 +12,7 @@
  */
 import type { MetricType } from 'prom-client';
 import type { TrafficTotals } from '../metrics.js';
-import { HISTORY_INTERVAL_MS, type TrafficPoint } from '../status/history.js';
+import { HISTORY_INTERVAL_MS, type OwnTraffic } from '../status/history.js';
 
 /** A metric as a worker's registry gives it (prom-client's `getMetricsAsJSON`). */
 export interface MetricJson {
@@ -64,12 +64,8 @@ export function keepCounters(
   }));
 }
 
-/** A worker's traffic as its status gives it: history points oldest first, now last. */
-export interface WorkerTraffic {
-  /** ISO 8601. */
-  startedAt: string;
-  points: TrafficPoint[];
-}
+/** A worker's traffic as it tells it (StatusReporter.traffic): history points, now last. */
+export type WorkerTraffic = OwnTraffic;
 
 /**
  * The traffic of the workers gone, summed: at the start of each HISTORY_INTERVAL_MS (`bucket`,

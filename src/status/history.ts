@@ -10,6 +10,13 @@ export interface TrafficPoint extends TrafficTotals {
   t: number;
 }
 
+/** A process's traffic: when it started, and its history (oldest first, now last). */
+export interface OwnTraffic {
+  /** ISO 8601. */
+  startedAt: string;
+  points: TrafficPoint[];
+}
+
 export const HISTORY_INTERVAL_MS = 10_000;
 const HISTORY_POINTS = 360;
 

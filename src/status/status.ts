@@ -10,7 +10,12 @@ import type { Metrics } from '../metrics.js';
 import type { FetchProgress, InflightFetches } from '../proxy/inflight.js';
 import type { UpstreamClient } from '../upstream/types.js';
 import type { RecentEvents, RefusedRequest, UpstreamFailure } from './events.js';
-import { HISTORY_INTERVAL_MS, TrafficHistory, type TrafficPoint } from './history.js';
+import {
+  HISTORY_INTERVAL_MS,
+  TrafficHistory,
+  type OwnTraffic,
+  type TrafficPoint,
+} from './history.js';
 import { UpstreamMonitor } from './upstream-monitor.js';
 
 export interface UpstreamState {
@@ -118,14 +123,25 @@ export class StatusReporter {
 
   /**
    * With `server.workers`: `gather` turns this worker's status into the host's (see
-   * fleet/cluster-status.ts); `status` answers with that from then on.
+   * fleet/cluster-status.ts); `status` answers with that from then on. It is given `own`, this
+   * worker's status (with the `traffic` given, or that of now), and `traffic`, this worker's
+   * traffic alone: what it tells the primary, made without counting storage.
    */
   showHost(
     gather: (
-      own: (viewer: { admin: boolean }) => Promise<Status>,
+      own: (viewer: { admin: boolean }, traffic?: OwnTraffic) => Promise<Status>,
+      traffic: () => OwnTraffic,
     ) => (viewer: { admin: boolean }) => Promise<Status>,
   ): void {
-    this.host = gather((viewer) => this.own(viewer));
+    this.host = gather(
+      (viewer, traffic) => this.own(viewer, traffic),
+      () => this.traffic(),
+    );
+  }
+
+  /** This process's traffic: its start, and its history with the totals of `now` last. */
+  traffic(now = Date.now()): OwnTraffic {
+    return { startedAt: this.startedAt.toISOString(), points: this.history.points(now) };
   }
 
   /**
@@ -138,15 +154,15 @@ export class StatusReporter {
     return visibleTo(whole, viewer);
   }
 
-  /** This process's status. */
-  private async own(viewer: { admin: boolean }): Promise<Status> {
-    const now = Date.now();
-    const points = this.history.points(now);
+  /** This process's status, its traffic `traffic` (that of now when not given). */
+  private async own(viewer: { admin: boolean }, traffic = this.traffic()): Promise<Status> {
+    const { startedAt, points } = traffic;
     const t = points.at(-1)!;
+    const now = t.t;
     const served = t.hitBytes + t.missBytes;
     return {
       version: VERSION,
-      startedAt: this.startedAt.toISOString(),
+      startedAt,
       now: new Date(now).toISOString(),
       traffic: {
         hits: t.hits,

@@ -1,6 +1,10 @@
-/** The host's status from its workers' (fleet/cluster-status.ts): what is summed, what is not. */
-import { expect, test } from 'vitest';
-import { mergeStatuses } from '../../src/fleet/cluster-status.js';
+/**
+ * The host's status from its workers' (fleet/cluster-status.ts): what is summed, what is not, and
+ * what a worker tells the primary of its traffic.
+ */
+import { afterEach, expect, test, vi } from 'vitest';
+import { mergeStatuses, workerStatus } from '../../src/fleet/cluster-status.js';
+import type { OwnTraffic } from '../../src/status/history.js';
 import type { Status, UpstreamState } from '../../src/status/status.js';
 
 const point = (t: number, hits: number, upstreamBytes = 0) => ({
@@ -110,4 +114,67 @@ test('traffic and its history are summed, point by point from now back; a younge
   expect(host.fetches).toEqual([
     { ...fetch, received: 70, clients: 3, startedAt: 5, from: 'upstream' },
   ]);
+});
+
+/**
+ * A worker's side in this process, on fake timers: what it sends the primary is kept in `sent`
+ * instead; its traffic of now has `hits` (one more for each `served`), and `made` counts the
+ * statuses it made (each counts storage).
+ */
+function aWorker() {
+  vi.useFakeTimers({ now: 10_000 });
+  const sent: Record<string, unknown>[] = [];
+  vi.spyOn(process, 'connected', 'get').mockReturnValue(true);
+  vi.spyOn(process, 'send').mockImplementation((message: unknown) => {
+    sent.push(message as Record<string, unknown>);
+    return true;
+  });
+  let hits = 1;
+  const traffic = (): OwnTraffic => ({
+    startedAt: new Date(0).toISOString(),
+    points: [point(0, 0), point(Date.now(), hits)],
+  });
+  let made = 0;
+  const own = (_viewer: { admin: boolean }, t = traffic()) => {
+    made++;
+    return Promise.resolve(status({ points: t.points, storageBytes: 0, upstream: upstream({}) }));
+  };
+  const host = workerStatus(own, traffic);
+  return { sent, host, made: () => made, served: () => hits++ };
+}
+
+afterEach(() => {
+  vi.useRealTimers();
+  vi.restoreAllMocks();
+});
+
+test("a worker's report every 5 s tells its traffic without making its status (no storage count)", async () => {
+  const worker = aWorker();
+  worker.served();
+  await vi.advanceTimersByTimeAsync(5000);
+  expect(worker.made()).toBe(0);
+  expect(worker.sent).toEqual([
+    expect.objectContaining({
+      pullcache: 'status',
+      t: 'traffic',
+      points: [point(0, 0), point(15_000, 2)],
+    }),
+  ]);
+});
+
+test("the worker asked for the host's status tells the primary, before its collect, the traffic it shows", async () => {
+  const worker = aWorker();
+  worker.served();
+  const shown = worker.host({ admin: false });
+  // What the primary hears of this worker before the collect: its traffic as shown.
+  expect(worker.sent.map((m) => m.t)).toEqual(['traffic', 'collect']);
+  const told = worker.sent[0]!.points as OwnTraffic['points'];
+  worker.served();
+  // The primary's answer: no other worker.
+  const all = { pullcache: 'status', t: 'all', token: worker.sent[1]!.token, statuses: [] };
+  process.emit('message', all, undefined);
+  const host = await shown;
+  expect(told.at(-1)!.hits).toBe(2);
+  expect(host.traffic.hits).toBe(told.at(-1)!.hits);
+  expect(host.history.points.at(-1)).toEqual(told.at(-1));
 });
