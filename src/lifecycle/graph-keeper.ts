@@ -12,10 +12,9 @@
  * removed the thing itself, and knows better) wins over what the read found.
  */
 import type { Logger } from '../log/logger.js';
-import type { Digest } from '../oci/digest.js';
 import type { BlobStore, RepositoryStore } from '../storage/types.js';
 import { ImageGraph } from './image-graph.js';
-import { readReferences, scanStorage } from './scan.js';
+import { readReferences, scanStorage, type Counted, type Suspect } from './scan.js';
 import type { RemovedEvent, StoredEvent } from './types.js';
 
 export interface GraphKeeperDeps {
@@ -31,6 +30,8 @@ export interface GraphKeeperDeps {
   onStored?: ((event: StoredEvent) => void) | undefined;
   /** Told what this process removed (removal.ts tells its own), for the others. */
   onRemoved?: ((event: RemovedEvent) => void) | undefined;
+  /** Told, once a count's graph is in place, the blobs it found that may be torn (torn.ts). */
+  suspects?: (found: Suspect[]) => void;
 }
 
 /** A thing of the graph, as an event names it. */
@@ -48,8 +49,6 @@ export class GraphKeeper {
   private replay: ((graph: ImageGraph) => unknown)[] | undefined;
   /** Per thing, the last read of it from storage queued (the next one waits for it). */
   private readonly queues = new Map<string, Promise<void>>();
-  /** Blobs found whole although a manifest gives them another size (scan.ts). */
-  private readonly whole = new Set<Digest>();
   /** Per thing, the reads under way; a change made here marks them out of date. */
   private readonly reading = new Map<string, Set<{ outdated: boolean }>>();
 
@@ -64,34 +63,21 @@ export class GraphKeeper {
    * Builds a graph from storage while serving goes on, then puts it in place (the start-up scan
    * and every recount): what changes meanwhile is applied to it as well.
    */
-  async recount(): ReturnType<typeof scanStorage> {
+  async recount(): Promise<Omit<Counted, 'suspects'>> {
     const fresh = new ImageGraph();
     this.replay = [];
+    let counted: Counted;
     try {
       const { blobs, repositories, upstreams, log } = this.d;
-      const counts = await scanStorage({
-        graph: fresh,
-        blobs,
-        repositories,
-        upstreams,
-        log,
-        removed: (digest) => this.removedBlob(digest),
-        whole: this.whole,
-      });
+      counted = await scanStorage({ graph: fresh, blobs, repositories, upstreams, log });
       for (const apply of this.replay) apply(fresh);
       this.current = fresh;
-      return counts;
     } finally {
       this.replay = undefined;
     }
-  }
-
-  /** The scan removed a torn blob: out of the graph as it stands too, and told to the others. */
-  private removedBlob(digest: Digest): void {
-    const event = { kind: 'blob', digest } as const;
-    this.changedHere(event);
-    this.current.removeBlob(digest);
-    this.d.onRemoved?.(event);
+    const { suspects, ...counts } = counted;
+    this.d.suspects?.(suspects);
+    return counts;
   }
 
   /** Applies a change to the graph, and to the one a recount is building; returns the graph. */
@@ -127,11 +113,20 @@ export class GraphKeeper {
   }
 
   /**
-   * This process changed the thing in storage (removal.ts tells its removals here): what a read
-   * of it under way found is out of date.
+   * This process changed the thing in storage: what a read of it under way found is out of date.
    */
   changedHere(event: Thing): void {
     for (const read of this.reading.get(thingOf(event)) ?? []) read.outdated = true;
+  }
+
+  /**
+   * This process removed the thing from storage (removal.ts, which drops it from the graph as it
+   * stands): out of date as `changedHere` says, and dropped from a graph a recount is building too
+   * (a torn blob's removal runs outside the lifecycle's chain of work, beside a recount).
+   */
+  removedHere(event: RemovedEvent): void {
+    this.changedHere(event);
+    this.replay?.push((g) => g.drop(event));
   }
 
   /**

@@ -24,6 +24,7 @@ import { PullRecorder } from './pulls.js';
 import { imageInfos } from './inventory.js';
 import { Removal, type ManifestMemory } from './removal.js';
 import { Sweeper } from './sweep.js';
+import { TornBlobs } from './torn.js';
 import type {
   ImageInfo,
   ImageRef,
@@ -81,6 +82,7 @@ export class Lifecycle {
   private readonly log: Logger;
   private readonly now: () => number;
   private readonly removal: Removal;
+  private readonly torn: TornBlobs;
   private readonly evictor: Evictor;
   private readonly pins: Pins;
   readonly ownership: Ownership;
@@ -106,6 +108,7 @@ export class Lifecycle {
       added: () => this.budget.check(),
       onStored: d.onStored,
       onRemoved: d.onRemoved,
+      suspects: (found) => this.torn.found(found),
     });
     this.removal = new Removal({
       graph: () => this.graph,
@@ -117,10 +120,11 @@ export class Lifecycle {
       lastPulled: async (digest) =>
         (await d.driver.stat(paths.blobData(digest)))?.modTime.getTime(),
       onRemoved: (event) => {
-        this.keeper.changedHere(event);
+        this.keeper.removedHere(event);
         d.onRemoved?.(event);
       },
     });
+    this.torn = new TornBlobs(d.blobs, this.removal, () => this.ownership.isOwner, this.log);
     this.pins = new Pins(d.driver, d.configPins, this.log);
     this.evictor = new Evictor({
       graph: () => this.graph,
@@ -198,6 +202,8 @@ export class Lifecycle {
    */
   start(options: { url?: string; sweep?: boolean } = {}): void {
     if (options.url) this.ownership.setUrl(options.url);
+    // Serving: as the owner, it removes the torn blobs its counts find (a command never does).
+    this.torn.enable();
     this.startScan();
     const every = (ms: number, work: () => Promise<unknown>) => {
       const t = setInterval(() => void work().catch((err: unknown) => this.warn(err)), ms);
@@ -237,12 +243,14 @@ export class Lifecycle {
   /** Resolves once the scan is done and the budget holds as far as eviction can make it. */
   async settle(): Promise<void> {
     await this.whenReady();
+    await this.torn.idle();
     await this.budget.settle();
     await this.work;
   }
 
   async close(): Promise<void> {
     for (const t of this.timers) clearInterval(t);
+    this.torn.close();
     await this.budget.close();
     await this.flush().catch((err: unknown) => this.warn(err));
     await this.ownership.release().catch(() => {});

@@ -95,7 +95,7 @@ export class Removal {
       await cache.deleteRepositoryDescriptor(repo, digest);
       await this.pruneRepository(repo);
     }
-    return this.removeData(digest);
+    return (await this.removeData(digest)) ?? 0;
   }
 
   /**
@@ -122,22 +122,46 @@ export class Removal {
           const blob = graph.blobs.get(digest);
           return blob && graph.refs(digest) === 0 && blob.links.size === 0;
         })
-        .map((digest) => this.removeData(digest)),
+        .map(async (digest) => (await this.removeData(digest)) ?? 0),
     );
     return freed.reduce((sum, bytes) => sum + bytes, 0);
   }
 
-  private async removeData(digest: Digest): Promise<number> {
+  /**
+   * A blob's data that the owner found torn (torn.ts: its bytes are not its digest's), removed as
+   * any blob's data is (`removeData`). Kept while it is in use, and when storage no longer holds
+   * the file that was hashed (`hashedSize` bytes): a fetch that found it torn has replaced it
+   * meanwhile with a whole copy. True when removed.
+   */
+  async removeTorn(digest: Digest, hashedSize: number): Promise<boolean> {
+    const sameFile = async () => {
+      const now = await this.d.blobs.stat(digest);
+      return now.found && now.descriptor.size === hashedSize;
+    };
+    return (await this.removeData(digest, sameFile)) !== undefined;
+  }
+
+  /**
+   * Removes a blob's data, unless it is in use, being removed already, or `still` (asked once
+   * no other removal of it can start) says otherwise; resolves to its bytes, undefined when kept.
+   */
+  private async removeData(
+    digest: Digest,
+    still: () => Promise<boolean> = async () => true,
+  ): Promise<number | undefined> {
     const { blobs, cache } = this.d;
-    const graph = this.d.graph();
-    const blob = graph.blobs.get(digest);
+    const blob = this.d.graph().blobs.get(digest);
     // Two images removed at once may both find a blob they shared unheld: one removes it.
-    if (!blob || this.d.inUse(digest) || this.removing.has(digest)) return 0;
+    if (!blob || this.d.inUse(digest) || this.removing.has(digest)) return undefined;
     this.removing.add(digest);
     try {
+      if (!(await still())) return undefined;
       await cache.deleteDescriptor(digest);
       await blobs.remove(digest);
-      this.dropped(graph, { kind: 'blob', digest });
+      // The graph as it stands now: a torn blob's removal runs outside the lifecycle's chain of
+      // work, and a recount may have replaced the graph meanwhile (`onRemoved` tells the keeper,
+      // for the one a recount is building).
+      this.dropped(this.d.graph(), { kind: 'blob', digest });
       await cache.deleteDescriptor(digest);
     } finally {
       this.removing.delete(digest);

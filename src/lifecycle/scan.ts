@@ -1,9 +1,10 @@
 /**
  * Builds the image graph from storage: every blob with its size and last-pulled time, then every
  * repository's manifests (parsed for what they reference), layer links and tags. It runs in the
- * background after the server listens: serving never waits for it, eviction does.
+ * background after the server listens: serving never waits for it, eviction does. It reads no
+ * blob but manifests: a blob stored with another size than a manifest gives it (torn by a power
+ * loss?) is only named, for the owner to hash after the count (torn.ts).
  */
-import { createHash } from 'node:crypto';
 import type { Logger } from '../log/logger.js';
 import type { Digest } from '../oci/digest.js';
 import { parseManifest, type ParsedManifest } from '../oci/manifest.js';
@@ -52,20 +53,33 @@ export async function readReferences(
   }
 }
 
+/**
+ * A stored blob of another size than a manifest gives it: torn by a power loss, or the manifest is
+ * wrong (torn.ts tells which).
+ */
+export interface Suspect {
+  digest: Digest;
+  /** Its size in storage at the count. */
+  size: number;
+  /** The size a manifest gives it. */
+  expected: number;
+}
+
+/** What a count found: how many of each, and the blobs that may be torn (`Suspect`). */
+export interface Counted {
+  blobs: number;
+  manifests: number;
+  repositories: number;
+  suspects: Suspect[];
+}
+
 export async function scanStorage(deps: {
   graph: ImageGraph;
   blobs: BlobStore;
   repositories: RepositoryStore;
   upstreams: string[];
   log: Logger;
-  /** A torn blob was removed (see `removeTorn`). */
-  removed?: (digest: Digest) => void;
-  /**
-   * Blobs hashed whole although a manifest gives them another size: not hashed again (a count
-   * runs at each sweep). Kept by the caller across counts.
-   */
-  whole?: Set<Digest>;
-}): Promise<{ blobs: number; manifests: number; repositories: number }> {
+}): Promise<Counted> {
   const { graph, blobs, repositories } = deps;
   /** The size each manifest read gives its blobs: a stored blob of another size may be torn. */
   const expected = new Map<Digest, number>();
@@ -100,42 +114,16 @@ export async function scanStorage(deps: {
       }
     }
   }
+  const suspects: Suspect[] = [];
   for (const [digest, size] of expected) {
     const stored = graph.blobs.get(digest);
-    if (!stored || stored.size === size || deps.whole?.has(digest)) continue;
-    if (await removeTorn(blobs, digest, size, deps.log)) {
-      graph.removeBlob(digest);
-      deps.removed?.(digest);
-      blobCount--;
-    } else deps.whole?.add(digest);
+    if (stored && stored.size !== size)
+      suspects.push({ digest, size: stored.size, expected: size });
   }
-  return { blobs: blobCount, manifests: manifestCount, repositories: repositoryCount };
-}
-
-/**
- * A stored blob of another size than a manifest gives it: a power loss can leave a blob's file
- * short at its name (the filesystem driver does not flush blob data; docs/design.md), and every
- * pull would get it. It is read and hashed (a manifest may also give a wrong size for a good
- * blob: that one is kept), and removed when its bytes are not its digest's and its size is still
- * the wrong one (not replaced meanwhile by a fetch that found it torn). True when removed.
- */
-async function removeTorn(
-  blobs: BlobStore,
-  digest: Digest,
-  size: number,
-  log: Logger,
-): Promise<boolean> {
-  const opened = await blobs.open(digest);
-  if (!opened.found) return false;
-  const hash = createHash('sha256');
-  for await (const chunk of opened.stream) hash.update(chunk as Buffer);
-  if (`sha256:${hash.digest('hex')}` === digest) return false;
-  const now = await blobs.stat(digest);
-  if (!now.found || now.descriptor.size === size) return false;
-  await blobs.remove(digest);
-  log.warn(
-    { digest, bytes: opened.descriptor.size, manifestSays: size },
-    'a stored blob does not match its digest (torn by a crash?): removed',
-  );
-  return true;
+  return {
+    blobs: blobCount,
+    manifests: manifestCount,
+    repositories: repositoryCount,
+    suspects,
+  };
 }

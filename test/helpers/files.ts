@@ -29,8 +29,8 @@ export function snapshot(dir: string): Record<string, string> {
 
 /** Where the filesystem driver keeps a blob's bytes under a storage root (src/storage/paths.ts). */
 export function storedBlobPath(root: string, digest: string): string {
-  const { hex } = parseDigest(digest);
-  return join(root, 'blobs', 'sha256', hex.slice(0, 2), hex, 'data');
+  const { algorithm, hex } = parseDigest(digest);
+  return join(root, 'blobs', algorithm, hex.slice(0, 2), hex, 'data');
 }
 
 /** Takes every byte left on the file system holding `path` (a small tmpfs), into that file. */
