@@ -9,7 +9,7 @@ import { once } from 'node:events';
 import { join } from 'node:path';
 import { createGzip } from 'node:zlib';
 import { request } from 'undici';
-import { tarHeader, tarPadding } from '../test/helpers/images.js';
+import { ociManifest, tarHeader, tarPadding } from '../test/helpers/images.js';
 import type { TestRegistry } from '../test/helpers/registry.js';
 
 export interface FileBlob {
@@ -164,22 +164,7 @@ export async function pushImage(
   });
   for (const layer of layers) await pushFileBlob(registry, repository, layer);
   const mediaType = 'application/vnd.oci.image.manifest.v1+json';
-  const manifest = Buffer.from(
-    JSON.stringify({
-      schemaVersion: 2,
-      mediaType,
-      config: {
-        mediaType: 'application/vnd.oci.image.config.v1+json',
-        digest: configDigest,
-        size: config.length,
-      },
-      layers: layers.map((l) => ({
-        mediaType: 'application/vnd.oci.image.layer.v1.tar+gzip',
-        digest: l.digest,
-        size: l.size,
-      })),
-    }),
-  );
+  const manifest = ociManifest({ digest: configDigest, size: config.length }, layers);
   await pushManifest(registry, repository, tag, manifest, mediaType);
   return {
     repository,

@@ -1,5 +1,6 @@
 /** In-process HTTP servers, only for faults a real registry cannot be made to produce. */
 import { createHash } from 'node:crypto';
+import { ociManifest } from './images.js';
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
 
 export interface FakeServer {
@@ -39,17 +40,12 @@ export async function fakeServer(
  */
 export function servedManifest(repository: string, seed: string) {
   const mediaType = 'application/vnd.oci.image.manifest.v1+json';
-  const bytes = Buffer.from(
-    JSON.stringify({
-      schemaVersion: 2,
-      mediaType,
-      config: {
-        mediaType: 'application/vnd.oci.image.config.v1+json',
-        digest: `sha256:${createHash('sha256').update(seed).digest('hex')}`,
-        size: Buffer.byteLength(seed),
-      },
-      layers: [],
-    }),
+  const bytes = ociManifest(
+    {
+      digest: `sha256:${createHash('sha256').update(seed).digest('hex')}`,
+      size: Buffer.byteLength(seed),
+    },
+    [],
   );
   const digest = `sha256:${createHash('sha256').update(bytes).digest('hex')}`;
   const serve = (req: IncomingMessage, res: ServerResponse): boolean => {

@@ -93,6 +93,29 @@ function config(diffIds: string[], mediaType: string, architecture = 'amd64'): B
   return { digest: sha256(bytes), bytes, mediaType };
 }
 
+/** An OCI image manifest's bytes (compact JSON) for this config and these gzip'd layers. */
+export function ociManifest(
+  config: { digest: string; size: number },
+  layers: { digest: string; size: number }[],
+): Buffer {
+  return Buffer.from(
+    JSON.stringify({
+      schemaVersion: 2,
+      mediaType: 'application/vnd.oci.image.manifest.v1+json',
+      config: {
+        mediaType: 'application/vnd.oci.image.config.v1+json',
+        digest: config.digest,
+        size: config.size,
+      },
+      layers: layers.map(({ digest, size }) => ({
+        mediaType: 'application/vnd.oci.image.layer.v1.tar+gzip',
+        digest,
+        size,
+      })),
+    }),
+  );
+}
+
 export type ImageKind = 'docker' | 'oci';
 
 export function makeImage(

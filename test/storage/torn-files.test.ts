@@ -29,7 +29,7 @@ import { LocalManifestService } from '../../src/storage/local-services.js';
 import { DriverRepositoryStore } from '../../src/storage/repository-store.js';
 import type { BlobStore, RepositoryStore } from '../../src/storage/types.js';
 import { storedBlobPath } from '../helpers/files.js';
-import { makeImage, pushImage, type Image } from '../helpers/images.js';
+import { makeImage, ociManifest, pushImage, type Image } from '../helpers/images.js';
 import { capturedLog, startPullcache } from '../helpers/pullcache.js';
 import { Recorder } from '../helpers/recorder.js';
 import { TestRegistry } from '../helpers/registry.js';
@@ -284,24 +284,12 @@ test('sha512 blobs are hashed with sha512: a torn one is removed, a whole one a 
   const blob = (bytes: Buffer) => ({ bytes, digest: digestOf(bytes, 'sha512') });
   const config = blob(Buffer.from('{"architecture":"amd64","os":"linux"}'));
   const [torn, whole] = [blob(randomBytes(60_000)), blob(randomBytes(50_000))];
-  const layerType = 'application/vnd.oci.image.layer.v1.tar+gzip';
   const mediaType = 'application/vnd.oci.image.manifest.v1+json';
-  const manifest = Buffer.from(
-    JSON.stringify({
-      schemaVersion: 2,
-      mediaType,
-      config: {
-        mediaType: 'application/vnd.oci.image.config.v1+json',
-        size: config.bytes.length,
-        digest: config.digest,
-      },
-      layers: [
-        { mediaType: layerType, size: torn.bytes.length, digest: torn.digest },
-        // Wrong: the layer is whole.
-        { mediaType: layerType, size: whole.bytes.length + 1, digest: whole.digest },
-      ],
-    }),
-  );
+  const manifest = ociManifest({ size: config.bytes.length, digest: config.digest }, [
+    { size: torn.bytes.length, digest: torn.digest },
+    // Wrong: the layer is whole.
+    { size: whole.bytes.length + 1, digest: whole.digest },
+  ]);
   const digest = digestOf(manifest);
   for (const b of [config, torn, whole]) {
     await blobs.put(b.bytes, b.digest);
