@@ -9,15 +9,10 @@ import type { UpstreamConfig } from '../config/schema.js';
 import type { Logger } from '../log/logger.js';
 import { DigestVerifier, parseDigest, type Digest } from '../oci/digest.js';
 import type { Repository } from '../oci/reference.js';
+import { contentLength, header, isConnectionError } from './answers.js';
 import { errMessage, UpstreamInvalidError } from './errors.js';
 import type { RawBody } from './raw-body.js';
-import {
-  contentLength,
-  header,
-  isConnectionError,
-  type Hop,
-  type UpstreamTransport,
-} from './transport.js';
+import type { Hop, UpstreamTransport } from './transport.js';
 import type { BlobRequestOptions, BlobStream, UpstreamObserver } from './types.js';
 
 export interface BlobGetterOptions {

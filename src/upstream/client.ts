@@ -12,11 +12,12 @@ import { ManifestInvalidError } from '../oci/errors.js';
 import { MANIFEST_ACCEPT, MediaType, baseMediaType } from '../oci/media-types.js';
 import { parseReferrersIndex, type ReferrerDescriptor } from '../oci/referrers.js';
 import type { Repository } from '../oci/reference.js';
+import { contentLength, header } from './answers.js';
 import { BlobGetter } from './blob-get.js';
 import { errMessage, UpstreamInvalidError } from './errors.js';
 import type { HealthOptions } from './health.js';
 import { PageLinks } from './pages.js';
-import { contentLength, header, UpstreamTransport } from './transport.js';
+import { UpstreamTransport } from './transport.js';
 import type {
   BlobHead,
   BlobRequestOptions,

@@ -3,22 +3,27 @@
  * keep-alive pool, blob GETs on sockets of its own (raw-get.ts). One request to
  * `/v2/<repository>/...` with its Authorization (auth.ts, once more with a fresh token after a
  * 401), redirects followed here so that credentials never reach another origin, answers mapped
- * to the typed failures of errors.ts, the rate-limit figures kept, and a circuit breaker
- * (health.ts). It only ever dials the configured URL, the token realm the upstream names, and
- * the redirect targets the upstream sends.
+ * to the typed failures of errors.ts and their rate-limit figures kept (answers.ts reads both),
+ * and a circuit breaker (health.ts). It only ever dials the configured URL, the token realm the
+ * upstream names, and the redirect targets the upstream sends.
  */
-import { Agent, errors as undiciErrors, request, type Dispatcher } from 'undici';
+import { Agent, request, type Dispatcher } from 'undici';
 import type { UpstreamConfig } from '../config/schema.js';
 import type { Logger } from '../log/logger.js';
 import { unlessAborted } from '../abort.js';
 import type { Repository } from '../oci/reference.js';
+import {
+  bodyFailure,
+  contentLength,
+  header,
+  isConnectionError,
+  rateLimitOf,
+  statusError,
+} from './answers.js';
 import { parseChallenge, UpstreamAuth, type Challenge } from './auth.js';
 import {
   errMessage,
-  UpstreamDeniedError,
   UpstreamInvalidError,
-  UpstreamNotFoundError,
-  UpstreamRateLimitedError,
   UpstreamUnavailableError,
   type RateLimitInfo,
 } from './errors.js';
@@ -308,20 +313,7 @@ export class UpstreamTransport {
     res.body.resume();
     if (res.status !== 404)
       this.observer.failed(`${method} ${url.pathname}`, `HTTP ${res.status}`, [repository]);
-    switch (res.status) {
-      case 401:
-      case 403:
-        throw new UpstreamDeniedError(this.name, what);
-      case 404:
-        throw new UpstreamNotFoundError(this.name, what);
-      case 416:
-        throw new UpstreamInvalidError(this.name, `${what}: range not satisfiable`);
-      case 429:
-        throw new UpstreamRateLimitedError(this.name, this.lastRateLimit ?? { at: Date.now() });
-      default:
-        if (res.status >= 500) throw new UpstreamUnavailableError(this.name, `HTTP ${res.status}`);
-        throw new UpstreamInvalidError(this.name, `${what}: unexpected HTTP ${res.status}`);
-    }
+    throw statusError(this.name, what, res.status, this.lastRateLimit);
   }
 
   /** `/v2/<path>` under the configured URL (a path prefix in it is kept). */
@@ -387,33 +379,13 @@ export class UpstreamTransport {
   }
 
   private recordRateLimit(headers: Response['headers']): void {
-    const limit = header(headers, 'ratelimit-limit');
-    const remaining = header(headers, 'ratelimit-remaining');
-    const retryAfter = header(headers, 'retry-after');
-    if (limit === undefined && remaining === undefined && retryAfter === undefined) return;
-    const info: RateLimitInfo = { at: Date.now() };
-    const [l, w] = parseRateLimit(limit);
-    const [r] = parseRateLimit(remaining);
-    if (l !== undefined) info.limit = l;
-    if (w !== undefined) info.window = w;
-    if (r !== undefined) info.remaining = r;
-    if (retryAfter !== undefined) {
-      const seconds = /^\d+$/.test(retryAfter)
-        ? Number(retryAfter)
-        : Math.max(0, Math.ceil((Date.parse(retryAfter) - Date.now()) / 1000));
-      if (Number.isFinite(seconds)) info.retryAfterSeconds = seconds;
-    }
-    const source = header(headers, 'docker-ratelimit-source');
-    if (source) info.source = source;
-    this.lastRateLimit = info;
+    const info = rateLimitOf(headers);
+    if (info) this.lastRateLimit = info;
   }
 
   /** A body's failure as the typed error: a broken connection is UpstreamUnavailableError. */
   bodyError(err: unknown, what: string): unknown {
-    if (err instanceof UpstreamInvalidError || err instanceof UpstreamUnavailableError) return err;
-    if (isConnectionError(err))
-      return new UpstreamUnavailableError(this.name, `${what}: ${errMessage(err)}`);
-    return err;
+    return bodyFailure(this.name, err, what);
   }
 }
 
@@ -423,53 +395,4 @@ function requestKind(suffix: string): UpstreamRequestKind {
   if (suffix.startsWith('manifests/')) return 'manifest';
   if (suffix.startsWith('tags/')) return 'tags';
   return 'referrers';
-}
-
-export function header(headers: Response['headers'], name: string): string | undefined {
-  const v = headers[name];
-  return Array.isArray(v) ? v[0] : v;
-}
-
-/** The Content-Length of an answer; undefined when it sent none, or none that is a length. */
-export function contentLength(headers: Response['headers']): number | undefined {
-  const value = header(headers, 'content-length');
-  return value !== undefined && /^\d+$/.test(value) ? Number(value) : undefined;
-}
-
-/** `100;w=21600` -> [100, 21600] */
-function parseRateLimit(value: string | undefined): [number | undefined, number | undefined] {
-  if (value === undefined) return [undefined, undefined];
-  const m = /^\s*(\d+)(?:\s*;\s*w=(\d+))?/.exec(value);
-  return m ? [Number(m[1]), m[2] !== undefined ? Number(m[2]) : undefined] : [undefined, undefined];
-}
-
-const CONNECTION_CODES = new Set([
-  'ECONNREFUSED',
-  'ECONNRESET',
-  'EPIPE',
-  'ETIMEDOUT',
-  'EHOSTUNREACH',
-  'ENETUNREACH',
-  'ENOTFOUND',
-  'EAI_AGAIN',
-  'UND_ERR_CONNECT_TIMEOUT',
-  'UND_ERR_HEADERS_TIMEOUT',
-  'UND_ERR_BODY_TIMEOUT',
-  'UND_ERR_SOCKET',
-  'UND_ERR_CLOSED',
-]);
-
-export function isConnectionError(err: unknown): boolean {
-  if (err instanceof UpstreamUnavailableError) return true;
-  for (
-    let e: unknown = err, depth = 0;
-    e && depth < 4;
-    e = (e as { cause?: unknown }).cause, depth++
-  ) {
-    const code = (e as { code?: string }).code;
-    if (code && CONNECTION_CODES.has(code)) return true;
-    if (e instanceof undiciErrors.SocketError || e instanceof undiciErrors.ConnectTimeoutError)
-      return true;
-  }
-  return false;
 }

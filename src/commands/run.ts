@@ -1,0 +1,72 @@
+/**
+ * How a `pullcache` command runs and ends. A command that works on the cache without serving
+ * does it in `withRuntime`, whose `check` refuses what the config makes a usage error; every
+ * error ends in `fail`, the one error path: exit 0 for help and version, 2 for a usage error
+ * (commander's, or a UsageError), 1 for any other failure, told as one line on stderr,
+ * `pullcache: <what went wrong>`, never a stack trace.
+ */
+import { CommanderError } from 'commander';
+import type { Config } from '../config/schema.js';
+import { createLogger } from '../log/logger.js';
+import { createRuntime, type Runtime } from '../runtime.js';
+import { configFrom, type CommonOptions } from './options.js';
+
+/**
+ * The command used wrongly in a way commander cannot see (a reference that cannot be used, an
+ * upstream not configured): exit 2, one line per problem, before any work.
+ */
+class UsageError extends Error {
+  constructor(readonly problems: string[]) {
+    super(problems.join('; '));
+  }
+}
+
+/** Throws UsageError when there are problems. */
+function refuse(problems: string[]): void {
+  if (problems.length > 0) throw new UsageError(problems);
+}
+
+/**
+ * Runs a command on the runtime (storage, cache, clients) without serving; closes it after, and
+ * exits with the code `work` gives. What `work` throws goes on to `fail` (through cli.ts), after
+ * the runtime is closed; so does any error that escapes it (a stream error, a promise no one
+ * waited for).
+ * `check` comes first, before the runtime opens anything: its problems are usage errors.
+ */
+export async function withRuntime(
+  o: CommonOptions,
+  work: (runtime: Runtime, config: Config) => Promise<number>,
+  /** What is wrong with the command line given the config: refused before any work. */
+  check: (config: Config) => string[] = () => [],
+): Promise<void> {
+  process.on('uncaughtException', fail);
+  process.on('unhandledRejection', fail);
+  const config = configFrom(o);
+  refuse(check(config));
+  // The command talks to people on stderr; the logger only says what goes wrong.
+  const log = createLogger({ level: o.logLevel ?? 'error', format: config.log.format });
+  const runtime = await createRuntime(config, log);
+  let code: number;
+  try {
+    code = await work(runtime, config);
+  } finally {
+    await runtime.close().catch(() => {});
+    await new Promise<void>((resolve) => log.flush(() => resolve()));
+  }
+  process.exit(code);
+}
+
+/** The one error path: commander's own exits (usage, help, version), then every failure. */
+export function fail(err: unknown): never {
+  if (err instanceof CommanderError) {
+    // Commander has said what it had to say; a usage error exits 2, help and version 0.
+    process.exit(err.exitCode === 0 ? 0 : 2);
+  }
+  if (err instanceof UsageError) {
+    for (const problem of err.problems) console.error(`pullcache: ${problem}`);
+    process.exit(2);
+  }
+  const message = err instanceof Error ? err.message : String(err);
+  console.error(`pullcache: ${message.split('\n')[0]}`);
+  process.exit(1);
+}
