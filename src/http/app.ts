@@ -22,6 +22,7 @@ import {
   NameInvalidError,
   NotFoundError,
   UnsupportedError,
+  type RegistryError,
 } from '../oci/errors.js';
 import { parseDigest } from '../oci/digest.js';
 import { isTag, parseManifestReference } from '../oci/reference.js';
@@ -35,6 +36,7 @@ import {
   createManifestFastPath,
   decodeSegment,
   serveManifest,
+  setSecurityHeaders,
   undecodableDigest,
 } from './manifests.js';
 import { requestLog } from './request-log.js';
@@ -124,6 +126,11 @@ export function createApp(deps: AppDeps): express.Express {
     res.setHeader('Docker-Distribution-API-Version', 'registry/2.0');
     next();
   });
+  // The registry API serves what upstreams sent: never a page a browser runs (manifests.ts).
+  app.use('/v2', (_req, res, next) => {
+    setSecurityHeaders(res);
+    next();
+  });
 
   app.get('/healthz', (_req, res) => {
     res.json({ status: 'ok' });
@@ -199,7 +206,8 @@ export function createApp(deps: AppDeps): express.Express {
   }
 
   // Clients learn how to authenticate from this ping: when the default upstream is passthrough,
-  // its answer (and auth challenge) is the one that counts.
+  // its answer (and auth challenge) is the one that counts, unless client authentication is on:
+  // then the client's credentials are pullcache's, and so is the challenge.
   const defaultPassthrough =
     config.routing.default !== undefined ? deps.passthrough.get(config.routing.default) : undefined;
   app.get(['/v2', '/v2/'], (req, res, next) => {
@@ -302,9 +310,21 @@ export function createApp(deps: AppDeps): express.Express {
     if (passthrough) {
       const path = `/v2/${route.repository}/${passthroughAction(route, action)}`;
       const query = passthroughQuery(req, res, route, action);
-      // The client's credentials are pullcache's own then: never the upstream's to see.
-      if (access.enabled) delete req.headers.authorization;
-      passthrough.forward(req, res, `${path}${query}`, route.prefix, next);
+      if (!access.enabled) {
+        passthrough.forward(req, res, `${path}${query}`, { prefix: route.prefix }, next);
+        return;
+      }
+      // The client's credentials are pullcache's own then: never the upstream's to see, and the
+      // upstream's challenge never the client's to answer (with pullcache's credentials).
+      delete req.headers.authorization;
+      const identity = identityOf(res);
+      passthrough.forward(
+        req,
+        res,
+        `${path}${query}`,
+        { prefix: route.prefix, unauthorized: () => upstreamUnauthorized(identity, route) },
+        next,
+      );
       return;
     }
     const services = deps.services.get(route.upstream);
@@ -359,6 +379,21 @@ export function createApp(deps: AppDeps): express.Express {
 /** The caller, as the identity middleware found it. */
 function identityOf(res: Response): Identity {
   return res.locals.identity as Identity;
+}
+
+/**
+ * The answer to a passthrough upstream's 401 with client authentication on, whose credentials
+ * pullcache does not forward. A caller without any credential is challenged as on any endpoint
+ * (pullcache's realm: it may hold credentials for pullcache, and clients send them only when
+ * challenged). A caller with one (a user, a token, an anonymous one too) is refused: a challenge
+ * it already met would only send it round the token realm again to the same 401.
+ */
+function upstreamUnauthorized(identity: Identity, route: Route): RegistryError {
+  if (!identity.credentialed) return new AuthenticationRequiredError('authentication required');
+  return new DeniedError(
+    `upstream ${route.upstream} requires authentication for ${route.repository}, and pullcache ` +
+      'forwards no client credentials to it (client authentication is on)',
+  );
 }
 
 /** An upload session's id as registries make them (distribution's route takes these). */

@@ -11,6 +11,8 @@ import type { Config } from '../config/schema.js';
 import type { Logger } from '../log/logger.js';
 import { DigestInvalidError, ManifestUnknownError, type RegistryError } from '../oci/errors.js';
 import { isTag, parseManifestReference } from '../oci/reference.js';
+import { isManifestMediaType } from '../oci/media-types.js';
+import { parseManifest } from '../oci/manifest.js';
 import type { RepositoryKey } from '../storage/types.js';
 import type { UpstreamServices } from './types.js';
 import { sendError } from './errors.js';
@@ -25,6 +27,22 @@ import { AuthenticationRequiredError } from '../access/errors.js';
 
 /** Said of an answer served past its freshness window because the upstream could not confirm it. */
 export const STALE_WARNING = '110 pullcache "stale: upstream not confirmed"';
+
+/**
+ * Headers of every answer on the registry API (`/v2`, passthrough answers included). What it
+ * serves comes from upstreams, on the origin of the status page and the admin API (where a
+ * browser may hold Basic credentials): a browser must never run it as a page. `nosniff` keeps
+ * a browser to the Content-Type given; the policy makes any document read from here a sandbox
+ * that loads and runs nothing. Not on the status page, whose scripts must run.
+ */
+export const API_SECURITY_HEADERS: Readonly<Record<string, string>> = {
+  'X-Content-Type-Options': 'nosniff',
+  'Content-Security-Policy': "default-src 'none'; sandbox",
+};
+
+export function setSecurityHeaders(res: ServerResponse): void {
+  for (const [name, value] of Object.entries(API_SECURITY_HEADERS)) res.setHeader(name, value);
+}
 
 /**
  * Path segments may be percent-encoded (`sha256%3A...`); a bad encoding is the client's mistake,
@@ -108,12 +126,18 @@ export async function serveManifest(
     if (!stat.found) throw new ManifestUnknownError(`${repo.repository}@${digest}`);
     ({ mediaType, size } = stat.link);
     fromUpstream ||= stat.fromUpstream === true;
+    if (!isManifestMediaType(mediaType)) {
+      // Stored by an earlier version with the upstream's Content-Type: what its bytes say.
+      const manifest = await services.manifests.get(repo, digest, { counted: false });
+      if (!manifest.found) throw new ManifestUnknownError(`${repo.repository}@${digest}`);
+      mediaType = servedMediaType(mediaType, manifest.bytes);
+    }
   } else {
     // After a tag the upstream was asked for, the manifest is what that answer brought (or the
     // tag service fetched): counted with the tag's miss, not as a hit of its own.
     const manifest = await services.manifests.get(repo, digest, { counted: !fromUpstream });
     if (!manifest.found) throw new ManifestUnknownError(`${repo.repository}@${digest}`);
-    mediaType = manifest.link.mediaType;
+    mediaType = servedMediaType(manifest.link.mediaType, manifest.bytes);
     body = manifest.bytes;
     size = body.length;
     fromUpstream ||= manifest.fromUpstream === true;
@@ -131,6 +155,21 @@ export async function serveManifest(
   } else {
     notes.bytes = size;
     res.end(body);
+  }
+}
+
+/**
+ * The Content-Type a manifest is served with: the media type stored with it when that is a
+ * manifest type (as everything stored since the upstream's header is checked), else the one its
+ * bytes name or show (`parseManifest`). Earlier versions stored any Content-Type an upstream
+ * sent but JSON's and octet-stream's, `text/html` included, which would have been served as is.
+ */
+function servedMediaType(stored: string, bytes: Uint8Array): string {
+  if (isManifestMediaType(stored)) return stored;
+  try {
+    return parseManifest(bytes).mediaType;
+  } catch {
+    return 'application/octet-stream'; // stored as a manifest, so never the case: nothing to run
   }
 }
 
@@ -185,6 +224,7 @@ export function createManifestFastPath(
     const started = performance.now();
     const notes: RequestNotes = { upstream: route.upstream, repository: route.repository };
     res.setHeader('Docker-Distribution-API-Version', 'registry/2.0');
+    setSecurityHeaders(res);
     if (logRequests) logRequest(httpLog, req, res, notes, access);
     const repo = { upstream: route.upstream, repository: route.repository };
     const serve = async () => {

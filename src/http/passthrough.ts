@@ -1,23 +1,65 @@
 /**
  * Passthrough upstreams: requests, pushes included, go to the upstream unchanged through
- * http-proxy. Nothing is cached; the client's own Authorization is forwarded; Location headers
- * that point into the upstream's /v2/ are rewritten to point at pullcache. The default upstream's
- * `/v2/` ping goes there too, unless it cannot be reached.
+ * http-proxy. Nothing is cached. Without client authentication the client's own Authorization
+ * goes on and the upstream's auth challenge comes back: pullcache is a transparent proxy. With
+ * it, the client's credentials are pullcache's: the HTTP layer removes them, and the upstream's
+ * challenge is never relayed (see `ForwardOptions.unauthorized`). Location headers that point
+ * into the upstream's /v2/ are rewritten to point at pullcache. The default upstream's `/v2/`
+ * ping goes there too, unless it cannot be reached.
  */
-import type { IncomingMessage, ServerResponse } from 'node:http';
+import type { IncomingMessage, OutgoingHttpHeaders, ServerResponse } from 'node:http';
+import { pipeline } from 'node:stream';
 import httpProxy from 'http-proxy';
 import type { UpstreamConfig } from '../config/schema.js';
 import type { Logger } from '../log/logger.js';
-import { UnavailableError } from '../oci/errors.js';
+import { UnavailableError, type RegistryError } from '../oci/errors.js';
+import { API_SECURITY_HEADERS } from './manifests.js';
 
 /** While the upstream stays unreachable, the local ping answer is logged once per this long. */
 const PING_WARN_MS = 60_000;
 
+/**
+ * Headers of one connection, not of the answer (RFC 9110 section 7.6.1): Node frames what it
+ * relays itself (Content-Length, else chunked), on the client's connection's own terms.
+ */
+const HOP_BY_HOP = new Set([
+  'connection',
+  'keep-alive',
+  'proxy-connection',
+  'proxy-authenticate',
+  'proxy-authorization',
+  'te',
+  'trailer',
+  'transfer-encoding',
+  'upgrade',
+]);
+
+/** pullcache's own headers of every /v2 answer, which an upstream's do not replace. */
+const OWN_HEADERS = new Set(Object.keys(API_SECURITY_HEADERS).map((h) => h.toLowerCase()));
+
+export interface ForwardOptions {
+  /** What the client put before the repository name, put back into Location headers. */
+  prefix: string;
+  /**
+   * Set when the client's credentials are pullcache's (client authentication on): the answer
+   * to an upstream 401 instead of the upstream's (pullcache's own challenge, or a refusal), and
+   * no `WWW-Authenticate` of the upstream reaches the client on any answer. A client answers a
+   * challenge with the credentials it holds for the host it dialled (containerd's
+   * dockerAuthorizer, Docker's and containers/image's alike), sending pullcache's to whatever
+   * realm the upstream names.
+   */
+  unauthorized?: () => RegistryError;
+}
+
+/** What is known of a request on its way to the upstream, until its answer comes back. */
+interface Forwarding extends ForwardOptions {
+  onError: (err: unknown) => void;
+}
+
 export class Passthrough {
   private readonly proxy: httpProxy;
   private readonly target: URL;
-  /** What each client put before the repository name, to put back into Location headers. */
-  private readonly prefixes = new WeakMap<IncomingMessage, string>();
+  private readonly forwarding = new WeakMap<IncomingMessage, Forwarding>();
   /** When the last local ping answer was logged, and how many went unlogged since. */
   private pingWarned = -Infinity;
   private pingsUnlogged = 0;
@@ -33,30 +75,22 @@ export class Passthrough {
       changeOrigin: true,
       xfwd: false,
       proxyTimeout: config.timeouts.headers,
+      // The answer is written by `relay`: http-proxy's own copies every header as it comes, the
+      // upstream's challenge and hop-by-hop headers included, before anything can look at it.
+      selfHandleResponse: true,
     });
-    this.proxy.on('proxyRes', (proxyRes, req) => {
-      const location = proxyRes.headers.location;
-      if (!location) return;
-      let url: URL;
-      try {
-        url = new URL(location, this.target);
-      } catch {
-        return;
-      }
-      if (url.origin !== this.target.origin || !url.pathname.startsWith('/v2/')) return;
-      proxyRes.headers.location = `/v2/${this.prefixes.get(req) ?? ''}${url.pathname.slice(4)}${url.search}`;
-    });
+    this.proxy.on('proxyRes', (proxyRes, req, res) => this.relay(proxyRes, req, res));
   }
 
-  /** Forwards the request to `path` on the upstream; `prefix` is what the client put before the name. */
+  /** Forwards the request to `path` on the upstream; its answer goes back by `options`. */
   forward(
     req: IncomingMessage,
     res: ServerResponse,
     path: string,
-    prefix: string,
+    options: ForwardOptions,
     onError: (err: unknown) => void,
   ): void {
-    this.send(req, res, path, prefix, (err) => {
+    this.send(req, res, path, { ...options, onError }, (err) => {
       this.log.warn({ upstream: this.name, err: err.message }, 'passthrough request failed');
       onError(this.unavailable(err));
     });
@@ -64,8 +98,10 @@ export class Passthrough {
 
   /**
    * Forwards the `/v2/` ping, whose answer (any status: a 401's challenge above all) tells clients
-   * how to authenticate. When the upstream cannot be reached, `local` answers it instead: clients
-   * give up on a failed ping, before asking for what the other upstreams could serve them.
+   * how to authenticate: only without client authentication (with it, pullcache answers the ping
+   * itself, with its own challenge). When the upstream cannot be reached, `local` answers it
+   * instead: clients give up on a failed ping, before asking for what the other upstreams could
+   * serve them.
    */
   ping(
     req: IncomingMessage,
@@ -73,7 +109,7 @@ export class Passthrough {
     local: () => void,
     onError: (err: unknown) => void,
   ): void {
-    this.send(req, res, '/v2/', '', (err) => {
+    this.send(req, res, '/v2/', { prefix: '', onError }, (err) => {
       if (res.headersSent) {
         // Cut while the upstream's answer went out: nothing else can be said.
         this.log.warn({ upstream: this.name, err: err.message }, 'passthrough request failed');
@@ -98,12 +134,55 @@ export class Passthrough {
     req: IncomingMessage,
     res: ServerResponse,
     path: string,
-    prefix: string,
+    forwarding: Forwarding,
     onError: (err: Error) => void,
   ): void {
     req.url = path;
-    this.prefixes.set(req, prefix);
+    this.forwarding.set(req, forwarding);
     this.proxy.web(req, res, {}, onError);
+  }
+
+  /** Writes the upstream's answer to the client: its status, body and end-to-end headers. */
+  private relay(proxyRes: IncomingMessage, req: IncomingMessage, res: ServerResponse): void {
+    const forwarding = this.forwarding.get(req);
+    const status = proxyRes.statusCode ?? 502;
+    if (forwarding?.unauthorized && status === 401) {
+      // Its body names the upstream's scope and realm: not the client's to read either.
+      proxyRes.resume();
+      forwarding.onError(forwarding.unauthorized());
+      return;
+    }
+    const headers: OutgoingHttpHeaders = {};
+    const named = String(proxyRes.headers.connection ?? '')
+      .split(',')
+      .map((token) => token.trim().toLowerCase());
+    for (const [name, value] of Object.entries(proxyRes.headers)) {
+      if (value === undefined || HOP_BY_HOP.has(name) || named.includes(name)) continue;
+      if (OWN_HEADERS.has(name)) continue;
+      if (name === 'www-authenticate' && forwarding?.unauthorized) continue;
+      headers[name] = value;
+    }
+    const location = this.location(proxyRes.headers.location, forwarding?.prefix ?? '');
+    if (location !== undefined) headers.location = location;
+    res.statusCode = status;
+    if (proxyRes.statusMessage) res.statusMessage = proxyRes.statusMessage;
+    for (const [name, value] of Object.entries(headers)) res.setHeader(name, value!);
+    // A body cut upstream cuts the client's connection (never a short body taken for whole);
+    // a client that leaves stops the upstream's.
+    pipeline(proxyRes, res, () => {});
+  }
+
+  /** A Location into the upstream's /v2/, pointed at pullcache; undefined to leave it as is. */
+  private location(value: string | undefined, prefix: string): string | undefined {
+    if (!value) return undefined;
+    let url: URL;
+    try {
+      url = new URL(value, this.target);
+    } catch {
+      return undefined;
+    }
+    if (url.origin !== this.target.origin || !url.pathname.startsWith('/v2/')) return undefined;
+    return `/v2/${prefix}${url.pathname.slice(4)}${url.search}`;
   }
 
   private unavailable(err: Error): UnavailableError {

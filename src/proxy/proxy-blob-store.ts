@@ -162,8 +162,11 @@ export class ProxyBlobStore implements BlobService {
    * Asks the upstream (HEAD, with this repository's scope) whether the repository has the blob.
    * When its bytes are stored already, for another repository, a yes links it to this one, so
    * that it is remembered like any blob fetched for it. `{found:false}` when the upstream says
-   * no, and, for stored bytes, also when it cannot be asked (offline, down): without its word
-   * they are not this repository's to serve. Other failures are thrown, as for any miss.
+   * no. When it cannot be asked (offline, down), stored bytes are this repository's only when a
+   * manifest it holds names them (then linked); otherwise its UpstreamUnavailableError is thrown,
+   * as for a digest stored nowhere: answering those 404 would tell anyone which digests (a
+   * private image's layers) are stored for other repositories. Other failures are thrown, as
+   * for any miss.
    */
   private confirm(repo: RepositoryKey, digest: Digest): Promise<StatResult> {
     return this.confirmations.run(`${repo.upstream}/${repo.repository}@${digest}`, async () => {
@@ -182,7 +185,7 @@ export class ProxyBlobStore implements BlobService {
             );
             return stored;
           }
-          if (stored.found) return this.refused(repo, digest, 'upstream unavailable');
+          if (stored.found) await this.refused(repo, digest, 'upstream unavailable');
         }
         throw err;
       }

@@ -1,7 +1,7 @@
 /**
  * ProxyManifestStore: manifests by digest from storage first, else one GET by digest from the
- * upstream, verified by the client, parsed (so that only manifests are kept) and stored with the
- * media type the upstream sent, to be served byte for byte.
+ * upstream, verified by the client, parsed (so that only manifests are kept) and stored with its
+ * manifest media type, to be served byte for byte.
  */
 import type { Logger } from '../log/logger.js';
 import type { Digest } from '../oci/digest.js';
@@ -88,21 +88,17 @@ export class ProxyManifestStore implements ManifestService {
     fetched: FetchedManifest,
     started: number,
   ): Promise<ManifestLink> {
-    let mediaType: string;
+    // The Content-Type the upstream sent when it names a manifest type, else the type the bytes
+    // name or show (parseManifest): never any other type an upstream sends, which would be served
+    // as is on pullcache's origin (`text/html`...).
+    let stored: string;
     try {
-      mediaType = parseManifest(fetched.bytes, fetched.mediaType).mediaType;
+      stored = parseManifest(fetched.bytes, fetched.mediaType).mediaType;
     } catch (err) {
       if (err instanceof ManifestInvalidError)
         throw new UpstreamInvalidError(this.client.name, err.message);
       throw err;
     }
-    // Serve the Content-Type the upstream sent when it names a manifest type; else what we parsed.
-    const stored =
-      fetched.mediaType &&
-      fetched.mediaType !== 'application/json' &&
-      fetched.mediaType !== 'application/octet-stream'
-        ? fetched.mediaType
-        : mediaType;
     let link: ManifestLink;
     try {
       link = await this.local.put(repo, fetched.bytes, fetched.digest, stored);

@@ -2,7 +2,8 @@
  * What a passthrough upstream is sent after the name: each segment checked (a reference, a
  * digest, an upload id) and sent decoded, so that no `..%2F` leaves the repository the lists and
  * rules were asked about; a cross-repository mount's `from` checked as a pull of it would be,
- * and named as the upstream knows it; and the `/v2/` ping of a default passthrough upstream.
+ * and named as the upstream knows it; the `/v2/` ping of a default passthrough upstream; and,
+ * with client authentication, no upstream challenge relayed to the client.
  */
 import { mkdtempSync } from 'node:fs';
 import { createServer } from 'node:http';
@@ -26,7 +27,10 @@ describe('passthrough requests', () => {
   let secret: Image;
   /** No client authentication; passthru.test (denying secret/**) is the default upstream. */
   let open: TestPullcache;
-  /** Client authentication: bob pushes to passthru.test's public/*, and may pull nothing else. */
+  /**
+   * Client authentication, passthru.test the default upstream: bob pushes to its public/*, and
+   * may pull nothing else; anonymous callers pull its public/*.
+   */
   let ruled: TestPullcache;
   const bob = basic('bob', 'bob-pw');
   /** What the upstream's token gives the client: a push to public/app, pulls everywhere. */
@@ -62,14 +66,22 @@ describe('passthrough requests', () => {
     open = await startPullcache({ upstreams, routing: { default: 'passthru.test' } });
     ruled = await startPullcache({
       upstreams,
+      routing: { default: 'passthru.test' },
       auth: {
         htpasswd: htpasswdFile({ bob: 'bob-pw' }, 4),
+        anonymous: true,
         rules: [
           {
             users: ['bob'],
             upstreams: ['passthru.test'],
             repositories: ['public/*'],
             actions: ['pull', 'admin'],
+          },
+          {
+            users: ['anonymous'],
+            upstreams: ['passthru.test'],
+            repositories: ['public/*'],
+            actions: ['pull'],
           },
         ],
       },
@@ -266,5 +278,78 @@ describe('passthrough requests', () => {
       silent.closeAllConnections();
       silent.close();
     }
+  });
+
+  test("with client authentication, the upstream's challenge never reaches the client: pullcache's own, or 403 to a caller with credentials", async () => {
+    // The registry takes no request without its own token, and pullcache sends none of the
+    // client's: every request below is asked of it, and answered 401 with its realm.
+    const ours = `Bearer realm="${ruled.url}/_pullcache/token",service="pullcache"`;
+    /** A token of pullcache's realm, as clients ask for one after its challenge. */
+    const tokenFor = async (headers: Record<string, string>) => {
+      const res = await rawRequest(ruled.url, 'GET', '/_pullcache/token', headers);
+      expect(res.status).toBe(200);
+      const { token } = JSON.parse(res.body.toString()) as { token: string };
+      return { authorization: `Bearer ${token}` };
+    };
+    const asAnonymous = await tokenFor({});
+    const asBob = await tokenFor(bob);
+    const manifest = '/v2/public/app/manifests/v1';
+    const cases: [string, string, Record<string, string>, number][] = [
+      // No credential at all: pullcache's challenge, which a client may answer.
+      ['GET', manifest, {}, 401],
+      ['HEAD', manifest, {}, 401],
+      ['GET', '/v2/passthru.test/public/app/tags/list', {}, 401],
+      // Credentials pullcache took (a password, its tokens): refused, not sent round again.
+      ['GET', manifest, bob, 403],
+      ['GET', manifest, asBob, 403],
+      ['HEAD', `/v2/public/app/blobs/${app.blobs[1]!.digest}`, asBob, 403],
+      ['GET', manifest, asAnonymous, 403],
+      ['POST', '/v2/public/app/blobs/uploads/', bob, 403], // a push: bob has admin there
+    ];
+    for (const [method, path, headers, status] of cases) {
+      recorder.reset();
+      const res = await rawRequest(ruled.url, method, path, headers);
+      const body = res.body.toString();
+      expect({
+        method,
+        path,
+        status: res.status,
+        code: method === 'HEAD' ? undefined : await ociError(res),
+        challenge: res.headers['www-authenticate'],
+        realm: body.includes(registry.tokens.url),
+      }).toEqual({
+        method,
+        path,
+        status,
+        code: method === 'HEAD' ? undefined : status === 401 ? 'UNAUTHORIZED' : 'DENIED',
+        challenge: status === 401 ? ours : undefined,
+        realm: false,
+      });
+      expect(recorder.requests.map((r) => `${r.method} ${r.status}`)).toEqual([`${method} 401`]);
+      expect(recorder.headers.every((h) => h.authorization === undefined)).toBe(true);
+    }
+    // The ping is pullcache's: its challenge, not the upstream's; the upstream is not asked.
+    recorder.reset();
+    const ping = await rawRequest(ruled.url, 'GET', '/v2/');
+    expect({ status: ping.status, challenge: ping.headers['www-authenticate'] }).toEqual({
+      status: 401,
+      challenge: ours,
+    });
+    expect((await rawRequest(ruled.url, 'GET', '/v2/', bob)).status).toBe(200);
+    expect(recorder.requests).toEqual([]);
+
+    // Without client authentication pullcache stays transparent: the upstream's challenge comes
+    // back, and the client's own credentials go on.
+    recorder.reset();
+    const challenged = await rawRequest(open.url, 'GET', manifest);
+    expect(challenged.status).toBe(401);
+    expect(challenged.headers['www-authenticate']).toContain(registry.tokens.url);
+    const pulled = await rawRequest(open.url, 'GET', manifest, {
+      ...pusher,
+      accept: app.mediaType,
+    });
+    expect(pulled.status).toBe(200);
+    expect(pulled.body.equals(app.manifest)).toBe(true);
+    expect(recorder.headers.map((h) => h.authorization)).toEqual([undefined, pusher.authorization]);
   });
 });

@@ -6,7 +6,7 @@
  * repository has only the blobs pushed to (or mounted into) it.
  */
 import { randomBytes } from 'node:crypto';
-import { mkdtempSync } from 'node:fs';
+import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
@@ -15,6 +15,7 @@ import { parseRepository } from '../../src/oci/reference.js';
 import { fakeServer, type FakeServer } from '../helpers/fake-server.js';
 import { ociError } from '../helpers/http.js';
 import { makeImage, pushBlob, pushImage, sha256, type Image } from '../helpers/images.js';
+import { freePort } from '../helpers/net.js';
 import { startPullcache, type TestPullcache } from '../helpers/pullcache.js';
 import { Recorder } from '../helpers/recorder.js';
 import { TestRegistry } from '../helpers/registry.js';
@@ -232,32 +233,78 @@ describe('content is served per repository', () => {
     ).toBe(false);
   });
 
-  test('with the upstream offline, a blob the repository does not hold is 404, while its own are served', async () => {
-    const offline = await startPullcache(
-      {
-        upstreams: { 'registry.test': { url: recorder.url, offline: true } },
-        routing: { default: 'registry.test' },
-      },
-      pc.root,
-    );
-    try {
-      recorder.reset();
-      const layer = secret.blobs[1]!;
-      const leak = await fetch(`${offline.url}/v2/org/public/blobs/${layer.digest}`);
-      expect(leak.status).toBe(404);
-      expect(await ociError(leak)).toBe('BLOB_UNKNOWN');
-      const own = await fetch(`${offline.url}/v2/private/app/blobs/${layer.digest}`);
-      expect(Buffer.from(await own.arrayBuffer()).equals(layer.bytes)).toBe(true);
-      // Confirmed and linked while online: still served, from its link.
-      const shared = secret.blobs[2]!;
-      const linked = await fetch(`${offline.url}/v2/org/public/blobs/${shared.digest}`);
-      expect(Buffer.from(await linked.arrayBuffer()).equals(shared.bytes)).toBe(true);
-      const dir = tmp();
-      await skopeoCopy(offline.host, 'org/public:v1', dir);
-      expectDirHolds(dir, pub);
-      expect(recorder.requests).toEqual([]);
-    } finally {
-      await offline.stop();
+  test('with the upstream offline or down, a digest stored for another repository answers 503 as one never stored does, while its own are served', async () => {
+    const layer = secret.blobs[1]!; // stored, for private/app only
+    const unstored = sha256(randomBytes(64));
+    /** Each way of asking for `digest` under org/public: its status and error code. */
+    const answers = async (base: string, digest: string) => {
+      const blob = `${base}/v2/org/public/blobs/${digest}`;
+      const manifest = `${base}/v2/org/public/manifests/${digest}`;
+      const asked: [string, string, RequestInit][] = [
+        ['blob GET', blob, {}],
+        ['blob HEAD', blob, { method: 'HEAD' }],
+        ['blob range', blob, { headers: { range: 'bytes=0-99' } }],
+        ['blob if-none-match', blob, { headers: { 'if-none-match': `"${digest}"` } }],
+        ['manifest GET', manifest, {}],
+        ['manifest HEAD', manifest, { method: 'HEAD' }],
+      ];
+      const got: Record<string, string> = {};
+      for (const [what, url, init] of asked) {
+        const res = await fetch(url, init);
+        got[what] = `${res.status} ${init.method === 'HEAD' ? '' : await ociError(res)}`;
+      }
+      return got;
+    };
+    const unavailable = {
+      'blob GET': '503 UNAVAILABLE',
+      'blob HEAD': '503 ',
+      'blob range': '503 UNAVAILABLE',
+      'blob if-none-match': '503 UNAVAILABLE',
+      'manifest GET': '503 UNAVAILABLE',
+      'manifest HEAD': '503 ',
+    };
+    for (const upstream of [
+      { url: recorder.url, offline: true },
+      { url: `http://127.0.0.1:${await freePort()}` }, // nothing listens: down
+    ]) {
+      const cut = await startPullcache(
+        { upstreams: { 'registry.test': upstream }, routing: { default: 'registry.test' } },
+        pc.root,
+      );
+      try {
+        recorder.reset();
+        // Stored or not, the same answer: nothing tells which digests (of a private image's
+        // layers, say) are stored.
+        expect({ upstream, stored: await answers(cut.url, layer.digest) }).toEqual({
+          upstream,
+          stored: unavailable,
+        });
+        expect({ upstream, unstored: await answers(cut.url, unstored) }).toEqual({
+          upstream,
+          unstored: unavailable,
+        });
+        // The private manifest by digest, the same.
+        expect(await answers(cut.url, secret.digest)).toEqual(unavailable);
+        expect(
+          await pc.runtime.repositories.hasBlob(
+            repo('registry.test', 'org/public'),
+            digestOf(layer.digest),
+          ),
+        ).toBe(false);
+        const own = await fetch(`${cut.url}/v2/private/app/blobs/${layer.digest}`);
+        expect(Buffer.from(await own.arrayBuffer()).equals(layer.bytes)).toBe(true);
+        // Confirmed and linked while online: still served, from its link.
+        const shared = secret.blobs[2]!;
+        const linked = await fetch(`${cut.url}/v2/org/public/blobs/${shared.digest}`);
+        expect(Buffer.from(await linked.arrayBuffer()).equals(shared.bytes)).toBe(true);
+        const dir = tmp();
+        await skopeoCopy(cut.host, 'org/public:v1', dir);
+        expectDirHolds(dir, pub);
+        rmSync(dir, { recursive: true });
+        expect(recorder.requests).toEqual([]);
+      } finally {
+        await cut.stop();
+      }
     }
   });
 });
