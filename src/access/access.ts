@@ -11,6 +11,7 @@ import type { Logger } from '../log/logger.js';
 import { Authenticator, type Caller } from './credentials.js';
 import { AuthenticationRequiredError, denied } from './errors.js';
 import { HtpasswdFile, type HtpasswdOptions } from './htpasswd.js';
+import { OwnerKey, ownerKeyPath } from './owner-key.js';
 import { Rules } from './rules.js';
 import { TokenService } from './tokens.js';
 import type { AccessControl, Action, Identity, Target } from './types.js';
@@ -41,7 +42,10 @@ export function createAccess(
     log.warn(
       'auth.anonymous is true but no rule names "anonymous": anonymous requests get nothing',
     );
-  return new AuthenticatedAccess(file, rules, config.auth.anonymous, trustProxy, log);
+  // Made now if missing, so that the commands find it (they only read it).
+  const ownerKey = new OwnerKey(ownerKeyPath(config), log.child({ module: 'access' }));
+  const tokens = new TokenService(file, () => ownerKey.secret());
+  return new AuthenticatedAccess(file, tokens, rules, config.auth.anonymous, trustProxy, log);
 }
 
 /** The last X-Forwarded-For entry (the address the proxy saw) when it is an IP address. */
@@ -100,18 +104,43 @@ function isLoopback(address: string | undefined): boolean {
 }
 
 /**
- * Whether the client is on this host: its connection comes from loopback, and behind a trusted
- * proxy (`server.trustProxy`) that forwarded the request (X-Forwarded-For present), the address
- * the proxy saw is loopback too: nginx on this host or a sidecar connects from loopback whoever
- * the client is. A forwarded entry that is not an IP address is no client of this host.
+ * Headers that proxies add (RFC 7239's Forwarded, the X-Forwarded-* family, nginx's X-Real-IP,
+ * Via): a request with one came through a proxy, whose connection says nothing of the client.
+ */
+const PROXY_HEADERS = [
+  'forwarded',
+  'x-forwarded-for',
+  'x-forwarded-host',
+  'x-forwarded-proto',
+  'x-real-ip',
+  'via',
+] as const;
+
+/**
+ * Whether the client is on this host: its connection comes from loopback, and
+ * - without `server.trustProxy`, the request carries no header a proxy adds: a proxy on this
+ *   host (nginx with the usual X-Forwarded-For, X-Real-IP) connects from loopback for every
+ *   client, wherever it is. A proxy that adds none of them cannot be told from a local client:
+ *   client authentication is what protects a cache published through one;
+ * - with it, behind a proxy that forwarded the request, every X-Forwarded-For entry is loopback:
+ *   the right-most entry that is not is the client (entries to its right are proxies on this
+ *   host, entries to its left what that client wrote, which counts not). One that is not an IP
+ *   address is no client of this host, and neither is a request through a proxy that sent
+ *   another header of PROXY_HEADERS but no X-Forwarded-For.
  */
 function isLocal(req: IncomingMessage, trustProxy: boolean): boolean {
-  // The header only ever takes "local" away: a client that connects from elsewhere and sends
+  // The headers only ever take "local" away: a client that connects from elsewhere and sends
   // X-Forwarded-For: 127.0.0.1 is no more local for it.
   if (!isLoopback(req.socket.remoteAddress)) return false;
-  if (trustProxy && req.headers['x-forwarded-for'] !== undefined)
-    return isLoopback(forwardedFor(req));
-  return true;
+  const header = req.headers['x-forwarded-for'];
+  if (trustProxy && header !== undefined) {
+    const entries = (Array.isArray(header) ? header.join(',') : header).split(',');
+    return entries.every((entry) => {
+      const address = entry.trim();
+      return isIP(address) !== 0 && isLoopback(address);
+    });
+  }
+  return PROXY_HEADERS.every((name) => req.headers[name] === undefined);
 }
 
 /** No client authentication: everyone may pull; changing the cache from this host only. */
@@ -158,16 +187,15 @@ class OpenAccess implements AccessControl {
 class AuthenticatedAccess implements AccessControl {
   readonly enabled = true;
   private readonly authenticator: Authenticator;
-  private readonly tokens: TokenService;
 
   constructor(
     private readonly file: HtpasswdFile,
+    private readonly tokens: TokenService,
     private readonly rules: Rules,
     readonly anonymousAllowed: boolean,
     private readonly trustProxy: boolean,
     log: Logger,
   ) {
-    this.tokens = new TokenService(file);
     this.authenticator = new Authenticator(file, this.tokens, log.child({ module: 'access' }));
   }
 

@@ -5,9 +5,11 @@
  *
  * The file is read again when it changes, found by a cheap poll of its stat (mtime, size, inode;
  * a rename over it, as editors and Kubernetes secret updates do, counts): fs.watch misses renames
- * and atomic symlink swaps on some systems, and a stat a second costs nothing. A file that is
- * missing, unreadable or without a single valid entry later on (say, read between the truncation
- * and the write of `htpasswd`) is logged and the last good version kept.
+ * and atomic symlink swaps on some systems, and a stat a second costs nothing. A file that cannot
+ * be read later on is logged and the last good version kept. One without a single valid entry
+ * (emptied, comments only, removed) may be one read between the truncation and the write of
+ * `htpasswd`: it is logged, and taken (nobody can log in) when it is found unchanged at the next
+ * look, as start-up takes it: removing the last user ends their access too.
  */
 import { randomInt } from 'node:crypto';
 import { readFile, stat } from 'node:fs/promises';
@@ -19,6 +21,8 @@ import type { Logger } from '../log/logger.js';
 const BCRYPT = /^\$2[aby]\$\d\d\$[./A-Za-z0-9]{53}$/;
 const MAX_USER_LENGTH = 255;
 const NO_ENTRY = 'no valid entry';
+/** The signature of a file that is not there. */
+const MISSING = 'missing';
 
 export interface ParsedHtpasswd {
   /** User name -> bcrypt hash. */
@@ -98,7 +102,10 @@ export class HtpasswdFile {
   private standIn: string;
   /** The text of the version in use. */
   private text: string;
+  /** The stat signature of the version last read (MISSING: the file was not there). */
   private seen: string;
+  /** A version without a valid entry, seen at the last look and not taken yet (see `check`). */
+  private unsure: { sig: string; text: string } | undefined;
   /** What is wrong with the file now, as last logged (logged again only when it changes). */
   private trouble: string | undefined;
   private readonly timer: NodeJS.Timeout;
@@ -120,7 +127,7 @@ export class HtpasswdFile {
       this.seen = signature(statSync(path));
       text = readFileSync(path, 'utf8');
     } catch (err) {
-      throw new Error(describe(err));
+      throw new Error(fileProblem(err));
     }
     const parsed = this.parsed(text);
     if (parsed.users.size === 0)
@@ -129,7 +136,7 @@ export class HtpasswdFile {
     this.standIn = standInHash(parsed.users);
     this.text = text;
     log.info({ htpasswd: path, users: parsed.users.size }, 'htpasswd file loaded');
-    this.timer = setInterval(() => void this.poll(), options.pollInterval ?? 1000);
+    this.timer = setInterval(() => void this.check(), options.pollInterval ?? 1000);
     this.timer.unref();
   }
 
@@ -167,35 +174,73 @@ export class HtpasswdFile {
     return parsed;
   }
 
-  /** Looks at the file; takes a new version in, or keeps the last good one and says why. */
-  private async poll(): Promise<void> {
+  /**
+   * Looks at the file now (the timer does every `pollInterval`): takes a new version in, or keeps
+   * the last good one and says why. A version without a valid entry (emptied, comments only,
+   * gone) may be one read between the truncation and the write of `htpasswd`: it is taken when
+   * the next look finds it unchanged (same stat, same text), so that removing the last user
+   * ends their logins and tokens within two looks. Never rejects.
+   */
+  async check(): Promise<void> {
     if (this.polling) return;
     this.polling = true;
     try {
-      let sig: string;
-      let text: string;
-      try {
-        sig = signature(await stat(this.path));
-        if (sig === this.seen) {
-          // Unchanged; or back as it was after going missing: the version in use is that one.
-          if (this.trouble !== NO_ENTRY) this.trouble = undefined;
-          return;
-        }
-        text = await readFile(this.path, 'utf8');
-      } catch (err) {
-        return this.keep(describe(err));
-      }
+      const version = await this.changed();
+      if (version === undefined) return;
+      const { sig, text } = version;
       this.seen = sig;
+      const reason = sig === MISSING ? 'no such file (ENOENT)' : NO_ENTRY;
+      if (parseHtpasswd(text).users.size === 0) {
+        const before = this.unsure;
+        this.unsure = { sig, text };
+        if (before?.sig !== sig || before.text !== text) return this.keep(reason);
+      }
+      this.unsure = undefined;
       const parsed = this.parsed(text);
-      if (parsed.users.size === 0) return this.keep(NO_ENTRY);
       this.current = parsed.users;
       this.standIn = standInHash(parsed.users);
       this.text = text;
       this.trouble = undefined;
+      if (parsed.users.size === 0)
+        this.log.warn(
+          { htpasswd: this.path, reason },
+          'htpasswd file has no valid entry; nobody can log in',
+        );
       this.log.info({ htpasswd: this.path, users: parsed.users.size }, 'htpasswd file reloaded');
       for (const listener of this.listeners) listener();
     } finally {
       this.polling = false;
+    }
+  }
+
+  /**
+   * The file as it is now when it is to be read (changed, or without a valid entry last time):
+   * a missing file is an empty one; undefined when unchanged, or when it cannot be read (kept,
+   * and logged).
+   */
+  private async changed(): Promise<{ sig: string; text: string } | undefined> {
+    let sig: string;
+    try {
+      sig = signature(await stat(this.path));
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'ENOENT') {
+        this.keep(fileProblem(err));
+        return undefined;
+      }
+      sig = MISSING;
+    }
+    if (sig === this.seen && this.unsure?.sig !== sig) {
+      // Unchanged; or back as it was after it could not be read: the version in use is that one.
+      this.trouble = undefined;
+      return undefined;
+    }
+    if (sig === MISSING) return { sig, text: '' };
+    try {
+      return { sig, text: await readFile(this.path, 'utf8') };
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return { sig: MISSING, text: '' };
+      this.keep(fileProblem(err));
+      return undefined;
     }
   }
 
@@ -209,7 +254,8 @@ export class HtpasswdFile {
   }
 }
 
-function describe(err: unknown): string {
+/** Why a file could not be read, in a few words. */
+export function fileProblem(err: unknown): string {
   const code = (err as NodeJS.ErrnoException).code;
   if (code === 'ENOENT') return 'no such file (ENOENT)';
   if (code === 'EACCES') return 'permission denied (EACCES)';

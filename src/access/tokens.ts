@@ -15,13 +15,17 @@
  * so it needs no signature.
  *
  * The commands (`pullcache pin`, `rm`, `gc`...) that go through the admin API of a server on
- * their storage read the same config, so the same htpasswd file: they make an owner token
- * (`{"o":1}`), keyed by the whole file's text, which may do everything. Reading the htpasswd file
- * is what running pullcache takes anyway.
+ * their storage make an owner token (`{"o":1}`), which may do everything. Its key is an HMAC of
+ * the htpasswd file's text under the owner key, a random secret of this host that only the
+ * server's user reads (owner-key.ts): the text alone is no secret (a file without users is a
+ * public string), the secret is what makes the key unguessable; the text in it ends the owner
+ * tokens in flight when the file changes. Without a readable owner key no owner token is taken.
  */
 import { createHash, createHmac, timingSafeEqual } from 'node:crypto';
 import { readFileSync } from 'node:fs';
-import type { HtpasswdFile } from './htpasswd.js';
+import type { Config } from '../config/schema.js';
+import { fileProblem, type HtpasswdFile } from './htpasswd.js';
+import { ownerKeyPath, readOwnerKey } from './owner-key.js';
 
 /** How long a token is good for, seconds (clients fetch a new one when it runs out). */
 export const TOKEN_TTL_S = 300;
@@ -35,12 +39,20 @@ export interface Token {
 export class TokenService {
   /** user -> key, from the file as it is now. */
   private readonly keys = new Map<string, Buffer>();
-  private ownerKey: Buffer | undefined;
+  /** The owner tokens' key, with the secret it was made from. */
+  private owner: { secret: Buffer; key: Buffer } | undefined;
 
-  constructor(private readonly file: HtpasswdFile) {
+  /**
+   * `ownerSecret`: the owner key's secret now (OwnerKey.secret), undefined when there is none;
+   * without it, owner tokens are refused.
+   */
+  constructor(
+    private readonly file: HtpasswdFile,
+    private readonly ownerSecret: () => Buffer | undefined = () => undefined,
+  ) {
     file.onChange(() => {
       this.keys.clear();
-      this.ownerKey = undefined;
+      this.owner = undefined;
     });
   }
 
@@ -79,8 +91,8 @@ export class TokenService {
     if (typeof claims !== 'object' || claims === null) return undefined;
     if (typeof claims.e !== 'number' || claims.e * 1000 <= now) return undefined;
     if (claims.o === 1) {
-      this.ownerKey ??= ownerKey(this.file.content);
-      return signed(token, dot, this.ownerKey)
+      const key = this.ownerKey();
+      return key && signed(token, dot, key)
         ? { user: undefined, owner: true, expires: claims.e * 1000 }
         : undefined;
     }
@@ -89,6 +101,14 @@ export class TokenService {
     const key = this.key(claims.s);
     if (!key || !signed(token, dot, key)) return undefined;
     return { user: claims.s, expires: claims.e * 1000 };
+  }
+
+  private ownerKey(): Buffer | undefined {
+    const secret = this.ownerSecret();
+    if (!secret) return undefined;
+    if (this.owner?.secret !== secret)
+      this.owner = { secret, key: ownerKey(secret, this.file.content) };
+    return this.owner.key;
   }
 
   private key(user: string): Buffer | undefined {
@@ -108,24 +128,36 @@ function signed(token: string, dot: number, key: Buffer): boolean {
   return given.length === expected.length && timingSafeEqual(given, expected);
 }
 
-function ownerKey(content: string): Buffer {
-  return createHash('sha256').update(`pullcache owner v1\0${content}`).digest();
+function ownerKey(secret: Buffer, htpasswd: string): Buffer {
+  return createHmac('sha256', secret).update(`pullcache owner v2\0${htpasswd}`).digest();
 }
 
 /**
- * The Authorization header with which a command (on the same config, so the same htpasswd file)
- * may do everything through a running server's admin API; undefined when the file cannot be read.
+ * The Authorization header with which a command on `config` (the server's config, on its host)
+ * may do everything through a running server's admin API; or, when the htpasswd file or the
+ * owner key cannot be read, why not. Never throws.
  */
-export function ownerAuthorization(htpasswd: string, now = Date.now()): string | undefined {
+export function ownerAuthorization(
+  config: Pick<Config, 'auth' | 'storage'>,
+  now = Date.now(),
+): { authorization: string } | { problem: string } {
   let content: string;
   try {
-    content = readFileSync(htpasswd, 'utf8');
-  } catch {
-    return undefined;
+    content = readFileSync(config.auth.htpasswd, 'utf8');
+  } catch (err) {
+    return { problem: `cannot read ${config.auth.htpasswd}: ${fileProblem(err)}` };
   }
+  const path = ownerKeyPath(config);
+  const read = readOwnerKey(path);
+  if (!read.found)
+    return {
+      problem: `cannot read the owner key ${path}: ${read.problem}${read.missing ? ' (the server makes it when it starts)' : ''}`,
+    };
   const payload = Buffer.from(
     JSON.stringify({ o: 1, e: Math.floor(now / 1000) + TOKEN_TTL_S }),
   ).toString('base64url');
-  const signature = createHmac('sha256', ownerKey(content)).update(payload).digest('base64url');
-  return `Bearer ${payload}.${signature}`;
+  const signature = createHmac('sha256', ownerKey(read.secret, content))
+    .update(payload)
+    .digest('base64url');
+  return { authorization: `Bearer ${payload}.${signature}` };
 }

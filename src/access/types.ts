@@ -18,14 +18,15 @@ export interface Identity {
   readonly credentialed: boolean;
   /**
    * A pullcache command on the same config (`pullcache pin`, `rm`, `gc`... beside a server),
-   * proven by a token made from the htpasswd file: may do everything.
+   * proven by a token made from the owner key in storage (owner-key.ts): may do everything.
    */
   readonly owner?: boolean;
   /**
-   * The client is on this host (loopback): the socket's address, or behind a trusted proxy
-   * (`server.trustProxy`) that forwarded the request, the last X-Forwarded-For entry, as the
-   * proxy saw it. Only consulted when client authentication is off: then `admin` is granted
-   * from this host only.
+   * The client is on this host (loopback): the socket's address, for a request that no proxy
+   * forwarded (none of the headers proxies add); behind a trusted proxy (`server.trustProxy`)
+   * that forwarded it, every X-Forwarded-For entry (the client, and the proxies on this host
+   * after it). Only consulted when client authentication is off: then `admin` is granted from
+   * this host only.
    */
   readonly local: boolean;
 }

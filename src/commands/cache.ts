@@ -11,16 +11,24 @@ import { imageRefs } from '../routing.js';
 import type { Lifecycle } from '../lifecycle/lifecycle.js';
 import type { ImageInfo, RemovalReport, Usage } from '../lifecycle/types.js';
 import type { Runtime } from '../runtime.js';
-import { fetchOwnServer, type OwnServerTls } from '../tls/own-server.js';
+import { fetchOwnServer } from '../tls/own-server.js';
 import { ownerAuthorization } from '../access/tokens.js';
 
 /**
  * With client authentication on, a command on the same config may do everything through the
- * server's admin API: it proves it with a token made from the htpasswd file (access/tokens.ts).
+ * server's admin API: it proves it with an owner token, made from the owner key in storage and
+ * the htpasswd file (access/tokens.ts). `problem`: why none could be made, to say along with a
+ * refusal.
  */
-function ownerHeaders(htpasswd: string): Record<string, string> {
-  const authorization = htpasswd === '' ? undefined : ownerAuthorization(htpasswd);
-  return authorization ? { authorization } : {};
+export function ownerCredentials(config: Pick<Config, 'auth' | 'storage'>): {
+  headers: Record<string, string>;
+  problem?: string;
+} {
+  if (config.auth.htpasswd === '') return { headers: {} };
+  const made = ownerAuthorization(config);
+  return 'authorization' in made
+    ? { headers: { authorization: made.authorization } }
+    : { headers: {}, problem: `no owner token: ${made.problem}` };
 }
 
 /** The cache's lifecycle operations, wherever they run. */
@@ -44,7 +52,7 @@ export interface CacheAdmin {
 export async function openCacheAdmin(runtime: Runtime, config: Config): Promise<CacheAdmin> {
   const { lifecycle } = runtime;
   const other = await lifecycle.ownership.other();
-  if (other?.url) return new ServerAdmin(other.url, config.server.tls, config.auth.htpasswd);
+  if (other?.url) return new ServerAdmin(other.url, config);
   if (other || !(await lifecycle.ownership.acquire()))
     throw new Error(
       `another pullcache process (pid ${other?.pid ?? '?'} on ${other?.host ?? 'this host'}) is managing this storage; try again when it is done`,
@@ -67,7 +75,7 @@ export async function tellServer(runtime: Runtime): Promise<void> {
       method: 'POST',
       // The admin API takes a change only as JSON (a page of another site cannot send that).
       headers: {
-        ...ownerHeaders(runtime.config.auth.htpasswd),
+        ...ownerCredentials(runtime.config).headers,
         'content-type': 'application/json',
       },
       signal: AbortSignal.timeout(60_000),
@@ -110,29 +118,31 @@ class StorageAdmin implements CacheAdmin {
 
 class ServerAdmin implements CacheAdmin {
   readonly via = 'server';
-  /** `tls`: the server's certificate, which an https `base` must present. */
+  /**
+   * `config.server.tls`: the server's certificate, which an https `base` must present; with
+   * client authentication, the command proves itself with an owner token (`ownerCredentials`).
+   */
   constructor(
     private readonly base: string,
-    private readonly tls: OwnServerTls,
-    /** With client authentication, the htpasswd file the commands prove themselves with. */
-    private readonly htpasswd: string,
+    private readonly config: Pick<Config, 'auth' | 'storage' | 'server'>,
   ) {}
 
   private async call<T>(method: string, path: string, body?: unknown): Promise<T> {
     let res: Awaited<ReturnType<typeof fetchOwnServer>>;
+    const owner = ownerCredentials(this.config);
     try {
       res = await fetchOwnServer(
         `${this.base}${ADMIN_PREFIX}${path}`,
         {
           method,
           headers: {
-            ...ownerHeaders(this.htpasswd),
+            ...owner.headers,
             ...(body !== undefined ? { 'content-type': 'application/json' } : {}),
           },
           ...(body !== undefined ? { body: JSON.stringify(body) } : {}),
           signal: AbortSignal.timeout(120_000),
         },
-        this.tls,
+        this.config.server.tls,
       );
     } catch (err) {
       // fetch's own message is "fetch failed"; its cause says why.
@@ -150,7 +160,10 @@ class ServerAdmin implements CacheAdmin {
       } catch {
         // not JSON: the text as it came
       }
-      throw new Error(`${this.base} answered ${res.status}: ${message}`);
+      const why = owner.problem && (res.status === 401 || res.status === 403);
+      throw new Error(
+        `${this.base} answered ${res.status}: ${message}${why ? ` (${owner.problem})` : ''}`,
+      );
     }
     return JSON.parse(text) as T;
   }

@@ -3,13 +3,13 @@
  * JSON (`GET /_pullcache/v1/status`). The server is the one managing the storage of the config
  * (its owner record names its URL), or the one `--url` names.
  */
-import { ownerAuthorization } from '../access/tokens.js';
 import type { Config } from '../config/schema.js';
 import { formatBytes } from '../config/units.js';
 import { CertificateMismatchError, fetchOwnServer } from '../tls/own-server.js';
 import { ADMIN_PREFIX } from '../http/admin.js';
 import type { Runtime } from '../runtime.js';
 import type { Status } from '../status/status.js';
+import { ownerCredentials } from './cache.js';
 
 /** Events shown of each kind; the page shows more. */
 const EVENTS_SHOWN = 5;
@@ -27,19 +27,18 @@ export async function runningServer(runtime: Runtime): Promise<string> {
 
 /**
  * The server's status. Over HTTPS the server must present the certificate of `config`
- * (server.tls.cert); with client authentication, the command proves itself with a token made
- * from the config's htpasswd file, as the other commands do.
+ * (server.tls.cert); with client authentication, the command proves itself with an owner
+ * token, as the other commands do.
  */
 export async function fetchStatus(base: string, config: Config): Promise<Status> {
   const url = `${base.replace(/\/$/, '')}${ADMIN_PREFIX}/status`;
-  const authorization =
-    config.auth.htpasswd === '' ? undefined : ownerAuthorization(config.auth.htpasswd);
+  const owner = ownerCredentials(config);
   let res: Response;
   try {
     res = await fetchOwnServer(
       url,
       {
-        headers: authorization ? { authorization } : {},
+        headers: owner.headers,
         signal: AbortSignal.timeout(10_000),
       },
       config.server.tls,
@@ -51,7 +50,10 @@ export async function fetchStatus(base: string, config: Config): Promise<Status>
       `the server at ${base} does not answer: ${cause?.code ?? cause?.message ?? (err as Error).message}`,
     );
   }
-  if (!res.ok) throw new Error(`${url} answered HTTP ${res.status}`);
+  if (!res.ok) {
+    const why = owner.problem && (res.status === 401 || res.status === 403);
+    throw new Error(`${url} answered HTTP ${res.status}${why ? ` (${owner.problem})` : ''}`);
+  }
   return (await res.json()) as Status;
 }
 

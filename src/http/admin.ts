@@ -14,8 +14,9 @@
  *
  * What changes the cache needs the `admin` action (access/): with client authentication, as the
  * rules give it, for every reference named (gc and recount: over the whole cache); without, to
- * requests from this host (loopback) only. With authentication, what is read needs a caller that
- * is served at all, and lists only what the caller may pull.
+ * requests from this host (loopback, not through a proxy) only. With authentication, what is read
+ * needs a caller that is served at all. `images` and `pins` list only what the caller may pull,
+ * in repositories the allow/deny lists serve, unless it administers the whole cache.
  *
  * A change must also come as a page of another site cannot send it (see `changeGuard`): with
  * `Content-Type: application/json`, an `Origin` (if any) on the host asked, and without client
@@ -32,6 +33,7 @@ import {
   UpstreamUnknownError,
 } from '../oci/errors.js';
 import { imageRefs } from '../routing.js';
+import { repositoryLists } from '../access/repositories.js';
 import type { AccessControl, Identity } from '../access/types.js';
 import { AuthenticationRequiredError } from '../access/errors.js';
 import type { ImageRef } from '../lifecycle/types.js';
@@ -66,8 +68,18 @@ export function adminRouter(config: Config, lifecycle: Lifecycle, access: Access
     if (refs === undefined) access.authorize(identity(res), 'admin');
     else for (const ref of refs) access.authorize(identity(res), 'admin', ref);
   };
-  const mayPull = (res: Response, ref: { upstream: string; repository: string }) =>
-    access.allows(identity(res), 'pull', ref);
+  const lists = repositoryLists(config);
+  /**
+   * What the caller is shown of images and pins: what it may pull, of repositories the lists
+   * (upstreams.X.repositories) serve, as `_catalog` shows. An admin of the whole cache (the
+   * commands, `pullcache ls`) sees all that storage holds: images cached before their repository
+   * was denied take room, and it is who removes them.
+   */
+  const shown = (res: Response) => {
+    if (access.allows(identity(res), 'admin')) return () => true;
+    return (ref: { upstream: string; repository: string }) =>
+      lists.allows(ref.upstream, ref.repository) && access.allows(identity(res), 'pull', ref);
+  };
   // What is read: for any caller that is served at all (it lists only what the caller may pull).
   router.use((req, res, next) => {
     if (!access.served(identity(res)))
@@ -79,20 +91,23 @@ export function adminRouter(config: Config, lifecycle: Lifecycle, access: Access
 
   router.get('/images', async (req, res) => {
     const upstream = upstreamFilter(config, req.query.upstream);
-    const images = (await lifecycle.images()).filter((i) => mayPull(res, i));
+    const visible = shown(res);
+    const images = (await lifecycle.images()).filter((i) => visible(i));
     res.json(upstream === undefined ? images : images.filter((i) => i.upstream === upstream));
   });
   router.get('/usage', async (_req, res) => {
     res.json(await lifecycle.usage());
   });
-  const pins = async (res: Response) =>
-    (await lifecycle.pinned()).filter((pin) => {
+  const pins = async (res: Response) => {
+    const visible = shown(res);
+    return (await lifecycle.pinned()).filter((pin) => {
       try {
-        return imageRefs(config, [pin]).every((ref) => mayPull(res, ref));
+        return imageRefs(config, [pin]).every(visible);
       } catch {
         return false;
       }
     });
+  };
   router.get('/pins', async (_req, res) => {
     res.json({ pins: await pins(res) });
   });

@@ -3,6 +3,7 @@
  * status page shows and `pullcache status` prints (docs/admin-api.md describes every field).
  */
 import { readFileSync } from 'node:fs';
+import { repositoryLists } from '../access/repositories.js';
 import type { Config } from '../config/schema.js';
 import type { Lifecycle } from '../lifecycle/lifecycle.js';
 import type { Usage } from '../lifecycle/types.js';
@@ -146,12 +147,24 @@ export class StatusReporter {
 
   /**
    * The status as `viewer` may see it (`visibleTo`): the host's with `server.workers`, whose
-   * workers each give all of theirs, so that it is narrowed once merged.
+   * workers each give all of theirs, so that it is narrowed once merged. Who is no admin of the
+   * whole cache is shown only repositories the allow/deny lists serve.
    */
   async status(viewer: StatusViewer): Promise<Status> {
     const shown = { admin: viewer.admin };
     const whole = await (this.host ? this.host(shown) : this.own(shown));
-    return visibleTo(whole, viewer);
+    // Repositories outside the allow/deny lists are nobody's to pull (as in `_catalog`), whatever
+    // the rules say; an admin of the whole cache sees all, as it does the refused requests.
+    const lists = repositoryLists(this.d.config);
+    return visibleTo(
+      whole,
+      viewer.admin
+        ? viewer
+        : {
+            admin: false,
+            mayPull: (t) => lists.allows(t.upstream, t.repository) && viewer.mayPull(t),
+          },
+    );
   }
 
   /** This process's status, its traffic `traffic` (that of now when not given). */

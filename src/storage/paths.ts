@@ -11,7 +11,9 @@
  * ├── lifecycle/                              the cache's own records (see src/lifecycle/)
  * │   ├── pins.json                           images pinned with `pullcache pin`
  * │   ├── owner.json                          the process that evicts: {pid, host, url, expiresAt}
- * │   └── owner.json.takeover-<sha256>-<n>    a claim to take over a stale record (owner.ts)
+ * │   ├── owner.json.takeover-<sha256>-<n>    a claim to take over a stale record (owner.ts)
+ * │   └── owner.key                           the commands' admin token secret, mode 0600, on
+ * │                                           the local disk even with S3 (access/owner-key.ts)
  * ├── uploads/                                upload sessions; never visible as blobs
  * │   └── <uuid>/
  * │       ├── data

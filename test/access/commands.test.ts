@@ -1,9 +1,10 @@
 /**
  * `pullcache pin | ls | gc` beside a running server with client authentication: the commands go
- * through its admin API, proving themselves with the config's htpasswd file (an owner token),
- * where no rule gives anyone the admin action. A command on another htpasswd file is refused.
+ * through its admin API, proving themselves with an owner token (made from the owner key the
+ * server keeps in storage and the config's htpasswd file), where no rule gives anyone the admin
+ * action. A command on another htpasswd file, or without the owner key, is refused.
  */
-import { copyFileSync, mkdtempSync, writeFileSync } from 'node:fs';
+import { copyFileSync, mkdtempSync, renameSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
@@ -88,5 +89,21 @@ describe('the commands beside a server with client authentication', () => {
     const res = await cli('unpin', '-c', configWith(other), 'org/a:v1');
     expect(res.code).toBe(1);
     expect(res.stderr).toMatch(/invalid or expired token/);
+  });
+
+  test('a command that cannot read the owner key in storage is refused, and says why', async () => {
+    const key = join(root, 'lifecycle', 'owner.key');
+    expect(statSync(key).mode & 0o777).toBe(0o600);
+    renameSync(key, `${key}.aside`);
+    try {
+      const res = await cli('unpin', '-c', configWith(htpasswd), 'org/a:v1');
+      expect(res.code).toBe(1);
+      expect(res.stderr).toContain(
+        `answered 401: authentication required (no owner token: cannot read the owner key ${key}: no such file (ENOENT)`,
+      );
+    } finally {
+      renameSync(`${key}.aside`, key);
+    }
+    expect((await cli('unpin', '-c', configWith(htpasswd), 'org/a:v1')).code).toBe(0);
   });
 });

@@ -1,12 +1,13 @@
 /**
  * The htpasswd file as users keep it: written and changed by the real `htpasswd -B` while
- * pullcache runs, a malformed line among good ones, the file going missing or empty, and a
- * missing file at start-up. Plus what the request logs say of who asked.
+ * pullcache runs, a malformed line among good ones, the file read mid-write, emptied, going
+ * missing or unreadable, and a missing file at start-up. Plus what the request logs say of who
+ * asked.
  */
-import { renameSync, rmSync, writeFileSync, readFileSync, appendFileSync } from 'node:fs';
+import { mkdirSync, rmSync, writeFileSync, readFileSync, appendFileSync } from 'node:fs';
 import bcrypt from 'bcryptjs';
 import { afterAll, beforeAll, describe, expect, test, vi } from 'vitest';
-import { standInHash } from '../../src/access/htpasswd.js';
+import { HtpasswdFile, standInHash } from '../../src/access/htpasswd.js';
 import { cli, tmp } from '../helpers/cli.js';
 import { basic, htpasswdDelete, htpasswdFile, htpasswdSet } from '../helpers/htpasswd.js';
 import { rawRequest } from '../helpers/http.js';
@@ -109,37 +110,101 @@ describe('the htpasswd file', () => {
     }
   });
 
-  test('missing, emptied or unusable later: the last good version is kept and the problem logged once; a good file is taken again', async () => {
+  test('the last user removed by htpasswd -D: their logins and tokens end within two looks, no restart', async () => {
     const file = htpasswdFile({ alice: 'alice-pw' });
     const { log, lines } = capturedLog('info');
     const pc = await startPullcache(
-      { upstreams: { 'docker.io': { url: registry.url } }, auth: { htpasswd: file } },
+      {
+        upstreams: { 'docker.io': { url: registry.url } },
+        auth: { htpasswd: file, anonymous: true, rules: [{ users: ['*'], actions: ['pull'] }] },
+      },
       undefined,
       { log },
     );
+    try {
+      expect(await status(pc, basic('alice', 'alice-pw'))).toBe(200);
+      const issued = await rawRequest(
+        pc.url,
+        'GET',
+        '/_pullcache/token',
+        basic('alice', 'alice-pw'),
+      );
+      const token = {
+        authorization: `Bearer ${(JSON.parse(issued.body.toString()) as { token: string }).token}`,
+      };
+      htpasswdDelete(file, 'alice');
+      expect(readFileSync(file, 'utf8').trim()).toBe('');
+      await waitFor(async () => (await status(pc, basic('alice', 'alice-pw'))) === 401, 'refused');
+      expect(await status(pc, token)).toBe(401);
+      expect(
+        lines.some((l) => l.msg === 'htpasswd file has no valid entry; nobody can log in'),
+      ).toBe(true);
+    } finally {
+      await pc.stop();
+    }
+  });
+
+  test('a version without a valid entry is taken only when the next look finds it unchanged; one that cannot be read is never', async () => {
+    const file = htpasswdFile({ alice: 'alice-pw' });
+    const good = readFileSync(file, 'utf8');
+    const { log, lines } = capturedLog('info');
+    // Looked at when the test says (check), not by the timer.
+    const h = new HtpasswdFile(file, log, { pollInterval: 1e9 });
+    let changes = 0;
+    h.onChange(() => changes++);
     const kept = () =>
       lines.filter((l) => l.msg === 'htpasswd file not usable; keeping the last good version');
     try {
-      expect(await status(pc, basic('alice', 'alice-pw'))).toBe(200);
-      const aside = `${file}.aside`;
-      renameSync(file, aside);
-      await waitFor(async () => kept().length === 1, 'the missing file logged');
-      expect(kept()[0]).toMatchObject({ level: 40, reason: 'no such file (ENOENT)', users: 1 });
-      expect(await status(pc, basic('alice', 'alice-pw'))).toBe(200);
+      // Read between htpasswd's truncation and its write: kept, and the write then taken.
+      writeFileSync(file, '');
+      await h.check();
+      expect(h.hash('alice')).toBeDefined();
+      expect(kept().at(-1)).toMatchObject({ level: 40, reason: 'no valid entry', users: 1 });
+      writeFileSync(file, `# team\n${good}`);
+      await h.check();
+      await h.check();
+      expect(h.hash('alice')).toBeDefined();
 
-      writeFileSync(file, ''); // as read between htpasswd's truncation and its write
-      await waitFor(async () => kept().length === 2, 'the empty file logged');
-      expect(kept()[1]).toMatchObject({ reason: 'no valid entry' });
-      expect(await status(pc, basic('alice', 'alice-pw'))).toBe(200);
-      await new Promise((r) => setTimeout(r, 2500));
-      expect(kept()).toHaveLength(2); // logged once, not at every look
+      // Comments only, seen twice: that is the file. Nobody can log in.
+      writeFileSync(file, '# nobody for now\n');
+      await h.check();
+      expect(h.hash('alice')).toBeDefined();
+      await h.check();
+      expect(h.hash('alice')).toBeUndefined();
+      expect(h.content).toBe('# nobody for now\n');
+      const before = changes;
+      await h.check(); // unchanged since: nothing more happens
+      expect(changes).toBe(before);
 
-      renameSync(aside, file);
-      htpasswdSet(file, 'bob', 'bob-pw');
-      await waitFor(async () => (await status(pc, basic('bob', 'bob-pw'))) === 200, 'bob');
-      expect(await status(pc, basic('alice', 'alice-pw'))).toBe(200);
+      // Removed, for two looks: no one either; back, taken again.
+      writeFileSync(file, good);
+      await h.check();
+      expect(h.hash('alice')).toBeDefined();
+      rmSync(file);
+      await h.check();
+      expect(h.hash('alice')).toBeDefined();
+      expect(kept().at(-1)).toMatchObject({ reason: 'no such file (ENOENT)' });
+      await h.check();
+      expect(h.hash('alice')).toBeUndefined();
+      writeFileSync(file, good);
+      await h.check();
+      expect(h.hash('alice')).toBeDefined();
+
+      // Something that cannot be read says nothing of the users: the last good version stays,
+      // the problem logged once.
+      rmSync(file);
+      mkdirSync(file);
+      const logged = kept().length;
+      for (let i = 0; i < 3; i++) await h.check();
+      expect(h.hash('alice')).toBeDefined();
+      expect(
+        kept()
+          .slice(logged)
+          .map((l) => l.reason),
+      ).toEqual(['it is a directory (EISDIR)']);
+      rmSync(file, { recursive: true });
     } finally {
-      await pc.stop();
+      h.close();
     }
   });
 

@@ -1,15 +1,18 @@
 /**
  * Repository allow/deny lists per upstream (`upstreams.X.repositories`): a repository outside
  * them is never fetched and never served, whoever asks, on every endpoint, by tag or by digest,
- * cached or not; the catalog lists none of them; prefetch and import refuse them. Real parts: the
+ * cached or not; the catalog, the admin API's images and pins (but to an admin) list none of them;
+ * prefetch and import refuse them. Real parts: the
  * upstream registry (behind a recorder that shows it was never asked), skopeo, the real CLI.
  */
 import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
+import { ownerAuthorization } from '../../src/access/tokens.js';
 import { ConfigError, loadConfig } from '../../src/config/load.js';
 import { cli, tmp } from '../helpers/cli.js';
 import { snapshot } from '../helpers/files.js';
+import { basic, htpasswdFile } from '../helpers/htpasswd.js';
 import { ociError } from '../helpers/http.js';
 import { makeImage, pushImage, type Image } from '../helpers/images.js';
 import { startPullcache, type TestPullcache } from '../helpers/pullcache.js';
@@ -180,6 +183,59 @@ describe('repository allow and deny lists', () => {
     expect(await pc.runtime.repositories.listRepositories('docker.io')).toContain(
       'library/private/app',
     );
+  });
+
+  test('the admin API lists no image or pin of a refused repository to a caller that may only pull; an admin of the whole cache sees them all', async () => {
+    const cache = tmp('cache');
+    const before = await startPullcache(
+      { upstreams: { 'docker.io': { url: registry.url } } },
+      cache,
+    );
+    for (const ref of ['library/private/app:v1', 'alpine:3.20'])
+      await skopeoCopy(before.host, ref, tmp('pull'));
+    await before.stop();
+    const authed = await startPullcache(
+      {
+        upstreams: {
+          'docker.io': { url: registry.url, repositories: { allow: ALLOW, deny: DENY } },
+        },
+        // No rules: every user pulls everything the lists serve.
+        auth: { htpasswd: htpasswdFile({ alice: 'alice-pw' }) },
+      },
+      cache,
+    );
+    try {
+      const made = ownerAuthorization(authed.runtime.config);
+      if (!('authorization' in made)) throw new Error(made.problem);
+      const owner = { authorization: made.authorization };
+      const alice = basic('alice', 'alice-pw');
+      const pinned = await fetch(`${authed.url}/_pullcache/v1/pins`, {
+        method: 'POST',
+        headers: { ...owner, 'content-type': 'application/json' },
+        body: JSON.stringify({ references: ['library/private/app:v1', 'alpine:3.20'] }),
+      });
+      expect(pinned.status).toBe(200);
+      const get = async (path: string, headers: Record<string, string>) => {
+        const res = await fetch(`${authed.url}/_pullcache/v1/${path}`, { headers });
+        expect(res.status).toBe(200);
+        return (await res.json()) as unknown;
+      };
+      const references = (images: unknown) =>
+        (images as { references: string[] }[]).flatMap((i) => i.references).sort();
+      expect(references(await get('images', alice))).toEqual(['docker.io/library/alpine:3.20']);
+      expect(await get('pins', alice)).toEqual({ pins: ['alpine:3.20'] });
+      const text = JSON.stringify([await get('images', alice), await get('pins', alice)]);
+      expect(text).not.toContain('private');
+      expect(text).not.toContain(secret.digest);
+      // The commands (the owner) manage what storage holds, refused repositories included.
+      expect(references(await get('images', owner))).toEqual([
+        'docker.io/library/alpine:3.20',
+        'docker.io/library/private/app:v1',
+      ]);
+      expect(((await get('pins', owner)) as { pins: string[] }).pins).toHaveLength(2);
+    } finally {
+      await authed.stop();
+    }
   });
 
   test("a passthrough upstream's lists refuse before anything is forwarded", async () => {

@@ -1,7 +1,8 @@
 /**
  * Without client authentication, changing the cache is for this host's clients only. Behind a
- * trusted proxy on this host (nginx on localhost, a sidecar on 127.0.0.6), every connection comes
- * from loopback: the client is then the address the proxy forwarded, not the connection's.
+ * proxy on this host (nginx on localhost, a sidecar on 127.0.0.6), every connection comes from
+ * loopback: trusted (`server.trustProxy`), the client is the address the proxy forwarded, not the
+ * connection's; not trusted, a request that came through a proxy is from no client of this host.
  */
 import type { IncomingMessage } from 'node:http';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
@@ -56,16 +57,49 @@ describe('the admin action without client authentication, behind a trusted proxy
     });
     expect(await gc(behind, { 'x-forwarded-for': 'unknown' })).toMatchObject({ status: 403 });
     expect(await status(behind, { 'x-forwarded-for': '203.0.113.9' })).toEqual({ admin: false });
+    // Two proxies on this host (a TLS terminator, then nginx): the entries to the right of the
+    // client are theirs, loopback; the client is the right-most entry that is not.
+    expect(await gc(behind, { 'x-forwarded-for': '203.0.113.9, 127.0.0.1' })).toMatchObject({
+      status: 403,
+    });
+    expect(await gc(behind, { 'x-forwarded-for': '127.0.0.1, 203.0.113.9, ::1' })).toMatchObject({
+      status: 403,
+    });
+    // A trusted proxy that forwarded the request without saying whom for: nobody of this host.
+    expect(await gc(behind, { 'x-real-ip': '203.0.113.9' })).toMatchObject({ status: 403 });
+  });
+
+  test('without trustProxy, a request that came through a proxy on this host is not local', async () => {
+    // nginx's proxy_pass with the recipes' headers, Host: 127.0.0.1:5000 ($proxy_host) or not.
+    const recipes: Record<string, string>[] = [
+      { 'x-forwarded-for': '203.0.113.9' },
+      { 'x-forwarded-for': '127.0.0.1' },
+      { 'x-real-ip': '203.0.113.9' },
+      { 'x-forwarded-proto': 'https' },
+      { 'x-forwarded-host': 'registry.example.com' },
+      { forwarded: 'for=203.0.113.9;proto=https' },
+      { via: '1.1 proxy.example.com' },
+    ];
+    for (const headers of recipes) {
+      expect(await gc(direct, headers), JSON.stringify(headers)).toEqual({
+        status: 403,
+        code: 'DENIED',
+      });
+      expect(await status(direct, headers)).toEqual({ admin: false });
+    }
+    // Pulls are everyone's, as before.
+    const ping = await fetch(`${direct.url}/v2/`, { headers: { 'x-real-ip': '203.0.113.9' } });
+    expect(ping.status).toBe(200);
   });
 
   test('a client of this host is served: through the proxy, or connecting itself', async () => {
     expect(await gc(behind, { 'x-forwarded-for': '127.0.0.1' })).toEqual({ status: 200 });
-    expect(await gc(behind, { 'x-forwarded-for': '203.0.113.9, ::1' })).toEqual({ status: 200 });
+    expect(await gc(behind, { 'x-forwarded-for': '127.0.0.1, ::1' })).toEqual({ status: 200 });
     // No proxy in between (the commands beside the server): the connection's address.
     expect(await gc(behind)).toEqual({ status: 200 });
     expect(await status(behind, {})).toEqual({ admin: true });
-    // Without trustProxy the header is nobody's word: the connection is from this host.
-    expect(await gc(direct, { 'x-forwarded-for': '203.0.113.9' })).toEqual({ status: 200 });
+    expect(await gc(direct)).toEqual({ status: 200 });
+    expect(await status(direct, {})).toEqual({ admin: true });
   });
 });
 
@@ -83,4 +117,8 @@ test('a client connecting from elsewhere is not made local by an X-Forwarded-For
   // Through a proxy on this host, from this host: local.
   expect(local(from('127.0.0.1', '127.0.0.1'))).toBe(true);
   expect(local(from('127.0.0.1', '192.0.2.7'))).toBe(false);
+  // What the client wrote is left of what the proxy appended: neither order makes it local.
+  expect(local(from('127.0.0.1', '127.0.0.1, 192.0.2.7'))).toBe(false);
+  expect(local(from('127.0.0.1', '192.0.2.7, 127.0.0.1'))).toBe(false);
+  expect(local(from('127.0.0.1', '127.0.0.1:8080'))).toBe(false);
 });

@@ -340,7 +340,11 @@ describe('the status with client authentication: each caller sees what it may pu
       // With server.workers, each worker gives its whole status and the one asked merges them
       // (fleet/cluster-status.ts): the host's is narrowed once merged, the same way.
       const reporter = new StatusReporter({
-        config: { upstreams: { 'docker.io': { url: throttle.url } } },
+        config: {
+          upstreams: {
+            'docker.io': { url: throttle.url, repositories: { allow: [], deny: [] } },
+          },
+        },
         events: new RecentEvents(),
       } as unknown as StatusDeps);
       // Another worker fetches a public layer.
@@ -367,6 +371,55 @@ describe('the status with client authentication: each caller sees what it may pu
     } finally {
       pulling.abort();
     }
+  });
+
+  test('fetches and upstream failures of repositories outside the allow/deny lists are shown to an admin only', async () => {
+    const events = new RecentEvents();
+    events.upstreamFailed('docker.io', 'GET /v2/public/app/tags/list', 'HTTP 500', ['public/app']);
+    events.upstreamFailed('docker.io', 'GET /v2/secret/app/manifests/v1', 'HTTP 500', [
+      'secret/app',
+    ]);
+    const failures = events.upstreamFailures();
+    const fetch = (repository: string, digest: string) => ({
+      digest: digest as Digest,
+      upstream: 'docker.io',
+      repository,
+      size: 10,
+      received: 5,
+      bytesPerSecond: 1,
+      clients: 1,
+      startedAt: 0,
+      from: 'upstream' as const,
+    });
+    const whole = {
+      upstreams: [{ name: 'docker.io', lastFailure: { ...failures[0]! } }],
+      fetches: [
+        fetch('public/app', `sha256:${'a'.repeat(64)}`),
+        fetch('secret/app', `sha256:${'b'.repeat(64)}`),
+      ],
+      recent: { upstreamFailures: failures, refused: [] },
+    } as unknown as Status;
+    const reporter = new StatusReporter({
+      config: {
+        upstreams: {
+          'docker.io': {
+            url: 'http://127.0.0.1:9',
+            repositories: { allow: [], deny: ['secret/**'] },
+          },
+        },
+      },
+      events,
+    } as unknown as StatusDeps);
+    reporter.showHost(() => async (viewer) => ({ ...whole, viewer }));
+    // Whatever the rules give (here: everything), the lists refuse secret/app to everyone.
+    const shown = await reporter.status({ admin: false, mayPull: () => true });
+    expect(shown.fetches.map((f) => f.repository)).toEqual(['public/app']);
+    expect(shown.recent.upstreamFailures.map((f) => f.repositories)).toEqual([['public/app']]);
+    expect(shown.upstreams[0]!.lastFailure).toMatchObject({ what: 'a request', repositories: [] });
+    expect(JSON.stringify(shown)).not.toContain('secret');
+    const admin = await reporter.status({ admin: true, mayPull: () => true });
+    expect(admin.fetches).toHaveLength(2);
+    expect(admin.recent.upstreamFailures).toHaveLength(2);
   });
 
   test('an upstream failure is shown to who may pull every repository it was asked for', () => {
