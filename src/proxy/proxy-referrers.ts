@@ -7,10 +7,11 @@
  *
  * Anyone may ask for any repository name, subject digest and set of artifact types, and garbage
  * collection removes the answers of a subject only with the subject's manifest: an answer kept
- * for anything else would be a file that stays. So an answer is written to storage only when it
- * lists referrers, the repository holds the subject's manifest, and each artifact type asked for
- * is one a referrer listed has (the sets a client can make up are bounded by what the upstream
- * holds); an answer that replaces one kept before is written too. Every other answer is
+ * for anything else would be a file that stays, outside the byte budget. So an answer is written
+ * to storage only when it lists referrers, the repository holds the subject's manifest, and it is
+ * unfiltered or filtered by one artifact type (that a listed referrer has, then): a file per
+ * set of several types would let a client make 2^k files of a subject with k types of
+ * referrers. An answer that replaces one kept before is written too. Every other answer is
  * remembered in memory, a bounded number of them, fresh and stale alike.
  */
 import { LRUCache } from 'lru-cache';
@@ -162,9 +163,8 @@ export class ProxyReferrersService implements ReferrersService {
     types: readonly string[],
     listed: readonly ReferrerDescriptor[],
   ): Promise<boolean> {
-    if (listed.length === 0) return false;
-    const listedTypes = new Set(listed.map((d) => d.artifactType));
-    if (!types.every((type) => listedTypes.has(type))) return false;
+    // One type at most: as filtered by it, a listed referrer has it.
+    if (listed.length === 0 || types.length > 1) return false;
     return this.holds(repo, subject);
   }
 

@@ -38,6 +38,12 @@ describe('referrers answers in storage', () => {
     size: 15,
     artifactType: SIGNATURE,
   };
+  const sbom = {
+    mediaType: 'application/vnd.oci.image.manifest.v1+json',
+    digest: sha256('{"sbom":1}'),
+    size: 10,
+    artifactType: SBOM,
+  };
   let emptied = false;
 
   /** A registry with the referrers API: an empty index for every subject but one. */
@@ -51,7 +57,8 @@ describe('referrers answers in storage', () => {
     }
     const listed = m[1] === 'org/signed' && m[2] === subject && !emptied;
     const type = url.searchParams.get('artifactType');
-    const manifests = listed && (type === null || type === SIGNATURE) ? [signature] : [];
+    const all = listed ? [signature, sbom] : [];
+    const manifests = type === null ? all : all.filter((d) => d.artifactType === type);
     res
       .writeHead(200, { 'content-type': INDEX })
       .end(JSON.stringify({ schemaVersion: 2, mediaType: INDEX, manifests }));
@@ -117,15 +124,18 @@ describe('referrers answers in storage', () => {
     expect(recorder.requests.filter((r) => r.path.includes('/referrers/')).length).toBe(asked);
   });
 
-  test('an answer that lists referrers of a held subject is stored, and an empty one that replaces it too', async () => {
+  test('an answer that lists referrers of a held subject is stored, unfiltered or by one type, and an empty one that replaces it too', async () => {
     const path = `api.test/org/signed/referrers/${subject}`;
-    const signatureType = `?artifactType=${encodeURIComponent(SIGNATURE)}`;
-    const madeUp = `${signatureType}&artifactType=${encodeURIComponent('application/x-made-up')}`;
+    const type = (t: string) => `artifactType=${encodeURIComponent(t)}`;
+    const signatures = `${path}?${type(SIGNATURE)}`;
+    // Several types, as any client may make up sets of them: 2^k files for k types of referrers.
+    const madeUp = `${signatures}&${type('application/x-made-up')}`;
+    const both = `${signatures}&${type(SBOM)}`;
     const before = repositories();
     // The subject's manifest is not held yet: remembered in memory only.
-    expect(await referrers(path)).toEqual([signature]);
-    // Nor is an answer filtered by a type no referrer has (any client could make up such sets).
-    expect(await referrers(`${path}${madeUp}`)).toEqual([signature]);
+    expect(await referrers(path)).toEqual([signature, sbom]);
+    expect(await referrers(signatures)).toEqual([signature]);
+    expect(await referrers(madeUp)).toEqual([signature]);
     expect(repositories()).toEqual(before);
 
     const pulled = await fetch(`${pc.url}/v2/api.test/org/signed/manifests/${subject}`, {
@@ -135,17 +145,22 @@ describe('referrers answers in storage', () => {
     await pulled.arrayBuffer();
     const held = repositories();
     await new Promise((r) => setTimeout(r, 1100)); // past tagTTL: asked again
-    expect(await referrers(`${path}${madeUp}`)).toEqual([signature]);
+    expect(await referrers(madeUp)).toEqual([signature]);
+    expect(await referrers(both)).toEqual([signature, sbom]);
     expect(repositories()).toEqual(held);
-    expect(await referrers(path)).toEqual([signature]);
-    const added = Object.keys(repositories()).filter((f) => !(f in held));
-    expect(added).toHaveLength(1);
+    expect(await referrers(signatures)).toEqual([signature]);
+    expect(await referrers(path)).toEqual([signature, sbom]);
+    const added = Object.keys(repositories())
+      .filter((f) => !(f in held))
+      .sort();
+    expect(added).toHaveLength(2);
     expect(added[0]).toMatch(/^api\.test\/org\/signed\/_referrers\/sha256\/[0-9a-f]{64}\/all$/);
+    expect(added[1]).toMatch(/\/artifactType-[0-9a-f]{64}$/);
     const kept = () =>
       JSON.parse(
         JSON.parse(readFileSync(join(pc.root, 'repositories', added[0]!), 'utf8')).index as string,
       ) as { manifests: unknown[] };
-    expect(kept().manifests).toEqual([signature]);
+    expect(kept().manifests).toEqual([signature, sbom]);
 
     // The referrer is deleted upstream: past tagTTL the kept answer is replaced, not left stale.
     emptied = true;
