@@ -98,16 +98,10 @@ export function adminRouter(config: Config, lifecycle: Lifecycle, access: Access
   router.get('/usage', async (_req, res) => {
     res.json(await lifecycle.usage());
   });
-  const pins = async (res: Response) => {
-    const visible = shown(res);
-    return (await lifecycle.pinned()).filter((pin) => {
-      try {
-        return imageRefs(config, [pin]).every(visible);
-      } catch {
-        return false;
-      }
-    });
-  };
+  // Judged by what each pin was stored with, not by its reference read again with today's config
+  // (which may no longer parse it, or read it as another upstream's).
+  const pins = async (res: Response) =>
+    (await lifecycle.pinnedRefs()).filter(shown(res)).map((pin) => pin.reference);
   router.get('/pins', async (_req, res) => {
     res.json({ pins: await pins(res) });
   });

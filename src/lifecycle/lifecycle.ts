@@ -250,7 +250,7 @@ export class Lifecycle {
 
   async close(): Promise<void> {
     for (const t of this.timers) clearInterval(t);
-    this.torn.close();
+    await this.torn.close();
     await this.budget.close();
     await this.flush().catch((err: unknown) => this.warn(err));
     await this.ownership.release().catch(() => {});
@@ -429,8 +429,15 @@ export class Lifecycle {
   }
 
   async pinned(): Promise<string[]> {
+    return (await this.pinnedRefs()).map((pin) => pin.reference);
+  }
+
+  /** The pins in force, each with the upstream and repository it was stored with. */
+  async pinnedRefs(): Promise<ImageRef[]> {
+    // Asked before the start-up scan read them: read now, not an empty list.
+    await this.pins.loaded();
     await this.freshPins();
-    return this.pins.list();
+    return this.pins.all();
   }
 
   /**

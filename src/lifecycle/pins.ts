@@ -37,12 +37,19 @@ export class Pins {
   private unreadable: string | undefined;
   /** The content last logged as unreadable: logged once per content, not at every load. */
   private loggedUnreadable: string | undefined;
+  /** Whether the pins file has been looked at (found, missing or unreadable). */
+  private read = false;
 
   constructor(
     private readonly driver: StorageDriver,
     private readonly configured: ImageRef[],
     private readonly log?: Logger,
   ) {}
+
+  /** Loads the pins unless a load has been done (the start-up scan's may not have yet). */
+  async loaded(): Promise<void> {
+    if (!this.read) await this.load();
+  }
 
   async load(): Promise<void> {
     let raw: Buffer;
@@ -52,8 +59,10 @@ export class Pins {
       if (!(err instanceof PathNotFoundError)) throw err;
       this.stored = [];
       this.unreadable = undefined;
+      this.read = true;
       return;
     }
+    this.read = true;
     let value: unknown;
     try {
       value = JSON.parse(raw.toString('utf8'));
@@ -76,7 +85,7 @@ export class Pins {
   }
 
   list(): string[] {
-    return [...this.configured, ...this.stored].map((p) => p.reference);
+    return this.all().map((p) => p.reference);
   }
 
   covers(node: RepositoryNode, image: Image): boolean {
@@ -115,7 +124,8 @@ export class Pins {
     return missing;
   }
 
-  private all(): ImageRef[] {
+  /** Every pin in force: the configured ones, then those `pin` made. */
+  all(): ImageRef[] {
     return [...this.configured, ...this.stored];
   }
 

@@ -4,7 +4,8 @@
  * rebound to 127.0.0.1), bodies it cannot read as 4xx INVALID_REQUEST (never a 500), a GET's
  * body never read, and the images' upstream filter checked.
  */
-import { mkdirSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { basic, htpasswdFile } from '../helpers/htpasswd.js';
@@ -297,6 +298,33 @@ describe('the admin API without client authentication', () => {
     expect((await change('DELETE', '/pins', ['ghcr.test/org/app:v1', 'org/app:v1'])).status).toBe(
       200,
     );
+  });
+
+  test('a pin stored before a config change is still listed, as it was stored', async () => {
+    // Pinned by an earlier version as the default upstream's "quay.io/org/app", and one of an
+    // upstream since removed from the config: both are in force, so both are listed.
+    const root = mkdtempSync(join(tmpdir(), 'pullcache-pins-'));
+    mkdirSync(join(root, 'lifecycle'));
+    const stored = [
+      { upstream: 'docker.io', repository: 'quay.io/org/app', reference: 'quay.io/org/app' },
+      {
+        upstream: 'gone.test',
+        repository: 'org/app',
+        reference: 'gone.test/org/app:v1',
+        tag: 'v1',
+      },
+    ];
+    writeFileSync(join(root, 'lifecycle', 'pins.json'), JSON.stringify(stored));
+    const again = await startPullcache({ upstreams: { 'docker.io': { url: registry.url } } }, root);
+    try {
+      const listed = await send(again.url, 'GET', '/_pullcache/v1/pins');
+      expect(JSON.parse(listed.body.toString())).toEqual({
+        pins: ['quay.io/org/app', 'gone.test/org/app:v1'],
+      });
+    } finally {
+      await again.stop();
+      rmSync(root, { recursive: true, force: true });
+    }
   });
 });
 
