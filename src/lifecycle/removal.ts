@@ -154,15 +154,23 @@ export class Removal {
     // Two images removed at once may both find a blob they shared unheld: one removes it.
     if (!blob || this.d.inUse(digest) || this.removing.has(digest)) return undefined;
     this.removing.add(digest);
+    // A torn blob keeps its repositories' links (their next pull fetches it again): what is
+    // cached of it per repository goes with the data too. Others have no links left here.
+    const graph = this.d.graph();
+    const linked = [...blob.links].flatMap((id) => graph.repositoryKey(id) ?? []);
+    const forget = async () => {
+      await cache.deleteDescriptor(digest);
+      for (const repo of linked) await cache.deleteRepositoryDescriptor(repo, digest);
+    };
     try {
       if (!(await still())) return undefined;
-      await cache.deleteDescriptor(digest);
+      await forget();
       await blobs.remove(digest);
       // The graph as it stands now: a torn blob's removal runs outside the lifecycle's chain of
       // work, and a recount may have replaced the graph meanwhile (`onRemoved` tells the keeper,
       // for the one a recount is building).
       this.dropped(this.d.graph(), { kind: 'blob', digest });
-      await cache.deleteDescriptor(digest);
+      await forget();
     } finally {
       this.removing.delete(digest);
     }

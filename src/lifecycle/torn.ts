@@ -12,6 +12,7 @@
  * outside the lifecycle's chain of work (a hash reads the whole blob: on S3, a download, which
  * evictions must not wait for), one blob at a time.
  */
+import type { Readable } from 'node:stream';
 import type { Logger } from '../log/logger.js';
 import { DigestVerifier, parseDigest, type Digest } from '../oci/digest.js';
 import type { BlobStore } from '../storage/types.js';
@@ -26,6 +27,8 @@ export class TornBlobs {
   /** Suspects of the last count not checked yet (a later count's replace them). */
   private waiting: Suspect[] = [];
   private running: Promise<void> | undefined;
+  /** The blob being hashed now: its stream is destroyed by `close`. */
+  private reading: Readable | undefined;
 
   /** `isOwner`: whether this process owns the storage's upkeep now (owner.ts). */
   constructor(
@@ -40,10 +43,12 @@ export class TornBlobs {
     this.enabled = true;
   }
 
-  /** Checks nothing more (the process is closing); a check under way finishes on its own. */
-  close(): void {
+  /** Checks nothing more (the process is closing): a hash under way stops; resolves after it. */
+  async close(): Promise<void> {
     this.enabled = false;
     this.waiting = [];
+    this.reading?.destroy();
+    await this.idle();
   }
 
   /** A count found these (scan.ts): checked in the background, when this process removes. */
@@ -90,12 +95,20 @@ export class TornBlobs {
     const opened = await this.blobs.open(digest);
     if (!opened.found) return;
     const verifier = new DigestVerifier(parseDigest(digest));
-    for await (const chunk of opened.stream) verifier.update(chunk as Buffer);
+    this.reading = opened.stream;
+    try {
+      for await (const chunk of opened.stream) verifier.update(chunk as Buffer);
+    } finally {
+      this.reading = undefined;
+    }
     const hashed = opened.descriptor.size;
     if (verifier.matches()) {
       this.whole.set(digest, hashed);
       return;
     }
+    // A hash may take long (on S3, a download): the storage may have another owner by now, or
+    // this process be closing.
+    if (!this.enabled || !this.isOwner()) return;
     // Not while it is served or fetched, nor once a fetch replaced it whole: the next count
     // finds it again if it is still torn then.
     if (!(await this.removal.removeTorn(digest, hashed))) return;

@@ -324,8 +324,12 @@ test('a torn blob replaced by a whole copy after it was hashed is kept: removed 
   await blobs.put(bytes, digest);
   const cache = new KeyvMetadataCache({ store: 'memory', log: silentLogger() });
   await cache.setDescriptor({ digest, size: bytes.length });
+  // Linked to a repository, which keeps its link (its next pull fetches the blob again).
+  const repo = { upstream: 'docker.io', repository: parseRepository('org/app') };
+  await cache.setRepositoryDescriptor(repo, { digest, size: bytes.length });
   const graph = new ImageGraph();
   graph.addBlob(digest, 10_000, Date.now());
+  graph.linkBlob(repo, digest);
   const removed: RemovedEvent[] = [];
   const removal = new Removal({
     graph: () => graph,
@@ -345,6 +349,7 @@ test('a torn blob replaced by a whole copy after it was hashed is kept: removed 
   expect(await removal.removeTorn(digest, 10_000)).toBe(true);
   expect((await blobs.stat(digest)).found).toBe(false);
   expect(await cache.getDescriptor(digest)).toBeUndefined();
+  expect(await cache.getRepositoryDescriptor(repo, digest)).toBeUndefined();
   expect(graph.blobs.has(digest)).toBe(false);
   expect(removed).toEqual([{ kind: 'blob', digest }]);
 });
