@@ -48,16 +48,24 @@ export function createAccess(
   return new AuthenticatedAccess(file, tokens, rules, config.auth.anonymous, trustProxy, log);
 }
 
-/** The last X-Forwarded-For entry (the address the proxy saw) when it is an IP address. */
+/**
+ * The client as trusted proxies forwarded it: the right-most X-Forwarded-For entry that is not
+ * loopback (those to its right are proxies on this host, as `isLocal` reads them; those to its
+ * left what the client wrote), or the last when all are; undefined when an entry read is no IP.
+ */
 function forwardedFor(req: IncomingMessage): string | undefined {
   const header = req.headers['x-forwarded-for'];
-  const value = Array.isArray(header) ? header[header.length - 1] : header;
-  if (value === undefined) return undefined;
-  const last = value.slice(value.lastIndexOf(',') + 1).trim();
-  return isIP(last) !== 0 ? last : undefined;
+  if (header === undefined) return undefined;
+  const entries = (Array.isArray(header) ? header.join(',') : header).split(',');
+  for (let i = entries.length - 1; i >= 0; i--) {
+    const address = entries[i]!.trim();
+    if (isIP(address) === 0) return undefined;
+    if (!isLoopback(address) || i === 0) return address;
+  }
+  return undefined;
 }
 
-/** The client's address: the socket's, or behind a trusted proxy the last X-Forwarded-For entry. */
+/** The client's address: the socket's, or behind a trusted proxy the one it forwarded. */
 function clientAddress(req: IncomingMessage, trustProxy: boolean): string | undefined {
   return (trustProxy ? forwardedFor(req) : undefined) ?? req.socket.remoteAddress;
 }

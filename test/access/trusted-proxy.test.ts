@@ -121,4 +121,13 @@ test('a client connecting from elsewhere is not made local by an X-Forwarded-For
   expect(local(from('127.0.0.1', '127.0.0.1, 192.0.2.7'))).toBe(false);
   expect(local(from('127.0.0.1', '192.0.2.7, 127.0.0.1'))).toBe(false);
   expect(local(from('127.0.0.1', '127.0.0.1:8080'))).toBe(false);
+
+  // The client logs and metrics name is the same one: proxies on this host are not the client.
+  const client = (req: IncomingMessage) => access.clientAddress(req);
+  expect(client(from('127.0.0.1', '192.0.2.7, 127.0.0.1'))).toBe('192.0.2.7');
+  expect(client(from('127.0.0.1', '127.0.0.1, 192.0.2.7'))).toBe('192.0.2.7');
+  expect(client(from('127.0.0.1', '198.51.100.1, 192.0.2.7, ::1'))).toBe('192.0.2.7');
+  expect(client(from('127.0.0.1', '127.0.0.1, ::1'))).toBe('127.0.0.1');
+  expect(client(from('127.0.0.1', 'unknown'))).toBe('127.0.0.1');
+  expect(client(from('192.0.2.9'))).toBe('192.0.2.9');
 });
