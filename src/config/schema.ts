@@ -336,8 +336,18 @@ export const configSchema = z
             /** Names of environment variables with the key; empty: the AWS default chain. */
             accessKeyEnv: z.string().default(''),
             secretKeyEnv: z.string().default(''),
-            /** Multipart part size for uploads (S3's minimum is 5MiB). */
-            partSize: size('16MiB').refine((n) => n >= 5 * 1024 * 1024, 'expected at least 5MiB'),
+            /**
+             * Multipart part size for uploads: S3's minimum is 5MiB, its maximum 5GiB, and a
+             * part is read into one Buffer (4GiB at most on Node 20).
+             */
+            partSize: size('16MiB')
+              .refine((n) => n >= 5 * 1024 * 1024, 'expected at least 5MiB')
+              .refine((n) => n <= 4 * 1024 ** 3, 'expected at most 4GiB'),
+            /**
+             * Where blobs being written are spooled until their upload completes; empty: the
+             * system's temporary directory's pullcache-spool (os.tmpdir()).
+             */
+            spoolDir: z.string().default(''),
             /** Blob GETs answer 307 to a presigned URL of the object instead of streaming it. */
             redirect: bool(false),
             /**

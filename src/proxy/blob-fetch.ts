@@ -21,6 +21,7 @@ import type { RangeStream } from '../storage/file-range.js';
 import type { Descriptor } from '../oci/descriptor.js';
 import {
   PathNotFoundError,
+  SpoolError,
   type BlobStore,
   type BlobWriter,
   type RepositoryKey,
@@ -39,6 +40,10 @@ import { deferred } from './deferred.js';
  * slabs: `bench/cold.ts` peaked at 98-106 MB against 124-132, at the same CPU.
  */
 const WRITE_QUEUE = 4 * 1024 * 1024;
+
+/** A spool directory that cannot take blobs is logged once in this long (every fetch fails). */
+const SPOOL_LOG_INTERVAL_MS = 30_000;
+let spoolLoggedAt = 0;
 
 export interface BlobFetchOptions {
   blobs: BlobStore;
@@ -137,6 +142,14 @@ export class BlobFetch implements UpstreamFetch, FollowedFetch {
           (w) => w.expectStoredElsewhere(),
           () => {},
         );
+      // The session is ready before any client is answered, so that one that could not be made
+      // (S3's spool directory full or read-only, the store refusing) is a clean 503, not a
+      // response cut after its headers. It was made while the upstream was asked: no wait here
+      // in the usual case.
+      this.writer = await this.session.catch((err: unknown) => {
+        stream.destroy();
+        throw err;
+      });
       this.state = 'running';
       const keep = this.options.budget?.accepts(digest, size) ?? true;
       // Counted against the budget while it comes (a peer's blob is the holder's to count).
@@ -211,17 +224,28 @@ export class BlobFetch implements UpstreamFetch, FollowedFetch {
       this.options.lease?.failed((err as Error).message);
       // The budget hears of a full disk before the upload goes: once it is gone, an eviction
       // is under way (a test that waits for the upload's removal, then for the lifecycle to
-      // settle, saw no eviction when the removal came first).
-      if ((err as NodeJS.ErrnoException).code === 'ENOSPC')
+      // settle, saw no eviction when the removal came first). Not of a full spool directory
+      // (S3): evicting from the bucket frees nothing there.
+      if (err instanceof SpoolError) {
+        const now = Date.now();
+        if (now - spoolLoggedAt >= SPOOL_LOG_INTERVAL_MS) {
+          spoolLoggedAt = now;
+          log.error(
+            { spoolDir: err.dir, digest, err: (err as Error).message },
+            'spool directory cannot take blobs: fetches answer 503 (storage.s3.spoolDir)',
+          );
+        }
+      } else if ((err as NodeJS.ErrnoException).code === 'ENOSPC')
         this.options.budget?.diskFull(Math.max(this.size ?? 0, this.received));
       this.wakeDiskWaiters();
       while (this.pumping) await this.pumping.catch(() => {});
       const writer = this.writer ?? (await this.session.catch(() => undefined));
       await writer?.cancel().catch(() => {});
-      log.warn(
-        { digest, bytes: this.received, err: (err as Error).message },
-        'blob fetch failed, nothing kept',
-      );
+      if (!(err instanceof SpoolError))
+        log.warn(
+          { digest, bytes: this.received, err: (err as Error).message },
+          'blob fetch failed, nothing kept',
+        );
       for (const follower of [...this.followers]) follower.destroy(err as Error);
       throw err;
     } finally {

@@ -37,6 +37,7 @@ export async function createDriver(storage: Config['storage']): Promise<StorageD
     forcePathStyle: s3.forcePathStyle,
     prefix: s3.prefix,
     partSize: s3.partSize,
+    ...(s3.spoolDir ? { spoolDir: resolve(s3.spoolDir) } : {}),
     ...(credentials ? { credentials } : {}),
   });
 }

@@ -42,6 +42,7 @@ import {
   ListObjectsV2Command,
   PutObjectCommand,
   S3Client,
+  type S3ClientConfig,
 } from '@aws-sdk/client-s3';
 import { getSignedUrl } from '@aws-sdk/s3-request-presigner';
 import { FileRange } from './file-range.js';
@@ -53,6 +54,7 @@ import { S3Writer } from './s3-writer.js';
 import {
   PathNotFoundError,
   StorageUnavailableError,
+  SpoolError,
   type FileInfo,
   type FileWriter,
   type StorageDriver,
@@ -66,9 +68,17 @@ export interface S3DriverOptions {
   forcePathStyle?: boolean;
   /** "" or ending in "/". */
   prefix?: string;
-  /** Explicit keys; without them the AWS default chain. */
-  credentials?: { accessKeyId: string; secretAccessKey: string };
+  /**
+   * Explicit keys (or a provider of them, which may say when they expire); without them the
+   * AWS default chain.
+   */
+  credentials?: S3ClientConfig['credentials'];
   partSize: number;
+  /**
+   * Parts one multipart upload may have: S3's 10,000 by default; a store configured with fewer
+   * (RGW's `rgw_multipart_part_upload_limit`) needs its own.
+   */
+  maxParts?: number;
   /**
    * Where writes are spooled, one file per key: os.tmpdir()/pullcache-spool by default, shared
    * by the processes of a host, so that one worker can follow another's upload as it is written.
@@ -79,6 +89,9 @@ export interface S3DriverOptions {
   /** How long a request may go without a byte from the store (ms); 60 s by default. */
   requestTimeout?: number;
 }
+
+/** How long new writes are refused after the spool directory failed one (the Retry-After). */
+const SPOOL_FAILURE_MS = 10_000;
 
 /** Keys a DeleteObjects takes at once. */
 const DELETE_BATCH = 1000;
@@ -92,7 +105,13 @@ export class S3Driver implements StorageDriver {
   /** S3 requests sent, by command (each retry too): for the cost figures. */
   readonly requests = new Map<string, number>();
   private readonly prefix: string;
-  private readonly spoolDir: string;
+  readonly spoolDir: string;
+  /**
+   * The spool directory's last failure, while new writes are refused for it (a blob larger
+   * than the room there would otherwise be fetched again and cut at the same point by every
+   * client's retry).
+   */
+  private spoolFailure: { error: SpoolError; until: number } | undefined;
   /** Reads from the store: the SDK's GetObject, presigned GETs through undici. */
   private readonly reads: S3Reads;
   /** Server-side copies, stale multipart uploads and spool files. */
@@ -159,21 +178,29 @@ export class S3Driver implements StorageDriver {
     return p === '' ? this.prefix : `${this.key(p)}/`;
   }
 
-  async send<T>(what: string, run: () => Promise<T>): Promise<T> {
+  /** Runs `run`, a failure of the store becoming a StorageUnavailableError naming `key`. */
+  async send<T>(what: string, run: () => Promise<T>, key?: string): Promise<T> {
     try {
       return await run();
     } catch (err) {
-      throw unavailable(err, what);
+      throw unavailable(err, what, key);
     }
   }
 
   async getContent(p: string): Promise<Buffer> {
-    const res = await this.send('read', () =>
-      this.client.send(new GetObjectCommand({ Bucket: this.bucket, Key: this.key(p) })),
+    const key = this.key(p);
+    // The body is read inside `send`: a connection cut in the middle of it is the store's
+    // failure too.
+    return this.send(
+      'read',
+      async () => {
+        const res = await this.client.send(new GetObjectCommand({ Bucket: this.bucket, Key: key }));
+        return Buffer.from(await res.Body!.transformToByteArray());
+      },
+      key,
     ).catch((err: unknown) => {
       throw notFound(err, p);
     });
-    return Buffer.from(await res.Body!.transformToByteArray());
   }
 
   async putContent(p: string, content: Uint8Array | string): Promise<void> {
@@ -212,20 +239,36 @@ export class S3Driver implements StorageDriver {
     return this.reads.readRange(p, start, end);
   }
 
+  /**
+   * `size`, when known, sizes the parts (s3-writer.ts). Throws SpoolError when the spool
+   * directory cannot take the write, or could not take one in the last SPOOL_FAILURE_MS.
+   */
   async writer(
     p: string,
     append: boolean,
-    options: { finalPath?: string } = {},
+    options: { finalPath?: string; size?: number } = {},
   ): Promise<FileWriter> {
-    await fs.mkdir(this.spoolDir, { recursive: true });
+    const failure = this.spoolFailure;
+    if (failure && failure.until > Date.now()) throw failure.error;
+    await fs.mkdir(this.spoolDir, { recursive: true }).catch((err: unknown) => {
+      throw this.spoolFailed(new SpoolError(this.spoolDir, err));
+    });
     // A new write with a final path uploads to that key: completed there, nothing is copied.
     const finalPath = append ? undefined : options.finalPath;
     const writer = new S3Writer(this, p, this.spoolPath(p), finalPath, () => {
       if (this.writing.get(p) === writer) this.writing.delete(p);
     });
+    if (options.size !== undefined) writer.expectSize(options.size);
+    writer.onSpoolFailure = (err) => this.spoolFailed(err);
     await writer.open(append);
     this.writing.set(p, writer);
     return writer;
+  }
+
+  /** Refuses new writes for SPOOL_FAILURE_MS after the spool directory failed one. */
+  private spoolFailed(error: SpoolError): SpoolError {
+    this.spoolFailure = { error, until: Date.now() + SPOOL_FAILURE_MS };
+    return error;
   }
 
   async stat(p: string): Promise<FileInfo | undefined> {
@@ -417,12 +460,17 @@ export class S3Driver implements StorageDriver {
     return this.uploads.abortUpload(key, uploadId);
   }
 
+  /** Throws StorageUnavailableError when it cannot be signed (no credentials to sign with). */
   async presignedUrl(p: string, ttlSeconds: number): Promise<string> {
     this.presigned++;
-    return getSignedUrl(
-      this.client,
-      new GetObjectCommand({ Bucket: this.bucket, Key: this.key(p) }),
-      { expiresIn: ttlSeconds },
+    const key = this.key(p);
+    return this.send(
+      'sign a URL',
+      () =>
+        getSignedUrl(this.client, new GetObjectCommand({ Bucket: this.bucket, Key: key }), {
+          expiresIn: ttlSeconds,
+        }),
+      key,
     );
   }
 

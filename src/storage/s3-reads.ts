@@ -3,7 +3,9 @@
  * the bytes, and `readRange`). `objectReader` is a GetObject through the SDK; `readRange`, a
  * blob read on the request path, is a presigned GET through undici (its own connection pool),
  * with the URLs kept per key and the store's 5xx, 429 and connection failures retried with
- * backoff before any byte is taken.
+ * backoff before any byte is taken. A kept URL outlives neither half its validity nor the
+ * credentials it was signed with (a role's expire); one refused as signed with old credentials
+ * (403, or 400 ExpiredToken) is signed afresh once.
  */
 import { Readable } from 'node:stream';
 import { GetObjectCommand, type S3Client } from '@aws-sdk/client-s3';
@@ -12,11 +14,20 @@ import { LRUCache } from 'lru-cache';
 import { Agent as UndiciAgent, request, type Dispatcher } from 'undici';
 import { RangeInvalidError } from '../oci/errors.js';
 import { ObjectRange } from './object-range.js';
-import { HEAD_ERRORS, notFound, unavailable } from './s3-errors.js';
+import { HEAD_ERRORS, isKeyNotFound, notFound, unavailable } from './s3-errors.js';
 import { PathNotFoundError, StorageUnavailableError, type FileInfo } from './types.js';
 
 /** How long a presigned GET for the driver's own reads is valid (signed again at half). */
 const SIGNED_GET_SECONDS = 15 * 60;
+
+/**
+ * A kept URL is signed again this long before its credentials expire (the SDK refreshes a
+ * role's credentials 5 minutes before; a URL signed just before that must not outlive them).
+ */
+const CREDENTIALS_MARGIN_MS = 60_000;
+
+/** The largest error body read for its code. */
+const ERROR_BODY_BYTES = 8192;
 
 /** What reads need of their driver (S3Driver). */
 export interface ReadSource {
@@ -28,7 +39,7 @@ export interface ReadSource {
   /** The object key of a path. */
   key(p: string): string;
   /** Sends a request, a failure of the store becoming a StorageUnavailableError. */
-  send<T>(what: string, run: () => Promise<T>): Promise<T>;
+  send<T>(what: string, run: () => Promise<T>, key?: string): Promise<T>;
   stat(p: string): Promise<FileInfo | undefined>;
 }
 
@@ -65,14 +76,17 @@ export class S3Reads {
         ? `bytes=${offset}-${length !== undefined ? offset + length - 1 : ''}`
         : undefined;
     const res = await this.driver
-      .send('read', () =>
-        this.driver.client.send(
-          new GetObjectCommand({
-            Bucket: this.driver.bucket,
-            Key: this.driver.key(p),
-            ...(range ? { Range: range } : {}),
-          }),
-        ),
+      .send(
+        'read',
+        () =>
+          this.driver.client.send(
+            new GetObjectCommand({
+              Bucket: this.driver.bucket,
+              Key: this.driver.key(p),
+              ...(range ? { Range: range } : {}),
+            }),
+          ),
+        this.driver.key(p),
       )
       .catch((err: unknown) => {
         throw notFound(err, p);
@@ -95,6 +109,7 @@ export class S3Reads {
     const requests = this.driver.requests;
     // No Range header for a whole object: a zero-length one has no byte 0 to ask for.
     const range = start > 0 || end !== undefined ? `bytes=${start}-${end ?? ''}` : undefined;
+    let resigned = false;
     for (let attempt = 1; ; attempt++) {
       requests.set('GetObjectCommand', (requests.get('GetObjectCommand') ?? 0) + 1);
       let res: Dispatcher.ResponseData;
@@ -108,7 +123,7 @@ export class S3Reads {
           await backoff(attempt);
           continue;
         }
-        throw unavailable(err, 'read');
+        throw unavailable(err, 'read', key);
       }
       const status = res.statusCode;
       if (status === 200 || status === 206) {
@@ -117,40 +132,63 @@ export class S3Reads {
         const size = Number(total ?? res.headers['content-length'] ?? 0);
         return { stream: new ObjectRange(res.body), size };
       }
-      await res.body.dump();
-      if (status === 404) return undefined;
+      const code = await errorCode(res);
+      // A 404 about the key; NoSuchBucket is a store that cannot be used as configured.
+      if (status === 404 && isKeyNotFound(code)) return undefined;
       if (status === 416) {
         const info = await this.driver.stat(p);
         if (!info) return undefined;
         throw new RangeInvalidError(info.size);
       }
-      // A refusal may be a URL signed with credentials that have since rotated: sign afresh once.
-      if (status === 403 && attempt === 1) {
+      // A URL signed with credentials that have since rotated (403) or expired (a role's
+      // session token: 400 ExpiredToken): sign afresh once.
+      if ((status === 403 || (status === 400 && code === 'ExpiredToken')) && !resigned) {
+        resigned = true;
         this.signed.delete(key);
+        attempt--;
         continue;
       }
       if ((status >= 500 || status === 429) && attempt < this.attempts) {
         await backoff(attempt);
         continue;
       }
-      const name = HEAD_ERRORS[status] ?? (status === 429 ? 'SlowDown' : 'error');
+      const name = code ?? HEAD_ERRORS[status] ?? (status === 429 ? 'SlowDown' : 'error');
+      const requestId = res.headers['x-amz-request-id'];
       throw new StorageUnavailableError(
         `storage is unavailable: cannot read: ${name} (HTTP ${status})`,
+        undefined,
+        { key, requestId: typeof requestId === 'string' ? requestId : undefined },
       );
     }
   }
 
-  /** A presigned GET of a key, made again when less than half of its time is left. */
+  /**
+   * A presigned GET of a key, made again when less than half of its time is left, or when the
+   * credentials it was signed with expire within CREDENTIALS_MARGIN_MS.
+   */
   private async signedGet(key: string): Promise<string> {
     const now = Date.now();
     const kept = this.signed.get(key);
     if (kept && kept.until > now) return kept.url;
-    const url = await getSignedUrl(
-      this.driver.client,
-      new GetObjectCommand({ Bucket: this.driver.bucket, Key: key }),
-      { expiresIn: SIGNED_GET_SECONDS },
+    const client = this.driver.client;
+    const credentials = await this.driver.send(
+      'sign a read',
+      () => client.config.credentials(),
+      key,
     );
-    this.signed.set(key, { url, until: now + (SIGNED_GET_SECONDS * 1000) / 2 });
+    const url = await this.driver.send(
+      'sign a read',
+      () =>
+        getSignedUrl(client, new GetObjectCommand({ Bucket: this.driver.bucket, Key: key }), {
+          expiresIn: SIGNED_GET_SECONDS,
+        }),
+      key,
+    );
+    let until = now + (SIGNED_GET_SECONDS * 1000) / 2;
+    const expiration = credentials.expiration?.getTime();
+    if (expiration !== undefined) until = Math.min(until, expiration - CREDENTIALS_MARGIN_MS);
+    // Credentials about to expire: used once, never kept.
+    if (until > now) this.signed.set(key, { url, until });
     return url;
   }
 
@@ -158,6 +196,22 @@ export class S3Reads {
   async close(): Promise<void> {
     await this.dispatcher.close().catch(() => {});
   }
+}
+
+/**
+ * The `<Code>` of an S3 error answer (the body is read, at most ERROR_BODY_BYTES of it); undefined
+ * when it has none (a HEAD, a proxy's page).
+ */
+async function errorCode(res: Dispatcher.ResponseData): Promise<string | undefined> {
+  let body = '';
+  try {
+    for await (const chunk of res.body) {
+      if (body.length < ERROR_BODY_BYTES) body += (chunk as Buffer).toString('utf8');
+    }
+  } catch {
+    // A body cut short: whatever came of it.
+  }
+  return /<Code>([^<]{1,100})<\/Code>/.exec(body)?.[1];
 }
 
 function emptyBody(): Readable {

@@ -17,7 +17,7 @@ import {
   type CompletedPart,
   type S3Client,
 } from '@aws-sdk/client-s3';
-import { isNotFound, isTooLarge } from './s3-errors.js';
+import { isNoSuchUpload, isNotFound, isTooLarge } from './s3-errors.js';
 import { PathNotFoundError, type FileInfo } from './types.js';
 
 /** S3's limit for one CopyObject; larger objects are copied part by part. */
@@ -179,7 +179,7 @@ export class S3Uploads {
         ),
       );
     } catch (err) {
-      if (!isNotFound(err)) throw err;
+      if (!isNotFound(err) && !isNoSuchUpload(err)) throw err;
     }
   }
 }

@@ -7,7 +7,14 @@
  * digest) uploads to that key, so that its commit is the completion, not a copy. A write held
  * back (`holdBack`: another replica is storing the same blob) fills only the spool file, and
  * `close` uploads it then, if it is called at all.
+ *
+ * S3 takes at most MAX_PARTS parts: with the size known (`expectSize`) the parts are
+ * max(partSize, size / MAX_PARTS); with it unknown they double every tenth of MAX_PARTS, so
+ * that the limit is never met below S3's largest object (5 TiB), and nothing changes for a
+ * write of fewer than a thousand parts. A failure of the spool file (full, read-only) is a
+ * SpoolError: unavailable, not the storage being full.
  */
+import * as buffer from 'node:buffer';
 import * as fs from 'node:fs/promises';
 import type { Readable } from 'node:stream';
 import {
@@ -17,16 +24,27 @@ import {
   type CompletedPart,
   type S3Client,
 } from '@aws-sdk/client-s3';
-import type { FileWriter } from './types.js';
+import { SpoolError, type FileWriter } from './types.js';
 
 /** Parts of one write uploaded at once. */
 const PART_CONCURRENCY = 2;
+
+/** Parts S3 takes in one multipart upload. */
+export const MAX_PARTS = 10_000;
+
+/**
+ * The largest part: S3 takes 5 GiB, a Buffer on Node 20 holds 4 GiB (the part is read from the
+ * spool into one).
+ */
+export const MAX_PART_SIZE = Math.min(5 * 1024 ** 3, buffer.constants.MAX_LENGTH);
 
 /** What a write needs of its driver (S3Driver). */
 export interface WriteTarget {
   readonly client: S3Client;
   readonly bucket: string;
-  readonly options: { partSize: number };
+  readonly options: { partSize: number; maxParts?: number };
+  /** Where spool files are (for a SpoolError's message). */
+  readonly spoolDir: string;
   /** The object key of a path. */
   key(p: string): string;
   /** Sends a request, a failure of the store becoming a StorageUnavailableError. */
@@ -50,6 +68,12 @@ export class S3Writer implements FileWriter {
   /** Parts are not uploaded as they fill, but by `close`. */
   private held = false;
   private readonly key: string;
+  /** The part size while the write's size is not known; set from it by `expectSize`. */
+  private basePartSize: number;
+  private readonly maxParts: number;
+  /** The number of the next part to start (parts are numbered in the order they start). */
+  private nextPart = 1;
+  private sized = false;
 
   constructor(
     private readonly driver: WriteTarget,
@@ -60,10 +84,51 @@ export class S3Writer implements FileWriter {
     private readonly done: () => void,
   ) {
     this.key = driver.key(completesAt ?? p);
+    this.basePartSize = driver.options.partSize;
+    this.maxParts = driver.options.maxParts ?? MAX_PARTS;
   }
 
+  /**
+   * Tells the write's whole size before its first part starts: the parts are made large enough
+   * for it to fit in MAX_PARTS parts of one size.
+   */
+  expectSize(size: number): void {
+    if (this.nextPart > 1) return;
+    this.sized = true;
+    const fit = Math.ceil(size / this.maxParts);
+    // Whole MiB: some stores (R2) want every part but the last of one size, and round ones.
+    const mib = 1024 * 1024;
+    this.basePartSize = Math.min(
+      MAX_PART_SIZE,
+      Math.max(this.driver.options.partSize, Math.ceil(fit / mib) * mib),
+    );
+  }
+
+  /** The size of part `number` (1-based). */
+  private partSize(number: number): number {
+    if (this.sized) return this.basePartSize;
+    // Unknown size: twice as large every tenth of the limit (16 MiB parts: 16 GB in the first
+    // thousand parts, past 5 TiB in all).
+    const doublings = Math.floor((number - 1) / Math.max(1, Math.floor(this.maxParts / 10)));
+    return Math.min(MAX_PART_SIZE, this.basePartSize * 2 ** doublings);
+  }
+
+  /** Runs a spool file operation; its failure is a SpoolError. */
+  private async spool<T>(run: () => Promise<T>): Promise<T> {
+    try {
+      return await run();
+    } catch (err) {
+      const error = new SpoolError(this.driver.spoolDir, err);
+      this.onSpoolFailure?.(error);
+      throw error;
+    }
+  }
+
+  /** Told of a failure of the spool file (the driver refuses new writes for a while). */
+  onSpoolFailure: ((err: SpoolError) => void) | undefined;
+
   async open(append: boolean): Promise<void> {
-    this.handle = await fs.open(this.spoolPath, 'w+');
+    this.handle = await this.spool(() => fs.open(this.spoolPath, 'w+'));
     if (!append) return;
     try {
       // From the store itself: the spool of this key is the (new, empty) file just opened.
@@ -78,11 +143,8 @@ export class S3Writer implements FileWriter {
   private async append(chunk: Uint8Array): Promise<void> {
     let offset = 0;
     while (offset < chunk.length) {
-      const { bytesWritten } = await this.handle!.write(
-        chunk,
-        offset,
-        chunk.length - offset,
-        this.size + offset,
+      const { bytesWritten } = await this.spool(() =>
+        this.handle!.write(chunk, offset, chunk.length - offset, this.size + offset),
       );
       offset += bytesWritten;
     }
@@ -106,8 +168,11 @@ export class S3Writer implements FileWriter {
 
   private async uploadFullParts(): Promise<void> {
     if (this.held) return;
-    const partSize = this.driver.options.partSize;
-    while (this.size - this.uploaded >= partSize) {
+    for (;;) {
+      const partSize = this.partSize(this.nextPart);
+      if (this.size - this.uploaded < partSize) return;
+      // The last part S3 takes: it is the rest, at close.
+      if (this.nextPart >= this.maxParts) return;
       // Backpressure: at most PART_CONCURRENCY parts in flight.
       while (this.inflight.size >= PART_CONCURRENCY) await Promise.race(this.inflight);
       if (this.failure) throw this.failure;
@@ -119,11 +184,11 @@ export class S3Writer implements FileWriter {
   }
 
   private startPart(start: number, length: number): void {
-    const number = this.parts.length + this.inflight.size + 1;
+    const number = this.nextPart++;
     const run = (async () => {
       this.uploadId ??= await this.createUpload();
       const body = Buffer.allocUnsafe(length);
-      const { bytesRead } = await this.handle!.read(body, 0, length, start);
+      const { bytesRead } = await this.spool(() => this.handle!.read(body, 0, length, start));
       if (bytesRead !== length) throw new Error('spool file shorter than written');
       const uploadId = this.uploadId;
       const res = await this.driver.send('write', () =>
@@ -173,7 +238,7 @@ export class S3Writer implements FileWriter {
       if (this.parts.length === 0) {
         // Smaller than one part: a single PUT.
         const body = Buffer.allocUnsafe(this.size);
-        if (this.size > 0) await this.handle!.read(body, 0, this.size, 0);
+        if (this.size > 0) await this.spool(() => this.handle!.read(body, 0, this.size, 0));
         await this.driver.putContent(this.completesAt ?? this.p, body);
       } else {
         if (this.size > this.uploaded) {

@@ -127,9 +127,45 @@ export interface StorageDriver {
  * retries, or denying access): 503 with Retry-After, never a 500.
  */
 export class StorageUnavailableError extends UnavailableError {
-  constructor(message: string, cause?: unknown) {
+  /** The object key (S3) the failed request was about, for the log. */
+  readonly key?: string;
+  /** The store's id of the failed request (S3's x-amz-request-id), for the log. */
+  readonly requestId?: string;
+
+  constructor(
+    message: string,
+    cause?: unknown,
+    about: { key?: string | undefined; requestId?: string | undefined } = {},
+  ) {
     super(message, { 'Retry-After': '10' });
     this.cause = cause;
+    if (about.key !== undefined) this.key = about.key;
+    if (about.requestId !== undefined) this.requestId = about.requestId;
+  }
+}
+
+/**
+ * The local directory a driver spools writes to (S3: `storage.s3.spoolDir`) cannot take them:
+ * full, read-only, missing rights. Unavailable (503), and not the storage being full: evicting
+ * from the store frees nothing there.
+ */
+export class SpoolError extends StorageUnavailableError {
+  constructor(
+    readonly dir: string,
+    cause: unknown,
+  ) {
+    const code = (cause as NodeJS.ErrnoException)?.code;
+    const why =
+      code === 'ENOSPC' || code === 'EDQUOT'
+        ? 'it is full'
+        : code === 'EROFS' || code === 'EACCES' || code === 'EPERM'
+          ? 'it cannot be written'
+          : 'it failed';
+    super(
+      `storage is unavailable: the spool directory ${dir} cannot take the blob: ${why} (${code ?? (cause as Error)?.message ?? 'error'}); it needs room for the largest blobs fetched at once`,
+      cause,
+    );
+    this.name = 'SpoolError';
   }
 }
 

@@ -83,6 +83,10 @@ describe('start-up', () => {
     const startWith = (s3: Record<string, unknown>) =>
       startPullcache({ storage: { driver: 's3', s3: { ...s3config, ...s3 } }, upstreams });
     await expect(startWith({ partSize: '1MiB' })).rejects.toThrow(/storage\.s3\.partSize/);
+    // S3 takes parts up to 5 GiB; a part is read into one Buffer, 4 GiB at most on Node 20.
+    await expect(startWith({ partSize: '5GiB' })).rejects.toThrow(
+      'storage.s3.partSize: expected at most 4GiB',
+    );
     await expect(startWith({ accessKeyEnv: 'PULLCACHE_TEST_UNSET_VARIABLE' })).rejects.toThrow(
       'storage.s3.accessKeyEnv: environment variable PULLCACHE_TEST_UNSET_VARIABLE is not set',
     );
