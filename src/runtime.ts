@@ -134,6 +134,7 @@ export async function createRuntime(
     redisUrl: config.cache.redis.url,
     log,
     onDelete: (key) => forgetting.announce(key),
+    onClear: () => forgetting.announceAll(),
   });
   const inflight = new InflightFetches<UpstreamFetch>();
   metrics.setFetchesInFlight(() => inflight.running());
@@ -145,7 +146,10 @@ export async function createRuntime(
     blobs: storedBlobs,
     repositories: storedRepositories,
     cache,
-    manifestMemory: { forget: (repo, digest) => localManifests.forget(repo, digest) },
+    manifestMemory: {
+      forget: (repo, digest) => localManifests.forget(repo, digest),
+      forgetAll: () => localManifests.forgetAll(),
+    },
     upstreams: Object.entries(config.upstreams)
       .filter(([, u]) => u.mode === 'cache')
       .map(([name]) => name),

@@ -94,6 +94,15 @@ export function cannotRead(name: string, err: unknown): BundleError {
   return new BundleError(`cannot read ${name}: ${reason(err, false)}`);
 }
 
+/**
+ * `cannot write to storage WHERE: REASON`, for a storage failure met while importing (a full
+ * disk is the storage's, not the bundle's); a BundleError is passed on as it is.
+ */
+export function cannotStore(where: string, err: unknown): BundleError {
+  if (err instanceof BundleError) return err;
+  return new BundleError(`cannot write to storage ${where}: ${reason(err, false)}`);
+}
+
 function reason(err: unknown, creating: boolean): string {
   switch ((err as NodeJS.ErrnoException).code) {
     case 'ENOENT':

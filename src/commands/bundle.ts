@@ -130,13 +130,20 @@ export function parseIndex(bytes: Buffer, file: string): IndexEntry[] {
   });
 }
 
-/** A whole (small) entry or stream; throws BundleError past `limit` bytes. */
-export async function readAll(stream: AsyncIterable<unknown>, limit: number): Promise<Buffer> {
+/**
+ * A whole (small) entry or stream; throws BundleError past `limit` bytes, naming it as `name`
+ * (`bundle.tar: index.json`).
+ */
+export async function readAll(
+  stream: AsyncIterable<unknown>,
+  limit: number,
+  name = 'an entry',
+): Promise<Buffer> {
   const chunks: Buffer[] = [];
   let size = 0;
   for await (const chunk of stream) {
     size += (chunk as Buffer).length;
-    if (size > limit) throw new BundleError(`an entry is larger than the ${limit} bytes allowed`);
+    if (size > limit) throw new BundleError(`${name} is larger than the ${limit} bytes allowed`);
     chunks.push(chunk as Buffer);
   }
   return Buffer.concat(chunks);

@@ -9,7 +9,7 @@ import { InvalidArgumentError, type Command } from 'commander';
 import { UPSTREAM_NAME } from '../config/schema.js';
 import { formatBytes } from '../config/units.js';
 import { exportBundle } from './bundle-export.js';
-import { importBundle } from './bundle-import.js';
+import { importBundle, type ImportOptions } from './bundle-import.js';
 import { tellServer } from './cache.js';
 import type { CommonOptions } from './options.js';
 import { parsePlatforms, prefetch, type PlatformFilter } from './prefetch.js';
@@ -69,7 +69,7 @@ export async function runExport(
     );
   await withRuntime(
     o,
-    async (runtime, config) => {
+    async (runtime, config, signal) => {
       const progress = new Progress();
       try {
         const result = await exportBundle(
@@ -81,6 +81,7 @@ export async function runExport(
             output: toStdout
               ? { stream: process.stdout, name: 'standard output' }
               : { path: o.output },
+            signal,
           },
           progress,
         );
@@ -95,6 +96,9 @@ export async function runExport(
       }
     },
     (config) => referenceProblems(config, references),
+    // To a file: ^C removes the partial file. (Standard output has nothing to remove, and a
+    // write to a pipe that is not read blocks the process, signal handlers and all.)
+    { interruptible: !toStdout },
   );
 }
 
@@ -124,24 +128,34 @@ export async function runImport(
     throw new Error(
       'refusing to read a bundle from a terminal: redirect standard input, or give a file',
     );
-  await withRuntime(o, async (runtime) => {
-    const progress = new Progress();
-    try {
-      const result = await importBundle(
-        runtime,
-        fromStdin ? { stream: process.stdin, name: 'standard input' } : { path: bundle },
-        progress,
-        o.upstreamMap ? { upstreamMap: o.upstreamMap } : {},
-      );
-      progress.stop();
-      await tellServer(runtime);
-      for (const warning of result.warnings) console.error(`  note: ${warning}`);
-      console.error(
-        `\nimported ${fromStdin ? 'the bundle from standard input' : bundle}: ${result.images} images, ${result.blobs} blobs (${formatBytes(result.bytes)}): ${result.blobsAdded} added (${formatBytes(result.bytesAdded)}), ${result.blobsPresent} already present; ${result.tagsChanged} tags set`,
-      );
-      return 0;
-    } finally {
-      progress.stop();
-    }
-  });
+  await withRuntime(
+    o,
+    async (runtime, _config, signal) => {
+      const progress = new Progress();
+      // The import stops and cancels its upload sessions when `signal` aborts (^C).
+      const options: ImportOptions = {
+        ...(o.upstreamMap ? { upstreamMap: o.upstreamMap } : {}),
+        signal,
+      };
+      try {
+        const result = await importBundle(
+          runtime,
+          fromStdin ? { stream: process.stdin, name: 'standard input' } : { path: bundle },
+          progress,
+          options,
+        );
+        progress.stop();
+        await tellServer(runtime);
+        for (const warning of result.warnings) console.error(`  note: ${warning}`);
+        console.error(
+          `\nimported ${fromStdin ? 'the bundle from standard input' : bundle}: ${result.images} images, ${result.blobs} blobs (${formatBytes(result.bytes)}): ${result.blobsAdded} added (${formatBytes(result.bytesAdded)}), ${result.blobsPresent} already present; ${result.tagsChanged} tags set`,
+        );
+        return 0;
+      } finally {
+        progress.stop();
+      }
+    },
+    undefined,
+    { interruptible: true },
+  );
 }

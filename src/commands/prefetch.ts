@@ -14,6 +14,7 @@ import { parseManifest } from '../oci/manifest.js';
 import { parseTag } from '../oci/reference.js';
 import type { Runtime } from '../runtime.js';
 import type { RepositoryKey } from '../storage/types.js';
+import { MAX_DEPTH, MAX_MANIFESTS } from './bundle-plan.js';
 import type { Progress } from './progress.js';
 
 export interface PlatformFilter {
@@ -100,9 +101,18 @@ async function prefetchImage(
     digest = resolved.digest;
   }
   const item = progress.start(name);
-  // Manifests first, so that the totals are known before the layers start.
+  // Manifests first, so that the totals are known before the layers start. Each once, and
+  // indexes nested at most MAX_DEPTH deep: an index naming others many times over is refused,
+  // not walked for ever.
   const blobs = new Map<Digest, number>();
-  const walk = async (manifestDigest: Digest): Promise<void> => {
+  const visited = new Set<Digest>();
+  const walk = async (manifestDigest: Digest, depth: number): Promise<void> => {
+    if (visited.has(manifestDigest)) return;
+    if (depth > MAX_DEPTH)
+      throw new Error(`its indexes nest more than ${MAX_DEPTH} deep (at ${manifestDigest})`);
+    if (visited.size >= MAX_MANIFESTS)
+      throw new Error(`it names more than ${MAX_MANIFESTS} manifests`);
+    visited.add(manifestDigest);
     const manifest = await services.manifests.get(repo, manifestDigest);
     if (!manifest.found) throw new ManifestUnknownError(`${location.repository}@${manifestDigest}`);
     const parsed = parseManifest(manifest.bytes, manifest.link.mediaType);
@@ -112,12 +122,12 @@ async function prefetchImage(
         throw new Error(
           `no manifest in the index matches ${platforms.map((p) => `${p.os}/${p.architecture}${p.variant ? `/${p.variant}` : ''}`).join(', ')}`,
         );
-      for (const child of children) await walk(child.digest);
+      for (const child of children) await walk(child.digest, depth + 1);
     } else {
       for (const d of [parsed.config, ...parsed.layers]) blobs.set(d.digest, d.size);
     }
   };
-  await walk(digest);
+  await walk(digest, 0);
   item.layers = blobs.size;
   item.total = [...blobs.values()].reduce((a, b) => a + b, 0);
 

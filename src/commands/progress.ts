@@ -24,6 +24,7 @@ export class Progress {
   private readonly items = new Map<string, ItemProgress>();
   private timer: NodeJS.Timeout | undefined;
   private drawnLines = 0;
+  private stopped = false;
   private readonly bytesBy = new Map<BlobOutcome, number>();
 
   constructor(
@@ -87,7 +88,13 @@ export class Progress {
     if (this.live) this.draw();
   }
 
+  /**
+   * Draws the lines a last time and stops redrawing them. Once: what is written below them after
+   * (the command's summary) is never cleared by a later call.
+   */
   stop(): void {
+    if (this.stopped) return;
+    this.stopped = true;
     clearInterval(this.timer);
     if (this.live) this.draw();
   }

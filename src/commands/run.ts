@@ -3,7 +3,8 @@
  * does it in `withRuntime`, whose `check` refuses what the config makes a usage error; every
  * error ends in `fail`, the one error path: exit 0 for help and version, 2 for a usage error
  * (commander's, or a UsageError), 1 for any other failure, told as one line on stderr,
- * `pullcache: <what went wrong>`, never a stack trace.
+ * `pullcache: <what went wrong>`, never a stack trace. An interruptible command stopped by ^C or
+ * SIGTERM cleans up what it leaves, then says `pullcache: interrupted` and exits 130.
  */
 import { CommanderError } from 'commander';
 import type { Config } from '../config/schema.js';
@@ -21,6 +22,9 @@ class UsageError extends Error {
   }
 }
 
+/** The exit code of a command stopped by ^C or SIGTERM, after its cleanup (128 + SIGINT). */
+const INTERRUPTED = 130;
+
 /** Throws UsageError when there are problems. */
 function refuse(problems: string[]): void {
   if (problems.length > 0) throw new UsageError(problems);
@@ -32,27 +36,46 @@ function refuse(problems: string[]): void {
  * the runtime is closed; so does any error that escapes it (a stream error, a promise no one
  * waited for).
  * `check` comes first, before the runtime opens anything: its problems are usage errors.
+ * `interruptible`: ^C (SIGINT) and SIGTERM abort the `signal` given to `work` instead of killing
+ * the process, so that it can remove what it leaves (a partial bundle, upload sessions); when
+ * `work` then fails, the command says `pullcache: interrupted` and exits 130, after the runtime
+ * is closed. A second signal exits at once. Otherwise the signals end the process as usual.
  */
 export async function withRuntime(
   o: CommonOptions,
-  work: (runtime: Runtime, config: Config) => Promise<number>,
+  work: (runtime: Runtime, config: Config, signal: AbortSignal) => Promise<number>,
   /** What is wrong with the command line given the config: refused before any work. */
   check: (config: Config) => string[] = () => [],
+  options: { interruptible?: boolean } = {},
 ): Promise<void> {
   process.on('uncaughtException', fail);
   process.on('unhandledRejection', fail);
   const config = configFrom(o);
   refuse(check(config));
+  const interrupt = new AbortController();
+  if (options.interruptible) {
+    const onSignal = (name: NodeJS.Signals) => {
+      if (interrupt.signal.aborted) process.exit(INTERRUPTED);
+      interrupt.abort(new Error(`interrupted (${name})`));
+    };
+    process.on('SIGINT', onSignal);
+    process.on('SIGTERM', onSignal);
+  }
   // The command talks to people on stderr; the logger only says what goes wrong.
   const log = createLogger({ level: o.logLevel ?? 'error', format: config.log.format });
   const runtime = await createRuntime(config, log);
   let code: number;
   try {
-    code = await work(runtime, config);
+    code = await work(runtime, config, interrupt.signal);
+  } catch (err) {
+    // Whatever stopped the work once it was interrupted, the interruption is what happened.
+    if (!interrupt.signal.aborted) throw err;
+    code = INTERRUPTED;
   } finally {
     await runtime.close().catch(() => {});
     await new Promise<void>((resolve) => log.flush(() => resolve()));
   }
+  if (code === INTERRUPTED && interrupt.signal.aborted) console.error('pullcache: interrupted');
   process.exit(code);
 }
 

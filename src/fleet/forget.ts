@@ -217,6 +217,14 @@ export class Forgetting {
     for (const outbox of this.outboxes) outbox.add([key]);
   }
 
+  /**
+   * Tells the other processes to drop everything they hold in memory, and to count storage
+   * afresh (it changed beneath them: an import beside the server).
+   */
+  announceAll(): void {
+    for (const outbox of this.outboxes) outbox.add('all');
+  }
+
   /** Tells the other processes what this one stored or removed (nothing for a lone process). */
   announceChange(change: Change): void {
     if (this.outboxes.length > 0) this.announce(encodeChange(change));

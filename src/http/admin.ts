@@ -11,6 +11,8 @@
  *   POST   /_pullcache/v1/remove  {references, dryRun?}   RemovalReport
  *   POST   /_pullcache/v1/gc      {dryRun?}          RemovalReport
  *   POST   /_pullcache/v1/recount                    Usage, after counting storage afresh
+ *                                                     (and forgetting what the caches in front
+ *                                                     of it hold, in every process on it)
  *
  * What changes the cache needs the `admin` action (access/): with client authentication, as the
  * rules give it, for every reference named (gc and recount: over the whole cache); without, to
@@ -126,7 +128,8 @@ export function adminRouter(config: Config, lifecycle: Lifecycle, access: Access
   router.post('/recount', change, async (req: Request, res: Response) => {
     body(emptyBody, req);
     requireAdmin(res);
-    await lifecycle.recount();
+    // Asked after content was added beside the server (an import may have moved a tag).
+    await lifecycle.changedBeside();
     res.json(await lifecycle.usage());
   });
   router.post('/gc', change, async (req: Request, res: Response) => {

@@ -390,6 +390,19 @@ export class Lifecycle {
     return run;
   }
 
+  /**
+   * Content was added beside this process (`pullcache import` or `prefetch` on the same storage):
+   * a tag may have moved beneath what the caches in front of storage remember, so they are
+   * cleared, in every process on the storage (the metadata cache tells the others, which count
+   * storage afresh too), before storage is counted afresh. Storage is the truth: the caches only
+   * save reads.
+   */
+  async changedBeside(): Promise<void> {
+    this.d.manifestMemory.forgetAll?.();
+    await this.d.cache.clear();
+    await this.recount();
+  }
+
   /** Counts storage afresh while serving goes on, with the last pulls written first. */
   private async rescan(): Promise<void> {
     await this.flush();

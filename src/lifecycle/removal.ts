@@ -21,6 +21,8 @@ import type { RemovalReport, RemovedEvent } from './types.js';
 /** What lives in memory in front of storage besides the metadata cache (the manifest LRU). */
 export interface ManifestMemory {
   forget(repo: RepositoryKey, digest: Digest): void;
+  /** Drops every manifest held in memory (storage changed beneath it: `changedBeside`). */
+  forgetAll?(): void;
 }
 
 export interface RemovalDeps {

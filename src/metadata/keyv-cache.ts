@@ -39,6 +39,8 @@ export interface KeyvCacheOptions {
   memoryEntries?: number;
   /** Told each key deleted, for the other processes' memory (fleet/forget.ts). */
   onDelete?: (key: string) => void;
+  /** Told the whole cache was cleared, for the other processes' memory (fleet/forget.ts). */
+  onClear?: () => void;
 }
 
 export class KeyvMetadataCache implements MetadataCache {
@@ -62,6 +64,7 @@ export class KeyvMetadataCache implements MetadataCache {
   /** Failures so far, thrown or only emitted (the store reports some without throwing). */
   private errors = 0;
   private readonly onDelete: ((key: string) => void) | undefined;
+  private readonly onClear: (() => void) | undefined;
   /** Commands have COMMAND_TIMEOUT_MS to answer (Redis; memory always answers). */
   private readonly timed: boolean;
   /**
@@ -76,6 +79,7 @@ export class KeyvMetadataCache implements MetadataCache {
 
   constructor(options: KeyvCacheOptions) {
     this.onDelete = options.onDelete;
+    this.onClear = options.onClear;
     this.timed = options.store === 'redis';
     this.log = options.log.child({ module: 'metadata', store: options.store });
     const entries = options.memoryEntries ?? 10_000;
@@ -199,11 +203,25 @@ export class KeyvMetadataCache implements MetadataCache {
   /** Drops keys from this process's memory only: another process deleted them. */
   forgetInMemory(keys: readonly string[]): void {
     for (const key of keys) this.memory?.delete(key);
+    // Without Redis, keyv's own store is this process's memory too.
+    if (!this.timed) void this.guard((keyv) => keyv.deleteMany([...keys]));
   }
 
   /** Drops everything this process holds in memory (what was deleted meanwhile is unknown). */
   forgetAllInMemory(): void {
     this.memory?.clear();
+    if (!this.timed) void this.guard((keyv) => keyv.clear());
+  }
+
+  async clear(): Promise<void> {
+    this.memory?.clear();
+    const done = await this.guard((keyv) => keyv.clear().then(() => true), CLEAR_TIMEOUT_MS);
+    // Cleared, or to be cleared once Redis answers (nothing is read from it until then).
+    this.pendingDeletes.clear();
+    this.clearPending = !done;
+    // What a read under way put back meanwhile.
+    this.memory?.clear();
+    this.onClear?.();
   }
 
   async close(): Promise<void> {

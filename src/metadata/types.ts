@@ -24,5 +24,12 @@ export interface MetadataCache {
   deleteRepositoryDescriptor(repo: RepositoryKey, digest: Digest): Promise<void>;
   /** Forgets a repository's manifest link (after it is removed). */
   deleteManifest(repo: RepositoryKey, digest: Digest): Promise<void>;
+  /**
+   * Forgets everything it holds, in memory and in its store, here and (through `onClear`) in
+   * the other processes' memory: storage changed beneath it in ways not told key by key (an
+   * import beside the server moved a tag). Never throws; a store that cannot be cleared now is
+   * not read until it has been.
+   */
+  clear(): Promise<void>;
   close(): Promise<void>;
 }

@@ -20,6 +20,7 @@ import { makeImage, pushImage, pushRandomBlob, sha256, type Image } from '../hel
 import { waitFor } from '../helpers/net.js';
 import { TestRegistry } from '../helpers/registry.js';
 import { Throttle } from '../helpers/throttle.js';
+import { cli, configFile } from '../helpers/cli.js';
 import {
   get,
   intact,
@@ -214,6 +215,51 @@ describe('workers on one host', () => {
         expect(answers).toEqual({ [byTag]: 503, [byDigest]: 503 });
       } finally {
         throttle.down = false;
+      }
+    });
+  }, 60_000);
+
+  test('a tag that `pullcache import` moves is served at its new digest by every worker at once', async () => {
+    await onBothWorkers('org/moved', async ({ image, toOne, toTwo }) => {
+      const byTag = `/v2/${image.repository}/manifests/${image.tag}`;
+      const served = async (agent: Agent) =>
+        sha256((await fetchOn(pc, agent, byTag, { accept: image.mediaType })).body);
+      // The tag moves upstream; a bundle of its new image is made on another cache.
+      const moved = makeImage(image.repository, image.tag, 'oci', [50_000]);
+      const other = mkdtempSync(join(tmpdir(), 'pullcache-moved-'));
+      const bundle = join(other, 'moved.tar');
+      try {
+        // Both workers serve the tag, and keep it in memory.
+        for (const agent of [toOne, toTwo, toOne, toTwo])
+          expect(await served(agent)).toBe(image.digest);
+        await pushImage(registry, moved);
+        const otherConfig = configFile(join(other, 'data'), { 'docker.io': { url: registry.url } });
+        expect(
+          (await cli('prefetch', '-c', otherConfig, `${image.repository}:${image.tag}`)).code,
+        ).toBe(0);
+        expect(
+          (await cli('export', '-c', otherConfig, '-o', bundle, `${image.repository}:${image.tag}`))
+            .code,
+        ).toBe(0);
+        // With the upstream down, only storage and memory answer for the tag.
+        throttle.down = true;
+        const imported = await cli('import', '-c', join(pc.root, 'pullcache.yaml'), bundle);
+        expect(imported.stderr).toContain('1 tags set');
+        expect(imported.code).toBe(0);
+        const answers: string[] = [];
+        await waitFor(
+          async () => {
+            answers.splice(0, 2, await served(toOne), await served(toTwo));
+            return answers.every((digest) => digest === moved.digest);
+          },
+          'both workers serving the moved tag',
+          10_000,
+        ).catch((err: Error) => {
+          throw new Error(`${err.message}: ${JSON.stringify(answers)}`);
+        });
+      } finally {
+        throttle.down = false;
+        rmSync(other, { recursive: true, force: true });
       }
     });
   }, 60_000);

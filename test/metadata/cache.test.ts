@@ -84,6 +84,47 @@ describe.each(backends)('metadata cache on %s', (_name, make) => {
     expect(await cache.getTag(r, parseTag('v1'))).toBeUndefined();
     await cache.close();
   });
+  test('clear forgets every entry, in memory and in the store', async () => {
+    const cache = make();
+    const r = repo();
+    const digest = digestOf(randomUUID());
+    await cache.setDescriptor({ digest, size: 1 });
+    await cache.setManifest(r, {
+      digest,
+      mediaType: 'application/vnd.oci.image.index.v1+json',
+      size: 7,
+    });
+    await cache.setTag(r, parseTag('v1'), { digest, confirmedAt: 99 });
+    expect(await cache.getTag(r, parseTag('v1'))).toEqual({ digest, confirmedAt: 99 });
+    await cache.clear();
+    expect(await cache.getDescriptor(digest)).toBeUndefined();
+    expect(await cache.getManifest(r, digest)).toBeUndefined();
+    expect(await cache.getTag(r, parseTag('v1'))).toBeUndefined();
+    await cache.close();
+  });
+});
+
+test('a clear empties the Redis the processes share, and tells the others to drop their memory', async () => {
+  let told = 0;
+  const a = new KeyvMetadataCache({
+    store: 'redis',
+    redisUrl: redis.url,
+    log: silentLogger(),
+    onClear: () => told++,
+  });
+  const b = new KeyvMetadataCache({ store: 'redis', redisUrl: redis.url, log: silentLogger() });
+  const r = { upstream: 'docker.io', repository: parseRepository(`t/${randomUUID().slice(0, 8)}`) };
+  const digest = digestOf(randomUUID());
+  await b.setTag(r, parseTag('v1'), { digest, confirmedAt: 99 });
+  expect(await a.getTag(r, parseTag('v1'))).toEqual({ digest, confirmedAt: 99 });
+  await a.clear();
+  expect(told).toBe(1);
+  expect(await a.getTag(r, parseTag('v1'))).toBeUndefined();
+  // b's own memory is dropped when it is told (fleet/forget.ts); Redis holds nothing.
+  b.forgetAllInMemory();
+  expect(await b.getTag(r, parseTag('v1'))).toBeUndefined();
+  await a.close();
+  await b.close();
 });
 
 test('two processes share what one of them cached in Redis', async () => {
