@@ -8,8 +8,6 @@
 import { execFileSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { mkdtempSync, rmSync } from 'node:fs';
-import { createServer, request as httpRequest, type IncomingMessage, type Server } from 'node:http';
-import type { Socket } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import {
@@ -24,10 +22,11 @@ import { S3Driver, type S3DriverOptions } from '../../src/storage/s3-driver.js';
 import { PathNotFoundError, StorageUnavailableError } from '../../src/storage/types.js';
 import { ociError } from '../helpers/http.js';
 import { makeImage, pushImage, sha256, type Image } from '../helpers/images.js';
-import { freePort, waitFor } from '../helpers/net.js';
+import { waitFor } from '../helpers/net.js';
 import { capturedLog, startPullcache, type TestPullcache } from '../helpers/pullcache.js';
 import { TestRegistry } from '../helpers/registry.js';
 import { skopeoCopy } from '../helpers/skopeo.js';
+import { s3FaultProxy } from '../helpers/s3-fault-proxy.js';
 import { useStorage } from '../helpers/storage-drivers.js';
 
 const MiB = 1024 * 1024;
@@ -185,7 +184,9 @@ describe('failures of the store are unavailability (503)', () => {
   });
 
   test('a connection cut in the middle of a body is unavailable', async () => {
-    const proxy = await faultProxy((req) => (req.method === 'GET' ? 'cut' : undefined));
+    const proxy = await s3FaultProxy(s3().endpoint, (req) =>
+      req.method === 'GET' ? 'cut' : undefined,
+    );
     const d = driver({ endpoint: proxy.endpoint, maxAttempts: 1 });
     try {
       await d.putContent('file', randomBytes(4 * MiB));
@@ -268,7 +269,7 @@ describe('the multipart part limit', () => {
 describe('presigned reads and expiring credentials', () => {
   test('a read answered 400 ExpiredToken is signed afresh and served', async () => {
     let expired = 0;
-    const proxy = await faultProxy((req) => {
+    const proxy = await s3FaultProxy(s3().endpoint, (req) => {
       // The first presigned GET (undici's: signed in its query) as if its token had expired.
       if (req.method !== 'GET' || !req.url?.includes('X-Amz-Signature') || expired > 0)
         return undefined;
@@ -293,7 +294,7 @@ describe('presigned reads and expiring credentials', () => {
 
   test('a kept read URL does not outlive the credentials it was signed with', async () => {
     const signedAt: string[] = [];
-    const proxy = await faultProxy((req) => {
+    const proxy = await s3FaultProxy(s3().endpoint, (req) => {
       const date = /X-Amz-Date=([0-9TZ]+)/.exec(req.url ?? '')?.[1];
       if (req.method === 'GET' && date) signedAt.push(date);
       return undefined;
@@ -332,69 +333,4 @@ async function uploads() {
     new ListMultipartUploadsCommand({ Bucket: storage.bucket!, Prefix: storage.prefix! }),
   );
   return Uploads ?? [];
-}
-
-/**
- * An S3 endpoint in front of the test's radosgw that passes requests on (the host header kept,
- * so signatures still match), except where `fault` answers an S3 error or cuts the answer's body
- * half-way.
- */
-async function faultProxy(
-  fault: (req: IncomingMessage) => { status: number; code: string } | 'cut' | undefined,
-): Promise<{ endpoint: string; close(): void }> {
-  const target = new URL(s3().endpoint);
-  const sockets = new Set<Socket>();
-  const proxy: Server = createServer((req, res) => {
-    const answer = fault(req);
-    if (answer && answer !== 'cut') {
-      req.resume();
-      res.writeHead(answer.status, { 'content-type': 'application/xml' });
-      res.end(
-        `<?xml version="1.0" encoding="UTF-8"?><Error><Code>${answer.code}</Code><Message>${answer.code}</Message></Error>`,
-      );
-      return;
-    }
-    const upstream = httpRequest(
-      {
-        host: target.hostname,
-        port: target.port,
-        method: req.method,
-        path: req.url,
-        headers: req.headers,
-      },
-      (reply) => {
-        res.writeHead(reply.statusCode!, reply.headers);
-        if (answer !== 'cut') {
-          reply.pipe(res);
-          return;
-        }
-        const half = Number(reply.headers['content-length'] ?? 0) / 2;
-        let sent = 0;
-        reply.on('data', (chunk: Buffer) => {
-          if (sent >= half) return;
-          res.write(chunk);
-          sent += chunk.length;
-          if (sent >= half) {
-            reply.destroy();
-            res.socket?.destroy();
-          }
-        });
-      },
-    );
-    upstream.on('error', () => res.destroy());
-    req.pipe(upstream);
-  });
-  proxy.on('connection', (socket) => {
-    sockets.add(socket);
-    socket.once('close', () => sockets.delete(socket));
-  });
-  const port = await freePort();
-  await new Promise<void>((resolve) => proxy.listen(port, '127.0.0.1', resolve));
-  return {
-    endpoint: `http://127.0.0.1:${port}`,
-    close: () => {
-      proxy.close();
-      for (const socket of sockets) socket.destroy();
-    },
-  };
 }

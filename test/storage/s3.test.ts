@@ -4,7 +4,7 @@
  * in the middle of an upload.
  */
 import { spawn } from 'node:child_process';
-import { createServer, request as httpRequest, type IncomingMessage, type Server } from 'node:http';
+import { createServer, request as httpRequest, type Server } from 'node:http';
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -25,6 +25,7 @@ import { freePort, waitFor } from '../helpers/net.js';
 import { startPullcache, type TestPullcache } from '../helpers/pullcache.js';
 import { TestRegistry } from '../helpers/registry.js';
 import { expectDirHolds, skopeoCopy } from '../helpers/skopeo.js';
+import { s3FaultProxy } from '../helpers/s3-fault-proxy.js';
 import { useStorage } from '../helpers/storage-drivers.js';
 
 const tmp = () => mkdtempSync(join(tmpdir(), 'pullcache-s3-'));
@@ -294,7 +295,7 @@ describe('the object store slow, down or refusing', () => {
     // attempt of every other request.
     let count = 0;
     let slowDowns = 0;
-    const proxy = await faultProxy((req) => {
+    const proxy = await s3FaultProxy(s3().endpoint, (req) => {
       const first = /attempt=1\b/.test(String(req.headers['amz-sdk-request']));
       if (!first || count++ % 2 !== 0) return undefined;
       slowDowns++;
@@ -314,7 +315,7 @@ describe('the object store slow, down or refusing', () => {
 
   test('refusing (403) while running: stored blobs and readiness answer 503 naming it; allowed again, served', async () => {
     let deny = false;
-    const proxy = await faultProxy(() =>
+    const proxy = await s3FaultProxy(s3().endpoint, () =>
       deny ? { status: 403, code: 'AccessDenied' } : undefined,
     );
     const pc = await start({}, { endpoint: proxy.endpoint });
@@ -345,7 +346,7 @@ describe('the object store slow, down or refusing', () => {
 describe('the object store slow', () => {
   test('a store that stops answering fails the read after its timeout and retries, with a clear error', async () => {
     let hang = false;
-    const proxy = await faultProxy(() => (hang ? 'hang' : undefined));
+    const proxy = await s3FaultProxy(s3().endpoint, () => (hang ? 'hang' : undefined));
     const driver = new S3Driver({
       bucket: storage.bucket!,
       region: 'us-east-1',
@@ -376,60 +377,6 @@ describe('the object store slow', () => {
     }
   });
 });
-
-/**
- * An S3 endpoint in front of the test's radosgw that answers an S3 error where `fault` says so
- * and passes everything else on (the host header is kept, so signatures still match).
- */
-async function faultProxy(
-  fault: (req: IncomingMessage) => { status: number; code: string } | 'hang' | undefined,
-): Promise<{ endpoint: string; close(): void }> {
-  const target = new URL(s3().endpoint);
-  const sockets = new Set<import('node:net').Socket>();
-  const proxy: Server = createServer((req, res) => {
-    const answer = fault(req);
-    if (answer === 'hang') {
-      req.resume(); // and never answer
-      return;
-    }
-    if (answer) {
-      req.resume();
-      res.writeHead(answer.status, { 'content-type': 'application/xml' });
-      res.end(
-        `<?xml version="1.0" encoding="UTF-8"?><Error><Code>${answer.code}</Code><Message>${answer.code}</Message></Error>`,
-      );
-      return;
-    }
-    const upstream = httpRequest(
-      {
-        host: target.hostname,
-        port: target.port,
-        method: req.method,
-        path: req.url,
-        headers: req.headers,
-      },
-      (reply) => {
-        res.writeHead(reply.statusCode!, reply.headers);
-        reply.pipe(res);
-      },
-    );
-    upstream.on('error', () => res.destroy());
-    req.pipe(upstream);
-  });
-  proxy.on('connection', (socket) => {
-    sockets.add(socket);
-    socket.once('close', () => sockets.delete(socket));
-  });
-  const port = await freePort();
-  await new Promise<void>((resolve) => proxy.listen(port, '127.0.0.1', resolve));
-  return {
-    endpoint: `http://127.0.0.1:${port}`,
-    close: () => {
-      proxy.close();
-      for (const socket of sockets) socket.destroy();
-    },
-  };
-}
 
 describe('a process killed in the middle of an upload', () => {
   test('leaves nothing visible, and its multipart upload is purged later', async () => {
