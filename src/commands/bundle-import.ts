@@ -253,6 +253,7 @@ export async function importBundle(
           present.add(digest);
         } else {
           const writer = await store(runtime.blobs.create({ hash: false }));
+          writer.expectSize(size);
           writing = writer;
           staged.set(digest, { id: writer.id, size });
           for await (const chunk of entry) {

@@ -103,6 +103,9 @@ class TrackedWriter implements BlobWriter {
   expectStoredElsewhere(): void {
     this.inner.expectStoredElsewhere();
   }
+  expectSize(size: number): void {
+    this.inner.expectSize(size);
+  }
   readWritten(offset: number, length: number): Promise<RangeStream> {
     return this.inner.readWritten(offset, length);
   }

@@ -150,6 +150,8 @@ export class BlobFetch implements UpstreamFetch, FollowedFetch {
         stream.destroy();
         throw err;
       });
+      // Before the first write: the pump starts with the first chunk, below.
+      if (size !== undefined) this.writer.expectSize(size);
       this.state = 'running';
       const keep = this.options.budget?.accepts(digest, size) ?? true;
       // Counted against the budget while it comes (a peer's blob is the holder's to count).

@@ -327,6 +327,10 @@ class DriverBlobWriter implements BlobWriter {
     this.file?.holdBack?.();
   }
 
+  expectSize(size: number): void {
+    this.file?.expectSize?.(size);
+  }
+
   async cancel(): Promise<void> {
     this.done = true;
     // Not `close`: on S3 that would send what is held back, or complete a write at the blob's

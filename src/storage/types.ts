@@ -34,6 +34,11 @@ export interface FileWriter {
    * to reach the store.
    */
   holdBack?(): void;
+  /**
+   * Tells the write's whole size before its first write, for a driver that sizes its parts by
+   * it (S3: a blob over 10,000 parts of `partSize` gets larger parts of one size).
+   */
+  expectSize?(size: number): void;
   /** Set when `close` completes the write at the writer's `finalPath` instead of its path. */
   readonly completesAt?: string | undefined;
 }
@@ -241,6 +246,8 @@ export interface BlobWriter {
    * only at the commit, and only if the blob is not there by then. Call before the first write.
    */
   expectStoredElsewhere(): void;
+  /** Says the blob's whole size (as the upstream or the bundle gave it); before the first write. */
+  expectSize(size: number): void;
   /** Reads what is written so far, from `offset`, `length` bytes; for followers of a fetch. */
   readWritten(offset: number, length: number): Promise<RangeStream>;
 }

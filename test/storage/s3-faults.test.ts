@@ -10,16 +10,22 @@ import { randomBytes } from 'node:crypto';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { Readable } from 'node:stream';
 import {
   AbortMultipartUploadCommand,
   HeadObjectCommand,
   ListMultipartUploadsCommand,
 } from '@aws-sdk/client-s3';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
-import { parseDigest } from '../../src/oci/digest.js';
+import { silentLogger } from '../../src/log/logger.js';
+import { digestOf, parseDigest } from '../../src/oci/digest.js';
+import { parseRepository } from '../../src/oci/reference.js';
+import { BlobFetch } from '../../src/proxy/blob-fetch.js';
+import { DriverBlobStore } from '../../src/storage/blob-store.js';
 import { paths } from '../../src/storage/paths.js';
 import { S3Driver, type S3DriverOptions } from '../../src/storage/s3-driver.js';
 import { PathNotFoundError, StorageUnavailableError } from '../../src/storage/types.js';
+import type { UpstreamClient } from '../../src/upstream/types.js';
 import { ociError } from '../helpers/http.js';
 import { makeImage, pushImage, sha256, type Image } from '../helpers/images.js';
 import { waitFor } from '../helpers/net.js';
@@ -246,6 +252,38 @@ describe('the multipart part limit', () => {
       expect(parts(d)).toBeLessThanOrEqual(maxParts);
       expect(sizes).toEqual([10, 10, 10, 10]);
       expect(sha256(await d.getContent('sized'))).toBe(sha256(bytes));
+    } finally {
+      await d.close();
+    }
+  });
+
+  test('a fetched blob tells the store its size before the first part: parts of one size', async () => {
+    const d = driver({ maxParts });
+    try {
+      const bytes = randomBytes(40 * MiB);
+      const sizes = partSizes(d);
+      // An upstream in-process: what matters is the size it announces before the body.
+      const client = {
+        name: 'fake',
+        getBlob: async () => ({
+          size: bytes.length,
+          stream: Readable.from(
+            Array.from({ length: 40 }, (_, i) => bytes.subarray(i * MiB, (i + 1) * MiB)),
+          ),
+        }),
+      } as unknown as UpstreamClient;
+      const fetch = new BlobFetch({
+        blobs: new DriverBlobStore(d),
+        client,
+        repo: { upstream: 'docker.io', repository: parseRepository('org/big') },
+        digest: digestOf(bytes),
+        log: silentLogger(),
+        orphanTimeout: 60_000,
+        onCommitted: async () => {},
+      });
+      expect((await fetch.done).size).toBe(bytes.length);
+      // Not knowing it, the parts would double from 5 MiB at each part (maxParts < 10).
+      expect(sizes).toEqual([10, 10, 10, 10]);
     } finally {
       await d.close();
     }
