@@ -154,6 +154,9 @@ export class BlobFetch implements UpstreamFetch, FollowedFetch {
       if (size !== undefined) this.writer.expectSize(size);
       this.state = 'running';
       const keep = this.options.budget?.accepts(digest, size) ?? true;
+      // Not kept: written only where its clients read it (S3: the spool file, no multipart
+      // upload of a blob to be dropped).
+      if (!keep) this.writer.expectStoredElsewhere();
       // Counted against the budget while it comes (a peer's blob is the holder's to count).
       if (keep && size !== undefined && !fromPeer)
         this.unreserve = this.options.budget?.reserve(size);

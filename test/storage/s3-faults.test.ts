@@ -144,6 +144,32 @@ describe('the spool directory', () => {
   }, 60_000);
 });
 
+describe('a blob larger than the whole budget', () => {
+  test('is streamed to its client from the spool, and never uploaded to the bucket', async () => {
+    const pc = await startPullcache({
+      storage: storage.config(),
+      upstreams: { 'docker.io': { url: registry.url, tagTTL: '1h' } },
+      retention: { maxSize: '4MiB' },
+    });
+    try {
+      const driver = pc.runtime.driver as S3Driver;
+      const layer = big.blobs[1]!; // 14 MiB (blobs[0] is the config)
+      const res = await fetch(`${pc.url}/v2/org/big/blobs/${layer.digest}`);
+      expect(res.status).toBe(200);
+      expect(sha256(Buffer.from(await res.arrayBuffer()))).toBe(sha256(layer.bytes));
+      await pc.runtime.lifecycle.settle();
+      expect(
+        await objectExists(storage.prefix + paths.blobData(parseDigest(layer.digest).digest)),
+      ).toBe(false);
+      // 14 MiB in 5 MiB parts: a multipart upload of two parts and the rest, had it been sent.
+      expect(driver.requests.get('CreateMultipartUploadCommand') ?? 0).toBe(0);
+      expect(driver.requests.get('UploadPartCommand') ?? 0).toBe(0);
+    } finally {
+      await pc.stop();
+    }
+  });
+});
+
 describe('failures of the store are unavailability (503)', () => {
   test('a missing bucket is not a missing key, and the error names the key and request id', async () => {
     const d = driver({ bucket: 'pullcache-no-such-bucket' });
