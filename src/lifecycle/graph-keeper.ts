@@ -11,10 +11,19 @@
  * at a time per thing; a change this process makes to the thing while it is read (it stored or
  * removed the thing itself, and knows better) wins over what the read found.
  */
+import type { Digest } from '../oci/digest.js';
 import type { Logger } from '../log/logger.js';
 import type { BlobStore, RepositoryStore } from '../storage/types.js';
 import { ImageGraph } from './image-graph.js';
-import { readReferences, scanStorage, type Counted, type Suspect } from './scan.js';
+import {
+  readReferences,
+  scanStorage,
+  UNREAD,
+  type Counted,
+  type KnownManifests,
+  type References,
+  type Suspect,
+} from './scan.js';
 import type { RemovedEvent, StoredEvent } from './types.js';
 
 export interface GraphKeeperDeps {
@@ -45,6 +54,8 @@ function thingOf(event: Thing): string {
 
 export class GraphKeeper {
   private current = new ImageGraph();
+  /** The size the manifests of the last count give each blob they reference (scan.ts). */
+  private expected: ReadonlyMap<Digest, number> = new Map();
   /** While a recount builds a fresh graph: the changes to apply to it as well. */
   private replay: ((graph: ImageGraph) => unknown)[] | undefined;
   /** Per thing, the last read of it from storage queued (the next one waits for it). */
@@ -63,19 +74,28 @@ export class GraphKeeper {
    * Builds a graph from storage while serving goes on, then puts it in place (the start-up scan
    * and every recount): what changes meanwhile is applied to it as well.
    */
-  async recount(): Promise<Omit<Counted, 'suspects'>> {
+  async recount(): Promise<Omit<Counted, 'suspects' | 'expected'>> {
     const fresh = new ImageGraph();
     this.replay = [];
     let counted: Counted;
     try {
       const { blobs, repositories, upstreams, log } = this.d;
-      counted = await scanStorage({ graph: fresh, blobs, repositories, upstreams, log });
+      counted = await scanStorage({
+        graph: fresh,
+        blobs,
+        repositories,
+        upstreams,
+        log,
+        known: knownManifests(this.current),
+        knownSizes: this.expected,
+      });
       for (const apply of this.replay) apply(fresh);
       this.current = fresh;
     } finally {
       this.replay = undefined;
     }
-    const { suspects, ...counts } = counted;
+    const { suspects, expected, ...counts } = counted;
+    this.expected = expected;
     this.d.suspects?.(suspects);
     return counts;
   }
@@ -195,15 +215,23 @@ interface Change {
   blob?: boolean;
 }
 
-/** What a manifest references (none known when its bytes are not in storage). */
-type References = NonNullable<Awaited<ReturnType<typeof readReferences>>>;
+/** The manifests of `graph` whose bytes were read, with their bytes' size, for a recount. */
+function knownManifests(graph: ImageGraph): KnownManifests {
+  const known = new Map<Digest, { size: number; references: References }>();
+  for (const node of graph.repositories.values())
+    for (const manifest of node.manifests.values()) {
+      const size = graph.blobs.get(manifest.digest)?.size;
+      if (manifest.unread || size === undefined || known.has(manifest.digest)) continue;
+      known.set(manifest.digest, { size, references: manifest });
+    }
+  return known;
+}
 
-/** How a stored thing is counted in the graph (a manifest with what it references). */
-function counting(
-  event: StoredEvent,
-  at: number,
-  references: References = { children: [], blobs: [] },
-): Change {
+/**
+ * How a stored thing is counted in the graph (a manifest with what it references: nothing known
+ * when its bytes are not in storage).
+ */
+function counting(event: StoredEvent, at: number, references: References = UNREAD): Change {
   switch (event.kind) {
     case 'blob':
       return { apply: (g) => g.addBlob(event.digest, event.size, at), blob: true };

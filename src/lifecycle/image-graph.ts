@@ -31,6 +31,8 @@ export interface ManifestNode {
   blobs: Digest[];
   /** Manifests of the same repository that reference this one. */
   parents: Set<Digest>;
+  /** Its bytes could not be read when it was added: it references nothing that is known. */
+  unread?: true;
 }
 
 export interface RepositoryNode {
@@ -132,7 +134,7 @@ export class ImageGraph {
   addManifest(
     repo: RepositoryKey,
     digest: Digest,
-    references: { children: Digest[]; blobs: Digest[] },
+    references: { children: Digest[]; blobs: Digest[]; unread?: boolean },
     pulledAt: number,
   ): void {
     const node = this.repository(repo);
@@ -148,6 +150,7 @@ export class ImageGraph {
       children: [...new Set(references.children)],
       blobs,
       parents: new Set(),
+      ...(references.unread ? { unread: true as const } : {}),
     };
     node.manifests.set(digest, manifest);
     for (const blob of blobs) {

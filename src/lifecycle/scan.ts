@@ -12,8 +12,11 @@ import { isTag } from '../oci/reference.js';
 import type { BlobStore, RepositoryKey, RepositoryStore } from '../storage/types.js';
 import type { ImageGraph } from './image-graph.js';
 
-/** Manifests read at once during the scan. */
+/** Manifests (and tags) of a repository read at once during the scan. */
 const MANIFEST_BATCH = 32;
+
+/** Repositories counted at once during the scan. */
+const REPOSITORY_CONCURRENCY = 8;
 
 /**
  * What a manifest references, for the graph: child manifests of an index, else config and layers
@@ -24,7 +27,19 @@ export interface References {
   blobs: Digest[];
   /** The size of each of `blobs`, as the manifest's descriptors give it. */
   sizes?: Map<Digest, number>;
+  /** The manifest's bytes were missing or unreadable: nothing is known of what it references. */
+  unread?: boolean;
 }
+
+/** What a manifest nothing could be read of references: nothing known. */
+export const UNREAD: References = { children: [], blobs: [], unread: true };
+
+/**
+ * What an earlier count read of each manifest, with the size of its bytes then: a manifest is
+ * immutable (its digest is its bytes), so a recount takes it from here instead of reading the
+ * bytes again while they are stored with that size (on S3 a GET per manifest per recount).
+ */
+export type KnownManifests = ReadonlyMap<Digest, { size: number; references: References }>;
 
 function manifestReferences(manifest: ParsedManifest): References {
   if (manifest.kind === 'index')
@@ -71,6 +86,8 @@ export interface Counted {
   manifests: number;
   repositories: number;
   suspects: Suspect[];
+  /** The size the manifests give each blob they reference, for the next count (`knownSizes`). */
+  expected: ReadonlyMap<Digest, number>;
 }
 
 export async function scanStorage(deps: {
@@ -79,8 +96,12 @@ export async function scanStorage(deps: {
   repositories: RepositoryStore;
   upstreams: string[];
   log: Logger;
+  /** What an earlier count of this process read (the graph it replaces). */
+  known?: KnownManifests;
+  /** That count's `expected`: the sizes the manifests in `known` give their blobs. */
+  knownSizes?: ReadonlyMap<Digest, number>;
 }): Promise<Counted> {
-  const { graph, blobs, repositories } = deps;
+  const { graph, blobs, repositories, known, knownSizes } = deps;
   /** The size each manifest read gives its blobs: a stored blob of another size may be torn. */
   const expected = new Map<Digest, number>();
   let blobCount = 0;
@@ -90,29 +111,61 @@ export async function scanStorage(deps: {
   }
   let manifestCount = 0;
   let repositoryCount = 0;
-  for (const upstream of deps.upstreams) {
-    for (const repository of await repositories.listRepositories(upstream)) {
-      const repo = { upstream, repository } as RepositoryKey;
-      repositoryCount++;
-      for (const digest of await repositories.listBlobLinks(repo)) graph.linkBlob(repo, digest);
-      const manifests = await repositories.listManifests(repo);
-      for (let i = 0; i < manifests.length; i += MANIFEST_BATCH) {
-        await Promise.all(
-          manifests.slice(i, i + MANIFEST_BATCH).map(async ({ digest, pulledAt }) => {
+  /** Counts one repository: its layer links, its manifests (read a batch at once), its tags. */
+  const countRepository = async (repo: RepositoryKey): Promise<void> => {
+    for (const digest of await repositories.listBlobLinks(repo)) graph.linkBlob(repo, digest);
+    const manifests = await repositories.listManifests(repo);
+    for (let i = 0; i < manifests.length; i += MANIFEST_BATCH) {
+      await Promise.all(
+        manifests.slice(i, i + MANIFEST_BATCH).map(async ({ digest, pulledAt }) => {
+          // Read before, and its bytes still stored as they were: not read again, and the sizes
+          // it gives its blobs are the last count's.
+          const prior = known?.get(digest);
+          let references: References;
+          if (prior && graph.blobs.get(digest)?.size === prior.size) {
+            references = prior.references;
+            for (const blob of references.blobs) {
+              const size = knownSizes?.get(blob);
+              if (size !== undefined) expected.set(blob, size);
+            }
+          } else {
             // A link whose bytes are gone (a crash mid-removal) holds nothing: the sweep drops it.
-            const references = (await readReferences(blobs, digest)) ?? { children: [], blobs: [] };
+            references = (await readReferences(blobs, digest)) ?? UNREAD;
             for (const [blob, size] of references.sizes ?? []) expected.set(blob, size);
-            graph.addManifest(repo, digest, references, pulledAt);
-            manifestCount++;
-          }),
-        );
-      }
-      for (const tag of await repositories.listTags(repo)) {
-        if (!isTag(tag)) continue;
-        const link = await repositories.getTag(repo, tag);
-        if (link) graph.setTag(repo, tag, link.digest);
-      }
+          }
+          graph.addManifest(repo, digest, references, pulledAt);
+          manifestCount++;
+        }),
+      );
     }
+    const tags = (await repositories.listTags(repo)).filter(isTag);
+    for (let i = 0; i < tags.length; i += MANIFEST_BATCH) {
+      await Promise.all(
+        tags.slice(i, i + MANIFEST_BATCH).map(async (tag) => {
+          const link = await repositories.getTag(repo, tag);
+          if (link) graph.setTag(repo, tag, link.digest);
+        }),
+      );
+    }
+  };
+  for (const upstream of deps.upstreams) {
+    const queue = (await repositories.listRepositories(upstream)).map(
+      (repository) => ({ upstream, repository }) as RepositoryKey,
+    );
+    repositoryCount += queue.length;
+    // Several repositories at once: each is a few listings one after another, which on S3 are
+    // round trips of tens of milliseconds. After a failure no other repository is started.
+    let failed = false;
+    await Promise.all(
+      Array.from({ length: Math.min(REPOSITORY_CONCURRENCY, queue.length) }, async () => {
+        for (let repo = queue.shift(); repo && !failed; repo = queue.shift()) {
+          await countRepository(repo).catch((err: unknown) => {
+            failed = true;
+            throw err;
+          });
+        }
+      }),
+    );
   }
   const suspects: Suspect[] = [];
   for (const [digest, size] of expected) {
@@ -125,5 +178,6 @@ export async function scanStorage(deps: {
     manifests: manifestCount,
     repositories: repositoryCount,
     suspects,
+    expected,
   };
 }
