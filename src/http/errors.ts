@@ -8,6 +8,7 @@
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import type { ErrorRequestHandler, RequestHandler } from 'express';
 import type { Logger } from '../log/logger.js';
+import { redactedUrl } from '../log/url.js';
 import {
   InvalidRequestError,
   MethodNotAllowedError,
@@ -39,10 +40,13 @@ export function sendError(
   } else if (isFull(err)) {
     // Storage is full (a link or a small file met it: a fetch's own write is cut and told to
     // the budget where it happens). The readiness probe starts an eviction on it.
-    log.warn({ err: (err as Error).message, method: req.method, url: req.url }, 'storage is full');
+    log.warn(
+      { err: (err as Error).message, method: req.method, url: redactedUrl(req.url) },
+      'storage is full',
+    );
     error = new UnavailableError('storage is full; try again shortly', { 'Retry-After': '10' });
   } else {
-    const url = (req as { originalUrl?: string }).originalUrl ?? req.url;
+    const url = redactedUrl((req as { originalUrl?: string }).originalUrl ?? req.url);
     log.error({ err, method: req.method, url }, 'internal error');
     error = new RegistryError('INTERNAL', 'internal error; the server log has details');
   }

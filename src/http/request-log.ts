@@ -10,6 +10,7 @@ import type { RequestHandler, Response } from 'express';
 import { pinoHttp } from 'pino-http';
 import type { AccessControl } from '../access/types.js';
 import type { Logger } from '../log/logger.js';
+import { redactedUrl } from '../log/url.js';
 import { ADMIN_PREFIX } from './admin.js';
 import { sentErrorMessage } from './errors.js';
 import { UI_PREFIX } from './status-page.js';
@@ -101,9 +102,15 @@ export function requestId(req: IncomingMessage, res: ServerResponse): string {
 /** Most characters of a request's path and query in its log line. */
 const LOGGED_URL = 1024;
 
-/** The URL as the request log shows it: cut at 1 KiB (a path may be as long as a client likes). */
+/**
+ * The URL as the request log shows it: credentials in its query redacted (log/url.ts), cut at
+ * 1 KiB (a path may be as long as a client likes).
+ */
 export function loggedUrl(url: string | undefined): string | undefined {
-  return url !== undefined && url.length > LOGGED_URL ? `${url.slice(0, LOGGED_URL)}...` : url;
+  const shown = redactedUrl(url);
+  return shown !== undefined && shown.length > LOGGED_URL
+    ? `${shown.slice(0, LOGGED_URL)}...`
+    : shown;
 }
 
 /** The manifest fast path's request line: the same one `requestLog` writes for express. */
@@ -135,11 +142,19 @@ function answerFailed(res: ServerResponse): boolean {
   return res.statusCode >= 500 || !res.writableFinished;
 }
 
+/** Why a cut answer with no error of its own failed: its client went away. */
+export const CLIENT_LEFT = 'the client closed the connection before the answer ended';
+
 /**
  * Why an answer failed, for its request line: the error it was answered with, or the one that
  * cut it. The cause may be on a line of its own (an upstream's warning): this one ties it to the
- * request.
+ * request. A broken source destroys the answer with its error (blobs.ts); an answer cut without
+ * one was cut by its client, which the line says rather than saying nothing.
  */
 function failureCause(res: ServerResponse): string | undefined {
-  return sentErrorMessage(res) ?? res.errored?.message;
+  return (
+    sentErrorMessage(res) ??
+    res.errored?.message ??
+    (res.writableFinished ? undefined : CLIENT_LEFT)
+  );
 }

@@ -16,6 +16,7 @@ import {
   type Metrics,
   type ServedCells,
 } from '../metrics.js';
+import { redactedUrl } from '../log/url.js';
 import type { RecentEvents } from '../status/events.js';
 import { sentErrorMessage } from './errors.js';
 
@@ -64,10 +65,10 @@ export class RequestMetrics {
         const query = url.indexOf('?');
         const kind = requestKind(query < 0 ? url : url.slice(0, query));
         const notes = res.locals as AnswerNotes;
-        // Cut short (the client left, the source broke off): what went out, headers included, at
-        // most the body. The request line (pino-http's listener comes after this one) logs it too.
+        // Cut short (the client left, the source broke off): the body that went out, at most the
+        // whole body. The request line (pino-http's listener comes after this one) logs it too.
         if (notes.bytes !== undefined && !res.writableFinished)
-          notes.bytes = Math.max(0, Math.min(notes.bytes, socket.bytesWritten - sentBefore));
+          notes.bytes = bodyBytesSent(res, socket.bytesWritten - sentBefore, notes.bytes);
         this.record(req, res, this.cells(kind, req.method), kind, started, notes, credentialed);
       });
       next();
@@ -112,7 +113,8 @@ export class RequestMetrics {
       this.events.refused({
         client: this.clientAddress(req) ?? 'unknown',
         method: req.method ?? '',
-        path: (req as { originalUrl?: string }).originalUrl ?? req.url ?? '',
+        // Shown to admins on the status page: credentials in the query are not theirs to read.
+        path: redactedUrl((req as { originalUrl?: string }).originalUrl ?? req.url ?? ''),
         status,
         code: notes.errorCode ?? String(status),
         reason: sentErrorMessage(res) ?? '',
@@ -131,4 +133,16 @@ export class RequestMetrics {
     }
     return cells[kind];
   }
+}
+
+/**
+ * The body bytes of a cut answer that went out: what its socket took since the request came,
+ * less the status line and headers (Node keeps them, as sent, in `_header`: they were counted
+ * as served blob bytes, a few hundred a cut), at most the body announced.
+ */
+export function bodyBytesSent(res: ServerResponse, socketBytes: number, body: number): number {
+  const head = (res as unknown as { _header?: string | null })._header;
+  // Latin-1 on the wire: one byte a character.
+  const sent = socketBytes - (typeof head === 'string' ? head.length : 0);
+  return Number.isFinite(sent) ? Math.max(0, Math.min(body, sent)) : body;
 }
