@@ -77,7 +77,10 @@ function flagOverrides(o: CommonOptions): Record<string, unknown> {
 /** The configuration of a command line; an invalid one exits 2, its problems on stderr. */
 export function configFrom(o: CommonOptions): Config {
   try {
-    return loadConfig({ ...(o.config ? { file: o.config } : {}), overrides: flagOverrides(o) });
+    return loadConfig({
+      ...(o.config !== undefined ? { file: o.config } : {}),
+      overrides: flagOverrides(o),
+    });
   } catch (err) {
     if (err instanceof ConfigError) {
       console.error('pullcache: invalid configuration');

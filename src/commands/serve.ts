@@ -81,6 +81,22 @@ export async function serve(config: Config): Promise<void> {
       process.exit(2);
     }
     const e = err as NodeJS.ErrnoException;
+    // An address that is not this host's, or a name that does not resolve: the config's.
+    const foreign: Record<string, string> = {
+      EADDRNOTAVAIL: 'not an address of this host',
+      ENOTFOUND: 'no such host',
+      EAI_AGAIN: 'the host name does not resolve now',
+    };
+    const listenHost = config.server.listen.slice(0, config.server.listen.lastIndexOf(':'));
+    const ofListen =
+      e.syscall === 'listen' ||
+      (e.syscall === 'getaddrinfo' && (e as { hostname?: string }).hostname === listenHost);
+    if (ofListen && e.code !== undefined && foreign[e.code] !== undefined) {
+      console.error(
+        `pullcache: cannot start: server.listen: cannot listen on ${config.server.listen}: ${foreign[e.code]} (${e.code})`,
+      );
+      process.exit(2);
+    }
     console.error(
       `pullcache: cannot start: ${e.code === 'EADDRINUSE' ? `${config.server.listen} is already in use` : e.code === 'EACCES' ? `no permission to listen on ${config.server.listen} or to use ${config.storage.filesystem.root}` : e.message}`,
     );

@@ -50,6 +50,9 @@ export interface LoadOptions {
 
 export function loadConfig(options: LoadOptions = {}): Config {
   const env = options.env ?? process.env;
+  // `--config "$FILE"` with FILE unset: refused, not served with the defaults. An empty
+  // PULLCACHE_CONFIG is taken as unset, as variables usually are.
+  if (options.file === '') throw new ConfigError(['--config: expected a file, got an empty path']);
   const file = options.file ?? env.PULLCACHE_CONFIG;
   let raw: Record<string, unknown> = {};
   if (file) raw = readYaml(file);
@@ -60,6 +63,7 @@ export function loadConfig(options: LoadOptions = {}): Config {
   if (options.overrides) raw = deepMerge(raw, options.overrides);
   try {
     const config = parseConfig(raw);
+    problems.push(...unsetVariables(config, env));
     if (problems.length > 0) throw new ConfigError(problems);
     return config;
   } catch (err) {
@@ -82,6 +86,40 @@ export function parseConfig(raw: unknown): Config {
     else if (names.length === 1) config.routing.default = names[0];
   }
   return config;
+}
+
+/**
+ * The keys naming an environment variable (`passwordEnv`, `peerSecretEnv`, `accessKeyEnv`,
+ * `secretKeyEnv`) whose variable is unset or empty where the config would read it: a secret
+ * forgotten in a deployment stops start-up naming the key, instead of pulling anonymously
+ * (Docker Hub's lower limit, a private registry's 401s) or failing later. Only where the secret is
+ * used: not for a passthrough or offline upstream, nor peerSecretEnv without server.advertise,
+ * nor the S3 keys with the filesystem driver.
+ */
+function unsetVariables(config: Config, env: NodeJS.ProcessEnv): string[] {
+  const problems: string[] = [];
+  const check = (key: string, name: string) => {
+    const value = env[name];
+    if (value === undefined) problems.push(`${key}: the environment variable ${name} is not set`);
+    else if (value === '') problems.push(`${key}: the environment variable ${name} is empty`);
+  };
+  for (const [name, upstream] of Object.entries(config.upstreams)) {
+    if (upstream.passwordEnv && upstream.mode === 'cache' && !upstream.offline)
+      check(`upstreams.${name}.passwordEnv`, upstream.passwordEnv);
+  }
+  const { server, storage } = config;
+  if (server.advertise !== '' && server.peerSecretEnv !== '')
+    check('server.peerSecretEnv', server.peerSecretEnv);
+  if (storage.driver === 's3') {
+    const { accessKeyEnv, secretKeyEnv } = storage.s3;
+    if ((accessKeyEnv === '') !== (secretKeyEnv === ''))
+      problems.push(
+        `storage.s3.${accessKeyEnv === '' ? 'accessKeyEnv' : 'secretKeyEnv'}: expected the name of a variable: storage.s3.${accessKeyEnv === '' ? 'secretKeyEnv' : 'accessKeyEnv'} is set, and the key needs both`,
+      );
+    if (accessKeyEnv !== '') check('storage.s3.accessKeyEnv', accessKeyEnv);
+    if (secretKeyEnv !== '') check('storage.s3.secretKeyEnv', secretKeyEnv);
+  }
+  return problems;
 }
 
 function readYaml(file: string): Record<string, unknown> {

@@ -37,6 +37,21 @@ const duration = (fallback: string, { min = 0, max = DURATION_MAX } = {}) =>
     .union([z.string(), z.number()])
     .default(fallback)
     .transform((value, ctx) => {
+      // A bare number other than 0 is refused: "unusedFor: 30" meant as days would remove every
+      // image at each sweep, "timeouts.connect: 10" meant as seconds would fail every fetch.
+      const bare =
+        typeof value === 'number'
+          ? value > 0 && Number.isFinite(value)
+            ? String(value)
+            : undefined
+          : /^\s*(\d+(?:\.\d+)?)\s*$/.exec(value)?.[1];
+      if (bare !== undefined && Number(bare) !== 0) {
+        ctx.addIssue({
+          code: 'custom',
+          message: `expected a duration with its unit (${(/^[\d.]+$/.test(bare) ? ['ms', 's', 'm', 'h', 'd'].map((u) => `"${bare}${u}"`) : ['"30s"', '"5m"', '"7d"']).join(', ')}): a bare number could mean any, got ${show(value)}`,
+        });
+        return z.NEVER;
+      }
       const ms = parseDuration(value);
       if (ms === undefined) {
         ctx.addIssue({
@@ -158,7 +173,15 @@ const registryUrl = httpUrl('username and passwordEnv');
  * An upstream's base URL. A trailing `/v2` or `/v2/` is dropped: it is the API root, which the
  * client adds itself, and registries' own docs often show it as "the registry URL".
  */
-const upstreamUrl = registryUrl.transform((v) => v.replace(/\/v2\/?$/, ''));
+const upstreamUrl = registryUrl
+  .transform((v) => v.replace(/\/v2\/?$/, ''))
+  // A path is a prefix the API lives under (a registry behind a path); one with the API root in
+  // it ("/v2/library") names repositories, which come from the references instead: every
+  // request would go to /v2/library/v2/...
+  .refine((v) => !new URL(v).pathname.split('/').includes('v2'), {
+    error: (issue) =>
+      `expected the registry's base URL: a path with /v2/ in it names repositories, which come from the image references, got ${show(issue.input)}`,
+  });
 
 /** A glob on repository names (`library/*`, `team/**`); names are lower case, without spaces. */
 const repositoryGlob = z.string().refine((v) => /^[^\sA-Z]+$/.test(v), {
@@ -169,48 +192,58 @@ const repositoryGlob = z.string().refine((v) => /^[^\sA-Z]+$/.test(v), {
 /** Upstream names are how clients address an upstream (`/v2/ghcr.io/...`, `?ns=ghcr.io`). */
 export const UPSTREAM_NAME = /^[a-z0-9](?:[a-z0-9.-]*[a-z0-9])?(?::\d{1,5})?$/;
 
-export const upstreamSchema = z.strictObject({
-  url: upstreamUrl,
-  /** cache: pull-through with local storage; passthrough: proxied unchanged, nothing kept. */
-  mode: z.enum(['cache', 'passthrough']).default('cache'),
-  username: z.string().optional(),
-  password: secret().optional(),
-  passwordEnv: z.string().optional(),
-  /** 0: a tag is asked again at every pull. Not a timer (proxy-tag-service.ts compares it). */
-  tagTTL: duration('5m'),
-  /** Serve a cached tag when the upstream answers 404 for it. */
-  staleOnNotFound: bool(false),
-  /** Never dial this upstream: serve only what is cached. */
-  offline: bool(false),
-  /**
-   * Token realms that may receive credentials besides the upstream's own host: an origin and a
-   * path each, matched by origin and whole path segments (upstream/auth.ts).
-   */
-  authRealms: z.array(registryUrl).default([]),
-  /** The largest manifest taken from the upstream; a referrers answer and a tags page too. */
-  maxManifestSize: size('4MiB'),
-  /**
-   * 0: off. Each is a timer, and a token request's deadline is the three added up (at least a
-   * minute, upstream/auth.ts), a timer too: 8d each keeps that within TIMER_MAX.
-   */
-  timeouts: z
-    .strictObject({
-      connect: duration('10s', { max: 8 * DAY }),
-      headers: duration('30s', { max: 8 * DAY }),
-      bodyIdle: duration('30s', { max: 8 * DAY }),
-    })
-    .prefault({}),
-  retries: integer(3, 0, 10),
-  /** Which repositories may be proxied at all, whoever asks (src/access/repositories.ts). */
-  repositories: z
-    .strictObject({
-      /** Globs on the repository name; non-empty: only these. */
-      allow: z.array(repositoryGlob).default([]),
-      /** Globs on the repository name; they win over allow. */
-      deny: z.array(repositoryGlob).default([]),
-    })
-    .prefault({}),
-});
+export const upstreamSchema = z
+  .strictObject({
+    url: upstreamUrl,
+    /** cache: pull-through with local storage; passthrough: proxied unchanged, nothing kept. */
+    mode: z.enum(['cache', 'passthrough']).default('cache'),
+    username: z.string().optional(),
+    password: secret().optional(),
+    passwordEnv: z.string().optional(),
+    /** 0: a tag is asked again at every pull. Not a timer (proxy-tag-service.ts compares it). */
+    tagTTL: duration('5m'),
+    /** Serve a cached tag when the upstream answers 404 for it. */
+    staleOnNotFound: bool(false),
+    /** Never dial this upstream: serve only what is cached. */
+    offline: bool(false),
+    /**
+     * Token realms that may receive credentials besides the upstream's own host: an origin and a
+     * path each, matched by origin and whole path segments (upstream/auth.ts).
+     */
+    authRealms: z.array(registryUrl).default([]),
+    /** The largest manifest taken from the upstream; a referrers answer and a tags page too. */
+    maxManifestSize: size('4MiB'),
+    /**
+     * 0: off. Each is a timer, and a token request's deadline is the three added up (at least a
+     * minute, upstream/auth.ts), a timer too: 8d each keeps that within TIMER_MAX.
+     */
+    timeouts: z
+      .strictObject({
+        connect: duration('10s', { max: 8 * DAY }),
+        headers: duration('30s', { max: 8 * DAY }),
+        bodyIdle: duration('30s', { max: 8 * DAY }),
+      })
+      .prefault({}),
+    retries: integer(3, 0, 10),
+    /** Which repositories may be proxied at all, whoever asks (src/access/repositories.ts). */
+    repositories: z
+      .strictObject({
+        /** Globs on the repository name; non-empty: only these. */
+        allow: z.array(repositoryGlob).default([]),
+        /** Globs on the repository name; they win over allow. */
+        deny: z.array(repositoryGlob).default([]),
+      })
+      .prefault({}),
+  })
+  .superRefine((upstream, ctx) => {
+    // http/passthrough.ts forwards each request's own path to the URL's origin.
+    if (upstream.mode === 'passthrough' && new URL(upstream.url).pathname !== '/')
+      ctx.addIssue({
+        code: 'custom',
+        path: ['url'],
+        message: `expected a URL without a path for mode: passthrough (requests are forwarded to its origin as they are), got ${show(upstream.url)}`,
+      });
+  });
 
 /** One access rule (src/access/rules.ts): who may do what, where. First match wins. */
 export const ruleSchema = z.strictObject({

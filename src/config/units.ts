@@ -24,7 +24,7 @@ export function parseDuration(value: string | number): number | undefined {
   // Whole milliseconds, as "1.5ms" is read: 1.5 would print as "1.5ms" and load back as 2.
   if (typeof value === 'number')
     return Number.isFinite(value) && value >= 0 ? Math.round(value) : undefined;
-  // A bare number is milliseconds, from a file or the environment alike.
+  // A bare number is milliseconds here; the schema refuses one other than 0 in a config.
   const m = /^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$/.exec(value);
   if (!m) return undefined;
   return Math.round(Number(m[1]) * DURATION_UNITS[m[2] ?? 'ms']!);

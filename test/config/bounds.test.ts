@@ -23,11 +23,15 @@ describe('durations', () => {
       refused({
         retention: { sweepInterval: '25d' },
         storage: { uploads: { purgeInterval: 0 } },
-        server: { drainTimeout: '25d', cacheWriteTimeout: 2 ** 31, tls: { reloadInterval: '30d' } },
+        server: {
+          drainTimeout: '25d',
+          cacheWriteTimeout: `${2 ** 31}ms`,
+          tls: { reloadInterval: '30d' },
+        },
       }),
     ).toEqual([
       'server.tls.reloadInterval: expected a duration of at most 24d, got "30d"',
-      'server.cacheWriteTimeout: expected a duration of at most 24d, got 2147483648',
+      'server.cacheWriteTimeout: expected a duration of at most 24d, got "2147483648ms"',
       'server.drainTimeout: expected a duration of at most 24d, got "25d"',
       'storage.uploads.purgeInterval: expected a duration from 1ms to 24d, got 0',
       'retention.sweepInterval: expected a duration from 1ms to 24d, got "25d"',
@@ -96,7 +100,7 @@ describe('durations', () => {
       storage: { uploads: { purgeAge: 1e30 } },
     });
     expect(shown).toEqual([
-      'storage.uploads.purgeAge: expected a duration of at most 36500d, got 1e+30',
+      'storage.uploads.purgeAge: expected a duration with its unit ("30s", "5m", "7d"): a bare number could mean any, got 1e+30',
       'retention.unusedFor: expected a duration of at most 36500d, got "99999999999999999999d"',
     ]);
   });
@@ -148,7 +152,9 @@ describe('pullcache config loads back as the same config', () => {
   });
 
   test('durations given as a fraction of a millisecond', () => {
-    expect(roundTrip({ server: { cacheWriteTimeout: 1.5 } })).toContain('cacheWriteTimeout: 2ms');
+    expect(roundTrip({ server: { cacheWriteTimeout: '1.5ms' } })).toContain(
+      'cacheWriteTimeout: 2ms',
+    );
   });
 
   test('sizes past exact bytes are refused', () => {
@@ -179,7 +185,8 @@ describe('config/default.yaml', () => {
       [...text.matchAll(/^#\s+(PULLCACHE_\w+)=(\S+)/gm)].map((m) => [m[1]!, m[2]!]),
     );
     expect(Object.keys(env).length).toBeGreaterThanOrEqual(8);
-    const config = loadConfig({ env });
+    // The variable PULLCACHE_UPSTREAMS_DOCKER_IO_PASSWORDENV names must be set too.
+    const config = loadConfig({ env: { ...env, DOCKERHUB_TOKEN: 'stand-in' } });
     expect(config.upstreams['docker.io']).toMatchObject({
       username: 'someone',
       passwordEnv: 'DOCKERHUB_TOKEN',

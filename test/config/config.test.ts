@@ -6,6 +6,7 @@ import { promisify } from 'node:util';
 import { describe, expect, test } from 'vitest';
 import { loadConfig, parseConfig } from '../../src/config/load.js';
 import { redactConfig } from '../../src/config/print.js';
+import { configShape, type KeyTree } from '../../src/config/shape.js';
 import { problems, yamlFile } from '../helpers/config.js';
 
 const run = promisify(execFile);
@@ -13,6 +14,22 @@ const run = promisify(execFile);
 describe('config', () => {
   test('config/default.yaml is valid and says exactly what the schema defaults are', () => {
     expect(loadConfig({ file: 'config/default.yaml', env: {} })).toEqual(parseConfig({}));
+  });
+
+  test('config/default.yaml documents every key of the schema, commented out or set', () => {
+    const text = readFileSync('config/default.yaml', 'utf8');
+    const undocumented: string[] = [];
+    const walk = (tree: KeyTree, path: string[]): void => {
+      if (tree.kind === 'record') return walk(tree.item, [...path, '<name>']);
+      if (tree.kind === 'leaf') {
+        const key = path[path.length - 1]!;
+        if (!new RegExp(`^\\s*(#\\s*)?${key}:`, 'm').test(text)) undocumented.push(path.join('.'));
+        return;
+      }
+      for (const [key, sub] of tree.children) walk(sub, [...path, key]);
+    };
+    walk(configShape(), []);
+    expect(undocumented).toEqual([]);
   });
 
   test('the documented shape is accepted as is', () => {
@@ -75,6 +92,7 @@ log:
         PULLCACHE_UPSTREAMS_REGISTRY_LOCAL_5000_OFFLINE: 'true',
         PULLCACHE_UPSTREAMS_GHCR_IO_AUTHREALMS: 'https://a.example/token, https://b.example/',
         PULLCACHE_STORAGE_DELETE_ENABLED: 'true',
+        GHCR_TOKEN: 'stand-in',
       },
     });
     expect(config.upstreams['ghcr.io']!.passwordEnv).toBe('GHCR_TOKEN');
@@ -366,8 +384,12 @@ describe('the configuration examples of the documentation', () => {
     const dir = mkdtempSync(join(tmpdir(), 'pullcache-doc-config-'));
     const file = join(dir, 'pullcache.yaml');
     writeFileSync(file, yaml);
+    // The variables its *Env keys name are set, as the example tells the reader to.
+    const env = Object.fromEntries(
+      [...yaml.matchAll(/\b\w+Env: (\w+)/g)].map((m) => [m[1]!, 'stand-in']),
+    );
     try {
-      expect(() => loadConfig({ file, env: {} })).not.toThrow();
+      expect(() => loadConfig({ file, env })).not.toThrow();
     } finally {
       rmSync(dir, { recursive: true, force: true });
     }

@@ -8,10 +8,19 @@ import { existsSync, mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
+import { parse as parseYaml } from 'yaml';
 import { describe, expect, test } from 'vitest';
 import { loadConfig, parseConfig } from '../../src/config/load.js';
 
 const run = promisify(execFile);
+
+/** A service of `docker-compose config`'s output, as much as these tests read. */
+interface ComposeService {
+  environment?: Record<string, string>;
+  /** "127.0.0.1:5000:5000/tcp" (docker-compose 1) or the long form (compose 2). */
+  ports?: (string | { target: number })[];
+  depends_on?: Record<string, unknown>;
+}
 const dockerfile = readFileSync('Dockerfile', 'utf8');
 const IMAGE_CONFIG = '/etc/pullcache/config.yaml';
 
@@ -113,6 +122,46 @@ describe('docker-compose.yml', () => {
     expect(ports).toEqual(['127.0.0.1:5000:5000/tcp']);
     expect(compose).toMatch(/Without client authentication/);
     expect(compose).toMatch(/auth\.htpasswd/);
+  });
+
+  test("pullcache's environment loads over the image's config file, dialling the Redis service", async () => {
+    const { stdout } = await run('docker-compose', ['-f', 'docker-compose.yml', 'config']);
+    const services = (parseYaml(stdout) as { services: Record<string, ComposeService> }).services;
+    const env = { ...imageEnv(), ...services.pullcache!.environment };
+    env.PULLCACHE_CONFIG = copiedTo(env.PULLCACHE_CONFIG!)!;
+    // As start-up does: a variable naming no key, or an invalid value, is refused.
+    const config = loadConfig({ env });
+    expect(config.cache.store).toBe('redis');
+    const redis = new URL(config.cache.redis.url);
+    expect(Object.keys(services)).toContain(redis.hostname);
+    expect(services.pullcache!.depends_on).toHaveProperty(redis.hostname);
+    // The published port reaches the address pullcache listens on.
+    const listenPort = config.server.listen.split(':')[1];
+    expect(
+      services.pullcache!.ports?.map((p) =>
+        typeof p === 'string'
+          ? p
+              .replace(/\/\w+$/, '')
+              .split(':')
+              .at(-1)
+          : String(p.target),
+      ),
+    ).toContain(listenPort);
+  });
+
+  test("its commented Docker Hub credentials, once uncommented, load as the upstream's", () => {
+    const lines = [...compose.matchAll(/^\s*#\s*([A-Z][A-Z0-9_]*): (\S+)$/gm)];
+    const env: Record<string, string> = { PULLCACHE_CONFIG: 'config/image.yaml' };
+    // What compose substitutes for ${VAR}: the value from .env, here a stand-in.
+    for (const [, name, value] of lines) env[name!] = value!.replace(/^\$\{\w+\}$/, 'stand-in');
+    expect(Object.keys(env)).toContain('PULLCACHE_UPSTREAMS_DOCKER_IO_PASSWORDENV');
+    const hub = loadConfig({ env }).upstreams['docker.io']!;
+    expect(hub.username).toBe('stand-in');
+    expect(env[hub.passwordEnv!]).toBe('stand-in');
+    // A token missing from .env is substituted empty: start-up says so, naming the key.
+    expect(() => loadConfig({ env: { ...env, [hub.passwordEnv!]: '' } })).toThrow(
+      `upstreams.docker.io.passwordEnv: the environment variable ${hub.passwordEnv} is empty`,
+    );
   });
 
   test('its config file example mounts over the file the image reads, and names files that exist', () => {

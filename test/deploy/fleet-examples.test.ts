@@ -6,7 +6,7 @@
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { parseAllDocuments } from 'yaml';
+import { parse as parseYaml, parseAllDocuments } from 'yaml';
 import { afterAll, describe, expect, test } from 'vitest';
 import { loadConfig } from '../../src/config/load.js';
 
@@ -189,6 +189,25 @@ describe(MANIFEST, () => {
     const created = [...manifestText.matchAll(/--from-literal=([\w-]+)=/g)].map((m) => m[1]);
     expect(manifestText).toMatch(/kubectl .*create secret generic pullcache/);
     for (const ref of secrets.values()) expect(created).toContain(ref.slice('pullcache/'.length));
+  });
+
+  test("the commented Docker Hub credentials, once uncommented, load as the upstream's", () => {
+    // The commented `- name:` entries of the container's env, as the reader would uncomment them.
+    const block = /^(\s*)# - name: PULLCACHE_UPSTREAMS_DOCKER_IO_USERNAME\n(?:\1#.*\n)+/m.exec(
+      manifestText,
+    );
+    expect(block).not.toBeNull();
+    const uncommented = block![0].replace(/^(\s*)# ?/gm, '$1');
+    const extra = parseYaml(uncommented) as EnvVar[];
+    const env = { ...containerEnv().env };
+    for (const v of extra) {
+      if (v.value !== undefined) env[v.name] = v.value;
+      else if (v.valueFrom?.secretKeyRef) env[v.name] = 'stand-in';
+    }
+    const hub = loadConfig({ file: configFile, env }).upstreams['docker.io']!;
+    expect(hub.username).toBe('someone');
+    const token = extra.find((v) => v.name === hub.passwordEnv);
+    expect(token?.valueFrom?.secretKeyRef?.name).toBe('pullcache');
   });
 
   test('probes /readyz for readiness and /healthz for liveness, on the port pullcache listens on', () => {
