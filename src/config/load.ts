@@ -55,7 +55,7 @@ export function loadConfig(options: LoadOptions = {}): Config {
   if (options.file === '') throw new ConfigError(['--config: expected a file, got an empty path']);
   const file = options.file ?? env.PULLCACHE_CONFIG;
   let raw: Record<string, unknown> = {};
-  if (file) raw = readYaml(file);
+  if (file) raw = withoutEmptySections(readYaml(file), configShape()) as Record<string, unknown>;
   // Env and flags refine the default upstream map unless the file replaced it.
   if (raw.upstreams === undefined) raw.upstreams = structuredClone(DEFAULT_UPSTREAMS);
   const problems: string[] = [];
@@ -120,6 +120,25 @@ function unsetVariables(config: Config, env: NodeJS.ProcessEnv): string[] {
     if (secretKeyEnv !== '') check('storage.s3.secretKeyEnv', secretKeyEnv);
   }
   return problems;
+}
+
+/**
+ * A section left empty (`server:` with every key under it commented out) is YAML's null: taken
+ * as absent, as the user meant, rather than refused as "expected object, got null". Only
+ * sections: an empty leaf (`htpasswd:`) is still refused, not read as its
+ * default (for some keys the default turns a protection off).
+ */
+function withoutEmptySections(value: unknown, shape: KeyTree | undefined): unknown {
+  if (typeof value !== 'object' || value === null || Array.isArray(value)) return value;
+  if (shape?.kind !== 'object' && shape?.kind !== 'record') return value;
+  const out: Record<string, unknown> = {};
+  for (const [key, child] of Object.entries(value)) {
+    const childShape = shape.kind === 'object' ? shape.children.get(key) : shape.item;
+    // Not an entry of a map (an upstream with nothing under it is refused for its missing url).
+    if (child === null && shape.kind === 'object' && childShape?.kind === 'object') continue;
+    out[key] = withoutEmptySections(child, childShape);
+  }
+  return out;
 }
 
 function readYaml(file: string): Record<string, unknown> {

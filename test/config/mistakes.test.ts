@@ -1,7 +1,8 @@
 /**
  * Configs that users get wrong, each refused with one line naming the key and exit code 2:
  * secrets forgotten in the environment, durations without their unit, upstream URLs with a path
- * that cannot work, an empty --config, a listen address of another host.
+ * that cannot work, an empty --config, a listen address of another host; and an empty section,
+ * which is taken as absent.
  */
 import { execFile } from 'node:child_process';
 import { mkdtempSync, rmSync } from 'node:fs';
@@ -161,6 +162,33 @@ describe('the config file', () => {
     expect(err.stderr).toBe(
       'pullcache: invalid configuration\n  --config: expected a file, got an empty path\n',
     );
+  });
+});
+
+describe('an empty section', () => {
+  test('(every key under it commented out) is taken as absent; an empty value or upstream is not', () => {
+    const config = loadConfig({
+      file: yamlFile(
+        'server:\n  # listen: 0.0.0.0:5000\nretention:\n  # maxSize: 10GiB\nstorage:\n  filesystem:\n',
+      ),
+      env: {},
+    });
+    expect(config.server.listen).toBe('127.0.0.1:5000');
+    expect(config.retention.maxSize).toBe(0);
+    expect(config.storage.filesystem.root).toBe('./data');
+    // A value left empty is not its default: for some keys the default turns a protection off.
+    expect(problems(() => loadConfig({ file: yamlFile('auth:\n  htpasswd:\n'), env: {} }))).toEqual(
+      [expect.stringMatching(/^auth\.htpasswd: /)],
+    );
+    // Nor is an upstream with nothing under it dropped from the map.
+    expect(
+      problems(() =>
+        loadConfig({
+          file: yamlFile('upstreams:\n  ghcr.io:\n    # url: https://ghcr.io\n'),
+          env: {},
+        }),
+      ),
+    ).toEqual([expect.stringMatching(/^upstreams\.ghcr\.io/)]);
   });
 });
 
