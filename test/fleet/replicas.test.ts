@@ -169,7 +169,9 @@ describe('replicas sharing Redis and a bucket', () => {
   test('a blob another replica fetches for one repository is served for another only once the upstream confirms that one has it', async () => {
     const b = await pushRandomBlob(registry, 'team-a/app', 16 * MiB);
     await pushBlob(registry, 'team-c/app', b); // the same layer in a third repository
-    throttle.bytesPerSecond = 4 * MiB;
+    // Slow until the second replica follows: the fetch must still be under way then, however
+    // long the refusals below take on a busy machine (at 4 MiB/s it once ended before them).
+    throttle.bytesPerSecond = 1 * MiB;
     const [holder, second, third] = replicas as [WorkersServer, WorkersServer, WorkersServer];
     const before = logged(second, 'following the fetch of another replica');
     const fetching = get(`${holder.url}/v2/team-a/app/blobs/${b.digest}`);
@@ -181,8 +183,13 @@ describe('replicas sharing Redis and a bucket', () => {
     for (const r of [second, third])
       expect((await get(`${r.url}/v2/team-b/app/blobs/${b.digest}`)).status).toBe(404);
     // team-c/app does: followed, not fetched a second time.
-    const confirmed = await get(`${second.url}/v2/team-c/app/blobs/${b.digest}`);
-    expect(intact(confirmed, b.digest)).toBe(true);
+    const confirming = get(`${second.url}/v2/team-c/app/blobs/${b.digest}`);
+    await waitFor(
+      async () => logged(second, 'following the fetch of another replica') === before + 1,
+      'the second replica following the fetch',
+    );
+    throttle.bytesPerSecond = 64 * MiB; // the rest at once
+    expect(intact(await confirming, b.digest)).toBe(true);
     expect(logged(second, 'following the fetch of another replica')).toBe(before + 1);
     expect(intact(await fetching, b.digest)).toBe(true);
     expect(throttle.gets.get(b.digest)).toBe(1);
