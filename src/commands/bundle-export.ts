@@ -142,7 +142,12 @@ export async function exportBundle(
       mediaType: stat.link.mediaType,
       size: stat.link.size,
     };
-    await walk(repo, formatLocation(image.location), digest, 0);
+    // Walked before as another image's child and found incomplete: the walk remembers it (and
+    // throws only at a first visit), so it is refused here.
+    if (!(await walk(repo, formatLocation(image.location), digest, 0)))
+      throw new IncompleteImage(
+        `${formatLocation(image.location)}: it is not whole in the cache (prefetch it first)`,
+      );
     images.push(image);
   };
   if (options.all) {

@@ -55,6 +55,8 @@ export async function planImport(
   const { file, inBundle } = sources;
   const planned: PlannedManifest[] = [];
   const visited = new Set<string>();
+  /** Those of `visited` whose bytes are neither in the bundle nor held (platforms left out). */
+  const absent = new Set<string>();
   const blobsChecked = new Set<string>();
   const repoId = (repo: RepositoryKey) => `${repo.upstream}/${repo.repository}`;
 
@@ -103,8 +105,15 @@ export async function planImport(
   ): Promise<void> => {
     const { digest } = descriptor;
     const key = `${repoId(repo)}@${digest}`;
-    if (visited.has(key)) return;
     const where = formatLocation(image);
+    // Visited before (as another image's child): an image of its own must have its bytes.
+    if (visited.has(key)) {
+      if (depth === 0 && absent.has(key))
+        throw new BundleError(
+          `${file}: manifest ${digest} of ${where} is missing: the bundle is truncated or incomplete`,
+        );
+      return;
+    }
     if (depth > MAX_DEPTH)
       throw new BundleError(
         `${file}: ${where}: its indexes nest more than ${MAX_DEPTH} deep (at ${digest})`,
@@ -119,6 +128,7 @@ export async function planImport(
         throw new BundleError(
           `${file}: manifest ${digest} of ${where} is missing: the bundle is truncated or incomplete`,
         );
+      absent.add(key);
       return; // a platform that was never pulled; fetched when asked for, if ever online
     }
     // An index's own size of 0 is a bundle from a tool that leaves it out.

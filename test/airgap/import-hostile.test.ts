@@ -281,6 +281,57 @@ describe('import of hostile bundles and in bad conditions', () => {
       expect(snapshot(root)).toEqual(before);
     });
 
+    test('an image whose manifest the bundle lacks is refused, even when an index named it first', async () => {
+      // An index whose second platform was never pulled (left out, as export does), then that
+      // platform named as an image of its own: it would be a tag to nothing.
+      const config1 = configBlob('present');
+      const layer = randomBytes(3000);
+      const present = ociManifest({ digest: sha256(config1), size: config1.length }, [
+        { digest: sha256(layer), size: layer.length },
+      ]);
+      const absent = ociManifest({ digest: sha256(config1), size: config1.length }, []);
+      const index = Buffer.from(
+        JSON.stringify({
+          schemaVersion: 2,
+          mediaType: OCI_INDEX,
+          manifests: [present, absent].map((m, i) => ({
+            mediaType: OCI_MANIFEST,
+            digest: sha256(m),
+            size: m.length,
+            platform: { os: 'linux', architecture: i === 0 ? 'amd64' : 'arm64' },
+          })),
+        }),
+      );
+      const file = join(dir('bundle'), 'tag-to-nothing.tar');
+      writeBundle(
+        file,
+        [
+          {
+            repository: 'org/multi',
+            tag: 'v1',
+            digest: sha256(index),
+            mediaType: OCI_INDEX,
+            size: index.length,
+          },
+          {
+            repository: 'org/multi',
+            tag: 'v1-arm64',
+            digest: sha256(absent),
+            mediaType: OCI_MANIFEST,
+            size: absent.length,
+          },
+        ],
+        [config1, layer, present, index],
+      );
+      const before = snapshot(root);
+      const r = await cli('import', '-c', config, file);
+      expect(r.code).toBe(1);
+      expect(lastLine(r.stderr)).toBe(
+        `pullcache: ${file}: manifest ${sha256(absent)} of docker.io/org/multi:v1-arm64 is missing: the bundle is truncated or incomplete\n`,
+      );
+      expect(snapshot(root)).toEqual(before);
+    });
+
     test('a manifest giving a blob another size than the bundle holds is refused, naming it', async () => {
       const layer = randomBytes(5000);
       const lyingConfig = configBlob('lying');

@@ -124,6 +124,40 @@ describe('export of a cache holding some images in part', () => {
   });
 });
 
+describe('export of a platform left out of an index, named on its own', () => {
+  test('is refused, not written as an image the bundle lacks', async () => {
+    const root = dir('platform-cache');
+    const config = configFile(root, upstreams);
+    const amd64 = makeImage('org/multi', 'amd64', 'oci', [4_000]);
+    const arm64 = makeImage('org/multi', 'arm64', 'oci', [4_000]);
+    const index = indexOf('org/multi', [amd64, arm64], 1);
+    const runtime = await openCache(root);
+    try {
+      await store(runtime, index, 'v1', [arm64.blobs[1]!.digest]); // arm64 never pulled whole
+    } finally {
+      await runtime.close();
+    }
+    const out = dir('out');
+    // The index first: its walk finds arm64 incomplete (left out) and remembers it.
+    const r = await cli(
+      'export',
+      '-c',
+      config,
+      '-o',
+      join(out, 'b.tar'),
+      'org/multi:v1',
+      `org/multi@${arm64.digest}`,
+    );
+    expect(r.stderr).toMatch(
+      new RegExp(
+        `(^|\\n)pullcache: docker\\.io/org/multi@${arm64.digest}: it is not whole in the cache`,
+      ),
+    );
+    expect(r.code).toBe(1);
+    expect(readdirSync(out)).toEqual([]);
+  });
+});
+
 describe('export of nested indexes', () => {
   test('walks a manifest listed many times at every level once', async () => {
     const root = dir('wide-cache');
