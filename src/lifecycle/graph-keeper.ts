@@ -54,8 +54,14 @@ function thingOf(event: Thing): string {
 
 export class GraphKeeper {
   private current = new ImageGraph();
-  /** The size the manifests of the last count give each blob they reference (scan.ts). */
-  private expected: ReadonlyMap<Digest, number> = new Map();
+  /**
+   * The size the manifests in the graph give each blob they reference: from the last count
+   * (scan.ts), and from each manifest read since, for the next count, which reads none of them
+   * again (the torn-blob check compares these with the blobs' stored sizes).
+   */
+  private expected = new Map<Digest, number>();
+  /** While a recount runs: the sizes of the manifests read meanwhile, for the count's map. */
+  private expectedMeanwhile: Map<Digest, number> | undefined;
   /** While a recount builds a fresh graph: the changes to apply to it as well. */
   private replay: ((graph: ImageGraph) => unknown)[] | undefined;
   /** Per thing, the last read of it from storage queued (the next one waits for it). */
@@ -77,6 +83,8 @@ export class GraphKeeper {
   async recount(): Promise<Omit<Counted, 'suspects' | 'expected'>> {
     const fresh = new ImageGraph();
     this.replay = [];
+    const meanwhile = new Map<Digest, number>();
+    this.expectedMeanwhile = meanwhile;
     let counted: Counted;
     try {
       const { blobs, repositories, upstreams, log } = this.d;
@@ -93,8 +101,10 @@ export class GraphKeeper {
       this.current = fresh;
     } finally {
       this.replay = undefined;
+      this.expectedMeanwhile = undefined;
     }
     const { suspects, expected, ...counts } = counted;
+    for (const [digest, size] of meanwhile) expected.set(digest, size);
     this.expected = expected;
     this.d.suspects?.(suspects);
     return counts;
@@ -114,7 +124,9 @@ export class GraphKeeper {
   async stored(event: StoredEvent): Promise<void> {
     this.changedHere(event);
     const references =
-      event.kind === 'manifest' ? await readReferences(this.d.blobs, event.digest) : undefined;
+      event.kind === 'manifest'
+        ? this.sized(await readReferences(this.d.blobs, event.digest))
+        : undefined;
     this.count(counting(event, this.d.now(), references));
     this.d.onStored?.(event);
   }
@@ -178,6 +190,15 @@ export class GraphKeeper {
     return run;
   }
 
+  /** Notes the sizes a manifest read gives its blobs (`expected`); returns what it was given. */
+  private sized(references: References | undefined): References | undefined {
+    for (const [digest, size] of references?.sizes ?? []) {
+      this.expected.set(digest, size);
+      this.expectedMeanwhile?.set(digest, size);
+    }
+    return references;
+  }
+
   /** What storage holds of the thing now, as the change that gives the graph the same. */
   private async inStorage(event: Thing): Promise<Change> {
     const { blobs, repositories } = this.d;
@@ -197,7 +218,11 @@ export class GraphKeeper {
       case 'manifest': {
         const { kind, repo, digest } = event;
         if (!(await repositories.getManifest(repo, digest))) return gone({ kind, repo, digest });
-        return counting({ kind, repo, digest }, at, await readReferences(blobs, digest));
+        return counting(
+          { kind, repo, digest },
+          at,
+          this.sized(await readReferences(blobs, digest)),
+        );
       }
       case 'tag': {
         const { kind, repo, tag } = event;

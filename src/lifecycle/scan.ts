@@ -87,7 +87,7 @@ export interface Counted {
   repositories: number;
   suspects: Suspect[];
   /** The size the manifests give each blob they reference, for the next count (`knownSizes`). */
-  expected: ReadonlyMap<Digest, number>;
+  expected: Map<Digest, number>;
 }
 
 export async function scanStorage(deps: {

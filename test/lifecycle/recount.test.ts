@@ -34,7 +34,7 @@ async function storage(count: number) {
   const repositories = new DriverRepositoryStore(driver);
   const repo = { upstream: 'docker.io', repository: parseRepository('org/app') };
   const images: { manifest: Digest; layer: { digest: Digest; bytes: Buffer } }[] = [];
-  for (let i = 0; i < count; i++) {
+  const add = async (i: number) => {
     const config = Buffer.from(`{"architecture":"amd64","os":"linux","n":${i}}`);
     const layer = randomBytes(10_000);
     const [configDigest, layerDigest] = [digestOf(config), digestOf(layer)];
@@ -53,7 +53,14 @@ async function storage(count: number) {
     await repositories.linkManifest(repo, { digest, mediaType, size: manifest.length });
     await repositories.setTag(repo, parseTag(`v${i}`), { digest, confirmedAt: Date.now() });
     images.push({ manifest: digest, layer: { digest: layerDigest, bytes: layer } });
-  }
+    return {
+      digest,
+      size: manifest.length,
+      config: { digest: configDigest, size: config.length },
+      layer: { digest: layerDigest, size: layer.length },
+    };
+  };
+  for (let i = 0; i < count; i++) await add(i);
   // Every blob read, by digest: the count reads manifests' bytes only. One in `unreadable` is
   // not found (a fault storage cannot be made to produce on purpose).
   const opened: Digest[] = [];
@@ -73,7 +80,7 @@ async function storage(count: number) {
     added: () => {},
     suspects: (s) => found.push(s),
   });
-  return { root, blobs, keeper, images, opened, found, unreadable, repo };
+  return { root, blobs, keeper, images, opened, found, unreadable, repo, add };
 }
 
 test('a recount reads no manifest the last count read, and counts the same graph', async () => {
@@ -122,4 +129,20 @@ test('a manifest whose bytes could not be read at a count is read again at the n
   expect(opened).toEqual([manifest]);
   expect(node().unread).toBeUndefined();
   expect(node().blobs).toContain(images[0]!.layer.digest);
+});
+
+test('a layer of an image stored after the count, torn since, is found by the next count', async () => {
+  const { root, keeper, images, opened, found, repo, add } = await storage(2);
+  await keeper.recount();
+  // Pulled after the count: told to the graph as the pull path tells it.
+  const pulled = await add(2);
+  for (const blob of [pulled.config, pulled.layer, pulled])
+    await keeper.stored({ kind: 'blob', digest: blob.digest, size: blob.size });
+  await keeper.stored({ kind: 'manifest', repo, digest: pulled.digest });
+  const { layer } = images[2]!;
+  writeFileSync(storedBlobPath(root, layer.digest), layer.bytes.subarray(0, 4000));
+  opened.length = 0;
+  await keeper.recount();
+  expect(opened).toEqual([]); // read when it was stored, not again
+  expect(found.at(-1)).toEqual([{ digest: layer.digest, size: 4000, expected: 10_000 }]);
 });
