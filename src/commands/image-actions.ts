@@ -51,6 +51,8 @@ export async function runPrefetch(
       return failed.length === 0 ? 0 : 1;
     },
     (config) => referenceProblems(config, refs),
+    // It pulls: the upstreams' secrets must be in the environment.
+    { upstreamSecrets: true },
   );
 }
 

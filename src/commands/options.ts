@@ -74,12 +74,17 @@ function flagOverrides(o: CommonOptions): Record<string, unknown> {
   return overrides;
 }
 
-/** The configuration of a command line; an invalid one exits 2, its problems on stderr. */
-export function configFrom(o: CommonOptions): Config {
+/**
+ * The configuration of a command line; an invalid one exits 2, its problems on stderr.
+ * `upstreamSecrets`: the command dials upstreams or peers, whose secrets must be in the
+ * environment (LoadOptions).
+ */
+export function configFrom(o: CommonOptions, upstreamSecrets = true): Config {
   try {
     return loadConfig({
       ...(o.config !== undefined ? { file: o.config } : {}),
       overrides: flagOverrides(o),
+      upstreamSecrets,
     });
   } catch (err) {
     if (err instanceof ConfigError) {

@@ -40,17 +40,19 @@ function refuse(problems: string[]): void {
  * the process, so that it can remove what it leaves (a partial bundle, upload sessions); when
  * `work` then fails, the command says `pullcache: interrupted` and exits 130, after the runtime
  * is closed. A second signal exits at once. Otherwise the signals end the process as usual.
+ * `upstreamSecrets`: the command dials upstreams (prefetch): their secrets named by the config
+ * must be in the environment (config/load.ts).
  */
 export async function withRuntime(
   o: CommonOptions,
   work: (runtime: Runtime, config: Config, signal: AbortSignal) => Promise<number>,
   /** What is wrong with the command line given the config: refused before any work. */
   check: (config: Config) => string[] = () => [],
-  options: { interruptible?: boolean } = {},
+  options: { interruptible?: boolean; upstreamSecrets?: boolean } = {},
 ): Promise<void> {
   process.on('uncaughtException', fail);
   process.on('unhandledRejection', fail);
-  const config = configFrom(o);
+  const config = configFrom(o, options.upstreamSecrets ?? false);
   refuse(check(config));
   const interrupt = new AbortController();
   if (options.interruptible) {

@@ -46,6 +46,14 @@ export interface LoadOptions {
   env?: NodeJS.ProcessEnv;
   /** Highest precedence: values from command-line flags, as a partial config tree. */
   overrides?: Record<string, unknown>;
+  /**
+   * Whether the upstreams' and the peers' secrets (`passwordEnv`, `peerSecretEnv`) must be in
+   * the environment: for what dials them (`serve`, `prefetch`, `config`, which checks a config
+   * for serving); not for the commands that only read the cache (`ls`, `rm`, `export`...), run
+   * from a shell that may not hold the service's secrets. The storage's keys are needed by all.
+   * Default true.
+   */
+  upstreamSecrets?: boolean;
 }
 
 export function loadConfig(options: LoadOptions = {}): Config {
@@ -63,7 +71,7 @@ export function loadConfig(options: LoadOptions = {}): Config {
   if (options.overrides) raw = deepMerge(raw, options.overrides);
   try {
     const config = parseConfig(raw);
-    problems.push(...unsetVariables(config, env));
+    problems.push(...unsetVariables(config, env, options.upstreamSecrets ?? true));
     if (problems.length > 0) throw new ConfigError(problems);
     return config;
   } catch (err) {
@@ -96,20 +104,26 @@ export function parseConfig(raw: unknown): Config {
  * used: not for a passthrough or offline upstream, nor peerSecretEnv without server.advertise,
  * nor the S3 keys with the filesystem driver.
  */
-function unsetVariables(config: Config, env: NodeJS.ProcessEnv): string[] {
+function unsetVariables(
+  config: Config,
+  env: NodeJS.ProcessEnv,
+  upstreamSecrets: boolean,
+): string[] {
   const problems: string[] = [];
   const check = (key: string, name: string) => {
     const value = env[name];
     if (value === undefined) problems.push(`${key}: the environment variable ${name} is not set`);
     else if (value === '') problems.push(`${key}: the environment variable ${name} is empty`);
   };
-  for (const [name, upstream] of Object.entries(config.upstreams)) {
-    if (upstream.passwordEnv && upstream.mode === 'cache' && !upstream.offline)
-      check(`upstreams.${name}.passwordEnv`, upstream.passwordEnv);
-  }
   const { server, storage } = config;
-  if (server.advertise !== '' && server.peerSecretEnv !== '')
-    check('server.peerSecretEnv', server.peerSecretEnv);
+  if (upstreamSecrets) {
+    for (const [name, upstream] of Object.entries(config.upstreams)) {
+      if (upstream.passwordEnv && upstream.mode === 'cache' && !upstream.offline)
+        check(`upstreams.${name}.passwordEnv`, upstream.passwordEnv);
+    }
+    if (server.advertise !== '' && server.peerSecretEnv !== '')
+      check('server.peerSecretEnv', server.peerSecretEnv);
+  }
   if (storage.driver === 's3') {
     const { accessKeyEnv, secretKeyEnv } = storage.s3;
     if ((accessKeyEnv === '') !== (secretKeyEnv === ''))

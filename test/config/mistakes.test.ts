@@ -81,6 +81,32 @@ describe('a variable named by a *Env key', () => {
       'pullcache: invalid configuration\n  upstreams.docker.io.passwordEnv: the environment variable DOCKERHUB_TOKEN is not set\n',
     );
   });
+
+  test('is not needed by the commands that only read the cache (ls, from a shell without it)', async () => {
+    expect(problems(() => loadConfig({ file: hub(), env: {}, upstreamSecrets: false }))).toEqual(
+      [],
+    );
+    const env: NodeJS.ProcessEnv = { ...process.env };
+    delete env.DOCKERHUB_TOKEN;
+    const root = mkdtempSync(join(tmpdir(), 'pullcache-ls-'));
+    try {
+      const config = hub(`storage:\n  filesystem:\n    root: ${root}\n`);
+      const r = await run('npx', ['tsx', 'src/cli.ts', 'ls', '--config', config], { env });
+      expect(r.stdout).toContain('no images');
+      // prefetch pulls: it needs the token.
+      const err = (await run(
+        'npx',
+        ['tsx', 'src/cli.ts', 'prefetch', '--config', config, 'alpine:3'],
+        {
+          env,
+        },
+      ).catch((e: unknown) => e)) as { code: number; stderr: string };
+      expect(err.code).toBe(2);
+      expect(err.stderr).toContain('DOCKERHUB_TOKEN is not set');
+    } finally {
+      rmSync(root, { recursive: true, force: true });
+    }
+  });
 });
 
 describe('a duration', () => {
