@@ -24,6 +24,19 @@ export function sentErrorMessage(res: ServerResponse): string | undefined {
   return sentMessages.get(res);
 }
 
+/** Fields an error answered on `res` gives the request's log line (a store's key and request id). */
+const sentFields = new WeakMap<ServerResponse, Record<string, unknown>>();
+
+export function sentErrorFields(res: ServerResponse): Record<string, unknown> {
+  return sentFields.get(res) ?? {};
+}
+
+/** The fields an error carries for the log (StorageUnavailableError's `logFields`). */
+function logFieldsOf(err: unknown): Record<string, unknown> {
+  const fields = (err as { logFields?: unknown } | undefined)?.logFields;
+  return typeof fields === 'object' && fields !== null ? (fields as Record<string, unknown>) : {};
+}
+
 /** Answers `err`; returns the OCI error code sent (undefined when the connection was cut). */
 export function sendError(
   err: unknown,
@@ -34,6 +47,8 @@ export function sendError(
   let error: RegistryError;
   if (err instanceof RegistryError) {
     error = err;
+    const fields = logFieldsOf(err);
+    if (Object.keys(fields).length > 0) sentFields.set(res, fields);
   } else if (isRequestError(err)) {
     // The client's mistake, found by express or body-parser: its own status, nothing logged.
     error = new InvalidRequestError(describeRequestError(err), err.status);

@@ -12,7 +12,7 @@ import type { AccessControl } from '../access/types.js';
 import type { Logger } from '../log/logger.js';
 import { redactedUrl } from '../log/url.js';
 import { ADMIN_PREFIX } from './admin.js';
-import { sentErrorMessage } from './errors.js';
+import { sentErrorFields, sentErrorMessage } from './errors.js';
 import { UI_PREFIX } from './status-page.js';
 
 /** What the request log says of a request besides its line. */
@@ -54,12 +54,12 @@ export function requestLog(httpLog: Logger, access: AccessControl): RequestHandl
     customSuccessMessage: (_req, res) => (answerFailed(res) ? 'request failed' : 'request'),
     customErrorMessage: () => 'request failed',
     customSuccessObject: (_req, res, value: Record<string, unknown>) =>
-      answerFailed(res) ? { ...value, err: failureCause(res) } : value,
+      answerFailed(res) ? { ...value, err: failureCause(res), ...sentErrorFields(res) } : value,
     // A 5xx says why with the error it was answered with; pino-http's synthetic "failed with
     // status code" error (with its stack) says nothing more.
     customErrorObject: (_req, res, err, value: Record<string, unknown>) =>
       err instanceof Error && err.message.startsWith('failed with status code')
-        ? { ...value, err: failureCause(res) }
+        ? { ...value, err: failureCause(res), ...sentErrorFields(res) }
         : value,
     // Called when the request comes (its fields go on every line the request logs) and again
     // for the request line, which has the first call's fields already: each once.
@@ -132,7 +132,8 @@ export function logRequest(
       client: access.clientAddress(req),
       userAgent: req.headers['user-agent'],
     };
-    if (answerFailed(res)) log.error({ ...line, err: failureCause(res) }, 'request failed');
+    if (answerFailed(res))
+      log.error({ ...line, err: failureCause(res), ...sentErrorFields(res) }, 'request failed');
     else log.info(line, 'request');
   });
 }

@@ -22,6 +22,7 @@ import type { Descriptor } from '../oci/descriptor.js';
 import {
   PathNotFoundError,
   SpoolError,
+  StorageUnavailableError,
   type BlobStore,
   type BlobWriter,
   type RepositoryKey,
@@ -248,7 +249,12 @@ export class BlobFetch implements UpstreamFetch, FollowedFetch {
       await writer?.cancel().catch(() => {});
       if (!(err instanceof SpoolError))
         log.warn(
-          { digest, bytes: this.received, err: (err as Error).message },
+          {
+            digest,
+            bytes: this.received,
+            err: (err as Error).message,
+            ...(err instanceof StorageUnavailableError ? err.logFields : {}),
+          },
           'blob fetch failed, nothing kept',
         );
       for (const follower of [...this.followers]) follower.destroy(err as Error);

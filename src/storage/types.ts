@@ -147,6 +147,14 @@ export class StorageUnavailableError extends UnavailableError {
     if (about.key !== undefined) this.key = about.key;
     if (about.requestId !== undefined) this.requestId = about.requestId;
   }
+
+  /** What the log line of a request or a fetch it failed adds (http/errors.ts). */
+  get logFields(): { storageKey?: string; storageRequestId?: string } {
+    return {
+      ...(this.key !== undefined ? { storageKey: this.key } : {}),
+      ...(this.requestId !== undefined ? { storageRequestId: this.requestId } : {}),
+    };
+  }
 }
 
 /**

@@ -16,6 +16,8 @@ export async function s3FaultProxy(
 ): Promise<{ endpoint: string; close(): void }> {
   const target = new URL(s3Endpoint);
   const sockets = new Set<Socket>();
+  /** Error answers so far: each has a request id of its own, as S3's have. */
+  let faults = 0;
   const proxy: Server = createServer((req, res) => {
     const answer = fault(req);
     if (answer === 'hang') {
@@ -24,7 +26,10 @@ export async function s3FaultProxy(
     }
     if (answer && answer !== 'cut') {
       req.resume();
-      res.writeHead(answer.status, { 'content-type': 'application/xml' });
+      res.writeHead(answer.status, {
+        'content-type': 'application/xml',
+        'x-amz-request-id': `fault-${++faults}`,
+      });
       res.end(
         `<?xml version="1.0" encoding="UTF-8"?><Error><Code>${answer.code}</Code><Message>${answer.code}</Message></Error>`,
       );

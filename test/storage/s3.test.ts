@@ -14,6 +14,7 @@ import {
   ListObjectsV2Command,
 } from '@aws-sdk/client-s3';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
+import type { Logger } from '../../src/log/logger.js';
 import { parseDigest } from '../../src/oci/digest.js';
 import { paths } from '../../src/storage/paths.js';
 import { S3Driver } from '../../src/storage/s3-driver.js';
@@ -22,7 +23,7 @@ import { TestDockerd } from '../helpers/dockerd.js';
 import { ociError } from '../helpers/http.js';
 import { makeImage, pushImage, sha256, type Image } from '../helpers/images.js';
 import { freePort, waitFor } from '../helpers/net.js';
-import { startPullcache, type TestPullcache } from '../helpers/pullcache.js';
+import { capturedLog, startPullcache, type TestPullcache } from '../helpers/pullcache.js';
 import { TestRegistry } from '../helpers/registry.js';
 import { expectDirHolds, skopeoCopy } from '../helpers/skopeo.js';
 import { s3FaultProxy } from '../helpers/s3-fault-proxy.js';
@@ -68,13 +69,21 @@ async function multipartUploads(): Promise<string[]> {
   return (Uploads ?? []).map((u) => u.Key!);
 }
 
-function start(extra: Record<string, unknown> = {}, s3Extra: Record<string, unknown> = {}) {
+function start(
+  extra: Record<string, unknown> = {},
+  s3Extra: Record<string, unknown> = {},
+  log?: Logger,
+) {
   const config = storage.config() as { s3: Record<string, unknown> };
-  return startPullcache({
-    ...extra,
-    storage: { ...config, s3: { ...config.s3, ...s3Extra } },
-    upstreams: { 'docker.io': { url: registry.url, tagTTL: '1h' } },
-  });
+  return startPullcache(
+    {
+      ...extra,
+      storage: { ...config, s3: { ...config.s3, ...s3Extra } },
+      upstreams: { 'docker.io': { url: registry.url, tagTTL: '1h' } },
+    },
+    undefined,
+    log ? { log } : undefined,
+  );
 }
 
 describe('start-up', () => {
@@ -318,12 +327,22 @@ describe('the object store slow, down or refusing', () => {
     const proxy = await s3FaultProxy(s3().endpoint, () =>
       deny ? { status: 403, code: 'AccessDenied' } : undefined,
     );
-    const pc = await start({}, { endpoint: proxy.endpoint });
+    const captured = capturedLog('info');
+    const pc = await start({}, { endpoint: proxy.endpoint }, captured.log);
     try {
       await skopeoCopy(pc.host, 'library/alpine:3.20', tmp());
       deny = true;
-      const blob = await fetch(`${pc.url}/v2/library/alpine/blobs/${small.blobs[1]!.digest}`);
+      const layer = small.blobs[1]!.digest;
+      const blob = await fetch(`${pc.url}/v2/library/alpine/blobs/${layer}`);
       expect(blob.status).toBe(503);
+      // The request line names the object and the store's id of the refused request.
+      const line = captured.lines.find(
+        (l) => l.msg === 'request failed' && String((l.req as { url: string }).url).endsWith(layer),
+      );
+      expect(line).toMatchObject({
+        storageKey: expect.stringContaining(layer.slice(7)),
+        storageRequestId: expect.stringMatching(/^fault-\d+$/),
+      });
       const body = (await blob.json()) as { errors: { code: string; message: string }[] };
       expect(body.errors[0]).toMatchObject({ code: 'UNAVAILABLE' });
       expect(body.errors[0]!.message).toMatch(
