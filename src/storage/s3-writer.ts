@@ -65,6 +65,8 @@ export class S3Writer implements FileWriter {
   private readonly inflight = new Set<Promise<void>>();
   private failure: unknown;
   private closed = false;
+  /** `cancel` was called: a spool operation failing from then on is not the directory's fault. */
+  private cancelled = false;
   /** Parts are not uploaded as they fill, but by `close`. */
   private held = false;
   private readonly key: string;
@@ -118,6 +120,9 @@ export class S3Writer implements FileWriter {
     try {
       return await run();
     } catch (err) {
+      // Cancelled under it (the spool file closed and removed): no fault of the directory's,
+      // which must not be refused to every other write for it.
+      if (this.cancelled) throw new Error('the write was cancelled', { cause: err });
       const error = new SpoolError(this.driver.spoolDir, err);
       this.onSpoolFailure?.(error);
       throw error;
@@ -276,6 +281,7 @@ export class S3Writer implements FileWriter {
   async cancel(): Promise<void> {
     if (this.closed && !this.handle) return;
     this.closed = true;
+    this.cancelled = true;
     await Promise.all(this.inflight);
     await this.abort();
     await this.discard();

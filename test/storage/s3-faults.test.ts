@@ -144,6 +144,28 @@ describe('the spool directory', () => {
   }, 60_000);
 });
 
+describe('a write cancelled while it writes', () => {
+  test('is no failure of the spool directory: the next write is taken', async () => {
+    const d = driver();
+    try {
+      for (let i = 0; i < 5; i++) {
+        const writer = await d.writer(`cancelled-${i}`, false);
+        // Past one part: a part is read back from the spool file while the cancel closes it.
+        const writing = writer.write(randomBytes(12 * MiB));
+        await writer.cancel();
+        await writing.catch(() => {});
+        // Not refused as "the spool directory cannot take the blob" for the next 10 s.
+        const next = await d.writer(`after-${i}`, false);
+        await next.write(Buffer.from('whole'));
+        await next.close();
+        expect((await d.getContent(`after-${i}`)).toString()).toBe('whole');
+      }
+    } finally {
+      await d.close();
+    }
+  });
+});
+
 describe('a blob larger than the whole budget', () => {
   test('is streamed to its client from the spool, and never uploaded to the bucket', async () => {
     const pc = await startPullcache({
