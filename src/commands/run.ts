@@ -55,6 +55,11 @@ export async function withRuntime(
   const config = configFrom(o, options.upstreamSecrets ?? false);
   refuse(check(config));
   const interrupt = new AbortController();
+  // The command talks to people on stderr; the logger only says what goes wrong.
+  const log = createLogger({ level: o.logLevel ?? 'error', format: config.log.format });
+  const runtime = await createRuntime(config, log);
+  // Only once the runtime is open: before, ^C ends the process at once (nothing to clean up),
+  // rather than waiting for a slow Redis or object store to answer first.
   if (options.interruptible) {
     const onSignal = (name: NodeJS.Signals) => {
       if (interrupt.signal.aborted) process.exit(INTERRUPTED);
@@ -63,9 +68,6 @@ export async function withRuntime(
     process.on('SIGINT', onSignal);
     process.on('SIGTERM', onSignal);
   }
-  // The command talks to people on stderr; the logger only says what goes wrong.
-  const log = createLogger({ level: o.logLevel ?? 'error', format: config.log.format });
-  const runtime = await createRuntime(config, log);
   let code: number;
   try {
     code = await work(runtime, config, interrupt.signal);
