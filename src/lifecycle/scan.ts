@@ -9,7 +9,12 @@ import type { Logger } from '../log/logger.js';
 import type { Digest } from '../oci/digest.js';
 import { parseManifest, type ParsedManifest } from '../oci/manifest.js';
 import { isTag } from '../oci/reference.js';
-import type { BlobStore, RepositoryKey, RepositoryStore } from '../storage/types.js';
+import type {
+  BlobStore,
+  RepositoryKey,
+  RepositoryStore,
+  UpstreamRepository,
+} from '../storage/types.js';
 import type { ImageGraph } from './image-graph.js';
 
 /** Manifests (and tags) of a repository read at once during the scan. */
@@ -111,10 +116,19 @@ export async function scanStorage(deps: {
   }
   let manifestCount = 0;
   let repositoryCount = 0;
-  /** Counts one repository: its layer links, its manifests (read a batch at once), its tags. */
-  const countRepository = async (repo: RepositoryKey): Promise<void> => {
-    for (const digest of await repositories.listBlobLinks(repo)) graph.linkBlob(repo, digest);
-    const manifests = await repositories.listManifests(repo);
+  /**
+   * Counts one repository: its layer links, its manifests (read a batch at once), its tags;
+   * `listed`: what one listing of its upstream found of them (`listUpstream`).
+   */
+  const countRepository = async (
+    repo: RepositoryKey,
+    listed: UpstreamRepository | undefined,
+  ): Promise<void> => {
+    for (const digest of listed?.blobLinks ?? (await repositories.listBlobLinks(repo)))
+      graph.linkBlob(repo, digest);
+    const manifests = listed
+      ? await repositories.manifestsPulled(repo, listed.manifests)
+      : await repositories.listManifests(repo);
     for (let i = 0; i < manifests.length; i += MANIFEST_BATCH) {
       await Promise.all(
         manifests.slice(i, i + MANIFEST_BATCH).map(async ({ digest, pulledAt }) => {
@@ -138,7 +152,7 @@ export async function scanStorage(deps: {
         }),
       );
     }
-    const tags = (await repositories.listTags(repo)).filter(isTag);
+    const tags = (listed?.tags ?? (await repositories.listTags(repo))).filter(isTag);
     for (let i = 0; i < tags.length; i += MANIFEST_BATCH) {
       await Promise.all(
         tags.slice(i, i + MANIFEST_BATCH).map(async (tag) => {
@@ -149,9 +163,12 @@ export async function scanStorage(deps: {
     }
   };
   for (const upstream of deps.upstreams) {
-    const queue = (await repositories.listRepositories(upstream)).map(
-      (repository) => ({ upstream, repository }) as RepositoryKey,
-    );
+    // One listing of all its keys where the driver can (S3), else a few calls per repository.
+    const layout = await repositories.listUpstream?.(upstream);
+    const names = layout
+      ? [...layout.keys()].sort()
+      : await repositories.listRepositories(upstream);
+    const queue = names.map((repository) => ({ upstream, repository }) as RepositoryKey);
     repositoryCount += queue.length;
     // Several repositories at once: each is a few listings one after another, which on S3 are
     // round trips of tens of milliseconds. After a failure no other repository is started.
@@ -159,7 +176,7 @@ export async function scanStorage(deps: {
     await Promise.all(
       Array.from({ length: Math.min(REPOSITORY_CONCURRENCY, queue.length) }, async () => {
         for (let repo = queue.shift(); repo && !failed; repo = queue.shift()) {
-          await countRepository(repo).catch((err: unknown) => {
+          await countRepository(repo, layout?.get(repo.repository)).catch((err: unknown) => {
             failed = true;
             throw err;
           });

@@ -24,6 +24,7 @@ import type {
   TagLink,
   TagResult,
   TagService,
+  UpstreamRepository,
 } from '../storage/types.js';
 import type { GraphKeeper } from './graph-keeper.js';
 import type { Lifecycle } from './lifecycle.js';
@@ -154,6 +155,15 @@ export class TrackedRepositoryStore implements RepositoryStore {
   }
   listBlobLinks(repo: RepositoryKey): Promise<Digest[]> {
     return this.inner.listBlobLinks(repo);
+  }
+  listUpstream(upstream: string): Promise<Map<string, UpstreamRepository> | undefined> {
+    return this.inner.listUpstream?.(upstream) ?? Promise.resolve(undefined);
+  }
+  manifestsPulled(
+    repo: RepositoryKey,
+    digests: readonly Digest[],
+  ): Promise<{ digest: Digest; pulledAt: number }[]> {
+    return this.inner.manifestsPulled(repo, digests);
   }
   markManifestPulled(repo: RepositoryKey, digest: Digest, at: number): Promise<void> {
     return this.inner.markManifestPulled(repo, digest, at);

@@ -12,6 +12,7 @@ import {
   type RepositoryStore,
   type StorageDriver,
   type TagLink,
+  type UpstreamRepository,
 } from './types.js';
 
 export class DriverRepositoryStore implements RepositoryStore {
@@ -80,13 +81,76 @@ export class DriverRepositoryStore implements RepositoryStore {
   }
 
   async listManifests(repo: RepositoryKey): Promise<{ digest: Digest; pulledAt: number }[]> {
+    return this.manifestsPulled(repo, await this.linkedDigests(paths.revisionsRoot(repo)));
+  }
+
+  async manifestsPulled(
+    repo: RepositoryKey,
+    digests: readonly Digest[],
+  ): Promise<{ digest: Digest; pulledAt: number }[]> {
+    // The link's own time: on S3 its metadata (a listing gives only the object's last write).
     const found = await Promise.all(
-      (await this.linkedDigests(paths.revisionsRoot(repo))).map(async (digest) => {
+      digests.map(async (digest) => {
         const info = await this.driver.stat(paths.manifestRevisionLink(repo, digest));
         return info ? { digest, pulledAt: info.modTime.getTime() } : undefined;
       }),
     );
     return found.filter((m) => m !== undefined);
+  }
+
+  async listUpstream(upstream: string): Promise<Map<string, UpstreamRepository> | undefined> {
+    if (!this.driver.walk) return undefined;
+    const root = `${paths.upstreamRoot(upstream)}/`;
+    const found = new Map<string, UpstreamRepository>();
+    for await (const file of this.driver.walk(paths.upstreamRoot(upstream))) {
+      if (!file.path.startsWith(root)) continue;
+      const parts = file.path.slice(root.length).split('/');
+      // The repository's name is what comes before its first data directory.
+      const at = parts.findIndex((part) => REPOSITORY_DATA_DIRS.includes(part));
+      if (at <= 0) continue;
+      let name: string;
+      try {
+        name = parseRepository(parts.slice(0, at).join('/'));
+      } catch {
+        continue; // not a repository's: not ours
+      }
+      const rest = parts.slice(at);
+      const entry = (): UpstreamRepository => {
+        let repository = found.get(name);
+        if (!repository) found.set(name, (repository = { blobLinks: [], manifests: [], tags: [] }));
+        return repository;
+      };
+      const digest = (algorithm: string | undefined, hex: string | undefined) => {
+        try {
+          return parseDigest(`${algorithm}:${hex}`).digest;
+        } catch {
+          return undefined;
+        }
+      };
+      if (rest.length === 4 && rest[0] === '_layers' && rest[3] === 'link') {
+        const d = digest(rest[1], rest[2]);
+        if (d) entry().blobLinks.push(d);
+      } else if (
+        rest.length === 5 &&
+        rest[0] === '_manifests' &&
+        rest[1] === 'revisions' &&
+        rest[4] === 'link'
+      ) {
+        const d = digest(rest[2], rest[3]);
+        if (d) entry().manifests.push(d);
+      } else if (
+        rest.length === 5 &&
+        rest[0] === '_manifests' &&
+        rest[1] === 'tags' &&
+        rest[3] === 'current' &&
+        rest[4] === 'link' &&
+        isTag(rest[2]!)
+      ) {
+        entry().tags.push(rest[2] as Tag);
+      }
+    }
+    for (const repository of found.values()) repository.tags.sort();
+    return found;
   }
 
   async listBlobLinks(repo: RepositoryKey): Promise<Digest[]> {

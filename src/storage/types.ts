@@ -356,6 +356,14 @@ export interface ReferrersStore {
  * Per repository: links to the blobs and manifests it holds, and its tags. The bytes live in
  * the BlobStore, shared by digest.
  */
+/** What one repository holds, as `RepositoryStore.listUpstream` finds it. */
+export interface UpstreamRepository {
+  blobLinks: Digest[];
+  manifests: Digest[];
+  /** Sorted. */
+  tags: Tag[];
+}
+
 export interface RepositoryStore {
   linkBlob(repo: RepositoryKey, descriptor: Descriptor): Promise<void>;
   /** True when the repository links the blob. */
@@ -375,6 +383,17 @@ export interface RepositoryStore {
   listManifests(repo: RepositoryKey): Promise<{ digest: Digest; pulledAt: number }[]>;
   /** The blobs a repository links (layer links). */
   listBlobLinks(repo: RepositoryKey): Promise<Digest[]>;
+  /**
+   * Every repository of an upstream with what it links and tags, from one listing of all its
+   * keys (`StorageDriver.walk`: on S3 a request per 1,000 keys, where the calls above are a few
+   * requests per repository, one after another); undefined where the driver cannot walk.
+   */
+  listUpstream?(upstream: string): Promise<Map<string, UpstreamRepository> | undefined>;
+  /** The manifests of a repository given by digest, with when each was last pulled. */
+  manifestsPulled(
+    repo: RepositoryKey,
+    digests: readonly Digest[],
+  ): Promise<{ digest: Digest; pulledAt: number }[]>;
   /**
    * Records when a manifest of the repository was last pulled, unless a later pull is recorded
    * already (storage/last-pull.ts); no error when it is not linked.

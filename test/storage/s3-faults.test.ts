@@ -19,15 +19,22 @@ import {
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { silentLogger } from '../../src/log/logger.js';
 import { digestOf, parseDigest } from '../../src/oci/digest.js';
-import { parseRepository } from '../../src/oci/reference.js';
+import { parseRepository, parseTag } from '../../src/oci/reference.js';
 import { BlobFetch } from '../../src/proxy/blob-fetch.js';
 import { DriverBlobStore } from '../../src/storage/blob-store.js';
+import { DriverRepositoryStore } from '../../src/storage/repository-store.js';
+import { ImageGraph } from '../../src/lifecycle/image-graph.js';
+import { scanStorage } from '../../src/lifecycle/scan.js';
 import { paths } from '../../src/storage/paths.js';
 import { S3Driver, type S3DriverOptions } from '../../src/storage/s3-driver.js';
-import { PathNotFoundError, StorageUnavailableError } from '../../src/storage/types.js';
+import {
+  PathNotFoundError,
+  StorageUnavailableError,
+  type RepositoryStore,
+} from '../../src/storage/types.js';
 import type { UpstreamClient } from '../../src/upstream/types.js';
 import { ociError } from '../helpers/http.js';
-import { makeImage, pushImage, sha256, type Image } from '../helpers/images.js';
+import { makeImage, ociManifest, pushImage, sha256, type Image } from '../helpers/images.js';
 import { waitFor } from '../helpers/net.js';
 import { capturedLog, startPullcache, type TestPullcache } from '../helpers/pullcache.js';
 import { TestRegistry } from '../helpers/registry.js';
@@ -142,6 +149,76 @@ describe('the spool directory', () => {
       }
     }
   }, 60_000);
+});
+
+describe('the count of storage', () => {
+  test('lists each upstream once, not a few listings per repository, and counts the same', async () => {
+    const d = driver({ prefix: `${storage.prefix}count-${randomBytes(4).toString('hex')}/` });
+    try {
+      const blobs = new DriverBlobStore(d, { deleteEnabled: true });
+      const repositories = new DriverRepositoryStore(d);
+      const mediaType = 'application/vnd.oci.image.manifest.v1+json';
+      const names = ['org/a', 'org/b/c', 'library/x', 'org/b'];
+      for (const [i, name] of names.entries()) {
+        const repo = { upstream: 'docker.io', repository: parseRepository(name) };
+        for (let j = 0; j < 2; j++) {
+          const config = Buffer.from(`{"architecture":"amd64","os":"linux","n":"${i}-${j}"}`);
+          const layer = randomBytes(1000);
+          const manifest = ociManifest({ digest: sha256(config), size: config.length }, [
+            { digest: sha256(layer), size: layer.length },
+          ]);
+          const digest = parseDigest(sha256(manifest)).digest;
+          for (const bytes of [config, layer]) {
+            const d2 = parseDigest(sha256(bytes)).digest;
+            await blobs.put(bytes, d2);
+            await repositories.linkBlob(repo, { digest: d2, size: bytes.length });
+          }
+          await blobs.put(manifest, digest, mediaType);
+          await repositories.linkManifest(repo, { digest, mediaType, size: manifest.length });
+          await repositories.setTag(repo, parseTag(`v${j}`), { digest, confirmedAt: Date.now() });
+        }
+      }
+      const count = async (store: RepositoryStore) => {
+        const graph = new ImageGraph();
+        const log = silentLogger();
+        const counted = await scanStorage({
+          graph,
+          blobs,
+          repositories: store,
+          upstreams: ['docker.io'],
+          log,
+        });
+        return { graph, counted };
+      };
+      const shape = (graph: ImageGraph) =>
+        [...graph.repositories.values()]
+          .map((r) => ({
+            repo: r.key.repository,
+            links: [...r.links].sort(),
+            tags: [...r.tags].sort(),
+            manifests: [...r.manifests.values()]
+              .map((m) => [m.digest, [...m.blobs].sort(), m.pulledAt])
+              .sort(),
+          }))
+          .sort((a, b) => a.repo.localeCompare(b.repo));
+      const lists = () => d.requests.get('ListObjectsV2Command') ?? 0;
+      const before = lists();
+      const flat = await count(repositories);
+      // One listing of the blobs and one of the upstream (each a request per 1,000 keys).
+      expect(lists() - before).toBe(2);
+      // The same storage counted repository by repository (the filesystem's way).
+      const perRepository = Object.assign(Object.create(repositories) as RepositoryStore, {
+        listUpstream: undefined,
+      });
+      const walked = await count(perRepository);
+      expect(lists() - before).toBeGreaterThan(2 + 4 * names.length);
+      expect(flat.counted).toEqual(walked.counted);
+      expect(shape(flat.graph)).toEqual(shape(walked.graph));
+      expect(shape(flat.graph).map((r) => r.repo)).toEqual([...names].sort());
+    } finally {
+      await d.close();
+    }
+  });
 });
 
 describe('a write cancelled while it writes', () => {
