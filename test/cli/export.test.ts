@@ -56,6 +56,16 @@ async function store(
   if (tag) await runtime.local.tags.tag(repo, parseTag(tag), digest);
 }
 
+/** Stores each `[image, tag, blobs left out]` in a cache at `root`, as `store` does. */
+async function fill(root: string, ...images: [Image, string, string[]?][]): Promise<void> {
+  const runtime = await openCache(root);
+  try {
+    for (const [image, tag, skip] of images) await store(runtime, image, tag, skip);
+  } finally {
+    await runtime.close();
+  }
+}
+
 /** An OCI index listing each of `children` `times` times. */
 function indexOf(repository: string, children: Image[], times: number): Image {
   const manifest = Buffer.from(
@@ -89,15 +99,7 @@ describe('export of a cache holding some images in part', () => {
   const whole = makeImage('org/whole', 'v1', 'oci', [20_000]);
   const partial = makeImage('org/partial', 'v1', 'oci', [20_000, 10_000]);
   const missing = partial.blobs[2]!.digest;
-  const filled = (async () => {
-    const runtime = await openCache(root);
-    try {
-      await store(runtime, whole, 'v1');
-      await store(runtime, partial, 'v1', [missing]); // a layer never pulled
-    } finally {
-      await runtime.close();
-    }
-  })();
+  const filled = fill(root, [whole, 'v1'], [partial, 'v1', [missing]]); // a layer never pulled
 
   test('--all leaves an incomplete image out with a note, and writes the others', async () => {
     await filled;
@@ -131,12 +133,7 @@ describe('export of a platform left out of an index, named on its own', () => {
     const amd64 = makeImage('org/multi', 'amd64', 'oci', [4_000]);
     const arm64 = makeImage('org/multi', 'arm64', 'oci', [4_000]);
     const index = indexOf('org/multi', [amd64, arm64], 1);
-    const runtime = await openCache(root);
-    try {
-      await store(runtime, index, 'v1', [arm64.blobs[1]!.digest]); // arm64 never pulled whole
-    } finally {
-      await runtime.close();
-    }
+    await fill(root, [index, 'v1', [arm64.blobs[1]!.digest]]); // arm64 never pulled whole
     const out = dir('out');
     // The index first: its walk finds arm64 incomplete (left out) and remembers it.
     const r = await cli(
@@ -165,12 +162,7 @@ describe('export of nested indexes', () => {
     // 7 levels of 20 listings each: 20^7 walks without remembering what was walked.
     let top = leaf;
     for (let level = 0; level < 7; level++) top = indexOf('org/wide', [top], 20);
-    const runtime = await openCache(root);
-    try {
-      await store(runtime, top, 'v1');
-    } finally {
-      await runtime.close();
-    }
+    await fill(root, [top, 'v1']);
     const r = await sh(
       `exec $PULLCACHE export -c ${quote(configFile(root, upstreams))} -o ${quote(join(dir('out'), 'b.tar'))} --all`,
       { timeout: 30_000 },
@@ -183,12 +175,7 @@ describe('export of nested indexes', () => {
     const root = dir('deep-cache');
     let top = makeImage('org/deep', 'leaf', 'oci', [5_000]);
     for (let level = 0; level < 9; level++) top = indexOf('org/deep', [top], 1);
-    const runtime = await openCache(root);
-    try {
-      await store(runtime, top, 'v1');
-    } finally {
-      await runtime.close();
-    }
+    await fill(root, [top, 'v1']);
     const out = dir('out');
     const r = await cli(
       'export',
@@ -241,15 +228,7 @@ describe('export and what it leaves', () => {
       blobs: [config, { digest: sha256(large), bytes: large, mediaType: '' }],
     };
   })();
-  const filled = (async () => {
-    const runtime = await openCache(root);
-    try {
-      await store(runtime, image, 'v1');
-      await store(runtime, largeImage, 'v1');
-    } finally {
-      await runtime.close();
-    }
-  })();
+  const filled = fill(root, [image, 'v1'], [largeImage, 'v1']);
 
   test('on a terminal, the summary stays on the screen', async () => {
     await filled;
