@@ -24,7 +24,7 @@ import {
   type CompletedPart,
   type S3Client,
 } from '@aws-sdk/client-s3';
-import { SpoolError, type FileWriter } from './types.js';
+import { SpoolError, StorageUnavailableError, type FileWriter } from './types.js';
 
 /** Parts of one write uploaded at once. */
 const PART_CONCURRENCY = 2;
@@ -122,7 +122,8 @@ export class S3Writer implements FileWriter {
     } catch (err) {
       // Cancelled under it (the spool file closed and removed): no fault of the directory's,
       // which must not be refused to every other write for it.
-      if (this.cancelled) throw new Error('the write was cancelled', { cause: err });
+      if (this.cancelled)
+        throw new StorageUnavailableError('storage is unavailable: the write was cancelled', err);
       const error = new SpoolError(this.driver.spoolDir, err);
       this.onSpoolFailure?.(error);
       throw error;

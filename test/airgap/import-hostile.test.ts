@@ -473,7 +473,7 @@ describe('import of hostile bundles and in bad conditions', () => {
     const code = await exited;
     clearTimeout(timer);
     expect(code, stderr).toBe(130);
-    expect(stderr).toMatch(/\npullcache: interrupted\n$/);
+    expect(stderr).toMatch(/(^|\n)pullcache: interrupted\n$/);
     expect(sessions(root)).toEqual([]);
     expect(stored(root)).toEqual([]);
   });

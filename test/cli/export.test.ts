@@ -323,7 +323,7 @@ describe('export and what it leaves', () => {
         });
         child.on('close', resolve);
       });
-      expect(stderr).toMatch(/\npullcache: interrupted\n$/);
+      expect(stderr).toMatch(/(^|\n)pullcache: interrupted\n$/);
       expect(code).toBe(130);
       expect(readdirSync(out)).toEqual([]);
     }
