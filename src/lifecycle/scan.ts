@@ -95,6 +95,12 @@ export interface Counted {
   expected: Map<Digest, number>;
 }
 
+/** Runs `each` over `items`, MANIFEST_BATCH at once, a batch after the other. */
+async function inBatches<T>(items: readonly T[], each: (item: T) => Promise<void>): Promise<void> {
+  for (let i = 0; i < items.length; i += MANIFEST_BATCH)
+    await Promise.all(items.slice(i, i + MANIFEST_BATCH).map(each));
+}
+
 export async function scanStorage(deps: {
   graph: ImageGraph;
   blobs: BlobStore;
@@ -129,38 +135,30 @@ export async function scanStorage(deps: {
     const manifests = listed
       ? await repositories.manifestsPulled(repo, listed.manifests)
       : await repositories.listManifests(repo);
-    for (let i = 0; i < manifests.length; i += MANIFEST_BATCH) {
-      await Promise.all(
-        manifests.slice(i, i + MANIFEST_BATCH).map(async ({ digest, pulledAt }) => {
-          // Read before, and its bytes still stored as they were: not read again, and the sizes
-          // it gives its blobs are the last count's.
-          const prior = known?.get(digest);
-          let references: References;
-          if (prior && graph.blobs.get(digest)?.size === prior.size) {
-            references = prior.references;
-            for (const blob of references.blobs) {
-              const size = knownSizes?.get(blob);
-              if (size !== undefined) expected.set(blob, size);
-            }
-          } else {
-            // A link whose bytes are gone (a crash mid-removal) holds nothing: the sweep drops it.
-            references = (await readReferences(blobs, digest)) ?? UNREAD;
-            for (const [blob, size] of references.sizes ?? []) expected.set(blob, size);
-          }
-          graph.addManifest(repo, digest, references, pulledAt);
-          manifestCount++;
-        }),
-      );
-    }
+    await inBatches(manifests, async ({ digest, pulledAt }) => {
+      // Read before, and its bytes still stored as they were: not read again, and the sizes
+      // it gives its blobs are the last count's.
+      const prior = known?.get(digest);
+      let references: References;
+      if (prior && graph.blobs.get(digest)?.size === prior.size) {
+        references = prior.references;
+        for (const blob of references.blobs) {
+          const size = knownSizes?.get(blob);
+          if (size !== undefined) expected.set(blob, size);
+        }
+      } else {
+        // A link whose bytes are gone (a crash mid-removal) holds nothing: the sweep drops it.
+        references = (await readReferences(blobs, digest)) ?? UNREAD;
+        for (const [blob, size] of references.sizes ?? []) expected.set(blob, size);
+      }
+      graph.addManifest(repo, digest, references, pulledAt);
+      manifestCount++;
+    });
     const tags = (listed?.tags ?? (await repositories.listTags(repo))).filter(isTag);
-    for (let i = 0; i < tags.length; i += MANIFEST_BATCH) {
-      await Promise.all(
-        tags.slice(i, i + MANIFEST_BATCH).map(async (tag) => {
-          const link = await repositories.getTag(repo, tag);
-          if (link) graph.setTag(repo, tag, link.digest);
-        }),
-      );
-    }
+    await inBatches(tags, async (tag) => {
+      const link = await repositories.getTag(repo, tag);
+      if (link) graph.setTag(repo, tag, link.digest);
+    });
   };
   for (const upstream of deps.upstreams) {
     // One listing of all its keys where the driver can (S3), else a few calls per repository.
