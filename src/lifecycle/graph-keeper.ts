@@ -124,9 +124,7 @@ export class GraphKeeper {
   async stored(event: StoredEvent): Promise<void> {
     this.changedHere(event);
     const references =
-      event.kind === 'manifest'
-        ? this.sized(await readReferences(this.d.blobs, event.digest))
-        : undefined;
+      event.kind === 'manifest' ? await this.referencesOf(event.digest) : undefined;
     this.count(counting(event, this.d.now(), references));
     this.d.onStored?.(event);
   }
@@ -190,8 +188,9 @@ export class GraphKeeper {
     return run;
   }
 
-  /** Notes the sizes a manifest read gives its blobs (`expected`); returns what it was given. */
-  private sized(references: References | undefined): References | undefined {
+  /** Reads a manifest's references, and notes the sizes it gives its blobs (`expected`). */
+  private async referencesOf(manifest: Digest): Promise<References | undefined> {
+    const references = await readReferences(this.d.blobs, manifest);
     for (const [digest, size] of references?.sizes ?? []) {
       this.expected.set(digest, size);
       this.expectedMeanwhile?.set(digest, size);
@@ -218,11 +217,7 @@ export class GraphKeeper {
       case 'manifest': {
         const { kind, repo, digest } = event;
         if (!(await repositories.getManifest(repo, digest))) return gone({ kind, repo, digest });
-        return counting(
-          { kind, repo, digest },
-          at,
-          this.sized(await readReferences(blobs, digest)),
-        );
+        return counting({ kind, repo, digest }, at, await this.referencesOf(digest));
       }
       case 'tag': {
         const { kind, repo, tag } = event;
