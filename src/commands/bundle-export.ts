@@ -24,6 +24,7 @@ import {
   openTarget,
   type BundleTarget,
 } from './bundle-io.js';
+import { MAX_DEPTH } from './bundle-plan.js';
 import type { Progress } from './progress.js';
 
 export interface ExportResult {
@@ -32,9 +33,6 @@ export interface ExportResult {
   bytes: number;
   warnings: string[];
 }
-
-/** How deep indexes may nest in an image: deeper is refused (no real image comes close). */
-const MAX_INDEX_DEPTH = 8;
 
 /** An image the cache holds only in part: an error when named, left out of `--all`. */
 class IncompleteImage extends Error {}
@@ -76,8 +74,8 @@ export async function exportBundle(
     const key = `${repo.upstream}/${repo.repository}@${digest}`;
     const known = walked.get(key);
     if (known !== undefined) return known;
-    if (depth > MAX_INDEX_DEPTH)
-      throw new BundleError(`${name}: indexes nested more than ${MAX_INDEX_DEPTH} deep`);
+    if (depth > MAX_DEPTH)
+      throw new BundleError(`${name}: indexes nested more than ${MAX_DEPTH} deep`);
     const top = depth === 0;
     const whole = await (async () => {
       const manifest = await local.manifests.get(repo, digest);
