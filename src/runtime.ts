@@ -91,13 +91,16 @@ export interface Runtime {
 export async function createRuntime(
   config: Config,
   log: Logger,
-  options: { defaultMetrics?: boolean } = {},
+  options: { defaultMetrics?: boolean; serving?: boolean } = {},
 ): Promise<Runtime> {
+  // Only a serving process is a replica others follow (at server.advertise) and follows them: a
+  // command fetches for itself, and needs no peer secret.
+  const serving = options.serving ?? false;
   // Before anything is opened: a missing secret stops start-up with nothing to close.
   const peerSecret = config.server.peerSecretEnv
     ? (process.env[config.server.peerSecretEnv] ?? '')
     : config.server.peerSecret;
-  if (config.server.advertise !== '' && peerSecret === '')
+  if (serving && config.server.advertise !== '' && peerSecret === '')
     throw new ConfigError([
       `server.peerSecretEnv: the environment variable ${config.server.peerSecretEnv} is not set`,
     ]);
@@ -127,7 +130,7 @@ export async function createRuntime(
     deleteEnabled: config.storage.delete.enabled,
   });
   const storedRepositories = new DriverRepositoryStore(driver);
-  const fleet = openFleetChannels(config, log, driver);
+  const fleet = openFleetChannels(config, log, driver, serving);
   const { forgetting, workerLeases: leases, peerLeases } = fleet;
   const cache = new KeyvMetadataCache({
     store: config.cache.store,

@@ -65,7 +65,7 @@ export async function startServer(config: Config, log: Logger): Promise<RunningS
   const tls = await serverCredentials(config);
   // A missing htpasswd file stops start-up (ConfigError naming auth.htpasswd) before anything runs.
   const access = createAccess(config, log);
-  const runtime = await createRuntime(config, log, { defaultMetrics: true });
+  const runtime = await createRuntime(config, log, { defaultMetrics: true, serving: true });
   const probe = await runtime.probe();
   if (!probe.storage.ok) {
     access.close();

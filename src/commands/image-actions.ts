@@ -52,7 +52,7 @@ export async function runPrefetch(
     },
     (config) => referenceProblems(config, refs),
     // It pulls: the upstreams' secrets must be in the environment.
-    { upstreamSecrets: true },
+    { upstreams: true },
   );
 }
 

@@ -5,7 +5,7 @@
  * stderr, exit 2.
  */
 import { Command, Help, Option } from 'commander';
-import { ConfigError, loadConfig } from '../config/load.js';
+import { ConfigError, loadConfig, type SecretsFor } from '../config/load.js';
 import type { Config } from '../config/schema.js';
 
 export interface CommonOptions {
@@ -76,15 +76,14 @@ function flagOverrides(o: CommonOptions): Record<string, unknown> {
 
 /**
  * The configuration of a command line; an invalid one exits 2, its problems on stderr.
- * `upstreamSecrets`: the command dials upstreams or peers, whose secrets must be in the
- * environment (LoadOptions).
+ * `secrets`: what the command dials, whose secrets must be in the environment (LoadOptions).
  */
-export function configFrom(o: CommonOptions, upstreamSecrets = true): Config {
+export function configFrom(o: CommonOptions, secrets: SecretsFor = 'serve'): Config {
   try {
     return loadConfig({
       ...(o.config !== undefined ? { file: o.config } : {}),
       overrides: flagOverrides(o),
-      upstreamSecrets,
+      secrets,
     });
   } catch (err) {
     if (err instanceof ConfigError) {

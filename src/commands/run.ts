@@ -40,19 +40,20 @@ function refuse(problems: string[]): void {
  * the process, so that it can remove what it leaves (a partial bundle, upload sessions); when
  * `work` then fails, the command says `pullcache: interrupted` and exits 130, after the runtime
  * is closed. A second signal exits at once. Otherwise the signals end the process as usual.
- * `upstreamSecrets`: the command dials upstreams (prefetch): their secrets named by the config
- * must be in the environment (config/load.ts).
+ * `upstreams`: the command dials upstreams (prefetch): their secrets named by the config must be
+ * in the environment (config/load.ts). No command is a replica others follow: none needs the
+ * peers' secret, and none takes a fetch lease others would follow at `server.advertise`.
  */
 export async function withRuntime(
   o: CommonOptions,
   work: (runtime: Runtime, config: Config, signal: AbortSignal) => Promise<number>,
   /** What is wrong with the command line given the config: refused before any work. */
   check: (config: Config) => string[] = () => [],
-  options: { interruptible?: boolean; upstreamSecrets?: boolean } = {},
+  options: { interruptible?: boolean; upstreams?: boolean } = {},
 ): Promise<void> {
   process.on('uncaughtException', fail);
   process.on('unhandledRejection', fail);
-  const config = configFrom(o, options.upstreamSecrets ?? false);
+  const config = configFrom(o, options.upstreams ? 'upstreams' : 'storage');
   refuse(check(config));
   const interrupt = new AbortController();
   // The command talks to people on stderr; the logger only says what goes wrong.

@@ -47,14 +47,17 @@ export interface LoadOptions {
   /** Highest precedence: values from command-line flags, as a partial config tree. */
   overrides?: Record<string, unknown>;
   /**
-   * Whether the upstreams' and the peers' secrets (`passwordEnv`, `peerSecretEnv`) must be in
-   * the environment: for what dials them (`serve`, `prefetch`, `config`, which checks a config
-   * for serving); not for the commands that only read the cache (`ls`, `rm`, `export`...), run
-   * from a shell that may not hold the service's secrets. The storage's keys are needed by all.
-   * Default true.
+   * Which secrets named by `*Env` keys must be in the environment, by what the process does:
+   * `serve` (the default; also `config`, which checks a config for serving) dials upstreams and
+   * peers (`passwordEnv`, `peerSecretEnv`); `upstreams` (`prefetch`) dials upstreams but is no
+   * replica others follow; `storage` (`ls`, `rm`, `export`...), run from a shell that may not hold
+   * the service's secrets, only reads and writes the cache. The storage's keys are needed by all.
    */
-  upstreamSecrets?: boolean;
+  secrets?: SecretsFor;
 }
+
+/** What a process dials, and so which secrets it needs (LoadOptions.secrets). */
+export type SecretsFor = 'serve' | 'upstreams' | 'storage';
 
 export function loadConfig(options: LoadOptions = {}): Config {
   const env = options.env ?? process.env;
@@ -71,7 +74,7 @@ export function loadConfig(options: LoadOptions = {}): Config {
   if (options.overrides) raw = deepMerge(raw, options.overrides);
   try {
     const config = parseConfig(raw);
-    problems.push(...unsetVariables(config, env, options.upstreamSecrets ?? true));
+    problems.push(...unsetVariables(config, env, options.secrets ?? 'serve'));
     if (problems.length > 0) throw new ConfigError(problems);
     return config;
   } catch (err) {
@@ -101,14 +104,10 @@ export function parseConfig(raw: unknown): Config {
  * `secretKeyEnv`) whose variable is unset or empty where the config would read it: a secret
  * forgotten in a deployment stops start-up naming the key, instead of pulling anonymously
  * (Docker Hub's lower limit, a private registry's 401s) or failing later. Only where the secret is
- * used: not for a passthrough or offline upstream, nor peerSecretEnv without server.advertise,
- * nor the S3 keys with the filesystem driver.
+ * used: not for a passthrough or offline upstream, nor peerSecretEnv without server.advertise or
+ * outside `serve`, nor the S3 keys with the filesystem driver.
  */
-function unsetVariables(
-  config: Config,
-  env: NodeJS.ProcessEnv,
-  upstreamSecrets: boolean,
-): string[] {
+function unsetVariables(config: Config, env: NodeJS.ProcessEnv, secrets: SecretsFor): string[] {
   const problems: string[] = [];
   const check = (key: string, name: string) => {
     const value = env[name];
@@ -116,14 +115,14 @@ function unsetVariables(
     else if (value === '') problems.push(`${key}: the environment variable ${name} is empty`);
   };
   const { server, storage } = config;
-  if (upstreamSecrets) {
+  if (secrets !== 'storage') {
     for (const [name, upstream] of Object.entries(config.upstreams)) {
       if (upstream.passwordEnv && upstream.mode === 'cache' && !upstream.offline)
         check(`upstreams.${name}.passwordEnv`, upstream.passwordEnv);
     }
-    if (server.advertise !== '' && server.peerSecretEnv !== '')
-      check('server.peerSecretEnv', server.peerSecretEnv);
   }
+  if (secrets === 'serve' && server.advertise !== '' && server.peerSecretEnv !== '')
+    check('server.peerSecretEnv', server.peerSecretEnv);
   if (storage.driver === 's3') {
     const { accessKeyEnv, secretKeyEnv } = storage.s3;
     if ((accessKeyEnv === '') !== (secretKeyEnv === ''))

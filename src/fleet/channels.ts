@@ -35,6 +35,8 @@ export function openFleetChannels(
   config: Config,
   log: Logger,
   driver: StorageDriver,
+  /** A serving process: it follows other replicas' fetches, and they follow its. */
+  serving: boolean,
 ): FleetChannels {
   const id = storageId(config);
   const redis =
@@ -59,7 +61,7 @@ export function openFleetChannels(
   // The others stream the blob from the replica fetching it (peers.ts). The configuration's
   // schema requires cache.store: redis with server.advertise.
   const peerLeases =
-    config.server.advertise !== '' && redis
+    serving && config.server.advertise !== '' && redis
       ? new PeerLeases({
           redis,
           advertise: config.server.advertise,

@@ -11,7 +11,10 @@ import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { describe, expect, test } from 'vitest';
 import { loadConfig, parseConfig } from '../../src/config/load.js';
+import { createRuntime } from '../../src/runtime.js';
 import { problems, yamlFile } from '../helpers/config.js';
+import { silentLogger } from '../../src/log/logger.js';
+import { startRedis } from '../helpers/redis.js';
 
 const run = promisify(execFile);
 
@@ -83,9 +86,7 @@ describe('a variable named by a *Env key', () => {
   });
 
   test('is not needed by the commands that only read the cache (ls, from a shell without it)', async () => {
-    expect(problems(() => loadConfig({ file: hub(), env: {}, upstreamSecrets: false }))).toEqual(
-      [],
-    );
+    expect(problems(() => loadConfig({ file: hub(), env: {}, secrets: 'storage' }))).toEqual([]);
     const env: NodeJS.ProcessEnv = { ...process.env };
     delete env.DOCKERHUB_TOKEN;
     const root = mkdtempSync(join(tmpdir(), 'pullcache-ls-'));
@@ -105,6 +106,44 @@ describe('a variable named by a *Env key', () => {
       expect(err.stderr).toContain('DOCKERHUB_TOKEN is not set');
     } finally {
       rmSync(root, { recursive: true, force: true });
+    }
+  });
+});
+
+describe("a replica's peer secret (server.advertise)", () => {
+  const fleet = (root: string, redisUrl: string) =>
+    yamlFile(
+      `server:\n  advertise: http://10.0.0.5:5000\n  peerSecretEnv: PEER_SECRET\ncache:\n  store: redis\n  redis:\n    url: ${redisUrl}\nstorage:\n  filesystem:\n    root: ${root}\n`,
+    );
+
+  test('is needed to serve, not by prefetch nor by the commands on the cache, which follow no peer', async () => {
+    const redis = await startRedis();
+    const root = mkdtempSync(join(tmpdir(), 'pullcache-ls-'));
+    try {
+      const file = fleet(root, redis.url);
+      expect(problems(() => loadConfig({ file, env: {} }))).toEqual([
+        'server.peerSecretEnv: the environment variable PEER_SECRET is not set',
+      ]);
+      expect(problems(() => loadConfig({ file, env: {}, secrets: 'upstreams' }))).toEqual([]);
+      expect(problems(() => loadConfig({ file, env: {}, secrets: 'storage' }))).toEqual([]);
+      const env: NodeJS.ProcessEnv = { ...process.env };
+      delete env.PEER_SECRET;
+      const r = await run('npx', ['tsx', 'src/cli.ts', 'ls', '--config', file], { env });
+      expect(r.stdout).toContain('no images');
+      // A command's runtime takes no fetch lease that replicas would follow at the server's
+      // address, where no fetch of its is under way.
+      const runtime = await createRuntime(
+        loadConfig({ file, env: {}, secrets: 'upstreams' }),
+        silentLogger(),
+      );
+      try {
+        expect(runtime.peer).toBeUndefined();
+      } finally {
+        await runtime.close();
+      }
+    } finally {
+      rmSync(root, { recursive: true, force: true });
+      await redis.stop();
     }
   });
 });
