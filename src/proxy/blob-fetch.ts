@@ -237,7 +237,7 @@ export class BlobFetch implements UpstreamFetch, FollowedFetch {
         if (now - spoolLoggedAt >= SPOOL_LOG_INTERVAL_MS) {
           spoolLoggedAt = now;
           log.error(
-            { spoolDir: err.dir, digest, err: (err as Error).message },
+            { spoolDir: err.dir, digest, err: err.message, cause: String(err.cause) },
             'spool directory cannot take blobs: fetches answer 503 (storage.s3.spoolDir)',
           );
         }

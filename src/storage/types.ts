@@ -175,7 +175,8 @@ export class SpoolError extends StorageUnavailableError {
           ? 'it cannot be written'
           : 'it failed';
     super(
-      `storage is unavailable: the spool directory ${dir} cannot take the blob: ${why} (${code ?? (cause as Error)?.message ?? 'error'}); it needs room for the largest blobs fetched at once`,
+      // The client is told why, not the server's paths: the log names the directory.
+      `storage is unavailable: the spool directory cannot take the blob: ${why} (${code ?? 'error'}); it needs room for the largest blobs fetched at once`,
       cause,
     );
     this.name = 'SpoolError';
