@@ -37,6 +37,7 @@ import {
 import { CertificateReloader } from './tls/reload.js';
 import { within } from './abort.js';
 import { createAccess } from './access/access.js';
+import { cutAtStop } from './http/request-log.js';
 import { logStartup } from './status/startup.js';
 import { createRuntime, type Runtime } from './runtime.js';
 
@@ -209,6 +210,7 @@ export async function startServer(config: Config, log: Logger): Promise<RunningS
       draining = true;
       const closed = new Promise<void>((resolve) => server.close(() => resolve()));
       if (drain > 0) await drained(server, closed, drain, log);
+      for (const socket of sockets) cutAtStop(socket);
       server.closeAllConnections();
       for (const socket of sockets) socket.destroy();
       await closed;

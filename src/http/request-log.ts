@@ -6,6 +6,7 @@
  */
 import { randomUUID } from 'node:crypto';
 import type { IncomingMessage, ServerResponse } from 'node:http';
+import type { Socket } from 'node:net';
 import type { RequestHandler, Response } from 'express';
 import { pinoHttp } from 'pino-http';
 import type { AccessControl } from '../access/types.js';
@@ -146,16 +147,27 @@ function answerFailed(res: ServerResponse): boolean {
 /** Why a cut answer with no error of its own failed: its client went away. */
 export const CLIENT_LEFT = 'the client closed the connection before the answer ended';
 
+/** Why an answer the server cut at its stop failed (server.drainTimeout). */
+export const SERVER_STOPPED = 'the server stopped before the answer ended (server.drainTimeout)';
+
+/** The connections the server itself closes as it stops: not cut by their clients. */
+const stopping = new WeakSet<Socket>();
+
+/** Before a stopping server closes `socket`: the request lines it cuts say so. */
+export function cutAtStop(socket: Socket): void {
+  stopping.add(socket);
+}
+
 /**
  * Why an answer failed, for its request line: the error it was answered with, or the one that
  * cut it. The cause may be on a line of its own (an upstream's warning): this one ties it to the
  * request. A broken source destroys the answer with its error (blobs.ts); an answer cut without
- * one was cut by its client, which the line says rather than saying nothing.
+ * one was cut by its client, or by the server's stop, which the line says rather than nothing.
  */
 function failureCause(res: ServerResponse): string | undefined {
   return (
     sentErrorMessage(res) ??
     res.errored?.message ??
-    (res.writableFinished ? undefined : CLIENT_LEFT)
+    (res.writableFinished ? undefined : stopping.has(res.req.socket) ? SERVER_STOPPED : CLIENT_LEFT)
   );
 }

@@ -123,5 +123,8 @@ describe('stopping on a signal', () => {
     expect(got.error).toBeDefined();
     expect(got.body.length).toBeLessThan(48 * MiB);
     expect(pc.lines.some((l) => String(l.msg).startsWith('drain timeout'))).toBe(true);
+    // Its request line says the server cut it, not its client.
+    const line = pc.lines.find((l) => l.msg === 'request failed');
+    expect(line?.err).toBe('the server stopped before the answer ended (server.drainTimeout)');
   }, 60_000);
 });
