@@ -194,16 +194,19 @@ function pacedUpstream(bytes: Buffer, ms: number): UpstreamClient {
 
 /**
  * A client socket stand-in: it copies what it is given, as a socket does; its nth write takes
- * `delayMs(n)`; it notes the memory each write was given.
+ * `delayMs(n)`, or until the promise `delay(n)` gives settles; it notes the memory each write was
+ * given.
  */
-function client(delayMs: (n: number) => number) {
+function client(delay: (n: number) => number | Promise<void>) {
   const chunks: Buffer[] = [];
   const memory: ArrayBufferLike[] = [];
   const dest = new Writable({
     write(chunk: Buffer, _enc, done) {
       chunks.push(Buffer.from(chunk));
       memory.push(chunk.buffer);
-      setTimeout(done, delayMs(chunks.length));
+      const d = delay(chunks.length);
+      if (typeof d === 'number') setTimeout(done, d);
+      else void d.then(() => done());
     },
   });
   return { dest, chunks, memory };
@@ -245,8 +248,12 @@ test('a client that pushes back is sent the rest from the disk, and the chunks a
   const fetch = fetchFrom(pacedUpstream(bytes, 15), bytes);
   await fetch.ready;
   const reads = readsOf(fetch);
-  // Slow at first (40 ms a write, behind the 15 ms a MiB of the upstream), then fast.
-  const c = client((n) => (n < 4 ? 40 : 0));
+  // Its first write takes until the upstream has sent a third of the blob (behind, whatever the
+  // timers do on a busy machine), then it is fast: it catches up while the upstream still sends.
+  const behind = async () => {
+    while (fetch.received < 8 * MiB) await new Promise((r) => setTimeout(r, 5));
+  };
+  const c = client((n) => (n === 1 ? behind() : 0));
   await fetch.follow(0, bytes.length).sendTo(c.dest);
   expect(Buffer.concat(c.chunks).equals(bytes)).toBe(true);
   // Live first and again at the end (the upstream's memory), from the disk in between (the
