@@ -1,11 +1,11 @@
 /**
  * What is cached, as the commands and the admin API show it: images with their full references,
- * sizes and last pull, and which images a reference names.
+ * sizes and last pull, what the graph holds in all, and which images a reference names.
  */
 import { isTag } from '../oci/reference.js';
 import type { RepositoryKey } from '../storage/types.js';
 import type { Image, ImageGraph, RepositoryNode } from './image-graph.js';
-import type { ImageInfo, ImageRef } from './types.js';
+import type { ImageInfo, ImageRef, Usage } from './types.js';
 
 /** Full references of an image: `docker.io/library/node:20`, or by digest when untagged. */
 export function imageReferences(repo: RepositoryKey, image: Image): string[] {
@@ -38,6 +38,17 @@ export function imageInfos(
     }
   }
   return out;
+}
+
+/** What the graph holds, as `du` prints it: bytes, blobs, images and blobs no image holds. */
+export function graphUsage(
+  graph: ImageGraph,
+): Pick<Usage, 'bytes' | 'blobs' | 'images' | 'orphanBlobs'> {
+  let images = 0;
+  let orphans = 0;
+  for (const node of graph.repositories.values()) images += graph.roots(node).length;
+  for (const _ of graph.orphans()) orphans++;
+  return { bytes: graph.bytes, blobs: graph.blobs.size, images, orphanBlobs: orphans };
 }
 
 /** The images of a repository a reference names: by tag, by digest, or all without either. */

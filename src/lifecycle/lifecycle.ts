@@ -12,16 +12,18 @@ import type { MetadataCache } from '../metadata/types.js';
 import type { Metrics } from '../metrics.js';
 import type { Digest } from '../oci/digest.js';
 import type { BlobStore, RepositoryKey, RepositoryStore, StorageDriver } from '../storage/types.js';
+import { Background } from './background.js';
 import { Budget } from './budget.js';
 import type { ImageGraph } from './image-graph.js';
 import { GraphKeeper } from './graph-keeper.js';
 import { Evictor, type Entry } from './eviction.js';
+import { InUse } from './in-use.js';
 import { Ownership } from './owner.js';
 import type { Lease } from './lease.js';
 import { paths } from '../storage/paths.js';
 import { Pins } from './pins.js';
 import { PullRecorder } from './pulls.js';
-import { imageInfos } from './inventory.js';
+import { graphUsage, imageInfos } from './inventory.js';
 import { Removal, type ManifestMemory } from './removal.js';
 import { Sweeper } from './sweep.js';
 import { TornBlobs } from './torn.js';
@@ -34,11 +36,6 @@ import type {
   StoredEvent,
   Usage,
 } from './types.js';
-
-/** How often last-pulled times go to storage: never one write per request. */
-const FLUSH_INTERVAL_MS = 5000;
-/** How often the owner record is renewed (its TTL is 30 s). */
-const OWNER_RENEW_MS = 10_000;
 
 export interface LifecycleDeps {
   retention: RetentionConfig;
@@ -86,19 +83,21 @@ export class Lifecycle {
   private readonly evictor: Evictor;
   private readonly pins: Pins;
   readonly ownership: Ownership;
-  private scanned = false;
-  private scanning: Promise<void> | undefined;
-  /** A recount waiting for its turn: calls meanwhile share it. */
-  private queuedRecount: Promise<void> | undefined;
-  private readonly serving = new Map<Digest, number>();
+  /** The start-up scan, the work on a timer and the counts afresh (background.ts). */
+  private readonly background: Background;
+  private readonly serving: InUse;
   private readonly pulls: PullRecorder;
   private readonly budget: Budget;
   private readonly sweeper: Sweeper;
-  private readonly timers: NodeJS.Timeout[] = [];
 
   constructor(private readonly d: LifecycleDeps) {
     this.log = d.log.child({ module: 'lifecycle' });
     this.now = d.now ?? Date.now;
+    this.serving = new InUse({
+      fetching: (digest) => d.fetching(digest),
+      // An eviction may have had to leave a blob served no more: it can go now.
+      released: () => this.budget.check(),
+    });
     this.keeper = new GraphKeeper({
       blobs: d.blobs,
       repositories: d.repositories,
@@ -150,7 +149,7 @@ export class Lifecycle {
       retention: d.retention,
       driver: d.driver,
       graph: () => this.graph,
-      ready: () => this.scanned,
+      ready: () => this.background.ready,
       isOwner: () => this.ownership.isOwner,
       serially: (work) => this.serially(work),
       evictor: this.evictor,
@@ -173,12 +172,28 @@ export class Lifecycle {
       whenReady: () => this.whenReady(),
       isOwner: () => this.ownership.isOwner,
       serially: (work) => this.serially(work),
-      rescan: () => this.rescan(),
+      rescan: () => this.background.rescan(),
       checkBudget: () => this.budget.check(),
       now: this.now,
     });
+    this.background = new Background({
+      retention: d.retention,
+      keeper: this.keeper,
+      pins: this.pins,
+      ownership: this.ownership,
+      pulls: this.pulls,
+      cache: d.cache,
+      manifestMemory: d.manifestMemory,
+      replicas: Boolean(d.replicas),
+      sweep: () => this.sweep(),
+      serially: (work) => this.serially(work),
+      checkBudget: () => this.budget.check(),
+      warn: (err) => this.warn(err),
+      log: this.log,
+      now: this.now,
+    });
     d.metrics.setStorageStatus(() => ({
-      bytes: this.scanned ? this.graph.bytes : undefined,
+      bytes: this.background.ready ? this.graph.bytes : undefined,
       limit: d.retention.maxSize,
     }));
   }
@@ -193,7 +208,7 @@ export class Lifecycle {
   }
 
   get ready(): boolean {
-    return this.scanned;
+    return this.background.ready;
   }
 
   /**
@@ -204,40 +219,12 @@ export class Lifecycle {
     if (options.url) this.ownership.setUrl(options.url);
     // Serving: as the owner, it removes the torn blobs its counts find (a command never does).
     this.torn.enable();
-    this.startScan();
-    const every = (ms: number, work: () => Promise<unknown>) => {
-      const t = setInterval(() => void work().catch((err: unknown) => this.warn(err)), ms);
-      t.unref();
-      this.timers.push(t);
-    };
-    every(FLUSH_INTERVAL_MS, () => this.flush());
-    every(OWNER_RENEW_MS, async () => {
-      const was = this.ownership.isOwner;
-      await this.ownership.acquire();
-      if (!this.scanning)
-        this.startScan(); // the last one failed: try again
-      // A replica that takes over counts storage afresh: it may have missed what the others said.
-      else if (this.d.replicas && !was && this.ownership.isOwner) await this.recount();
-    });
-    // The sweep counts storage afresh first (what a message lost on the way left out).
-    if (options.sweep !== false && this.d.retention.sweepInterval > 0)
-      every(this.d.retention.sweepInterval, () => this.sweep());
+    this.background.start(options.sweep !== false);
   }
 
-  /** Starts the scan in the background; a failure is logged and tried again later. */
-  private startScan(): void {
-    const scanning = this.scan();
-    this.scanning = scanning;
-    scanning.catch((err: unknown) => {
-      this.warn(err);
-      if (this.scanning === scanning) this.scanning = undefined;
-    });
-  }
-
-  /** Resolves once the start-up scan is done; rejects when it failed. */
-  async whenReady(): Promise<void> {
-    this.scanning ??= this.scan();
-    await this.scanning;
+  /** Resolves once the start-up scan is done; rejects when it failed (background.ts). */
+  whenReady(): Promise<void> {
+    return this.background.whenReady();
   }
 
   /** Resolves once the scan is done and the budget holds as far as eviction can make it. */
@@ -249,7 +236,7 @@ export class Lifecycle {
   }
 
   async close(): Promise<void> {
-    for (const t of this.timers) clearInterval(t);
+    this.background.stop();
     await this.torn.close();
     await this.budget.close();
     await this.flush().catch((err: unknown) => this.warn(err));
@@ -273,25 +260,6 @@ export class Lifecycle {
     return true;
   }
 
-  private async scan(): Promise<void> {
-    const started = this.now();
-    await this.pins.load();
-    await this.ownership.acquire();
-    const counts = await this.keeper.recount();
-    this.scanned = true;
-    this.pulls.graphReady();
-    this.log.info(
-      {
-        ...counts,
-        bytes: this.graph.bytes,
-        durationMs: this.now() - started,
-        owner: this.ownership.isOwner,
-      },
-      'storage scanned',
-    );
-    this.budget.check();
-  }
-
   /** Runs lifecycle work after the work before it: never two evictions at once. */
   private serially<T>(work: () => Promise<T>): Promise<T> {
     const run = this.work.then(work);
@@ -312,23 +280,12 @@ export class Lifecycle {
 
   /** A blob is being served: it is not evicted until the returned function is called. */
   serve(digest: Digest): () => void {
-    this.serving.set(digest, (this.serving.get(digest) ?? 0) + 1);
-    let released = false;
-    return () => {
-      if (released) return;
-      released = true;
-      const n = (this.serving.get(digest) ?? 1) - 1;
-      if (n > 0) this.serving.set(digest, n);
-      else {
-        this.serving.delete(digest);
-        // An eviction may have had to leave this blob: it can go now.
-        this.budget.check();
-      }
-    };
+    return this.serving.serve(digest);
   }
 
+  /** True while the blob is being served or fetched (in-use.ts). */
   inUse(digest: Digest): boolean {
-    return this.serving.has(digest) || this.d.fetching(digest);
+    return this.serving.has(digest);
   }
 
   /**
@@ -366,47 +323,14 @@ export class Lifecycle {
     return this.sweeper.sweep();
   }
 
-  /**
-   * Counts storage afresh, for content another process added (a prefetch or an import beside the
-   * server, what another worker or replica said that may have been lost), then holds the budget.
-   * The count starts after the call; calls made before it starts share it.
-   */
+  /** Counts storage afresh, then holds the budget (background.ts). */
   recount(): Promise<void> {
-    if (this.queuedRecount) return this.queuedRecount;
-    const run = (async () => {
-      await this.whenReady();
-      await this.serially(() => {
-        this.queuedRecount = undefined; // a call from now on may be about what this one misses
-        return this.rescan();
-      });
-      this.budget.check();
-    })();
-    this.queuedRecount = run;
-    void run
-      .catch(() => {})
-      .finally(() => {
-        if (this.queuedRecount === run) this.queuedRecount = undefined;
-      });
-    return run;
+    return this.background.recount();
   }
 
-  /**
-   * Content was added beside this process (`pullcache import` or `prefetch` on the same storage):
-   * a tag may have moved beneath what the caches in front of storage remember, so they are
-   * cleared, in every process on the storage (the metadata cache tells the others, which count
-   * storage afresh too), before storage is counted afresh. Storage is the truth: the caches only
-   * save reads.
-   */
-  async changedBeside(): Promise<void> {
-    this.d.manifestMemory.forgetAll?.();
-    await this.d.cache.clear();
-    await this.recount();
-  }
-
-  /** Counts storage afresh while serving goes on, with the last pulls written first. */
-  private async rescan(): Promise<void> {
-    await this.flush();
-    await this.keeper.recount();
+  /** Content was added beside this process: caches cleared, storage counted (background.ts). */
+  changedBeside(): Promise<void> {
+    return this.background.changedBeside();
   }
 
   /** `pullcache gc` (sweep.ts). */
@@ -424,20 +348,13 @@ export class Lifecycle {
 
   async usage(): Promise<Usage> {
     const space = await this.d.driver.space().catch(() => undefined);
-    let images = 0;
-    let orphans = 0;
-    for (const node of this.graph.repositories.values()) images += this.graph.roots(node).length;
-    for (const _ of this.graph.orphans()) orphans++;
     return {
-      bytes: this.graph.bytes,
-      blobs: this.graph.blobs.size,
-      images,
-      orphanBlobs: orphans,
+      ...graphUsage(this.graph),
       maxSize: this.d.retention.maxSize,
       minFree: this.d.retention.minFree,
       free: space ? space.free : null,
       evictedBytes: this.evictor.evictedBytes,
-      ready: this.scanned,
+      ready: this.background.ready,
     };
   }
 
