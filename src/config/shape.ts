@@ -3,7 +3,8 @@
  * map of upstreams, and what each leaf is (a list, a duration, a size, a secret). Environment
  * names, error messages and `pullcache config`'s units all follow it, so no key is listed twice.
  */
-import { configMeta, configSchema, type KeyMeta } from './schema.js';
+import { configMeta, type KeyMeta } from './key-types.js';
+import { configSchema } from './schema.js';
 
 export type KeyTree =
   | { kind: 'object'; children: Map<string, KeyTree> }
