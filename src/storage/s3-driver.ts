@@ -25,29 +25,28 @@
  * Failures of the store (refused, down, 5xx after the SDK's retries with backoff, 403) become a
  * StorageUnavailableError (503); a missing key is the contract's own PathNotFoundError/undefined
  * (s3-errors.ts).
+ *
+ * The driver extends its connection (s3-connection.ts): the client, the key of a path, `send`
+ * (where those failures are translated) and the listing and deleting of keys are there.
  */
 import { createHash } from 'node:crypto';
 import { constants } from 'node:fs';
 import * as fs from 'node:fs/promises';
-import { Agent } from 'node:https';
-import { Agent as HttpAgent } from 'node:http';
 import { tmpdir } from 'node:os';
 import * as path from 'node:path';
 import {
   CopyObjectCommand,
-  DeleteObjectsCommand,
   GetObjectCommand,
   HeadBucketCommand,
   HeadObjectCommand,
   ListObjectsV2Command,
   PutObjectCommand,
-  S3Client,
-  type S3ClientConfig,
 } from '@aws-sdk/client-s3';
 import { getSignedUrl } from '@aws-sdk/s3-request-presigner';
 import { FileRange } from './file-range.js';
 import type { ObjectRange } from './object-range.js';
-import { isNotFound, isTooLarge, notFound, statusOf, unavailable } from './s3-errors.js';
+import { S3Connection, type S3ConnectionOptions } from './s3-connection.js';
+import { isNotFound, isTooLarge, notFound, statusOf } from './s3-errors.js';
 import { S3Reads } from './s3-reads.js';
 import { S3Uploads, encodeKey } from './s3-uploads.js';
 import { S3Writer } from './s3-writer.js';
@@ -60,19 +59,8 @@ import {
   type StorageDriver,
 } from './types.js';
 
-export interface S3DriverOptions {
-  bucket: string;
-  region: string;
-  /** Empty: AWS. */
-  endpoint?: string;
-  forcePathStyle?: boolean;
-  /** "" or ending in "/". */
-  prefix?: string;
-  /**
-   * Explicit keys (or a provider of them, which may say when they expire); without them the
-   * AWS default chain.
-   */
-  credentials?: S3ClientConfig['credentials'];
+/** The connection's options (s3-connection.ts), and how writes are made. */
+export interface S3DriverOptions extends S3ConnectionOptions {
   partSize: number;
   /**
    * Parts one multipart upload may have: S3's 10,000 by default; a store configured with fewer
@@ -84,27 +72,15 @@ export interface S3DriverOptions {
    * by the processes of a host, so that one worker can follow another's upload as it is written.
    */
   spoolDir?: string;
-  /** Attempts per request (the SDK's standard retry mode, with backoff); 3 by default. */
-  maxAttempts?: number;
-  /** How long a request may go without a byte from the store (ms); 60 s by default. */
-  requestTimeout?: number;
 }
 
 /** How long new writes are refused after the spool directory failed one (the Retry-After). */
 const SPOOL_FAILURE_MS = 10_000;
 
-/** Keys a DeleteObjects takes at once. */
-const DELETE_BATCH = 1000;
-
-export class S3Driver implements StorageDriver {
+export class S3Driver extends S3Connection<S3DriverOptions> implements StorageDriver {
   readonly name = 's3';
-  readonly client: S3Client;
-  readonly bucket: string;
   /** Presigned URLs made (redirects), for the figures. */
   presigned = 0;
-  /** S3 requests sent, by command (each retry too): for the cost figures. */
-  readonly requests = new Map<string, number>();
-  private readonly prefix: string;
   readonly spoolDir: string;
   /**
    * The spool directory's last failure, while new writes are refused for it (a blob larger
@@ -119,72 +95,11 @@ export class S3Driver implements StorageDriver {
   /** Writers open in this process, by path: their spool is what `reader` gives. */
   private readonly writing = new Map<string, S3Writer>();
 
-  constructor(readonly options: S3DriverOptions) {
-    this.bucket = options.bucket;
-    this.prefix = options.prefix ?? '';
+  constructor(options: S3DriverOptions) {
+    super(options);
     this.spoolDir = options.spoolDir ?? path.join(tmpdir(), 'pullcache-spool');
-    // The SDK warns on Node 20 that its releases from 2027 need Node 22: package.json pins a
-    // release that runs on Node 20, so the warning says nothing a user of pullcache can act on.
-    process.env.AWS_SDK_JS_NODE_VERSION_SUPPORT_WARNING_DISABLED ??= 'true';
-    const agent = { keepAlive: true, maxSockets: 256 };
-    this.client = new S3Client({
-      region: options.region,
-      ...(options.endpoint ? { endpoint: options.endpoint } : {}),
-      forcePathStyle: options.forcePathStyle ?? false,
-      ...(options.credentials ? { credentials: options.credentials } : {}),
-      maxAttempts: options.maxAttempts ?? 3,
-      // Checksums only where S3 requires them: RGW 16 and other servers reject the trailers
-      // that newer SDKs add by default, and every blob is verified by its digest anyway.
-      requestChecksumCalculation: 'WHEN_REQUIRED',
-      responseChecksumValidation: 'WHEN_REQUIRED',
-      // The SDK's own Node handler, with these options.
-      requestHandler: {
-        connectionTimeout: 5000,
-        // Inactivity, before the answer and while its body streams (a whole-request limit
-        // would cut a long download; this SDK only warns about one by default).
-        socketTimeout: options.requestTimeout ?? 60_000,
-        httpAgent: new HttpAgent(agent),
-        httpsAgent: new Agent(agent),
-      },
-    });
-    this.client.middlewareStack.add(
-      (next, context) => (args) => {
-        const name = context.commandName ?? 'unknown';
-        this.requests.set(name, (this.requests.get(name) ?? 0) + 1);
-        return next(args);
-      },
-      // At the step where a request goes out: every attempt counts, a presigned URL does not.
-      { step: 'deserialize', name: 'pullcacheRequestCount' },
-    );
     this.reads = new S3Reads(this);
     this.uploads = new S3Uploads(this, this.spoolDir, this.writing);
-  }
-
-  /** Requests sent so far, all commands together. */
-  get requestCount(): number {
-    let n = 0;
-    for (const v of this.requests.values()) n += v;
-    return n;
-  }
-
-  key(p: string): string {
-    if (p.split('/').some((part) => part === '..' || part === '.') || p.includes('\0'))
-      throw new Error(`invalid storage path ${JSON.stringify(p)}`);
-    return this.prefix + p;
-  }
-
-  /** A directory's key prefix ("a/b/"; the bucket prefix itself for the root). */
-  dirKey(p: string): string {
-    return p === '' ? this.prefix : `${this.key(p)}/`;
-  }
-
-  /** Runs `run`, a failure of the store becoming a StorageUnavailableError naming `key`. */
-  async send<T>(what: string, run: () => Promise<T>, key?: string): Promise<T> {
-    try {
-      return await run();
-    } catch (err) {
-      throw unavailable(err, what, key);
-    }
   }
 
   async getContent(p: string): Promise<Buffer> {
@@ -334,26 +249,6 @@ export class S3Driver implements StorageDriver {
       };
   }
 
-  /** Every key under a directory, with its size and last write. */
-  private async *walkKeys(p: string): AsyncIterable<{ key: string; size: number; modTime: Date }> {
-    const prefix = this.dirKey(p);
-    let token: string | undefined;
-    do {
-      const res = await this.send('list', () =>
-        this.client.send(
-          new ListObjectsV2Command({
-            Bucket: this.bucket,
-            Prefix: prefix,
-            ...(token ? { ContinuationToken: token } : {}),
-          }),
-        ),
-      );
-      for (const o of res.Contents ?? [])
-        if (o.Key) yield { key: o.Key, size: o.Size ?? 0, modTime: o.LastModified ?? new Date(0) };
-      token = res.IsTruncated ? res.NextContinuationToken : undefined;
-    } while (token);
-  }
-
   async move(from: string, to: string): Promise<void> {
     await this.copy(from, to);
     await this.deleteKeys([this.key(from)]);
@@ -376,25 +271,6 @@ export class S3Driver implements StorageDriver {
   async deleteFiles(ps: readonly string[]): Promise<void> {
     for (const p of ps) await this.writing.get(p)?.cancel();
     await this.deleteKeys(ps.map((p) => this.key(p)));
-  }
-
-  private async deleteKeys(keys: string[]): Promise<void> {
-    for (let i = 0; i < keys.length; i += DELETE_BATCH) {
-      const batch = keys.slice(i, i + DELETE_BATCH);
-      const res = await this.send('delete', () =>
-        this.client.send(
-          new DeleteObjectsCommand({
-            Bucket: this.bucket,
-            Delete: { Objects: batch.map((Key) => ({ Key })), Quiet: true },
-          }),
-        ),
-      );
-      const failed = (res.Errors ?? []).filter((e) => e.Code !== 'NoSuchKey');
-      if (failed.length > 0)
-        throw new StorageUnavailableError(
-          `cannot delete ${failed[0]!.Key}: ${failed[0]!.Code ?? 'error'}`,
-        );
-    }
   }
 
   /** Nothing to do: S3 has no directories. */

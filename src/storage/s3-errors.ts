@@ -1,9 +1,9 @@
 /**
- * How the S3 driver's modules (s3-driver.ts, s3-reads.ts, s3-uploads.ts) read a failure of the
- * store: the HTTP status and the error name the SDK gives, a missing key as the contract's own
- * PathNotFoundError, and every other failure (refused, down, 5xx after the retries, 403, a 404
- * that is not about the key: NoSuchBucket, NoSuchUpload) as a StorageUnavailableError (503) that
- * names the key and S3's request id where there are some.
+ * How the S3 driver's modules (s3-connection.ts, s3-driver.ts, s3-reads.ts, s3-uploads.ts) read a
+ * failure of the store: the HTTP status and the error name the SDK gives, a missing key as the
+ * contract's own PathNotFoundError, and every other failure (refused, down, 5xx after the retries,
+ * 403, a 404 that is not about the key: NoSuchBucket, NoSuchUpload) as a StorageUnavailableError
+ * (503) that names the key and S3's request id where there are some.
  */
 import { PathNotFoundError, StorageUnavailableError } from './types.js';
 
