@@ -2,17 +2,16 @@
  * `pullcache import`: reads a bundle (see bundle.ts for the format) into the cache. Every blob is
  * verified against its digest while it streams into an upload session, and nothing is made visible
  * until the whole bundle has been read and checked: a damaged, truncated or misplaced bundle
- * leaves the cache as it was.
+ * leaves the cache as it was. What the cache admits (upstreams, allow/deny lists, the retention
+ * budget) is bundle-admission.ts; what each image needs, bundle-plan.ts.
  */
 import { pipeline } from 'node:stream/promises';
 import * as tar from 'tar-stream';
-import { repositoryLists } from '../access/repositories.js';
-import { formatBytes } from '../config/units.js';
-import { formatLocation } from '../routing.js';
 import { DigestVerifier, parseDigest, type Digest } from '../oci/digest.js';
 import type { Runtime } from '../runtime.js';
 import type { BlobWriter } from '../storage/types.js';
 import { parseIndex, readAll, type IndexEntry } from './bundle.js';
+import { checkBudget, checkUpstreamMap, placeImages } from './bundle-admission.js';
 import {
   BundleError,
   cannotRead,
@@ -389,78 +388,4 @@ function storageName(runtime: Runtime): string {
   return storage.driver === 's3'
     ? `s3://${storage.s3.bucket}/${storage.s3.prefix}`
     : storage.filesystem.root;
-}
-
-/**
- * With a `retention.maxSize`, refuses (BundleError, with the figures) an import that would take
- * storage past it: the budget would evict what was imported, and an offline cache cannot fetch
- * it again.
- */
-async function checkBudget(runtime: Runtime, file: string, adding: number): Promise<void> {
-  const { maxSize } = runtime.config.retention;
-  if (maxSize <= 0 || adding === 0) return;
-  let stored = 0;
-  if (runtime.lifecycle.ready) stored = (await runtime.lifecycle.usage()).bytes;
-  else for await (const blob of runtime.blobs.list()) stored += blob.size;
-  if (stored + adding <= maxSize) return;
-  throw new BundleError(
-    `${file}: it adds ${formatBytes(adding)} to the ${formatBytes(stored)} stored, past retention.maxSize (${formatBytes(maxSize)}): the budget would evict it; raise retention.maxSize, or import fewer images`,
-  );
-}
-
-/** Every target of the map is an upstream whose images are cached; throws BundleError if not. */
-function checkUpstreamMap(runtime: Runtime, map: ReadonlyMap<string, string>): void {
-  for (const [from, to] of map) {
-    if (runtime.services.has(to)) continue;
-    throw new BundleError(
-      `--upstream-map ${from}=${to}: ${to} ${runtime.passthrough.has(to) ? 'is a passthrough upstream (nothing is cached for it)' : `is not a configured upstream (configured: ${configuredUpstreams(runtime)})`}`,
-    );
-  }
-}
-
-/**
- * The bundle's images under the upstreams they are kept under here (mapped or the same name);
- * throws BundleError naming every upstream of the bundle that has no place here.
- */
-function placeImages(
-  runtime: Runtime,
-  images: IndexEntry[],
-  map: ReadonlyMap<string, string>,
-  file: string,
-): IndexEntry[] {
-  const placed = images.map((image) => ({
-    ...image,
-    upstream: map.get(image.upstream) ?? image.upstream,
-  }));
-  const unplaced = [...new Set(placed.map((image) => image.upstream))].filter(
-    (upstream) => !runtime.services.has(upstream),
-  );
-  const passthrough = unplaced.filter((upstream) => runtime.passthrough.has(upstream));
-  const missing = unplaced.filter((upstream) => !runtime.passthrough.has(upstream));
-  const mapHint = (names: string[]) =>
-    `--upstream-map ${names.map((name) => `${name}=<upstream>`).join(',')}`;
-  if (missing.length > 0) {
-    const one = missing.length === 1;
-    throw new BundleError(
-      `${file}: its images are from ${one ? 'upstream' : 'upstreams'} ${missing.join(', ')}, which ${one ? 'is' : 'are'} not configured here (configured: ${configuredUpstreams(runtime)}); add ${one ? 'it' : 'them'}, or map ${one ? 'it' : 'them'} with ${mapHint(missing)}`,
-    );
-  }
-  if (passthrough.length > 0) {
-    const one = passthrough.length === 1;
-    throw new BundleError(
-      `${file}: its images are from ${one ? 'upstream' : 'upstreams'} ${passthrough.join(', ')}, which ${one ? 'is a passthrough upstream' : 'are passthrough upstreams'} here (nothing is cached for ${one ? 'it' : 'them'}); map ${one ? 'it' : 'them'} with ${mapHint(passthrough)}`,
-    );
-  }
-  // Outside an upstream's allow/deny lists: refused, and nothing of the bundle is kept.
-  const lists = repositoryLists(runtime.config);
-  for (const image of placed) {
-    const verdict = lists.verdict(image.upstream, image.repository);
-    if (!verdict.allowed)
-      throw new BundleError(`${file}: ${formatLocation(image)} is refused: ${verdict.reason}`);
-  }
-  return placed;
-}
-
-function configuredUpstreams(runtime: Runtime): string {
-  return [...runtime.services.keys()].join(', ') || 'none';
 }
