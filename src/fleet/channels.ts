@@ -12,7 +12,7 @@ import type { Logger } from '../log/logger.js';
 import { paths } from '../storage/paths.js';
 import type { StorageDriver } from '../storage/types.js';
 import { Forgetting, IpcForgetTransport, RedisForgetTransport } from './forget.js';
-import { PeerLeases } from './peers.js';
+import { PeerLeases } from './peer-leases.js';
 import { processChannel, WorkerLeases } from './worker-leases.js';
 
 export interface FleetChannels {

@@ -5,7 +5,8 @@
  */
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { Readable } from 'node:stream';
-import { PeerLeases, PeeredBlobSource } from '../../src/fleet/peers.js';
+import { PeerLeases } from '../../src/fleet/peer-leases.js';
+import { PeeredBlobSource } from '../../src/fleet/peers.js';
 import { COMMAND_TIMEOUT_MS, LeaseRedis } from '../../src/lifecycle/lease.js';
 import { silentLogger } from '../../src/log/logger.js';
 import type { Digest } from '../../src/oci/digest.js';

@@ -9,7 +9,7 @@ import { createServer, type Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { afterEach, expect, test } from 'vitest';
 import { PEER_PATH, PeeredBlobSource, verifyPeerSignature } from '../../src/fleet/peers.js';
-import type { PeerLeases } from '../../src/fleet/peers.js';
+import type { PeerLeases } from '../../src/fleet/peer-leases.js';
 import { silentLogger, type Logger } from '../../src/log/logger.js';
 import { capturedLog } from '../helpers/pullcache.js';
 import { digestOf, type Digest } from '../../src/oci/digest.js';
