@@ -1,7 +1,8 @@
 /**
  * The express app: the OCI pull API (distribution spec "pull" and "content discovery"
- * endpoints, served by manifests.ts, blobs.ts, listing.ts and referrers.ts), health, metrics,
- * request logs (request-log.ts), and the one error middleware.
+ * endpoints, served by manifests.ts, blobs.ts, listing.ts and referrers.ts, or forwarded to a
+ * passthrough upstream as passthrough-request.ts makes the request), health, metrics, request
+ * logs (request-log.ts), and the one error middleware.
  */
 import type { RequestListener } from 'node:http';
 import express, {
@@ -14,24 +15,22 @@ import type { Config } from '../config/schema.js';
 import type { Logger } from '../log/logger.js';
 import type { Metrics } from '../metrics.js';
 import {
-  BlobUploadUnknownError,
   DeniedError,
-  DigestInvalidError,
-  ManifestUnknownError,
   MethodNotAllowedError,
-  NameInvalidError,
   NotFoundError,
   UnsupportedError,
-  type RegistryError,
 } from '../oci/errors.js';
-import { parseDigest } from '../oci/digest.js';
-import { isTag, parseManifestReference } from '../oci/reference.js';
 import type { BlobService, RepositoryKey, RepositoryStore } from '../storage/types.js';
 import type { UpstreamServices } from './types.js';
 import type { Lifecycle } from '../lifecycle/lifecycle.js';
 import { ADMIN_PREFIX, adminRouter } from './admin.js';
 import { errorMiddleware, methodNotAllowed } from './errors.js';
 import type { Passthrough } from './passthrough.js';
+import {
+  passthroughAction,
+  passthroughQuery,
+  upstreamUnauthorized,
+} from './passthrough-request.js';
 import {
   createManifestFastPath,
   decodeSegment,
@@ -46,7 +45,7 @@ import type { StatusReporter } from '../status/status.js';
 import { serveReferrers } from './referrers.js';
 import { serveBlob } from './blobs.js';
 import { listTags, paginate, pagination } from './listing.js';
-import { clientName, routeRequest, type Route } from '../routing.js';
+import { clientName, routeRequest } from '../routing.js';
 import { repositoryLists } from '../access/repositories.js';
 import { createAccess, TOKEN_PATH } from '../access/access.js';
 import { AuthenticationRequiredError } from '../access/errors.js';
@@ -254,38 +253,6 @@ export function createApp(deps: AppDeps): express.Express {
   });
   app.all('/v2/_catalog', methodNotAllowed(READ_METHODS));
 
-  /**
-   * A cross-repository mount's source (`?mount=<digest>&from=<name>` on a passthrough upload):
-   * routed like the name, refused as a pull of it would be (lists, `pull`), and named to the
-   * upstream as the upstream knows it. The query as the client sent it when there is none.
-   */
-  const passthroughQuery = (req: Request, res: Response, route: Route, action: string): string => {
-    const at = req.originalUrl.indexOf('?');
-    const search = at >= 0 ? req.originalUrl.slice(at) : '';
-    if (!action.startsWith('blobs/uploads')) return search;
-    const params = new URLSearchParams(search);
-    if (!params.has('mount') && !params.has('from')) return search;
-    const [mount, ...moreMounts] = params.getAll('mount');
-    const [from, ...moreFroms] = params.getAll('from');
-    if (moreMounts.length > 0) throw new DigestInvalidError('mount must be given once');
-    if (moreFroms.length > 0) throw new NameInvalidError('from must be given once');
-    if (mount !== undefined) parseDigest(mount);
-    const source = from === undefined ? undefined : routeRequest(config, from, req.query.ns);
-    if (source === undefined || source.upstream !== route.upstream) {
-      // Nothing to check the upstream's choice against (a mount from wherever the credentials
-      // reach), or another upstream's repository: an upload instead, as a registry that does
-      // not mount answers.
-      params.delete('mount');
-      params.delete('from');
-    } else {
-      lists.check(source.upstream, source.repository);
-      access.authorize(identityOf(res), 'pull', source);
-      params.set('from', source.repository);
-    }
-    const rest = params.toString();
-    return rest === '' ? '' : `?${rest}`;
-  };
-
   app.use('/v2', async (req: Request, res: Response, next: NextFunction) => {
     const m = API_PATH.exec(req.path);
     if (!m) {
@@ -309,7 +276,8 @@ export function createApp(deps: AppDeps): express.Express {
     );
     if (passthrough) {
       const path = `/v2/${route.repository}/${passthroughAction(route, action)}`;
-      const query = passthroughQuery(req, res, route, action);
+      const identity = identityOf(res);
+      const query = passthroughQuery(req, route, action, { config, lists, access, identity });
       if (!access.enabled) {
         passthrough.forward(req, res, `${path}${query}`, { prefix: route.prefix }, next);
         return;
@@ -317,7 +285,6 @@ export function createApp(deps: AppDeps): express.Express {
       // The client's credentials are pullcache's own then: never the upstream's to see, and the
       // upstream's challenge never the client's to answer (with pullcache's credentials).
       delete req.headers.authorization;
-      const identity = identityOf(res);
       passthrough.forward(
         req,
         res,
@@ -379,56 +346,4 @@ export function createApp(deps: AppDeps): express.Express {
 /** The caller, as the identity middleware found it. */
 function identityOf(res: Response): Identity {
   return res.locals.identity as Identity;
-}
-
-/**
- * The answer to a passthrough upstream's 401 with client authentication on, whose credentials
- * pullcache does not forward. A caller without any credential is challenged as on any endpoint
- * (pullcache's realm: it may hold credentials for pullcache, and clients send them only when
- * challenged). A caller with one (a user, a token, an anonymous one too) is refused: a challenge
- * it already met would only send it round the token realm again to the same 401.
- */
-function upstreamUnauthorized(identity: Identity, route: Route): RegistryError {
-  if (!identity.credentialed) return new AuthenticationRequiredError('authentication required');
-  return new DeniedError(
-    `upstream ${route.upstream} requires authentication for ${route.repository}, and pullcache ` +
-      'forwards no client credentials to it (client authentication is on)',
-  );
-}
-
-/** An upload session's id as registries make them (distribution's route takes these). */
-const UPLOAD_ID = /^[A-Za-z0-9_.=~+-]{1,1024}$/;
-
-/**
- * What follows the name on a passthrough request, each segment validated and sent decoded: the
- * upstream decodes them too, and a `..%2F` there would leave the repository that was checked
- * (`/v2/public/app/manifests/..%2F..%2Fsecret%2Fapp%2Fmanifests%2Flatest`). A reference that is
- * neither a tag nor a digest is 404 MANIFEST_UNKNOWN, as on a cache upstream; a bad digest 400
- * DIGEST_INVALID; a bad upload id 404 BLOB_UPLOAD_UNKNOWN.
- */
-function passthroughAction(route: Route, action: string): string {
-  const slash = action.indexOf('/');
-  const kind = action.slice(0, slash);
-  const rest = action.slice(slash + 1);
-  if (kind === 'tags') return action; // tags/list
-  if (kind === 'manifests') {
-    const unknown = (value: string) =>
-      new ManifestUnknownError(`${route.repository}:${value.slice(0, 140)}`);
-    const value = decodeSegment(rest, () => unknown(rest));
-    if (!value.includes(':') && !isTag(value)) throw unknown(value);
-    parseManifestReference(value); // a malformed digest: 400
-    return `manifests/${value}`;
-  }
-  if (kind === 'referrers') {
-    return `referrers/${parseDigest(decodeSegment(rest, undecodableDigest)).digest}`;
-  }
-  if (rest === 'uploads' || rest === 'uploads/') return action;
-  if (rest.startsWith('uploads/')) {
-    const raw = rest.slice('uploads/'.length);
-    const unknown = (value: string) => new BlobUploadUnknownError(value.slice(0, 140));
-    const id = decodeSegment(raw, () => unknown(raw));
-    if (!UPLOAD_ID.test(id) || /^\.+$/.test(id)) throw unknown(id);
-    return `blobs/uploads/${id}`;
-  }
-  return `blobs/${parseDigest(decodeSegment(rest, undecodableDigest)).digest}`;
 }
