@@ -30,13 +30,8 @@ import {
 } from './storage/local-services.js';
 import { DriverReferrersStore } from './storage/referrers-store.js';
 import { DriverRepositoryStore } from './storage/repository-store.js';
-import {
-  StorageUnavailableError,
-  type BlobService,
-  type BlobStore,
-  type RepositoryStore,
-  type StorageDriver,
-} from './storage/types.js';
+import type { BlobService, BlobStore, RepositoryStore, StorageDriver } from './storage/types.js';
+import { StorageUnavailableError } from './storage/errors.js';
 import { RegistryClient } from './upstream/client.js';
 import { openFleetChannels } from './fleet/channels.js';
 import { PeeredBlobSource } from './fleet/peers.js';

@@ -16,7 +16,7 @@ import type {
   RepositoryKey,
   StatResult,
 } from '../storage/types.js';
-import { resolveRange } from '../storage/types.js';
+import { resolveRange } from '../storage/byte-range.js';
 
 export class PeerBlobService implements BlobService {
   constructor(

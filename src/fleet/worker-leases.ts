@@ -5,7 +5,7 @@
  */
 import type { Digest } from '../oci/digest.js';
 import type { RangeStream } from '../storage/file-range.js';
-import { PathNotFoundError } from '../storage/types.js';
+import { PathNotFoundError } from '../storage/errors.js';
 import {
   isLeaseMessage,
   type HolderState,

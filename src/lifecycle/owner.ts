@@ -18,7 +18,8 @@ import { createHash, randomUUID } from 'node:crypto';
 import type { Logger } from '../log/logger.js';
 import { hostname } from 'node:os';
 import { paths } from '../storage/paths.js';
-import { PathNotFoundError, type StorageDriver } from '../storage/types.js';
+import type { StorageDriver } from '../storage/types.js';
+import { PathNotFoundError } from '../storage/errors.js';
 import type { Lease } from './lease.js';
 
 export interface OwnerRecord {

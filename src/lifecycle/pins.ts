@@ -10,7 +10,8 @@ import type { Logger } from '../log/logger.js';
 import { parseDigest } from '../oci/digest.js';
 import { parseRepository, parseTag } from '../oci/reference.js';
 import { paths } from '../storage/paths.js';
-import { PathNotFoundError, type StorageDriver } from '../storage/types.js';
+import type { StorageDriver } from '../storage/types.js';
+import { PathNotFoundError } from '../storage/errors.js';
 import type { Image, RepositoryNode } from './image-graph.js';
 import type { ImageRef } from './types.js';
 

@@ -19,14 +19,8 @@ import type { Logger } from '../log/logger.js';
 import type { Digest } from '../oci/digest.js';
 import type { RangeStream } from '../storage/file-range.js';
 import type { Descriptor } from '../oci/descriptor.js';
-import {
-  PathNotFoundError,
-  SpoolError,
-  StorageUnavailableError,
-  type BlobStore,
-  type BlobWriter,
-  type RepositoryKey,
-} from '../storage/types.js';
+import type { BlobStore, BlobWriter, RepositoryKey } from '../storage/types.js';
+import { PathNotFoundError, SpoolError, StorageUnavailableError } from '../storage/errors.js';
 import type { UpstreamClient } from '../upstream/types.js';
 import { ReceiveSlabs } from '../upstream/receive-slabs.js';
 import type { StorageBudget } from '../lifecycle/types.js';

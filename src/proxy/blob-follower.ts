@@ -18,7 +18,8 @@
 import { Readable, type Writable } from 'node:stream';
 import type { Digest } from '../oci/digest.js';
 import { canReadInto, sendFilled, type RangeStream, type Sendable } from '../storage/file-range.js';
-import { PathNotFoundError, type BlobStore } from '../storage/types.js';
+import type { BlobStore } from '../storage/types.js';
+import { PathNotFoundError } from '../storage/errors.js';
 import type { ReceiveSlabs } from '../upstream/receive-slabs.js';
 import type { FollowedFetch } from './types.js';
 

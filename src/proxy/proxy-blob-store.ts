@@ -9,15 +9,15 @@ import type { Digest } from '../oci/digest.js';
 import type { MetadataCache } from '../metadata/types.js';
 import type { Metrics } from '../metrics.js';
 import type { LocalBlobService } from '../storage/local-services.js';
-import {
-  resolveRange,
-  type BlobService,
-  type BlobStore,
-  type ByteRange,
-  type OpenResult,
-  type RepositoryKey,
-  type StatResult,
+import type {
+  BlobService,
+  BlobStore,
+  ByteRange,
+  OpenResult,
+  RepositoryKey,
+  StatResult,
 } from '../storage/types.js';
+import { resolveRange } from '../storage/byte-range.js';
 import {
   UpstreamInvalidError,
   UpstreamNotFoundError,

@@ -15,18 +15,18 @@ import {
 } from '../oci/errors.js';
 import { isUploadId, paths } from './paths.js';
 import { recordPull } from './last-pull.js';
-import {
-  PathNotFoundError,
-  resolveRange,
-  type BlobStore,
-  type BlobWriter,
-  type ByteRange,
-  type FileWriter,
-  type OpenResult,
-  type StatResult,
-  type StorageDriver,
-  type StoredBlob,
+import type {
+  BlobStore,
+  BlobWriter,
+  ByteRange,
+  FileWriter,
+  OpenResult,
+  StatResult,
+  StorageDriver,
+  StoredBlob,
 } from './types.js';
+import { resolveRange } from './byte-range.js';
+import { PathNotFoundError } from './errors.js';
 
 /** Blobs stat'ed at once when listing storage. */
 const LIST_BATCH = 64;

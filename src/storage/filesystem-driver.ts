@@ -15,7 +15,8 @@ import { constants } from 'node:fs';
 import * as fs from 'node:fs/promises';
 import * as path from 'node:path';
 import { FileRange } from './file-range.js';
-import { PathNotFoundError, type FileInfo, type FileWriter, type StorageDriver } from './types.js';
+import type { FileInfo, FileWriter, StorageDriver } from './types.js';
+import { PathNotFoundError } from './errors.js';
 
 /** Where small files are written before they are renamed into place (see above). */
 const TMP_DIR = '.tmp';

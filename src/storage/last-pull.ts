@@ -7,7 +7,8 @@
  * may pick it. (A stat then a write is not atomic: two writes within the same moment can still
  * cross, which costs at most one flush interval of recency.)
  */
-import { PathNotFoundError, type StorageDriver } from './types.js';
+import type { StorageDriver } from './types.js';
+import { PathNotFoundError } from './errors.js';
 
 /** Records a pull at `at` unless a later one is recorded already; nothing when `path` is gone. */
 export async function recordPull(driver: StorageDriver, path: string, at: number): Promise<void> {

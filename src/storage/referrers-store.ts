@@ -1,13 +1,8 @@
 /** The referrers answers kept per repository and subject, one small JSON file each, on a StorageDriver. */
 import type { Digest } from '../oci/digest.js';
 import { paths } from './paths.js';
-import {
-  PathNotFoundError,
-  type ReferrersRecord,
-  type ReferrersStore,
-  type RepositoryKey,
-  type StorageDriver,
-} from './types.js';
+import type { ReferrersRecord, ReferrersStore, RepositoryKey, StorageDriver } from './types.js';
+import { PathNotFoundError } from './errors.js';
 
 export class DriverReferrersStore implements ReferrersStore {
   constructor(private readonly driver: StorageDriver) {}

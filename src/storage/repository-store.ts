@@ -5,15 +5,15 @@ import { parseRepository, type Tag } from '../oci/reference.js';
 import { isTag } from '../oci/reference.js';
 import { paths, REPOSITORY_DATA_DIRS } from './paths.js';
 import { recordPull } from './last-pull.js';
-import {
-  PathNotFoundError,
-  type ManifestLink,
-  type RepositoryKey,
-  type RepositoryStore,
-  type StorageDriver,
-  type TagLink,
-  type UpstreamRepository,
+import type {
+  ManifestLink,
+  RepositoryKey,
+  RepositoryStore,
+  StorageDriver,
+  TagLink,
+  UpstreamRepository,
 } from './types.js';
+import { PathNotFoundError } from './errors.js';
 
 export class DriverRepositoryStore implements RepositoryStore {
   constructor(private readonly driver: StorageDriver) {}

@@ -19,7 +19,7 @@ import {
   type S3ClientConfig,
 } from '@aws-sdk/client-s3';
 import { unavailable } from './s3-errors.js';
-import { StorageUnavailableError } from './types.js';
+import { StorageUnavailableError } from './errors.js';
 
 /** Keys a DeleteObjects takes at once. */
 const DELETE_BATCH = 1000;

@@ -50,14 +50,8 @@ import { isNotFound, isTooLarge, notFound, statusOf } from './s3-errors.js';
 import { S3Reads } from './s3-reads.js';
 import { S3Uploads, encodeKey } from './s3-uploads.js';
 import { S3Writer } from './s3-writer.js';
-import {
-  PathNotFoundError,
-  StorageUnavailableError,
-  SpoolError,
-  type FileInfo,
-  type FileWriter,
-  type StorageDriver,
-} from './types.js';
+import type { FileInfo, FileWriter, StorageDriver } from './types.js';
+import { PathNotFoundError, StorageUnavailableError, SpoolError } from './errors.js';
 
 /** The connection's options (s3-connection.ts), and how writes are made. */
 export interface S3DriverOptions extends S3ConnectionOptions {

@@ -5,7 +5,7 @@
  * 403, a 404 that is not about the key: NoSuchBucket, NoSuchUpload) as a StorageUnavailableError
  * (503) that names the key and S3's request id where there are some.
  */
-import { PathNotFoundError, StorageUnavailableError } from './types.js';
+import { PathNotFoundError, StorageUnavailableError } from './errors.js';
 
 /** What S3 says by status alone, where a HEAD leaves it no body to say it with. */
 export const HEAD_ERRORS: Record<number, string> = {

@@ -15,7 +15,8 @@ import { Agent as UndiciAgent, request, type Dispatcher } from 'undici';
 import { RangeInvalidError } from '../oci/errors.js';
 import { ObjectRange } from './object-range.js';
 import { HEAD_ERRORS, isKeyNotFound, notFound, unavailable } from './s3-errors.js';
-import { PathNotFoundError, StorageUnavailableError, type FileInfo } from './types.js';
+import type { FileInfo } from './types.js';
+import { PathNotFoundError, StorageUnavailableError } from './errors.js';
 
 /** How long a presigned GET for the driver's own reads is valid (signed again at half). */
 const SIGNED_GET_SECONDS = 15 * 60;

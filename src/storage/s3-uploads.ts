@@ -18,7 +18,8 @@ import {
   type S3Client,
 } from '@aws-sdk/client-s3';
 import { isNoSuchUpload, isNotFound, isTooLarge } from './s3-errors.js';
-import { PathNotFoundError, type FileInfo } from './types.js';
+import type { FileInfo } from './types.js';
+import { PathNotFoundError } from './errors.js';
 
 /** S3's limit for one CopyObject; larger objects are copied part by part. */
 const COPY_MAX = 5 * 1024 ** 3;

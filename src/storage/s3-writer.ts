@@ -24,7 +24,8 @@ import {
   type CompletedPart,
   type S3Client,
 } from '@aws-sdk/client-s3';
-import { SpoolError, StorageUnavailableError, type FileWriter } from './types.js';
+import type { FileWriter } from './types.js';
+import { SpoolError, StorageUnavailableError } from './errors.js';
 
 /** Parts of one write uploaded at once. */
 const PART_CONCURRENCY = 2;

@@ -4,7 +4,6 @@
  */
 import type { Readable } from 'node:stream';
 import type { RangeStream } from './file-range.js';
-import { RangeInvalidError, UnavailableError } from '../oci/errors.js';
 import type { Digest } from '../oci/digest.js';
 import type { Descriptor } from '../oci/descriptor.js';
 import type { Repository, Tag } from '../oci/reference.js';
@@ -127,69 +126,6 @@ export interface StorageDriver {
   ): Promise<{ stream: RangeStream; size: number } | undefined>;
 }
 
-/**
- * The storage cannot be reached or refuses (an object store down, slow past its timeouts after
- * retries, or denying access): 503 with Retry-After, never a 500.
- */
-export class StorageUnavailableError extends UnavailableError {
-  /** The object key (S3) the failed request was about, for the log. */
-  readonly key?: string;
-  /** The store's id of the failed request (S3's x-amz-request-id), for the log. */
-  readonly requestId?: string;
-
-  constructor(
-    message: string,
-    cause?: unknown,
-    about: { key?: string | undefined; requestId?: string | undefined } = {},
-  ) {
-    super(message, { 'Retry-After': '10' });
-    this.cause = cause;
-    if (about.key !== undefined) this.key = about.key;
-    if (about.requestId !== undefined) this.requestId = about.requestId;
-  }
-
-  /** What the log line of a request or a fetch it failed adds (http/errors.ts). */
-  get logFields(): { storageKey?: string; storageRequestId?: string } {
-    return {
-      ...(this.key !== undefined ? { storageKey: this.key } : {}),
-      ...(this.requestId !== undefined ? { storageRequestId: this.requestId } : {}),
-    };
-  }
-}
-
-/**
- * The local directory a driver spools writes to (S3: `storage.s3.spoolDir`) cannot take them:
- * full, read-only, missing rights. Unavailable (503), and not the storage being full: evicting
- * from the store frees nothing there.
- */
-export class SpoolError extends StorageUnavailableError {
-  constructor(
-    readonly dir: string,
-    cause: unknown,
-  ) {
-    const code = (cause as NodeJS.ErrnoException)?.code;
-    const why =
-      code === 'ENOSPC' || code === 'EDQUOT'
-        ? 'it is full'
-        : code === 'EROFS' || code === 'EACCES' || code === 'EPERM'
-          ? 'it cannot be written'
-          : 'it failed';
-    super(
-      // The client is told why, not the server's paths: the log names the directory.
-      `storage is unavailable: the spool directory cannot take the blob: ${why} (${code ?? 'error'}); it needs room for the largest blobs fetched at once`,
-      cause,
-    );
-    this.name = 'SpoolError';
-  }
-}
-
-export class PathNotFoundError extends Error {
-  constructor(readonly path: string) {
-    super(`path not found: ${path}`);
-    this.name = 'PathNotFoundError';
-  }
-}
-
 export type StatResult = { found: false } | { found: true; descriptor: Descriptor };
 
 export interface ByteRange {
@@ -197,20 +133,6 @@ export interface ByteRange {
   start: number;
   /** Last byte, inclusive; to the end when undefined. */
   end?: number;
-}
-
-/**
- * The inclusive [start, end] a range asks of a blob of `size` bytes (the whole blob without one);
- * an end past the blob is clipped. Throws RangeInvalidError for a range outside the blob.
- */
-export function resolveRange(
-  size: number,
-  range: ByteRange | undefined,
-): { start: number; end: number } {
-  if (!range) return { start: 0, end: size - 1 };
-  const end = Math.min(range.end ?? size - 1, size - 1);
-  if (range.start >= size || range.start > end) throw new RangeInvalidError(size);
-  return { start: range.start, end };
 }
 
 export type OpenResult =
@@ -353,10 +275,6 @@ export interface ReferrersStore {
   ): Promise<ReferrersRecord | undefined>;
 }
 
-/**
- * Per repository: links to the blobs and manifests it holds, and its tags. The bytes live in
- * the BlobStore, shared by digest.
- */
 /** What one repository holds, as `RepositoryStore.listUpstream` finds it. */
 export interface UpstreamRepository {
   blobLinks: Digest[];
@@ -365,6 +283,10 @@ export interface UpstreamRepository {
   tags: Tag[];
 }
 
+/**
+ * Per repository: links to the blobs and manifests it holds, and its tags. The bytes live in
+ * the BlobStore, shared by digest.
+ */
 export interface RepositoryStore {
   linkBlob(repo: RepositoryKey, descriptor: Descriptor): Promise<void>;
   /** True when the repository links the blob. */

@@ -27,11 +27,8 @@ import { ImageGraph } from '../../src/lifecycle/image-graph.js';
 import { scanStorage } from '../../src/lifecycle/scan.js';
 import { paths } from '../../src/storage/paths.js';
 import { S3Driver, type S3DriverOptions } from '../../src/storage/s3-driver.js';
-import {
-  PathNotFoundError,
-  StorageUnavailableError,
-  type RepositoryStore,
-} from '../../src/storage/types.js';
+import type { RepositoryStore } from '../../src/storage/types.js';
+import { PathNotFoundError, StorageUnavailableError } from '../../src/storage/errors.js';
 import type { UpstreamClient } from '../../src/upstream/types.js';
 import { ociError } from '../helpers/http.js';
 import { makeImage, ociManifest, pushImage, sha256, type Image } from '../helpers/images.js';

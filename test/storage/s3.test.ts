@@ -18,7 +18,7 @@ import type { Logger } from '../../src/log/logger.js';
 import { parseDigest } from '../../src/oci/digest.js';
 import { paths } from '../../src/storage/paths.js';
 import { S3Driver } from '../../src/storage/s3-driver.js';
-import { StorageUnavailableError } from '../../src/storage/types.js';
+import { StorageUnavailableError } from '../../src/storage/errors.js';
 import { TestDockerd } from '../helpers/dockerd.js';
 import { ociError } from '../helpers/http.js';
 import { makeImage, pushImage, sha256, type Image } from '../helpers/images.js';
