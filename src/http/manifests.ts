@@ -25,8 +25,12 @@ import { repositoryLists } from '../access/repositories.js';
 import type { AccessControl } from '../access/types.js';
 import { AuthenticationRequiredError } from '../access/errors.js';
 
-/** Said of an answer served past its freshness window because the upstream could not confirm it. */
-export const STALE_WARNING = '110 pullcache "stale: upstream not confirmed"';
+/**
+ * Said of an answer served past its freshness window because the upstream could not confirm it.
+ * The distribution spec's form (warn-code 299, warn-agent `-`): clients show no other (skopeo and
+ * podman log a `299 -` warning, oras keeps only those).
+ */
+export const STALE_WARNING = '299 - "pullcache: stale, the upstream did not confirm this answer"';
 
 /**
  * Headers of every answer on the registry API (`/v2`, passthrough answers included). What it

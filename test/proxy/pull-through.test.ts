@@ -549,7 +549,7 @@ describe.each(DRIVERS)('pulling through pullcache from a real registry (%s stora
       const stale = await fetch(`${pc.url}/v2/registry.test/org/oci-app/manifests/v1`);
       expect(stale.status).toBe(200);
       expect(stale.headers.get('docker-content-digest')).toBe(oci.digest);
-      expect(stale.headers.get('warning')).toMatch(/stale/);
+      expect(stale.headers.get('warning')).toMatch(/^299 - "pullcache: stale/);
       const missing = await fetch(`${pc.url}/v2/org/never-pulled/manifests/v1`);
       expect(missing.status).toBe(503);
       expect(await ociError(missing)).toBe('UNAVAILABLE');
