@@ -15,6 +15,7 @@ import { Agent as HttpAgent } from 'node:http';
 import {
   DeleteObjectsCommand,
   ListObjectsV2Command,
+  type ListObjectsV2CommandOutput,
   S3Client,
   type S3ClientConfig,
 } from '@aws-sdk/client-s3';
@@ -117,11 +118,14 @@ export class S3Connection<Options extends S3ConnectionOptions = S3ConnectionOpti
     }
   }
 
-  /** Every key under a directory, with its size and last write. */
-  protected async *walkKeys(
-    p: string,
-  ): AsyncIterable<{ key: string; size: number; modTime: Date }> {
-    const prefix = this.dirKey(p);
+  /**
+   * Every page of the listing of the keys under `prefix` (with `delimiter`: the keys right under
+   * it, and the common prefixes below).
+   */
+  protected async *listPages(
+    prefix: string,
+    delimiter?: string,
+  ): AsyncIterable<ListObjectsV2CommandOutput> {
     let token: string | undefined;
     do {
       const res = await this.send('list', () =>
@@ -129,14 +133,23 @@ export class S3Connection<Options extends S3ConnectionOptions = S3ConnectionOpti
           new ListObjectsV2Command({
             Bucket: this.bucket,
             Prefix: prefix,
+            ...(delimiter !== undefined ? { Delimiter: delimiter } : {}),
             ...(token ? { ContinuationToken: token } : {}),
           }),
         ),
       );
-      for (const o of res.Contents ?? [])
-        if (o.Key) yield { key: o.Key, size: o.Size ?? 0, modTime: o.LastModified ?? new Date(0) };
+      yield res;
       token = res.IsTruncated ? res.NextContinuationToken : undefined;
     } while (token);
+  }
+
+  /** Every key under a directory, with its size and last write. */
+  protected async *walkKeys(
+    p: string,
+  ): AsyncIterable<{ key: string; size: number; modTime: Date }> {
+    for await (const res of this.listPages(this.dirKey(p)))
+      for (const o of res.Contents ?? [])
+        if (o.Key) yield { key: o.Key, size: o.Size ?? 0, modTime: o.LastModified ?? new Date(0) };
   }
 
   protected async deleteKeys(keys: string[]): Promise<void> {

@@ -39,7 +39,6 @@ import {
   GetObjectCommand,
   HeadBucketCommand,
   HeadObjectCommand,
-  ListObjectsV2Command,
   PutObjectCommand,
 } from '@aws-sdk/client-s3';
 import { getSignedUrl } from '@aws-sdk/s3-request-presigner';
@@ -212,23 +211,11 @@ export class S3Driver extends S3Connection<S3DriverOptions> implements StorageDr
   async list(p: string): Promise<string[]> {
     const prefix = this.dirKey(p);
     const names = new Set<string>();
-    let token: string | undefined;
-    do {
-      const res = await this.send('list', () =>
-        this.client.send(
-          new ListObjectsV2Command({
-            Bucket: this.bucket,
-            Prefix: prefix,
-            Delimiter: '/',
-            ...(token ? { ContinuationToken: token } : {}),
-          }),
-        ),
-      );
+    for await (const res of this.listPages(prefix, '/')) {
       for (const c of res.CommonPrefixes ?? [])
         if (c.Prefix) names.add(c.Prefix.slice(prefix.length, -1));
       for (const o of res.Contents ?? []) if (o.Key) names.add(o.Key.slice(prefix.length));
-      token = res.IsTruncated ? res.NextContinuationToken : undefined;
-    } while (token);
+    }
     names.delete('');
     return [...names].sort();
   }
