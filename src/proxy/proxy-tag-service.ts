@@ -1,9 +1,10 @@
 /**
  * ProxyTagService: resolves a tag to a digest. Inside the upstream's `tagTTL` a known tag is
  * answered without asking upstream; after it, a HEAD revalidates (Docker Hub does not count
- * HEADs against its pull limit) and a GET happens only when the digest changed or the tag is
- * new. Concurrent lookups of one tag share one upstream request. When the upstream fails, the
- * last known digest is served (stale-if-error) and counted.
+ * HEADs against its pull limit) and a GET happens only when the digest changed, the tag is new,
+ * or the HEAD answer named no digest (older spec versions allow it). Concurrent lookups of one
+ * tag share one upstream request. When the upstream fails, the last known digest is served
+ * (stale-if-error) and counted.
  */
 import type { UpstreamConfig } from '../config/schema.js';
 import type { Logger } from '../log/logger.js';
@@ -25,6 +26,8 @@ import { SingleFlight } from './single-flight.js';
 export class ProxyTagService implements TagService {
   private readonly flights = new SingleFlight<TagResult>();
   private readonly log: Logger;
+  /** The upstream answered a manifest HEAD without Docker-Content-Digest (logged once). */
+  private toldHeadWithoutDigest = false;
 
   constructor(
     private readonly local: TagService,
@@ -96,26 +99,12 @@ export class ProxyTagService implements TagService {
     try {
       if (known.found) {
         const head = await this.client.headManifest(repo.repository, tag);
-        let fromUpstream = false;
-        if (head.digest !== known.digest) {
-          // The tag moved: fetch the new manifest by digest (stored if new), then record the tag.
-          const fetched = await this.manifests.get(repo, head.digest, { counted: false });
-          if (!fetched.found)
-            throw new UpstreamNotFoundError(this.client.name, `manifest ${head.digest}`);
-          fromUpstream = fetched.fromUpstream === true;
-          this.log.info(
-            { repository: repo.repository, tag, from: known.digest, to: head.digest },
-            'tag moved upstream',
-          );
-        }
-        await this.record(repo, tag, head.digest);
-        return { found: true, digest: head.digest, confirmedAt: this.now(), fromUpstream };
+        if (head.digest !== undefined) return await this.revalidated(repo, tag, known, head.digest);
+        // A HEAD answer without Docker-Content-Digest says nothing of the tag: not a failure
+        // (stale would be served for ever), the GET below tells where it points.
+        this.headWithoutDigest(repo, tag);
       }
-      const started = Date.now();
-      const fetched = await this.client.getManifest(repo.repository, tag);
-      await this.manifests.keep(repo, fetched, started);
-      await this.record(repo, tag, fetched.digest);
-      return { found: true, digest: fetched.digest, confirmedAt: this.now(), fromUpstream: true };
+      return await this.fetchTag(repo, tag, known);
     } catch (err) {
       if (err instanceof UpstreamNotFoundError) {
         if (known.found && this.config.staleOnNotFound)
@@ -127,6 +116,58 @@ export class ProxyTagService implements TagService {
       }
       throw err;
     }
+  }
+
+  /** A known tag whose HEAD named `digest`: the manifest is fetched by digest only if it moved. */
+  private async revalidated(
+    repo: RepositoryKey,
+    tag: Tag,
+    known: Extract<TagResult, { found: true }>,
+    digest: Digest,
+  ): Promise<TagResult> {
+    let fromUpstream = false;
+    if (digest !== known.digest) {
+      // The tag moved: fetch the new manifest by digest (stored if new), then record the tag.
+      const fetched = await this.manifests.get(repo, digest, { counted: false });
+      if (!fetched.found) throw new UpstreamNotFoundError(this.client.name, `manifest ${digest}`);
+      fromUpstream = fetched.fromUpstream === true;
+      this.moved(repo, tag, known.digest, digest);
+    }
+    await this.record(repo, tag, digest);
+    return { found: true, digest, confirmedAt: this.now(), fromUpstream };
+  }
+
+  /**
+   * GETs the tag's manifest, keeps it and records the tag: a tag not known here, or a known one
+   * whose HEAD answer named no digest.
+   */
+  private async fetchTag(repo: RepositoryKey, tag: Tag, known: TagResult): Promise<TagResult> {
+    const started = Date.now();
+    const fetched = await this.client.getManifest(repo.repository, tag);
+    await this.manifests.keep(repo, fetched, started);
+    if (known.found && fetched.digest !== known.digest)
+      this.moved(repo, tag, known.digest, fetched.digest);
+    await this.record(repo, tag, fetched.digest);
+    return { found: true, digest: fetched.digest, confirmedAt: this.now(), fromUpstream: true };
+  }
+
+  private moved(repo: RepositoryKey, tag: Tag, from: Digest, to: Digest): void {
+    this.log.info({ repository: repo.repository, tag, from, to }, 'tag moved upstream');
+  }
+
+  /**
+   * Said once per upstream (and process), at debug: it is the way of the upstream (or of a proxy
+   * in front of it), not of a tag, and saying it on every revalidation of every tag would tell
+   * nothing new. Nothing fails: each GET that takes a HEAD's place (and may count against a pull
+   * limit) is told by "manifest fetched".
+   */
+  private headWithoutDigest(repo: RepositoryKey, tag: Tag): void {
+    if (this.toldHeadWithoutDigest) return;
+    this.toldHeadWithoutDigest = true;
+    this.log.debug(
+      { repository: repo.repository, tag },
+      'manifest HEAD answered without Docker-Content-Digest: tags are revalidated with a GET',
+    );
   }
 
   /** Records the tag; a full disk only means it is asked of the upstream again next time. */

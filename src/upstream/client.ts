@@ -199,18 +199,11 @@ export class RegistryClient implements UpstreamClient {
       options,
     );
     res.body.resume();
-    const digest = this.expectedDigest(
-      reference,
-      header(res.headers, 'docker-content-digest'),
-      what,
-    );
-    if (!digest)
-      throw new UpstreamInvalidError(
-        this.name,
-        `${what}: HEAD answered without Docker-Content-Digest`,
-      );
+    // The header is a SHOULD in the spec (older versions) and proxies strip it: without it a HEAD
+    // by tag gives no digest, and the caller GETs the manifest to learn it, as containerd does.
+    // https://github.com/opencontainers/distribution-spec/blob/v1.0.1/spec.md#checking-if-content-exists-in-the-registry
     return {
-      digest,
+      digest: this.expectedDigest(reference, header(res.headers, 'docker-content-digest'), what),
       mediaType: baseMediaType(header(res.headers, 'content-type')),
       size: Number(header(res.headers, 'content-length') ?? 0),
     };

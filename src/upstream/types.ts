@@ -7,12 +7,19 @@ import type { HealthState } from './health.js';
 import type { ReceiveSlabs } from './receive-slabs.js';
 
 export interface ManifestHead {
-  digest: Digest;
+  /**
+   * The digest asked for (a HEAD by digest), else the upstream's Docker-Content-Digest; undefined
+   * when a HEAD by tag was answered without one, which older versions of the distribution spec
+   * allow: the manifest's GET then tells it.
+   */
+  digest: Digest | undefined;
   mediaType: string;
   size: number;
 }
 
 export interface FetchedManifest extends ManifestHead {
+  /** Verified: the one asked for, else the upstream's Docker-Content-Digest, else the bytes'. */
+  digest: Digest;
   /** The bytes exactly as the upstream sent them, verified against `digest`. */
   bytes: Buffer;
 }
@@ -103,7 +110,11 @@ export interface UpstreamClient {
     reference: string,
     options?: RequestOptions,
   ): Promise<FetchedManifest>;
-  /** HEAD by tag or digest: digest, media type and size, no body. */
+  /**
+   * HEAD by tag or digest: digest, media type and size, no body. A 2xx answer to a HEAD by tag
+   * without Docker-Content-Digest gives an undefined digest, not an error; a malformed one is
+   * UpstreamInvalidError.
+   */
   headManifest(
     repository: Repository,
     reference: string,

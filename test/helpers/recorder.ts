@@ -2,7 +2,8 @@
  * A recording forwarder in front of the real test registry (or the real S3 server): every
  * request pullcache makes to it passes through here unchanged and is counted, so tests can
  * assert what did (and did not) reach the upstream or the bucket. It can also be switched to
- * refuse connections (upstream down), or to drop the Content-Length of HEAD answers.
+ * refuse connections (upstream down), to drop the Content-Length of HEAD answers, or to drop the
+ * Docker-Content-Digest of manifest HEAD answers (as a proxy in front of an upstream may).
  */
 import { Agent, createServer, type IncomingHttpHeaders, type Server } from 'node:http';
 import type { Socket } from 'node:net';
@@ -24,6 +25,8 @@ export class Recorder {
   readonly headers: IncomingHttpHeaders[] = [];
   /** HEAD answers lose their Content-Length on the way (an upstream that does not send it). */
   headWithoutLength = false;
+  /** Manifest HEAD answers lose their Docker-Content-Digest on the way (older spec versions). */
+  headWithoutDigest = false;
   url = '';
   private server: Server | undefined;
   private readonly proxy: httpProxy;
@@ -40,6 +43,8 @@ export class Recorder {
     this.proxy.on('proxyRes', (proxyRes, req) => {
       if (this.headWithoutLength && req.method === 'HEAD')
         delete proxyRes.headers['content-length'];
+      if (this.headWithoutDigest && req.method === 'HEAD' && /\/manifests\//.test(req.url ?? ''))
+        delete proxyRes.headers['docker-content-digest'];
       const entry: Recorded = {
         method: req.method ?? '',
         path: (req.url ?? '').split('?')[0]!,

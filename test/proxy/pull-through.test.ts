@@ -159,6 +159,41 @@ describe.each(DRIVERS)('pulling through pullcache from a real registry (%s stora
     expect(recorder.count('GET', MANIFEST_GET)).toBe(0);
   });
 
+  test('a tag whose HEAD answer has no Docker-Content-Digest moves with one GET, not served stale', async () => {
+    const first = makeImage('org/undigested', 'stable', 'oci', [3100]);
+    const second = makeImage('org/undigested', 'stable', 'oci', [4100]);
+    await pushImage(registry, first);
+    const url = `${pc.url}/v2/registry.test/org/undigested/manifests/stable`;
+    const byTag = /\/org\/undigested\/manifests\/stable$/;
+    expect((await fetch(url)).headers.get('docker-content-digest')).toBe(first.digest);
+    recorder.headWithoutDigest = true;
+    try {
+      await pushImage(registry, second);
+      await new Promise((r) => setTimeout(r, 1100)); // past registry.test's 1 s tagTTL
+      recorder.reset();
+      const moved = await fetch(url);
+      expect(moved.status).toBe(200);
+      expect(moved.headers.get('docker-content-digest')).toBe(second.digest);
+      expect(moved.headers.get('warning')).toBeNull();
+      expect(Buffer.from(await moved.arrayBuffer()).equals(second.manifest)).toBe(true);
+      // The HEAD named no digest: one GET by tag told it and brought the manifest.
+      expect(recorder.count('HEAD', byTag)).toBe(1);
+      expect(recorder.count('GET', byTag)).toBe(1);
+      expect(recorder.count('GET', new RegExp(`/manifests/${second.digest}$`))).toBe(0);
+      // Unchanged past the next expiry (a client's HEAD this time): fresh, not stale.
+      await new Promise((r) => setTimeout(r, 1100));
+      recorder.reset();
+      const again = await fetch(url, { method: 'HEAD' });
+      expect(again.status).toBe(200);
+      expect(again.headers.get('docker-content-digest')).toBe(second.digest);
+      expect(again.headers.get('warning')).toBeNull();
+      expect(recorder.count('HEAD', byTag)).toBe(1);
+      expect(recorder.count('GET', byTag)).toBe(1);
+    } finally {
+      recorder.headWithoutDigest = false;
+    }
+  });
+
   test('concurrent lookups of one tag share one upstream request', async () => {
     const image = makeImage('org/shared-tag', 'v1', 'oci', [2000]);
     await pushImage(registry, image);

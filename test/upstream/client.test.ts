@@ -435,6 +435,26 @@ describe('faults a real registry cannot produce', () => {
     await server.close();
   });
 
+  test('a manifest HEAD without Docker-Content-Digest names no digest by tag, the one asked for by digest; a malformed one is refused', async () => {
+    const sent: Record<string, string> = {};
+    const server = await fakeServer((_req, res) =>
+      res
+        .writeHead(200, { 'content-type': 'application/vnd.oci.image.manifest.v1+json', ...sent })
+        .end(),
+    );
+    const c = client(server.url);
+    const head = await c.headManifest(repo('a/b'), 'latest');
+    expect(head).toMatchObject({ mediaType: 'application/vnd.oci.image.manifest.v1+json' });
+    expect(head.digest).toBeUndefined();
+    expect((await c.headManifest(repo('a/b'), sha256('x'))).digest).toBe(sha256('x'));
+    sent['docker-content-digest'] = 'sha256:not-a-digest';
+    await expect(c.headManifest(repo('a/b'), 'latest')).rejects.toBeInstanceOf(
+      UpstreamInvalidError,
+    );
+    await c.close();
+    await server.close();
+  });
+
   test('a manifest larger than the cap is refused', async () => {
     const server = await fakeServer((_req, res) =>
       res.writeHead(200, { 'content-type': 'application/json' }).end(Buffer.alloc(5000, 32)),
