@@ -189,6 +189,7 @@ export async function createRuntime(
     const client = new RegistryClient({ name, config: upstream, log, password, observer: monitor });
     clients.set(name, client);
     const manifests = new ProxyManifestStore(localManifests, client, log, metrics, lifecycle);
+    const tags = new ProxyTagService(localTags, manifests, client, upstream, log, metrics);
     services.set(name, {
       blobs: new ProxyBlobStore({
         local: localBlobs,
@@ -217,7 +218,7 @@ export async function createRuntime(
           : {}),
       }),
       manifests,
-      tags: new ProxyTagService(localTags, manifests, client, upstream, log, metrics),
+      tags,
       referrers: new ProxyReferrersService({
         local: new DriverReferrersStore(driver),
         client,
@@ -226,6 +227,9 @@ export async function createRuntime(
         metrics,
         holds: async (repo, subject) =>
           (await storedRepositories.getManifest(repo, subject)) !== undefined,
+        // An upstream without the referrers API: its referrers tag, cached like any tag.
+        tags,
+        manifests,
       }),
     });
   }

@@ -4,9 +4,10 @@
  * (https://github.com/opencontainers/distribution-spec/blob/main/spec.md#listing-referrers).
  */
 import type { Descriptor } from './descriptor.js';
-import { parseDigest } from './digest.js';
+import { parseDigest, type Digest } from './digest.js';
 import { ManifestInvalidError } from './errors.js';
-import { MediaType } from './media-types.js';
+import { MediaType, isMediaType } from './media-types.js';
+import { parseTag, type Tag } from './reference.js';
 
 /**
  * A referring manifest, with every field the upstream sent kept as it was (`artifactType`,
@@ -54,6 +55,60 @@ export function parseReferrersIndex(bytes: Uint8Array): ReferrerDescriptor[] {
   });
 }
 
+/**
+ * The tag of the referrers tag schema for `subject`, `<alg>-<ref>` with `<ref>` cut to 64
+ * characters (https://github.com/opencontainers/distribution-spec/blob/main/spec.md#referrers-tag-schema):
+ * where clients keep an index of the referrers of `subject` in a registry without the API.
+ */
+export function referrersTag(subject: Digest): Tag {
+  const { algorithm, hex } = parseDigest(subject);
+  return parseTag(`${algorithm}-${hex.slice(0, 64)}`);
+}
+
+/**
+ * The referrers listed by an image index kept under the referrers tag schema's tag, which
+ * clients maintain by hand: a descriptor that is not well formed is left out, not an error.
+ * Each keeps `mediaType`, `digest`, `size`, and `artifactType` and `annotations` when present,
+ * as the referrers API lists them; nothing else the index carries (`platform`...). Throws
+ * ManifestInvalidError when the bytes are not an image index.
+ */
+export function referrersFromIndex(bytes: Uint8Array): ReferrerDescriptor[] {
+  let json: unknown;
+  try {
+    json = JSON.parse(Buffer.from(bytes).toString('utf8'));
+  } catch {
+    throw new ManifestInvalidError('referrers tag is not valid JSON');
+  }
+  if (!isObject(json) || !Array.isArray(json.manifests))
+    throw new ManifestInvalidError('referrers tag is not an image index');
+  const listed: ReferrerDescriptor[] = [];
+  for (const value of json.manifests as unknown[]) {
+    if (
+      !isObject(value) ||
+      typeof value.mediaType !== 'string' ||
+      !isMediaType(value.mediaType) ||
+      typeof value.digest !== 'string' ||
+      typeof value.size !== 'number' ||
+      !Number.isSafeInteger(value.size) ||
+      value.size < 0 ||
+      (value.artifactType !== undefined && typeof value.artifactType !== 'string') ||
+      (value.annotations !== undefined && !isStringMap(value.annotations))
+    )
+      continue;
+    let digest: Digest;
+    try {
+      digest = parseDigest(value.digest).digest;
+    } catch {
+      continue;
+    }
+    const descriptor: ReferrerDescriptor = { mediaType: value.mediaType, digest, size: value.size };
+    if (value.artifactType !== undefined) descriptor.artifactType = value.artifactType;
+    if (value.annotations !== undefined) descriptor.annotations = value.annotations;
+    listed.push(descriptor);
+  }
+  return listed;
+}
+
 /** The index to serve for these referrers; no referrers is an empty index, never a 404. */
 export function referrersIndex(manifests: readonly ReferrerDescriptor[]): Buffer {
   return Buffer.from(
@@ -69,6 +124,10 @@ export function withArtifactType(
   return manifests.filter(
     (d) => d.artifactType !== undefined && artifactTypes.includes(d.artifactType),
   );
+}
+
+function isStringMap(value: unknown): value is Record<string, string> {
+  return isObject(value) && Object.values(value).every((v) => typeof v === 'string');
 }
 
 function isObject(value: unknown): value is Record<string, unknown> {

@@ -2,8 +2,12 @@
  * ProxyReferrersService: the referrers API (distribution-spec 1.1, "Listing Referrers") through
  * the cache. A referrers answer changes as signatures and SBOMs are pushed, so it is kept like a
  * tag: fresh for the upstream's `tagTTL`, asked again after it, and served stale when the
- * upstream cannot answer. An upstream without the referrers API answers 404; that is served as
- * an empty index, as the spec lets a registry answer, so that clients need no fallback.
+ * upstream cannot answer. An upstream without the referrers API answers 404; its clients keep
+ * the referrers in an index under the referrers tag schema's tag (`sha256-<hex>`), which a client
+ * reads only when the API answers 404. Here the API always answers (an empty index when there
+ * are no referrers), so pullcache reads that tag itself, through the upstream's tag service and
+ * manifest store, cached like any tag, and serves what it lists, as the spec's "Listing
+ * Referrers" has a registry with the API do. No such tag upstream: no referrers.
  *
  * Anyone may ask for any repository name, subject digest and set of artifact types, and garbage
  * collection removes the answers of a subject only with the subject's manifest: an answer kept
@@ -18,22 +22,27 @@ import { LRUCache } from 'lru-cache';
 import type { UpstreamConfig } from '../config/schema.js';
 import type { Logger } from '../log/logger.js';
 import type { Digest } from '../oci/digest.js';
-import { isMediaType } from '../oci/media-types.js';
+import { isIndexMediaType, isMediaType } from '../oci/media-types.js';
+import { ManifestInvalidError } from '../oci/errors.js';
 import {
   ARTIFACT_TYPE_FILTER,
+  referrersFromIndex,
   referrersIndex,
+  referrersTag,
   withArtifactType,
   type ReferrerDescriptor,
 } from '../oci/referrers.js';
 import type { Metrics } from '../metrics.js';
 import type {
+  ManifestService,
   ReferrersAnswer,
   ReferrersRecord,
   ReferrersService,
   ReferrersStore,
   RepositoryKey,
+  TagService,
 } from '../storage/types.js';
-import { UpstreamNotFoundError } from '../upstream/errors.js';
+import { UpstreamInvalidError, UpstreamNotFoundError } from '../upstream/errors.js';
 import type { UpstreamClient } from '../upstream/types.js';
 import { isUpstreamFailure } from './proxy-tag-service.js';
 import { SingleFlight } from './single-flight.js';
@@ -46,7 +55,21 @@ export interface ProxyReferrersOptions {
   metrics: Metrics;
   /** Whether the repository holds the subject's manifest: only then is an answer stored. */
   holds: (repo: RepositoryKey, subject: Digest) => Promise<boolean>;
+  /**
+   * The same upstream's tag service and manifest store (ProxyTagService, ProxyManifestStore):
+   * where the referrers tag schema's tag is read when the upstream has no referrers API.
+   */
+  tags: Pick<TagService, 'resolve'>;
+  manifests: Pick<ManifestService, 'get'>;
   now?: () => number;
+}
+
+/** Referrers as the upstream listed them, and when that was confirmed. */
+interface Listing {
+  manifests: ReferrerDescriptor[];
+  confirmedAt: number;
+  /** Read from a tag served stale (its upstream could not be asked). */
+  stale?: boolean;
 }
 
 /** Answers remembered in memory (they are not stored): at most so many, and so many bytes. */
@@ -63,6 +86,8 @@ export class ProxyReferrersService implements ReferrersService {
   });
   private readonly local: ReferrersStore;
   private readonly holds: ProxyReferrersOptions['holds'];
+  private readonly tags: ProxyReferrersOptions['tags'];
+  private readonly manifests: ProxyReferrersOptions['manifests'];
   private readonly client: UpstreamClient;
   private readonly config: UpstreamConfig;
   private readonly log: Logger;
@@ -72,6 +97,8 @@ export class ProxyReferrersService implements ReferrersService {
   constructor(options: ProxyReferrersOptions) {
     this.local = options.local;
     this.holds = options.holds;
+    this.tags = options.tags;
+    this.manifests = options.manifests;
     this.client = options.client;
     this.config = options.config;
     this.log = options.log.child({ module: 'proxy-referrers', upstream: options.client.name });
@@ -117,35 +144,22 @@ export class ProxyReferrersService implements ReferrersService {
     kept: boolean,
     key: string,
   ): Promise<ReferrersAnswer> {
-    let manifests: ReferrerDescriptor[];
+    let listing: Listing;
     try {
-      // One type is passed on; several are asked for unfiltered (an upstream may take only one).
-      const fetched = await this.client.listReferrers(
-        repo.repository,
-        subject,
-        types.length === 1 ? { artifactType: types[0]! } : {},
-      );
-      manifests = fetched.manifests;
+      listing = await this.fromUpstream(repo, subject, types);
     } catch (err) {
-      if (err instanceof UpstreamNotFoundError) {
-        this.log.debug(
-          { repository: repo.repository, subject },
-          'upstream has no referrers here, answering an empty index',
-        );
-        manifests = [];
-      } else if (known && isUpstreamFailure(err)) {
+      if (known && isUpstreamFailure(err))
         return this.stale(repo, subject, known, (err as Error).message);
-      } else {
-        throw err;
-      }
+      throw err;
     }
+    const { manifests } = listing;
     // Filtered here whatever the upstream did: filtering twice changes nothing, and the answer
     // can then always say the filter was applied.
     const listed = types.length > 0 ? withArtifactType(manifests, types) : manifests;
     const record: ReferrersRecord = {
       index: referrersIndex(listed),
       filtersApplied: types.length > 0 ? [ARTIFACT_TYPE_FILTER] : [],
-      confirmedAt: this.now(),
+      confirmedAt: listing.confirmedAt,
     };
     if (kept || (await this.mayStore(repo, subject, types, listed))) {
       await this.local.set(repo, subject, types, record);
@@ -153,7 +167,72 @@ export class ProxyReferrersService implements ReferrersService {
     } else {
       this.memory.set(key, record);
     }
-    return answer(record);
+    if (!listing.stale) return answer(record);
+    this.countStale(repo);
+    return { ...answer(record), stale: true };
+  }
+
+  /**
+   * The referrers of `subject` from the upstream's referrers API, else (404: it has none) from
+   * the referrers tag schema's tag. Throws the upstream's failure.
+   */
+  private async fromUpstream(
+    repo: RepositoryKey,
+    subject: Digest,
+    types: readonly string[],
+  ): Promise<Listing> {
+    try {
+      // One type is passed on; several are asked for unfiltered (an upstream may take only one).
+      const fetched = await this.client.listReferrers(
+        repo.repository,
+        subject,
+        types.length === 1 ? { artifactType: types[0]! } : {},
+      );
+      return { manifests: fetched.manifests, confirmedAt: this.now() };
+    } catch (err) {
+      if (!(err instanceof UpstreamNotFoundError)) throw err;
+    }
+    return this.fromTag(repo, subject);
+  }
+
+  /**
+   * The referrers listed under the referrers tag schema's tag of `subject`, in this repository
+   * only (`repo`: the tag of another repository is none of its business), read through the
+   * upstream's tag service and manifest store: the tag and its index are cached like any tag's,
+   * fresh for `tagTTL` and stale-if-error. No such tag, or one that names no index: none.
+   *
+   * What it costs: a tag known here is answered from the cache, or revalidated by a HEAD. A tag
+   * the upstream does not have is asked by a GET on every lookup (ProxyTagService remembers no
+   * 404), after two reads of the metadata cache and of storage; this runs only when the answer
+   * recorded for this subject and filter (in `memory` or storage) is past its freshness, so at
+   * most once per `tagTTL` for each, as long as that answer is remembered.
+   */
+  private async fromTag(repo: RepositoryKey, subject: Digest): Promise<Listing> {
+    const tag = referrersTag(subject);
+    const resolved = await this.tags.resolve(repo, tag);
+    const none = (why: string): Listing => {
+      this.log.debug({ repository: repo.repository, subject, tag }, why);
+      return { manifests: [], confirmedAt: this.now() };
+    };
+    if (!resolved.found) return none('no referrers API upstream and no referrers tag');
+    const fetched = await this.manifests.get(repo, resolved.digest, { counted: false });
+    if (!fetched.found) return none('referrers tag names a manifest the upstream does not have');
+    if (!isIndexMediaType(fetched.link.mediaType))
+      return none('referrers tag names no image index');
+    let manifests: ReferrerDescriptor[];
+    try {
+      manifests = referrersFromIndex(fetched.bytes);
+    } catch (err) {
+      if (err instanceof ManifestInvalidError)
+        throw new UpstreamInvalidError(this.client.name, err.message);
+      throw err;
+    }
+    return {
+      manifests,
+      // As fresh as the tag it was read from: a tag confirmed a while ago is asked again sooner.
+      confirmedAt: Math.min(this.now(), resolved.confirmedAt),
+      ...(resolved.stale ? { stale: true } : {}),
+    };
   }
 
   /** Whether a new answer goes to storage (see the top of this file). */
@@ -174,11 +253,7 @@ export class ProxyReferrersService implements ReferrersService {
     known: ReferrersRecord,
     reason: string,
   ): ReferrersAnswer {
-    this.metrics.staleServed.inc({
-      upstream: repo.upstream,
-      kind: 'referrers',
-      reason: this.client.isDown ? 'down' : 'error',
-    });
+    this.countStale(repo);
     this.log.warn(
       {
         repository: repo.repository,
@@ -189,6 +264,14 @@ export class ProxyReferrersService implements ReferrersService {
       'serving stale referrers',
     );
     return { ...answer(known), stale: true };
+  }
+
+  private countStale(repo: RepositoryKey): void {
+    this.metrics.staleServed.inc({
+      upstream: repo.upstream,
+      kind: 'referrers',
+      reason: this.client.isDown ? 'down' : 'error',
+    });
   }
 }
 

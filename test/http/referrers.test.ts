@@ -2,7 +2,14 @@ import type { IncomingMessage, ServerResponse } from 'node:http';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { fakeServer, servedManifest, type FakeServer } from '../helpers/fake-server.js';
 import { ociError, rawRequest } from '../helpers/http.js';
-import { makeImage, pushImage, sha256, type Image } from '../helpers/images.js';
+import {
+  makeImage,
+  pushBlob,
+  pushImage,
+  pushManifest,
+  sha256,
+  type Image,
+} from '../helpers/images.js';
 import { startPullcache, type TestPullcache } from '../helpers/pullcache.js';
 import { Recorder } from '../helpers/recorder.js';
 import { TestRegistry } from '../helpers/registry.js';
@@ -87,6 +94,152 @@ describe('referrers from an upstream without the referrers API (distribution 2.8
     expect(res.status).toBe(405);
     expect(res.headers.allow).toBe('GET, HEAD');
     expect(await ociError(res)).toBe('UNSUPPORTED');
+  });
+});
+
+const OCI_MANIFEST = 'application/vnd.oci.image.manifest.v1+json';
+const DOCKER_LIST = 'application/vnd.docker.distribution.manifest.list.v2+json';
+
+/**
+ * Pushes an artifact whose subject is `subject` to a registry without the referrers API, as oras
+ * (or cosign, through go-containerregistry) does: the artifact by digest, then an index listing
+ * it under the referrers tag schema's tag `sha256-<hex>` of the subject. Resolves to the
+ * artifact's descriptor as listed.
+ */
+async function pushReferrer(
+  registry: TestRegistry,
+  subject: Image,
+  artifactType: string,
+  indexType = INDEX,
+): Promise<Record<string, unknown>> {
+  const empty = { digest: sha256('{}'), bytes: Buffer.from('{}') };
+  const bytes = Buffer.from(`${artifactType} of ${subject.digest}`);
+  const content = { digest: sha256(bytes), bytes };
+  for (const blob of [empty, content]) await pushBlob(registry, subject.repository, blob);
+  const annotations = { 'org.opencontainers.image.created': '2026-01-01T00:00:00Z' };
+  const manifest = Buffer.from(
+    JSON.stringify({
+      schemaVersion: 2,
+      mediaType: OCI_MANIFEST,
+      artifactType,
+      config: { mediaType: 'application/vnd.oci.empty.v1+json', digest: empty.digest, size: 2 },
+      layers: [{ mediaType: artifactType, digest: content.digest, size: content.bytes.length }],
+      subject: {
+        mediaType: subject.mediaType,
+        digest: subject.digest,
+        size: subject.manifest.length,
+      },
+      annotations,
+    }),
+  );
+  const digest = sha256(manifest);
+  await pushManifest(registry, subject.repository, digest, manifest, OCI_MANIFEST);
+  const listed = {
+    mediaType: OCI_MANIFEST,
+    digest,
+    size: manifest.length,
+    artifactType,
+    annotations,
+  };
+  const index = Buffer.from(
+    JSON.stringify({ schemaVersion: 2, mediaType: indexType, manifests: [listed] }),
+  );
+  await pushManifest(registry, subject.repository, referrersTag(subject), index, indexType);
+  return listed;
+}
+
+const referrersTag = (subject: Image) => subject.digest.replace(':', '-');
+
+describe('referrers from the referrers tag schema of an upstream without the API (distribution 2.8)', () => {
+  let registry: TestRegistry;
+  let recorder: Recorder;
+  let pc: TestPullcache;
+  /** Listed by an OCI index under its referrers tag. */
+  let signed: Image;
+  let signature: Record<string, unknown>;
+  /** Listed by a Docker manifest list under its referrers tag. */
+  let listed: Image;
+  let sbom: Record<string, unknown>;
+  /** No referrers tag. */
+  let unsigned: Image;
+
+  beforeAll(async () => {
+    registry = await TestRegistry.start();
+    recorder = await Recorder.start(registry.url);
+    signed = makeImage('org/signed', 'v1', 'oci', [1000]);
+    listed = makeImage('org/signed', 'v2', 'oci', [1000]);
+    unsigned = makeImage('org/signed', 'v3', 'oci', [1000]);
+    for (const image of [signed, listed, unsigned]) await pushImage(registry, image);
+    // The same image in another repository, which has no referrers tag of its own.
+    await pushImage(registry, { ...signed, repository: 'org/other' });
+    signature = await pushReferrer(registry, signed, SIGNATURE);
+    sbom = await pushReferrer(registry, listed, SBOM, DOCKER_LIST);
+    pc = await startPullcache({ upstreams: { 'docker.io': { url: recorder.url } } });
+  });
+  afterAll(async () => {
+    await pc?.stop();
+    await recorder?.close();
+    await registry?.close();
+  });
+
+  const referrersOf = (repository: string, subject: Image, type?: string) =>
+    fetch(
+      `${pc.url}/v2/${repository}/referrers/${subject.digest}${
+        type === undefined ? '' : `?artifactType=${encodeURIComponent(type)}`
+      }`,
+    );
+  const tagAsked = (repository: string, subject: Image) =>
+    recorder.requests
+      .filter((r) => r.path === `/v2/${repository}/manifests/${referrersTag(subject)}`)
+      .map(({ method, status }) => ({ method, status }));
+
+  test('the index under the referrers tag is the answer, filtered or not; the tag is cached like any tag', async () => {
+    recorder.reset();
+    const all = await referrersOf('org/signed', signed);
+    expect(all.headers.get('oci-filters-applied')).toBeNull();
+    expect(await index(all)).toEqual({
+      schemaVersion: 2,
+      mediaType: INDEX,
+      manifests: [signature],
+    });
+
+    const matching = await referrersOf('org/signed', signed, SIGNATURE);
+    expect(matching.headers.get('oci-filters-applied')).toBe('artifactType');
+    expect((await index(matching)).manifests).toEqual([signature]);
+    const other = await referrersOf('org/signed', signed, SBOM);
+    expect(other.headers.get('oci-filters-applied')).toBe('artifactType');
+    expect((await index(other)).manifests).toEqual([]);
+
+    // The API was asked for each answer (404); the tag once, then answered from the cache, which
+    // serves it as any tag.
+    expect(recorder.requests.filter((r) => r.path.includes('/referrers/'))).toHaveLength(3);
+    expect(tagAsked('org/signed', signed)).toEqual([{ method: 'GET', status: 200 }]);
+    const tag = await fetch(`${pc.url}/v2/org/signed/manifests/${referrersTag(signed)}`);
+    expect(tag.status).toBe(200);
+    expect(JSON.parse(await tag.text())).toMatchObject({ manifests: [signature] });
+    expect(tagAsked('org/signed', signed)).toHaveLength(1);
+  });
+
+  test('a Docker manifest list under the referrers tag is read as well', async () => {
+    expect((await index(await referrersOf('org/signed', listed))).manifests).toEqual([sbom]);
+    expect((await index(await referrersOf('org/signed', listed, SBOM))).manifests).toEqual([sbom]);
+    expect((await index(await referrersOf('org/signed', listed, SIGNATURE))).manifests).toEqual([]);
+  });
+
+  test('a subject without a referrers tag has no referrers: an empty index', async () => {
+    recorder.reset();
+    const res = await referrersOf('org/signed', unsigned);
+    expect(await index(res)).toEqual({ schemaVersion: 2, mediaType: INDEX, manifests: [] });
+    expect(tagAsked('org/signed', unsigned)).toEqual([{ method: 'GET', status: 404 }]);
+  });
+
+  test('the referrers tag is read in the repository asked about only', async () => {
+    // org/signed's tag of this subject is cached here by now, and stored upstream.
+    recorder.reset();
+    const res = await referrersOf('org/other', signed);
+    expect(await index(res)).toEqual({ schemaVersion: 2, mediaType: INDEX, manifests: [] });
+    expect(tagAsked('org/other', signed)).toEqual([{ method: 'GET', status: 404 }]);
+    expect(recorder.requests.filter((r) => r.path.startsWith('/v2/org/signed/'))).toEqual([]);
   });
 });
 

@@ -1,12 +1,12 @@
 /**
  * Referrers answers and storage. Anyone may ask for the referrers of any repository name,
  * subject digest and set of artifact types, so an empty answer (404 from an upstream without the
- * referrers API, an empty index from one with it) is not written to storage, where nothing would
- * ever remove it: it is remembered in memory. Nor is one for a subject the repository does not
- * hold, or for artifact types no referrer listed has. An answer that lists referrers of a held
- * subject is stored (and served across a restart: test/http/referrers.test.ts). Real parts:
- * Debian's docker-registry (distribution 2.8, no referrers API); an in-process fake for a
- * registry with the API.
+ * referrers API and no referrers tag, an empty index from one with it) is not written to storage,
+ * where nothing would ever remove it: it is remembered in memory. Nor is one for a subject the
+ * repository does not hold, or for artifact types no referrer listed has. An answer that lists
+ * referrers of a held subject is stored (and served across a restart: test/http/referrers.test.ts).
+ * Real parts: Debian's docker-registry (distribution 2.8, no referrers API); an in-process fake
+ * for a registry with the API.
  */
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import { readFileSync } from 'node:fs';
