@@ -13,9 +13,16 @@ import { DigestInvalidError, ManifestUnknownError, type RegistryError } from '..
 import { isTag, parseManifestReference } from '../oci/reference.js';
 import { isManifestMediaType } from '../oci/media-types.js';
 import { parseManifest } from '../oci/manifest.js';
+import type { Digest } from '../oci/digest.js';
 import type { RepositoryKey } from '../storage/types.js';
 import type { UpstreamServices } from './types.js';
 import { sendError } from './errors.js';
+import {
+  acceptsManifest,
+  assertChildAccepted,
+  substituteForAccept,
+  variesWithAccept,
+} from './manifest-accept.js';
 import { logRequest, type RequestNotes } from './request-log.js';
 import { routeRequest, type Route } from '../routing.js';
 import type { Metrics } from '../metrics.js';
@@ -91,6 +98,13 @@ export function ifRangeHolds(header: string | string[] | undefined, etag: string
 /** One element of an If-None-Match list: `W/"..."` or `"..."` (2, 3), or bare (`*`, 4). */
 const ENTITY_TAGS = /\s*(?:(W\/)?"([^"]*)"|([^\s,]+))\s*(?:,|$)/g;
 
+/**
+ * Answers a GET or HEAD of a manifest by tag or digest: from storage, else from the upstream
+ * through the services. The Accept header chooses as the reference registry's does
+ * (manifest-accept.ts): what it takes is served as stored, an OCI type it does not take is 404
+ * MANIFEST_UNKNOWN, a Docker list by tag may be answered with its linux/amd64 image. Throws the
+ * RegistryError to answer (ManifestUnknownError...), for the one error renderer.
+ */
 export async function serveManifest(
   req: IncomingMessage,
   res: ServerResponse,
@@ -121,45 +135,97 @@ export async function serveManifest(
   } else {
     digest = ref.digest;
   }
-  const etag = `"${digest}"`;
-  let mediaType: string;
-  let body: Buffer | undefined;
-  let size: number;
-  if (req.method === 'HEAD') {
-    const stat = await services.manifests.stat(repo, digest);
-    if (!stat.found) throw new ManifestUnknownError(`${repo.repository}@${digest}`);
-    ({ mediaType, size } = stat.link);
-    fromUpstream ||= stat.fromUpstream === true;
-    if (!isManifestMediaType(mediaType)) {
-      // Stored by an earlier version with the upstream's Content-Type: what its bytes say.
-      const manifest = await services.manifests.get(repo, digest, { counted: false });
-      if (!manifest.found) throw new ManifestUnknownError(`${repo.repository}@${digest}`);
-      mediaType = servedMediaType(mediaType, manifest.bytes);
+  const head = req.method === 'HEAD';
+  const byTag = ref.kind === 'tag';
+  // After a tag the upstream was asked for, the manifest is what that answer brought (or the
+  // tag service fetched): counted with the tag's miss, not as a hit of its own.
+  let served = await loadManifest(services, repo, digest, head, !fromUpstream);
+  if (variesWithAccept(served.mediaType, byTag)) res.setHeader('Vary', 'Accept');
+  const accept = req.headers.accept;
+  if (!acceptsManifest(accept, served.mediaType)) {
+    const list = served;
+    const child = await substituteForAccept(accept, list.mediaType, byTag, () =>
+      list.body ? Promise.resolve(list.body) : manifestBytes(services, repo, list.digest),
+    );
+    if (child !== undefined) {
+      fromUpstream ||= list.fromUpstream;
+      // Through the manifest service, as any manifest: fetched and kept when not stored yet.
+      served = await loadManifest(services, repo, child, head, false);
+      assertChildAccepted(accept, served.mediaType);
     }
-  } else {
-    // After a tag the upstream was asked for, the manifest is what that answer brought (or the
-    // tag service fetched): counted with the tag's miss, not as a hit of its own.
-    const manifest = await services.manifests.get(repo, digest, { counted: !fromUpstream });
-    if (!manifest.found) throw new ManifestUnknownError(`${repo.repository}@${digest}`);
-    mediaType = servedMediaType(manifest.link.mediaType, manifest.bytes);
-    body = manifest.bytes;
-    size = body.length;
-    fromUpstream ||= manifest.fromUpstream === true;
   }
+  fromUpstream ||= served.fromUpstream;
   notes.cache = fromUpstream ? 'miss' : 'hit';
-  res.setHeader('Content-Type', mediaType);
-  res.setHeader('Docker-Content-Digest', digest);
-  res.setHeader('Content-Length', size);
+  // The entity tag of what is served: a list's child is its own representation, with its own
+  // digest (distribution compares If-None-Match with the list's digest before choosing).
+  const etag = `"${served.digest}"`;
+  res.setHeader('Content-Type', served.mediaType);
+  res.setHeader('Docker-Content-Digest', served.digest);
+  res.setHeader('Content-Length', served.size);
   res.setHeader('ETag', etag);
   if (noneMatchHolds(req.headers['if-none-match'], etag)) {
     res.statusCode = 304;
     res.end();
-  } else if (body === undefined) {
+  } else if (served.body === undefined) {
     res.end();
   } else {
-    notes.bytes = size;
-    res.end(body);
+    notes.bytes = served.size;
+    res.end(served.body);
   }
+}
+
+/** A manifest as it is served: its bytes only for a GET. */
+interface ServedManifest {
+  digest: Digest;
+  mediaType: string;
+  size: number;
+  body?: Buffer;
+  /** It was fetched from the upstream for this request. */
+  fromUpstream: boolean;
+}
+
+/**
+ * The manifest `digest` of the repository, its bytes too unless `head`: from storage, else from
+ * the upstream through the manifest service. `counted`: a lookup of its own in the metrics.
+ * Throws ManifestUnknownError when neither has it.
+ */
+async function loadManifest(
+  services: UpstreamServices,
+  repo: RepositoryKey,
+  digest: Digest,
+  head: boolean,
+  counted: boolean,
+): Promise<ServedManifest> {
+  if (head) {
+    const stat = await services.manifests.stat(repo, digest);
+    if (!stat.found) throw new ManifestUnknownError(`${repo.repository}@${digest}`);
+    let { mediaType } = stat.link;
+    if (!isManifestMediaType(mediaType)) {
+      // Stored by an earlier version with the upstream's Content-Type: what its bytes say.
+      mediaType = servedMediaType(mediaType, await manifestBytes(services, repo, digest));
+    }
+    return { digest, mediaType, size: stat.link.size, fromUpstream: stat.fromUpstream === true };
+  }
+  const manifest = await services.manifests.get(repo, digest, { counted });
+  if (!manifest.found) throw new ManifestUnknownError(`${repo.repository}@${digest}`);
+  return {
+    digest,
+    mediaType: servedMediaType(manifest.link.mediaType, manifest.bytes),
+    size: manifest.bytes.length,
+    body: manifest.bytes,
+    fromUpstream: manifest.fromUpstream === true,
+  };
+}
+
+/** The bytes of a manifest a HEAD has stat'ed, read again without counting a lookup. */
+async function manifestBytes(
+  services: UpstreamServices,
+  repo: RepositoryKey,
+  digest: Digest,
+): Promise<Buffer> {
+  const manifest = await services.manifests.get(repo, digest, { counted: false });
+  if (!manifest.found) throw new ManifestUnknownError(`${repo.repository}@${digest}`);
+  return manifest.bytes;
 }
 
 /**

@@ -111,6 +111,16 @@ export class ManifestInvalidError extends RegistryError {
     super('MANIFEST_INVALID', message);
   }
 }
+/**
+ * A manifest of a type the request's Accept header does not take, where the reference registry
+ * refuses it (an OCI manifest or index...): 404 MANIFEST_UNKNOWN with a message that says why,
+ * and `Vary: Accept`, since another header would have been answered.
+ */
+export class ManifestNotAcceptedError extends RegistryError {
+  constructor(message: string) {
+    super('MANIFEST_UNKNOWN', message, undefined, { Vary: 'Accept' });
+  }
+}
 export class NameInvalidError extends RegistryError {
   constructor(message: string) {
     super('NAME_INVALID', message);
