@@ -24,8 +24,13 @@ import {
 export interface Route {
   upstream: string;
   repository: Repository;
-  /** How the client addressed it (for Location rewriting in passthrough). */
+  /**
+   * How the client addressed it: the name's upstream component (`ghcr.io/`, else empty) and the
+   * `ns` query parameter when it gave one. Passthrough puts both back into the URLs of an
+   * upstream's answer (Location, Link) that it points at pullcache.
+   */
   prefix: string;
+  ns?: string;
 }
 
 export function routeRequest(config: Config, name: string, ns: unknown): Route {
@@ -56,7 +61,9 @@ export function routeRequest(config: Config, name: string, ns: unknown): Route {
     }
   }
   if (upstream === undefined) throw new NameUnknownError(name);
-  return { upstream, repository: withLibraryPrefix(upstream, rest), prefix };
+  const route: Route = { upstream, repository: withLibraryPrefix(upstream, rest), prefix };
+  if (ns !== undefined) route.ns = upstream; // the `ns` given, a configured upstream's name
+  return route;
 }
 
 /** Docker Hub's official images: on the upstream named docker.io, `alpine` is `library/alpine`. */

@@ -278,8 +278,10 @@ export function createApp(deps: AppDeps): express.Express {
       const path = `/v2/${route.repository}/${passthroughAction(route, action)}`;
       const identity = identityOf(res);
       const query = passthroughQuery(req, route, action, { config, lists, access, identity });
+      // Its answer's URLs point back here as the client addressed this request.
+      const addressed = { prefix: route.prefix, ns: route.ns };
       if (!access.enabled) {
-        passthrough.forward(req, res, `${path}${query}`, { prefix: route.prefix }, next);
+        passthrough.forward(req, res, `${path}${query}`, addressed, next);
         return;
       }
       // The client's credentials are pullcache's own then: never the upstream's to see, and the
@@ -289,7 +291,7 @@ export function createApp(deps: AppDeps): express.Express {
         req,
         res,
         `${path}${query}`,
-        { prefix: route.prefix, unauthorized: () => upstreamUnauthorized(identity, route) },
+        { ...addressed, unauthorized: () => upstreamUnauthorized(identity, route) },
         next,
       );
       return;

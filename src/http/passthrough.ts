@@ -3,8 +3,9 @@
  * http-proxy. Nothing is cached. Without client authentication the client's own Authorization
  * goes on and the upstream's auth challenge comes back: pullcache is a transparent proxy. With
  * it, the client's credentials are pullcache's: the HTTP layer removes them, and the upstream's
- * challenge is never relayed (see `ForwardOptions.unauthorized`). Location headers that point
- * into the upstream's /v2/ are rewritten to point at pullcache. The default upstream's `/v2/`
+ * challenge is never relayed (see `ForwardOptions.unauthorized`). URLs of its answer into the
+ * upstream's /v2/ (a Location, the targets of a Link: the next page of a tags list) are pointed
+ * at pullcache, addressed as the client addressed the request. The default upstream's `/v2/`
  * ping goes there too, unless it cannot be reached.
  */
 import type { IncomingMessage, OutgoingHttpHeaders, ServerResponse } from 'node:http';
@@ -13,6 +14,7 @@ import httpProxy from 'http-proxy';
 import type { UpstreamConfig } from '../config/schema.js';
 import type { Logger } from '../log/logger.js';
 import { UnavailableError, type RegistryError } from '../oci/errors.js';
+import { rewriteLinkTargets } from './link-header.js';
 import { API_SECURITY_HEADERS } from './manifests.js';
 
 /** While the upstream stays unreachable, the local ping answer is logged once per this long. */
@@ -38,8 +40,10 @@ const HOP_BY_HOP = new Set([
 const OWN_HEADERS = new Set(Object.keys(API_SECURITY_HEADERS).map((h) => h.toLowerCase()));
 
 export interface ForwardOptions {
-  /** What the client put before the repository name, put back into Location headers. */
+  /** What the client put before the repository name, put back into the URLs pointed at pullcache. */
   prefix: string;
+  /** The `ns` query parameter the client named the upstream with, carried into those URLs. */
+  ns?: string;
   /**
    * Set when the client's credentials are pullcache's (client authentication on): the answer
    * to an upstream 401 instead of the upstream's (pullcache's own challenge, or a refusal), and
@@ -54,6 +58,8 @@ export interface ForwardOptions {
 /** What is known of a request on its way to the upstream, until its answer comes back. */
 interface Forwarding extends ForwardOptions {
   onError: (err: unknown) => void;
+  /** The URL it was sent to: what a relative URL of the answer is relative to. */
+  base: URL;
 }
 
 export class Passthrough {
@@ -134,11 +140,11 @@ export class Passthrough {
     req: IncomingMessage,
     res: ServerResponse,
     path: string,
-    forwarding: Forwarding,
+    forwarding: Omit<Forwarding, 'base'>,
     onError: (err: Error) => void,
   ): void {
     req.url = path;
-    this.forwarding.set(req, forwarding);
+    this.forwarding.set(req, { ...forwarding, base: new URL(path, this.target) });
     this.proxy.web(req, res, {}, onError);
   }
 
@@ -162,8 +168,7 @@ export class Passthrough {
       if (name === 'www-authenticate' && forwarding?.unauthorized) continue;
       headers[name] = value;
     }
-    const location = this.location(proxyRes.headers.location, forwarding?.prefix ?? '');
-    if (location !== undefined) headers.location = location;
+    if (forwarding) this.pointHere(headers, forwarding);
     res.statusCode = status;
     if (proxyRes.statusMessage) res.statusMessage = proxyRes.statusMessage;
     for (const [name, value] of Object.entries(headers)) res.setHeader(name, value!);
@@ -172,17 +177,44 @@ export class Passthrough {
     pipeline(proxyRes, res, () => {});
   }
 
-  /** A Location into the upstream's /v2/, pointed at pullcache; undefined to leave it as is. */
-  private location(value: string | undefined, prefix: string): string | undefined {
-    if (!value) return undefined;
+  /**
+   * Points the answer's URLs into the upstream's /v2/ at pullcache: its Location, and the target
+   * of each link of its Link header (a paginated list's next page: clients take its path and
+   * query and ask the host they dialled, which must route them back to this upstream). A Link
+   * that is not one by RFC 8288's grammar is dropped: what a client would make of it, an
+   * upstream URL included, cannot be known.
+   */
+  private pointHere(headers: OutgoingHttpHeaders, forwarding: Forwarding): void {
+    const { location, link } = headers;
+    if (typeof location === 'string') headers.location = this.pointed(location, forwarding);
+    if (typeof link === 'string') {
+      const rewritten = rewriteLinkTargets(link, (target) => this.pointed(target, forwarding));
+      if (rewritten === undefined) {
+        delete headers.link;
+        this.log.debug({ upstream: this.name }, 'passthrough Link header unreadable: dropped');
+      } else headers.link = rewritten;
+    }
+  }
+
+  /**
+   * A URL of the upstream's answer, resolved against the request's URL (RFC 9110 section 10.2.2,
+   * RFC 8288 section 3.1), pointed at pullcache when it is into the upstream's /v2/: a path on
+   * pullcache with the client's prefix and `ns`. On pullcache, `ns` chooses the upstream: one the
+   * upstream wrote goes (it would send the client to another upstream, or twice given, be
+   * refused); userinfo and fragment go too. Any other URL (another host's, as a blob's redirect
+   * to storage; one that does not parse) is left as the upstream wrote it, in a Link as in a
+   * Location: it is where the upstream sends its clients, pullcache never dials it, and no
+   * credential of pullcache's is in it (passthrough forwards only the client's own).
+   */
+  private pointed(value: string, forwarding: Forwarding): string {
     let url: URL;
     try {
-      url = new URL(value, this.target);
+      url = new URL(value, forwarding.base);
     } catch {
-      return undefined;
+      return value;
     }
-    if (url.origin !== this.target.origin || !url.pathname.startsWith('/v2/')) return undefined;
-    return `/v2/${prefix}${url.pathname.slice(4)}${url.search}`;
+    if (url.origin !== this.target.origin || !url.pathname.startsWith('/v2/')) return value;
+    return `/v2/${forwarding.prefix}${url.pathname.slice(4)}${withNs(url.search, forwarding.ns)}`;
   }
 
   private unavailable(err: Error): UnavailableError {
@@ -192,4 +224,14 @@ export class Passthrough {
   close(): void {
     this.proxy.close();
   }
+}
+
+/** `search` (`?a=b`, or empty) with `ns=<ns>` as its only `ns` (none without), else as written. */
+function withNs(search: string, ns: string | undefined): string {
+  const params = search
+    .slice(1)
+    .split('&')
+    .filter((param) => param !== '' && !new URLSearchParams(param).has('ns'));
+  if (ns !== undefined) params.push(`ns=${encodeURIComponent(ns)}`);
+  return params.length === 0 ? '' : `?${params.join('&')}`;
 }

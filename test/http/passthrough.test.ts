@@ -2,8 +2,9 @@
  * What a passthrough upstream is sent after the name: each segment checked (a reference, a
  * digest, an upload id) and sent decoded, so that no `..%2F` leaves the repository the lists and
  * rules were asked about; a cross-repository mount's `from` checked as a pull of it would be,
- * and named as the upstream knows it; the `/v2/` ping of a default passthrough upstream; and,
- * with client authentication, no upstream challenge relayed to the client.
+ * and named as the upstream knows it; the `/v2/` ping of a default passthrough upstream; with
+ * client authentication, no upstream challenge relayed to the client; and the URLs of an answer
+ * (Location, Link) pointed back at pullcache as the client addressed the request.
  */
 import { mkdtempSync } from 'node:fs';
 import { createServer } from 'node:http';
@@ -11,6 +12,7 @@ import type { AddressInfo } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
+import { fakeServer, type FakeServer } from '../helpers/fake-server.js';
 import { basic, htpasswdFile } from '../helpers/htpasswd.js';
 import { ociError, rawRequest } from '../helpers/http.js';
 import { makeImage, pushBlob, pushImage, type Image } from '../helpers/images.js';
@@ -18,7 +20,7 @@ import { freePort } from '../helpers/net.js';
 import { capturedLog, startPullcache, type TestPullcache } from '../helpers/pullcache.js';
 import { Recorder } from '../helpers/recorder.js';
 import { TestRegistry } from '../helpers/registry.js';
-import { expectDirHolds, skopeoCopy } from '../helpers/skopeo.js';
+import { expectDirHolds, skopeo, skopeoCopy } from '../helpers/skopeo.js';
 
 describe('passthrough requests', () => {
   let registry: TestRegistry;
@@ -351,5 +353,151 @@ describe('passthrough requests', () => {
     expect(pulled.status).toBe(200);
     expect(pulled.body.equals(app.manifest)).toBe(true);
     expect(recorder.headers.map((h) => h.authorization)).toEqual([undefined, pusher.authorization]);
+  });
+
+  describe("an answer's URLs", () => {
+    /**
+     * distribution 2.8 (the real upstream above) answers a tags list whole, without a Link,
+     * whatever `n` says: this one pages it as distribution 3, Docker Hub and ghcr.io do, `n` at
+     * a time (2 when not given), with a Link to the next page written as `link` says.
+     */
+    let paged: FakeServer;
+    let link: (next: string) => string;
+    const tags = ['v1', 'v2', 'v3', 'v4', 'v5'];
+    /** docker.io (the real upstream, cached) is the default; paged.test is passthrough. */
+    let pc: TestPullcache;
+
+    beforeAll(async () => {
+      paged = await fakeServer((req, res) => {
+        const url = new URL(req.url ?? '/', 'http://fake');
+        res.setHeader('content-type', 'application/json');
+        if (req.method === 'POST' && url.pathname === '/v2/org/app/blobs/uploads/') {
+          res.writeHead(202, { location: '/v2/org/app/blobs/uploads/u1?_state=s1' }).end();
+          return;
+        }
+        if (url.pathname !== '/v2/org/app/tags/list') {
+          res.writeHead(404).end(JSON.stringify({ errors: [{ code: 'NAME_UNKNOWN' }] }));
+          return;
+        }
+        const n = Number(url.searchParams.get('n') ?? 2);
+        const last = url.searchParams.get('last');
+        const from = last === null ? 0 : tags.indexOf(last) + 1;
+        const page = tags.slice(from, from + n);
+        if (from + n < tags.length)
+          res.setHeader('link', link(`/v2/org/app/tags/list?last=${page.at(-1)}&n=${n}`));
+        res.end(JSON.stringify({ name: 'org/app', tags: page }));
+      });
+      pc = await startPullcache({
+        upstreams: {
+          'docker.io': { url: registry.url },
+          'paged.test': { url: paged.url, mode: 'passthrough' },
+        },
+        routing: { default: 'docker.io' },
+      });
+    });
+    afterAll(async () => {
+      await pc?.stop();
+      await paged?.close();
+    });
+
+    /**
+     * Every page of a tags list from `first` on, each Link followed as crane, skopeo and regctl
+     * follow it: its target's path and query, asked of the host they dialled.
+     */
+    const follow = async (first: string) => {
+      const pages: { path: string; status: number; tags?: string[]; link?: string }[] = [];
+      for (let path: string | undefined = first; path !== undefined && pages.length < 5;) {
+        const res = await rawRequest(pc.url, 'GET', path);
+        const body = JSON.parse(res.body.toString()) as { tags?: string[] };
+        const next = res.headers.link as string | undefined;
+        pages.push({ path, status: res.status, tags: body.tags, link: next });
+        const target = next === undefined ? undefined : /^<([^>]*)>/.exec(next)?.[1];
+        const url = target === undefined ? undefined : new URL(target, 'http://dialled');
+        path = url && `${url.pathname}${url.search}`;
+      }
+      return pages;
+    };
+
+    test('the Link to the next page points at pullcache as the client addressed it, and following it reaches the same repository', async () => {
+      // Relative, as distribution writes it; absolute, naming the upstream itself.
+      for (const written of [(next: string) => next, (next: string) => `${paged.url}${next}`]) {
+        link = (next) => `<${written(next)}>; rel="next"`;
+        for (const [first, name, ns] of [
+          ['/v2/paged.test/org/app/tags/list?n=2', 'paged.test/org/app', ''],
+          ['/v2/org/app/tags/list?n=2&ns=paged.test', 'org/app', '&ns=paged.test'],
+        ] as const) {
+          paged.requests.length = 0;
+          const at = (last: string) => `/v2/${name}/tags/list?last=${last}&n=2${ns}`;
+          expect(await follow(first)).toEqual([
+            { path: first, status: 200, tags: ['v1', 'v2'], link: `<${at('v2')}>; rel="next"` },
+            { path: at('v2'), status: 200, tags: ['v3', 'v4'], link: `<${at('v4')}>; rel="next"` },
+            { path: at('v4'), status: 200, tags: ['v5'], link: undefined },
+          ]);
+          // Every page from the upstream's org/app (`ns` goes on too, as the client sent it).
+          expect(paged.requests.map((r) => r.url)).toEqual([
+            `/v2/org/app/tags/list?n=2${ns}`,
+            `/v2/org/app/tags/list?last=v2&n=2${ns}`,
+            `/v2/org/app/tags/list?last=v4&n=2${ns}`,
+          ]);
+        }
+      }
+      // A real client: skopeo asks without `n`, and follows each page's Link.
+      link = (next) => `<${next}>; rel="next"`;
+      const listed = await skopeo(
+        'list-tags',
+        '--tls-verify=false',
+        `docker://${pc.host}/paged.test/org/app`,
+      );
+      expect(JSON.parse(listed)).toMatchObject({ Tags: tags });
+    });
+
+    test("each link's target is pointed at pullcache, the rest of the header kept as written, and Location keeps `ns` too", async () => {
+      const own = (path: string) => `${paged.url.replace('//', '//user:secret@')}${path}#top`;
+      link = (next) =>
+        [
+          `<${paged.url}${next}>; rel="next"; title="page 2, <of 3>; \\"tags\\""`,
+          '<https://elsewhere.example/v2/org/app/tags/list?last=v2>;rel=alternate',
+          ` ,<?last=v4&n=2&ns=docker.io> ; rel="last"`,
+          `<${own('/v2/org/app/tags/list')}>; rel="first"`,
+          '<../../x/tags/list>; anchor="/v2/"',
+        ].join(', ');
+      const expected = (name: string, ns: string) =>
+        [
+          `</v2/${name}/tags/list?last=v2&n=2${ns}>; rel="next"; title="page 2, <of 3>; \\"tags\\""`,
+          // Another host's: as the upstream wrote it, as a Location to another host is.
+          '<https://elsewhere.example/v2/org/app/tags/list?last=v2>;rel=alternate',
+          ` ,</v2/${name}/tags/list?last=v4&n=2${ns}> ; rel="last"`,
+          `</v2/${name}/tags/list${ns.replace('&', '?')}>; rel="first"`,
+          `</v2/${name.replace('/app', '/x')}/tags/list${ns.replace('&', '?')}>; anchor="/v2/"`,
+        ].join(', ');
+      for (const [path, name, ns] of [
+        ['/v2/paged.test/org/app/tags/list?n=2', 'paged.test/org/app', ''],
+        ['/v2/org/app/tags/list?n=2&ns=paged.test', 'org/app', '&ns=paged.test'],
+      ] as const) {
+        const res = await rawRequest(pc.url, 'GET', path);
+        expect({ path, link: res.headers.link }).toEqual({ path, link: expected(name, ns) });
+      }
+
+      // Not a Link header by RFC 8288: nothing in it can be told from a target, so it goes.
+      for (const broken of [
+        (next: string) => `<${paged.url}${next}; rel="next"`,
+        (next: string) => `<${next}>; rel="next, <${paged.url}${next}>`,
+        (next: string) => `<${next}> <${paged.url}${next}>; rel="next"`,
+      ]) {
+        link = broken;
+        const res = await rawRequest(pc.url, 'GET', '/v2/paged.test/org/app/tags/list?n=2');
+        expect({ status: res.status, link: res.headers.link }).toEqual({
+          status: 200,
+          link: undefined,
+        });
+      }
+
+      // An upload's Location: its `ns` kept, as a Link's is.
+      const upload = await rawRequest(pc.url, 'POST', '/v2/org/app/blobs/uploads/?ns=paged.test');
+      expect({ status: upload.status, location: upload.headers.location }).toEqual({
+        status: 202,
+        location: '/v2/org/app/blobs/uploads/u1?_state=s1&ns=paged.test',
+      });
+    });
   });
 });
