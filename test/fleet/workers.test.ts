@@ -887,7 +887,13 @@ describe('workers on one host and a full disk', () => {
         'room made by the owner',
         10_000,
       );
-      expect(fleet.stored(g!) || fleet.stored(h!)).toBe(false);
+      // The filler leaves no room for either: the owner's eviction removes both, one after the
+      // other (the probe may pass once the first is gone, while the second is being removed).
+      await waitFor(
+        async () => !fleet.stored(g!) && !fleet.stored(h!),
+        'the eviction of both',
+        10_000,
+      );
       const said = (msg: string) => pc.lines.filter((l) => l.msg === msg).map((l) => l.worker);
       expect(said('storage is full: the owner evicts')).toContain(other);
       expect(said('storage is full: evicting')).toContain(owner);
