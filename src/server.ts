@@ -149,10 +149,14 @@ export async function startServer(config: Config, log: Logger): Promise<RunningS
   // Every socket, from its connection on: one still in its TLS handshake is no HTTP connection
   // yet, and closeAllConnections() would leave it to its handshake timeout (2 min) at a stop.
   const sockets = new Set<Socket>();
-  server.on('connection', (socket: Socket) => {
+  const track = (socket: Socket) => {
     sockets.add(socket);
     socket.once('close', () => sockets.delete(socket));
-  });
+  };
+  server.on('connection', track);
+  // Over HTTPS a request's socket is the TLS one around the connection's: marked at a stop too,
+  // so the request lines it cuts say that the server cut them (request-log.ts).
+  httpsServer?.on('secureConnection', track);
   const [host, port] = splitHostPort(config.server.listen);
   await new Promise<void>((resolve, reject) => {
     server.once('error', reject);

@@ -13,6 +13,7 @@ import {
   writeFileSync,
 } from 'node:fs';
 import { request, type IncomingMessage } from 'node:http';
+import { request as httpsRequest } from 'node:https';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { PULLCACHE } from './cli.js';
@@ -221,10 +222,13 @@ export function get(
   url: string,
   onResponse?: (res: IncomingMessage) => void,
   timeoutMs = 60_000,
+  /** For an https URL: the CA that signed the server's certificate (PEM). */
+  ca?: string,
 ): Promise<Got> {
   return new Promise((resolve, reject) => {
     const started = Date.now();
-    const req = request(url, { agent: false }, (res) => {
+    const send = url.startsWith('https:') ? httpsRequest : request;
+    const req = send(url, { agent: false, ...(ca ? { ca } : {}) }, (res) => {
       const chunks: Buffer[] = [];
       const got: Got = {
         status: res.statusCode ?? 0,
@@ -257,13 +261,19 @@ export function get(
  */
 export async function pausedDownload(
   url: string,
+  ca?: string,
 ): Promise<{ done: Promise<Got>; resume: () => void; worker: number }> {
   let response!: (res: IncomingMessage) => void;
   const started = new Promise<IncomingMessage>((resolve) => (response = resolve));
-  const done = get(url, (res) => {
-    res.once('data', () => res.pause());
-    response(res);
-  });
+  const done = get(
+    url,
+    (res) => {
+      res.once('data', () => res.pause());
+      response(res);
+    },
+    undefined,
+    ca,
+  );
   const res = await started;
   return {
     done,

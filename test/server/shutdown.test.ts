@@ -127,4 +127,29 @@ describe('stopping on a signal', () => {
     const line = pc.lines.find((l) => l.msg === 'request failed');
     expect(line?.err).toBe('the server stopped before the answer ended (server.drainTimeout)');
   }, 60_000);
+
+  test('over HTTPS too, the request line of a download cut after drainTimeout says the server cut it', async () => {
+    const ca = TestCa.create();
+    const cert = ca.issue();
+    const pc = await startWorkers({
+      upstream: registry.url,
+      workers: 1,
+      server: [
+        '  drainTimeout: 1s',
+        '  tls:',
+        `    cert: ${cert.certPath}`,
+        `    key: ${cert.keyPath}`,
+      ],
+    });
+    servers.push(pc);
+    const url = `https://127.0.0.1:${pc.port}/v2/library/drain/blobs/${blob.digest}`;
+    expect(intact(await get(url, undefined, undefined, ca.pem), blob.digest)).toBe(true);
+    const download = await pausedDownload(url, ca.pem);
+    pc.primary.kill('SIGTERM');
+    expect(await pc.exited()).toBe(0);
+    download.resume();
+    expect((await download.done).error).toBeDefined();
+    const line = pc.lines.find((l) => l.msg === 'request failed');
+    expect(line?.err).toBe('the server stopped before the answer ended (server.drainTimeout)');
+  }, 60_000);
 });
