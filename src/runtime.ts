@@ -64,7 +64,7 @@ export interface Runtime {
   lifecycle: Lifecycle;
   /** What the status page and `pullcache status` show; its history runs once started. */
   status: StatusReporter;
-  /** With `server.advertise`: what other replicas are served (fleet/peers.ts). */
+  /** In a serving process with `server.advertise`: what other replicas are served (fleet/peers.ts). */
   peer?: { secret: string; blobs: BlobService };
   /**
    * Whether storage takes a write and the cache answers, now; never throws. `cacheTimeout` bounds
@@ -189,7 +189,6 @@ export async function createRuntime(
     const client = new RegistryClient({ name, config: upstream, log, password, observer: monitor });
     clients.set(name, client);
     const manifests = new ProxyManifestStore(localManifests, client, log, metrics, lifecycle);
-    const tags = new ProxyTagService(localTags, manifests, client, upstream, log, metrics);
     services.set(name, {
       blobs: new ProxyBlobStore({
         local: localBlobs,
@@ -218,7 +217,7 @@ export async function createRuntime(
           : {}),
       }),
       manifests,
-      tags,
+      tags: new ProxyTagService(localTags, manifests, client, upstream, log, metrics),
       referrers: new ProxyReferrersService({
         local: new DriverReferrersStore(driver),
         client,
@@ -227,9 +226,6 @@ export async function createRuntime(
         metrics,
         holds: async (repo, subject) =>
           (await storedRepositories.getManifest(repo, subject)) !== undefined,
-        // An upstream without the referrers API: its referrers tag, cached like any tag.
-        tags,
-        manifests,
       }),
     });
   }

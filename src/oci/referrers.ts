@@ -28,29 +28,9 @@ export const ARTIFACT_TYPE_FILTER = 'artifactType';
  * image index of well-formed descriptors.
  */
 export function parseReferrersIndex(bytes: Uint8Array): ReferrerDescriptor[] {
-  let json: unknown;
-  try {
-    json = JSON.parse(Buffer.from(bytes).toString('utf8'));
-  } catch {
-    throw new ManifestInvalidError('referrers answer is not valid JSON');
-  }
-  if (!isObject(json) || json.schemaVersion !== 2 || !Array.isArray(json.manifests))
-    throw new ManifestInvalidError('referrers answer is not an image index');
-  return json.manifests.map((value: unknown, i) => {
-    if (
-      !isObject(value) ||
-      typeof value.mediaType !== 'string' ||
-      typeof value.size !== 'number' ||
-      !Number.isSafeInteger(value.size) ||
-      value.size < 0 ||
-      (value.artifactType !== undefined && typeof value.artifactType !== 'string')
-    )
-      throw new ManifestInvalidError(`referrers answer: manifests[${i}] is not a descriptor`);
-    try {
-      parseDigest(String(value.digest));
-    } catch {
-      throw new ManifestInvalidError(`referrers answer: manifests[${i}] has an invalid digest`);
-    }
+  return indexEntries(bytes, 'referrers answer', true).map((value, i) => {
+    const problem = descriptorProblem(value);
+    if (problem) throw new ManifestInvalidError(`referrers answer: manifests[${i}] ${problem}`);
     return value as ReferrerDescriptor;
   });
 }
@@ -73,40 +53,61 @@ export function referrersTag(subject: Digest): Tag {
  * ManifestInvalidError when the bytes are not an image index.
  */
 export function referrersFromIndex(bytes: Uint8Array): ReferrerDescriptor[] {
+  const listed: ReferrerDescriptor[] = [];
+  for (const value of indexEntries(bytes, 'referrers tag', false)) {
+    if (
+      !isObject(value) ||
+      descriptorProblem(value) !== undefined ||
+      !isMediaType(value.mediaType as string) ||
+      (value.annotations !== undefined && !isStringMap(value.annotations))
+    )
+      continue;
+    const { mediaType, digest, size, artifactType, annotations } = value as ReferrerDescriptor;
+    const descriptor: ReferrerDescriptor = { mediaType, digest, size };
+    if (artifactType !== undefined) descriptor.artifactType = artifactType;
+    if (annotations !== undefined) descriptor.annotations = annotations;
+    listed.push(descriptor);
+  }
+  return listed;
+}
+
+/**
+ * The `manifests` of the image index in `bytes` (`what` names it in errors; `schemaVersion`: it
+ * must say 2). Throws ManifestInvalidError when the bytes are not one.
+ */
+function indexEntries(bytes: Uint8Array, what: string, schemaVersion: boolean): unknown[] {
   let json: unknown;
   try {
     json = JSON.parse(Buffer.from(bytes).toString('utf8'));
   } catch {
-    throw new ManifestInvalidError('referrers tag is not valid JSON');
+    throw new ManifestInvalidError(`${what} is not valid JSON`);
   }
-  if (!isObject(json) || !Array.isArray(json.manifests))
-    throw new ManifestInvalidError('referrers tag is not an image index');
-  const listed: ReferrerDescriptor[] = [];
-  for (const value of json.manifests as unknown[]) {
-    if (
-      !isObject(value) ||
-      typeof value.mediaType !== 'string' ||
-      !isMediaType(value.mediaType) ||
-      typeof value.digest !== 'string' ||
-      typeof value.size !== 'number' ||
-      !Number.isSafeInteger(value.size) ||
-      value.size < 0 ||
-      (value.artifactType !== undefined && typeof value.artifactType !== 'string') ||
-      (value.annotations !== undefined && !isStringMap(value.annotations))
-    )
-      continue;
-    let digest: Digest;
-    try {
-      digest = parseDigest(value.digest).digest;
-    } catch {
-      continue;
-    }
-    const descriptor: ReferrerDescriptor = { mediaType: value.mediaType, digest, size: value.size };
-    if (value.artifactType !== undefined) descriptor.artifactType = value.artifactType;
-    if (value.annotations !== undefined) descriptor.annotations = value.annotations;
-    listed.push(descriptor);
+  if (
+    !isObject(json) ||
+    (schemaVersion && json.schemaVersion !== 2) ||
+    !Array.isArray(json.manifests)
+  )
+    throw new ManifestInvalidError(`${what} is not an image index`);
+  return json.manifests as unknown[];
+}
+
+/** What makes `value` no descriptor of a referrer (mediaType, digest, size, artifactType). */
+function descriptorProblem(value: unknown): string | undefined {
+  if (
+    !isObject(value) ||
+    typeof value.mediaType !== 'string' ||
+    typeof value.size !== 'number' ||
+    !Number.isSafeInteger(value.size) ||
+    value.size < 0 ||
+    (value.artifactType !== undefined && typeof value.artifactType !== 'string')
+  )
+    return 'is not a descriptor';
+  try {
+    parseDigest(String(value.digest));
+  } catch {
+    return 'has an invalid digest';
   }
-  return listed;
+  return undefined;
 }
 
 /** The index to serve for these referrers; no referrers is an empty index, never a 404. */

@@ -5,9 +5,9 @@
  * upstream cannot answer. An upstream without the referrers API answers 404; its clients keep
  * the referrers in an index under the referrers tag schema's tag (`sha256-<hex>`), which a client
  * reads only when the API answers 404. Here the API always answers (an empty index when there
- * are no referrers), so pullcache reads that tag itself, through the upstream's tag service and
- * manifest store, cached like any tag, and serves what it lists, as the spec's "Listing
- * Referrers" has a registry with the API do. No such tag upstream: no referrers.
+ * are no referrers), so pullcache reads that tag of the upstream itself and serves what it
+ * lists, as the spec's "Listing Referrers" has a registry with the API do (`fromTag`). No such
+ * tag upstream: no referrers.
  *
  * Anyone may ask for any repository name, subject digest and set of artifact types, and garbage
  * collection removes the answers of a subject only with the subject's manifest: an answer kept
@@ -22,7 +22,7 @@ import { LRUCache } from 'lru-cache';
 import type { UpstreamConfig } from '../config/schema.js';
 import type { Logger } from '../log/logger.js';
 import type { Digest } from '../oci/digest.js';
-import { isIndexMediaType, isMediaType } from '../oci/media-types.js';
+import { isIndexMediaType, isManifestMediaType, isMediaType } from '../oci/media-types.js';
 import { ManifestInvalidError } from '../oci/errors.js';
 import {
   ARTIFACT_TYPE_FILTER,
@@ -34,16 +34,14 @@ import {
 } from '../oci/referrers.js';
 import type { Metrics } from '../metrics.js';
 import type {
-  ManifestService,
   ReferrersAnswer,
   ReferrersRecord,
   ReferrersService,
   ReferrersStore,
   RepositoryKey,
-  TagService,
 } from '../storage/types.js';
 import { UpstreamInvalidError, UpstreamNotFoundError } from '../upstream/errors.js';
-import type { UpstreamClient } from '../upstream/types.js';
+import type { FetchedManifest, UpstreamClient } from '../upstream/types.js';
 import { isUpstreamFailure } from './proxy-tag-service.js';
 import { SingleFlight } from './single-flight.js';
 
@@ -55,12 +53,6 @@ export interface ProxyReferrersOptions {
   metrics: Metrics;
   /** Whether the repository holds the subject's manifest: only then is an answer stored. */
   holds: (repo: RepositoryKey, subject: Digest) => Promise<boolean>;
-  /**
-   * The same upstream's tag service and manifest store (ProxyTagService, ProxyManifestStore):
-   * where the referrers tag schema's tag is read when the upstream has no referrers API.
-   */
-  tags: Pick<TagService, 'resolve'>;
-  manifests: Pick<ManifestService, 'get'>;
   now?: () => number;
 }
 
@@ -68,8 +60,6 @@ export interface ProxyReferrersOptions {
 interface Listing {
   manifests: ReferrerDescriptor[];
   confirmedAt: number;
-  /** Read from a tag served stale (its upstream could not be asked). */
-  stale?: boolean;
 }
 
 /** Answers remembered in memory (they are not stored): at most so many, and so many bytes. */
@@ -86,8 +76,6 @@ export class ProxyReferrersService implements ReferrersService {
   });
   private readonly local: ReferrersStore;
   private readonly holds: ProxyReferrersOptions['holds'];
-  private readonly tags: ProxyReferrersOptions['tags'];
-  private readonly manifests: ProxyReferrersOptions['manifests'];
   private readonly client: UpstreamClient;
   private readonly config: UpstreamConfig;
   private readonly log: Logger;
@@ -97,8 +85,6 @@ export class ProxyReferrersService implements ReferrersService {
   constructor(options: ProxyReferrersOptions) {
     this.local = options.local;
     this.holds = options.holds;
-    this.tags = options.tags;
-    this.manifests = options.manifests;
     this.client = options.client;
     this.config = options.config;
     this.log = options.log.child({ module: 'proxy-referrers', upstream: options.client.name });
@@ -167,9 +153,7 @@ export class ProxyReferrersService implements ReferrersService {
     } else {
       this.memory.set(key, record);
     }
-    if (!listing.stale) return answer(record);
-    this.countStale(repo);
-    return { ...answer(record), stale: true };
+    return answer(record);
   }
 
   /**
@@ -196,43 +180,39 @@ export class ProxyReferrersService implements ReferrersService {
   }
 
   /**
-   * The referrers listed under the referrers tag schema's tag of `subject`, in this repository
-   * only (`repo`: the tag of another repository is none of its business), read through the
-   * upstream's tag service and manifest store: the tag and its index are cached like any tag's,
-   * fresh for `tagTTL` and stale-if-error. No such tag, or one that names no index: none.
-   *
-   * What it costs: a tag known here is answered from the cache, or revalidated by a HEAD. A tag
-   * the upstream does not have is asked by a GET on every lookup (ProxyTagService remembers no
-   * 404), after two reads of the metadata cache and of storage; this runs only when the answer
-   * recorded for this subject and filter (in `memory` or storage) is past its freshness, so at
-   * most once per `tagTTL` for each, as long as that answer is remembered.
+   * The referrers listed under the referrers tag schema's tag of `subject` upstream, in this
+   * repository only (`repo`: the tag of another repository is none of its business). Asked of
+   * the upstream itself, not through the tag service: the answer made of it is what is cached
+   * (fresh for `tagTTL`, stale-if-error), and the tag is no image of the repository's (`ls`,
+   * eviction, the pull counters would show one). A HEAD first (free against Docker Hub's pull
+   * limit): most subjects have no such tag, and then nothing more is asked; a GET only for a tag
+   * that is there. No such tag, or one that names no image index: no referrers.
    */
   private async fromTag(repo: RepositoryKey, subject: Digest): Promise<Listing> {
     const tag = referrersTag(subject);
-    const resolved = await this.tags.resolve(repo, tag);
     const none = (why: string): Listing => {
       this.log.debug({ repository: repo.repository, subject, tag }, why);
       return { manifests: [], confirmedAt: this.now() };
     };
-    if (!resolved.found) return none('no referrers API upstream and no referrers tag');
-    const fetched = await this.manifests.get(repo, resolved.digest, { counted: false });
-    if (!fetched.found) return none('referrers tag names a manifest the upstream does not have');
-    if (!isIndexMediaType(fetched.link.mediaType))
-      return none('referrers tag names no image index');
-    let manifests: ReferrerDescriptor[];
+    let fetched: FetchedManifest;
     try {
-      manifests = referrersFromIndex(fetched.bytes);
+      const head = await this.client.headManifest(repo.repository, tag);
+      fetched = await this.client.getManifest(repo.repository, head.digest ?? tag);
+    } catch (err) {
+      if (err instanceof UpstreamNotFoundError)
+        return none('no referrers API upstream and no referrers tag');
+      throw err;
+    }
+    // Its Content-Type when it names a manifest type; any other is told by the bytes below.
+    if (isManifestMediaType(fetched.mediaType) && !isIndexMediaType(fetched.mediaType))
+      return none('referrers tag names no image index');
+    try {
+      return { manifests: referrersFromIndex(fetched.bytes), confirmedAt: this.now() };
     } catch (err) {
       if (err instanceof ManifestInvalidError)
         throw new UpstreamInvalidError(this.client.name, err.message);
       throw err;
     }
-    return {
-      manifests,
-      // As fresh as the tag it was read from: a tag confirmed a while ago is asked again sooner.
-      confirmedAt: Math.min(this.now(), resolved.confirmedAt),
-      ...(resolved.stale ? { stale: true } : {}),
-    };
   }
 
   /** Whether a new answer goes to storage (see the top of this file). */
@@ -253,7 +233,11 @@ export class ProxyReferrersService implements ReferrersService {
     known: ReferrersRecord,
     reason: string,
   ): ReferrersAnswer {
-    this.countStale(repo);
+    this.metrics.staleServed.inc({
+      upstream: repo.upstream,
+      kind: 'referrers',
+      reason: this.client.isDown ? 'down' : 'error',
+    });
     this.log.warn(
       {
         repository: repo.repository,
@@ -264,14 +248,6 @@ export class ProxyReferrersService implements ReferrersService {
       'serving stale referrers',
     );
     return { ...answer(known), stale: true };
-  }
-
-  private countStale(repo: RepositoryKey): void {
-    this.metrics.staleServed.inc({
-      upstream: repo.upstream,
-      kind: 'referrers',
-      reason: this.client.isDown ? 'down' : 'error',
-    });
   }
 }
 

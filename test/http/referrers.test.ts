@@ -1,4 +1,6 @@
+import { existsSync } from 'node:fs';
 import type { IncomingMessage, ServerResponse } from 'node:http';
+import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { fakeServer, servedManifest, type FakeServer } from '../helpers/fake-server.js';
 import { ociError, rawRequest } from '../helpers/http.js';
@@ -13,6 +15,8 @@ import {
 import { startPullcache, type TestPullcache } from '../helpers/pullcache.js';
 import { Recorder } from '../helpers/recorder.js';
 import { TestRegistry } from '../helpers/registry.js';
+import { paths } from '../../src/storage/paths.js';
+import { parseRepository, parseTag } from '../../src/oci/reference.js';
 
 const INDEX = 'application/vnd.oci.image.index.v1+json';
 const SIGNATURE = 'application/vnd.example.signature.v1+json';
@@ -193,7 +197,7 @@ describe('referrers from the referrers tag schema of an upstream without the API
       .filter((r) => r.path === `/v2/${repository}/manifests/${referrersTag(subject)}`)
       .map(({ method, status }) => ({ method, status }));
 
-  test('the index under the referrers tag is the answer, filtered or not; the tag is cached like any tag', async () => {
+  test('the index under the referrers tag is the answer, filtered or not; the tag is no image of the cache', async () => {
     recorder.reset();
     const all = await referrersOf('org/signed', signed);
     expect(all.headers.get('oci-filters-applied')).toBeNull();
@@ -210,14 +214,27 @@ describe('referrers from the referrers tag schema of an upstream without the API
     expect(other.headers.get('oci-filters-applied')).toBe('artifactType');
     expect((await index(other)).manifests).toEqual([]);
 
-    // The API was asked for each answer (404); the tag once, then answered from the cache, which
-    // serves it as any tag.
+    // For each answer (each one cached on its own), the API (404), then the tag: a HEAD (free
+    // against Docker Hub's pull limit), and a GET of the index it names, by digest.
     expect(recorder.requests.filter((r) => r.path.includes('/referrers/'))).toHaveLength(3);
-    expect(tagAsked('org/signed', signed)).toEqual([{ method: 'GET', status: 200 }]);
-    const tag = await fetch(`${pc.url}/v2/org/signed/manifests/${referrersTag(signed)}`);
-    expect(tag.status).toBe(200);
-    expect(JSON.parse(await tag.text())).toMatchObject({ manifests: [signature] });
-    expect(tagAsked('org/signed', signed)).toHaveLength(1);
+    const head = { method: 'HEAD', status: 200 };
+    expect(tagAsked('org/signed', signed)).toEqual([head, head, head]);
+    const gets = recorder.requests.filter(
+      (r) => r.method === 'GET' && r.path.includes('/manifests/'),
+    );
+    expect(gets.map((r) => [r.path.split('/manifests/')[1]!.slice(0, 7), r.status])).toEqual([
+      ['sha256:', 200],
+      ['sha256:', 200],
+      ['sha256:', 200],
+    ]);
+    // Inside tagTTL the answer is the cache's: nothing is asked again.
+    recorder.reset();
+    expect((await index(await referrersOf('org/signed', signed))).manifests).toEqual([signature]);
+    expect(recorder.requests).toEqual([]);
+    // The tag is read, not kept: no image of the repository (ls, eviction, pulls) comes of it.
+    const repo = { upstream: 'docker.io', repository: parseRepository('org/signed') };
+    const link = join(pc.root, paths.tagLink(repo, parseTag(referrersTag(signed))));
+    expect(existsSync(link)).toBe(false);
   });
 
   test('a Docker manifest list under the referrers tag is read as well', async () => {
@@ -230,15 +247,16 @@ describe('referrers from the referrers tag schema of an upstream without the API
     recorder.reset();
     const res = await referrersOf('org/signed', unsigned);
     expect(await index(res)).toEqual({ schemaVersion: 2, mediaType: INDEX, manifests: [] });
-    expect(tagAsked('org/signed', unsigned)).toEqual([{ method: 'GET', status: 404 }]);
+    // A HEAD, and no more: most subjects have no such tag.
+    expect(tagAsked('org/signed', unsigned)).toEqual([{ method: 'HEAD', status: 404 }]);
   });
 
   test('the referrers tag is read in the repository asked about only', async () => {
-    // org/signed's tag of this subject is cached here by now, and stored upstream.
+    // org/signed's tag of this subject is stored upstream.
     recorder.reset();
     const res = await referrersOf('org/other', signed);
     expect(await index(res)).toEqual({ schemaVersion: 2, mediaType: INDEX, manifests: [] });
-    expect(tagAsked('org/other', signed)).toEqual([{ method: 'GET', status: 404 }]);
+    expect(tagAsked('org/other', signed)).toEqual([{ method: 'HEAD', status: 404 }]);
     expect(recorder.requests.filter((r) => r.path.startsWith('/v2/org/signed/'))).toEqual([]);
   });
 });
