@@ -139,16 +139,18 @@ export class ProxyTagService implements TagService {
 
   /**
    * GETs the tag's manifest, keeps it and records the tag: a tag not known here, or a known one
-   * whose HEAD answer named no digest.
+   * whose HEAD answer named no digest. A known tag that has not moved is a revalidation, as a
+   * HEAD's would be: its manifest is the one held (a GET of it by digest brings it back if it
+   * went), and what is served of it is no miss.
    */
   private async fetchTag(repo: RepositoryKey, tag: Tag, known: TagResult): Promise<TagResult> {
     const started = Date.now();
     const fetched = await this.client.getManifest(repo.repository, tag);
-    await this.manifests.keep(repo, fetched, started);
-    if (known.found && fetched.digest !== known.digest)
-      this.moved(repo, tag, known.digest, fetched.digest);
+    const unmoved = known.found && fetched.digest === known.digest;
+    if (!unmoved) await this.manifests.keep(repo, fetched, started);
+    if (known.found && !unmoved) this.moved(repo, tag, known.digest, fetched.digest);
     await this.record(repo, tag, fetched.digest);
-    return { found: true, digest: fetched.digest, confirmedAt: this.now(), fromUpstream: true };
+    return { found: true, digest: fetched.digest, confirmedAt: this.now(), fromUpstream: !unmoved };
   }
 
   private moved(repo: RepositoryKey, tag: Tag, from: Digest, to: Digest): void {

@@ -14,6 +14,7 @@ import {
 } from '../helpers/images.js';
 import { capturedLog, startPullcache, type TestPullcache } from '../helpers/pullcache.js';
 import { freePort, waitFor } from '../helpers/net.js';
+import { scrape, sum } from '../helpers/prometheus.js';
 import { Recorder } from '../helpers/recorder.js';
 import { TestRegistry } from '../helpers/registry.js';
 import { expectDirHolds, skopeo, skopeoCopy } from '../helpers/skopeo.js';
@@ -189,6 +190,18 @@ describe.each(DRIVERS)('pulling through pullcache from a real registry (%s stora
       expect(again.headers.get('warning')).toBeNull();
       expect(recorder.count('HEAD', byTag)).toBe(1);
       expect(recorder.count('GET', byTag)).toBe(1);
+      // That GET only confirmed the tag: what is served of it comes from storage, no miss.
+      const missed = async () =>
+        sum((await scrape(pc.url)).samples, 'pullcache_served_bytes_total', {
+          upstream: 'registry.test',
+          kind: 'manifest',
+          cache: 'miss',
+        });
+      const before = await missed();
+      await new Promise((r) => setTimeout(r, 1100));
+      const confirmed = await fetch(url);
+      expect(Buffer.from(await confirmed.arrayBuffer()).equals(second.manifest)).toBe(true);
+      expect(await missed()).toBe(before);
     } finally {
       recorder.headWithoutDigest = false;
     }
