@@ -30,7 +30,7 @@ export interface Route {
    * upstream's answer (Location, Link) that it points at pullcache.
    */
   prefix: string;
-  ns?: string;
+  ns: string | undefined;
 }
 
 export function routeRequest(config: Config, name: string, ns: unknown): Route {
@@ -61,9 +61,13 @@ export function routeRequest(config: Config, name: string, ns: unknown): Route {
     }
   }
   if (upstream === undefined) throw new NameUnknownError(name);
-  const route: Route = { upstream, repository: withLibraryPrefix(upstream, rest), prefix };
-  if (ns !== undefined) route.ns = upstream; // the `ns` given, a configured upstream's name
-  return route;
+  return {
+    upstream,
+    repository: withLibraryPrefix(upstream, rest),
+    prefix,
+    // The `ns` given (a configured upstream's name); always a field, so that routes share a shape.
+    ns: ns !== undefined ? upstream : undefined,
+  };
 }
 
 /** Docker Hub's official images: on the upstream named docker.io, `alpine` is `library/alpine`. */

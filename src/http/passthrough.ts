@@ -201,10 +201,11 @@ export class Passthrough {
    * RFC 8288 section 3.1), pointed at pullcache when it is into the upstream's /v2/: a path on
    * pullcache with the client's prefix and `ns`. On pullcache, `ns` chooses the upstream: one the
    * upstream wrote goes (it would send the client to another upstream, or twice given, be
-   * refused); userinfo and fragment go too. Any other URL (another host's, as a blob's redirect
-   * to storage; one that does not parse) is left as the upstream wrote it, in a Link as in a
-   * Location: it is where the upstream sends its clients, pullcache never dials it, and no
-   * credential of pullcache's is in it (passthrough forwards only the client's own).
+   * refused); userinfo and fragment go too. Any other full URL (another host's, as a blob's
+   * redirect to storage; one that does not parse) is left as the upstream wrote it, in a Link as
+   * in a Location: it is where the upstream sends its clients, pullcache never dials it, and no
+   * credential of pullcache's is in it (passthrough forwards only the client's own). A relative
+   * one outside /v2/ is made the upstream's full URL it names.
    */
   private pointed(value: string, forwarding: Forwarding): string {
     let url: URL;
@@ -213,7 +214,15 @@ export class Passthrough {
     } catch {
       return value;
     }
-    if (url.origin !== this.target.origin || !url.pathname.startsWith('/v2/')) return value;
+    if (url.origin !== this.target.origin || !url.pathname.startsWith('/v2/')) {
+      // Written as a full URL: as it is. A relative one is where the upstream points (a path of
+      // its own outside /v2/): resolved against it, or the client would resolve it against
+      // pullcache.
+      if (ABSOLUTE_URL.test(value)) return value;
+      url.username = '';
+      url.password = '';
+      return url.href;
+    }
     return `/v2/${forwarding.prefix}${url.pathname.slice(4)}${withNs(url.search, forwarding.ns)}`;
   }
 
@@ -225,6 +234,9 @@ export class Passthrough {
     this.proxy.close();
   }
 }
+
+/** A URL with its scheme (RFC 3986 section 3.1), not a reference relative to another. */
+const ABSOLUTE_URL = /^[a-z][a-z0-9+.-]*:/i;
 
 /** `search` (`?a=b`, or empty) with `ns=<ns>` as its only `ns` (none without), else as written. */
 function withNs(search: string, ns: string | undefined): string {

@@ -460,6 +460,7 @@ describe('passthrough requests', () => {
           ` ,<?last=v4&n=2&ns=docker.io> ; rel="last"`,
           `<${own('/v2/org/app/tags/list')}>; rel="first"`,
           '<../../x/tags/list>; anchor="/v2/"',
+          '</storage/blob-1>; rel="blob"',
         ].join(', ');
       const expected = (name: string, ns: string) =>
         [
@@ -469,6 +470,8 @@ describe('passthrough requests', () => {
           ` ,</v2/${name}/tags/list?last=v4&n=2${ns}> ; rel="last"`,
           `</v2/${name}/tags/list${ns.replace('&', '?')}>; rel="first"`,
           `</v2/${name.replace('/app', '/x')}/tags/list${ns.replace('&', '?')}>; anchor="/v2/"`,
+          // The upstream's own path outside /v2/: its full URL, not one pullcache would resolve.
+          `<${paged.url}/storage/blob-1>; rel="blob"`,
         ].join(', ');
       for (const [path, name, ns] of [
         ['/v2/paged.test/org/app/tags/list?n=2', 'paged.test/org/app', ''],
