@@ -43,6 +43,24 @@ describe('stopping on a signal', () => {
     return pc;
   }
 
+  /** One process over HTTPS with a drainTimeout of 1 s, and the CA its certificate is from. */
+  async function serveTls(): Promise<{ pc: WorkersServer; ca: TestCa }> {
+    const ca = TestCa.create();
+    const cert = ca.issue();
+    const pc = await startWorkers({
+      upstream: registry.url,
+      workers: 1,
+      server: [
+        '  drainTimeout: 1s',
+        '  tls:',
+        `    cert: ${cert.certPath}`,
+        `    key: ${cert.keyPath}`,
+      ],
+    });
+    servers.push(pc);
+    return { pc, ca };
+  }
+
   beforeAll(async () => {
     registry = await TestRegistry.start();
     const { digest } = await pushRandomBlob(registry, 'library/drain', 48 * MiB);
@@ -84,19 +102,7 @@ describe('stopping on a signal', () => {
   }, 60_000);
 
   test('over HTTPS, a connection still in its TLS handshake does not hold the stop', async () => {
-    const ca = TestCa.create();
-    const cert = ca.issue();
-    const pc = await startWorkers({
-      upstream: registry.url,
-      workers: 1,
-      server: [
-        '  drainTimeout: 1s',
-        '  tls:',
-        `    cert: ${cert.certPath}`,
-        `    key: ${cert.keyPath}`,
-      ],
-    });
-    servers.push(pc);
+    const { pc } = await serveTls();
     // Connected, and silent: no ClientHello.
     const silent = connect(pc.port, '127.0.0.1');
     await new Promise((resolve) => silent.once('connect', resolve));
@@ -129,19 +135,7 @@ describe('stopping on a signal', () => {
   }, 60_000);
 
   test('over HTTPS too, the request line of a download cut after drainTimeout says the server cut it', async () => {
-    const ca = TestCa.create();
-    const cert = ca.issue();
-    const pc = await startWorkers({
-      upstream: registry.url,
-      workers: 1,
-      server: [
-        '  drainTimeout: 1s',
-        '  tls:',
-        `    cert: ${cert.certPath}`,
-        `    key: ${cert.keyPath}`,
-      ],
-    });
-    servers.push(pc);
+    const { pc, ca } = await serveTls();
     const url = `https://127.0.0.1:${pc.port}/v2/library/drain/blobs/${blob.digest}`;
     expect(intact(await get(url, undefined, undefined, ca.pem), blob.digest)).toBe(true);
     const download = await pausedDownload(url, ca.pem);
