@@ -11,7 +11,8 @@ import { LeaseRedis, RedisLease, type Lease } from '../lifecycle/lease.js';
 import type { Logger } from '../log/logger.js';
 import { paths } from '../storage/paths.js';
 import type { StorageDriver } from '../storage/types.js';
-import { Forgetting, IpcForgetTransport, RedisForgetTransport } from './forget.js';
+import { Forgetting } from './forget.js';
+import { IpcForgetTransport, RedisForgetTransport } from './forget-transports.js';
 import { PeerLeases } from './peer-leases.js';
 import { processChannel, WorkerLeases } from './worker-leases.js';
 

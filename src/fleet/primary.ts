@@ -19,7 +19,7 @@ import type { Logger } from '../log/logger.js';
 import { serveClusterMetrics } from './cluster-metrics.js';
 import { serveClusterStatus } from './cluster-status.js';
 import { LeaseTable } from './lease-table.js';
-import { isForgetMessage } from './forget.js';
+import { isForgetMessage } from './forget-transports.js';
 import { isLeaseMessage, type ToPrimary } from './messages.js';
 
 /** Deaths within this long are counted: the more, the longer a replacement waits. */

@@ -26,7 +26,7 @@ export interface Channel {
   onDisconnect(listener: () => void): void;
 }
 
-/** `process` in a cluster worker, for the leases and for fleet/forget.ts alike. */
+/** `process` in a cluster worker, for the leases and for fleet/forget-transports.ts alike. */
 export const processChannel = {
   get connected() {
     return process.connected;

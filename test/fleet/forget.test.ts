@@ -9,10 +9,10 @@ import {
   encodeChange,
   Forgetting,
   type Change,
-  RedisForgetTransport,
   type ForgetTransport,
   type Forgotten,
 } from '../../src/fleet/forget.js';
+import { RedisForgetTransport } from '../../src/fleet/forget-transports.js';
 import type { RemovedEvent, StoredEvent } from '../../src/lifecycle/types.js';
 import { parseDigest } from '../../src/oci/digest.js';
 import { parseRepository, parseTag } from '../../src/oci/reference.js';
