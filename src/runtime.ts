@@ -3,8 +3,6 @@
  * set of proxy services per upstream, the lifecycle, the fleet's channels. The server
  * (server.ts) and the CLI commands share it. Nothing here waits for an upstream.
  */
-import { mkdir } from 'node:fs/promises';
-import { dirname } from 'node:path';
 import { ConfigError } from './config/load.js';
 import type { Config } from './config/schema.js';
 import type { UpstreamServices } from './http/types.js';
@@ -31,7 +29,7 @@ import {
 import { DriverReferrersStore } from './storage/referrers-store.js';
 import { DriverRepositoryStore } from './storage/repository-store.js';
 import type { BlobService, BlobStore, RepositoryStore, StorageDriver } from './storage/types.js';
-import { StorageUnavailableError } from './storage/errors.js';
+import { probeStorage } from './storage-probe.js';
 import { RegistryClient } from './upstream/client.js';
 import { openFleetChannels } from './fleet/channels.js';
 import { PeeredBlobSource } from './fleet/peers.js';
@@ -319,63 +317,8 @@ export async function createRuntime(
   };
 }
 
-const FS_REASONS: Record<string, string> = {
-  EACCES: 'permission denied',
-  EPERM: 'operation not permitted',
-  EROFS: 'read-only file system',
-  ENOTDIR: 'part of the path is a file, not a directory',
-  ENOSPC: 'no space left on device',
-  EDQUOT: 'disk quota exceeded',
-};
-
-/**
- * Whether storage takes a write, as every pull needs: its root is a directory (made if missing)
- * and a file can be written in it, through the driver. The reason names no path, so that
- * /readyz can show it.
- */
 /** Bytes asked of an eviction when the readiness probe finds the disk full. */
 const FULL_DISK_ROOM = 64 * 1024 * 1024;
-
-async function probeStorage(
-  driver: StorageDriver,
-  root: string,
-): Promise<Reachability & { full?: boolean }> {
-  try {
-    const info = await driver.stat('');
-    if (info && !info.isDirectory) return { ok: false, reason: 'it is a file, not a directory' };
-    if (!info) await makeDirectory(root);
-    await driver.putContent('.readyz', String(Date.now()));
-    return { ok: true };
-  } catch (err) {
-    if (err instanceof StorageUnavailableError) return { ok: false, reason: err.message };
-    const code = (err as NodeJS.ErrnoException).code;
-    const known = code === undefined ? undefined : FS_REASONS[code];
-    return {
-      ok: false,
-      reason: known ? `${known} (${code})` : (code ?? 'unexpected error'),
-      ...(code === 'ENOSPC' || code === 'EDQUOT' ? { full: true } : {}),
-    };
-  }
-}
-
-/**
- * mkdir -p that fails with the real reason: Node's recursive mkdir reports ENOENT where a parent
- * cannot be made (a read-only file system, no permission), so each missing directory is made
- * in turn.
- */
-async function makeDirectory(dir: string): Promise<void> {
-  try {
-    await mkdir(dir);
-  } catch (err) {
-    const code = (err as NodeJS.ErrnoException).code;
-    if (code === 'EEXIST') return;
-    if (code !== 'ENOENT' || dirname(dir) === dir) throw err;
-    await makeDirectory(dirname(dir));
-    await mkdir(dir).catch((again: NodeJS.ErrnoException) => {
-      if (again.code !== 'EEXIST') throw again;
-    });
-  }
-}
 
 /** How long a peer waits on a silent fetch before giving up on it: the longest bodyIdle. */
 function peerIdleTimeout(config: Config): number {
