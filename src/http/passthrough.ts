@@ -8,7 +8,12 @@
  * at pullcache, addressed as the client addressed the request. The default upstream's `/v2/`
  * ping goes there too, unless it cannot be reached.
  */
-import type { IncomingMessage, OutgoingHttpHeaders, ServerResponse } from 'node:http';
+import type {
+  IncomingHttpHeaders,
+  IncomingMessage,
+  OutgoingHttpHeaders,
+  ServerResponse,
+} from 'node:http';
 import { pipeline } from 'node:stream';
 import httpProxy from 'http-proxy';
 import type { UpstreamConfig } from '../config/schema.js';
@@ -35,6 +40,18 @@ const HOP_BY_HOP = new Set([
   'transfer-encoding',
   'upgrade',
 ]);
+
+/**
+ * The hop-by-hop headers of a request or an answer (RFC 9110 section 7.6.1): the fixed ones, and
+ * those its Connection header names. Neither side of a proxy passes them on.
+ */
+function hopByHopOf(headers: IncomingHttpHeaders): Set<string> {
+  const named = String(headers.connection ?? '')
+    .split(',')
+    .map((token) => token.trim().toLowerCase())
+    .filter((token) => token !== '');
+  return new Set([...HOP_BY_HOP, ...named]);
+}
 
 /** pullcache's own headers of every /v2 answer, which an upstream's do not replace. */
 const OWN_HEADERS = new Set(Object.keys(API_SECURITY_HEADERS).map((h) => h.toLowerCase()));
@@ -144,6 +161,10 @@ export class Passthrough {
     onError: (err: Error) => void,
   ): void {
     req.url = path;
+    // The client's hop-by-hop headers were for this connection, not the upstream's: a
+    // `Transfer-Encoding: gzip, chunked` passed on made the upstream refuse the request (501),
+    // and `Proxy-Authorization` is a credential for a proxy, never an upstream's to see.
+    for (const name of hopByHopOf(req.headers)) delete req.headers[name];
     this.forwarding.set(req, { ...forwarding, base: new URL(path, this.target) });
     this.proxy.web(req, res, {}, onError);
   }
@@ -159,11 +180,9 @@ export class Passthrough {
       return;
     }
     const headers: OutgoingHttpHeaders = {};
-    const named = String(proxyRes.headers.connection ?? '')
-      .split(',')
-      .map((token) => token.trim().toLowerCase());
+    const hopByHop = hopByHopOf(proxyRes.headers);
     for (const [name, value] of Object.entries(proxyRes.headers)) {
-      if (value === undefined || HOP_BY_HOP.has(name) || named.includes(name)) continue;
+      if (value === undefined || hopByHop.has(name)) continue;
       if (OWN_HEADERS.has(name)) continue;
       if (name === 'www-authenticate' && forwarding?.unauthorized) continue;
       headers[name] = value;
