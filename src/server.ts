@@ -38,6 +38,7 @@ import { CertificateReloader } from './tls/reload.js';
 import { within } from './abort.js';
 import { createAccess } from './access/access.js';
 import { cutAtStop } from './http/request-log.js';
+import { answerMalformed, refuseConnect, refuseExpectation } from './http/malformed.js';
 import { logStartup } from './status/startup.js';
 import { createRuntime, type Runtime } from './runtime.js';
 
@@ -146,6 +147,10 @@ export async function startServer(config: Config, log: Logger): Promise<RunningS
     );
   }
   server.keepAliveTimeout = 65_000;
+  // What Node's parser refuses, a CONNECT and an unknown Expect: OCI errors, not bare statuses.
+  server.on('clientError', answerMalformed(log));
+  server.on('connect', refuseConnect);
+  server.on('checkExpectation', refuseExpectation(log));
   // Every socket, from its connection on: one still in its TLS handshake is no HTTP connection
   // yet, and closeAllConnections() would leave it to its handshake timeout (2 min) at a stop.
   const sockets = new Set<Socket>();
