@@ -23,6 +23,7 @@ import type { BlobStore, BlobWriter, RepositoryKey } from '../storage/types.js';
 import { PathNotFoundError, SpoolError, StorageUnavailableError } from '../storage/errors.js';
 import type { UpstreamClient } from '../upstream/types.js';
 import { ReceiveSlabs } from '../upstream/receive-slabs.js';
+import { UpstreamNotFoundError } from '../upstream/errors.js';
 import type { StorageBudget } from '../lifecycle/types.js';
 import type { Lease } from '../fleet/types.js';
 import type { FetchState, FollowedFetch, UpstreamFetch } from './types.js';
@@ -241,8 +242,10 @@ export class BlobFetch implements UpstreamFetch, FollowedFetch {
       while (this.pumping) await this.pumping.catch(() => {});
       const writer = this.writer ?? (await this.session.catch(() => undefined));
       await writer?.cancel().catch(() => {});
+      // A digest the upstream does not have is the client's business (a 404 it is told), not
+      // the operator's: said at debug; the request line has it.
       if (!(err instanceof SpoolError))
-        log.warn(
+        log[err instanceof UpstreamNotFoundError ? 'debug' : 'warn'](
           {
             digest,
             bytes: this.received,

@@ -519,6 +519,15 @@ describe.each(DRIVERS)('pulling through pullcache from a real registry (%s stora
       ]);
       expect(requests[1]!.errorCode).toBe('MANIFEST_UNKNOWN');
       expect(JSON.stringify(lines)).not.toContain('read-secret');
+
+      // A blob the upstream does not have is the client's 404, nothing for the operator: no
+      // warning, the request line says it.
+      const unknown = `sha256:${'0'.repeat(64)}`;
+      const absent = await fetch(`${logged.url}/v2/library/alpine/blobs/${unknown}`);
+      expect(absent.status).toBe(404);
+      expect(await ociError(absent)).toBe('BLOB_UNKNOWN');
+      await new Promise((r) => setTimeout(r, 50));
+      expect(lines.filter((l) => (l.level as number) >= 40).map((l) => l.msg)).toEqual([]);
     } finally {
       await logged.stop();
     }
