@@ -93,9 +93,10 @@ export async function serveBlob(
     // Headers are out: a broken source (or a bad digest upstream) must cut the connection so the
     // client never takes a short body for the blob. A client that went away is no news.
     const code = (err as NodeJS.ErrnoException).code;
-    if (code !== 'ERR_STREAM_PREMATURE_CLOSE' && code !== 'ECONNRESET' && code !== 'EPIPE') {
-      req.log.warn({ digest, err: (err as Error).message }, 'blob stream broke off');
-    }
-    if (!res.destroyed) res.destroy(err as Error);
+    const clientLeft =
+      code === 'ERR_STREAM_PREMATURE_CLOSE' || code === 'ECONNRESET' || code === 'EPIPE';
+    if (!clientLeft) req.log.warn({ digest, err: (err as Error).message }, 'blob stream broke off');
+    // Its request line then says the client left (request-log.ts), not a socket error's code.
+    if (!res.destroyed) res.destroy(clientLeft ? undefined : (err as Error));
   }
 }

@@ -51,7 +51,7 @@ export function requestLog(httpLog: Logger, access: AccessControl): RequestHandl
     },
     // An answer cut short (the client left, the upstream broke off) failed, whatever its
     // status said when the headers went out.
-    customLogLevel: (_req, res, err) => (err || answerFailed(res) ? 'error' : 'info'),
+    customLogLevel: (_req, res, err) => levelOf(res, err),
     customSuccessMessage: (_req, res) => (answerFailed(res) ? 'request failed' : 'request'),
     customErrorMessage: () => 'request failed',
     customSuccessObject: (_req, res, value: Record<string, unknown>) =>
@@ -134,9 +134,21 @@ export function logRequest(
       userAgent: req.headers['user-agent'],
     };
     if (answerFailed(res))
-      log.error({ ...line, err: failureCause(res), ...sentErrorFields(res) }, 'request failed');
+      log[levelOf(res)](
+        { ...line, err: failureCause(res), ...sentErrorFields(res) },
+        'request failed',
+      );
     else log.info(line, 'request');
   });
+}
+
+/**
+ * The level of a request's line: error for a failed answer, but warn for one its client cut
+ * (a ^C, a CI job cancelled: nothing for the operator to mend, and no alert on error lines).
+ */
+function levelOf(res: ServerResponse, err?: unknown): 'info' | 'warn' | 'error' {
+  if (!err && !answerFailed(res)) return 'info';
+  return failureCause(res) === CLIENT_LEFT ? 'warn' : 'error';
 }
 
 /** Whether a request's line says "request failed": a 5xx, or an answer cut before its end. */

@@ -151,6 +151,8 @@ describe('the request log', () => {
     client.abort();
     const line = await lineOf('cut-by-client');
     expect(line).toMatchObject({
+      // A warning: a client that leaves is nothing for the operator to mend.
+      level: 40,
       msg: 'request failed',
       res: { statusCode: 200 },
       cache: 'miss',
