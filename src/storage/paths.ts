@@ -99,3 +99,34 @@ export const paths = {
 
 /** Directory names that mark a repository's own data, not a nested repository. */
 export const REPOSITORY_DATA_DIRS = ['_layers', '_manifests', '_referrers', '_uploads'];
+
+/** A link file of a repository, as `parseRepositoryLink` reads its path. */
+export type RepositoryLinkPath =
+  | { repository: string; kind: 'blob' | 'manifest'; digest: Digest }
+  | { repository: string; kind: 'tag'; tag: Tag };
+
+/**
+ * What a file under `upstreamRoot` is, from its path relative to that root (the layout above,
+ * read backwards): a layer link, a manifest revision link or a tag's current link of a
+ * repository; undefined for any other file, or a name or digest that is not valid.
+ */
+export function parseRepositoryLink(relative: string): RepositoryLinkPath | undefined {
+  const parts = relative.split('/');
+  // The repository's name is what comes before its first data directory.
+  const at = parts.findIndex((part) => REPOSITORY_DATA_DIRS.includes(part));
+  if (at <= 0) return undefined;
+  const [dir, a, b, c, d, ...more] = parts.slice(at);
+  if (more.length > 0) return undefined;
+  try {
+    const repository = parseRepository(parts.slice(0, at).join('/'));
+    if (dir === '_layers' && c === 'link' && d === undefined)
+      return { repository, kind: 'blob', digest: parseDigest(`${a}:${b}`).digest };
+    if (dir !== '_manifests' || d !== 'link') return undefined;
+    if (a === 'revisions')
+      return { repository, kind: 'manifest', digest: parseDigest(`${b}:${c}`).digest };
+    if (a === 'tags' && c === 'current') return { repository, kind: 'tag', tag: parseTag(b!) };
+  } catch {
+    // Not a valid name, digest or tag: no file of ours.
+  }
+  return undefined;
+}

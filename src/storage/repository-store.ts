@@ -3,7 +3,7 @@ import { parseDigest, type Digest } from '../oci/digest.js';
 import type { Descriptor } from '../oci/descriptor.js';
 import { parseRepository, type Tag } from '../oci/reference.js';
 import { isTag } from '../oci/reference.js';
-import { paths, REPOSITORY_DATA_DIRS } from './paths.js';
+import { parseRepositoryLink, paths, REPOSITORY_DATA_DIRS } from './paths.js';
 import { recordPull } from './last-pull.js';
 import type {
   ManifestLink,
@@ -104,50 +104,13 @@ export class DriverRepositoryStore implements RepositoryStore {
     const found = new Map<string, UpstreamRepository>();
     for await (const file of this.driver.walk(paths.upstreamRoot(upstream))) {
       if (!file.path.startsWith(root)) continue;
-      const parts = file.path.slice(root.length).split('/');
-      // The repository's name is what comes before its first data directory.
-      const at = parts.findIndex((part) => REPOSITORY_DATA_DIRS.includes(part));
-      if (at <= 0) continue;
-      let name: string;
-      try {
-        name = parseRepository(parts.slice(0, at).join('/'));
-      } catch {
-        continue; // not a repository's: not ours
-      }
-      const rest = parts.slice(at);
-      const entry = (): UpstreamRepository => {
-        let repository = found.get(name);
-        if (!repository) found.set(name, (repository = { blobLinks: [], manifests: [], tags: [] }));
-        return repository;
-      };
-      const digest = (algorithm: string | undefined, hex: string | undefined) => {
-        try {
-          return parseDigest(`${algorithm}:${hex}`).digest;
-        } catch {
-          return undefined;
-        }
-      };
-      if (rest.length === 4 && rest[0] === '_layers' && rest[3] === 'link') {
-        const d = digest(rest[1], rest[2]);
-        if (d) entry().blobLinks.push(d);
-      } else if (
-        rest.length === 5 &&
-        rest[0] === '_manifests' &&
-        rest[1] === 'revisions' &&
-        rest[4] === 'link'
-      ) {
-        const d = digest(rest[2], rest[3]);
-        if (d) entry().manifests.push(d);
-      } else if (
-        rest.length === 5 &&
-        rest[0] === '_manifests' &&
-        rest[1] === 'tags' &&
-        rest[3] === 'current' &&
-        rest[4] === 'link' &&
-        isTag(rest[2]!)
-      ) {
-        entry().tags.push(rest[2] as Tag);
-      }
+      const link = parseRepositoryLink(file.path.slice(root.length));
+      if (!link) continue;
+      let repository = found.get(link.repository);
+      if (!repository)
+        found.set(link.repository, (repository = { blobLinks: [], manifests: [], tags: [] }));
+      if (link.kind === 'tag') repository.tags.push(link.tag);
+      else (link.kind === 'blob' ? repository.blobLinks : repository.manifests).push(link.digest);
     }
     for (const repository of found.values()) repository.tags.sort();
     return found;
