@@ -55,12 +55,12 @@ export function requestLog(httpLog: Logger, access: AccessControl): RequestHandl
     customSuccessMessage: (_req, res) => (answerFailed(res) ? 'request failed' : 'request'),
     customErrorMessage: () => 'request failed',
     customSuccessObject: (_req, res, value: Record<string, unknown>) =>
-      answerFailed(res) ? { ...value, err: failureCause(res), ...sentErrorFields(res) } : value,
+      answerFailed(res) ? { ...value, ...failureFields(res) } : value,
     // A 5xx says why with the error it was answered with; pino-http's synthetic "failed with
     // status code" error (with its stack) says nothing more.
     customErrorObject: (_req, res, err, value: Record<string, unknown>) =>
       err instanceof Error && err.message.startsWith('failed with status code')
-        ? { ...value, err: failureCause(res), ...sentErrorFields(res) }
+        ? { ...value, ...failureFields(res) }
         : value,
     // Called when the request comes (its fields go on every line the request logs) and again
     // for the request line, which has the first call's fields already: each once.
@@ -133,11 +133,7 @@ export function logRequest(
       client: access.clientAddress(req),
       userAgent: req.headers['user-agent'],
     };
-    if (answerFailed(res))
-      log[levelOf(res)](
-        { ...line, err: failureCause(res), ...sentErrorFields(res) },
-        'request failed',
-      );
+    if (answerFailed(res)) log[levelOf(res)]({ ...line, ...failureFields(res) }, 'request failed');
     else log.info(line, 'request');
   });
 }
@@ -168,6 +164,11 @@ const stopping = new WeakSet<Socket>();
 /** Before a stopping server closes `socket`: the request lines it cuts say so. */
 export function cutAtStop(socket: Socket): void {
   stopping.add(socket);
+}
+
+/** What a failed answer's request line adds: why, and the fields its error carries. */
+function failureFields(res: ServerResponse): Record<string, unknown> {
+  return { err: failureCause(res), ...sentErrorFields(res) };
 }
 
 /**
