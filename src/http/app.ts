@@ -34,6 +34,8 @@ import {
 import {
   createManifestFastPath,
   decodeSegment,
+  API_VERSION,
+  API_VERSION_HEADER,
   serveManifest,
   setSecurityHeaders,
   undecodableDigest,
@@ -122,7 +124,7 @@ export function createApp(deps: AppDeps): express.Express {
   app.use(requestLog(httpLog, access));
 
   app.use((_req, res, next) => {
-    res.setHeader('Docker-Distribution-API-Version', 'registry/2.0');
+    res.setHeader(API_VERSION_HEADER, API_VERSION);
     next();
   });
   // The registry API serves what upstreams sent: never a page a browser runs (manifests.ts).

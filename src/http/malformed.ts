@@ -11,7 +11,12 @@ import type { Duplex } from 'node:stream';
 import type { Logger } from '../log/logger.js';
 import { InvalidRequestError, MethodNotAllowedError, type RegistryError } from '../oci/errors.js';
 import { sendError } from './errors.js';
-import { API_SECURITY_HEADERS, setSecurityHeaders } from './manifests.js';
+import {
+  API_SECURITY_HEADERS,
+  API_VERSION,
+  API_VERSION_HEADER,
+  setApiHeaders,
+} from './manifests.js';
 
 /** The server's `clientError` listener: answers when the connection can still take one. */
 export function answerMalformed(log: Logger) {
@@ -45,8 +50,7 @@ export function refuseConnect(_req: IncomingMessage, socket: Duplex): void {
 /** The server's `checkExpectation` listener: an Expect other than 100-continue (417). */
 export function refuseExpectation(log: Logger) {
   return (req: IncomingMessage, res: ServerResponse): void => {
-    res.setHeader('Docker-Distribution-API-Version', 'registry/2.0');
-    setSecurityHeaders(res);
+    setApiHeaders(res);
     sendError(
       new InvalidRequestError('Expect: only 100-continue is supported', 417),
       req,
@@ -73,7 +77,7 @@ function writeAndClose(socket: Duplex, error: RegistryError): void {
   const body = JSON.stringify(error.toBody());
   const headers: Record<string, string | number> = {
     ...error.headers,
-    'Docker-Distribution-API-Version': 'registry/2.0',
+    [API_VERSION_HEADER]: API_VERSION,
     ...API_SECURITY_HEADERS,
     'Content-Type': 'application/json; charset=utf-8',
     'Content-Length': Buffer.byteLength(body),

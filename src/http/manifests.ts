@@ -55,6 +55,16 @@ export function setSecurityHeaders(res: ServerResponse): void {
   for (const [name, value] of Object.entries(API_SECURITY_HEADERS)) res.setHeader(name, value);
 }
 
+/** The registry API version every answer names, as distribution's do. */
+export const API_VERSION_HEADER = 'Docker-Distribution-API-Version';
+export const API_VERSION = 'registry/2.0';
+
+/** The headers of every /v2 answer, on one written outside express's middleware. */
+export function setApiHeaders(res: ServerResponse): void {
+  res.setHeader(API_VERSION_HEADER, API_VERSION);
+  setSecurityHeaders(res);
+}
+
 /**
  * Path segments may be percent-encoded (`sha256%3A...`); a bad encoding is the client's mistake,
  * told as `invalid` makes it: what the segment could not be (a digest: DIGEST_INVALID, a tag:
@@ -297,8 +307,7 @@ export function createManifestFastPath(
     if (!services) return false; // passthrough
     const started = performance.now();
     const notes: RequestNotes = { upstream: route.upstream, repository: route.repository };
-    res.setHeader('Docker-Distribution-API-Version', 'registry/2.0');
-    setSecurityHeaders(res);
+    setApiHeaders(res);
     if (logRequests) logRequest(httpLog, req, res, notes, access);
     const repo = { upstream: route.upstream, repository: route.repository };
     const serve = async () => {
