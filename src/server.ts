@@ -38,7 +38,12 @@ import { CertificateReloader } from './tls/reload.js';
 import { within } from './abort.js';
 import { createAccess } from './access/access.js';
 import { cutAtStop } from './http/request-log.js';
-import { answerMalformed, refuseConnect, refuseExpectation } from './http/malformed.js';
+import {
+  answerMalformed,
+  MAX_HEADER_BYTES,
+  refuseConnect,
+  refuseExpectation,
+} from './http/malformed.js';
 import { logStartup } from './status/startup.js';
 import { createRuntime, type Runtime } from './runtime.js';
 
@@ -135,8 +140,11 @@ export async function startServer(config: Config, log: Logger): Promise<RunningS
     if (draining) res.setHeader('Connection', 'close');
     answered(req, res);
   };
-  const httpsServer = tls ? createHttpsServer(secureContextOptions(tls), served) : undefined;
-  const server = httpsServer ?? createServer(served);
+  const limits = { maxHeaderSize: MAX_HEADER_BYTES };
+  const httpsServer = tls
+    ? createHttpsServer({ ...secureContextOptions(tls), ...limits }, served)
+    : undefined;
+  const server = httpsServer ?? createServer(limits, served);
   if (httpsServer) {
     // A client that cannot speak TLS 1.2+ or sends plain HTTP: no answer is possible, only this.
     httpsServer.on('tlsClientError', (err: NodeJS.ErrnoException, socket) =>

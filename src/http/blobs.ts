@@ -3,14 +3,24 @@
  * from the upstream; ranges, ETag revalidation, and a redirect to the object store when
  * `storage.s3.redirect` is set. A body that breaks off after the headers cuts the connection.
  */
+import type { Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import type { Request, Response } from 'express';
-import { parseDigest } from '../oci/digest.js';
+import { parseDigest, type Digest } from '../oci/digest.js';
 import { BlobUnknownError, RangeInvalidError } from '../oci/errors.js';
-import { isSendable } from '../storage/file-range.js';
+import { canReadInto, isSendable } from '../storage/file-range.js';
 import type { BlobService, ByteRange, RepositoryKey } from '../storage/types.js';
 import { ifRangeHolds, noneMatchHolds } from './manifests.js';
-import { parseRange } from './range.js';
+import {
+  ascending,
+  covering,
+  MultipartFrame,
+  partBytes,
+  resolveParts,
+  sendParts,
+  type Part,
+} from './byte-ranges.js';
+import { parseRanges } from './range.js';
 
 export async function serveBlob(
   req: Request,
@@ -55,16 +65,33 @@ export async function serveBlob(
   }
   // Under an If-Range that is not this blob's ETag, the client wants it whole (RFC 9110).
   const requested = ifRangeHolds(req.headers['if-range'], etag)
-    ? parseRange(req.headers.range)
+    ? parseRanges(req.headers.range)
     : undefined;
   let range: ByteRange | undefined;
-  if (requested && 'suffix' in requested) {
+  if (requested && requested.length > 1) {
     const stat = await blobs.stat(repo, digest);
     if (!stat.found) throw new BlobUnknownError(digest);
-    if (requested.suffix === 0) throw new RangeInvalidError(stat.descriptor.size);
-    range = { start: Math.max(0, stat.descriptor.size - requested.suffix) };
+    const size = stat.descriptor.size;
+    const parts = resolveParts(requested, size);
+    if (parts.length === 0) throw new RangeInvalidError(size);
+    if (parts.length === 1) {
+      range = parts[0];
+    } else if (partBytes(parts) <= size) {
+      // More bytes than the blob (overlapping ranges) would make a small request a big answer:
+      // such a Range is ignored, as Go's server does.
+      const whole = await serveParts(req, res, blobs, repo, digest, parts, blobHeaders);
+      if (!whole) return;
+    }
   } else if (requested) {
-    range = requested;
+    const [only] = requested;
+    if (only && 'suffix' in only) {
+      const stat = await blobs.stat(repo, digest);
+      if (!stat.found) throw new BlobUnknownError(digest);
+      if (only.suffix === 0) throw new RangeInvalidError(stat.descriptor.size);
+      range = { start: Math.max(0, stat.descriptor.size - only.suffix) };
+    } else {
+      range = only;
+    }
   }
   const opened = await blobs.open(repo, digest, range);
   if (!opened.found) throw new BlobUnknownError(digest);
@@ -82,13 +109,53 @@ export async function serveBlob(
   // From the upstream, the first bytes wait for the upload session to open: let the client see
   // the response start as soon as the upstream has answered.
   if (opened.fromUpstream) res.flushHeaders();
+  await sendBody(req, res, digest, () =>
+    isSendable(opened.stream) ? opened.stream.sendTo(res) : pipeline(opened.stream, res),
+  );
+}
+
+/**
+ * Several ranges as multipart/byteranges (byte-ranges.ts), from one open of the range covering
+ * them. Returns true when they must be served as the whole blob instead: out of order from a
+ * stream that cannot seek (a fetch under way, an object of the bucket).
+ */
+async function serveParts(
+  req: Request,
+  res: Response,
+  blobs: BlobService,
+  repo: RepositoryKey,
+  digest: Digest,
+  parts: Part[],
+  blobHeaders: (size: number) => void,
+): Promise<boolean> {
+  const span = covering(parts);
+  const opened = await blobs.open(repo, digest, span);
+  if (!opened.found) throw new BlobUnknownError(digest);
+  if (!ascending(parts) && !canSeek(opened.stream)) {
+    opened.stream.destroy();
+    return true;
+  }
+  const frame = new MultipartFrame(parts, opened.descriptor.size);
+  res.locals.cache = opened.fromUpstream ? 'miss' : 'hit';
+  blobHeaders(frame.contentLength);
+  res.setHeader('Content-Type', frame.contentType);
+  res.status(206);
+  res.locals.bytes = frame.contentLength;
+  if (opened.fromUpstream) res.flushHeaders();
+  await sendBody(req, res, digest, () => sendParts(res, opened.stream, span.start, frame));
+  return false;
+}
+
+/** Runs `send` (the body after the headers) and ends the answer, or cuts it when it breaks. */
+async function sendBody(
+  req: Request,
+  res: Response,
+  digest: Digest,
+  send: () => Promise<void>,
+): Promise<void> {
   try {
-    if (isSendable(opened.stream)) {
-      await opened.stream.sendTo(res);
-      res.end();
-    } else {
-      await pipeline(opened.stream, res);
-    }
+    await send();
+    if (!res.writableEnded) res.end();
   } catch (err) {
     // Headers are out: a broken source (or a bad digest upstream) must cut the connection so the
     // client never takes a short body for the blob. A client that went away is no news.
@@ -99,4 +166,8 @@ export async function serveBlob(
     // Its request line then says the client left (request-log.ts), not a socket error's code.
     if (!res.destroyed) res.destroy(clientLeft ? undefined : (err as Error));
   }
+}
+
+function canSeek(stream: Readable): boolean {
+  return canReadInto(stream) && typeof stream.seek === 'function';
 }

@@ -1,9 +1,9 @@
 /**
- * What a client whose bytes Node's HTTP parser refuses is answered (a request line or headers
- * over 16 KiB, a raw byte a URL may not hold, a header without its colon, conflicting lengths,
- * an unknown method, a request that never came whole), and a CONNECT: the same OCI error JSON as
- * every other refusal, not Node's bare status line, and no silently dropped connection. These
- * requests never reach express or the manifest fast path, so the one error renderer
+ * What a client whose bytes Node's HTTP parser refuses is answered (a request line and headers
+ * over MAX_HEADER_BYTES, a raw byte a URL may not hold, a header without its colon, conflicting
+ * lengths, an unknown method, a request that never came whole), and a CONNECT: the same OCI error
+ * JSON as every other refusal, not Node's bare status line, and no silently dropped connection.
+ * These requests never reach express or the manifest fast path, so the one error renderer
  * (errors.ts) cannot answer them: the answer is written on the socket here, then it closes.
  */
 import { STATUS_CODES, type IncomingMessage, type ServerResponse } from 'node:http';
@@ -17,6 +17,12 @@ import {
   API_VERSION_HEADER,
   setApiHeaders,
 } from './manifests.js';
+
+/**
+ * The request line and headers a client may send: Node's default of 16 KiB is too little for a
+ * Range of the 1024 pieces containers/image asks for at once (about 23 KiB, with its token).
+ */
+export const MAX_HEADER_BYTES = 64 * 1024;
 
 /** The server's `clientError` listener: answers when the connection can still take one. */
 export function answerMalformed(log: Logger) {
@@ -63,7 +69,10 @@ export function refuseExpectation(log: Logger) {
 function refusalOf(err: NodeJS.ErrnoException): RegistryError {
   switch (err.code) {
     case 'HPE_HEADER_OVERFLOW':
-      return new InvalidRequestError('the request line and headers are over 16 KiB', 431);
+      return new InvalidRequestError(
+        `the request line and headers are over ${MAX_HEADER_BYTES / 1024} KiB`,
+        431,
+      );
     case 'ERR_HTTP_REQUEST_TIMEOUT':
       return new InvalidRequestError('the request did not come whole in time', 408);
     default:

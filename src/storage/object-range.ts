@@ -1,6 +1,7 @@
 /**
  * A byte range of an object as a Readable that can also read into a caller's buffer (the
- * RangeStream contract that FileRange keeps for files), over an HTTP response body.
+ * RangeStream contract that FileRange keeps for files), over an HTTP response body, or over any
+ * Readable (byte-ranges.ts reads a fetch's follower through it).
  */
 import { Readable } from 'node:stream';
 import { READ_CHUNK } from './file-range.js';

@@ -55,7 +55,7 @@ test.each([
     request('POST /v2/ HTTP/1.1', ['Content-Length: 1', 'Content-Length: 2']),
     400,
   ],
-  ['headers over 16 KiB', request('GET /v2/ HTTP/1.1', [`X-Big: ${'a'.repeat(17 * 1024)}`]), 431],
+  ['headers over 64 KiB', request('GET /v2/ HTTP/1.1', [`X-Big: ${'a'.repeat(65 * 1024)}`]), 431],
 ])('%s: an OCI error as JSON, with its 4xx', async (_what, raw, status) => {
   const answer = await exchange(raw);
   expect(answer.status).toBe(status);

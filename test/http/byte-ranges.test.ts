@@ -1,0 +1,163 @@
+/**
+ * A blob asked for in several ranges at once (containers/image's partial pull of a zstd:chunked
+ * layer): one `multipart/byteranges` part per range, in the order asked, compared with what the
+ * real upstream (distribution 2.8, Go's http.ServeContent) answers to the same header; from
+ * storage, and from a fetch under way, which then keeps the whole blob.
+ */
+import { afterAll, beforeAll, describe, expect, test } from 'vitest';
+import { ociError, rawRequest, type RawResponse } from '../helpers/http.js';
+import { pushRandomBlob } from '../helpers/images.js';
+import { startPullcache, type TestPullcache } from '../helpers/pullcache.js';
+import { Recorder } from '../helpers/recorder.js';
+import { TestRegistry } from '../helpers/registry.js';
+
+interface Parsed {
+  status: number;
+  /** Each part's Content-Range and bytes; one entry for a single-range or whole answer. */
+  parts: { range: string | undefined; bytes: Buffer }[];
+}
+
+/** An answer's parts, checked for the framing a Go client (mime/multipart) reads. */
+function parse(res: RawResponse): Parsed {
+  const type = String(res.headers['content-type'] ?? '');
+  expect(Number(res.headers['content-length'])).toBe(res.body.length);
+  const boundary = /^multipart\/byteranges; boundary=([^;\s]+)$/.exec(type)?.[1];
+  if (!boundary) {
+    const range = res.headers['content-range'] as string | undefined;
+    return { status: res.status, parts: [{ range, bytes: res.body }] };
+  }
+  const parts: Parsed['parts'] = [];
+  const body = res.body;
+  const delimiter = Buffer.from(`--${boundary}`);
+  let at = body.indexOf(delimiter);
+  expect(at).toBe(0);
+  for (;;) {
+    at += delimiter.length;
+    if (body.subarray(at, at + 2).toString() === '--') break;
+    const headEnd = body.indexOf('\r\n\r\n', at);
+    const head = body.subarray(at + 2, headEnd).toString();
+    const range = /^Content-Range: (.*)$/im.exec(head)?.[1];
+    const length = /^bytes (\d+)-(\d+)\//.exec(range ?? '');
+    const size = Number(length![2]) - Number(length![1]) + 1;
+    const start = headEnd + 4;
+    parts.push({ range, bytes: body.subarray(start, start + size) });
+    at = start + size;
+    expect(body.subarray(at, at + 2).toString()).toBe('\r\n');
+    at += 2;
+    expect(body.subarray(at, at + delimiter.length).equals(delimiter)).toBe(true);
+  }
+  expect(body.subarray(at + 2).toString()).toBe('\r\n');
+  return { status: res.status, parts };
+}
+
+describe('several ranges of a blob at once', () => {
+  let registry: TestRegistry;
+  let recorder: Recorder;
+  let pc: TestPullcache;
+
+  beforeAll(async () => {
+    registry = await TestRegistry.start();
+    recorder = await Recorder.start(registry.url);
+    pc = await startPullcache({ upstreams: { 'docker.io': { url: recorder.url } } });
+  });
+  afterAll(async () => {
+    await pc?.stop();
+    await recorder?.close();
+    await registry?.close();
+  });
+
+  const blobGets = () => recorder.count('GET', /\/blobs\/sha256:/);
+  const path = (digest: string) => `/v2/org/app/blobs/${digest}`;
+  /** The same request of the upstream itself, and of pullcache, parsed. */
+  const both = async (digest: string, range: string) => {
+    const token = registry.tokens.pushToken('org/app');
+    const upstream = await rawRequest(registry.url, 'GET', path(digest), {
+      range,
+      authorization: `Bearer ${token}`,
+    });
+    const ours = await rawRequest(pc.url, 'GET', path(digest), { range });
+    return { upstream: parse(upstream), ours: parse(ours), raw: ours };
+  };
+
+  test('from storage: a part per range in the order asked, as the upstream answers, 1024 of them too', async () => {
+    const blob = await pushRandomBlob(registry, 'org/app', 3 << 20);
+    const whole = await rawRequest(pc.url, 'GET', path(blob.digest));
+    expect(whole.body.equals(blob.bytes)).toBe(true);
+    recorder.reset();
+    const size = blob.bytes.length;
+    const many = Array.from({ length: 1024 }, (_, i) => `${i * 3000}-${i * 3000 + 999}`);
+    for (const range of [
+      'bytes=0-99,1000-1999,-50',
+      // Out of order and a suffix: a stored file seeks from part to part.
+      `bytes=2000000-2099999,0-9,${size - 10}-`,
+      // Ends past the blob are clipped, ranges starting past it dropped.
+      `bytes=5-9,${size - 5}-${size + 100},${size + 1}-`,
+      `bytes=${many.join(',')}`,
+    ]) {
+      const { upstream, ours, raw } = await both(blob.digest, range);
+      expect(ours.status).toBe(206);
+      expect(ours.parts.length).toBeGreaterThan(1);
+      expect(ours).toEqual(upstream);
+      expect(raw.headers['docker-content-digest']).toBe(blob.digest);
+      for (const part of ours.parts) {
+        const [, first, last] = /^bytes (\d+)-(\d+)\/(\d+)$/.exec(part.range!)!;
+        expect(part.bytes.equals(blob.bytes.subarray(Number(first), Number(last) + 1))).toBe(true);
+      }
+    }
+    expect(blobGets()).toBe(0);
+  });
+
+  test('one range left is a single-part answer, none is 416, overlaps past the size the whole blob', async () => {
+    const blob = await pushRandomBlob(registry, 'org/app', 100_000);
+    await rawRequest(pc.url, 'GET', path(blob.digest));
+    const one = await both(blob.digest, 'bytes=10-19,200000-');
+    expect(one.ours).toEqual(one.upstream);
+    expect(one.ours).toEqual({
+      status: 206,
+      parts: [{ range: 'bytes 10-19/100000', bytes: blob.bytes.subarray(10, 20) }],
+    });
+    const overlapping = await both(blob.digest, 'bytes=0-,0-');
+    expect(overlapping.ours).toEqual(overlapping.upstream);
+    expect(overlapping.ours.status).toBe(200);
+    expect(overlapping.ours.parts[0]!.bytes.equals(blob.bytes)).toBe(true);
+    const none = await rawRequest(pc.url, 'GET', path(blob.digest), {
+      range: 'bytes=100000-,200000-',
+    });
+    expect({ status: none.status, code: await ociError(none) }).toEqual({
+      status: 416,
+      code: 'RANGE_INVALID',
+    });
+    expect(none.headers['content-range']).toBe('bytes */100000');
+  });
+
+  test('a cold blob: the parts follow its one fetch, which keeps it whole', async () => {
+    const blob = await pushRandomBlob(registry, 'org/app', 2 << 20);
+    recorder.reset();
+    const range = 'bytes=10-19,1048576-1049599,-7';
+    const cold = parse(await rawRequest(pc.url, 'GET', path(blob.digest), { range }));
+    expect(cold.status).toBe(206);
+    expect(cold.parts.map((p) => p.range)).toEqual([
+      `bytes 10-19/${2 << 20}`,
+      `bytes 1048576-1049599/${2 << 20}`,
+      `bytes ${(2 << 20) - 7}-${(2 << 20) - 1}/${2 << 20}`,
+    ]);
+    expect(cold.parts[1]!.bytes.equals(blob.bytes.subarray(1048576, 1049600))).toBe(true);
+    expect(cold.parts[2]!.bytes.equals(blob.bytes.subarray(-7))).toBe(true);
+    // Kept whole: the next answers come from storage.
+    const warm = await both(blob.digest, range);
+    expect(warm.ours).toEqual(warm.upstream);
+    expect(warm.ours).toEqual(cold);
+    expect(blobGets()).toBe(1);
+    expect(recorder.blobBytes()).toBe(2 << 20);
+
+    // Out of order, a fetch under way cannot seek back: the whole blob, still from one fetch.
+    const other = await pushRandomBlob(registry, 'org/app', 1 << 20);
+    recorder.reset();
+    const unordered = await rawRequest(pc.url, 'GET', path(other.digest), {
+      range: 'bytes=500000-500009,0-9',
+    });
+    expect(unordered.status).toBe(200);
+    expect(unordered.body.equals(other.bytes)).toBe(true);
+    expect(blobGets()).toBe(1);
+  });
+});
