@@ -37,6 +37,7 @@ import {
 import { CertificateReloader } from './tls/reload.js';
 import { within } from './abort.js';
 import { createAccess } from './access/access.js';
+import { BodyIdleWatch } from './http/body-idle.js';
 import { cutAtStop } from './http/request-log.js';
 import {
   answerMalformed,
@@ -135,9 +136,11 @@ export async function startServer(config: Config, log: Logger): Promise<RunningS
   });
   let draining = false;
   const answered = cluster.isWorker ? withWorkerHeader(handler) : handler;
+  const bodies = new BodyIdleWatch(config.server.bodyIdleTimeout, log);
   const served: typeof handler = (req, res) => {
     // While draining, a kept-alive client is told to open its next connection elsewhere.
     if (draining) res.setHeader('Connection', 'close');
+    bodies.watch(req);
     answered(req, res);
   };
   const limits = { maxHeaderSize: MAX_HEADER_BYTES };
@@ -155,6 +158,9 @@ export async function startServer(config: Config, log: Logger): Promise<RunningS
     );
   }
   server.keepAliveTimeout = 65_000;
+  // No limit on a whole request (Node's is 300 s, body included: a push of a big layer outlasts
+  // it); a body that stalls is cut by `bodies` instead.
+  server.requestTimeout = 0;
   // What Node's parser refuses, a CONNECT and an unknown Expect: OCI errors, not bare statuses.
   server.on('clientError', answerMalformed(log));
   server.on('connect', refuseConnect);
@@ -224,6 +230,7 @@ export async function startServer(config: Config, log: Logger): Promise<RunningS
     async close({ drain = 0 } = {}) {
       clearInterval(purgeTimer);
       reloader?.stop();
+      bodies.stop();
       draining = true;
       const closed = new Promise<void>((resolve) => server.close(() => resolve()));
       if (drain > 0) await drained(server, closed, drain, log);

@@ -167,6 +167,11 @@ export const configSchema = z
          * refused, before they are cut and the process stops.
          */
         drainTimeout: duration('20s', { max: TIMER_MAX }), // 0: cut at once
+        /**
+         * A request body (a push through a passthrough upstream) that brings no byte for this
+         * long is cut, its connection closed; a whole request has no time limit.
+         */
+        bodyIdleTimeout: duration('60s', { max: TIMER_MAX }), // 0: never cut
         /** Take the client's address from X-Forwarded-For (behind a load balancer), for the logs. */
         trustProxy: bool(false),
         /** Serving processes on this host, sharing the port and storage; 0: one per core. */

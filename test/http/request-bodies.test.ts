@@ -1,0 +1,126 @@
+/**
+ * Request bodies: a push through a passthrough upstream has no limit on its whole time (Node's
+ * 300 s for a whole request cut big layers on slow links while their bytes still flowed), and a
+ * body that stops coming is cut after `server.bodyIdleTimeout`, whichever route it is for. The
+ * real upstream takes the push; raw sockets play the clients.
+ */
+import { request } from 'node:http';
+import { connect } from 'node:net';
+import { randomBytes } from 'node:crypto';
+import { afterAll, beforeAll, describe, expect, test } from 'vitest';
+import { sha256 } from '../helpers/images.js';
+import { startPullcache, type TestPullcache } from '../helpers/pullcache.js';
+import { TestRegistry } from '../helpers/registry.js';
+
+describe('request bodies', () => {
+  let registry: TestRegistry;
+  let pc: TestPullcache;
+  let auth: Record<string, string>;
+
+  beforeAll(async () => {
+    registry = await TestRegistry.start();
+    auth = { authorization: `Bearer ${registry.tokens.pushToken('team/app')}` };
+    pc = await startPullcache({
+      upstreams: {
+        'docker.io': { url: registry.url },
+        'push.test': { url: registry.url, mode: 'passthrough' },
+      },
+      server: { bodyIdleTimeout: '1s' },
+    });
+  });
+  afterAll(async () => {
+    await pc?.stop();
+    await registry?.close();
+  });
+
+  /** Sends `head` on a raw socket and then nothing; resolves with the ms until the server closes. */
+  const stallAfter = (head: string) =>
+    new Promise<{ ms: number; answer: string }>((resolve, reject) => {
+      const url = new URL(pc.url);
+      const started = Date.now();
+      let answer = '';
+      const socket = connect(Number(url.port), url.hostname, () => socket.write(head));
+      socket.on('data', (chunk: Buffer) => (answer += chunk.toString('latin1')));
+      socket.on('error', reject);
+      socket.on('close', () => resolve({ ms: Date.now() - started, answer }));
+      setTimeout(() => socket.destroy(new Error('still open after 10 s')), 10_000).unref();
+    });
+
+  test('a push whose body trickles in for longer than the idle timeout goes through whole', async () => {
+    expect(pc.server.requestTimeout).toBe(0);
+    const start = await fetch(`${pc.url}/v2/push.test/team/app/blobs/uploads/`, {
+      method: 'POST',
+      headers: auth,
+    });
+    expect(start.status).toBe(202);
+    const location = new URL(start.headers.get('location')!, pc.url);
+    const blob = randomBytes(16 * 1024);
+    // 16 pieces, 250 ms apart: 4 s in all, each gap well under the 1 s idle timeout.
+    const patched = await new Promise<{ status: number; location: string }>((resolve, reject) => {
+      const req = request(
+        location,
+        {
+          method: 'PATCH',
+          headers: { ...auth, 'content-type': 'application/octet-stream' },
+        },
+        (res) => {
+          res.resume();
+          res.on('end', () =>
+            resolve({ status: res.statusCode ?? 0, location: String(res.headers.location) }),
+          );
+        },
+      );
+      req.on('error', reject);
+      let piece = 0;
+      const timer = setInterval(() => {
+        req.write(blob.subarray(piece * 1024, (piece + 1) * 1024));
+        if (++piece === 16) {
+          clearInterval(timer);
+          req.end();
+        }
+      }, 250);
+    });
+    expect(patched.status).toBe(202);
+    const digest = sha256(blob);
+    const done = new URL(patched.location, pc.url);
+    done.searchParams.set('digest', digest);
+    const put = await fetch(done, { method: 'PUT', headers: auth });
+    expect(put.status).toBe(201);
+    const stored = await fetch(`${registry.url}/v2/team/app/blobs/${digest}`, { headers: auth });
+    expect(Buffer.from(await stored.arrayBuffer()).equals(blob)).toBe(true);
+  });
+
+  test('a body that stops half-way is cut after the idle timeout, a passthrough push or not', async () => {
+    const start = await fetch(`${pc.url}/v2/push.test/team/app/blobs/uploads/`, {
+      method: 'POST',
+      headers: auth,
+    });
+    const location = new URL(start.headers.get('location')!, pc.url);
+    const pushed = await stallAfter(
+      [
+        `PATCH ${location.pathname}${location.search} HTTP/1.1`,
+        'Host: 127.0.0.1',
+        `Authorization: ${auth.authorization}`,
+        'Content-Length: 100000',
+        '',
+        'only these bytes',
+      ].join('\r\n'),
+    );
+    expect(pushed.ms).toBeGreaterThanOrEqual(900);
+    expect(pushed.ms).toBeLessThan(5000);
+    // A cache-mode route answers without reading the body; what follows it is cut as well.
+    const refused = await stallAfter(
+      [
+        'PUT /v2/team/app/manifests/v1 HTTP/1.1',
+        'Host: 127.0.0.1',
+        'Content-Length: 100000',
+        '',
+        '{"schemaVersion":',
+      ].join('\r\n'),
+    );
+    expect(refused.answer).toMatch(/^HTTP\/1\.1 405 /);
+    expect(refused.ms).toBeLessThan(5000);
+    // And the server goes on serving.
+    expect((await fetch(`${pc.url}/v2/`)).status).toBe(200);
+  });
+});
