@@ -3,23 +3,14 @@
  * from the upstream; ranges, ETag revalidation, and a redirect to the object store when
  * `storage.s3.redirect` is set. A body that breaks off after the headers cuts the connection.
  */
-import type { Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import type { Request, Response } from 'express';
 import { parseDigest, type Digest } from '../oci/digest.js';
 import { BlobUnknownError, RangeInvalidError } from '../oci/errors.js';
-import { canReadInto, isSendable } from '../storage/file-range.js';
-import type { BlobService, ByteRange, RepositoryKey } from '../storage/types.js';
+import { isSendable } from '../storage/file-range.js';
+import type { BlobService, ByteRange, OpenResult, RepositoryKey } from '../storage/types.js';
 import { ifRangeHolds, noneMatchHolds } from './manifests.js';
-import {
-  ascending,
-  covering,
-  MultipartFrame,
-  partBytes,
-  resolveParts,
-  sendParts,
-  type Part,
-} from './byte-ranges.js';
+import { coveringSpan, PartsFrame, resolveParts, sendParts, servable } from './byte-ranges.js';
 import { parseRanges } from './range.js';
 
 export async function serveBlob(
@@ -55,35 +46,53 @@ export async function serveBlob(
     res.status(200).end();
     return;
   }
-  // Redirect mode: the client fetches a stored blob (and any range of it) from the storage.
-  const location = await blobs.locate?.(repo, digest);
+  // Under an If-Range that is not this blob's ETag, the client wants it whole (RFC 9110).
+  const requested = ifRangeHolds(req.headers['if-range'], etag)
+    ? parseRanges(req.headers.range)
+    : undefined;
+  // Redirect mode: the client fetches a stored blob (and a range of it) from the storage, which
+  // serves one range per GET (S3): several are served here.
+  const location =
+    requested && requested.length > 1 ? undefined : await blobs.locate?.(repo, digest);
   if (location) {
     res.locals.cache = 'hit';
     res.setHeader('Docker-Content-Digest', digest);
     res.redirect(307, location);
     return;
   }
-  // Under an If-Range that is not this blob's ETag, the client wants it whole (RFC 9110).
-  const requested = ifRangeHolds(req.headers['if-range'], etag)
-    ? parseRanges(req.headers.range)
-    : undefined;
-  let range: ByteRange | undefined;
+  let opened: OpenResult;
   if (requested && requested.length > 1) {
-    const stat = await blobs.stat(repo, digest);
-    if (!stat.found) throw new BlobUnknownError(digest);
-    const size = stat.descriptor.size;
+    // The range covering the parts, or the whole blob (byte-ranges.ts); its size says which
+    // parts are satisfiable.
+    const span = coveringSpan(requested);
+    opened = await blobs.open(repo, digest, span);
+    if (!opened.found) throw new BlobUnknownError(digest);
+    const { size } = opened.descriptor;
     const parts = resolveParts(requested, size);
-    if (parts.length === 0) throw new RangeInvalidError(size);
-    if (parts.length === 1) {
-      range = parts[0];
-    } else if (partBytes(parts) <= size) {
-      // More bytes than the blob (overlapping ranges) would make a small request a big answer:
-      // such a Range is ignored, as Go's server does.
-      const whole = await serveParts(req, res, blobs, repo, digest, parts, blobHeaders);
-      if (!whole) return;
+    if (parts.length === 0) {
+      opened.stream.destroy();
+      throw new RangeInvalidError(size);
     }
-  } else if (requested) {
-    const [only] = requested;
+    if (servable(parts, size, opened.stream)) {
+      const frame = new PartsFrame(parts, size);
+      res.locals.cache = opened.fromUpstream ? 'miss' : 'hit';
+      blobHeaders(frame.contentLength);
+      res.setHeader('Content-Type', frame.contentType);
+      if (frame.contentRange) res.setHeader('Content-Range', frame.contentRange);
+      res.status(206);
+      res.locals.bytes = frame.contentLength;
+      if (opened.fromUpstream) res.flushHeaders();
+      const { stream, fromUpstream } = opened;
+      await sendBody(req, res, digest, () =>
+        sendParts(res, stream, span?.start ?? 0, frame, { verified: fromUpstream }),
+      );
+      return;
+    }
+    // Otherwise the whole blob, from this open (below): only an open of the whole blob gets here,
+    // since parts listed in order are ascending and within their span.
+  } else {
+    let range: ByteRange | undefined;
+    const only = requested?.[0];
     if (only && 'suffix' in only) {
       const stat = await blobs.stat(repo, digest);
       if (!stat.found) throw new BlobUnknownError(digest);
@@ -92,9 +101,9 @@ export async function serveBlob(
     } else {
       range = only;
     }
+    opened = await blobs.open(repo, digest, range);
+    if (!opened.found) throw new BlobUnknownError(digest);
   }
-  const opened = await blobs.open(repo, digest, range);
-  if (!opened.found) throw new BlobUnknownError(digest);
   const { size } = opened.descriptor;
   res.locals.cache = opened.fromUpstream ? 'miss' : 'hit';
   if (opened.range) {
@@ -109,41 +118,10 @@ export async function serveBlob(
   // From the upstream, the first bytes wait for the upload session to open: let the client see
   // the response start as soon as the upstream has answered.
   if (opened.fromUpstream) res.flushHeaders();
+  const stream = opened.stream;
   await sendBody(req, res, digest, () =>
-    isSendable(opened.stream) ? opened.stream.sendTo(res) : pipeline(opened.stream, res),
+    isSendable(stream) ? stream.sendTo(res) : pipeline(stream, res),
   );
-}
-
-/**
- * Several ranges as multipart/byteranges (byte-ranges.ts), from one open of the range covering
- * them. Returns true when they must be served as the whole blob instead: out of order from a
- * stream that cannot seek (a fetch under way, an object of the bucket).
- */
-async function serveParts(
-  req: Request,
-  res: Response,
-  blobs: BlobService,
-  repo: RepositoryKey,
-  digest: Digest,
-  parts: Part[],
-  blobHeaders: (size: number) => void,
-): Promise<boolean> {
-  const span = covering(parts);
-  const opened = await blobs.open(repo, digest, span);
-  if (!opened.found) throw new BlobUnknownError(digest);
-  if (!ascending(parts) && !canSeek(opened.stream)) {
-    opened.stream.destroy();
-    return true;
-  }
-  const frame = new MultipartFrame(parts, opened.descriptor.size);
-  res.locals.cache = opened.fromUpstream ? 'miss' : 'hit';
-  blobHeaders(frame.contentLength);
-  res.setHeader('Content-Type', frame.contentType);
-  res.status(206);
-  res.locals.bytes = frame.contentLength;
-  if (opened.fromUpstream) res.flushHeaders();
-  await sendBody(req, res, digest, () => sendParts(res, opened.stream, span.start, frame));
-  return false;
 }
 
 /** Runs `send` (the body after the headers) and ends the answer, or cuts it when it breaks. */
@@ -166,8 +144,4 @@ async function sendBody(
     // Its request line then says the client left (request-log.ts), not a socket error's code.
     if (!res.destroyed) res.destroy(clientLeft ? undefined : (err as Error));
   }
-}
-
-function canSeek(stream: Readable): boolean {
-  return canReadInto(stream) && typeof stream.seek === 'function';
 }

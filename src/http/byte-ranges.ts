@@ -2,18 +2,23 @@
  * A blob's answer to a Range of several ranges: `206` with a `multipart/byteranges` body (RFC 9110
  * section 14.6), one part per satisfiable range in the order asked, framed as Go's
  * `http.ServeContent` (distribution's blob server) frames it. containers/image asks this way for
- * the pieces of a zstd:chunked layer it lacks, and expects exactly one part per range it asked
- * for: a `200` makes it read (and the network carry) the whole layer.
+ * the pieces of a zstd:chunked layer it lacks, and takes the parts by position: exactly one part
+ * per range it asked for, never merged (a `200` makes it read, and the network carry, the whole
+ * layer).
  *
- * The parts are read from one stream over the range that covers them all: a stored file seeks
- * from part to part; a blob still being fetched, or an object of the bucket, is read on and the
- * gaps skipped, which asks the parts in ascending order (blobs.ts serves the whole blob when they
- * are not).
+ * The parts are read from one open of the blob (blobs.ts): of the range that covers them when the
+ * header lists them in order (a miss then asks the upstream for the blob's size first, as for
+ * one range, and a range past its end downloads nothing), else of the whole blob. A stored file
+ * seeks from part to part; a blob still being fetched, or an object of the bucket, is read on and
+ * the gaps skipped, which needs the parts in ascending order: out of order, those serve the whole
+ * blob instead. From a fetch under way the answer's last bytes wait, as a whole blob's do, until
+ * the fetch has verified the blob's digest.
  */
 import { randomBytes } from 'node:crypto';
 import type { Readable, Writable } from 'node:stream';
 import { canReadInto, sendFilled, type RangeStream } from '../storage/file-range.js';
 import { ObjectRange } from '../storage/object-range.js';
+import type { ByteRange } from '../storage/types.js';
 import type { RangeRequest } from './range.js';
 
 /** Inclusive byte offsets of a part. */
@@ -22,7 +27,7 @@ export interface Part {
   end: number;
 }
 
-/** Each part's bytes sent at once; a small read keeps a busy server's turns short. */
+/** What is sent at once; a small read keeps a busy server's turns short. */
 const SEND_CHUNK = 256 * 1024;
 
 /**
@@ -42,35 +47,54 @@ export function resolveParts(ranges: readonly RangeRequest[], size: number): Par
   return parts;
 }
 
-/** Bytes the parts ask for in all (overlaps counted twice). */
-export function partBytes(parts: readonly Part[]): number {
-  return parts.reduce((sum, p) => sum + p.end - p.start + 1, 0);
+/**
+ * The range that covers what `ranges` ask for when they are listed in order (each after the one
+ * before it, no suffix form); undefined (the whole blob) otherwise.
+ */
+export function coveringSpan(ranges: readonly RangeRequest[]): ByteRange | undefined {
+  const first = ranges[0];
+  if (!first || 'suffix' in first) return undefined;
+  let last = -1;
+  for (const [i, range] of ranges.entries()) {
+    if ('suffix' in range || range.start <= last) return undefined;
+    if (range.end === undefined)
+      return i === ranges.length - 1 ? { start: first.start } : undefined;
+    last = range.end;
+  }
+  return { start: first.start, end: last };
 }
 
-/** Each part starts after the one before it ends: one pass over the blob reads them all. */
-export function ascending(parts: readonly Part[]): boolean {
-  return parts.every((p, i) => i === 0 || p.start > parts[i - 1]!.end);
+/**
+ * Whether the parts can be served from `stream` (the whole blob, or a span that covers them): not
+ * when they ask for more bytes than the blob has (overlaps: a small request would make a big
+ * answer; Go ignores such a Range too), nor out of order from a stream that cannot seek.
+ */
+export function servable(parts: readonly Part[], size: number, stream: Readable): boolean {
+  const bytes = parts.reduce((sum, p) => sum + p.end - p.start + 1, 0);
+  if (bytes > size) return false;
+  const ascending = parts.every((p, i) => i === 0 || p.start > parts[i - 1]!.end);
+  return ascending || typeof (stream as Partial<RangeStream>).seek === 'function';
 }
 
-/** The range that covers every part. */
-export function covering(parts: readonly Part[]): Part {
-  return {
-    start: Math.min(...parts.map((p) => p.start)),
-    end: Math.max(...parts.map((p) => p.end)),
-  };
-}
-
-/** The framing of the parts of a blob of `size` bytes: its type, length and delimiters. */
-export class MultipartFrame {
-  readonly boundary = randomBytes(15).toString('hex');
-  readonly contentType = `multipart/byteranges; boundary=${this.boundary}`;
+/**
+ * How the parts of a blob of `size` bytes are framed: several as multipart/byteranges, one (the
+ * others unsatisfiable) as a plain 206 with its Content-Range, as Go answers.
+ */
+export class PartsFrame {
+  private readonly boundary = randomBytes(15).toString('hex');
+  readonly contentType: string;
   readonly contentLength: number;
+  /** The Content-Range of a single part; undefined for multipart. */
+  readonly contentRange: string | undefined;
 
   constructor(
     readonly parts: readonly Part[],
     private readonly size: number,
     private readonly partType = 'application/octet-stream',
   ) {
+    const single = parts.length === 1;
+    this.contentType = single ? partType : `multipart/byteranges; boundary=${this.boundary}`;
+    this.contentRange = single ? this.range(parts[0]!) : undefined;
     let length = Buffer.byteLength(this.closing());
     parts.forEach((p, i) => (length += Buffer.byteLength(this.head(i)) + p.end - p.start + 1));
     this.contentLength = length;
@@ -78,40 +102,49 @@ export class MultipartFrame {
 
   /** What precedes part `i`'s bytes. */
   head(i: number): string {
-    const p = this.parts[i]!;
+    if (this.contentRange) return '';
     return (
       `${i === 0 ? '' : '\r\n'}--${this.boundary}\r\n` +
-      `Content-Range: bytes ${p.start}-${p.end}/${this.size}\r\n` +
+      `Content-Range: ${this.range(this.parts[i]!)}\r\n` +
       `Content-Type: ${this.partType}\r\n\r\n`
     );
   }
 
   closing(): string {
-    return `\r\n--${this.boundary}--\r\n`;
+    return this.contentRange ? '' : `\r\n--${this.boundary}--\r\n`;
+  }
+
+  private range(p: Part): string {
+    return `bytes ${p.start}-${p.end}/${this.size}`;
   }
 }
 
 /**
- * Writes the parts to `dest` (leaving it open) from `stream`, a range of the blob that starts at
- * `origin` and covers every part; parts out of order need a stream that can seek. The stream is
- * destroyed afterwards either way.
+ * Writes the framed parts to `dest` (leaving it open) from `stream`, the blob from byte `origin`,
+ * which `servable` accepted. `verified`: the stream follows a fetch under way, read to its end
+ * (which it holds until the fetch has verified the blob) before the answer's last bytes go out.
+ * The stream is destroyed afterwards either way. Rejects as `sendFilled` does: a client that went
+ * away is its ERR_STREAM_PREMATURE_CLOSE (or its socket's error), not what that did to a read.
  */
 export async function sendParts(
   dest: Writable,
   stream: Readable,
   origin: number,
-  frame: MultipartFrame,
+  frame: PartsFrame,
+  options: { verified?: boolean } = {},
 ): Promise<void> {
   const source: RangeStream = canReadInto(stream) ? stream : new ObjectRange(stream);
+  // A failed fetch (or bucket read) destroys the stream with its error, which the next read
+  // throws; as an event nobody else would hear it, and an unheard 'error' stops the process.
+  source.on('error', () => {});
   const seek = source.seek?.bind(source);
-  if (!seek && !ascending(frame.parts))
-    throw new Error('parts out of order from a stream that cannot seek');
   let pos = origin;
+  let written = 0;
   let part = -1;
   let text: Buffer | undefined = undefined;
   let left = 0;
   let scratch: Buffer | undefined = undefined;
-  /** Reads `length` bytes of the source, at `pos`, into `into`; fails at an early end. */
+  /** Reads up to `length` bytes of the source, at `pos`, into `into`; fails at an early end. */
   const read = async (into: Buffer, length: number): Promise<number> => {
     const n = await source.readInto(into, length);
     if (n === 0) throw new Error(`the blob ended at ${pos}, before the range asked`);
@@ -129,31 +162,46 @@ export async function sendParts(
   };
   let watching = false;
   const fill = async (buffer: Buffer, gone: AbortSignal): Promise<number> => {
-    if (!watching) {
-      // A read waiting for a fetch's next bytes ends when the client has gone.
+    if (!watching && !seek) {
+      // A read waiting for a fetch's next bytes (or the bucket's) ends when the client has gone;
+      // a file's read ends by itself.
       gone.addEventListener('abort', () => stream.destroy(), { once: true });
       watching = true;
     }
     let n = 0;
-    while (n < buffer.length) {
-      if (text) {
-        const copied = text.copy(buffer, n);
-        n += copied;
-        text = copied < text.length ? text.subarray(copied) : undefined;
-      } else if (left > 0) {
-        const got = await read(buffer.subarray(n), Math.min(left, buffer.length - n));
-        n += got;
-        left -= got;
-      } else if (++part < frame.parts.length) {
-        const p = frame.parts[part]!;
-        await moveTo(p.start);
-        text = Buffer.from(frame.head(part));
-        left = p.end - p.start + 1;
-      } else if (part === frame.parts.length) {
-        text = Buffer.from(frame.closing());
-      } else {
-        break;
+    try {
+      while (n < buffer.length) {
+        if (text) {
+          const copied = text.copy(buffer, n);
+          n += copied;
+          text = copied < text.length ? text.subarray(copied) : undefined;
+        } else if (left > 0) {
+          const got = await read(buffer.subarray(n), Math.min(left, buffer.length - n));
+          n += got;
+          left -= got;
+          // What a fetch under way has brought goes out now, not once the buffer is full.
+          if (!seek) break;
+        } else if (!seek && n > 0) {
+          break; // sent before skipping a gap, which may wait for the fetch
+        } else if (++part < frame.parts.length) {
+          const p = frame.parts[part]!;
+          await moveTo(p.start);
+          text = Buffer.from(frame.head(part));
+          left = p.end - p.start + 1;
+        } else if (part === frame.parts.length) {
+          text = Buffer.from(frame.closing());
+        } else {
+          break;
+        }
       }
+      written += n;
+      if (options.verified && written === frame.contentLength) {
+        // Held until the stream's end: a fetch that fails its digest check cuts the answer.
+        scratch ??= Buffer.allocUnsafe(SEND_CHUNK);
+        while ((await source.readInto(scratch, scratch.length)) > 0);
+      }
+    } catch (err) {
+      throw gone.aborted ? (gone.reason as Error) : err;
     }
     return n;
   };

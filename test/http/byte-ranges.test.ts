@@ -4,10 +4,12 @@
  * real upstream (distribution 2.8, Go's http.ServeContent) answers to the same header; from
  * storage, and from a fetch under way, which then keeps the whole blob.
  */
+import { request } from 'node:http';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { ociError, rawRequest, type RawResponse } from '../helpers/http.js';
 import { pushRandomBlob } from '../helpers/images.js';
-import { startPullcache, type TestPullcache } from '../helpers/pullcache.js';
+import { waitFor } from '../helpers/net.js';
+import { capturedLog, startPullcache, type TestPullcache } from '../helpers/pullcache.js';
 import { Recorder } from '../helpers/recorder.js';
 import { TestRegistry } from '../helpers/registry.js';
 
@@ -54,11 +56,14 @@ describe('several ranges of a blob at once', () => {
   let registry: TestRegistry;
   let recorder: Recorder;
   let pc: TestPullcache;
+  const logged = capturedLog('info');
 
   beforeAll(async () => {
     registry = await TestRegistry.start();
     recorder = await Recorder.start(registry.url);
-    pc = await startPullcache({ upstreams: { 'docker.io': { url: recorder.url } } });
+    pc = await startPullcache({ upstreams: { 'docker.io': { url: recorder.url } } }, undefined, {
+      log: logged.log,
+    });
   });
   afterAll(async () => {
     await pc?.stop();
@@ -134,6 +139,7 @@ describe('several ranges of a blob at once', () => {
     const blob = await pushRandomBlob(registry, 'org/app', 2 << 20);
     recorder.reset();
     const range = 'bytes=10-19,1048576-1049599,-7';
+    const heads = () => recorder.count('HEAD', /\/blobs\/sha256:/);
     const cold = parse(await rawRequest(pc.url, 'GET', path(blob.digest), { range }));
     expect(cold.status).toBe(206);
     expect(cold.parts.map((p) => p.range)).toEqual([
@@ -141,6 +147,7 @@ describe('several ranges of a blob at once', () => {
       `bytes 1048576-1049599/${2 << 20}`,
       `bytes ${(2 << 20) - 7}-${(2 << 20) - 1}/${2 << 20}`,
     ]);
+    expect(cold.parts[0]!.bytes.equals(blob.bytes.subarray(10, 20))).toBe(true);
     expect(cold.parts[1]!.bytes.equals(blob.bytes.subarray(1048576, 1049600))).toBe(true);
     expect(cold.parts[2]!.bytes.equals(blob.bytes.subarray(-7))).toBe(true);
     // Kept whole: the next answers come from storage.
@@ -148,6 +155,7 @@ describe('several ranges of a blob at once', () => {
     expect(warm.ours).toEqual(warm.upstream);
     expect(warm.ours).toEqual(cold);
     expect(blobGets()).toBe(1);
+    expect(heads()).toBe(0); // a whole GET's (the suffix asks for the size), nothing more
     expect(recorder.blobBytes()).toBe(2 << 20);
 
     // Out of order, a fetch under way cannot seek back: the whole blob, still from one fetch.
@@ -159,5 +167,53 @@ describe('several ranges of a blob at once', () => {
     expect(unordered.status).toBe(200);
     expect(unordered.body.equals(other.bytes)).toBe(true);
     expect(blobGets()).toBe(1);
+    expect(heads()).toBe(0);
+
+    // Listed in order: the covering range is asked for as one range is, its size first (HEAD),
+    // so that ranges past the end are refused without a download.
+    const third = await pushRandomBlob(registry, 'org/app', 1 << 20);
+    recorder.reset();
+    const past = await rawRequest(pc.url, 'GET', path(third.digest), {
+      range: 'bytes=2000000-2000009,3000000-',
+    });
+    expect(past.status).toBe(416);
+    expect({ gets: blobGets(), heads: heads() }).toEqual({ gets: 0, heads: 1 });
+  });
+
+  test('a client that leaves in the middle of the parts is no warning, and the server serves on', async () => {
+    const blob = await pushRandomBlob(registry, 'org/app', 8 << 20);
+    await rawRequest(pc.url, 'GET', path(blob.digest));
+    const ranges = Array.from({ length: 1000 }, (_, i) => `${i * 8000}-${i * 8000 + 3999}`);
+    await new Promise<void>((resolve, reject) => {
+      const req = request(`${pc.url}${path(blob.digest)}`, {
+        headers: { range: `bytes=${ranges.join(',')}` },
+      });
+      req.on('response', (res) => {
+        expect(res.statusCode).toBe(206);
+        res.once('data', () => {
+          req.destroy();
+          resolve();
+        });
+      });
+      req.on('error', () => {});
+      req.on('close', () => resolve());
+      req.end();
+      setTimeout(() => reject(new Error('no answer')), 5000).unref();
+    });
+    const lineOf = () =>
+      logged.lines.find(
+        (l) =>
+          String((l.req as { url?: string } | undefined)?.url).includes(blob.digest) &&
+          (l.res as { statusCode?: number } | undefined)?.statusCode === 206,
+      );
+    await waitFor(async () => lineOf() !== undefined, 'the request line');
+    const line = lineOf()!;
+    expect({ level: line.level, msg: line.msg }).toEqual({ level: 40, msg: 'request failed' });
+    expect(logged.lines.filter((l) => l.msg === 'blob stream broke off')).toEqual([]);
+    const again = await rawRequest(pc.url, 'GET', path(blob.digest), { range: 'bytes=0-9,20-29' });
+    expect(parse(again).parts.map((p) => p.bytes.toString('hex'))).toEqual([
+      blob.bytes.subarray(0, 10).toString('hex'),
+      blob.bytes.subarray(20, 30).toString('hex'),
+    ]);
   });
 });

@@ -99,6 +99,39 @@ describe('blob fetch faults', () => {
     await waitFor(async () => uploads() === 0, 'the upload session to be removed');
   });
 
+  test('several ranges of a blob being fetched: a bad digest cuts the answer, the server lives on; parts go out as they come', async () => {
+    // Nothing of the corrupt blob is in the parts asked for: their bytes are right, but the
+    // answer's end waits for the digest check, and it fails. (The follower's failure reached
+    // the parts' reader as an 'error' event nobody heard, which stopped the process.)
+    const corrupt = add(1024 * 1024, { corrupt: true, pace: 5 });
+    for (const range of ['bytes=0-9,500000-500009', 'bytes=-10,0-9', 'bytes=0-9,400-,600-']) {
+      await expect(
+        fetch(`${pc.url}/v2/x/parts/blobs/${corrupt}`, { headers: { range } }).then((r) =>
+          r.arrayBuffer(),
+        ),
+      ).rejects.toThrow();
+    }
+    expect((await fetch(`${pc.url}/v2/`)).status).toBe(200);
+
+    // The first part reaches the client while the fetch is still far from the last.
+    const size = 4 * 1024 * 1024;
+    const paced = add(size, { pace: 20 });
+    const served = blobs.get(paced)!;
+    const res = await fetch(`${pc.url}/v2/x/parts/blobs/${paced}`, {
+      headers: { range: `bytes=0-9,${size - 10}-` },
+    });
+    expect(res.status).toBe(206);
+    const reader = res.body!.getReader();
+    const first = Buffer.from((await reader.read()).value!).toString('latin1');
+    expect(first).toContain(`Content-Range: bytes 0-9/${size}`);
+    expect(served.sent ?? 0).toBeLessThan(size / 2);
+    let rest = '';
+    for (let chunk = await reader.read(); !chunk.done; chunk = await reader.read())
+      rest += Buffer.from(chunk.value).toString('latin1');
+    expect(rest).toContain(served.bytes.subarray(size - 10).toString('latin1'));
+    expect(gets(paced)).toBe(1);
+  });
+
   test('a blob the upstream does not have leaves no upload session behind', async () => {
     const digest = sha256(randomBytes(64));
     const res = await fetch(`${pc.url}/v2/x/missing/blobs/${digest}`);

@@ -140,6 +140,19 @@ describe('redirect mode', () => {
         redirect: 'manual',
       });
       expect(other.status).not.toBe(307);
+      // Several ranges are served here (S3 takes one per GET): a part each, in the order asked.
+      const parts = await fetch(`${pc.url}/v2/library/alpine/blobs/${layer.digest}`, {
+        redirect: 'manual',
+        headers: { range: 'bytes=0-9,100-109' },
+      });
+      expect(parts.status).toBe(206);
+      expect(parts.headers.get('content-type')).toMatch(/^multipart\/byteranges; boundary=/);
+      const body = Buffer.from(await parts.arrayBuffer()).toString('latin1');
+      const first = body.indexOf(layer.bytes.subarray(0, 10).toString('latin1'));
+      expect(first).toBeGreaterThan(0);
+      expect(body.indexOf(layer.bytes.subarray(100, 110).toString('latin1'))).toBeGreaterThan(
+        first,
+      );
     } finally {
       await pc.stop();
     }
