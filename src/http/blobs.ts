@@ -65,6 +65,14 @@ export async function serveBlob(
     // The range covering the parts, or the whole blob (byte-ranges.ts); its size says which
     // parts are satisfiable.
     const span = coveringSpan(requested);
+    if (!span) {
+      // The whole blob: its size first (a HEAD on a miss), so that ranges all past its end
+      // download nothing.
+      const stat = await blobs.stat(repo, digest);
+      if (!stat.found) throw new BlobUnknownError(digest);
+      const { size } = stat.descriptor;
+      if (resolveParts(requested, size).length === 0) throw new RangeInvalidError(size);
+    }
     opened = await blobs.open(repo, digest, span);
     if (!opened.found) throw new BlobUnknownError(digest);
     const { size } = opened.descriptor;

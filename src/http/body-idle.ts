@@ -8,19 +8,20 @@
  *
  * The bytes are counted on the socket (`bytesRead`), every quarter of the timeout, so that
  * nothing reads the body but its route, and Node's own socket timers (keep-alive) are left alone.
+ * A body whose reader pushes back is not idle, nor one that has come whole. Over HTTPS the count
+ * moves a TLS record (up to 16 KiB) at a time: a body slower than that per timeout looks idle.
  */
 import type { IncomingMessage } from 'node:http';
-import type { Socket } from 'node:net';
 import type { Logger } from '../log/logger.js';
 
 interface Watched {
   bytes: number;
   since: number;
-  path: string | undefined;
 }
 
 export class BodyIdleWatch {
-  private readonly watched = new Map<Socket, Watched>();
+  /** By request: on a socket with requests pipelined, each its own. */
+  private readonly watched = new Map<IncomingMessage, Watched>();
   private timer: NodeJS.Timeout | undefined;
 
   /** `idleMs` 0: no limit. */
@@ -32,24 +33,27 @@ export class BodyIdleWatch {
   /** Watches the body of `req`, if it has one, until it has come whole or the request is gone. */
   watch(req: IncomingMessage): void {
     if (this.idleMs <= 0 || !hasBody(req)) return;
-    const socket = req.socket;
-    this.watched.set(socket, { bytes: socket.bytesRead, since: Date.now(), path: req.url });
-    const done = () => this.watched.delete(socket);
+    this.watched.set(req, { bytes: req.socket.bytesRead, since: performance.now() });
+    const done = () => this.watched.delete(req);
     req.once('end', done);
     req.once('close', done);
     this.timer ??= setInterval(() => this.check(), Math.max(50, this.idleMs / 4)).unref();
   }
 
   private check(): void {
-    const now = Date.now();
-    for (const [socket, body] of this.watched) {
-      if (socket.bytesRead !== body.bytes) {
+    const now = performance.now();
+    for (const [req, body] of this.watched) {
+      const socket = req.socket;
+      if (req.complete) {
+        // Every byte came; whether its route reads them is no matter of the client's.
+        this.watched.delete(req);
+      } else if (socket.bytesRead !== body.bytes || pushedBack(req)) {
         body.bytes = socket.bytesRead;
         body.since = now;
       } else if (now - body.since >= this.idleMs) {
-        this.watched.delete(socket);
+        this.watched.delete(req);
         this.log.info(
-          { client: socket.remoteAddress, path: body.path, idleMs: now - body.since },
+          { client: socket.remoteAddress, path: req.url, idleMs: Math.round(now - body.since) },
           'request body stalled: connection closed (server.bodyIdleTimeout)',
         );
         socket.destroy();
@@ -66,6 +70,14 @@ export class BodyIdleWatch {
     this.timer = undefined;
     this.watched.clear();
   }
+}
+
+/**
+ * Its reader is not taking the bytes (a passthrough upstream slower than the client, a route that
+ * has not read them yet): the socket is not read then, and the silence is not the client's.
+ */
+function pushedBack(req: IncomingMessage): boolean {
+  return req.readableFlowing === false || req.readableLength > 0;
 }
 
 function hasBody(req: IncomingMessage): boolean {

@@ -8,7 +8,7 @@ import { request } from 'node:http';
 import { connect } from 'node:net';
 import { randomBytes } from 'node:crypto';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
-import { sha256 } from '../helpers/images.js';
+import { pushRandomBlob, sha256 } from '../helpers/images.js';
 import { startPullcache, type TestPullcache } from '../helpers/pullcache.js';
 import { TestRegistry } from '../helpers/registry.js';
 
@@ -120,7 +120,51 @@ describe('request bodies', () => {
     );
     expect(refused.answer).toMatch(/^HTTP\/1\.1 405 /);
     expect(refused.ms).toBeLessThan(5000);
+    // Pipelined after a whole one, on the same connection: watched as its own.
+    const again = await fetch(`${pc.url}/v2/push.test/team/app/blobs/uploads/`, {
+      method: 'POST',
+      headers: auth,
+    });
+    const second = new URL(again.headers.get('location')!, pc.url);
+    const patch = (length: number, body: string) =>
+      [
+        `PATCH ${second.pathname}${second.search} HTTP/1.1`,
+        'Host: 127.0.0.1',
+        `Authorization: ${auth.authorization}`,
+        `Content-Length: ${length}`,
+        '',
+        body,
+      ].join('\r\n');
+    const pipelined = await stallAfter(patch(3, 'abc') + patch(100, 'de'));
+    expect(pipelined.ms).toBeLessThan(5000);
     // And the server goes on serving.
     expect((await fetch(`${pc.url}/v2/`)).status).toBe(200);
+  });
+
+  test('a body that came whole is no stall, read or not: a slow download after it is not cut', async () => {
+    const blob = await pushRandomBlob(registry, 'team/app', 8 << 20);
+    await fetch(`${pc.url}/v2/team/app/blobs/${blob.digest}`).then((r) => r.arrayBuffer());
+    const body = await new Promise<Buffer>((resolve, reject) => {
+      const req = request(`${pc.url}/v2/team/app/blobs/${blob.digest}`, {
+        method: 'GET',
+        headers: { 'content-length': '1' },
+      });
+      req.on('response', (res) => {
+        const chunks: Buffer[] = [];
+        res.once('data', (chunk: Buffer) => {
+          chunks.push(chunk);
+          res.pause();
+          setTimeout(() => {
+            res.on('data', (c: Buffer) => chunks.push(c));
+            res.resume();
+          }, 3000);
+        });
+        res.on('end', () => resolve(Buffer.concat(chunks)));
+        res.on('error', reject);
+      });
+      req.on('error', reject);
+      req.end('x');
+    });
+    expect(sha256(body)).toBe(blob.digest);
   });
 });

@@ -112,6 +112,28 @@ describe('blob fetch faults', () => {
       ).rejects.toThrow();
     }
     expect((await fetch(`${pc.url}/v2/`)).status).toBe(200);
+    // The whole blob opened (a range past the end in the middle): the last part's last byte
+    // waits for the check too, not only the closing delimiter.
+    const corrupt2 = add(1024 * 1024, { corrupt: true, pace: 5 });
+    const received: Buffer[] = [];
+    const cut = await new Promise<boolean>((resolve) => {
+      request(
+        `${pc.url}/v2/x/parts/blobs/${corrupt2}`,
+        { headers: { range: 'bytes=0-9,2000000-2000009,20-29' } },
+        (res) => {
+          res.on('data', (chunk: Buffer) => received.push(chunk));
+          res.on('end', () => resolve(false));
+          res.on('error', () => resolve(true));
+        },
+      )
+        .on('error', () => resolve(true))
+        .end();
+    });
+    expect(cut).toBe(true);
+    const got = Buffer.concat(received).toString('latin1');
+    const last = blobs.get(corrupt2)!.bytes.subarray(20, 30).toString('latin1');
+    expect(got).toContain(last.slice(0, 9));
+    expect(got).not.toContain(last);
 
     // The first part reaches the client while the fetch is still far from the last.
     const size = 4 * 1024 * 1024;
