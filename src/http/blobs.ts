@@ -11,7 +11,9 @@ import { isSendable } from '../storage/file-range.js';
 import type { BlobService, ByteRange, OpenResult, RepositoryKey } from '../storage/types.js';
 import { ifRangeHolds, noneMatchHolds } from './manifests.js';
 import { coveringSpan, PartsFrame, resolveParts, sendParts, servable } from './byte-ranges.js';
-import { parseRanges } from './range.js';
+import { parseRanges, type RangeRequest } from './range.js';
+
+type Opened = Extract<OpenResult, { found: true }>;
 
 export async function serveBlob(
   req: Request,
@@ -60,44 +62,11 @@ export async function serveBlob(
     res.redirect(307, location);
     return;
   }
-  let opened: OpenResult;
+  let opened: Opened;
   if (requested && requested.length > 1) {
-    // The range covering the parts, or the whole blob (byte-ranges.ts); its size says which
-    // parts are satisfiable.
-    const span = coveringSpan(requested);
-    if (!span) {
-      // The whole blob: its size first (a HEAD on a miss), so that ranges all past its end
-      // download nothing.
-      const stat = await blobs.stat(repo, digest);
-      if (!stat.found) throw new BlobUnknownError(digest);
-      const { size } = stat.descriptor;
-      if (resolveParts(requested, size).length === 0) throw new RangeInvalidError(size);
-    }
-    opened = await blobs.open(repo, digest, span);
-    if (!opened.found) throw new BlobUnknownError(digest);
-    const { size } = opened.descriptor;
-    const parts = resolveParts(requested, size);
-    if (parts.length === 0) {
-      opened.stream.destroy();
-      throw new RangeInvalidError(size);
-    }
-    if (servable(parts, size, opened.stream)) {
-      const frame = new PartsFrame(parts, size);
-      res.locals.cache = opened.fromUpstream ? 'miss' : 'hit';
-      blobHeaders(frame.contentLength);
-      res.setHeader('Content-Type', frame.contentType);
-      if (frame.contentRange) res.setHeader('Content-Range', frame.contentRange);
-      res.status(206);
-      res.locals.bytes = frame.contentLength;
-      if (opened.fromUpstream) res.flushHeaders();
-      const { stream, fromUpstream } = opened;
-      await sendBody(req, res, digest, () =>
-        sendParts(res, stream, span?.start ?? 0, frame, { verified: fromUpstream }),
-      );
-      return;
-    }
-    // Otherwise the whole blob, from this open (below): only an open of the whole blob gets here,
-    // since parts listed in order are ascending and within their span.
+    const whole = await serveParts(req, res, blobs, repo, digest, requested, blobHeaders);
+    if (!whole) return;
+    opened = whole;
   } else {
     let range: ByteRange | undefined;
     const only = requested?.[0];
@@ -109,8 +78,9 @@ export async function serveBlob(
     } else {
       range = only;
     }
-    opened = await blobs.open(repo, digest, range);
-    if (!opened.found) throw new BlobUnknownError(digest);
+    const one = await blobs.open(repo, digest, range);
+    if (!one.found) throw new BlobUnknownError(digest);
+    opened = one;
   }
   const { size } = opened.descriptor;
   res.locals.cache = opened.fromUpstream ? 'miss' : 'hit';
@@ -130,6 +100,56 @@ export async function serveBlob(
   await sendBody(req, res, digest, () =>
     isSendable(stream) ? stream.sendTo(res) : pipeline(stream, res),
   );
+}
+
+/**
+ * Several ranges: the parts (byte-ranges.ts) from one open of the range covering them, or of the
+ * whole blob, whose size says which are satisfiable. Returns that open when it is to be served
+ * whole instead (ranges whose bytes add up to more than the blob, out of order from a stream that
+ * cannot seek), undefined when the parts were sent.
+ */
+async function serveParts(
+  req: Request,
+  res: Response,
+  blobs: BlobService,
+  repo: RepositoryKey,
+  digest: Digest,
+  requested: RangeRequest[],
+  blobHeaders: (size: number) => void,
+): Promise<Opened | undefined> {
+  const span = coveringSpan(requested);
+  if (!span) {
+    // The whole blob: its size first (a HEAD on a miss), so that ranges all past its end
+    // download nothing.
+    const stat = await blobs.stat(repo, digest);
+    if (!stat.found) throw new BlobUnknownError(digest);
+    const { size } = stat.descriptor;
+    if (resolveParts(requested, size).length === 0) throw new RangeInvalidError(size);
+  }
+  const opened = await blobs.open(repo, digest, span);
+  if (!opened.found) throw new BlobUnknownError(digest);
+  const { size } = opened.descriptor;
+  const parts = resolveParts(requested, size);
+  if (parts.length === 0) {
+    opened.stream.destroy();
+    throw new RangeInvalidError(size);
+  }
+  // Not servable only from an open of the whole blob: parts listed in order are ascending and
+  // within their span.
+  if (!servable(parts, size, opened.stream)) return opened;
+  const frame = new PartsFrame(parts, size);
+  res.locals.cache = opened.fromUpstream ? 'miss' : 'hit';
+  blobHeaders(frame.contentLength);
+  res.setHeader('Content-Type', frame.contentType);
+  if (frame.contentRange) res.setHeader('Content-Range', frame.contentRange);
+  res.status(206);
+  res.locals.bytes = frame.contentLength;
+  if (opened.fromUpstream) res.flushHeaders();
+  const { stream, fromUpstream } = opened;
+  await sendBody(req, res, digest, () =>
+    sendParts(res, stream, span?.start ?? 0, frame, { verified: fromUpstream }),
+  );
+  return undefined;
 }
 
 /** Runs `send` (the body after the headers) and ends the answer, or cuts it when it breaks. */
