@@ -37,6 +37,7 @@ import {
   API_VERSION,
   API_VERSION_HEADER,
   serveManifest,
+  setNamespaceHeader,
   setSecurityHeaders,
   undecodableDigest,
 } from './manifests.js';
@@ -264,6 +265,7 @@ export function createApp(deps: AppDeps): express.Express {
     const name = m[1]!;
     const action = m[2]!;
     const route = routeRequest(config, name, req.query.ns);
+    setNamespaceHeader(res, route);
     res.locals.upstream = route.upstream;
     res.locals.repository = route.repository;
     // Outside the upstream's allow/deny lists: refused before anything is asked of anyone.

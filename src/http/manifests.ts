@@ -60,6 +60,14 @@ export const API_VERSION_HEADER = 'Docker-Distribution-API-Version';
 export const API_VERSION = 'registry/2.0';
 
 /** The headers of every /v2 answer, on one written outside express's middleware. */
+/**
+ * A request scoped by `ns` (the spec's registry proxying) is told which namespace served it, as
+ * the spec asks of a registry that uses `ns`.
+ */
+export function setNamespaceHeader(res: ServerResponse, route: Route): void {
+  if (route.ns !== undefined) res.setHeader('OCI-Namespace', route.ns);
+}
+
 export function setApiHeaders(res: ServerResponse): void {
   res.setHeader(API_VERSION_HEADER, API_VERSION);
   setSecurityHeaders(res);
@@ -308,6 +316,7 @@ export function createManifestFastPath(
     const started = performance.now();
     const notes: RequestNotes = { upstream: route.upstream, repository: route.repository };
     setApiHeaders(res);
+    setNamespaceHeader(res, route);
     if (logRequests) logRequest(httpLog, req, res, notes, access);
     const repo = { upstream: route.upstream, repository: route.repository };
     const serve = async () => {

@@ -324,12 +324,22 @@ describe.each(DRIVERS)('pulling through pullcache from a real registry (%s stora
   test('routing: ns, an upstream-name prefix (with or without ns), the default, and library/ on docker.io', async () => {
     const byNs = await fetch(`${pc.url}/v2/library/alpine/manifests/3.20?ns=docker.io`);
     expect(byNs.headers.get('docker-content-digest')).toBe(alpine.digest);
+    // The spec: a registry that uses ns says so in OCI-Namespace (blobs and lists too).
+    expect(byNs.headers.get('oci-namespace')).toBe('docker.io');
+    const blobByNs = await fetch(
+      `${pc.url}/v2/library/alpine/blobs/${alpine.blobs[0]!.digest}?ns=docker.io`,
+      { method: 'HEAD' },
+    );
+    expect(blobByNs.headers.get('oci-namespace')).toBe('docker.io');
     const bare = await fetch(`${pc.url}/v2/alpine/manifests/3.20`);
     expect(bare.headers.get('docker-content-digest')).toBe(alpine.digest);
+    expect(bare.headers.get('oci-namespace')).toBeNull();
     const byNs2 = await fetch(`${pc.url}/v2/org/oci-app/manifests/v1?ns=registry.test`);
     expect(byNs2.headers.get('docker-content-digest')).toBe(oci.digest);
+    expect(byNs2.headers.get('oci-namespace')).toBe('registry.test');
     const byPrefix = await fetch(`${pc.url}/v2/registry.test/org/oci-app/manifests/v1`);
     expect(byPrefix.headers.get('docker-content-digest')).toBe(oci.digest);
+    expect(byPrefix.headers.get('oci-namespace')).toBeNull();
     // containerd's hosts.toml with the upstream in the host's path (override_path) sends ns too.
     const byBoth = await fetch(
       `${pc.url}/v2/registry.test/org/oci-app/manifests/v1?ns=registry.test`,
