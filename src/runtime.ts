@@ -28,7 +28,8 @@ import {
 } from './storage/local-services.js';
 import { DriverReferrersStore } from './storage/referrers-store.js';
 import { DriverRepositoryStore } from './storage/repository-store.js';
-import type { BlobService, BlobStore, RepositoryStore, StorageDriver } from './storage/types.js';
+import type { BlobStore, RepositoryStore, StorageDriver } from './storage/types.js';
+import type { BlobService } from './storage/services.js';
 import { probeStorage } from './storage-probe.js';
 import { RegistryClient } from './upstream/client.js';
 import { openFleetChannels } from './fleet/channels.js';

@@ -22,7 +22,7 @@ import {
 } from './lifecycle/tracking.js';
 import { storageKey } from './storage/create-driver.js';
 import { RedirectingBlobService } from './storage/redirect.js';
-import type { BlobService } from './storage/types.js';
+import type { BlobService } from './storage/services.js';
 import cluster from 'node:cluster';
 import { workerMetrics } from './fleet/cluster-metrics.js';
 import { workerStatus } from './fleet/cluster-status.js';

@@ -9,13 +9,13 @@ import { RemoteBlobFetch } from '../proxy/remote-fetch.js';
 import type { HeldFetch } from './types.js';
 import type { WorkerLeases } from './worker-leases.js';
 import type {
-  BlobService,
   BlobStore,
   ByteRange,
   OpenResult,
   RepositoryKey,
   StatResult,
 } from '../storage/types.js';
+import type { BlobService } from '../storage/services.js';
 import { resolveRange } from '../storage/byte-range.js';
 
 export class PeerBlobService implements BlobService {

@@ -20,7 +20,8 @@ import {
   NotFoundError,
   UnsupportedError,
 } from '../oci/errors.js';
-import type { BlobService, RepositoryKey, RepositoryStore } from '../storage/types.js';
+import type { RepositoryKey, RepositoryStore } from '../storage/types.js';
+import type { BlobService } from '../storage/services.js';
 import type { UpstreamServices } from './types.js';
 import type { Lifecycle } from '../lifecycle/lifecycle.js';
 import { ADMIN_PREFIX, adminRouter } from './admin.js';

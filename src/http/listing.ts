@@ -4,7 +4,8 @@
  */
 import type { Request, Response } from 'express';
 import { RegistryError } from '../oci/errors.js';
-import type { RepositoryKey, TagService } from '../storage/types.js';
+import type { RepositoryKey } from '../storage/types.js';
+import type { TagService } from '../storage/services.js';
 
 /** Most names in one page. */
 const PAGE_MAX = 10_000;

@@ -6,7 +6,8 @@
 import type { Request, Response } from 'express';
 import { parseDigest } from '../oci/digest.js';
 import { MediaType } from '../oci/media-types.js';
-import type { ReferrersService, RepositoryKey } from '../storage/types.js';
+import type { RepositoryKey } from '../storage/types.js';
+import type { ReferrersService } from '../storage/services.js';
 import { decodeSegment, STALE_WARNING, undecodableDigest } from './manifests.js';
 
 export async function serveReferrers(

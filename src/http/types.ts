@@ -4,7 +4,7 @@ import type {
   ManifestService,
   ReferrersService,
   TagService,
-} from '../storage/types.js';
+} from '../storage/services.js';
 
 /** The services of one upstream, as the routes use them. */
 export interface UpstreamServices {

@@ -8,24 +8,26 @@ import type { Descriptor } from '../oci/descriptor.js';
 import type { Tag } from '../oci/reference.js';
 import type { RangeStream } from '../storage/file-range.js';
 import type {
-  BlobService,
   BlobStore,
   BlobWriter,
   ByteRange,
   ManifestLink,
-  ManifestResult,
-  ManifestService,
-  ManifestStat,
   OpenResult,
   RepositoryKey,
   RepositoryStore,
   StatResult,
   StoredBlob,
   TagLink,
-  TagResult,
-  TagService,
   UpstreamRepository,
 } from '../storage/types.js';
+import type {
+  BlobService,
+  ManifestResult,
+  ManifestService,
+  ManifestStat,
+  TagResult,
+  TagService,
+} from '../storage/services.js';
 import type { GraphKeeper } from './graph-keeper.js';
 import type { Lifecycle } from './lifecycle.js';
 

@@ -10,13 +10,13 @@ import type { MetadataCache } from '../metadata/types.js';
 import type { Metrics } from '../metrics.js';
 import type { LocalBlobService } from '../storage/local-services.js';
 import type {
-  BlobService,
   BlobStore,
   ByteRange,
   OpenResult,
   RepositoryKey,
   StatResult,
 } from '../storage/types.js';
+import type { BlobService } from '../storage/services.js';
 import { resolveRange } from '../storage/byte-range.js';
 import {
   UpstreamInvalidError,

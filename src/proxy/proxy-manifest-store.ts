@@ -8,13 +8,8 @@ import type { Digest } from '../oci/digest.js';
 import { parseManifest } from '../oci/manifest.js';
 import { ManifestInvalidError } from '../oci/errors.js';
 import type { Metrics } from '../metrics.js';
-import type {
-  ManifestLink,
-  ManifestResult,
-  ManifestService,
-  ManifestStat,
-  RepositoryKey,
-} from '../storage/types.js';
+import type { ManifestLink, RepositoryKey } from '../storage/types.js';
+import type { ManifestResult, ManifestService, ManifestStat } from '../storage/services.js';
 import { UpstreamInvalidError, UpstreamNotFoundError } from '../upstream/errors.js';
 import type { FetchedManifest, UpstreamClient } from '../upstream/types.js';
 import { SingleFlight } from './single-flight.js';

@@ -33,13 +33,8 @@ import {
   type ReferrerDescriptor,
 } from '../oci/referrers.js';
 import type { Metrics } from '../metrics.js';
-import type {
-  ReferrersAnswer,
-  ReferrersRecord,
-  ReferrersService,
-  ReferrersStore,
-  RepositoryKey,
-} from '../storage/types.js';
+import type { ReferrersRecord, ReferrersStore, RepositoryKey } from '../storage/types.js';
+import type { ReferrersAnswer, ReferrersService } from '../storage/services.js';
 import { UpstreamInvalidError, UpstreamNotFoundError } from '../upstream/errors.js';
 import type { FetchedManifest, UpstreamClient } from '../upstream/types.js';
 import { isUpstreamFailure } from './proxy-tag-service.js';

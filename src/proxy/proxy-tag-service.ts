@@ -11,7 +11,8 @@ import type { Logger } from '../log/logger.js';
 import type { Digest } from '../oci/digest.js';
 import type { Tag } from '../oci/reference.js';
 import type { Metrics } from '../metrics.js';
-import type { RepositoryKey, TagResult, TagService } from '../storage/types.js';
+import type { RepositoryKey } from '../storage/types.js';
+import type { TagResult, TagService } from '../storage/services.js';
 import {
   UpstreamDeniedError,
   UpstreamInvalidError,

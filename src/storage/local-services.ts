@@ -10,20 +10,22 @@ import type { Descriptor } from '../oci/descriptor.js';
 import type { Tag } from '../oci/reference.js';
 import type { MetadataCache } from '../metadata/types.js';
 import type {
-  BlobService,
   BlobStore,
   ByteRange,
   ManifestLink,
-  ManifestResult,
-  ManifestService,
-  ManifestStat,
   OpenResult,
   RepositoryKey,
   RepositoryStore,
   StatResult,
+} from './types.js';
+import type {
+  BlobService,
+  ManifestResult,
+  ManifestService,
+  ManifestStat,
   TagResult,
   TagService,
-} from './types.js';
+} from './services.js';
 
 /**
  * Blobs as one repository holds them. The bytes are shared by digest across repositories and

@@ -6,14 +6,8 @@
  */
 import type { Digest } from '../oci/digest.js';
 import { paths } from './paths.js';
-import type {
-  BlobService,
-  ByteRange,
-  OpenResult,
-  RepositoryKey,
-  StatResult,
-  StorageDriver,
-} from './types.js';
+import type { ByteRange, OpenResult, RepositoryKey, StatResult, StorageDriver } from './types.js';
+import type { BlobService } from './services.js';
 
 export class RedirectingBlobService implements BlobService {
   constructor(

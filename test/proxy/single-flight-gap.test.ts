@@ -12,13 +12,12 @@ import type { Tag } from '../../src/oci/reference.js';
 import { ProxyManifestStore } from '../../src/proxy/proxy-manifest-store.js';
 import { ProxyTagService } from '../../src/proxy/proxy-tag-service.js';
 import type {
-  ManifestLink,
   ManifestResult,
   ManifestService,
-  RepositoryKey,
   TagResult,
   TagService,
-} from '../../src/storage/types.js';
+} from '../../src/storage/services.js';
+import type { ManifestLink, RepositoryKey } from '../../src/storage/types.js';
 import type { FetchedManifest, UpstreamClient } from '../../src/upstream/types.js';
 
 const DIGEST = `sha256:${'a'.repeat(64)}` as Digest;
