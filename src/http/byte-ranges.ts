@@ -7,12 +7,12 @@
  * layer).
  *
  * The parts are read from one open of the blob (blobs.ts): of the range that covers them when the
- * header lists them in order (a miss then asks the upstream for the blob's size first, as for
- * one range, and a range past its end downloads nothing), else of the whole blob. A stored file
- * seeks from part to part; a blob still being fetched, or an object of the bucket, is read on and
- * the gaps skipped, which needs the parts in ascending order: out of order, those serve the whole
- * blob instead. From a fetch under way the answer's last bytes wait, as a whole blob's do, until
- * the fetch has verified the blob's digest.
+ * header lists them in order, else of the whole blob; either way a miss asks the upstream for the
+ * blob's size first (one HEAD), so that ranges past its end download nothing. A stored file seeks
+ * from part to part; a blob still being fetched, or an object of the bucket, is read on and the
+ * gaps skipped, which needs the parts in ascending order: out of order, those serve the whole blob
+ * instead. From a fetch under way the last part's last byte and the closing delimiter wait, as a
+ * whole blob's last byte does, until the fetch has verified the blob's digest.
  */
 import { randomBytes } from 'node:crypto';
 import type { Readable, Writable } from 'node:stream';
