@@ -74,7 +74,9 @@ export class BodyIdleWatch {
 
 /**
  * Its reader is not taking the bytes (a passthrough upstream slower than the client, a route that
- * has not read them yet): the socket is not read then, and the silence is not the client's.
+ * has not read them yet): the socket is not read then, and the silence is not the client's. An
+ * upstream that stops reading for good is cut by its own idle timeout (passthrough.ts:
+ * `timeouts.headers`), after which the body is drained and watched again.
  */
 function pushedBack(req: IncomingMessage): boolean {
   return req.readableFlowing === false || req.readableLength > 0;

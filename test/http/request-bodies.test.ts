@@ -120,22 +120,19 @@ describe('request bodies', () => {
     );
     expect(refused.answer).toMatch(/^HTTP\/1\.1 405 /);
     expect(refused.ms).toBeLessThan(5000);
-    // Pipelined after a whole one, on the same connection: watched as its own.
-    const again = await fetch(`${pc.url}/v2/push.test/team/app/blobs/uploads/`, {
-      method: 'POST',
-      headers: auth,
-    });
-    const second = new URL(again.headers.get('location')!, pc.url);
-    const patch = (length: number, body: string) =>
+    // Pipelined after a whole one, on the same connection: watched as its own. (Not through a
+    // passthrough upstream: one that stops reading the forwarded body holds it, which the
+    // upstream's own timeout ends, not this one.)
+    const put = (length: number, body: string) =>
       [
-        `PATCH ${second.pathname}${second.search} HTTP/1.1`,
+        'PUT /v2/team/app/manifests/v1 HTTP/1.1',
         'Host: 127.0.0.1',
-        `Authorization: ${auth.authorization}`,
         `Content-Length: ${length}`,
         '',
         body,
       ].join('\r\n');
-    const pipelined = await stallAfter(patch(3, 'abc') + patch(100, 'de'));
+    const pipelined = await stallAfter(put(3, 'abc') + put(100, 'de'));
+    expect(pipelined.answer.match(/HTTP\/1\.1 405 /g)).toHaveLength(2);
     expect(pipelined.ms).toBeLessThan(5000);
     // And the server goes on serving.
     expect((await fetch(`${pc.url}/v2/`)).status).toBe(200);
