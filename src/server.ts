@@ -140,7 +140,7 @@ export async function startServer(config: Config, log: Logger): Promise<RunningS
   const served: typeof handler = (req, res) => {
     // While draining, a kept-alive client is told to open its next connection elsewhere.
     if (draining) res.setHeader('Connection', 'close');
-    bodies.watch(req);
+    bodies.watch(req, res);
     answered(req, res);
   };
   const limits = { maxHeaderSize: MAX_HEADER_BYTES };

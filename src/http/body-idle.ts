@@ -11,12 +11,13 @@
  * A body whose reader pushes back is not idle, nor one that has come whole. Over HTTPS the count
  * moves a TLS record (up to 16 KiB) at a time: a body slower than that per timeout looks idle.
  */
-import type { IncomingMessage } from 'node:http';
+import type { IncomingMessage, ServerResponse } from 'node:http';
 import type { Logger } from '../log/logger.js';
 
 interface Watched {
   bytes: number;
   since: number;
+  res: ServerResponse;
 }
 
 export class BodyIdleWatch {
@@ -31,9 +32,9 @@ export class BodyIdleWatch {
   ) {}
 
   /** Watches the body of `req`, if it has one, until it has come whole or the request is gone. */
-  watch(req: IncomingMessage): void {
+  watch(req: IncomingMessage, res: ServerResponse): void {
     if (this.idleMs <= 0 || !hasBody(req)) return;
-    this.watched.set(req, { bytes: req.socket.bytesRead, since: performance.now() });
+    this.watched.set(req, { bytes: req.socket.bytesRead, since: performance.now(), res });
     const done = () => this.watched.delete(req);
     req.once('end', done);
     req.once('close', done);
@@ -47,7 +48,7 @@ export class BodyIdleWatch {
       if (req.complete) {
         // Every byte came; whether its route reads them is no matter of the client's.
         this.watched.delete(req);
-      } else if (socket.bytesRead !== body.bytes || pushedBack(req)) {
+      } else if (socket.bytesRead !== body.bytes || pushedBack(req, body.res)) {
         body.bytes = socket.bytesRead;
         body.since = now;
       } else if (now - body.since >= this.idleMs) {
@@ -74,12 +75,13 @@ export class BodyIdleWatch {
 
 /**
  * Its reader is not taking the bytes (a passthrough upstream slower than the client, a route that
- * has not read them yet): the socket is not read then, and the silence is not the client's. An
- * upstream that stops reading for good is cut by its own idle timeout (passthrough.ts:
- * `timeouts.headers`), after which the body is drained and watched again.
+ * has not read them yet): the socket is not read then, and the silence is not the client's. Only
+ * until the answer has ended: after it nothing reads the body but Node's drain, and a reader that
+ * stopped for good (an upstream cut by its own idle timeout, passthrough.ts: `timeouts.headers`)
+ * may have left it paused.
  */
-function pushedBack(req: IncomingMessage): boolean {
-  return req.readableFlowing === false || req.readableLength > 0;
+function pushedBack(req: IncomingMessage, res: ServerResponse): boolean {
+  return !res.writableEnded && (req.readableFlowing === false || req.readableLength > 0);
 }
 
 function hasBody(req: IncomingMessage): boolean {

@@ -8,6 +8,7 @@ import { request } from 'node:http';
 import { connect } from 'node:net';
 import { randomBytes } from 'node:crypto';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
+import { fakeServer, type FakeServer } from '../helpers/fake-server.js';
 import { pushRandomBlob, sha256 } from '../helpers/images.js';
 import { startPullcache, type TestPullcache } from '../helpers/pullcache.js';
 import { TestRegistry } from '../helpers/registry.js';
@@ -16,20 +17,25 @@ describe('request bodies', () => {
   let registry: TestRegistry;
   let pc: TestPullcache;
   let auth: Record<string, string>;
+  /** A passthrough upstream that takes a request's headers and then reads nothing, ever. */
+  let stuck: FakeServer;
 
   beforeAll(async () => {
     registry = await TestRegistry.start();
+    stuck = await fakeServer(() => {});
     auth = { authorization: `Bearer ${registry.tokens.pushToken('team/app')}` };
     pc = await startPullcache({
       upstreams: {
         'docker.io': { url: registry.url },
         'push.test': { url: registry.url, mode: 'passthrough' },
+        'stuck.test': { url: stuck.url, mode: 'passthrough', timeouts: { headers: '1s' } },
       },
       server: { bodyIdleTimeout: '1s' },
     });
   });
   afterAll(async () => {
     await pc?.stop();
+    await stuck?.close();
     await registry?.close();
   });
 
@@ -41,7 +47,10 @@ describe('request bodies', () => {
       let answer = '';
       const socket = connect(Number(url.port), url.hostname, () => socket.write(head));
       socket.on('data', (chunk: Buffer) => (answer += chunk.toString('latin1')));
-      socket.on('error', reject);
+      // Closed with bytes it had not read (the rest of a body), a socket resets the connection.
+      socket.on('error', (err: NodeJS.ErrnoException) => {
+        if (err.code !== 'ECONNRESET') reject(err);
+      });
       socket.on('close', () => resolve({ ms: Date.now() - started, answer }));
       setTimeout(() => socket.destroy(new Error('still open after 10 s')), 10_000).unref();
     });
@@ -134,6 +143,19 @@ describe('request bodies', () => {
     const pipelined = await stallAfter(put(3, 'abc') + put(100, 'de'));
     expect(pipelined.answer.match(/HTTP\/1\.1 405 /g)).toHaveLength(2);
     expect(pipelined.ms).toBeLessThan(5000);
+    // An upstream that stops reading the forwarded body holds it (not the client's silence) only
+    // until pullcache has answered (503 after the upstream's own timeout): then it is cut too.
+    const held = await stallAfter(
+      [
+        'PATCH /v2/stuck.test/team/app/blobs/uploads/x HTTP/1.1',
+        'Host: 127.0.0.1',
+        `Content-Length: ${64 << 20}`,
+        '',
+        'x'.repeat(16 << 20),
+      ].join('\r\n'),
+    );
+    expect(held.answer).toMatch(/^HTTP\/1\.1 503 /);
+    expect(held.ms).toBeLessThan(8000);
     // And the server goes on serving.
     expect((await fetch(`${pc.url}/v2/`)).status).toBe(200);
   });
