@@ -8,8 +8,9 @@
  *
  * The bytes are counted on the socket (`bytesRead`), every quarter of the timeout, so that
  * nothing reads the body but its route, and Node's own socket timers (keep-alive) are left alone.
- * A body whose reader pushes back is not idle, nor one that has come whole. Over HTTPS the count
- * moves a TLS record (up to 16 KiB) at a time: a body slower than that per timeout looks idle.
+ * A body whose reader pushes back is not idle while its answer is under way, nor one that has
+ * come whole. Over HTTPS the count moves a TLS record (up to 16 KiB) at a time: a body slower
+ * than that per timeout looks idle.
  */
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import type { Logger } from '../log/logger.js';
