@@ -74,8 +74,9 @@ export async function serveBlob(
     if (only && 'suffix' in only) {
       const stat = await blobs.stat(repo, digest);
       if (!stat.found) throw new BlobUnknownError(digest);
-      if (only.suffix === 0) throw new RangeInvalidError(stat.descriptor.size);
-      range = { start: Math.max(0, stat.descriptor.size - only.suffix) };
+      const [part] = resolveParts([only], stat.descriptor.size);
+      if (!part) throw new RangeInvalidError(stat.descriptor.size);
+      range = { start: part.start };
     } else {
       range = only;
     }
