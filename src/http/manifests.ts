@@ -59,7 +59,6 @@ export function setSecurityHeaders(res: ServerResponse): void {
 export const API_VERSION_HEADER = 'Docker-Distribution-API-Version';
 export const API_VERSION = 'registry/2.0';
 
-/** The headers of every /v2 answer, on one written outside express's middleware. */
 /**
  * A request scoped by `ns` (the spec's registry proxying) is told which namespace served it, as
  * the spec asks of a registry that uses `ns`.
@@ -68,6 +67,7 @@ export function setNamespaceHeader(res: ServerResponse, route: Route): void {
   if (route.ns !== undefined) res.setHeader('OCI-Namespace', route.ns);
 }
 
+/** The headers of every /v2 answer, on one written outside express's middleware. */
 export function setApiHeaders(res: ServerResponse): void {
   res.setHeader(API_VERSION_HEADER, API_VERSION);
   setSecurityHeaders(res);
