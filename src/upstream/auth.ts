@@ -6,6 +6,7 @@
  * header for a request; credentials go only to a realm `realmMayReceiveCredentials` allows.
  * The transport (transport.ts) sends the requests and tells it of each 401.
  */
+import { LRUCache } from 'lru-cache';
 import { request, type Agent, type Dispatcher } from 'undici';
 import type { UpstreamConfig } from '../config/schema.js';
 import type { Logger } from '../log/logger.js';
@@ -108,12 +109,34 @@ export interface Token {
   refreshAt: number;
 }
 
+/**
+ * How many bytes of tokens one upstream keeps (tokens and their scopes): a scope is one
+ * repository, and clients choose its name, so the tokens of names asked once (any that does not
+ * exist) must not stay for ever. Past it the least recently used go; a token expired stays only
+ * until its scope is asked again or it is the least recently used. A few thousand scopes of
+ * Docker Hub's tokens (about 1 KB each).
+ */
+export const TOKEN_CACHE_BYTES = 4 * 1024 * 1024;
+
 /** Tokens per scope, and one request at a time per scope. */
 export class TokenCache {
-  private readonly tokens = new Map<string, Token>();
+  private readonly tokens: LRUCache<string, Token>;
   private readonly pending = new Map<string, Promise<Token>>();
 
-  constructor(private readonly now: () => number = Date.now) {}
+  constructor(
+    private readonly now: () => number = Date.now,
+    maxBytes = TOKEN_CACHE_BYTES,
+  ) {
+    this.tokens = new LRUCache<string, Token>({
+      maxSize: maxBytes,
+      sizeCalculation: (token, scope) => token.value.length + scope.length + 64,
+    });
+  }
+
+  /** Tokens held now (expired ones included until they go). */
+  get size(): number {
+    return this.tokens.size;
+  }
 
   get(scope: string): Token | undefined {
     const token = this.tokens.get(scope);
