@@ -129,6 +129,7 @@ export async function createRuntime(
   const cache = new KeyvMetadataCache({
     store: config.cache.store,
     redisUrl: config.cache.redis.url,
+    memoryEntries: config.cache.memoryEntries,
     log,
     onDelete: (key) => forgetting.announce(key),
     onClear: () => forgetting.announceAll(),

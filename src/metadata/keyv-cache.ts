@@ -1,4 +1,7 @@
-/** The MetadataCache on keyv: in-memory (default) or Redis through @keyv/redis. */
+/**
+ * The MetadataCache: in-process memory (default), an LRU of `memoryEntries`, or Redis through
+ * keyv and @keyv/redis with that LRU in front of it.
+ */
 import { TimedOutError, within } from '../abort.js';
 import type { RedisConnectionClientType } from '@keyv/redis';
 import type KeyvRedis from '@keyv/redis';
@@ -35,7 +38,10 @@ export interface KeyvCacheOptions {
   store: 'memory' | 'redis';
   redisUrl?: string;
   log: Logger;
-  /** Entries of the in-process LRU in front of keyv; 0 turns it off. */
+  /**
+   * Entries of the in-process LRU: with `memory`, the whole cache (0: no cache); with `redis`,
+   * the hot entries in front of it (0: every read asks Redis).
+   */
   memoryEntries?: number;
   /** Told each key deleted, for the other processes' memory (fleet/forget.ts). */
   onDelete?: (key: string) => void;
@@ -44,8 +50,11 @@ export interface KeyvCacheOptions {
 }
 
 export class KeyvMetadataCache implements MetadataCache {
-  /** Keyv, once its store is loaded (@keyv/redis is only loaded when Redis is configured). */
-  private readonly keyv: Promise<Keyv>;
+  /**
+   * Keyv on Redis, once @keyv/redis is loaded (only when Redis is configured); undefined with
+   * `memory`, where the LRU is the whole cache (keyv's own Map behind it had no bound).
+   */
+  private readonly keyv: Promise<Keyv | undefined>;
   /** The Redis store, when there is one: `reachable` asks its client directly. */
   private readonly redis: Promise<KeyvRedis<unknown> | undefined>;
   private readonly log: Logger;
@@ -65,8 +74,8 @@ export class KeyvMetadataCache implements MetadataCache {
   private errors = 0;
   private readonly onDelete: ((key: string) => void) | undefined;
   private readonly onClear: (() => void) | undefined;
-  /** Commands have COMMAND_TIMEOUT_MS to answer (Redis; memory always answers). */
-  private readonly timed: boolean;
+  /** Whether Redis is behind the LRU (its commands have COMMAND_TIMEOUT_MS to answer). */
+  private readonly onRedis: boolean;
   /**
    * Keys deleted while Redis could not be told: read as absent here, and deleted there once it
    * answers (else an entry removed meanwhile, say a manifest `rm`, would come back from Redis,
@@ -80,7 +89,7 @@ export class KeyvMetadataCache implements MetadataCache {
   constructor(options: KeyvCacheOptions) {
     this.onDelete = options.onDelete;
     this.onClear = options.onClear;
-    this.timed = options.store === 'redis';
+    this.onRedis = options.store === 'redis';
     this.log = options.log.child({ module: 'metadata', store: options.store });
     const entries = options.memoryEntries ?? 10_000;
     this.memory = entries > 0 ? new LRUCache({ max: entries }) : undefined;
@@ -98,9 +107,8 @@ export class KeyvMetadataCache implements MetadataCache {
           )
         : Promise.resolve(undefined);
     this.keyv = this.redis.then((redis) => {
-      const keyv = redis
-        ? new Keyv({ store: redis, namespace: NAMESPACE, useKeyPrefix: false })
-        : new Keyv({ namespace: NAMESPACE });
+      if (!redis) return undefined;
+      const keyv = new Keyv({ store: redis, namespace: NAMESPACE, useKeyPrefix: false });
       keyv.on('error', (err: unknown) => {
         this.errors++;
         this.skipUntil = Date.now() + SKIP_AFTER_ERROR_MS;
@@ -203,18 +211,19 @@ export class KeyvMetadataCache implements MetadataCache {
   /** Drops keys from this process's memory only: another process deleted them. */
   forgetInMemory(keys: readonly string[]): void {
     for (const key of keys) this.memory?.delete(key);
-    // Without Redis, keyv's own store is this process's memory too.
-    if (!this.timed) void this.guard((keyv) => keyv.deleteMany([...keys]));
   }
 
   /** Drops everything this process holds in memory (what was deleted meanwhile is unknown). */
   forgetAllInMemory(): void {
     this.memory?.clear();
-    if (!this.timed) void this.guard((keyv) => keyv.clear());
   }
 
   async clear(): Promise<void> {
     this.memory?.clear();
+    if (!this.onRedis) {
+      this.onClear?.();
+      return;
+    }
     const done = await this.guard((keyv) => keyv.clear().then(() => true), CLEAR_TIMEOUT_MS);
     // Cleared, or to be cleared once Redis answers (nothing is read from it until then).
     this.pendingDeletes.clear();
@@ -231,6 +240,7 @@ export class KeyvMetadataCache implements MetadataCache {
   private async get<T>(key: string): Promise<T | undefined> {
     const hot = this.memory?.get(key);
     if (hot !== undefined) return hot as T;
+    if (!this.onRedis) return undefined;
     if (this.clearPending) {
       // Redis may hold anything deleted meanwhile: not asked until its keys are cleared (in the
       // background: a clear scans the whole database).
@@ -250,6 +260,7 @@ export class KeyvMetadataCache implements MetadataCache {
   private async delete(key: string): Promise<void> {
     this.memory?.delete(key);
     this.onDelete?.(key);
+    if (!this.onRedis) return;
     const done = await this.guard((keyv) => keyv.delete(key).then(() => true));
     if (done) {
       this.pendingDeletes.delete(key);
@@ -265,6 +276,7 @@ export class KeyvMetadataCache implements MetadataCache {
 
   private async set(key: string, value: object): Promise<void> {
     this.memory?.set(key, value);
+    if (!this.onRedis) return;
     const done = await this.guard((keyv) => keyv.set(key, value).then(() => true));
     if (done) this.pendingDeletes.delete(key);
   }
@@ -303,10 +315,8 @@ export class KeyvMetadataCache implements MetadataCache {
     const errors = this.errors;
     try {
       const keyv = await this.keyv;
-      // In memory nothing can stall: no timer per call.
-      const result = this.timed
-        ? await within(op(keyv), timeoutMs, `no answer within ${timeoutMs} ms`)
-        : await op(keyv);
+      if (!keyv) return undefined;
+      const result = await within(op(keyv), timeoutMs, `no answer within ${timeoutMs} ms`);
       // A failure the store only emitted (it resolved anyway): no answer to rely on.
       if (this.errors !== errors) return undefined;
       // Redis answers again: the deletes it missed go first thing.

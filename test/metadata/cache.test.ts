@@ -163,6 +163,18 @@ test('the in-process LRU answers without Redis, and forgets deleted tags', async
   await cache.close();
 });
 
+test('in memory, memoryEntries bounds the whole cache (0: none)', async () => {
+  // It bounded only the LRU in front of keyv, whose own Map kept every entry ever set.
+  const cache = new KeyvMetadataCache({ store: 'memory', log: silentLogger(), memoryEntries: 100 });
+  const digests = Array.from({ length: 300 }, (_, i) => digestOf(`bounded ${i}`));
+  for (const digest of digests) await cache.setDescriptor({ digest, size: 1 });
+  expect(await cache.getDescriptor(digests[0]!)).toBeUndefined();
+  expect(await cache.getDescriptor(digests[299]!)).toEqual({ digest: digests[299], size: 1 });
+  const none = new KeyvMetadataCache({ store: 'memory', log: silentLogger(), memoryEntries: 0 });
+  await none.setDescriptor({ digest: digests[0]!, size: 1 });
+  expect(await none.getDescriptor(digests[0]!)).toBeUndefined();
+});
+
 test('an unreachable Redis is a miss, not a failure', async () => {
   const cache = unreachableRedis(0);
   const digest = digestOf('x');
