@@ -58,8 +58,8 @@ export interface MinimalRedis {
 }
 
 /**
- * The socket of every connection of the fleet's own to Redis (this one and the forget channel's
- * subscriber): a connection attempt bounded, and reconnections backing off up to 5 s.
+ * The socket of every connection to Redis (this one, the forget channel's subscriber and the
+ * metadata cache's): a connection attempt bounded, and reconnections backing off up to 5 s.
  */
 export const REDIS_SOCKET = {
   connectTimeout: 2000,

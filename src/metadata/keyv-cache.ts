@@ -2,11 +2,13 @@
  * The MetadataCache: in-process memory (default), an LRU of `memoryEntries`, or Redis through
  * keyv and @keyv/redis with that LRU in front of it.
  */
+import { once, type EventEmitter } from 'node:events';
 import { TimedOutError, within } from '../abort.js';
 import type { RedisConnectionClientType } from '@keyv/redis';
 import type KeyvRedis from '@keyv/redis';
 import { Keyv } from 'keyv';
 import { LRUCache } from 'lru-cache';
+import { REDIS_SOCKET } from '../lifecycle/lease.js';
 import type { Logger } from '../log/logger.js';
 import type { Digest } from '../oci/digest.js';
 import type { Descriptor } from '../oci/descriptor.js';
@@ -85,6 +87,8 @@ export class KeyvMetadataCache implements MetadataCache {
   /** Too many deletes missed to keep (MAX_PENDING_DELETES): the namespace is cleared instead. */
   private clearPending = false;
   private flushing: Promise<void> | undefined;
+  /** The wait for a connecting client to be ready (`connected`). */
+  private connecting: Promise<boolean> | undefined;
 
   constructor(options: KeyvCacheOptions) {
     this.onDelete = options.onDelete;
@@ -95,25 +99,38 @@ export class KeyvMetadataCache implements MetadataCache {
     this.memory = entries > 0 ? new LRUCache({ max: entries }) : undefined;
     this.redis =
       options.store === 'redis'
-        ? import('@keyv/redis').then(
-            ({ default: KeyvRedis }) =>
-              new KeyvRedis(options.redisUrl ?? 'redis://127.0.0.1:6379', {
-                // A cache must not hold a request hostage to a dead Redis: fail fast and fall
-                // back to storage.
-                throwOnConnectError: false,
-                throwOnErrors: false,
-                connectionTimeout: CONNECTION_TIMEOUT_MS,
-              }),
-          )
+        ? import('@keyv/redis').then(({ default: KeyvRedis, createClient }) => {
+            // The client is made here and connected once, for good: it reconnects by itself
+            // (backing off up to 5 s), so KeyvRedis never connects it. KeyvRedis's own attempt,
+            // bounded by a timer, gave up on a closed client and added its four listeners again
+            // each time: one set every few seconds for as long as Redis was away. A command is
+            // sent only once it is connected (`guard` waits for that within its timeout), never
+            // queued in the client: a queue grew for as long as Redis was away.
+            const client = createClient({
+              url: options.redisUrl ?? 'redis://127.0.0.1:6379',
+              disableOfflineQueue: true,
+              socket: REDIS_SOCKET,
+            });
+            const store = new KeyvRedis(client, {
+              // A cache must not hold a request hostage to a dead Redis: fail fast and fall
+              // back to storage.
+              throwOnConnectError: false,
+              throwOnErrors: false,
+            });
+            // Its failures reach keyv's 'error' listener (below) through the store.
+            client.connect().catch(() => {});
+            return store;
+          })
         : Promise.resolve(undefined);
     this.keyv = this.redis.then((redis) => {
       if (!redis) return undefined;
       const keyv = new Keyv({ store: redis, namespace: NAMESPACE, useKeyPrefix: false });
+      // The client's own failures (each attempt to reconnect too, requests or none): noted, and
+      // said by the request that meets them (`guard`), not for every attempt.
       keyv.on('error', (err: unknown) => {
         this.errors++;
         this.skipUntil = Date.now() + SKIP_AFTER_ERROR_MS;
         this.lastError = err;
-        this.warn(err);
       });
       return keyv;
     });
@@ -136,7 +153,7 @@ export class KeyvMetadataCache implements MetadataCache {
     this.probing++;
     this.lastError = undefined;
     try {
-      const answer = await within(this.ping(redis), timeoutMs, 'no answer').catch(
+      const answer = await within(this.ping(redis, timeoutMs), timeoutMs, 'no answer').catch(
         (err: unknown): Reachability => {
           if (err instanceof TimedOutError)
             return { ok: false, reason: `no answer within ${timeoutMs} ms` };
@@ -153,16 +170,35 @@ export class KeyvMetadataCache implements MetadataCache {
     }
   }
 
-  private async ping(redis: KeyvRedis<unknown>): Promise<Reachability> {
+  private async ping(redis: KeyvRedis<unknown>, timeoutMs: number): Promise<Reachability> {
     try {
       // Made from a URL, so a single client (not a cluster or sentinel).
-      const client = (await redis.getClient()) as RedisConnectionClientType;
-      if (!client.isReady) return { ok: false, reason: this.errorReason() ?? 'not connected' };
+      const client = redis.client as RedisConnectionClientType;
+      if (!(await this.connected(client, timeoutMs)))
+        return { ok: false, reason: this.errorReason() ?? 'not connected' };
       await client.ping();
       return { ok: true };
     } catch (err) {
       return { ok: false, reason: (err as Error).message };
     }
+  }
+
+  /**
+   * Whether the client is connected: at once, or once it is while it connects (just started, or
+   * reconnecting), within `timeoutMs` and COMMAND_TIMEOUT_MS; its attempt's failure is a no. One
+   * wait for all callers.
+   */
+  private connected(client: RedisConnectionClientType, timeoutMs: number): Promise<boolean> {
+    if (client.isReady) return Promise.resolve(true);
+    this.connecting ??= once(client as unknown as EventEmitter, 'ready', {
+      signal: AbortSignal.timeout(Math.min(timeoutMs, COMMAND_TIMEOUT_MS)),
+    })
+      .then(
+        () => true,
+        () => false,
+      )
+      .finally(() => (this.connecting = undefined));
+    return this.connecting;
   }
 
   private errorReason(): string | undefined {
@@ -311,20 +347,30 @@ export class KeyvMetadataCache implements MetadataCache {
     op: (keyv: Keyv) => Promise<T>,
     timeoutMs = COMMAND_TIMEOUT_MS,
   ): Promise<T | undefined> {
-    if (Date.now() < this.skipUntil) return undefined;
+    if (Date.now() < this.skipUntil) {
+      this.warn(this.lastError);
+      return undefined;
+    }
     const errors = this.errors;
     try {
       const keyv = await this.keyv;
       if (!keyv) return undefined;
+      const client = (await this.redis)!.client as RedisConnectionClientType;
+      if (!(await this.connected(client, timeoutMs)))
+        throw new Error(this.errorReason() ?? 'not connected');
       const result = await within(op(keyv), timeoutMs, `no answer within ${timeoutMs} ms`);
       // A failure the store only emitted (it resolved anyway): no answer to rely on.
-      if (this.errors !== errors) return undefined;
+      if (this.errors !== errors) {
+        this.warn(this.lastError);
+        return undefined;
+      }
       // Redis answers again: the deletes it missed go first thing.
       if (this.deletesPending) void this.flushDeletes();
       return result;
     } catch (err) {
       this.errors++;
       this.skipUntil = Date.now() + SKIP_AFTER_ERROR_MS;
+      this.lastError = err;
       this.warn(err);
       return undefined;
     }

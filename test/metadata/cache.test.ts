@@ -1,5 +1,6 @@
 /** One contract, run against both metadata cache backends: memory and a real redis-server. */
 import { spawn, type ChildProcess } from 'node:child_process';
+import type { EventEmitter } from 'node:events';
 import { randomUUID } from 'node:crypto';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { connect } from 'node:net';
@@ -12,6 +13,7 @@ import { digestOf } from '../../src/oci/digest.js';
 import { parseRepository, parseTag } from '../../src/oci/reference.js';
 import { within } from '../../src/abort.js';
 import { freePort, waitFor } from '../helpers/net.js';
+import { capturedLog } from '../helpers/pullcache.js';
 import { startRedis, type TestRedis } from '../helpers/redis.js';
 
 let redis: TestRedis;
@@ -173,6 +175,45 @@ test('in memory, memoryEntries bounds the whole cache (0: none)', async () => {
   const none = new KeyvMetadataCache({ store: 'memory', log: silentLogger(), memoryEntries: 0 });
   await none.setDescriptor({ digest: digests[0]!, size: 1 });
   expect(await none.getDescriptor(digests[0]!)).toBeUndefined();
+});
+
+test('a Redis that stays away: no listeners pile up on its client, however often it is tried', async () => {
+  const cache = unreachableRedis(0);
+  const client = (await cache['redis'])!.client as unknown as EventEmitter;
+  const attempt = async () => {
+    cache['skipUntil'] = 0; // as after the pause that follows a failure
+    expect((await cache.reachable(300)).ok).toBe(false);
+    cache['skipUntil'] = 0;
+    expect(await cache.getDescriptor(digestOf('away'))).toBeUndefined();
+  };
+  await attempt();
+  const listeners = client.eventNames().map((name) => client.listenerCount(name));
+  for (let i = 0; i < 4; i++) await attempt();
+  // Each attempt of KeyvRedis's own to connect added four (error, connect, disconnect,
+  // reconnecting): one set every few seconds for as long as Redis was away.
+  expect(client.eventNames().map((name) => client.listenerCount(name))).toEqual(listeners);
+  await cache.close();
+}, 30_000);
+
+test('a Redis that goes away is said once by the request that meets it, not at every attempt to reconnect', async () => {
+  const own = await startRedis({ port: await freePort() });
+  const { log, lines } = capturedLog('info');
+  const cache = new KeyvMetadataCache({ store: 'redis', redisUrl: own.url, log, memoryEntries: 0 });
+  const said = () =>
+    lines.filter((l) => l.msg === 'metadata cache unavailable, serving from storage');
+  try {
+    const digest = digestOf('gone');
+    await cache.setDescriptor({ digest, size: 3 });
+    expect(await cache.getDescriptor(digest)).toEqual({ digest, size: 3 });
+    await own.stop();
+    expect(await cache.getDescriptor(digest)).toBeUndefined();
+    await waitFor(async () => said().length === 1, 'the warning');
+    // The client tries again every few hundred ms meanwhile: no line for each attempt.
+    await new Promise((r) => setTimeout(r, 1500));
+    expect(said()).toHaveLength(1);
+  } finally {
+    await cache.close();
+  }
 });
 
 test('an unreachable Redis is a miss, not a failure', async () => {
