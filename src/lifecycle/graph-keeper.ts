@@ -41,7 +41,12 @@ export interface GraphKeeperDeps {
   onRemoved?: ((event: RemovedEvent) => void) | undefined;
   /** Told, once a count's graph is in place, the blobs it found that may be torn (torn.ts). */
   suspects?: (found: Suspect[]) => void;
+  /** The fewest entries of the sizes the manifests give their blobs that are pruned (tests). */
+  expectedPruneMin?: number;
 }
+
+/** `expected` is pruned no sooner than at this many entries (about 150 bytes each). */
+const EXPECTED_PRUNE_MIN = 10_000;
 
 /** A thing of the graph, as an event names it. */
 export type Thing = StoredEvent | RemovedEvent;
@@ -60,6 +65,8 @@ export class GraphKeeper {
    * again (the torn-blob check compares these with the blobs' stored sizes).
    */
   private expected = new Map<Digest, number>();
+  /** Past this many entries, `expected` drops the blobs no manifest of the graph holds. */
+  private pruneExpectedAt: number;
   /** While a recount runs: the sizes of the manifests read meanwhile, for the count's map. */
   private expectedMeanwhile: Map<Digest, number> | undefined;
   /** While a recount builds a fresh graph: the changes to apply to it as well. */
@@ -69,7 +76,9 @@ export class GraphKeeper {
   /** Per thing, the reads under way; a change made here marks them out of date. */
   private readonly reading = new Map<string, Set<{ outdated: boolean }>>();
 
-  constructor(private readonly d: GraphKeeperDeps) {}
+  constructor(private readonly d: GraphKeeperDeps) {
+    this.pruneExpectedAt = d.expectedPruneMin ?? EXPECTED_PRUNE_MIN;
+  }
 
   /** The graph as it stands (a recount replaces it). */
   get graph(): ImageGraph {
@@ -106,6 +115,10 @@ export class GraphKeeper {
     const { suspects, expected, ...counts } = counted;
     for (const [digest, size] of meanwhile) expected.set(digest, size);
     this.expected = expected;
+    this.pruneExpectedAt = Math.max(
+      this.d.expectedPruneMin ?? EXPECTED_PRUNE_MIN,
+      2 * expected.size,
+    );
     this.d.suspects?.(suspects);
     return counts;
   }
@@ -132,6 +145,7 @@ export class GraphKeeper {
   /** Applies a change; one that may have added a blob has the budget check. */
   private count(change: Change): void {
     this.change(change.apply);
+    if (this.expected.size > this.pruneExpectedAt) this.pruneExpected();
     if (change.blob) this.d.added();
   }
 
@@ -196,6 +210,23 @@ export class GraphKeeper {
       this.expectedMeanwhile?.set(digest, size);
     }
     return references;
+  }
+
+  /**
+   * Drops from `expected` the blobs that no manifest of the graph holds any more: eviction and
+   * removal leave their entries, and a process that does not sweep (a worker or replica that is
+   * not the owner) counts afresh only when it may have missed news, so without this the map grew
+   * with every manifest ever stored (a client that may pull chooses how many).
+   */
+  private pruneExpected(): void {
+    const held = new Set<Digest>();
+    for (const node of this.current.repositories.values())
+      for (const digest of node.blobHolders.keys()) held.add(digest);
+    for (const digest of this.expected.keys()) if (!held.has(digest)) this.expected.delete(digest);
+    this.pruneExpectedAt = Math.max(
+      this.d.expectedPruneMin ?? EXPECTED_PRUNE_MIN,
+      2 * this.expected.size,
+    );
   }
 
   /** What storage holds of the thing now, as the change that gives the graph the same. */

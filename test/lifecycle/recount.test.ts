@@ -26,7 +26,7 @@ afterEach(() => roots.splice(0).forEach((r) => rmSync(r, { recursive: true, forc
 const mediaType = 'application/vnd.oci.image.manifest.v1+json';
 
 /** Storage with `count` images of a config and a layer each, in one repository. */
-async function storage(count: number) {
+async function storage(count: number, options: { expectedPruneMin?: number } = {}) {
   const root = mkdtempSync(join(tmpdir(), 'pullcache-recount-'));
   roots.push(root);
   const driver = new FilesystemDriver(root);
@@ -79,6 +79,7 @@ async function storage(count: number) {
     now: Date.now,
     added: () => {},
     suspects: (s) => found.push(s),
+    ...options,
   });
   return { root, blobs, keeper, images, opened, found, unreadable, repo, add };
 }
@@ -145,4 +146,28 @@ test('a layer of an image stored after the count, torn since, is found by the ne
   await keeper.recount();
   expect(opened).toEqual([]); // read when it was stored, not again
   expect(found.at(-1)).toEqual([{ digest: layer.digest, size: 4000, expected: 10_000 }]);
+});
+
+test('the sizes noted of manifests that left the graph go (they grew with every manifest stored)', async () => {
+  const { root, keeper, images, found, repo, add } = await storage(2, { expectedPruneMin: 8 });
+  await keeper.recount();
+  const expected = () => keeper['expected'];
+  // Pulled, then evicted, one after another, with no recount between (a worker that does not
+  // sweep): each left its config's and layer's sizes behind.
+  for (let i = 2; i < 32; i++) {
+    const pulled = await add(i);
+    for (const blob of [pulled.config, pulled.layer, pulled])
+      await keeper.stored({ kind: 'blob', digest: blob.digest, size: blob.size });
+    await keeper.stored({ kind: 'manifest', repo, digest: pulled.digest });
+    keeper.change((g) => g.drop({ kind: 'manifest', repo, digest: pulled.digest }));
+  }
+  // 64 entries without pruning; pruned, at most twice what was held at the last prune (the two
+  // images kept and the one being stored), and one image's more.
+  expect(expected().size).toBeLessThanOrEqual(2 * 6 + 2);
+  // What the graph still holds keeps its sizes: a torn layer of it is found at the next count.
+  for (const image of images.slice(0, 2)) expect(expected().has(image.layer.digest)).toBe(true);
+  const { layer } = images[0]!;
+  writeFileSync(storedBlobPath(root, layer.digest), layer.bytes.subarray(0, 4000));
+  await keeper.recount();
+  expect(found.at(-1)).toContainEqual({ digest: layer.digest, size: 4000, expected: 10_000 });
 });
