@@ -46,8 +46,15 @@ export interface ReadSource {
 
 /** The reads of one driver from the store, with the undici pool and the signed URLs they keep. */
 export class S3Reads {
-  /** Presigned GETs of recently read keys (readRange). */
-  private readonly signed = new LRUCache<string, { url: string; until: number }>({ max: 10_000 });
+  /**
+   * Presigned GETs of recently read keys (readRange): 10,000 at most, and 8 MiB of URLs (one
+   * signed with a session token is 1.5-3 KB).
+   */
+  private readonly signed = new LRUCache<string, { url: string; until: number }>({
+    max: 10_000,
+    maxSize: 8 * 1024 * 1024,
+    sizeCalculation: (entry, key) => entry.url.length + key.length + 64,
+  });
   private readonly dispatcher: Dispatcher;
   private readonly attempts: number;
 
