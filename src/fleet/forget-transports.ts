@@ -9,7 +9,7 @@
 import { randomUUID } from 'node:crypto';
 import type { Logger } from '../log/logger.js';
 import { within } from '../abort.js';
-import { COMMAND_TIMEOUT_MS, REDIS_SOCKET, type LeaseRedis } from '../lifecycle/lease.js';
+import { COMMAND_TIMEOUT_MS, redisSocket, type LeaseRedis } from '../lifecycle/lease.js';
 import type { ForgetTransport, Forgotten } from './forget.js';
 
 /** The IPC message, worker -> primary -> every other worker. */
@@ -115,7 +115,7 @@ export class RedisForgetTransport implements ForgetTransport {
         if (this.closed) return;
         const subscriber = createClient({
           url: this.url,
-          socket: REDIS_SOCKET,
+          socket: redisSocket(),
         }) as unknown as Subscriber;
         this.subscriber = subscriber;
         // Connected again after a break (or for the first time): whatever was said meanwhile is

@@ -59,12 +59,13 @@ export interface MinimalRedis {
 
 /**
  * The socket of every connection to Redis (this one, the forget channel's subscriber and the
- * metadata cache's): a connection attempt bounded, and reconnections backing off up to 5 s.
+ * metadata cache's): a connection attempt bounded, and reconnections backing off up to 5 s. A
+ * new object each time: node-redis writes the URL's host, port and TLS into the one it is given.
  */
-export const REDIS_SOCKET = {
+export const redisSocket = () => ({
   connectTimeout: 2000,
   reconnectStrategy: (n: number) => Math.min(n * 200, 5000),
-};
+});
 
 /** Drops a connection at once, whatever it was waiting for. */
 function drop(client: MinimalRedis): void {
@@ -157,7 +158,7 @@ function connectRedis(url: string, log: Logger): Promise<MinimalRedis> {
     const client = createClient({
       url,
       disableOfflineQueue: true,
-      socket: REDIS_SOCKET,
+      socket: redisSocket(),
     }) as unknown as MinimalRedis;
     client.on('error', (err) => log.debug({ err: err.message }, 'lease redis error'));
     // connect() waits through reconnections: bound it.

@@ -8,7 +8,7 @@ import type { RedisConnectionClientType } from '@keyv/redis';
 import type KeyvRedis from '@keyv/redis';
 import { Keyv } from 'keyv';
 import { LRUCache } from 'lru-cache';
-import { REDIS_SOCKET } from '../lifecycle/lease.js';
+import { redisSocket } from '../lifecycle/lease.js';
 import type { Logger } from '../log/logger.js';
 import type { Digest } from '../oci/digest.js';
 import type { Descriptor } from '../oci/descriptor.js';
@@ -18,6 +18,8 @@ import { keys, NAMESPACE } from './keys.js';
 import type { MetadataCache } from './types.js';
 
 const SKIP_AFTER_ERROR_MS = 5000;
+/** How often a Redis that stays away is said again. */
+const AWAY_REMINDER_MS = 5 * 60_000;
 const CONNECTION_TIMEOUT_MS = 1000;
 /**
  * How long one command may go unanswered. A Redis that stops answering without closing its
@@ -66,7 +68,9 @@ export class KeyvMetadataCache implements MetadataCache {
    * Redis, which costs at most one revalidation the other process already made.
    */
   private readonly memory: LRUCache<string, object> | undefined;
-  private lastErrorLog = 0;
+  /** Redis failed the last request that asked it (said when it does, and when it answers again). */
+  private away = false;
+  private awaySaidAt = 0;
   /** After a failure the backend is skipped for a while: a dead Redis costs one timeout, not one per request. */
   private skipUntil = 0;
   /** Probes under way: their failures are the caller's to report, not `warn`'s. */
@@ -104,12 +108,13 @@ export class KeyvMetadataCache implements MetadataCache {
             // (backing off up to 5 s), so KeyvRedis never connects it. KeyvRedis's own attempt,
             // bounded by a timer, gave up on a closed client and added its four listeners again
             // each time: one set every few seconds for as long as Redis was away. A command is
-            // sent only once it is connected (`guard` waits for that within its timeout), never
-            // queued in the client: a queue grew for as long as Redis was away.
+            // sent only once it is connected (`guard` waits for that within its timeout): none
+            // waits in the client's queue while it is not (that queue grew for as long as Redis
+            // was away).
             const client = createClient({
               url: options.redisUrl ?? 'redis://127.0.0.1:6379',
               disableOfflineQueue: true,
-              socket: REDIS_SOCKET,
+              socket: redisSocket(),
             });
             const store = new KeyvRedis(client, {
               // A cache must not hold a request hostage to a dead Redis: fail fast and fall
@@ -153,7 +158,7 @@ export class KeyvMetadataCache implements MetadataCache {
     this.probing++;
     this.lastError = undefined;
     try {
-      const answer = await within(this.ping(redis, timeoutMs), timeoutMs, 'no answer').catch(
+      const answer = await within(this.ping(redis), timeoutMs, 'no answer').catch(
         (err: unknown): Reachability => {
           if (err instanceof TimedOutError)
             return { ok: false, reason: `no answer within ${timeoutMs} ms` };
@@ -170,12 +175,11 @@ export class KeyvMetadataCache implements MetadataCache {
     }
   }
 
-  private async ping(redis: KeyvRedis<unknown>, timeoutMs: number): Promise<Reachability> {
+  private async ping(redis: KeyvRedis<unknown>): Promise<Reachability> {
     try {
       // Made from a URL, so a single client (not a cluster or sentinel).
       const client = redis.client as RedisConnectionClientType;
-      if (!(await this.connected(client, timeoutMs)))
-        return { ok: false, reason: this.errorReason() ?? 'not connected' };
+      if (!(await this.connected(client))) return { ok: false, reason: this.notConnected() };
       await client.ping();
       return { ok: true };
     } catch (err) {
@@ -185,13 +189,13 @@ export class KeyvMetadataCache implements MetadataCache {
 
   /**
    * Whether the client is connected: at once, or once it is while it connects (just started, or
-   * reconnecting), within `timeoutMs` and COMMAND_TIMEOUT_MS; its attempt's failure is a no. One
-   * wait for all callers.
+   * reconnecting), within COMMAND_TIMEOUT_MS; its attempt's failure is a no. One wait for all
+   * callers (a probe bounds its own by its timeout).
    */
-  private connected(client: RedisConnectionClientType, timeoutMs: number): Promise<boolean> {
+  private connected(client: RedisConnectionClientType): Promise<boolean> {
     if (client.isReady) return Promise.resolve(true);
     this.connecting ??= once(client as unknown as EventEmitter, 'ready', {
-      signal: AbortSignal.timeout(Math.min(timeoutMs, COMMAND_TIMEOUT_MS)),
+      signal: AbortSignal.timeout(COMMAND_TIMEOUT_MS),
     })
       .then(
         () => true,
@@ -199,6 +203,11 @@ export class KeyvMetadataCache implements MetadataCache {
       )
       .finally(() => (this.connecting = undefined));
     return this.connecting;
+  }
+
+  /** Why the client is not connected: its last failure, else that it did not connect in time. */
+  private notConnected(): string {
+    return this.errorReason() ?? `not connected within ${COMMAND_TIMEOUT_MS} ms`;
   }
 
   private errorReason(): string | undefined {
@@ -269,8 +278,16 @@ export class KeyvMetadataCache implements MetadataCache {
     this.onClear?.();
   }
 
+  /** Closes the connection, or gives up connecting (the client would try again for ever). */
   async close(): Promise<void> {
-    await this.guard((keyv) => keyv.disconnect());
+    const client = (await this.redis)?.client as RedisConnectionClientType | undefined;
+    if (!client?.isOpen) return;
+    try {
+      if (client.isReady) await within(client.close(), COMMAND_TIMEOUT_MS, 'no answer');
+      else client.destroy();
+    } catch {
+      if (client.isOpen) client.destroy();
+    }
   }
 
   private async get<T>(key: string): Promise<T | undefined> {
@@ -356,13 +373,16 @@ export class KeyvMetadataCache implements MetadataCache {
       const keyv = await this.keyv;
       if (!keyv) return undefined;
       const client = (await this.redis)!.client as RedisConnectionClientType;
-      if (!(await this.connected(client, timeoutMs)))
-        throw new Error(this.errorReason() ?? 'not connected');
+      if (!(await this.connected(client))) throw new Error(this.notConnected());
       const result = await within(op(keyv), timeoutMs, `no answer within ${timeoutMs} ms`);
       // A failure the store only emitted (it resolved anyway): no answer to rely on.
       if (this.errors !== errors) {
         this.warn(this.lastError);
         return undefined;
+      }
+      if (this.away) {
+        this.away = false;
+        this.log.info('metadata cache answers again');
       }
       // Redis answers again: the deletes it missed go first thing.
       if (this.deletesPending) void this.flushDeletes();
@@ -378,10 +398,17 @@ export class KeyvMetadataCache implements MetadataCache {
 
   private warn(err: unknown): void {
     if (this.probing > 0) return;
-    // One line a few seconds is enough to tell an operator Redis is gone.
+    // Said when Redis goes away, then every few minutes while it stays away (requests meet it
+    // every few seconds: a line each time told nothing new).
     const now = Date.now();
-    if (now - this.lastErrorLog < 5000) return;
-    this.lastErrorLog = now;
-    this.log.warn({ err }, 'metadata cache unavailable, serving from storage');
+    if (this.away && now - this.awaySaidAt < AWAY_REMINDER_MS) return;
+    this.awaySaidAt = now;
+    this.log.warn(
+      { err: err ?? this.notConnected() },
+      this.away
+        ? 'metadata cache still unavailable, serving from storage'
+        : 'metadata cache unavailable, serving from storage',
+    );
+    this.away = true;
   }
 }
