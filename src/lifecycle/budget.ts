@@ -69,7 +69,8 @@ export class Budget {
     const max = this.d.retention.maxSize;
     if (max === 0 || size === undefined || size <= max) return true;
     if (!this.tooLargeLogged.has(digest)) {
-      // Said once per digest, of the last thousand: the set does not grow for ever.
+      // Said once per digest since the set was last emptied (at a thousand): it does not grow
+      // for ever.
       if (this.tooLargeLogged.size >= 1000) this.tooLargeLogged.clear();
       this.tooLargeLogged.add(digest);
       this.d.log.warn(

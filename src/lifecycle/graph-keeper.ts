@@ -137,7 +137,7 @@ export class GraphKeeper {
   async stored(event: StoredEvent): Promise<void> {
     this.changedHere(event);
     const references =
-      event.kind === 'manifest' ? await this.referencesOf(event.digest) : undefined;
+      event.kind === 'manifest' ? await readReferences(this.d.blobs, event.digest) : undefined;
     this.count(counting(event, this.d.now(), references));
     this.d.onStored?.(event);
   }
@@ -145,6 +145,12 @@ export class GraphKeeper {
   /** Applies a change; one that may have added a blob has the budget check. */
   private count(change: Change): void {
     this.change(change.apply);
+    // Noted with the manifest's arrival in the graph, not before: a prune in between would drop
+    // sizes no manifest of the graph held yet, for good (a recount reads that manifest no more).
+    for (const [digest, size] of change.sizes ?? []) {
+      this.expected.set(digest, size);
+      this.expectedMeanwhile?.set(digest, size);
+    }
     if (this.expected.size > this.pruneExpectedAt) this.pruneExpected();
     if (change.blob) this.d.added();
   }
@@ -202,16 +208,6 @@ export class GraphKeeper {
     return run;
   }
 
-  /** Reads a manifest's references, and notes the sizes it gives its blobs (`expected`). */
-  private async referencesOf(manifest: Digest): Promise<References | undefined> {
-    const references = await readReferences(this.d.blobs, manifest);
-    for (const [digest, size] of references?.sizes ?? []) {
-      this.expected.set(digest, size);
-      this.expectedMeanwhile?.set(digest, size);
-    }
-    return references;
-  }
-
   /**
    * Drops from `expected` the blobs that no manifest of the graph holds any more: eviction and
    * removal leave their entries, and a process that does not sweep (a worker or replica that is
@@ -219,10 +215,8 @@ export class GraphKeeper {
    * with every manifest ever stored (a client that may pull chooses how many).
    */
   private pruneExpected(): void {
-    const held = new Set<Digest>();
-    for (const node of this.current.repositories.values())
-      for (const digest of node.blobHolders.keys()) held.add(digest);
-    for (const digest of this.expected.keys()) if (!held.has(digest)) this.expected.delete(digest);
+    for (const digest of this.expected.keys())
+      if (this.current.refs(digest) === 0) this.expected.delete(digest);
     this.pruneExpectedAt = Math.max(
       this.d.expectedPruneMin ?? EXPECTED_PRUNE_MIN,
       2 * this.expected.size,
@@ -248,7 +242,7 @@ export class GraphKeeper {
       case 'manifest': {
         const { kind, repo, digest } = event;
         if (!(await repositories.getManifest(repo, digest))) return gone({ kind, repo, digest });
-        return counting({ kind, repo, digest }, at, await this.referencesOf(digest));
+        return counting({ kind, repo, digest }, at, await readReferences(blobs, digest));
       }
       case 'tag': {
         const { kind, repo, tag } = event;
@@ -260,10 +254,14 @@ export class GraphKeeper {
   }
 }
 
-/** A change to the graph; `blob` when it may add a blob (the budget then checks). */
+/**
+ * A change to the graph; `blob` when it may add a blob (the budget then checks); `sizes`, those a
+ * manifest it adds gives its blobs (`expected`).
+ */
 interface Change {
   apply: (graph: ImageGraph) => void;
   blob?: boolean;
+  sizes?: ReadonlyMap<Digest, number> | undefined;
 }
 
 /** The manifests of `graph` whose bytes were read, with their bytes' size, for a recount. */
@@ -289,7 +287,10 @@ function counting(event: StoredEvent, at: number, references: References = UNREA
     case 'link':
       return { apply: (g) => g.linkBlob(event.repo, event.digest) };
     case 'manifest':
-      return { apply: (g) => g.addManifest(event.repo, event.digest, references, at) };
+      return {
+        apply: (g) => g.addManifest(event.repo, event.digest, references, at),
+        sizes: references.sizes,
+      };
     case 'tag':
       return { apply: (g) => g.setTag(event.repo, event.tag, event.digest) };
   }
