@@ -31,6 +31,7 @@ import http from 'node:http';
 import net from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { MANIFEST_ACCEPT } from '../src/oci/media-types.js';
 import { TestRegistry } from '../test/helpers/registry.js';
 import {
   makeImage,
@@ -74,12 +75,7 @@ const log = (...a: unknown[]) => {
   appendFileSync(join(OUT, 'driver.log'), line + '\n');
 };
 
-const ACCEPT = [
-  'application/vnd.oci.image.index.v1+json',
-  'application/vnd.oci.image.manifest.v1+json',
-  'application/vnd.docker.distribution.manifest.v2+json',
-  'application/vnd.docker.distribution.manifest.list.v2+json',
-].join(', ');
+const ACCEPT = MANIFEST_ACCEPT;
 
 interface Known {
   repo: string;
