@@ -20,7 +20,6 @@ import type { MetadataCache } from './types.js';
 const SKIP_AFTER_ERROR_MS = 5000;
 /** How often a Redis that stays away is said again. */
 const AWAY_REMINDER_MS = 5 * 60_000;
-const CONNECTION_TIMEOUT_MS = 1000;
 /**
  * How long one command may go unanswered. A Redis that stops answering without closing its
  * connections (a paused VM, a lost host, a partition) emits no error: its commands would wait
@@ -148,7 +147,7 @@ export class KeyvMetadataCache implements MetadataCache {
    * warning at start-up, a degraded /readyz) is the caller's to say. A Redis that answers again
    * is used at once, not after the pause that follows a failed request.
    */
-  async reachable(timeoutMs = CONNECTION_TIMEOUT_MS + 500): Promise<Reachability> {
+  async reachable(timeoutMs = COMMAND_TIMEOUT_MS + 500): Promise<Reachability> {
     const redis = await this.redis;
     if (!redis) return { ok: true };
     // Failed a moment ago: say so at once instead of waiting for another connection attempt

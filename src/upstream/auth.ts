@@ -123,12 +123,9 @@ export class TokenCache {
   private readonly tokens: LRUCache<string, Token>;
   private readonly pending = new Map<string, Promise<Token>>();
 
-  constructor(
-    private readonly now: () => number = Date.now,
-    maxBytes = TOKEN_CACHE_BYTES,
-  ) {
+  constructor(private readonly now: () => number = Date.now) {
     this.tokens = new LRUCache<string, Token>({
-      maxSize: maxBytes,
+      maxSize: TOKEN_CACHE_BYTES,
       sizeCalculation: (token, scope) => token.value.length + scope.length + 64,
     });
   }
