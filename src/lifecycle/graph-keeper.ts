@@ -65,6 +65,8 @@ export class GraphKeeper {
    * again (the torn-blob check compares these with the blobs' stored sizes).
    */
   private expected = new Map<Digest, number>();
+  /** The fewest entries `expected` is pruned at (`expectedPruneMin`, else EXPECTED_PRUNE_MIN). */
+  private readonly pruneMin: number;
   /** Past this many entries, `expected` drops the blobs no manifest of the graph holds. */
   private pruneExpectedAt: number;
   /** While a recount runs: the sizes of the manifests read meanwhile, for the count's map. */
@@ -77,7 +79,8 @@ export class GraphKeeper {
   private readonly reading = new Map<string, Set<{ outdated: boolean }>>();
 
   constructor(private readonly d: GraphKeeperDeps) {
-    this.pruneExpectedAt = d.expectedPruneMin ?? EXPECTED_PRUNE_MIN;
+    this.pruneMin = d.expectedPruneMin ?? EXPECTED_PRUNE_MIN;
+    this.pruneExpectedAt = this.pruneMin;
   }
 
   /** The graph as it stands (a recount replaces it). */
@@ -115,10 +118,7 @@ export class GraphKeeper {
     const { suspects, expected, ...counts } = counted;
     for (const [digest, size] of meanwhile) expected.set(digest, size);
     this.expected = expected;
-    this.pruneExpectedAt = Math.max(
-      this.d.expectedPruneMin ?? EXPECTED_PRUNE_MIN,
-      2 * expected.size,
-    );
+    this.pruneExpectedAt = Math.max(this.pruneMin, 2 * expected.size);
     this.d.suspects?.(suspects);
     return counts;
   }
@@ -217,10 +217,7 @@ export class GraphKeeper {
   private pruneExpected(): void {
     for (const digest of this.expected.keys())
       if (this.current.refs(digest) === 0) this.expected.delete(digest);
-    this.pruneExpectedAt = Math.max(
-      this.d.expectedPruneMin ?? EXPECTED_PRUNE_MIN,
-      2 * this.expected.size,
-    );
+    this.pruneExpectedAt = Math.max(this.pruneMin, 2 * this.expected.size);
   }
 
   /** What storage holds of the thing now, as the change that gives the graph the same. */
