@@ -10,8 +10,9 @@
  * This file holds the peer endpoint's path and request signature, and the blob source that
  * follows the replica holding a digest's lease; the leases in Redis are fleet/peer-leases.ts. A
  * peer that cannot be asked (gone, its fetch over and the blob not in its storage) is passed over
- * for the upstream; one that failed mid-stream (stalled past the idle timeout, corrupt, dead) is
- * passed over for a while, so the retry of a client it cut fetches from the upstream.
+ * for the upstream, under the lease when it is free by then; one that failed mid-stream (stalled
+ * past the idle timeout, corrupt, dead) is passed over for a while, so the retry of a client it
+ * cut fetches from the upstream.
  *
  * Requests between replicas carry `Pullcache-Peer: <time>.<HMAC-SHA256(peerSecret, time digest)>`:
  * the secret itself never goes on the wire, and a signature is good for one digest for a minute.
@@ -127,36 +128,29 @@ export class PeeredBlobSource implements Pick<UpstreamClient, 'getBlob'> {
     digest: Digest,
     options: BlobRequestOptions = {},
   ): Promise<BlobStream> {
+    const scope = fetchScope({ upstream: this.upstream.name, repository });
     let claim: PeerClaim | undefined;
-    if (!this.avoid.has(digest)) {
+    const asked = new Set<string>();
+    // Asked twice at most: a holder that cannot give the blob (its fetch failed, for its own
+    // repository) has most likely let the lease go by then, and this replica takes it; fetching
+    // without it would leave the replicas asked next to fetch once more each.
+    for (let ask = 0; ask < 2; ask++) {
+      claim = this.avoid.has(digest) ? undefined : await this.claim(digest, scope);
+      if (
+        !claim ||
+        claim.held ||
+        asked.has(claim.holder) ||
+        this.avoidPeers.has(claim.holder) ||
+        !(await this.confirmed(claim, repository, digest))
+      )
+        break;
+      const peer = claim.holder;
+      asked.add(peer);
       try {
-        claim = await this.o.leases.claim(
-          digest,
-          fetchScope({ upstream: this.upstream.name, repository }),
-        );
-      } catch (err) {
-        // A warning at most every LEASES_WARN_MS: while Redis is away, every cold blob comes here.
-        const now = Date.now();
-        const warn = now - this.leasesWarnedAt >= LEASES_WARN_MS;
-        if (warn) this.leasesWarnedAt = now;
-        this.o.log[warn ? 'warn' : 'debug'](
-          { digest, err: (err as Error).message },
-          'fetch leases cannot be asked: fetching from the upstream alone',
-        );
-      }
-    }
-    if (
-      claim &&
-      !claim.held &&
-      !this.avoidPeers.has(claim.holder) &&
-      (await this.confirmed(claim, repository, digest))
-    ) {
-      try {
-        return await this.fromPeer(claim.holder, digest, options);
+        return await this.fromPeer(peer, digest, options);
       } catch (err) {
         if (!(err instanceof PeerUnavailableError)) throw err;
         if (this.o.cells) this.o.cells.unavailable.value++;
-        const peer = claim.holder;
         if (err.peerFault) {
           // Once per peer and minute: it is wrong for every blob until mended.
           this.avoidPeers.add(peer);
@@ -184,6 +178,23 @@ export class PeeredBlobSource implements Pick<UpstreamClient, 'getBlob'> {
     if (options.settled) options.settled.then(release, release);
     else blob.stream.once('close', release);
     return blob;
+  }
+
+  /** The digest's lease, or undefined when Redis cannot be asked (the upstream answers then). */
+  private async claim(digest: Digest, scope: string): Promise<PeerClaim | undefined> {
+    try {
+      return await this.o.leases.claim(digest, scope);
+    } catch (err) {
+      // A warning at most every LEASES_WARN_MS: while Redis is away, every cold blob comes here.
+      const now = Date.now();
+      const warn = now - this.leasesWarnedAt >= LEASES_WARN_MS;
+      if (warn) this.leasesWarnedAt = now;
+      this.o.log[warn ? 'warn' : 'debug'](
+        { digest, err: (err as Error).message },
+        'fetch leases cannot be asked: fetching from the upstream alone',
+      );
+      return undefined;
+    }
   }
 
   /**

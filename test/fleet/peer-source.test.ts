@@ -6,6 +6,7 @@
  */
 import { randomBytes } from 'node:crypto';
 import { createServer, type Server } from 'node:http';
+import { Readable } from 'node:stream';
 import type { AddressInfo } from 'node:net';
 import { afterEach, expect, test } from 'vitest';
 import { PEER_PATH, PeeredBlobSource, verifyPeerSignature } from '../../src/fleet/peers.js';
@@ -175,6 +176,56 @@ test('a peer that refuses (its fetch over, the blob not kept) is passed over for
   await expect(peered.getBlob(REPO, digestOf(blob))).rejects.toThrow('the upstream was asked');
   expect(calls).toEqual([digestOf(blob)]);
   expect(cells.unavailable.value).toBe(1);
+});
+
+test('a holder that cannot give the blob has let the lease go: this replica takes it before it fetches', async () => {
+  // A replica whose fetch for its own repository failed (the upstream said 404 there) answers
+  // 404; its lease is free by the time this one asks again. Fetching without it would leave
+  // the next replicas nobody to follow: each would fetch once more.
+  const blob = randomBytes(1024);
+  const holder = await peer(blob, 404);
+  const claims: string[] = [];
+  let released = 0;
+  const leases = {
+    claim: async () => {
+      claims.push('asked');
+      return claims.length === 1
+        ? { held: false, holder, scope: `upstream/${REPO}` }
+        : { held: true, release: () => released++ };
+    },
+  } as unknown as PeerLeases;
+  const upstream = {
+    name: 'upstream',
+    getBlob: async (): Promise<BlobStream> => ({
+      size: blob.length,
+      stream: Readable.from([blob]),
+    }),
+    headBlob: async () => {
+      throw new Error('the upstream was asked to confirm');
+    },
+  };
+  const peered = new PeeredBlobSource(upstream, {
+    leases,
+    secret: SECRET,
+    idleTimeout: 5_000,
+    log: silentLogger(),
+  });
+  const { stream } = await peered.getBlob(REPO, digestOf(blob));
+  expect(claims).toHaveLength(2);
+  expect(asked).toBe(1);
+  expect(released).toBe(0); // held while the bytes come
+  for await (const _ of stream);
+  await new Promise((r) => setImmediate(r));
+  expect(released).toBe(1);
+});
+
+test('a holder that cannot give the blob and still holds the lease is not asked twice', async () => {
+  const blob = randomBytes(1024);
+  const calls: string[] = [];
+  const peered = source(await peer(blob, 404), calls);
+  await expect(peered.getBlob(REPO, digestOf(blob))).rejects.toThrow('the upstream was asked');
+  expect(asked).toBe(1);
+  expect(calls).toEqual([digestOf(blob)]);
 });
 
 test('a peer that refuses this replica (another peerSecret) is not asked again for a minute, and is warned of once', async () => {

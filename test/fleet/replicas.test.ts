@@ -8,7 +8,7 @@
  */
 import { createServer, type Server } from 'node:http';
 import { chromium } from 'playwright-core';
-import { afterAll, beforeAll, describe, expect, onTestFinished, test } from 'vitest';
+import { afterAll, beforeAll, beforeEach, describe, expect, onTestFinished, test } from 'vitest';
 import { createClient } from '@keyv/redis';
 import { peerSignature, PEER_HEADER, PEER_PATH } from '../../src/fleet/peers.js';
 import type { ImageInfo } from '../../src/lifecycle/types.js';
@@ -103,6 +103,16 @@ describe('replicas sharing Redis and a bucket', () => {
   const logged = (replica: WorkersServer, msg: string) =>
     replica.lines.filter((l) => l.msg === msg).length;
 
+  // What each replica said lately, when a test fails: its order of events is the diagnosis (a
+  // replica that fetched rather than followed, and why).
+  beforeEach(({ onTestFailed }) =>
+    onTestFailed(() => {
+      for (const [i, r] of replicas.entries())
+        for (const line of r.lines.slice(-30))
+          console.error(`replica ${i}:`, JSON.stringify(line).slice(0, 400));
+    }),
+  );
+
   test('16 clients spread over three replicas fetch a cold blob from the upstream once, and upload it once', async () => {
     const b = await blob(40 * MiB);
     const browser = await chromium.launch({
@@ -176,10 +186,10 @@ describe('replicas sharing Redis and a bucket', () => {
     const [holder, second, third] = replicas as [WorkersServer, WorkersServer, WorkersServer];
     const before = logged(second, 'following the fetch of another replica');
     const fetching = get(`${holder.url}/v2/team-a/app/blobs/${b.digest}`);
-    await waitFor(
-      async () => (await fleetMetrics([holder])).upstreamBytes > 0,
-      'the fetch under way',
-    );
+    // Under way: the upstream answered the holder. (Its bytes counted would not say so: they
+    // count the blobs of the tests before too. Asked before it took the lease, a replica below
+    // would have taken the lease itself, for team-b/app.)
+    await waitFor(async () => throttle.gets.get(b.digest) === 1, 'the fetch under way');
     // team-b/app does not have it upstream: refused by the replicas that would follow.
     for (const r of [second, third])
       expect((await get(`${r.url}/v2/team-b/app/blobs/${b.digest}`)).status).toBe(404);
