@@ -44,10 +44,16 @@ export class TimedOutError extends Error {}
  * cache waits this way on every Redis command, and a timer kept for the full `ms` after each
  * (AbortSignal.timeout's, which cannot be cleared) would keep thousands alive under load. It
  * does not keep the process alive either.
+ *
+ * When the time is up, an answer read from a socket in the same turn of the event loop still
+ * counts: a process that could not run for `ms` (a long pause, a starved CPU) runs its expired
+ * timers before it reads what arrived meanwhile, and would otherwise take an answer that came
+ * in time for none (for Redis: the connection dropped and not asked for seconds).
  */
 export function within<T>(promise: Promise<T>, ms: number, message: string): Promise<T> {
   return new Promise<T>((resolve, reject) => {
-    const timer = setTimeout(() => reject(new TimedOutError(message)), ms);
+    // The check phase comes after this turn's poll phase, where what arrived is read.
+    const timer = setTimeout(() => setImmediate(() => reject(new TimedOutError(message))), ms);
     timer.unref();
     promise.then(
       (value) => {
