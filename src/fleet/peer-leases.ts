@@ -10,10 +10,25 @@
 import { randomUUID } from 'node:crypto';
 import type { Logger } from '../log/logger.js';
 import type { Digest } from '../oci/digest.js';
-import { RELEASE, RENEW, REPLACE, type LeaseRedis } from '../lifecycle/lease.js';
+import { RELEASE, REPLACE, type LeaseRedis } from '../lifecycle/lease.js';
 
 /** A lease's lifetime; renewed every third of it while the fetch runs. */
 export const PEER_LEASE_TTL_MS = 5_000;
+
+/**
+ * Renews the key while it holds our value (1), and sets it again when it expired meanwhile (2:
+ * Redis could not be asked for longer than its lifetime, and nobody else took it); 0 when
+ * another replica holds it now.
+ */
+const KEEP = `local held = redis.call('get', KEYS[1])
+if held == ARGV[1] then
+  return redis.call('pexpire', KEYS[1], ARGV[2])
+end
+if not held then
+  redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 2
+end
+return 0`;
 
 /**
  * A claim's answer: held by this replica, or by `holder` (its address), fetching for `scope`
@@ -77,13 +92,23 @@ export class PeerLeases {
 
   /**
    * Renews the lease every third of its lifetime; resolves to its release. Each through the
-   * connection of the moment: one dropped meanwhile (LeaseRedis.run) is replaced, not kept.
+   * connection of the moment: one dropped meanwhile (LeaseRedis.run) is replaced, not kept. A
+   * lease that expired while Redis could not be asked is taken again if it is free, so that the
+   * replicas asked next follow this fetch rather than make another; one another replica took
+   * meanwhile is left to it (both fetch; each keeps what it fetched, the same bytes).
    */
   private keep(key: string, value: string, ttl: number): () => void {
     const args = { keys: [key], arguments: [value, String(ttl)] };
     const timer = setInterval(() => {
       this.o.redis
-        .run((redis) => redis.eval(RENEW, args))
+        .run((redis) => redis.eval(KEEP, args))
+        .then((kept) => {
+          if (kept === 2) this.o.log.info({ key }, 'fetch lease had expired: taken again');
+          else if (kept === 0) {
+            clearInterval(timer);
+            this.o.log.info({ key }, 'fetch lease had expired and another replica took it');
+          }
+        })
         .catch((err: Error) => {
           this.o.log.debug({ key, err: err.message }, 'fetch lease not renewed');
         });

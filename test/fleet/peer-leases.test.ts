@@ -207,4 +207,31 @@ describe('in a real Redis', () => {
       source.close();
     }
   });
+
+  test('a lease that expired while Redis could not be asked is taken again when free, and left to a replica that took it', async () => {
+    const prefix = `test-peer-retaken-${Date.now()}:`;
+    const key = `${prefix}${DIGEST}`;
+    const client = await conn.connect();
+    const a = new PeerLeases({
+      redis: conn,
+      advertise: 'http://a:1',
+      prefix,
+      log: silentLogger(),
+      ttlMs: 600, // renewed every 200 ms
+    });
+    const claim = await a.claim(DIGEST, SCOPE);
+    expect(claim.held).toBe(true);
+    const mine = await client.get(key);
+    // Gone as it would after its lifetime without renewals.
+    await client.eval(`return redis.call('del', KEYS[1])`, { keys: [key], arguments: [] });
+    await waitFor(async () => (await client.get(key)) === mine, 'the lease taken again');
+    // Taken by another replica meanwhile: left to it, not renewed over it.
+    await client.eval(`return redis.call('set', KEYS[1], ARGV[1], 'PX', 1000)`, {
+      keys: [key],
+      arguments: ['http://b:1 other upstream/library/x'],
+    });
+    await new Promise((r) => setTimeout(r, 1_200));
+    expect(await client.get(key)).toBeNull(); // expired on its own: no longer renewed by a
+    if (claim.held) claim.release();
+  });
 });
