@@ -22,8 +22,12 @@ import type { Suspect } from './scan.js';
 export class TornBlobs {
   /** Whether this process serves (`Lifecycle.start`): a command never removes. */
   private enabled = false;
-  /** Blobs hashed whole at a size a manifest does not give them: digest -> that size. */
-  private readonly whole = new Map<Digest, number>();
+  /**
+   * Blobs hashed whole at a size a manifest does not give them: digest -> that size. Only those
+   * the last count found (a count names every suspect): one evicted, or whose manifest went, is
+   * hashed again if it is ever suspected again, rather than kept here for ever.
+   */
+  private whole = new Map<Digest, number>();
   /** Suspects of the last count not checked yet (a later count's replace them). */
   private waiting: Suspect[] = [];
   private running: Promise<void> | undefined;
@@ -54,7 +58,13 @@ export class TornBlobs {
   /** A count found these (scan.ts): checked in the background, when this process removes. */
   found(suspects: Suspect[]): void {
     if (!this.enabled || !this.isOwner()) return;
-    this.waiting = suspects.filter(({ digest, size }) => this.whole.get(digest) !== size);
+    const whole = new Map<Digest, number>();
+    for (const { digest } of suspects) {
+      const size = this.whole.get(digest);
+      if (size !== undefined) whole.set(digest, size);
+    }
+    this.whole = whole;
+    this.waiting = suspects.filter(({ digest, size }) => whole.get(digest) !== size);
     this.next();
   }
 
