@@ -4,6 +4,7 @@
  * linked to the repository. A blob stored (or being fetched) for another repository is served
  * for this one only after its upstream confirms, with this repository's scope, that it has it.
  */
+import { LRUCache } from 'lru-cache';
 import type { Logger } from '../log/logger.js';
 import type { Digest } from '../oci/digest.js';
 import type { MetadataCache } from '../metadata/types.js';
@@ -30,6 +31,13 @@ import type { DigestLeases } from '../fleet/types.js';
 import type { UpstreamFetch } from './types.js';
 import { SingleFlight } from './single-flight.js';
 import type { StorageBudget } from '../lifecycle/types.js';
+
+/** How long a size the upstream gave stands for the requests after it (ms). */
+const TOLD_TTL_MS = 10_000;
+
+/** A repository's blob, as a key. */
+const blobKey = (repo: RepositoryKey, digest: Digest) =>
+  `${repo.upstream}/${repo.repository}@${digest}`;
 
 export interface ProxyBlobStoreOptions {
   /** Blobs as each repository holds them (its links), from storage and memory. */
@@ -68,6 +76,12 @@ export class ProxyBlobStore implements BlobService {
   private readonly log: Logger;
   /** Upstream confirmations under way, one per repository and digest. */
   private readonly confirmations = new SingleFlight<StatResult>();
+  /**
+   * Sizes the upstream just gave (HEAD, with the repository's scope) of blobs not stored, by
+   * repository and digest: the ranged GET that often follows (a suffix range asks the size
+   * first; clients that HEAD and then GET a range) is not one more HEAD.
+   */
+  private readonly told = new LRUCache<string, number>({ max: 1000, ttl: TOLD_TTL_MS });
 
   constructor(private readonly o: ProxyBlobStoreOptions) {
     this.log = o.log.child({ module: 'proxy-blob', upstream: o.client.name });
@@ -169,7 +183,7 @@ export class ProxyBlobStore implements BlobService {
    * for any miss.
    */
   private confirm(repo: RepositoryKey, digest: Digest): Promise<StatResult> {
-    return this.confirmations.run(`${repo.upstream}/${repo.repository}@${digest}`, async () => {
+    return this.confirmations.run(blobKey(repo, digest), async () => {
       let size: number | undefined;
       try {
         ({ size } = await this.o.client.headBlob(repo.repository, digest));
@@ -199,6 +213,7 @@ export class ProxyBlobStore implements BlobService {
             this.o.client.name,
             `blob ${digest}: HEAD without a Content-Length`,
           );
+        this.told.set(blobKey(repo, digest), size);
         return { found: true, descriptor: { digest, size } };
       }
       await this.o.local.link(repo, stored.descriptor);
@@ -218,6 +233,8 @@ export class ProxyBlobStore implements BlobService {
     repo: RepositoryKey,
     digest: Digest,
   ): Promise<number | null | undefined> {
+    const told = this.told.get(blobKey(repo, digest));
+    if (told !== undefined) return told;
     try {
       return (await this.o.client.headBlob(repo.repository, digest)).size;
     } catch (err) {

@@ -186,6 +186,35 @@ describe('several ranges of a blob at once', () => {
     expect({ gets: blobGets(), heads: heads() }).toEqual({ gets: 0, heads: 2 });
   });
 
+  test('a suffix range of a cold blob, and a HEAD then a range: the upstream is asked the size once', async () => {
+    const heads = () => recorder.count('HEAD', /\/blobs\/sha256:/);
+    const blob = await pushRandomBlob(registry, 'org/app', 1 << 20);
+    recorder.reset();
+    // The size first, for the suffix's start (zstd:chunked's footer is read this way), then the
+    // fetch: one HEAD, not one for the size and another for the range.
+    const tail = await rawRequest(pc.url, 'GET', path(blob.digest), { range: 'bytes=-100' });
+    expect(tail.status).toBe(206);
+    expect(tail.headers['content-range']).toBe(
+      `bytes ${(1 << 20) - 100}-${(1 << 20) - 1}/${1 << 20}`,
+    );
+    expect(tail.body.equals(blob.bytes.subarray(-100))).toBe(true);
+    expect({ gets: blobGets(), heads: heads() }).toEqual({ gets: 1, heads: 1 });
+
+    const other = await pushRandomBlob(registry, 'org/app', 1 << 20);
+    recorder.reset();
+    expect((await rawRequest(pc.url, 'HEAD', path(other.digest))).status).toBe(200);
+    const part = await rawRequest(pc.url, 'GET', path(other.digest), { range: 'bytes=10-19' });
+    expect(part.status).toBe(206);
+    expect(part.body.equals(other.bytes.subarray(10, 20))).toBe(true);
+    expect({ gets: blobGets(), heads: heads() }).toEqual({ gets: 1, heads: 1 });
+    // The size told was org/app's: another repository is asked for its own word, and has not it.
+    const elsewhere = await rawRequest(pc.url, 'GET', `/v2/org/none/blobs/${other.digest}`, {
+      range: 'bytes=-100',
+    });
+    expect(elsewhere.status).toBe(404);
+    expect(heads()).toBe(2);
+  });
+
   test('a client that leaves in the middle of the parts is no warning, and the server serves on', async () => {
     const blob = await pushRandomBlob(registry, 'org/app', 8 << 20);
     await rawRequest(pc.url, 'GET', path(blob.digest));
