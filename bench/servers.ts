@@ -8,6 +8,9 @@ import { join } from 'node:path';
 import { freePort, waitFor } from '../test/helpers/net.js';
 import type { TestRegistry } from '../test/helpers/registry.js';
 
+/** The variable a replica reads its peer secret from (server.peerSecretEnv). */
+const PEER_SECRET_ENV = 'BENCH_PEER_SECRET';
+
 export interface ServerUnderTest {
   name: 'pullcache' | 'distribution' | 'nginx';
   url: string;
@@ -23,9 +26,10 @@ function spawnLogged(
   args: string[],
   log: string,
   env: NodeJS.ProcessEnv = process.env,
+  cwd?: string,
 ): ChildProcess {
   const out = createWriteStream(log);
-  const child = spawn(command, args, { stdio: ['ignore', 'pipe', 'pipe'], env });
+  const child = spawn(command, args, { stdio: ['ignore', 'pipe', 'pipe'], env, cwd });
   child.stdout!.pipe(out);
   child.stderr!.pipe(out);
   return child;
@@ -91,8 +95,23 @@ export async function startPullcacheProcess(
   options: {
     htpasswd?: string;
     workers?: number;
-    /** A replica of a fleet: its peers share this Redis and secret (server.advertise). */
-    replica?: { redisUrl: string; peerSecret: string; root: string };
+    /**
+     * A replica of a fleet: its peers share this Redis and secret (server.advertise), and a
+     * storage: a filesystem `root`, or the `storage` lines' bucket.
+     */
+    replica?: { redisUrl: string; peerSecret: string; root?: string };
+    /** The `storage:` block's lines, instead of a filesystem root (the soak's bucket). */
+    storage?: string[];
+    /** More top-level blocks (`retention:`, `cache:`...). */
+    top?: string[];
+    /** The upstream's tag freshness window (1h: the benchmarks' tags never move). */
+    tagTTL?: string;
+    /** Node flags through the launcher, instead of PULLCACHE_BENCH_NODE_ARGS. */
+    nodeFlags?: string;
+    /** More environment: the variables the config names (`accessKeyEnv`...). */
+    env?: Record<string, string>;
+    /** The working directory (where heap snapshots land); the caller's by default. */
+    cwd?: string;
   } = {},
 ): Promise<ServerUnderTest> {
   const port = await freePort();
@@ -105,18 +124,21 @@ export async function startPullcacheProcess(
       `  listen: 127.0.0.1:${port}`,
       `  workers: ${options.workers ?? 1}`,
       ...(options.replica
-        ? [`  advertise: http://127.0.0.1:${port}`, `  peerSecret: ${options.replica.peerSecret}`]
+        ? [`  advertise: http://127.0.0.1:${port}`, `  peerSecretEnv: ${PEER_SECRET_ENV}`]
         : []),
       ...(options.replica
         ? ['cache:', '  store: redis', '  redis:', `    url: ${options.replica.redisUrl}`]
         : []),
       'storage:',
-      '  filesystem:',
-      `    root: ${options.replica?.root ?? join(dir, 'data')}`,
+      ...(options.storage ?? [
+        '  filesystem:',
+        `    root: ${options.replica?.root ?? join(dir, 'data')}`,
+      ]),
+      ...(options.top ?? []),
       'upstreams:',
       '  docker.io:',
       `    url: ${upstreamUrl}`,
-      '    tagTTL: 1h',
+      `    tagTTL: ${options.tagTTL ?? '1h'}`,
       'log:',
       `  level: ${process.env.PULLCACHE_BENCH_LOG_LEVEL ?? 'warn'}`,
       // Client authentication: every user of the file may pull everything (no rules).
@@ -128,13 +150,22 @@ export async function startPullcacheProcess(
   const env = Object.fromEntries(
     Object.entries(process.env).filter(([k]) => !k.startsWith('PULLCACHE_')),
   );
+  Object.assign(env, options.env);
+  // The peer secret as deployments give it, in the environment: the config files kept hold none.
+  if (options.replica) env[PEER_SECRET_ENV] = options.replica.peerSecret;
   const log = join(dir, 'pullcache.log');
   // Started the way users start it (bin/pullcache: node's flags, malloc settings), so that what
   // is measured is what runs. PULLCACHE_BENCH_NODE_ARGS adds node flags through the launcher
   // ("--cpu-prof --cpu-prof-dir=/tmp/prof" profiles the server, "--trace-gc" logs collections).
-  const nodeArgs = process.env.PULLCACHE_BENCH_NODE_ARGS;
+  const nodeArgs = options.nodeFlags ?? process.env.PULLCACHE_BENCH_NODE_ARGS;
   if (nodeArgs) env.PULLCACHE_NODE_FLAGS = nodeArgs;
-  const child = spawnLogged('bin/pullcache', ['serve', '--config', config], log, env);
+  const child = spawnLogged(
+    join(process.cwd(), 'bin/pullcache'), // this repository's, whatever `cwd` is
+    ['serve', '--config', config],
+    log,
+    env,
+    options.cwd,
+  );
   const server = handle('pullcache', child, port);
   // With authentication, /v2/ without credentials is the 401 challenge.
   await ready(server.url, 'pullcache', child, log, options.htpasswd ? 401 : 200);

@@ -3,20 +3,30 @@
  * started as users start it (bin/pullcache serve, a 16 MiB budget so that eviction runs all the
  * time), a varied steady load for minutes, and a sample every 15 s of what must not grow: RSS,
  * heap, fds by kind, sockets by state, handles, storage's temporary files. After the load it waits
- * a minute: what is transient must be back to its baseline.
+ * a minute: what is transient must be back to its baseline. It ends with a summary of each process:
+ * the heap's lowest reading per 2 minutes of load, and what it held before the load and a minute
+ * after it.
  *
  *   npm run soak                     # 12 minutes, one process
  *   LOAD_MIN=6 REDIS=1 npm run soak  # cache.store: redis, Redis stopped for 30 s mid-way
  *   SERVER_WORKERS=2 KILL_WORKER=1 npm run soak  # two workers, one killed every minute
+ *   S3=1 npm run soak                # storage.driver: s3, a bucket of a throw-away Ceph radosgw
+ *   S3=1 REPLICAS=3 npm run soak     # three replicas sharing the bucket and a Redis of their own
+ *
+ * With REPLICAS each process is a replica as on a host of its own (its port, advertise address,
+ * spool and owner-key directories; the peer secret, bucket and Redis shared), and every request
+ * goes to the next replica in turn: one pull's blobs are asked of several replicas at once, which
+ * follow each other's fetches. Each replica is sampled as the one process is; with S3 the bucket
+ * too (objects under uploads/ and blobs/, multipart uploads in progress).
  *
  * Env: LOAD_MIN (12), WORKERS (24 concurrent clients), OUT (a new directory under the system's
  * temporary one: the samples, logs and storage stay there), NO_SNAPSHOT (no heap snapshots; by
- * default two, through --heapsnapshot-signal, which inflate RSS afterwards).
+ * default two, through --heapsnapshot-signal, which inflate RSS afterwards), BIG_BYTES (the big
+ * layers' size: 3 MB, with S3 20 MB).
  */
-import { spawnSync, spawn, execFileSync } from 'node:child_process';
+import { spawnSync, execFileSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import {
-  createWriteStream,
   mkdirSync,
   mkdtempSync,
   readdirSync,
@@ -30,9 +40,12 @@ import {
 import http from 'node:http';
 import net from 'node:net';
 import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { join, resolve as resolvePath } from 'node:path';
+import { ListMultipartUploadsCommand, ListObjectsV2Command } from '@aws-sdk/client-s3';
 import { MANIFEST_ACCEPT } from '../src/oci/media-types.js';
+import { paths } from '../src/storage/paths.js';
 import { TestRegistry } from '../test/helpers/registry.js';
+import { startS3, type TestS3 } from '../test/helpers/s3.js';
 import {
   makeImage,
   makeIndex,
@@ -40,17 +53,29 @@ import {
   pushManifest,
   type Image,
 } from '../test/helpers/images.js';
-import { freePort, waitFor } from '../test/helpers/net.js';
+import { freePort } from '../test/helpers/net.js';
+import { startPullcacheProcess, type ServerUnderTest } from './servers.js';
 
-const OUT = process.env.OUT ?? mkdtempSync(join(tmpdir(), 'pullcache-soak-'));
+// Absolute: the processes run in directories of their own (heap snapshots land there).
+const OUT = resolvePath(process.env.OUT ?? mkdtempSync(join(tmpdir(), 'pullcache-soak-')));
 const LOAD_MS = Number(process.env.LOAD_MIN ?? 12) * 60_000;
 const WORKERS = Number(process.env.WORKERS ?? 24);
 const SAMPLE_MS = 15_000;
 const N_SMALL = Number(process.env.N_SMALL ?? 250);
 const N_BIG = 10;
 const N_ALIAS = Number(process.env.N_ALIAS ?? 1200);
-/** With REDIS: a redis-server of the soak's own (cache.store: redis). */
-const REDIS_PORT = process.env.REDIS ? await freePort() : undefined;
+const S3 = Boolean(process.env.S3);
+const REPLICAS = Number(process.env.REPLICAS ?? 0);
+// Replicas on hosts of their own share a bucket, not a directory.
+if (REPLICAS && !S3) throw new Error('REPLICAS needs S3=1 (the replicas share a bucket)');
+/**
+ * The big images' layer. With S3 past one part (storage.s3.partSize, 16 MiB): their uploads are
+ * multipart (3 MB would be one PUT, and no multipart upload would ever be in progress), and
+ * their fetches last long enough for other replicas to follow them.
+ */
+const BIG_BYTES = Number(process.env.BIG_BYTES ?? (S3 ? 20_000_000 : 3_000_000));
+/** With REDIS, or for the REPLICAS' leases: a redis-server of the soak's own (cache.store: redis). */
+const REDIS_PORT = process.env.REDIS || REPLICAS ? await freePort() : undefined;
 const startRedis = (port: number) =>
   spawnSync('redis-server', [
     '--port',
@@ -68,7 +93,6 @@ if (REDIS_PORT) startRedis(REDIS_PORT);
 
 if (existsSync(OUT) && readdirSync(OUT).length > 0) throw new Error(`${OUT} is not empty`);
 mkdirSync(OUT, { recursive: true });
-const DATA = join(OUT, 'data');
 const log = (...a: unknown[]) => {
   const line = `[${new Date().toISOString()}] ${a.map((x) => (typeof x === 'string' ? x : JSON.stringify(x))).join(' ')}`;
   console.log(line);
@@ -104,7 +128,7 @@ for (let i = 0; i < N_SMALL; i++) {
 }
 for (let i = 0; i < N_BIG; i++) {
   const repo = `lib/big${i}`;
-  const image = makeImage(repo, 'v1', 'oci', [3_000_000]);
+  const image = makeImage(repo, 'v1', 'oci', [BIG_BYTES]);
   await pushImage(registry, image);
   big.push({ repo, tag: 'v1', image });
 }
@@ -135,60 +159,99 @@ for (let j = 0; j < N_ALIAS; j++) {
 log(`seeded ${aliases.length} alias repositories in ${Date.now() - t1} ms`);
 
 // ---------------------------------------------------------------- pullcache
-const port = await freePort();
-mkdirSync(DATA, { recursive: true });
-const configPath = join(OUT, 'pullcache.yaml');
-writeFileSync(
-  configPath,
-  [
-    'server:',
-    `  listen: 127.0.0.1:${port}`,
-    `  workers: ${process.env.SERVER_WORKERS ?? 1}`,
-    'storage:',
-    '  filesystem:',
-    `    root: ${DATA}`,
-    '  uploads:',
-    '    purgeAge: 5m',
-    '    purgeInterval: 1m',
-    'upstreams:',
-    '  docker.io:',
-    `    url: ${registry.url}`,
-    '    tagTTL: 20s',
-    'retention:',
-    '  maxSize: 16MiB',
-    '  lowWater: 80%',
-    '  sweepInterval: 2m',
-    ...(REDIS_PORT
-      ? ['cache:', '  store: redis', '  redis:', `    url: redis://127.0.0.1:${REDIS_PORT}`]
-      : []),
-    'log:',
-    '  level: warn',
-    '',
-  ].join('\n'),
-);
-const env = Object.fromEntries(
-  Object.entries(process.env).filter(([k]) => !k.startsWith('PULLCACHE_')),
-);
-env.PULLCACHE_NODE_FLAGS = '--heapsnapshot-signal=SIGUSR2';
-const serverLog = join(OUT, 'pullcache.log');
-const out = createWriteStream(serverLog);
-const child = spawn(join(process.cwd(), 'bin/pullcache'), ['serve', '--config', configPath], {
-  stdio: ['ignore', 'pipe', 'pipe'],
-  env,
-  cwd: OUT, // heap snapshots land here
-});
-child.stdout!.pipe(out);
-child.stderr!.pipe(out);
-const PID = child.pid!;
-const BASE = `http://127.0.0.1:${port}`;
-await waitFor(async () => (await fetch(`${BASE}/v2/`)).status === 200, 'pullcache', 20_000);
-log('pullcache pid', PID, BASE);
+/** A pullcache process under the soak (a replica, with REPLICAS) and where its files are. */
+interface Soaked {
+  /** "pullcache", or "r0", "r1"... */
+  name: string;
+  server: ServerUnderTest;
+  port: number;
+  pid: number;
+  log: string;
+  /** The filesystem driver's root; with S3 only the owner key's (access/owner-key.ts). */
+  data: string;
+  /** With S3: where its writes are spooled until their upload completes. */
+  spool?: string;
+}
+let s3: TestS3 | undefined;
+let bucket = '';
+if (S3) {
+  s3 = await startS3();
+  bucket = await s3.bucket();
+  log('s3', s3.endpoint, bucket);
+}
+const servers: Soaked[] = [];
+for (let i = 0; i < Math.max(1, REPLICAS); i++) {
+  // One process keeps its files in OUT itself, as before; a replica has a directory of its own.
+  const dir = REPLICAS ? join(OUT, `replica-${i}`) : OUT;
+  const data = join(dir, 'data');
+  // Its own spool, not the host's shared one (os.tmpdir()): replicas on one host would follow
+  // each other's spool files instead of asking their peers, and its temporary files are counted.
+  const spool = S3 ? join(dir, 'spool') : undefined;
+  mkdirSync(data, { recursive: true });
+  if (spool) mkdirSync(spool, { recursive: true });
+  const server = await startPullcacheProcess(dir, registry.url, {
+    workers: Number(process.env.SERVER_WORKERS ?? 1),
+    ...(REPLICAS
+      ? { replica: { redisUrl: `redis://127.0.0.1:${REDIS_PORT}`, peerSecret: 'soak' } }
+      : {}),
+    storage: [
+      ...(s3 ? ['  driver: s3'] : []),
+      '  filesystem:',
+      `    root: ${data}`,
+      ...(s3
+        ? [
+            '  s3:',
+            `    bucket: ${bucket}`,
+            `    endpoint: ${s3.endpoint}`,
+            '    forcePathStyle: true',
+            '    accessKeyEnv: SOAK_S3_KEY',
+            '    secretKeyEnv: SOAK_S3_SECRET',
+            `    spoolDir: ${spool}`,
+          ]
+        : []),
+      '  uploads:',
+      '    purgeAge: 5m',
+      '    purgeInterval: 1m',
+    ],
+    top: [
+      'retention:',
+      '  maxSize: 16MiB',
+      '  lowWater: 80%',
+      '  sweepInterval: 2m',
+      // Replicas have theirs from `replica`.
+      ...(REDIS_PORT && !REPLICAS
+        ? ['cache:', '  store: redis', '  redis:', `    url: redis://127.0.0.1:${REDIS_PORT}`]
+        : []),
+    ],
+    tagTTL: '20s',
+    nodeFlags: '--heapsnapshot-signal=SIGUSR2',
+    env: s3 ? { SOAK_S3_KEY: s3.accessKey, SOAK_S3_SECRET: s3.secretKey } : {},
+    cwd: dir, // heap snapshots land here
+  });
+  const name = REPLICAS ? `r${i}` : 'pullcache';
+  servers.push({
+    name,
+    server,
+    port: Number(new URL(server.url).port),
+    pid: server.pid,
+    log: join(dir, 'pullcache.log'),
+    data,
+    ...(spool ? { spool } : {}),
+  });
+  log(`${name} pid`, server.pid, server.url);
+}
 
 // ---------------------------------------------------------------- client
 const agent = new http.Agent({ keepAlive: true, maxSockets: 64 });
 const counts = new Map<string, number>();
 const count = (k: string) => counts.set(k, (counts.get(k) ?? 0) + 1);
 let requests = 0;
+let turn = 0;
+/**
+ * The process to ask next: in turn, request by request, so that the blobs of one pull, a burst
+ * on one cold blob, a manifest and its blobs are asked of several replicas at once.
+ */
+const next = () => servers[turn++ % servers.length]!;
 
 interface Res {
   status: number;
@@ -206,7 +269,7 @@ function req(
   requests++;
   return new Promise((resolve) => {
     const r = http.request(
-      `${BASE}${path}`,
+      `${next().server.url}${path}`,
       { method, headers, agent, timeout: opts.timeoutMs ?? 60_000 },
       (res) => {
         let bytes = 0;
@@ -243,7 +306,7 @@ function req(
 function raw(text: string): Promise<number> {
   requests++;
   return new Promise((resolve) => {
-    const s = net.connect(port, '127.0.0.1');
+    const s = net.connect(next().port, '127.0.0.1');
     let got = '';
     s.setTimeout(10_000, () => s.destroy());
     s.on('connect', () => s.write(text));
@@ -455,9 +518,11 @@ const metricNames = [
   'pullcache_storage_bytes',
   'pullcache_fetches_in_flight',
   'process_cpu_seconds_total',
+  'pullcache_upstream_bytes_total',
+  'pullcache_peer_bytes_total',
 ];
-async function metrics(): Promise<Record<string, number>> {
-  const res = await fetch(`${BASE}/metrics`);
+async function metrics(base: string): Promise<Record<string, number>> {
+  const res = await fetch(`${base}/metrics`);
   const text = await res.text();
   const outm: Record<string, number> = {};
   for (const name of metricNames) {
@@ -473,10 +538,15 @@ async function metrics(): Promise<Record<string, number>> {
   }
   const ev = /pullcache_evictions_total\{reason="size"\} (\d+)/.exec(text);
   outm.evictions = ev ? Number(ev[1]) : 0;
+  // Replicas: fetches that followed another replica's, by result (whole, cut, unavailable).
+  for (const [, result, n] of text.matchAll(
+    /^pullcache_peer_follows_total\{[^}]*result="(\w+)"[^}]*\} (\d+)/gm,
+  ))
+    outm[`follows.${result}`] = (outm[`follows.${result}`] ?? 0) + Number(n);
   return outm;
 }
-function procStatus(): { rssMB: number; threads: number; hwmMB: number } {
-  const s = readFileSync(`/proc/${PID}/status`, 'utf8');
+function procStatus(pid: number): { rssMB: number; threads: number; hwmMB: number } {
+  const s = readFileSync(`/proc/${pid}/status`, 'utf8');
   const f = (k: string) => Number(new RegExp(`^${k}:\\s+(\\d+)`, 'm').exec(s)?.[1] ?? 0);
   return {
     rssMB: Math.round(f('VmRSS') / 1024),
@@ -484,12 +554,12 @@ function procStatus(): { rssMB: number; threads: number; hwmMB: number } {
     threads: f('Threads'),
   };
 }
-function fds(): Record<string, number> {
+function fds(p: Soaked): Record<string, number> {
   const outf = { total: 0, socket: 0, pipe: 0, anon: 0, storage: 0, other: 0 };
-  for (const fd of readdirSync(`/proc/${PID}/fd`)) {
+  for (const fd of readdirSync(`/proc/${p.pid}/fd`)) {
     let target = '';
     try {
-      target = readlinkSync(`/proc/${PID}/fd/${fd}`);
+      target = readlinkSync(`/proc/${p.pid}/fd/${fd}`);
     } catch {
       continue;
     }
@@ -497,22 +567,62 @@ function fds(): Record<string, number> {
     if (target.startsWith('socket:')) outf.socket++;
     else if (target.startsWith('pipe:')) outf.pipe++;
     else if (target.startsWith('anon_inode:')) outf.anon++;
-    else if (target.startsWith(DATA)) outf.storage++;
+    else if (target.startsWith(p.data) || (p.spool && target.startsWith(p.spool))) outf.storage++;
     else outf.other++;
   }
   return outf;
 }
-function sockets(): Record<string, number> {
-  const text = execFileSync('ss', ['-tanpH'], { encoding: 'utf8' });
+/** `ss`'s TCP sockets, once for every process: their lines name the pid that holds them. */
+function socketLines(): string[] {
+  return execFileSync('ss', ['-tanpH'], { encoding: 'utf8' }).split('\n');
+}
+function sockets(lines: string[], pid: number): Record<string, number> {
   const outs: Record<string, number> = {};
-  for (const line of text.split('\n')) {
-    if (!line.includes(`pid=${PID},`)) continue;
+  for (const line of lines) {
+    if (!line.includes(`pid=${pid},`)) continue;
     const state = line.split(/\s+/)[0]!;
     outs[state] = (outs[state] ?? 0) + 1;
   }
   return outs;
 }
-function storage() {
+/**
+ * Whom a process's established connections are with, by the port at either end: its clients
+ * (the load's, and other replicas' asking for a blob), the upstream and its token server, the
+ * S3 gateway, Redis, other replicas. Kept-alive connections to the stores are expected to stay;
+ * clients' are not (but for the sampler's own, kept alive for /metrics).
+ */
+function socketsTo(lines: string[], p: Soaked): Record<string, number> {
+  const named = new Map<number, string>([
+    [registry.port, 'upstream'],
+    [Number(new URL(registry.tokens.url).port), 'upstream'],
+    ...(s3 ? [[Number(new URL(s3.endpoint).port), 's3'] as [number, string]] : []),
+    ...(REDIS_PORT ? [[REDIS_PORT, 'redis'] as [number, string]] : []),
+    ...servers.filter((o) => o !== p).map((o) => [o.port, 'peer'] as [number, string]),
+  ]);
+  const outs: Record<string, number> = {};
+  for (const line of lines) {
+    if (!line.startsWith('ESTAB') || !line.includes(`pid=${p.pid},`)) continue;
+    const [, , , local, remote] = line.split(/\s+/);
+    const port = (address = '') => Number(address.slice(address.lastIndexOf(':') + 1));
+    const to = port(local) === p.port ? 'clients' : (named.get(port(remote)) ?? 'other');
+    outs[to] = (outs[to] ?? 0) + 1;
+  }
+  return outs;
+}
+function storage(p: Soaked): Record<string, number> {
+  // With S3 what is local is the spool: a file per write in progress (none once it is done).
+  if (p.spool) {
+    const s = { spool: 0, spoolBytes: 0 };
+    for (const name of readdirSync(p.spool)) {
+      try {
+        s.spoolBytes += statSync(join(p.spool, name)).size;
+        s.spool++;
+      } catch {
+        // done meanwhile
+      }
+    }
+    return s;
+  }
   const s = {
     bytes: 0,
     files: 0,
@@ -559,11 +669,64 @@ function storage() {
       }
     }
   };
-  walk(DATA, '');
+  walk(p.data, '');
   return s;
 }
-function logStats(): Record<string, number> {
-  const text = existsSync(serverLog) ? readFileSync(serverLog, 'utf8') : '';
+/**
+ * What the bucket holds that must not pile up: objects under uploads/ (sessions) and blobs/, and
+ * multipart uploads in progress (invisible as objects until completed or aborted), with the
+ * oldest's age. A few LISTs per sample: the budget keeps the bucket small.
+ */
+async function bucketStats(): Promise<Record<string, number>> {
+  const client = s3!.client;
+  const objects = async (dir: string) => {
+    let n = 0;
+    let bytes = 0;
+    let token: string | undefined;
+    do {
+      const res = await client.send(
+        new ListObjectsV2Command({ Bucket: bucket, Prefix: `${dir}/`, ContinuationToken: token }),
+      );
+      for (const o of res.Contents ?? []) {
+        n++;
+        bytes += o.Size ?? 0;
+      }
+      token = res.IsTruncated ? res.NextContinuationToken : undefined;
+    } while (token);
+    return { n, bytes };
+  };
+  const uploads = await objects(paths.uploadsRoot());
+  const blobs = await objects(paths.blobsRoot());
+  let multipart = 0;
+  let oldest = Date.now();
+  let keyMarker: string | undefined;
+  let idMarker: string | undefined;
+  for (;;) {
+    const res = await client.send(
+      new ListMultipartUploadsCommand({
+        Bucket: bucket,
+        ...(keyMarker ? { KeyMarker: keyMarker, UploadIdMarker: idMarker } : {}),
+      }),
+    );
+    for (const u of res.Uploads ?? []) {
+      multipart++;
+      if (u.Initiated) oldest = Math.min(oldest, u.Initiated.getTime());
+    }
+    if (!res.IsTruncated) break;
+    keyMarker = res.NextKeyMarker;
+    idMarker = res.NextUploadIdMarker;
+  }
+  return {
+    uploadObjects: uploads.n,
+    uploadBytes: uploads.bytes,
+    blobObjects: blobs.n,
+    blobBytes: blobs.bytes,
+    multipart,
+    oldestMultipartS: Math.round((Date.now() - oldest) / 1000),
+  };
+}
+function logStats(file: string): Record<string, number> {
+  const text = existsSync(file) ? readFileSync(file, 'utf8') : '';
   return {
     logLines: text.split('\n').length - 1,
     maxListeners: (text.match(/MaxListenersExceeded/g) ?? []).length,
@@ -571,61 +734,205 @@ function logStats(): Record<string, number> {
     errors: (text.match(/"level":50/g) ?? []).length,
   };
 }
-const samples: Record<string, unknown>[] = [];
+/** The live workers of a process (SERVER_WORKERS), each with its RSS and fds. */
+function kidsOf(pid: number): string[] {
+  return (() => {
+    try {
+      return readFileSync(`/proc/${pid}/task/${pid}/children`, 'utf8')
+        .trim()
+        .split(/\s+/)
+        .filter(Boolean);
+    } catch {
+      return [];
+    }
+  })().map((k) => {
+    try {
+      const st = readFileSync(`/proc/${k}/status`, 'utf8');
+      const rss = Math.round(Number(/^VmRSS:\s+(\d+)/m.exec(st)?.[1] ?? 0) / 1024);
+      return `${k}:${rss}MB/${readdirSync(`/proc/${k}/fd`).length}fd`;
+    } catch {
+      return `${k}:gone`;
+    }
+  });
+}
+/** One process's reading. */
+interface Probe {
+  name: string;
+  pid: number;
+  rssMB: number;
+  hwmMB: number;
+  threads: number;
+  fd: Record<string, number>;
+  ss: Record<string, number>;
+  /** The established ones by whom they are with. */
+  to: Record<string, number>;
+  m: Record<string, number>;
+  st: Record<string, number>;
+  log: Record<string, number>;
+  kids: string[];
+}
+async function probe(p: Soaked, ssLines: string[]): Promise<Probe> {
+  return {
+    name: p.name,
+    pid: p.pid,
+    ...procStatus(p.pid),
+    fd: fds(p),
+    ss: sockets(ssLines, p.pid),
+    to: socketsTo(ssLines, p),
+    m: await metrics(p.server.url),
+    st: storage(p),
+    log: logStats(p.log),
+    kids: kidsOf(p.pid),
+  };
+}
+const MB = (bytes: number | undefined) => ((bytes ?? 0) / 1e6).toFixed(1);
+/** A replica's follows of another's fetches, by result. */
+const followsOf = (m: Record<string, number>) =>
+  JSON.stringify(Object.fromEntries(Object.entries(m).filter(([k]) => k.startsWith('follows.'))));
+function probeText(r: Probe): string {
+  const m = r.m;
+  const follows = REPLICAS
+    ? ` upstreamMB=${MB(m.pullcache_upstream_bytes_total)} peerMB=${MB(m.pullcache_peer_bytes_total)} follows=${followsOf(m)}`
+    : '';
+  const st = r.st;
+  const store =
+    'spool' in st
+      ? `store=${MB(m.pullcache_storage_bytes)}MB spool=${st.spool} spoolBytes=${MB(st.spoolBytes)}MB`
+      : `store=${MB(st.bytes)}MB repos=${st.repos} empty=${st.emptyDirs} files=${st.files} uploads=${st.uploads} tmp=${st.tmp} lifecycle=${st.lifecycle}`;
+  return `rss=${r.rssMB}MB thr=${r.threads} heap=${MB(m.nodejs_heap_size_used_bytes)}MB ext=${MB(m.nodejs_external_memory_bytes)}MB fds=${JSON.stringify(r.fd)} handles=${m.nodejs_active_handles_total} ss=${JSON.stringify(r.ss)} to=${JSON.stringify(r.to)} ${store} evict=${m.evictions}${follows} log=${JSON.stringify(r.log)}`;
+}
+interface Reading {
+  t: number;
+  phase: string;
+  probes: Probe[];
+  bucket?: Record<string, number>;
+}
+const readings: Reading[] = [];
 const started = Date.now();
 async function sample(phase: string): Promise<void> {
   try {
-    const row = {
-      t: Math.round((Date.now() - started) / 1000),
+    const t = Math.round((Date.now() - started) / 1000);
+    const ssLines = socketLines();
+    const probes = await Promise.all(servers.map((p) => probe(p, ssLines)));
+    const bucketNow = s3
+      ? await bucketStats().catch((e: unknown) => ({ failed: String(e) }))
+      : undefined;
+    const bucketText = bucketNow ? ` bucket=${JSON.stringify(bucketNow)}` : '';
+    // One process: the row and line of before; replicas: a row with each, a line for each.
+    let row: Record<string, unknown>;
+    if (!REPLICAS) {
+      const { name: _name, pid: _pid, ...one } = probes[0]!;
+      row = { t, phase, requests, ...one, ...(bucketNow ? { bucket: bucketNow } : {}), retags };
+      if (one.kids.length) log(`  workers ${one.kids.join(' ')}`);
+      log(`${phase} t=${t}s req=${requests} ${probeText(probes[0]!)}${bucketText}`);
+    } else {
+      row = { t, phase, requests, retags, bucket: bucketNow, replicas: probes };
+      log(`${phase} t=${t}s req=${requests}${bucketText}`);
+      for (const r of probes) {
+        if (r.kids.length) log(`  ${r.name} workers ${r.kids.join(' ')}`);
+        log(`  ${r.name} ${probeText(r)}`);
+      }
+    }
+    readings.push({
+      t,
       phase,
-      requests,
-      ...procStatus(),
-      fd: fds(),
-      ss: sockets(),
-      m: await metrics(),
-      st: storage(),
-      log: logStats(),
-      retags,
-    };
-    const kids = (() => {
-      try {
-        return readFileSync(`/proc/${PID}/task/${PID}/children`, 'utf8')
-          .trim()
-          .split(/\s+/)
-          .filter(Boolean);
-      } catch {
-        return [];
-      }
-    })().map((k) => {
-      try {
-        const st = readFileSync(`/proc/${k}/status`, 'utf8');
-        const rss = Math.round(Number(/^VmRSS:\s+(\d+)/m.exec(st)?.[1] ?? 0) / 1024);
-        return `${k}:${rss}MB/${readdirSync(`/proc/${k}/fd`).length}fd`;
-      } catch {
-        return `${k}:gone`;
-      }
+      probes,
+      ...(bucketNow && !('failed' in bucketNow) ? { bucket: bucketNow } : {}),
     });
-    (row as Record<string, unknown>).kids = kids;
-    if (kids.length) log(`  workers ${kids.join(' ')}`);
-    samples.push(row);
     appendFileSync(join(OUT, 'samples.jsonl'), JSON.stringify(row) + '\n');
-    const m = row.m;
-    log(
-      `${phase} t=${row.t}s req=${requests} rss=${row.rssMB}MB thr=${row.threads} heap=${((m.nodejs_heap_size_used_bytes ?? 0) / 1e6).toFixed(1)}MB ext=${((m.nodejs_external_memory_bytes ?? 0) / 1e6).toFixed(1)}MB fds=${JSON.stringify(row.fd)} handles=${m.nodejs_active_handles_total} ss=${JSON.stringify(row.ss)} store=${(row.st.bytes / 1e6).toFixed(1)}MB repos=${row.st.repos} empty=${row.st.emptyDirs} files=${row.st.files} uploads=${row.st.uploads} tmp=${row.st.tmp} lifecycle=${row.st.lifecycle} evict=${m.evictions} log=${JSON.stringify(row.log)}`,
-    );
   } catch (e) {
     log('sample failed', String(e));
   }
 }
 
+/**
+ * What a process's log says at warn and above, by kind (level, message, status, error), most
+ * frequent first; lines that are not JSON (node's own warnings on stderr) as they are.
+ */
+function logKinds(file: string): [string, number][] {
+  const kinds = new Map<string, number>();
+  const text = existsSync(file) ? readFileSync(file, 'utf8') : '';
+  for (const line of text.split('\n')) {
+    if (!line) continue;
+    let kind: string;
+    try {
+      const l = JSON.parse(line) as {
+        level?: number;
+        msg?: string;
+        res?: { statusCode?: number };
+        err?: string | { message?: string };
+      };
+      if ((l.level ?? 0) < 40) continue;
+      const err = typeof l.err === 'string' ? l.err : l.err?.message;
+      kind = `${l.level === 40 ? 'warn' : l.level === 50 ? 'error' : `level ${l.level}`} "${l.msg}"${l.res?.statusCode ? ` ${l.res.statusCode}` : ''}${err ? `: ${err}` : ''}`;
+    } catch {
+      kind = `not JSON: ${line}`;
+    }
+    kind = kind.slice(0, 200);
+    kinds.set(kind, (kinds.get(kind) ?? 0) + 1);
+  }
+  return [...kinds].sort((a, b) => b[1] - a[1]);
+}
+
+/**
+ * The end of the run in a few lines per process: the heap's lowest reading in each 2 minutes of
+ * the load (a floor that climbs is a leak; the highest readings are only garbage not yet
+ * collected), the highest RSS, and what it held before the load against a minute after it (what
+ * is transient must be back). Written to summary.txt too.
+ */
+function summarize(): void {
+  const lines: string[] = [];
+  const before = readings.find((r) => r.phase === 'baseline');
+  const after = readings.findLast((r) => r.phase.startsWith('idle+'));
+  const load = readings.filter((r) => r.phase === 'load');
+  const loadStart = before?.t ?? 0;
+  for (const [i, p] of servers.entries()) {
+    const at = (r: Reading | undefined) => r?.probes[i];
+    const heap = (q: Probe | undefined) => MB(q?.m.nodejs_heap_size_used_bytes);
+    const floors = new Map<number, number>();
+    for (const r of load) {
+      const w = Math.floor((r.t - loadStart) / 120);
+      const h = r.probes[i]!.m.nodejs_heap_size_used_bytes ?? 0;
+      floors.set(w, Math.min(floors.get(w) ?? Infinity, h));
+    }
+    const [b, a] = [at(before), at(after)];
+    const rssMax = Math.max(0, ...load.map((r) => r.probes[i]!.rssMB));
+    lines.push(
+      `${p.name} (pid ${p.pid}): heap floor per 2 min ${[...floors.values()].map((h) => MB(h)).join(', ')} MB; rss max ${rssMax} MB under the load`,
+      `  baseline -> ${after?.phase ?? '-'}: heap ${heap(b)} -> ${heap(a)} MB, rss ${b?.rssMB} -> ${a?.rssMB} MB, handles ${b?.m.nodejs_active_handles_total} -> ${a?.m.nodejs_active_handles_total}, threads ${b?.threads} -> ${a?.threads}`,
+      `  fds ${JSON.stringify(b?.fd)} -> ${JSON.stringify(a?.fd)}`,
+      `  sockets ${JSON.stringify(b?.ss)} ${JSON.stringify(b?.to)} -> ${JSON.stringify(a?.ss)} ${JSON.stringify(a?.to)}`,
+      `  storage ${JSON.stringify(b?.st)} -> ${JSON.stringify(a?.st)}`,
+    );
+    // What it had from the upstream and from its peers: replicas that never follow share nothing.
+    if (REPLICAS && a)
+      lines.push(
+        `  from the upstream ${MB(a.m.pullcache_upstream_bytes_total)} MB, from peers ${MB(a.m.pullcache_peer_bytes_total)} MB, follows ${followsOf(a.m)}, evictions ${a.m.evictions}`,
+      );
+    const kinds = logKinds(p.log);
+    for (const [kind, n] of kinds.slice(0, 8)) lines.push(`  log ${n} x ${kind}`);
+    if (kinds.length > 8) lines.push(`  log ... ${kinds.length - 8} more kinds (${p.log})`);
+  }
+  if (s3)
+    lines.push(`bucket: ${JSON.stringify(before?.bucket)} -> ${JSON.stringify(after?.bucket)}`);
+  // Answers the load got that no request of it should get (a 5xx, a cut, a timeout).
+  const failed = [...counts].filter(([k]) => /\.(5\d\d|-\d)$/.test(k));
+  lines.push(`failed answers: ${JSON.stringify(Object.fromEntries(failed))}`);
+  log('summary\n' + lines.join('\n'));
+  writeFileSync(join(OUT, 'summary.txt'), lines.join('\n') + '\n');
+}
+
 // ---------------------------------------------------------------- run
 await sample('baseline');
 const until = Date.now() + LOAD_MS;
-// With KILL_WORKER: one worker killed at half the load, every 60 s after (the primary replaces it).
+// With KILL_WORKER: one worker killed at half the load, every 60 s after (the primary replaces
+// it); with replicas, of each replica in turn.
 if (process.env.KILL_WORKER) {
+  let kills = 0;
   const kill = () => {
+    const pid = servers[kills++ % servers.length]!.pid;
     try {
-      const kids = readFileSync(`/proc/${PID}/task/${PID}/children`, 'utf8').trim().split(/\s+/);
+      const kids = readFileSync(`/proc/${pid}/task/${pid}/children`, 'utf8').trim().split(/\s+/);
       if (kids[0]) {
         process.kill(Number(kids[0]), 'SIGKILL');
         log(`killed worker ${kids[0]}`);
@@ -640,7 +947,7 @@ if (process.env.KILL_WORKER) {
   }, LOAD_MS / 2);
 }
 // With REDIS: Redis stopped for 30 s at a third of the load, then started again.
-if (REDIS_PORT) {
+if (REDIS_PORT && process.env.REDIS) {
   const port = String(REDIS_PORT);
   setTimeout(() => {
     log('redis: stopping');
@@ -651,6 +958,10 @@ if (REDIS_PORT) {
     }, 30_000);
   }, LOAD_MS / 3);
 }
+const snapshot = (n: number) => {
+  for (const p of servers) process.kill(p.pid, 'SIGUSR2');
+  log(`heap snapshot ${n} requested`);
+};
 const timer = setInterval(() => void sample('load'), SAMPLE_MS);
 let snapped = false;
 const workers = Array.from({ length: WORKERS }, async () => {
@@ -662,8 +973,7 @@ const workers = Array.from({ length: WORKERS }, async () => {
     }
     if (!snapped && !process.env.NO_SNAPSHOT && Date.now() - started > 90_000) {
       snapped = true;
-      process.kill(PID, 'SIGUSR2');
-      log('heap snapshot 1 requested');
+      snapshot(1);
     }
   }
 });
@@ -677,8 +987,7 @@ for (const wait of [15, 30, 45, 60]) {
   await sample(`idle+${wait}s`);
 }
 if (!process.env.NO_SNAPSHOT) {
-  process.kill(PID, 'SIGUSR2');
-  log('heap snapshot 2 requested');
+  snapshot(2);
   await new Promise((r) => setTimeout(r, 20_000));
   await sample('after-snapshot');
 }
@@ -690,13 +999,14 @@ writeFileSync(
   join(OUT, 'images.json'),
   JSON.stringify({ images: images.map((k) => k.repo), aliases: aliases.length }),
 );
+summarize();
 if (process.env.KEEP_RUNNING) {
-  log('server left running (KEEP_RUNNING)');
+  log('servers left running (KEEP_RUNNING)');
 } else {
-  child.kill('SIGTERM');
-  await new Promise((r) => child.once('exit', r));
+  await Promise.all(servers.map((p) => p.server.stop()));
   await registry.close();
   if (REDIS_PORT) spawnSync('redis-cli', ['-p', String(REDIS_PORT), 'shutdown', 'nosave']);
+  await s3?.stop();
 }
 log(`samples, logs and storage: ${OUT}`);
 log('done');
