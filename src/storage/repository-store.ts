@@ -61,6 +61,11 @@ export class DriverRepositoryStore implements RepositoryStore {
   }
 
   async listRepositories(upstream: string): Promise<string[]> {
+    // Where a directory's listing is a request (S3), a walk of the tree asks one per directory,
+    // one after another: thousands of repositories took a minute. One listing of every key asks
+    // once per 1,000 keys.
+    const listed = await this.listUpstream(upstream);
+    if (listed) return [...listed.keys()].sort();
     const found: string[] = [];
     const walk = async (prefix: string, dir: string): Promise<void> => {
       const children = await this.driver.list(dir);

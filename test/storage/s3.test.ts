@@ -244,6 +244,33 @@ describe('S3 requests per pull', () => {
   });
 });
 
+describe('S3 requests per catalog', () => {
+  test('the catalog of many repositories is one listing per 1,000 keys, not one per directory', async () => {
+    const pc = await start();
+    try {
+      const driver = driverOf(pc);
+      await waitFor(async () => pc.runtime.lifecycle.ready, 'the scan');
+      const names = Array.from({ length: 60 }, (_, i) => `team-${i % 6}/app-${i}`).concat('solo');
+      const digest = sha256(Buffer.from('a layer'));
+      for (const repository of names)
+        await pc.runtime.repositories.linkBlob(
+          { upstream: 'docker.io', repository } as never,
+          { digest, size: 7 } as never,
+        );
+      const lists = () => driver.requests.get('ListObjectsV2Command') ?? 0;
+      const before = lists();
+      const res = await fetch(`${pc.url}/v2/_catalog?n=1000`);
+      expect(res.status).toBe(200);
+      const { repositories } = (await res.json()) as { repositories: string[] };
+      expect(repositories).toEqual([...names].sort());
+      // A walk of the directories asked once per directory (67 here, one after another).
+      expect(lists() - before).toBe(1);
+    } finally {
+      await pc.stop();
+    }
+  });
+});
+
 describe('the object store slow, down or refusing', () => {
   test('going away: cached manifests still served, blobs and readiness 503 with a reason; back: all served', async () => {
     const pc = await start();
