@@ -112,9 +112,14 @@ export async function startPullcacheProcess(
     env?: Record<string, string>;
     /** The working directory (where heap snapshots land); the caller's by default. */
     cwd?: string;
+    /**
+     * The port to listen on (and advertise), instead of a free one: a replica started again as a
+     * crashed pod comes back, at its old address. Its log starts afresh: move the old one first.
+     */
+    port?: number;
   } = {},
 ): Promise<ServerUnderTest> {
-  const port = await freePort();
+  const port = options.port ?? (await freePort());
   mkdirSync(dir, { recursive: true });
   const config = join(dir, 'pullcache.yaml');
   writeFileSync(

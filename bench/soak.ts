@@ -12,12 +12,20 @@
  *   SERVER_WORKERS=2 KILL_WORKER=1 npm run soak  # two workers, one killed every minute
  *   S3=1 npm run soak                # storage.driver: s3, a bucket of a throw-away Ceph radosgw
  *   S3=1 REPLICAS=3 npm run soak     # three replicas sharing the bucket and a Redis of their own
+ *   S3=1 REPLICAS=2 KILL_REPLICA=1 npm run soak  # the lifecycle's owner killed, and started again
  *
  * With REPLICAS each process is a replica as on a host of its own (its port, advertise address,
  * spool and owner-key directories; the peer secret, bucket and Redis shared), and every request
  * goes to the next replica in turn: one pull's blobs are asked of several replicas at once, which
  * follow each other's fetches. Each replica is sampled as the one process is; with S3 the bucket
  * too (objects under uploads/ and blobs/, multipart uploads in progress).
+ *
+ * KILL_REPLICA (with REPLICAS): at half the load the replica holding the lifecycle lease (r0 when
+ * that cannot be told) is killed (SIGKILL), and started again 10 s later at the same address with
+ * the same config, as a crashed pod comes back; once more a minute later when the load lasts. While
+ * it is down the load goes to the others (a load balancer's health check); the requests in flight
+ * on it when it died are counted apart (`.cut`), not as failures. Each sample says which replica
+ * holds the lease; the killed process's log is kept (pullcache.<pid>.log beside the new one's).
  *
  * Env: LOAD_MIN (12), WORKERS (24 concurrent clients), OUT (a new directory under the system's
  * temporary one: the samples, logs and storage stay there), NO_SNAPSHOT (no heap snapshots; by
@@ -36,11 +44,12 @@ import {
   writeFileSync,
   appendFileSync,
   existsSync,
+  renameSync,
 } from 'node:fs';
 import http from 'node:http';
 import net from 'node:net';
 import { tmpdir } from 'node:os';
-import { join, resolve as resolvePath } from 'node:path';
+import { dirname, join, resolve as resolvePath } from 'node:path';
 import { ListMultipartUploadsCommand, ListObjectsV2Command } from '@aws-sdk/client-s3';
 import { MANIFEST_ACCEPT } from '../src/oci/media-types.js';
 import { paths } from '../src/storage/paths.js';
@@ -68,6 +77,8 @@ const S3 = Boolean(process.env.S3);
 const REPLICAS = Number(process.env.REPLICAS ?? 0);
 // Replicas on hosts of their own share a bucket, not a directory.
 if (REPLICAS && !S3) throw new Error('REPLICAS needs S3=1 (the replicas share a bucket)');
+const KILL_REPLICA = Boolean(process.env.KILL_REPLICA);
+if (KILL_REPLICA && REPLICAS < 2) throw new Error('KILL_REPLICA needs S3=1 REPLICAS=2 or more');
 /**
  * The big images' layer. With S3 past one part (storage.s3.partSize, 16 MiB): their uploads are
  * multipart (3 MB would be one PUT, and no multipart upload would ever be in progress), and
@@ -171,6 +182,24 @@ interface Soaked {
   data: string;
   /** With S3: where its writes are spooled until their upload completes. */
   spool?: string;
+  /** Starts its process (again, with `port`: at its old address, with the same config). */
+  start: (port?: number) => Promise<ServerUnderTest>;
+  /** Killed and not answering yet (KILL_REPLICA): the load sends it nothing meanwhile. */
+  down: boolean;
+  /** When it was last killed (ms): what was in flight on it then was cut by the kill. */
+  killedAt: number;
+  /**
+   * Its kills (s since the start): the pid killed (whether it held the lifecycle lease), its log
+   * (moved to pullcache.<pid>.log), and the new pid once it answers.
+   */
+  restarts: {
+    t: number;
+    pid: number;
+    owner: boolean;
+    log?: string;
+    newPid?: number;
+    upT?: number;
+  }[];
 }
 let s3: TestS3 | undefined;
 let bucket = '';
@@ -189,45 +218,48 @@ for (let i = 0; i < Math.max(1, REPLICAS); i++) {
   const spool = S3 ? join(dir, 'spool') : undefined;
   mkdirSync(data, { recursive: true });
   if (spool) mkdirSync(spool, { recursive: true });
-  const server = await startPullcacheProcess(dir, registry.url, {
-    workers: Number(process.env.SERVER_WORKERS ?? 1),
-    ...(REPLICAS
-      ? { replica: { redisUrl: `redis://127.0.0.1:${REDIS_PORT}`, peerSecret: 'soak' } }
-      : {}),
-    storage: [
-      ...(s3 ? ['  driver: s3'] : []),
-      '  filesystem:',
-      `    root: ${data}`,
-      ...(s3
-        ? [
-            '  s3:',
-            `    bucket: ${bucket}`,
-            `    endpoint: ${s3.endpoint}`,
-            '    forcePathStyle: true',
-            '    accessKeyEnv: SOAK_S3_KEY',
-            '    secretKeyEnv: SOAK_S3_SECRET',
-            `    spoolDir: ${spool}`,
-          ]
-        : []),
-      '  uploads:',
-      '    purgeAge: 5m',
-      '    purgeInterval: 1m',
-    ],
-    top: [
-      'retention:',
-      '  maxSize: 16MiB',
-      '  lowWater: 80%',
-      '  sweepInterval: 2m',
-      // Replicas have theirs from `replica`.
-      ...(REDIS_PORT && !REPLICAS
-        ? ['cache:', '  store: redis', '  redis:', `    url: redis://127.0.0.1:${REDIS_PORT}`]
-        : []),
-    ],
-    tagTTL: '20s',
-    nodeFlags: '--heapsnapshot-signal=SIGUSR2',
-    env: s3 ? { SOAK_S3_KEY: s3.accessKey, SOAK_S3_SECRET: s3.secretKey } : {},
-    cwd: dir, // heap snapshots land here
-  });
+  const start = (port?: number) =>
+    startPullcacheProcess(dir, registry.url, {
+      ...(port ? { port } : {}),
+      workers: Number(process.env.SERVER_WORKERS ?? 1),
+      ...(REPLICAS
+        ? { replica: { redisUrl: `redis://127.0.0.1:${REDIS_PORT}`, peerSecret: 'soak' } }
+        : {}),
+      storage: [
+        ...(s3 ? ['  driver: s3'] : []),
+        '  filesystem:',
+        `    root: ${data}`,
+        ...(s3
+          ? [
+              '  s3:',
+              `    bucket: ${bucket}`,
+              `    endpoint: ${s3.endpoint}`,
+              '    forcePathStyle: true',
+              '    accessKeyEnv: SOAK_S3_KEY',
+              '    secretKeyEnv: SOAK_S3_SECRET',
+              `    spoolDir: ${spool}`,
+            ]
+          : []),
+        '  uploads:',
+        '    purgeAge: 5m',
+        '    purgeInterval: 1m',
+      ],
+      top: [
+        'retention:',
+        '  maxSize: 16MiB',
+        '  lowWater: 80%',
+        '  sweepInterval: 2m',
+        // Replicas have theirs from `replica`.
+        ...(REDIS_PORT && !REPLICAS
+          ? ['cache:', '  store: redis', '  redis:', `    url: redis://127.0.0.1:${REDIS_PORT}`]
+          : []),
+      ],
+      tagTTL: '20s',
+      nodeFlags: '--heapsnapshot-signal=SIGUSR2',
+      env: s3 ? { SOAK_S3_KEY: s3.accessKey, SOAK_S3_SECRET: s3.secretKey } : {},
+      cwd: dir, // heap snapshots land here
+    });
+  const server = await start();
   const name = REPLICAS ? `r${i}` : 'pullcache';
   servers.push({
     name,
@@ -237,6 +269,10 @@ for (let i = 0; i < Math.max(1, REPLICAS); i++) {
     log: join(dir, 'pullcache.log'),
     data,
     ...(spool ? { spool } : {}),
+    start,
+    down: false,
+    killedAt: 0,
+    restarts: [],
   });
   log(`${name} pid`, server.pid, server.url);
 }
@@ -249,12 +285,44 @@ let requests = 0;
 let turn = 0;
 /**
  * The process to ask next: in turn, request by request, so that the blobs of one pull, a burst
- * on one cold blob, a manifest and its blobs are asked of several replicas at once.
+ * on one cold blob, a manifest and its blobs are asked of several replicas at once. One that is
+ * down (KILL_REPLICA) is passed over, as a load balancer's health check would.
  */
-const next = () => servers[turn++ % servers.length]!;
+const next = (): Soaked => {
+  for (let i = 0; i < servers.length; i++) {
+    const p = servers[turn++ % servers.length]!;
+    if (!p.down) return p;
+  }
+  return servers[turn++ % servers.length]!; // all down: never, one is killed at a time
+};
+const secs = () => Math.round((Date.now() - started) / 1000);
+/** The load's failures (a 5xx, a cut, a timeout) by replica, and those a kill explains. */
+const failures = new Map<string, number>();
+/**
+ * What an answer counts as: `cut` when the request failed on a replica killed while it was in
+ * flight (not a failure of the load: the kill's own doing). Failures are noted by replica, with
+ * those within 30 s of another replica's kill apart (its followers' clients are cut: fleet.md).
+ */
+function settled(target: Soaked, sent: number, status: number, what: string): number | 'cut' {
+  const cut = status < 0 && target.killedAt >= sent;
+  if (cut || status < 0 || status >= 500) {
+    const nearKill = servers.some(
+      (o) => o !== target && o.killedAt && Date.now() - o.killedAt < 30_000,
+    );
+    const key = `${target.name}.${cut ? 'cut' : status}${!cut && nearKill ? ' (<30 s after a kill)' : ''}`;
+    failures.set(key, (failures.get(key) ?? 0) + 1);
+    appendFileSync(
+      join(OUT, 'failures.jsonl'),
+      JSON.stringify({ t: secs(), replica: target.name, pid: target.pid, what, status, cut }) +
+        '\n',
+    );
+  }
+  return cut ? 'cut' : status;
+}
 
 interface Res {
-  status: number;
+  /** The HTTP status; -1 to -4 a failure (error, response error, aborted, timeout); `cut`. */
+  status: number | 'cut';
   bytes: number;
   headers: http.IncomingHttpHeaders;
   body?: Buffer;
@@ -267,9 +335,17 @@ function req(
   opts: { keep?: boolean; abortAfter?: number; timeoutMs?: number } = {},
 ): Promise<Res> {
   requests++;
-  return new Promise((resolve) => {
+  const target = next();
+  const sent = Date.now();
+  return new Promise((done) => {
+    let once = false;
+    const resolve = (res: Res) => {
+      if (once) return;
+      once = true;
+      done({ ...res, status: settled(target, sent, res.status as number, `${method} ${path}`) });
+    };
     const r = http.request(
-      `${next().server.url}${path}`,
+      `${target.server.url}${path}`,
       { method, headers, agent, timeout: opts.timeoutMs ?? 60_000 },
       (res) => {
         let bytes = 0;
@@ -303,10 +379,13 @@ function req(
 }
 
 /** A raw request line on a fresh socket (malformed paths node's client would not send). */
-function raw(text: string): Promise<number> {
+function raw(text: string): Promise<number | 'cut'> {
   requests++;
-  return new Promise((resolve) => {
-    const s = net.connect(next().port, '127.0.0.1');
+  const target = next();
+  const sent = Date.now();
+  return new Promise((done) => {
+    const resolve = (status: number) => done(settled(target, sent, status, text.split('\r')[0]!));
+    const s = net.connect(target.port, '127.0.0.1');
     let got = '';
     s.setTimeout(10_000, () => s.destroy());
     s.on('connect', () => s.write(text));
@@ -682,6 +761,8 @@ async function bucketStats(): Promise<Record<string, number>> {
   const objects = async (dir: string) => {
     let n = 0;
     let bytes = 0;
+    // Their last modifications: whether what is left predates a kill.
+    let [oldest, newest] = [Date.now(), 0];
     let token: string | undefined;
     do {
       const res = await client.send(
@@ -690,10 +771,13 @@ async function bucketStats(): Promise<Record<string, number>> {
       for (const o of res.Contents ?? []) {
         n++;
         bytes += o.Size ?? 0;
+        const at = o.LastModified?.getTime() ?? Date.now();
+        [oldest, newest] = [Math.min(oldest, at), Math.max(newest, at)];
       }
       token = res.IsTruncated ? res.NextContinuationToken : undefined;
     } while (token);
-    return { n, bytes };
+    const age = (at: number) => Math.round((Date.now() - at) / 1000);
+    return { n, bytes, oldestS: age(oldest), newestS: n ? age(newest) : 0 };
   };
   const uploads = await objects(paths.uploadsRoot());
   const blobs = await objects(paths.blobsRoot());
@@ -719,14 +803,18 @@ async function bucketStats(): Promise<Record<string, number>> {
   return {
     uploadObjects: uploads.n,
     uploadBytes: uploads.bytes,
+    oldestUploadS: uploads.oldestS,
+    newestUploadS: uploads.newestS,
     blobObjects: blobs.n,
     blobBytes: blobs.bytes,
     multipart,
     oldestMultipartS: Math.round((Date.now() - oldest) / 1000),
   };
 }
-function logStats(file: string): Record<string, number> {
-  const text = existsSync(file) ? readFileSync(file, 'utf8') : '';
+/** A replica's logs: its killed processes' and its current one's. */
+const logsOf = (p: Soaked) => [...p.restarts.flatMap((k) => (k.log ? [k.log] : [])), p.log];
+function logStats(files: string[]): Record<string, number> {
+  const text = files.map((f) => (existsSync(f) ? readFileSync(f, 'utf8') : '')).join('');
   return {
     logLines: text.split('\n').length - 1,
     maxListeners: (text.match(/MaxListenersExceeded/g) ?? []).length,
@@ -734,18 +822,20 @@ function logStats(file: string): Record<string, number> {
     errors: (text.match(/"level":50/g) ?? []).length,
   };
 }
+/** A process's children (SERVER_WORKERS: its workers). */
+function childPids(pid: number): string[] {
+  try {
+    return readFileSync(`/proc/${pid}/task/${pid}/children`, 'utf8')
+      .trim()
+      .split(/\s+/)
+      .filter(Boolean);
+  } catch {
+    return [];
+  }
+}
 /** The live workers of a process (SERVER_WORKERS), each with its RSS and fds. */
 function kidsOf(pid: number): string[] {
-  return (() => {
-    try {
-      return readFileSync(`/proc/${pid}/task/${pid}/children`, 'utf8')
-        .trim()
-        .split(/\s+/)
-        .filter(Boolean);
-    } catch {
-      return [];
-    }
-  })().map((k) => {
+  return childPids(pid).map((k) => {
     try {
       const st = readFileSync(`/proc/${k}/status`, 'utf8');
       const rss = Math.round(Number(/^VmRSS:\s+(\d+)/m.exec(st)?.[1] ?? 0) / 1024);
@@ -770,26 +860,70 @@ interface Probe {
   st: Record<string, number>;
   log: Record<string, number>;
   kids: string[];
+  /** Killed, not started again yet (KILL_REPLICA): nothing else was read. */
+  down?: true;
 }
 async function probe(p: Soaked, ssLines: string[]): Promise<Probe> {
-  return {
+  const down = (): Probe => ({
     name: p.name,
     pid: p.pid,
-    ...procStatus(p.pid),
-    fd: fds(p),
-    ss: sockets(ssLines, p.pid),
-    to: socketsTo(ssLines, p),
-    m: await metrics(p.server.url),
-    st: storage(p),
-    log: logStats(p.log),
-    kids: kidsOf(p.pid),
-  };
+    rssMB: 0,
+    hwmMB: 0,
+    threads: 0,
+    fd: {},
+    ss: {},
+    to: {},
+    m: {},
+    st: {},
+    log: logStats(logsOf(p)),
+    kids: [],
+    down: true,
+  });
+  if (p.down) return down();
+  try {
+    return {
+      name: p.name,
+      pid: p.pid,
+      ...procStatus(p.pid),
+      fd: fds(p),
+      ss: sockets(ssLines, p.pid),
+      to: socketsTo(ssLines, p),
+      m: await metrics(p.server.url),
+      st: storage(p),
+      log: logStats(logsOf(p)),
+      kids: kidsOf(p.pid),
+    };
+  } catch (e) {
+    if (p.down) return down(); // killed while it was read
+    throw e;
+  }
+}
+/**
+ * Who holds the lifecycle lease, from its key in Redis (its token is host:pid:random; with
+ * SERVER_WORKERS the pid is a worker's): the replica when a live one, and what to call the holder
+ * ("r1", "r0 (killed)" until its lease expires, "-" when nobody holds it).
+ */
+function lifecycleHolder(): { live?: Soaked; text: string } {
+  if (!REPLICAS) return { text: '-' };
+  const cli = (...a: string[]) =>
+    spawnSync('redis-cli', ['-p', String(REDIS_PORT), ...a], { encoding: 'utf8' }).stdout?.trim();
+  const key = cli('--scan', '--pattern', 'pullcache:lifecycle-lease:*')?.split('\n')[0];
+  const token = key ? cli('get', key)?.split(':') : undefined;
+  const pid = token && token.length >= 3 ? token[token.length - 2] : undefined;
+  if (!pid) return { text: '-' };
+  const live = servers.find(
+    (p) => !p.down && (String(p.pid) === pid || childPids(p.pid).includes(pid)),
+  );
+  if (live) return { live, text: live.name };
+  const dead = servers.find((p) => p.restarts.some((k) => String(k.pid) === pid));
+  return { text: dead ? `${dead.name} (killed)` : `pid ${pid}` };
 }
 const MB = (bytes: number | undefined) => ((bytes ?? 0) / 1e6).toFixed(1);
 /** A replica's follows of another's fetches, by result. */
 const followsOf = (m: Record<string, number>) =>
   JSON.stringify(Object.fromEntries(Object.entries(m).filter(([k]) => k.startsWith('follows.'))));
 function probeText(r: Probe): string {
+  if (r.down) return `down (pid ${r.pid} killed) log=${JSON.stringify(r.log)}`;
   const m = r.m;
   const follows = REPLICAS
     ? ` upstreamMB=${MB(m.pullcache_upstream_bytes_total)} peerMB=${MB(m.pullcache_peer_bytes_total)} follows=${followsOf(m)}`
@@ -806,6 +940,8 @@ interface Reading {
   phase: string;
   probes: Probe[];
   bucket?: Record<string, number>;
+  /** With REPLICAS: the lifecycle lease's holder ("-": none, or not told). */
+  owner?: string;
 }
 const readings: Reading[] = [];
 const started = Date.now();
@@ -818,6 +954,7 @@ async function sample(phase: string): Promise<void> {
       ? await bucketStats().catch((e: unknown) => ({ failed: String(e) }))
       : undefined;
     const bucketText = bucketNow ? ` bucket=${JSON.stringify(bucketNow)}` : '';
+    const owner = REPLICAS ? lifecycleHolder().text : undefined;
     // One process: the row and line of before; replicas: a row with each, a line for each.
     let row: Record<string, unknown>;
     if (!REPLICAS) {
@@ -826,8 +963,8 @@ async function sample(phase: string): Promise<void> {
       if (one.kids.length) log(`  workers ${one.kids.join(' ')}`);
       log(`${phase} t=${t}s req=${requests} ${probeText(probes[0]!)}${bucketText}`);
     } else {
-      row = { t, phase, requests, retags, bucket: bucketNow, replicas: probes };
-      log(`${phase} t=${t}s req=${requests}${bucketText}`);
+      row = { t, phase, requests, retags, owner, bucket: bucketNow, replicas: probes };
+      log(`${phase} t=${t}s req=${requests} owner=${owner}${bucketText}`);
       for (const r of probes) {
         if (r.kids.length) log(`  ${r.name} workers ${r.kids.join(' ')}`);
         log(`  ${r.name} ${probeText(r)}`);
@@ -838,6 +975,7 @@ async function sample(phase: string): Promise<void> {
       phase,
       probes,
       ...(bucketNow && !('failed' in bucketNow) ? { bucket: bucketNow } : {}),
+      ...(owner ? { owner } : {}),
     });
     appendFileSync(join(OUT, 'samples.jsonl'), JSON.stringify(row) + '\n');
   } catch (e) {
@@ -888,36 +1026,113 @@ function summarize(): void {
   const loadStart = before?.t ?? 0;
   for (const [i, p] of servers.entries()) {
     const at = (r: Reading | undefined) => r?.probes[i];
+    // A killed replica's readings while it was down hold nothing.
+    const up = load.filter((r) => !r.probes[i]!.down);
     const heap = (q: Probe | undefined) => MB(q?.m.nodejs_heap_size_used_bytes);
-    const floors = new Map<number, number>();
-    for (const r of load) {
+    // Per window its floor, and the pids read in it (two: a restart in that window).
+    const floors = new Map<number, { h: number; pids: Set<number> }>();
+    for (const r of up) {
       const w = Math.floor((r.t - loadStart) / 120);
       const h = r.probes[i]!.m.nodejs_heap_size_used_bytes ?? 0;
-      floors.set(w, Math.min(floors.get(w) ?? Infinity, h));
+      const f = floors.get(w) ?? { h: Infinity, pids: new Set<number>() };
+      f.h = Math.min(f.h, h);
+      f.pids.add(r.probes[i]!.pid);
+      floors.set(w, f);
     }
+    const floorText = [...floors.values()]
+      .map((f) => `${MB(f.h)}${f.pids.size > 1 ? ` (pids ${[...f.pids].join('/')})` : ''}`)
+      .join(', ');
     const [b, a] = [at(before), at(after)];
-    const rssMax = Math.max(0, ...load.map((r) => r.probes[i]!.rssMB));
+    const rssMax = Math.max(0, ...up.map((r) => r.probes[i]!.rssMB));
+    const pids = b && a && b.pid !== a.pid ? ` (pid ${b.pid} -> ${a.pid})` : '';
+    const beforeAfter = (x: Probe | undefined, y: Probe | undefined) => [
+      `heap ${heap(x)} -> ${heap(y)} MB, rss ${x?.rssMB} -> ${y?.rssMB} MB, handles ${x?.m.nodejs_active_handles_total} -> ${y?.m.nodejs_active_handles_total}, threads ${x?.threads} -> ${y?.threads}`,
+      `fds ${JSON.stringify(x?.fd)} -> ${JSON.stringify(y?.fd)}`,
+      `sockets ${JSON.stringify(x?.ss)} ${JSON.stringify(x?.to)} -> ${JSON.stringify(y?.ss)} ${JSON.stringify(y?.to)}`,
+    ];
+    const [ba, bFds, bSockets] = beforeAfter(b, a);
     lines.push(
-      `${p.name} (pid ${p.pid}): heap floor per 2 min ${[...floors.values()].map((h) => MB(h)).join(', ')} MB; rss max ${rssMax} MB under the load`,
-      `  baseline -> ${after?.phase ?? '-'}: heap ${heap(b)} -> ${heap(a)} MB, rss ${b?.rssMB} -> ${a?.rssMB} MB, handles ${b?.m.nodejs_active_handles_total} -> ${a?.m.nodejs_active_handles_total}, threads ${b?.threads} -> ${a?.threads}`,
-      `  fds ${JSON.stringify(b?.fd)} -> ${JSON.stringify(a?.fd)}`,
-      `  sockets ${JSON.stringify(b?.ss)} ${JSON.stringify(b?.to)} -> ${JSON.stringify(a?.ss)} ${JSON.stringify(a?.to)}`,
+      `${p.name} (pid ${p.pid}): heap floor per 2 min ${floorText} MB; rss max ${rssMax} MB under the load`,
+      `  baseline -> ${after?.phase ?? '-'}${pids}: ${ba}`,
+      `  ${bFds}`,
+      `  ${bSockets}`,
       `  storage ${JSON.stringify(b?.st)} -> ${JSON.stringify(a?.st)}`,
     );
-    // What it had from the upstream and from its peers: replicas that never follow share nothing.
-    if (REPLICAS && a)
+    // Each kill, and the new process's own first reading against its last.
+    for (const k of p.restarts) {
       lines.push(
-        `  from the upstream ${MB(a.m.pullcache_upstream_bytes_total)} MB, from peers ${MB(a.m.pullcache_peer_bytes_total)} MB, follows ${followsOf(a.m)}, evictions ${a.m.evictions}`,
+        `  killed at t=${k.t}s (pid ${k.pid}${k.owner ? ', the lifecycle lease holder' : ''}); ${k.newPid ? `answering again at t=${k.upT}s as pid ${k.newPid}` : 'NOT STARTED AGAIN'}`,
       );
-    const kinds = logKinds(p.log);
-    for (const [kind, n] of kinds.slice(0, 8)) lines.push(`  log ${n} x ${kind}`);
-    if (kinds.length > 8) lines.push(`  log ... ${kinds.length - 8} more kinds (${p.log})`);
+      const its = readings.filter((r) => !r.probes[i]!.down && r.probes[i]!.pid === k.newPid);
+      const [x, y] = [its[0], its.at(-1)];
+      if (x && y && x !== y)
+        lines.push(
+          ...beforeAfter(x.probes[i], y.probes[i]).map(
+            (l, j) =>
+              `    ${j ? '' : `pid ${k.newPid} t=${x.t}s (${x.phase}) -> t=${y.t}s (${y.phase}): `}${l}`,
+          ),
+        );
+    }
+    // What it had from the upstream and from its peers: replicas that never follow share nothing.
+    // A killed process's counters went with it: its last reading's, then the last process's.
+    const fetched = (q: Probe) =>
+      `from the upstream ${MB(q.m.pullcache_upstream_bytes_total)} MB, from peers ${MB(q.m.pullcache_peer_bytes_total)} MB, follows ${followsOf(q.m)}, evictions ${q.m.evictions}`;
+    if (REPLICAS)
+      for (const k of p.restarts) {
+        const last = readings.findLast((r) => !r.probes[i]!.down && r.probes[i]!.pid === k.pid);
+        if (last)
+          lines.push(
+            `  pid ${k.pid} until its last reading (t=${last.t}s): ${fetched(last.probes[i]!)}`,
+          );
+      }
+    if (REPLICAS && a && !a.down)
+      lines.push(`  ${p.restarts.length ? `pid ${a.pid}: ` : ''}${fetched(a)}`);
+    for (const file of logsOf(p)) {
+      const kinds = logKinds(file);
+      const killed = p.restarts.find((k) => k.log === file);
+      if (p.restarts.length)
+        lines.push(
+          `  log of pid ${killed ? `${killed.pid} (killed at t=${killed.t}s)` : `${p.pid} (the last)`}${kinds.length ? ':' : ': nothing at warn or above'}`,
+        );
+      for (const [kind, n] of kinds.slice(0, 8)) lines.push(`  log ${n} x ${kind}`);
+      if (kinds.length > 8) lines.push(`  log ... ${kinds.length - 8} more kinds (${file})`);
+    }
+  }
+  // Who held the lifecycle lease, sample by sample ("-": nobody, or not told).
+  if (REPLICAS) {
+    const runs: { owner: string; from: number; to: number }[] = [];
+    for (const r of readings) {
+      const owner = r.owner ?? '-';
+      const last = runs.at(-1);
+      if (last?.owner === owner) last.to = r.t;
+      else runs.push({ owner, from: r.t, to: r.t });
+    }
+    lines.push(
+      `lifecycle lease: ${runs.map((x) => `${x.owner} t=${x.from}${x.to > x.from ? `-${x.to}` : ''}s`).join(', ')}`,
+    );
   }
   if (s3)
     lines.push(`bucket: ${JSON.stringify(before?.bucket)} -> ${JSON.stringify(after?.bucket)}`);
+  // Upload objects left after the load: written before a kill (the killed process's sessions,
+  // purged once older than uploads.purgeAge) or after (left by a live one).
+  const leftUploads = after?.bucket?.uploadObjects ?? 0;
+  const kills = servers.flatMap((p) => p.restarts.map((k) => k.t));
+  if (after?.bucket && leftUploads && kills.length)
+    lines.push(
+      `  upload objects left: ${leftUploads}, last modified t=${after.t - after.bucket.oldestUploadS!}-${after.t - after.bucket.newestUploadS!}s (kills at t=${kills.join(', ')}s)`,
+    );
   // Answers the load got that no request of it should get (a 5xx, a cut, a timeout).
   const failed = [...counts].filter(([k]) => /\.(5\d\d|-\d)$/.test(k));
   lines.push(`failed answers: ${JSON.stringify(Object.fromEntries(failed))}`);
+  if (KILL_REPLICA) {
+    // What was in flight on a replica when it was killed: the kill's doing, not the load's.
+    const cut = [...counts].filter(([k]) => k.endsWith('.cut'));
+    lines.push(`cut by the kills: ${JSON.stringify(Object.fromEntries(cut))}`);
+  }
+  if (REPLICAS)
+    lines.push(
+      `failures by replica: ${JSON.stringify(Object.fromEntries([...failures].sort()))} (failures.jsonl)`,
+    );
   log('summary\n' + lines.join('\n'));
   writeFileSync(join(OUT, 'summary.txt'), lines.join('\n') + '\n');
 }
@@ -946,6 +1161,54 @@ if (process.env.KILL_WORKER) {
     const t = setInterval(() => (Date.now() < until - 30_000 ? kill() : clearInterval(t)), 60_000);
   }, LOAD_MS / 2);
 }
+/**
+ * KILL_REPLICA: kills the lifecycle lease's holder (r0 when that cannot be told) with SIGKILL, as
+ * a pod crashes; the load passes it over from then on. 10 s later it is started again at its
+ * address with its config (it takes its old fetch leases over: fleet.md), its old log kept as
+ * pullcache.<pid>.log, and it gets load again once it answers /v2/.
+ */
+async function killReplica(): Promise<void> {
+  const owner = lifecycleHolder().live;
+  const p = owner ?? servers[0]!;
+  const pid = p.pid;
+  p.down = true;
+  p.killedAt = Date.now();
+  try {
+    process.kill(pid, 'SIGKILL');
+  } catch (e) {
+    p.down = false;
+    log(`kill of ${p.name} failed`, String(e));
+    return;
+  }
+  const kill: Soaked['restarts'][number] = { t: secs(), pid, owner: owner !== undefined };
+  p.restarts.push(kill);
+  log(
+    `killed ${p.name} (pid ${pid}, ${owner ? 'the lifecycle lease holder' : 'the lease holder not told'}); started again in 10 s`,
+  );
+  await new Promise((r) => setTimeout(r, 10_000));
+  kill.log = join(dirname(p.log), `pullcache.${pid}.log`);
+  renameSync(p.log, kill.log);
+  try {
+    p.server = await p.start(p.port);
+  } catch (e) {
+    log(`${p.name} did not start again`, String(e));
+    return; // stays down
+  }
+  p.pid = p.server.pid;
+  kill.newPid = p.pid;
+  kill.upT = secs();
+  p.down = false;
+  log(`${p.name} answering again: pid ${p.pid} at ${p.server.url}`);
+}
+const killing: Promise<void>[] = [];
+if (KILL_REPLICA) {
+  setTimeout(() => {
+    killing.push(killReplica());
+    setTimeout(() => {
+      if (Date.now() < until - 30_000) killing.push(killReplica());
+    }, 60_000);
+  }, LOAD_MS / 2);
+}
 // With REDIS: Redis stopped for 30 s at a third of the load, then started again.
 if (REDIS_PORT && process.env.REDIS) {
   const port = String(REDIS_PORT);
@@ -959,7 +1222,7 @@ if (REDIS_PORT && process.env.REDIS) {
   }, LOAD_MS / 3);
 }
 const snapshot = (n: number) => {
-  for (const p of servers) process.kill(p.pid, 'SIGUSR2');
+  for (const p of servers) if (!p.down) process.kill(p.pid, 'SIGUSR2');
   log(`heap snapshot ${n} requested`);
 };
 const timer = setInterval(() => void sample('load'), SAMPLE_MS);
@@ -978,6 +1241,7 @@ const workers = Array.from({ length: WORKERS }, async () => {
   }
 });
 await Promise.all([...workers, retagLoop(until)]);
+await Promise.all(killing); // a replica started again is sampled to the end
 clearInterval(timer);
 agent.destroy();
 log('load done; counts', Object.fromEntries([...counts].sort()));
