@@ -64,7 +64,7 @@ export class DriverRepositoryStore implements RepositoryStore {
     // Where a directory's listing is a request (S3), a walk of the tree asks one per directory,
     // one after another: thousands of repositories took a minute. One listing of every key asks
     // once per 1,000 keys.
-    const listed = await this.listUpstream(upstream);
+    const listed = await this.listedUpstream(upstream);
     if (listed) return [...listed.keys()].sort();
     const found: string[] = [];
     const walk = async (prefix: string, dir: string): Promise<void> => {
@@ -103,7 +103,14 @@ export class DriverRepositoryStore implements RepositoryStore {
     return found.filter((m) => m !== undefined);
   }
 
-  async listUpstream(upstream: string): Promise<Map<string, UpstreamRepository> | undefined> {
+  listUpstream(upstream: string): Promise<Map<string, UpstreamRepository> | undefined> {
+    return this.listedUpstream(upstream);
+  }
+
+  /** One listing of every key of an upstream's repositories; undefined where the driver cannot. */
+  private async listedUpstream(
+    upstream: string,
+  ): Promise<Map<string, UpstreamRepository> | undefined> {
     if (!this.driver.walk) return undefined;
     const root = `${paths.upstreamRoot(upstream)}/`;
     const found = new Map<string, UpstreamRepository>();
