@@ -1,5 +1,5 @@
-import { getEventListeners } from 'node:events';
-import { stat } from 'node:fs/promises';
+import { getEventListeners, once } from 'node:events';
+import { createServer, connect, type AddressInfo, type Socket } from 'node:net';
 import { describe, expect, test, vi } from 'vitest';
 import { TimedOutError, unlessAborted, within } from '../../src/abort.js';
 
@@ -49,17 +49,32 @@ describe('unlessAborted', () => {
 
 describe('within', () => {
   test('an answer that came while the process could not run counts, though its timer is due first', async () => {
-    // From the check phase: next come the timers (the wait's, due by then), then the poll phase
-    // that reads the stat's answer, which arrived during the pause.
-    const waited = await new Promise<{ wait: Promise<unknown> }>((started) =>
-      setImmediate(() => {
-        const wait = within(stat('.'), 20, 'late');
-        const until = Date.now() + 300;
-        while (Date.now() < until); // the pause
-        started({ wait });
-      }),
-    );
-    await expect(waited.wait).resolves.toBeDefined();
+    // A connection on loopback: what one end writes is in the other's socket buffer at once,
+    // whatever this process does next (as a Redis answer arrives while it cannot run).
+    const server = createServer();
+    await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
+    const accepted = once(server, 'connection') as Promise<[Socket]>;
+    const client = connect((server.address() as AddressInfo).port, '127.0.0.1');
+    const [peer] = await accepted;
+    await once(client, 'connect');
+    try {
+      // From the check phase: next come the timers (the wait's, due by then), then the poll
+      // phase that reads the answer, which arrived during the pause.
+      const waited = await new Promise<{ wait: Promise<unknown> }>((started) =>
+        setImmediate(() => {
+          const wait = within(once(client, 'data'), 20, 'late');
+          peer.write('answer');
+          const until = Date.now() + 200;
+          while (Date.now() < until); // the pause
+          started({ wait });
+        }),
+      );
+      await expect(waited.wait).resolves.toBeDefined();
+    } finally {
+      client.destroy();
+      peer.destroy();
+      server.close();
+    }
   });
 
   test('leaves no timer behind once a wait settles, and times out one that does not', async () => {
